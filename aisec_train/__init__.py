@@ -1,0 +1,3 @@
+"""aisec-train: privacy-preserving, attack-hardened training for PyTorch."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from aisec_train.cli import main
+
+main()

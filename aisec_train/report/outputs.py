@@ -1,0 +1,112 @@
+"""Files a run leaves beside report.json: metrics.csv, training_curve.png and model_card.md."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: clusters and CI have no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from aisec_train.report.report import Report  # noqa: E402
+
+
+def write_all(report: Report, history: list[dict[str, Any]], run_dir: Path) -> None:
+    if history:
+        write_metrics_csv(history, run_dir / "metrics.csv")
+        plot_training_curve(history, run_dir / "training_curve.png")
+    (run_dir / "model_card.md").write_text(model_card(report))
+    report.write(run_dir / "report.json")
+
+
+def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_training_curve(history: list[dict[str, Any]], path: Path) -> None:
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(epochs, [row["loss"] for row in history], label="train loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("loss")
+    ax_acc.plot(epochs, [row["train_accuracy"] for row in history], label="train accuracy")
+    if "test_accuracy" in history[0]:
+        ax_acc.plot(epochs, [row["test_accuracy"] for row in history], label="test accuracy")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("accuracy")
+    if "epsilon" in history[0]:
+        ax_eps = ax_acc.twinx()
+        ax_eps.plot(epochs, [row["epsilon"] for row in history], "k--", label="epsilon")
+        ax_eps.set_ylabel("epsilon")
+        ax_eps.legend(loc="center right")
+    ax_acc.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _privacy_sentence(privacy: dict[str, Any]) -> str:
+    if not privacy or privacy.get("epsilon") is None:
+        return "This model was trained **without** differential privacy: it may memorise individual training samples."
+    return (
+        f"Trained with DP-SGD: ({privacy['epsilon']:.2f}, {privacy['delta']:g})-differential privacy "
+        f"({privacy['accountant']} accountant, {privacy['steps']} steps, noise multiplier "
+        f"{privacy['noise_multiplier']:.2f}, per-sample clipping at {privacy.get('max_grad_norm')}). In plain words: "
+        f"adding or removing any one training sample changes the probability of any outcome of training by a "
+        f"factor of at most e^{privacy['epsilon']:.2f} ~ {2.718281828 ** privacy['epsilon']:.1f}, except with "
+        f"probability {privacy['delta']:g}."
+    )
+
+
+def model_card(report: Report) -> str:
+    data, metrics = report.sections.get("data", {}), report.sections.get("metrics", {})
+    model, robust = report.sections.get("model", {}), report.sections.get("robustness", {})
+    lines = [
+        f"# Model card: {model.get('name', '?')} on {data.get('name', '?')}",
+        "",
+        "## Intended use",
+        "Research and evaluation of privacy-preserving, attack-hardened training. Not validated for decisions "
+        "about people; re-run the audits in this card before any deployment.",
+        "",
+        "## Data",
+        f"- dataset: {data.get('name')} ({data.get('n_train')} training / {data.get('n_test')} test samples, "
+        f"shape {data.get('shape')}, {data.get('num_classes')} classes)",
+        f"- manifest SHA-256: `{data.get('manifest_sha256')}`",
+        f"- lineage: {' -> '.join(s['step'] for s in data.get('lineage', []))}",
+        f"- sanity findings: {len(data.get('sanity', {}).get('findings', []))}",
+        "",
+        "## Privacy guarantee",
+        _privacy_sentence(report.sections.get("privacy", {})),
+        "",
+        "## Metrics",
+        f"- clean test accuracy: {metrics.get('clean_accuracy', float('nan')):.4f}",
+    ]
+    if robust.get("robust_accuracy") is not None:
+        attack = robust["attack"]
+        lines.append(
+            f"- robust accuracy: {robust['robust_accuracy']:.4f} under {attack['name'].upper()}-{attack['steps']} "
+            f"({attack['norm']}, eps {attack['eps']}, {attack['restarts']} restart(s))"
+        )
+    lines += [
+        f"- checkpoint: `{model.get('path')}` SHA-256 `{model.get('sha256')}`",
+        "",
+        "## Security checklist",
+        "| area | item | status | evidence |",
+        "|---|---|---|---|",
+        *[f"| {c['area']} | {c['item']} | {c['status']} | {c['evidence']} |" for c in report.checklist],
+        "",
+        "## Limitations",
+        "- Accuracy and robustness are measured on the held-out split of the same distribution only.",
+        "- Robust accuracy is an upper bound: a stronger or adaptive attack may lower it.",
+        "- The DP guarantee covers the training data only, and only if the sampling and clipping assumptions "
+        "hold (Poisson sampling, per-sample clipping as configured).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,61 @@
+"""One Report object that every pipeline stage adds a section to, written once as report.json."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["pass", "fail", "not_applicable"]
+AREAS = ("data pipeline", "training", "model", "deployment", "monitoring")
+
+
+@dataclass
+class Report:
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checklist: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, section: str, **values: Any) -> None:
+        self.sections.setdefault(section, {}).update(values)
+
+    def check(self, area: str, item: str, status: Status, evidence: str) -> None:
+        """Answer one checklist item with the evidence measured in this run (replaces an earlier answer)."""
+        if area not in AREAS:
+            raise ValueError(f"checklist area {area!r} is not one of {AREAS}")
+        self.checklist = [c for c in self.checklist if (c["area"], c["item"]) != (area, item)]
+        self.checklist.append({"area": area, "item": item, "status": status, "evidence": evidence})
+
+    def get(self, dotted: str, default: Any = None) -> Any:
+        node: Any = self.sections
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.sections, "checklist": self.checklist}
+
+    def write(self, path: Path) -> None:
+        """Write atomically: a crash mid-write leaves the previous report intact."""
+        text = json.dumps(_clean(self.to_dict()), indent=2, sort_keys=False)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report.", suffix=".tmp")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or inf: write them as null so every reader can parse the report."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value

@@ -1,0 +1,75 @@
+"""Hydra composition and the typed schema: bad values end with one clear line and exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf.errors import ValidationError
+
+from aisec_train.cli import CONFIG_DIR
+from aisec_train.config import Accountant, ConfigError, register_configs, to_config
+from tests.conftest import run_cli
+
+
+def compose_config(*overrides: str):
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_defaults_compose_to_typed_config():
+    cfg = to_config(compose_config())
+    assert cfg.dataset.name.value == "digits"
+    assert cfg.model.name.value == "cnn"
+    assert cfg.privacy.mode.value == "dpsgd" and cfg.privacy.accountant is Accountant.prv
+    assert cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-5
+    assert cfg.train.device == "auto"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=-1", "train.lr=-1.0 is not allowed: must be > 0"),
+        ("privacy.delta=2", "privacy.delta=2.0 is not allowed"),
+        ("train.device=tpu", "train.device='tpu' is not allowed"),
+        ("dataset.sha256=abc", "dataset.sha256='abc' is not allowed"),
+        ("dataset.test_fraction=1.5", "dataset.test_fraction=1.5 is not allowed"),
+    ],
+)
+def test_range_errors_name_key_value_and_rule(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        to_config(compose_config(override))
+
+
+def test_type_errors_are_caught_by_the_schema():
+    with pytest.raises(Exception) as info:
+        compose_config("train.epochs=abc")
+    assert isinstance(info.value.__cause__, ValidationError)
+    with pytest.raises(Exception) as info:
+        compose_config("privacy.accountant=nope")
+    assert "prv, rdp, gdp" in str(info.value.__cause__)
+    with pytest.raises(Exception) as info:
+        compose_config("train.nonsense=1")
+    assert "Key 'nonsense' not in 'TrainConfig'" in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train.epochs=abc"], "train.epochs=abc"),
+        (["privacy.accountant=nope"], "expected one of [prv, rdp, gdp]"),
+        (["privacy=bogus"], "Available options in 'privacy'"),
+        (["train.batch_size=0"], "train.batch_size=0 is not allowed: must be >= 1"),
+        (
+            ["dataset=npz", "dataset.path=/no/such/file.npz"],
+            "dataset.path='/no/such/file.npz' does not exist",
+        ),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_no_traceback(args, expected, tmp_path):
+    proc = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("aisec-train: error:") and expected in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "report.json").exists()
