@@ -140,10 +140,11 @@ class TrainConfig:
     batch_size: int = 512  # the logical (expected, under Poisson sampling) batch size
     max_physical_batch_size: int = 512  # memory cap; larger logical batches are split
     optimizer: OptimizerName = OptimizerName.sgd
-    lr: float = 2.0
+    lr: float = 0.5
     momentum: float = 0.9
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
+    ema_decay: float = 0.9  # weight averaging (free post-processing of DP iterates); 0 turns it off
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
@@ -156,6 +157,7 @@ class TrainConfig:
         )
         require(self.lr > 0, "train.lr", self.lr, "must be > 0")
         require(0 <= self.momentum < 1, "train.momentum", self.momentum, "must be in [0, 1)")
+        require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         require(ok, "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
 
@@ -202,6 +204,264 @@ class RobustnessConfig:
         require(self.eval_samples >= 0, "robustness.eval_samples", self.eval_samples, "must be >= 0")
 
 
+# ---- backdoor (issue 4): owned by aisec_train/backdoor; edit only this block ----
+class BackdoorAttack(Enum):
+    none = "none"
+    badnets = "badnets"
+
+
+class BackdoorMapping(Enum):
+    all_to_one = "all_to_one"  # every poisoned sample is relabelled to ``target``
+    all_to_all = "all_to_all"  # label y becomes (y + 1) mod K
+
+
+class DetectionMethod(Enum):
+    spectral = "spectral"  # spectral signatures (Tran et al. 2018)
+    activation_clustering = "activation_clustering"  # Chen et al. 2018
+
+
+class RepairMethod(Enum):
+    none = "none"
+    fine_pruning = "fine_pruning"  # Liu et al. 2018
+
+
+class PatchPosition(Enum):
+    bottom_right = "bottom_right"
+    bottom_left = "bottom_left"
+    top_right = "top_right"
+    top_left = "top_left"
+
+
+@dataclass
+class BackdoorConfig:
+    attack: BackdoorAttack = BackdoorAttack.none  # badnets: red-team poisoning of the training split
+    rate: float = 0.1  # fraction of the (remaining) training split that is poisoned
+    mapping: BackdoorMapping = BackdoorMapping.all_to_one
+    target: int = 0  # all_to_one target class
+    patch_size: int = 2  # trigger side in pixels (about a quarter of an 8x8 digit's side)
+    patch_position: PatchPosition = PatchPosition.bottom_right
+    patch_value: float = 1.0  # trigger pixel value on the [0, 1] scale
+    clean_fraction: float = 0.2  # stratified trusted clean reserve carved from the training split before poisoning
+    detection: DetectionMethod = DetectionMethod.spectral  # the one reported as backdoor.detection (both run)
+    detection_k: float = 3.0  # flag samples further than k reference deviations from the trusted clean data
+    filter: bool = False  # drop the flagged samples and retrain (refused under DP: see docs/backdoor.md)
+    repair: RepairMethod = RepairMethod.fine_pruning
+    prune_acc_drop: float = 0.02  # stop pruning before trusted-set accuracy falls further than this
+    finetune_epochs: int = 30
+    finetune_lr: float = 0.05
+    finetune_batch_size: int = 32
+    finetune_weight_decay: float = 0.01  # what erases the trigger path that clean data never exercises
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.rate < 1.0, "backdoor.rate", self.rate, "must be in (0, 1)")
+        require(self.target >= 0, "backdoor.target", self.target, "must be a class index >= 0")
+        require(self.patch_size >= 1, "backdoor.patch_size", self.patch_size, "must be >= 1")
+        require(0.0 <= self.patch_value <= 1.0, "backdoor.patch_value", self.patch_value, "must be in [0, 1]")
+        require(0.0 < self.clean_fraction < 0.5, "backdoor.clean_fraction", self.clean_fraction, "must be in (0, 0.5)")
+        require(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "must be > 0")
+        require(0.0 <= self.prune_acc_drop < 1.0, "backdoor.prune_acc_drop", self.prune_acc_drop, "must be in [0, 1)")
+        require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")
+        require(self.finetune_lr > 0, "backdoor.finetune_lr", self.finetune_lr, "must be > 0")
+        require(self.finetune_batch_size >= 1, "backdoor.finetune_batch_size", self.finetune_batch_size, "must be >= 1")
+        require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")
+
+
+# ---- federated (issue 5): owned by aisec_train/federated; edit only this block ----
+class FederatedMode(Enum):
+    none = "none"  # central training
+    fedavg = "fedavg"  # Flower FedAvg; `aggregation` says whether the server sees plaintext or ciphertexts
+
+
+class Aggregation(Enum):
+    plaintext = "plaintext"
+    ckks = "ckks"
+
+
+class PartitionKind(Enum):
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+@dataclass
+class PartitionConfig:
+    kind: PartitionKind = PartitionKind.iid
+    alpha: float = 0.5  # Dirichlet concentration per class: small = skewed label mix per client
+    min_size: int = 10  # every client gets at least this many training examples
+
+    def __post_init__(self) -> None:
+        require(self.alpha > 0, "federated.partition.alpha", self.alpha, "must be > 0")
+        require(self.min_size >= 1, "federated.partition.min_size", self.min_size, "must be >= 1")
+
+
+@dataclass
+class CkksConfig:
+    # Defaults: docs/he_parameters.md (fewest bytes per parameter at FedAvg error <= 1e-6).
+    poly_modulus_degree: int = 4096
+    coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [50, 30])
+    global_scale_bits: int = 30
+    encryption: str = "symmetric"
+
+    def check(self) -> None:
+        from aisec_train.crypto.ckks import CkksParams  # TenSEAL is imported only when CKKS is configured
+
+        try:
+            CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.global_scale_bits, self.encryption)
+        except ValueError as err:
+            raise ConfigError(f"federated.ckks: {err}") from err
+
+
+@dataclass
+class InjectConfig:
+    """Fault drills (real code paths, for tests and red-team runs): client partition ids that misbehave."""
+
+    crash: list[int] = field(default_factory=list)  # raise inside the ClientApp
+    nan: list[int] = field(default_factory=list)  # a NaN update (refused before encryption)
+    scale: list[int] = field(default_factory=list)  # an update x1e4 (refused by the norm bound)
+    round: int = 0  # the round the faults fire in; 0 = every round
+    skip_client_check: bool = False  # the faulty clients skip their own check (exercises the server's)
+
+
+@dataclass
+class FederatedConfig:
+    mode: FederatedMode = FederatedMode.none
+    aggregation: Aggregation = Aggregation.plaintext
+    clients: int = 4
+    rounds: int = 3
+    local_epochs: int = 5
+    batch_size: int = 64  # each client's logical batch (its partition is ~N/clients examples)
+    lr: float | None = None  # None: train.lr
+    min_clients: int = 2  # fewer answering clients fail the round and keep the global model
+    round_timeout_s: float = 300.0
+    max_update_norm: float = 50.0  # L2 bound on (local - global) weights; beyond it an update is refused
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    ckks: CkksConfig = field(default_factory=CkksConfig)
+    inject: InjectConfig = field(default_factory=InjectConfig)
+    stop_after_round: int = 0  # > 0 ends the run early after that round (a resume drill); 0 = never
+    # Simulation engine (Ray): resources per client and the cap on the whole Ray runtime.
+    client_cpus: float = 1.0
+    client_gpus: float = 0.0
+    ray_num_cpus: int | None = None  # None: os.cpu_count()
+
+    def __post_init__(self) -> None:
+        if self.mode is FederatedMode.none:
+            return
+        require(self.clients >= 1, "federated.clients", self.clients, "must be >= 1")
+        require(self.rounds >= 1, "federated.rounds", self.rounds, "must be >= 1")
+        require(self.local_epochs >= 1, "federated.local_epochs", self.local_epochs, "must be >= 1")
+        require(self.batch_size >= 1, "federated.batch_size", self.batch_size, "must be >= 1")
+        require(self.lr is None or self.lr > 0, "federated.lr", self.lr, "must be > 0 or null")
+        ok = 1 <= self.min_clients <= self.clients
+        require(ok, "federated.min_clients", self.min_clients, f"must be in [1, federated.clients={self.clients}]")
+        require(self.round_timeout_s > 0, "federated.round_timeout_s", self.round_timeout_s, "must be > 0")
+        require(self.max_update_norm > 0, "federated.max_update_norm", self.max_update_norm, "must be > 0")
+        require(self.stop_after_round >= 0, "federated.stop_after_round", self.stop_after_round, "must be >= 0")
+        require(self.client_cpus > 0, "federated.client_cpus", self.client_cpus, "must be > 0")
+        require(0 <= self.client_gpus <= 1, "federated.client_gpus", self.client_gpus, "must be in [0, 1]")
+        ids = self.inject.crash + self.inject.nan + self.inject.scale
+        ok = all(0 <= i < self.clients for i in ids)
+        require(ok, "federated.inject", ids, f"client ids must be in [0, {self.clients})")
+        if self.aggregation is Aggregation.ckks:
+            self.ckks.check()
+
+
+# ---- audit (issue 6): owned by aisec_train/audit; edit only this block ----
+class OutputPolicy(Enum):
+    probs = "probs"  # the full probability vector
+    top_k = "top_k"  # the k largest probabilities, the rest zeroed
+    label = "label"  # the predicted class only (one-hot)
+
+
+class RiskLevel(Enum):
+    low = "low"
+    medium = "medium"
+    high = "high"
+
+
+@dataclass
+class MembershipAuditConfig:
+    targets: int = 180  # members and non-members each (balanced); capped by the held-out split
+    reference_models: int = 2  # offline LiRA: OUT models trained by the same train() on half of the attacker pool
+    reference_epochs: int | None = 20  # capped at train.epochs; None = train.epochs (CPU time: see docs/audits.md)
+    max_auc: float = 0.6  # checklist: a non-private model passes only below this attack AUC
+
+    def __post_init__(self) -> None:
+        require(self.targets >= 10, "audit.membership.targets", self.targets, "must be >= 10")
+        require(self.reference_models >= 0, "audit.membership.reference_models", self.reference_models, "must be >= 0")
+        require(0.5 <= self.max_auc <= 1, "audit.membership.max_auc", self.max_auc, "must be in [0.5, 1]")
+        if self.reference_epochs is not None:
+            require(self.reference_epochs >= 1, "audit.membership.reference_epochs", self.reference_epochs, ">= 1")
+
+
+@dataclass
+class GuardConfig:
+    output: OutputPolicy = OutputPolicy.label
+    top_k: int = 3
+    round_decimals: int | None = None  # round released probabilities; None = no rounding
+    noise_std: float = 0.0  # Gaussian noise on released probabilities (renormalised)
+    bit_depth: int = 0  # input sanitisation: quantise to 2^bits levels; 0 = off
+    smoothing: int = 0  # input sanitisation: median filter of this odd size; 0 = off
+    query_budget: int = 150  # queries (samples) per client over the guard's lifetime; 0 = unlimited
+    rate_limit: float = 0.0  # sustained queries per second per client (token bucket); 0 = unlimited
+    burst: int = 1000  # token-bucket size for the rate limit
+
+    def __post_init__(self) -> None:
+        require(self.top_k >= 1, "audit.guard.top_k", self.top_k, "must be >= 1")
+        if self.round_decimals is not None:
+            require(0 <= self.round_decimals <= 8, "audit.guard.round_decimals", self.round_decimals, "0..8")
+        require(self.noise_std >= 0, "audit.guard.noise_std", self.noise_std, "must be >= 0")
+        require(0 <= self.bit_depth <= 8, "audit.guard.bit_depth", self.bit_depth, "0 (off) to 8")
+        ok = self.smoothing == 0 or (self.smoothing >= 3 and self.smoothing % 2 == 1)
+        require(ok, "audit.guard.smoothing", self.smoothing, "0 (off) or an odd size >= 3")
+        require(self.query_budget >= 0, "audit.guard.query_budget", self.query_budget, "must be >= 0")
+        require(self.rate_limit >= 0, "audit.guard.rate_limit", self.rate_limit, "must be >= 0")
+        require(self.burst >= 1, "audit.guard.burst", self.burst, "must be >= 1")
+
+
+@dataclass
+class ExtractionAuditConfig:
+    queries: int = 500  # the attacker's planned queries (same plan with and without the guard)
+    surrogate_epochs: int = 30
+    sanitizer_bit_depth: int = 3  # the sanitiser evaluated under plain and adaptive (BPDA) PGD
+    sanitizer_smoothing: int = 0
+    eval_samples: int = 180  # test samples for the sanitiser's robust accuracy
+
+    def __post_init__(self) -> None:
+        require(self.queries >= 10, "audit.extraction.queries", self.queries, "must be >= 10")
+        require(self.surrogate_epochs >= 1, "audit.extraction.surrogate_epochs", self.surrogate_epochs, ">= 1")
+        require(
+            1 <= self.sanitizer_bit_depth <= 8, "audit.extraction.sanitizer_bit_depth", self.sanitizer_bit_depth, "1..8"
+        )
+        ok = self.sanitizer_smoothing == 0 or (self.sanitizer_smoothing >= 3 and self.sanitizer_smoothing % 2 == 1)
+        require(ok, "audit.extraction.sanitizer_smoothing", self.sanitizer_smoothing, "0 (off) or an odd size >= 3")
+        require(self.eval_samples >= 1, "audit.extraction.eval_samples", self.eval_samples, "must be >= 1")
+
+
+@dataclass
+class MonitorConfig:
+    drift_threshold: float = 4.0  # overall drift score (mean squared per-feature z) that raises an alarm
+    feature_threshold: float = 6.0  # |z| above which one feature is listed as drifted
+    confidence_threshold: float = 4.0  # z of the drop in mean confidence that raises an alarm
+
+    def __post_init__(self) -> None:
+        for key in ("drift_threshold", "feature_threshold", "confidence_threshold"):
+            require(getattr(self, key) > 0, f"audit.monitor.{key}", getattr(self, key), "must be > 0")
+
+
+@dataclass
+class AuditConfig:
+    enabled: bool = True
+    membership: MembershipAuditConfig = field(default_factory=MembershipAuditConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    registry_path: str | None = None  # None = <run dir>/../registry.json
+    # governance fields recorded with every registered model
+    purpose: str = "research: evaluation of privacy-preserving, attack-hardened training"
+    data_sources: list[str] = field(default_factory=list)  # declared sources; the measured manifest is added
+    owner: str = "unassigned"
+    risk_level: RiskLevel = RiskLevel.medium
+
+
 @dataclass
 class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -209,7 +469,9 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
-    experiment: str = "quickstart"
+    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 def register_configs() -> None:

@@ -1,6 +1,6 @@
 """A run is a list of named stages; each reads the shared :class:`Run` and adds a section to its Report.
 
-    data -> train -> evaluate -> robustness -> outputs
+    data -> [poison] -> train -> evaluate -> robustness -> [detect/repair] -> [audit] -> outputs
 
 Later stages (backdoor, federated, audits) plug in by adding a function to ``STAGES``.
 """
@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from aisec_train.audit.stage import stage_audit, stage_register
+from aisec_train.backdoor.stage import stage_defend, stage_poison
 from aisec_train.config import Config, PrivacyMode, RobustMode
 from aisec_train.data.dataset import Dataset, load_dataset
 from aisec_train.data.sanity import check_training_split
@@ -125,6 +127,11 @@ def _adversary(run: Run):
 
 
 def stage_train(run: Run) -> None:
+    if run.cfg.federated.mode.value != "none":  # federated training (issue 5) replaces central training
+        from aisec_train.federated.stage import train_federated
+
+        train_federated(run)
+        return
     cfg, data = run.cfg, run.data
     assert data is not None
     run.device = resolve_device(cfg.train.device)
@@ -253,12 +260,19 @@ def stage_outputs(run: Run) -> None:
 
 
 Stage = Callable[[Run], None]
+# The run, top to bottom. A stage that does not apply to this config returns at once (and says so in
+# the report); each threat's stage lives in its own package.
 STAGES: list[tuple[str, Stage]] = [
     ("data", stage_data),
+    ("backdoor_poison", stage_poison),  # BadNets red team: poisons the training split only
     ("train", stage_train),
     ("evaluate", stage_evaluate),
     ("robustness", stage_robustness),
+    ("backdoor_defend", stage_defend),  # detection, optional filter, Fine-Pruning
+    # audits (membership inference, extraction, monitoring baselines) go here
+    ("audit", stage_audit),
     ("outputs", stage_outputs),
+    ("register", stage_register),  # needs model.pt; rewrites report.json, model_card.md, security_report.md
 ]
 
 

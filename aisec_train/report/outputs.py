@@ -102,6 +102,9 @@ def model_card(report: Report) -> str:
         "|---|---|---|---|",
         *[f"| {c['area']} | {c['item']} | {c['status']} | {c['evidence']} |" for c in report.checklist],
         "",
+        "## Threat model",
+        *_threat_model(report),
+        "",
         "## Limitations",
         "- Accuracy and robustness are measured on the held-out split of the same distribution only.",
         "- Robust accuracy is an upper bound: a stronger or adaptive attack may lower it.",
@@ -110,3 +113,9 @@ def model_card(report: Report) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _threat_model(report: Report) -> list[str]:
+    from aisec_train.report.security_report import threat_model_markdown  # the table lives with the report
+
+    return threat_model_markdown(report)

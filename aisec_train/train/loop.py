@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from aisec_train.config import OptimizerName, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.data.dataset import Split
+from aisec_train.train.averaging import WeightAverage
 from aisec_train.train.privacy import PrivacyLedger, budget_limit, make_private, unwrap
 
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -80,12 +81,10 @@ def train(
     torch.manual_seed(train_cfg.seed)
     model.to(device)
     optimizer = build_optimizer(model, train_cfg)
-    start_epoch, history = 0, []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        start_epoch, history = resume["epoch"], list(resume["history"])
-        torch.set_rng_state(resume["rng"])
+    start_epoch, history = _restore(model, optimizer, resume)
+    average = WeightAverage(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
+    if average is not None and resume is not None and resume.get("ema"):
+        average.load_state_dict(resume["ema"])
 
     generator = torch.Generator().manual_seed(train_cfg.seed + start_epoch)
     loader = DataLoader(
@@ -111,11 +110,12 @@ def train(
             max_steps = budget_limit(ledger, privacy_cfg.target_epsilon, planned)
 
     result = TrainResult(unwrap(model), ledger, history, grad_sample_mode=mode)
+    step = _Step(model, optimizer, criterion, device, adversary, ledger, max_steps, average)
     epochs = tqdm(range(start_epoch, train_cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in epochs:
         started = time.perf_counter()
         with physical_batches(loader, optimizer, private, train_cfg.max_physical_batch_size) as batches:
-            loss, acc, stopped = _run_epoch(model, batches, optimizer, criterion, device, adversary, ledger, max_steps)
+            loss, acc, stopped = _run_epoch(step, batches)
         row = {
             "epoch": epoch + 1,
             "loss": loss,
@@ -125,18 +125,33 @@ def train(
         if ledger is not None:
             row.update(epsilon=ledger.epsilon(), steps=ledger.steps)
         if eval_split is not None:
-            row["test_accuracy"] = accuracy(model, eval_split, device)
+            with average.applied(result.model) if average else nullcontext():
+                row["test_accuracy"] = accuracy(model, eval_split, device)
         history.append(row)
         epochs.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "train_accuracy", "epsilon") if k in row})
         result.stopped_by_budget = stopped
         if on_epoch_end is not None:
             complete = stopped or epoch + 1 == train_cfg.epochs
-            on_epoch_end(checkpoint_payload(model, optimizer, ledger, history, epoch + 1, complete, stopped))
+            payload = checkpoint_payload(model, optimizer, ledger, history, epoch + 1, complete, stopped)
+            payload["ema"] = average.state_dict() if average else None
+            on_epoch_end(payload)
         if stopped:
             break
     if private:
         model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
+    if average is not None:
+        average.copy_to(result.model)  # the averaged weights are the run's model
     return result
+
+
+def _restore(model: nn.Module, optimizer, resume: dict[str, Any] | None) -> tuple[int, list[dict[str, Any]]]:
+    """Load a checkpoint payload into the plain model and optimizer; return (start epoch, history)."""
+    if resume is None:
+        return 0, []
+    model.load_state_dict(resume["model"])
+    optimizer.load_state_dict(resume["optimizer"])
+    torch.set_rng_state(resume["rng"])
+    return resume["epoch"], list(resume["history"])
 
 
 def physical_batches(loader: DataLoader, optimizer, private: bool, max_physical_batch_size: int):
@@ -146,30 +161,49 @@ def physical_batches(loader: DataLoader, optimizer, private: bool, max_physical_
     return BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer)
 
 
-def _run_epoch(model, loader, optimizer, criterion, device, adversary, ledger, max_steps) -> tuple[float, float, bool]:
-    """One pass over ``loader``; returns (mean loss, accuracy, stopped because the budget is spent)."""
+@dataclass
+class _Step:
+    """What one optimisation step needs, bundled so the epoch loop stays readable."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    device: torch.device
+    adversary: Adversary | None
+    ledger: PrivacyLedger | None
+    max_steps: float
+    average: WeightAverage | None
+
+
+def _run_epoch(step: _Step, batches) -> tuple[float, float, bool]:
+    """One pass over ``batches``; returns (mean loss, accuracy, stopped because the budget is spent)."""
+    model, optimizer, ledger = step.model, step.optimizer, step.ledger
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for x, y in loader:
-        if ledger is not None and ledger.steps >= max_steps:
+    for x, y in batches:
+        if ledger is not None and ledger.steps >= step.max_steps:
             optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated logical batch: nothing released
             return total_loss / max(1, seen), correct / max(1, seen), True
+        steps_before = ledger.steps if ledger is not None else 0
         if len(y) == 0:  # Poisson sampling can draw an empty batch; Opacus still takes its noisy step
             optimizer.step()
-            continue
-        x, y = x.to(device), y.to(device)
-        if adversary is not None:
-            x = adversary(model, x, y)
-            model.train()
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(x)
-        loss = criterion(logits, y)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.item() * len(y)
-        correct += int((logits.argmax(1) == y).sum())
-        seen += len(y)
-    stopped = ledger is not None and ledger.steps >= max_steps
+        else:
+            x, y = x.to(step.device), y.to(step.device)
+            if step.adversary is not None:
+                x = step.adversary(model, x, y)
+                model.train()
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = step.criterion(logits, y)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+        # With BatchMemoryManager only the last physical batch of a logical batch really steps.
+        if step.average is not None and (ledger is None or ledger.steps > steps_before):
+            step.average.update(unwrap(model))
+    stopped = ledger is not None and ledger.steps >= step.max_steps
     return total_loss / max(1, seen), correct / max(1, seen), stopped
 
 

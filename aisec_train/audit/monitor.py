@@ -1,0 +1,193 @@
+"""Monitoring baselines saved with the model, and the drift / confidence check against a new batch.
+
+Features are each input value (pixel x channel) and its square, so both a shift of the mean and a change of
+spread (noise) move a feature. A batch of n inputs gives each feature a z-score of its batch mean against the
+training baseline, ``(mean_batch - mean_train) / (std_train / sqrt(n))``: about N(0, 1) for clean data at any
+batch size. The overall drift score is the mean squared z (about 1 when clean); the confidence check is the
+z-score of the drop in mean top-class probability against held-out calibration data.
+
+Exit status of ``aisec-train-monitor``: 0 no alarm, 1 alarm (drift or confidence anomaly), 2 refused input.
+
+    aisec-train-monitor RUN_DIR batch.npz [--json verdict.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from aisec_train.config import MonitorConfig
+from aisec_train.data.dataset import to_nchw_float
+from aisec_train.data.sources import DataError
+
+BASELINE = "monitor_baseline.json"
+STD_FLOOR = 1.0 / 32  # a feature constant in training (a border pixel) still gets a finite z-score
+
+
+def _features(x: Tensor) -> Tensor:
+    flat = x.reshape(len(x), -1).double()
+    return torch.cat([flat, flat**2], dim=1)
+
+
+@torch.no_grad()
+def confidences(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    model.eval()
+    out = [torch.softmax(model(x[i : i + batch_size]), 1).max(1).values for i in range(0, len(x), batch_size)]
+    return torch.cat(out).double()
+
+
+def build_baseline(
+    model: nn.Module, train_x: Tensor, calibration_x: Tensor, *, model_meta: dict[str, Any], cfg: MonitorConfig
+) -> dict[str, Any]:
+    feats = _features(train_x)
+    conf = confidences(model, calibration_x)
+    return {
+        "version": 1,
+        "model": model_meta,
+        "input_shape": list(train_x.shape[1:]),
+        "n_train": len(train_x),
+        "feature_mean": feats.mean(0).tolist(),
+        "feature_std": feats.std(0).tolist(),
+        "confidence": {"mean": float(conf.mean()), "std": float(conf.std()), "n_calibration": len(conf)},
+        "thresholds": {
+            "drift": cfg.drift_threshold,
+            "feature": cfg.feature_threshold,
+            "confidence": cfg.confidence_threshold,
+        },
+    }
+
+
+@dataclass
+class Verdict:
+    alarm: bool
+    drift_score: float
+    feature_z: list[float]
+    drifted_features: list[str]
+    confidence_mean: float
+    confidence_z: float
+    n: int
+    reasons: list[str]
+
+    def text(self) -> str:
+        head = "ALARM" if self.alarm else "OK"
+        lines = [
+            f"{head}: {self.n} inputs; drift score {self.drift_score:.2f}; mean confidence {self.confidence_mean:.3f} "
+            f"(z {self.confidence_z:+.2f}); {len(self.drifted_features)} drifted feature(s)"
+        ]
+        lines += [f"  - {r}" for r in self.reasons]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "alarm": self.alarm,
+            "drift_score": self.drift_score,
+            "drifted_features": self.drifted_features,
+            "confidence_mean": self.confidence_mean,
+            "confidence_z": self.confidence_z,
+            "n": self.n,
+            "reasons": self.reasons,
+            "feature_z": self.feature_z,
+        }
+
+
+def _feature_name(j: int, shape: list[int]) -> str:
+    size = int(np.prod(shape))
+    kind, k = ("value", j) if j < size else ("square", j - size)
+    c, rest = divmod(k, shape[1] * shape[2])
+    return f"{kind}[c{c},y{rest // shape[2]},x{rest % shape[2]}]"
+
+
+def check(baseline: dict[str, Any], model: nn.Module, x: Tensor) -> Verdict:
+    shape = baseline["input_shape"]
+    if list(x.shape[1:]) != shape:
+        raise DataError(f"batch has inputs of shape {list(x.shape[1:])}; the baseline was built on {shape}")
+    n = len(x)
+    mean, std = torch.tensor(baseline["feature_mean"]), torch.tensor(baseline["feature_std"]).clamp_min(STD_FLOOR)
+    z = (_features(x).mean(0) - mean) / (std / n**0.5)
+    score = float((z**2).mean())
+    th = baseline["thresholds"]
+    drifted = [
+        _feature_name(int(j), shape) for j in torch.argsort(z.abs(), descending=True) if abs(z[j]) > th["feature"]
+    ]
+    conf = confidences(model, x)
+    base = baseline["confidence"]
+    conf_z = float((conf.mean() - base["mean"]) / (max(base["std"], 1e-6) / n**0.5))
+    reasons = []
+    if score > th["drift"]:
+        reasons.append(f"input drift: score {score:.2f} > {th['drift']} (top: {', '.join(drifted[:5])})")
+    if conf_z < -th["confidence"]:
+        reasons.append(
+            f"confidence anomaly: mean {float(conf.mean()):.3f} vs baseline {base['mean']:.3f} "
+            f"(z {conf_z:.2f} < -{th['confidence']})"
+        )
+    return Verdict(bool(reasons), score, z.tolist(), drifted, float(conf.mean()), conf_z, n, reasons)
+
+
+def read_batch(path: Path) -> Tensor:
+    """An unlabeled .npz batch (key ``x``; ``y`` optional) in any layout ``dataset=npz`` accepts."""
+    if not path.is_file():
+        raise DataError(f"batch {str(path)!r} does not exist or is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files:
+                raise DataError(f"{path} lacks array 'x'")
+            x = archive["x"]
+    except (ValueError, OSError) as err:
+        raise DataError(f"{path} is not a readable .npz of numeric arrays: {err}") from err
+    x = to_nchw_float(x, f"{path.name}:x")
+    if len(x) == 0 or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise DataError(f"{path.name}:x must be a non-empty batch of finite values in [0, 1]")
+    return torch.from_numpy(x)
+
+
+def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
+    """The baseline and the model it was saved with (the checkpoint's hash is verified before loading)."""
+    from aisec_train.models import build_model
+    from aisec_train.train import checkpoint
+
+    path = run_dir / BASELINE
+    if not path.is_file():
+        raise DataError(f"{run_dir} holds no {BASELINE}; run aisec-train with audit.enabled=true first")
+    baseline = json.loads(path.read_text())
+    meta = baseline["model"]
+    model = build_model(
+        meta["name"], in_channels=meta["in_channels"], num_classes=meta["num_classes"], image_size=meta["image_size"]
+    )
+    model.load_state_dict(checkpoint.load(run_dir / "model.pt"))
+    return baseline, model.eval()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from aisec_train.train.checkpoint import CheckpointError
+
+    parser = argparse.ArgumentParser(
+        prog="aisec-train-monitor",
+        description="Check a .npz batch against a run's monitoring baseline. Exit 0: ok, 1: alarm, 2: refused.",
+    )
+    parser.add_argument("run_dir", type=Path, help="a finished aisec-train run folder")
+    parser.add_argument("batch", type=Path, help=".npz holding x (N,H,W / N,H,W,C / N,C,H,W; uint8 or float 0-1)")
+    parser.add_argument("--json", type=Path, help="also write the verdict as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    try:
+        baseline, model = load_run(args.run_dir)
+        verdict = check(baseline, model, read_batch(args.batch))
+    except (DataError, CheckpointError) as err:
+        print(f"aisec-train-monitor: error: {' '.join(str(err).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(verdict.text())
+    if args.json:
+        args.json.write_text(json.dumps(verdict.to_dict(), indent=2))
+    sys.exit(1 if verdict.alarm else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The ServerApp: a thin adapter that resumes the round state and runs :class:`SecureFedAvg`.
+
+It is given the public CKKS context only (``public-context`` in the run config); nothing here reads
+client key material. Deployment: ``flwr run`` with ``job``, ``state-dir``, ``public-context`` and
+``public-sha256`` in the run config (docs/federated.md). Simulation passes the same settings by closure.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from aisec_train.config import Aggregation
+from aisec_train.federated.settings import ServerSettings
+from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record
+from aisec_train.federated.task import initial_model, load_job
+
+log = logging.getLogger("aisec_train.federated")
+
+
+def make_app(settings: ServerSettings | None = None) -> ServerApp:
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        # 1. Settings: the job and the public context, nothing else.
+        s = settings or ServerSettings.from_map(context.run_config)
+        cfg, job = load_job(s.job)
+        fed = cfg.federated
+        # 2. Resume from the last completed round, or start from the seeded initial model.
+        state = load_state(s.state_dir)
+        done = state["round"] if state else 0
+        arrays = state_to_record(state["model"]) if state else ArrayRecord(initial_model(job, cfg.train.seed).state_dict())
+        last = min(fed.rounds, fed.stop_after_round or fed.rounds)
+        if done >= last:
+            log.info("federated: %d round(s) already complete", done)
+            return
+        # 3. The strategy: FedAvg over ciphertexts (ckks) or checked plaintext updates.
+        strategy = SecureFedAvg(
+            aggregation="ckks" if fed.aggregation is Aggregation.ckks else "plaintext",
+            min_clients=fed.min_clients,
+            max_update_norm=fed.max_update_norm,
+            state_dir=s.state_dir,
+            public_context=s.public_context,
+            public_sha256=s.public_sha256,
+            round_offset=done,
+            history=state["history"] if state else None,
+        )
+        # 4. Run the remaining rounds; every round's state is saved atomically by the strategy.
+        strategy.start(
+            grid=grid,
+            initial_arrays=arrays,
+            num_rounds=last - done,
+            timeout=fed.round_timeout_s,
+            train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+        )
+
+    return app
+
+
+app = make_app()

@@ -1,0 +1,107 @@
+"""Pipeline hook: federated training replaces central training when ``federated.mode`` is not ``none``.
+
+    keys (client_keys/ 0600, federated/server/ public) -> job.json -> Flower simulation (Ray) -> final model -> report
+
+The job process acts for the data owners: it creates the CKKS keys, starts the simulation, and at the end
+decrypts the last aggregate with the clients' key to hand the final global model to the later stages
+(evaluate, robustness, outputs). The ServerApp is only ever given the public context's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aisec_train.config import Aggregation, PrivacyMode
+from aisec_train.crypto import ckks
+from aisec_train.federated import report as fed_report
+from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.federated.task import client_epsilons, initial_model, unflatten, write_job
+from aisec_train.train.loop import TrainResult, resolve_device
+
+log = logging.getLogger("aisec_train.federated")
+
+
+def prepare(run) -> tuple[ServerSettings, ClientSettings]:
+    """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
+    cfg, data = run.cfg, run.data
+    fed_dir, key_dir = run.run_dir / "federated", run.run_dir / "client_keys"
+    meta = {"name": cfg.model.name.value, "in_channels": data.in_channels, "num_classes": data.num_classes,
+            "image_size": data.image_size}
+    job = write_job(cfg, fed_dir / "job.json", model_meta=meta, manifest_sha256=data.manifest_sha256)
+    server = ServerSettings(job=str(job), state_dir=str(fed_dir / "server"))
+    client = ClientSettings(job=str(job), state_dir=str(run.run_dir / "client_state"))
+    if cfg.federated.aggregation is Aggregation.ckks:
+        keys = _keys(cfg.federated.ckks, key_dir, fed_dir / "server")
+        server = ServerSettings(server.job, server.state_dir, str(keys.public_context), keys.public_sha256)
+        client = ClientSettings(client.job, client.state_dir, str(keys.secret_context), keys.secret_sha256)
+    return server, client
+
+
+def _keys(cc, key_dir: Path, server_dir: Path) -> ckks.KeyPaths:
+    secret, public = key_dir / ckks.SECRET_FILE, server_dir / ckks.PUBLIC_FILE
+    if secret.exists() and public.exists():  # a resumed run keeps its keys: the saved aggregate needs them
+        digest = lambda p: p.with_name(p.name + ".sha256").read_text().strip()  # noqa: E731
+        return ckks.KeyPaths(secret, public, digest(secret), digest(public))
+    params = ckks.CkksParams(cc.poly_modulus_degree, tuple(cc.coeff_mod_bit_sizes), cc.global_scale_bits, cc.encryption)
+    return ckks.generate_keys(params, key_dir, server_dir, overwrite=True)
+
+
+def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> None:
+    """Flower's simulation engine (Ray) in this process, capped to this machine's CPUs."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    from aisec_train.federated import client_app, server_app
+
+    fed = cfg.federated
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+        "init_args": {"num_cpus": fed.ray_num_cpus or os.cpu_count() or 1, "include_dashboard": False,
+                      "log_to_driver": False},
+    }
+    flwr_run_simulation(
+        server_app=server_app.make_app(server),
+        client_app=client_app.make_app(client),
+        num_supernodes=fed.clients,
+        backend_config=backend_config,
+    )
+
+
+def final_model(run, server: ServerSettings, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
+    """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp)."""
+    from aisec_train.federated.task import load_job
+
+    cfg, job = load_job(server.job)
+    model = initial_model(job, cfg.train.seed)
+    saved = state["model"]
+    if saved["kind"] == "ckks":
+        ctx = ckks.load_secret_context(Path(client.secret_context), client.secret_sha256)
+        saved = {"tensors": unflatten(ckks.decrypt_aggregate(saved["data"], ctx), model.state_dict())}
+    model.load_state_dict(saved["tensors"])
+    return model.to(run.device)
+
+
+def train_federated(run) -> None:
+    from aisec_train.federated.strategy import load_state
+
+    cfg = run.cfg
+    run.device = resolve_device(cfg.train.device)
+    server, client = prepare(run)
+    before = load_state(Path(server.state_dir))
+    started = time.perf_counter()
+    run_simulation(cfg, server, client)
+    seconds = time.perf_counter() - started
+    state = load_state(Path(server.state_dir))
+    if state is None:
+        raise RuntimeError("the federated run completed no round; see the Flower log above")
+    run.model = final_model(run, server, client, state)
+    eps = client_epsilons(client.state_path, cfg.federated.clients)
+    history = fed_report.history_rows(state["history"])
+    run.result = TrainResult(run.model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
+    fed_report.add(run, state, eps, resumed_from=before["round"] if before else 0, seconds=seconds,
+                   private=cfg.privacy.mode is PrivacyMode.dpsgd, server=server, client=client)
