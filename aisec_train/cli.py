@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import warnings
 from importlib.resources import files
 from pathlib import Path
 from typing import NoReturn
@@ -23,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aisec_train.config import ConfigError, register_configs, to_config
 from aisec_train.data.sources import DataError
 from aisec_train.train.checkpoint import CheckpointError
-from aisec_train.train.privacy import BudgetExhausted
+from aisec_train.train.privacy import BudgetExhausted, quiet_known_warnings
 
 CONFIG_DIR = str(files("aisec_train.configs"))
 REFUSALS = (ConfigError, DataError, CheckpointError, BudgetExhausted, HydraException, OmegaConfBaseException)
@@ -63,16 +62,8 @@ def refuse(err: BaseException) -> NoReturn:
     sys.exit(2)
 
 
-def _quiet_known_warnings() -> None:
-    # Opacus warns on every run about settings this project chose on purpose (documented in docs/).
-    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-    warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
-    logging.getLogger("opacus").setLevel(logging.WARNING)
-
-
 def main() -> None:
-    _quiet_known_warnings()
+    quiet_known_warnings()
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     register_configs()

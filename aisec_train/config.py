@@ -135,6 +135,21 @@ class PrivacyConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training on one node: ``nproc`` processes (one per GPU on CUDA, gloo on the CPU)."""
+
+    nproc: int = 1
+    backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
+    port: int = 0  # rendezvous port on 127.0.0.1; 0 = a free one
+
+    def __post_init__(self) -> None:
+        require(self.nproc >= 1, "train.distributed.nproc", self.nproc, "must be >= 1")
+        ok = self.backend in ("auto", "gloo", "nccl")
+        require(ok, "train.distributed.backend", self.backend, "must be auto, gloo or nccl")
+        require(0 <= self.port < 65536, "train.distributed.port", self.port, "must be in [0, 65535]")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 40
     batch_size: int = 512  # the logical (expected, under Poisson sampling) batch size
@@ -145,6 +160,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     ema_decay: float = 0.9  # weight averaging (free post-processing of DP iterates); 0 turns it off
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
@@ -162,19 +178,31 @@ class TrainConfig:
         require(ok, "train.device", self.device, "must be auto, cpu, cuda or cuda:N")
 
 
+# Default L-inf radius per dataset on the [0, 1] pixel scale (docs/robustness.md): the values the literature
+# evaluates at (MNIST 0.3, CIFAR-10 8/255); digits' 8x8, 17-level images get 0.1, as do unknown npz sets.
+DEFAULT_EPS = {"digits": 0.1, "mnist": 0.3, "fashion_mnist": 0.1, "cifar10": 8 / 255, "synthetic": 0.1, "npz": 0.1}
+
+
+def _pgd_step(eps: float, steps: int) -> float:
+    return 2.5 * eps / steps  # Madry et al.: enough to cross the ball from any start within the steps
+
+
 @dataclass
 class AttackConfig:
+    """The evaluation attack; stronger than the training one (more steps, restarts) by default."""
+
     name: str = "pgd"
     norm: Norm = Norm.linf
-    eps: float = 0.1
-    step_size: float = 0.02
+    eps: float | None = None  # None: the training radius (robustness.eps)
+    step_size: float | None = None  # None: 2.5 * eps / steps
     steps: int = 20
     restarts: int = 2
 
     def __post_init__(self) -> None:
         require(self.name in ("pgd", "fgsm"), "robustness.eval.name", self.name, "must be pgd or fgsm")
-        require(self.eps > 0, "robustness.eval.eps", self.eps, "must be > 0")
-        require(self.step_size > 0, "robustness.eval.step_size", self.step_size, "must be > 0")
+        require(self.eps is None or self.eps > 0, "robustness.eval.eps", self.eps, "must be > 0 or null")
+        ok = self.step_size is None or self.step_size > 0
+        require(ok, "robustness.eval.step_size", self.step_size, "must be > 0 or null")
         require(self.steps >= 1, "robustness.eval.steps", self.steps, "must be >= 1")
         require(self.restarts >= 1, "robustness.eval.restarts", self.restarts, "must be >= 1")
 
@@ -183,8 +211,8 @@ class AttackConfig:
 class RobustnessConfig:
     mode: RobustMode = RobustMode.none  # adversarial training: none, pgd_at (Madry) or fgsm_rs (Wong 2020)
     norm: Norm = Norm.linf
-    eps: float = 0.1  # training attack radius (digits default, pixel scale [0, 1])
-    step_size: float = 0.025
+    eps: float | None = None  # training attack radius; None: DEFAULT_EPS of the dataset
+    step_size: float | None = None  # None: 2.5 * eps / steps (pgd_at), 1.25 * eps (fgsm_rs)
     steps: int = 7
     backend: str = "auto"  # kernel backend: auto, triton or torch
     evaluate: bool = True  # robust accuracy in every report
@@ -192,8 +220,9 @@ class RobustnessConfig:
     eval: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
-        require(self.eps > 0, "robustness.eps", self.eps, "must be > 0")
-        require(self.step_size > 0, "robustness.step_size", self.step_size, "must be > 0")
+        require(self.eps is None or self.eps > 0, "robustness.eps", self.eps, "must be > 0 or null")
+        ok = self.step_size is None or self.step_size > 0
+        require(ok, "robustness.step_size", self.step_size, "must be > 0 or null")
         require(self.steps >= 1, "robustness.steps", self.steps, "must be >= 1")
         require(
             self.backend in ("auto", "triton", "torch"),
@@ -202,6 +231,17 @@ class RobustnessConfig:
             "auto|triton|torch",
         )
         require(self.eval_samples >= 0, "robustness.eval_samples", self.eval_samples, "must be >= 0")
+
+    def resolve(self, dataset: str) -> None:
+        """Fill every null radius and step from the dataset, so later stages read plain numbers."""
+        if self.eps is None:
+            self.eps = DEFAULT_EPS[dataset]
+        if self.step_size is None:
+            self.step_size = 1.25 * self.eps if self.mode is RobustMode.fgsm_rs else _pgd_step(self.eps, self.steps)
+        if self.eval.eps is None:
+            self.eval.eps = self.eps
+        if self.eval.step_size is None:
+            self.eval.step_size = _pgd_step(self.eval.eps, self.eval.steps)
 
 
 # ---- backdoor (issue 4): owned by aisec_train/backdoor; edit only this block ----
@@ -305,7 +345,9 @@ class CkksConfig:
         from aisec_train.crypto.ckks import CkksParams  # TenSEAL is imported only when CKKS is configured
 
         try:
-            CkksParams(self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.global_scale_bits, self.encryption)
+            CkksParams(
+                self.poly_modulus_degree, tuple(self.coeff_mod_bit_sizes), self.global_scale_bits, self.encryption
+            )
         except ValueError as err:
             raise ConfigError(f"federated.ckks: {err}") from err
 
@@ -314,24 +356,61 @@ class CkksConfig:
 class InjectConfig:
     """Fault drills (real code paths, for tests and red-team runs): client partition ids that misbehave."""
 
-    crash: list[int] = field(default_factory=list)  # raise inside the ClientApp
+    crash: list[int] = field(default_factory=list)  # raise inside the ClientApp after training
     nan: list[int] = field(default_factory=list)  # a NaN update (refused before encryption)
     scale: list[int] = field(default_factory=list)  # an update x1e4 (refused by the norm bound)
     round: int = 0  # the round the faults fire in; 0 = every round
     skip_client_check: bool = False  # the faulty clients skip their own check (exercises the server's)
+
+    def __post_init__(self) -> None:
+        require(self.round >= 0, "federated.inject.round", self.round, "must be >= 0 (0 = every round)")
+
+
+class Engine(Enum):
+    simulation = "simulation"  # Flower's simulation runtime (Ray) inside the job
+    deployment = "deployment"  # a running flower-superlink with flower-supernode processes
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@dataclass
+class DeploymentConfig:
+    """Where the job submits its run when ``federated.engine=deployment`` (docs/federated.md)."""
+
+    superlink: str = "127.0.0.1:9093"  # the SuperLink's Control API, host:port
+    insecure: bool = False  # plain HTTP: refused unless the SuperLink is on the loopback interface
+    root_certificates: str | None = None  # CA bundle that signed the SuperLink's TLS certificate
+    timeout_s: float = 3600.0  # the whole run, from submission to the last round
+    poll_s: float = 1.0
+
+    def check(self) -> None:
+        host = self.superlink.rpartition(":")[0]
+        ok = bool(host) and self.superlink.rpartition(":")[2].isdigit()
+        require(ok, "federated.deployment.superlink", self.superlink, "must be host:port")
+        loopback = host in LOOPBACK_HOSTS
+        require(not self.insecure or loopback, "federated.deployment.insecure", self.insecure,
+                f"true only for a SuperLink on the loopback interface (got host {host}); use TLS elsewhere")
+        require(self.insecure or bool(self.root_certificates), "federated.deployment.root_certificates",
+                self.root_certificates, "a CA certificate path is needed unless federated.deployment.insecure=true")
+        require(self.timeout_s > 0, "federated.deployment.timeout_s", self.timeout_s, "must be > 0")
+        require(self.poll_s > 0, "federated.deployment.poll_s", self.poll_s, "must be > 0")
 
 
 @dataclass
 class FederatedConfig:
     mode: FederatedMode = FederatedMode.none
     aggregation: Aggregation = Aggregation.plaintext
+    engine: Engine = Engine.simulation
     clients: int = 4
     rounds: int = 3
     local_epochs: int = 5
     batch_size: int = 64  # each client's logical batch (its partition is ~N/clients examples)
     lr: float | None = None  # None: train.lr
-    min_clients: int = 2  # fewer answering clients fail the round and keep the global model
-    round_timeout_s: float = 300.0
+    ema_decay: float = 0.0  # weight averaging inside one local round (train.ema_decay is for central runs)
+    evaluate: bool = True  # clients evaluate every round's global model on their test shard
+    min_clients: int = 2  # fewer usable updates fail the round and keep the global model
+    round_timeout_s: float = 300.0  # a client that has not answered by then is left out of the round
     max_update_norm: float = 50.0  # L2 bound on (local - global) weights; beyond it an update is refused
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     ckks: CkksConfig = field(default_factory=CkksConfig)
@@ -341,6 +420,7 @@ class FederatedConfig:
     client_cpus: float = 1.0
     client_gpus: float = 0.0
     ray_num_cpus: int | None = None  # None: os.cpu_count()
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
     def __post_init__(self) -> None:
         if self.mode is FederatedMode.none:
@@ -350,6 +430,7 @@ class FederatedConfig:
         require(self.local_epochs >= 1, "federated.local_epochs", self.local_epochs, "must be >= 1")
         require(self.batch_size >= 1, "federated.batch_size", self.batch_size, "must be >= 1")
         require(self.lr is None or self.lr > 0, "federated.lr", self.lr, "must be > 0 or null")
+        require(0 <= self.ema_decay < 1, "federated.ema_decay", self.ema_decay, "must be in [0, 1)")
         ok = 1 <= self.min_clients <= self.clients
         require(ok, "federated.min_clients", self.min_clients, f"must be in [1, federated.clients={self.clients}]")
         require(self.round_timeout_s > 0, "federated.round_timeout_s", self.round_timeout_s, "must be > 0")
@@ -357,9 +438,13 @@ class FederatedConfig:
         require(self.stop_after_round >= 0, "federated.stop_after_round", self.stop_after_round, "must be >= 0")
         require(self.client_cpus > 0, "federated.client_cpus", self.client_cpus, "must be > 0")
         require(0 <= self.client_gpus <= 1, "federated.client_gpus", self.client_gpus, "must be in [0, 1]")
+        ok = self.ray_num_cpus is None or self.ray_num_cpus >= 1
+        require(ok, "federated.ray_num_cpus", self.ray_num_cpus, "must be >= 1 or null")
         ids = self.inject.crash + self.inject.nan + self.inject.scale
         ok = all(0 <= i < self.clients for i in ids)
         require(ok, "federated.inject", ids, f"client ids must be in [0, {self.clients})")
+        if self.engine is Engine.deployment:
+            self.deployment.check()
         if self.aggregation is Aggregation.ckks:
             self.ckks.check()
 
@@ -483,4 +568,5 @@ def to_config(cfg: DictConfig) -> Config:
     """Turn the composed Hydra config into the typed dataclasses, running every range check."""
     cfg_obj = OmegaConf.to_object(cfg)
     assert isinstance(cfg_obj, Config)
+    cfg_obj.robustness.resolve(cfg_obj.dataset.name.value)
     return cfg_obj

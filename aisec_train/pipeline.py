@@ -19,13 +19,15 @@ from torch import nn
 
 from aisec_train.audit.stage import stage_audit, stage_register
 from aisec_train.backdoor.stage import stage_defend, stage_poison
-from aisec_train.config import Config, PrivacyMode, RobustMode
+from aisec_train.config import Config, PrivacyMode
 from aisec_train.data.dataset import Dataset, load_dataset
 from aisec_train.data.sanity import check_training_split
 from aisec_train.models import build_model
 from aisec_train.report import outputs
 from aisec_train.report.report import Report
+from aisec_train.robust.adversary import adversary_from_config
 from aisec_train.train import checkpoint
+from aisec_train.train.distributed import DistributedJob, train_distributed
 from aisec_train.train.loop import TrainResult, accuracy, resolve_device, train
 from aisec_train.train.privacy import BudgetExhausted
 
@@ -110,22 +112,6 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
     return payload
 
 
-def _adversary(run: Run):
-    rob = run.cfg.robustness
-    if rob.mode is RobustMode.none:
-        return None
-    from aisec_train.robust.adversary import make_adversary
-
-    return make_adversary(
-        rob.mode.value,
-        eps=rob.eps,
-        step_size=rob.step_size,
-        steps=rob.steps,
-        norm=rob.norm.value,
-        backend=rob.backend,
-    )
-
-
 def stage_train(run: Run) -> None:
     if run.cfg.federated.mode.value != "none":  # federated training (issue 5) replaces central training
         from aisec_train.federated.stage import train_federated
@@ -136,31 +122,44 @@ def stage_train(run: Run) -> None:
     assert data is not None
     run.device = resolve_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed reproduces
-    model = build_model(
-        cfg.model.name.value,
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        image_size=data.image_size,
-    )
+    model_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, "image_size": data.image_size}
+    model = build_model(cfg.model.name.value, **model_kwargs)
     resume = _load_resume(run)
     meta = {"manifest_sha256": data.manifest_sha256, "model": cfg.model.name.value}
     meta["private"] = cfg.privacy.mode is PrivacyMode.dpsgd
 
-    def persist(payload: dict[str, Any]) -> None:
-        payload["meta"] = meta
-        checkpoint.save(payload, run.checkpoint_path)
+    if cfg.train.distributed.nproc > 1:
+        result = train_distributed(
+            DistributedJob(
+                cfg.model.name.value,
+                model_kwargs,
+                data.train,
+                data.test,
+                cfg.train,
+                cfg.privacy,
+                cfg.robustness,
+                run.device.type,
+                resume,
+                run.checkpoint_path,
+                meta,
+            )
+        )
+    else:
 
-    result = train(
-        model,
-        data.train,
-        train_cfg=cfg.train,
-        privacy_cfg=cfg.privacy,
-        device=run.device,
-        adversary=_adversary(run),
-        resume=resume,
-        eval_split=data.test,
-        on_epoch_end=persist,
-    )
+        def persist(payload: dict[str, Any]) -> None:
+            checkpoint.save({**payload, "meta": meta}, run.checkpoint_path)
+
+        result = train(
+            model,
+            data.train,
+            train_cfg=cfg.train,
+            privacy_cfg=cfg.privacy,
+            device=run.device,
+            adversary=adversary_from_config(cfg.robustness),
+            resume=resume,
+            eval_split=data.test,
+            on_epoch_end=persist,
+        )
     run.model, run.result = result.model, result
     run.report.add(
         "train",
@@ -170,6 +169,8 @@ def stage_train(run: Run) -> None:
         stopped_by_budget=result.stopped_by_budget,
         device=str(run.device),
         adversarial_training=cfg.robustness.mode.value,
+        world_size=result.world_size,
+        distributed=result.distributed,
         checkpoint=str(run.checkpoint_path.relative_to(run.run_dir)),
         checkpoint_sha256=checkpoint.recorded_hash(run.checkpoint_path),
     )

@@ -11,7 +11,7 @@ if [ ! -f "$stamp" ]; then
   # Pin the CPU build: an unpinned torch can pull a multi-GB CUDA build. On a GPU cluster, install
   # the CUDA build of the same version first and this line keeps it.
   pip install -q "torch==2.13.0"
-  pip install -q -e ".[test,federated]"
+  pip install -q -e ".[test,federated,cluster]"
   # torchattacks (a test and benchmark peer) declares torchvision, whose PyPI wheel is CUDA-linked and
   # breaks next to the CPU torch; torchattacks itself never imports it.
   pip install -q --no-deps "torchattacks==3.5.1"

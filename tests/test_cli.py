@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 
 import pytest
 from opacus.accountants import create_accountant
@@ -92,11 +94,15 @@ def test_tampered_checkpoint_stops_the_resume(tmp_path, smoke_run):
     assert "Traceback" not in proc.stderr
 
 
-def test_multirun_sweeps_epsilon(tmp_path):
+def test_multirun_through_the_submitit_launcher_writes_a_sweep_summary(tmp_path):
+    # hydra/launcher=local is configs/hydra/launcher/local.yaml: the submitit launcher that slurm.yaml also uses,
+    # running each sweep point as a local job.
     proc = run_cli(
         "-m",
+        "hydra/launcher=local",
         "experiment=smoke",
         "train.epochs=2",
+        "audit=off",
         "robustness.evaluate=false",
         "privacy.target_epsilon=1,8",
         f"hydra.sweep.dir={tmp_path}",
@@ -104,3 +110,17 @@ def test_multirun_sweeps_epsilon(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     eps = [read_report(tmp_path / str(i))["privacy"]["epsilon"] for i in (0, 1)]
     assert eps[0] <= 1.0 < eps[1] <= 8.0
+    assert (tmp_path / ".submitit").is_dir()  # the jobs really went through submitit
+    rows = list(csv.DictReader(open(tmp_path / "sweep_summary.csv")))
+    assert [float(r["epsilon"]) for r in rows] == pytest.approx(eps)
+    assert "privacy.target_epsilon=8" in rows[1]["overrides"]
+    assert (tmp_path / "sweep_summary.png").stat().st_size > 1000
+    assert "| 1 |" in (tmp_path / "sweep_summary.md").read_text()
+
+    # The command rebuilds the same summary; a missing directory is one line and exit 2.
+    (tmp_path / "sweep_summary.csv").unlink()
+    sweep_cli = [sys.executable, "-c", "from aisec_train.sweep import main; main()"]
+    rebuilt = subprocess.run([*sweep_cli, str(tmp_path)], capture_output=True, text=True)
+    assert rebuilt.returncode == 0 and list(csv.DictReader(open(tmp_path / "sweep_summary.csv"))) == rows
+    missing = subprocess.run([*sweep_cli, str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

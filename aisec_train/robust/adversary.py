@@ -13,6 +13,8 @@ import torch
 from aisec_kernels import pgd_update, random_start
 from torch import Tensor, nn
 
+from aisec_train.config import RobustnessConfig
+
 from .attacks import HI, LO, attack_mode, fgsm, input_gradient, pgd
 
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
@@ -66,6 +68,13 @@ def make_adversary(
         return pgd_update(x0, x_nat, grad, eps=eps, step_size=alpha, norm=norm, lo=LO, hi=HI, backend=backend)
 
     return fgsm_rs_adversary
+
+
+def adversary_from_config(cfg: RobustnessConfig) -> Adversary | None:
+    """The training adversary a ``robustness`` config asks for (None for ``mode=none``)."""
+    return make_adversary(
+        cfg.mode.value, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, norm=cfg.norm.value, backend=cfg.backend
+    )
 
 
 @torch.no_grad()

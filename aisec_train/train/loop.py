@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from aisec_train.config import OptimizerName, PrivacyConfig, PrivacyMode, TrainConfig
+from aisec_train.config import ConfigError, OptimizerName, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.data.dataset import Split
 from aisec_train.train.averaging import WeightAverage
 from aisec_train.train.privacy import PrivacyLedger, budget_limit, make_private, unwrap
@@ -34,12 +37,20 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per epoch
     stopped_by_budget: bool = False
     grad_sample_mode: str | None = None
+    world_size: int = 1  # processes that trained this model together (torch.distributed)
+    distributed: dict[str, Any] | None = None  # backend and per-rank weight digests (train/distributed.py)
 
 
 def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; a CUDA device this machine lacks is refused (ConfigError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device={name!r} is not allowed: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return device
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -79,41 +90,35 @@ def train(
     ``on_epoch_end`` receives the checkpoint payload after each epoch (the caller persists it).
     """
     torch.manual_seed(train_cfg.seed)
-    model.to(device)
-    optimizer = build_optimizer(model, train_cfg)
-    start_epoch, history = _restore(model, optimizer, resume)
-    average = WeightAverage(model, train_cfg.ema_decay) if train_cfg.ema_decay > 0 else None
-    if average is not None and resume is not None and resume.get("ema"):
-        average.load_state_dict(resume["ema"])
+    plain = model.to(device)
+    optimizer = build_optimizer(plain, train_cfg)
+    start_epoch, history = _restore(plain, optimizer, resume)
+    average = _weight_average(plain, train_cfg.ema_decay, resume)
 
-    generator = torch.Generator().manual_seed(train_cfg.seed + start_epoch)
-    loader = DataLoader(
-        TensorDataset(data.x, data.y), batch_size=train_cfg.batch_size, shuffle=True, generator=generator
-    )
+    private = privacy_cfg.mode is PrivacyMode.dpsgd
+    rank, world = rank_and_world()
+    loader = _loader(data, train_cfg, private, start_epoch, rank, world)
+    if world > 1:  # Opacus' DPDDP leaves clipping and noise to its distributed optimizer; DDP all-reduces
+        model = DPDDP(plain) if private else DDP(plain)
     criterion: nn.Module = nn.CrossEntropyLoss()
     ledger, max_steps, mode = None, math.inf, None
-    private = privacy_cfg.mode is PrivacyMode.dpsgd
     if private:
         ledger = PrivacyLedger(privacy_cfg.accountant.value, privacy_cfg.delta)
         if resume is not None and resume.get("ledger"):
             ledger.load_state_dict(resume["ledger"])
         dp = make_private(model, optimizer, loader, privacy_cfg, ledger=ledger, epochs=train_cfg.epochs)
-        model, optimizer, criterion, loader, mode = (
-            dp.model,
-            dp.optimizer,
-            dp.criterion,
-            dp.loader,
-            dp.grad_sample_mode,
-        )
-        if privacy_cfg.target_epsilon is not None and start_epoch < train_cfg.epochs:
-            planned = ledger.steps + (train_cfg.epochs - start_epoch) * len(loader)
-            max_steps = budget_limit(ledger, privacy_cfg.target_epsilon, planned)
+        model, optimizer, criterion, loader, mode = dp.model, dp.optimizer, dp.criterion, dp.loader, dp.grad_sample_mode
+        max_steps = _step_limit(ledger, privacy_cfg, train_cfg.epochs - start_epoch, len(loader))
 
-    result = TrainResult(unwrap(model), ledger, history, grad_sample_mode=mode)
-    step = _Step(model, optimizer, criterion, device, adversary, ledger, max_steps, average)
+    result = TrainResult(plain, ledger, history, grad_sample_mode=mode, world_size=world)
+    # The attack needs Opacus' wrapper (to switch its hooks off) but must not run through DDP's reducer.
+    attacked = model if private else plain
+    step = _Step(model, plain, attacked, optimizer, criterion, device, adversary, ledger, max_steps, average)
     epochs = tqdm(range(start_epoch, train_cfg.epochs), desc="train", disable=not progress, leave=False)
     for epoch in epochs:
         started = time.perf_counter()
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
         with physical_batches(loader, optimizer, private, train_cfg.max_physical_batch_size) as batches:
             loss, acc, stopped = _run_epoch(step, batches)
         row = {
@@ -125,14 +130,14 @@ def train(
         if ledger is not None:
             row.update(epsilon=ledger.epsilon(), steps=ledger.steps)
         if eval_split is not None:
-            with average.applied(result.model) if average else nullcontext():
-                row["test_accuracy"] = accuracy(model, eval_split, device)
+            with average.applied(plain) if average else nullcontext():
+                row["test_accuracy"] = accuracy(plain, eval_split, device)
         history.append(row)
         epochs.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "train_accuracy", "epsilon") if k in row})
         result.stopped_by_budget = stopped
         if on_epoch_end is not None:
             complete = stopped or epoch + 1 == train_cfg.epochs
-            payload = checkpoint_payload(model, optimizer, ledger, history, epoch + 1, complete, stopped)
+            payload = checkpoint_payload(plain, optimizer, ledger, history, epoch + 1, complete, stopped)
             payload["ema"] = average.state_dict() if average else None
             on_epoch_end(payload)
         if stopped:
@@ -140,8 +145,44 @@ def train(
     if private:
         model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
     if average is not None:
-        average.copy_to(result.model)  # the averaged weights are the run's model
+        average.copy_to(plain)  # the averaged weights are the run's model
     return result
+
+
+def _weight_average(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> WeightAverage | None:
+    if decay <= 0:
+        return None
+    average = WeightAverage(model, decay)
+    if resume is not None and resume.get("ema"):
+        average.load_state_dict(resume["ema"])
+    return average
+
+
+def _step_limit(ledger: PrivacyLedger, cfg: PrivacyConfig, epochs_left: int, steps_per_epoch: int) -> float:
+    """The ledger step count training must stop at; refuses (BudgetExhausted) when no step fits."""
+    if cfg.target_epsilon is None or epochs_left <= 0:
+        return math.inf
+    return budget_limit(ledger, cfg.target_epsilon, ledger.steps + epochs_left * steps_per_epoch)
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) unless torch.distributed is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _loader(data: Split, cfg: TrainConfig, private: bool, start_epoch: int, rank: int, world: int) -> DataLoader:
+    """The logical-batch loader. Opacus turns it into Poisson sampling (sharded across ranks when distributed).
+
+    Each rank gets its own seed so that, under DP, every sample's inclusion is an independent coin flip.
+    """
+    dataset = TensorDataset(data.x, data.y)
+    if world > 1 and not private:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler)
+    generator = torch.Generator().manual_seed(cfg.seed + start_epoch + 7919 * rank)
+    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
 
 
 def _restore(model: nn.Module, optimizer, resume: dict[str, Any] | None) -> tuple[int, list[dict[str, Any]]]:
@@ -165,7 +206,9 @@ def physical_batches(loader: DataLoader, optimizer, private: bool, max_physical_
 class _Step:
     """What one optimisation step needs, bundled so the epoch loop stays readable."""
 
-    model: nn.Module
+    model: nn.Module  # what is trained: the plain model, or its Opacus / DDP wrapper
+    plain: nn.Module  # the bare model (weight averaging reads it)
+    attacked: nn.Module  # what the adversary differentiates through
     optimizer: torch.optim.Optimizer
     criterion: nn.Module
     device: torch.device
@@ -190,7 +233,7 @@ def _run_epoch(step: _Step, batches) -> tuple[float, float, bool]:
         else:
             x, y = x.to(step.device), y.to(step.device)
             if step.adversary is not None:
-                x = step.adversary(model, x, y)
+                x = step.adversary(step.attacked, x, y)
                 model.train()
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
@@ -202,7 +245,7 @@ def _run_epoch(step: _Step, batches) -> tuple[float, float, bool]:
             seen += len(y)
         # With BatchMemoryManager only the last physical batch of a logical batch really steps.
         if step.average is not None and (ledger is None or ledger.steps > steps_before):
-            step.average.update(unwrap(model))
+            step.average.update(step.plain)
     stopped = ledger is not None and ledger.steps >= step.max_steps
     return total_loss / max(1, seen), correct / max(1, seen), stopped
 

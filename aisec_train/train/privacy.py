@@ -7,6 +7,7 @@ epsilon never goes back to zero.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -16,7 +17,9 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from aisec_train.config import PrivacyConfig
@@ -171,6 +174,21 @@ def make_private(
     return PrivateTraining(private_model, private_optimizer, criterion, private_loader, mode)
 
 
+def quiet_known_warnings() -> None:
+    """Silence Opacus' per-run warnings about settings chosen on purpose (docs/privacy.md): secure RNG off,
+    full backward hooks on input-less modules, the RDP order at the edge of its range."""
+    warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+    warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+    warnings.filterwarnings("ignore", message=".*Optimal order is the largest alpha.*")
+    logging.getLogger("opacus").setLevel(logging.WARNING)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside an Opacus GradSampleModule (parameters are shared)."""
-    return model._module if hasattr(model, "_module") else model
+    """The plain module inside Opacus' GradSampleModule and (DP)DDP wrappers (parameters are shared)."""
+    while True:
+        if hasattr(model, "_module"):  # GradSampleModule
+            model = model._module
+        elif isinstance(model, (DPDDP, DDP)):
+            model = model.module
+        else:
+            return model

@@ -1,0 +1,137 @@
+"""The summary of a multirun sweep: one row per run, as a markdown table, a CSV and a PNG.
+
+Hydra calls :class:`SweepSummary` when a multirun ends (``configs/config.yaml`` registers it), whatever the
+launcher: local, submitit-local or SLURM. ``aisec-train-sweep SWEEP_DIR`` rebuilds the summary, e.g. after
+jobs that were resubmitted or finished on their own. Each run contributes its ``report.json``; the columns are
+what a sweep is usually about: clean and robust accuracy against epsilon.
+
+    aisec-train -m privacy.target_epsilon=1,3,8 robustness=none,pgd_at
+    aisec-train-sweep multirun/DATE/TIME
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("aisec_train")
+COLUMNS = [
+    "run",
+    "overrides",
+    "clean_accuracy",
+    "robust_accuracy",
+    "epsilon",
+    "target_epsilon",
+    "adversarial_training",
+    "seconds",
+]
+
+
+def _row(run_dir: Path, sweep_dir: Path) -> dict[str, Any]:
+    report = json.loads((run_dir / "report.json").read_text())
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = ""
+    if overrides_file.is_file():  # a YAML list of "key=value" lines
+        overrides = " ".join(line[2:].strip() for line in overrides_file.read_text().splitlines() if line[:2] == "- ")
+    privacy, robust = report.get("privacy", {}), report.get("robustness", {})
+    return {
+        "run": str(run_dir.relative_to(sweep_dir)),
+        "overrides": overrides,
+        "clean_accuracy": report.get("metrics", {}).get("clean_accuracy"),
+        "robust_accuracy": robust.get("robust_accuracy"),
+        "epsilon": privacy.get("epsilon"),
+        "target_epsilon": privacy.get("target_epsilon"),
+        "adversarial_training": robust.get("training"),
+        "seconds": round(sum(report.get("run", {}).get("timings", {}).values()), 1),
+    }
+
+
+def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``sweep_summary.{md,csv,png}`` into ``sweep_dir``; return the rows (runs without a report skipped)."""
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    reports = sorted(sweep_dir.glob("**/report.json"), key=lambda p: (len(p.parts), str(p)))
+    rows = [_row(p.parent, sweep_dir) for p in reports]
+    _write_markdown(rows, sweep_dir / "sweep_summary.md")
+    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        _plot(rows, sweep_dir / "sweep_summary.png")
+    return rows
+
+
+def _fmt(value: Any, column: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if column == "seconds" else f"{value:.4f}"
+    return str(value)
+
+
+def _write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(row[c], c) for c in COLUMNS) + " |" for row in rows]
+    path.write_text(f"# Sweep summary ({len(rows)} runs)\n\n" + "\n".join(lines) + "\n")
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_eps, ax_runs) = plt.subplots(1, 2, figsize=(11, 4))
+    # Left: accuracy against epsilon, one marker per run (non-private runs at the right edge, labelled).
+    finite = [r["epsilon"] for r in rows if r["epsilon"] is not None]
+    no_dp_x = (max(finite) * 1.5) if finite else 1.0
+    for key, marker in (("clean_accuracy", "o"), ("robust_accuracy", "s")):
+        xs = [r["epsilon"] if r["epsilon"] is not None else no_dp_x for r in rows if r[key] is not None]
+        ys = [r[key] for r in rows if r[key] is not None]
+        ax_eps.scatter(xs, ys, marker=marker, label=key.replace("_", " "))
+    ax_eps.set_xlabel(f"epsilon (non-private runs at {no_dp_x:.3g})")
+    ax_eps.set_ylabel("accuracy")
+    ax_eps.legend()
+    # Right: every run side by side, labelled by its overrides.
+    index = range(len(rows))
+    ax_runs.bar([i - 0.2 for i in index], [r["clean_accuracy"] or 0 for r in rows], width=0.4, label="clean")
+    ax_runs.bar([i + 0.2 for i in index], [r["robust_accuracy"] or 0 for r in rows], width=0.4, label="robust")
+    ax_runs.set_xticks(list(index), [r["overrides"] or r["run"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax_runs.set_ylabel("accuracy")
+    ax_runs.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep directory when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        rows = summarize(sweep_dir)
+        log.info("sweep summary of %d run(s): %s", len(rows), sweep_dir / "sweep_summary.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="aisec-train-sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
+    args = parser.parse_args(argv)
+    try:
+        rows = summarize(args.sweep_dir)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
+        print(f"aisec-train-sweep: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print((args.sweep_dir / "sweep_summary.md").read_text())
+    if not rows:
+        print(f"aisec-train-sweep: error: no report.json under {args.sweep_dir}", file=sys.stderr)
+        sys.exit(1)
