@@ -159,7 +159,7 @@ class TrainConfig:
     momentum: float = 0.9
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
-    ema_decay: float = 0.9  # weight averaging (free post-processing of DP iterates); 0 turns it off
+    ema_decay: float = 0.97  # weight averaging (free post-processing of DP iterates); 0 turns it off
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
@@ -466,7 +466,7 @@ class RiskLevel(Enum):
 class MembershipAuditConfig:
     targets: int = 180  # members and non-members each (balanced); capped by the held-out split
     reference_models: int = 2  # offline LiRA: OUT models trained by the same train() on half of the attacker pool
-    reference_epochs: int | None = 20  # capped at train.epochs; None = train.epochs (CPU time: see docs/audits.md)
+    reference_epochs: int | None = None  # None = train.epochs (a faithful mimic); fewer = cheaper (docs/audits.md)
     max_auc: float = 0.6  # checklist: a non-private model passes only below this attack AUC
 
     def __post_init__(self) -> None:
@@ -505,6 +505,7 @@ class GuardConfig:
 @dataclass
 class ExtractionAuditConfig:
     queries: int = 500  # the attacker's planned queries (same plan with and without the guard)
+    seeds: int = 3  # attacker seeds (queries and surrogate init); every comparison is paired per seed
     surrogate_epochs: int = 30
     sanitizer_bit_depth: int = 3  # the sanitiser evaluated under plain and adaptive (BPDA) PGD
     sanitizer_smoothing: int = 0
@@ -512,6 +513,7 @@ class ExtractionAuditConfig:
 
     def __post_init__(self) -> None:
         require(self.queries >= 10, "audit.extraction.queries", self.queries, "must be >= 10")
+        require(self.seeds >= 1, "audit.extraction.seeds", self.seeds, "must be >= 1")
         require(self.surrogate_epochs >= 1, "audit.extraction.surrogate_epochs", self.surrogate_epochs, ">= 1")
         require(
             1 <= self.sanitizer_bit_depth <= 8, "audit.extraction.sanitizer_bit_depth", self.sanitizer_bit_depth, "1..8"
@@ -539,12 +541,17 @@ class AuditConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
-    registry_path: str | None = None  # None = <run dir>/../registry.json
+    # None: $AISEC_TRAIN_REGISTRY, else outputs/registry.json under the launch directory (docs/audits.md)
+    registry_path: str | None = None
+    cpu_threads: int = 1  # torch threads for the audits on the CPU (tiny models: 1 is fastest); 0 = leave as is
     # governance fields recorded with every registered model
     purpose: str = "research: evaluation of privacy-preserving, attack-hardened training"
     data_sources: list[str] = field(default_factory=list)  # declared sources; the measured manifest is added
     owner: str = "unassigned"
     risk_level: RiskLevel = RiskLevel.medium
+
+    def __post_init__(self) -> None:
+        require(self.cpu_threads >= 0, "audit.cpu_threads", self.cpu_threads, "must be >= 0 (0: leave as is)")
 
 
 @dataclass

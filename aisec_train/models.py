@@ -46,7 +46,7 @@ class SmallCNN(nn.Module):
     tanh (not ReLU) keeps activations bounded, which suits gradient clipping (Papernot et al. 2021);
     inputs are centred to [-1, 1] so tanh units start in their linear range, and GroupNorm (De et al. 2022)
     keeps the noisy updates well scaled. On digits at epsilon 3 these took test accuracy from 0.87-0.89 to
-    0.92-0.93 over three seeds (docs/decisions.md).
+    0.92-0.93 over three seeds (docs/privacy.md).
     """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 64):

@@ -82,6 +82,7 @@ def test_changed_byte_is_refused_by_the_pin(tmp_path):
         (np.zeros((0, 4, 4), np.float32), np.zeros(0, np.int64), "empty"),
         (np.zeros((20, 4, 4), np.float32), np.arange(19) % 2, "19"),
         (np.zeros((20, 4, 4), np.float32), -(np.arange(20) % 2), "negative label"),
+        (np.random.rand(30, 4, 4).astype(np.float32), np.arange(30) % 10, "a stratified split of 10 classes"),
     ],
 )
 def test_unusable_data_stops_with_a_clear_error(tmp_path, x, y, message):

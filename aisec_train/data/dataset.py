@@ -139,6 +139,13 @@ def load_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
         lineage.append({"step": "split", "kind": "given test split", "n_test": len(y_test)})
     else:
         stratify = y if np.bincount(y).min() >= 2 else None
+        n_test, n_classes = int(np.ceil(cfg.test_fraction * len(y))), len(np.unique(y))
+        if stratify is not None and not n_classes <= n_test <= len(y) - n_classes:
+            raise DataError(
+                f"dataset.test_fraction={cfg.test_fraction} holds out {n_test} of {len(y)} samples; a stratified "
+                f"split of {n_classes} classes needs {n_classes} to {len(y) - n_classes}: change the fraction or "
+                "give dataset.test_path"
+            )
         x, x_test, y, y_test = train_test_split(x, y, test_size=cfg.test_fraction, random_state=seed, stratify=stratify)
         lineage.append(
             {"step": "split", "kind": "stratified hold-out", "test_fraction": cfg.test_fraction, "seed": seed}

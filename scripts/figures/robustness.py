@@ -11,14 +11,13 @@ and writes ``benchmarks/results/cpu/robustness.json`` and a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from common import RESULTS, run_cli, write
+
 CASES = {
     "standard": ["privacy=none", "robustness=none"],
     "pgd_at": ["privacy=none", "robustness=pgd_at"],
@@ -28,11 +27,7 @@ CASES = {
 
 
 def run(case: list[str], seed: int, run_dir: Path) -> dict:
-    args = [*case, f"train.seed={seed}", "audit=off", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run([sys.executable, "-m", "aisec_train", *args], cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"aisec-train {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    report = json.loads((run_dir / "report.json").read_text())
+    report, _ = run_cli([*case, f"train.seed={seed}", "audit=off"], run_dir)
     return {
         "clean_accuracy": report["metrics"]["clean_accuracy"],
         "robust_accuracy": report["robustness"]["robust_accuracy"],
@@ -45,7 +40,7 @@ def run(case: list[str], seed: int, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cpu/robustness.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "robustness.json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,8 +69,7 @@ def main() -> None:
     }
     summary["met"] = summary["robust_gain_points_min"] >= 30 and summary["clean_cost_points_max"] <= 5
     result = {"figure": "adversarial training on digits", "seeds": args.seeds, "rows": rows, "summary": summary}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write("robustness", result, args.out)
     print(f"attack: {rows[0]['attack']}\n")
     print("| case | clean accuracy | robust accuracy | epsilon | train s |\n|---|---|---|---|---|")
     for case in CASES:

@@ -1,0 +1,30 @@
+"""Shared by the figure scripts: run the real ``aisec-train`` command line and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "benchmarks" / "results" / "cpu"
+
+
+def run_cli(args: list[str], run_dir: Path) -> tuple[dict, float]:
+    """Run ``aisec-train ARGS hydra.run.dir=RUN_DIR``; return its report.json and the wall-clock seconds."""
+    cmd = [sys.executable, "-m", "aisec_train", *args, f"hydra.run.dir={run_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"aisec-train {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return json.loads((run_dir / "report.json").read_text()), seconds
+
+
+def write(name: str, result: dict, out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return path
