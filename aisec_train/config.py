@@ -278,19 +278,20 @@ class BackdoorConfig:
     rate: float = 0.1  # fraction of the (remaining) training split that is poisoned
     mapping: BackdoorMapping = BackdoorMapping.all_to_one
     target: int = 0  # all_to_one target class
-    patch_size: int = 2  # trigger side in pixels (about a quarter of an 8x8 digit's side)
+    patch_size: int = 3  # trigger side in pixels: BadNets' 3x3 white square (docs/backdoor.md)
     patch_position: PatchPosition = PatchPosition.bottom_right
     patch_value: float = 1.0  # trigger pixel value on the [0, 1] scale
     clean_fraction: float = 0.2  # stratified trusted clean reserve carved from the training split before poisoning
+    trusted_path: str | None = None  # the defender's own clean .npz, outside the training data (replaces the reserve)
     detection: DetectionMethod = DetectionMethod.spectral  # the one reported as backdoor.detection (both run)
     detection_k: float = 3.0  # flag samples further than k reference deviations from the trusted clean data
     filter: bool = False  # drop the flagged samples and retrain (refused under DP: see docs/backdoor.md)
     repair: RepairMethod = RepairMethod.fine_pruning
     prune_acc_drop: float = 0.02  # stop pruning before trusted-set accuracy falls further than this
     finetune_epochs: int = 30
-    finetune_lr: float = 0.05
+    finetune_lr: float = 0.1  # peak of a cosine schedule that decays to 0
     finetune_batch_size: int = 32
-    finetune_weight_decay: float = 0.01  # what erases the trigger path that clean data never exercises
+    finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
 
     def __post_init__(self) -> None:
         require(0.0 < self.rate < 1.0, "backdoor.rate", self.rate, "must be in (0, 1)")
@@ -382,19 +383,25 @@ class DeploymentConfig:
     insecure: bool = False  # plain HTTP: refused unless the SuperLink is on the loopback interface
     root_certificates: str | None = None  # CA bundle that signed the SuperLink's TLS certificate
     timeout_s: float = 3600.0  # the whole run, from submission to the last round
-    poll_s: float = 1.0
 
     def check(self) -> None:
         host = self.superlink.rpartition(":")[0]
         ok = bool(host) and self.superlink.rpartition(":")[2].isdigit()
         require(ok, "federated.deployment.superlink", self.superlink, "must be host:port")
         loopback = host in LOOPBACK_HOSTS
-        require(not self.insecure or loopback, "federated.deployment.insecure", self.insecure,
-                f"true only for a SuperLink on the loopback interface (got host {host}); use TLS elsewhere")
-        require(self.insecure or bool(self.root_certificates), "federated.deployment.root_certificates",
-                self.root_certificates, "a CA certificate path is needed unless federated.deployment.insecure=true")
+        require(
+            not self.insecure or loopback,
+            "federated.deployment.insecure",
+            self.insecure,
+            f"true only for a SuperLink on the loopback interface (got host {host}); use TLS elsewhere",
+        )
+        require(
+            self.insecure or bool(self.root_certificates),
+            "federated.deployment.root_certificates",
+            self.root_certificates,
+            "a CA certificate path is needed unless federated.deployment.insecure=true",
+        )
         require(self.timeout_s > 0, "federated.deployment.timeout_s", self.timeout_s, "must be > 0")
-        require(self.poll_s > 0, "federated.deployment.poll_s", self.poll_s, "must be > 0")
 
 
 @dataclass
@@ -464,7 +471,7 @@ class RiskLevel(Enum):
 
 @dataclass
 class MembershipAuditConfig:
-    targets: int = 180  # members and non-members each (balanced); capped by the held-out split
+    targets: int = 1000  # members and non-members each (balanced); capped by the held-out split and n_train / 2
     reference_models: int = 2  # offline LiRA: OUT models trained by the same train() on half of the attacker pool
     reference_epochs: int | None = None  # None = train.epochs (a faithful mimic); fewer = cheaper (docs/audits.md)
     max_auc: float = 0.6  # checklist: a non-private model passes only below this attack AUC
@@ -543,7 +550,7 @@ class AuditConfig:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     # None: $AISEC_TRAIN_REGISTRY, else outputs/registry.json under the launch directory (docs/audits.md)
     registry_path: str | None = None
-    cpu_threads: int = 1  # torch threads for the audits on the CPU (tiny models: 1 is fastest); 0 = leave as is
+    cpu_threads: int = 1  # torch threads while auditing on the CPU; 0 = as configured (trade-off: docs/audits.md)
     # governance fields recorded with every registered model
     purpose: str = "research: evaluation of privacy-preserving, attack-hardened training"
     data_sources: list[str] = field(default_factory=list)  # declared sources; the measured manifest is added

@@ -23,7 +23,7 @@ TargetOf = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class Trigger:
-    size: int = 2
+    size: int = 3
     position: str = "bottom_right"  # bottom_right | bottom_left | top_right | top_left
     value: float = 1.0
 

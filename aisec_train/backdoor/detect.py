@@ -3,7 +3,7 @@
 Both detectors split each class's training activations into "like the trusted clean data" and "not":
 
 - spectral signatures (Tran et al. 2018): project the class's centred activations on their top singular
-  vector; poisoned samples sit far out along it.
+  vector; poisoned samples sit far out along it (cross-fitted over two halves of the class, see below).
 - activation clustering (Chen et al. 2018): reduce to a few PCA components, 2-means per class; the
   poisoned samples form their own cluster.
 
@@ -70,19 +70,41 @@ def _per_class(method: str, labels: np.ndarray, ref_labels: np.ndarray, decide) 
 
 
 def spectral_signature(
-    feats: np.ndarray, labels: np.ndarray, ref_feats: np.ndarray, ref_labels: np.ndarray, *, k: float = 3.0
+    feats: np.ndarray,
+    labels: np.ndarray,
+    ref_feats: np.ndarray,
+    ref_labels: np.ndarray,
+    *,
+    k: float = 3.0,
+    seed: int = 0,
 ) -> Detection:
+    """Spectral signatures, cross-fitted: each half of a class is scored on the other half's top direction.
+
+    The top singular vector of a set of rows is the direction along which *those* rows spread most, so their
+    own projections overstate the clean spread that the trusted reference measures: scored on themselves, clean
+    rows of a high-dimensional class cross the reference threshold by selection alone. Fitting the direction on
+    one half and scoring the other removes that bias; the poison, present in both halves, still dominates the
+    direction.
+    """
+    rng = np.random.default_rng(seed)
+
     def decide(rows: np.ndarray, ref_rows: np.ndarray) -> np.ndarray:
-        r = feats[rows]
-        mu = r.mean(axis=0)
-        _, _, vt = np.linalg.svd(r - mu, full_matrices=False)
-        proj = (r - mu) @ vt[0]
-        if len(ref_rows) < MIN_REFERENCE:
-            budget = int(1.5 * TRAN_EPSILON * len(rows))
-            return np.argsort(proj**2)[len(rows) - budget :]
-        ref = (ref_feats[ref_rows] - mu) @ vt[0]
-        spread = max(float(ref.std(ddof=1)), 1e-6 * float(np.abs(proj).max() + 1e-12))
-        return np.flatnonzero(np.abs(proj - ref.mean()) > k * spread)
+        fold = rng.permutation(len(rows)) % 2
+        hits = []
+        for part in (0, 1):
+            fit, scored = np.flatnonzero(fold == part), np.flatnonzero(fold != part)
+            r = feats[rows[fit]]
+            mu = r.mean(axis=0)
+            _, _, vt = np.linalg.svd(r - mu, full_matrices=False)
+            proj = (feats[rows[scored]] - mu) @ vt[0]
+            if len(ref_rows) < MIN_REFERENCE:
+                budget = int(1.5 * TRAN_EPSILON * len(scored))
+                hits.append(scored[np.argsort(proj**2)[len(scored) - budget :]])
+                continue
+            ref = (ref_feats[ref_rows] - mu) @ vt[0]
+            spread = max(float(ref.std(ddof=1)), 1e-6 * float(np.abs(proj).max() + 1e-12))
+            hits.append(scored[np.abs(proj - ref.mean()) > k * spread])
+        return np.sort(np.concatenate(hits))
 
     return _per_class("spectral", labels, ref_labels, decide)
 

@@ -5,24 +5,24 @@
 3. fine-tune on the trusted data with the mask held in place (a forward hook), then bake the mask into the
    weights of the first linear layer that reads the feature map, so the saved state dict is the pruned model.
 
->>> pruned = prune(model, trusted, device, max_drop=0.05)
->>> with masked(model, pruned.mask): ...fine-tune...
->>> bake(model, pruned.mask)
+>>> pruned = fine_prune(model, trusted, device, BackdoorConfig())   # the three steps, in place
+>>> pruned.mask, pruned.curve                                         # what was pruned, and the plot's data
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+from aisec_kernels import ChannelStats, channel_stats
 from torch import nn
 
-from aisec_train.backdoor.features import activation_stats
+from aisec_train.backdoor.features import FeatureCache
+from aisec_train.config import BackdoorConfig
 from aisec_train.data.dataset import Split
 from aisec_train.models import feature_layer
-from aisec_train.train.loop import accuracy
 from aisec_train.train.privacy import unwrap
 
 
@@ -54,33 +54,43 @@ class Pruned:
         return float(1.0 - self.mask.mean())
 
 
+def rank_channels(maps: torch.Tensor, backend: str = "auto") -> tuple[list[int], ChannelStats]:
+    """Channels of the (N, C, H, W) clean feature maps in pruning order: increasing mean activation.
+
+    The statistics come from the activation-statistics kernel's dispatch (Triton on CUDA or under
+    ``TRITON_INTERPRET=1``, its torch reference otherwise); ties keep channel order (stable sort).
+    """
+    stats = channel_stats(maps, backend=backend)
+    return torch.argsort(stats.mean.cpu(), stable=True).tolist(), stats
+
+
 def prune(
     model: nn.Module,
     trusted: Split,
     device: torch.device,
     *,
     max_drop: float,
-    probe: Callable[[nn.Module], dict[str, float]] | None = None,
+    evaluate: dict[str, Split] | None = None,
     backend: str = "auto",
 ) -> Pruned:
-    """Choose the mask; ``probe(model)`` adds evaluation columns (e.g. test accuracy, ASR) to the curve only.
+    """Choose the mask; ``evaluate`` adds one accuracy column per named split to the curve, for the plot only.
 
-    The curve runs to every channel pruned, for the plot; the decision reads the trusted data alone.
+    The curve runs to every channel pruned; the decision reads the trusted data alone.
     """
-    stats = activation_stats(model, trusted, device, backend=backend)
-    order = torch.argsort(stats.mean.cpu(), stable=True).tolist()
+    cache = FeatureCache.build(model, trusted, device)
+    order, stats = rank_channels(cache.maps, backend)
+    probes = {name: FeatureCache.build(model, split, device) for name, split in (evaluate or {}).items()}
     channels = len(order)
     mask = torch.ones(channels)
-    base = accuracy(model, trusted, device)
+    base = cache.accuracy(model)
     chosen, chosen_acc, stopped = 0, base, False
     curve = []
     for count in range(channels + 1):
         if count:
             mask[order[count - 1]] = 0.0
-        with masked(model, mask):
-            acc = accuracy(model, trusted, device)
-            row = {"pruned": count, "fraction": count / channels, "trusted_accuracy": acc}
-            row.update(probe(model) if probe else {})
+        acc = cache.accuracy(model, mask)
+        row = {"pruned": count, "fraction": count / channels, "trusted_accuracy": acc}
+        row.update({name: probe.accuracy(model, mask) for name, probe in probes.items()})
         curve.append(row)
         if not stopped and base - acc <= max_drop:
             chosen, chosen_acc = count, acc
@@ -132,12 +142,16 @@ def fine_tune(
 ) -> None:
     """Non-private SGD with weight decay on the trusted data (call it inside :func:`masked`).
 
-    Not the shared training loop: this runs on the defender's own data outside the DP guarantee, and it
-    needs weight decay, which :class:`TrainConfig` does not carry. Clean data never exercises the trigger's
+    Not the shared training loop: it runs on the defender's trusted data without DP (what that does to the
+    run's privacy claim: backdoor/trusted.py), and it needs weight decay, which :class:`TrainConfig` does not
+    carry. Clean data never exercises the trigger's
     path, so its gradient leaves that path alone; the decay is what shrinks it.
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    steps = epochs * -(-len(trusted) // batch_size)
+    # Cosine decay to zero: the released weights are a settled end point, not one noisy step on small data.
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         order = torch.randperm(len(trusted), generator=generator)
@@ -147,4 +161,32 @@ def fine_tune(
             loss = nn.functional.cross_entropy(model(trusted.x[rows].to(device)), trusted.y[rows].to(device))
             loss.backward()
             optimizer.step()
+            schedule.step()
     model.eval()
+
+
+def fine_prune(
+    model: nn.Module,
+    trusted: Split,
+    device: torch.device,
+    cfg: BackdoorConfig,
+    *,
+    evaluate: dict[str, Split] | None = None,
+    backend: str = "auto",
+    seed: int = 0,
+) -> Pruned:
+    """The whole repair, in place: choose the mask, fine-tune under it, bake it into the weights."""
+    pruned = prune(model, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend)
+    with masked(model, pruned.mask):
+        fine_tune(
+            model,
+            trusted,
+            device,
+            epochs=cfg.finetune_epochs,
+            lr=cfg.finetune_lr,
+            weight_decay=cfg.finetune_weight_decay,
+            batch_size=cfg.finetune_batch_size,
+            seed=seed,
+        )
+    bake(model, pruned.mask, trusted.x[:256].to(device))
+    return pruned

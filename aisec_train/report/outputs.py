@@ -62,7 +62,7 @@ def _privacy_sentence(privacy: dict[str, Any]) -> str:
         f"adding or removing any one training sample changes the probability of any outcome of training by a "
         f"factor of at most e^{privacy['epsilon']:.2f} ~ {2.718281828 ** privacy['epsilon']:.1f}, except with "
         f"probability {privacy['delta']:g}."
-    )
+    ) + (f" **Scope:** {privacy['scope']['statement']}" if privacy.get("scope") else "")
 
 
 def model_card(report: Report) -> str:

@@ -1,0 +1,102 @@
+"""The backdoor section of the report, its privacy scope and its checklist answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aisec_train.backdoor.metrics import BackdoorMetrics, der
+from aisec_train.backdoor.state import BackdoorState
+from aisec_train.backdoor.trusted import privacy_scope
+from aisec_train.config import BackdoorMapping, PrivacyMode, RepairMethod
+
+ASR_GOAL, ACC_DROP_GOAL = 0.05, 0.02  # the BackdoorBench-style bar the checklist holds the repair to
+RECALL_GOAL = 0.8
+ITEMS = {
+    "detect": ("data pipeline", "validation against poisoning (spectral signatures, activation clustering)"),
+    "prune": ("model", "pruning against poisoning (Fine-Pruning)"),
+    "privacy": ("training", "defence data covered by the privacy claim"),
+}
+DETECTION_PRIVACY = (
+    "detection scores are statistics of the training records, computed without DP from the model's activations "
+    "and the red team's own poisoned indices; they are evaluation output for the operator, not part of the model"
+)
+
+
+def not_applicable(run) -> None:
+    run.report.add("backdoor", enabled=False, asr_before=None, asr_after=None, detection=None)
+    for area, item in ITEMS.values():
+        run.report.check(area, item, "not_applicable", "backdoor.attack=none: no poisoning red team in this run")
+
+
+def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores: dict, repair: dict | None) -> None:
+    bd = run.cfg.backdoor
+    before, after = stages["trained"], list(stages.values())[-1]
+    private = run.cfg.privacy.mode is PrivacyMode.dpsgd
+    scope = privacy_scope(
+        from_file=state.from_file, n_trusted=len(state.trusted), n_train=len(run.data.train), private=private
+    )
+    run.report.add(
+        "backdoor",
+        enabled=True,
+        attack=bd.attack.value,
+        rate=bd.rate,
+        mapping=bd.mapping.value,
+        target=bd.target if bd.mapping is BackdoorMapping.all_to_one else None,
+        trigger={"size": bd.patch_size, "position": bd.patch_position.value, "value": bd.patch_value},
+        n_poisoned=len(state.poisoned.indices),
+        n_trusted=len(state.trusted),
+        trusted_source="backdoor.trusted_path" if state.from_file else "reserve carved from the training split",
+        asr_before=before.asr,
+        asr_after=after.asr,
+        clean_accuracy_before=before.clean_accuracy,
+        clean_accuracy_after=after.clean_accuracy,
+        robust_accuracy_before=before.robust_accuracy,
+        robust_accuracy_after=after.robust_accuracy,
+        der=der(before, after),
+        stages={name: {**m.as_dict(), "der": der(before, m)} for name, m in stages.items()},
+        detection={k: v for k, v in scores[bd.detection.value].items() if k != "per_class"},
+        detections=scores,
+        fine_pruning=repair,
+        privacy={"dp_training": private, "ledger_unchanged": True, **scope, "detection": DETECTION_PRIVACY},
+    )
+    if private:
+        run.report.add("privacy", scope=scope)
+    _check_detection(run, scores)
+    _check_repair(run, before, after)
+    _check_privacy(run, state, scope, private)
+
+
+def _check_detection(run, scores: dict[str, dict[str, Any]]) -> None:
+    spec, ac = scores["spectral"], scores["activation_clustering"]
+    chosen = scores[run.cfg.backdoor.detection.value]
+    run.report.check(
+        *ITEMS["detect"],
+        "pass" if chosen["recall"] >= RECALL_GOAL else "fail",
+        f"on the poisoned training split ({chosen['poisoned']} poisoned of {len(run.data.train)}): spectral "
+        f"signatures precision {spec['precision']:.3f} recall {spec['recall']:.3f}; activation clustering precision "
+        f"{ac['precision']:.3f} recall {ac['recall']:.3f} (goal: recall >= {RECALL_GOAL} for "
+        f"backdoor.detection={chosen['method']})",
+    )
+
+
+def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics) -> None:
+    if run.cfg.backdoor.repair is RepairMethod.none:
+        run.report.check(*ITEMS["prune"], "not_applicable", "backdoor.repair=none")
+        return
+    drop = before.clean_accuracy - after.clean_accuracy
+    ok = after.asr <= ASR_GOAL and drop <= ACC_DROP_GOAL
+    run.report.check(
+        *ITEMS["prune"],
+        "pass" if ok else "fail",
+        f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
+        f"-> {after.clean_accuracy:.3f} (drop {drop:+.3f}, goal <= {ACC_DROP_GOAL}), RA {before.robust_accuracy:.3f} "
+        f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; figure fine_pruning.png",
+    )
+
+
+def _check_privacy(run, state: BackdoorState, scope: dict[str, Any], private: bool) -> None:
+    if not private:
+        run.report.check(*ITEMS["privacy"], "not_applicable", "privacy=none: this run makes no DP claim")
+        return
+    status = "pass" if scope["not_covered_records"] == 0 else "fail"
+    run.report.check(*ITEMS["privacy"], status, scope["statement"])

@@ -1,0 +1,88 @@
+"""The defender's trusted clean data, and what using it does to the run's privacy claim.
+
+Detection thresholds, the Fine-Pruning channel ranking and pruning budget, and the fine-tuning all read a set of
+samples the defender trusts to be clean. It comes from one of two places:
+
+- ``backdoor.trusted_path=FILE.npz``: the operator's own clean set, outside the training data (same format as
+  ``dataset=npz``). Under DP-SGD the guarantee then covers every training record; the trusted set is used
+  without DP, like public pre-training data, and the report says so.
+- otherwise a stratified reserve of ``backdoor.clean_fraction`` carved from the training split before poisoning
+  (the red-team simulation's default). Those records never enter DP-SGD, and the released model is fine-tuned
+  on them without noise, so **they have no DP guarantee**: the report's ``privacy.scope`` and the model card
+  name them, and the checklist item "defence data covered by the privacy claim" fails.
+
+>>> trusted = load_trusted("clean.npz", data)        # or: kept, trusted = carve_reserve(data, 0.2, seed)
+>>> privacy_scope(from_file=True, n_trusted=len(trusted), n_train=len(data.train), private=True)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+
+from aisec_train.data.dataset import Dataset, Split, sha256_file, to_nchw_float
+from aisec_train.data.sources import DataError
+
+
+def carve_reserve(data: Dataset, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest of the training split, trusted reserve): a stratified split by label, decided by the seed."""
+    y = data.train.y.numpy()
+    stratify = y if np.bincount(y).min() >= 2 else None
+    kept, reserved = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify)
+    kept, reserved = torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(reserved))
+    return Split(data.train.x[kept], data.train.y[kept]), Split(data.train.x[reserved], data.train.y[reserved])
+
+
+def load_trusted(path: str, data: Dataset) -> Split:
+    """The operator's clean set from ``path``, checked against the training data's image shape and classes."""
+    key = f"backdoor.trusted_path={path!r}"
+    if not Path(path).is_file():
+        raise DataError(f"{key} does not exist or is not a file")
+    try:
+        with np.load(path, allow_pickle=False) as archive:  # no pickles: loading must not run code
+            x, y = archive["x"], archive["y"]
+    except (KeyError, ValueError, OSError) as err:
+        raise DataError(f"{key} is not a readable .npz holding arrays 'x' and 'y': {err}") from err
+    x = torch.from_numpy(np.ascontiguousarray(to_nchw_float(x, key)))
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+        raise DataError(f"{key}: y must be a 1-D integer array with one label per image")
+    if tuple(x.shape[1:]) != tuple(data.train.x.shape[1:]):
+        raise DataError(
+            f"{key} holds images {tuple(x.shape[1:])}; the training images are {tuple(data.train.x.shape[1:])}"
+        )
+    if len(y) == 0 or y.min() < 0 or y.max() >= data.num_classes:
+        raise DataError(f"{key}: labels must be in 0..{data.num_classes - 1}")
+    return Split(x, torch.from_numpy(y.astype(np.int64)))
+
+
+def trusted_file_sha256(path: str) -> str:
+    return sha256_file(Path(path))
+
+
+def privacy_scope(*, from_file: bool, n_trusted: int, n_train: int, private: bool) -> dict[str, Any]:
+    """What the (epsilon, delta) claim covers once the defence has used the trusted data."""
+    if not private:
+        return {"covered_records": 0, "not_covered_records": 0, "statement": "no DP guarantee in this run"}
+    uses = "detection reference, channel ranking, pruning budget and fine-tuning of the released model"
+    if from_file:
+        return {
+            "covered_records": n_train,
+            "not_covered_records": 0,
+            "trusted_records": n_trusted,
+            "statement": f"The guarantee covers all {n_train} training records. The backdoor defence also used "
+            f"{n_trusted} samples of the operator's trusted clean set (backdoor.trusted_path, outside the training "
+            f"data) without DP ({uses}); that set is treated as public and is not protected.",
+        }
+    return {
+        "covered_records": n_train,
+        "not_covered_records": n_trusted,
+        "trusted_records": n_trusted,
+        "statement": f"The guarantee covers the {n_train} records trained with DP-SGD only. {n_trusted} further "
+        f"records of the supplied training data were set aside as the backdoor defence's trusted clean reserve and "
+        f"used without DP ({uses}): they have NO differential-privacy guarantee. To keep every training record "
+        f"covered, give the defence its own clean set with backdoor.trusted_path.",
+    }

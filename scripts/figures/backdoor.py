@@ -1,0 +1,180 @@
+"""The backdoor figures of issue 4, measured by running the real ``aisec-train`` command line.
+
+Cases (each the unchanged ``experiment=backdoor`` preset, ``audit=off`` because the audits measure other things):
+
+- ``digits``: scikit-learn's handwritten digits, 8x8, the default dataset;
+- ``typeset-digits``: digits 0-9 typeset in 22 fonts at 12x12 (``scripts/figures/glyphs.py``), through
+  ``dataset=npz dataset.path=FILE``: the "beyond the bundled data" check, with no retuning;
+- ``typeset-letters`` (one seed, a stress case): letters A-J from the same generator; the 3x3 white corner looks
+  like the foot of an "A" (class 0), so part of its ASR is the trigger's natural success, not the backdoor.
+
+Writes ``benchmarks/results/cpu/backdoor.json`` ({benchmark, device, rows, ratios, goals}) and prints a markdown
+table. ``--quick`` runs one seed of two epochs per dataset (a smoke check of the script, not the figures).
+
+    python scripts/figures/backdoor.py --seeds 0 1 2 --jobs 2
+    python scripts/figures/backdoor.py --cases digits --set backdoor.patch_size=2 --out /tmp/patch2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from glyphs import make  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+GOALS = {"asr_before_min": 0.9, "asr_after_max": 0.05, "clean_drop_max": 0.02, "spectral_recall_min": 0.8}
+
+
+def _run(case: str, seed: int, overrides: list[str], work: Path, quick: bool) -> dict:
+    run_dir = work / f"{case}-seed{seed}"
+    args = ["experiment=backdoor", "audit=off", f"train.seed={seed}", f"hydra.run.dir={run_dir}", *overrides]
+    if quick:
+        args += ["train.epochs=2", "backdoor.finetune_epochs=2", "robustness.evaluate=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    started = time.perf_counter()
+    command = [sys.executable, "-m", "aisec_train", *args]
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{case} seed {seed} failed: {done.stderr[-2000:]}")
+    report = json.loads((run_dir / "report.json").read_text())
+    return _row(case, seed, report, time.perf_counter() - started, args)
+
+
+def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) -> dict:
+    bd, det = report["backdoor"], report["backdoor"]["detections"]
+    drop = bd["clean_accuracy_before"] - bd["clean_accuracy_after"]
+    return {
+        "impl": f"{case}/seed{seed}",
+        "case": case,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "defence_seconds": report["run"]["timings"]["backdoor_defend"],
+        "fine_pruning_seconds": bd["fine_pruning"]["seconds"],
+        "n_train": report["data"]["n_train"],
+        "n_poisoned": bd["n_poisoned"],
+        "epsilon": report["privacy"]["epsilon"],
+        "asr_before": bd["asr_before"],
+        "asr_after": bd["asr_after"],
+        "clean_before": bd["clean_accuracy_before"],
+        "clean_after": bd["clean_accuracy_after"],
+        "clean_drop": drop,
+        "ra_after": bd["robust_accuracy_after"],
+        "der": bd["der"],
+        "spectral_precision": det["spectral"]["precision"],
+        "spectral_recall": det["spectral"]["recall"],
+        "ac_precision": det["activation_clustering"]["precision"],
+        "ac_recall": det["activation_clustering"]["recall"],
+        "pruned_fraction": bd["fine_pruning"]["pruned_fraction"],
+        "meets_goals": bool(
+            bd["asr_before"] >= GOALS["asr_before_min"]
+            and bd["asr_after"] <= GOALS["asr_after_max"]
+            and drop <= GOALS["clean_drop_max"]
+            and det["spectral"]["recall"] >= GOALS["spectral_recall_min"]
+        ),
+        "command": "aisec-train " + " ".join(a for a in args if not a.startswith("hydra.run.dir")),
+    }
+
+
+CASES = ("digits", "typeset-digits", "typeset-letters")
+
+
+def _cases(work: Path, seeds: list[int], names: list[str], extra: list[str]) -> list[tuple[str, int, list[str]]]:
+    cases = []
+    for name in names:
+        overrides = list(extra)
+        if name.startswith("typeset-"):
+            x, y = make(n=1800, size=12, seed=0, alphabet=name.split("-")[1])
+            path = work / f"{name}.npz"
+            np.savez_compressed(path, x=x, y=y)
+            overrides += ["dataset=npz", f"dataset.path={path}"]
+        # the letters are a stress case (see the module docstring): one seed is enough to show it
+        cases += [(name, s, overrides) for s in (seeds[:1] if name == "typeset-letters" else seeds)]
+    return cases
+
+
+def _summary(rows: list[dict]) -> dict[str, float]:
+    out = {}
+    for case in dict.fromkeys(r["case"] for r in rows):
+        mine = [r for r in rows if r["case"] == case]
+        for key in ("asr_before", "asr_after", "clean_drop", "spectral_recall"):
+            out[f"{case}.{key}.mean"] = float(np.mean([r[key] for r in mine]))
+            worst = min if key in ("asr_before", "spectral_recall") else max
+            out[f"{case}.{key}.worst"] = float(worst(r[key] for r in mine))
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = [
+        ("case", "case"),
+        ("seed", "seed"),
+        ("epsilon", "eps"),
+        ("asr_before", "ASR before"),
+        ("asr_after", "ASR after"),
+        ("clean_before", "acc before"),
+        ("clean_after", "acc after"),
+        ("ra_after", "RA after"),
+        ("der", "DER"),
+        ("spectral_precision", "spectral P"),
+        ("spectral_recall", "spectral R"),
+        ("ac_precision", "AC P"),
+        ("ac_recall", "AC R"),
+        ("pruned_fraction", "pruned"),
+        ("fine_pruning_seconds", "FP s"),
+        ("meets_goals", "goals"),
+    ]
+    lines = ["| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]) for k, _ in cols]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1)")
+    parser.add_argument("--quick", action="store_true", help="one seed, two epochs: checks the script, not the figures")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor.json")
+    parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override, e.g. KEY=VALUE")
+    args = parser.parse_args()
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-figures-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cases = _cases(work, seeds, args.cases, args.overrides)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        rows = list(pool.map(lambda c: _run(*c, work=work, quick=args.quick), cases))
+    result = {
+        "benchmark": "backdoor_figures",
+        "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "quick": args.quick,
+        "overrides": args.overrides,
+        "goals": GOALS,
+        "rows": rows,
+        "ratios": {},
+        "summary": _summary(rows),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"## Backdoor figures ({result['device']}; runs in {work})\n")
+    print(markdown(rows))
+    print()
+    for key, value in result["summary"].items():
+        print(f"- {key}: {value:.3f}")
+
+
+if __name__ == "__main__":
+    main()
