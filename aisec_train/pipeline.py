@@ -1,6 +1,6 @@
 """A run is a list of named stages; each reads the shared :class:`Run` and adds a section to its Report.
 
-    data -> [poison] -> train -> evaluate -> robustness -> [detect/repair] -> [audit] -> outputs
+    data -> [poison] -> train -> [detect/repair] -> evaluate -> robustness -> audit -> outputs -> register
 
 Later stages (backdoor, federated, audits) plug in by adding a function to ``STAGES``.
 """
@@ -267,11 +267,11 @@ STAGES: list[tuple[str, Stage]] = [
     ("data", stage_data),
     ("backdoor_poison", stage_poison),  # BadNets red team: poisons the training split only
     ("train", stage_train),
+    # Before evaluation, so that every later figure (clean and robust accuracy, audits) is of the released model.
+    ("backdoor_defend", stage_defend),  # detection, optional filter, Fine-Pruning
     ("evaluate", stage_evaluate),
     ("robustness", stage_robustness),
-    ("backdoor_defend", stage_defend),  # detection, optional filter, Fine-Pruning
-    # audits (membership inference, extraction, monitoring baselines) go here
-    ("audit", stage_audit),
+    ("audit", stage_audit),  # membership inference, extraction against the guard, monitoring baseline
     ("outputs", stage_outputs),
     ("register", stage_register),  # needs model.pt; rewrites report.json, model_card.md, security_report.md
 ]
