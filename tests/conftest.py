@@ -9,8 +9,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Triton decorates its own library (tl.zeros, tl.rand, ...) at `import triton`, in the mode TRITON_INTERPRET
+# names then. On a CPU-only machine, import it here, before any test module, under the interpreter
+# (aisec_kernels itself never imports triton early), then put the variable back so the tests keep the torch
+# backend unless they ask for the interpreter (tests/test_kernels.py's `interpret` fixture).
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        os.environ.pop("TRITON_INTERPRET") if _saved is None else os.environ.__setitem__("TRITON_INTERPRET", _saved)
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

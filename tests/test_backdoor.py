@@ -16,18 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-# The interpreted Triton check needs triton imported under TRITON_INTERPRET=1 (see tests/test_kernels.py).
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        os.environ.pop("TRITON_INTERPRET") if _saved is None else os.environ.__setitem__("TRITON_INTERPRET", _saved)
-
 from aisec_kernels.channel_stats import channel_stats_reference  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 

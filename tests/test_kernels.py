@@ -8,24 +8,10 @@ import sys
 
 import pytest
 import torch
-from scipy import stats
 
-# Triton decorates its own library (tl.zeros, tl.rand, ...) at `import triton`, in the mode TRITON_INTERPRET
-# names then. On a CPU-only machine, import it here under the interpreter (aisec_kernels itself never
-# imports triton early), then put the variable back so other test modules keep the torch backend; the
-# `interpret` fixture turns it on per test. Where triton was already imported in compiled mode (a GPU
-# machine, or another module got there first), the interpreted tests run in a subprocess instead:
-# test_interpreted_suite_in_subprocess.
-if "triton" not in sys.modules and not torch.cuda.is_available():
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        pass
-    finally:
-        os.environ.pop("TRITON_INTERPRET") if _saved is None else os.environ.__setitem__("TRITON_INTERPRET", _saved)
-
+# triton was imported under its CPU interpreter by tests/conftest.py (see there); the `interpret` fixture
+# turns the interpreter on per test. Where triton was already imported in compiled mode (a GPU machine), the
+# interpreted tests run in a subprocess instead: test_interpreted_suite_in_subprocess.
 from aisec_kernels import ChannelStats, channel_stats, pgd_update, random_start, resolve_backend
 from aisec_kernels.channel_stats import channel_stats_reference, channel_stats_triton
 from aisec_kernels.pgd_update import (
@@ -34,6 +20,7 @@ from aisec_kernels.pgd_update import (
     random_start_reference,
     random_start_triton,
 )
+from scipy import stats
 
 triton = pytest.importorskip("triton")
 from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
