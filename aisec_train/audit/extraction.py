@@ -15,7 +15,6 @@ over transformation has nothing to average and is not run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,13 +27,6 @@ from aisec_train.config import AttackConfig
 from aisec_train.data.dataset import Split
 from aisec_train.models import build_model
 from aisec_train.robust.attacks import pgd
-
-
-@dataclass
-class Extraction:
-    surrogate: nn.Module
-    queries: int  # predictions the guard answered
-    stopped_by_guard: str | None  # the refusal that ended the attack, if any
 
 
 def attacker_queries(x: Tensor, n: int, seed: int) -> Tensor:
@@ -67,11 +59,22 @@ def steal(guard: Guard, client: str, inputs: Tensor, batch_size: int = 100) -> t
     return torch.cat(xs), torch.cat(outs), None
 
 
-def train_surrogate(x: Tensor, soft: Tensor, *, model_name: str, num_classes: int, epochs: int, seed: int) -> nn.Module:
+def train_surrogate(
+    x: Tensor,
+    soft: Tensor,
+    *,
+    model_name: str,
+    num_classes: int,
+    epochs: int,
+    seed: int,
+    device: torch.device | None = None,
+) -> nn.Module:
+    device = device or torch.device("cpu")
     torch.manual_seed(seed)
-    model = build_model(model_name, in_channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1])
+    model = build_model(model_name, in_channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    target = soft / soft.sum(1, keepdim=True).clamp_min(1e-12)  # rounding can leave rows summing to != 1
+    x = x.to(device)
+    target = (soft / soft.sum(1, keepdim=True).clamp_min(1e-12)).to(device)  # rounding can leave rows != 1
     g = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -83,16 +86,21 @@ def train_surrogate(x: Tensor, soft: Tensor, *, model_name: str, num_classes: in
     return model.eval()
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def agreement(a: nn.Module, b: nn.Module, x: Tensor) -> float:
     a.eval(), b.eval()
-    return float((a(x).argmax(1) == b(x).argmax(1)).float().mean())
+    pred_a, pred_b = a(x.to(_device(a))).argmax(1).cpu(), b(x.to(_device(b))).argmax(1).cpu()
+    return float((pred_a == pred_b).float().mean())
 
 
 @torch.no_grad()
 def accuracy_on(model: nn.Module, x: Tensor, y: Tensor) -> float:
     model.eval()
-    return float((model(x).argmax(1) == y).float().mean())
+    return float((model(x.to(_device(model))).argmax(1).cpu() == y.cpu()).float().mean())
 
 
 def run_extraction(
@@ -107,6 +115,7 @@ def run_extraction(
     seed: int,
     client: str = "attacker",
 ) -> dict[str, Any]:
+    """One attacker: query the guard with ``inputs`` (until refused), train a surrogate, score it."""
     x, out, refusal = steal(guard, client, inputs)
     result: dict[str, Any] = {
         "queries": len(x),
@@ -117,7 +126,9 @@ def run_extraction(
         result["refusal"] = refusal
     if len(x) == 0:
         return {**result, "fidelity": None, "surrogate_accuracy": None}
-    surrogate = train_surrogate(x, out, model_name=model_name, num_classes=num_classes, epochs=epochs, seed=seed)
+    surrogate = train_surrogate(
+        x, out, model_name=model_name, num_classes=num_classes, epochs=epochs, seed=seed, device=_device(victim)
+    )
     return {
         **result,
         "fidelity": agreement(surrogate, victim, evaluation.x),
@@ -137,6 +148,7 @@ def sanitizer_robustness(
         restarts=attack.restarts,
         backend=backend,
     )
+    x, y = x.to(_device(model)), y.to(_device(model))
     defended = nn.Sequential(Sanitizer(bit_depth, smoothing), model).eval()
     bpda = nn.Sequential(Sanitizer(bit_depth, smoothing, bpda=True), model).eval()
     return {

@@ -3,9 +3,11 @@
 Targets are balanced: ``m`` members drawn from the training split and ``m`` non-members from the held-out
 split. The attacker's own data (the "pool") is everything else: the remaining training and held-out samples.
 Offline LiRA trains ``reference_models`` OUT models with the spine's :func:`~aisec_train.train.loop.train`
-(same model, privacy and optimiser config) on random halves of that pool, so no target is in any reference
-model; a target's score is how far its logit-scaled confidence on the audited model lies above the reference
-models' (a Gaussian with one global variance, which is what the paper recommends for few reference models).
+on random halves of that pool, so no target is in any reference model. They mimic the audited training
+(:func:`reference_configs`: same model, optimiser and epochs, the same sample rate and, under DP, the audited
+run's noise multiplier). A target's score is how far its logit-scaled confidence on the audited model lies
+above the reference models' (a Gaussian with one global variance, which is what the paper recommends for few
+reference models). AUCs carry a 95% bootstrap interval over targets.
 
 >>> result = membership_audit(model, data, cfg=..., device=torch.device("cpu"))  # doctest: +SKIP
 >>> result.summary["auc"], result.summary["tpr_at_fpr_0_001"]  # doctest: +SKIP
@@ -26,7 +28,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.nn import functional as F
 
-from aisec_train.config import Config
+from aisec_train.config import Accountant, Config, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.data.dataset import Dataset, Split
 from aisec_train.models import build_model
 from aisec_train.train.loop import train
@@ -116,15 +118,43 @@ def _pool(data: Dataset, members: np.ndarray, nonmembers: np.ndarray) -> Split:
     )
 
 
-def train_reference_models(cfg: Config, data: Dataset, pool: Split, device: torch.device) -> list[nn.Module]:
-    """OUT models for offline LiRA: each on a random half of the pool, trained by the spine's train()."""
+def reference_configs(
+    cfg: Config, n_target: int, n_reference: int, noise_multiplier: float | None
+) -> tuple[TrainConfig, PrivacyConfig]:
+    """Training settings for an OUT model that mimic the audited model's training on a smaller set.
+
+    LiRA's reference models must be trained like the target. On a pool half the size, the same batch size
+    would halve the steps per epoch (a less fitted model) and, under DP, double the sample rate. Scaling the
+    batch keeps the sample rate and step count; under DP the audited run's measured noise multiplier is
+    reused instead of calibrating again, so no accountant work decides the noise (GDP only keeps the books).
+    """
     audit = cfg.audit.membership
     epochs = min(audit.reference_epochs or cfg.train.epochs, cfg.train.epochs)
+    batch = max(1, round(cfg.train.batch_size * n_reference / n_target))
+    train_cfg = dataclasses.replace(
+        cfg.train,
+        epochs=epochs,
+        batch_size=batch,
+        max_physical_batch_size=min(batch, cfg.train.max_physical_batch_size),
+    )
+    privacy = cfg.privacy
+    if privacy.mode is PrivacyMode.dpsgd and noise_multiplier is not None:
+        privacy = dataclasses.replace(
+            privacy, target_epsilon=None, noise_multiplier=noise_multiplier, accountant=Accountant.gdp
+        )
+    return train_cfg, privacy
+
+
+def train_reference_models(
+    cfg: Config, data: Dataset, pool: Split, device: torch.device, noise_multiplier: float | None = None
+) -> list[nn.Module]:
+    """OUT models for offline LiRA: each on a random half of the pool, trained by the spine's train()."""
     rng = np.random.default_rng(cfg.train.seed + 7919)
     models = []
-    for i in range(audit.reference_models):
+    for i in range(cfg.audit.membership.reference_models):
         half = torch.as_tensor(rng.permutation(len(pool))[: len(pool) // 2])
-        train_cfg = dataclasses.replace(cfg.train, epochs=epochs, seed=cfg.train.seed + 1 + i)
+        train_cfg, privacy_cfg = reference_configs(cfg, len(data.train), len(half), noise_multiplier)
+        train_cfg = dataclasses.replace(train_cfg, seed=cfg.train.seed + 1 + i)
         torch.manual_seed(train_cfg.seed)
         model = build_model(
             cfg.model.name.value, in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size
@@ -133,20 +163,42 @@ def train_reference_models(cfg: Config, data: Dataset, pool: Split, device: torc
             model,
             Split(pool.x[half], pool.y[half]),
             train_cfg=train_cfg,
-            privacy_cfg=cfg.privacy,
+            privacy_cfg=privacy_cfg,
             device=device,
             progress=False,
         )
-        models.append(result.model)
+        models.append(result.model.eval())
     return models
 
 
-def membership_audit(model: nn.Module, data: Dataset, *, cfg: Config, device: torch.device) -> MembershipResult:
+def auc_interval(labels: np.ndarray, scores: np.ndarray, seed: int = 0, resamples: int = 200) -> list[float]:
+    """95% bootstrap interval of the AUC over targets: how much the figure would move with other targets."""
+    rng = np.random.default_rng(seed)
+    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    aucs = []
+    for _ in range(resamples):
+        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
+        aucs.append(roc_auc_score(labels[idx], scores[idx]))
+    return [float(v) for v in np.percentile(aucs, [2.5, 97.5])]
+
+
+def membership_audit(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    cfg: Config,
+    device: torch.device,
+    noise_multiplier: float | None = None,
+) -> MembershipResult:
+    """Loss and (with reference models) offline LiRA attacks on balanced member / non-member targets.
+
+    ``noise_multiplier`` is the audited run's measured DP noise, reused by the reference models.
+    """
     audit = cfg.audit.membership
     rng = np.random.default_rng(cfg.train.seed + 104729)
-    # LiRA needs held-out samples left over for the attacker's pool, so it takes at most half the test split.
-    cap = len(data.test) // 2 if audit.reference_models else len(data.test)
-    m = min(audit.targets, cap, len(data.train) // 2)
+    # Every held-out sample may be a non-member target: the reference models' pool is then the rest of the
+    # training split, same distribution and no target in it. More targets, finer FPR resolution.
+    m = min(audit.targets, len(data.test), len(data.train) // 2)
     members, nonmembers = choose_targets(data, m, rng)
     x = torch.cat([data.train.x[members], data.test.x[nonmembers]])
     y = torch.cat([data.train.y[members], data.test.y[nonmembers]])
@@ -154,29 +206,38 @@ def membership_audit(model: nn.Module, data: Dataset, *, cfg: Config, device: to
 
     logits = logits_of(model, x, device)
     attacks = [AttackResult("loss", -F.cross_entropy(logits, y, reduction="none").double().numpy(), labels)]
+    reference: dict[str, Any] = {"reference_models": audit.reference_models}
     if audit.reference_models:
-        refs = train_reference_models(cfg, data, _pool(data, members, nonmembers), device)
+        pool = _pool(data, members, nonmembers)
+        refs = train_reference_models(cfg, data, pool, device, noise_multiplier)
         ref_conf = np.stack([logit_confidence(logits_of(r, x, device), y) for r in refs])  # (refs, 2m)
         mu = ref_conf.mean(axis=0)
         # One global variance: with 2-4 reference models a per-sample variance is too noisy (LiRA, sec. 4.2).
         sigma = float(np.std(ref_conf - mu)) if len(refs) > 1 else float(np.std(ref_conf))
         attacks.append(AttackResult("lira_offline", (logit_confidence(logits, y) - mu) / max(sigma, 1e-6), labels))
+        ref_train, ref_privacy = reference_configs(cfg, len(data.train), len(pool) // 2, noise_multiplier)
+        reference.update(
+            reference_epochs=ref_train.epochs,
+            reference_batch_size=ref_train.batch_size,
+            reference_train_size=len(pool) // 2,
+            reference_noise_multiplier=ref_privacy.noise_multiplier if ref_privacy.mode is PrivacyMode.dpsgd else None,
+        )
 
-    per_attack = {a.name: _metrics(a) for a in attacks}
+    per_attack = {a.name: {**_metrics(a), "auc_ci95": auc_interval(a.labels, a.scores)} for a in attacks}
     summary: dict[str, Any] = {
         # The headline is the auditor's worst case: each figure is the largest over the attacks run.
         key: max(v[key] for v in per_attack.values())
         for key in ("auc", *FPR_POINTS)
     }
+    worst = max(per_attack, key=lambda name: per_attack[name]["auc"])
     summary.update(
         attacks=per_attack,
+        auc_attack=worst,
+        auc_ci95=per_attack[worst]["auc_ci95"],
         members=m,
         nonmembers=m,
         fpr_resolution=1.0 / m,
-        reference_models=audit.reference_models,
-        reference_epochs=min(audit.reference_epochs or cfg.train.epochs, cfg.train.epochs)
-        if audit.reference_models
-        else None,
+        **reference,
     )
     return MembershipResult(attacks, summary)
 

@@ -40,7 +40,11 @@ def _features(x: Tensor) -> Tensor:
 @torch.no_grad()
 def confidences(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     model.eval()
-    out = [torch.softmax(model(x[i : i + batch_size]), 1).max(1).values for i in range(0, len(x), batch_size)]
+    device = next(model.parameters()).device
+    out = [
+        torch.softmax(model(x[i : i + batch_size].to(device)), 1).max(1).values.cpu()
+        for i in range(0, len(x), batch_size)
+    ]
     return torch.cat(out).double()
 
 

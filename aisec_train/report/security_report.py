@@ -1,7 +1,9 @@
 """security_report.md: the checklist answered from this run's evidence, the threat model, and the plots.
 
-Every status in the threat-model table is read from what the run measured (``report.sections``); a threat
-the run did not test says so instead of claiming a mitigation.
+The document is written for a reviewer who has only this file and the PNGs beside it: it says what was
+trained, what each status means, how every number was measured, and how to re-check the artefacts. Every
+status in the threat-model table is read from what the run measured (``report.sections``); a threat the
+run did not test says so instead of claiming a mitigation.
 """
 
 from __future__ import annotations
@@ -9,7 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from aisec_train.audit import details, evidence
 from aisec_train.report.report import AREAS, Report
+
+FIGURES = {  # file: caption
+    "membership_roc.png": "Membership-inference ROC (log-log; the dashed line is the DP bound when DP is on).",
+    "training_curve.png": "Training loss, accuracy and privacy spent per epoch.",
+    "fine_pruning.png": "Backdoor repair: attack success and clean accuracy as neurons are pruned.",
+    "federated_accuracy.png": "Federated training: accuracy per round.",
+}
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -24,12 +34,23 @@ def _status(check: dict[str, Any] | None, untested: str) -> str:
     return untested if check is None else f"{check['status']}: {check['evidence']}"
 
 
+def _extraction_status(ext: dict[str, Any] | None) -> str:
+    if not ext:
+        return "not measured (audit.enabled=false)"
+    guard = ext["effects"].get("guard")
+    drop = f"; fidelity drop {guard['mean']:.3f} ± {guard['std']:.3f} ({guard['lowered_in']}/{guard['seeds']} seeds)"
+    return (
+        f"measured: fidelity {_fmt(ext['fidelity'])} guarded after {ext['queries']} queries vs "
+        f"{_fmt(ext['settings']['undefended'].get('fidelity', {}).get('mean'))} unguarded" + (drop if guard else "")
+    )
+
+
 def threat_model(report: Report) -> list[dict[str, str]]:
     """Rows of (stage, threat, impact, mitigation, status for this run)."""
     g = report.get
     rob = g("robustness.robust_accuracy")
     backdoor = g("backdoor.asr_before")
-    mia, ext, san = g("audit.membership"), g("audit.extraction"), g("audit.sanitization")
+    mia, san = g("audit.membership"), g("audit.sanitization")
     rows = [
         (
             "data pipeline",
@@ -81,34 +102,28 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "model extraction",
             "a stolen copy of the model",
             "output policy (label / top-k / rounding / noise), per-client budget and rate limit",
-            f"measured: fidelity {_fmt(ext['fidelity'])} guarded after {ext['queries']} queries vs "
-            f"{_fmt((ext.get('full_probs_same_queries') or {}).get('fidelity'))} with full probabilities"
-            if ext
-            else "not measured",
+            _extraction_status(g("audit.extraction")),
         ),
         (
             "deployment",
             "malformed / abusive queries",
             "crashes or out-of-contract inputs reach the model",
             "guard validation (shape, dtype, finite, range), rate limit",
-            _status(_check(report, "guarded query interface refuses malformed and over-rate queries"), "not measured"),
+            _status(_check(report, evidence.GUARD), "not measured"),
         ),
         (
             "deployment",
             "tampered or wrong checkpoint deployed",
             "attacker-controlled model served",
             "SHA-256 verified before loading; registry with known-good rollback",
-            _status(
-                _check(report, "checkpoint registered in the model inventory (known-good registry with rollback)"),
-                "registered after outputs (see registry section)",
-            ),
+            _status(_check(report, evidence.REGISTRY), "registered after outputs (see registry section)"),
         ),
         (
             "monitoring",
             "data drift / out-of-distribution inputs",
             "silent accuracy loss in production",
             "baseline statistics + aisec-train-monitor (exit 1 on alarm)",
-            _status(_check(report, "drift check separates a shifted batch from a clean one"), "not measured"),
+            _status(_check(report, evidence.DRIFT), "not measured"),
         ),
     ]
     keys = ("stage", "threat", "impact", "mitigation", "status")
@@ -124,15 +139,51 @@ def threat_model_markdown(report: Report) -> list[str]:
     return lines
 
 
+def _at_a_glance(report: Report) -> list[str]:
+    g = report.get
+    eps = g("privacy.epsilon")
+    privacy = (
+        f"({eps:.2f}, {g('privacy.delta'):g})-DP, {g('privacy.accountant')} accountant, noise "
+        f"{_fmt(g('privacy.noise_multiplier'), 2)}, {g('privacy.steps')} steps"
+        if eps is not None
+        else "none (no DP guarantee)"
+    )
+    rows = [
+        (
+            "dataset",
+            f"{g('data.name')}: {g('data.n_train')} train / {g('data.n_test')} held-out, shape {g('data.shape')}",
+        ),
+        ("model", f"{g('model.name')}, `model.pt` SHA-256 `{g('model.sha256')}`"),
+        ("training", f"{_fmt(g('train.epochs_completed'))} epochs on {_fmt(g('train.device'))}; privacy: {privacy}"),
+        ("clean accuracy", _fmt(g("metrics.clean_accuracy"))),
+        ("robust accuracy", _fmt(g("robustness.robust_accuracy"))),
+        ("membership AUC", _fmt(g("audit.membership.auc"))),
+        ("extraction fidelity (guarded)", _fmt(g("audit.extraction.fidelity"))),
+        ("registry", f"`{g('registry.id')}` in `{g('registry.path')}`"),
+    ]
+    return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
 def security_report(report: Report, figures: list[str]) -> str:
     g = report.get
-    counts = {s: sum(c["status"] == s for c in report.checklist) for s in ("pass", "fail", "not_applicable")}
+    counts = {a: {s: 0 for s in ("pass", "fail", "not_applicable")} for a in AREAS}
+    for c in report.checklist:
+        counts[c["area"]][c["status"]] += 1
     lines = [
         f"# Security report: {g('model.name', '?')} on {g('data.name', '?')}",
         "",
-        f"Checklist: {counts['pass']} pass, {counts['fail']} fail, {counts['not_applicable']} not applicable. "
-        f"Model SHA-256 `{g('model.sha256')}`, data manifest `{g('data.manifest_sha256')}`.",
-        f"Clean accuracy {_fmt(g('metrics.clean_accuracy'))}; privacy epsilon {_fmt(g('privacy.epsilon'), 2)}.",
+        f"Run `{g('run.experiment')}` of aisec-train. Every status below was decided by a measurement made in this "
+        "run: **pass** means the measured evidence meets the item, **fail** means it does not (or nothing was "
+        "verified), **not_applicable** means the run did not exercise that control. The numbers are in "
+        "report.json beside this file; the threat model maps each threat to its mitigation and this run's result.",
+        "",
+        "## At a glance",
+        "",
+        *_at_a_glance(report),
+        "",
+        "| area | pass | fail | not applicable |",
+        "|---|---|---|---|",
+        *[f"| {a} | {c['pass']} | {c['fail']} | {c['not_applicable']} |" for a, c in counts.items()],
         "",
         "## Checklist (evidence measured in this run)",
     ]
@@ -141,15 +192,33 @@ def security_report(report: Report, figures: list[str]) -> str:
         lines += ["", f"### {area}"]
         lines += [f"- **{c['status']}** {c['item']}: {c['evidence']}" for c in items] or ["- no item answered"]
     lines += ["", "## Threat model", "", *threat_model_markdown(report), ""]
+    lines += ["## How each audit was measured", "", "### Membership inference", ""]
+    lines += [*details.membership(g("audit.membership")), ""]
+    lines += ["### Model extraction and the guarded query interface", ""]
+    lines += [*details.extraction(g("audit.extraction"), g("audit.sanitization")), ""]
+    lines += ["### Guard refusals", "", *details.guard_probes(g("audit.guard_probes")), ""]
+    lines += ["### Monitoring", "", *details.monitoring(g("monitoring")), ""]
     gov = g("governance") or {}
     if gov:
-        lines += ["## Governance", *[f"- {k}: {v}" for k, v in gov.items()], ""]
-    lines += ["## Figures", *[f"![{name}]({name})" for name in figures], ""]
+        lines += ["## Governance", "", *[f"- {k}: {v}" for k, v in gov.items()], ""]
+    lines += [
+        "## Re-check the artefacts",
+        "",
+        "- `sha256sum model.pt` must print the SHA-256 above (the loader refuses any other file).",
+        f"- `aisec-train-registry --registry {g('registry.path', 'REGISTRY')} list` shows this run; `mark-good "
+        f"{g('registry.id', 'RUN_ID')}` keeps a verified copy and `rollback --dest model.pt` restores it.",
+        "- `aisec-train-monitor . new_batch.npz` checks production inputs against this run's baseline.",
+        "",
+        "## Figures",
+        "",
+    ]
+    for name in figures:
+        lines += [f"![{name}]({name})", "", f"*{FIGURES.get(name, name)}*", ""]
     return "\n".join(lines)
 
 
 def write(report: Report, run_dir: Path) -> Path:
-    figures = [name for name in ("membership_roc.png", "training_curve.png") if (run_dir / name).exists()]
+    figures = [name for name in FIGURES if (run_dir / name).exists()]
     path = run_dir / "security_report.md"
     path.write_text(security_report(report, figures))
     return path

@@ -1,0 +1,130 @@
+"""Checklist answers from measured audit results: a status and one sentence of evidence with the numbers.
+
+Each function reads only what the audit measured (the report's ``audit`` and ``monitoring`` sections), so a
+status can always be traced to a number in report.json.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aisec_train.report.report import Status
+
+MEMBERSHIP = "membership-inference audit"
+EXTRACTION = "model-extraction test"
+SANITIZATION = "input sanitisation evaluated under an adaptive attack"
+GUARD = "guarded query interface refuses malformed and over-rate queries"
+DRIFT = "drift check flags shifted batches (noise, rotation, occlusion) and not a clean one"
+REGISTRY = "checkpoint registered in the model inventory (known-good registry with rollback)"
+
+
+def _f(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _pm(stats: dict[str, Any] | None) -> str:
+    return "n/a" if not stats else f"{stats['mean']:.3f} +/- {stats['std']:.3f}"
+
+
+def _seeds(effect: dict[str, Any]) -> str:
+    """How many seeds the defence helped in, and whether that is more than seed-to-seed noise."""
+    resolved = effect["lowered_in"] == effect["seeds"] and effect["mean"] > effect["std"]
+    return (
+        f"lowered in {effect['lowered_in']}/{effect['seeds']} seeds, {'resolved' if resolved else 'within seed noise'}"
+    )
+
+
+def membership(summary: dict[str, Any], eps: float | None, delta: float, max_auc: float) -> tuple[Status, str]:
+    lo, hi = summary["auc_ci95"]
+    numbers = (
+        f"AUC {summary['auc']:.3f} (95% bootstrap CI {lo:.3f}-{hi:.3f}, {summary['auc_attack']}), TPR "
+        f"{summary['tpr_at_fpr_0_001']:.3f} at 0.1% FPR and {summary['tpr_at_fpr_0_01']:.3f} at 1% FPR (worst of "
+        f"{', '.join(summary['attacks'])}; {summary['members']} members vs {summary['nonmembers']} non-members, "
+        f"{summary['reference_models']} reference model(s); FPR resolution {summary['fpr_resolution']:.4f})"
+    )
+    if eps is None:
+        ok = summary["auc"] <= max_auc
+        return ("pass" if ok else "fail"), f"{numbers}; no DP guarantee, pass requires AUC <= {max_auc}"
+    bound = summary["dp_bound"]
+    lb = max(c["empirical_epsilon_lower_bound"] for c in bound["attacks"].values())
+    text = (
+        f"{numbers}; measured pairs {'respect' if bound['respected'] else 'VIOLATE'} TPR <= e^{eps:.2f} FPR + "
+        f"{delta:g} (95% Clopper-Pearson); empirical epsilon lower bound {lb:.2f}"
+    )
+    return ("pass" if bound["respected"] else "fail"), text
+
+
+def extraction(summary: dict[str, Any]) -> tuple[Status, str]:
+    """Pass when the guard lowered the surrogate's fidelity in every seed; the text says which defence did it."""
+    settings, effects = summary["settings"], summary["effects"]
+    guard = summary["guard"]
+    n, seeds = summary["queries"], len(summary["seeds"])
+    total = effects.get("guard")
+    policy_eq = effects.get("output_policy_at_equal_queries")
+    budget = effects.get("budget")
+    ok = bool(total) and total["lowered_in"] == total["seeds"] and total["mean"] > 0
+    parts = [
+        f"guard (output {guard['output']}, budget {guard['query_budget'] or 'none'}) answered {n} of "
+        f"{summary['planned_queries']} planned queries (stopped by guard: {summary['stopped_by_guard']}); "
+        f"fidelity over {seeds} paired attacker seeds: guarded {_pm(settings['guarded'].get('fidelity'))}, "
+        f"full probabilities at the same {n} queries {_pm(settings['full_probs_same_queries'].get('fidelity'))}, "
+        f"unguarded with all {summary['planned_queries']} {_pm(settings['undefended'].get('fidelity'))}"
+    ]
+    if total:
+        parts.append(f"the guard lowered fidelity by {_pm(total)} ({_seeds(total)})")
+    if policy_eq and budget and settings["full_probs_same_queries"]["queries"] < summary["planned_queries"]:
+        larger = "budget" if budget["mean"] > policy_eq["mean"] else "output policy"
+        parts.append(
+            f"of which the output policy at equal queries {_pm(policy_eq)} ({_seeds(policy_eq)}) and the budget "
+            f"alone {_pm(budget)} ({_seeds(budget)}): most of the drop came from the {larger}"
+        )
+    elif policy_eq:
+        parts.append(f"the budget did not bind; the output policy alone {_pm(policy_eq)} ({_seeds(policy_eq)})")
+    return ("pass" if ok else "fail"), "; ".join(parts)
+
+
+def sanitization(sanit: dict[str, Any]) -> tuple[Status, str]:
+    """Pass means the evaluation was honest (the adaptive attack is at least as strong), not that it defends."""
+    honest = sanit["robust_accuracy_adaptive"] <= sanit["robust_accuracy_plain"]
+    s = sanit["sanitizer"]
+    return ("pass" if honest else "fail"), (
+        f"bit depth {s['bit_depth']}, median {s['smoothing'] or 'off'}: robust accuracy "
+        f"{sanit['robust_accuracy_plain']:.3f} under plain PGD (gradient masking) but "
+        f"{sanit['robust_accuracy_adaptive']:.3f} under BPDA-PGD vs {sanit['robust_accuracy_undefended']:.3f} "
+        f"undefended (clean {sanit['clean_accuracy_sanitized']:.3f} / {sanit['clean_accuracy_undefended']:.3f}); "
+        "only the adaptive figure is claimed"
+    )
+
+
+def guard(probes: dict[str, Any], budget_refusal: str | None) -> tuple[Status, str]:
+    sent, refused = probes["malformed_sent"], probes["malformed_refused"]
+    ok = refused == sent and probes["valid_query_answered"] and probes["rate_limit_refused_burst"]
+    ok = ok and probes["rate_limit_recovered"]
+    rate = probes["rate_limit"]
+
+    def was(flag: bool) -> str:
+        return "was" if flag else "was NOT"
+
+    return ("pass" if ok else "fail"), (
+        f"{refused}/{sent} malformed queries refused ({', '.join(probes['refusals'])}); a valid query "
+        f"{was(probes['valid_query_answered'])} answered; at {rate['queries_per_s']:g} queries/s with burst "
+        f"{rate['burst']}, a query beyond the burst {was(probes['rate_limit_refused_burst'])} refused and one "
+        f"after the refill {was(probes['rate_limit_recovered'])} answered; the extraction attacker's budget "
+        f"refusal: {budget_refusal or 'none (budget did not bind)'}"
+    )
+
+
+def drift(verdicts: dict[str, Any], threshold: float) -> tuple[Status, str]:
+    clean = {k: v for k, v in verdicts.items() if k.startswith("clean")}
+    shifted = {k: v for k, v in verdicts.items() if not k.startswith("clean")}
+    ok = not any(v.alarm for v in clean.values()) and all(v.alarm for v in shifted.values())
+
+    def say(name: str, v: Any) -> str:
+        return (
+            f"{name} (n={v.n}): {'ALARM' if v.alarm else 'ok'}, drift {v.drift_score:.2f}, conf z {v.confidence_z:+.1f}"
+        )
+
+    return ("pass" if ok else "fail"), (
+        "; ".join(say(k, v) for k, v in verdicts.items())
+        + f" (drift threshold {threshold}); command: aisec-train-monitor RUN_DIR batch.npz"
+    )

@@ -1,0 +1,113 @@
+"""Membership-inference metrics against brute-force and scikit-learn references, and the DP-bound check."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from aisec_train.audit import membership
+from aisec_train.config import Config, PrivacyConfig, PrivacyMode
+from tests.conftest import read_report
+
+
+def brute_force_tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_max: float) -> float:
+    """Every threshold tried: the best TPR whose FPR (score >= threshold) stays <= fpr_max."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    thresholds = np.r_[np.unique(scores), np.inf][:, None]
+    fpr, tpr = (neg >= thresholds).mean(1), (pos >= thresholds).mean(1)
+    return float(tpr[fpr <= fpr_max].max())
+
+
+def brute_force_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    diff = pos[:, None] - neg[None, :]
+    return float((diff > 0).mean() + 0.5 * (diff == 0).mean())
+
+
+def crafted() -> tuple[np.ndarray, np.ndarray]:
+    """1000 non-members at 0..999; members: 7 above every non-member, 5 between the top two, 988 at the bottom.
+
+    At 0.1% FPR one non-member may be flagged, so 12 of 1000 members are caught; at 0% FPR, 7.
+    """
+    neg = np.arange(1000, dtype=float)
+    pos = np.r_[np.full(7, 2000.0), np.full(5, 998.5), np.linspace(-500, -1, 988)]
+    return np.r_[np.ones(1000), np.zeros(1000)].astype(int), np.r_[pos, neg]
+
+
+def test_tpr_at_low_fpr_on_crafted_scores():
+    labels, scores = crafted()
+    assert membership.tpr_at_fpr(labels, scores, 0.001) == pytest.approx(0.012)
+    assert membership.tpr_at_fpr(labels, scores, 0.0) == pytest.approx(0.007)
+    assert membership.tpr_at_fpr(labels, scores, 0.01) == pytest.approx(0.012)  # nothing else above 990
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_brute_force_and_sklearn(seed):
+    rng = np.random.default_rng(seed)
+    n = 600
+    labels = np.r_[np.ones(n), np.zeros(n)].astype(int)
+    scores = np.round(np.r_[rng.normal(1.0, 1, n), rng.normal(0, 1, n)], 1)  # rounding makes ties
+    fpr, tpr, _ = roc_curve(labels, scores)
+    for f in (0.001, 0.01, 0.1):
+        got = membership.tpr_at_fpr(labels, scores, f)
+        assert got == pytest.approx(brute_force_tpr_at_fpr(labels, scores, f))
+        assert got == pytest.approx(tpr[fpr <= f].max())
+    result = membership.AttackResult("crafted", scores, labels)
+    metrics = membership._metrics(result)
+    assert metrics["auc"] == pytest.approx(brute_force_auc(labels, scores))
+    assert metrics["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    lo, hi = membership.auc_interval(labels, scores)
+    assert lo < metrics["auc"] < hi and hi - lo < 0.15
+
+
+def randomized_response(eps: float, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """An eps-DP membership mechanism: members answer 1 with probability e^eps / (1 + e^eps)."""
+    rng = np.random.default_rng(seed)
+    p = math.exp(eps) / (1 + math.exp(eps))
+    scores = np.r_[rng.random(n) < p, rng.random(n) < 1 - p].astype(float)
+    return np.r_[np.ones(n), np.zeros(n)].astype(int), scores
+
+
+def test_dp_bound_respected_by_a_dp_mechanism():
+    labels, scores = randomized_response(1.0, 4000, seed=0)
+    check = membership.dp_bound_check(labels, scores, epsilon=1.0, delta=1e-5)
+    assert check["respected"] and check["significant_violations"] == 0
+    # the mechanism sits on the bound: its measured epsilon lower bound approaches (but stays under) 1.0
+    assert 0.7 < check["empirical_epsilon_lower_bound"] <= 1.0
+
+
+def test_dp_bound_violated_by_a_perfect_attack():
+    labels = np.r_[np.ones(500), np.zeros(500)].astype(int)
+    scores = labels + 0.01 * np.random.default_rng(0).random(1000)  # members always score higher
+    check = membership.dp_bound_check(labels, scores, epsilon=0.5, delta=1e-5)
+    fpr, tpr, _ = roc_curve(labels, scores)
+    assert check["raw_violations"] == int((tpr > math.exp(0.5) * fpr + 1e-5).sum()) > 0
+    assert not check["respected"] and check["empirical_epsilon_lower_bound"] > 0.5
+
+
+def test_reference_models_mimic_the_audited_training():
+    cfg = Config()
+    cfg.train.batch_size, cfg.train.epochs = 512, 40
+    train_cfg, privacy = membership.reference_configs(cfg, n_target=1437, n_reference=718, noise_multiplier=5.2)
+    # same sample rate (batch / n) and so the same steps per epoch and per run as the audited model
+    assert train_cfg.batch_size / 718 == pytest.approx(512 / 1437, rel=0.01) and train_cfg.epochs == 40
+    assert privacy.noise_multiplier == 5.2 and privacy.target_epsilon is None
+    cfg.privacy = PrivacyConfig(mode=PrivacyMode.none)
+    _, privacy = membership.reference_configs(cfg, 1437, 718, noise_multiplier=None)
+    assert privacy.mode is PrivacyMode.none
+
+
+def test_run_reports_membership_audit(smoke_run):
+    report = read_report(smoke_run)
+    mia = report["audit"]["membership"]
+    assert set(mia["attacks"]) == {"loss", "lira_offline"}
+    for key in ("auc", "tpr_at_fpr_0_001", "tpr_at_fpr_0_01"):
+        assert mia[key] == max(a[key] for a in mia["attacks"].values())  # the auditor's worst case
+        assert 0.0 <= mia[key] <= 1.0
+    assert mia["members"] == mia["nonmembers"] > 0
+    assert mia["dp_bound"]["attacks"]["loss"]["epsilon"] == pytest.approx(report["privacy"]["epsilon"])
+    assert mia["reference_noise_multiplier"] == pytest.approx(report["privacy"]["noise_multiplier"])
+    assert (smoke_run / mia["roc_png"]).stat().st_size > 5000

@@ -1,0 +1,133 @@
+"""`aisec-train-monitor RUN_DIR batch.npz` on clean and shifted digits batches, and on bad input.
+
+The shifted batches are made here with scipy (not with the package's own shift helpers), from held-out digits
+the run's baseline never saw.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from aisec_train.audit import monitor
+from aisec_train.config import DatasetConfig
+from aisec_train.data.dataset import load_dataset
+from tests.conftest import REPO, read_report
+
+
+@pytest.fixture(scope="module")
+def heldout() -> np.ndarray:
+    """The smoke run's held-out inputs not used to calibrate its baseline (N, 8, 8 float32 in [0, 1])."""
+    return load_dataset(DatasetConfig(), seed=0).test.x[1::2, 0].numpy()
+
+
+def clean_batches(x: np.ndarray) -> dict[str, np.ndarray]:
+    return {f"clean_{i}": part for i, part in enumerate(np.array_split(x, 3))}  # three disjoint batches of 60
+
+
+def shifted_batches(x: np.ndarray) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    occluded = x.copy()
+    occluded[:, 2:6, 2:6] = 1.0  # a bright 4x4 sticker over the middle of the digit
+    return {
+        "noise": np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1).astype(np.float32),
+        "rotation": np.clip(ndimage.rotate(x, 30, axes=(1, 2), reshape=False, order=1), 0, 1).astype(np.float32),
+        "occlusion": occluded,
+    }
+
+
+def monitor_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """The console script's entry point, in-process (the subprocess test below covers the installed script)."""
+    with pytest.raises(SystemExit) as exit_:
+        monitor.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return exit_.value.code, out.out, out.err
+
+
+def save(path: Path, x: np.ndarray) -> Path:
+    np.savez(path, x=x)
+    return path
+
+
+def junk(path: Path) -> Path:
+    path.write_text("not a zip archive")
+    return path
+
+
+def test_flags_every_shifted_batch_and_no_clean_one(smoke_run, heldout, tmp_path, capsys):
+    verdicts = {}
+    for name, x in {**clean_batches(heldout), **shifted_batches(heldout[:60])}.items():
+        code, out, _ = monitor_cli(capsys, smoke_run, save(tmp_path / f"{name}.npz", x))
+        verdicts[name] = (code, out)
+    for name, (code, out) in verdicts.items():
+        expected_alarm = not name.startswith("clean")
+        assert code == (1 if expected_alarm else 0), (name, out)
+        assert out.startswith("ALARM: 60 inputs" if expected_alarm else "OK: 60 inputs"), out
+        assert "drift score" in out and "mean confidence" in out
+    assert "input drift: score" in verdicts["noise"][1] and "top: " in verdicts["noise"][1]
+
+
+def test_accepts_the_npz_layouts_of_the_dataset_contract(smoke_run, heldout, tmp_path, capsys):
+    x = heldout[:60]
+    layouts = {
+        "uint8_nhw": np.round(x * 255).astype(np.uint8),
+        "nhwc": x[..., None],
+        "nchw": x[:, None],
+    }
+    for name, arr in layouts.items():
+        code, out, err = monitor_cli(capsys, smoke_run, save(tmp_path / f"{name}.npz", arr))
+        assert code == 0 and out.startswith("OK"), (name, out, err)
+
+
+def test_json_verdict(smoke_run, heldout, tmp_path, capsys):
+    verdict = tmp_path / "verdict.json"
+    code, _, _ = monitor_cli(
+        capsys, smoke_run, save(tmp_path / "n.npz", shifted_batches(heldout)["noise"]), "--json", verdict
+    )
+    data = json.loads(verdict.read_text())
+    assert code == 1 and data["alarm"] and data["drift_score"] > 4 and len(data["feature_z"]) == 128
+
+
+@pytest.mark.parametrize(
+    "make, words",
+    [
+        (lambda d, x: d / "missing.npz", ["does not exist"]),
+        (lambda d, x: save(d / "wrong.npz", np.zeros((4, 28, 28), np.float32)), ["[1, 28, 28]", "[1, 8, 8]"]),
+        (lambda d, x: save(d / "flat.npz", x.reshape(len(x), -1)), ["shape", "expected (N,H,W)"]),
+        (lambda d, x: save(d / "range.npz", x * 5), ["finite values in [0, 1]"]),
+        (lambda d, x: junk(d / "junk.npz"), ["not a readable .npz"]),
+    ],
+    ids=["missing", "wrong-shape", "flat", "range", "not-npz"],
+)
+def test_bad_input_is_one_line_and_exit_2(smoke_run, heldout, tmp_path, capsys, make, words):
+    code, out, err = monitor_cli(capsys, smoke_run, make(tmp_path, heldout[:10]))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("aisec-train-monitor: error: ")
+    for word in words:
+        assert word in err
+
+
+def test_run_without_baseline_is_refused(tmp_path, heldout, capsys):
+    code, _, err = monitor_cli(capsys, tmp_path, save(tmp_path / "b.npz", heldout[:10]))
+    assert code == 2 and "holds no monitor_baseline.json" in err
+
+
+def test_installed_console_script_signals_an_alarm(smoke_run, heldout, tmp_path):
+    batch = save(tmp_path / "rot.npz", shifted_batches(heldout)["rotation"])
+    script = Path(sys.executable).with_name("aisec-train-monitor")
+    proc = subprocess.run([script, smoke_run, batch], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout.startswith("ALARM"), proc.stderr
+
+
+def test_run_self_check_is_in_the_report(smoke_run):
+    report = read_report(smoke_run)
+    checks = report["monitoring"]["self_check"]
+    assert not checks["clean_heldout"]["alarm"]
+    assert all(checks[k]["alarm"] for k in ("gaussian_noise", "rotation", "occlusion"))
+    assert (smoke_run / report["monitoring"]["baseline"]).is_file()
