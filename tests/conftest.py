@@ -45,6 +45,16 @@ def read_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_registry(tmp_path_factory):
+    """Runs launched by the tests register into a throwaway registry, not the project's outputs/registry.json."""
+    path = tmp_path_factory.mktemp("registry") / "registry.json"
+    saved = os.environ.get("AISEC_TRAIN_REGISTRY")
+    os.environ["AISEC_TRAIN_REGISTRY"] = str(path)
+    yield path
+    os.environ.pop("AISEC_TRAIN_REGISTRY") if saved is None else os.environ.__setitem__("AISEC_TRAIN_REGISTRY", saved)
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One real `aisec-train experiment=smoke` run shared by the end-to-end tests."""
