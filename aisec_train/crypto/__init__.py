@@ -11,6 +11,7 @@ from aisec_train.crypto.ckks import (
     generate_keys,
     load_public_context,
     load_secret_context,
+    self_test,
     value_bound,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "generate_keys",
     "load_public_context",
     "load_secret_context",
+    "self_test",
     "value_bound",
 ]

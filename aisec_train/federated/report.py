@@ -8,11 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.crypto import ckks
+from aisec_train.federated.settings import ClientSettings, ServerSettings
+
+PLOT = "federated_accuracy.png"
 
 
-def _mean(values: list[float]) -> float | None:
+def _mean(values: list[float | None]) -> float | None:
     values = [v for v in values if v is not None and math.isfinite(v)]
     return sum(values) / len(values) if values else None
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -20,13 +27,16 @@ def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for r in rounds:
         clients = [c for c in r["clients"] if not c.get("refused")]
-        rows.append({
-            "epoch": r["round"],
-            "loss": _mean([c.get("train_loss") for c in clients]) or math.nan,
-            "train_accuracy": _mean([c.get("train_accuracy") for c in clients]) or math.nan,
-            "test_accuracy": r.get("test_accuracy", math.nan),
-            "epsilon": max([c.get("epsilon", 0.0) for c in r["clients"]], default=0.0),
-        })
+        loss, acc = _mean([c.get("train_loss") for c in clients]), _mean([c.get("train_accuracy") for c in clients])
+        rows.append(
+            {
+                "epoch": r["round"],
+                "loss": math.nan if loss is None else loss,
+                "train_accuracy": math.nan if acc is None else acc,
+                "test_accuracy": r.get("test_accuracy", math.nan),
+                "epsilon": max([c.get("epsilon", 0.0) for c in r["clients"]], default=0.0),
+            }
+        )
     return rows
 
 
@@ -37,41 +47,84 @@ def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot([r["round"] for r in rounds], [r.get("test_accuracy", math.nan) for r in rounds], "o-")
+    xs = [r["round"] for r in rounds]
+    ax.plot(xs, [r.get("test_accuracy", math.nan) for r in rounds], "o-", label="global model, test split")
+    failed = [r["round"] for r in rounds if r["failed"]]
+    if failed:
+        ax.scatter(failed, [0.0] * len(failed), marker="x", color="red", label="failed round (model kept)")
     ax.set_xlabel("round")
-    ax.set_ylabel("global test accuracy")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(xs)
     ax.set_title("federated accuracy per round")
+    ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def add(run, state: dict[str, Any], eps: dict[int, dict[str, Any]], *, resumed_from: int, seconds: float,
-        private: bool, server, client) -> None:
+def _decrypt_s(rounds: list[dict[str, Any]], i: int) -> float | None:
+    """Decryption time of round i's aggregate: at evaluation, else at the start of the next round's training."""
+    measured = _mean(rounds[i].get("decrypt_s", []))
+    if measured or i + 1 >= len(rounds):
+        return measured
+    return _mean([c.get("decrypt_s") for c in rounds[i + 1]["clients"]])
+
+
+def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for i, r in enumerate(rounds):
+        sent = [c for c in r["clients"] if c.get("upload_bytes")]
+        out.append(
+            {
+                "round": r["round"],
+                "test_accuracy": r.get("test_accuracy"),
+                "accepted": r["accepted"],
+                "dropped": r["dropped"],
+                "errors": r.get("errors", []),
+                "refused": r["refused"],
+                "failed": r["failed"],
+                "upload_bytes_per_client": {str(c["partition_id"]): c["upload_bytes"] for c in sent},
+                "encrypt_s": _mean([c.get("encrypt_s") for c in sent]),
+                "aggregate_s": r.get("aggregate_s"),
+                "decrypt_s": _decrypt_s(rounds, i),
+                "train_round_s": r.get("train_round_s"),
+                "round_s": r.get("round_s"),
+                "train_s_per_client": {str(c["partition_id"]): c.get("train_s") for c in r["clients"]},
+                "examples_per_client": {str(c["partition_id"]): c.get("num_examples") for c in r["clients"]},
+            }
+        )
+    return out
+
+
+def add(
+    run,
+    state: dict[str, Any],
+    eps: dict[int, dict[str, Any]],
+    *,
+    resumed_from: int,
+    seconds: float,
+    private: bool,
+    server: ServerSettings,
+    client: ClientSettings,
+    transport: str,
+) -> None:
+    """Add the ``federated`` and ``privacy`` sections and the confidentiality checklist answers."""
     cfg, report = run.cfg, run.report
     fed, rounds = cfg.federated, state["history"]
     num_params = sum(p.numel() for p in run.model.state_dict().values())
-    uploads = [[c["upload_bytes"] for c in r["clients"] if not c.get("refused")] for r in rounds]
-    per_round = [{
-        "round": r["round"],
-        "test_accuracy": r.get("test_accuracy"),
-        "accepted": r["accepted"],
-        "dropped": r["dropped"],
-        "refused": r["refused"],
-        "failed": r["failed"],
-        "upload_bytes_per_client": up,
-        "encrypt_s_per_client": [c.get("encrypt_s") for c in r["clients"] if not c.get("refused")],
-        "aggregate_s": r.get("aggregate_s"),
-        "decrypt_s_mean": _mean(r.get("decrypt_s", [])),
-        "train_s_per_client": [c.get("train_s") for c in r["clients"]],
-    } for r, up in zip(rounds, uploads, strict=True)]
-    all_up = [u for up in uploads for u in up]
-    bytes_per_param = (sum(all_up) / len(all_up) / num_params) if all_up else None
-    plot_accuracy(rounds, run.run_dir / "federated_accuracy.png")
+    rows = per_round(rounds)
+    uploads = [b for row in rows for b in row["upload_bytes_per_client"].values()]
+    bytes_per_param = sum(uploads) / len(uploads) / num_params if uploads else None
+    plot_accuracy(rounds, run.run_dir / PLOT)
+    ckks_section = None
+    if fed.aggregation.value == "ckks":
+        ckks_section = {**vars(fed.ckks), "self_test": _self_test(server, client, num_params)}
     report.add(
         "federated",
         aggregation=fed.aggregation.value,
-        engine="simulation",
+        engine=fed.engine.value,
+        transport=transport,
         rounds=state["round"],
         rounds_planned=fed.rounds,
         clients=fed.clients,
@@ -80,73 +133,152 @@ def add(run, state: dict[str, Any], eps: dict[int, dict[str, Any]], *, resumed_f
         local_epochs=fed.local_epochs,
         num_params=num_params,
         bytes_per_param=bytes_per_param,
-        upload_bytes_per_client_round=_mean(all_up),
-        encrypt_s_per_round=[_mean(r["encrypt_s_per_client"]) for r in per_round],
-        aggregate_s_per_round=[r["aggregate_s"] for r in per_round],
-        decrypt_s_per_round=[r["decrypt_s_mean"] for r in per_round],
-        dropped_clients=sum(r["dropped"] for r in rounds),
-        refused_updates=[dict(x, round=r["round"]) for r in rounds for x in r["refused"]],
-        failed_rounds=[r["round"] for r in rounds if r["failed"]],
-        accuracy_per_round=[r.get("test_accuracy") for r in rounds],
-        accuracy_plot="federated_accuracy.png",
+        upload_bytes_per_client_per_round=[row["upload_bytes_per_client"] for row in rows],
+        encrypt_s_per_round=[row["encrypt_s"] for row in rows],
+        aggregate_s_per_round=[row["aggregate_s"] for row in rows],
+        decrypt_s_per_round=[row["decrypt_s"] for row in rows],
+        train_round_s_per_round=[row["train_round_s"] for row in rows],
+        dropped_clients=[
+            {"round": row["round"], "count": row["dropped"], "errors": row["errors"]} for row in rows if row["dropped"]
+        ],
+        refused_updates=[dict(x, round=row["round"]) for row in rows for x in row["refused"]],
+        failed_rounds=[{"round": row["round"], "reason": row["failed"]} for row in rows if row["failed"]],
+        accuracy_per_round=[row["test_accuracy"] for row in rows],
+        accuracy_plot=PLOT,
         resumed_from_round=resumed_from,
         seconds=seconds,
-        per_round=per_round,
-        ckks=dict(vars(fed.ckks)) if fed.aggregation.value == "ckks" else None,
+        per_round=rows,
+        ckks=ckks_section,
     )
     _privacy(run, eps, private)
-    _checklist(run, rounds, server, client, bytes_per_param)
+    _checklist(run, rows, server, client, bytes_per_param, transport)
+
+
+def _self_test(server: ServerSettings, client: ClientSettings, num_params: int) -> dict[str, Any]:
+    """Aggregation error of this run's keys against plaintext FedAvg, measured on a model-sized update."""
+    secret = ckks.load_secret_context(Path(client.secret_context), client.secret_sha256 or None)
+    public = ckks.load_public_context(Path(server.public_context), server.public_sha256 or None)
+    return {**ckks.self_test(secret, public, n_values=num_params), "public_context_is_private": public.is_private()}
 
 
 def _privacy(run, eps: dict[int, dict[str, Any]], private: bool) -> None:
     cfg, report = run.cfg.privacy, run.report
     if not private or not eps:
-        report.add("privacy", **dict.fromkeys(["epsilon", "delta", "noise_multiplier", "sample_rate", "steps"]),
-                   accountant=None, mode="none")
+        report.add(
+            "privacy",
+            **dict.fromkeys(["epsilon", "delta", "noise_multiplier", "sample_rate", "steps"]),
+            accountant=None,
+            mode="none",
+        )
         report.check("training", "differentially private training (DP-SGD)", "fail", "privacy=none: no DP guarantee")
         return
     worst_id = max(eps, key=lambda pid: eps[pid]["epsilon"])
     worst = eps[worst_id]
     # privacy.epsilon is the max over clients: the guarantee every client's data gets.
-    report.add("privacy", **{k: worst[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps",
-                                                   "accountant")},
-               mode="dpsgd", scope="per client (max over clients)", target_epsilon=cfg.target_epsilon,
-               max_grad_norm=cfg.max_grad_norm, per_client_epsilon={str(k): v["epsilon"] for k, v in eps.items()},
-               max_epsilon_client=worst_id)
+    keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant")
+    report.add(
+        "privacy",
+        **{k: worst[k] for k in keys},
+        mode="dpsgd",
+        # The same {"statement": ...} shape the model card reads for any run.
+        scope={
+            "unit": "client",
+            "statement": f"each of the {len(eps)} federated clients trains on its own partition with its own DP-SGD "
+            f"ledger; the epsilon above is the largest over clients (client {worst_id}) and bounds each client's "
+            "examples in the final model, whose aggregation adds no further privacy cost",
+        },
+        target_epsilon=cfg.target_epsilon,
+        max_grad_norm=cfg.max_grad_norm,
+        per_client_epsilon={str(k): v["epsilon"] for k, v in eps.items()},
+        per_client_steps={str(k): v["steps"] for k, v in eps.items()},
+        max_epsilon_client=worst_id,
+    )
     within = cfg.target_epsilon is None or worst["epsilon"] <= cfg.target_epsilon + 1e-9
-    report.check("training", "differentially private training (DP-SGD)", "pass" if within else "fail",
-                 f"each of {len(eps)} clients runs DP-SGD with its own ledger; max epsilon {worst['epsilon']:.3f} "
-                 f"(client {worst_id}, delta {worst['delta']:g}, {worst['accountant']}, {worst['steps']} steps, noise "
-                 f"{worst['noise_multiplier']:.3f}); per client: "
-                 + ", ".join(f"{k}: {v['epsilon']:.3f}" for k, v in eps.items()) + f"; target {cfg.target_epsilon}")
+    report.check(
+        "training",
+        "differentially private training (DP-SGD)",
+        "pass" if within else "fail",
+        f"each of {len(eps)} clients runs DP-SGD with its own ledger; max epsilon {worst['epsilon']:.3f} "
+        f"(client {worst_id}, delta {worst['delta']:g}, {worst['accountant']}, {worst['steps']} steps, noise "
+        f"{worst['noise_multiplier']:.3f}); per client: "
+        + ", ".join(f"{k}: {v['epsilon']:.3f}" for k, v in eps.items())
+        + f"; target {cfg.target_epsilon}",
+    )
 
 
-def _checklist(run, rounds, server, client, bytes_per_param) -> None:
+def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param, transport: str) -> None:
     report, fed = run.report, run.cfg.federated
-    report.check("data pipeline", "training data stays in its silo (federated training)", "pass",
-                 f"{fed.clients} Flower clients trained on disjoint {fed.partition.kind.value} partitions for "
-                 f"{len(rounds)} round(s); only model updates left a client")
+    report.check(
+        "data pipeline",
+        "training data stays in its silo (federated training)",
+        "pass",
+        f"{fed.clients} Flower clients ({fed.engine.value} engine) trained on disjoint "
+        f"{fed.partition.kind.value} partitions for {len(rows)} round(s); only model updates left a client",
+    )
     if fed.aggregation.value == "ckks":
-        pub = ckks.load_public_context(Path(server.public_context), server.public_sha256)
-        mode = stat.S_IMODE(Path(client.secret_context).stat().st_mode)
-        report.check("deployment", "aggregation server never sees a client update (encrypted aggregation)", "pass",
-                     f"CKKS N={fed.ckks.poly_modulus_degree} {list(fed.ckks.coeff_mod_bit_sizes)} scale "
-                     f"2^{fed.ckks.global_scale_bits}: the server added {sum(len(r['accepted']) for r in rounds)} "
-                     f"encrypted updates ({bytes_per_param:.1f} bytes/param) and returned ciphertext aggregates")
-        report.check("deployment", "aggregation server holds no key material", "pass",
-                     f"server context is_private()={pub.is_private()} (sha256 {server.public_sha256[:16]}...); the "
-                     f"secret context sits under client_keys/ with mode {mode:o}, read only by client code")
+        _ckks_checks(run, rows, server, client, bytes_per_param)
     else:
-        report.check("deployment", "aggregation server never sees a client update (encrypted aggregation)", "fail",
-                     "federated.aggregation=plaintext: the server sees every client's weights")
-    refused = [x for r in rounds for x in r["refused"]]
-    report.check("training", "poisoned or corrupt client updates refused (NaN/inf, norm bound)", "pass",
-                 f"{len(refused)} update(s) refused "
-                 + (", ".join(f"client {x['client']} ({x['reason']}, by {x['by']})" for x in refused) or "")
-                 + f"; L2 bound {fed.max_update_norm} checked by clients before encryption"
-                 + (" and by the server" if fed.aggregation.value == "plaintext" else ""))
-    dropped = sum(r["dropped"] for r in rounds)
-    failed = [r["round"] for r in rounds if r["failed"]]
-    report.check("monitoring", "client dropouts tolerated with a quorum", "pass" if not failed else "fail",
-                 f"{dropped} client answer(s) missing over {len(rounds)} round(s); quorum {fed.min_clients}; "
-                 f"failed rounds: {failed or 'none'}")
+        report.check(
+            "deployment",
+            "aggregation server never sees a client update (encrypted aggregation)",
+            "fail",
+            "federated.aggregation=plaintext: the server sees every client's weights",
+        )
+    secure = transport.startswith("tls")
+    report.check(
+        "deployment",
+        "federated transport encrypted (TLS to the SuperLink)",
+        "pass" if secure else ("not_applicable" if transport == "in-process" else "fail"),
+        {"in-process": "simulation engine: clients and server share one process, nothing crosses a network"}.get(
+            transport, f"SuperLink connection: {transport}"
+        ),
+    )
+    refused = [dict(x, round=row["round"]) for row in rows for x in row["refused"]]
+    report.check(
+        "training",
+        "poisoned or corrupt client updates refused (NaN/inf, norm bound)",
+        "pass",
+        f"{len(refused)} update(s) refused"
+        + "".join(f"; round {x['round']} client {x['client']} ({x['reason']}, by {x['by']})" for x in refused)
+        + f"; L2 bound {fed.max_update_norm} checked by each client before encryption"
+        + (" and by the server" if fed.aggregation.value == "plaintext" else ""),
+    )
+    dropped = sum(row["dropped"] for row in rows)
+    failed = [row["round"] for row in rows if row["failed"]]
+    report.check(
+        "monitoring",
+        "client dropouts tolerated with a quorum",
+        "pass" if not failed else "fail",
+        f"{dropped} client answer(s) missing over {len(rows)} round(s); quorum {fed.min_clients}; "
+        f"failed rounds (global model kept): {failed or 'none'}",
+    )
+
+
+def _ckks_checks(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param) -> None:
+    report, fed = run.report, run.cfg.federated
+    test = report.get("federated.ckks.self_test")
+    accepted = sum(len(row["accepted"]) for row in rows)
+    ok = test["max_abs_error"] <= 1e-6 and accepted > 0
+    report.check(
+        "deployment",
+        "aggregation server never sees a client update (encrypted aggregation)",
+        "pass" if ok else "fail",
+        f"CKKS N={fed.ckks.poly_modulus_degree} {list(fed.ckks.coeff_mod_bit_sizes)} scale "
+        f"2^{fed.ckks.global_scale_bits}: the server added {accepted} encrypted update(s) "
+        f"({_fmt(bytes_per_param)} bytes/param uploaded) and returned ciphertext aggregates; aggregation "
+        f"error vs plaintext FedAvg {test['max_abs_error']:.2e} over {test['n_values']} values",
+    )
+    secret = Path(client.secret_context)
+    mode, dir_mode = stat.S_IMODE(secret.stat().st_mode), stat.S_IMODE(secret.parent.stat().st_mode)
+    server_dir = Path(server.public_context).resolve().parent
+    apart = not secret.resolve().is_relative_to(server_dir)
+    ok = not test["public_context_is_private"] and not test["public_context_decrypts"] and apart and mode == 0o600
+    report.check(
+        "deployment",
+        "aggregation server holds no key material",
+        "pass" if ok else "fail",
+        f"server context is_private()={test['public_context_is_private']} and cannot decrypt "
+        f"(decrypt attempt refused: {not test['public_context_decrypts']}); sha256 "
+        f"{server.public_sha256[:16]}...; the secret context sits outside the server's folder in "
+        f"{secret.parent.name}/ (dir mode {dir_mode:o}, file mode {mode:o}), read only by client code",
+    )

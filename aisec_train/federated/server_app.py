@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from aisec_train.config import Aggregation
 from aisec_train.federated.settings import ServerSettings
-from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record
+from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record, wait_for_nodes
 from aisec_train.federated.task import initial_model, load_job
 
 log = logging.getLogger("aisec_train.federated")
@@ -32,7 +32,9 @@ def make_app(settings: ServerSettings | None = None) -> ServerApp:
         # 2. Resume from the last completed round, or start from the seeded initial model.
         state = load_state(s.state_dir)
         done = state["round"] if state else 0
-        arrays = state_to_record(state["model"]) if state else ArrayRecord(initial_model(job, cfg.train.seed).state_dict())
+        arrays = (
+            state_to_record(state["model"]) if state else ArrayRecord(initial_model(job, cfg.train.seed).state_dict())
+        )
         last = min(fed.rounds, fed.stop_after_round or fed.rounds)
         if done >= last:
             log.info("federated: %d round(s) already complete", done)
@@ -45,10 +47,12 @@ def make_app(settings: ServerSettings | None = None) -> ServerApp:
             state_dir=s.state_dir,
             public_context=s.public_context,
             public_sha256=s.public_sha256,
+            evaluate=fed.evaluate,
             round_offset=done,
             history=state["history"] if state else None,
         )
-        # 4. Run the remaining rounds; every round's state is saved atomically by the strategy.
+        # 4. Wait for the whole federation (a SuperNode may connect late), then run the remaining rounds.
+        wait_for_nodes(grid, fed.clients, fed.round_timeout_s)
         strategy.start(
             grid=grid,
             initial_arrays=arrays,

@@ -1,8 +1,9 @@
 """Pipeline hook: federated training replaces central training when ``federated.mode`` is not ``none``.
 
-    keys (client_keys/ 0600, federated/server/ public) -> job.json -> Flower simulation (Ray) -> final model -> report
+    keys (client_keys/ 0600, federated/server/ public) -> job.json -> engine (simulation | deployment)
+    -> final model -> report
 
-The job process acts for the data owners: it creates the CKKS keys, starts the simulation, and at the end
+The job process acts for the data owners: it creates the CKKS keys, starts the engine, and at the end
 decrypts the last aggregate with the clients' key to hand the final global model to the later stages
 (evaluate, robustness, outputs). The ServerApp is only ever given the public context's path.
 """
@@ -17,23 +18,30 @@ from typing import Any
 
 import torch
 
-from aisec_train.config import Aggregation, PrivacyMode
+from aisec_train.config import Aggregation, ConfigError, Engine, PrivacyMode
 from aisec_train.crypto import ckks
 from aisec_train.federated import report as fed_report
 from aisec_train.federated.settings import ClientSettings, ServerSettings
-from aisec_train.federated.task import client_epsilons, initial_model, unflatten, write_job
+from aisec_train.federated.strategy import load_state
+from aisec_train.federated.task import client_epsilons, initial_model, load_job, unflatten, write_job
 from aisec_train.train.loop import TrainResult, resolve_device
 
 log = logging.getLogger("aisec_train.federated")
+CLIENT_KEY_DIR = "client_keys"  # beside federated/, never inside the server's folder
 
 
 def prepare(run) -> tuple[ServerSettings, ClientSettings]:
     """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
     cfg, data = run.cfg, run.data
-    fed_dir, key_dir = run.run_dir / "federated", run.run_dir / "client_keys"
-    meta = {"name": cfg.model.name.value, "in_channels": data.in_channels, "num_classes": data.num_classes,
-            "image_size": data.image_size}
+    fed_dir, key_dir = run.run_dir / "federated", run.run_dir / CLIENT_KEY_DIR
+    meta = {
+        "name": cfg.model.name.value,
+        "in_channels": data.in_channels,
+        "num_classes": data.num_classes,
+        "image_size": data.image_size,
+    }
     job = write_job(cfg, fed_dir / "job.json", model_meta=meta, manifest_sha256=data.manifest_sha256)
+    load_job.cache_clear()  # a resumed run may have rewritten job.json with new overrides
     server = ServerSettings(job=str(job), state_dir=str(fed_dir / "server"))
     client = ClientSettings(job=str(job), state_dir=str(run.run_dir / "client_state"))
     if cfg.federated.aggregation is Aggregation.ckks:
@@ -44,16 +52,16 @@ def prepare(run) -> tuple[ServerSettings, ClientSettings]:
 
 
 def _keys(cc, key_dir: Path, server_dir: Path) -> ckks.KeyPaths:
+    params = ckks.CkksParams(cc.poly_modulus_degree, tuple(cc.coeff_mod_bit_sizes), cc.global_scale_bits, cc.encryption)
     secret, public = key_dir / ckks.SECRET_FILE, server_dir / ckks.PUBLIC_FILE
     if secret.exists() and public.exists():  # a resumed run keeps its keys: the saved aggregate needs them
         digest = lambda p: p.with_name(p.name + ".sha256").read_text().strip()  # noqa: E731
         return ckks.KeyPaths(secret, public, digest(secret), digest(public))
-    params = ckks.CkksParams(cc.poly_modulus_degree, tuple(cc.coeff_mod_bit_sizes), cc.global_scale_bits, cc.encryption)
     return ckks.generate_keys(params, key_dir, server_dir, overwrite=True)
 
 
-def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> None:
-    """Flower's simulation engine (Ray) in this process, capped to this machine's CPUs."""
+def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> str:
+    """Flower's simulation engine (Ray) in this process, with the configured resources per client."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from aisec_train.federated import client_app, server_app
@@ -61,8 +69,11 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> None:
     fed = cfg.federated
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
-        "init_args": {"num_cpus": fed.ray_num_cpus or os.cpu_count() or 1, "include_dashboard": False,
-                      "log_to_driver": False},
+        "init_args": {
+            "num_cpus": fed.ray_num_cpus or os.cpu_count() or 1,
+            "include_dashboard": False,
+            "log_to_driver": False,
+        },
     }
     flwr_run_simulation(
         server_app=server_app.make_app(server),
@@ -70,12 +81,11 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> None:
         num_supernodes=fed.clients,
         backend_config=backend_config,
     )
+    return "in-process"
 
 
 def final_model(run, server: ServerSettings, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
     """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp)."""
-    from aisec_train.federated.task import load_job
-
     cfg, job = load_job(server.job)
     model = initial_model(job, cfg.train.seed)
     saved = state["model"]
@@ -87,14 +97,21 @@ def final_model(run, server: ServerSettings, client: ClientSettings, state: dict
 
 
 def train_federated(run) -> None:
-    from aisec_train.federated.strategy import load_state
-
     cfg = run.cfg
     run.device = resolve_device(cfg.train.device)
+    gpus = cfg.federated.client_gpus
+    if cfg.federated.engine is Engine.simulation and gpus > 0 and not torch.cuda.is_available():
+        # Checked before anything is written: Ray would otherwise wait for a GPU forever.
+        raise ConfigError(f"federated.client_gpus={gpus} is not allowed: this machine has no CUDA device")
     server, client = prepare(run)
     before = load_state(Path(server.state_dir))
     started = time.perf_counter()
-    run_simulation(cfg, server, client)
+    if cfg.federated.engine is Engine.deployment:
+        from aisec_train.federated.deploy import run_deployment
+
+        transport = run_deployment(cfg, server, client, run.run_dir / "federated")
+    else:
+        transport = run_simulation(cfg, server, client)
     seconds = time.perf_counter() - started
     state = load_state(Path(server.state_dir))
     if state is None:
@@ -103,5 +120,14 @@ def train_federated(run) -> None:
     eps = client_epsilons(client.state_path, cfg.federated.clients)
     history = fed_report.history_rows(state["history"])
     run.result = TrainResult(run.model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
-    fed_report.add(run, state, eps, resumed_from=before["round"] if before else 0, seconds=seconds,
-                   private=cfg.privacy.mode is PrivacyMode.dpsgd, server=server, client=client)
+    fed_report.add(
+        run,
+        state,
+        eps,
+        resumed_from=before["round"] if before else 0,
+        seconds=seconds,
+        private=cfg.privacy.mode is PrivacyMode.dpsgd,
+        server=server,
+        client=client,
+        transport=transport,
+    )

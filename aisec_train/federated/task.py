@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 
-from aisec_train.config import Config, PartitionKind, PrivacyMode, to_config
+from aisec_train.config import Config, InjectConfig, PartitionKind, PrivacyMode, to_config
 from aisec_train.data.dataset import Split, load_dataset
 from aisec_train.models import build_model
 from aisec_train.train import checkpoint
@@ -59,7 +59,9 @@ def load_job(path: str) -> tuple[Config, dict[str, Any]]:
 def initial_model(job: dict[str, Any], seed: int) -> nn.Module:
     """The seeded initial global model: the same weights central training would start from."""
     torch.manual_seed(seed)
-    return build_model(job["model"]["name"], **{k: job["model"][k] for k in ("in_channels", "num_classes", "image_size")})
+    return build_model(
+        job["model"]["name"], **{k: job["model"][k] for k in ("in_channels", "num_classes", "image_size")}
+    )
 
 
 # ---- partitions ----------------------------------------------------------------------------------------------
@@ -94,7 +96,11 @@ def client_data(job_path: str, partition_id: int) -> tuple[Split, Split]:
     data = load_dataset(cfg.dataset, seed=cfg.train.seed)
     fed, seed = cfg.federated, cfg.train.seed
     train_parts = partition_indices(
-        data.train.y.numpy(), fed.clients, kind=fed.partition.kind, alpha=fed.partition.alpha, seed=seed,
+        data.train.y.numpy(),
+        fed.clients,
+        kind=fed.partition.kind,
+        alpha=fed.partition.alpha,
+        seed=seed,
         min_size=fed.partition.min_size,
     )
     test_parts = partition_indices(data.test.y.numpy(), fed.clients, kind=PartitionKind.iid, alpha=1.0, seed=seed + 1)
@@ -115,6 +121,19 @@ def unflatten(vector: np.ndarray, template: dict[str, torch.Tensor]) -> dict[str
     if offset != vector.size:
         raise ValueError(f"vector has {vector.size} values, the model {offset}")
     return out
+
+
+def apply_drill(inject: InjectConfig, partition_id: int, server_round: int, delta: np.ndarray) -> np.ndarray:
+    """Fault drills from ``federated.inject``: a crash, a NaN update or an over-norm (x1e4) update."""
+    if inject.round not in (0, server_round):
+        return delta
+    if partition_id in inject.crash:
+        raise RuntimeError(f"client {partition_id}: injected crash (federated.inject.crash) in round {server_round}")
+    if partition_id in inject.nan:
+        return np.where(np.arange(delta.size) == 0, np.nan, delta)
+    if partition_id in inject.scale:
+        return delta * 1e4
+    return delta
 
 
 def check_update(delta: np.ndarray, max_norm: float) -> str | None:
@@ -156,12 +175,23 @@ def _calibrated_ledger(cfg: Config, n: int) -> dict[str, Any]:
         epochs=fed.rounds * fed.local_epochs,
         accountant=priv.accountant.value,
     )
-    return {"accountant": priv.accountant.value, "delta": priv.delta, "history": [], "noise_multiplier": noise,
-            "sample_rate": sample_rate}
+    return {
+        "accountant": priv.accountant.value,
+        "delta": priv.delta,
+        "history": [],
+        "noise_multiplier": noise,
+        "sample_rate": sample_rate,
+    }
 
 
-def local_round(job_path: str, partition_id: int, global_state: dict[str, torch.Tensor], server_round: int,
-                state_dir: Path, threads: int = 1) -> LocalResult:
+def local_round(
+    job_path: str,
+    partition_id: int,
+    global_state: dict[str, torch.Tensor],
+    server_round: int,
+    state_dir: Path,
+    threads: int = 1,
+) -> LocalResult:
     """Train the global model on this client's partition with the spine's loop (DP-SGD, the client's ledger)."""
     torch.set_num_threads(max(1, threads))
     cfg, job = load_job(job_path)
@@ -174,15 +204,35 @@ def local_round(job_path: str, partition_id: int, global_state: dict[str, torch.
     model = initial_model(job, cfg.train.seed)
     model.load_state_dict(global_state)
     seed = cfg.train.seed + 1000 * (partition_id + 1) + server_round  # distinct noise per client and round
-    train_cfg = dataclasses.replace(cfg.train, epochs=fed.local_epochs, batch_size=fed.batch_size,
-                                    lr=fed.lr or cfg.train.lr, seed=seed)
+    # A local round is a handful of steps: the central run's weight average would drag it back to the global model.
+    train_cfg = dataclasses.replace(
+        cfg.train,
+        epochs=fed.local_epochs,
+        batch_size=fed.batch_size,
+        lr=fed.lr or cfg.train.lr,
+        seed=seed,
+        ema_decay=fed.ema_decay,
+    )
     torch.manual_seed(seed)
-    resume = {"model": global_state, "optimizer": build_optimizer(model, train_cfg).state_dict(), "ledger": ledger,
-              "history": [], "epoch": 0, "rng": torch.get_rng_state()}
+    resume = {
+        "model": global_state,
+        "optimizer": build_optimizer(model, train_cfg).state_dict(),
+        "ledger": ledger,
+        "history": [],
+        "epoch": 0,
+        "rng": torch.get_rng_state(),
+    }
     started = time.perf_counter()
     try:
-        result = train(model, train_split, train_cfg=train_cfg, privacy_cfg=cfg.privacy,
-                       device=resolve_device(cfg.train.device), resume=resume, progress=False)
+        result = train(
+            model,
+            train_split,
+            train_cfg=train_cfg,
+            privacy_cfg=cfg.privacy,
+            device=resolve_device(cfg.train.device),
+            resume=resume,
+            progress=False,
+        )
     except BudgetExhausted:
         flat = flatten(global_state)
         return LocalResult(flat, np.zeros_like(flat), len(train_split), {"epsilon": _eps(ledger)}, refused="budget")

@@ -1,0 +1,212 @@
+"""Federated building blocks without an engine: partitions, the strategy's FedAvg, refusals, quorum, config.
+
+The strategy is fed real Flower ``Message`` objects (the ones a Grid returns) and real TenSEAL ciphertexts;
+the whole apps run under the real engines in test_federated_sim.py and test_federated_deployment.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from aisec_train.config import ConfigError, PartitionKind, to_config
+from aisec_train.crypto import CkksParams, decrypt_aggregate, encrypt_update, generate_keys, load_secret_context
+from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, ckks_record, load_state
+from aisec_train.federated.task import check_update, flatten, partition_indices, unflatten
+from tests.conftest import run_cli
+from tests.test_config import compose_config
+
+LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
+
+
+# ---- partitions -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", [PartitionKind.iid, PartitionKind.dirichlet])
+def test_partitions_are_disjoint_cover_everything_and_are_seeded(kind):
+    parts = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=3, min_size=10)
+    joined = np.concatenate(parts)
+    assert len(joined) == len(LABELS) and len(np.unique(joined)) == len(LABELS)
+    assert min(len(p) for p in parts) >= 10
+    again = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=3, min_size=10)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    other = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=4, min_size=10)
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+
+
+def _label_skew(parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each client's label mix and the global one."""
+    total = np.bincount(LABELS, minlength=10) / len(LABELS)
+    return float(np.mean([0.5 * np.abs(np.bincount(LABELS[p], minlength=10) / len(p) - total).sum() for p in parts]))
+
+
+def test_dirichlet_alpha_controls_label_skew():
+    skew = {
+        alpha: _label_skew(partition_indices(LABELS, 4, kind=PartitionKind.dirichlet, alpha=alpha, seed=0))
+        for alpha in (0.1, 1.0, 100.0)
+    }
+    iid = _label_skew(partition_indices(LABELS, 4, kind=PartitionKind.iid, alpha=1.0, seed=0))
+    assert skew[0.1] > skew[1.0] > skew[100.0]
+    assert skew[0.1] > 0.4 and iid < 0.1 and skew[100.0] < 0.1
+
+
+def test_partition_refuses_too_many_clients():
+    with pytest.raises(ValueError, match="cannot give"):
+        partition_indices(LABELS[:20], 4, kind=PartitionKind.iid, alpha=1.0, seed=0, min_size=10)
+
+
+def test_check_update_refuses_nan_inf_and_norm():
+    assert check_update(np.ones(4), 3.0) is None
+    assert check_update(np.array([1.0, np.nan]), 3.0) == "nan"
+    assert check_update(np.array([1.0, np.inf]), 3.0) == "nan"
+    assert check_update(np.full(4, 2.0), 3.0) == "norm"  # L2 norm 4
+
+
+# ---- the strategy on real Flower messages ---------------------------------------------------------------
+class Nodes:
+    """The part of a Grid that sampling reads: which SuperNodes are connected."""
+
+    def __init__(self, n: int) -> None:
+        self.ids = list(range(1, n + 1))
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+@pytest.fixture
+def server_identity():
+    """What a ServerApp process has set before it creates messages."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+
+
+TEMPLATE = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+
+
+def _reply(msg: Message, pid: int, arrays: ArrayRecord, n: int, refused: int = 0) -> Message:
+    metrics = MetricRecord({"partition-id": pid, "num-examples": n, "refused": refused, "upload-bytes": 1})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _start(strategy: SecureFedAvg, n_nodes: int, global_state: dict) -> list[Message]:
+    return strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), Nodes(n_nodes))
+
+
+def test_plaintext_fedavg_is_the_weighted_mean_and_the_server_refuses_bad_updates(tmp_path, server_identity):
+    strategy = SecureFedAvg(aggregation="plaintext", min_clients=2, max_update_norm=5.0, state_dir=tmp_path)
+    msgs = _start(strategy, 4, TEMPLATE)
+    rng = np.random.default_rng(0)
+    good = [
+        {k: v + torch.as_tensor(rng.normal(0, 0.1, v.shape), dtype=v.dtype) for k, v in TEMPLATE.items()}
+        for _ in range(2)
+    ]
+    nan = {k: v.clone() for k, v in TEMPLATE.items()}
+    nan["b"][0] = float("nan")
+    big = {k: v + 100.0 for k, v in TEMPLATE.items()}  # clients 2 and 3 skipped their own check
+    replies = [
+        _reply(m, i, ArrayRecord(s), n)
+        for i, (m, s, n) in enumerate(zip(msgs, [*good, nan, big], [30, 10, 5, 5], strict=True))
+    ]
+    arrays, summary = strategy.aggregate_train(1, replies)
+
+    reference = (30 * flatten(good[0]) + 10 * flatten(good[1])) / 40
+    np.testing.assert_allclose(flatten(arrays.to_torch_state_dict()), reference, atol=1e-6)
+    row = strategy.history[-1]
+    assert row["accepted"] == [0, 1] and row["failed"] is None and row["dropped"] == 0
+    assert {(r["client"], r["reason"], r["by"]) for r in row["refused"]} == {
+        (2, "nan", "server"),
+        (3, "norm", "server"),
+    }
+    assert summary["refused"] == 2
+    saved = load_state(tmp_path)
+    assert saved["round"] == 1 and saved["model"]["kind"] == "plaintext"
+
+
+def test_below_quorum_the_round_fails_and_the_global_model_is_kept(tmp_path, server_identity):
+    strategy = SecureFedAvg(aggregation="plaintext", min_clients=3, max_update_norm=5.0, state_dir=tmp_path)
+    msgs = _start(strategy, 4, TEMPLATE)
+    moved = {k: v + 0.1 for k, v in TEMPLATE.items()}
+    # Client 0 answers, client 1 crashed, client 2 refused itself, client 3 never answered (timeout).
+    replies = [
+        _reply(msgs[0], 0, ArrayRecord(moved), 10),
+        Message(Error(code=0, reason="x\nclient 1: boom"), reply_to=msgs[1]),
+        _reply(msgs[2], 2, ArrayRecord(), 10, refused=1),
+    ]
+    arrays, summary = strategy.aggregate_train(1, replies)
+    assert arrays is None and summary["accepted"] == 1
+    row = strategy.history[-1]
+    assert row["dropped"] == 2 and row["errors"] == ["client 1: boom"]
+    assert row["refused"] == [{"client": 2, "reason": "nan", "by": "client"}]
+    assert "federated.min_clients=3" in row["failed"]
+    kept = load_state(tmp_path)["model"]["tensors"]
+    assert all(torch.equal(kept[k], TEMPLATE[k]) for k in TEMPLATE)
+
+
+def test_ckks_strategy_adds_ciphertexts_equal_to_plaintext_fedavg(tmp_path, server_identity):
+    keys = generate_keys(CkksParams(), tmp_path / "client_keys", tmp_path / "server")
+    secret = load_secret_context(keys.secret_context)
+    strategy = SecureFedAvg(
+        aggregation="ckks",
+        min_clients=2,
+        max_update_norm=5.0,
+        state_dir=tmp_path / "server",
+        public_context=str(keys.public_context),
+        public_sha256=keys.public_sha256,
+    )
+    assert not strategy.public_ctx.is_private()
+    msgs = _start(strategy, 3, TEMPLATE)
+    rng = np.random.default_rng(1)
+    updates, weights = [rng.normal(0, 0.05, 16) for _ in range(3)], [120, 7, 33]
+    replies = [
+        _reply(m, i, ckks_record(encrypt_update(u, w, secret)), w)
+        for i, (m, u, w) in enumerate(zip(msgs, updates, weights, strict=True))
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    mean = decrypt_aggregate(ckks_payload(arrays), secret)  # on a client, next round
+    np.testing.assert_allclose(mean, np.average(updates, axis=0, weights=weights), atol=1e-6)
+    assert unflatten(mean, TEMPLATE)["w"].shape == (3, 4)
+    assert load_state(tmp_path / "server")["model"]["kind"] == "ckks"
+
+
+# ---- configuration ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["federated.min_clients=9", "federated.clients=4"],
+            "federated.min_clients=9 is not allowed: must be in [1, federated.clients=4]",
+        ),
+        (["federated.inject.crash=[5]"], "federated.inject=[5] is not allowed"),
+        (
+            [
+                "federated.engine=deployment",
+                "federated.deployment.superlink=10.1.2.3:9093",
+                "federated.deployment.insecure=true",
+            ],
+            "federated.deployment.insecure=True is not allowed",
+        ),
+        (["federated.engine=deployment"], "federated.deployment.root_certificates=None is not allowed"),
+        (["federated.ckks.coeff_mod_bit_sizes=[60,60]"], "totals 120 bits"),
+        (["federated.ema_decay=1.5"], "federated.ema_decay=1.5 is not allowed"),
+    ],
+)
+def test_bad_federated_values_name_the_key_the_value_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        to_config(compose_config("experiment=federated_he", *overrides))
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_cli_refuses_a_quorum_above_the_clients_with_exit_2_and_writes_nothing(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "experiment=federated_he", "federated.min_clients=9", "federated.clients=4", f"hydra.run.dir={run_dir}"
+    )
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "aisec-train: error: federated.min_clients=9 is not allowed: must be in [1, federated.clients=4]"
+    ), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not any((run_dir / p).exists() for p in ("report.json", "client_keys", "federated", "client_state"))
