@@ -425,7 +425,7 @@ class FederatedConfig:
     stop_after_round: int = 0  # > 0 ends the run early after that round (a resume drill); 0 = never
     # Simulation engine (Ray): resources per client and the cap on the whole Ray runtime.
     client_cpus: float = 1.0
-    client_gpus: float = 0.0
+    client_gpus: float | None = None  # None: a share of the node's GPUs when training on CUDA, else 0
     ray_num_cpus: int | None = None  # None: os.cpu_count()
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
@@ -444,7 +444,8 @@ class FederatedConfig:
         require(self.max_update_norm > 0, "federated.max_update_norm", self.max_update_norm, "must be > 0")
         require(self.stop_after_round >= 0, "federated.stop_after_round", self.stop_after_round, "must be >= 0")
         require(self.client_cpus > 0, "federated.client_cpus", self.client_cpus, "must be > 0")
-        require(0 <= self.client_gpus <= 1, "federated.client_gpus", self.client_gpus, "must be in [0, 1]")
+        ok = self.client_gpus is None or 0 <= self.client_gpus <= 1
+        require(ok, "federated.client_gpus", self.client_gpus, "must be in [0, 1] or null")
         ok = self.ray_num_cpus is None or self.ray_num_cpus >= 1
         require(ok, "federated.ray_num_cpus", self.ray_num_cpus, "must be >= 1 or null")
         ids = self.inject.crash + self.inject.nan + self.inject.scale

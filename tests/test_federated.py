@@ -210,3 +210,17 @@ def test_cli_refuses_a_quorum_above_the_clients_with_exit_2_and_writes_nothing(t
     ), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not any((run_dir / p).exists() for p in ("report.json", "client_keys", "federated", "client_state"))
+
+
+def test_client_gpu_share_follows_the_training_device():
+    from aisec_train.config import FederatedConfig, FederatedMode
+    from aisec_train.federated.stage import client_gpu_share
+
+    fed = FederatedConfig(mode=FederatedMode.fedavg, clients=4)
+    assert client_gpu_share(fed, torch.device("cpu")) == 0.0  # null on the CPU: no GPU asked of Ray
+    assert client_gpu_share(fed, torch.device("cuda")) == min(1.0, torch.cuda.device_count() / 4)
+    fed.client_gpus = 0.5
+    assert client_gpu_share(fed, torch.device("cuda")) == 0.5
+    fed.client_gpus = 0.0  # Ray would hide the GPU from clients told to train on it
+    with pytest.raises(ConfigError, match="federated.client_gpus=0 is not allowed with train.device on CUDA"):
+        client_gpu_share(fed, torch.device("cuda"))

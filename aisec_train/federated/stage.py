@@ -60,7 +60,22 @@ def _keys(cc, key_dir: Path, server_dir: Path) -> ckks.KeyPaths:
     return ckks.generate_keys(params, key_dir, server_dir, overwrite=True)
 
 
-def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> str:
+def client_gpu_share(fed, device: torch.device) -> float:
+    """Each simulated client's Ray GPU share. Ray hides the GPUs from a client that asked for none, so on a
+    CUDA run the default (null) spreads the node's GPUs over the clients, and an explicit 0 is refused."""
+    if fed.client_gpus is not None:
+        if device.type == "cuda" and fed.client_gpus == 0:
+            raise ConfigError(
+                "federated.client_gpus=0 is not allowed with train.device on CUDA: the clients would see no GPU; "
+                "leave it null or give each client a share in (0, 1]"
+            )
+        return fed.client_gpus
+    if device.type != "cuda":
+        return 0.0
+    return min(1.0, torch.cuda.device_count() / fed.clients)
+
+
+def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float) -> str:
     """Flower's simulation engine (Ray) in this process, with the configured resources per client."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -68,7 +83,7 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings) -> str:
 
     fed = cfg.federated
     backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": fed.client_gpus},
+        "client_resources": {"num_cpus": fed.client_cpus, "num_gpus": gpu_share},
         "init_args": {
             "num_cpus": fed.ray_num_cpus or os.cpu_count() or 1,
             "include_dashboard": False,
@@ -99,9 +114,9 @@ def final_model(run, server: ServerSettings, client: ClientSettings, state: dict
 def train_federated(run) -> None:
     cfg = run.cfg
     run.device = resolve_device(cfg.train.device)
-    gpus = cfg.federated.client_gpus
+    # Checked before anything is written: Ray would otherwise wait for a GPU forever, or hide it from clients.
+    gpus = client_gpu_share(cfg.federated, run.device) if cfg.federated.engine is Engine.simulation else 0.0
     if cfg.federated.engine is Engine.simulation and gpus > 0 and not torch.cuda.is_available():
-        # Checked before anything is written: Ray would otherwise wait for a GPU forever.
         raise ConfigError(f"federated.client_gpus={gpus} is not allowed: this machine has no CUDA device")
     server, client = prepare(run)
     before = load_state(Path(server.state_dir))
@@ -111,7 +126,7 @@ def train_federated(run) -> None:
 
         transport = run_deployment(cfg, server, client, run.run_dir / "federated")
     else:
-        transport = run_simulation(cfg, server, client)
+        transport = run_simulation(cfg, server, client, gpus)
     seconds = time.perf_counter() - started
     state = load_state(Path(server.state_dir))
     if state is None:
