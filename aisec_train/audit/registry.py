@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -34,6 +33,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from aisec_train.hashing import sha256_file
 
 REGISTRY_ENV = "AISEC_TRAIN_REGISTRY"
 DEFAULT_REGISTRY = Path("outputs") / "registry.json"
@@ -53,14 +54,6 @@ class RegistryError(RuntimeError):
 # The registry verifies and copies bytes; it never unpickles a checkpoint. So it reads the same hash sidecar
 # as aisec_train.train.checkpoint (``NAME.sha256`` holding "DIGEST  NAME") without importing torch or the
 # data stack, which keeps the command instant on a 2-core box.
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def recorded_hash(model: Path) -> str:
     sidecar = model.with_name(model.name + ".sha256")
     try:
@@ -72,7 +65,7 @@ def recorded_hash(model: Path) -> str:
 def verify(path: Path, expected: str) -> None:
     if not path.is_file():
         raise RegistryError(f"checkpoint {path} does not exist")
-    actual = sha256_of(path)
+    actual = sha256_file(path)
     if actual != expected:
         raise RegistryError(
             f"checkpoint {path} has SHA-256 {actual}, expected {expected}: refusing a tampered checkpoint"
@@ -99,7 +92,7 @@ def _atomic_copy(source: Path, dest: Path, sha256: str) -> None:
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)
-        if sha256_of(Path(tmp)) != sha256:
+        if sha256_file(Path(tmp)) != sha256:
             raise RegistryError(f"copy of {source} changed while it was copied; nothing was written to {dest}")
         os.replace(tmp, dest)
     finally:
@@ -210,7 +203,7 @@ class Registry:
         path = Path(entry.get("vault_copy") or entry["checkpoint"])
         if not path.is_file():
             return "missing"
-        return "ok" if sha256_of(path) == entry["sha256"] else "TAMPERED"
+        return "ok" if sha256_file(path) == entry["sha256"] else "TAMPERED"
 
 
 def _list(reg: Registry) -> None:

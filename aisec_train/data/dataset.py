@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +16,7 @@ from sklearn.model_selection import train_test_split
 
 from aisec_train.config import DatasetConfig
 from aisec_train.data.sources import SOURCES, DataError, RawData
+from aisec_train.hashing import sha256_bytes, sha256_file  # sha256_file is part of this module's API
 
 
 @dataclass
@@ -55,22 +54,10 @@ class Dataset:
         self.lineage.append({"step": step, **details})
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_array(arr: np.ndarray) -> str:
     # dtype and shape are part of the identity: the same bytes read as another layout are other data.
     header = f"{arr.dtype.str}{arr.shape}".encode()
     return sha256_bytes(header + np.ascontiguousarray(arr).tobytes())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sha256_json(obj: Any) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from aisec_train.data.dataset import sha256_file
+from aisec_train.hashing import sha256_file
 
 
 class CheckpointError(RuntimeError):

@@ -26,7 +26,7 @@ def main() -> None:
         for seed in args.seeds:
             for case, extra in (("default", []), ("privacy=none", ["privacy=none"])):
                 seed_arg = [f"train.seed={seed}"] if seed else []  # seed 0 is literally `aisec-train`
-                report, seconds = run_cli(extra + seed_arg, Path(tmp) / f"{case}-{seed}")
+                report, seconds = run_cli(extra + seed_arg, Path(tmp) / f"{case.replace('=', '_')}-{seed}")
                 rows.append(
                     {
                         "case": case,
