@@ -41,6 +41,14 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
     )
 
 
+def dig(report: dict, dotted: str):
+    """``report["a"]["b"]`` for ``"a.b"``: the brief's dotted report keys."""
+    node = report
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
 def read_report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
 

@@ -6,16 +6,10 @@ import re
 
 from aisec_train.report.report import AREAS, Report
 from aisec_train.report.security_report import security_report, threat_model
-from tests.conftest import read_report
+from tests.conftest import dig, read_report
 
 CONTRACT = ["audit.membership.auc", "audit.membership.tpr_at_fpr_0_001", "audit.extraction.fidelity"]
 CONTRACT += ["audit.extraction.queries"]
-
-
-def dig(report: dict, dotted: str):
-    for part in dotted.split("."):
-        report = report[part]
-    return report
 
 
 def test_checklist_has_evidence_for_every_area(smoke_run):

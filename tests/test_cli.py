@@ -10,7 +10,7 @@ import pytest
 from opacus.accountants import create_accountant
 
 from aisec_train.data.dataset import sha256_file
-from tests.conftest import read_report, run_cli
+from tests.conftest import dig, read_report, run_cli
 
 BRIEF_KEYS = [
     "data.manifest_sha256",
@@ -26,13 +26,6 @@ BRIEF_KEYS = [
     "robustness.robust_accuracy",
     "robustness.attack",
 ]
-
-
-def dig(report: dict, dotted: str):
-    node = report
-    for part in dotted.split("."):
-        node = node[part]
-    return node
 
 
 def test_smoke_run_writes_the_contract(smoke_run):
