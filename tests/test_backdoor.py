@@ -216,19 +216,14 @@ def test_feature_cache_replays_the_masked_model_exactly(backdoored):
     torch.testing.assert_close(cache.logits(model, slice(0, 50), mask), logits, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(
-    not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" or "triton" in sys.modules),
-    reason="needs triton (interpreter on the CPU, or CUDA)",
-)
 def test_channel_ranking_runs_the_kernel_dispatch_and_equals_the_reference(backdoored, monkeypatch):
-    import triton
+    import triton  # a test dependency; tests/conftest.py imported it under the interpreter on a CPU machine
     from triton.runtime.interpreter import InterpretedFunction
 
     model, clean = backdoored["model"], backdoored["trusted"]
     device = torch.device("cuda") if torch.cuda.is_available() else CPU
     if device.type == "cpu":
-        if not isinstance(triton.language.zeros, InterpretedFunction):
-            pytest.skip("triton was imported in compiled mode without a GPU")
+        assert isinstance(triton.language.zeros, InterpretedFunction), "conftest must import triton interpreted"
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     maps = FeatureCache.build(model.to(device), Split(clean.x[:8], clean.y[:8]), device).maps
     order, stats = prune.rank_channels(maps, backend="triton")
