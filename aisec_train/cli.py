@@ -22,7 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from aisec_train.config import ConfigError, register_configs, to_config
 from aisec_train.data.sources import DataError
 from aisec_train.train.checkpoint import CheckpointError
-from aisec_train.train.privacy import BudgetExhausted, quiet_known_warnings
+from aisec_train.train.ledger import BudgetExhausted
+from aisec_train.train.privacy import quiet_known_warnings
 
 CONFIG_DIR = str(files("aisec_train.configs"))
 REFUSALS = (ConfigError, DataError, CheckpointError, BudgetExhausted, HydraException, OmegaConfBaseException)

@@ -28,8 +28,8 @@ from aisec_train.report.report import Report
 from aisec_train.robust.adversary import adversary_from_config
 from aisec_train.train import checkpoint
 from aisec_train.train.distributed import DistributedJob, train_distributed
+from aisec_train.train.ledger import BudgetExhausted
 from aisec_train.train.loop import TrainResult, accuracy, resolve_device, train
-from aisec_train.train.privacy import BudgetExhausted
 
 log = logging.getLogger("aisec_train")
 

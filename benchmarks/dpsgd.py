@@ -33,7 +33,8 @@ def build_step(impl: str, model_name: str, device: str, quick: bool):
     from aisec_train.config import GradSampleMode, PrivacyConfig
     from aisec_train.models import build_model
     from aisec_train.train.averaging import WeightAverage
-    from aisec_train.train.privacy import PrivacyLedger, make_private
+    from aisec_train.train.ledger import PrivacyLedger
+    from aisec_train.train.privacy import make_private
 
     name, channels, size, batch, quick_batch = MODELS[model_name]
     batch = quick_batch if quick else batch

@@ -8,10 +8,11 @@ PYTHON=${PYTHON:-python3}
 stamp=.venv/.aisec-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   pip install -q --upgrade pip
-  # Pin the CPU build: an unpinned torch can pull a multi-GB CUDA build. On a GPU cluster, install
-  # the CUDA build of the same version first and this line keeps it.
-  pip install -q "torch==2.13.0"
-  pip install -q -e ".[test,federated,cluster]"
+  # torch and torchvision are pinned as a matching pair: PyPI's torchvision wheels are CUDA builds that
+  # fail to import beside a CPU-only torch, so both come as the CUDA 13 build (it runs on the CPU too, and
+  # is what a GPU cluster needs). An unpinned torch could pull a newer, mismatched pair.
+  pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  pip install -q -e ".[test,federated,cluster,timm,bench]"
   # torchattacks (a test and benchmark peer) declares torchvision, whose PyPI wheel is CUDA-linked and
   # breaks next to the CPU torch; torchattacks itself never imports it.
   pip install -q --no-deps "torchattacks==3.5.1"

@@ -18,8 +18,8 @@ from aisec_train.config import (
 )
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
+from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import train
-from aisec_train.train.privacy import BudgetExhausted, PrivacyLedger
 
 CPU = torch.device("cpu")
 

@@ -30,8 +30,8 @@ from aisec_train.config import Config, InjectConfig, PartitionKind, PrivacyMode,
 from aisec_train.data.dataset import Split, load_dataset
 from aisec_train.models import build_model
 from aisec_train.train import checkpoint
+from aisec_train.train.ledger import BudgetExhausted
 from aisec_train.train.loop import accuracy, build_optimizer, resolve_device, train
-from aisec_train.train.privacy import BudgetExhausted
 
 JOB_FILE = "job.json"
 REFUSAL_CODES = {"nan": 1, "norm": 2, "budget": 3}
@@ -256,7 +256,7 @@ def local_round(
 def _eps(ledger_state: dict[str, Any] | None) -> float:
     if not ledger_state:
         return 0.0
-    from aisec_train.train.privacy import PrivacyLedger
+    from aisec_train.train.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(ledger_state["accountant"], ledger_state["delta"])
     ledger.load_state_dict(ledger_state)
@@ -265,7 +265,7 @@ def _eps(ledger_state: dict[str, Any] | None) -> float:
 
 def client_epsilons(state_dir: Path, clients: int) -> dict[int, dict[str, Any]]:
     """Each client's ledger summary, read from its state file (absent for a client that never trained)."""
-    from aisec_train.train.privacy import PrivacyLedger
+    from aisec_train.train.ledger import PrivacyLedger
 
     out = {}
     for pid in range(clients):

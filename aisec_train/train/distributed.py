@@ -27,8 +27,9 @@ from aisec_train.data.dataset import Split
 from aisec_train.data.sources import DataError
 from aisec_train.models import build_model
 from aisec_train.train import checkpoint
+from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import TrainResult, train
-from aisec_train.train.privacy import BudgetExhausted, PrivacyLedger, quiet_known_warnings
+from aisec_train.train.privacy import quiet_known_warnings
 
 # Refusals a worker reports back by name, so the parent raises the same one-line error the CLI prints.
 REFUSALS = {cls.__name__: cls for cls in (BudgetExhausted, checkpoint.CheckpointError, DataError, ConfigError)}

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from aisec_train.config import ConfigError, OptimizerName, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.data.dataset import Split
 from aisec_train.train.averaging import WeightAverage
-from aisec_train.train.privacy import PrivacyLedger, budget_limit, make_private, unwrap
+from aisec_train.train.ledger import PrivacyLedger, budget_limit
+from aisec_train.train.privacy import make_private, unwrap
 
 Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 

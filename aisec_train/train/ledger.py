@@ -1,0 +1,106 @@
+"""The privacy ledger: an Opacus accountant with the parameters it charges, saved, resumed and enforced.
+
+Its state travels in every checkpoint, so a resumed run continues the same account and epsilon never goes
+back to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from opacus.accountants import create_accountant
+
+
+class BudgetExhausted(RuntimeError):
+    """The privacy budget allows no further training step."""
+
+
+class PrivacyLedger:
+    """An Opacus accountant with the parameters it charges, and a look-ahead for the budget."""
+
+    def __init__(self, accountant: str, delta: float):
+        self.accountant_name = accountant
+        self.delta = delta
+        self.accountant = create_accountant(accountant)
+        self.noise_multiplier: float | None = None
+        self.sample_rate: float | None = None
+
+    @property
+    def steps(self) -> int:
+        return sum(steps for _, _, steps in self.accountant.history)
+
+    def epsilon(self) -> float:
+        return _epsilon(self.accountant_name, self.accountant.history, self.delta)
+
+    def steps_within(self, target_epsilon: float, limit: int) -> int:
+        """The most total steps (spent plus new, up to ``limit``) whose epsilon stays <= the target."""
+        assert self.noise_multiplier is not None and self.sample_rate is not None
+        history = list(self.accountant.history)
+
+        def eps_after(total: int) -> float:
+            extra = total - self.steps
+            added = [(self.noise_multiplier, self.sample_rate, extra)] if extra > 0 else []
+            return _epsilon(self.accountant_name, history + added, self.delta)
+
+        if eps_after(self.steps) > target_epsilon:
+            return self.steps
+        lo, hi = self.steps, limit  # invariant: eps_after(lo) <= target
+        if eps_after(hi) <= target_epsilon:
+            return hi
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if eps_after(mid) <= target_epsilon else (lo, mid)
+        return lo
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "accountant": self.accountant_name,
+            "delta": self.delta,
+            "history": [list(entry) for entry in self.accountant.history],
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["accountant"] != self.accountant_name:
+            raise BudgetExhausted(
+                f"privacy.accountant={self.accountant_name!r} differs from the run's ledger "
+                f"({state['accountant']!r}); resume with the accountant the run started with"
+            )
+        self.accountant.history = [tuple(entry) for entry in state["history"]]
+        self.noise_multiplier = state["noise_multiplier"]
+        self.sample_rate = state["sample_rate"]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "sample_rate": self.sample_rate,
+            "steps": self.steps,
+            "accountant": self.accountant_name,
+        }
+
+
+def budget_limit(ledger: PrivacyLedger, target_epsilon: float, planned_steps: int) -> float:
+    """The step count training must stop at (``inf`` when every planned step fits the target).
+
+    Raises BudgetExhausted when not even one more step fits, before anything is trained or written.
+    """
+    max_steps = ledger.steps_within(target_epsilon, limit=planned_steps)
+    if max_steps <= ledger.steps:
+        raise BudgetExhausted(
+            f"privacy budget exhausted: epsilon={ledger.epsilon():.3f} already spent of "
+            f"privacy.target_epsilon={target_epsilon}; no further step fits. Nothing was "
+            "changed; raise the target knowingly or start a new run directory"
+        )
+    return math.inf if max_steps >= planned_steps else max_steps
+
+
+def _epsilon(accountant: str, history: list, delta: float) -> float:
+    if not history:
+        return 0.0
+    fresh = create_accountant(accountant)
+    fresh.history = list(history)
+    return float(fresh.get_epsilon(delta=delta))
