@@ -19,14 +19,24 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from aisec_train.config import ConfigError, register_configs, to_config
-from aisec_train.data.sources import DataError
+from aisec_train.config import register_configs, to_config
+from aisec_train.data.errors import DataError
+from aisec_train.errors import ConfigError
+from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.ledger import BudgetExhausted
 from aisec_train.train.privacy import quiet_known_warnings
 
 CONFIG_DIR = str(files("aisec_train.configs"))
-REFUSALS = (ConfigError, DataError, CheckpointError, BudgetExhausted, HydraException, OmegaConfBaseException)
+REFUSALS = (
+    ConfigError,
+    DataError,
+    CheckpointError,
+    BudgetExhausted,
+    NonFiniteError,
+    HydraException,
+    OmegaConfBaseException,
+)
 log = logging.getLogger("aisec_train")
 
 

@@ -1,8 +1,11 @@
-"""A run is a list of named stages; each reads the shared :class:`Run` and adds a section to its Report.
+"""A run is a list of named stages; each reads the shared :class:`~aisec_train.run_state.Run`, fills its own slots and
+adds a section to the one Report, which is written once, after the last stage.
 
-    data -> [poison] -> train -> [detect/repair] -> evaluate -> robustness -> audit -> outputs -> register
+    preflight -> data -> backdoor_poison -> train -> backdoor_defend -> evaluate -> robustness -> audit
+    -> save_model -> register -> (write report.json, model_card.md, security_report.md, metrics, plots)
 
-Later stages (backdoor, federated, audits) plug in by adding a function to ``STAGES``.
+The train stage hands the same inputs to one of three trainers (central, data-parallel, federated); every later
+stage that needs a fresh model asks the run's model factory.
 """
 
 from __future__ import annotations
@@ -10,65 +13,84 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from aisec_train.audit.stage import stage_audit, stage_register
 from aisec_train.backdoor.stage import stage_defend, stage_poison
-from aisec_train.config import Config, PrivacyMode
-from aisec_train.data.dataset import Dataset, load_dataset
+from aisec_train.components import check_target
+from aisec_train.config import Config
+from aisec_train.data.dataset import load_dataset
+from aisec_train.data.manifest import summary
 from aisec_train.data.sanity import check_training_split
-from aisec_train.models import build_model
-from aisec_train.report import outputs
+from aisec_train.models.factory import ModelFactory, check_model_config
+from aisec_train.report import outputs, security_report
 from aisec_train.report.report import Report
-from aisec_train.robust.adversary import adversary_from_config
+from aisec_train.robust.adversary import robust_accuracy
+from aisec_train.run_state import Run, UserObjects
 from aisec_train.train import checkpoint
-from aisec_train.train.distributed import DistributedJob, train_distributed
-from aisec_train.train.ledger import BudgetExhausted
-from aisec_train.train.loop import TrainResult, accuracy, resolve_device, train
+from aisec_train.train.config import PrivacyMode
+from aisec_train.train.loop import TrainResult, accuracy, resolve_device
+from aisec_train.train.objectives import objective_from_config
+from aisec_train.train.trainers import TRAINERS, TrainJob, select_trainer
 
 log = logging.getLogger("aisec_train")
 
 
-@dataclass
-class Run:
-    cfg: Config
-    run_dir: Path
-    experiment: str = "quickstart"
-    report: Report = field(default_factory=Report)
-    device: torch.device = torch.device("cpu")
-    data: Dataset | None = None
-    model: nn.Module | None = None
-    result: TrainResult | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoints" / "last.pt"
+def preflight(cfg: Config, user: UserObjects) -> None:
+    """Every check that needs no data: component targets importable, arguments their constructors take."""
+    if user.model is None:
+        check_model_config(cfg.model)
+    check_target(cfg.optimizer, "optimizer", supplied=("params",))
+    if cfg.scheduler:
+        check_target(cfg.scheduler, "scheduler", supplied=("optimizer", "T_max", "total_steps", "total_iters"))
+    if user.train is None and cfg.dataset.name == "custom":
+        for key in ("train", "test"):
+            node = getattr(cfg.dataset, key)
+            if node is not None and node.get("_target_") is not None:
+                check_target(node, f"dataset.{key}")
+    resolve_device(cfg.train.device)
 
 
 def stage_data(run: Run) -> None:
     cfg = run.cfg
-    data = load_dataset(cfg.dataset, seed=cfg.train.seed)
-    sanity = check_training_split(data.train.x, data.train.y, data.num_classes, cfg.dataset.outlier_z)
-    data.record("sanity_checks", findings=len(sanity["findings"]))
+    run.device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.dataset, seed=cfg.train.seed, train=run.user.train, test=run.user.test)
+    sanity = check_training_split(
+        data.train,
+        data.num_classes,
+        cfg.dataset.outlier_z,
+        max_samples=cfg.dataset.sanity_samples,
+        seed=data.split_seed,
+    )
+    data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
+    normalize = cfg.dataset.normalize
+    run.factory = ModelFactory(
+        None if run.user.model is not None else cfg.model,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        private=cfg.privacy.mode is PrivacyMode.dpsgd,
+        normalize=(normalize.mean, normalize.std) if normalize.mean is not None else None,
+        template=run.user.model,
+    )
+    run.factory.check()  # the model takes these images and returns one logit per class, before any training
+    if len(data.manifest["files"]) > 100:
+        outputs.write_json(data.manifest, run.run_dir / "data_manifest.json")
     run.report.add(
         "data",
         name=data.name,
         manifest_sha256=data.manifest_sha256,
-        manifest=data.manifest,
+        manifest=summary(data.manifest),
         n_train=len(data.train),
         n_test=len(data.test),
         num_classes=data.num_classes,
-        shape=list(data.train.x.shape[1:]),
+        shape=list(data.input_shape),
+        split_seed=data.split_seed,
+        augmentation=[s for s in data.lineage if s["step"] == "augment"],
         sanity=sanity,
-        lineage=data.lineage,
     )
+    run.report.add("model", **run.factory.describe())
     pinned = cfg.dataset.sha256 is not None
     run.report.check(
         "data pipeline",
@@ -77,19 +99,24 @@ def stage_data(run: Run) -> None:
         f"manifest SHA-256 {data.manifest_sha256}"
         + (" matched dataset.sha256" if pinned else "; no dataset.sha256 pin was given, so nothing was verified"),
     )
-    run.report.check(
-        "data pipeline",
-        "data lineage recorded",
-        "pass",
-        " -> ".join(step["step"] for step in data.lineage),
-    )
+    coverage = sanity["coverage"]
     findings = sanity["findings"]
     run.report.check(
         "data pipeline",
         "sanity checks before training (NaN/inf, range, labels, balance, duplicates, outliers)",
         "pass",
-        f"{len(findings)} finding(s): " + (", ".join(f["check"] for f in findings) or "none"),
+        f"{len(findings)} finding(s): {', '.join(f['check'] for f in findings) or 'none'}; streamed over "
+        + ("every training sample" if coverage["mode"] == "all" else f"a seeded sample of {coverage['checked']}")
+        + f" of {coverage['of']} (labels: all)",
     )
+
+
+def _model_identity(run: Run) -> dict[str, Any]:
+    assert run.factory is not None
+    return {
+        "target": run.factory.target,
+        "arguments": {k: v for k, v in (run.factory.spec or {}).items() if k[0] != "_"},
+    }
 
 
 def _load_resume(run: Run) -> dict[str, Any] | None:
@@ -98,10 +125,11 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
     payload = checkpoint.load(run.checkpoint_path)
     meta, data = payload.get("meta", {}), run.data
     assert data is not None
-    if meta.get("manifest_sha256") != data.manifest_sha256 or meta.get("model") != run.cfg.model.name.value:
+    identity = _model_identity(run)
+    if meta.get("manifest_sha256") != data.manifest_sha256 or meta.get("model") != identity:
         raise checkpoint.CheckpointError(
-            f"{run.run_dir} holds a run of model={meta.get('model')} on data {meta.get('manifest_sha256')}; "
-            f"this config trains model={run.cfg.model.name.value} on {data.manifest_sha256}. Use another hydra.run.dir"
+            f"{run.run_dir} holds a run of model {meta.get('model')} on data {meta.get('manifest_sha256')}; "
+            f"this config trains {identity} on {data.manifest_sha256}. Use another hydra.run.dir"
         )
     if meta.get("private") != (run.cfg.privacy.mode is PrivacyMode.dpsgd):
         raise checkpoint.CheckpointError(
@@ -112,143 +140,137 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
     return payload
 
 
+class CheckpointSlot:
+    """Writes a checkpoint payload with the run's identity (picklable: data-parallel rank 0 calls it)."""
+
+    def __init__(self, path: Path, meta: dict[str, Any]):
+        self.path, self.meta = path, meta
+
+    def __call__(self, payload: dict[str, Any]) -> None:
+        checkpoint.save({**payload, "meta": self.meta}, self.path)
+
+
 def stage_train(run: Run) -> None:
-    if run.cfg.federated.mode.value != "none":  # federated training (issue 5) replaces central training
-        from aisec_train.federated.stage import train_federated
-
-        train_federated(run)
-        return
     cfg, data = run.cfg, run.data
-    assert data is not None
-    run.device = resolve_device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)  # the initial weights are part of what the seed reproduces
-    model_kwargs = {"in_channels": data.in_channels, "num_classes": data.num_classes, "image_size": data.image_size}
-    model = build_model(cfg.model.name.value, **model_kwargs)
+    assert data is not None and run.factory is not None
     resume = _load_resume(run)
-    meta = {"manifest_sha256": data.manifest_sha256, "model": cfg.model.name.value}
+    meta = {"manifest_sha256": data.manifest_sha256, "model": _model_identity(run)}
     meta["private"] = cfg.privacy.mode is PrivacyMode.dpsgd
-
-    if cfg.train.distributed.nproc > 1:
-        result = train_distributed(
-            DistributedJob(
-                cfg.model.name.value,
-                model_kwargs,
-                data.train,
-                data.test,
-                cfg.train,
-                cfg.privacy,
-                cfg.robustness,
-                run.device.type,
-                resume,
-                run.checkpoint_path,
-                meta,
-            )
-        )
-    else:
-
-        def persist(payload: dict[str, Any]) -> None:
-            checkpoint.save({**payload, "meta": meta}, run.checkpoint_path)
-
-        result = train(
-            model,
-            data.train,
-            train_cfg=cfg.train,
-            privacy_cfg=cfg.privacy,
-            device=run.device,
-            adversary=adversary_from_config(cfg.robustness),
-            resume=resume,
-            eval_split=data.test,
-            on_epoch_end=persist,
-        )
+    trainer = select_trainer(cfg)
+    objective = objective_from_config(cfg.robustness)
+    job = TrainJob(
+        run.factory, data, cfg, run.device, objective, run.run_dir, resume, CheckpointSlot(run.checkpoint_path, meta)
+    )
+    job.report = run.report
+    if run.backdoor is not None:
+        job.extras["backdoor"] = run.backdoor
+    result = TRAINERS[trainer](job)
     run.model, run.result = result.model, result
     run.report.add(
         "train",
+        trainer=trainer,
+        objective=objective.name,
         epochs_completed=result.history[-1]["epoch"] if result.history else 0,
         epochs_planned=cfg.train.epochs,
         resumed_from_epoch=resume["epoch"] if resume else None,
         stopped_by_budget=result.stopped_by_budget,
         device=str(run.device),
         adversarial_training=cfg.robustness.mode.value,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
         world_size=result.world_size,
         distributed=result.distributed,
-        checkpoint=str(run.checkpoint_path.relative_to(run.run_dir)),
-        checkpoint_sha256=checkpoint.recorded_hash(run.checkpoint_path),
     )
+    if run.checkpoint_path.exists():
+        run.report.add(
+            "train",
+            checkpoint=str(run.checkpoint_path.relative_to(run.run_dir)),
+            checkpoint_sha256=checkpoint.recorded_hash(run.checkpoint_path),
+        )
     _report_privacy(run, result)
 
 
 def _report_privacy(run: Run, result: TrainResult) -> None:
     cfg = run.cfg.privacy
     if result.ledger is None:
+        if run.report.get("privacy.epsilon") is not None:  # the federated trainer reported client-level privacy
+            return
         run.report.add("privacy", **dict.fromkeys(["epsilon", "delta", "noise_multiplier", "sample_rate", "steps"]))
-        run.report.add("privacy", accountant=None, mode="none")
-        run.report.check(
-            "training", "differentially private training (DP-SGD)", "fail", "privacy=none: no DP guarantee"
-        )
+        run.report.add("privacy", accountant=None, mode=run.report.get("privacy.mode") or "none")
+        if run.report.get("privacy.mode") in (None, "none"):
+            run.report.check(
+                "training", "differentially private training (DP-SGD)", "fail", "privacy=none: no DP guarantee"
+            )
         return
-    summary = result.ledger.summary()
+    summary_ = result.ledger.summary()
     run.report.add(
         "privacy",
-        **summary,
+        **summary_,
         mode="dpsgd",
         target_epsilon=cfg.target_epsilon,
         max_grad_norm=cfg.max_grad_norm,
         grad_sample_mode=result.grad_sample_mode,
+        private_step=result.private_step,
         poisson_sampling=cfg.poisson_sampling,
     )
-    within = cfg.target_epsilon is None or summary["epsilon"] <= cfg.target_epsilon + 1e-9
+    within = cfg.target_epsilon is None or summary_["epsilon"] <= cfg.target_epsilon + 1e-9
     run.report.check(
         "training",
         "differentially private training (DP-SGD)",
         "pass" if within else "fail",
-        f"({summary['epsilon']:.3f}, {summary['delta']:g})-DP by the {summary['accountant']} accountant over "
-        f"{summary['steps']} steps, noise multiplier {summary['noise_multiplier']:.3f}, sample rate "
-        f"{summary['sample_rate']:.4f}, clip {cfg.max_grad_norm}; target epsilon {cfg.target_epsilon}",
+        f"({summary_['epsilon']:.3f}, {summary_['delta']:g})-DP by the {summary_['accountant']} accountant over "
+        f"{summary_['steps']} steps, noise multiplier {summary_['noise_multiplier']:.3f}, sample rate "
+        f"{summary_['sample_rate']:.4f}, clip {cfg.max_grad_norm}; target epsilon {cfg.target_epsilon}",
     )
 
 
 def stage_evaluate(run: Run) -> None:
     assert run.model is not None and run.data is not None
-    clean = accuracy(run.model, run.data.test, run.device)
+    clean = accuracy(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
     run.report.add("metrics", clean_accuracy=clean, n_test=len(run.data.test))
 
 
 def stage_robustness(run: Run) -> None:
+    from aisec_train.data.views import materialize
+
     rob = run.cfg.robustness
     if not rob.evaluate:
-        run.report.add("robustness", robust_accuracy=None, attack=None)
+        run.report.add("robustness", robust_accuracy=None, attack=None, training=rob.mode.value)
+        run.report.check("model", "tested against evasion attacks", "not_applicable", "robustness.evaluate=false")
         return
-    from aisec_train.robust.adversary import robust_accuracy
-
     assert run.model is not None and run.data is not None
-    test = run.data.test
-    n = rob.eval_samples or len(test)
-    x, y = test.x[:n].to(run.device), test.y[:n].to(run.device)
-    attack = {
-        "name": rob.eval.name,
-        "norm": rob.eval.norm.value,
-        "eps": rob.eval.eps,
-        "step_size": rob.eval.step_size,
-        "steps": rob.eval.steps,
-        "restarts": rob.eval.restarts,
-    }
-    robust = robust_accuracy(run.model, x, y, **attack, backend=rob.backend)
-    run.report.add("robustness", robust_accuracy=robust, attack=attack, n_samples=n, training=rob.mode.value)
+    n = rob.eval_samples or len(run.data.test)
+    x, y = materialize(run.data.test, limit=n)  # the evaluation sample, bounded by robustness.eval_samples
+    a = rob.attack
+    attack = {"name": "pgd", "norm": a.norm.value, "eps": a.eps, "step_size": a.step_size, "steps": a.steps,
+              "restarts": a.restarts}  # fmt: skip
+    robust = robust_accuracy(run.model, x.to(run.device), y.to(run.device), **attack, backend=rob.backend)
+    run.report.add(
+        "robustness", robust_accuracy=robust, attack=attack, n_samples=len(x), training=rob.mode.value, eval=rob.eval
+    )
     clean = run.report.get("metrics.clean_accuracy")
     run.report.check(
         "model",
         "tested against evasion attacks",
         "pass",
-        f"{attack['name'].upper()}-{attack['steps']} ({attack['norm']}, eps {attack['eps']}, {attack['restarts']} "
-        f"restart(s)) on {n} test samples: robust accuracy {robust:.3f} vs clean {clean:.3f}",
+        f"PGD-{attack['steps']} ({attack['norm']}, eps {attack['eps']}, {attack['restarts']} "
+        f"restart(s)) on {len(x)} test samples: robust accuracy {robust:.3f} vs clean {clean:.3f}",
     )
 
 
-def stage_outputs(run: Run) -> None:
+def stage_save_model(run: Run) -> None:
+    """model.pt: the released weights (refused when non-finite), hashed; the registry stage reads it."""
+    import torch
+
     assert run.model is not None
-    model_path = run.run_dir / "model.pt"
-    digest = checkpoint.save({k: v.cpu() for k, v in run.model.state_dict().items()}, model_path)
-    run.report.add("model", name=run.cfg.model.name.value, path=model_path.name, sha256=digest)
+    state = {k: v.detach().cpu() for k, v in run.model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        from aisec_train.train.callbacks import NonFiniteError
+
+        raise NonFiniteError(f"the final model has non-finite weights {bad[:3]}; model.pt is not written")
+    digest = checkpoint.save(state, run.run_dir / "model.pt")
+    run.report.add("model", path="model.pt", sha256=digest)
     run.report.check(
         "model",
         "checkpoint hashed and verified before loading",
@@ -256,8 +278,19 @@ def stage_outputs(run: Run) -> None:
         f"model.pt SHA-256 {digest}; checkpoints are written atomically and loaded with weights_only=True "
         "after their hash is verified",
     )
+
+
+def write_reports(run: Run) -> None:
+    """Every report file, once, after the last stage."""
+    assert run.data is not None
+    run.report.stage = "outputs"
+    run.report.check(
+        "data pipeline", "data lineage recorded", "pass", " -> ".join(step["step"] for step in run.data.lineage)
+    )
+    run.report.add("data", lineage=run.data.lineage)
     run.report.add("run", experiment=run.experiment, timings=run.timings)
     outputs.write_all(run.report, run.result.history if run.result else [], run.run_dir)
+    security_report.write(run.report, run.run_dir)
 
 
 Stage = Callable[[Run], None]
@@ -265,26 +298,30 @@ Stage = Callable[[Run], None]
 # the report); each threat's stage lives in its own package.
 STAGES: list[tuple[str, Stage]] = [
     ("data", stage_data),
-    ("backdoor_poison", stage_poison),  # BadNets red team: poisons the training split only
-    ("train", stage_train),
+    ("backdoor_poison", stage_poison),  # BadNets red team: poisons the training split (or malicious clients' shards)
+    ("train", stage_train),  # central, data-parallel or federated trainer
     # Before evaluation, so that every later figure (clean and robust accuracy, audits) is of the released model.
     ("backdoor_defend", stage_defend),  # detection, optional filter, Fine-Pruning
     ("evaluate", stage_evaluate),
     ("robustness", stage_robustness),
     ("audit", stage_audit),  # membership inference, extraction against the guard, monitoring baseline
-    ("outputs", stage_outputs),
-    ("register", stage_register),  # needs model.pt; rewrites report.json, model_card.md, security_report.md
+    ("save_model", stage_save_model),
+    ("register", stage_register),  # the verified model.pt into the project's inventory
 ]
 
 
-def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart") -> Report:
-    run = Run(cfg=cfg, run_dir=run_dir, experiment=experiment)
+def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", user: UserObjects | None = None) -> Report:
+    user = user or UserObjects()
+    preflight(cfg, user)
+    run = Run(cfg=cfg, run_dir=run_dir, experiment=experiment, user=user)
     for name, stage in STAGES:
         started = time.perf_counter()
         log.info("stage %s", name)
+        run.report.stage = name
         stage(run)
         run.timings[name] = round(time.perf_counter() - started, 3)
+    write_reports(run)
     return run.report
 
 
-__all__ = ["Run", "STAGES", "run_pipeline", "BudgetExhausted"]
+__all__ = ["Run", "STAGES", "run_pipeline"]

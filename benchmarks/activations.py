@@ -29,10 +29,12 @@ from aisec_kernels.channel_stats import channel_stats_reference, channel_stats_t
 from common import emit, parse_args, ratio, time_it
 
 from aisec_train.backdoor import badnets, prune, trusted
+from aisec_train.backdoor.config import BackdoorConfig
 from aisec_train.backdoor.features import FeatureCache
-from aisec_train.config import BackdoorConfig, DatasetConfig, PrivacyConfig, PrivacyMode, TrainConfig
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
+from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.loop import train
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3 peak of the H100 SXM

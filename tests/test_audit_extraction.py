@@ -8,22 +8,18 @@ import pytest
 import torch
 
 from aisec_train.audit import extraction, guard_eval
+from aisec_train.audit.config import GuardConfig, OutputPolicy
 from aisec_train.audit.guard import Guard
-from aisec_train.config import (
-    AttackConfig,
-    DatasetConfig,
-    GuardConfig,
-    OutputPolicy,
-    PrivacyConfig,
-    PrivacyMode,
-    TrainConfig,
-)
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
-from aisec_train.models import build_model
+from aisec_train.models import ModelFactory
+from aisec_train.robust.config import AttackConfig
+from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.loop import accuracy, train
 from tests.conftest import read_report
 
 EPOCHS = 20  # surrogate epochs: enough to learn 8x8 digits from a few hundred answers
+FACTORY = ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, input_shape=(1, 8, 8), num_classes=10)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +34,7 @@ def one_thread():
 def victim(one_thread):
     """A real digits model trained by the spine's train() (non-private, a few seconds)."""
     data = load_dataset(DatasetConfig(), seed=0)
-    torch.manual_seed(0)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    model = FACTORY(seed=0)
     train_cfg = dataclasses.replace(TrainConfig(), epochs=8, batch_size=64, lr=0.1, ema_decay=0.0)
     result = train(
         model,
@@ -57,9 +52,7 @@ def victim(one_thread):
 def attack(model, attacker_x, evaluation, guard_cfg: GuardConfig, queries: int, seed: int = 0) -> dict:
     inputs = extraction.attacker_queries(attacker_x, queries, seed)
     guard = Guard(model, input_shape=tuple(inputs.shape[1:]), cfg=guard_cfg)
-    return extraction.run_extraction(
-        guard, inputs, model, evaluation, model_name="cnn", num_classes=10, epochs=EPOCHS, seed=seed
-    )
+    return extraction.run_extraction(guard, inputs, model, evaluation, factory=FACTORY, epochs=EPOCHS, seed=seed)
 
 
 def test_attacker_queries_are_in_range_and_start_with_the_originals():
@@ -75,7 +68,7 @@ def test_unguarded_surrogate_reaches_measurable_fidelity(victim):
     result = attack(model, attacker_x, evaluation, GuardConfig(output=OutputPolicy.probs, query_budget=0), 400)
     assert result["queries"] == 400 and not result["stopped_by_guard"]
     assert result["fidelity"] > 0.85 and result["surrogate_accuracy"] > 0.8
-    untrained = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    untrained = FACTORY(seed=1)
     assert extraction.agreement(untrained, model, evaluation.x) < 0.4  # what fidelity means without queries
 
 
@@ -97,8 +90,7 @@ def test_paired_comparison_is_consistent(victim):
         guard_cfg=GuardConfig(output=OutputPolicy.label, query_budget=100),
         queries=200,
         seeds=[0, 1],
-        model_name="cnn",
-        num_classes=10,
+        factory=FACTORY,
         epochs=EPOCHS,
     )
     s = result["settings"]
@@ -130,3 +122,30 @@ def test_run_reports_extraction_with_the_contract_keys(smoke_run):
     assert ext["fidelity"] == pytest.approx(ext["settings"]["guarded"]["fidelity"]["mean"])
     assert len(ext["seeds"]) == len(ext["settings"]["guarded"]["fidelity"]["values"]) >= 2
     assert set(ext["effects"]) == set(guard_eval.EFFECTS)
+
+
+def test_split_heldout_is_bounded_and_disjoint():
+    data = load_dataset(DatasetConfig(), seed=0)
+    attacker_x, evaluation = extraction.split_heldout(data.test, seed=0, attacker_limit=50, eval_limit=70)
+    assert attacker_x.shape == (50, 1, 8, 8) and evaluation.x.shape == (70, 1, 8, 8) and len(evaluation.y) == 70
+    full_x, full_eval = extraction.split_heldout(data.test, seed=0)
+    assert len(full_x) + len(full_eval) == len(data.test)  # unbounded: the two halves of the held-out split
+    torch.testing.assert_close(attacker_x, full_x[:50])
+    flat = {tuple(row.flatten().tolist()) for row in full_x}
+    assert not any(tuple(row.flatten().tolist()) in flat for row in full_eval.x[:40])
+
+
+def test_surrogate_from_the_factory_learns_a_non_square_victim(one_thread):
+    """6x10 inputs (H != W): the surrogate is the factory's model, distilled by the one loop from soft answers."""
+    factory = ModelFactory({"_target_": "aisec_train.models.MLP", "hidden": 32}, input_shape=(1, 6, 10), num_classes=3)
+    victim = factory(seed=5).eval()
+    g = torch.Generator().manual_seed(0)
+    queries, held = torch.rand(400, 1, 6, 10, generator=g), torch.rand(200, 1, 6, 10, generator=g)
+    with torch.no_grad():
+        answers = torch.softmax(victim(queries), dim=1)
+    surrogate = extraction.train_surrogate(queries, answers, factory=factory, epochs=15, seed=1)
+    again = extraction.train_surrogate(queries, answers, factory=factory, epochs=15, seed=1)
+    for a, b in zip(surrogate.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(a, b)  # seeded: the same queries and seed give the same surrogate
+    untrained = extraction.agreement(factory(seed=1), victim, held)
+    assert extraction.agreement(surrogate, victim, held) > max(0.9, untrained + 0.2)

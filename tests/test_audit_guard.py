@@ -8,10 +8,11 @@ import torch
 from scipy import ndimage
 from torch.nn import functional as F
 
+from aisec_train.audit.config import GuardConfig, OutputPolicy
 from aisec_train.audit.guard import BudgetExhausted, Guard, QueryRefused, RateLimited, Sanitizer
 from aisec_train.audit.probes import ManualClock, guard_probes
-from aisec_train.config import ConfigError, GuardConfig, OutputPolicy
-from aisec_train.models import build_model
+from aisec_train.errors import ConfigError
+from aisec_train.models import ModelFactory
 from tests.conftest import run_cli
 
 SHAPE = (1, 8, 8)
@@ -19,8 +20,8 @@ SHAPE = (1, 8, 8)
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_model("cnn", in_channels=1, num_classes=10, image_size=8).eval()
+    factory = ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, input_shape=SHAPE, num_classes=10)
+    return factory(seed=0).eval()
 
 
 @pytest.fixture(scope="module")

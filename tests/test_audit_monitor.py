@@ -16,15 +16,17 @@ import pytest
 from scipy import ndimage
 
 from aisec_train.audit import monitor
-from aisec_train.config import DatasetConfig
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
+from aisec_train.data.views import materialize
 from tests.conftest import REPO, read_report
 
 
 @pytest.fixture(scope="module")
 def heldout() -> np.ndarray:
     """The smoke run's held-out inputs not used to calibrate its baseline (N, 8, 8 float32 in [0, 1])."""
-    return load_dataset(DatasetConfig(), seed=0).test.x[1::2, 0].numpy()
+    x, _ = materialize(load_dataset(DatasetConfig(), seed=0).test)
+    return x[1::2, 0].numpy()
 
 
 def clean_batches(x: np.ndarray) -> dict[str, np.ndarray]:

@@ -30,7 +30,8 @@ def test_checklist_has_evidence_for_every_area(smoke_run):
 def test_security_report_reads_standalone(smoke_run):
     report = read_report(smoke_run)
     md = (smoke_run / "security_report.md").read_text()
-    assert md.startswith("# Security report: cnn on digits")
+    assert report["model"]["target"] == "aisec_train.models.SmallCNN"  # model=cnn, the default preset
+    assert md.startswith("# Security report: SmallCNN on digits")
     assert "| stage | threat | impact | mitigation | status for this run |" in md
     for threat in ("membership inference", "model extraction", "data drift / out-of-distribution inputs"):
         assert f"| {threat} |" in md

@@ -1,12 +1,14 @@
-"""The backdoor red team and its defence, on real components: BadNets, detectors, Fine-Pruning, report, CLI.
+"""The backdoor red team and its defence, on real components and any model: BadNets views, the federated red team,
+feature-layer resolution, detectors, hook-based Fine-Pruning with its verified bake, report, CLI.
 
-Fast tests share one small backdoored CNN trained in-process (non-private, a few epochs) and one short
-``experiment=backdoor`` CLI run; the figure checks of issue 4 (full DP preset, second dataset) are ``slow``.
+Fast tests share small backdoored models trained in-process on digits (non-private, a few epochs, seconds) and one
+short ``experiment=backdoor`` CLI run; the figure checks (full DP preset, second dataset) are ``slow``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,29 +18,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from aisec_kernels.channel_stats import channel_stats_reference  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
+from aisec_kernels.channel_stats import channel_stats_reference
+from hydra import compose, initialize_config_dir
+from torch import nn
 
-from aisec_train import pipeline  # noqa: E402
-from aisec_train.backdoor import badnets, detect, prune, trusted  # noqa: E402
-from aisec_train.backdoor.features import FeatureCache  # noqa: E402
-from aisec_train.backdoor.metrics import BackdoorMetrics, der, measure  # noqa: E402
-from aisec_train.cli import CONFIG_DIR  # noqa: E402
-from aisec_train.config import (  # noqa: E402
-    BackdoorConfig,
-    ConfigError,
-    DatasetConfig,
-    PrivacyConfig,
-    PrivacyMode,
-    TrainConfig,
-    register_configs,
-    to_config,
-)
-from aisec_train.data.dataset import Split, load_dataset, sha256_array, sha256_file  # noqa: E402
-from aisec_train.data.sources import DataError  # noqa: E402
-from aisec_train.models import build_model, feature_layer  # noqa: E402
-from aisec_train.train.loop import accuracy, train  # noqa: E402
-from tests.conftest import read_report, run_cli  # noqa: E402
+from aisec_train import pipeline
+from aisec_train.backdoor import badnets, detect, federated_poison, prune, trusted
+from aisec_train.backdoor.bake import ChannelMask, bake, install_released_masks
+from aisec_train.backdoor.config import BackdoorConfig
+from aisec_train.backdoor.features import FeatureCache, detection_features, masked_accuracy
+from aisec_train.backdoor.layers import find_feature_layer, masked, module_at, resolve_feature_layer
+from aisec_train.backdoor.metrics import BackdoorMetrics, der, measure
+from aisec_train.cli import CONFIG_DIR
+from aisec_train.config import register_configs, to_config
+from aisec_train.data.config import DatasetConfig
+from aisec_train.data.dataset import load_dataset
+from aisec_train.data.errors import DataError
+from aisec_train.data.manifest import sha256_array
+from aisec_train.data.views import Sample, labels_of, materialize, subset
+from aisec_train.errors import ConfigError
+from aisec_train.hashing import sha256_file
+from aisec_train.models import MLP, ModelFactory, ResNet18GN, SmallCNN
+from aisec_train.train.config import TrainConfig
+from aisec_train.train.loop import accuracy, train
+from tests.conftest import read_report, run_cli
 
 CPU = torch.device("cpu")
 REPO = Path(__file__).resolve().parents[1]
@@ -58,74 +61,242 @@ def _one_thread():
     os.environ.pop("OMP_NUM_THREADS") if env is None else os.environ.__setitem__("OMP_NUM_THREADS", env)
 
 
+# ------------------------------------------------------------------------------------------------ user models
+class PlainCNN(nn.Module):
+    """A user's CNN with no ``features_out`` attribute: the analysis layer must be found (``body``)."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(128, num_classes))
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.down is None else self.down(x)))
+
+
+class BNResNet(nn.Module):
+    """A user-defined ResNet-style model with BatchNorm (made DP-trainable by the factory's ModuleValidator.fix)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.layer1, self.layer2 = Block(width, width, 1), Block(width, 2 * width, 2)
+        self.layer3, self.layer4 = Block(2 * width, 4 * width, 2), Block(4 * width, 8 * width, 2)
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8 * width, num_classes)
+
+    def forward(self, x):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class TokenBlock(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))  # a residual stream: no weight bake can reproduce a mask here
+
+
+class TinyViT(nn.Module):
+    """Patch embedding then token blocks: auto-detection must refuse it; ``blocks.1`` works when named."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, dim: int = 16):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, dim, 2, stride=2)
+        self.blocks = nn.Sequential(TokenBlock(dim), TokenBlock(dim))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        return self.head(self.norm(self.blocks(tokens)).mean(dim=1))
+
+
+class ConvFeature(nn.Module):
+    """The feature layer is a Conv itself: the bake zeroes its own output channels."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.feat = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc(torch.sigmoid(self.feat(torch.relu(self.conv1(x)))).mean(dim=(2, 3)))
+
+
+class SigmoidAfter(nn.Module):
+    """A block ending in norm -> tanh, read through a sigmoid (f(0) != 0): only the block's inner norm bakes."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.GroupNorm(4, 12), nn.Tanh())
+        self.fc = nn.Linear(12 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_avg_pool2d(torch.sigmoid(self.block(x)), 2).flatten(1))
+
+
+class SkipReader(nn.Module):
+    """The head reads the feature map and a skip path from the input: the cached replay cannot stand in for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.feat = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.Tanh())
+        self.skip = nn.Conv2d(1, 8, 1)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc((self.feat(x) + self.skip(x)).mean(dim=(2, 3)))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
 def poisoned_run(tmp_path: Path, *overrides: str) -> pipeline.Run:
     """A pipeline Run after its real ``data`` and ``backdoor_poison`` stages (no training)."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=["experiment=backdoor", *overrides]))
     run = pipeline.Run(cfg=cfg, run_dir=tmp_path)
-    pipeline.stage_data(run)
-    pipeline.STAGES[1][1](run)  # the poison stage, looked up by position to prove it is the pipeline's
+    for name, stage in pipeline.STAGES[:2]:  # the pipeline's own first two stages, looked up by position
+        run.report.stage = name
+        stage(run)
+    assert [n for n, _ in pipeline.STAGES[:2]] == ["data", "backdoor_poison"]
     return run
 
 
-# ------------------------------------------------------------------------------------------------ red team
+def _region(side_h: int, side_w: int, s: int, position: str) -> tuple[slice, slice]:
+    rows = slice(0, s) if position.startswith("top") else slice(side_h - s, side_h)
+    cols = slice(0, s) if position.endswith("left") else slice(side_w - s, side_w)
+    return rows, cols
+
+
+def _digits_split():
+    data = load_dataset(DatasetConfig(), seed=0)
+    kept, clean = trusted.carve_reserve(data.train, 0.2, seed=0)
+    trigger = badnets.Trigger(size=3)
+    poisoned = badnets.poison(kept, rate=0.1, trigger=trigger, target_of=badnets.all_to_one(0), seed=0)
+    attack, truth = badnets.triggered(data.test, trigger, badnets.all_to_one(0))
+    return data, poisoned, clean, attack, truth
+
+
+def _backdoor(model: nn.Module, epochs: int = 6) -> dict:
+    """``model`` trained (non-private) on BadNets-poisoned digits, with its data."""
+    data, poisoned, clean, attack, truth = _digits_split()
+    cfg = TrainConfig(epochs=epochs, lr=0.1, batch_size=64, ema_decay=0.0)
+    model = train(model, poisoned.view, train_cfg=cfg, device=CPU, progress=False).model
+    return {"model": model, "poisoned": poisoned, "trusted": clean, "test": data.test, "attack": attack, "truth": truth}
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """The SmallCNN preset (feature layer ``features_out``, found automatically)."""
+    return _backdoor(ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, (1, 8, 8), 10)(seed=0))
+
+
+@pytest.fixture(scope="module")
+def backdoored_plain():
+    """A user's CNN without ``features_out``."""
+    torch.manual_seed(0)
+    return _backdoor(PlainCNN(), epochs=8)
+
+
+# ------------------------------------------------------------------------------------------------ red team: views
 @pytest.mark.parametrize(
     "overrides, target_of",
     [
-        ([], lambda y: torch.zeros_like(y)),
+        ([], lambda y: np.zeros_like(y)),
         (
             ["backdoor.rate=0.2", "backdoor.target=3", "backdoor.patch_size=2", "backdoor.patch_position=top_left"]
             + ["backdoor.patch_value=0.5"],
-            lambda y: torch.full_like(y, 3),
+            lambda y: np.full_like(y, 3),
         ),
         (["backdoor.mapping=all_to_all"], lambda y: (y + 1) % 10),
     ],
     ids=["default", "custom-trigger", "all_to_all"],
 )
-def test_poisoning_touches_only_the_training_split(tmp_path, overrides, target_of):
+def test_poisoning_is_a_view_over_the_training_split(tmp_path, overrides, target_of):
     run = poisoned_run(tmp_path, *overrides)
     bd, state, data = run.cfg.backdoor, run.backdoor, run.data
     fresh = load_dataset(run.cfg.dataset, seed=run.cfg.train.seed)
-    kept, reserve = trusted.carve_reserve(fresh, bd.clean_fraction, run.cfg.train.seed)
+    kept, reserve = trusted.carve_reserve(fresh.train, bd.clean_fraction, run.cfg.train.seed)
 
-    # the test split and the trusted reserve are the untouched originals
-    assert sha256_array(data.test.x.numpy()) == sha256_array(fresh.test.x.numpy())
-    assert torch.equal(data.test.y, fresh.test.y)
-    assert torch.equal(state.trusted.x, reserve.x) and torch.equal(state.trusted.y, reserve.y)
+    # the test split and the trusted reserve are the untouched originals; the reserve is a Subset, disjoint
+    assert all(torch.equal(a, b) for a, b in zip(materialize(data.test), materialize(fresh.test), strict=True))
+    assert state.trusted.indices == reserve.indices and not set(state.trusted.indices) & set(kept.indices)
+    assert data.train.base.indices == kept.indices  # the view reads the kept rows, nothing was copied
 
     # exactly round(rate * N) rows carry the trigger and the attacker's label; every other row is unchanged
-    idx = torch.from_numpy(state.poisoned.indices)
+    idx = state.poisoned.indices
     assert len(idx) == round(bd.rate * len(kept)) and len(set(idx.tolist())) == len(idx)
-    assert torch.equal(data.train.y[idx], target_of(kept.y[idx]))
-    assert bool((target_of(kept.y[idx]) != kept.y[idx]).all())  # each one a real attack sample
-    side, s = data.image_size, bd.patch_size
-    rows = slice(0, s) if bd.patch_position.value.startswith("top") else slice(side - s, side)
-    cols = slice(0, s) if bd.patch_position.value.endswith("left") else slice(side - s, side)
-    assert bool((data.train.x[idx][..., rows, cols] == bd.patch_value).all())
-    outside = torch.ones(side, side, dtype=torch.bool)
+    x, y = materialize(data.train)
+    x0, y0 = materialize(kept)
+    assert np.array_equal(y[idx].numpy(), target_of(y0[idx].numpy())) and np.array_equal(labels_of(data.train), y)
+    assert bool((target_of(y0[idx].numpy()) != y0[idx].numpy()).all())  # each one a real attack sample
+    rows, cols = _region(8, 8, bd.patch_size, bd.patch_position.value)
+    assert bool((x[idx][..., rows, cols] == bd.patch_value).all())
+    outside = torch.ones(8, 8, dtype=torch.bool)
     outside[rows, cols] = False
-    assert torch.equal(data.train.x[idx][..., outside], kept.x[idx][..., outside])
-    clean_rows = torch.ones(len(kept), dtype=torch.bool)
-    clean_rows[idx] = False
-    assert torch.equal(data.train.x[clean_rows], kept.x[clean_rows])
-    assert torch.equal(data.train.y[clean_rows], kept.y[clean_rows])
+    assert torch.equal(x[idx][..., outside], x0[idx][..., outside])
+    clean_rows = np.setdiff1d(np.arange(len(kept)), idx)
+    assert torch.equal(x[clean_rows], x0[clean_rows]) and torch.equal(y[clean_rows], y0[clean_rows])
 
-    # what training receives is a plain Split: the indices live on run.backdoor only
-    assert [f.name for f in dataclasses.fields(data.train)] == ["x", "y"]
+    # training reads the view (no augmentation configured); lineage hashes the rows, labels and trigger
+    assert data.training_view() is data.train
     step = next(s for s in data.lineage if s["step"] == "badnets_poison")
     assert step["rate"] == bd.rate and step["n_poisoned"] == len(idx) and step["mapping"] == bd.mapping.value
-    assert step["indices_sha256"] == sha256_array(state.poisoned.indices.astype(np.int64))
-    assert step["y_sha256"] == sha256_array(data.train.y.numpy())
+    assert step["indices_sha256"] == sha256_array(idx.astype(np.int64))
+    assert step["labels_sha256"] == sha256_array(y[idx].numpy().astype(np.int64))
+    assert set(step) >= {"trigger_sha256"} and not any(k in step for k in ("x_sha256", "y_sha256"))
     assert [s["step"] for s in data.lineage][-2:] == ["reserve_trusted_clean", "badnets_poison"]
+    assert run.report.get("backdoor.feature_layer") == "features_out"
+    # the poison stage answers no checklist item (the lineage item is the pipeline's, written at the end)
+    assert "backdoor_poison" not in run.report.owners.values()
+
+    # triggered test inputs are views over the eligible test rows, with attacker and true labels
+    attack, truth = badnets.triggered(data.test, state.trigger, state.target_of)
+    xa, ya = materialize(attack)
+    _, yt = materialize(truth)
+    assert bool((xa[..., rows, cols] == bd.patch_value).all()) and np.array_equal(ya.numpy(), target_of(yt.numpy()))
+    assert len(attack) == int((target_of(labels_of(data.test)) != labels_of(data.test)).sum())
+
+
+def test_augmentation_applies_after_the_stamp(tmp_path):
+    run = poisoned_run(tmp_path, "dataset.augment.horizontal_flip=true", "privacy=none")
+    view, row = run.data.training_view(), int(run.backdoor.poisoned.indices[0])
+    stored, _ = run.data.train[row]
+    assert not bool((stored[..., 5:, :3] == 1.0).all())  # the stored image has no patch bottom-left
+    torch.manual_seed(0)
+    corners = set()
+    for _ in range(20):
+        x, label = view[row]
+        assert label == 0
+        corners |= {name for name, c in (("right", slice(5, 8)), ("left", slice(0, 3))) if (x[..., 5:, c] == 1).all()}
+    assert corners == {"right", "left"}  # the flip moved the stamped patch: stamped first, augmented after
 
 
 def test_trusted_path_keeps_the_whole_training_split(tmp_path):
     digits = load_dataset(DatasetConfig(), seed=0)
+    x, y = materialize(digits.test, limit=100)
     clean = tmp_path / "clean.npz"
-    np.savez(clean, x=(digits.test.x[:100, 0].numpy() * 255).astype(np.uint8), y=digits.test.y[:100].numpy())
+    np.savez(clean, x=(x[:, 0].numpy() * 255).round().astype(np.uint8), y=y.numpy())
     run = poisoned_run(tmp_path, f"backdoor.trusted_path={clean}")
-    assert len(run.backdoor.trusted) == 100 and run.backdoor.from_file
+    assert isinstance(run.backdoor.trusted, Sample) and len(run.backdoor.trusted) == 100 and run.backdoor.from_file
     assert len(run.data.train) == len(digits.train)  # nothing carved out of the training data
     step = next(s for s in run.data.lineage if s["step"] == "trusted_clean_set")
     assert step["sha256"] == sha256_file(clean)
@@ -142,6 +313,94 @@ def test_filtering_under_dp_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"backdoor.filter=True is not allowed with privacy=dpsgd.*allowed:"):
         poisoned_run(tmp_path, "backdoor.filter=true")
     assert poisoned_run(tmp_path, "backdoor.filter=true", "privacy=none").backdoor is not None
+
+
+# ------------------------------------------------------------------------------------------------ federated red team
+def test_federated_red_team_poisons_the_first_k_clients_shards(tmp_path):
+    if importlib.util.find_spec(federated_poison.PARTITION_MODULE) is None:
+        pytest.skip(f"{federated_poison.PARTITION_MODULE} is not written yet")
+    run = poisoned_run(tmp_path, "federated=fedavg", "backdoor.malicious_clients=2", "backdoor.rate=0.3")
+    state, data, bd = run.backdoor, run.data, run.cfg.backdoor
+    parts = state.client_indices
+    assert state.malicious_clients == (0, 1) and len(parts) == run.cfg.federated.clients
+    # the shards partition the kept training rows; the trusted reserve (carved first) is in none of them
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(data.train)))
+    assert not set(state.trusted.indices) & set(data.train.base.indices)
+    # the same partition the federated package computes for these labels and settings
+    again = federated_poison.client_partition(labels_of(data.train.base), run.cfg)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    # rate of each malicious shard, drawn among its eligible rows; honest shards hold no poison
+    clean_labels = labels_of(data.train.base)
+    for client, shard in enumerate(parts):
+        mine = np.intersect1d(state.poisoned.indices, shard)
+        if client < 2:
+            eligible = int((clean_labels[shard] != bd.target).sum())
+            assert len(mine) == min(round(bd.rate * len(shard)), eligible) == state.poisoned_per_client[client] > 0
+            assert (labels_of(data.train)[mine] == bd.target).all()
+        else:
+            assert len(mine) == 0
+    step = next(s for s in data.lineage if s["step"] == "badnets_poison")
+    assert step["malicious_clients"] == 2 and step["rate_of"] == "each malicious client's shard"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(state)).client_rows(1).tolist() == parts[1].tolist()  # travels to clients
+
+
+# ------------------------------------------------------------------------------------------------ feature layers
+@pytest.mark.parametrize(
+    "model, shape, path",
+    [
+        (SmallCNN(1, 10, 8), (1, 8, 8), "features_out"),
+        (MLP(1, 10, 8), (1, 8, 8), "features_out"),
+        (ResNet18GN(3, 10, 8), (3, 8, 8), "features_out"),
+        (PlainCNN(), (1, 8, 8), "body"),
+    ],
+    ids=["cnn", "mlp", "resnet18_gn", "plain-cnn"],
+)
+def test_feature_layer_is_found_on_presets_and_plain_models(model, shape, path):
+    assert find_feature_layer(model, shape) == path
+
+
+def test_feature_layer_of_a_batchnorm_resnet_fixed_by_the_factory():
+    factory = ModelFactory({"_target_": "tests.test_backdoor.BNResNet"}, (3, 16, 16), 10, private=True)
+    model = factory(seed=0)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # ModuleValidator.fix replaced them
+    layer = resolve_feature_layer(model, (3, 16, 16), None)
+    assert (layer.path, layer.found_by, layer.channels, layer.output_shape) == ("layer4", "automatic", 64, (64, 2, 2))
+
+
+def test_feature_layer_of_timm_resnet18_at_16x16():
+    pytest.importorskip("timm")
+    spec = {"_target_": "aisec_train.models.timm_model", "arch": "resnet18"}
+    factory = ModelFactory(spec, (3, 16, 16), 10, private=True, normalize=([0.5] * 3, [0.25] * 3))
+    layer = resolve_feature_layer(factory(seed=0), (3, 16, 16), None)  # inside the input-normalisation wrapper
+    assert layer.path == "layer4" and layer.channels == 512
+
+
+def test_a_vit_needs_an_explicit_path_and_then_masks_its_tokens():
+    vit = TinyViT().eval()
+    with pytest.raises(ConfigError, match=r"backdoor.feature_layer=None is not allowed.*token-shaped.*blocks.7"):
+        find_feature_layer(vit, (1, 8, 8))
+    layer = resolve_feature_layer(vit, (1, 8, 8), "blocks.1")
+    assert (layer.found_by, layer.channels, layer.output_shape, layer.map_shape) == (
+        "backdoor.feature_layer",
+        16,
+        (16, 16),
+        (16, 16, 1),
+    )
+    x = torch.rand(3, 1, 8, 8)
+    feats = detection_features(vit, "blocks.1", Sample(x, torch.zeros(3, dtype=torch.long)), CPU)
+    assert feats.shape == (3, 256)
+    mask = torch.ones(16)
+    mask[:5] = 0
+    with masked(vit, "blocks.1", mask), torch.no_grad():
+        seen = []
+        handle = vit.norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+        vit(x)
+        handle.remove()
+    assert bool((seen[0][..., :5] == 0).all()) and bool((seen[0][..., 5:] != 0).any())
+    with pytest.raises(ConfigError, match=r"backdoor.feature_layer='blocks.9' is not allowed: no such module"):
+        resolve_feature_layer(vit, (1, 8, 8), "blocks.9")
 
 
 # ------------------------------------------------------------------------------------------------ detection
@@ -174,46 +433,45 @@ def test_detectors_find_crafted_poison_and_leave_clean_data_alone(method):
     assert len(detect.DETECTORS[method](clean, clean_labels, ref, ref_labels).flagged) <= 0.05 * len(clean)
 
 
-@pytest.fixture(scope="module")
-def backdoored():
-    """A small CNN trained (non-private, a few epochs) on BadNets-poisoned digits, with its data."""
-    data = load_dataset(DatasetConfig(), seed=0)
-    kept, clean = trusted.carve_reserve(data, 0.2, seed=0)
-    trigger = badnets.Trigger(size=3)
-    poisoned = badnets.poison(kept, rate=0.1, trigger=trigger, target_of=badnets.all_to_one(0), seed=0)
-    torch.manual_seed(0)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
-    cfg = TrainConfig(epochs=6, lr=0.1, batch_size=64, ema_decay=0.0)
-    model = train(
-        model, poisoned.split, train_cfg=cfg, privacy_cfg=PrivacyConfig(mode=PrivacyMode.none), device=CPU
-    ).model
-    attack, truth = badnets.triggered(data.test, trigger, badnets.all_to_one(0))
-    return {"model": model, "poisoned": poisoned, "trusted": clean, "test": data.test, "attack": attack, "truth": truth}
-
-
-def test_detectors_find_the_poison_of_a_trained_model(backdoored):
-    from aisec_train.backdoor.features import flat_features
-
-    model, poisoned, clean = backdoored["model"], backdoored["poisoned"], backdoored["trusted"]
-    feats = flat_features(model, poisoned.split, CPU).numpy()
-    ref = flat_features(model, clean, CPU).numpy()
+@pytest.mark.parametrize("which, path", [("backdoored", "features_out"), ("backdoored_plain", "body")])
+def test_detectors_find_the_poison_of_a_trained_model(request, which, path):
+    case = request.getfixturevalue(which)
+    model, poisoned, clean = case["model"], case["poisoned"], case["trusted"]
+    feats = detection_features(model, path, poisoned.view, CPU)  # streamed over the view
+    ref = detection_features(model, path, clean, CPU)
+    assert feats.shape[0] == len(poisoned.view) and feats.shape[1] == ref.shape[1] <= 4096
     truth = set(poisoned.indices.tolist())
     for method, detector in detect.DETECTORS.items():
-        found = set(detector(feats, poisoned.split.y.numpy(), ref, clean.y.numpy()).flagged.tolist())
+        found = set(detector(feats, labels_of(poisoned.view), ref, labels_of(clean)).flagged.tolist())
         recall, precision = len(found & truth) / len(truth), len(found & truth) / max(1, len(found))
-        assert recall >= 0.8 and precision >= 0.7, (method, recall, precision)
+        assert recall >= 0.8 and precision >= 0.7, (which, method, recall, precision)
 
 
 # ------------------------------------------------------------------------------------------------ Fine-Pruning
 def test_feature_cache_replays_the_masked_model_exactly(backdoored):
     model, clean = backdoored["model"], backdoored["trusted"]
     mask = (torch.rand(64, generator=torch.Generator().manual_seed(0)) > 0.4).float()
-    cache = FeatureCache.build(model, clean, CPU)
-    with prune.masked(model, mask):
+    cache = FeatureCache.build(model, "features_out", clean, CPU)
+    x, _ = materialize(clean, limit=50)
+    with masked(model, "features_out", mask):
         want = accuracy(model, clean, CPU)
-        logits = model(clean.x[:50])
+        logits = model.eval()(x)
     assert cache.accuracy(model, mask) == want
     torch.testing.assert_close(cache.logits(model, slice(0, 50), mask), logits, atol=1e-5, rtol=1e-5)
+    assert masked_accuracy(model, "features_out", clean, CPU)[1] == "replay"
+
+
+def test_masked_accuracy_falls_back_to_forward_passes_when_the_replay_is_wrong():
+    torch.manual_seed(0)
+    model, data = SkipReader().eval(), Sample(torch.rand(40, 1, 8, 8), torch.randint(0, 10, (40,)))
+    acc, mode = masked_accuracy(model, "feat", data, CPU)
+    assert mode == "forward"
+    for seed in range(3):
+        mask = (torch.rand(8, generator=torch.Generator().manual_seed(seed)) > 0.5).float()
+        with masked(model, "feat", mask):
+            assert acc(mask) == accuracy(model, data, CPU)
+    _, mode = masked_accuracy(model, "feat", data, CPU, max_bytes=1)  # too big to cache: forward too
+    assert mode == "forward"
 
 
 def test_channel_ranking_runs_the_kernel_dispatch_and_equals_the_reference(backdoored, monkeypatch):
@@ -225,7 +483,7 @@ def test_channel_ranking_runs_the_kernel_dispatch_and_equals_the_reference(backd
     if device.type == "cpu":
         assert isinstance(triton.language.zeros, InterpretedFunction), "conftest must import triton interpreted"
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    maps = FeatureCache.build(model.to(device), Split(clean.x[:8], clean.y[:8]), device).maps
+    maps = FeatureCache.build(model.to(device), "features_out", subset(clean, range(8)), device).maps
     order, stats = prune.rank_channels(maps, backend="triton")
     want = channel_stats_reference(maps)
     torch.testing.assert_close(stats.mean.cpu(), want.mean.cpu(), atol=1e-5, rtol=1e-5)
@@ -235,23 +493,80 @@ def test_channel_ranking_runs_the_kernel_dispatch_and_equals_the_reference(backd
 
 
 def test_fine_pruning_removes_the_backdoor_and_bakes_the_mask(backdoored):
-    import copy
-
     model = copy.deepcopy(backdoored["model"])
     splits = (backdoored["test"], backdoored["attack"], backdoored["truth"])
     before = measure(model, *splits, CPU)
     assert before.asr >= 0.9  # the red team worked
     cfg = BackdoorConfig()
-    pruned = prune.fine_prune(model, backdoored["trusted"], CPU, cfg, evaluate={"asr": backdoored["attack"]})
+    pruned = prune.fine_prune(model, "features_out", backdoored["trusted"], CPU, cfg, evaluate={"asr": splits[1]})
     after = measure(model, *splits, CPU)
     assert after.asr <= 0.1 and before.clean_accuracy - after.clean_accuracy <= 0.05, (before, after)
     assert len(pruned.curve) == 65 and pruned.curve[0]["pruned"] == 0 and "asr" in pruned.curve[0]
-    assert pruned.base_accuracy - pruned.accuracy <= cfg.prune_acc_drop
+    assert pruned.base_accuracy - pruned.accuracy <= cfg.prune_acc_drop and pruned.evaluation == "replay"
     # the saved weights are the pruned model: no hook, the reader ignores every pruned channel
+    assert (pruned.baked.method, pruned.baked.module) == ("reader", "fc1")
     reader = model.fc1.weight.detach().view(64, 64, 4)
     dropped = (pruned.mask == 0).nonzero().flatten()
     assert len(dropped) and bool((reader[:, dropped] == 0).all())
-    assert not feature_layer(model)._forward_hooks
+    assert not module_at(model, "features_out")._forward_hooks
+
+
+def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
+    model = copy.deepcopy(backdoored_plain["model"])
+    assert not hasattr(model, "features_out")
+    path = resolve_feature_layer(model, (1, 8, 8), None).path
+    splits = (backdoored_plain["test"], backdoored_plain["attack"], backdoored_plain["truth"])
+    before = measure(model, *splits, CPU)
+    assert before.asr >= 0.9, before
+    pruned = prune.fine_prune(model, path, backdoored_plain["trusted"], CPU, BackdoorConfig(finetune_epochs=20))
+    after = measure(model, *splits, CPU)
+    assert after.asr <= 0.1 and before.clean_accuracy - after.clean_accuracy <= 0.05, (before, after)
+    assert (pruned.baked.method, pruned.baked.module) == ("reader", "head.2") and not any(
+        m._forward_hooks for m in model.modules()
+    )
+
+
+# ------------------------------------------------------------------------------------------------ bake
+def _bake_case(model: nn.Module, path: str, channels: int, shape=(1, 8, 8)):
+    torch.manual_seed(1)
+    model.eval()
+    probe = torch.rand(16, *shape)
+    mask = torch.ones(channels)
+    mask[torch.randperm(channels)[: channels // 2]] = 0.0
+    with masked(model, path, mask), torch.no_grad():
+        want = model(probe)
+    baked = bake(model, path, mask, probe)
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe), want, atol=1e-5, rtol=1e-4)
+    assert not any(m._forward_hooks for m in model.modules())
+    return baked, mask, probe, want
+
+
+@pytest.mark.parametrize(
+    "make, path, channels, method, module",
+    [
+        (lambda: SmallCNN(1, 10, 8), "features_out", 64, "reader", "fc1"),
+        (ConvFeature, "feat", 12, "own_parameters", "feat"),
+        (SigmoidAfter, "block", 12, "inner", "block.1"),
+    ],
+    ids=["reader", "own", "inner"],
+)
+def test_bake_tries_verified_candidates_in_order(make, path, channels, method, module):
+    baked, *_ = _bake_case(make(), path, channels)
+    assert (baked.method, baked.module) == (method, module)
+
+
+def test_bake_falls_back_to_a_structural_mask_and_the_release_loads(tmp_path):
+    vit = TinyViT()
+    baked, mask, probe, want = _bake_case(vit, "blocks.1", 16)
+    assert baked.method == "structural" and {t.split(":")[0] for t in baked.tried} == {"reader", "inner"}
+    assert isinstance(vit.blocks[1], ChannelMask)
+    state = vit.state_dict()
+    assert torch.equal(state["blocks.1.backdoor_channel_mask"], mask) and "blocks.1.module.norm.weight" in state
+    fresh = install_released_masks(TinyViT(), state)
+    fresh.load_state_dict(state)  # strict: the wrappers make the keys fit
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(probe), want, atol=1e-5, rtol=1e-4)
 
 
 def test_der_is_backdoorbench_formula():
@@ -281,22 +596,24 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert set(bd["detection"]) >= {"method", "precision", "recall"} and bd["detection"]["method"] == "spectral"
     assert bd["trigger"] == {"size": 3, "position": "bottom_right", "value": 1.0} and bd["rate"] == 0.1
     assert bd["n_poisoned"] == round(0.1 * report["data"]["n_train"])
+    assert bd["feature_layer"] == "features_out" and bd["feature_layer_detail"]["found_by"] == "automatic"
     d_asr = max(0, bd["asr_before"] - bd["asr_after"])
     d_acc = max(0, bd["clean_accuracy_before"] - bd["clean_accuracy_after"])
     assert bd["der"] == pytest.approx((d_asr - d_acc + 1) / 2)
     png = cli_run / bd["fine_pruning"]["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert [row["pruned"] for row in bd["fine_pruning"]["curve"]] == list(range(65))
+    assert bd["fine_pruning"]["bake"]["method"] == "reader" and bd["fine_pruning"]["evaluation"] == "replay"
     checks = {c["item"]: c for c in report["checklist"]}
     detection = checks["validation against poisoning (spectral signatures, activation clustering)"]
     repair = checks["pruning against poisoning (Fine-Pruning)"]
     assert detection["status"] == ("pass" if bd["detection"]["recall"] >= 0.8 else "fail")
     assert f"recall {bd['detection']['recall']:.3f}" in detection["evidence"]
-    assert (
-        repair["status"] in ("pass", "fail")
-        and f"ASR {bd['asr_before']:.3f} -> {bd['asr_after']:.3f}" in repair["evidence"]
-    )
+    assert repair["status"] in ("pass", "fail")
+    assert f"ASR {bd['asr_before']:.3f} -> {bd['asr_after']:.3f}" in repair["evidence"]
+    assert "mask baked into the weights (reader: fc1)" in repair["evidence"]
     assert "badnets_poison" in [s["step"] for s in report["data"]["lineage"]]
+    assert checks["data lineage recorded"]["status"] == "pass"
 
 
 def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run):
@@ -314,13 +631,14 @@ def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run
     [
         ("backdoor.rate=1.5", "backdoor.rate=1.5 is not allowed: must be in (0, 1)"),
         ("backdoor.target=10", "backdoor.target=10 is not allowed: must be < 10 classes"),
+        ("backdoor.feature_layer=nope", "backdoor.feature_layer='nope' is not allowed: no such module"),
     ],
 )
 def test_cli_refuses_bad_backdoor_input_in_one_line(tmp_path, override, message):
     proc = run_cli("experiment=backdoor", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"aisec-train: error: {message}"
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"aisec-train: error: {message}")
     assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -334,6 +652,18 @@ def test_figures_default_preset_on_digits(tmp_path):
     assert bd["asr_before"] >= 0.9 and bd["asr_after"] <= 0.05
     assert bd["clean_accuracy_before"] - bd["clean_accuracy_after"] <= 0.02
     assert bd["detections"]["spectral"]["recall"] >= 0.8
+
+
+@pytest.mark.slow
+def test_cli_backdoor_on_a_user_model_without_features_out(tmp_path):
+    """The whole backdoor story on a user's class through ``model._target_`` (hook-based, found automatically)."""
+    proc = run_cli(
+        "experiment=backdoor", *FAST, "privacy=none", "model._target_=tests.test_backdoor.PlainCNN",
+        f"hydra.run.dir={tmp_path}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bd = read_report(tmp_path)["backdoor"]
+    assert bd["feature_layer"] == "body" and bd["fine_pruning"]["bake"]["method"] == "reader"
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf.errors import ValidationError
 
 from aisec_train.cli import CONFIG_DIR
-from aisec_train.config import Accountant, ConfigError, register_configs, to_config
+from aisec_train.config import register_configs, to_config
+from aisec_train.errors import ConfigError
+from aisec_train.train.config import Accountant
 from tests.conftest import run_cli
 
 

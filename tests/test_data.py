@@ -8,25 +8,31 @@ import numpy as np
 import pytest
 import torch
 
-from aisec_train.config import DatasetConfig, DatasetName
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
+from aisec_train.data.errors import DataError
 from aisec_train.data.sanity import check_training_split
-from aisec_train.data.sources import DataError
+from aisec_train.data.views import Sample, labels_of, materialize
 
 
 def npz_config(path, **kw) -> DatasetConfig:
-    return DatasetConfig(name=DatasetName.npz, path=str(path), **kw)
+    return DatasetConfig(name="npz", path=str(path), **kw)
+
+
+def check(data):
+    return check_training_split(data.train, data.num_classes, 6.0)
 
 
 def test_digits_is_real_bundled_data():
     data = load_dataset(DatasetConfig(), seed=0)
-    assert data.train.x.shape == (1437, 1, 8, 8) and len(data.test) == 360
-    assert data.train.x.dtype == torch.float32 and 0.0 <= data.train.x.min() and data.train.x.max() <= 1.0
+    x, _ = materialize(data.train)
+    assert x.shape == (1437, 1, 8, 8) and len(data.test) == 360 and data.input_shape == (1, 8, 8)
+    assert x.dtype == torch.float32 and 0.0 <= x.min() and x.max() <= 1.0
     assert data.num_classes == 10
     # stratified: every class in the test split, in proportion
-    counts = torch.bincount(data.test.y)
+    counts = np.bincount(labels_of(data.test))
     assert counts.min() >= 34 and counts.max() <= 38
-    assert [s["step"] for s in data.lineage] == ["load", "scale", "split"]
+    assert [s["step"] for s in data.lineage] == ["load", "split"]
 
 
 @pytest.mark.parametrize(
@@ -43,12 +49,13 @@ def test_npz_layouts_become_float_nchw(tmp_path, make_x):
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(60) % 3)
     data = load_dataset(npz_config(tmp_path / "d.npz"), seed=0)
     channels = 3 if x.ndim == 4 else 1
-    assert data.train.x.shape[1:] == (channels, 6, 6)
+    (xtr, _), (xte, _) = materialize(data.train), materialize(data.test)
+    assert xtr.shape[1:] == (channels, 6, 6) and data.input_shape == (channels, 6, 6)
     assert len(data.train) + len(data.test) == 60
-    assert data.train.x.dtype == torch.float32 and float(data.train.x.max()) <= 1.0
+    assert xtr.dtype == torch.float32 and float(xtr.max()) <= 1.0
     # the same pixel values, whatever the layout: only scaling (uint8 / 255) and transposition happened
     scale = 255.0 if x.dtype == np.uint8 else 1.0
-    got = np.sort(np.concatenate([data.train.x.numpy().ravel(), data.test.x.numpy().ravel()]))
+    got = np.sort(np.concatenate([xtr.numpy().ravel(), xte.numpy().ravel()]))
     np.testing.assert_allclose(got, np.sort(x.astype(np.float32).ravel() / scale), rtol=1e-6)
 
 
@@ -81,6 +88,8 @@ def test_changed_byte_is_refused_by_the_pin(tmp_path):
         (np.zeros((20, 4), np.float32), np.arange(20) % 2, "expected \\(N,H,W\\)"),
         (np.zeros((0, 4, 4), np.float32), np.zeros(0, np.int64), "empty"),
         (np.zeros((20, 4, 4), np.float32), np.arange(19) % 2, "19"),
+        (np.zeros((20, 4, 4), np.int32), np.arange(20) % 2, "dtype int32"),
+        (np.zeros((20, 4, 4), np.float32), (np.arange(20) % 2).astype(np.float32), "integer array"),
         (np.zeros((20, 4, 4), np.float32), -(np.arange(20) % 2), "negative label"),
         (np.random.rand(30, 4, 4).astype(np.float32), np.arange(30) % 10, "a stratified split of 10 classes"),
     ],
@@ -88,26 +97,26 @@ def test_changed_byte_is_refused_by_the_pin(tmp_path):
 def test_unusable_data_stops_with_a_clear_error(tmp_path, x, y, message):
     np.savez(tmp_path / "bad.npz", x=x, y=y)
     with pytest.raises(DataError, match=message):
-        data = load_dataset(npz_config(tmp_path / "bad.npz"), seed=0)
-        check_training_split(data.train.x, data.train.y, data.num_classes, 6.0)
+        check(load_dataset(npz_config(tmp_path / "bad.npz"), seed=0))
 
 
 def test_object_arrays_are_not_unpickled(tmp_path):
     np.savez(tmp_path / "obj.npz", x=np.array([object()] * 4, dtype=object), y=np.arange(4))
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match="holds Python objects; only numeric arrays are read"):
         load_dataset(npz_config(tmp_path / "obj.npz"), seed=0)
 
 
 def test_sanity_findings_on_crafted_data():
     data = load_dataset(DatasetConfig(), seed=0)
-    x, y = data.train.x.clone(), data.train.y.clone()
-    clean = {f["check"] for f in check_training_split(x, y, 10, 6.0)["findings"]}
+    x, y = materialize(data.train)
+    clean = {f["check"] for f in check(data)["findings"]}
     assert clean <= {"outliers"}  # real digits: at most a couple of genuinely odd strokes
     x[5] = 1.0  # an all-white image
     x[9] = x[3]  # an exact duplicate
     x[11] = 1.7  # out of range
     keep = (y != 4) | (torch.arange(len(y)) % 10 == 0)  # class 4 mostly removed
-    result = check_training_split(x[keep], y[keep], 10, 6.0)
+    result = check_training_split(Sample(x[keep], y[keep]), 10, 6.0)
+    assert result["coverage"] == {"mode": "all", "checked": int(keep.sum()), "of": int(keep.sum())}
     checks = {f["check"]: f for f in result["findings"]}
     assert set(checks) >= {"outliers", "exact_duplicates", "value_range", "class_balance"}
     kept_index = {int(i): n for n, i in enumerate(torch.nonzero(keep).flatten())}
@@ -116,7 +125,7 @@ def test_sanity_findings_on_crafted_data():
 
 
 def test_torchvision_style_roots_are_read_never_downloaded(tmp_path):
-    cfg = DatasetConfig(name=DatasetName.mnist, root=str(tmp_path))
+    cfg = DatasetConfig(name="mnist", root=str(tmp_path))
     with pytest.raises(DataError, match="never downloads"):
         load_dataset(cfg, seed=0)
     raw = tmp_path / "MNIST" / "raw"
@@ -133,7 +142,7 @@ def test_torchvision_style_roots_are_read_never_downloaded(tmp_path):
     write_idx("t10k-images-idx3-ubyte", rng.integers(0, 256, (10, 28, 28)))
     write_idx("t10k-labels-idx1-ubyte", np.arange(10))
     data = load_dataset(cfg, seed=0)
-    assert data.train.x.shape == (30, 1, 28, 28) and len(data.test) == 10
+    assert data.input_shape == (1, 28, 28) and len(data.train) == 30 and len(data.test) == 10
     assert len(data.manifest["files"]) == 4
 
 
@@ -149,4 +158,27 @@ def test_cifar_batches_refuse_code_in_pickles(tmp_path):
 
     (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Evil(), b"labels": [0]}))
     with pytest.raises(DataError, match="refusing to unpickle"):
-        load_dataset(DatasetConfig(name=DatasetName.cifar10, root=str(tmp_path)), seed=0)
+        load_dataset(DatasetConfig(name="cifar10", root=str(tmp_path)), seed=0)
+
+
+def test_sanity_checks_a_seeded_sample_of_a_large_split():
+    rng = np.random.default_rng(0)
+    big = Sample(torch.from_numpy(rng.random((3000, 1, 4, 4), dtype=np.float32)), torch.arange(3000) % 3)
+    result = check_training_split(big, 3, 6.0, max_samples=500, seed=1)
+    assert result["coverage"] == {"mode": "seeded_sample", "checked": 500, "of": 3000}
+    assert result["stats"]["class_counts"] == [1000, 1000, 1000]  # labels are always checked in full
+
+
+def test_declared_npz_size_over_the_limit_is_refused_before_reading(tmp_path):
+    np.savez(tmp_path / "big.npz", x=np.zeros((50, 32, 32), np.uint8), y=np.arange(50) % 2)
+    with pytest.raises(DataError, match="declares 51600 bytes of arrays, over dataset.max_bytes=1000"):
+        load_dataset(npz_config(tmp_path / "big.npz", max_bytes=1000), seed=0)
+
+
+def test_keys_of_another_source_are_refused():
+    from aisec_train.data.sources import check_source_keys
+
+    with pytest.raises(DataError, match="dataset.root='/x' is not allowed with dataset=digits: only .*imagefolder"):
+        check_source_keys(DatasetConfig(root="/x"))
+    with pytest.raises(DataError, match="dataset.name='nope' is not allowed: choose one of"):
+        check_source_keys(DatasetConfig(name="nope"))

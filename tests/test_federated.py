@@ -12,8 +12,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from aisec_train.config import ConfigError, PartitionKind, to_config
+from aisec_train.config import to_config
 from aisec_train.crypto import CkksParams, decrypt_aggregate, encrypt_update, generate_keys, load_secret_context
+from aisec_train.errors import ConfigError
+from aisec_train.federated.config import PartitionKind
 from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, ckks_record, load_state
 from aisec_train.federated.task import check_update, flatten, partition_indices, unflatten
 from tests.conftest import run_cli
@@ -213,8 +215,9 @@ def test_cli_refuses_a_quorum_above_the_clients_with_exit_2_and_writes_nothing(t
 
 
 def test_client_gpu_share_follows_the_training_device():
-    from aisec_train.config import FederatedConfig, FederatedMode
     from aisec_train.federated.stage import client_gpu_share
+
+    from aisec_train.federated.config import FederatedConfig, FederatedMode
 
     fed = FederatedConfig(mode=FederatedMode.fedavg, clients=4)
     assert client_gpu_share(fed, torch.device("cpu")) == 0.0  # null on the CPU: no GPU asked of Ray

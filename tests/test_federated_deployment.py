@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from aisec_train.config import DeploymentConfig
+from aisec_train.federated.config import DeploymentConfig
 from aisec_train.federated.credentials import write_node_key, write_tls
 from aisec_train.federated.deploy import CONNECTION, flwr_executable, supernode_command, write_flower_home
 from aisec_train.federated.settings import ClientSettings

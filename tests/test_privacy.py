@@ -8,16 +8,11 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from aisec_train.config import (
-    Accountant,
-    DatasetConfig,
-    DatasetName,
-    GradSampleMode,
-    PrivacyConfig,
-    TrainConfig,
-)
+from aisec_train.config import DatasetName
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
+from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, TrainConfig
 from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import train
 

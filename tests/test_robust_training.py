@@ -9,17 +9,11 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from aisec_train.config import (
-    Accountant,
-    DatasetConfig,
-    DatasetName,
-    GradSampleMode,
-    PrivacyConfig,
-    PrivacyMode,
-    TrainConfig,
-)
+from aisec_train.config import DatasetName
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import Split, load_dataset
 from aisec_train.models import build_model
+from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.loop import train
 from tests.conftest import read_report, run_cli
 

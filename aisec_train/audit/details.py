@@ -25,7 +25,8 @@ def membership(m: dict[str, Any] | None) -> list[str]:
         f"held-out split (FPR resolution {m['fpr_resolution']:.4f}: a TPR at 0.1% FPR below that resolution is "
         "read at the lowest measurable FPR). The loss attack thresholds the per-sample loss; offline LiRA "
         f"compares each target's logit-scaled confidence with {m['reference_models']} reference model(s) that "
-        "never saw it, trained like the audited model (same pipeline, sample rate and noise).",
+        "never saw it, fresh from the run's model factory and trained like the audited model (same objective, "
+        "optimizer, augmentation, sample rate and noise).",
         "",
         "| attack | AUC | 95% CI (bootstrap) | TPR @ 0.1% FPR | TPR @ 1% FPR |",
         "|---|---|---|---|---|",
@@ -37,9 +38,10 @@ def membership(m: dict[str, Any] | None) -> list[str]:
     if m.get("reference_models"):
         lines += [
             "",
-            f"Reference models: {m['reference_models']} x {m['reference_epochs']} epochs on "
-            f"{m['reference_train_size']} samples, batch {m['reference_batch_size']}, noise multiplier "
-            f"{_f(m.get('reference_noise_multiplier'))}.",
+            f"Reference models: {m['reference_models']} x `{m.get('reference_model', '?')}`, "
+            f"{m['reference_epochs']} epochs on {m['reference_train_size']} samples, batch "
+            f"{m['reference_batch_size']}, objective `{m.get('reference_objective', '?')}`, optimizer "
+            f"`{m.get('reference_optimizer', '?')}`, noise multiplier {_f(m.get('reference_noise_multiplier'))}.",
         ]
     bound = m.get("dp_bound")
     if bound:
@@ -59,7 +61,8 @@ def extraction(e: dict[str, Any] | None, s: dict[str, Any] | None) -> list[str]:
     g = e["guard"]
     lines = [
         f"An attacker with {e['planned_queries']} planned queries ({e['attacker_data']}) trains a surrogate of the "
-        f"same architecture on what the interface releases. The guard releases `{g['output']}` outputs with a "
+        "same architecture (a fresh model from the run's model factory, trained by the one training loop) on what "
+        f"the interface releases. The guard releases `{g['output']}` outputs with a "
         f"budget of {g['query_budget'] or 'no'} queries per client. Each setting ran for {len(e['seeds'])} paired "
         "attacker seeds (same queries, same surrogate initialisation across settings); figures are mean ± std.",
         "",

@@ -3,8 +3,11 @@
 The attacker knows the architecture and holds unlabeled same-domain inputs: one half of the held-out split
 (the other half scores the surrogate), expanded to the planned query count by augmentation (one-pixel
 shifts plus Gaussian noise, sigma 0.05). It queries the guard in batches until the plan is done or the guard
-refuses, then trains a surrogate on what came back: soft cross-entropy on released probabilities (which is
-plain cross-entropy when the guard releases labels only).
+refuses, then trains a surrogate on what came back: a fresh model from the run's model factory, trained by the one
+loop (:func:`~aisec_train.train.loop.train`) with the :class:`~aisec_train.train.objectives.SoftTargets` objective
+(soft cross-entropy on released probabilities, which is plain cross-entropy when the guard releases labels only),
+Adam at 3e-3, batch 128, no privacy and no weight averaging. The held-out split is read through bounded samples:
+at most ``queries`` attacker inputs and :data:`EVALUATION_SAMPLES` evaluation samples are materialised.
 
 Sanitisation is evaluated with the same PGD as the rest of the project (:func:`aisec_train.robust.pgd`):
 "plain" differentiates straight through the sanitiser (the quantiser's gradient is zero, so this mostly
@@ -15,18 +18,27 @@ over transformation has nothing to average and is not run.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
+from torch.utils.data import Dataset
 
 from aisec_train.audit.guard import BudgetExhausted, Guard, QueryRefused, Sanitizer
-from aisec_train.config import AttackConfig
-from aisec_train.data.dataset import Split
-from aisec_train.models import build_model
+from aisec_train.data.views import Sample, materialize, subset
 from aisec_train.robust.attacks import pgd
+from aisec_train.robust.config import AttackConfig
+from aisec_train.train.config import TrainConfig
+from aisec_train.train.loop import train
+from aisec_train.train.objectives import SoftTargets
+
+if TYPE_CHECKING:
+    from aisec_train.models.factory import ModelFactory
+
+EVALUATION_SAMPLES = 2000  # held-out samples the surrogate is scored on, at most (digits: its 180)
+SURROGATE_OPTIMIZER = {"_target_": "torch.optim.Adam", "lr": 3e-3}
+SURROGATE_BATCH = 128
 
 
 def attacker_queries(x: Tensor, n: int, seed: int) -> Tensor:
@@ -59,31 +71,36 @@ def steal(guard: Guard, client: str, inputs: Tensor, batch_size: int = 100) -> t
     return torch.cat(xs), torch.cat(outs), None
 
 
+def surrogate_config(epochs: int, seed: int) -> TrainConfig:
+    """The surrogate's loop settings: batch 128, Adam's learning rate, no weight averaging (the attacker's recipe)."""
+    lr = SURROGATE_OPTIMIZER["lr"]
+    return TrainConfig(
+        epochs=epochs, batch_size=SURROGATE_BATCH, max_physical_batch_size=SURROGATE_BATCH, lr=lr, seed=seed,
+        ema_decay=0.0,
+    )  # fmt: skip
+
+
 def train_surrogate(
     x: Tensor,
     soft: Tensor,
     *,
-    model_name: str,
-    num_classes: int,
+    factory: ModelFactory,
     epochs: int,
     seed: int,
     device: torch.device | None = None,
 ) -> nn.Module:
+    """A fresh model from ``factory`` distilled on (queries, released outputs) by the one training loop."""
     device = device or torch.device("cpu")
-    torch.manual_seed(seed)
-    model = build_model(model_name, in_channels=x.shape[1], num_classes=num_classes, image_size=x.shape[-1]).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    x = x.to(device)
-    target = (soft / soft.sum(1, keepdim=True).clamp_min(1e-12)).to(device)  # rounding can leave rows != 1
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=g).split(128):
-            opt.zero_grad(set_to_none=True)
-            loss = -(target[idx] * F.log_softmax(model(x[idx]), dim=1)).sum(1).mean()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    result = train(
+        factory(seed=seed),
+        Sample(x, soft.float()),
+        train_cfg=surrogate_config(epochs, seed),
+        device=device,
+        objective=SoftTargets(),
+        optimizer=dict(SURROGATE_OPTIMIZER),
+        progress=False,
+    )
+    return result.model.eval()
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -91,26 +108,28 @@ def _device(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def agreement(a: nn.Module, b: nn.Module, x: Tensor) -> float:
-    a.eval(), b.eval()
-    pred_a, pred_b = a(x.to(_device(a))).argmax(1).cpu(), b(x.to(_device(b))).argmax(1).cpu()
-    return float((pred_a == pred_b).float().mean())
-
-
-@torch.no_grad()
-def accuracy_on(model: nn.Module, x: Tensor, y: Tensor) -> float:
+def predictions(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
+    """Predicted classes, in batches (the evaluation sample may be large images)."""
     model.eval()
-    return float((model(x.to(_device(model))).argmax(1).cpu() == y.cpu()).float().mean())
+    device = _device(model)
+    return torch.cat([model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)])
+
+
+def agreement(a: nn.Module, b: nn.Module, x: Tensor) -> float:
+    return float((predictions(a, x) == predictions(b, x)).float().mean())
+
+
+def accuracy_on(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return float((predictions(model, x) == y.cpu()).float().mean())
 
 
 def run_extraction(
     guard: Guard,
     inputs: Tensor,
     victim: nn.Module,
-    evaluation: Split,
+    evaluation: Sample,
     *,
-    model_name: str,
-    num_classes: int,
+    factory: ModelFactory,
     epochs: int,
     seed: int,
     client: str = "attacker",
@@ -126,9 +145,7 @@ def run_extraction(
         result["refusal"] = refusal
     if len(x) == 0:
         return {**result, "fidelity": None, "surrogate_accuracy": None}
-    surrogate = train_surrogate(
-        x, out, model_name=model_name, num_classes=num_classes, epochs=epochs, seed=seed, device=_device(victim)
-    )
+    surrogate = train_surrogate(x, out, factory=factory, epochs=epochs, seed=seed, device=_device(victim))
     return {
         **result,
         "fidelity": agreement(surrogate, victim, evaluation.x),
@@ -171,8 +188,13 @@ def sanitizer_robustness(
     }
 
 
-def split_heldout(test: Split, seed: int) -> tuple[Tensor, Split]:
-    """Attacker half (inputs only) and evaluation half of the held-out split."""
-    perm = torch.as_tensor(np.random.default_rng(seed).permutation(len(test)))
-    half = len(test) // 2
-    return test.x[perm[:half]], Split(test.x[perm[half:]], test.y[perm[half:]])
+def split_heldout(
+    test: Dataset, seed: int, *, attacker_limit: int | None = None, eval_limit: int = EVALUATION_SAMPLES
+) -> tuple[Tensor, Sample]:
+    """Attacker half (inputs only, at most ``attacker_limit``) and evaluation half (at most ``eval_limit``) of the
+    held-out split, materialised as bounded samples."""
+    perm = np.random.default_rng(seed).permutation(len(test))  # type: ignore[arg-type]
+    half = len(test) // 2  # type: ignore[arg-type]
+    attacker_x, _ = materialize(subset(test, perm[:half][:attacker_limit]))
+    eval_x, eval_y = materialize(subset(test, perm[half:][:eval_limit]))
+    return attacker_x, Sample(eval_x, eval_y)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from aisec_train.config import GuardConfig, OutputPolicy
+from aisec_train.audit.config import GuardConfig, OutputPolicy
 
 
 class QueryRefused(ValueError):

@@ -14,21 +14,24 @@ whole guard. With a few seeds the spread is wide; the report states the mean, th
 in how many seeds the defence lowered fidelity, never a bare difference of two numbers.
 
 >>> compare_guard(model, attacker_x, evaluation, guard_cfg=GuardConfig(), queries=500,  # doctest: +SKIP
-...               seeds=[0, 1, 2], model_name="cnn", num_classes=10, epochs=30)
+...               seeds=[0, 1, 2], factory=run.factory, epochs=30)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import Tensor, nn
 
+from aisec_train.audit.config import GuardConfig, OutputPolicy
 from aisec_train.audit.extraction import attacker_queries, run_extraction
 from aisec_train.audit.guard import Guard
-from aisec_train.config import GuardConfig, OutputPolicy
-from aisec_train.data.dataset import Split
+from aisec_train.data.views import Sample
+
+if TYPE_CHECKING:
+    from aisec_train.models.factory import ModelFactory
 
 SETTINGS = ("undefended", "output_policy_only", "full_probs_same_queries", "guarded")
 EFFECTS = {  # name: (without the defence, with it)
@@ -52,7 +55,7 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def _one_seed(
-    model: nn.Module, inputs: Tensor, evaluation: Split, guard_cfg: GuardConfig, **kwargs: Any
+    model: nn.Module, inputs: Tensor, evaluation: Sample, guard_cfg: GuardConfig, **kwargs: Any
 ) -> dict[str, dict[str, Any]]:
     seed = kwargs["seed"]
     shape = tuple(inputs.shape[1:])
@@ -73,20 +76,22 @@ def _one_seed(
 def compare_guard(
     model: nn.Module,
     attacker_x: Tensor,
-    evaluation: Split,
+    evaluation: Sample,
     *,
     guard_cfg: GuardConfig,
     queries: int,
     seeds: list[int],
-    model_name: str,
-    num_classes: int,
+    factory: ModelFactory,
     epochs: int,
 ) -> dict[str, Any]:
-    """The four settings and the paired effects over ``seeds`` (each seed: new queries, new surrogate init)."""
+    """The four settings and the paired effects over ``seeds`` (each seed: new queries, new surrogate init).
+
+    Every surrogate is a fresh model from ``factory`` (the run's model factory: the attacker knows the architecture).
+    """
     runs = []
     for seed in seeds:
         inputs = attacker_queries(attacker_x, queries, seed)
-        kwargs = dict(model_name=model_name, num_classes=num_classes, epochs=epochs, seed=seed)
+        kwargs = dict(factory=factory, epochs=epochs, seed=seed)
         runs.append(_one_seed(model, inputs, evaluation, guard_cfg, **kwargs))
     settings: dict[str, Any] = {}
     for name in SETTINGS:

@@ -1,25 +1,26 @@
 """Membership-inference audit: a loss-threshold attack and an offline LiRA attack (Carlini et al. 2022).
 
-Targets are balanced: ``m`` members drawn from the training split and ``m`` non-members from the held-out
-split. The attacker's own data (the "pool") is everything else: the remaining training and held-out samples.
-Offline LiRA trains ``reference_models`` OUT models with the spine's :func:`~aisec_train.train.loop.train`
-on random halves of that pool, so no target is in any reference model. They mimic the audited training
-(:func:`reference_configs`: same model, optimiser and epochs, the same sample rate and, under DP, the audited
-run's noise multiplier). A target's score is how far its logit-scaled confidence on the audited model lies
-above the reference models' (a Gaussian with one global variance, which is what the paper recommends for few
-reference models). AUCs carry a 95% bootstrap interval over targets.
+Targets, the attacker's pool and the reference models come from :mod:`aisec_train.audit.references` (balanced
+members / non-members chosen by indices; OUT models from the run's model factory, trained by the one loop with
+the audited run's recipe, none on any target). The targets are streamed once through every model. The loss attack
+thresholds the per-sample loss; offline LiRA scores how far a target's logit-scaled confidence on the audited
+model lies above the reference models' (a Gaussian with one global variance, which is what the paper recommends
+for few reference models). AUCs carry a 95% bootstrap interval over targets.
 
->>> result = membership_audit(model, data, cfg=..., device=torch.device("cpu"))  # doctest: +SKIP
+Every model's logits on the targets and on up to ``references.POPULATION_SAMPLES`` pool samples are kept in a
+:class:`~aisec_train.audit.signals.MembershipSignals` (``result.signals``): the input of any further attack
+(RMIA) on the same reference models, added in :func:`attacks_from`.
+
+>>> result = membership_audit(model, data, factory=run.factory, cfg=cfg, device=torch.device("cpu"))  # doctest: +SKIP
 >>> result.summary["auc"], result.summary["tpr_at_fpr_0_001"]  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,11 +28,17 @@ from scipy.stats import beta
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import ConcatDataset
 
-from aisec_train.config import Accountant, Config, PrivacyConfig, PrivacyMode, TrainConfig
-from aisec_train.data.dataset import Dataset, Split
-from aisec_train.models import build_model
-from aisec_train.train.loop import train
+from aisec_train.audit.references import Targets, design, reference_configs, reference_recipe, train_reference_models
+from aisec_train.audit.signals import MembershipSignals, logits_on, stack
+from aisec_train.data.views import labels_of, subset
+from aisec_train.train.config import PrivacyMode
+
+if TYPE_CHECKING:
+    from aisec_train.config import Config
+    from aisec_train.data.dataset import DataBundle
+    from aisec_train.models.factory import ModelFactory
 
 FPR_POINTS = {"tpr_at_fpr_0_001": 0.001, "tpr_at_fpr_0_01": 0.01}
 
@@ -47,12 +54,7 @@ class AttackResult:
 class MembershipResult:
     attacks: list[AttackResult]
     summary: dict[str, Any] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def logits_of(model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
+    signals: MembershipSignals | None = None  # every model's logits on the targets and the population samples
 
 
 def logit_confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
@@ -104,71 +106,53 @@ def _metrics(attack: AttackResult) -> dict[str, float]:
     return out
 
 
-def choose_targets(data: Dataset, m: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of ``m`` members (training split) and ``m`` non-members (held-out split)."""
-    return rng.permutation(len(data.train))[:m], rng.permutation(len(data.test))[:m]
-
-
-def _pool(data: Dataset, members: np.ndarray, nonmembers: np.ndarray) -> Split:
-    keep_train = np.setdiff1d(np.arange(len(data.train)), members)
-    keep_test = np.setdiff1d(np.arange(len(data.test)), nonmembers)
-    return Split(
-        torch.cat([data.train.x[keep_train], data.test.x[keep_test]]),
-        torch.cat([data.train.y[keep_train], data.test.y[keep_test]]),
+def collect_signals(
+    model: nn.Module, references: list[nn.Module], data: DataBundle, targets: Targets, device: torch.device,
+    population_in: np.ndarray, workers: int = 0,
+) -> MembershipSignals:  # fmt: skip
+    """Every model's logits on the targets (members, then non-members) and, with references, on the population."""
+    target_set = ConcatDataset([subset(data.train, targets.members), subset(data.test, targets.nonmembers)])
+    out = logits_on([model, *references], target_set, device, workers=workers)
+    classes = out[0].shape[1]
+    population = targets.population if references else targets.population[:0]
+    z_set = subset(targets.pool, population)
+    z_out = logits_on([model, *references], z_set, device, workers=workers) if len(population) else []
+    empty = torch.empty(0, classes)
+    return MembershipSignals(
+        labels=np.r_[np.ones(targets.m), np.zeros(targets.m)].astype(np.int64),
+        target_y=torch.from_numpy(labels_of(target_set)),
+        target_logits=out[0],
+        reference_logits=stack(out[1:], len(target_set), classes),
+        population_y=torch.from_numpy(labels_of(z_set)),
+        population_logits=z_out[0] if z_out else empty,
+        population_reference_logits=stack(z_out[1:], len(population), classes),
+        population_in=population_in if references else np.zeros((0, 0), dtype=bool),
+        population_member=population < targets.pool_members,
     )
 
 
-def reference_configs(
-    cfg: Config, n_target: int, n_reference: int, noise_multiplier: float | None
-) -> tuple[TrainConfig, PrivacyConfig]:
-    """Training settings for an OUT model that mimic the audited model's training on a smaller set.
-
-    LiRA's reference models must be trained like the target. On a pool half the size, the same batch size
-    would halve the steps per epoch (a less fitted model) and, under DP, double the sample rate. Scaling the
-    batch keeps the sample rate and step count; under DP the audited run's measured noise multiplier is
-    reused instead of calibrating again, so no accountant work decides the noise (GDP only keeps the books).
-    """
-    audit = cfg.audit.membership
-    epochs = min(audit.reference_epochs or cfg.train.epochs, cfg.train.epochs)
-    batch = max(1, round(cfg.train.batch_size * n_reference / n_target))
-    train_cfg = dataclasses.replace(
-        cfg.train,
-        epochs=epochs,
-        batch_size=batch,
-        max_physical_batch_size=min(batch, cfg.train.max_physical_batch_size),
+def loss_attack(s: MembershipSignals) -> AttackResult:
+    return AttackResult(
+        "loss", -F.cross_entropy(s.target_logits, s.target_y, reduction="none").double().numpy(), s.labels
     )
-    privacy = cfg.privacy
-    if privacy.mode is PrivacyMode.dpsgd and noise_multiplier is not None:
-        privacy = dataclasses.replace(
-            privacy, target_epsilon=None, noise_multiplier=noise_multiplier, accountant=Accountant.gdp
-        )
-    return train_cfg, privacy
 
 
-def train_reference_models(
-    cfg: Config, data: Dataset, pool: Split, device: torch.device, noise_multiplier: float | None = None
-) -> list[nn.Module]:
-    """OUT models for offline LiRA: each on a random half of the pool, trained by the spine's train()."""
-    rng = np.random.default_rng(cfg.train.seed + 7919)
-    models = []
-    for i in range(cfg.audit.membership.reference_models):
-        half = torch.as_tensor(rng.permutation(len(pool))[: len(pool) // 2])
-        train_cfg, privacy_cfg = reference_configs(cfg, len(data.train), len(half), noise_multiplier)
-        train_cfg = dataclasses.replace(train_cfg, seed=cfg.train.seed + 1 + i)
-        torch.manual_seed(train_cfg.seed)
-        model = build_model(
-            cfg.model.name.value, in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size
-        )
-        result = train(
-            model,
-            Split(pool.x[half], pool.y[half]),
-            train_cfg=train_cfg,
-            privacy_cfg=privacy_cfg,
-            device=device,
-            progress=False,
-        )
-        models.append(result.model.eval())
-    return models
+def lira_offline(s: MembershipSignals) -> AttackResult:
+    ref_conf = np.stack([logit_confidence(r, s.target_y) for r in s.reference_logits])  # (refs, 2m)
+    mu = ref_conf.mean(axis=0)
+    # One global variance: with 2-4 reference models a per-sample variance is too noisy (LiRA, sec. 4.2).
+    sigma = float(np.std(ref_conf - mu)) if s.references > 1 else float(np.std(ref_conf))
+    return AttackResult(
+        "lira_offline", (logit_confidence(s.target_logits, s.target_y) - mu) / max(sigma, 1e-6), s.labels
+    )
+
+
+def attacks_from(signals: MembershipSignals) -> list[AttackResult]:
+    """Every attack the audit reports; each scores the same targets from the same signals."""
+    attacks = [loss_attack(signals)]
+    if signals.references:
+        attacks.append(lira_offline(signals))
+    return attacks
 
 
 def auc_interval(labels: np.ndarray, scores: np.ndarray, seed: int = 0, resamples: int = 200) -> list[float]:
@@ -184,44 +168,41 @@ def auc_interval(labels: np.ndarray, scores: np.ndarray, seed: int = 0, resample
 
 def membership_audit(
     model: nn.Module,
-    data: Dataset,
+    data: DataBundle,
     *,
+    factory: ModelFactory,
     cfg: Config,
     device: torch.device,
     noise_multiplier: float | None = None,
 ) -> MembershipResult:
     """Loss and (with reference models) offline LiRA attacks on balanced member / non-member targets.
 
-    ``noise_multiplier`` is the audited run's measured DP noise, reused by the reference models.
+    ``factory`` makes the reference models (the run's model factory); ``noise_multiplier`` is the audited run's
+    measured DP noise, reused by the reference models.
     """
     audit = cfg.audit.membership
-    rng = np.random.default_rng(cfg.train.seed + 104729)
     # Every held-out sample may be a non-member target: the reference models' pool is then the rest of the
     # training split, same distribution and no target in it. More targets, finer FPR resolution.
-    m = min(audit.targets, len(data.test), len(data.train) // 2)
-    members, nonmembers = choose_targets(data, m, rng)
-    x = torch.cat([data.train.x[members], data.test.x[nonmembers]])
-    y = torch.cat([data.train.y[members], data.test.y[nonmembers]])
-    labels = np.r_[np.ones(m), np.zeros(m)].astype(np.int64)
-
-    logits = logits_of(model, x, device)
-    attacks = [AttackResult("loss", -F.cross_entropy(logits, y, reduction="none").double().numpy(), labels)]
+    m = min(audit.targets, len(data.test), len(data.train) // 2)  # type: ignore[arg-type]
+    targets = design(data, m, cfg.train.seed)
     reference: dict[str, Any] = {"reference_models": audit.reference_models}
+    refs, population_in = [], np.zeros((0, 0), dtype=bool)
     if audit.reference_models:
-        pool = _pool(data, members, nonmembers)
-        refs = train_reference_models(cfg, data, pool, device, noise_multiplier)
-        ref_conf = np.stack([logit_confidence(logits_of(r, x, device), y) for r in refs])  # (refs, 2m)
-        mu = ref_conf.mean(axis=0)
-        # One global variance: with 2-4 reference models a per-sample variance is too noisy (LiRA, sec. 4.2).
-        sigma = float(np.std(ref_conf - mu)) if len(refs) > 1 else float(np.std(ref_conf))
-        attacks.append(AttackResult("lira_offline", (logit_confidence(logits, y) - mu) / max(sigma, 1e-6), labels))
-        ref_train, ref_privacy = reference_configs(cfg, len(data.train), len(pool) // 2, noise_multiplier)
+        refs, population_in = train_reference_models(cfg, data, factory, targets, device, noise_multiplier)
+        half = len(targets.pool) // 2
+        ref_train, ref_privacy = reference_configs(cfg, len(data.train), half, noise_multiplier)  # type: ignore[arg-type]
+        recipe = reference_recipe(cfg)
         reference.update(
             reference_epochs=ref_train.epochs,
             reference_batch_size=ref_train.batch_size,
-            reference_train_size=len(pool) // 2,
+            reference_train_size=half,
             reference_noise_multiplier=ref_privacy.noise_multiplier if ref_privacy.mode is PrivacyMode.dpsgd else None,
+            reference_objective=recipe["objective"].name,
+            reference_optimizer=(recipe["optimizer"] or {}).get("_target_", "torch.optim.SGD"),
+            reference_model=factory.target,
         )
+    signals = collect_signals(model, refs, data, targets, device, population_in, cfg.dataset.workers)
+    attacks = attacks_from(signals)
 
     per_attack = {a.name: {**_metrics(a), "auc_ci95": auc_interval(a.labels, a.scores)} for a in attacks}
     summary: dict[str, Any] = {
@@ -237,9 +218,11 @@ def membership_audit(
         members=m,
         nonmembers=m,
         fpr_resolution=1.0 / m,
+        population_samples=len(signals.population_y),
+        population_heldout=int((~signals.population_member).sum()),
         **reference,
     )
-    return MembershipResult(attacks, summary)
+    return MembershipResult(attacks, summary, signals)
 
 
 def plot_roc(attacks: list[AttackResult], path: Path, epsilon: float | None = None, delta: float = 0.0) -> None:

@@ -124,15 +124,35 @@ def check(baseline: dict[str, Any], model: nn.Module, x: Tensor) -> Verdict:
     conf = confidences(model, x)
     base = baseline["confidence"]
     conf_z = float((conf.mean() - base["mean"]) / (max(base["std"], 1e-6) / n**0.5))
-    reasons = []
-    if score > th["drift"]:
+    reasons = _non_finite(z, conf)
+    # Written as `not (x <= limit)` so that a NaN statistic is an alarm, never a silent OK.
+    if not score <= th["drift"]:
         reasons.append(f"input drift: score {score:.2f} > {th['drift']} (top: {', '.join(drifted[:5])})")
-    if conf_z < -th["confidence"]:
+    if not conf_z >= -th["confidence"]:
         reasons.append(
             f"confidence anomaly: mean {float(conf.mean()):.3f} vs baseline {base['mean']:.3f} "
             f"(z {conf_z:.2f} < -{th['confidence']})"
         )
     return Verdict(bool(reasons), score, z.tolist(), drifted, float(conf.mean()), conf_z, n, reasons)
+
+
+def _non_finite(z: Tensor, conf: Tensor) -> list[str]:
+    """NaN/inf statistics or model outputs are an alarm of their own (a broken baseline, model or batch)."""
+    reasons = []
+    if not torch.isfinite(z).all():
+        reasons.append(f"non-finite input statistics: {int((~torch.isfinite(z)).sum())} feature z-score(s) NaN/inf")
+    if not torch.isfinite(conf).all():
+        reasons.append(f"non-finite model outputs on {int((~torch.isfinite(conf)).sum())} input(s)")
+    return reasons
+
+
+def refuse_non_finite(model: nn.Module, where: Path) -> None:
+    """A model whose weights are NaN/inf is refused: its answers (and a monitor's OK) would mean nothing."""
+    from aisec_train.train.checkpoint import CheckpointError
+
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{where} has non-finite weights ({', '.join(bad[:3])}); refusing to monitor it")
 
 
 def read_batch(path: Path) -> Tensor:
@@ -166,6 +186,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         meta["name"], in_channels=meta["in_channels"], num_classes=meta["num_classes"], image_size=meta["image_size"]
     )
     model.load_state_dict(checkpoint.load(run_dir / "model.pt"))
+    refuse_non_finite(model, run_dir / "model.pt")
     return baseline, model.eval()
 
 

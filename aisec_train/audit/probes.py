@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from aisec_train.audit.config import GuardConfig, OutputPolicy
 from aisec_train.audit.guard import Guard, QueryRefused
-from aisec_train.config import GuardConfig, OutputPolicy
 
 
 class ManualClock:

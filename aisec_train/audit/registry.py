@@ -1,40 +1,39 @@
-"""Model inventory, known-good registry and rollback.
+"""Model inventory, known-good registry and rollback, every entry and every file verified under the project key.
 
-The registry is one JSON file for a whole project, not one per run folder. Where it lives, in order:
-``audit.registry_path`` (a run) or ``--registry`` (the command), else ``$AISEC_TRAIN_REGISTRY``, else
-``outputs/registry.json`` under the directory the job was launched from (beside Hydra's default
-``outputs/DATE/TIME`` run folders, so every run of a project lands in the same inventory).
-
-Every finished run is registered with its checkpoint hash, headline metrics and governance fields. Marking a
-run known-good verifies its checkpoint and copies it into the registry's content-addressed vault
-(``known_good/<sha256>.pt``), so a later tampering of the run folder cannot touch the copy; rollback verifies
-the vault copy's hash again before it restores it. Writes take a file lock and replace the file atomically,
-so concurrent runs never lose each other's entries and a crash never leaves a half-written registry.
+The registry is one JSON file for a whole project. Where it lives, in order: ``audit.registry_path`` (a run) or
+``--registry`` (the command), else ``$AISEC_TRAIN_REGISTRY``, else ``outputs/registry.json`` under the launch
+directory. Each entry is HMAC-tagged (aisec_train/store), so an edited hash, path or flag is refused; each file
+an entry touches is verified twice: by its own keyed manifest (``model.pt.tag``) and against the entry's hash.
+A model whose manifest does not record finite weights is never registered. Marking a run known-good copies its
+checkpoint into the content-addressed vault ``known_good/<sha256>.pt`` (the path is derived from the keyed hash,
+never read from the file); rollback verifies the vault copy and commits it to ``--dest`` with a fresh keyed tag.
 
     aisec-train-registry [--registry FILE] list
     aisec-train-registry [--registry FILE] register RUN_DIR
     aisec-train-registry [--registry FILE] mark-good RUN_ID
     aisec-train-registry [--registry FILE] rollback [--to RUN_ID] --dest FILE
+    aisec-train-registry [--registry FILE] retag            # after a key rotation (docs/integrity.md)
 
-Exit status: 0 done, 2 refused (unknown run, tampered checkpoint, unreadable registry).
+Exit status: 0 done, 2 refused (unknown run, forged entry, tampered file, unreadable registry).
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from aisec_train.hashing import sha256_file
+from aisec_train.hashing import sha256_bytes
+from aisec_train.store import artifacts, keys
+from aisec_train.store.errors import IntegrityError, StoreError
+from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
+from aisec_train.store.locks import exclusive_lock
 
 REGISTRY_ENV = "AISEC_TRAIN_REGISTRY"
 DEFAULT_REGISTRY = Path("outputs") / "registry.json"
@@ -45,37 +44,39 @@ HEADLINE = (
     "audit.membership.auc",
     "audit.extraction.fidelity",
 )
+_STR, _OPT = (str,), (str, type(None))
+ENTRY_SCHEMA: dict[str, tuple] = {
+    "id": _STR, "run_dir": _STR, "checkpoint": _STR, "sha256": _STR, "data_manifest_sha256": _OPT,
+    "registered_at": _STR, "metrics": (dict,), "governance": (dict,), "known_good": (bool,), "tag": _STR,
+}  # fmt: skip
 
 
-class RegistryError(RuntimeError):
-    """An unknown run, a tampered checkpoint or an unusable registry (a refusal: one line, exit 2)."""
-
-
-# The registry verifies and copies bytes; it never unpickles a checkpoint. So it reads the same hash sidecar
-# as aisec_train.train.checkpoint (``NAME.sha256`` holding "DIGEST  NAME") without importing torch or the
-# data stack, which keeps the command instant on a 2-core box.
-def recorded_hash(model: Path) -> str:
-    sidecar = model.with_name(model.name + ".sha256")
-    try:
-        return sidecar.read_text().split()[0]
-    except (OSError, IndexError) as err:
-        raise RegistryError(f"{model} has no readable {sidecar.name}; refusing an unverified checkpoint") from err
-
-
-def verify(path: Path, expected: str) -> None:
-    if not path.is_file():
-        raise RegistryError(f"checkpoint {path} does not exist")
-    actual = sha256_file(path)
-    if actual != expected:
-        raise RegistryError(
-            f"checkpoint {path} has SHA-256 {actual}, expected {expected}: refusing a tampered checkpoint"
-        )
+class RegistryError(IntegrityError, RuntimeError):
+    """An unknown run, a forged entry, a tampered checkpoint or an unusable registry (one line, exit 2)."""
 
 
 def resolve_registry_path(configured: str | os.PathLike | None = None) -> Path:
     """The registry file: ``configured``, else ``$AISEC_TRAIN_REGISTRY``, else ``outputs/registry.json``."""
     chosen = configured or os.environ.get(REGISTRY_ENV) or DEFAULT_REGISTRY
     return Path(chosen).expanduser().absolute()
+
+
+def recorded_hash(model: Path) -> str:
+    """SHA-256 of ``model`` once its keyed manifest verifies (no torch: bytes only)."""
+    return verify_file(Path(model))[0]
+
+
+def verify_file(path: Path, expected: str | None = None, *, root: Path | None = None) -> tuple[str, dict]:
+    """(digest, manifest) of ``path``: keyed manifest verified, and the digest equal to ``expected`` if given."""
+    try:
+        digest, manifest = artifacts.verified_digest(path, root=root)
+    except FileNotFoundError:
+        raise RegistryError(f"checkpoint {path} does not exist") from None
+    except (IntegrityError, OSError) as err:
+        raise RegistryError(f"checkpoint {err}") from None
+    if expected is not None and digest != expected:
+        raise RegistryError(f"checkpoint {path} has SHA-256 {digest}, its registry entry {expected}: refusing a swap")
+    return digest, manifest
 
 
 def _dig(report: dict[str, Any], dotted: str) -> Any:
@@ -85,35 +86,69 @@ def _dig(report: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _atomic_copy(source: Path, dest: Path, sha256: str) -> None:
-    """Copy, verify the copy's hash, then rename into place: ``dest`` is either the old file or a good copy."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        if sha256_file(Path(tmp)) != sha256:
-            raise RegistryError(f"copy of {source} changed while it was copied; nothing was written to {dest}")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _sign(entry: dict[str, Any]) -> dict[str, Any]:
+    body = {k: v for k, v in entry.items() if k != "tag"}
+    return {**body, "tag": keys.tag(artifacts.canonical(body), "registry")}
 
 
 class Registry:
     def __init__(self, path: Path):
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.vault = self.path.parent / "known_good"
 
-    def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
-            return []
+    def vault_path(self, sha256: str) -> Path:
+        return self.vault / f"{sha256}.pt"
+
+    # -- reading and verifying ------------------------------------------------------------------------------
+    def _raw(self) -> list[Any]:
         try:
-            runs = json.loads(self.path.read_text())["runs"]
+            raw = read_nofollow(self.path, root=self.path.parent)
+        except FileNotFoundError:
+            return []
+        except (IntegrityError, OSError) as err:
+            raise RegistryError(f"registry {self.path} cannot be read safely: {err}") from None
+        try:
+            runs = json.loads(raw)["runs"]
         except (ValueError, KeyError, TypeError) as err:
-            raise RegistryError(f"registry {self.path} is not readable JSON with a 'runs' list: {err}") from err
+            raise RegistryError(f"registry {self.path} is not readable JSON with a 'runs' list: {err}") from None
         if not isinstance(runs, list):
             raise RegistryError(f"registry {self.path}: 'runs' is not a list")
         return runs
+
+    def check_entry(self, entry: Any, index: int) -> dict[str, Any]:
+        """The entry, after its schema and keyed tag verify (RegistryError naming what is wrong)."""
+        what = f"registry {self.path} entry {index}"
+        if not isinstance(entry, dict):
+            raise RegistryError(f"{what} is not an object; refusing a malformed registry")
+        for key, types in ENTRY_SCHEMA.items():
+            if not isinstance(entry.get(key), types):
+                raise RegistryError(f"{what} ({entry.get('id')!r}): field {key!r} is missing or of the wrong type")
+        try:
+            keys.verify(artifacts.canonical({k: v for k, v in entry.items() if k != "tag"}), entry["tag"],
+                        "registry", what=f"{what} ({entry['id']!r})")  # fmt: skip
+        except IntegrityError as err:
+            raise RegistryError(str(err)) from None
+        if not artifacts.is_sha256(entry["sha256"]):
+            raise RegistryError(f"{what} ({entry['id']!r}): sha256 {entry['sha256']!r} is not a SHA-256")
+        return entry
+
+    def audit(self) -> list[tuple[dict[str, Any] | None, str]]:
+        """Every entry with '' when it verifies, else the one-line reason it does not."""
+        out: list[tuple[dict[str, Any] | None, str]] = []
+        for i, raw in enumerate(self._raw()):
+            try:
+                out.append((self.check_entry(raw, i), ""))
+            except RegistryError as err:
+                out.append((raw if isinstance(raw, dict) else None, str(err)))
+        return out
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry, verified; any forged or malformed entry refuses the whole registry."""
+        checked = self.audit()
+        bad = [why for _, why in checked if why]
+        if bad:
+            raise RegistryError(f"{bad[0]}" + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        return [entry for entry, _ in checked]  # type: ignore[misc]
 
     def get(self, run_id: str) -> dict[str, Any]:
         for entry in self.entries():
@@ -121,34 +156,33 @@ class Registry:
                 return entry
         raise RegistryError(f"no run {run_id!r} in {self.path}; `aisec-train-registry list` shows the ids")
 
+    def validate(self) -> None:
+        """Before training: the registry path is writable without following a symlink and its entries verify."""
+        try:
+            validate_output_path(self.path, what="audit.registry_path")
+        except StoreError as err:
+            raise RegistryError(str(err)) from None
+        self.entries()
+
+    # -- editing --------------------------------------------------------------------------------------------
     @contextmanager
     def _editing(self) -> Iterator[list[dict[str, Any]]]:
-        """Lock, read, let the caller edit, write atomically. A refusal inside the block writes nothing."""
+        """Lock, read and verify, let the caller edit, sign and write atomically. A refusal writes nothing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with exclusive_lock(self.path.with_name(self.path.name + ".lock"), wait=120.0, what=f"registry {self.path}"):
             runs = self.entries()
             yield runs
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".registry.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    json.dump({"runs": runs}, fh, indent=2)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
+            signed = [_sign(r) for r in runs]
+            atomic_write(self.path, json.dumps({"runs": signed}, indent=2), root=self.path.parent)
 
     def register(self, run_dir: Path, governance: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record a finished run; its model.pt is verified against its recorded hash first."""
+        """Record a finished run; its model.pt must verify under its keyed tag and hold finite weights."""
         run_dir = Path(run_dir).resolve()
         model = run_dir / "model.pt"
-        digest = recorded_hash(model)
-        verify(model, digest)
-        try:
-            report = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").exists() else {}
-        except ValueError as err:
-            raise RegistryError(f"{run_dir / 'report.json'} is not readable JSON: {err}") from err
+        digest, manifest = verify_file(model, root=run_dir)
+        if manifest["meta"].get("finite") is not True:
+            raise RegistryError(f"{model} has non-finite weights (per its keyed tag); it is never registered")
+        report = self._report(run_dir)
         entry = {
             "id": f"{run_dir.parent.name}_{run_dir.name}-{digest[:8]}",
             "run_dir": str(run_dir),
@@ -157,29 +191,48 @@ class Registry:
             "data_manifest_sha256": _dig(report, "data.manifest_sha256"),
             "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "metrics": {key: _dig(report, key) for key in HEADLINE},
-            "governance": governance or report.get("governance", {}),
+            "governance": governance or report.get("governance") or {},
             "known_good": False,
         }
         with self._editing() as runs:
             old = [r for r in runs if r["id"] == entry["id"]]
             if old and old[0]["known_good"]:  # re-registering the same checkpoint keeps its known-good copy
-                entry.update(known_good=True, vault_copy=old[0].get("vault_copy"))
+                entry.update(known_good=True, marked_good_at=old[0].get("marked_good_at"))
             runs[:] = [r for r in runs if r["id"] != entry["id"]] + [entry]
-        return entry
+        return _sign(entry)
+
+    @staticmethod
+    def _report(run_dir: Path) -> dict[str, Any]:
+        try:
+            report = json.loads(read_nofollow(run_dir / "report.json", root=run_dir))
+        except FileNotFoundError:
+            return {}
+        except (ValueError, OSError) as err:
+            raise RegistryError(f"{run_dir / 'report.json'} is not readable JSON: {err}") from None
+        if not isinstance(report, dict):
+            raise RegistryError(f"{run_dir / 'report.json'} is not a JSON object")
+        return report
 
     def mark_good(self, run_id: str) -> dict[str, Any]:
         with self._editing() as runs:
             entry = next((r for r in runs if r["id"] == run_id), None)
             if entry is None:
                 raise RegistryError(f"no run {run_id!r} in {self.path}; `aisec-train-registry list` shows the ids")
-            verify(Path(entry["checkpoint"]), entry["sha256"])
-            copy = self.vault / f"{entry['sha256']}.pt"
-            _atomic_copy(Path(entry["checkpoint"]), copy, entry["sha256"])
-            entry.update(known_good=True, vault_copy=str(copy), marked_good_at=datetime.now(UTC).isoformat())
-        return entry
+            model = Path(entry["checkpoint"])
+            verify_file(model, entry["sha256"], root=Path(entry["run_dir"]))
+            self._copy_verified(model, self.vault_path(entry["sha256"]), entry["sha256"], root=self.path.parent)
+            entry.update(known_good=True, marked_good_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        return {**entry, "vault_copy": str(self.vault_path(entry["sha256"]))}
+
+    @staticmethod
+    def _copy_verified(source: Path, dest: Path, sha256: str, *, root: Path) -> None:
+        data = read_nofollow(source)
+        if sha256_bytes(data) != sha256:
+            raise RegistryError(f"checkpoint {source} changed while it was copied; nothing was written to {dest}")
+        atomic_write(dest, data, root=root)
 
     def rollback(self, dest: Path, run_id: str | None = None) -> dict[str, Any]:
-        """Restore a known-good checkpoint (the latest one unless ``run_id``) to ``dest``, hash verified."""
+        """Restore a known-good checkpoint (the latest one unless ``run_id``) to ``dest``, verified, re-tagged."""
         good = [r for r in self.entries() if r["known_good"]]
         if run_id is not None:
             good = [r for r in good if r["id"] == run_id]
@@ -187,67 +240,112 @@ class Registry:
             what = f"run {run_id!r} is not marked known-good" if run_id else "no run is marked known-good"
             raise RegistryError(f"cannot roll back: {what} in {self.path}")
         entry = good[-1]
-        source = Path(entry["vault_copy"])
-        verify(source, entry["sha256"])  # a tampered vault copy is refused before anything is restored
-        dest = Path(dest)
-        _atomic_copy(source, dest, entry["sha256"])
-        sidecar = dest.with_name(dest.name + ".sha256")
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{sidecar.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f"{entry['sha256']}  {dest.name}\n")
-        os.replace(tmp, sidecar)
+        source = self.vault_path(entry["sha256"])
+        try:
+            data = read_nofollow(source, root=self.path.parent)
+        except FileNotFoundError:
+            raise RegistryError(f"checkpoint {source} (the known-good copy of {entry['id']}) is missing") from None
+        if sha256_bytes(data) != entry["sha256"]:
+            raise RegistryError(
+                f"checkpoint {source} has SHA-256 {sha256_bytes(data)}, expected {entry['sha256']}: "
+                "refusing a tampered checkpoint"
+            )
+        dest = Path(dest).absolute()
+        meta = {"finite": True, "restored_from": entry["id"]}
+        artifacts.save_artifact(dest, lambda fh: fh.write(data), root=dest.parent, meta=meta)
         return entry
 
-    def status(self, entry: dict[str, Any]) -> str:
-        """'ok', 'missing' or 'TAMPERED' for the run's checkpoint (the vault copy for a known-good run)."""
-        path = Path(entry.get("vault_copy") or entry["checkpoint"])
-        if not path.is_file():
-            return "missing"
-        return "ok" if sha256_file(path) == entry["sha256"] else "TAMPERED"
+    def status(self, entry: dict[str, Any]) -> tuple[str, str]:
+        """('ok' | 'missing' | 'TAMPERED') of the run-directory copy, and of the vault copy ('-' if none)."""
+        try:
+            verify_file(Path(entry["checkpoint"]), entry["sha256"], root=Path(entry["run_dir"]))
+            run = "ok"
+        except RegistryError as err:
+            run = "missing" if "does not exist" in str(err) else "TAMPERED"
+        if not entry["known_good"]:
+            return run, "-"
+        vault = self.vault_path(entry["sha256"])
+        if not vault.is_file() or vault.is_symlink():
+            return run, "missing" if not vault.is_symlink() else "TAMPERED"
+        return run, "ok" if sha256_bytes(read_nofollow(vault)) == entry["sha256"] else "TAMPERED"
+
+    def retag(self) -> int:
+        """Re-sign every entry and its run's model.pt manifest under the current key (after a rotation)."""
+        with self._editing() as runs:
+            for entry in runs:
+                try:
+                    artifacts.retag_artifact(Path(entry["checkpoint"]), root=Path(entry["run_dir"]))
+                except (IntegrityError, FileNotFoundError):
+                    pass  # a missing or tampered run copy stays as it is; `list` reports it
+            return len(runs)
 
 
-def _list(reg: Registry) -> None:
-    runs = reg.entries()
-    print(f"{len(runs)} run(s) in {reg.path}")
-    for r in runs:
+def _list(reg: Registry) -> int:
+    """Print the inventory; return how many entries or files failed verification."""
+    checked = reg.audit()
+    print(f"{len(checked)} run(s) in {reg.path}")
+    failures = 0
+    for i, (r, why) in enumerate(checked):
+        if why:
+            failures += 1
+            print(f"{(r or {}).get('id', f'entry {i}')}  FORGED  {why}")
+            continue
+        assert r is not None
+        run, vault = reg.status(r)
+        failures += "TAMPERED" in (run, vault)
         m, g = r["metrics"], r["governance"]
         flag = "known-good" if r["known_good"] else "-"
         print(
-            f"{r['id']}  {flag:10}  {reg.status(r):8}  sha256 {r['sha256'][:12]}  acc {m.get('metrics.clean_accuracy')}"
-            f"  eps {m.get('privacy.epsilon')}  mia_auc {m.get('audit.membership.auc')}  owner {g.get('owner')}  "
-            f"risk {g.get('risk_level')}"
+            f"{r['id']}  {flag:10}  run {run:8}  vault {vault:8}  sha256 {r['sha256'][:12]}  "
+            f"acc {m.get('metrics.clean_accuracy')}  eps {m.get('privacy.epsilon')}  "
+            f"mia_auc {m.get('audit.membership.auc')}  owner {g.get('owner')}  risk {g.get('risk_level')}"
         )
+    return failures
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
+        _refuse(message)
+
+
+def _refuse(message: object) -> NoReturn:
+    print(f"aisec-train-registry: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="aisec-train-registry", description="Model inventory and rollback.")
+    parser = _Parser(prog="aisec-train-registry", description="Model inventory and rollback.")
     parser.add_argument(
         "--registry",
         type=Path,
         help=f"registry file (default: ${REGISTRY_ENV}, else {DEFAULT_REGISTRY} under the current directory)",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="every registered run, its known-good flag and whether its checkpoint verifies")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="every registered run, and whether its entry, run copy and vault copy verify")
     sub.add_parser("register", help="register a finished run folder").add_argument("run_dir", type=Path)
     sub.add_parser("mark-good", help="verify a run and keep a known-good copy").add_argument("run_id")
-    rb = sub.add_parser("rollback", help="restore a known-good checkpoint after verifying its hash")
+    rb = sub.add_parser("rollback", help="restore a known-good checkpoint after verifying it")
     rb.add_argument("--to", dest="run_id", help="a known-good run id (default: the latest known-good)")
-    rb.add_argument("--dest", type=Path, required=True, help="where to restore model.pt (and its .sha256)")
+    rb.add_argument("--dest", type=Path, required=True, help="where to restore model.pt (with its .tag, .sha256)")
+    sub.add_parser("retag", help="re-sign every entry under the current key after a key rotation")
     args = parser.parse_args(argv)
     reg = Registry(resolve_registry_path(args.registry))
     try:
         if args.command == "list":
-            _list(reg)
+            failures = _list(reg)
+            if failures:
+                _refuse(f"{failures} entr(ies) or file(s) in {reg.path} failed verification (see above)")
         elif args.command == "register":
             print(f"registered {reg.register(args.run_dir)['id']} in {reg.path}")
         elif args.command == "mark-good":
             print(f"known-good {reg.mark_good(args.run_id)['id']} (verified copy in {reg.vault})")
+        elif args.command == "retag":
+            print(f"re-signed {reg.retag()} entr(ies) in {reg.path} under key {keys.current_key().id}")
         else:
             entry = reg.rollback(args.dest, args.run_id)
             print(f"rolled back {args.dest} to {entry['id']} (sha256 {entry['sha256']}, verified)")
-    except (RegistryError, OSError) as err:
-        print(f"aisec-train-registry: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
+    except (StoreError, OSError) as err:
+        _refuse(err)
 
 
 if __name__ == "__main__":

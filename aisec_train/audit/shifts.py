@@ -20,21 +20,32 @@ def gaussian_noise(x: Tensor, std: float = 0.2, seed: int = 0) -> Tensor:
 
 
 def rotation(x: Tensor, degrees: float = 25.0) -> Tensor:
-    """Rotate every image about its centre (bilinear, zero fill outside the original frame)."""
+    """Rotate every image about its centre (bilinear, zero fill outside the original frame).
+
+    ``affine_grid`` works in coordinates normalised to [-1, 1] on each axis, so on an H x W image (H != W) a plain
+    rotation matrix would shear the picture; scaling the off-diagonal terms by the aspect ratio makes it a
+    rotation in pixel space.
+    """
     a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]], dtype=x.dtype)
+    h, w = x.shape[-2:]
+    theta = torch.tensor(
+        [[math.cos(a), -math.sin(a) * h / w, 0.0], [math.sin(a) * w / h, math.cos(a), 0.0]], dtype=x.dtype
+    )
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
 
 
 def occlusion(x: Tensor, fraction: float = 0.4, value: float = 1.0) -> Tensor:
-    """A square patch (``fraction`` of the side) at the image centre set to ``value``."""
-    side = x.shape[-1]
+    """A patch at the image centre set to ``value``, ``fraction`` of the height by ``fraction`` of the width."""
+    out = x.clone()
+    out[..., _centre(x.shape[-2], fraction), _centre(x.shape[-1], fraction)] = value
+    return out
+
+
+def _centre(side: int, fraction: float) -> slice:
     size = max(1, round(fraction * side))
     start = (side - size) // 2
-    out = x.clone()
-    out[..., start : start + size, start : start + size] = value
-    return out
+    return slice(start, start + size)
 
 
 def shifted_batches(clean: Tensor, seed: int = 0) -> dict[str, Tensor]:

@@ -19,11 +19,12 @@ import torch
 
 from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, probes, shifts
 from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
-from aisec_train.data.dataset import sha256_file
+from aisec_train.data.views import materialize, subset
+from aisec_train.hashing import sha256_file
 from aisec_train.train.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
-    from aisec_train.pipeline import Run
+    from aisec_train.run import Run
 
 ROC_PNG = "membership_roc.png"
 
@@ -71,9 +72,14 @@ def governance(run: Run) -> dict[str, Any]:
 
 
 def _membership(run: Run, model: torch.nn.Module) -> None:
-    assert run.data is not None
+    assert run.data is not None and run.factory is not None
     result = membership.membership_audit(
-        model, run.data, cfg=run.cfg, device=run.device, noise_multiplier=run.report.get("privacy.noise_multiplier")
+        model,
+        run.data,
+        factory=run.factory,
+        cfg=run.cfg,
+        device=run.device,
+        noise_multiplier=run.report.get("privacy.noise_multiplier"),
     )
     summary = result.summary
     eps = run.report.get("privacy.epsilon")
@@ -89,9 +95,10 @@ def _membership(run: Run, model: torch.nn.Module) -> None:
 
 
 def _extraction(run: Run, model: torch.nn.Module) -> None:
-    assert run.data is not None
+    assert run.data is not None and run.factory is not None
     cfg, seed = run.cfg.audit, run.cfg.train.seed
-    attacker_x, evaluation = extraction.split_heldout(run.data.test, seed)
+    # Bounded samples of the held-out split: the attacker needs at most its planned queries of originals.
+    attacker_x, evaluation = extraction.split_heldout(run.data.test, seed, attacker_limit=cfg.extraction.queries)
     comparison = guard_eval.compare_guard(
         model,
         attacker_x,
@@ -99,8 +106,7 @@ def _extraction(run: Run, model: torch.nn.Module) -> None:
         guard_cfg=cfg.guard,
         queries=cfg.extraction.queries,
         seeds=[seed + i for i in range(cfg.extraction.seeds)],
-        model_name=run.cfg.model.name.value,
-        num_classes=run.data.num_classes,
+        factory=run.factory,
         epochs=cfg.extraction.surrogate_epochs,
     )
     guarded = comparison["settings"]["guarded"]
@@ -126,7 +132,7 @@ def _extraction(run: Run, model: torch.nn.Module) -> None:
         evaluation.y[:n],
         bit_depth=ex.sanitizer_bit_depth,
         smoothing=ex.sanitizer_smoothing,
-        attack=run.cfg.robustness.eval,
+        attack=run.cfg.robustness.attack,
         backend=run.cfg.robustness.backend,
     )
     run.report.add("audit", sanitization=sanit)
@@ -135,26 +141,34 @@ def _extraction(run: Run, model: torch.nn.Module) -> None:
 
 def _guard_probes(run: Run, model: torch.nn.Module) -> None:
     assert run.data is not None
-    result = probes.guard_probes(model, run.data.test.x[:4], run.cfg.audit.guard)
+    x, _ = materialize(run.data.test, limit=4)  # four valid held-out inputs, bent into malformed ones
+    result = probes.guard_probes(model, x, run.cfg.audit.guard)
     run.report.add("audit", guard_probes=result)
     budget_refusal = run.report.get("audit.extraction.refusal")
     run.report.check("deployment", evidence.GUARD, *evidence.guard(result, budget_refusal))
 
 
+MONITOR_TRAIN_SAMPLES = 10_000  # the baseline's training statistics come from at most this many inputs (seeded)
+
+
 def _monitoring(run: Run, model: torch.nn.Module) -> None:
     assert run.data is not None
     data, cfg = run.data, run.cfg.audit.monitor
+    n_train = len(data.train)
+    rows = np.random.default_rng(run.cfg.train.seed).permutation(n_train)[:MONITOR_TRAIN_SAMPLES]
+    train_x, _ = materialize(subset(data.train, np.sort(rows)))
+    mode = "all" if len(train_x) == n_train else "seeded_sample"  # the words of the data stage's sanity coverage
+    test_x, _ = materialize(data.test, limit=4 * MONITOR_TRAIN_SAMPLES)
     meta = {
-        "name": run.cfg.model.name.value,
-        "in_channels": data.in_channels,
+        "target": run.factory.target if run.factory else None,
+        "input_shape": list(data.input_shape),
         "num_classes": data.num_classes,
-        "image_size": data.image_size,
     }
     # Confidence is calibrated on the even held-out samples; the odd ones stay unseen for the self-check.
-    baseline = monitor.build_baseline(model, data.train.x, data.test.x[0::2], model_meta=meta, cfg=cfg)
+    baseline = monitor.build_baseline(model, train_x, test_x[0::2], model_meta=meta, cfg=cfg)
     path = run.run_dir / monitor.BASELINE
     path.write_text(json.dumps(baseline))
-    clean = data.test.x[1::2]
+    clean = test_x[1::2]
     batches = {"clean_heldout": clean, **shifts.shifted_batches(clean, seed=run.cfg.train.seed)}
     verdicts = {name: monitor.check(baseline, model, batch) for name, batch in batches.items()}
     digest = sha256_file(path)
@@ -163,6 +177,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
         baseline=path.name,
         baseline_sha256=digest,
         n_train=baseline["n_train"],
+        train_coverage={"mode": mode, "checked": len(train_x), "of": n_train},
         confidence=baseline["confidence"],
         thresholds=baseline["thresholds"],
         self_check={
@@ -174,7 +189,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
         "monitoring",
         "baseline input and confidence statistics saved with the model",
         "pass",
-        f"{path.name} (SHA-256 {digest[:16]}...): {2 * int(np.prod(data.train.x.shape[1:]))} "
+        f"{path.name} (SHA-256 {digest[:16]}...): {2 * int(np.prod(data.input_shape))} "
         f"feature statistics over {baseline['n_train']} training inputs, confidence mean "
         f"{baseline['confidence']['mean']:.3f} on {baseline['confidence']['n_calibration']} held-out",
     )
@@ -182,8 +197,6 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
 
 
 def stage_register(run: Run) -> None:
-    from aisec_train.report import outputs, security_report
-
     reg = Registry(resolve_registry_path(run.cfg.audit.registry_path))
     try:
         entry = reg.register(run.run_dir, governance=run.report.get("governance"))
@@ -200,6 +213,3 @@ def stage_register(run: Run) -> None:
         f"governance (owner {entry['governance'].get('owner')}, risk {entry['governance'].get('risk_level')}) "
         "recorded; `aisec-train-registry mark-good` / `rollback` restore a hash-verified known-good copy",
     )
-    security_report.write(run.report, run.run_dir)
-    (run.run_dir / "model_card.md").write_text(outputs.model_card(run.report))
-    run.report.write(run.run_dir / "report.json")

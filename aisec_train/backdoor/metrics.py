@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
-from aisec_train.data.dataset import Split
 from aisec_train.train.loop import accuracy
 
 
@@ -21,7 +21,8 @@ class BackdoorMetrics:
         return asdict(self)
 
 
-def measure(model: nn.Module, clean: Split, attack: Split, truth: Split, device: torch.device) -> BackdoorMetrics:
+def measure(model: nn.Module, clean: Dataset, attack: Dataset, truth: Dataset, device: torch.device) -> BackdoorMetrics:
+    """The three rates, each streamed through a DataLoader (``attack``/``truth``: badnets.triggered views)."""
     return BackdoorMetrics(
         accuracy(model, clean, device), accuracy(model, attack, device), accuracy(model, truth, device)
     )

@@ -19,7 +19,7 @@ def pruning_curve(curve: list[dict[str, float]], chosen: float, after: dict[str,
     ax.axvline(chosen, color="grey", linestyle="--", label=f"pruned {chosen:.2f}")
     ax.scatter([chosen, chosen], [after["clean_accuracy"], after["asr"]], marker="*", s=90, color="black", zorder=3)
     ax.annotate("after fine-tuning", (chosen, after["clean_accuracy"]), textcoords="offset points", xytext=(6, -12))
-    ax.set(xlabel="fraction of last-conv channels pruned", ylabel="rate", ylim=(-0.02, 1.02))
+    ax.set(xlabel="fraction of feature-layer channels pruned", ylabel="rate", ylim=(-0.02, 1.02))
     ax.set_title("Fine-Pruning")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()

@@ -1,43 +1,40 @@
-"""Fine-Pruning (Liu et al. 2018): mask the least-active channels of the last conv layer, then fine-tune.
+"""Fine-Pruning (Liu et al. 2018) on any model: mask the least-active channels of the feature layer, fine-tune.
 
 1. rank the feature layer's channels by mean activation on trusted clean data (activation-statistics kernel);
-2. mask them in increasing order while accuracy on the trusted data stays within ``max_drop`` of the start;
-3. fine-tune on the trusted data with the mask held in place (a forward hook), then bake the mask into the
-   weights of the first linear layer that reads the feature map, so the saved state dict is the pruned model.
+2. mask them in increasing order while accuracy on the trusted data stays within ``max_drop`` of the start (the
+   first breach ends pruning, as in Liu et al.); beyond :data:`POINTS` channels they are pruned in equal groups,
+   so a 512-channel layer costs 65 evaluations, not 513;
+3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook;
+4. bake the mask into the released model, verified (backdoor/bake.py).
 
->>> pruned = fine_prune(model, trusted, device, BackdoorConfig())   # the three steps, in place
->>> pruned.mask, pruned.curve                                         # what was pruned, and the plot's data
+The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing here depends on the architecture.
+
+>>> pruned = fine_prune(model, "layer4", trusted, device, BackdoorConfig())   # the four steps, in place
+>>> pruned.mask, pruned.curve, pruned.baked.method                           # what was pruned, the plot, the bake
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from aisec_kernels import ChannelStats, channel_stats
 from torch import nn
+from torch.utils.data import Dataset
 
-from aisec_train.backdoor.features import FeatureCache
-from aisec_train.config import BackdoorConfig
-from aisec_train.data.dataset import Split
-from aisec_train.models import feature_layer
-from aisec_train.train.privacy import unwrap
+from aisec_train.backdoor.bake import Baked, bake
+from aisec_train.backdoor.config import BackdoorConfig
+from aisec_train.backdoor.features import activation_stats, masked_accuracy
+from aisec_train.backdoor.layers import masked
+from aisec_train.data.views import materialize, subset
+from aisec_train.train.config import TrainConfig
+from aisec_train.train.loop import train
 
-
-@contextmanager
-def masked(model: nn.Module, mask: torch.Tensor) -> Iterator[nn.Module]:
-    """Inside the block the feature layer's channels where ``mask`` is 0 output exactly 0."""
-
-    def hook(_m: nn.Module, _i: tuple, out: torch.Tensor) -> torch.Tensor:
-        return out * mask.to(out.device, out.dtype)[None, :, None, None]
-
-    handle = feature_layer(unwrap(model)).register_forward_hook(hook)
-    try:
-        yield model
-    finally:
-        handle.remove()
+POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
+CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
+PROBE_SAMPLES = 256  # trusted inputs on which the bake is verified
 
 
 @dataclass
@@ -47,7 +44,10 @@ class Pruned:
     mean_activation: list[float]
     base_accuracy: float  # trusted-set accuracy before pruning
     accuracy: float  # trusted-set accuracy with the mask
-    curve: list[dict[str, float]] = field(default_factory=list)  # one row per pruned count, 0..C
+    step: int = 1  # channels pruned per evaluated step
+    evaluation: str = "replay"  # how masked accuracy was measured: cached replay or full forward passes
+    curve: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated pruned count
+    baked: Baked | None = None
 
     @property
     def pruned_fraction(self) -> float:
@@ -61,36 +61,50 @@ def rank_channels(maps: torch.Tensor, backend: str = "auto") -> tuple[list[int],
     ``TRITON_INTERPRET=1``, its torch reference otherwise); ties keep channel order (stable sort).
     """
     stats = channel_stats(maps, backend=backend)
-    return torch.argsort(stats.mean.cpu(), stable=True).tolist(), stats
+    return order_of(stats), stats
+
+
+def order_of(stats: ChannelStats) -> list[int]:
+    return torch.argsort(stats.mean.cpu(), stable=True).tolist()
+
+
+def _bounded(dataset: Dataset, seed: int) -> Dataset:
+    n = len(dataset)  # type: ignore[arg-type]
+    if n <= CURVE_SAMPLES:
+        return dataset
+    return subset(dataset, np.sort(np.random.default_rng(seed).choice(n, CURVE_SAMPLES, replace=False)))
 
 
 def prune(
     model: nn.Module,
-    trusted: Split,
+    path: str,
+    trusted: Dataset,
     device: torch.device,
     *,
     max_drop: float,
-    evaluate: dict[str, Split] | None = None,
+    evaluate: dict[str, Dataset] | None = None,
     backend: str = "auto",
+    seed: int = 0,
 ) -> Pruned:
-    """Choose the mask; ``evaluate`` adds one accuracy column per named split to the curve, for the plot only.
+    """Choose the mask; ``evaluate`` adds one accuracy column per named dataset to the curve, for the plot only.
 
     The curve runs to every channel pruned; the decision reads the trusted data alone.
     """
-    cache = FeatureCache.build(model, trusted, device)
-    order, stats = rank_channels(cache.maps, backend)
-    probes = {name: FeatureCache.build(model, split, device) for name, split in (evaluate or {}).items()}
+    stats = activation_stats(model, path, trusted, device, backend)
+    order = order_of(stats)
     channels = len(order)
-    mask = torch.ones(channels)
-    base = cache.accuracy(model)
-    chosen, chosen_acc, stopped = 0, base, False
-    curve = []
-    for count in range(channels + 1):
-        if count:
-            mask[order[count - 1]] = 0.0
-        acc = cache.accuracy(model, mask)
+    step = max(1, math.ceil(channels / POINTS))
+    trusted_acc, mode = masked_accuracy(model, path, trusted, device)
+    evaluate = evaluate or {}
+    probes = {name: masked_accuracy(model, path, _bounded(ds, seed), device)[0] for name, ds in evaluate.items()}
+    base = trusted_acc(None)
+    chosen, chosen_acc, stopped, curve = 0, base, False, []
+    for count in sorted({*range(0, channels, step), channels}):
+        mask = torch.ones(channels)
+        mask[order[:count]] = 0.0
+        acc = trusted_acc(mask) if count else base
         row = {"pruned": count, "fraction": count / channels, "trusted_accuracy": acc}
-        row.update({name: probe.accuracy(model, mask) for name, probe in probes.items()})
+        row.update({name: probe(mask) for name, probe in probes.items()})
         curve.append(row)
         if not stopped and base - acc <= max_drop:
             chosen, chosen_acc = count, acc
@@ -98,95 +112,55 @@ def prune(
             stopped = True  # the first breach of the budget ends the pruning, as in Liu et al.
     final = torch.ones(channels)
     final[order[:chosen]] = 0.0
-    return Pruned(final, order, stats.mean.cpu().tolist(), base, chosen_acc, curve)
+    return Pruned(final, order, stats.mean.cpu().tolist(), base, chosen_acc, step, mode, curve)
 
 
-def _reader(model: nn.Module) -> nn.Linear:
-    """The first linear layer after the feature layer: it reads the (pooled, flattened) feature map."""
-    modules = list(unwrap(model).modules())
-    start = modules.index(feature_layer(unwrap(model)))
-    return next(m for m in modules[start:] if isinstance(m, nn.Linear))
+def fine_tune(model: nn.Module, trusted: Dataset, device: torch.device, cfg: BackdoorConfig, seed: int) -> None:
+    """Non-private SGD (momentum 0.9, weight decay, cosine to 0) on the trusted data through the one loop; call it
+    inside :func:`~aisec_train.backdoor.layers.masked`.
 
-
-@torch.no_grad()
-def bake(model: nn.Module, mask: torch.Tensor, probe: torch.Tensor) -> None:
-    """Zero the reader's input columns of pruned channels, then check the model equals the masked one.
-
-    Valid because every registered model only pools and flattens (channel-major) between the feature layer
-    and its reader; ``probe`` (a batch of inputs) proves it for this model, or this raises.
+    It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
+    backdoor/trusted.py). Clean data never exercises the trigger's path, so its gradient leaves that path alone;
+    the weight decay is what shrinks it. The cosine decay makes the released weights a settled end point, not one
+    noisy step on small data.
     """
-    model.eval()
-    with masked(model, mask):
-        expected = model(probe)
-    reader = _reader(model)
-    per_channel = reader.in_features // mask.numel()
-    if per_channel * mask.numel() != reader.in_features:
-        raise ValueError(f"cannot bake a {mask.numel()}-channel mask into {reader.in_features} reader inputs")
-    dropped = (mask == 0).repeat_interleave(per_channel).to(reader.weight.device)
-    reader.weight[:, dropped] = 0.0
-    got = model(probe)
-    if not torch.allclose(got, expected, atol=1e-5, rtol=1e-4):
-        raise RuntimeError("baking the pruning mask changed the model's outputs; this model needs its own bake")
-
-
-def fine_tune(
-    model: nn.Module,
-    trusted: Split,
-    device: torch.device,
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    seed: int,
-) -> None:
-    """Non-private SGD with weight decay on the trusted data (call it inside :func:`masked`).
-
-    Not the shared training loop: it runs on the defender's trusted data without DP (what that does to the
-    run's privacy claim: backdoor/trusted.py), and it needs weight decay, which :class:`TrainConfig` does not
-    carry. Clean data never exercises the trigger's
-    path, so its gradient leaves that path alone; the decay is what shrinks it.
-    """
-    model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    steps = epochs * -(-len(trusted) // batch_size)
-    # Cosine decay to zero: the released weights are a settled end point, not one noisy step on small data.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps))
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(trusted), generator=generator)
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(trusted.x[rows].to(device)), trusted.y[rows].to(device))
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    if cfg.finetune_epochs == 0:
+        return
+    loop_cfg = TrainConfig(
+        epochs=cfg.finetune_epochs,
+        batch_size=cfg.finetune_batch_size,
+        max_physical_batch_size=cfg.finetune_batch_size,
+        lr=cfg.finetune_lr,
+        momentum=0.9,
+        weight_decay=cfg.finetune_weight_decay,
+        seed=seed,
+        ema_decay=0.0,
+    )
+    optimizer = {"_target_": "torch.optim.SGD", "lr": cfg.finetune_lr, "momentum": 0.9,
+                 "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
+    scheduler = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"}  # T_max: the loop's planned steps
+    train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler, progress=False)
     model.eval()
 
 
 def fine_prune(
     model: nn.Module,
-    trusted: Split,
+    path: str,
+    trusted: Dataset,
     device: torch.device,
     cfg: BackdoorConfig,
     *,
-    evaluate: dict[str, Split] | None = None,
+    evaluate: dict[str, Dataset] | None = None,
     backend: str = "auto",
     seed: int = 0,
+    finetune_view: Dataset | None = None,
 ) -> Pruned:
-    """The whole repair, in place: choose the mask, fine-tune under it, bake it into the weights."""
-    pruned = prune(model, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend)
-    with masked(model, pruned.mask):
-        fine_tune(
-            model,
-            trusted,
-            device,
-            epochs=cfg.finetune_epochs,
-            lr=cfg.finetune_lr,
-            weight_decay=cfg.finetune_weight_decay,
-            batch_size=cfg.finetune_batch_size,
-            seed=seed,
-        )
-    bake(model, pruned.mask, trusted.x[:256].to(device))
+    """The whole repair, in place: choose the mask, fine-tune under it (on ``finetune_view``, default the trusted
+    data: the pipeline passes its augmented view), bake it into the released model."""
+    pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
+                   seed=seed)  # fmt: skip
+    with masked(model, path, pruned.mask):
+        fine_tune(model, finetune_view if finetune_view is not None else trusted, device, cfg, seed)
+    probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
+    pruned.baked = bake(model, path, pruned.mask, probe.to(device))
     return pruned

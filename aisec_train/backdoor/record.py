@@ -1,13 +1,19 @@
-"""The backdoor section of the report, its privacy scope and its checklist answers."""
+"""The backdoor section of the report, its privacy scope and its checklist answers.
+
+The checklist evidence is what the model card shows (report/outputs.py renders the checklist), so the Fine-Pruning
+item says how the mask reached the released model, and says plainly when it is a structural wrapper that a loader
+must install (backdoor/bake.py) rather than weights.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from aisec_train.backdoor.config import BackdoorMapping, RepairMethod
 from aisec_train.backdoor.metrics import BackdoorMetrics, der
 from aisec_train.backdoor.state import BackdoorState
 from aisec_train.backdoor.trusted import privacy_scope
-from aisec_train.config import BackdoorMapping, PrivacyMode, RepairMethod
+from aisec_train.train.config import PrivacyMode
 
 ASR_GOAL, ACC_DROP_GOAL = 0.05, 0.02  # the BackdoorBench-style bar the checklist holds the repair to
 RECALL_GOAL = 0.8
@@ -44,6 +50,8 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         target=bd.target if bd.mapping is BackdoorMapping.all_to_one else None,
         trigger={"size": bd.patch_size, "position": bd.patch_position.value, "value": bd.patch_value},
         n_poisoned=len(state.poisoned.indices),
+        feature_layer=state.layer.path,
+        feature_layer_detail=state.layer.describe(),
         n_trusted=len(state.trusted),
         trusted_source="backdoor.trusted_path" if state.from_file else "reserve carved from the training split",
         asr_before=before.asr,
@@ -59,11 +67,38 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         fine_pruning=repair,
         privacy={"dp_training": private, "ledger_unchanged": True, **scope, "detection": DETECTION_PRIVACY},
     )
+    if state.client_indices is not None:
+        run.report.add("backdoor", federated=_federated(state))
     if private:
         run.report.add("privacy", scope=scope)
     _check_detection(run, scores)
-    _check_repair(run, before, after)
+    _check_repair(run, before, after, repair)
     _check_privacy(run, state, scope, private)
+
+
+def _federated(state: BackdoorState) -> dict[str, Any]:
+    assert state.client_indices is not None
+    return {
+        "malicious_clients": list(state.malicious_clients),
+        "poisoned_per_client": list(state.poisoned_per_client),
+        "shard_sizes": [len(rows) for rows in state.client_indices],
+        "rate_of": "each malicious client's shard (eligible rows; the rest of the shard stays clean)",
+        "defence_on": "the global model, with the trusted reserve carved before partitioning",
+    }
+
+
+def bake_sentence(bake: dict[str, Any] | None) -> str:
+    """How the pruning mask reached the released model, in words (report and model card)."""
+    if not bake or bake["method"] == "none":
+        return "no channel pruned, nothing to bake"
+    if bake["method"] == "structural":
+        return (
+            f"no weight-level bake verified ({', '.join(bake['not_verified']) or 'no candidate applied'}), so the "
+            f"model is released with a structural ChannelMask wrapper at {bake['module']!r}: model.pt holds "
+            f"'{bake['module']}.module.*' and '{bake['module']}.backdoor_channel_mask'; install it with "
+            "aisec_train.backdoor.bake.install_released_masks before load_state_dict"
+        )
+    return f"mask baked into the weights ({bake['method']}: {bake['module']}), verified against the hooked model"
 
 
 def _check_detection(run, scores: dict[str, dict[str, Any]]) -> None:
@@ -79,7 +114,7 @@ def _check_detection(run, scores: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics) -> None:
+def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: dict | None) -> None:
     if run.cfg.backdoor.repair is RepairMethod.none:
         run.report.check(*ITEMS["prune"], "not_applicable", "backdoor.repair=none")
         return
@@ -90,7 +125,8 @@ def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics) -> None:
         "pass" if ok else "fail",
         f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
         f"-> {after.clean_accuracy:.3f} (drop {drop:+.3f}, goal <= {ACC_DROP_GOAL}), RA {before.robust_accuracy:.3f} "
-        f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; figure fine_pruning.png",
+        f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; layer {(repair or {}).get('feature_layer')}, "
+        f"{bake_sentence((repair or {}).get('bake'))}; figure fine_pruning.png",
     )
 
 

@@ -1,32 +1,34 @@
 """The backdoor stages of the pipeline: ``poison`` (red team, before training) and ``defend`` (after it).
 
-    poison: take the trusted clean data (own file, or a reserve carved from the training split), BadNets-poison
-            the training split, record lineage
+    poison: resolve the feature layer once (backdoor.feature_layer or automatic, on a fresh model from the
+            factory) -> trusted clean data (own file, or a stratified reserve carved from the training split) ->
+            BadNets view over the training split (central), or over the first K clients' shards (federated)
+            -> lineage, report
     defend: metrics before -> detection (both methods) -> [filter + retrain] -> Fine-Pruning -> metrics after
             -> report section, privacy scope and checklist (backdoor/record.py)
 
-Both return at once when ``backdoor.attack=none``.
+Both return at once when ``backdoor.attack=none``. Nothing here holds a whole split: training, detection and
+metrics stream over dataset views.
 """
 
 from __future__ import annotations
 
 import time
 
-import torch
+import numpy as np
 
-from aisec_train.backdoor import badnets, detect, prune, record, trusted
-from aisec_train.backdoor.features import flat_features
+from aisec_train.backdoor import badnets, detect, federated_poison, prune, record, trusted
+from aisec_train.backdoor.config import BackdoorAttack, BackdoorConfig, BackdoorMapping, RepairMethod
+from aisec_train.backdoor.features import detection_features, features_mode
+from aisec_train.backdoor.layers import resolve_feature_layer
 from aisec_train.backdoor.metrics import BackdoorMetrics, measure
 from aisec_train.backdoor.plot import pruning_curve
 from aisec_train.backdoor.state import BackdoorState
-from aisec_train.config import BackdoorAttack, BackdoorConfig, BackdoorMapping, ConfigError, PrivacyMode, RepairMethod
-from aisec_train.data.dataset import Split
-from aisec_train.models import build_model
+from aisec_train.data.views import labels_of, subset
+from aisec_train.errors import ConfigError
+from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import train
-
-
-def _state(run) -> BackdoorState | None:
-    return getattr(run, "backdoor", None)
+from aisec_train.train.objectives import objective_from_config
 
 
 def _target_of(cfg: BackdoorConfig, num_classes: int) -> badnets.TargetOf:
@@ -46,75 +48,97 @@ def _validate(run) -> None:
         )
     if bd.mapping is BackdoorMapping.all_to_one and bd.target >= data.num_classes:
         raise ConfigError(f"backdoor.target={bd.target!r} is not allowed: must be < {data.num_classes} classes")
-    side = data.image_size
+    side = min(data.input_shape[1:])
     if bd.patch_size >= side:
         raise ConfigError(f"backdoor.patch_size={bd.patch_size!r} is not allowed: must be < the image side {side}")
 
 
+def _trusted(run):
+    bd, data, seed = run.cfg.backdoor, run.data, run.cfg.train.seed
+    if bd.trusted_path:
+        clean = trusted.load_trusted(bd.trusted_path, data)
+        sha = trusted.trusted_file_sha256(bd.trusted_path)
+        data.record("trusted_clean_set", source="backdoor.trusted_path", sha256=sha, n=len(clean), used_for="defence")
+        return clean
+    data.train, clean = trusted.carve_reserve(data.train, bd.clean_fraction, seed)
+    data.record("reserve_trusted_clean", n=len(clean), fraction=bd.clean_fraction, seed=seed, used_for="defence")
+    return clean
+
+
 def stage_poison(run) -> None:
-    bd = run.cfg.backdoor
+    cfg = run.cfg
+    bd = cfg.backdoor
     if bd.attack is BackdoorAttack.none:
         return
     _validate(run)
-    data, seed = run.data, run.cfg.train.seed
-    if bd.trusted_path:
-        clean = trusted.load_trusted(bd.trusted_path, data)
-        data.record(
-            "trusted_clean_set",
-            source="backdoor.trusted_path",
-            sha256=trusted.trusted_file_sha256(bd.trusted_path),
-            n=len(clean),
-            used_for="defence",
-        )
-    else:
-        data.train, clean = trusted.carve_reserve(data, bd.clean_fraction, seed)
-        data.record("reserve_trusted_clean", n=len(clean), fraction=bd.clean_fraction, seed=seed, used_for="defence")
+    data, seed = run.data, cfg.train.seed
+    layer = resolve_feature_layer(run.factory(seed=seed), data.input_shape, bd.feature_layer)
+    clean = _trusted(run)  # before any partition: the reserve never reaches a client
     trigger = badnets.Trigger(bd.patch_size, bd.patch_position.value, bd.patch_value)
     target_of = _target_of(bd, data.num_classes)
-    poisoned = badnets.poison(data.train, rate=bd.rate, trigger=trigger, target_of=target_of, seed=seed)
-    data.train = poisoned.split  # a plain Split: the poisoned indices stay in run.backdoor, away from training
+    parts, per_client = None, []
+    if bd.malicious_clients:
+        parts = federated_poison.client_partition(labels_of(data.train), cfg)
+        poisoned, per_client = federated_poison.poison_clients(
+            data.train, parts, bd.malicious_clients, rate=bd.rate, trigger=trigger, target_of=target_of, seed=seed
+        )
+    else:
+        poisoned = badnets.poison(data.train, rate=bd.rate, trigger=trigger, target_of=target_of, seed=seed)
+    data.train = poisoned.view  # stamped and relabelled as rows are read; augmentation applies after the stamp
+    scope = {"malicious_clients": bd.malicious_clients, "poisoned_per_client": per_client} if parts else {}
     data.record(
         "badnets_poison",
         rate=bd.rate,
+        rate_of="each malicious client's shard" if parts else "the training split",
         n_poisoned=len(poisoned.indices),
         mapping=bd.mapping.value,
         target=bd.target if bd.mapping is BackdoorMapping.all_to_one else None,
         trigger={"size": bd.patch_size, "position": bd.patch_position.value, "value": bd.patch_value},
-        **badnets.fingerprint(poisoned),
+        **scope,
+        **badnets.fingerprint(poisoned, trigger, target_of),
     )
-    run.backdoor = BackdoorState(trigger, target_of, poisoned, clean, from_file=bool(bd.trusted_path))
+    run.backdoor = BackdoorState(
+        trigger, target_of, poisoned, clean, bool(bd.trusted_path), layer,
+        client_indices=tuple(parts) if parts else None,
+        malicious_clients=tuple(range(bd.malicious_clients)),
+        poisoned_per_client=tuple(per_client),
+    )  # fmt: skip
     run.report.add("data", n_train=len(data.train), n_trusted=len(clean))
-    run.report.check(
-        "data pipeline", "data lineage recorded", "pass", " -> ".join(step["step"] for step in data.lineage)
-    )
+    run.report.add("backdoor", feature_layer=layer.path, feature_layer_detail=layer.describe())
 
 
 def _detect(run, state: BackdoorState) -> dict[str, dict]:
-    train_split, device = run.data.train, run.device
-    feats = flat_features(run.model, train_split, device).numpy()
-    ref = flat_features(run.model, state.trusted, device).numpy()
-    labels, ref_labels = train_split.y.numpy(), state.trusted.y.numpy()
-    found, scores = {}, {}
+    train_split, device, path = run.data.train, run.device, state.layer.path
+    feats = detection_features(run.model, path, train_split, device)
+    ref = detection_features(run.model, path, state.trusted, device)
+    labels, ref_labels = labels_of(train_split), labels_of(state.trusted)
+    scores = {}
     for name, detector in detect.DETECTORS.items():
         kwargs = {"seed": run.cfg.train.seed} | ({"k": run.cfg.backdoor.detection_k} if name == "spectral" else {})
-        found[name] = detector(feats, labels, ref, ref_labels, **kwargs)
-        scores[name] = detect.score(found[name], state.poisoned.indices, len(train_split))
-        scores[name]["per_class"] = found[name].per_class
-    run.backdoor_found = found[run.cfg.backdoor.detection.value]
+        state.detections[name] = detector(feats, labels, ref, ref_labels, **kwargs)
+        scores[name] = detect.score(state.detections[name], state.poisoned.indices, len(train_split))
+        scores[name]["per_class"] = state.detections[name].per_class
+        scores[name]["features"] = features_mode(state.layer.map_shape)
     return scores
 
 
-def _filter_and_retrain(run, splits) -> BackdoorMetrics:
-    found, data, cfg = run.backdoor_found, run.data, run.cfg
-    keep = torch.ones(len(data.train), dtype=torch.bool)
-    keep[torch.from_numpy(found.flagged)] = False
-    filtered = Split(data.train.x[keep], data.train.y[keep])
-    data.record("filter_flagged", method=found.method, dropped=int((~keep).sum()), n_train=int(keep.sum()))
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(
-        cfg.model.name.value, in_channels=data.in_channels, num_classes=data.num_classes, image_size=data.image_size
-    )
-    run.model = train(model, filtered, train_cfg=cfg.train, privacy_cfg=cfg.privacy, device=run.device).model
+def _filter_and_retrain(run, state: BackdoorState, splits) -> BackdoorMetrics:
+    cfg, data = run.cfg, run.data
+    found = state.detections[cfg.backdoor.detection.value]
+    keep = np.setdiff1d(np.arange(len(data.train)), found.flagged)
+    data.record("filter_flagged", method=found.method, dropped=len(data.train) - len(keep), n_train=len(keep))
+    run.model = train(
+        run.factory(seed=cfg.train.seed),
+        data.training_view(subset(data.train, keep)),
+        train_cfg=cfg.train,
+        privacy_cfg=cfg.privacy,  # privacy=none: filtering under DP is refused before training
+        device=run.device,
+        objective=objective_from_config(cfg.robustness),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        workers=cfg.dataset.workers,
+        progress=False,
+    ).model
     return measure(run.model, *splits, run.device)
 
 
@@ -124,20 +148,25 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
     started = time.perf_counter()
     pruned = prune.fine_prune(
         model,
+        state.layer.path,
         state.trusted,
         device,
         bd,
         evaluate={"test_accuracy": clean, "asr": attack},
         backend=run.cfg.robustness.backend,
         seed=run.cfg.train.seed,
+        finetune_view=run.data.training_view(state.trusted),
     )
     seconds = time.perf_counter() - started
     after = measure(model, *splits, device)
     pruning_curve(pruned.curve, pruned.pruned_fraction, after.as_dict(), run.run_dir / "fine_pruning.png")
     details = {
+        "feature_layer": state.layer.path,
         "pruned_channels": int((pruned.mask == 0).sum()),
         "channels": pruned.mask.numel(),
         "pruned_fraction": pruned.pruned_fraction,
+        "step": pruned.step,
+        "evaluation": pruned.evaluation,
         "trusted_accuracy_before": pruned.base_accuracy,
         "trusted_accuracy_pruned": pruned.accuracy,
         "acc_drop_budget": bd.prune_acc_drop,
@@ -148,6 +177,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
             "batch_size": bd.finetune_batch_size,
             "n_trusted": len(state.trusted),
         },
+        "bake": pruned.baked.describe() if pruned.baked else None,
         "curve": pruned.curve,
         "plot": "fine_pruning.png",
         "seconds": round(seconds, 3),
@@ -156,7 +186,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
 
 
 def stage_defend(run) -> None:
-    state = _state(run)
+    state = run.backdoor
     if state is None:
         record.not_applicable(run)
         return
@@ -169,7 +199,7 @@ def stage_defend(run) -> None:
     stages = {"trained": measure(run.model, *splits, device)}
     scores = _detect(run, state)
     if bd.filter:
-        stages["filtered"] = _filter_and_retrain(run, splits)
+        stages["filtered"] = _filter_and_retrain(run, state, splits)
     repair = None
     if bd.repair is RepairMethod.fine_pruning:
         stages["fine_pruned"], repair = _fine_prune(run, state, splits)

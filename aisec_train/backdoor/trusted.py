@@ -4,14 +4,16 @@ Detection thresholds, the Fine-Pruning channel ranking and pruning budget, and t
 samples the defender trusts to be clean. It comes from one of two places:
 
 - ``backdoor.trusted_path=FILE.npz``: the operator's own clean set, outside the training data (same format as
-  ``dataset=npz``). Under DP-SGD the guarantee then covers every training record; the trusted set is used
-  without DP, like public pre-training data, and the report says so.
-- otherwise a stratified reserve of ``backdoor.clean_fraction`` carved from the training split before poisoning
-  (the red-team simulation's default). Those records never enter DP-SGD, and the released model is fine-tuned
-  on them without noise, so **they have no DP guarantee**: the report's ``privacy.scope`` and the model card
-  name them, and the checklist item "defence data covered by the privacy claim" fails.
+  ``dataset=npz``), small enough to hold in memory (a :class:`~aisec_train.data.views.Sample`). Under DP-SGD the
+  guarantee then covers every training record; the trusted set is used without DP, like public pre-training data,
+  and the report says so.
+- otherwise a stratified reserve of ``backdoor.clean_fraction`` carved from the training split by its labels
+  (a ``Subset``: indices, no copy), before poisoning and before any federated partition (the reserve never reaches
+  a client). Those records never enter DP-SGD, and the released model is fine-tuned on them without noise, so
+  **they have no DP guarantee**: the report's ``privacy.scope`` and the model card name them, and the checklist
+  item "defence data covered by the privacy claim" fails.
 
->>> trusted = load_trusted("clean.npz", data)        # or: kept, trusted = carve_reserve(data, 0.2, seed)
+>>> trusted = load_trusted("clean.npz", data)        # or: kept, trusted = carve_reserve(data.train, 0.2, seed)
 >>> privacy_scope(from_file=True, n_trusted=len(trusted), n_train=len(data.train), private=True)
 """
 
@@ -23,21 +25,38 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset, Subset
 
-from aisec_train.data.dataset import Dataset, Split, sha256_file, to_nchw_float
-from aisec_train.data.sources import DataError
+from aisec_train.data.arrays import to_nchw_float
+from aisec_train.data.dataset import DataBundle
+from aisec_train.data.errors import DataError
+from aisec_train.data.views import Sample, labels_of, subset
+from aisec_train.hashing import sha256_file
 
 
-def carve_reserve(data: Dataset, fraction: float, seed: int) -> tuple[Split, Split]:
+def _subset(dataset: Dataset, rows: np.ndarray) -> Subset:
+    """``rows`` of ``dataset``; a subset of a subset is flattened, so labels stay one index lookup away."""
+    if isinstance(dataset, Subset):
+        return subset(dataset.dataset, np.asarray(dataset.indices, dtype=np.int64)[rows])
+    return subset(dataset, rows)
+
+
+def carve_reserve(train: Dataset, fraction: float, seed: int) -> tuple[Subset, Subset]:
     """(rest of the training split, trusted reserve): a stratified split by label, decided by the seed."""
-    y = data.train.y.numpy()
-    stratify = y if np.bincount(y).min() >= 2 else None
-    kept, reserved = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify)
-    kept, reserved = torch.from_numpy(np.sort(kept)), torch.from_numpy(np.sort(reserved))
-    return Split(data.train.x[kept], data.train.y[kept]), Split(data.train.x[reserved], data.train.y[reserved])
+    y = labels_of(train)
+    _, counts = np.unique(y, return_counts=True)
+    stratify = y if counts.min(initial=0) >= 2 else None
+    try:
+        kept, reserved = train_test_split(np.arange(len(y)), test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError as err:
+        raise DataError(
+            f"backdoor.clean_fraction={fraction} cannot carve a stratified reserve from {len(y)} training samples "
+            f"of {len(counts)} classes ({' '.join(str(err).split())[:120]}); raise it or give backdoor.trusted_path"
+        ) from err
+    return _subset(train, np.sort(kept)), _subset(train, np.sort(reserved))
 
 
-def load_trusted(path: str, data: Dataset) -> Split:
+def load_trusted(path: str, data: DataBundle) -> Sample:
     """The operator's clean set from ``path``, checked against the training data's image shape and classes."""
     key = f"backdoor.trusted_path={path!r}"
     if not Path(path).is_file():
@@ -50,13 +69,11 @@ def load_trusted(path: str, data: Dataset) -> Split:
     x = torch.from_numpy(np.ascontiguousarray(to_nchw_float(x, key)))
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
         raise DataError(f"{key}: y must be a 1-D integer array with one label per image")
-    if tuple(x.shape[1:]) != tuple(data.train.x.shape[1:]):
-        raise DataError(
-            f"{key} holds images {tuple(x.shape[1:])}; the training images are {tuple(data.train.x.shape[1:])}"
-        )
+    if tuple(x.shape[1:]) != tuple(data.input_shape):
+        raise DataError(f"{key} holds images {tuple(x.shape[1:])}; the training images are {tuple(data.input_shape)}")
     if len(y) == 0 or y.min() < 0 or y.max() >= data.num_classes:
         raise DataError(f"{key}: labels must be in 0..{data.num_classes - 1}")
-    return Split(x, torch.from_numpy(y.astype(np.int64)))
+    return Sample(x, torch.from_numpy(y.astype(np.int64)))
 
 
 def trusted_file_sha256(path: str) -> str:

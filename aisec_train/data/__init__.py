@@ -1,0 +1,1 @@
+"""Data: sources (arrays, files, image folders, your own Dataset), manifest, split, augmentation, sanity checks."""

@@ -1,149 +1,134 @@
-"""Turn raw arrays into verified, split, float NCHW tensors with a manifest and a lineage log.
+"""Read, hash, verify and split the configured data into a :class:`DataBundle` of map-style datasets.
+
+Nothing here holds the whole dataset: sources return lazy datasets, the manifest streams over files, the split is
+by indices, and augmentation is a view applied when the training loader is built.
 
 >>> data = load_dataset(DatasetConfig(), seed=0)
->>> data.train.x.shape, data.manifest_sha256[:8]
+>>> len(data.train), data.input_shape, data.manifest_sha256[:8]
 """
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
 
-from aisec_train.config import DatasetConfig
-from aisec_train.data.sources import SOURCES, DataError, RawData
-from aisec_train.hashing import sha256_bytes, sha256_file  # sha256_file is part of this module's API
-
-
-@dataclass
-class Split:
-    x: torch.Tensor  # (N, C, H, W) float32 in [0, 1]
-    y: torch.Tensor  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.y)
+from aisec_train.data.arrays import to_nchw_float  # noqa: F401 - part of this module's API
+from aisec_train.data.config import DatasetConfig
+from aisec_train.data.errors import DataError
+from aisec_train.data.manifest import build_manifest, sha256_array, sha256_json  # noqa: F401
+from aisec_train.data.sources import SOURCES, SourceData
+from aisec_train.data.transforms import describe, training_transform
+from aisec_train.data.views import Sample, Split, Transformed, labels_of, split_by_labels  # noqa: F401
+from aisec_train.hashing import sha256_file  # noqa: F401 - part of this module's API
 
 
 @dataclass
-class Dataset:
+class DataBundle:
     name: str
-    train: Split
-    test: Split
+    train: Dataset  # the training split as stored (no augmentation): what DP-SGD accounts for
+    test: Dataset  # the held-out split, never augmented
     num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W) of every image
     manifest: dict[str, Any]
+    train_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     lineage: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def in_channels(self) -> int:
-        return self.train.x.shape[1]
-
-    @property
-    def image_size(self) -> int:
-        return self.train.x.shape[-1]
+    split_seed: int = 0
 
     @property
     def manifest_sha256(self) -> str:
         return sha256_json(self.manifest)
+
+    @property
+    def in_channels(self) -> int:
+        return self.input_shape[0]
+
+    def training_view(self, dataset: Dataset | None = None) -> Dataset:
+        """``dataset`` (default: the training split) as the training loader reads it: augmented if configured."""
+        base = self.train if dataset is None else dataset
+        return Transformed(base, self.train_transform) if self.train_transform is not None else base
 
     def record(self, step: str, **details: Any) -> None:
         """Append one transform to the lineage log (later stages, such as poisoning, add theirs)."""
         self.lineage.append({"step": step, **details})
 
 
-def sha256_array(arr: np.ndarray) -> str:
-    # dtype and shape are part of the identity: the same bytes read as another layout are other data.
-    header = f"{arr.dtype.str}{arr.shape}".encode()
-    return sha256_bytes(header + np.ascontiguousarray(arr).tobytes())
+def first_item_shape(dataset: Dataset, key: str) -> tuple[int, int, int]:
+    """Check the first item is (float image tensor (C, H, W), int label) and return its shape."""
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError(f"{key} is empty (0 samples)")
+    item = dataset[0]
+    if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], torch.Tensor):
+        raise DataError(f"{key} item 0 is {type(item).__name__}; expected (image tensor (C, H, W), int label)")
+    image = item[0]
+    if image.ndim != 3 or not image.is_floating_point():
+        raise DataError(
+            f"{key} item 0 is a {image.dtype} tensor of shape {tuple(image.shape)}; expected float (C, H, W)"
+        )
+    return tuple(int(s) for s in image.shape)  # type: ignore[return-value]
 
 
-def sha256_json(obj: Any) -> str:
-    return sha256_bytes(json.dumps(obj, sort_keys=True).encode())
+def load_dataset(
+    cfg: DatasetConfig,
+    seed: int,
+    *,
+    train: Dataset | None = None,
+    test: Dataset | None = None,
+) -> DataBundle:
+    """The configured source, or the caller's own ``train`` (and ``test``) datasets (Python API).
 
-
-def to_nchw_float(x: np.ndarray, name: str) -> np.ndarray:
-    """Accept N,H,W / N,H,W,C / N,C,H,W in uint8 0-255 or float 0-1; return float32 N,C,H,W."""
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 4:
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-            x = np.transpose(x, (0, 3, 1, 2))
+    Raises DataError on any refusal: unreadable data, a manifest that differs from ``dataset.sha256``, shapes
+    that disagree, or a split that cannot be stratified.
+    """
+    split_seed = seed if cfg.split_seed is None else cfg.split_seed
+    if train is not None:
+        src = SourceData(train, test, source=f"python:{type(train).__name__}")
     else:
-        raise DataError(f"{name} has shape {x.shape}; expected (N,H,W), (N,H,W,C) or (N,C,H,W)")
-    if x.shape[-1] != x.shape[-2]:
-        raise DataError(f"{name} has non-square images {x.shape[-2]}x{x.shape[-1]}; expected HxH")
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
-    if np.issubdtype(x.dtype, np.floating):
-        return x.astype(np.float32)
-    raise DataError(f"{name} has dtype {x.dtype}; expected uint8 (0-255) or float (0-1)")
-
-
-def _labels(y: np.ndarray, name: str) -> np.ndarray:
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{name} must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
-    if len(y) and y.min() < 0:
-        raise DataError(f"{name} holds negative label {int(y.min())}; labels must be 0..K-1")
-    return y.astype(np.int64)
-
-
-def build_manifest(raw: RawData) -> dict[str, Any]:
-    arrays = {"x_train": raw.x_train, "y_train": raw.y_train, "x_test": raw.x_test, "y_test": raw.y_test}
-    return {
-        "source": raw.source,
-        "arrays": {k: sha256_array(v) for k, v in arrays.items() if v is not None},
-        "files": {p.name: sha256_file(p) for p in raw.files},
-    }
-
-
-def load_dataset(cfg: DatasetConfig, seed: int) -> Dataset:
-    """Read, hash, verify, scale and split the configured dataset. Raises DataError on any refusal."""
-    raw = SOURCES[cfg.name.value](cfg, seed)
-    manifest = build_manifest(raw)
+        src = SOURCES[cfg.name](cfg, split_seed)
+    streamed = {}
+    if not src.arrays and not src.files:
+        streamed = {"train": src.train} | ({"test": src.test} if src.test is not None else {})
+    manifest = build_manifest(src.source, arrays=src.arrays, files=src.files, root=src.root, streamed=streamed)
     digest = sha256_json(manifest)
     if cfg.sha256 and cfg.sha256.lower() != digest:
         raise DataError(
             f"data integrity check failed: manifest SHA-256 is {digest}, dataset.sha256 pins {cfg.sha256}; "
             "refusing to train on data that changed"
         )
-    lineage = [{"step": "load", "source": raw.source, "manifest_sha256": digest}]
-
-    x = to_nchw_float(raw.x_train, "x")
-    y = _labels(raw.y_train, "y")
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)}")
-    if len(x) == 0:
-        raise DataError("the training data is empty (x has 0 samples)")
-    lineage.append({"step": "scale", "to": "float32 NCHW in [0, 1]", "shape": list(x.shape)})
-
-    if raw.x_test is not None and raw.y_test is not None:
-        x_test, y_test = to_nchw_float(raw.x_test, "x_test"), _labels(raw.y_test, "y_test")
-        if x_test.shape[1:] != x.shape[1:]:
-            raise DataError(f"test images {x_test.shape[1:]} differ from training images {x.shape[1:]}")
-        lineage.append({"step": "split", "kind": "given test split", "n_test": len(y_test)})
+    shape = first_item_shape(src.train, "the training data")
+    lineage = [{"step": "load", "source": src.source, "manifest_sha256": digest, "shape": list(shape)}]
+    if src.test is not None:
+        test_shape = first_item_shape(src.test, "the test data")
+        if test_shape != shape:
+            raise DataError(f"test images {test_shape} differ from training images {shape}")
+        train_split, test_split = src.train, src.test
+        lineage.append({"step": "split", "kind": "given test split", "n_test": len(src.test)})  # type: ignore[arg-type]
     else:
-        stratify = y if np.bincount(y).min() >= 2 else None
-        n_test, n_classes = int(np.ceil(cfg.test_fraction * len(y))), len(np.unique(y))
-        if stratify is not None and not n_classes <= n_test <= len(y) - n_classes:
-            raise DataError(
-                f"dataset.test_fraction={cfg.test_fraction} holds out {n_test} of {len(y)} samples; a stratified "
-                f"split of {n_classes} classes needs {n_classes} to {len(y) - n_classes}: change the fraction or "
-                "give dataset.test_path"
-            )
-        x, x_test, y, y_test = train_test_split(x, y, test_size=cfg.test_fraction, random_state=seed, stratify=stratify)
+        train_split, test_split = split_by_labels(src.train, cfg.test_fraction, split_seed)
         lineage.append(
-            {"step": "split", "kind": "stratified hold-out", "test_fraction": cfg.test_fraction, "seed": seed}
+            {"step": "split", "kind": "stratified hold-out", "test_fraction": cfg.test_fraction, "seed": split_seed}
         )
-
-    num_classes = int(max(y.max(initial=0), y_test.max(initial=0))) + 1 if len(y) else 0
-    return Dataset(
-        name=cfg.name.value,
-        train=Split(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(y)),
-        test=Split(torch.from_numpy(np.ascontiguousarray(x_test)), torch.from_numpy(y_test)),
+    y_train, y_test = labels_of(train_split), labels_of(test_split)
+    num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    num_classes = max(num_classes, len(getattr(src.train, "classes", [])))
+    augment = training_transform(cfg.augment, shape)
+    if augment is not None:
+        lineage.append({"step": "augment", "training_only": True, "transforms": describe(cfg.augment)})
+    present = int(np.bincount(y_train, minlength=num_classes).astype(bool).sum())
+    if present < 2:
+        raise DataError(f"the training labels hold {present} class(es); at least 2 are needed")
+    return DataBundle(
+        name=cfg.name if train is None else "python",
+        train=train_split,
+        test=test_split,
         num_classes=num_classes,
+        input_shape=shape,
         manifest=manifest,
+        train_transform=augment,
         lineage=lineage,
+        split_seed=split_seed,
     )

@@ -1,96 +1,148 @@
-"""Where raw arrays come from. Each source returns :class:`RawData`; nothing is ever downloaded.
+"""Where data comes from. Each source returns :class:`SourceData` (map-style datasets); nothing is downloaded.
 
-A source only reads: scaling, layout, hashing and splitting happen once, in :mod:`aisec_train.data.dataset`.
+A source only reads: hashing (manifest.py), splitting, augmentation and checks happen once, in
+:mod:`aisec_train.data.dataset`. Register your own with ``@register_source("name", keys=(...))``; ``keys`` are the
+``dataset.*`` keys it reads, and any other source-specific key set on the command line is refused.
 """
 
 from __future__ import annotations
 
 import gzip
 import pickle
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from torch.utils.data import Dataset
 
-from aisec_train.config import DatasetConfig
+from aisec_train.data.arrays import ArrayDataset
+from aisec_train.data.config import DatasetConfig
+from aisec_train.data.errors import DataError
 
-
-class DataError(ValueError):
-    """Data that cannot be used: missing, malformed, tampered or unusable for training."""
+__all__ = ["SOURCES", "SourceData", "DataError", "register_source", "check_source_keys"]
 
 
 @dataclass
-class RawData:
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
+class SourceData:
+    train: Dataset  # (float (C, H, W) in [0, 1], int label) per item, no augmentation
+    test: Dataset | None = None  # None: a stratified hold-out is carved from ``train``
     source: str = ""
-    files: list[Path] = field(default_factory=list)  # every file read, hashed into the manifest
-    channels_last: bool = False  # True when x is (N, H, W, C)
+    files: list[Path] = field(default_factory=list)  # every file read, hashed into the manifest (streamed)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory arrays, hashed into the manifest
+    root: Path | None = None  # file names in the manifest are relative to it
 
 
-SOURCES: dict[str, Callable[[DatasetConfig, int], RawData]] = {}
+Source = Callable[[DatasetConfig, int], SourceData]
+SOURCES: dict[str, Source] = {}
+SOURCE_KEYS: dict[str, tuple[str, ...]] = {}
+# Keys only some sources read; a value other than the default for a source that ignores it is refused.
+SPECIFIC_KEYS = ("path", "test_path", "root", "train", "test", "resize", "n_samples", "image_size", "channels",
+                 "num_classes", "test_fraction")  # fmt: skip
 
 
-def register_source(name: str):
-    def add(fn: Callable[[DatasetConfig, int], RawData]) -> Callable[[DatasetConfig, int], RawData]:
-        SOURCES[name] = fn
+def register_source(name: str, keys: tuple[str, ...] = ()) -> Callable[[Source], Source]:
+    def add(fn: Source) -> Source:
+        SOURCES[name], SOURCE_KEYS[name] = fn, keys
         return fn
 
     return add
 
 
-@register_source("digits")
-def digits(cfg: DatasetConfig, seed: int) -> RawData:
+def check_source_keys(cfg: DatasetConfig) -> None:
+    """Refuse an unknown source, and any source-specific key given for a source that does not read it."""
+    if cfg.name not in SOURCES:
+        raise DataError(f"dataset.name={cfg.name!r} is not allowed: choose one of {', '.join(sorted(SOURCES))}")
+    default = DatasetConfig()
+    for key in SPECIFIC_KEYS:
+        value = getattr(cfg, key)
+        if key not in SOURCE_KEYS[cfg.name] and value != getattr(default, key):
+            users = sorted(name for name, keys in SOURCE_KEYS.items() if key in keys)
+            raise DataError(
+                f"dataset.{key}={value!r} is not allowed with dataset={cfg.name}: only {', '.join(users)} read it"
+            )
+
+
+@register_source("digits", keys=("test_fraction",))
+def digits(cfg: DatasetConfig, seed: int) -> SourceData:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.images / 16.0).astype(np.float32)  # pixel values are 0..16
-    return RawData(x, bunch.target.astype(np.int64), source="sklearn.datasets.load_digits (bundled)")
+    y = bunch.target.astype(np.int64)
+    return SourceData(ArrayDataset(x, y), source="sklearn.datasets.load_digits (bundled)", arrays={"x": x, "y": y})
 
 
-@register_source("synthetic")
-def synthetic(cfg: DatasetConfig, seed: int) -> RawData:
+@register_source("synthetic", keys=("n_samples", "image_size", "channels", "num_classes", "test_fraction"))
+def synthetic(cfg: DatasetConfig, seed: int) -> SourceData:
     rng = np.random.default_rng(seed)
     k, c, s = cfg.num_classes, cfg.channels, cfg.image_size
     prototypes = rng.uniform(0.0, 1.0, size=(k, c, s, s)) > 0.6
     y = np.arange(cfg.n_samples) % k
     rng.shuffle(y)
-    x = 0.7 * prototypes[y] + rng.normal(0.0, 0.15, size=(cfg.n_samples, c, s, s))
-    return RawData(np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64), source=f"synthetic(seed={seed})")
+    x = np.clip(0.7 * prototypes[y] + rng.normal(0.0, 0.15, size=(cfg.n_samples, c, s, s)), 0, 1).astype(np.float32)
+    return SourceData(ArrayDataset(x, y), source=f"synthetic(seed={seed})", arrays={"x": x, "y": y.astype(np.int64)})
 
 
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _declared_npy(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and dtype a .npy member declares in its header, read without reading its data."""
+    with archive.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    if dtype.hasobject:
+        raise DataError(f"{path}:{member} holds Python objects; only numeric arrays are read (no pickles)")
+    return shape, dtype
+
+
+def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``y`` of an .npz, refusing before any read when the headers declare more than ``max_bytes``."""
     if not path.is_file():
-        raise DataError(f"dataset.path={str(path)!r} does not exist or is not a file")
+        raise DataError(f"{key}={str(path)!r} does not exist or is not a file")
     try:
-        # allow_pickle=False: an .npz holding object arrays could run code when loaded.
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"x", "y"} - set(archive.files)
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            missing = {"x", "y"} - set(members)
             if missing:
-                raise DataError(f"{path} lacks array(s) {sorted(missing)}; it must hold 'x' and 'y'")
-            return archive["x"], archive["y"]
-    except (ValueError, OSError) as err:
-        raise DataError(f"{path} is not a readable .npz of numeric arrays: {err}") from err
+                raise DataError(f"{key}={str(path)!r} lacks array(s) {sorted(missing)}; it must hold 'x' and 'y'")
+            declared = 0
+            for name in ("x", "y"):
+                shape, dtype = _declared_npy(archive, members[name], path)
+                declared += int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if declared > max_bytes:
+                raise DataError(
+                    f"{key}={str(path)!r} declares {declared} bytes of arrays, over dataset.max_bytes={max_bytes}; "
+                    "raise dataset.max_bytes if this machine can hold them"
+                )
+        # allow_pickle=False: an .npz holding object arrays could run code when loaded.
+        with np.load(path, allow_pickle=False) as loaded:
+            return np.asarray(loaded["x"]), np.asarray(loaded["y"])
+    except DataError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, SyntaxError) as err:
+        raise DataError(f"{key}={str(path)!r} is not a readable .npz of numeric arrays: {err}") from err
 
 
-@register_source("npz")
-def npz(cfg: DatasetConfig, seed: int) -> RawData:
-    train_path = Path(cfg.path or "")
-    x, y = _read_npz(train_path)
-    raw = RawData(x, y, source=f"npz:{train_path.name}", files=[train_path])
+@register_source("npz", keys=("path", "test_path", "test_fraction"))
+def npz(cfg: DatasetConfig, seed: int) -> SourceData:
+    if not cfg.path:
+        raise DataError("dataset.path=None is not allowed: dataset=npz needs a .npz file path")
+    train_path = Path(cfg.path)
+    x, y = read_npz(train_path, "dataset.path", cfg.max_bytes)
+    data = SourceData(ArrayDataset(x, y, "x"), source=f"npz:{train_path.name}", files=[train_path])
     if cfg.test_path:
         test_path = Path(cfg.test_path)
-        raw.x_test, raw.y_test = _read_npz(test_path)
-        raw.files.append(test_path)
-    return raw
+        xt, yt = read_npz(test_path, "dataset.test_path", cfg.max_bytes)
+        data.test = ArrayDataset(xt, yt, "x_test")
+        data.files.append(test_path)
+    return data
 
 
 def _require_root(cfg: DatasetConfig, expected: Path) -> Path:
     if not cfg.root:
-        raise DataError(f"dataset={cfg.name.value} needs dataset.root, an existing torchvision-style folder")
+        raise DataError(f"dataset.root=None is not allowed: dataset={cfg.name} needs an existing folder")
     if not expected.is_dir():
         raise DataError(
             f"dataset.root={cfg.root!r} has no {expected.relative_to(cfg.root)}/; "
@@ -102,30 +154,41 @@ def _require_root(cfg: DatasetConfig, expected: Path) -> Path:
 def _read_idx(folder: Path, stem: str) -> tuple[np.ndarray, Path]:
     for path in (folder / stem, folder / f"{stem}.gz"):
         if path.is_file():
-            opener = gzip.open if path.suffix == ".gz" else open
+            opener: Any = gzip.open if path.suffix == ".gz" else open
             with opener(path, "rb") as fh:
                 data = fh.read()
-            ndim = data[3]
+            ndim = data[3] if len(data) > 4 else 0
             shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-            return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape), path
+            offset = 4 + 4 * ndim
+            if ndim == 0 or len(data) - offset != int(np.prod(shape)):
+                raise DataError(f"{path} is not a valid idx file: its header declares {shape}")
+            return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape), path
     raise DataError(f"{folder / stem}[.gz] is missing")
 
 
-def _idx_source(folder_name: str) -> Callable[[DatasetConfig, int], RawData]:
-    def read(cfg: DatasetConfig, seed: int) -> RawData:
-        raw_dir = _require_root(cfg, Path(cfg.root or "") / folder_name / "raw")
-        parts = [_read_idx(raw_dir, s) for s in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")]
-        parts += [_read_idx(raw_dir, s) for s in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
-        (xtr, f1), (ytr, f2), (xte, f3), (yte, f4) = parts
-        return RawData(
-            xtr, ytr.astype(np.int64), xte, yte.astype(np.int64), f"{folder_name} idx files", [f1, f2, f3, f4]
+def _idx_source(folder_name: str) -> Source:
+    def read(cfg: DatasetConfig, seed: int) -> SourceData:
+        raw = _require_root(cfg, Path(cfg.root or "") / folder_name / "raw")
+        stems = (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+        (xtr, f1), (ytr, f2), (xte, f3), (yte, f4) = [_read_idx(raw, s) for s in stems]
+        return SourceData(
+            ArrayDataset(xtr, ytr.astype(np.int64)),
+            ArrayDataset(xte, yte.astype(np.int64), "x_test"),
+            f"{folder_name} idx files",
+            [f1, f2, f3, f4],
+            root=Path(cfg.root or ""),
         )
 
     return read
 
 
-register_source("mnist")(_idx_source("MNIST"))
-register_source("fashion_mnist")(_idx_source("FashionMNIST"))
+register_source("mnist", keys=("root",))(_idx_source("MNIST"))
+register_source("fashion_mnist", keys=("root",))(_idx_source("FashionMNIST"))
 
 
 class _ArraysOnlyUnpickler(pickle.Unpickler):
@@ -144,26 +207,46 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-@register_source("cifar10")
-def cifar10(cfg: DatasetConfig, seed: int) -> RawData:
+@register_source("cifar10", keys=("root",))
+def cifar10(cfg: DatasetConfig, seed: int) -> SourceData:
     folder = _require_root(cfg, Path(cfg.root or "") / "cifar-10-batches-py")
 
     def batch(name: str) -> tuple[np.ndarray, np.ndarray, Path]:
         path = folder / name
         if not path.is_file():
             raise DataError(f"{path} is missing")
-        with open(path, "rb") as fh:
-            entry = _ArraysOnlyUnpickler(fh, encoding="bytes").load()
-        x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return x, np.asarray(entry[b"labels"], dtype=np.int64), path
+        try:
+            with open(path, "rb") as fh:
+                entry = _ArraysOnlyUnpickler(fh, encoding="bytes").load()
+            x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            return x, np.asarray(entry[b"labels"], dtype=np.int64), path
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as err:
+            raise DataError(f"{path} is not a CIFAR-10 batch: {err}") from err
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     xte, yte, ftest = batch("test_batch")
-    return RawData(
-        np.concatenate([b[0] for b in train]),
-        np.concatenate([b[1] for b in train]),
-        xte,
-        yte,
+    return SourceData(
+        ArrayDataset(np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
+        ArrayDataset(xte, yte, "x_test"),
         "cifar-10-batches-py",
         [b[2] for b in train] + [ftest],
+        root=Path(cfg.root or ""),
     )
+
+
+@register_source("imagefolder", keys=("root", "resize", "test_fraction"))
+def imagefolder(cfg: DatasetConfig, seed: int) -> SourceData:
+    from aisec_train.data.images import read_image_folder
+
+    return read_image_folder(cfg)
+
+
+@register_source("custom", keys=("train", "test", "test_fraction"))
+def custom(cfg: DatasetConfig, seed: int) -> SourceData:
+    from aisec_train.components import instantiate_dataset
+
+    train = instantiate_dataset(cfg.train, "dataset.train")
+    if train is None:
+        raise DataError("dataset.train._target_=None is not allowed: dataset=custom needs a Dataset class")
+    test = instantiate_dataset(cfg.test, "dataset.test")
+    return SourceData(train, test, source=f"custom:{cfg.train.get('_target_')}")

@@ -7,6 +7,7 @@ secret-sha256="..."'`` (docs/federated.md). Simulation passes the same settings 
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -16,12 +17,11 @@ from aisec_train.federated.settings import ClientSettings
 from aisec_train.federated.strategy import ckks_payload, ckks_record
 from aisec_train.federated.task import (
     REFUSAL_CODES,
+    FederatedTask,
     apply_drill,
     check_update,
     evaluate_local,
     flatten,
-    initial_model,
-    load_job,
     local_round,
     unflatten,
 )
@@ -37,24 +37,28 @@ def _global_state(record: ArrayRecord, s: ClientSettings, template: dict) -> tup
     return unflatten(mean, template), time.perf_counter() - started
 
 
-def _setup(msg: Message, context: Context, settings: ClientSettings | None):
-    s = settings or ClientSettings.from_map(context.node_config)
-    cfg, job = load_job(s.job)
-    template = initial_model(job, cfg.train.seed).state_dict()
-    return s, cfg, int(context.node_config["partition-id"]), *_global_state(msg.content["arrays"], s, template)
+@lru_cache(maxsize=2)
+def _task_from_job(job: str) -> FederatedTask:
+    return FederatedTask.from_job(job)
 
 
-def make_app(settings: ClientSettings | None = None) -> ClientApp:
-    """The ClientApp; ``settings`` replace the SuperNode's node config (the simulation passes them)."""
+def make_app(settings: ClientSettings | None = None, task: FederatedTask | None = None) -> ClientApp:
+    """The ClientApp; ``settings`` and ``task`` replace the SuperNode's node config and job file (simulation)."""
     app = ClientApp()
+
+    def _setup(msg: Message, context: Context):
+        s = settings or ClientSettings.from_map(context.node_config)
+        t = task or _task_from_job(s.job)
+        template = t.initial_model().state_dict()
+        return s, t, int(context.node_config["partition-id"]), *_global_state(msg.content["arrays"], s, template)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         # 1. Settings, this node's partition and the global model (last round's aggregate, decrypted).
-        s, cfg, pid, global_state, decrypt_s = _setup(msg, context, settings)
-        rnd, fed = int(msg.content["config"]["server-round"]), cfg.federated
-        # 2. Local DP-SGD with the spine's loop; the ledger persists in this client's state file.
-        result = local_round(s.job, pid, global_state, rnd, s.state_path, threads=int(fed.client_cpus))
+        s, t, pid, global_state, decrypt_s = _setup(msg, context)
+        rnd, fed = int(msg.content["config"]["server-round"]), t.cfg.federated
+        # 2. Local training with the spine's loop (DP-SGD, the run's objective); the ledger persists per client.
+        result = local_round(t, pid, global_state, rnd, s.state_path, threads=int(fed.client_cpus))
         delta = apply_drill(fed.inject, pid, rnd, result.delta)
         # 3. Refuse a bad update before it is encrypted (the server could not check it afterwards).
         check = None if fed.inject.skip_client_check else check_update(delta, fed.max_update_norm)
@@ -77,8 +81,8 @@ def make_app(settings: ClientSettings | None = None) -> ClientApp:
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         # 1. Decrypt the aggregate (CKKS) and 2. measure it on this node's test shard.
-        s, _, pid, global_state, decrypt_s = _setup(msg, context, settings)
-        acc, n = evaluate_local(s.job, pid, global_state)
+        s, t, pid, global_state, decrypt_s = _setup(msg, context)
+        acc, n = evaluate_local(t, pid, global_state)
         metrics = MetricRecord({"accuracy": acc, "num-examples": n, "decrypt-s": decrypt_s, "partition-id": pid})
         return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 

@@ -21,7 +21,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from aisec_train.config import Config, ConfigError, DeploymentConfig
+from aisec_train.config import Config
+from aisec_train.errors import ConfigError
+from aisec_train.federated.config import DeploymentConfig
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 
 log = logging.getLogger("aisec_train.federated")

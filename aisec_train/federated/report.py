@@ -131,6 +131,7 @@ def add(
         min_clients=fed.min_clients,
         partition={"kind": fed.partition.kind.value, "alpha": fed.partition.alpha},
         local_epochs=fed.local_epochs,
+        local_objective=run.objective,  # what every client's loop trained on (standard, pgd_at, trades, ...)
         num_params=num_params,
         bytes_per_param=bytes_per_param,
         upload_bytes_per_client_per_round=[row["upload_bytes_per_client"] for row in rows],

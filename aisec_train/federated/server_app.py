@@ -12,29 +12,27 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from aisec_train.config import Aggregation
+from aisec_train.federated.config import Aggregation
 from aisec_train.federated.settings import ServerSettings
 from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record, wait_for_nodes
-from aisec_train.federated.task import initial_model, load_job
+from aisec_train.federated.task import FederatedTask, load_job
 
 log = logging.getLogger("aisec_train.federated")
 
 
-def make_app(settings: ServerSettings | None = None) -> ServerApp:
+def make_app(settings: ServerSettings | None = None, task: FederatedTask | None = None) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         # 1. Settings: the job and the public context, nothing else.
         s = settings or ServerSettings.from_map(context.run_config)
-        cfg, job = load_job(s.job)
+        cfg, _ = load_job(s.job)
         fed = cfg.federated
         # 2. Resume from the last completed round, or start from the seeded initial model.
         state = load_state(s.state_dir)
         done = state["round"] if state else 0
-        arrays = (
-            state_to_record(state["model"]) if state else ArrayRecord(initial_model(job, cfg.train.seed).state_dict())
-        )
+        arrays = state_to_record(state["model"]) if state else ArrayRecord(_initial(s, task).state_dict())
         last = min(fed.rounds, fed.stop_after_round or fed.rounds)
         if done >= last:
             log.info("federated: %d round(s) already complete", done)
@@ -62,6 +60,11 @@ def make_app(settings: ServerSettings | None = None) -> ServerApp:
         )
 
     return app
+
+
+def _initial(s: ServerSettings, task: FederatedTask | None):
+    """The seeded initial global model (the server needs its shape only; in deployment it rebuilds the task)."""
+    return (task or FederatedTask.from_job(s.job)).initial_model()
 
 
 app = make_app()

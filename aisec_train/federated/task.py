@@ -25,23 +25,29 @@ import torch
 from omegaconf import OmegaConf
 from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
+from torch.utils.data import Dataset
 
-from aisec_train.config import Config, InjectConfig, PartitionKind, PrivacyMode, to_config
-from aisec_train.data.dataset import Split, load_dataset
-from aisec_train.models import build_model
+from aisec_train.components import build
+from aisec_train.config import Config, to_config
+from aisec_train.data.dataset import DataBundle, load_dataset
+from aisec_train.data.views import labels_of, subset
+from aisec_train.federated.config import InjectConfig, PartitionKind
+from aisec_train.models.factory import ModelFactory
 from aisec_train.train import checkpoint
+from aisec_train.train.config import PrivacyMode
 from aisec_train.train.ledger import BudgetExhausted
-from aisec_train.train.loop import accuracy, build_optimizer, resolve_device, train
+from aisec_train.train.loop import accuracy, resolve_device, sgd, train
+from aisec_train.train.objectives import objective_from_config
 
 JOB_FILE = "job.json"
 REFUSAL_CODES = {"nan": 1, "norm": 2, "budget": 3}
 
 
 # ---- the job: one source of truth for both apps ------------------------------------------------------------
-def write_job(cfg: Config, path: Path, *, model_meta: dict[str, Any], manifest_sha256: str) -> Path:
-    """Freeze the composed config and the model's shape for the apps (no secrets: paths to keys live elsewhere)."""
+def write_job(cfg: Config, path: Path, *, manifest_sha256: str) -> Path:
+    """Freeze the composed config for the apps (no secrets: paths to keys live elsewhere)."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    job = {"config": container, "model": model_meta, "manifest_sha256": manifest_sha256}
+    job = {"config": container, "manifest_sha256": manifest_sha256}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(job, indent=1))
@@ -56,12 +62,55 @@ def load_job(path: str) -> tuple[Config, dict[str, Any]]:
     return to_config(merged), job
 
 
-def initial_model(job: dict[str, Any], seed: int) -> nn.Module:
-    """The seeded initial global model: the same weights central training would start from."""
-    torch.manual_seed(seed)
-    return build_model(
-        job["model"]["name"], **{k: job["model"][k] for k in ("in_channels", "num_classes", "image_size")}
-    )
+@dataclass
+class FederatedTask:
+    """What every client needs: the config, the model factory, the data and each client's share of it.
+
+    In simulation the job builds it once and the apps receive it by closure (Ray ships it to its workers); a
+    SuperNode in deployment rebuilds it from job.json (:meth:`from_job`). Clients keep index arrays only: a
+    client's data is a ``Subset`` view, built when that client trains.
+    """
+
+    cfg: Config
+    factory: ModelFactory
+    data: DataBundle
+    train_parts: list[np.ndarray]
+    test_parts: list[np.ndarray]
+
+    @classmethod
+    def build(cls, cfg: Config, factory: ModelFactory, data: DataBundle) -> FederatedTask:
+        fed, seed = cfg.federated, cfg.train.seed
+        train_parts = partition_indices(
+            labels_of(data.train), fed.clients, kind=fed.partition.kind, alpha=fed.partition.alpha, seed=seed,
+            min_size=fed.partition.min_size,
+        )  # fmt: skip
+        test_parts = partition_indices(
+            labels_of(data.test), fed.clients, kind=PartitionKind.iid, alpha=1.0, seed=seed + 1
+        )
+        return cls(cfg, factory, data, train_parts, test_parts)
+
+    @classmethod
+    def from_job(cls, job_path: str) -> FederatedTask:
+        """A SuperNode's view: data and model rebuilt from the frozen config (no Python objects cross machines)."""
+        cfg, _ = load_job(job_path)
+        data = load_dataset(cfg.dataset, seed=cfg.train.seed)
+        normalize = cfg.dataset.normalize
+        factory = ModelFactory(
+            cfg.model, data.input_shape, data.num_classes, private=cfg.privacy.mode is PrivacyMode.dpsgd,
+            normalize=(normalize.mean, normalize.std) if normalize.mean is not None else None,
+        )  # fmt: skip
+        return cls.build(cfg, factory, data)
+
+    def initial_model(self) -> nn.Module:
+        """The seeded initial global model: the same weights central training would start from."""
+        return self.factory(seed=self.cfg.train.seed)
+
+    def client_train(self, partition_id: int) -> Dataset:
+        return self.data.training_view(subset(self.data.train, self.train_parts[partition_id]))
+
+    def client_test(self, partition_id: int) -> Dataset:
+        """This client's IID shard of the test split: their example-weighted mean is the whole split's accuracy."""
+        return subset(self.data.test, self.test_parts[partition_id])
 
 
 # ---- partitions ----------------------------------------------------------------------------------------------
@@ -86,26 +135,6 @@ def partition_indices(
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
     raise ValueError(f"Dirichlet alpha={alpha} left a client under {min_size} examples in 100 draws; raise alpha")
-
-
-@lru_cache(maxsize=2)
-def client_data(job_path: str, partition_id: int) -> tuple[Split, Split]:
-    """This client's training partition and its shard of the test split (shards are IID, so their
-    example-weighted mean accuracy is the global model's accuracy on the whole test split)."""
-    cfg, _ = load_job(job_path)
-    data = load_dataset(cfg.dataset, seed=cfg.train.seed)
-    fed, seed = cfg.federated, cfg.train.seed
-    train_parts = partition_indices(
-        data.train.y.numpy(),
-        fed.clients,
-        kind=fed.partition.kind,
-        alpha=fed.partition.alpha,
-        seed=seed,
-        min_size=fed.partition.min_size,
-    )
-    test_parts = partition_indices(data.test.y.numpy(), fed.clients, kind=PartitionKind.iid, alpha=1.0, seed=seed + 1)
-    take = lambda split, idx: Split(split.x[torch.as_tensor(idx)], split.y[torch.as_tensor(idx)])  # noqa: E731
-    return take(data.train, train_parts[partition_id]), take(data.test, test_parts[partition_id])
 
 
 # ---- flat vectors ------------------------------------------------------------------------------------------
@@ -185,7 +214,7 @@ def _calibrated_ledger(cfg: Config, n: int) -> dict[str, Any]:
 
 
 def local_round(
-    job_path: str,
+    task: FederatedTask,
     partition_id: int,
     global_state: dict[str, torch.Tensor],
     server_round: int,
@@ -194,14 +223,14 @@ def local_round(
 ) -> LocalResult:
     """Train the global model on this client's partition with the spine's loop (DP-SGD, the client's ledger)."""
     torch.set_num_threads(max(1, threads))
-    cfg, job = load_job(job_path)
+    cfg = task.cfg
     fed = cfg.federated
-    train_split, _ = client_data(job_path, partition_id)
+    train_split = task.client_train(partition_id)
     state = load_client_state(state_dir, partition_id)
     private = cfg.privacy.mode is PrivacyMode.dpsgd
     ledger = state["ledger"] or (_calibrated_ledger(cfg, len(train_split)) if private else None)
 
-    model = initial_model(job, cfg.train.seed)
+    model = task.initial_model()
     model.load_state_dict(global_state)
     seed = cfg.train.seed + 1000 * (partition_id + 1) + server_round  # distinct noise per client and round
     # A local round is a handful of steps: the central run's weight average would drag it back to the global model.
@@ -213,10 +242,11 @@ def local_round(
         seed=seed,
         ema_decay=fed.ema_decay,
     )
+    optimizer_cfg = _client_optimizer(cfg, train_cfg)
     torch.manual_seed(seed)
     resume = {
         "model": global_state,
-        "optimizer": build_optimizer(model, train_cfg).state_dict(),
+        "optimizer": build(optimizer_cfg, "optimizer", params=model.parameters()).state_dict(),
         "ledger": ledger,
         "history": [],
         "epoch": 0,
@@ -230,6 +260,8 @@ def local_round(
             train_cfg=train_cfg,
             privacy_cfg=cfg.privacy,
             device=resolve_device(cfg.train.device),
+            objective=objective_from_config(cfg.robustness),  # adversarial training runs on every client
+            optimizer=optimizer_cfg,
             resume=resume,
             progress=False,
         )
@@ -277,9 +309,16 @@ def client_epsilons(state_dir: Path, clients: int) -> dict[int, dict[str, Any]]:
     return out
 
 
-def evaluate_local(job_path: str, partition_id: int, global_state: dict[str, torch.Tensor]) -> tuple[float, int]:
-    cfg, job = load_job(job_path)
-    _, test = client_data(job_path, partition_id)
-    model = initial_model(job, cfg.train.seed)
+def evaluate_local(task: FederatedTask, partition_id: int, global_state: dict[str, torch.Tensor]) -> tuple[float, int]:
+    test = task.client_test(partition_id)
+    model = task.initial_model()
     model.load_state_dict(global_state)
-    return accuracy(model, test, resolve_device(cfg.train.device)), len(test)
+    return accuracy(model, test, resolve_device(task.cfg.train.device)), len(test)
+
+
+def _client_optimizer(cfg: Config, train_cfg) -> dict[str, Any]:
+    """The run's optimizer config with the client's learning rate (federated.lr, else train.lr)."""
+    node = dict(cfg.optimizer or sgd(train_cfg))
+    if "lr" in node:
+        node["lr"] = train_cfg.lr
+    return node

@@ -18,14 +18,23 @@ AREAS = ("data pipeline", "training", "model", "deployment", "monitoring")
 class Report:
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     checklist: list[dict[str, Any]] = field(default_factory=list)
+    stage: str = ""  # the pipeline stage now running: it owns the checklist items it answers
+    owners: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def add(self, section: str, **values: Any) -> None:
         self.sections.setdefault(section, {}).update(values)
 
     def check(self, area: str, item: str, status: Status, evidence: str) -> None:
-        """Answer one checklist item with the evidence measured in this run (replaces an earlier answer)."""
+        """Answer one checklist item with the evidence measured in this run.
+
+        A stage may revise its own answer; answering an item another stage owns is a bug (it would hide what
+        that stage measured), so it raises.
+        """
         if area not in AREAS:
             raise ValueError(f"checklist area {area!r} is not one of {AREAS}")
+        owner = self.owners.setdefault((area, item), self.stage)
+        if owner != self.stage:
+            raise RuntimeError(f"checklist item {item!r} belongs to stage {owner!r}; stage {self.stage!r} cannot set it")
         self.checklist = [c for c in self.checklist if (c["area"], c["item"]) != (area, item)]
         self.checklist.append({"area": area, "item": item, "status": status, "evidence": evidence})
 

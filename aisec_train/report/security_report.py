@@ -26,6 +26,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def model_label(report: Report) -> str:
+    """The model's short name: ``model.name`` if a stage set one, else the class of its ``_target_``."""
+    target = report.get("model.target")
+    return report.get("model.name") or (str(target).rsplit(".", 1)[-1] if target else "?")
+
+
 def _check(report: Report, item: str) -> dict[str, Any] | None:
     return next((c for c in report.checklist if c["item"] == item), None)
 
@@ -153,7 +159,7 @@ def _at_a_glance(report: Report) -> list[str]:
             "dataset",
             f"{g('data.name')}: {g('data.n_train')} train / {g('data.n_test')} held-out, shape {g('data.shape')}",
         ),
-        ("model", f"{g('model.name')}, `model.pt` SHA-256 `{g('model.sha256')}`"),
+        ("model", f"{model_label(report)} (`{g('model.target')}`), `model.pt` SHA-256 `{g('model.sha256')}`"),
         ("training", f"{_fmt(g('train.epochs_completed'))} epochs on {_fmt(g('train.device'))}; privacy: {privacy}"),
         ("clean accuracy", _fmt(g("metrics.clean_accuracy"))),
         ("robust accuracy", _fmt(g("robustness.robust_accuracy"))),
@@ -170,7 +176,7 @@ def security_report(report: Report, figures: list[str]) -> str:
     for c in report.checklist:
         counts[c["area"]][c["status"]] += 1
     lines = [
-        f"# Security report: {g('model.name', '?')} on {g('data.name', '?')}",
+        f"# Security report: {model_label(report)} on {g('data.name', '?')}",
         "",
         f"Run `{g('run.experiment')}` of aisec-train. Every status below was decided by a measurement made in this "
         "run: **pass** means the measured evidence meets the item, **fail** means it does not (or nothing was "

@@ -13,7 +13,7 @@ import torch
 from aisec_kernels import pgd_update, random_start
 from torch import Tensor, nn
 
-from aisec_train.config import RobustnessConfig
+from aisec_train.robust.config import RobustnessConfig
 
 from .attacks import HI, LO, attack_mode, fgsm, input_gradient, pgd
 

@@ -70,6 +70,38 @@ def input_gradient(
     return grad, logits.detach()
 
 
+def loss_gradient(
+    model: nn.Module,
+    x_adv: Tensor,
+    target: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    autocast_bf16: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Input gradient of ``loss_fn(logits, target).sum()``, the logits and the per-sample loss.
+
+    ``loss_fn`` maps float32 logits (N, K) and ``target`` to per-sample losses (N,): the attacks of
+    Croce & Hein (DLR, margins) and TRADES' KL use it where :func:`input_gradient` fixes cross-entropy.
+    Summing keeps each sample's gradient independent of the batch it shares.
+    """
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad(), _bf16(autocast_bf16):
+        logits = model(x_adv)
+        per_sample = loss_fn(logits.float(), target)
+    (grad,) = torch.autograd.grad(per_sample.sum(), x_adv)
+    return grad, logits.detach(), per_sample.detach()
+
+
+def project(x: Tensor, x_nat: Tensor, *, eps: float, norm: str = "linf", backend: str = "auto") -> Tensor:
+    """``x`` projected onto the ``norm`` ball of radius ``eps`` around ``x_nat``, then clamped to [0, 1].
+
+    A PGD update with a zero gradient is exactly that projection, so this is the fused ``pgd_update`` kernel
+    (Triton on CUDA) for attacks whose step is not a plain signed or normalised gradient step (APGD's
+    momentum, Square's random squares).
+    """
+    return pgd_update(x, x_nat, torch.zeros_like(x), eps=eps, step_size=0.0, norm=norm, lo=LO, hi=HI, backend=backend)
+
+
 def _succeeded(logits: Tensor, y: Tensor, targeted: bool) -> Tensor:
     pred = logits.argmax(dim=1)
     return pred == y if targeted else pred != y

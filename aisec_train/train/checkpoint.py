@@ -1,72 +1,114 @@
-"""Checkpoints written atomically, hashed, and verified before they are loaded.
+"""Checkpoints committed with a keyed tag, verified before they are loaded, and never a carrier for code.
 
-``save`` writes to a temporary file in the same folder and renames it into place, so a crash never
-leaves a half-written checkpoint; the SHA-256 goes to ``NAME.sha256`` beside it. ``load`` refuses a
-file whose hash differs, then unpickles with ``weights_only=True`` (tensors and plain containers only).
+``NAME`` is an ordinary torch file (``torch.load`` it yourself if you like); ``NAME.tag`` is its keyed manifest
+(HMAC-SHA256 under the project key, see aisec_train/store) and ``NAME.sha256`` a plain ``sha256sum`` line for
+people. The two are committed so that a kill at any instant leaves the old or the new checkpoint, both loadable
+(aisec_train/store/artifacts.py). ``load`` reads the manifest first, verifies its tag, reads the file once, checks
+that byte string's SHA-256, then unpickles it with ``weights_only=True`` (tensors and plain containers only).
+
+    >>> digest = save({"model": model.state_dict(), "epoch": 3}, run_dir / "checkpoints" / "last.pt", root=run_dir)
+    >>> payload = load(run_dir / "checkpoints" / "last.pt", root=run_dir)
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from aisec_train.hashing import sha256_file
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, tampered with or unreadable."""
+from aisec_train.hashing import sha256_bytes, sha256_file  # noqa: F401 - sha256_file re-exported for callers
+from aisec_train.store import artifacts
+from aisec_train.store.errors import IntegrityError
+from aisec_train.store.files import read_nofollow
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def save(payload: dict[str, Any], path: Path) -> str:
-    """Write ``payload`` atomically; return its SHA-256 (also written to ``path.sha256``)."""
-    _atomic_write(path, lambda fh: torch.save(payload, fh))
-    digest = sha256_file(path)
-    _atomic_write(hash_path(path), lambda fh: fh.write(f"{digest}  {path.name}\n".encode()))
-    return digest
+class CheckpointError(IntegrityError, RuntimeError):
+    """A checkpoint that is missing, tampered with, unverified or unreadable (a refusal: one line, exit 2)."""
 
 
 def hash_path(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    """The plain ``sha256sum`` sidecar (informational; loaders trust the keyed manifest, ``NAME.tag``)."""
+    return artifacts.plain_hash_path(Path(path))
 
 
-def recorded_hash(path: Path) -> str:
+def all_finite(payload: Any) -> bool:
+    """Whether every floating-point tensor in ``payload`` (nested dicts, lists, tuples) is finite."""
+    import torch
+
+    if isinstance(payload, torch.Tensor):
+        return not payload.is_floating_point() or bool(torch.isfinite(payload).all())
+    if isinstance(payload, dict):
+        return all(all_finite(v) for v in payload.values())
+    if isinstance(payload, list | tuple):
+        return all(all_finite(v) for v in payload)
+    return True
+
+
+def save(payload: dict[str, Any], path: Path, *, root: Path | None = None) -> str:
+    """Commit ``payload`` to ``path`` with its keyed tag; return its SHA-256.
+
+    ``root`` (default: ``path``'s folder) bounds the no-symlink walk: pass the run directory. The manifest records
+    whether every floating tensor is finite, so the registry can refuse a broken model without loading it.
+    """
+    import torch
+
     try:
-        return hash_path(path).read_text().split()[0]
-    except (OSError, IndexError) as err:
-        raise CheckpointError(
-            f"{path} has no readable {hash_path(path).name}; refusing an unverified checkpoint"
-        ) from err
-
-
-def load(path: Path, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Verify ``path`` against ``expected_sha256`` (default: its recorded hash), then load it safely."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    expected = expected_sha256 or recorded_hash(path)
-    actual = sha256_file(path)
-    if actual != expected:
-        raise CheckpointError(
-            f"checkpoint {path} has SHA-256 {actual}, expected {expected}: refusing a tampered checkpoint"
+        return artifacts.save_artifact(
+            path, lambda fh: torch.save(payload, fh), root=root, meta={"finite": all_finite(payload)}
         )
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def manifest(path: Path, *, root: Path | None = None) -> dict[str, Any]:
+    """The verified manifest of ``path`` (``sha256`` of the file on disk, ``meta``: ``finite``)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        digest, body = artifacts.verified_digest(Path(path), root=root)
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    return {**body, "sha256": digest}
+
+
+def recorded_hash(path: Path, *, root: Path | None = None) -> str:
+    """The SHA-256 of ``path``, once its keyed tag verifies and accepts it."""
+    return manifest(path, root=root)["sha256"]
+
+
+def _read(path: Path, expected_sha256: str | None, root: Path | None) -> bytes:
+    try:
+        if expected_sha256 is None:  # the keyed manifest vouches for the bytes
+            return artifacts.read_artifact(path, root=root)[0]
+        data = read_nofollow(path, root=root)  # the caller vouches (e.g. a keyed registry entry)
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
+    actual = sha256_bytes(data)
+    if actual != expected_sha256:
+        raise CheckpointError(
+            f"checkpoint {path} has SHA-256 {actual}, expected {expected_sha256}: refusing a tampered checkpoint"
+        )
+    return data
+
+
+def load(path: Path, expected_sha256: str | None = None, *, root: Path | None = None) -> dict[str, Any]:
+    """Verify ``path`` (its keyed tag, or ``expected_sha256`` from a trusted record), then load it safely."""
+    import torch
+
+    data = _read(Path(path), expected_sha256, root)
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal, reported in one line
-        raise CheckpointError(f"checkpoint {path} could not be loaded safely: {err}") from err
+        raise CheckpointError(f"checkpoint {path} could not be loaded safely: {' '.join(str(err).split())}") from err
+
+
+def retag(path: Path, *, root: Path | None = None) -> bool:
+    """Re-tag ``path`` under the current key (after verifying it under an old one); True if it was rewritten."""
+    try:
+        return artifacts.retag_artifact(path, root=root)
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None

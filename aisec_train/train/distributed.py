@@ -1,65 +1,47 @@
 """Data-parallel training: ``train.distributed.nproc`` processes run the one training loop together.
 
-The Hydra job spawns the workers (``torch.multiprocessing``); they join a process group on 127.0.0.1 (NCCL,
-one GPU each, on CUDA; gloo on the CPU) and call :func:`aisec_train.train.loop.train`, which wraps the model
-in Opacus' ``DifferentiallyPrivateDistributedDataParallel`` (or torch's DDP without DP). Under DP there is one
-privacy ledger for the whole job: Opacus' distributed Poisson sampler draws each sample of the *whole* training
-split with rate ``batch_size / N`` (each rank owns a shard), only rank 0 adds the noise, and the clipped sums are
-all-reduced, so the accountant sees exactly the single-process mechanism. Rank 0 writes the checkpoints and the
-result; the parent reads the result back, hash-verified, and the pipeline goes on as after single-process
-training. Multi-node jobs: see docs/cluster.md.
+The job spawns the workers (``torch.multiprocessing``); they join a process group on 127.0.0.1 (NCCL, one GPU
+each, on CUDA; gloo on the CPU), build the model from the same factory and call
+:func:`aisec_train.train.loop.train`, which wraps the model in Opacus' ``DifferentiallyPrivateDistributedDataParallel``
+(or torch's DDP without DP). Under DP there is one privacy ledger for the whole job: Opacus' distributed Poisson
+sampler draws each sample of the *whole* training split with rate ``batch_size / N`` (each rank owns a shard),
+only rank 0 adds the noise, and the clipped sums are all-reduced, so the accountant sees exactly the
+single-process mechanism. Rank 0 writes the checkpoints and the result; the parent reads the result back,
+verified, and the pipeline goes on as after single-process training. Multi-node jobs: docs/cluster.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
 import socket
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aisec_train.config import ConfigError, PrivacyConfig, RobustnessConfig, TrainConfig
-from aisec_train.data.dataset import Split
-from aisec_train.data.sources import DataError
-from aisec_train.models import build_model
+from aisec_train.data.errors import DataError
+from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
+from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import TrainResult, train
+from aisec_train.train.objectives import objective_from_config
 from aisec_train.train.privacy import quiet_known_warnings
 
+if TYPE_CHECKING:
+    from aisec_train.train.trainers import TrainJob
+
 # Refusals a worker reports back by name, so the parent raises the same one-line error the CLI prints.
-REFUSALS = {cls.__name__: cls for cls in (BudgetExhausted, checkpoint.CheckpointError, DataError, ConfigError)}
-
-
-@dataclass
-class DistributedJob:
-    """Everything a worker needs; plain data, so ``spawn`` can hand it to each process."""
-
-    model_name: str
-    model_kwargs: dict[str, int]
-    data: Split
-    eval_split: Split | None
-    train_cfg: TrainConfig
-    privacy_cfg: PrivacyConfig
-    robustness_cfg: RobustnessConfig
-    device: str  # "cpu" or "cuda"
-    resume: dict[str, Any] | None
-    checkpoint_path: Path
-    meta: dict[str, Any]
-
-    @property
-    def result_path(self) -> Path:
-        return self.checkpoint_path.with_name("distributed_result.pt")
+REFUSALS = {
+    cls.__name__: cls for cls in (BudgetExhausted, checkpoint.CheckpointError, DataError, ConfigError, NonFiniteError)
+}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the model's tensors in key order: equal on every rank iff the replicas agree bit for bit."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -67,21 +49,23 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def train_distributed(job: DistributedJob) -> TrainResult:
+def train_distributed(job: TrainJob) -> TrainResult:
     """Run ``job`` on ``train.distributed.nproc`` processes; return rank 0's result."""
-    cfg = job.train_cfg.distributed
-    if job.device == "cuda" and cfg.nproc > torch.cuda.device_count():
+    cfg = job.cfg.train.distributed
+    if job.device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
         raise ConfigError(
             f"train.distributed.nproc={cfg.nproc} is not allowed: this node has {torch.cuda.device_count()} GPU(s)"
         )
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if job.device == "cuda" else "gloo")
+    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if job.device.type == "cuda" else "gloo")
     port = cfg.port or _free_port()
-    job.result_path.unlink(missing_ok=True)
-    mp.spawn(_worker, args=(cfg.nproc, backend, port, job), nprocs=cfg.nproc, join=True)
-    outcome = checkpoint.load(job.result_path)
+    result_path = job.run_dir / "checkpoints" / "distributed_result.pt"
+    result_path.unlink(missing_ok=True)
+    portable = dataclasses.replace(job, objective=None)  # rebuilt in each worker: adversaries are closures
+    mp.spawn(_worker, args=(cfg.nproc, backend, port, portable, result_path), nprocs=cfg.nproc, join=True)
+    outcome = checkpoint.load(result_path)
     if outcome.get("refusal"):
         raise REFUSALS[outcome["refusal"]](outcome["message"])
-    model = build_model(job.model_name, **job.model_kwargs)
+    model = job.factory()
     model.load_state_dict(outcome["model"])
     ledger = None
     if outcome["ledger"] is not None:
@@ -99,51 +83,48 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, backend: str, port: int, job: DistributedJob) -> None:
+def _worker(rank: int, world: int, backend: str, port: int, job: TrainJob, result_path) -> None:
     quiet_known_warnings()  # a spawned process starts with fresh warning filters
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    threads = max(1, (os.cpu_count() or 1) // world)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
     device = torch.device("cpu")
-    if job.device == "cuda":
+    if job.device.type == "cuda":
         device = torch.device("cuda", rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        _train_rank(rank, device, job)
+        _train_rank(rank, device, job, result_path)
     finally:
         dist.destroy_process_group()
 
 
-def _train_rank(rank: int, device: torch.device, job: DistributedJob) -> None:
-    from aisec_train.robust.adversary import adversary_from_config
-
-    torch.manual_seed(job.train_cfg.seed)  # same initial weights everywhere (DPDDP broadcasts rank 0's anyway)
-    model = build_model(job.model_name, **job.model_kwargs)
-
-    def persist(payload: dict[str, Any]) -> None:
-        checkpoint.save({**payload, "meta": job.meta}, job.checkpoint_path)
-
+def _train_rank(rank: int, device: torch.device, job: TrainJob, result_path) -> None:
+    cfg = job.cfg
+    model = job.factory(seed=cfg.train.seed)  # same initial weights everywhere (DPDDP broadcasts rank 0's anyway)
     try:
         result = train(
             model,
-            job.data,
-            train_cfg=job.train_cfg,
-            privacy_cfg=job.privacy_cfg,
+            job.data.training_view(),
+            train_cfg=cfg.train,
+            privacy_cfg=cfg.privacy,
             device=device,
-            adversary=adversary_from_config(job.robustness_cfg),
+            objective=objective_from_config(cfg.robustness),
+            optimizer=cfg.optimizer,
+            scheduler=cfg.scheduler,
             resume=job.resume,
-            eval_split=job.eval_split if rank == 0 else None,
-            on_epoch_end=persist if rank == 0 else None,
+            eval_dataset=job.data.test if rank == 0 else None,
+            persist=job.persist if rank == 0 else None,
             progress=rank == 0,
         )
     except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point; rank 0 reports it
         if rank == 0:
-            checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, job.result_path)
+            checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, result_path)
         return
     digests: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, weights_digest(result.model))
     if rank == 0:
-        outcome = {
+        outcome: dict[str, Any] = {
             "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
             "ledger": result.ledger.state_dict() if result.ledger is not None else None,
             "history": result.history,
@@ -151,4 +132,4 @@ def _train_rank(rank: int, device: torch.device, job: DistributedJob) -> None:
             "grad_sample_mode": result.grad_sample_mode,
             "rank_weights_sha256": digests,
         }
-        checkpoint.save(outcome, job.result_path)
+        checkpoint.save(outcome, result_path)

@@ -1,14 +1,16 @@
-"""The one training loop: central training, every federated client and adversarial training use it.
+"""The one training loop: central training, every federated client and data-parallel rank, adversarial training,
+backdoor fine-tuning and the extraction surrogate all run :func:`train`.
 
-A run reads top to bottom: set up (optionally private), resume, then epochs of
-``(adversary) -> forward -> backward -> DP step``, stopping before the privacy budget is passed.
+It reads top to bottom: set up (optimizer, optionally private), restore a resume payload, then epochs of
+``objective (adversary -> forward -> loss) -> backward -> (DP) step``. What differs between callers is passed in:
+the objective (train/objectives.py), the optimizer and scheduler configs, and callbacks (train/callbacks.py) for
+the budget stop, weight averaging, numeric health and checkpointing.
 """
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,16 +21,28 @@ from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as D
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from aisec_train.config import ConfigError, OptimizerName, PrivacyConfig, PrivacyMode, TrainConfig
-from aisec_train.data.dataset import Split
-from aisec_train.train.averaging import WeightAverage
+from aisec_train.components import accepted, build
+from aisec_train.data.views import checked_collate, make_loader
+from aisec_train.errors import ConfigError
+from aisec_train.train.callbacks import (
+    BudgetStop,
+    Callback,
+    Checkpointing,
+    FiniteGuard,
+    SchedulerStep,
+    WeightAveraging,
+    all_evaluation,
+)
+from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.ledger import PrivacyLedger, budget_limit
+from aisec_train.train.objectives import CrossEntropy, Objective, correct
 from aisec_train.train.privacy import make_private, unwrap
 
-Adversary = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+NO_PRIVACY = PrivacyConfig(mode=PrivacyMode.none)
+HORIZON_ARGS = ("T_max", "total_steps", "total_iters")
 
 
 @dataclass
@@ -40,6 +54,7 @@ class TrainResult:
     grad_sample_mode: str | None = None
     world_size: int = 1  # processes that trained this model together (torch.distributed)
     distributed: dict[str, Any] | None = None  # backend and per-rank weight digests (train/distributed.py)
+    private_step: dict[str, Any] | None = None  # how per-sample gradients were clipped, layer by layer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,116 +69,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer is OptimizerName.adam:
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+def sgd(cfg: TrainConfig) -> dict[str, Any]:
+    """The optimizer config of a run that names none: SGD with ``train.lr``, momentum and weight decay."""
+    return {"_target_": "torch.optim.SGD", "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay}
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, split: Split, device: torch.device, batch_size: int = 1024) -> float:
+def accuracy(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024, workers: int = 0
+) -> float:
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    correct = 0
-    for start in range(0, len(split), batch_size):
-        x = split.x[start : start + batch_size].to(device)
-        correct += int((model(x).argmax(1).cpu() == split.y[start : start + batch_size]).sum())
+    hits, seen = 0, 0
+    for x, y in make_loader(dataset, batch_size=batch_size, workers=workers, device=device):
+        hits += correct(model(x.to(device, non_blocking=True)), torch.as_tensor(y).to(device))
+        seen += len(x)
     model.train(was_training)
-    return correct / max(1, len(split))
-
-
-def train(
-    model: nn.Module,
-    data: Split,
-    *,
-    train_cfg: TrainConfig,
-    privacy_cfg: PrivacyConfig,
-    device: torch.device,
-    adversary: Adversary | None = None,
-    resume: dict[str, Any] | None = None,
-    eval_split: Split | None = None,
-    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    """Train ``model`` on ``data``; ``resume`` is a checkpoint payload from :func:`checkpoint_payload`.
-
-    ``on_epoch_end`` receives the checkpoint payload after each epoch (the caller persists it).
-    """
-    torch.manual_seed(train_cfg.seed)
-    plain = model.to(device)
-    optimizer = build_optimizer(plain, train_cfg)
-    start_epoch, history = _restore(plain, optimizer, resume)
-    average = _weight_average(plain, train_cfg.ema_decay, resume)
-
-    private = privacy_cfg.mode is PrivacyMode.dpsgd
-    rank, world = rank_and_world()
-    loader = _loader(data, train_cfg, private, start_epoch, rank, world)
-    if world > 1:  # Opacus' DPDDP leaves clipping and noise to its distributed optimizer; DDP all-reduces
-        model = DPDDP(plain) if private else DDP(plain)
-    criterion: nn.Module = nn.CrossEntropyLoss()
-    ledger, max_steps, mode = None, math.inf, None
-    if private:
-        ledger = PrivacyLedger(privacy_cfg.accountant.value, privacy_cfg.delta)
-        if resume is not None and resume.get("ledger"):
-            ledger.load_state_dict(resume["ledger"])
-        dp = make_private(model, optimizer, loader, privacy_cfg, ledger=ledger, epochs=train_cfg.epochs)
-        model, optimizer, criterion, loader, mode = dp.model, dp.optimizer, dp.criterion, dp.loader, dp.grad_sample_mode
-        max_steps = _step_limit(ledger, privacy_cfg, train_cfg.epochs - start_epoch, len(loader))
-
-    result = TrainResult(plain, ledger, history, grad_sample_mode=mode, world_size=world)
-    # The attack needs Opacus' wrapper (to switch its hooks off) but must not run through DDP's reducer.
-    attacked = model if private else plain
-    step = _Step(model, plain, attacked, optimizer, criterion, device, adversary, ledger, max_steps, average)
-    epochs = tqdm(range(start_epoch, train_cfg.epochs), desc="train", disable=not progress, leave=False)
-    for epoch in epochs:
-        started = time.perf_counter()
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        with physical_batches(loader, optimizer, private, train_cfg.max_physical_batch_size) as batches:
-            loss, acc, stopped = _run_epoch(step, batches)
-        row = {
-            "epoch": epoch + 1,
-            "loss": loss,
-            "train_accuracy": acc,
-            "seconds": time.perf_counter() - started,
-        }
-        if ledger is not None:
-            row.update(epsilon=ledger.epsilon(), steps=ledger.steps)
-        if eval_split is not None:
-            with average.applied(plain) if average else nullcontext():
-                row["test_accuracy"] = accuracy(plain, eval_split, device)
-        history.append(row)
-        epochs.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "train_accuracy", "epsilon") if k in row})
-        result.stopped_by_budget = stopped
-        if on_epoch_end is not None:
-            complete = stopped or epoch + 1 == train_cfg.epochs
-            payload = checkpoint_payload(plain, optimizer, ledger, history, epoch + 1, complete, stopped)
-            payload["ema"] = average.state_dict() if average else None
-            on_epoch_end(payload)
-        if stopped:
-            break
-    if private:
-        model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
-    if average is not None:
-        average.copy_to(plain)  # the averaged weights are the run's model
-    return result
-
-
-def _weight_average(model: nn.Module, decay: float, resume: dict[str, Any] | None) -> WeightAverage | None:
-    if decay <= 0:
-        return None
-    average = WeightAverage(model, decay)
-    if resume is not None and resume.get("ema"):
-        average.load_state_dict(resume["ema"])
-    return average
-
-
-def _step_limit(ledger: PrivacyLedger, cfg: PrivacyConfig, epochs_left: int, steps_per_epoch: int) -> float:
-    """The ledger step count training must stop at; refuses (BudgetExhausted) when no step fits."""
-    if cfg.target_epsilon is None or epochs_left <= 0:
-        return math.inf
-    return budget_limit(ledger, cfg.target_epsilon, ledger.steps + epochs_left * steps_per_epoch)
+    return hits / max(1, seen)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -173,94 +96,217 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _loader(data: Split, cfg: TrainConfig, private: bool, start_epoch: int, rank: int, world: int) -> DataLoader:
-    """The logical-batch loader. Opacus turns it into Poisson sampling (sharded across ranks when distributed).
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    train_cfg: TrainConfig,
+    privacy_cfg: PrivacyConfig = NO_PRIVACY,
+    device: torch.device,
+    objective: Objective | None = None,
+    optimizer: dict[str, Any] | None = None,
+    scheduler: dict[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+    resume: dict[str, Any] | None = None,
+    eval_dataset: Dataset | None = None,
+    persist=None,
+    workers: int = 0,
+    progress: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` (items ``(image, label)``); ``resume`` is a payload from a checkpoint.
 
-    Each rank gets its own seed so that, under DP, every sample's inclusion is an independent coin flip.
+    ``optimizer`` / ``scheduler`` are ``_target_`` configs (default: SGD from ``train_cfg``; no schedule);
+    ``persist(payload)`` is called after each epoch with everything a resume needs.
     """
-    dataset = TensorDataset(data.x, data.y)
-    if world > 1 and not private:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-        return DataLoader(dataset, batch_size=max(1, cfg.batch_size // world), sampler=sampler)
-    generator = torch.Generator().manual_seed(cfg.seed + start_epoch + 7919 * rank)
-    return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator)
+    loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective or CrossEntropy(), workers, progress)
+    extras: list[Callback] = [FiniteGuard()]
+    if train_cfg.ema_decay > 0:
+        extras.append(WeightAveraging(train_cfg.ema_decay))
+    if scheduler:
+        extras.append(SchedulerStep(lambda opt: _scheduler(scheduler, opt, loop.planned_steps)))
+    extras += list(callbacks)
+    if persist is not None:
+        extras.append(Checkpointing(persist))
+    return loop.run(optimizer or sgd(train_cfg), extras, resume, eval_dataset)
 
 
-def _restore(model: nn.Module, optimizer, resume: dict[str, Any] | None) -> tuple[int, list[dict[str, Any]]]:
-    """Load a checkpoint payload into the plain model and optimizer; return (start epoch, history)."""
-    if resume is None:
-        return 0, []
-    model.load_state_dict(resume["model"])
-    optimizer.load_state_dict(resume["optimizer"])
-    torch.set_rng_state(resume["rng"])
-    return resume["epoch"], list(resume["history"])
+def _scheduler(node: dict[str, Any], optimizer: torch.optim.Optimizer, planned_steps: int):
+    from aisec_train.components import check_target
+
+    target = check_target(node, "scheduler", supplied=("optimizer", *HORIZON_ARGS))
+    horizon = {k: max(1, planned_steps) for k in accepted(target, HORIZON_ARGS) if k not in node}
+    return build(node, "scheduler", optimizer=optimizer, **horizon)
 
 
-def physical_batches(loader: DataLoader, optimizer, private: bool, max_physical_batch_size: int):
-    """Split logical batches into memory-sized ones (Opacus BatchMemoryManager); a no-op without DP."""
-    if not private:
-        return nullcontext(loader)
-    return BatchMemoryManager(data_loader=loader, max_physical_batch_size=max_physical_batch_size, optimizer=optimizer)
+class Loop:
+    """The state of one training run; :meth:`run` is the loop itself."""
 
+    def __init__(self, model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress):
+        self.plain = model.to(device)
+        self.model: nn.Module = self.plain  # what is trained: the plain model or its Opacus / DDP wrapper
+        self.dataset, self.cfg, self.privacy, self.device = dataset, train_cfg, privacy_cfg, device
+        self.objective, self.workers, self.progress = objective, workers, progress
+        self.private = privacy_cfg.mode is PrivacyMode.dpsgd
+        self.rank, self.world = rank_and_world()
+        self.ledger: PrivacyLedger | None = None
+        self.callbacks: list[Callback] = []
+        self.history: list[dict[str, Any]] = []
+        self.epoch, self.start_epoch, self.steps = 0, 0, 0
+        self.last_loss: float | None = None
+        self.stopped_by_budget = False
+        self.planned_steps = 0
 
-@dataclass
-class _Step:
-    """What one optimisation step needs, bundled so the epoch loop stays readable."""
+    # ---- set-up ------------------------------------------------------------------------------------------
+    def _loader(self) -> DataLoader:
+        """The logical-batch loader. Opacus turns it into Poisson sampling (sharded across ranks when distributed).
 
-    model: nn.Module  # what is trained: the plain model, or its Opacus / DDP wrapper
-    plain: nn.Module  # the bare model (weight averaging reads it)
-    attacked: nn.Module  # what the adversary differentiates through
-    optimizer: torch.optim.Optimizer
-    criterion: nn.Module
-    device: torch.device
-    adversary: Adversary | None
-    ledger: PrivacyLedger | None
-    max_steps: float
-    average: WeightAverage | None
+        Each rank gets its own seed so that, under DP, every sample's inclusion is an independent coin flip.
+        """
+        cfg, pin = self.cfg, self.device.type == "cuda"
+        common = dict(num_workers=self.workers, pin_memory=pin, collate_fn=checked_collate)
+        if self.world > 1 and not self.private:
+            sampler = DistributedSampler(
+                self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed
+            )
+            return DataLoader(self.dataset, batch_size=max(1, cfg.batch_size // self.world), sampler=sampler, **common)
+        generator = torch.Generator().manual_seed(cfg.seed + self.start_epoch + 7919 * self.rank)
+        return DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, **common)
 
+    def _setup(self, optimizer_cfg: dict[str, Any], resume: dict[str, Any] | None) -> tuple[DataLoader, Any]:
+        self.base_optimizer = build(optimizer_cfg, "optimizer", params=self.plain.parameters())
+        self._restore(resume)
+        loader = self._loader()
+        if self.world > 1:  # Opacus' DPDDP leaves clipping and noise to its distributed optimizer; DDP all-reduces
+            self.model = DPDDP(self.plain) if self.private else DDP(self.plain)
+        self.optimizer, self.criterion, self.mode, self.private_step = (
+            self.base_optimizer,
+            nn.CrossEntropyLoss(),
+            None,
+            None,
+        )
+        if self.private:
+            self.ledger = PrivacyLedger(self.privacy.accountant.value, self.privacy.delta)
+            if resume is not None and resume.get("ledger"):
+                self.ledger.load_state_dict(resume["ledger"])
+            dp = make_private(
+                self.model, self.base_optimizer, loader, self.privacy, ledger=self.ledger, epochs=self.cfg.epochs,
+                forwards=self.objective.forwards,
+            )  # fmt: skip
+            self.model, self.optimizer, self.criterion, loader = dp.model, dp.optimizer, dp.criterion, dp.loader
+            self.mode, self.private_step = dp.grad_sample_mode, dp.report
+        self.planned_steps = self.cfg.epochs * len(loader)
+        return loader, self.optimizer
 
-def _run_epoch(step: _Step, batches) -> tuple[float, float, bool]:
-    """One pass over ``batches``; returns (mean loss, accuracy, stopped because the budget is spent)."""
-    model, optimizer, ledger = step.model, step.optimizer, step.ledger
-    model.train()
-    total_loss, correct, seen = 0.0, 0, 0
-    for x, y in batches:
-        if ledger is not None and ledger.steps >= step.max_steps:
-            optimizer.zero_grad(set_to_none=True)  # drop a half-accumulated logical batch: nothing released
-            return total_loss / max(1, seen), correct / max(1, seen), True
-        steps_before = ledger.steps if ledger is not None else 0
-        if len(y) == 0:  # Poisson sampling can draw an empty batch; Opacus still takes its noisy step
-            optimizer.step()
-        else:
-            x, y = x.to(step.device), y.to(step.device)
-            if step.adversary is not None:
-                x = step.adversary(step.attacked, x, y)
-                model.train()
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = step.criterion(logits, y)
-            loss.backward()
-            optimizer.step()
-            total_loss += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-        # With BatchMemoryManager only the last physical batch of a logical batch really steps.
-        if step.average is not None and (ledger is None or ledger.steps > steps_before):
-            step.average.update(step.plain)
-    stopped = ledger is not None and ledger.steps >= step.max_steps
-    return total_loss / max(1, seen), correct / max(1, seen), stopped
+    def _restore(self, resume: dict[str, Any] | None) -> None:
+        if resume is None:
+            return
+        self.plain.load_state_dict(resume["model"])
+        self.base_optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"])
+        self.start_epoch, self.history = resume["epoch"], list(resume["history"])
 
+    def _budget(self, loader: DataLoader) -> None:
+        """Under DP with a target epsilon: stop before the step that would pass it (refuse if none fits)."""
+        epochs_left = self.cfg.epochs - self.start_epoch
+        if self.ledger is None or self.privacy.target_epsilon is None or epochs_left <= 0:
+            return
+        planned = self.ledger.steps + epochs_left * len(loader)
+        self.callbacks.insert(0, BudgetStop(budget_limit(self.ledger, self.privacy.target_epsilon, planned)))
 
-def checkpoint_payload(model, optimizer, ledger, history, epoch, complete, budget_stopped) -> dict[str, Any]:
-    """Everything a resume needs, in types ``torch.load(weights_only=True)`` accepts."""
-    inner = getattr(optimizer, "original_optimizer", optimizer)
-    return {
-        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-        "optimizer": inner.state_dict(),
-        "ledger": ledger.state_dict() if ledger is not None else None,
-        "history": history,
-        "epoch": epoch,
-        "complete": complete,
-        "stopped_by_budget": budget_stopped,
-        "rng": torch.get_rng_state(),
-    }
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def run(self, optimizer_cfg, callbacks, resume, eval_dataset) -> TrainResult:
+        torch.manual_seed(self.cfg.seed)
+        loader, _ = self._setup(optimizer_cfg, resume)
+        self.callbacks = list(callbacks)
+        self._budget(loader)
+        for cb in self.callbacks:
+            if cb.key and resume is not None and (resume.get("callbacks") or {}).get(cb.key) is not None:
+                cb.load_state_dict(resume["callbacks"][cb.key], self.plain)
+            cb.on_train_start(self)
+        epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc="train", disable=not self.progress, leave=False)
+        for self.epoch in epochs:
+            started = time.perf_counter()
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(self.epoch)
+            loss, acc = self._run_epoch(loader)
+            row = {
+                "epoch": self.epoch + 1,
+                "loss": loss,
+                "train_accuracy": acc,
+                "seconds": time.perf_counter() - started,
+            }
+            if self.ledger is not None:
+                row.update(epsilon=self.ledger.epsilon(), steps=self.ledger.steps)
+            if eval_dataset is not None:
+                with all_evaluation(self.callbacks, self.plain):
+                    row["test_accuracy"] = accuracy(self.plain, eval_dataset, self.device, workers=self.workers)
+            self.history.append(row)
+            epochs.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "train_accuracy", "epsilon") if k in row})
+            for cb in self.callbacks:
+                cb.on_epoch_end(self, row)
+            if self.stopped_by_budget:
+                break
+        if self.private:
+            self.model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return TrainResult(
+            self.plain, self.ledger, self.history, self.stopped_by_budget, self.mode, self.world,
+            private_step=self.private_step,
+        )  # fmt: skip
+
+    def _batches(self, loader: DataLoader):
+        """Split logical batches into memory-sized ones (Opacus BatchMemoryManager); a no-op without DP."""
+        if not self.private:
+            return nullcontext(loader)
+        return BatchMemoryManager(
+            data_loader=loader, max_physical_batch_size=self.cfg.max_physical_batch_size, optimizer=self.optimizer
+        )
+
+    def _run_epoch(self, loader: DataLoader) -> tuple[float, float]:
+        """One pass; returns (mean loss, accuracy). Stops early when a callback says so (budget)."""
+        self.model.train()
+        total, hits, seen = 0.0, 0, 0
+        attacked = self.model if self.private else self.plain  # the attack must not run through DDP's reducer
+        with self._batches(loader) as batches:
+            for x, y in batches:
+                if any(cb.before_step(self) for cb in self.callbacks):
+                    self.optimizer.zero_grad(
+                        set_to_none=True
+                    )  # drop a half-accumulated logical batch: nothing released
+                    break
+                steps_before = self.ledger.steps if self.ledger is not None else self.steps
+                if len(y) == 0:  # Poisson sampling can draw an empty batch; Opacus still takes its noisy step
+                    self.optimizer.step()
+                else:
+                    x, y = x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss, logits = self.objective(self.model, attacked, x, y, self.criterion)
+                    loss.backward()
+                    self.optimizer.step()
+                    self.last_loss = float(loss.detach())
+                    total += self.last_loss * len(y)
+                    hits += correct(logits.detach(), y)
+                    seen += len(y)
+                # With BatchMemoryManager only the last physical batch of a logical batch really steps.
+                stepped = self.ledger.steps > steps_before if self.ledger is not None else True
+                if stepped:
+                    self.steps += 1
+                    for cb in self.callbacks:
+                        cb.after_step(self)
+        return total / max(1, seen), hits / max(1, seen)
+
+    def payload(self) -> dict[str, Any]:
+        """Everything a resume needs, in types ``torch.load(weights_only=True)`` accepts."""
+        complete = self.stopped_by_budget or self.epoch + 1 == self.cfg.epochs
+        return {
+            "model": {k: v.detach().cpu() for k, v in unwrap(self.plain).state_dict().items()},
+            "optimizer": self.base_optimizer.state_dict(),
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+            "history": self.history,
+            "epoch": self.epoch + 1,
+            "complete": complete,
+            "stopped_by_budget": self.stopped_by_budget,
+            "rng": torch.get_rng_state(),
+            "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks if cb.key and hasattr(cb, "state_dict")},
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus import PrivacyEngine
@@ -18,7 +19,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from aisec_train.config import PrivacyConfig
+from aisec_train.train.config import PrivacyConfig
 from aisec_train.train.ledger import PrivacyLedger
 
 
@@ -29,6 +30,7 @@ class PrivateTraining:
     criterion: nn.Module
     loader: DataLoader
     grad_sample_mode: str
+    report: dict[str, Any]  # how per-sample gradients are clipped (bk: per layer), for the report
 
 
 def make_private(
@@ -39,6 +41,7 @@ def make_private(
     *,
     ledger: PrivacyLedger,
     epochs: int,
+    forwards: int = 1,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader with Opacus; the noise comes from the ledger on resume.
 
@@ -74,7 +77,8 @@ def make_private(
     else:
         private_model, private_optimizer, private_loader = wrapped
         criterion = nn.CrossEntropyLoss()
-    return PrivateTraining(private_model, private_optimizer, criterion, private_loader, mode)
+    report = {"mode": mode, "forwards_per_step": forwards}
+    return PrivateTraining(private_model, private_optimizer, criterion, private_loader, mode, report)
 
 
 def quiet_known_warnings() -> None:

@@ -128,12 +128,14 @@ def _sweep(run_dir: Path, counts: list[int], seeds: list[int], epochs: int) -> d
     import torch
 
     from aisec_train.audit import extraction, monitor
+    from aisec_train.audit.config import GuardConfig, OutputPolicy
     from aisec_train.audit.guard import Guard
-    from aisec_train.config import DatasetConfig, GuardConfig, OutputPolicy
+    from aisec_train.data.config import DatasetConfig
     from aisec_train.data.dataset import load_dataset
 
     torch.set_num_threads(1)
     _, model = monitor.load_run(run_dir)  # hash-verified, weights_only
+    factory = factory_of(json.loads((run_dir / "report.json").read_text()))
     data = load_dataset(DatasetConfig(), seed=0)
     attacker_x, evaluation = extraction.split_heldout(data.test, seed=0)
     policies = {
@@ -148,7 +150,7 @@ def _sweep(run_dir: Path, counts: list[int], seeds: list[int], epochs: int) -> d
             for n in counts:  # the same plan, cut at n: what a budget of n leaves the attacker
                 guard = Guard(model, input_shape=tuple(plan.shape[1:]), cfg=cfg, seed=seed)
                 r = extraction.run_extraction(
-                    guard, plan[:n], model, evaluation, model_name="cnn", num_classes=10, epochs=epochs, seed=seed
+                    guard, plan[:n], model, evaluation, factory=factory, epochs=epochs, seed=seed
                 )
                 fid[name][n].append(r["fidelity"])
     table = {p: {n: stats(v) for n, v in by_n.items()} for p, by_n in fid.items()}
@@ -158,11 +160,26 @@ def _sweep(run_dir: Path, counts: list[int], seeds: list[int], epochs: int) -> d
     return {"fidelity": table, "label_vs_probs_at_equal_queries": label_gap, "budget_vs_full_plan": budget_gap}
 
 
-def monitor_verdicts(run_dir: Path, workdir: Path) -> dict:
-    from aisec_train.config import DatasetConfig
-    from aisec_train.data.dataset import load_dataset
+def factory_of(report: dict):
+    """The surrogate's model factory, rebuilt from what the run's report says about its model and data."""
+    from aisec_train.models import ModelFactory
 
-    x = load_dataset(DatasetConfig(), seed=0).test.x[1::2, 0].numpy()  # held-out, unseen by the baseline
+    model, norm = report["model"], report["model"].get("input_normalization")
+    return ModelFactory(
+        {"_target_": model["target"], **model.get("arguments", {})},
+        input_shape=tuple(report["data"]["shape"]),
+        num_classes=report["data"]["num_classes"],
+        private=report["privacy"].get("mode") == "dpsgd",
+        normalize=(norm["mean"], norm["std"]) if norm else None,
+    )
+
+
+def monitor_verdicts(run_dir: Path, workdir: Path) -> dict:
+    from aisec_train.data.config import DatasetConfig
+    from aisec_train.data.dataset import load_dataset
+    from aisec_train.data.views import materialize
+
+    x = materialize(load_dataset(DatasetConfig(), seed=0).test)[0][1::2, 0].numpy()  # unseen by the baseline
     occluded = x[:60].copy()
     occluded[:, 2:6, 2:6] = 1.0
     rng = np.random.default_rng(0)

@@ -1,13 +1,14 @@
-"""Model registry: small, DP-compatible networks (GroupNorm, never BatchNorm).
+"""The built-in model presets: small, DP-compatible networks (GroupNorm, never BatchNorm).
 
-Every model takes ``(N, C, H, W)`` float input and adapts to the dataset's channels, image size and classes::
+Each is a plain ``nn.Module`` class that the model factory instantiates from ``model._target_`` (``model=cnn`` is
+``_target_: aisec_train.models.SmallCNN``). They take ``(N, C, H, W)`` float input in [0, 1] and adapt to the
+dataset's channels, image size (an int, or ``(H, W)`` for non-square images) and classes::
 
-    >>> model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    >>> model = SmallCNN(in_channels=1, num_classes=10, image_size=8)
     >>> model(torch.zeros(2, 1, 8, 8)).shape
     torch.Size([2, 10])
 
-``feature_layer(model)`` names the last convolutional block, the layer that backdoor detection and
-Fine-Pruning read their activations from.
+``build_model(name, ...)`` builds a preset by its short name (benchmarks and tests use it).
 """
 
 from __future__ import annotations
@@ -28,16 +29,17 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return add
 
 
-def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int) -> nn.Module:
+def build_model(name: str, *, in_channels: int, num_classes: int, image_size: int | tuple[int, int]) -> nn.Module:
+    """A preset by its short name (``cnn``, ``mlp``, ``resnet18_gn``)."""
     if name not in MODELS:
         raise ValueError(f"model={name!r} is unknown; choose one of {sorted(MODELS)}")
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 
-def feature_layer(model: nn.Module) -> nn.Module:
-    """The module whose output is the last convolutional feature map (N, C, H, W)."""
-    model = getattr(model, "_module", model)  # an Opacus GradSampleModule wraps the model
-    return model.features_out
+def _side(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(image_size, int):
+        return image_size, image_size
+    return int(image_size[0]), int(image_size[-1])
 
 
 class SmallCNN(nn.Module):
@@ -49,15 +51,15 @@ class SmallCNN(nn.Module):
     0.92-0.93 over three seeds (docs/privacy.md).
     """
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, width: int = 64):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 8, width: int = 64):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, width // 2, 3, padding=1)
         self.norm1 = nn.GroupNorm(8, width // 2)
         self.conv2 = nn.Conv2d(width // 2, width, 3, padding=1)
         self.norm2 = nn.GroupNorm(8, width)
         self.pool = nn.AvgPool2d(2)
-        self.features_out = nn.Tanh()  # output of the last conv block: the backdoor-analysis layer
-        side = 2 if image_size <= 16 else 4
+        self.features_out = nn.Tanh()  # output of the last conv block: found as the backdoor-analysis layer
+        side = 2 if max(_side(image_size)) <= 16 else 4
         self.squeeze = nn.AdaptiveAvgPool2d(side)
         self.fc1 = nn.Linear(width * side * side, 64)
         self.fc2 = nn.Linear(64, num_classes)
@@ -70,9 +72,10 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, hidden: int = 128):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 8, hidden: int = 128):
         super().__init__()
-        self.fc1 = nn.Linear(in_channels * image_size * image_size, hidden)
+        height, width = _side(image_size)
+        self.fc1 = nn.Linear(in_channels * height * width, hidden)
         self.features_out = nn.Tanh()
         self.fc2 = nn.Linear(hidden, num_classes)
 
@@ -105,7 +108,7 @@ class BasicBlock(nn.Module):
 class ResNet18GN(nn.Module):
     """ResNet-18 with GroupNorm (BatchNorm mixes samples, which breaks per-sample DP gradients)."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 32):
         super().__init__()
         # A CIFAR-style stem (3x3, no max-pool) keeps small images from collapsing to 1x1 too early.
         self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), _group_norm(64), nn.ReLU())

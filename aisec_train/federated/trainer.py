@@ -1,7 +1,10 @@
-"""Pipeline hook: federated training replaces central training when ``federated.mode`` is not ``none``.
+"""The federated trainer: one of the three interchangeable trainers behind the pipeline's train stage.
 
-    keys (client_keys/ 0600, federated/server/ public) -> job.json -> engine (simulation | deployment)
-    -> final model -> report
+    keys (client_keys/ 0600, federated/server/ public) -> job.json + task -> engine (simulation | deployment)
+    -> final model -> TrainResult (+ the federated report section)
+
+Every client runs the one training loop on its partition, with the run's objective (adversarial training
+included) and, under ``backdoor.malicious_clients``, the poisoned shards the poison stage prepared.
 
 The job process acts for the data owners: it creates the CKKS keys, starts the engine, and at the end
 decrypts the last aggregate with the clients' key to hand the final global model to the later stages
@@ -14,36 +17,33 @@ import logging
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from aisec_train.config import Aggregation, ConfigError, Engine, PrivacyMode
 from aisec_train.crypto import ckks
+from aisec_train.errors import ConfigError
 from aisec_train.federated import report as fed_report
+from aisec_train.federated.config import Aggregation, Engine
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.federated.strategy import load_state
-from aisec_train.federated.task import client_epsilons, initial_model, load_job, unflatten, write_job
-from aisec_train.train.loop import TrainResult, resolve_device
+from aisec_train.federated.task import FederatedTask, client_epsilons, load_job, unflatten, write_job
+from aisec_train.train.config import PrivacyMode
+from aisec_train.train.loop import TrainResult
 
 log = logging.getLogger("aisec_train.federated")
 CLIENT_KEY_DIR = "client_keys"  # beside federated/, never inside the server's folder
 
 
-def prepare(run) -> tuple[ServerSettings, ClientSettings]:
+def prepare(job) -> tuple[ServerSettings, ClientSettings]:
     """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
-    cfg, data = run.cfg, run.data
-    fed_dir, key_dir = run.run_dir / "federated", run.run_dir / CLIENT_KEY_DIR
-    meta = {
-        "name": cfg.model.name.value,
-        "in_channels": data.in_channels,
-        "num_classes": data.num_classes,
-        "image_size": data.image_size,
-    }
-    job = write_job(cfg, fed_dir / "job.json", model_meta=meta, manifest_sha256=data.manifest_sha256)
+    cfg, data, run_dir = job.cfg, job.data, job.run_dir
+    fed_dir, key_dir = run_dir / "federated", run_dir / CLIENT_KEY_DIR
+    path = write_job(cfg, fed_dir / "job.json", manifest_sha256=data.manifest_sha256)
     load_job.cache_clear()  # a resumed run may have rewritten job.json with new overrides
-    server = ServerSettings(job=str(job), state_dir=str(fed_dir / "server"))
-    client = ClientSettings(job=str(job), state_dir=str(run.run_dir / "client_state"))
+    server = ServerSettings(job=str(path), state_dir=str(fed_dir / "server"))
+    client = ClientSettings(job=str(path), state_dir=str(run_dir / "client_state"))
     if cfg.federated.aggregation is Aggregation.ckks:
         keys = _keys(cfg.federated.ckks, key_dir, fed_dir / "server")
         server = ServerSettings(server.job, server.state_dir, str(keys.public_context), keys.public_sha256)
@@ -75,7 +75,7 @@ def client_gpu_share(fed, device: torch.device) -> float:
     return min(1.0, torch.cuda.device_count() / fed.clients)
 
 
-def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float) -> str:
+def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float, task: FederatedTask) -> str:
     """Flower's simulation engine (Ray) in this process, with the configured resources per client."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
@@ -91,52 +91,57 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
         },
     }
     flwr_run_simulation(
-        server_app=server_app.make_app(server),
-        client_app=client_app.make_app(client),
+        server_app=server_app.make_app(server, task),
+        client_app=client_app.make_app(client, task),
         num_supernodes=fed.clients,
         backend_config=backend_config,
     )
     return "in-process"
 
 
-def final_model(run, server: ServerSettings, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
+def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
     """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp)."""
-    cfg, job = load_job(server.job)
-    model = initial_model(job, cfg.train.seed)
+    model = task.initial_model()
     saved = state["model"]
     if saved["kind"] == "ckks":
         ctx = ckks.load_secret_context(Path(client.secret_context), client.secret_sha256)
         saved = {"tensors": unflatten(ckks.decrypt_aggregate(saved["data"], ctx), model.state_dict())}
     model.load_state_dict(saved["tensors"])
-    return model.to(run.device)
+    return model
 
 
-def train_federated(run) -> None:
-    cfg = run.cfg
-    run.device = resolve_device(cfg.train.device)
+def train_federated(job) -> TrainResult:
+    cfg, device = job.cfg, job.device
+    if job.factory.template is not None and cfg.federated.engine is Engine.deployment:
+        raise ConfigError(
+            "federated.engine=deployment is not allowed with a model object from the Python API: each SuperNode "
+            "builds the model from the config; give model._target_ instead"
+        )
     # Checked before anything is written: Ray would otherwise wait for a GPU forever, or hide it from clients.
-    gpus = client_gpu_share(cfg.federated, run.device) if cfg.federated.engine is Engine.simulation else 0.0
+    gpus = client_gpu_share(cfg.federated, device) if cfg.federated.engine is Engine.simulation else 0.0
     if cfg.federated.engine is Engine.simulation and gpus > 0 and not torch.cuda.is_available():
         raise ConfigError(f"federated.client_gpus={gpus} is not allowed: this machine has no CUDA device")
-    server, client = prepare(run)
+    task = FederatedTask.build(cfg, job.factory, job.data)
+    server, client = prepare(job)
     before = load_state(Path(server.state_dir))
     started = time.perf_counter()
     if cfg.federated.engine is Engine.deployment:
         from aisec_train.federated.deploy import run_deployment
 
-        transport = run_deployment(cfg, server, client, run.run_dir / "federated")
+        transport = run_deployment(cfg, server, client, job.run_dir / "federated")
     else:
-        transport = run_simulation(cfg, server, client, gpus)
+        transport = run_simulation(cfg, server, client, gpus, task)
     seconds = time.perf_counter() - started
     state = load_state(Path(server.state_dir))
     if state is None:
         raise RuntimeError("the federated run completed no round; see the Flower log above")
-    run.model = final_model(run, server, client, state)
+    model = final_model(task, client, state).to(device)
     eps = client_epsilons(client.state_path, cfg.federated.clients)
     history = fed_report.history_rows(state["history"])
-    run.result = TrainResult(run.model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
+    result = TrainResult(model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
+    view = SimpleNamespace(cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name)
     fed_report.add(
-        run,
+        view,
         state,
         eps,
         resumed_from=before["round"] if before else 0,
@@ -146,3 +151,4 @@ def train_federated(run) -> None:
         client=client,
         transport=transport,
     )
+    return result

@@ -1,0 +1,76 @@
+"""The schema of the ``backdoor`` group, next to the code that reads it (range checks in ``__post_init__``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from aisec_train.errors import require
+
+
+class BackdoorAttack(Enum):
+    none = "none"
+    badnets = "badnets"
+
+
+class BackdoorMapping(Enum):
+    all_to_one = "all_to_one"  # every poisoned sample is relabelled to ``target``
+    all_to_all = "all_to_all"  # label y becomes (y + 1) mod K
+
+
+class DetectionMethod(Enum):
+    spectral = "spectral"  # spectral signatures (Tran et al. 2018)
+    activation_clustering = "activation_clustering"  # Chen et al. 2018
+
+
+class RepairMethod(Enum):
+    none = "none"
+    fine_pruning = "fine_pruning"  # Liu et al. 2018
+
+
+class PatchPosition(Enum):
+    bottom_right = "bottom_right"
+    bottom_left = "bottom_left"
+    top_right = "top_right"
+    top_left = "top_left"
+
+
+@dataclass
+class BackdoorConfig:
+    attack: BackdoorAttack = BackdoorAttack.none  # badnets: red-team poisoning of the training split
+    rate: float = 0.1  # fraction of the (remaining) training split that is poisoned
+    mapping: BackdoorMapping = BackdoorMapping.all_to_one
+    target: int = 0  # all_to_one target class
+    patch_size: int = 3  # trigger side in pixels: BadNets' 3x3 white square (docs/backdoor.md)
+    patch_position: PatchPosition = PatchPosition.bottom_right
+    patch_value: float = 1.0  # trigger pixel value on the [0, 1] scale
+    clean_fraction: float = 0.2  # stratified trusted clean reserve carved from the training split before poisoning
+    trusted_path: str | None = None  # the defender's own clean .npz, outside the training data (replaces the reserve)
+    detection: DetectionMethod = DetectionMethod.spectral  # the one reported as backdoor.detection (both run)
+    detection_k: float = 3.0  # flag samples further than k reference deviations from the trusted clean data
+    filter: bool = False  # drop the flagged samples and retrain (refused under DP: see docs/backdoor.md)
+    repair: RepairMethod = RepairMethod.fine_pruning
+    prune_acc_drop: float = 0.02  # stop pruning before trusted-set accuracy falls further than this
+    finetune_epochs: int = 30
+    finetune_lr: float = 0.1  # peak of a cosine schedule that decays to 0
+    finetune_batch_size: int = 32
+    finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
+    # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
+    # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
+    feature_layer: str | None = None
+    # Federated red team: the first K clients hold poisoned shards (federated=fedavg backdoor=badnets).
+    malicious_clients: int = 0
+
+    def __post_init__(self) -> None:
+        require(0.0 < self.rate < 1.0, "backdoor.rate", self.rate, "must be in (0, 1)")
+        require(self.target >= 0, "backdoor.target", self.target, "must be a class index >= 0")
+        require(self.patch_size >= 1, "backdoor.patch_size", self.patch_size, "must be >= 1")
+        require(0.0 <= self.patch_value <= 1.0, "backdoor.patch_value", self.patch_value, "must be in [0, 1]")
+        require(0.0 < self.clean_fraction < 0.5, "backdoor.clean_fraction", self.clean_fraction, "must be in (0, 0.5)")
+        require(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "must be > 0")
+        require(0.0 <= self.prune_acc_drop < 1.0, "backdoor.prune_acc_drop", self.prune_acc_drop, "must be in [0, 1)")
+        require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")
+        require(self.finetune_lr > 0, "backdoor.finetune_lr", self.finetune_lr, "must be > 0")
+        require(self.finetune_batch_size >= 1, "backdoor.finetune_batch_size", self.finetune_batch_size, "must be >= 1")
+        require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
+        require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")

@@ -1,0 +1,75 @@
+"""``dataset=imagefolder dataset.root=DIR``: torchvision's ``ImageFolder`` layout, read lazily, one file per item.
+
+``DIR/train/<class>/*.png`` and ``DIR/test/<class>/*.png`` give both splits (the class folders must match);
+``DIR/<class>/*.png`` alone gives one set that is split by ``dataset.test_fraction``. Images are decoded by
+torchvision (RGB, as ``ImageFolder`` does), scaled to float32 in [0, 1] and optionally resized
+(``dataset.resize``); without a resize every image must have the size of the first one, and an odd one is
+refused naming its file, whenever it is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision import datasets
+from torchvision.transforms import v2
+
+from aisec_train.data.config import DatasetConfig
+from aisec_train.data.errors import DataError
+from aisec_train.data.sources import SourceData
+
+
+class CheckedImageFolder(datasets.ImageFolder):
+    """``ImageFolder`` returning float (C, H, W) in [0, 1] of one fixed size, with ``labels`` for cheap access."""
+
+    def __init__(self, root: Path, size: tuple[int, int] | None):
+        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        if size is not None:
+            steps.append(v2.Resize(list(size), antialias=True))
+        try:
+            super().__init__(str(root), transform=v2.Compose(steps))
+        except (FileNotFoundError, OSError) as err:
+            raise DataError(f"dataset.root: {root} is not an ImageFolder tree of class folders: {err}") from err
+        self.labels = list(self.targets)
+        self.expected: tuple[int, ...] | None = None
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path = self.samples[index][0]
+        try:
+            image, label = super().__getitem__(index)
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for unreadable or truncated files
+            raise DataError(f"{path} is not a readable image: {err}") from err
+        if self.expected is None:
+            self.expected = tuple(image.shape)
+        elif tuple(image.shape) != self.expected:
+            raise DataError(
+                f"{path} is {tuple(image.shape)} (C, H, W) but the folder's images are {self.expected}; "
+                "set dataset.resize=[H,W] to resize every image"
+            )
+        return image, label
+
+    @property
+    def files(self) -> list[Path]:
+        return [Path(p) for p, _ in self.samples]
+
+
+def read_image_folder(cfg: DatasetConfig) -> SourceData:
+    if not cfg.root:
+        raise DataError("dataset.root=None is not allowed: dataset=imagefolder needs an existing folder")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(f"dataset.root={cfg.root!r} does not exist or is not a folder")
+    size = None if cfg.resize is None else (cfg.resize[0], cfg.resize[-1])
+    split = (root / "train").is_dir() and (root / "test").is_dir()
+    train = CheckedImageFolder(root / "train" if split else root, size)
+    test = CheckedImageFolder(root / "test", size) if split else None
+    if test is not None and test.classes != train.classes:
+        raise DataError(
+            f"dataset.root={cfg.root!r}: test/ has classes {test.classes}, train/ has {train.classes}; they must match"
+        )
+    first, _ = train[0]  # fixes the expected size for every later item (and refuses an unreadable first file)
+    if test is not None:
+        test.expected = tuple(first.shape)
+    files = train.files + (test.files if test is not None else [])
+    return SourceData(train, test, source=f"imagefolder:{root.name}", files=files, root=root)

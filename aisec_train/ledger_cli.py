@@ -1,0 +1,189 @@
+"""``aisec-train-ledger``: show, verify and raise the privacy budget charged to each dataset.
+
+    aisec-train-ledger [--store DIR] list                                   # every dataset: runs, steps, epsilon
+    aisec-train-ledger [--store DIR] show DATASET_HASH [--json]             # runs, raises, overrides, tag status
+    aisec-train-ledger [--store DIR] raise-target DATASET_HASH --epsilon E --why TEXT   # a recorded act
+    aisec-train-ledger [--store DIR] verify [DATASET_HASH ...]              # keyed tags, chain, anchor
+    aisec-train-ledger [--store DIR] retag [DATASET_HASH ...] [--artifact FILE ...]     # after a key rotation
+
+The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/`` beside the registry.
+Exit status: 0 done, 2 refused (bad input, a ledger that does not verify, a lock held by another job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from aisec_train.errors import ConfigError
+from aisec_train.store import artifacts, keys
+from aisec_train.store.errors import StoreError
+from aisec_train.store.ledger_store import DatasetLedger, LedgerStore, check_dataset
+
+PROG = "aisec-train-ledger"
+
+
+def summary(led: DatasetLedger) -> dict[str, Any]:
+    """What ``show`` prints, as data (every record verified first)."""
+    records, b = led.records, led.budget()
+    runs = []
+    for run_id, r in led.runs().items():
+        entry = {"run_id": run_id, "started": r["at"], "by": f"{r['who']}@{r['host']}", "steps": led.steps(run_id)}
+        if b is not None and entry["steps"]:
+            entry["epsilon_alone"] = led.total_epsilon(run_id=run_id)
+        runs.append(entry | r["invariants"])
+    spent = led.total_epsilon() if b is not None else None
+    old = sorted({keys.tag_key_id(r["tag"]) for r in records} - {keys.current_key().id})
+    return {
+        "dataset": led.dataset,
+        "ledger": str(led.file),
+        "budget": b,
+        "epsilon_spent": spent,
+        "epsilon_left": None if b is None or spent is None else max(0.0, b["target_epsilon"] - spent),
+        "steps": led.steps(),
+        "runs": runs,
+        "raises": [_pick(r, "at", "who", "host", "previous", "target_epsilon", "why") for r in _kind(records, "raise")],
+        "delta_overrides": [
+            _pick(r, "at", "who", "run_id", "delta", "n_train", "why") for r in _kind(records, "delta_override")
+        ],
+        "records": len(records),
+        "tags": {"verified": len(records), "current_key": keys.current_key().id, "old_keys": old},
+    }
+
+
+def _kind(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [r for r in records if r["kind"] == kind]
+
+
+def _pick(record: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {n: record.get(n) for n in names}
+
+
+def _show(s: dict[str, Any]) -> None:
+    b = s["budget"]
+    print(f"dataset {s['dataset']}  ledger {s['ledger']}")
+    if b is None:
+        print("budget: none recorded (no dataset-scoped run yet)")
+    else:
+        print(
+            f"budget: target epsilon {b['target_epsilon']} at delta {b['delta']:g} by the {b['accountant']} accountant"
+        )
+        print(f"spent: epsilon {s['epsilon_spent']:.4f} over {s['steps']} step(s); {s['epsilon_left']:.4f} left")
+    for r in s["runs"]:
+        eps = r.get("epsilon_alone")
+        print(
+            f"  run {r['run_id']}  started {r['started']} by {r['by']}  steps {r['steps']}  "
+            f"epsilon alone {'-' if eps is None else f'{eps:.4f}'}  noise {r['noise_multiplier']}  "
+            f"sample rate {r['sample_rate']}  seed {r['split_seed']}  scope {r['budget_scope']}"
+        )
+    for r in s["raises"]:
+        print(f"  raise {r['previous']} -> {r['target_epsilon']}  at {r['at']} by {r['who']}@{r['host']}: {r['why']}")
+    for r in s["delta_overrides"]:
+        print(f"  delta override {r['delta']} (n={r['n_train']}) for run {r['run_id']} by {r['who']}: {r['why']}")
+    t = s["tags"]
+    old = f"; under old key(s) {', '.join(t['old_keys'])}: run retag" if t["old_keys"] else ""
+    print(f"tags: {t['verified']} record(s) verified, chain and anchor intact (key {t['current_key']}){old}")
+
+
+def _list(store: LedgerStore) -> int:
+    datasets = store.datasets()
+    print(f"{len(datasets)} dataset(s) in {store.path}")
+    failures = 0
+    for ds in datasets:
+        try:
+            led = store.view(ds)
+            b = led.budget()
+            eps = f"{led.total_epsilon():.4f}" if b else "-"
+            target = b["target_epsilon"] if b else "-"
+            print(f"{ds}  runs {len(led.runs())}  steps {led.steps()}  epsilon {eps} of {target}")
+        except StoreError as err:
+            failures += 1
+            print(f"{ds}  FORGED  {' '.join(str(err).split())}")
+    return failures
+
+
+def _verify(store: LedgerStore, datasets: list[str]) -> int:
+    failures = 0
+    for ds in datasets or store.datasets():
+        try:
+            print(f"ok  {ds}  {len(store.view(check_dataset(ds)).records)} record(s)")
+        except StoreError as err:
+            failures += 1
+            print(f"FORGED  {ds}  {' '.join(str(err).split())}")
+    return failures
+
+
+def _retag(store: LedgerStore, datasets: list[str], files: list[Path]) -> None:
+    for ds in datasets or store.datasets():
+        with store.open(ds, wait=60.0) as led:
+            print(f"{ds}: re-tagged {led.retag()} record(s)")
+    for path in files:
+        done = artifacts.retag_artifact(path)
+        print(f"{path}: {'re-tagged' if done else 'already under the current key'}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
+        refuse(message)
+
+
+def refuse(message: object) -> NoReturn:
+    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="The privacy budget charged to each dataset.")
+    parser.add_argument("--store", type=Path, help="ledger store folder (default: $AISEC_TRAIN_LEDGER_STORE, ...)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="every dataset in the store")
+    show = sub.add_parser("show", help="one dataset's runs, spend, raises and tag status")
+    show.add_argument("dataset")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    raise_ = sub.add_parser("raise-target", help="raise a dataset's target epsilon (recorded: who, when, why)")
+    raise_.add_argument("dataset")
+    raise_.add_argument("--epsilon", type=float, required=True)
+    raise_.add_argument("--why", required=True, help="the reason, recorded in the ledger")
+    raise_.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running job's lock")
+    verify = sub.add_parser("verify", help="verify every record's keyed tag, the chain and the anchor")
+    verify.add_argument("datasets", nargs="*")
+    retag = sub.add_parser("retag", help="re-tag ledgers (and --artifact files) under the current key")
+    retag.add_argument("datasets", nargs="*")
+    retag.add_argument("--artifact", type=Path, action="append", default=[], help="a checkpoint to re-tag too")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    store = LedgerStore(args.store)
+    try:
+        if args.command == "list":
+            failures = _list(store)
+        elif args.command == "verify":
+            failures = _verify(store, args.datasets)
+        elif args.command == "show":
+            led = store.view(check_dataset(args.dataset))
+            if not led.records:
+                refuse(f"no ledger for dataset {args.dataset} in {store.path}")
+            s = summary(led)
+            print(json.dumps(s, indent=2)) if args.json else _show(s)
+            failures = 0
+        elif args.command == "raise-target":
+            with store.open(check_dataset(args.dataset), wait=args.wait) as led:
+                r = led.raise_target(args.epsilon, why=args.why)
+            print(f"raised dataset {args.dataset[:16]} target {r['previous']} -> {r['target_epsilon']} (recorded)")
+            failures = 0
+        else:
+            _retag(store, args.datasets, args.artifact)
+            failures = 0
+    except (StoreError, ConfigError, OSError) as err:
+        refuse(err)
+    if failures:
+        refuse(f"{failures} ledger(s) in {store.path} failed verification (see above)")
+
+
+if __name__ == "__main__":
+    main()

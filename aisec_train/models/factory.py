@@ -1,0 +1,140 @@
+"""The one model factory: the model is described once, and every stage that needs a fresh copy asks it.
+
+Training, the membership audit's reference models, the extraction surrogate, data-parallel ranks, federated
+clients and the one-run privacy audit's canary model all call the :class:`ModelFactory` handed down the pipeline;
+nothing else constructs a model. It is built from the ``model`` config (a Hydra ``_target_``) or from a model
+object given to the Python API, fills in the arguments the data decides (``in_channels``, ``num_classes``,
+``image_size``, ``input_shape``) when the constructor takes them, makes the model trainable by Opacus under DP
+(``ModuleValidator.fix``: BatchNorm -> GroupNorm, ...), and puts input normalisation in front.
+
+>>> factory = ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, input_shape=(1, 8, 8), num_classes=10)
+>>> model = factory(seed=0)                     # a fresh, seeded copy; factory.describe() for the report
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from aisec_train.components import accepted, build, check_target
+from aisec_train.errors import ConfigError
+from aisec_train.models.normalize import InputNormalization
+
+SHAPE_ARGS = ("in_channels", "num_classes", "image_size", "input_shape")
+
+
+def check_model_config(node: Any) -> None:
+    """Refuse an unimportable model target or arguments its constructor does not take, before any work."""
+    target = check_target(node, "model", supplied=SHAPE_ARGS)
+    if getattr(target, "__name__", "") == "timm_model":
+        from aisec_train.models.zoo import check_arch
+
+        check_arch(str(node.get("arch")))
+
+
+@dataclass
+class ModelFactory:
+    spec: dict[str, Any] | None  # the model config; None when the model comes as an object (``template``)
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    private: bool = False  # make BatchNorm and friends trainable by Opacus (ModuleValidator.fix)
+    normalize: tuple[list[float], list[float]] | None = None
+    template: nn.Module | None = None  # the Python API's model object, copied as is for every fresh model
+
+    def __call__(self, seed: int | None = None) -> nn.Module:
+        """A fresh model; ``seed`` fixes the initial weights of a config-built model."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        if self.template is not None:
+            model = copy.deepcopy(self.template)
+        else:
+            assert self.spec is not None
+            target = check_target(self.spec, "model", supplied=SHAPE_ARGS)
+            model = build(self.spec, "model", **self._shape_args(target))
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model._target_={self.target!r} built a {type(model).__name__}, not a torch nn.Module")
+        if self.private:
+            model = _fix_for_dp(model, self.target)
+        if self.normalize is not None:
+            model = InputNormalization(model, *self.normalize)
+        return model
+
+    @property
+    def target(self) -> str:
+        if self.template is not None:
+            return f"{type(self.template).__module__}.{type(self.template).__qualname__}"
+        return str((self.spec or {}).get("_target_"))
+
+    def _shape_args(self, target: Any) -> dict[str, Any]:
+        c, h, w = self.input_shape
+        values = {"in_channels": c, "num_classes": self.num_classes, "image_size": h if h == w else (h, w),
+                  "input_shape": (c, h, w)}  # fmt: skip
+        given = set(self.spec or {})
+        return {k: v for k, v in values.items() if k in accepted(target, SHAPE_ARGS) and k not in given}
+
+    def check(self, model: nn.Module | None = None) -> None:
+        """A forward pass on two blank images must give (2, num_classes) logits; else refuse before training."""
+        model = model if model is not None else self(seed=0)
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(2, *self.input_shape))
+        except Exception as err:  # noqa: BLE001 - the user's forward failed on the data's shape: one line
+            raise ConfigError(
+                f"model._target_={self.target!r} cannot take images of shape {self.input_shape}: "
+                f"{' '.join(str(err).split())[:200]}"
+            ) from err
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.num_classes):
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(
+                f"model._target_={self.target!r} returns {shape} for 2 images; expected (2, {self.num_classes}) "
+                "logits (does it take num_classes?)"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """What the report says about the model: target, arguments, DP fixes, normalisation, size."""
+        raw = copy.deepcopy(self.template) if self.template is not None else None
+        if raw is None:
+            target = check_target(self.spec, "model", supplied=SHAPE_ARGS)
+            raw = build(self.spec or {}, "model", **self._shape_args(target))
+        replaced = _replacements(raw, _fix_for_dp(copy.deepcopy(raw), self.target)) if self.private else []
+        args = {k: v for k, v in (self.spec or {}).items() if not k.startswith("_")}
+        return {
+            "target": self.target,
+            "arguments": args,
+            "source": "python object" if self.template is not None else "config",
+            "parameters": sum(p.numel() for p in raw.parameters()),
+            "dp_fixes": replaced,
+            "input_normalization": None
+            if self.normalize is None
+            else {"mean": self.normalize[0], "std": self.normalize[1]},
+        }
+
+
+def _fix_for_dp(model: nn.Module, target: str) -> nn.Module:
+    from opacus.validators import ModuleValidator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about every replaced module; the report lists them
+        fixed = ModuleValidator.fix(model)
+        errors = ModuleValidator.validate(fixed, strict=False)
+    if errors:
+        raise ConfigError(
+            f"model._target_={target!r} cannot be trained with privacy=dpsgd: Opacus reports "
+            f"{' '.join(str(errors[0]).split())[:200]}"
+        )
+    return fixed
+
+
+def _replacements(before: nn.Module, after: nn.Module) -> list[dict[str, str]]:
+    old = {name: type(m).__name__ for name, m in before.named_modules()}
+    return [
+        {"module": name or "<root>", "from": old[name], "to": type(m).__name__}
+        for name, m in after.named_modules()
+        if name in old and old[name] != type(m).__name__
+    ]

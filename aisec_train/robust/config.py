@@ -1,0 +1,96 @@
+"""The schema of the ``robustness`` group: adversarial training and the evaluation suite of every report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from aisec_train.errors import require
+
+
+class Norm(Enum):
+    linf = "linf"
+    l2 = "l2"
+
+
+class RobustMode(Enum):
+    none = "none"
+    pgd_at = "pgd_at"  # Madry et al. 2018
+    fgsm_rs = "fgsm_rs"  # Wong et al. 2020, fast adversarial training
+    trades = "trades"  # Zhang et al. 2019: CE + beta * KL(f(x) || f(x_adv))
+
+
+EVAL_SUITES = ("apgd", "autoattack", "pgd")
+
+# Default L-inf radius per dataset on the [0, 1] pixel scale (docs/robustness.md): the values the literature
+# evaluates at (MNIST 0.3, CIFAR-10 8/255); digits' 8x8, 17-level images get 0.1, as do unknown npz sets;
+# natural-image folders and custom datasets get CIFAR's 8/255.
+DEFAULT_EPS = {
+    "digits": 0.1,
+    "mnist": 0.3,
+    "fashion_mnist": 0.1,
+    "cifar10": 8 / 255,
+    "synthetic": 0.1,
+    "npz": 0.1,
+    "imagefolder": 8 / 255,
+    "custom": 8 / 255,
+}
+
+
+def _pgd_step(eps: float, steps: int) -> float:
+    return 2.5 * eps / steps  # Madry et al.: enough to cross the ball from any start within the steps
+
+
+@dataclass
+class AttackConfig:
+    """The evaluation attacks' radius and budget; stronger than the training attack by default."""
+
+    norm: Norm = Norm.linf
+    eps: float | None = None  # None: the training radius (robustness.eps)
+    step_size: float | None = None  # PGD only; None: 2.5 * eps / steps
+    steps: int = 20
+    restarts: int = 2
+
+    def __post_init__(self) -> None:
+        require(self.eps is None or self.eps > 0, "robustness.attack.eps", self.eps, "must be > 0 or null")
+        ok = self.step_size is None or self.step_size > 0
+        require(ok, "robustness.attack.step_size", self.step_size, "must be > 0 or null")
+        require(self.steps >= 1, "robustness.attack.steps", self.steps, "must be >= 1")
+        require(self.restarts >= 1, "robustness.attack.restarts", self.restarts, "must be >= 1")
+
+
+@dataclass
+class RobustnessConfig:
+    mode: RobustMode = RobustMode.none  # adversarial training: none, pgd_at, fgsm_rs or trades
+    norm: Norm = Norm.linf
+    eps: float | None = None  # training attack radius; None: DEFAULT_EPS of the dataset
+    step_size: float | None = None  # None: 2.5 * eps / steps (pgd_at, trades), 1.25 * eps (fgsm_rs)
+    steps: int = 7
+    beta: float = 6.0  # TRADES' trade-off between natural and robust error (Zhang et al.: 6 on CIFAR-10)
+    backend: str = "auto"  # kernel backend: auto, triton or torch
+    evaluate: bool = True  # robust accuracy in every report
+    eval: str = "apgd"  # the evaluation suite: apgd (APGD-CE + APGD-T), autoattack (standard ensemble) or pgd
+    eval_samples: int = 0  # 0 = the whole test split
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+    def __post_init__(self) -> None:
+        require(self.eps is None or self.eps > 0, "robustness.eps", self.eps, "must be > 0 or null")
+        ok = self.step_size is None or self.step_size > 0
+        require(ok, "robustness.step_size", self.step_size, "must be > 0 or null")
+        require(self.steps >= 1, "robustness.steps", self.steps, "must be >= 1")
+        require(self.beta >= 0, "robustness.beta", self.beta, "must be >= 0")
+        ok = self.backend in ("auto", "triton", "torch")
+        require(ok, "robustness.backend", self.backend, "must be auto, triton or torch")
+        require(self.eval in EVAL_SUITES, "robustness.eval", self.eval, f"must be one of {', '.join(EVAL_SUITES)}")
+        require(self.eval_samples >= 0, "robustness.eval_samples", self.eval_samples, "must be >= 0")
+
+    def resolve(self, dataset: str) -> None:
+        """Fill every null radius and step from the dataset, so later stages read plain numbers."""
+        if self.eps is None:
+            self.eps = DEFAULT_EPS.get(dataset, 8 / 255)
+        if self.step_size is None:
+            self.step_size = 1.25 * self.eps if self.mode is RobustMode.fgsm_rs else _pgd_step(self.eps, self.steps)
+        if self.attack.eps is None:
+            self.attack.eps = self.eps
+        if self.attack.step_size is None:
+            self.attack.step_size = _pgd_step(self.attack.eps, self.attack.steps)

@@ -1,0 +1,286 @@
+"""Robust evaluation suites: AutoAttack's standard ensemble, its cheap white-box half, or the PGD baseline,
+with checks for gradient masking. What ``robustness.eval`` in the report holds.
+
+Suites (``suite=``):
+
+- ``"autoattack"``: the standard version of Croce & Hein (2020): APGD-CE (100 steps), APGD-T (100 steps, 9
+  target classes), FAB-T (100 steps, 9 target classes), Square (5000 queries, ``p_init`` 0.8).
+- ``"apgd"``: APGD-CE and APGD-T only (the default in every report), with a short Square run on the
+  survivors as the black-box masking check.
+- ``"pgd"``: the project's PGD-20 with 2 restarts (``adversary.robust_accuracy``'s figure, sample for sample).
+
+**Per-attack figures are the standard cascade** (``per_attack="cascade"``, as AutoAttack's
+``run_standard_evaluation`` logs them): each attack runs on the samples every earlier attack left robust, and
+``attacks[name]["robust_accuracy"]`` is the accuracy after it, ``["fooled"]`` what it added. With
+``per_attack="individual"`` every attack runs alone on all clean-correct samples (AutoAttack's
+``run_standard_evaluation_individual``), which costs more. Either way ``robust_accuracy`` is the worst case: a
+sample is robust only if every attack run, masking checks included, failed on it; and every counted
+adversarial example is re-checked (fp32 prediction, distance <= eps) before it counts.
+
+Gradient-masking flags (``gradient_masking``): (1) ``square``: black-box Square fools more than 0.2% of the
+samples the white-box attacks could not (AutoAttack's ``check_square_sr`` threshold); (2) ``steps``: the first
+attack with half its steps is stronger than with all of them by more than 0.5 points and more than one sample
+(more steps must not help the model); (3) ``zero_gradients``: some clean-correct samples have an all-zero
+input gradient (AutoAttack's ``check_zero_gradients``).
+
+>>> out = evaluate_robustness(model, x, y, suite="apgd", norm="linf", eps=0.1, seed=0)  # doctest: +SKIP
+>>> out["robust_accuracy"], out["attacks"]["apgd-t"], out["gradient_masking"]["flagged"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from aisec_train.errors import require
+
+from .apgd import apgd, apgd_targeted
+from .attacks import attack_mode, loss_gradient, pgd
+from .fab import fab_targeted
+from .outcome import AttackResult, check_attack_args, lp_norm
+from .square import square
+
+SUITES = {
+    "apgd": ("apgd-ce", "apgd-t"),
+    "autoattack": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "pgd": ("pgd",),
+}
+SQUARE_MARGIN = 0.002  # AutoAttack's check_square_sr: Square may lower robust accuracy by at most 0.2 points
+STEPS_MARGIN = 0.005  # more steps may leave robust accuracy at most 0.5 points higher
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Every knob of a suite; ``Budget.of(suite)`` gives its standard values."""
+
+    steps: int = 100  # APGD-CE, APGD-T, FAB-T iterations
+    restarts: int = 1  # APGD-CE restarts
+    n_target_classes: int = 9  # APGD-T and FAB-T
+    square_queries: int = 5000
+    square_check_queries: int = 0  # the masking check's Square on the survivors (suites without Square)
+    pgd_steps: int = 20
+    pgd_restarts: int = 2
+    pgd_step_size: float | None = None  # None: 2.5 * eps / pgd_steps
+
+    @staticmethod
+    def of(suite: str) -> Budget:
+        if suite == "apgd":
+            return Budget(steps=50, n_target_classes=3, square_check_queries=500)
+        return Budget()
+
+
+def evaluate_robustness(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    suite: str = "apgd",
+    norm: str = "linf",
+    eps: float,
+    seed: int = 0,
+    backend: str = "auto",
+    batch_size: int = 512,
+    per_attack: str = "cascade",
+    masking_checks: bool = True,
+    autocast_bf16: bool = False,
+    **budget: Any,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on ``(x, y)`` with ``suite``; ``budget`` overrides :class:`Budget` fields
+    (``steps``, ``restarts``, ``n_target_classes``, ``square_queries``, ``square_check_queries``,
+    ``pgd_steps``, ``pgd_restarts``, ``pgd_step_size``). Returns the ``robustness.eval`` dict."""
+    require(suite in SUITES, "robustness.eval", suite, f"must be one of {', '.join(SUITES)}")
+    require(per_attack in ("cascade", "individual"), "per_attack", per_attack, "must be cascade or individual")
+    require(len(x) > 0 and len(x) == len(y), "samples", len(x), "need >= 1 sample and one label per sample")
+    unknown = sorted(set(budget) - set(Budget.__dataclass_fields__))
+    require(not unknown, "budget", unknown, f"allowed: {', '.join(Budget.__dataclass_fields__)}")
+    b = replace(Budget.of(suite), **budget)
+    counts = {k: getattr(b, k) for k in ("steps", "restarts", "n_target_classes", "pgd_steps", "pgd_restarts")}
+    check_attack_args(eps=eps, norm=norm, batch_size=batch_size, **counts)
+    ev = _Evaluator(model, x, y, norm=norm, eps=eps, seed=seed, backend=backend, bf16=autocast_bf16, batch=batch_size)
+    started = time.perf_counter()
+    attacks: dict[str, dict[str, Any]] = {}
+    fooled_any = torch.zeros(len(x), dtype=torch.bool)
+    for name in SUITES[suite]:
+        run, params = _attack(name, b, eps)
+        attacked = ev.correct & ~fooled_any if per_attack == "cascade" else ev.correct
+        fooled, seconds = ev.run(run, attacked, every=suite == "pgd")
+        fooled_any |= fooled
+        left = attacked & ~fooled
+        attacks[name] = {"robust_accuracy": ev.rate(left), "fooled": int(fooled.sum()), "seconds": seconds, **params}
+    masking = _no_checks()
+    if masking_checks:
+        masking, fooled_checks = _masking(ev, suite, b, attacks, fooled_any)
+        fooled_any |= fooled_checks
+    return {
+        "suite": suite,
+        "norm": norm,
+        "eps": eps,
+        "n_samples": len(x),
+        "clean_accuracy": ev.rate(ev.correct),
+        "robust_accuracy": ev.rate(ev.correct & ~fooled_any),
+        "per_attack": per_attack,
+        "attacks": attacks,
+        "gradient_masking": masking,
+        "attack": _summary(suite, b, norm, eps),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+Run = Callable[..., AttackResult]
+
+
+def _attack(name: str, b: Budget, eps: float) -> tuple[Run, dict[str, Any]]:
+    """Attack ``name`` under budget ``b`` as ``run(model, x, y, seed, eps=, norm=, backend=, autocast_bf16=)``,
+    and the parameters the report records for it."""
+    if name == "apgd-ce":
+        params = dict(steps=b.steps, restarts=b.restarts)
+        return lambda m, x, y, seed, **kw: apgd(m, x, y, loss="ce", seed=seed, **params, **kw), params
+    if name == "apgd-t":
+        params = dict(steps=b.steps, n_target_classes=b.n_target_classes)
+        return lambda m, x, y, seed, **kw: apgd_targeted(m, x, y, seed=seed, **params, **kw), params
+    if name == "fab-t":
+        params = dict(steps=b.steps, n_target_classes=b.n_target_classes)
+        return lambda m, x, y, seed, eps, norm, **_: fab_targeted(
+            m, x, y, eps=eps, norm=norm, seed=seed, **params
+        ), params
+    if name == "square":
+        params = dict(queries=b.square_queries)
+
+        def run_square(m, x, y, seed, eps, norm, backend, **_):
+            return square(m, x, y, eps=eps, norm=norm, n_queries=b.square_queries, seed=seed, backend=backend)
+
+        return run_square, params
+    alpha = b.pgd_step_size or 2.5 * eps / b.pgd_steps
+    params = dict(steps=b.pgd_steps, restarts=b.pgd_restarts, step_size=alpha)
+
+    def run_pgd(m, x, y, seed, autocast_bf16, **kw):
+        # adversary.robust_accuracy's exact call, so the "pgd" suite reproduces today's figure
+        x_adv = pgd(
+            m, x, y, step_size=alpha, steps=b.pgd_steps, restarts=b.pgd_restarts, early_stop=True, seed=seed, **kw
+        )
+        return AttackResult(x_adv, torch.zeros(0, dtype=torch.bool))  # the evaluator re-checks every sample
+
+    return run_pgd, params
+
+
+class _Evaluator:
+    """Runs attacks in batches over chosen samples and re-checks every adversarial example they report."""
+
+    def __init__(self, model, x, y, *, norm, eps, seed, backend, bf16, batch):
+        self.model, self.x, self.y = model, x, y
+        self.norm, self.eps, self.seed, self.batch = norm, eps, seed, batch
+        self.kw = dict(eps=eps, norm=norm, backend=backend, autocast_bf16=bf16)
+        self.device = next(model.parameters()).device
+        self.correct = torch.cat([self._predict(xb) == yb.cpu() for xb, yb in self._batches(torch.arange(len(x)))])
+
+    def _batches(self, idx: Tensor):
+        for start in range(0, len(idx), self.batch):
+            chunk = idx[start : start + self.batch]
+            yield self.x[chunk].to(self.device), self.y[chunk].to(self.device)
+
+    def _predict(self, xb: Tensor) -> Tensor:
+        with attack_mode(self.model), torch.no_grad():
+            return self.model(xb).argmax(1).cpu()
+
+    def run(self, run: Run, attacked: Tensor, *, every: bool = False) -> tuple[Tensor, float]:
+        """Samples of ``attacked`` that ``run`` fools within eps (re-checked), and the seconds it took.
+
+        ``every=True`` batches over all samples (seeds follow batch starts), as ``adversary.robust_accuracy``
+        does, so the "pgd" suite attacks each sample exactly as it did; only ``attacked`` ones can count.
+        """
+        idx = torch.arange(len(self.x)) if every else attacked.nonzero().squeeze(1)
+        fooled = torch.zeros(len(self.x), dtype=torch.bool)
+        _sync(self.device)
+        started = time.perf_counter()
+        for start, (xb, yb) in zip(range(0, len(idx), self.batch), self._batches(idx), strict=True):
+            res = run(self.model, xb, yb, self.seed + start, **self.kw)
+            inside = lp_norm(res.x_adv - xb, self.norm) <= self.eps * (1 + 1e-5) + 1e-7
+            wrong = self._predict(res.x_adv) != yb.cpu()
+            fooled[idx[start : start + self.batch]] = wrong & inside.cpu()
+        _sync(self.device)
+        return fooled & attacked, time.perf_counter() - started
+
+    def rate(self, mask: Tensor) -> float:
+        return float(mask.sum()) / len(self.x)
+
+    def zero_gradients(self) -> int:
+        count = 0
+        for xb, yb in self._batches(self.correct.nonzero().squeeze(1)):
+            with attack_mode(self.model):
+                grad, _, _ = loss_gradient(self.model, xb, yb, lambda z, t: F.cross_entropy(z, t, reduction="none"))
+            count += int((grad.flatten(1).abs().sum(1) == 0).sum())
+        return count
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _masking(ev: _Evaluator, suite: str, b: Budget, attacks: dict, fooled_any: Tensor) -> tuple[dict, Tensor]:
+    """Run the three checks; returns their record and the samples their own attacks fooled (which also count
+    against robust accuracy: each is a verified adversarial example)."""
+    reasons, checks = [], {}
+    n = len(ev.x)
+    extra = torch.zeros(n, dtype=torch.bool)
+    if "square" in attacks:  # the suite's last attack: what it fooled, the white-box attacks before it did not
+        checks["square"] = {
+            "queries": attacks["square"]["queries"],
+            "fooled_after_white_box": attacks["square"]["fooled"],
+        }
+    elif b.square_check_queries > 0 and suite != "pgd":
+        run, params = _attack("square", replace(b, square_queries=b.square_check_queries), ev.eps)
+        extra, seconds = ev.run(run, ev.correct & ~fooled_any)
+        checks["square"] = {**params, "fooled_after_white_box": int(extra.sum()), "seconds": seconds}
+    square = checks.get("square", {}).get("fooled_after_white_box")
+    if square is not None and square / n > SQUARE_MARGIN:
+        reasons.append(
+            f"black-box Square fooled {square} of {n} samples that the white-box attacks did not "
+            f"(> {SQUARE_MARGIN:.1%}): gradients may be masked"
+        )
+
+    first = SUITES[suite][0]
+    full = attacks[first]  # the first attack ran on every clean-correct sample, alone
+    half_steps = max(1, full["steps"] // 2)
+    run, _ = _attack(first, replace(b, steps=half_steps, pgd_steps=half_steps), ev.eps)
+    fooled, seconds = ev.run(run, ev.correct, every=suite == "pgd")
+    extra |= fooled
+    half = ev.rate(ev.correct & ~fooled)
+    rise = full["robust_accuracy"] - half
+    checks["steps"] = {
+        "attack": first,
+        "steps": [half_steps, full["steps"]],
+        "robust_accuracy": [half, full["robust_accuracy"]],
+        "seconds": seconds,
+    }
+    if rise > STEPS_MARGIN and rise * n > 1:
+        reasons.append(
+            f"{first} with {full['steps']} steps left robust accuracy {full['robust_accuracy']:.4f}, above "
+            f"{half:.4f} with {half_steps}: more steps should never help the model (masked gradients?)"
+        )
+
+    zero = ev.zero_gradients()
+    checks["zero_gradients"] = {"samples": zero}
+    if zero:
+        reasons.append(
+            f"{zero} clean-correct samples have an all-zero input gradient: white-box attacks are blind there"
+        )
+    return {"flagged": bool(reasons), "reasons": reasons, "checks": checks}, extra
+
+
+def _no_checks() -> dict[str, Any]:
+    return {"flagged": False, "reasons": [], "checks": {}}
+
+
+def _summary(suite: str, b: Budget, norm: str, eps: float) -> dict[str, Any]:
+    """The report's ``robustness.attack`` record: {name, norm, eps, step_size, steps, restarts}."""
+    if suite == "pgd":
+        step = b.pgd_step_size or 2.5 * eps / b.pgd_steps
+        return dict(name="pgd", norm=norm, eps=eps, step_size=step, steps=b.pgd_steps, restarts=b.pgd_restarts)
+    return dict(name=suite, norm=norm, eps=eps, step_size=None, steps=b.steps, restarts=b.restarts)

@@ -1,0 +1,57 @@
+"""One run's state as it goes through the pipeline: typed slots, each filled by the stage that produces it.
+
+``slots=True``: a stage cannot add an attribute on the fly; what a stage hands the next one has a name here.
+
+    cfg, run_dir, report, user       given
+    data, factory                    data stage (the model factory needs the data's shape and classes)
+    backdoor                         backdoor_poison (the red team's trigger, poisoned rows, trusted data)
+    model, result                    train (then backdoor_defend replaces ``model`` by the repaired one)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from aisec_train.report.report import Report
+
+if TYPE_CHECKING:
+    from aisec_train.backdoor.state import BackdoorState
+    from aisec_train.config import Config
+    from aisec_train.data.dataset import DataBundle
+    from aisec_train.models.factory import ModelFactory
+    from aisec_train.train.loop import TrainResult
+
+
+@dataclass(slots=True)
+class UserObjects:
+    """What the Python API was given instead of configs (all optional)."""
+
+    model: nn.Module | None = None
+    train: Dataset | None = None
+    test: Dataset | None = None
+
+
+@dataclass(slots=True)
+class Run:
+    cfg: Config
+    run_dir: Path
+    experiment: str = "quickstart"
+    report: Report = field(default_factory=Report)
+    user: UserObjects = field(default_factory=UserObjects)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    data: DataBundle | None = None
+    factory: ModelFactory | None = None
+    backdoor: BackdoorState | None = None
+    model: nn.Module | None = None
+    result: TrainResult | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoints" / "last.pt"

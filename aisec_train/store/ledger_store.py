@@ -1,0 +1,215 @@
+"""The privacy ledger store: every run's spend on a dataset, charged to the data (its manifest hash).
+
+One JSON file per dataset, ``STORE/<manifest sha256>.json``, holds an append-only list of records: the dataset's
+budget, each run with its invariants, each charge (Opacus accountant history entries), each recorded target raise
+or delta override. Every record is HMAC-tagged and carries the previous record's tag (a chain: editing, deleting
+or reordering a record is refused), and every commit moves a keyed anchor kept beside the key (truncating,
+rolling back or deleting the file is refused). Writes replace the whole file atomically under the dataset's lock,
+so a kill leaves the old or the new ledger.
+
+Where the store lives, in order: the ``configured`` path, ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/``
+beside the registry (``$AISEC_TRAIN_REGISTRY``'s folder, else ``outputs/``).
+
+    >>> with LedgerStore().open(manifest_sha256, wait=60) as led:
+    ...     led.begin_run(run_id, delta=1e-5, accountant="prv", sample_rate=q, noise_multiplier=s, split_seed=0,
+    ...                   target_epsilon=3.0, n_train=n)
+    ...     allowed = led.steps_within(noise_multiplier=s, sample_rate=q, limit=planned)
+    ...     led.charge(run_id, [(s, q, steps_just_taken)])     # before the checkpoint holding those steps
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aisec_train.store import anchors, budget, keys
+from aisec_train.store.artifacts import canonical
+from aisec_train.store.errors import IntegrityError
+from aisec_train.store.files import atomic_write, read_nofollow
+from aisec_train.store.ledger_rules import LedgerRules
+from aisec_train.store.locks import exclusive_lock, held_by
+
+FORMAT = "aisec-train-ledger/1"
+STORE_ENV = "AISEC_TRAIN_LEDGER_STORE"
+_DATASET = re.compile(r"[0-9a-f]{64}")
+_NUM, _STR, _INT = (int, float), (str,), (int,)
+_COMMON = {"seq": _INT, "kind": _STR, "at": _STR, "who": _STR, "host": _STR, "prev": _STR, "dataset": _STR}
+SCHEMA: dict[str, dict[str, tuple]] = {
+    "budget": {"run_id": _STR, "target_epsilon": _NUM, "delta": _NUM, "accountant": _STR},
+    "run": {"run_id": _STR, "invariants": (dict,), "target_epsilon": (int, float, type(None)), "n_train": _INT},
+    "charge": {"run_id": _STR, "history": (list,)},
+    "raise": {"target_epsilon": _NUM, "previous": _NUM, "why": _STR},
+    "delta_override": {"run_id": _STR, "delta": _NUM, "n_train": _INT, "why": _STR},
+    "retag": {"to_key": _STR, "from_keys": (list,)},
+}
+
+
+def resolve_store_path(configured: str | os.PathLike | None = None, *, registry_path: str | None = None) -> Path:
+    """The store folder: ``configured``, else ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/`` beside the
+    registry (``registry_path``, else ``$AISEC_TRAIN_REGISTRY``, else ``outputs/registry.json``)."""
+    chosen = configured or os.environ.get(STORE_ENV)
+    if chosen:
+        return Path(chosen).expanduser().absolute()
+    registry = registry_path or os.environ.get("AISEC_TRAIN_REGISTRY") or Path("outputs") / "registry.json"
+    return Path(registry).expanduser().absolute().parent / "privacy_ledgers"
+
+
+def check_dataset(dataset_sha256: object) -> str:
+    if not (isinstance(dataset_sha256, str) and _DATASET.fullmatch(dataset_sha256)):
+        raise IntegrityError(f"dataset hash {dataset_sha256!r} is not allowed: 64 lowercase hexadecimal characters")
+    return dataset_sha256
+
+
+def who() -> tuple[str, str]:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return user, socket.gethostname()
+
+
+class DatasetLedger(LedgerRules):
+    """One dataset's ledger. Mutations need the dataset lock: held by this object (``LedgerStore.open``) or by the
+    process that handed it over (``delegate()``, for data-parallel ranks and federated clients)."""
+
+    def __init__(self, store: Path, dataset_sha256: str, token: str | None = None):
+        self.store, self.dataset, self.token = Path(store), check_dataset(dataset_sha256), token
+        self._cache: tuple[tuple, list[dict[str, Any]]] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"store": self.store, "dataset": self.dataset, "token": self.token, "_cache": None}
+
+    @property
+    def file(self) -> Path:
+        return self.store / f"{self.dataset}.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.store / f"{self.dataset}.lock"
+
+    def delegate(self) -> DatasetLedger:
+        """A picklable handle that a child process may charge through while this one holds the lock."""
+        return DatasetLedger(self.store, self.dataset, self.token)
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """Every record, verified (keyed tags, chain, anchor); [] for a dataset never trained on."""
+        try:
+            st = os.stat(self.file, follow_symlinks=False)
+        except FileNotFoundError:
+            anchors.check_anchor(self.file, None)
+            return []
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._cache is None or self._cache[0] != stamp:
+            self._cache = (stamp, self._verified(read_nofollow(self.file, root=self.store)))
+        return self._cache[1]
+
+    def _verified(self, raw: bytes) -> list[dict[str, Any]]:
+        try:
+            body = json.loads(raw)
+            records = body["records"]
+            ok = body.get("format") == FORMAT and body.get("dataset") == self.dataset and isinstance(records, list)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            ok = False
+        if not ok:
+            raise IntegrityError(f"ledger {self.file} is not a {FORMAT} file for dataset {self.dataset}; refusing")
+        prev = ""
+        for seq, record in enumerate(records):
+            what = f"ledger {self.file} record {seq}"
+            if not isinstance(record, dict):
+                raise IntegrityError(f"{what} is not an object; refusing")
+            keys.verify(
+                canonical({k: v for k, v in record.items() if k != "tag"}), record.get("tag"), "ledger", what=what
+            )
+            _check_schema(record, what)
+            if record["seq"] != seq or record["prev"] != prev or record["dataset"] != self.dataset:
+                raise IntegrityError(f"{what} is out of place (deleted or reordered records); refusing")
+            prev = record["tag"]
+        anchors.check_anchor(self.file, records)
+        return records
+
+    def _commit(self, kind: str, **fields: Any) -> dict[str, Any]:
+        self._require_lock()
+        records = list(self.records)
+        user, host = who()
+        record = {"seq": len(records), "kind": kind, "at": datetime.now(UTC).isoformat(timespec="milliseconds")}
+        record |= {"who": user, "host": host, "dataset": self.dataset, **fields}
+        record["prev"] = records[-1]["tag"] if records else ""
+        _check_schema(record, f"new {kind} record")
+        record["tag"] = keys.tag(canonical(record), "ledger")
+        self._write(records + [record])
+        return record
+
+    def _write(self, records: list[dict[str, Any]]) -> None:
+        body = {"format": FORMAT, "dataset": self.dataset, "records": records}
+        atomic_write(self.file, json.dumps(body, indent=1), root=self.store)
+        anchors.write_anchor(self.file, records)
+        self._cache = None
+
+    def _require_lock(self) -> None:
+        if self.token is None or not held_by(self.lock_path, self.token):
+            raise IntegrityError(f"ledger {self.file} is changed only under its lock; open it with LedgerStore.open()")
+
+    def retag(self) -> int:
+        """Re-tag every record under the current key (verified first under current or old keys); return count."""
+        records = self.records
+        old = sorted({keys.tag_key_id(r["tag"]) for r in records} - {keys.current_key().id})
+        if not old:
+            return 0
+        self._require_lock()
+        prev, fresh = "", []
+        for record in records:
+            body = {k: v for k, v in record.items() if k != "tag"} | {"prev": prev}
+            body["tag"] = prev = keys.tag(canonical(body), "ledger")
+            fresh.append(body)
+        self._write(fresh)
+        self._commit("retag", to_key=keys.current_key().id, from_keys=old)
+        return len(records)
+
+
+def _check_schema(record: dict[str, Any], what: str) -> None:
+    spec = SCHEMA.get(record.get("kind"))  # type: ignore[arg-type]
+    if spec is None:
+        raise IntegrityError(f"{what} has unknown kind {record.get('kind')!r}; refusing")
+    for name, types in (_COMMON | spec).items():
+        value = record.get(name)
+        if not isinstance(value, types) or isinstance(value, bool):
+            raise IntegrityError(f"{what}: field {name!r}={value!r} is missing or of the wrong type; refusing")
+    if record["kind"] == "charge":
+        for entry in record["history"]:
+            budget.check_entry(entry, what)
+
+
+class LedgerStore:
+    """The project's ledger store (a folder of per-dataset ledgers)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = resolve_store_path(path)
+
+    @contextmanager
+    def open(self, dataset_sha256: str, *, wait: bool | float = False) -> Iterator[DatasetLedger]:
+        """The dataset's ledger, verified, under its exclusive lock for the whole block (a second job on the
+        same data waits up to ``wait`` seconds, or refuses in one line naming the holder)."""
+        check_dataset(dataset_sha256)
+        lock = self.path / f"{dataset_sha256}.lock"
+        with exclusive_lock(lock, wait=wait, what=f"privacy ledger of dataset {dataset_sha256[:16]}") as held:
+            ledger = DatasetLedger(self.path, dataset_sha256, held.token)
+            ledger.records  # noqa: B018 - verify before the caller does anything
+            yield ledger
+
+    def view(self, dataset_sha256: str) -> DatasetLedger:
+        """A read-only, verified view (no lock: files are replaced atomically, so a read is always whole)."""
+        return DatasetLedger(self.path, dataset_sha256)
+
+    def datasets(self) -> list[str]:
+        if not self.path.is_dir():
+            return []
+        return sorted(p.stem for p in self.path.glob("*.json") if _DATASET.fullmatch(p.stem))

@@ -1,0 +1,158 @@
+"""Exclusive locks on a run directory or a dataset ledger: a second job waits (with a timeout) or refuses.
+
+``fcntl.flock`` on a lock file opened with ``O_NOFOLLOW``: the kernel releases it when the holder dies (even by
+SIGKILL), so there are no stale locks to clean; on Linux NFS it is emulated with POSIX byte-range locks, so it
+also holds across cluster nodes that share the directory. The holder writes its pid, host, user and start
+time into the lock file, so a refusal names who holds it.
+
+    >>> with exclusive_lock(run_dir / ".aisec-train.lock", wait=30.0, what=f"run directory {run_dir}") as held:
+    ...     ...   # held.token identifies this holder to processes it spawns (see ledger delegates)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import getpass
+import json
+import math
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aisec_train.store.errors import IntegrityError, LockError
+
+RUN_LOCK = ".aisec-train.lock"
+# (st_dev, st_ino) -> thread id of each lock this process holds. The same thread asking again would wait for
+# itself forever, so it is refused; another thread of this process waits on flock like any other job.
+_held: dict[tuple[int, int], int] = {}
+
+
+@dataclass(frozen=True)
+class HeldLock:
+    path: Path
+    token: str
+
+
+def holder(path: str | os.PathLike) -> dict:
+    """What the current holder wrote into the lock file ({} when unknown)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return {}
+    try:
+        info = json.loads(os.read(fd, 4096) or b"{}")
+        return info if isinstance(info, dict) else {}
+    except ValueError:
+        return {}
+    finally:
+        os.close(fd)
+
+
+def describe(info: dict) -> str:
+    if not info:
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} (user {info.get('user')}, since {info.get('since')})"
+
+
+def _open(path: Path) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise IntegrityError(f"lock file {path} is a symlink; refusing to follow it") from None
+        raise
+
+
+def _try(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def exclusive_lock(
+    path: str | os.PathLike, *, wait: bool | float = False, what: str | None = None
+) -> Iterator[HeldLock]:
+    """Hold an exclusive lock on ``path`` for the block.
+
+    ``wait``: False refuses at once when another process holds it; True waits forever; a number waits that many
+    seconds, then refuses. The refusal (LockError) names ``what`` and the holder.
+    """
+    path = Path(os.path.abspath(path))
+    what = what or f"lock {path}"
+    timeout = math.inf if wait is True else float(wait or 0.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = _open(path)
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino)
+        if _held.get(ident) == threading.get_ident():
+            os.close(fd)
+            raise LockError(f"{what} is already locked by this thread (pid {os.getpid()}); it cannot be opened twice")
+        if _try(fd):
+            try:  # the file may have been replaced between open and lock: lock the one at the path
+                same = os.stat(path, follow_symlinks=False).st_ino == st.st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+            continue
+        os.close(fd)
+        if time.monotonic() >= deadline:
+            waited = "" if timeout == 0 else f" after waiting {timeout:g}s"
+            raise LockError(f"{what} is locked by {describe(holder(path))}{waited} ({path}); one job at a time")
+        time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+    token = secrets.token_hex(16)
+    info = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "user": getpass.getuser(),
+        "since": datetime.now(UTC).isoformat(timespec="seconds"),
+        "what": what,
+        "token": token,
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(info).encode(), 0)
+    _held[ident] = threading.get_ident()
+    try:
+        yield HeldLock(path, token)
+    finally:
+        _held.pop(ident, None)
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def held_by(path: str | os.PathLike, token: str) -> bool:
+    """Whether the lock at ``path`` is held right now by the holder that received ``token``.
+
+    For processes a holder spawns (data-parallel ranks, federated clients): they act under their parent's lock.
+    """
+    path = Path(os.path.abspath(path))
+    if holder(path).get("token") != token:
+        return False
+    fd = _open(path)
+    try:
+        if _try(fd):  # nobody holds it: the token is left over from a holder that is gone
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+def lock_run_dir(run_dir: str | os.PathLike, *, wait: bool | float = False):
+    """The run directory's lock (``RUN_DIR/.aisec-train.lock``): one job per run directory."""
+    return exclusive_lock(Path(run_dir) / RUN_LOCK, wait=wait, what=f"run directory {run_dir}")

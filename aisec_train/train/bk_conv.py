@@ -1,0 +1,187 @@
+"""Book-keeping for Conv1d / Conv2d: any stride, dilation, groups, and every padding mode.
+
+Per group, sample ``i``'s weight gradient is ``g_i^T a_i`` with ``a_i: (T, Da)`` its unfolded input patches
+(``Da = C_in/groups * prod(kernel)``) and ``g_i: (T, Dg)`` the output gradients at the ``T`` output positions.
+Norms come from :func:`~aisec_train.train.bk_cost.choose`'s pick:
+
+* instantiate: the patches (a strided view of the padded input, copied once) times ``g``, one ``bmm``;
+* ghost, on CUDA: the fused Triton ghost-norm kernel on the patches;
+* ghost, on the CPU, when cheaper: the patch Gram ``a_i a_i^T`` assembled from the Gram of the padded *pixels*
+  (``P x P``, contracted over channels only) by gathering the ``prod(kernel)`` shifted entries and summing
+  them, which skips the ``prod(kernel)``-fold patch copy that otherwise costs more than the convolution.
+
+The clipped sum of ghost layers is the convolution's own weight-gradient op run once on ``c * g``.
+Non-zero padding modes and string paddings are applied by :meth:`ConvRule.prepare`, outside the op, so the
+op itself always pads with symmetric zeros.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from aisec_kernels import resolve_backend
+from aisec_kernels.per_sample_norms import ghost_norm_sq, instantiated_norm_sq
+from torch import Tensor
+
+from aisec_train.train.bk_cost import choose
+from aisec_train.train.bk_layers import _CHUNK, Processed, Rule, _bcast, _cat, _sq, _weighted
+
+
+def _geometry(module, x: Tensor, padding: list[int]) -> tuple[Tensor, list[int], list[int], list[int]]:
+    """The zero-padded input as (B, C, H, W) and kernel, dilation, stride as 2-D lists (Conv1d is 1 x k)."""
+    k, d, s = list(module.kernel_size), list(module.dilation), list(module.stride)
+    if x.dim() == 3:
+        x, k, d, s, padding = x.unsqueeze(2), [1, *k], [1, *d], [1, *s], [0, *padding]
+    if any(padding):
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    return x, k, d, s
+
+
+def _out_size(h: int, w: int, k, d, s) -> tuple[int, int]:
+    return (h - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
+
+
+def unfold(module, x: Tensor, padding: list[int]) -> Tensor:
+    """(B, C_in * prod(k), T) patches, channel-major like the weight's (C_out, C_in/groups, *k) layout.
+
+    A strided view copied once by ``reshape``: on the CPU several times faster than ``F.unfold`` (im2col).
+    """
+    x, k, d, s = _geometry(module, x, padding)
+    b, c, h, w = x.shape
+    oh, ow = _out_size(h, w, k, d, s)
+    sb, sc, sh, sw = x.stride()
+    view = x.as_strided((b, c, *k, oh, ow), (sb, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]), x.storage_offset())
+    return view.reshape(b, c * k[0] * k[1], oh * ow)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_index(shapes: tuple[tuple[int, int], ...], k: tuple, d: tuple, s: tuple, device: torch.device) -> Tensor:
+    """Flat indices into the (P, P) pixel Gram of every (kernel offset, position, position) triple.
+
+    ``shapes`` lists the padded (H, W) of each forward call; their pixels are concatenated, so a layer run
+    twice before one backward gets the cross terms between its calls.
+    """
+    rows, start = [], 0
+    for h, w in shapes:
+        oh, ow = _out_size(h, w, k, d, s)
+        base = (torch.arange(oh)[:, None] * s[0] * w + torch.arange(ow)[None, :] * s[1]).flatten()
+        offsets = (torch.arange(k[0])[:, None] * d[0] * w + torch.arange(k[1])[None, :] * d[1]).flatten()
+        rows.append(start + offsets[:, None] + base[None, :])  # (K, T_call)
+        start += h * w
+    pix = torch.cat(rows, 1)  # (K, T)
+    return (pix[:, :, None] * start + pix[:, None, :]).flatten().to(device)
+
+
+class ConvRule(Rule):
+    @staticmethod
+    def _prepadded(module) -> bool:
+        return module.padding_mode != "zeros" or isinstance(module.padding, str)
+
+    def prepare(self, module, x):
+        if module.padding_mode != "zeros":
+            return F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        if isinstance(module.padding, str):  # 'same' may be asymmetric: the extra pixel goes last, as in torch
+            pads = []
+            for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+                total = d * (k - 1) if module.padding == "same" else 0
+                pads += [total // 2, total - total // 2]
+            return F.pad(x, pads)
+        return x
+
+    def forward(self, module, x):
+        padding = [0] * (x.dim() - 2) if self._prepadded(module) else list(module.padding)
+        conv = F.conv1d if x.dim() == 3 else F.conv2d
+        out = conv(x, module.weight, module.bias, module.stride, padding, module.dilation, module.groups)
+        return out, (x.detach(), padding)
+
+    @staticmethod
+    def _backward(module, x, grad, padding, mask):
+        return torch.ops.aten.convolution_backward(
+            grad, x, module.weight.to(grad.dtype), None, list(module.stride), padding, list(module.dilation),
+            False, [0] * (x.dim() - 2), module.groups, mask,
+        )  # fmt: skip
+
+    def input_grad(self, module, saved, grad):
+        return self._backward(module, saved[0], grad, saved[1], [True, False, False])[0]
+
+    def norms(self, module, params, calls):
+        b, groups = calls[0].grad.shape[0], module.groups
+        da = module.in_channels // groups * math.prod(module.kernel_size)
+        dg = module.out_channels // groups
+        t = sum(c.grad[0].numel() // module.out_channels for c in calls)
+        kept = sum(c.saved[0][0].numel() + c.grad[0].numel() for c in calls)
+        out = Processed(torch.zeros(b, device=calls[0].grad.device), "ghost", "", False)
+        if "bias" in params:
+            out.stored["bias"] = sum(c.grad.flatten(2).sum(2) for c in calls)
+            out.norm_sq += _sq(out.stored["bias"])
+        if "weight" not in params:
+            return out
+        pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
+        out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
+        pixels = sum(math.prod(_geometry(module, c.saved[0][:1], c.saved[1])[0].shape[2:]) for c in calls)
+        # Pixel Gram (P^2 Cg + gather) against patch copy + patch Gram (T Da + T^2 Da), on the CPU only.
+        by_pixels = pixels * pixels * (module.in_channels // groups) + 2 * math.prod(module.kernel_size) * t * t
+        by_pixels = by_pixels < 3 * t * da + t * t * da and resolve_backend("auto", calls[0].grad) == "torch"
+        if pick.store:
+            shape = (b, *module.weight.shape)
+            out.stored["weight"] = torch.empty(shape, dtype=calls[0].grad.dtype, device=out.norm_sq.device)
+        per_sample = groups * (pixels * pixels if pick.method == "ghost" and by_pixels else da * t)
+        step = max(1, _CHUNK // max(1, per_sample))
+        for lo in range(0, b, step):
+            part = [(c.saved[0][lo : lo + step], c.saved[1], c.grad[lo : lo + step]) for c in calls]
+            n = part[0][2].shape[0]
+            if pick.method == "ghost" and by_pixels:
+                out.norm_sq[lo : lo + n] += self._pixel_ghost(module, part)
+                continue
+            a, g = self._patches(module, part)
+            if pick.store:
+                ps = torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
+                out.stored["weight"][lo : lo + n] = ps
+                out.norm_sq[lo : lo + n] += _sq(ps)
+            else:
+                norm = ghost_norm_sq if pick.method == "ghost" else instantiated_norm_sq
+                out.norm_sq[lo : lo + n] += norm(a, g).view(n, groups).sum(1)
+        return out
+
+    @staticmethod
+    def _patches(module, part: list[tuple[Tensor, list[int], Tensor]]) -> tuple[Tensor, Tensor]:
+        """(N * groups, T, Da) patches and (N * groups, T, Dg) output gradients, calls concatenated along T."""
+        groups = module.groups
+        a = _cat([unfold(module, x, pad) for x, pad, _ in part], 2)
+        g = _cat([grad.flatten(2) for _, _, grad in part], 2)
+        n, t = a.shape[0], a.shape[2]
+        return a.view(n * groups, -1, t).transpose(1, 2), g.reshape(n * groups, -1, t).transpose(1, 2)
+
+    @staticmethod
+    def _pixel_ghost(module, part: list[tuple[Tensor, list[int], Tensor]]) -> Tensor:
+        """Ghost norms with the patch Gram gathered from the pixel Gram (see the module docstring)."""
+        groups = module.groups
+        padded = [_geometry(module, x, pad) for x, pad, _ in part]
+        _, k, d, s = padded[0]
+        n, c = padded[0][0].shape[:2]
+        pixels = _cat([x.reshape(n * groups, c // groups, -1) for x, *_ in padded], 2)  # (N G, Cg, P)
+        gram_x = torch.bmm(pixels.transpose(1, 2), pixels)
+        shapes = tuple(tuple(x.shape[2:]) for x, *_ in padded)
+        index = _pixel_index(shapes, tuple(k), tuple(d), tuple(s), gram_x.device)
+        t = sum(grad[0].numel() for *_, grad in part) // module.out_channels
+        gram_a = gram_x.flatten(1).index_select(1, index).view(n * groups, -1, t, t).sum(1)
+        g = _cat([grad.reshape(n * groups, module.out_channels // groups, -1) for *_, grad in part], 2)
+        gram_g = torch.bmm(g.transpose(1, 2), g)
+        return (gram_a.mul_(gram_g.to(gram_a.dtype))).sum((1, 2)).view(n, groups).sum(1).float()
+
+    def clipped(self, module, params, processed, calls, weights):
+        grads = {}
+        if "bias" in params:
+            grads[module.bias] = _weighted(weights, processed.stored["bias"])
+        if "weight" in params and "weight" in processed.stored:
+            grads[module.weight] = _weighted(weights, processed.stored["weight"])
+        elif "weight" in params:  # book-keeping: the conv weight-gradient op, once, on the clipped output grads
+            grads[module.weight] = sum(
+                self._backward(module, x, c.grad * _bcast(weights, c.grad), pad, [False, True, False])[1]
+                for c in calls
+                for x, pad in [c.saved]
+            )
+        return grads

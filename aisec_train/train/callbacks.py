@@ -1,0 +1,151 @@
+"""The training loop's extras as small callbacks: budget stop, weight averaging, LR schedule, numeric health,
+checkpointing. The loop calls, in order of the list it is given:
+
+    on_train_start(loop) -> [before_step(loop) -> step -> after_step(loop)]* -> on_epoch_end(loop, row) ...
+    -> on_train_end(loop)
+
+``before_step`` returning True stops training before that step (nothing of it is released). A callback with
+``state_dict`` / ``load_state_dict`` has its state saved in every checkpoint under its ``key``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from aisec_train.train.averaging import WeightAverage
+
+if TYPE_CHECKING:
+    from aisec_train.train.loop import Loop
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
+
+
+class Callback:
+    key = ""
+
+    def on_train_start(self, loop: Loop) -> None: ...
+
+    def before_step(self, loop: Loop) -> bool:
+        return False
+
+    def after_step(self, loop: Loop) -> None: ...
+
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, loop: Loop) -> None: ...
+
+    def evaluation(self, model: nn.Module):
+        """A context in which the model is evaluated (weight averaging swaps its weights in)."""
+        return nullcontext()
+
+
+class BudgetStop(Callback):
+    """Stop before the step that would take the ledger past the step limit the privacy budget allows."""
+
+    def __init__(self, max_steps: float):
+        self.max_steps = max_steps
+
+    def before_step(self, loop: Loop) -> bool:
+        if loop.ledger is not None and loop.ledger.steps >= self.max_steps:
+            loop.stopped_by_budget = True
+        return loop.stopped_by_budget
+
+
+class WeightAveraging(Callback):
+    """An exponential moving average of the weights (free post-processing of DP iterates): the run's model."""
+
+    key = "ema"
+
+    def __init__(self, decay: float):
+        self.decay, self.average = decay, None
+
+    def on_train_start(self, loop: Loop) -> None:
+        self.average = self.average or WeightAverage(loop.plain, self.decay)
+
+    def after_step(self, loop: Loop) -> None:
+        self.average.update(loop.plain)
+
+    def evaluation(self, model: nn.Module):
+        return self.average.applied(model)
+
+    def on_train_end(self, loop: Loop) -> None:
+        self.average.copy_to(loop.plain)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.average.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        self.average = WeightAverage(model, self.decay)
+        self.average.load_state_dict(state)
+
+
+class SchedulerStep(Callback):
+    """Step an LR scheduler once per optimizer step."""
+
+    key = "scheduler"
+
+    def __init__(self, build: Callable[[torch.optim.Optimizer], Any]):
+        self.build, self.scheduler, self.pending = build, None, None
+
+    def on_train_start(self, loop: Loop) -> None:
+        self.scheduler = self.build(loop.base_optimizer)
+        if self.pending is not None:
+            self.scheduler.load_state_dict(self.pending)
+
+    def after_step(self, loop: Loop) -> None:
+        self.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any], model: nn.Module) -> None:
+        self.pending = state
+
+
+class FiniteGuard(Callback):
+    """Stop at once on a non-finite loss, and never let non-finite weights reach a checkpoint."""
+
+    def after_step(self, loop: Loop) -> None:
+        if loop.last_loss is not None and not math.isfinite(loop.last_loss):
+            raise NonFiniteError(
+                f"training stopped: the loss became {loop.last_loss} at epoch {loop.epoch + 1} (step {loop.steps}); "
+                "the last good checkpoint is kept. Lower train.lr or check the data"
+            )
+
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+        bad = [n for n, p in loop.plain.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+        if bad:
+            raise NonFiniteError(
+                f"training stopped: weights {bad[:3]} became non-finite in epoch {loop.epoch + 1}; the last good "
+                "checkpoint is kept. Lower train.lr or check the data"
+            )
+
+
+class Checkpointing(Callback):
+    """Hand the resume payload to ``persist`` after every epoch (the caller writes it)."""
+
+    def __init__(self, persist: Callable[[dict[str, Any]], None]):
+        self.persist = persist
+
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+        self.persist(loop.payload())
+
+
+@contextmanager
+def all_evaluation(callbacks: list[Callback], model: nn.Module) -> Iterator[None]:
+    contexts = [cb.evaluation(model) for cb in callbacks]
+    for ctx in contexts:
+        ctx.__enter__()
+    try:
+        yield
+    finally:
+        for ctx in reversed(contexts):
+            ctx.__exit__(None, None, None)

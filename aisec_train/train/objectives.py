@@ -1,0 +1,84 @@
+"""What one training step minimises: the loop calls ``objective(model, attacked, x, y, criterion)``.
+
+An objective returns ``(loss, logits)``: the loss the (private) optimizer steps on, and the logits the loop
+counts accuracy from. ``model`` is what is trained (the plain module or its Opacus / DDP wrapper), ``attacked``
+is what an adversary may differentiate through (Opacus' hooks are switched off there), and ``criterion`` is the
+per-run loss module (Opacus' ghost-clipping wrapper under ``grad_sample_mode=ghost``), which standard objectives
+must use so that the private step clips what they compute.
+
+>>> loss, logits = CrossEntropy()(model, model, x, y, nn.CrossEntropyLoss())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+class Objective(Protocol):
+    name: str
+    forwards: int  # forward passes of the trained model per step (2: TRADES; per-sample clipping must sum them)
+
+    def __call__(
+        self, model: nn.Module, attacked: nn.Module, x: Tensor, y: Tensor, criterion: nn.Module
+    ) -> tuple[Tensor, Tensor]: ...
+
+
+class CrossEntropy:
+    """Standard training on the batch as it comes."""
+
+    name, forwards = "standard", 1
+
+    def __call__(self, model, attacked, x, y, criterion):
+        logits = model(x)
+        return criterion(logits, y), logits
+
+
+class Adversarial:
+    """Adversarial training (PGD-AT, FGSM-RS): replace the batch by ``adversary(attacked, x, y)``, then train."""
+
+    forwards = 1
+
+    def __init__(self, name: str, adversary: Callable[[nn.Module, Tensor, Tensor], Tensor]):
+        self.name, self.adversary = name, adversary
+
+    def __call__(self, model, attacked, x, y, criterion):
+        x_adv = self.adversary(attacked, x, y)
+        model.train()  # the attack ran the model in eval mode
+        logits = model(x_adv)
+        return criterion(logits, y), logits
+
+
+class SoftTargets:
+    """Distillation to soft labels (the extraction surrogate): cross-entropy against probability rows of ``y``."""
+
+    name, forwards = "soft_targets", 1
+
+    def __call__(self, model, attacked, x, y, criterion):
+        logits = model(x)
+        target = y / y.sum(1, keepdim=True).clamp_min(1e-12)  # rounding by a guard can leave rows != 1
+        return -(target * F.log_softmax(logits, dim=1)).sum(1).mean(), logits
+
+
+def correct(logits: Tensor, y: Tensor) -> int:
+    """Correct predictions against hard labels, or against the argmax of soft ones."""
+    truth = y if y.ndim == 1 else y.argmax(1)
+    return int((logits.argmax(1) == truth).sum())
+
+
+def as_tensor_labels(y) -> torch.Tensor:
+    return y if isinstance(y, torch.Tensor) else torch.as_tensor(y)
+
+
+def objective_from_config(robustness) -> Objective:
+    """The training objective a ``robustness`` config asks for (picklable inputs: rebuilt in every process)."""
+    from aisec_train.robust.adversary import adversary_from_config
+
+    adversary = adversary_from_config(robustness)
+    if adversary is None:
+        return CrossEntropy()
+    return Adversarial(robustness.mode.value, adversary)

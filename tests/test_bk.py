@@ -1,0 +1,238 @@
+"""Book-keeping DP-SGD (grad_sample_mode=bk) against Opacus itself.
+
+Every supported layer type, odd shapes, batch sizes 1 and 3 and whole models: the clipped, summed gradient
+that Opacus' optimizer receives in bk mode equals the one of Opacus' hooks mode (per-sample gradients
+materialised, clipped, summed) to 1e-5, with noise 0 so the gradients can be compared. The clip bound sits
+between the per-sample norms so that some samples are clipped and some are not. The privacy ledger of a bk
+run equals a ghost run's.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from aisec_train.models import build_model
+from aisec_train.train import bk_layers
+from aisec_train.train.bk import BKGradSampleModule, bk_report
+from aisec_train.train.bk_cost import Choice
+from aisec_train.train.bk_engine import BKPrivacyEngine
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def _private(model, x, y, mode, clip, *, noise=0.0, steps_loader=None):
+    data = TensorDataset(x, y)
+    loader = steps_loader or DataLoader(data, batch_size=len(x))
+    engine = BKPrivacyEngine(accountant="rdp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = engine.make_private(
+            module=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), data_loader=loader,
+            noise_multiplier=noise, max_grad_norm=clip, poisson_sampling=False, grad_sample_mode=mode,
+        )  # fmt: skip
+    if mode == "hooks":
+        return (*out[:2], nn.CrossEntropyLoss(), out[2], engine)
+    return (*out, engine)
+
+
+def _per_sample_norms(model, x, y, loss_fn) -> torch.Tensor:
+    """Opacus hooks' per-sample gradient norms (only used to place the clip bound between them)."""
+    wrapped, _, criterion, _, _ = _private(copy.deepcopy(model), x, y, "hooks", 1.0)
+    loss_fn(wrapped, criterion, x, y).backward()
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    return torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in params]).norm(dim=0)
+
+
+def _ce(model, criterion, x, y):
+    return criterion(model(x), y)
+
+
+def _trades(model, criterion, x, y):
+    """TRADES' shape: two forwards of the same batch (clean, perturbed), one loss, one backward."""
+    clean = model(x)
+    adv = model(x + 0.1 * torch.sign(torch.sin(13.0 * x)))
+    kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(clean, 1), reduction="batchmean")
+    return criterion(clean, y) + 2.0 * kl
+
+
+def _step_grads(model, x, y, mode, clip, loss_fn=_ce):
+    wrapped, optimizer, criterion, _, _ = _private(model, x, y, mode, clip)
+    optimizer.zero_grad(set_to_none=True)
+    loss_fn(wrapped, criterion, x, y).backward()
+    optimizer.step()  # noise 0, lr 0: p.grad = clipped sum / batch size
+    return {n: p.grad.clone() for n, p in wrapped._module.named_parameters() if p.requires_grad}, wrapped
+
+
+def assert_bk_equals_hooks(make, x, y, loss_fn=_ce) -> nn.Module:
+    torch.manual_seed(0)
+    model = make()
+    norms = _per_sample_norms(model, x, y, loss_fn).sort().values
+    clip = float(norms[0] / 2 if len(norms) == 1 else (norms[0] + norms[1]) / 2)  # clips some, not all
+    want, _ = _step_grads(copy.deepcopy(model), x, y, "hooks", clip, loss_fn)
+    got, wrapped = _step_grads(copy.deepcopy(model), x, y, "bk", clip, loss_fn)
+    assert isinstance(wrapped, BKGradSampleModule)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    return wrapped
+
+
+def _images(b, c, h, w, classes=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, c, h, w, generator=g), torch.randint(0, classes, (b,), generator=g)
+
+
+def functorch_clipped_mean(model, x, y, clip) -> dict[str, torch.Tensor]:
+    """The definition, through torch.func: per-sample gradients, clipped as Opacus does, summed, / batch."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0)
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", coef, g) / len(x) for n, g in per_sample.items()}
+
+
+def assert_bk_equals_functorch(model, x, y, clip=0.05) -> nn.Module:
+    want = functorch_clipped_mean(copy.deepcopy(model), x, y, clip)
+    got, wrapped = _step_grads(model, x, y, "bk", clip)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    return wrapped
+
+
+class Tokens(nn.Module):
+    """Embedding + LayerNorm + Linear on (B, T, d): the Linear-over-3-D-input case."""
+
+    def __init__(self, vocab=11, width=6, pad=None):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width, padding_idx=pad)
+        self.norm = nn.LayerNorm(width)
+        self.mix = nn.Linear(width, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.norm(self.embed(idx)))).mean(1))
+
+
+# ------------------------------------------------------------------------------------------------ layers
+LAYERS = {
+    "linear": (lambda: nn.Sequential(nn.Flatten(), nn.Linear(35, 7), nn.Tanh(), nn.Linear(7, 3)), (1, 5, 7)),
+    "linear_3d": (lambda: nn.Sequential(nn.Linear(7, 4), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3)), (5, 7)),
+    "conv2d": (lambda: nn.Sequential(nn.Conv2d(3, 5, 3, stride=2, padding=1), nn.Flatten(), nn.LazyLinear(3)), (3, 7, 9)),
+    "conv2d_groups_dilation": (
+        lambda: nn.Sequential(nn.Conv2d(4, 6, (3, 2), padding=(2, 1), dilation=2, groups=2), nn.Tanh(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3)),
+        (4, 7, 5),
+    ),  # fmt: skip
+    "conv2d_depthwise_same": (
+        lambda: nn.Sequential(nn.Conv2d(3, 3, 4, padding="same", groups=3, bias=False), nn.Flatten(),
+                              nn.Linear(3 * 5 * 7, 3)),
+        (3, 5, 7),
+    ),  # fmt: skip
+    "conv1d": (
+        lambda: nn.Sequential(nn.Conv1d(4, 6, 3, stride=2, padding=1, dilation=2, groups=2), nn.ReLU(),
+                              nn.Flatten(), nn.LazyLinear(3)),
+        (4, 11),
+    ),  # fmt: skip
+    "groupnorm": (
+        lambda: nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)),
+        (2, 5, 6),
+    ),  # fmt: skip
+    "layernorm_2d": (lambda: nn.Sequential(nn.LayerNorm([5, 7]), nn.Flatten(), nn.Linear(35, 3)), (5, 7)),
+}
+
+
+def _materialise(make, shape):
+    """Build the model once on a dummy batch so lazy layers have their shapes (Opacus cannot wrap them)."""
+
+    def build():
+        torch.manual_seed(0)
+        model = make()
+        model(torch.zeros(1, *shape))
+        return model
+
+    return build
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layer", sorted(LAYERS))
+def test_layer_equals_opacus_hooks(layer, batch):
+    make, shape = LAYERS[layer]
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(batch))
+    y = torch.arange(batch) % 3
+    assert_bk_equals_hooks(_materialise(make, shape), x, y)
+
+
+def _tokens(batch):
+    idx = torch.randint(0, 11, (batch, 9), generator=torch.Generator().manual_seed(4))
+    idx[:, 0], idx[:, 1] = 0, idx[:, 2]  # token 0 and a repeated token in every sample
+    return idx, torch.arange(batch) % 3
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_embedding_layernorm_linear_3d_equal_opacus_hooks(batch):
+    wrapped = assert_bk_equals_hooks(Tokens, *_tokens(batch))
+    assert bk_report(wrapped)["layers"]["embed"] == "instantiate"
+
+
+def test_embedding_padding_idx_equals_definition():
+    """padding_idx rows get no gradient (F.embedding's rule); Opacus' hooks sampler ignores padding_idx, so the
+    reference here is torch.func."""
+    torch.manual_seed(0)
+    assert_bk_equals_functorch(Tokens(pad=0), *_tokens(3))
+
+
+def test_reflect_padding_and_inplace_relu_equal_definition():
+    """Cases Opacus' hooks mode cannot run or gets wrong: an in-place ReLU right after a layer (its backward
+    hooks refuse it), and padding_mode='reflect' (its conv sampler zero-pads)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect"), nn.ReLU(inplace=True),
+        nn.Conv2d(4, 4, 3, stride=2), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 2 * 3, 3),
+    )  # fmt: skip
+    x, y = _images(3, 2, 6, 8)
+    assert_bk_equals_functorch(model, x, y)
+
+
+@pytest.mark.parametrize("method", ["ghost", "instantiate_stored", "instantiate_recomputed"])
+@pytest.mark.parametrize("model", ["linear_3d", "conv2d_groups_dilation"])
+def test_every_norm_method_is_exact(monkeypatch, model, method):
+    """The cost model picks one method per shape; force each in turn so all three paths are held exact."""
+    forced = Choice("ghost" if method == "ghost" else "instantiate", method == "instantiate_stored", "forced")
+    monkeypatch.setattr(bk_layers, "choose", lambda **_: forced)
+    make, shape = LAYERS[model]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7))
+    wrapped = assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
+    assert forced.method in bk_report(wrapped)["layers"].values()
+
+
+# ------------------------------------------------------------------------------------------------ whole models
+@pytest.mark.parametrize(
+    "name,channels,size",
+    [("cnn", 1, 8), ("mlp", 1, 5), ("resnet18_gn", 3, 8)],
+)
+def test_whole_model_equals_opacus_hooks(name, channels, size):
+    x, y = _images(3, channels, size, size, classes=10)
+    wrapped = assert_bk_equals_hooks(lambda: build_model(name, in_channels=channels, num_classes=10, image_size=size), x, y)
+    report = bk_report(wrapped)
+    assert report["mode"] == "bk" and report["fallback"] is None
+    assert set(report["layers"].values()) <= {"ghost", "instantiate"}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_two_forwards_one_backward_equals_opacus_hooks(batch):
+    """TRADES: the per-sample gradient sums both passes; the norms need the cross terms between them."""
+    x, y = _images(batch, 1, 8, 8, classes=10, seed=3)
+    assert_bk_equals_hooks(lambda: build_model("cnn", in_channels=1, num_classes=10, image_size=8), x, y, _trades)
