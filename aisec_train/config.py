@@ -125,6 +125,11 @@ def check_composition(cfg: Config) -> None:
             bd.malicious_clients,
             "must be 0 without federated training (it counts poisoned Flower clients)",
         )
+    if federated and cfg.audit.privacy_audit:
+        raise ConfigError(
+            "audit.privacy_audit=True is not allowed with federated training: the one-run audit trains a canary model "
+            "with the central recipe; auditing a federation would need canary clients (not implemented)"
+        )
     if bd.malicious_clients and bd.attack is BackdoorAttack.none:
         raise ConfigError(
             f"backdoor.malicious_clients={bd.malicious_clients!r} is not allowed: it needs backdoor=badnets"

@@ -7,8 +7,9 @@ Rows:
   torch reference is timed, and the Triton kernel is checked against it under ``TRITON_INTERPRET=1``
   (``channel_stats_triton_interpreted_check``); speed is judged on a GPU only.
 - ``fine_pruning_stage_<backend>``: the repair as the pipeline runs it (``prune.fine_prune``: feature cache,
-  channel ranking by the kernel, the pruning curve on three splits, masked fine-tuning, baking the mask), on a
-  small CNN trained for a few epochs on BadNets-poisoned digits, with the default ``backdoor=badnets`` settings
+  channel ranking by the kernel, the pruning curve on three splits, masked fine-tuning through the one training
+  loop, the verified bake) on the automatically found feature layer of the small CNN preset, trained for a few
+  epochs on BadNets-poisoned digits (a dataset view), with the default ``backdoor=badnets`` settings
   (``--quick``: 5 fine-tuning epochs instead of 30, one timed run).
   ``ranking_share`` is the kernel's share of the stage: the stage is bound by fine-tuning, not by statistics.
 
@@ -31,10 +32,11 @@ from common import emit, parse_args, ratio, time_it
 from aisec_train.backdoor import badnets, prune, trusted
 from aisec_train.backdoor.config import BackdoorConfig
 from aisec_train.backdoor.features import FeatureCache
+from aisec_train.backdoor.layers import find_feature_layer
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
-from aisec_train.models import build_model
-from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
+from aisec_train.models import ModelFactory
+from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import train
 
 H100_BANDWIDTH = 3.35e12  # bytes/s, HBM3 peak of the H100 SXM
@@ -84,23 +86,25 @@ def stage_rows(device: str, quick: bool) -> list[dict]:
     """Train a small backdoored CNN once, then time the Fine-Pruning stage on copies of it, per backend."""
     dev = torch.device(device)
     data = load_dataset(DatasetConfig(), seed=0)
-    kept, clean = trusted.carve_reserve(data, 0.2, seed=0)
+    kept, clean = trusted.carve_reserve(data.train, 0.2, seed=0)
     cfg = BackdoorConfig(finetune_epochs=5) if quick else BackdoorConfig()  # quick: the contract's minute
     trigger = badnets.Trigger(cfg.patch_size, cfg.patch_position.value, cfg.patch_value)
     poisoned = badnets.poison(kept, rate=cfg.rate, trigger=trigger, target_of=badnets.all_to_one(0), seed=0)
     attack, _ = badnets.triggered(data.test, trigger, badnets.all_to_one(0))
-    torch.manual_seed(0)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    factory = ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, data.input_shape, data.num_classes)
+    model = factory(seed=0)
+    path = find_feature_layer(model, data.input_shape)
     train_cfg = TrainConfig(epochs=3 if quick else 10, lr=0.1, batch_size=64, ema_decay=0.0)
-    private = PrivacyConfig(mode=PrivacyMode.none)
-    model = train(model, poisoned.split, train_cfg=train_cfg, privacy_cfg=private, device=dev, progress=False).model
+    model = train(model, poisoned.view, train_cfg=train_cfg, device=dev, progress=False).model
     evaluate = {"test_accuracy": data.test, "asr": attack}
     backends = ["torch", "triton"] if dev.type == "cuda" else ["torch"]
-    maps = FeatureCache.build(model, clean, dev).maps
+    maps = FeatureCache.build(model, path, clean, dev).maps
     rows = []
     for backend in backends:
         stage = time_it(
-            lambda b=backend: prune.fine_prune(copy.deepcopy(model), clean, dev, cfg, evaluate=evaluate, backend=b),
+            lambda b=backend: prune.fine_prune(
+                copy.deepcopy(model), path, clean, dev, cfg, evaluate=evaluate, backend=b
+            ),
             device,
             repeats=1 if quick else 5,
             warmup=0 if quick else 1,

@@ -1,110 +1,294 @@
-"""DP-SGD cost: step time and peak memory of non-private SGD, Opacus hooks, Opacus ghost and aisec-train's
-default DP path (Opacus ghost clipping + weight averaging, through ``aisec_train.train.privacy``).
+"""DP-SGD cost side by side: step time and peak memory of non-private SGD, Opacus hooks, Opacus ghost, Opake
+(functional, torch.func) and aisec-train's book-keeping step (``grad_sample_mode=bk``).
 
-    python benchmarks/dpsgd.py --quick --out dpsgd.json
+    python benchmarks/dpsgd.py --quick --out dpsgd.json        # CPU, small batches
+    python benchmarks/dpsgd.py --device cuda --out dpsgd.json  # GPU: full batches + fused norm kernel bandwidth
 
-Each (model, impl) runs in a fresh subprocess so its peak memory is its own: CUDA peak allocated bytes on a
-GPU, peak resident set size (RSS) growth over the idle process on the CPU. Batches are fixed-size (no
-Poisson sampling) so every implementation does the same work per step.
+Models: ``cnn`` at 8x8 and 32x32, ``resnet18_gn`` at 32x32 and a small Linear-heavy MLP-Mixer (defined here).
+Each (model, impl) runs in a forked child on the CPU, so its peak memory is its own: the growth of the resident
+set (Linux VmHWM, reset after setup) over what the child held once model, data and wrappers were built; on a
+GPU they run in turn and peak memory is ``torch.cuda.max_memory_allocated`` over the same baseline. Batches
+are fixed-size (no Poisson sampling) so every implementation does the same work; noise multiplier 1, clip 1.
+
+Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
+factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
 """
 
 from __future__ import annotations
 
-import json
+import gc
+import multiprocessing as mp
 import resource
-import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
-from common import emit, parse_args, time_it
+import torch.nn.functional as F
+from common import emit, parse_args, synchronize, time_it
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-IMPLS = ["nonprivate", "opacus_hooks", "opacus_ghost", "ours"]
-MODELS = {  # name -> (model, channels, image size, batch, batch in --quick)
-    "cnn": ("cnn", 1, 8, 512, 512),
-    "resnet18_gn": ("resnet18_gn", 3, 32, 64, 8),
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+IMPLS = ["nonprivate", "opacus_hooks", "opacus_ghost", "opake", "ours"]
+# key -> (model, channels, image size, batch on CUDA, batch on the CPU, batch with --quick)
+MODELS = {
+    "cnn": ("cnn", 1, 8, 1024, 512, 512),
+    "cnn_32": ("cnn", 3, 32, 512, 128, 64),
+    "resnet18_gn": ("resnet18_gn", 3, 32, 256, 64, 16),
+    "mixer": ("mixer", 3, 32, 256, 128, 64),
 }
 
 
-def build_step(impl: str, model_name: str, device: str, quick: bool):
-    from aisec_train.config import GradSampleMode, PrivacyConfig
-    from aisec_train.models import build_model
-    from aisec_train.train.averaging import WeightAverage
-    from aisec_train.train.ledger import PrivacyLedger
-    from aisec_train.train.privacy import make_private
+# ------------------------------------------------------------------------------------------------ the Linear-heavy model
+class MixerBlock(nn.Module):
+    def __init__(self, tokens: int, dim: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.token1, self.token2 = nn.Linear(tokens, tokens // 2), nn.Linear(tokens // 2, tokens)
+        self.channel1, self.channel2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
 
-    name, channels, size, batch, quick_batch = MODELS[model_name]
-    batch = quick_batch if quick else batch
-    torch.manual_seed(0)
-    model = build_model(name, in_channels=channels, num_classes=10, image_size=size).to(device)
-    x = torch.rand(batch * 4, channels, size, size)
-    y = torch.randint(0, 10, (batch * 4,))
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, tokens, dim)
+        mixed = self.token2(F.gelu(self.token1(self.norm1(x).transpose(1, 2))))  # Linear over tokens: (B, dim, T)
+        x = x + mixed.transpose(1, 2)
+        return x + self.channel2(F.gelu(self.channel1(self.norm2(x))))
+
+
+class TinyMixer(nn.Module):
+    """MLP-Mixer (Tolstikhin et al. 2021), 4 blocks of width 128 on 4x4 patches: almost all Linear layers."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, dim: int = 128, depth: int = 4):
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, dim, 4, stride=4)
+        self.blocks = nn.Sequential(*[MixerBlock((image_size // 4) ** 2, dim) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(1))
+
+
+def make_model(name: str, channels: int, size: int) -> nn.Module:
+    if name == "mixer":
+        return TinyMixer(channels, 10, size)
+    from aisec_train.models import build_model
+
+    return build_model(name, in_channels=channels, num_classes=10, image_size=size)
+
+
+# ------------------------------------------------------------------------------------------------ one step per impl
+def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """A closure running one full training step of ``impl`` on the batch (x, y), and a note for the table."""
+    if impl == "opake":
+        return _opake_step(model, x, y), ""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion: nn.Module = nn.CrossEntropyLoss()
-    average = None
+    note = ""
     if impl != "nonprivate":
-        mode = GradSampleMode.hooks if impl == "opacus_hooks" else GradSampleMode.ghost
-        cfg = PrivacyConfig(noise_multiplier=1.0, grad_sample_mode=mode, poisson_sampling=False)
-        dp = make_private(model, optimizer, loader, cfg, ledger=PrivacyLedger("prv", 1e-5), epochs=1)
-        model, optimizer, criterion = dp.model, dp.optimizer, dp.criterion
+        from aisec_train.train.bk import bk_report
+        from aisec_train.train.bk_engine import BKPrivacyEngine
+
+        mode = {"opacus_hooks": "hooks", "opacus_ghost": "ghost", "ours": "bk"}[impl]
+        loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        wrapped = BKPrivacyEngine(accountant="prv").make_private(
+            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+        )  # fmt: skip
+        model, optimizer = wrapped[0], wrapped[1]
+        criterion = wrapped[2] if len(wrapped) == 4 else criterion
         if impl == "ours":
-            average = WeightAverage(dp.model._module, 0.9)
-    xb, yb = x[:batch].to(device), y[:batch].to(device)
+            report = bk_report(model)
+            note = report["fallback"] or ""
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(xb), yb)
+        loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
-        if average is not None:
-            average.update(model._module)
 
-    return step, batch
+    if impl == "ours":  # after the first step every layer has picked its method: list them
+        step()
+        methods = list(bk_report(model)["layers"].values())
+        note = note or " ".join(f"{m}:{methods.count(m)}" for m in sorted(set(methods)))
+    return step, note
 
 
-def child(impl: str, model_name: str, device: str, quick: bool) -> None:
+def _opake_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """Opake's documented functional DP-SGD step: clipped_grad (vmap of grad) + gaussian_noise + SGD update."""
+    from opake.dpsgd.clipping import clipped_grad
+    from opake.dpsgd.noise import gaussian_noise
+    from opake.random import key
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def loss_fn(p, xi, yi):
+        return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
+
+    grad_fn, state = clipped_grad(loss_fn, clipping_norm=1.0, batch_argnums=(1, 2), normalize_by=len(x))
+    noise_fn, noise_state = gaussian_noise(noise_multiplier=1.0, key=key(0))
+    holder = {"params": params, "clip": state, "noise": noise_state}
+
+    def step() -> None:
+        grads, holder["clip"] = grad_fn(holder["params"], x, y, state=holder["clip"])
+        noisy, holder["noise"] = noise_fn(grads, holder["noise"])
+        holder["params"] = {k: v - 0.01 * noisy.pytree[k] for k, v in holder["params"].items()}
+
+    return step
+
+
+# ------------------------------------------------------------------------------------------------ measurement
+def _proc_status(field: str) -> float | None:
+    """``VmRSS`` / ``VmHWM`` of this process in MiB (Linux), else None."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def measure(key: str, impl: str, device: str, quick: bool) -> dict:
     warnings.filterwarnings("ignore")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step, batch = build_step(impl, model_name, device, quick)
+    name, channels, size, cuda_batch, cpu_batch, quick_batch = MODELS[key]
+    batch = cuda_batch if device.startswith("cuda") else (quick_batch if quick else cpu_batch)
+    torch.manual_seed(0)
+    model = make_model(name, channels, size).to(device)
+    x = torch.rand(batch, channels, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    step, note = build_step(impl, model, x, y)
+    gc.collect()
     if device.startswith("cuda"):
+        synchronize(device)
+        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_it(step, device, repeats=3 if quick else 10, warmup=2)
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_rss) / 1024
-    print(json.dumps({"impl": impl, "model": model_name, "batch": batch, "seconds": seconds, "peak_mb": peak_mb}))
+        base = _proc_status("VmRSS") if _reset_peak_rss() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    seconds = time_it(step, device, repeats=3 if quick else 7, warmup=1 if quick else 2)
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        hwm = _proc_status("VmHWM")
+        peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
+    row = {"impl": impl, "model": key, "image": size, "batch": batch, "seconds": seconds, "peak_mb": peak}
+    return row | ({"note": note} if note else {})
+
+
+def _child(conn, key: str, impl: str, device: str, quick: bool) -> None:
+    try:
+        conn.send(measure(key, impl, device, quick))
+    except Exception as exc:  # a peer failing on one model must not sink the table
+        traceback.print_exc()
+        conn.send({"impl": impl, "model": key, "seconds": float("nan"), "error": f"{type(exc).__name__}: {exc}"})
+
+
+def run_case(key: str, impl: str, device: str, quick: bool) -> dict:
+    if device.startswith("cuda"):  # CUDA does not survive fork; in-process, with the peak reset per case
+        try:
+            row = measure(key, impl, device, quick)
+        except Exception as exc:
+            row = {"impl": impl, "model": key, "seconds": float("nan"), "error": f"{type(exc).__name__}: {exc}"}
+        torch.cuda.empty_cache()
+        return row
+    # A forked child has this process' imports already (fast to start) and its own memory peak.
+    parent, child = mp.get_context("fork").Pipe(duplex=False)
+    proc = mp.get_context("fork").Process(target=_child, args=(child, key, impl, device, quick))
+    proc.start()
+    row = parent.recv() if parent.poll(1800) else {"impl": impl, "model": key, "seconds": float("nan"), "error": "timeout"}
+    proc.join()
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ fused norm kernels
+KERNEL_SHAPES = {  # (N, T, Da, Dg): ResNet-18 layers at batch 256 where each method is the one picked
+    "ghost_layer3": ("ghost", (256, 64, 2304, 256)),
+    "ghost_layer4": ("ghost", (256, 16, 4608, 512)),
+    "instantiate_layer2": ("instantiate", (256, 256, 1152, 128)),
+}
+
+
+def kernel_rows(device: str) -> list[dict]:
+    """Triton against the torch reference on CUDA: time, achieved bandwidth (reading a and g once) and MAC/s."""
+    from aisec_kernels import per_sample_norms as psn
+
+    rows = []
+    for label, (method, (n, t, da, dg)) in KERNEL_SHAPES.items():
+        a = torch.randn(n, da, t, device=device).transpose(1, 2)  # unfolded conv patches arrive (N, D, T)
+        g = torch.randn(n, dg, t, device=device).transpose(1, 2)
+        nbytes = (a.numel() + g.numel()) * a.element_size()
+        macs = n * (t * t * (da + dg) if method == "ghost" else t * da * dg)
+        impls = {
+            "triton": getattr(psn, f"{'ghost' if method == 'ghost' else 'instantiated'}_norm_sq_triton"),
+            "torch": getattr(psn, f"{'ghost' if method == 'ghost' else 'instantiated'}_norm_sq_reference"),
+        }
+        for impl, fn in impls.items():
+            seconds = time_it(lambda fn=fn: fn(a, g), device, repeats=20, warmup=3)
+            rows.append({
+                "impl": f"norms_{impl}", "model": label, "batch": n, "seconds": seconds,
+                "gb_per_s": nbytes / seconds / 1e9, "tmac_per_s": macs / seconds / 1e12,
+            })  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
+def ratios_for(rows: list[dict]) -> dict[str, float]:
+    ratios: dict[str, float] = {}
+    for key in MODELS:
+        pick = {r["impl"]: r for r in rows if r.get("model") == key and r["seconds"] == r["seconds"]}  # not NaN
+        if "ours" not in pick:
+            continue
+        ours = pick["ours"]
+        for peer in ("nonprivate", "opacus_hooks", "opacus_ghost", "opake"):
+            if peer not in pick:
+                continue
+            if peer == "nonprivate":  # the DP cost factor: our time over non-private time (target <= 1.3)
+                ratios[f"nonprivate_vs_ours_{key}"] = ours["seconds"] / pick[peer]["seconds"]
+                if pick[peer].get("peak_mb", 0) > 0:
+                    ratios[f"mem_ours_over_nonprivate_{key}"] = ours["peak_mb"] / pick[peer]["peak_mb"]
+            else:
+                ratios[f"ours_vs_{peer}_{key}"] = pick[peer]["seconds"] / ours["seconds"]
+        if "opacus_ghost" in pick and "opacus_hooks" in pick:
+            ratios[f"opacus_ghost_vs_opacus_hooks_{key}"] = pick["opacus_hooks"]["seconds"] / pick["opacus_ghost"]["seconds"]
+    for label in KERNEL_SHAPES:
+        pick = {r["impl"]: r for r in rows if r.get("model") == label}
+        if {"norms_triton", "norms_torch"} <= pick.keys():
+            ratios[f"triton_vs_torch_norms_{label}"] = pick["norms_torch"]["seconds"] / pick["norms_triton"]["seconds"]
+    return ratios
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _, _, impl, model_name, device, quick = sys.argv
-        child(impl, model_name, device, quick == "1")
-        return
-    args = parse_args(__doc__.splitlines()[0])
+    def extra(parser):
+        parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {list(MODELS)}")
+        parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+
+    args = parse_args(__doc__.splitlines()[0], extra)
+    # Import the peers once here (no compute before forking), so each forked child starts in milliseconds.
+    import opacus  # noqa: F401
+    import opake.dpsgd.clipping  # noqa: F401
+
+    import aisec_train.train.bk_engine  # noqa: F401
+
     rows = []
-    for model_name in MODELS:
-        for impl in IMPLS:
-            cmd = [sys.executable, __file__, "--child", impl, model_name, args.device, "1" if args.quick else "0"]
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).parent)
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-            row["steps_per_s"] = 1.0 / row["seconds"]
+    for key in args.models.split(","):
+        for impl in args.impls.split(","):
+            row = run_case(key, impl, args.device, args.quick)
+            if "seconds" in row and row["seconds"] == row["seconds"]:
+                row["steps_per_s"] = 1.0 / row["seconds"]
             rows.append(row)
-    ratios = {}
-    for model_name in MODELS:
-        pick = {r["impl"]: r for r in rows if r["model"] == model_name}
-        # X_vs_Y = Y's time / X's time. nonprivate_vs_ours is the DP slowdown (target <= 1.3).
-        ratios[f"nonprivate_vs_ours_{model_name}"] = pick["ours"]["seconds"] / pick["nonprivate"]["seconds"]
-        ratios[f"ours_vs_opacus_hooks_{model_name}"] = pick["opacus_hooks"]["seconds"] / pick["ours"]["seconds"]
-        ratios[f"opacus_ghost_vs_opacus_hooks_{model_name}"] = (
-            pick["opacus_hooks"]["seconds"] / pick["opacus_ghost"]["seconds"]
-        )
-    emit("dpsgd_step", args.device, rows, ratios, args.out)
+            print(f"{key:12s} {impl:13s} {row.get('seconds', float('nan')):.4f}s {row.get('error', '')}", file=sys.stderr)
+    if args.device.startswith("cuda"):
+        rows += kernel_rows(args.device)
+    emit("dpsgd_step", args.device, rows, ratios_for(rows), args.out)
 
 
 if __name__ == "__main__":

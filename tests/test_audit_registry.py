@@ -209,6 +209,7 @@ def test_registry_location(monkeypatch, tmp_path):
     assert resolve_registry_path("explicit.json") == tmp_path / "explicit.json"  # the config wins
 
 
+@pytest.mark.slow  # ~20 s only because `import aisec_train` imports torch; the command itself needs no torch
 def test_installed_script_refuses_a_forged_entry_in_one_line(tmp_path):
     reg = tmp_path / "registry.json"
     Registry(reg).register(make_run(tmp_path / "s" / "run"))

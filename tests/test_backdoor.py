@@ -290,6 +290,14 @@ def test_augmentation_applies_after_the_stamp(tmp_path):
     assert corners == {"right", "left"}  # the flip moved the stamped patch: stamped first, augmented after
 
 
+def test_a_poisoned_view_of_a_tensor_labelled_dataset_still_collates():
+    base = Sample(torch.rand(40, 1, 8, 8), torch.arange(40) % 4)  # labels as 0-d tensors, like many user datasets
+    poisoned = badnets.poison(base, rate=0.5, trigger=badnets.Trigger(2), target_of=badnets.all_to_one(0), seed=0)
+    x, y = materialize(poisoned.view)
+    rows = poisoned.indices
+    assert len(rows) == 20 and (y[rows] == 0).all() and (x[rows, :, 6:, 6:] == 1).all()
+
+
 def test_trusted_path_keeps_the_whole_training_split(tmp_path):
     digits = load_dataset(DatasetConfig(), seed=0)
     x, y = materialize(digits.test, limit=100)
@@ -313,6 +321,11 @@ def test_filtering_under_dp_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"backdoor.filter=True is not allowed with privacy=dpsgd.*allowed:"):
         poisoned_run(tmp_path, "backdoor.filter=true")
     assert poisoned_run(tmp_path, "backdoor.filter=true", "privacy=none").backdoor is not None
+
+
+def test_a_feature_layer_that_does_not_exist_is_refused_in_the_poison_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"^backdoor.feature_layer='nope' is not allowed: no such module \(top-level"):
+        poisoned_run(tmp_path, "backdoor.feature_layer=nope")
 
 
 # ------------------------------------------------------------------------------------------------ federated red team
@@ -631,14 +644,13 @@ def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run
     [
         ("backdoor.rate=1.5", "backdoor.rate=1.5 is not allowed: must be in (0, 1)"),
         ("backdoor.target=10", "backdoor.target=10 is not allowed: must be < 10 classes"),
-        ("backdoor.feature_layer=nope", "backdoor.feature_layer='nope' is not allowed: no such module"),
     ],
 )
 def test_cli_refuses_bad_backdoor_input_in_one_line(tmp_path, override, message):
     proc = run_cli("experiment=backdoor", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"aisec-train: error: {message}")
+    assert proc.stderr.strip().splitlines()[-1] == f"aisec-train: error: {message}"
     assert not (tmp_path / "run" / "report.json").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 

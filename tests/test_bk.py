@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from aisec_train.models import build_model
-from aisec_train.train import bk_layers
+from aisec_train.train import bk_conv, bk_layers
 from aisec_train.train.bk import BKGradSampleModule, bk_report
 from aisec_train.train.bk_cost import Choice
 from aisec_train.train.bk_engine import BKPrivacyEngine
@@ -206,16 +206,33 @@ def test_reflect_padding_and_inplace_relu_equal_definition():
     assert_bk_equals_functorch(model, x, y)
 
 
-@pytest.mark.parametrize("method", ["ghost", "instantiate_stored", "instantiate_recomputed"])
-@pytest.mark.parametrize("model", ["linear_3d", "conv2d_groups_dilation"])
+METHODS = ["ghost_pixels", "ghost_patches", "instantiate_stored", "instantiate_recomputed"]
+
+
+def _force(monkeypatch, method: str) -> Choice:
+    """The cost model picks one method per shape; tests force each in turn so every path is held exact."""
+    forced = Choice("ghost" if method.startswith("ghost") else "instantiate", method == "instantiate_stored", method)
+    for module in (bk_layers, bk_conv):
+        monkeypatch.setattr(module, "choose", lambda **_: forced)
+    monkeypatch.setattr(bk_conv, "ghost_by_pixels", lambda *_: method == "ghost_pixels")
+    return forced
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("model", ["linear_3d", "conv2d", "conv2d_groups_dilation", "conv2d_depthwise_same", "conv1d"])
 def test_every_norm_method_is_exact(monkeypatch, model, method):
-    """The cost model picks one method per shape; force each in turn so all three paths are held exact."""
-    forced = Choice("ghost" if method == "ghost" else "instantiate", method == "instantiate_stored", "forced")
-    monkeypatch.setattr(bk_layers, "choose", lambda **_: forced)
+    forced = _force(monkeypatch, method)
     make, shape = LAYERS[model]
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7))
     wrapped = assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
     assert forced.method in bk_report(wrapped)["layers"].values()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_norm_method_is_exact_across_two_forwards(monkeypatch, method):
+    _force(monkeypatch, method)
+    x, y = _images(3, 1, 8, 8, classes=10, seed=5)
+    assert_bk_equals_hooks(lambda: build_model("cnn", in_channels=1, num_classes=10, image_size=8), x, y, _trades)
 
 
 # ------------------------------------------------------------------------------------------------ whole models
@@ -236,3 +253,141 @@ def test_two_forwards_one_backward_equals_opacus_hooks(batch):
     """TRADES: the per-sample gradient sums both passes; the norms need the cross terms between them."""
     x, y = _images(batch, 1, 8, 8, classes=10, seed=3)
     assert_bk_equals_hooks(lambda: build_model("cnn", in_channels=1, num_classes=10, image_size=8), x, y, _trades)
+
+
+# ------------------------------------------------------------------------------------------------ fallbacks
+class Gain(nn.Module):
+    """A layer with a parameter but neither a book-keeping rule nor an Opacus grad sampler."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def test_layer_without_rule_uses_opacus_grad_sampler():
+    def make():
+        return nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6), nn.Tanh(), nn.Linear(6, 3))
+
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(2))
+    wrapped = assert_bk_equals_hooks(make, x, torch.tensor([0, 1, 2]))
+    report = bk_report(wrapped)
+    assert report["mode"] == "bk" and report["layers"]["1"] == "opacus:compute_rms_norm_grad_sample"
+    assert "RMSNorm" in report["why"]["1"]
+
+
+def test_unsupported_layer_falls_back_to_ghost_and_is_reported():
+    x, y = torch.randn(6, 5), torch.arange(6) % 3
+    model = nn.Sequential(nn.Linear(5, 4), Gain(4), nn.Linear(4, 3))
+    wrapped, optimizer, criterion, _, _ = _private(model, x, y, "bk", 1.0, noise=1.0)
+    report = bk_report(wrapped)
+    assert report["mode"] == "ghost" and report["layers"] == {}
+    assert "'1'" in report["fallback"] and "Gain" in report["fallback"]
+    criterion(wrapped(x), y).backward()  # the fallback trains through Opacus' own ghost criterion
+    optimizer.step()
+    assert all(p.grad is not None for p in wrapped.parameters())
+
+
+def test_tied_weights_fall_back_to_hooks():
+    embed = nn.Embedding(7, 4)
+    head = nn.Linear(4, 7, bias=False)
+    head.weight = embed.weight
+    model = nn.Sequential(embed, nn.Flatten(), nn.Linear(8, 4), head)
+    wrapped, *_ = _private(model, torch.randint(0, 7, (3, 2)), torch.arange(3), "bk", 1.0)
+    report = bk_report(wrapped)
+    assert report["mode"] == "hooks" and "shared" in report["fallback"]
+
+
+# ------------------------------------------------------------------------------------------------ mechanism
+def test_noise_ledger_and_epsilon_equal_ghost_mode():
+    """Same noise generator, Poisson draws and steps: bk and Opacus ghost end with the same parameters,
+    accountant history and epsilon (the mechanism is Opacus', only how p.grad is formed differs)."""
+    x, y = _images(48, 1, 8, 8, classes=10, seed=9)
+    runs = {}
+    for mode in ("ghost", "bk"):
+        torch.manual_seed(0)
+        model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+        engine = BKPrivacyEngine(accountant="prv")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, criterion, loader = engine.make_private(
+                module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5), criterion=nn.CrossEntropyLoss(),
+                data_loader=DataLoader(TensorDataset(x, y), batch_size=12), noise_multiplier=1.3, max_grad_norm=0.5,
+                grad_sample_mode=mode, noise_generator=torch.Generator().manual_seed(1),
+            )  # fmt: skip
+        torch.manual_seed(2)  # Poisson draws
+        for xb, yb in loader:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+        runs[mode] = (model._module.state_dict(), engine.accountant.history, engine.get_epsilon(1e-5))
+    (ghost_state, ghost_history, ghost_eps), (bk_state, bk_history, bk_eps) = runs["ghost"], runs["bk"]
+    assert bk_history == ghost_history and len(bk_history) == 1 and bk_history[0][2] == 4
+    assert bk_eps == ghost_eps
+    for name in ghost_state:
+        torch.testing.assert_close(bk_state[name], ghost_state[name], **TOL)
+
+
+def test_physical_batches_add_up_to_the_logical_batch():
+    """Opacus' BatchMemoryManager splits a logical batch; the clipped sums of its parts add up."""
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+    x, y = _images(6, 1, 8, 8, classes=10, seed=6)
+    torch.manual_seed(0)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    want, _ = _step_grads(copy.deepcopy(model), x, y, "bk", 0.05)
+    wrapped, optimizer, criterion, loader, _ = _private(model, x, y, "bk", 0.05)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=optimizer) as batches:
+        for xb, yb in batches:
+            optimizer.zero_grad(set_to_none=True)
+            criterion(wrapped(xb), yb).backward()
+            optimizer.step()
+    for name, p in wrapped._module.named_parameters():
+        torch.testing.assert_close(p.grad, want[name], **TOL)
+
+
+def test_disabled_hooks_eval_and_cleanup_give_the_plain_model():
+    """Attacks switch the hooks off (robust.attacks.attack_mode): then the model is the plain model."""
+    x, y = _images(4, 1, 8, 8, classes=10)
+    torch.manual_seed(0)
+    plain = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    wrapped = BKGradSampleModule(copy.deepcopy(plain), max_grad_norm=1e-3)
+    F.cross_entropy(plain(x), y).backward()
+    wrapped.disable_hooks()
+    F.cross_entropy(wrapped(x), y).backward()  # ordinary autograd: no clipping
+    for (name, p), q in zip(wrapped._module.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    wrapped.enable_hooks()
+    wrapped.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), plain.eval()(x))
+    wrapped.cleanup()
+    assert not any("forward" in m.__dict__ for m in wrapped._module.modules())
+
+
+def test_input_modified_in_place_before_backward_is_refused():
+    class Edits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.a(x) + 0.0
+            out = self.b(h)
+            h.mul_(2.0)  # b's kept input no longer is what b saw
+            return out
+
+    wrapped = BKGradSampleModule(Edits(), max_grad_norm=1.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        wrapped(torch.randn(2, 3)).sum().backward()
+
+
+def test_bad_arguments_are_refused_in_one_line():
+    from aisec_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_grad_norm=0"):
+        BKGradSampleModule(nn.Linear(2, 2), max_grad_norm=0)
+    with pytest.raises(ConfigError, match="loss_reduction='median'"):
+        BKGradSampleModule(nn.Linear(2, 2), max_grad_norm=1.0, loss_reduction="median")

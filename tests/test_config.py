@@ -21,8 +21,9 @@ def compose_config(*overrides: str):
 
 def test_defaults_compose_to_typed_config():
     cfg = to_config(compose_config())
-    assert cfg.dataset.name.value == "digits"
-    assert cfg.model.name.value == "cnn"
+    assert cfg.dataset.name == "digits"
+    assert cfg.model == {"_target_": "aisec_train.models.SmallCNN"}
+    assert cfg.optimizer == {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0}
     assert cfg.privacy.mode.value == "dpsgd" and cfg.privacy.accountant is Accountant.prv
     assert cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-5
     assert cfg.train.device == "auto"
@@ -31,7 +32,11 @@ def test_defaults_compose_to_typed_config():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.lr=-1", "train.lr=-1.0 is not allowed: must be > 0"),
+        ("train.lr=-1", "train.lr=-1.0 is not allowed: must be a finite number > 0"),
+        ("train.lr=nan", "train.lr=nan is not allowed: must be a finite number > 0"),
+        ("privacy.target_epsilon=inf", "privacy.target_epsilon=inf is not allowed: must be a finite number > 0"),
+        ("+train.typo=1", "train.typo is not allowed: not a key of train"),
+        ("dataset.n_samples=50", "dataset.n_samples=50 is not allowed with dataset=digits"),
         ("privacy.delta=2", "privacy.delta=2.0 is not allowed"),
         ("train.device=tpu", "train.device='tpu' is not allowed"),
         ("dataset.sha256=abc", "dataset.sha256='abc' is not allowed"),
@@ -52,7 +57,23 @@ def test_type_errors_are_caught_by_the_schema():
     assert "prv, rdp, gdp" in str(info.value.__cause__)
     with pytest.raises(Exception) as info:
         compose_config("train.nonsense=1")
-    assert "Key 'nonsense' not in 'TrainConfig'" in str(info.value) + str(info.value.__cause__)
+    assert "nonsense" in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["federated=fedavg", "train.distributed.nproc=2"], "train.distributed.nproc=2 is not allowed"),
+        (["backdoor=badnets", "backdoor.malicious_clients=1"], "backdoor.malicious_clients=1 is not allowed"),
+        (["federated=fedavg", "backdoor=badnets"], "backdoor.malicious_clients=0 is not allowed: must be in [1,"),
+        (["federated=fedavg", "backdoor=badnets", "backdoor.filter=true", "backdoor.malicious_clients=1"],
+         "backdoor.filter=True is not allowed"),
+        (["robustness=trades", "privacy.grad_sample_mode=ghost"], "privacy.grad_sample_mode='ghost' is not allowed"),
+    ],
+)  # fmt: skip
+def test_combinations_that_could_not_run_honestly_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        to_config(compose_config(*overrides))
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ from aisec_train.data.dataset import load_dataset
 from aisec_train.data.errors import DataError
 from aisec_train.data.sanity import check_training_split
 from aisec_train.data.views import Sample, labels_of, materialize
+from aisec_train.errors import ConfigError
 
 
 def npz_config(path, **kw) -> DatasetConfig:
@@ -178,7 +179,7 @@ def test_declared_npz_size_over_the_limit_is_refused_before_reading(tmp_path):
 def test_keys_of_another_source_are_refused():
     from aisec_train.data.sources import check_source_keys
 
-    with pytest.raises(DataError, match="dataset.root='/x' is not allowed with dataset=digits: only .*imagefolder"):
+    with pytest.raises(ConfigError, match="dataset.root='/x' is not allowed with dataset=digits: only .*imagefolder"):
         check_source_keys(DatasetConfig(root="/x"))
-    with pytest.raises(DataError, match="dataset.name='nope' is not allowed: choose one of"):
+    with pytest.raises(ConfigError, match="dataset.name='nope' is not allowed: choose one of"):
         check_source_keys(DatasetConfig(name="nope"))

@@ -1,4 +1,4 @@
-"""The model registry: every model is Opacus-compatible and adapts to the dataset's shape and classes."""
+"""The model presets and the one factory: Opacus-compatible presets, any _target_, timm, DP fixes, normalisation."""
 
 from __future__ import annotations
 
@@ -7,26 +7,57 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from aisec_train.models import MODELS, build_model, feature_layer
+from aisec_train.backdoor.layers import find_feature_layer
+from aisec_train.errors import ConfigError
+from aisec_train.models import MODELS, ModelFactory, build_model, check_model_config
 
-SHAPES = [(1, 8, 10), (1, 28, 10), (3, 32, 7)]  # (channels, image size, classes): digits, MNIST, CIFAR-like
+SHAPES = [(1, (8, 8), 10), (1, (28, 28), 10), (3, (32, 32), 7), (3, (12, 20), 4)]  # digits, MNIST, CIFAR, non-square
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("channels, size, classes", SHAPES)
-def test_every_model_is_dp_compatible_and_adapts(name, channels, size, classes):
+def test_every_preset_is_dp_compatible_and_adapts(name, channels, size, classes):
     model = build_model(name, in_channels=channels, num_classes=classes, image_size=size)
     assert ModuleValidator.validate(model, strict=False) == []
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    x = torch.rand(3, channels, size, size)
-    assert model(x).shape == (3, classes)
-    features = []
-    handle = feature_layer(model).register_forward_hook(lambda _m, _i, out: features.append(out))
-    model(x)
-    handle.remove()
-    assert features[0].dim() == 4 and features[0].shape[0] == 3  # an (N, C, H, W) map for backdoor analysis
+    assert model(torch.rand(3, channels, *size)).shape == (3, classes)
+    # backdoor analysis finds a feature map on every preset without being told where
+    assert find_feature_layer(model, (channels, *size)) == "features_out"
 
 
-def test_unknown_model_names_the_choices():
+def test_unknown_preset_names_the_choices():
     with pytest.raises(ValueError, match="choose one of \\['cnn', 'mlp', 'resnet18_gn'\\]"):
         build_model("vgg", in_channels=1, num_classes=10, image_size=8)
+
+
+def test_timm_models_build_offline_and_batchnorm_is_fixed_for_dp():
+    spec = {"_target_": "aisec_train.models.timm_model", "arch": "resnet18"}
+    check_model_config(spec)
+    factory = ModelFactory(spec, (3, 16, 16), 5, private=True)
+    model = factory(seed=0)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+    assert ModuleValidator.validate(model, strict=False) == []
+    fixes = factory.describe()["dp_fixes"]
+    assert {"module": "bn1", "from": "BatchNorm2d", "to": "GroupNorm"} in fixes
+    assert find_feature_layer(model, (3, 16, 16)) == "layer4"
+    vit = ModelFactory({**spec, "arch": "vit_tiny_patch16_224", "patch_size": 4}, (3, 16, 16), 5)(seed=0)
+    assert vit(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+
+
+def test_timm_refuses_downloads_and_unknown_architectures():
+    with pytest.raises(ConfigError, match="not a timm model"):
+        check_model_config({"_target_": "aisec_train.models.timm_model", "arch": "resnet_999"})
+    factory = ModelFactory({"_target_": "aisec_train.models.timm_model", "arch": "resnet18", "pretrained": True},
+                           (3, 16, 16), 5)  # fmt: skip
+    with pytest.raises(ConfigError, match="nothing is downloaded"):
+        factory()
+
+
+def test_factory_copies_a_model_object_and_refuses_what_opacus_cannot_fix():
+    template = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    factory = ModelFactory(None, (3, 2, 2), 3, template=template)
+    copy = factory()
+    assert copy is not template and torch.equal(copy[1].weight, template[1].weight)
+    assert factory.describe()["source"] == "python object"
+    lstm = ModelFactory(None, (1, 4, 4), 2, private=True, template=nn.Sequential(nn.Flatten(), nn.LSTM(16, 2)))
+    assert lstm.describe()["dp_fixes"] == [{"module": "1", "from": "LSTM", "to": "DPLSTM"}]

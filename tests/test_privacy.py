@@ -8,7 +8,6 @@ import pytest
 import torch
 from opacus.accountants import create_accountant
 
-from aisec_train.config import DatasetName
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
@@ -21,7 +20,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def data():
-    return load_dataset(DatasetConfig(name=DatasetName.synthetic, n_samples=300), seed=0).train
+    return load_dataset(DatasetConfig(name="synthetic", n_samples=300), seed=0).train
 
 
 def fit(data, *, epochs=2, resume=None, saved=None, **privacy):
@@ -35,7 +34,7 @@ def fit(data, *, epochs=2, resume=None, saved=None, **privacy):
         privacy_cfg=PrivacyConfig(**privacy),
         device=CPU,
         resume=resume,
-        on_epoch_end=saved.append if saved is not None else None,
+        persist=saved.append if saved is not None else None,
         progress=False,
     )
 

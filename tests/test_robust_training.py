@@ -9,12 +9,13 @@ import torch
 from opacus import PrivacyEngine
 from torch import nn
 
-from aisec_train.config import DatasetName
 from aisec_train.data.config import DatasetConfig
-from aisec_train.data.dataset import Split, load_dataset
+from aisec_train.data.dataset import load_dataset
+from aisec_train.data.views import Sample, materialize
 from aisec_train.models import build_model
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.loop import train
+from aisec_train.train.objectives import Adversarial
 from tests.conftest import read_report, run_cli
 
 CLIP, LR = 0.1, 0.5
@@ -27,8 +28,8 @@ def flip(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", [GradSampleMode.hooks, GradSampleMode.ghost])
 def test_dp_step_clips_the_adversarial_examples_per_sample_gradients(mode):
-    data = load_dataset(DatasetConfig(name=DatasetName.synthetic, n_samples=60), seed=0).train
-    batch = Split(data.x[:32], data.y[:32])
+    x, y = materialize(load_dataset(DatasetConfig(name="synthetic", n_samples=60), seed=0).train, limit=32)
+    batch = Sample(x, y)
     torch.manual_seed(0)
     base = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
 
@@ -43,7 +44,15 @@ def test_dp_step_clips_the_adversarial_examples_per_sample_gradients(mode):
         poisson_sampling=False,
     )
     cfg = TrainConfig(epochs=1, batch_size=32, max_physical_batch_size=32, lr=LR, momentum=0.0, ema_decay=0.0)
-    train(ours, batch, train_cfg=cfg, privacy_cfg=privacy, device=torch.device("cpu"), adversary=flip, progress=False)
+    train(
+        ours,
+        batch,
+        train_cfg=cfg,
+        privacy_cfg=privacy,
+        device=torch.device("cpu"),
+        objective=Adversarial("flip", flip),
+        progress=False,
+    )
 
     # The reference: Opacus directly, on the adversarial examples.
     ref = copy.deepcopy(base)
@@ -82,7 +91,7 @@ def test_presets_compose_with_dp_on_the_command_line(tmp_path):
 
 
 def test_privacy_mode_none_is_unaffected_by_the_adversary_plumbing():
-    data = load_dataset(DatasetConfig(name=DatasetName.synthetic, n_samples=60), seed=0).train
+    data = load_dataset(DatasetConfig(name="synthetic", n_samples=60), seed=0).train
     torch.manual_seed(0)
     model = build_model("mlp", in_channels=1, num_classes=10, image_size=8)
     cfg = TrainConfig(epochs=1, batch_size=16, lr=0.1, ema_decay=0.0)
@@ -98,7 +107,7 @@ def test_privacy_mode_none_is_unaffected_by_the_adversary_plumbing():
         train_cfg=cfg,
         privacy_cfg=PrivacyConfig(mode=PrivacyMode.none),
         device=torch.device("cpu"),
-        adversary=recording,
+        objective=Adversarial("recording", recording),
         progress=False,
     )
     assert result.ledger is None and sum(seen) == len(data)

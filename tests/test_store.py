@@ -140,6 +140,10 @@ def test_writes_never_follow_a_planted_symlink(tmp_path):
             fh.write("never")
     with pytest.raises(IntegrityError, match="audit.registry_path: .* is a symlink"):
         validate_output_path(run / "report.json", what="audit.registry_path")
+    (tmp_path / "ledgers").mkdir()
+    (tmp_path / "ledgers" / f"{DS}.json").symlink_to(outside / "ledger.json")
+    with pytest.raises(IntegrityError, match=f"privacy ledger store: .*{DS}.json is a symlink"):
+        LedgerStore(tmp_path / "ledgers").validate(DS)  # refused before training, not after
     assert os.listdir(outside) == [] and not (tmp_path / "escape.txt").exists()
     atomic_write(run / "sub" / "deep" / "ok.txt", "fine", root=run)  # missing folders are created, no-follow
     assert (run / "sub" / "deep" / "ok.txt").read_text() == "fine"

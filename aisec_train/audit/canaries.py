@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from aisec_train.data.views import labels_of
 from aisec_train.errors import require
 
 KINDS = ("mislabel", "noise")
@@ -93,17 +94,30 @@ def plan_canaries(dataset: Dataset, *, m: int, seed: int, kind: str = "mislabel"
 
 
 class Relabelled(Dataset):
-    """``base`` with some labels replaced (``{index: label}``); every label comes back as a Python int."""
+    """``base`` with some labels replaced (``{index: label}``); every label comes back as a Python int.
 
-    def __init__(self, base: Dataset, labels: dict[int, int]):
-        self.base, self.labels = base, labels
+    ``labels`` (all of them, int64) lets :func:`aisec_train.data.views.labels_of` read them without images.
+    """
+
+    def __init__(self, base: Dataset, overrides: dict[int, int]):
+        self.base, self.overrides = base, overrides
+        self._labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         x, y = self.base[i]
-        return x, self.labels.get(int(i), _label(y))
+        return x, self.overrides.get(int(i), _label(y))
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            labels = labels_of(self.base).copy()
+            for i, y in self.overrides.items():
+                labels[i] = y
+            self._labels = labels
+        return self._labels
 
 
 class NoiseCanaries(Dataset):

@@ -92,6 +92,24 @@ class MonitorConfig:
             require(getattr(self, key) > 0, f"audit.monitor.{key}", getattr(self, key), "must be > 0")
 
 
+class CanaryKind(Enum):
+    mislabel = "mislabel"  # training samples given a wrong label (Steinke et al.'s default for input space)
+    noise = "noise"  # crafted inputs: uniform-noise images with random labels, outside the data distribution
+
+
+@dataclass
+class CanaryConfig:
+    """The one-run privacy audit's canaries (docs/audits.md)."""
+
+    m: int = 500  # canaries, each included with probability 1/2
+    kind: CanaryKind = CanaryKind.mislabel
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        require(self.m >= 20, "audit.canaries.m", self.m, "must be >= 20")
+        require(0.5 <= self.confidence < 1, "audit.canaries.confidence", self.confidence, "must be in [0.5, 1)")
+
+
 @dataclass
 class AuditConfig:
     enabled: bool = True
@@ -99,6 +117,9 @@ class AuditConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     extraction: ExtractionAuditConfig = field(default_factory=ExtractionAuditConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    # One-run privacy audit (Steinke, Nasr & Jagielski 2023): trains one more model, with canaries; `on` / `off`.
+    privacy_audit: bool = False
+    canaries: CanaryConfig = field(default_factory=CanaryConfig)
     # None: $AISEC_TRAIN_REGISTRY, else outputs/registry.json under the launch directory (docs/audits.md)
     registry_path: str | None = None
     cpu_threads: int = 1  # torch threads while auditing on the CPU; 0 = as configured (trade-off: docs/audits.md)

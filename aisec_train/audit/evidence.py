@@ -37,8 +37,8 @@ def _seeds(effect: dict[str, Any]) -> str:
 def membership(summary: dict[str, Any], eps: float | None, delta: float, max_auc: float) -> tuple[Status, str]:
     lo, hi = summary["auc_ci95"]
     numbers = (
-        f"AUC {summary['auc']:.3f} (95% bootstrap CI {lo:.3f}-{hi:.3f}, {summary['auc_attack']}), TPR "
-        f"{summary['tpr_at_fpr_0_001']:.3f} at 0.1% FPR and {summary['tpr_at_fpr_0_01']:.3f} at 1% FPR (worst of "
+        f"AUC {summary['auc']:.3f} (95% bootstrap CI {lo:.3f}-{hi:.3f}), TPR {summary['tpr_at_fpr_0_001']:.3f} at "
+        f"0.1% FPR and {summary['tpr_at_fpr_0_01']:.3f} at 1% FPR by the strongest attack, {summary['auc_attack']} (of "
         f"{', '.join(summary['attacks'])}; {summary['members']} members vs {summary['nonmembers']} non-members, "
         f"{summary['reference_models']} reference model(s); FPR resolution {summary['fpr_resolution']:.4f})"
     )

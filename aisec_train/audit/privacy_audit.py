@@ -204,6 +204,9 @@ def run_privacy_audit(
     }
 
 
+ITEM = "empirical privacy audit (one-run, Steinke et al. 2023)"
+
+
 def verdict(result: dict[str, Any] | None, claimed_epsilon: float | None) -> dict[str, str]:
     """Checklist answer: ``fail`` when the lower bound exceeds the claimed epsilon (the DP claim is refuted)."""
     if result is None:

@@ -9,6 +9,7 @@ and writes security_report.md so that all three carry every answer.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,14 +18,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, probes, shifts
+from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, privacy_audit, probes, shifts
+from aisec_train.audit.references import reference_recipe
 from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
 from aisec_train.data.views import materialize, subset
 from aisec_train.hashing import sha256_file
 from aisec_train.train.checkpoint import CheckpointError
+from aisec_train.train.loop import train
 
 if TYPE_CHECKING:
-    from aisec_train.run import Run
+    from aisec_train.run_state import Run
 
 ROC_PNG = "membership_roc.png"
 
@@ -56,7 +59,49 @@ def stage_audit(run: Run) -> None:
             run.report.add("audit", membership=None, extraction=None, sanitization=None)
             for area, item in (("training", evidence.MEMBERSHIP), ("model", evidence.EXTRACTION)):
                 run.report.check(area, item, "not_applicable", "audit.enabled=false: not measured in this run")
+        _privacy_audit(run)
         _monitoring(run, model)
+
+
+def _privacy_audit(run: Run) -> None:
+    """One-run privacy audit: one more model, trained with the audited recipe on canaries, and the empirical
+    epsilon lower bound beside the claimed epsilon (the item fails when the claim is refuted)."""
+    cfg = run.cfg
+    if not cfg.audit.privacy_audit:
+        run.report.add("audit", privacy_audit=None)
+        run.report.check("training", privacy_audit.ITEM, "not_applicable", "audit.privacy_audit=off: not run")
+        return
+    assert run.data is not None and run.factory is not None
+    data, factory, claimed = run.data, run.factory, run.report.get("privacy.epsilon")
+    noise = run.report.get("privacy.noise_multiplier")
+    # The audited mechanism exactly: its noise multiplier (not a recalibration), its clip, objective and optimizer.
+    audited = dataclasses.replace(cfg.privacy, noise_multiplier=noise, target_epsilon=None) if noise else cfg.privacy
+
+    def train_canary_model(dataset):
+        return train(
+            factory(seed=cfg.train.seed + 7),
+            data.training_view(dataset),
+            train_cfg=cfg.train,
+            privacy_cfg=audited,
+            device=run.device,
+            progress=False,
+            **reference_recipe(cfg),
+        ).model
+
+    canaries = cfg.audit.canaries
+    result = privacy_audit.run_privacy_audit(
+        train_canary_model,
+        data.train,
+        m=canaries.m,
+        seed=cfg.train.seed,
+        delta=cfg.privacy.delta,
+        canary_kind=canaries.kind.value,
+        num_classes=data.num_classes,
+        confidence=canaries.confidence,
+    )
+    answer = privacy_audit.verdict(result, claimed)
+    run.report.add("audit", privacy_audit={**result, "claimed_epsilon": claimed})
+    run.report.check("training", privacy_audit.ITEM, answer["status"], answer["evidence"])
 
 
 def governance(run: Run) -> dict[str, Any]:
@@ -158,7 +203,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
     rows = np.random.default_rng(run.cfg.train.seed).permutation(n_train)[:MONITOR_TRAIN_SAMPLES]
     train_x, _ = materialize(subset(data.train, np.sort(rows)))
     mode = "all" if len(train_x) == n_train else "seeded_sample"  # the words of the data stage's sanity coverage
-    test_x, _ = materialize(data.test, limit=4 * MONITOR_TRAIN_SAMPLES)
+    test_x, _ = materialize(data.test, limit=MONITOR_TRAIN_SAMPLES)
     meta = {
         "target": run.factory.target if run.factory else None,
         "input_shape": list(data.input_shape),

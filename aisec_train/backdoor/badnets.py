@@ -80,7 +80,10 @@ class PoisonedView(Relabeled):
     def __getitem__(self, index: int):
         x, y = self.base[index]
         label = self.new_labels.get(int(index))
-        return (x, y) if label is None else (self.trigger.apply(x), label)
+        if label is None:
+            return x, y
+        # The base's own label type (int or 0-d tensor): a batch mixing both would not collate.
+        return self.trigger.apply(x), torch.as_tensor(label, dtype=y.dtype) if isinstance(y, torch.Tensor) else label
 
 
 @dataclass

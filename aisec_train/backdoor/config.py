@@ -38,7 +38,7 @@ class PatchPosition(Enum):
 @dataclass
 class BackdoorConfig:
     attack: BackdoorAttack = BackdoorAttack.none  # badnets: red-team poisoning of the training split
-    rate: float = 0.1  # fraction of the (remaining) training split that is poisoned
+    rate: float = 0.1  # fraction of the (remaining) training split poisoned; federated: of each malicious shard
     mapping: BackdoorMapping = BackdoorMapping.all_to_one
     target: int = 0  # all_to_one target class
     patch_size: int = 3  # trigger side in pixels: BadNets' 3x3 white square (docs/backdoor.md)

@@ -7,8 +7,9 @@
     defend: metrics before -> detection (both methods) -> [filter + retrain] -> Fine-Pruning -> metrics after
             -> report section, privacy scope and checklist (backdoor/record.py)
 
-Both return at once when ``backdoor.attack=none``. Nothing here holds a whole split: training, detection and
-metrics stream over dataset views.
+``poison_data(cfg, data, factory)`` is the poison stage without the report, for a process that rebuilds the data
+from the config (a federated SuperNode). Both stages return at once when ``backdoor.attack=none``. Nothing here
+holds a whole split: training, detection and metrics stream over dataset views.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def _validate(run) -> None:
         raise ConfigError(f"backdoor.patch_size={bd.patch_size!r} is not allowed: must be < the image side {side}")
 
 
-def _trusted(run):
-    bd, data, seed = run.cfg.backdoor, run.data, run.cfg.train.seed
+def _trusted(cfg, data):
+    bd, seed = cfg.backdoor, cfg.train.seed
     if bd.trusted_path:
         clean = trusted.load_trusted(bd.trusted_path, data)
         sha = trusted.trusted_file_sha256(bd.trusted_path)
@@ -65,15 +66,13 @@ def _trusted(run):
     return clean
 
 
-def stage_poison(run) -> None:
-    cfg = run.cfg
-    bd = cfg.backdoor
-    if bd.attack is BackdoorAttack.none:
-        return
-    _validate(run)
-    data, seed = run.data, cfg.train.seed
-    layer = resolve_feature_layer(run.factory(seed=seed), data.input_shape, bd.feature_layer)
-    clean = _trusted(run)  # before any partition: the reserve never reaches a client
+def poison_data(cfg, data, factory) -> BackdoorState:
+    """The red team on ``data`` (its ``train`` becomes the poisoned view; lineage recorded): deterministic in the
+    config and seed, so a process that rebuilds the data from the config (a federated SuperNode) gets the same
+    rows, shards and trigger by calling it again."""
+    bd, seed = cfg.backdoor, cfg.train.seed
+    layer = resolve_feature_layer(factory(seed=seed), data.input_shape, bd.feature_layer)
+    clean = _trusted(cfg, data)  # before any partition: the reserve never reaches a client
     trigger = badnets.Trigger(bd.patch_size, bd.patch_position.value, bd.patch_value)
     target_of = _target_of(bd, data.num_classes)
     parts, per_client = None, []
@@ -97,14 +96,21 @@ def stage_poison(run) -> None:
         **scope,
         **badnets.fingerprint(poisoned, trigger, target_of),
     )
-    run.backdoor = BackdoorState(
+    return BackdoorState(
         trigger, target_of, poisoned, clean, bool(bd.trusted_path), layer,
         client_indices=tuple(parts) if parts else None,
         malicious_clients=tuple(range(bd.malicious_clients)),
         poisoned_per_client=tuple(per_client),
     )  # fmt: skip
-    run.report.add("data", n_train=len(data.train), n_trusted=len(clean))
-    run.report.add("backdoor", feature_layer=layer.path, feature_layer_detail=layer.describe())
+
+
+def stage_poison(run) -> None:
+    if run.cfg.backdoor.attack is BackdoorAttack.none:
+        return
+    _validate(run)
+    run.backdoor = state = poison_data(run.cfg, run.data, run.factory)
+    run.report.add("data", n_train=len(run.data.train), n_trusted=len(state.trusted))
+    run.report.add("backdoor", feature_layer=state.layer.path, feature_layer_detail=state.layer.describe())
 
 
 def _detect(run, state: BackdoorState) -> dict[str, dict]:

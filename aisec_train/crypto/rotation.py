@@ -112,6 +112,26 @@ def load_epoch_secret(client_root: Path, epoch: int) -> tuple[ts.Context, str]:
     return load_secret_context(folder / SECRET_FILE), _read_key_id(folder)
 
 
+def epochs(root: Path) -> dict[str, int]:
+    """Every epoch under ``root`` (a client or server root) by its key id."""
+    found = {}
+    for folder in sorted(Path(root).glob("epoch_*")):
+        if (folder / KEY_ID_FILE).is_file():
+            found[_read_key_id(folder)] = int(folder.name.split("_")[1])
+    return found
+
+
+def is_tagged(data: bytes) -> bool:
+    return bytes(data[: len(_MAGIC)]) == _MAGIC
+
+
+def key_id_of(data: bytes) -> str:
+    """The key id a tagged upload or aggregate names (checked against nothing: :func:`untag` checks)."""
+    if not is_tagged(data) or len(data) < len(_MAGIC) + _ID_BYTES:
+        raise InvalidCiphertextError("payload carries no key id: it was not tagged with rotation.tag")
+    return bytes(data[len(_MAGIC) : len(_MAGIC) + _ID_BYTES]).hex()
+
+
 def tag(update: EncryptedUpdate, key_id: str) -> bytes:
     """Client side: the upload's bytes, prefixed with the id of the key it was encrypted under."""
     return _MAGIC + bytes.fromhex(key_id) + update.to_bytes()

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from aisec_train.data.arrays import ArrayDataset
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.errors import DataError
+from aisec_train.errors import ConfigError
 
 __all__ = ["SOURCES", "SourceData", "DataError", "register_source", "check_source_keys"]
 
@@ -54,13 +55,13 @@ def register_source(name: str, keys: tuple[str, ...] = ()) -> Callable[[Source],
 def check_source_keys(cfg: DatasetConfig) -> None:
     """Refuse an unknown source, and any source-specific key given for a source that does not read it."""
     if cfg.name not in SOURCES:
-        raise DataError(f"dataset.name={cfg.name!r} is not allowed: choose one of {', '.join(sorted(SOURCES))}")
+        raise ConfigError(f"dataset.name={cfg.name!r} is not allowed: choose one of {', '.join(sorted(SOURCES))}")
     default = DatasetConfig()
     for key in SPECIFIC_KEYS:
         value = getattr(cfg, key)
         if key not in SOURCE_KEYS[cfg.name] and value != getattr(default, key):
             users = sorted(name for name, keys in SOURCE_KEYS.items() if key in keys)
-            raise DataError(
+            raise ConfigError(
                 f"dataset.{key}={value!r} is not allowed with dataset={cfg.name}: only {', '.join(users)} read it"
             )
 

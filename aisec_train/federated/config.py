@@ -21,17 +21,105 @@ class Aggregation(Enum):
 class PartitionKind(Enum):
     iid = "iid"
     dirichlet = "dirichlet"
+    shards = "shards"  # pathological: label-sorted blocks, shards_per_client each (McMahan et al. 2017)
 
 
 @dataclass
 class PartitionConfig:
+    """Read by :func:`aisec_train.federated.partition.client_partition` (flwr-datasets' partitioners)."""
+
     kind: PartitionKind = PartitionKind.iid
     alpha: float = 0.5  # Dirichlet concentration per class: small = skewed label mix per client
-    min_size: int = 10  # every client gets at least this many training examples
+    min_size: int = 10  # Dirichlet: every client gets at least this many training examples
+    self_balancing: bool = True  # Dirichlet: stop filling clients above the mean size (keeps 100 clients usable)
+    shards_per_client: int = 2  # shards: label-sorted blocks per client
+    drop_remainder: bool = True  # shards: leave out the examples the blocks do not divide (reported as dropped)
 
     def __post_init__(self) -> None:
         require(self.alpha > 0, "federated.partition.alpha", self.alpha, "must be > 0")
         require(self.min_size >= 1, "federated.partition.min_size", self.min_size, "must be >= 1")
+        ok = self.shards_per_client >= 1
+        require(ok, "federated.partition.shards_per_client", self.shards_per_client, "must be >= 1")
+
+
+class FederatedDP(Enum):
+    """The unit of privacy of a federated run (docs/federated.md, "Client-level DP")."""
+
+    record = "record"  # each client runs DP-SGD with its own ledger (privacy=dpsgd): protects one example
+    client = "client"  # DP-FedAvg: clipped updates + distributed noise shares (privacy=none): protects a client
+    none = "none"  # no DP (privacy=none)
+
+
+@dataclass
+class ClientDPConfig:
+    """DP-FedAvg (``federated.dp=client``): the client-level budget and clipping, separate from ``privacy``."""
+
+    target_epsilon: float | None = 3.0  # client-level budget over all rounds; calibrates the noise
+    delta: float = 1e-5  # should be below 1 / federated.clients
+    noise_multiplier: float | None = None  # explicit z instead of calibration from target_epsilon
+    accountant: str = "rdp"  # Opacus accountant: rdp, prv or gdp
+    clip_norm: float = 1.0  # L2 bound C on each update (local - global); the initial C under adaptive clipping
+    dropout_tolerance: int = 0  # shares sized so the sum keeps std z C with this many clients missing
+    server_lr: float = 1.0  # global step = server_lr * sum of shares / expected cohort
+    adaptive: bool = False  # adaptive clipping (Andrew et al. 2021): C follows a quantile of the update norms
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2  # geometric step of C per round
+    count_stddev: float | None = None  # noise on the clipped count; None: expected cohort / 20 (the paper's)
+
+    def check(self) -> None:
+        eps, z = self.target_epsilon, self.noise_multiplier
+        require(eps is None or eps > 0, "federated.client_dp.target_epsilon", eps, "must be > 0 or null")
+        require(z is None or z >= 0, "federated.client_dp.noise_multiplier", z, "must be >= 0 or null")
+        ok = eps is not None or z is not None
+        require(ok, "federated.client_dp.target_epsilon", eps, "set it or federated.client_dp.noise_multiplier")
+        require(0 < self.delta < 1, "federated.client_dp.delta", self.delta, "must be in (0, 1)")
+        ok = self.accountant in ("rdp", "prv", "gdp")
+        require(ok, "federated.client_dp.accountant", self.accountant, "use one of ['rdp', 'prv', 'gdp']")
+        require(self.clip_norm > 0, "federated.client_dp.clip_norm", self.clip_norm, "must be > 0")
+        ok = self.dropout_tolerance >= 0
+        require(ok, "federated.client_dp.dropout_tolerance", self.dropout_tolerance, "must be >= 0")
+        require(self.server_lr > 0, "federated.client_dp.server_lr", self.server_lr, "must be > 0")
+        ok = 0 <= self.target_quantile <= 1
+        require(ok, "federated.client_dp.target_quantile", self.target_quantile, "must be in [0, 1]")
+        require(self.clip_lr > 0, "federated.client_dp.clip_lr", self.clip_lr, "must be > 0")
+        ok = self.count_stddev is None or self.count_stddev > 0
+        require(ok, "federated.client_dp.count_stddev", self.count_stddev, "must be > 0 or null")
+
+
+def dp_level(fed: FederatedConfig, private: bool) -> FederatedDP:
+    """``federated.dp`` resolved: null follows ``privacy`` (record-level DP-SGD on clients, or none)."""
+    if fed.dp is not None:
+        return fed.dp
+    return FederatedDP.record if private else FederatedDP.none
+
+
+class Defence(Enum):
+    fedavg = "fedavg"
+    median = "median"
+    trimmed_mean = "trimmed_mean"
+    krum = "krum"
+    norm_bound = "norm_bound"
+
+
+CIPHERTEXT_REFUSED = (Defence.median, Defence.trimmed_mean, Defence.krum)
+
+
+@dataclass
+class DefenceConfig:
+    """Robust aggregation (federated/robust_aggregation.py); only fedavg and norm_bound run under CKKS."""
+
+    name: Defence = Defence.fedavg
+    num_malicious: int = 1  # attackers assumed per round (Krum's f; checked against the cohort)
+    trim_fraction: float = 0.2  # trimmed_mean: cut per side
+    krum_select: int = 1  # > 1: MultiKrum averages the krum_select best
+    norm_bound: float = 5.0  # norm_bound: each update scaled to L2 <= this (server on plaintext, client under CKKS)
+
+    def check(self) -> None:
+        require(self.num_malicious >= 0, "federated.defence.num_malicious", self.num_malicious, "must be >= 0")
+        ok = 0 <= self.trim_fraction < 0.5
+        require(ok, "federated.defence.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
+        require(self.krum_select >= 1, "federated.defence.krum_select", self.krum_select, "must be >= 1")
+        require(self.norm_bound > 0, "federated.defence.norm_bound", self.norm_bound, "must be > 0")
 
 
 @dataclass
@@ -41,9 +129,12 @@ class CkksConfig:
     coeff_mod_bit_sizes: list[int] = field(default_factory=lambda: [50, 30])
     global_scale_bits: int = 30
     encryption: str = "symmetric"
+    rotate_every: int = 0  # > 0: a fresh secret key every k rounds (crypto/rotation.py); 0: one key per run
 
     def check(self) -> None:
         from aisec_train.crypto.ckks import CkksParams  # TenSEAL is imported only when CKKS is configured
+
+        require(self.rotate_every >= 0, "federated.ckks.rotate_every", self.rotate_every, "must be >= 0 (0 = never)")
 
         try:
             CkksParams(
@@ -62,6 +153,7 @@ class InjectConfig:
     scale: list[int] = field(default_factory=list)  # an update x1e4 (refused by the norm bound)
     round: int = 0  # the round the faults fire in; 0 = every round
     skip_client_check: bool = False  # the faulty clients skip their own check (exercises the server's)
+    skip_clip: list[int] = field(default_factory=list)  # clients that skip the client-side norm_bound clip (CKKS)
 
     def __post_init__(self) -> None:
         require(self.round >= 0, "federated.inject.round", self.round, "must be >= 0 (0 = every round)")
@@ -116,11 +208,16 @@ class FederatedConfig:
     lr: float | None = None  # None: train.lr
     ema_decay: float = 0.0  # weight averaging inside one local round (train.ema_decay is for central runs)
     evaluate: bool = True  # clients evaluate every round's global model on their test shard
+    fraction_train: float = 1.0  # clients sampled per round (Poisson with this rate when dp=client)
+    fraction_evaluate: float = 1.0  # clients that evaluate each round's model on their test shard
+    dp: FederatedDP | None = None  # null: record with privacy=dpsgd, none with privacy=none
     min_clients: int = 2  # fewer usable updates fail the round and keep the global model
     round_timeout_s: float = 300.0  # a client that has not answered by then is left out of the round
     max_update_norm: float = 50.0  # L2 bound on (local - global) weights; beyond it an update is refused
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     ckks: CkksConfig = field(default_factory=CkksConfig)
+    client_dp: ClientDPConfig = field(default_factory=ClientDPConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
     inject: InjectConfig = field(default_factory=InjectConfig)
     stop_after_round: int = 0  # > 0 ends the run early after that round (a resume drill); 0 = never
     # Simulation engine (Ray): resources per client and the cap on the whole Ray runtime.
@@ -142,16 +239,59 @@ class FederatedConfig:
         require(ok, "federated.min_clients", self.min_clients, f"must be in [1, federated.clients={self.clients}]")
         require(self.round_timeout_s > 0, "federated.round_timeout_s", self.round_timeout_s, "must be > 0")
         require(self.max_update_norm > 0, "federated.max_update_norm", self.max_update_norm, "must be > 0")
+        ok = 0 < self.fraction_train <= 1
+        require(ok, "federated.fraction_train", self.fraction_train, "must be in (0, 1]")
+        ok = 0 < self.fraction_evaluate <= 1
+        require(ok, "federated.fraction_evaluate", self.fraction_evaluate, "must be in (0, 1]")
         require(self.stop_after_round >= 0, "federated.stop_after_round", self.stop_after_round, "must be >= 0")
         require(self.client_cpus > 0, "federated.client_cpus", self.client_cpus, "must be > 0")
         ok = self.client_gpus is None or 0 <= self.client_gpus <= 1
         require(ok, "federated.client_gpus", self.client_gpus, "must be in [0, 1] or null")
         ok = self.ray_num_cpus is None or self.ray_num_cpus >= 1
         require(ok, "federated.ray_num_cpus", self.ray_num_cpus, "must be >= 1 or null")
-        ids = self.inject.crash + self.inject.nan + self.inject.scale
+        ids = self.inject.crash + self.inject.nan + self.inject.scale + self.inject.skip_clip
         ok = all(0 <= i < self.clients for i in ids)
         require(ok, "federated.inject", ids, f"client ids must be in [0, {self.clients})")
         if self.engine is Engine.deployment:
             self.deployment.check()
+        ok = self.ckks.rotate_every == 0 or self.aggregation is Aggregation.ckks
+        require(ok, "federated.ckks.rotate_every", self.ckks.rotate_every, "0 unless federated.aggregation=ckks")
         if self.aggregation is Aggregation.ckks:
             self.ckks.check()
+        self.defence.check()
+        self._check_defence()
+        if self.dp is FederatedDP.client:
+            self.client_dp.check()
+            self._check_client_dp()
+
+    @property
+    def cohort(self) -> int:
+        """Clients asked per round (the expected cohort ``q N`` under Poisson sampling, rounded down)."""
+        return max(int(self.clients * self.fraction_train), 1)
+
+    def _check_defence(self) -> None:
+        name = self.defence.name
+        if self.aggregation is Aggregation.ckks and name in CIPHERTEXT_REFUSED:
+            raise ConfigError(
+                f"federated.defence={name.value!r} is not allowed with federated.aggregation=ckks: the server holds "
+                "ciphertexts and can only add them, it cannot compare, sort or measure updates; allowed: fedavg, "
+                "norm_bound (a client-side clip the server cannot verify), or federated.aggregation=plaintext"
+            )
+        if name is Defence.fedavg or name is Defence.norm_bound:
+            return
+        from aisec_train.federated.robust_aggregation import check_defence  # Flower's strategies: only when used
+
+        d = self.defence
+        check_defence(name.value, max(self.cohort, self.min_clients), num_malicious=d.num_malicious,
+                      trim_fraction=d.trim_fraction)  # fmt: skip
+
+    def _check_client_dp(self) -> None:
+        if self.defence.name is not Defence.fedavg:
+            raise ConfigError(
+                f"federated.defence={self.defence.name.value!r} is not allowed with federated.dp=client: the noise "
+                "shares are only calibrated for their sum, and a median, trim or Krum pick reads single shares; "
+                "clipping to federated.client_dp.clip_norm already bounds every update (use defence=fedavg)"
+            )
+        tol = self.client_dp.dropout_tolerance
+        ok = tol < self.cohort
+        require(ok, "federated.client_dp.dropout_tolerance", tol, f"must be < the cohort {self.cohort}")

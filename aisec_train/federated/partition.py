@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
 from aisec_train.errors import ConfigError, require
+
+if TYPE_CHECKING:
+    from aisec_train.federated.config import FederatedConfig
 
 KINDS = ("iid", "dirichlet", "shards")
 LABEL, INDEX = "label", "idx"
@@ -66,6 +70,16 @@ class Partition:
             "dropped": self.dropped,
         }
 
+    @classmethod
+    def from_indices(
+        cls, labels: np.ndarray, indices: Sequence[np.ndarray], kind: str, params: dict[str, Any] | None = None
+    ) -> Partition:
+        """A partition made elsewhere (e.g. the one the backdoor red team poisoned), with its histograms."""
+        labels = np.asarray(labels)
+        indices = tuple(np.sort(np.asarray(i, np.int64)) for i in indices)
+        classes = np.unique(labels)
+        return cls(kind, indices, classes, _histograms(labels, indices, classes), dict(params or {}))
+
     def save(self, path: Path) -> Path:
         """One ``.npz`` for the whole federation; a client reads its own slice with ``load_client_indices``."""
         path = Path(path)
@@ -77,6 +91,11 @@ class Partition:
         np.savez(tmp, indices=flat, offsets=offsets, classes=self.classes, histograms=self.histograms, meta=meta)
         tmp.replace(path)
         return path
+
+
+def _histograms(labels: np.ndarray, indices: Sequence[np.ndarray], classes: np.ndarray) -> np.ndarray:
+    counts = [np.bincount(np.searchsorted(classes, labels[i]), minlength=classes.size) for i in indices]
+    return np.stack(counts).astype(np.int64) if counts else np.zeros((0, classes.size), np.int64)
 
 
 def load_client_indices(path: Path, partition_id: int) -> np.ndarray:
@@ -175,5 +194,26 @@ def partition_labels(
     partitioner.dataset = table.shuffle(seed=seed) if kind == "iid" else table
     indices = _client_indices(partitioner, num_clients)
     classes = np.unique(labels)
-    histograms = np.stack([np.bincount(np.searchsorted(classes, labels[i]), minlength=classes.size) for i in indices])
-    return Partition(kind, tuple(indices), classes, histograms.astype(np.int64), params, labels.size - keep.size)
+    histograms = _histograms(labels, indices, classes)
+    return Partition(kind, tuple(indices), classes, histograms, params, labels.size - keep.size)
+
+
+def client_partition(labels: np.ndarray, fed: FederatedConfig, seed: int) -> Partition:
+    """The run's client partition from ``federated.partition``: the ONE call the federated trainer and the
+    backdoor red team (``backdoor.malicious_clients``) both make, so client ``i`` of one is client ``i`` of the
+    other. ``labels`` are the training split's (``aisec_train.data.views.labels_of``: no image is loaded).
+
+    >>> part = client_partition(labels_of(data.train), cfg.federated, cfg.train.seed)
+    """
+    p = fed.partition
+    return partition_labels(
+        np.asarray(labels, dtype=np.int64),
+        fed.clients,
+        p.kind.value,
+        seed=seed,
+        alpha=p.alpha,
+        min_size=p.min_size,
+        self_balancing=p.self_balancing,
+        shards_per_client=p.shards_per_client,
+        drop_remainder=p.drop_remainder,
+    )

@@ -17,6 +17,7 @@ class ServerSettings:
     state_dir: str  # the server's per-round state (global model or encrypted aggregate)
     public_context: str = ""  # CKKS public context (no keys); empty for plaintext FedAvg
     public_sha256: str = ""
+    public_root: str = ""  # federated.ckks.rotate_every > 0: epoch_<e>/ folders of public contexts and key ids
 
     @classmethod
     def from_map(cls, values: Any) -> ServerSettings:
@@ -32,6 +33,7 @@ class ClientSettings:
     state_dir: str  # client-only folder for the privacy ledgers
     secret_context: str = ""  # CKKS secret context (mode 0600); empty for plaintext FedAvg
     secret_sha256: str = ""
+    secret_root: str = ""  # federated.ckks.rotate_every > 0: epoch_<e>/ folders of secret contexts (0600)
 
     @classmethod
     def from_map(cls, values: Any) -> ClientSettings:

@@ -31,7 +31,9 @@ from aisec_train.components import build
 from aisec_train.config import Config, to_config
 from aisec_train.data.dataset import DataBundle, load_dataset
 from aisec_train.data.views import labels_of, subset
-from aisec_train.federated.config import InjectConfig, PartitionKind
+from aisec_train.errors import require
+from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
+from aisec_train.federated.partition import Partition, client_partition, partition_labels
 from aisec_train.models.factory import ModelFactory
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
@@ -66,32 +68,38 @@ def load_job(path: str) -> tuple[Config, dict[str, Any]]:
 class FederatedTask:
     """What every client needs: the config, the model factory, the data and each client's share of it.
 
-    In simulation the job builds it once and the apps receive it by closure (Ray ships it to its workers); a
-    SuperNode in deployment rebuilds it from job.json (:meth:`from_job`). Clients keep index arrays only: a
-    client's data is a ``Subset`` view, built when that client trains.
+    In simulation the job builds it once and the apps receive it by closure (Ray ships it to the few actors it
+    runs, ``ray_num_cpus / client_cpus`` of them, not one per client); a SuperNode in deployment rebuilds it
+    from job.json (:meth:`from_job`). Clients keep index arrays only: a client's data is a ``Subset`` view of
+    the shared lazy dataset, built when that client trains and dropped after.
     """
 
     cfg: Config
     factory: ModelFactory
     data: DataBundle
-    train_parts: list[np.ndarray]
-    test_parts: list[np.ndarray]
+    partition: Partition  # the training split's client partition (kind, indices, label histograms)
+    test_parts: tuple[np.ndarray, ...]  # an IID partition of the test split (seed + 1)
 
     @classmethod
-    def build(cls, cfg: Config, factory: ModelFactory, data: DataBundle) -> FederatedTask:
+    def build(cls, cfg: Config, factory: ModelFactory, data: DataBundle, backdoor=None) -> FederatedTask:
+        """``backdoor``: the poison stage's BackdoorState; its clients keep exactly the shards it poisoned."""
         fed, seed = cfg.federated, cfg.train.seed
-        train_parts = partition_indices(
-            labels_of(data.train), fed.clients, kind=fed.partition.kind, alpha=fed.partition.alpha, seed=seed,
-            min_size=fed.partition.min_size,
-        )  # fmt: skip
-        test_parts = partition_indices(
-            labels_of(data.test), fed.clients, kind=PartitionKind.iid, alpha=1.0, seed=seed + 1
-        )
-        return cls(cfg, factory, data, train_parts, test_parts)
+        labels = labels_of(data.train)
+        if backdoor is not None and backdoor.client_indices is not None:
+            params = {"seed": seed, "source": "the partition the backdoor red team poisoned (client_partition)"}
+            partition = Partition.from_indices(labels, backdoor.client_indices, fed.partition.kind.value, params)
+        else:
+            partition = client_partition(labels, fed, seed)
+        n_test = len(data.test)
+        ok = fed.clients <= n_test
+        require(ok, "federated.clients", fed.clients, f"must be <= the {n_test} test examples (one shard each)")
+        test = partition_labels(labels_of(data.test), fed.clients, "iid", seed=seed + 1)
+        return cls(cfg, factory, data, partition, test.indices)
 
     @classmethod
     def from_job(cls, job_path: str) -> FederatedTask:
-        """A SuperNode's view: data and model rebuilt from the frozen config (no Python objects cross machines)."""
+        """A SuperNode's view: data and model rebuilt from the frozen config (no Python objects cross machines);
+        the backdoor red team's poison is deterministic in the config, so it is replayed here too."""
         cfg, _ = load_job(job_path)
         data = load_dataset(cfg.dataset, seed=cfg.train.seed)
         normalize = cfg.dataset.normalize
@@ -99,7 +107,16 @@ class FederatedTask:
             cfg.model, data.input_shape, data.num_classes, private=cfg.privacy.mode is PrivacyMode.dpsgd,
             normalize=(normalize.mean, normalize.std) if normalize.mean is not None else None,
         )  # fmt: skip
-        return cls.build(cfg, factory, data)
+        backdoor = None
+        if cfg.backdoor.malicious_clients:
+            from aisec_train.backdoor.stage import poison_data
+
+            backdoor = poison_data(cfg, data, factory)
+        return cls.build(cfg, factory, data, backdoor)
+
+    @property
+    def train_parts(self) -> tuple[np.ndarray, ...]:
+        return self.partition.indices
 
     def initial_model(self) -> nn.Module:
         """The seeded initial global model: the same weights central training would start from."""
@@ -111,30 +128,6 @@ class FederatedTask:
     def client_test(self, partition_id: int) -> Dataset:
         """This client's IID shard of the test split: their example-weighted mean is the whole split's accuracy."""
         return subset(self.data.test, self.test_parts[partition_id])
-
-
-# ---- partitions ----------------------------------------------------------------------------------------------
-def partition_indices(
-    labels: np.ndarray, num_clients: int, *, kind: PartitionKind, alpha: float, seed: int, min_size: int = 1
-) -> list[np.ndarray]:
-    """Disjoint index sets covering ``labels``: IID (a seeded shuffle) or Dirichlet(alpha) label skew per class."""
-    rng = np.random.default_rng(seed)
-    n = len(labels)
-    if num_clients * min_size > n:
-        raise ValueError(f"{n} examples cannot give {num_clients} clients >= {min_size} each")
-    if kind is PartitionKind.iid:
-        return [np.sort(part) for part in np.array_split(rng.permutation(n), num_clients)]
-    for _ in range(100):  # redraw until every client has min_size examples (Hsu et al. 2019 recipe)
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in np.unique(labels):
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            shares = rng.dirichlet(np.full(num_clients, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(idx)).astype(int)
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(f"Dirichlet alpha={alpha} left a client under {min_size} examples in 100 draws; raise alpha")
 
 
 # ---- flat vectors ------------------------------------------------------------------------------------------
@@ -227,7 +220,8 @@ def local_round(
     fed = cfg.federated
     train_split = task.client_train(partition_id)
     state = load_client_state(state_dir, partition_id)
-    private = cfg.privacy.mode is PrivacyMode.dpsgd
+    # Record-level DP-SGD with the client's own ledger; dp=client trains plainly and privatizes the update after.
+    private = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd) is FederatedDP.record
     ledger = state["ledger"] or (_calibrated_ledger(cfg, len(train_split)) if private else None)
 
     model = task.initial_model()

@@ -34,7 +34,9 @@ class Report:
             raise ValueError(f"checklist area {area!r} is not one of {AREAS}")
         owner = self.owners.setdefault((area, item), self.stage)
         if owner != self.stage:
-            raise RuntimeError(f"checklist item {item!r} belongs to stage {owner!r}; stage {self.stage!r} cannot set it")
+            raise RuntimeError(
+                f"checklist item {item!r} belongs to stage {owner!r}; stage {self.stage!r} cannot set it"
+            )
         self.checklist = [c for c in self.checklist if (c["area"], c["item"]) != (area, item)]
         self.checklist.append({"area": area, "item": item, "status": status, "evidence": evidence})
 

@@ -44,7 +44,7 @@ def write_anchor(ledger_file: Path, records: list[dict[str, Any]]) -> None:
     body["tag"] = keys.tag(canonical(body), "ledger")
     path = anchor_path(ledger_file)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(path, json.dumps(body), root=path.parent)
+    atomic_write(path, json.dumps(body), root=path.parent, sync_dir=False)  # behind is harmless
 
 
 def read_anchor(ledger_file: Path) -> dict[str, Any] | None:

@@ -32,8 +32,9 @@ from aisec_train.store.files import (
     atomic_write,
     open_nofollow,
     read_nofollow,
-    remove_stale_temps,
-    safe_open_for_write,
+    remove_stale_in,
+    staged_file,
+    write_in,
 )
 
 FORMAT = "aisec-train-artifact/1"
@@ -136,31 +137,39 @@ def _current(path: Path, root: Path) -> str | None:
 def save_steps(
     path: Path, write: Callable[[IO[bytes]], None], *, root: Path, meta: dict[str, Any] | None = None
 ) -> Iterator[str]:
-    """The commit, one durable step per ``yield`` (tests stop it between steps to simulate a crash).
+    """The commit, one step per ``yield`` (tests stop it between steps to simulate a kill at that instant).
 
-    Yields the name of the step just completed; the generator's return value is the new SHA-256.
+    Yields the name of the step just completed; the generator's return value is the new SHA-256. Four fsyncs:
+    the payload, the pending manifest, the folder (making both renames durable together), the final manifest;
+    the plain ``.sha256`` is informational and is not synced.
     """
     meta = dict(meta or {})
-    staged = path.with_name(path.name + ".staged")
-    for stale in (path, staged, manifest_path(path), plain_hash_path(path)):  # what a killed writer left
-        remove_stale_temps(stale, root=root)
-    with safe_open_for_write(staged, root=root) as fh:
-        write(fh)
-    digest = hashlib.sha256(read_nofollow(staged, root=root)).hexdigest()
+    mname, hname = manifest_path(path).name, plain_hash_path(path).name
     old = _current(path, root)
-    yield "staged"
-    accept = [digest] + ([old] if old not in (None, digest) else [])
-    atomic_write(manifest_path(path), _manifest(path.name, digest, accept, meta), root=root)
-    yield "manifest-pending"  # accepts the file on disk now (old) and the one about to replace it (new)
     with _parent_dir(path, root) as (dir_fd, name):
-        os.replace(staged.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    yield "payload"
-    if len(accept) > 1:
-        atomic_write(manifest_path(path), _manifest(path.name, digest, [digest], meta), root=root)
-    yield "manifest"
-    atomic_write(plain_hash_path(path), f"{digest}  {path.name}\n", root=root)
-    yield "sha256"
+        remove_stale_in(dir_fd, [name, mname, hname])  # what a killed writer left
+        with staged_file(dir_fd, name) as (fh, tmp):
+            write(fh)
+        committed = False
+        try:
+            with open(os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd), "rb") as staged:
+                digest = hashlib.file_digest(staged, "sha256").hexdigest()
+            yield "staged"
+            accept = [digest] + ([old] if old not in (None, digest) else [])
+            write_in(dir_fd, mname, _manifest(name, digest, accept, meta))
+            yield "manifest-pending"  # accepts the file on disk now (old) and the one about to replace it (new)
+            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            committed = True
+            os.fsync(dir_fd)
+            yield "payload"
+            if len(accept) > 1:
+                write_in(dir_fd, mname, _manifest(name, digest, [digest], meta))
+            yield "manifest"
+            write_in(dir_fd, hname, f"{digest}  {name}\n".encode(), fsync=False)
+            yield "sha256"
+        finally:
+            if not committed:
+                os.unlink(tmp, dir_fd=dir_fd)
     return digest
 
 

@@ -12,6 +12,7 @@ history entry, which would under-count a composed history, so a GDP ledger with 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Iterable
 
@@ -26,10 +27,10 @@ def check_entry(entry: object, what: str) -> tuple[float, float, int]:
     from aisec_train.store.errors import IntegrityError
 
     ok = isinstance(entry, list | tuple) and len(entry) == 3
-    if ok:
+    if ok:  # numbers.Real / Integral: numpy scalars are fine, bools are not
         noise, rate, steps = entry
-        ok = all(isinstance(v, int | float) and not isinstance(v, bool) for v in (noise, rate))
-        ok = ok and isinstance(steps, int) and not isinstance(steps, bool) and steps > 0
+        ok = all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (noise, rate))
+        ok = ok and isinstance(steps, numbers.Integral) and not isinstance(steps, bool) and steps > 0
         ok = ok and math.isfinite(noise) and noise >= 0 and math.isfinite(rate) and 0 < rate <= 1
     if not ok:
         raise IntegrityError(
@@ -107,7 +108,7 @@ def steps_within(
 
 def check_target_epsilon(value: object, key: str = "privacy.target_epsilon") -> float:
     """A privacy target must be a finite number > 0 (``inf`` or NaN would make any spend pass)."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number > 0")
     return float(value)
@@ -118,9 +119,9 @@ def check_delta(delta: float, n_train: int, *, reason: str | None = None, key: s
 
     Returns True when the override is in use (the caller records ``reason`` in the ledger and the report).
     """
-    if not (isinstance(delta, int | float) and math.isfinite(delta) and 0 < delta < 1):
+    if not (isinstance(delta, numbers.Real) and not isinstance(delta, bool) and math.isfinite(delta) and 0 < delta < 1):
         raise ConfigError(f"{key}={delta!r} is not allowed: must be in (0, 1)")
-    if not isinstance(n_train, int) or n_train <= 0:
+    if not isinstance(n_train, numbers.Integral) or isinstance(n_train, bool) or n_train <= 0:
         raise ConfigError(f"training set size {n_train!r} is not allowed: must be a positive integer")
     if delta < 1.0 / n_train:
         return False

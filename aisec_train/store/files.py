@@ -101,39 +101,69 @@ def _temp_name(name: str) -> str:
 
 
 @contextmanager
-def safe_open_for_write(
-    path: str | os.PathLike, *, root: str | os.PathLike, mode: str = "wb", encoding: str = "utf-8"
-) -> Iterator[IO]:
-    """A file object whose content replaces ``path`` atomically when the block ends without an exception."""
+def staged_file(dir_fd: int, name: str, *, mode: str = "wb", encoding: str = "utf-8", fsync: bool = True):
+    """A new temp file beside ``name`` in ``dir_fd``: yields (file object, temp name). On a clean exit its content
+    is flushed (and fsynced) and the temp is left for the caller to rename; on an exception it is removed."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode {mode!r} is not allowed: 'wb' or 'w'")
-    with _parent_dir(Path(path), Path(root)) as (dir_fd, name):
-        tmp = _temp_name(name)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
-        raw = open(fd, "wb")
-        fh: IO = io.TextIOWrapper(raw, encoding=encoding, newline="") if mode == "w" else raw
-        committed = False
-        try:
-            yield fh
-            fh.flush()
+    tmp = _temp_name(name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    raw = open(fd, "wb")
+    fh: IO = io.TextIOWrapper(raw, encoding=encoding, newline="") if mode == "w" else raw
+    try:
+        yield fh, tmp
+        fh.flush()
+        if fsync:
             os.fsync(raw.fileno())
+    except BaseException:
+        _unlink_quietly(dir_fd, tmp)
+        raise
+    finally:
+        try:
             fh.close()
+        except (OSError, ValueError):
+            raw.close()
+
+
+def write_in(dir_fd: int, name: str, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``name`` in the directory ``dir_fd`` with ``data`` (temp + rename; the caller syncs the folder)."""
+    with staged_file(dir_fd, name, fsync=fsync) as (fh, tmp):
+        fh.write(data)
+    try:
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the entry, never follows it
+    except BaseException:
+        _unlink_quietly(dir_fd, tmp)
+        raise
+
+
+@contextmanager
+def safe_open_for_write(
+    path: str | os.PathLike,
+    *,
+    root: str | os.PathLike,
+    mode: str = "wb",
+    encoding: str = "utf-8",
+    sync_dir: bool = True,
+) -> Iterator[IO]:
+    """A file object whose content replaces ``path`` atomically when the block ends without an exception.
+
+    ``sync_dir=False`` skips the folder's fsync: the rename survives a killed process but maybe not a power loss.
+    """
+    with _parent_dir(Path(path), Path(root)) as (dir_fd, name):
+        with staged_file(dir_fd, name, mode=mode, encoding=encoding) as (fh, tmp):
+            yield fh
+        try:
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the entry, never follows it
-            committed = True
+        except BaseException:
+            _unlink_quietly(dir_fd, tmp)
+            raise
+        if sync_dir:
             os.fsync(dir_fd)
-        finally:
-            if not fh.closed:
-                try:
-                    fh.close()
-                except (OSError, ValueError):
-                    raw.close()
-            if not committed:
-                _unlink_quietly(dir_fd, tmp)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.PathLike) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.PathLike, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` (inside ``root``) atomically and durably, refusing symlinks on the way."""
-    with safe_open_for_write(path, root=root, mode="wb") as fh:
+    with safe_open_for_write(path, root=root, mode="wb", sync_dir=sync_dir) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
 
 
@@ -183,16 +213,17 @@ def validate_output_path(path: str | os.PathLike, *, root: str | os.PathLike | N
     return path
 
 
-def remove_stale_temps(path: str | os.PathLike, *, root: str | os.PathLike) -> int:
-    """Delete temp files a killed writer left for ``path`` (call only while holding the directory's lock)."""
-    path = Path(path)
-    count = 0
-    with _parent_dir(path, Path(root)) as (dir_fd, name):
-        pattern = re.compile(rf"\.{re.escape(name)}\.\d+\.[0-9a-f]{{8}}\.tmp")
-        for entry in os.listdir(dir_fd):
-            if pattern.fullmatch(entry):
-                count += _unlink_quietly(dir_fd, entry)
-    return count
+def remove_stale_temps(path: str | os.PathLike, *, root: str | os.PathLike, suffixes: tuple[str, ...] = ("",)) -> int:
+    """Delete temp files a killed writer left for ``path`` (and ``path + suffix``). Call it only while holding
+    the folder's lock or as its only writer: a live writer's temp file looks the same."""
+    with _parent_dir(Path(path), Path(root)) as (dir_fd, name):
+        return remove_stale_in(dir_fd, [name + suffix for suffix in suffixes])
+
+
+def remove_stale_in(dir_fd: int, names: list[str]) -> int:
+    alternatives = "|".join(re.escape(n) for n in names)
+    pattern = re.compile(rf"\.(?:{alternatives})\.\d+\.[0-9a-f]{{8}}\.tmp")
+    return sum(_unlink_quietly(dir_fd, entry) for entry in os.listdir(dir_fd) if pattern.fullmatch(entry))
 
 
 def _unlink_quietly(dir_fd: int, name: str) -> int:

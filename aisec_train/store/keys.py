@@ -92,7 +92,12 @@ def _read(path: Path, *, create: bool) -> Key:
     except FileNotFoundError:
         if not create:
             raise IntegrityError(f"key file {path} does not exist") from None
-        _create(path)
+        try:
+            _create(path)
+        except OSError as err:
+            raise IntegrityError(
+                f"key file {path} cannot be created ({err.strerror}); set ${KEY_ENV} to a private, writable path"
+            ) from None
         return _read(path, create=False)
     except OSError as err:  # ELOOP: the key file is a symlink
         raise IntegrityError(
@@ -144,7 +149,13 @@ def current_key() -> Key:
 
 def verify_keys() -> dict[str, Key]:
     """Every key a tag may verify under: the current one and the verify-only old ones, by key id."""
-    keys = {k.id: k for k in (_cached(p, create=False) for p in old_key_paths())}
+    keys = {}
+    for path in old_key_paths():
+        try:
+            key = _cached(path, create=False)
+        except IntegrityError as err:
+            raise IntegrityError(f"${OLD_KEYS_ENV}: {err}") from None
+        keys[key.id] = key
     cur = current_key()
     keys[cur.id] = cur
     return keys

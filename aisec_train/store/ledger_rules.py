@@ -107,9 +107,17 @@ class LedgerRules:
         """
         if budget_scope not in SCOPES:
             raise BudgetError(f"privacy.budget_scope={budget_scope!r} is not allowed: one of {SCOPES}")
+        override = budget.check_delta(delta, n_train, reason=delta_reason)
+        # plain Python numbers from here on (numpy scalars are accepted, but JSON and the tags want these)
+        delta, sample_rate, noise_multiplier, n_train = (
+            float(delta),
+            float(sample_rate),
+            float(noise_multiplier),
+            int(n_train),
+        )
+        split_seed = int(split_seed)
         values = (delta, accountant, sample_rate, noise_multiplier, split_seed, budget_scope)
         invariants = dict(zip(INVARIANTS, values, strict=True))
-        override = budget.check_delta(delta, n_train, reason=delta_reason)
         if target_epsilon is not None:
             target_epsilon = budget.check_target_epsilon(target_epsilon)
         if budget_scope == "dataset":

@@ -33,7 +33,7 @@ from typing import Any
 from aisec_train.store import anchors, budget, keys
 from aisec_train.store.artifacts import canonical
 from aisec_train.store.errors import IntegrityError
-from aisec_train.store.files import atomic_write, read_nofollow
+from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
 from aisec_train.store.ledger_rules import LedgerRules
 from aisec_train.store.locks import exclusive_lock, held_by
 
@@ -152,7 +152,8 @@ class DatasetLedger(LedgerRules):
         body = {"format": FORMAT, "dataset": self.dataset, "records": records}
         atomic_write(self.file, json.dumps(body, indent=1), root=self.store)
         anchors.write_anchor(self.file, records)
-        self._cache = None
+        st = os.stat(self.file, follow_symlinks=False)  # what we just wrote needs no second verification
+        self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), records)
 
     def _require_lock(self) -> None:
         if self.token is None or not held_by(self.lock_path, self.token):
@@ -204,6 +205,11 @@ class LedgerStore:
             ledger = DatasetLedger(self.path, dataset_sha256, held.token)
             ledger.records  # noqa: B018 - verify before the caller does anything
             yield ledger
+
+    def validate(self, dataset_sha256: str) -> None:
+        """Before training: the dataset's ledger can be written without following a symlink, and it verifies."""
+        validate_output_path(self.path / f"{check_dataset(dataset_sha256)}.json", what="privacy ledger store")
+        _ = self.view(dataset_sha256).records
 
     def view(self, dataset_sha256: str) -> DatasetLedger:
         """A read-only, verified view (no lock: files are replaced atomically, so a read is always whole)."""

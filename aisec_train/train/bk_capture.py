@@ -31,6 +31,7 @@ class Call:
     saved: tuple
     version: int  # the input's version counter at forward: an in-place edit before backward is refused
     grad: Tensor | None = None
+    extra: tuple | None = None  # what a rule's backward computed for its norms on the way (GroupNorm)
 
 
 @dataclass
@@ -108,7 +109,7 @@ class _Op(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         record, call = ctx.record, ctx.call
         grad = grad.detach()
-        grad_x = record.rule.input_grad(record.module, call.saved, grad) if ctx.needs_input_grad[1] else None
+        grad_x = record.rule.backward(record.module, call, grad, ctx.needs_input_grad[1])
         record.receive(call, grad)
         return (None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 2)
 

@@ -69,10 +69,19 @@ def _pixel_index(shapes: tuple[tuple[int, int], ...], k: tuple, d: tuple, s: tup
         oh, ow = _out_size(h, w, k, d, s)
         base = (torch.arange(oh)[:, None] * s[0] * w + torch.arange(ow)[None, :] * s[1]).flatten()
         offsets = (torch.arange(k[0])[:, None] * d[0] * w + torch.arange(k[1])[None, :] * d[1]).flatten()
-        rows.append(start + offsets[:, None] + base[None, :])  # (K, T_call)
+        rows.append(start + offsets[:, None] + base[None, :])  # (K, T of this call)
         start += h * w
     pix = torch.cat(rows, 1)  # (K, T)
     return (pix[:, :, None] * start + pix[:, None, :]).flatten().to(device)
+
+
+def ghost_by_pixels(module, pixels: int, t: int, grad: Tensor) -> bool:
+    """Gram of pixels (P^2 Cg MACs + a K T^2 gather) beats patch copy + patch Gram (T Da + T^2 Da)? CPU only:
+    on CUDA the fused Triton kernel reads the patches."""
+    k = math.prod(module.kernel_size)
+    da = module.in_channels // module.groups * k
+    by_pixels = pixels * pixels * (module.in_channels // module.groups) + 2 * k * t * t
+    return by_pixels < 3 * t * da + t * t * da and resolve_backend("auto", grad) == "torch"
 
 
 class ConvRule(Rule):
@@ -122,18 +131,16 @@ class ConvRule(Rule):
         pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
         out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
         pixels = sum(math.prod(_geometry(module, c.saved[0][:1], c.saved[1])[0].shape[2:]) for c in calls)
-        # Pixel Gram (P^2 Cg + gather) against patch copy + patch Gram (T Da + T^2 Da), on the CPU only.
-        by_pixels = pixels * pixels * (module.in_channels // groups) + 2 * math.prod(module.kernel_size) * t * t
-        by_pixels = by_pixels < 3 * t * da + t * t * da and resolve_backend("auto", calls[0].grad) == "torch"
+        by_pixels = pick.method == "ghost" and ghost_by_pixels(module, pixels, t, calls[0].grad)
         if pick.store:
             shape = (b, *module.weight.shape)
             out.stored["weight"] = torch.empty(shape, dtype=calls[0].grad.dtype, device=out.norm_sq.device)
-        per_sample = groups * (pixels * pixels if pick.method == "ghost" and by_pixels else da * t)
+        per_sample = groups * (pixels * pixels if by_pixels else da * t)
         step = max(1, _CHUNK // max(1, per_sample))
         for lo in range(0, b, step):
             part = [(c.saved[0][lo : lo + step], c.saved[1], c.grad[lo : lo + step]) for c in calls]
             n = part[0][2].shape[0]
-            if pick.method == "ghost" and by_pixels:
+            if by_pixels:
                 out.norm_sq[lo : lo + n] += self._pixel_ghost(module, part)
                 continue
             a, g = self._patches(module, part)

@@ -50,6 +50,10 @@ class Rule:
     def input_grad(self, module: nn.Module, saved: tuple, grad: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def backward(self, module: nn.Module, call: Call, grad: Tensor, needs_input_grad: bool) -> Tensor | None:
+        """The op's backward: the input gradient (a rule may also stash per-sample results in ``call.extra``)."""
+        return self.input_grad(module, call.saved, grad) if needs_input_grad else None
+
     def norms(self, module: nn.Module, params: dict[str, nn.Parameter], calls: list[Call]) -> Processed:
         raise NotImplementedError
 

@@ -30,28 +30,23 @@ class GroupNormRule(Rule):
         )
         return y, (x.detach(), mean, rstd)
 
-    def input_grad(self, module, saved, grad):
-        x, mean, rstd = saved
+    def backward(self, module, call, grad, needs_input_grad):
+        # One native backward on the batch folded into channels, (1, B*C, HW) with B*G groups: the same
+        # groups, so the same input gradient, and its "batch-summed" dW, db are now per sample (B*C,).
+        x, mean, rstd = call.saved
         n, c = x.shape[:2]
-        return torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(), x, mean, rstd, module.weight, n, c, x[0, 0].numel(), module.num_groups,
-            [True, False, False],
-        )[0]  # fmt: skip
+        wants = [module.weight is not None and module.weight.requires_grad, module.bias is not None and module.bias.requires_grad]
+        weight = module.weight.repeat(n) if module.weight is not None else None
+        grad_x, dw, db = torch.ops.aten.native_group_norm_backward(
+            grad.contiguous(), x, mean, rstd, weight, 1, n * c, x[0, 0].numel(), n * module.num_groups,
+            [needs_input_grad, *wants],
+        )  # fmt: skip
+        call.extra = (dw.view(n, c) if wants[0] else None, db.view(n, c) if wants[1] else None)
+        return grad_x
 
     def norms(self, module, params, calls):
-        # dW_i[c] = sum_s xhat * g = rstd * (sum_s x g - mean * sum_s g): two reductions, no xhat tensor.
-        weight = bias = 0
-        for call in calls:
-            x, mean, rstd = call.saved
-            n, c = x.shape[:2]
-            g = call.grad.reshape(n, c, -1)
-            sum_g = g.sum(2)
-            if "weight" in params:
-                per = c // module.num_groups
-                sum_xg = torch.linalg.vecdot(x.reshape(n, c, -1).to(g.dtype), g)
-                mean_c, rstd_c = mean.repeat_interleave(per, 1), rstd.repeat_interleave(per, 1)
-                weight = weight + rstd_c * (sum_xg - mean_c * sum_g)
-            bias = bias + sum_g
+        weight = sum(c.extra[0] for c in calls) if "weight" in params else None
+        bias = sum(c.extra[1] for c in calls) if "bias" in params else None
         return _normalisation(params, weight, bias, f"{module.num_groups} groups")
 
 

@@ -22,6 +22,25 @@ from torch.utils.data import DataLoader
 from aisec_train.train.config import PrivacyConfig
 from aisec_train.train.ledger import PrivacyLedger
 
+# The broken-DP drill's seam (tests/test_privacy_audit_drill.py): a test sets it to scale the noise the optimizer
+# adds while the ledger still charges the configured noise, to show the one-run audit catches a broken mechanism.
+# No config, environment variable or command-line option reaches it.
+_TEST_ONLY_NOISE_SCALE: float | None = None
+
+
+def _break_noise(optimizer, scale: float) -> None:
+    add_noise = optimizer.add_noise
+
+    def scaled() -> None:
+        charged = optimizer.noise_multiplier
+        optimizer.noise_multiplier = charged * scale
+        try:
+            add_noise()
+        finally:
+            optimizer.noise_multiplier = charged  # what the accountant's step hook reads: the claimed noise
+
+    optimizer.add_noise = scaled
+
 
 @dataclass
 class PrivateTraining:
@@ -77,6 +96,8 @@ def make_private(
     else:
         private_model, private_optimizer, private_loader = wrapped
         criterion = nn.CrossEntropyLoss()
+    if _TEST_ONLY_NOISE_SCALE is not None:
+        _break_noise(private_optimizer, _TEST_ONLY_NOISE_SCALE)
     report = {"mode": mode, "forwards_per_step": forwards}
     return PrivateTraining(private_model, private_optimizer, criterion, private_loader, mode, report)
 

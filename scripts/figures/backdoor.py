@@ -13,6 +13,7 @@ table. ``--quick`` runs one seed of two epochs per dataset (a smoke check of the
 
     python scripts/figures/backdoor.py --seeds 0 1 2 --jobs 2
     python scripts/figures/backdoor.py --cases digits --set backdoor.patch_size=2 --out /tmp/patch2.json
+    python scripts/figures/backdoor.py --cases digits --set model=resnet18_gn --out /tmp/resnet.json   # any model
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "ac_precision": det["activation_clustering"]["precision"],
         "ac_recall": det["activation_clustering"]["recall"],
         "pruned_fraction": bd["fine_pruning"]["pruned_fraction"],
+        "feature_layer": bd["feature_layer"],
+        "bake": (bd["fine_pruning"].get("bake") or {}).get("method"),
         "meets_goals": bool(
             bd["asr_before"] >= GOALS["asr_before_min"]
             and bd["asr_after"] <= GOALS["asr_after_max"]

@@ -1,0 +1,88 @@
+"""``aisec-train-registry``: the command line of the model inventory (aisec_train/audit/registry.py).
+
+Exit status: 0 done, 2 refused (unknown run, forged entry, tampered file, unreadable registry); ``list`` exits 2
+when any entry or file fails verification, after printing every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from aisec_train.audit.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry, resolve_registry_path
+from aisec_train.store import keys
+from aisec_train.store.errors import StoreError
+
+
+def _list(reg: Registry) -> int:
+    """Print the inventory; return how many entries or files failed verification."""
+    checked = reg.audit()
+    print(f"{len(checked)} run(s) in {reg.path}")
+    failures = 0
+    for i, (r, why) in enumerate(checked):
+        if why:
+            failures += 1
+            print(f"{(r or {}).get('id', f'entry {i}')}  FORGED  {why}")
+            continue
+        assert r is not None
+        run, vault = reg.status(r)
+        failures += "TAMPERED" in (run, vault)
+        m, g = r["metrics"], r["governance"]
+        flag = "known-good" if r["known_good"] else "-"
+        print(
+            f"{r['id']}  {flag:10}  run {run:8}  vault {vault:8}  sha256 {r['sha256'][:12]}  "
+            f"acc {m.get('metrics.clean_accuracy')}  eps {m.get('privacy.epsilon')}  "
+            f"mia_auc {m.get('audit.membership.auc')}  owner {g.get('owner')}  risk {g.get('risk_level')}"
+        )
+    return failures
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
+        _refuse(message)
+
+
+def _refuse(message: object) -> NoReturn:
+    print(f"aisec-train-registry: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _Parser(prog="aisec-train-registry", description="Model inventory and rollback.")
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        help=f"registry file (default: ${REGISTRY_ENV}, else {DEFAULT_REGISTRY} under the current directory)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("list", help="every registered run, and whether its entry, run copy and vault copy verify")
+    sub.add_parser("register", help="register a finished run folder").add_argument("run_dir", type=Path)
+    sub.add_parser("mark-good", help="verify a run and keep a known-good copy").add_argument("run_id")
+    rb = sub.add_parser("rollback", help="restore a known-good checkpoint after verifying it")
+    rb.add_argument("--to", dest="run_id", help="a known-good run id (default: the latest known-good)")
+    rb.add_argument("--dest", type=Path, required=True, help="where to restore model.pt (with its .tag, .sha256)")
+    sub.add_parser("retag", help="re-sign every entry under the current key after a key rotation")
+    args = parser.parse_args(argv)
+    reg = Registry(resolve_registry_path(args.registry))
+    try:
+        if args.command == "list":
+            failures = _list(reg)
+            if failures:
+                _refuse(f"{failures} entr(ies) or file(s) in {reg.path} failed verification (see above)")
+        elif args.command == "register":
+            print(f"registered {reg.register(args.run_dir)['id']} in {reg.path}")
+        elif args.command == "mark-good":
+            print(f"known-good {reg.mark_good(args.run_id)['id']} (verified copy in {reg.vault})")
+        elif args.command == "retag":
+            print(f"re-signed {reg.retag()} entr(ies) in {reg.path} under key {keys.current_key().id}")
+        else:
+            entry = reg.rollback(args.dest, args.run_id)
+            print(f"rolled back {args.dest} to {entry['id']} (sha256 {entry['sha256']}, verified)")
+    except (StoreError, OSError) as err:
+        _refuse(err)
+
+
+if __name__ == "__main__":
+    main()
