@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
+from aisec_train.store.errors import StoreError
 from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.ledger import BudgetExhausted
@@ -34,6 +35,7 @@ REFUSALS = (
     CheckpointError,
     BudgetExhausted,
     NonFiniteError,
+    StoreError,
     HydraException,
     OmegaConfBaseException,
 )

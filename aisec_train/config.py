@@ -20,7 +20,7 @@ from aisec_train.audit.config import AuditConfig, MonitorConfig  # noqa: F401 - 
 from aisec_train.backdoor.config import BackdoorAttack, BackdoorConfig
 from aisec_train.data.config import DatasetConfig
 from aisec_train.errors import ConfigError, require
-from aisec_train.federated.config import FederatedConfig, FederatedMode
+from aisec_train.federated.config import FederatedConfig, FederatedDP, FederatedMode
 from aisec_train.robust.config import RobustMode, RobustnessConfig
 from aisec_train.train.config import GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
 
@@ -125,6 +125,8 @@ def check_composition(cfg: Config) -> None:
             bd.malicious_clients,
             "must be 0 without federated training (it counts poisoned Flower clients)",
         )
+    if federated:
+        _check_federated_dp(cfg)
     if federated and cfg.audit.privacy_audit:
         raise ConfigError(
             "audit.privacy_audit=True is not allowed with federated training: the one-run audit trains a canary model "
@@ -140,4 +142,24 @@ def check_composition(cfg: Config) -> None:
             "privacy.grad_sample_mode='ghost' is not allowed with robustness=trades: Opacus' ghost clipping "
             "norms each forward pass on its own, but TRADES feeds every record twice (clean and adversarial); "
             "allowed: bk or hooks, which clip the sum"
+        )
+
+
+def _check_federated_dp(cfg: Config) -> None:
+    """``federated.dp`` names the unit of privacy; ``privacy`` is record-level DP-SGD. They must agree."""
+    dp, mode = cfg.federated.dp, cfg.privacy.mode
+    if dp is FederatedDP.record and mode is not PrivacyMode.dpsgd:
+        raise ConfigError(
+            "federated.dp='record' is not allowed with privacy=none: record-level DP is each client's DP-SGD; "
+            "allowed: privacy=dpsgd, or federated.dp=client (client-level) or none"
+        )
+    if dp in (FederatedDP.client, FederatedDP.none) and mode is PrivacyMode.dpsgd:
+        raise ConfigError(
+            f"federated.dp={dp.value!r} is not allowed with privacy=dpsgd: "
+            + (
+                "client-level DP (DP-FedAvg) replaces the clients' DP-SGD and has its own budget in "
+                "federated.client_dp.*; allowed: privacy=none, or federated.dp=record"
+                if dp is FederatedDP.client
+                else "DP-SGD on the clients is record-level DP; allowed: privacy=none, or federated.dp=record"
+            )
         )

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from aisec_train.audit.registry import resolve_registry_path
 from aisec_train.audit.stage import stage_audit, stage_register
 from aisec_train.backdoor.stage import stage_defend, stage_poison
 from aisec_train.components import check_target
@@ -28,17 +29,20 @@ from aisec_train.report import outputs, security_report
 from aisec_train.report.report import Report
 from aisec_train.robust.adversary import robust_accuracy
 from aisec_train.run_state import Run, UserObjects
+from aisec_train.store import LedgerStore, check_delta, lock_run_dir, resolve_store_path, validate_output_path
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import TrainResult, accuracy, resolve_device
 from aisec_train.train.objectives import objective_from_config
+from aisec_train.train.spend import DatasetSpend
 from aisec_train.train.trainers import TRAINERS, TrainJob, select_trainer
 
 log = logging.getLogger("aisec_train")
 
 
 def preflight(cfg: Config, user: UserObjects) -> None:
-    """Every check that needs no data: component targets importable, arguments their constructors take."""
+    """Every check that needs no data: component targets importable, arguments their constructors take, and the
+    registry and ledger store writable without following a symlink."""
     if user.model is None:
         check_model_config(cfg.model)
     check_target(cfg.optimizer, "optimizer", supplied=("params",))
@@ -50,6 +54,31 @@ def preflight(cfg: Config, user: UserObjects) -> None:
             if node is not None and node.get("_target_") is not None:
                 check_target(node, f"dataset.{key}")
     resolve_device(cfg.train.device)
+    registry = resolve_registry_path(cfg.audit.registry_path)
+    validate_output_path(registry, what="audit.registry_path")
+    store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
+    validate_output_path(store / "probe.json", what="privacy.ledger_store")
+
+
+def _open_spend(run: Run) -> DatasetSpend | None:
+    """Under DP: the dataset's ledger, locked for the rest of the run (a second job on the same data waits up to
+    ``train.lock_wait_s`` or refuses), and the run's account in it."""
+    cfg, data = run.cfg, run.data
+    assert data is not None
+    override = check_delta(cfg.privacy.delta, len(data.train), reason=cfg.privacy.delta_reason)
+    if cfg.privacy.mode is not PrivacyMode.dpsgd:
+        return None
+    registry = resolve_registry_path(cfg.audit.registry_path)
+    store = LedgerStore(resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry)))
+    store.validate(data.manifest_sha256)
+    ledger = run.resources.enter_context(store.open(data.manifest_sha256, wait=cfg.train.lock_wait_s))
+    run.report.add(
+        "privacy", ledger_store=str(store.path), delta_override=cfg.privacy.delta_reason if override else None
+    )
+    return DatasetSpend(
+        ledger.delegate(), str(run.run_dir.resolve()), cfg.privacy.budget_scope.value, data.split_seed,
+        cfg.privacy.target_epsilon, len(data.train), cfg.privacy.delta_reason,
+    )  # fmt: skip
 
 
 def stage_data(run: Run) -> None:
@@ -65,6 +94,7 @@ def stage_data(run: Run) -> None:
     )
     data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
+    run.spend = _open_spend(run)
     normalize = cfg.dataset.normalize
     run.factory = ModelFactory(
         None if run.user.model is not None else cfg.model,
@@ -122,7 +152,7 @@ def _model_identity(run: Run) -> dict[str, Any]:
 def _load_resume(run: Run) -> dict[str, Any] | None:
     if not run.checkpoint_path.exists():
         return None
-    payload = checkpoint.load(run.checkpoint_path)
+    payload = checkpoint.load(run.checkpoint_path, root=run.run_dir)
     meta, data = payload.get("meta", {}), run.data
     assert data is not None
     identity = _model_identity(run)
@@ -130,6 +160,17 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
         raise checkpoint.CheckpointError(
             f"{run.run_dir} holds a run of model {meta.get('model')} on data {meta.get('manifest_sha256')}; "
             f"this config trains {identity} on {data.manifest_sha256}. Use another hydra.run.dir"
+        )
+    if meta.get("split_seed", data.split_seed) != data.split_seed:
+        raise checkpoint.CheckpointError(
+            f"train.seed={run.cfg.train.seed} draws train/test split {data.split_seed}, but {run.run_dir} was trained on "
+            f"split {meta.get('split_seed')}: resuming would turn training records into held-out ones. Keep the seed "
+            "(or set dataset.split_seed), or use another hydra.run.dir"
+        )
+    if run.spend is not None:  # delta, accountant and split recorded in the dataset ledger must not move either
+        privacy = run.cfg.privacy
+        run.spend.ledger.check_invariants(
+            run.spend.run_id, delta=privacy.delta, accountant=privacy.accountant.value, split_seed=data.split_seed
         )
     if meta.get("private") != (run.cfg.privacy.mode is PrivacyMode.dpsgd):
         raise checkpoint.CheckpointError(
@@ -143,11 +184,11 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
 class CheckpointSlot:
     """Writes a checkpoint payload with the run's identity (picklable: data-parallel rank 0 calls it)."""
 
-    def __init__(self, path: Path, meta: dict[str, Any]):
-        self.path, self.meta = path, meta
+    def __init__(self, path: Path, meta: dict[str, Any], root: Path):
+        self.path, self.meta, self.root = path, meta, root
 
     def __call__(self, payload: dict[str, Any]) -> None:
-        checkpoint.save({**payload, "meta": self.meta}, self.path)
+        checkpoint.save({**payload, "meta": self.meta}, self.path, root=self.root)
 
 
 def stage_train(run: Run) -> None:
@@ -156,12 +197,12 @@ def stage_train(run: Run) -> None:
     resume = _load_resume(run)
     meta = {"manifest_sha256": data.manifest_sha256, "model": _model_identity(run)}
     meta["private"] = cfg.privacy.mode is PrivacyMode.dpsgd
+    meta["split_seed"] = data.split_seed
     trainer = select_trainer(cfg)
     objective = objective_from_config(cfg.robustness)
-    job = TrainJob(
-        run.factory, data, cfg, run.device, objective, run.run_dir, resume, CheckpointSlot(run.checkpoint_path, meta)
-    )
-    job.report = run.report
+    slot = CheckpointSlot(run.checkpoint_path, meta, run.run_dir)
+    job = TrainJob(run.factory, data, cfg, run.device, objective, run.run_dir, resume, slot)
+    job.report, job.spend = run.report, run.spend
     if run.backdoor is not None:
         job.extras["backdoor"] = run.backdoor
     result = TRAINERS[trainer](job)
@@ -213,6 +254,8 @@ def _report_privacy(run: Run, result: TrainResult) -> None:
         private_step=result.private_step,
         poisson_sampling=cfg.poisson_sampling,
     )
+    if run.spend is not None:  # the dataset-level account: every run on the same data, composed
+        run.report.add("privacy", budget=run.spend.summary())
     within = cfg.target_epsilon is None or summary_["epsilon"] <= cfg.target_epsilon + 1e-9
     run.report.check(
         "training",
@@ -269,7 +312,7 @@ def stage_save_model(run: Run) -> None:
         from aisec_train.train.callbacks import NonFiniteError
 
         raise NonFiniteError(f"the final model has non-finite weights {bad[:3]}; model.pt is not written")
-    digest = checkpoint.save(state, run.run_dir / "model.pt")
+    digest = checkpoint.save(state, run.run_dir / "model.pt", root=run.run_dir)
     run.report.add("model", path="model.pt", sha256=digest)
     run.report.check(
         "model",
@@ -314,13 +357,15 @@ def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", use
     user = user or UserObjects()
     preflight(cfg, user)
     run = Run(cfg=cfg, run_dir=run_dir, experiment=experiment, user=user)
-    for name, stage in STAGES:
-        started = time.perf_counter()
-        log.info("stage %s", name)
-        run.report.stage = name
-        stage(run)
-        run.timings[name] = round(time.perf_counter() - started, 3)
-    write_reports(run)
+    with run.resources:  # the run directory's lock (and, under DP, the dataset ledger's) for the whole run
+        run.resources.enter_context(lock_run_dir(run_dir, wait=cfg.train.lock_wait_s))
+        for name, stage in STAGES:
+            started = time.perf_counter()
+            log.info("stage %s", name)
+            run.report.stage = name
+            stage(run)
+            run.timings[name] = round(time.perf_counter() - started, 3)
+        write_reports(run)
     return run.report
 
 

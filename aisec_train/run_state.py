@@ -3,13 +3,15 @@
 ``slots=True``: a stage cannot add an attribute on the fly; what a stage hands the next one has a name here.
 
     cfg, run_dir, report, user       given
-    data, factory                    data stage (the model factory needs the data's shape and classes)
+    data, factory, spend             data stage (the model factory needs the data's shape and classes; the
+                                     dataset-level privacy ledger needs its manifest hash)
     backdoor                         backdoor_poison (the red team's trigger, poisoned rows, trusted data)
     model, result                    train (then backdoor_defend replaces ``model`` by the repaired one)
 """
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from aisec_train.data.dataset import DataBundle
     from aisec_train.models.factory import ModelFactory
     from aisec_train.train.loop import TrainResult
+    from aisec_train.train.spend import DatasetSpend
 
 
 @dataclass(slots=True)
@@ -47,10 +50,12 @@ class Run:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     data: DataBundle | None = None
     factory: ModelFactory | None = None
+    spend: DatasetSpend | None = None  # the run's account in the dataset-level privacy ledger (under DP)
     backdoor: BackdoorState | None = None
     model: nn.Module | None = None
     result: TrainResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    resources: ExitStack = field(default_factory=ExitStack)  # the run directory's and the dataset ledger's locks
 
     @property
     def checkpoint_path(self) -> Path:

@@ -80,9 +80,9 @@ def make_model(name: str, channels: int, size: int) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ one step per impl
 def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """A closure running one full training step of ``impl`` on the batch (x, y), and a note for the table."""
+    """A closure running one full training step of ``impl`` on the batch (x, y), and one giving a table note."""
     if impl == "opake":
-        return _opake_step(model, x, y), ""
+        return _opake_step(model, x, y), lambda: ""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     criterion: nn.Module = nn.CrossEntropyLoss()
     note = ""
@@ -99,8 +99,7 @@ def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         model, optimizer = wrapped[0], wrapped[1]
         criterion = wrapped[2] if len(wrapped) == 4 else criterion
         if impl == "ours":
-            report = bk_report(model)
-            note = report["fallback"] or ""
+            note = bk_report(model)["fallback"] or ""
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -108,11 +107,16 @@ def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
         loss.backward()
         optimizer.step()
 
-    if impl == "ours":  # after the first step every layer has picked its method: list them
-        step()
-        methods = list(bk_report(model)["layers"].values())
-        note = note or " ".join(f"{m}:{methods.count(m)}" for m in sorted(set(methods)))
-    return step, note
+    return step, (lambda: _methods(model, note)) if impl == "ours" else (lambda: note)
+
+
+def _methods(model: nn.Module, fallback: str) -> str:
+    """How many layers used each method at the last step (read after timing: a step before the memory
+    baseline would leave its freed blocks cached and hide the step's peak)."""
+    from aisec_train.train.bk import bk_report
+
+    methods = list(bk_report(model)["layers"].values())
+    return fallback or " ".join(f"{m}:{methods.count(m)}" for m in sorted(set(methods)))
 
 
 def _opake_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -181,7 +185,7 @@ def measure(key: str, impl: str, device: str, quick: bool) -> dict:
         hwm = _proc_status("VmHWM")
         peak = (hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024) - base
     row = {"impl": impl, "model": key, "image": size, "batch": batch, "seconds": seconds, "peak_mb": peak}
-    return row | ({"note": note} if note else {})
+    return row | ({"note": note()} if note() else {})
 
 
 def _child(conn, key: str, impl: str, device: str, quick: bool) -> None:

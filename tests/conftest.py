@@ -54,6 +54,24 @@ def read_report(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def private_keys(tmp_path_factory):
+    """The HMAC key and the ledger anchors of the test session live in a throwaway folder, never in ~/.config."""
+    folder = tmp_path_factory.mktemp("keys")
+    saved = {k: os.environ.get(k) for k in ("AISEC_TRAIN_KEY_FILE", "AISEC_TRAIN_ANCHOR_DIR")}
+    os.environ["AISEC_TRAIN_KEY_FILE"] = str(folder / "hmac.key")
+    os.environ["AISEC_TRAIN_ANCHOR_DIR"] = str(folder / "anchors")
+    yield folder
+    for key, value in saved.items():
+        os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+
+
+@pytest.fixture(autouse=True)
+def private_ledgers(tmp_path, monkeypatch):
+    """Each test spends privacy on its own ledger store: the dataset-level budget must not leak between tests."""
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "privacy_ledgers"))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def private_registry(tmp_path_factory):
     """Runs launched by the tests register into a throwaway registry, not the project's outputs/registry.json."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"

@@ -323,6 +323,22 @@ def test_filtering_under_dp_is_refused_before_training(tmp_path):
     assert poisoned_run(tmp_path, "backdoor.filter=true", "privacy=none").backdoor is not None
 
 
+def test_filter_retrains_a_fresh_factory_model_on_the_kept_rows(tmp_path):
+    overrides = ["privacy=none", "backdoor.filter=true", "train.epochs=3", "backdoor.finetune_epochs=2"]
+    run = poisoned_run(tmp_path, *overrides)
+    for name, stage in pipeline.STAGES[2:4]:  # train, then the defence (detect -> filter + retrain -> Fine-Pruning)
+        run.report.stage = name
+        trained = run.model
+        stage(run)
+    assert [n for n, _ in pipeline.STAGES[2:4]] == ["train", "backdoor_defend"] and run.model is not trained
+    found = run.backdoor.detections[run.cfg.backdoor.detection.value]
+    step = next(s for s in run.data.lineage if s["step"] == "filter_flagged")
+    assert step["dropped"] == len(found.flagged) > 0 and step["n_train"] == len(run.data.train) - len(found.flagged)
+    bd = run.report.get("backdoor")
+    assert list(bd["stages"]) == ["trained", "filtered", "fine_pruned"] and bd["fine_pruning"]["bake"]["method"]
+    assert {c["item"] for c in run.report.checklist if run.report.owners[(c["area"], c["item"])] == "backdoor_defend"}
+
+
 def test_a_feature_layer_that_does_not_exist_is_refused_in_the_poison_stage(tmp_path):
     with pytest.raises(ConfigError, match=r"^backdoor.feature_layer='nope' is not allowed: no such module \(top-level"):
         poisoned_run(tmp_path, "backdoor.feature_layer=nope")
@@ -336,7 +352,7 @@ def test_federated_red_team_poisons_the_first_k_clients_shards(tmp_path):
     state, data, bd = run.backdoor, run.data, run.cfg.backdoor
     parts = state.client_indices
     assert state.malicious_clients == (0, 1) and len(parts) == run.cfg.federated.clients
-    # the shards partition the kept training rows; the trusted reserve (carved first) is in none of them
+    # the (IID, default) shards partition the kept training rows; the trusted reserve (carved first) is in none
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(data.train)))
     assert not set(state.trusted.indices) & set(data.train.base.indices)
     # the same partition the federated package computes for these labels and settings

@@ -16,46 +16,43 @@ from aisec_train.config import to_config
 from aisec_train.crypto import CkksParams, decrypt_aggregate, encrypt_update, generate_keys, load_secret_context
 from aisec_train.errors import ConfigError
 from aisec_train.federated.config import PartitionKind
+from aisec_train.federated.partition import client_partition
 from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, ckks_record, load_state
-from aisec_train.federated.task import check_update, flatten, partition_indices, unflatten
+from aisec_train.federated.task import check_update, flatten, unflatten
 from tests.conftest import run_cli
 from tests.test_config import compose_config
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
 
 
-# ---- partitions -------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", [PartitionKind.iid, PartitionKind.dirichlet])
-def test_partitions_are_disjoint_cover_everything_and_are_seeded(kind):
-    parts = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=3, min_size=10)
-    joined = np.concatenate(parts)
+# ---- partitions: the one client_partition both the trainer and the backdoor red team call -----------------
+def _fed(**partition):
+    from aisec_train.federated.config import FederatedConfig, FederatedMode, PartitionConfig
+
+    return FederatedConfig(mode=FederatedMode.fedavg, clients=4, partition=PartitionConfig(**partition))
+
+
+@pytest.mark.parametrize("kind", [PartitionKind.iid, PartitionKind.dirichlet, PartitionKind.shards])
+def test_client_partition_follows_the_config_is_seeded_and_disjoint(kind):
+    part = client_partition(LABELS, _fed(kind=kind, alpha=0.5, min_size=10), seed=3)
+    joined = np.concatenate(part.indices)
     assert len(joined) == len(LABELS) and len(np.unique(joined)) == len(LABELS)
-    assert min(len(p) for p in parts) >= 10
-    again = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=3, min_size=10)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
-    other = partition_indices(LABELS, 4, kind=kind, alpha=0.5, seed=4, min_size=10)
-    assert not all(np.array_equal(a, b) for a, b in zip(parts, other, strict=True))
+    assert part.kind == kind.value and part.num_clients == 4
+    again = client_partition(LABELS, _fed(kind=kind, alpha=0.5, min_size=10), seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(part.indices, again.indices, strict=True))
+    if kind is PartitionKind.shards:
+        assert max(part.to_report()["classes_per_client"]) <= 3  # 2 shards of 75, one may straddle a class edge
 
 
-def _label_skew(parts: list[np.ndarray]) -> float:
-    """Mean total-variation distance between each client's label mix and the global one."""
-    total = np.bincount(LABELS, minlength=10) / len(LABELS)
-    return float(np.mean([0.5 * np.abs(np.bincount(LABELS[p], minlength=10) / len(p) - total).sum() for p in parts]))
+def test_the_backdoor_red_team_poisons_the_partition_the_trainer_uses():
+    """backdoor/federated_poison.py must hand the trainer the same shards (client i is client i)."""
+    from aisec_train.backdoor import federated_poison
 
-
-def test_dirichlet_alpha_controls_label_skew():
-    skew = {
-        alpha: _label_skew(partition_indices(LABELS, 4, kind=PartitionKind.dirichlet, alpha=alpha, seed=0))
-        for alpha in (0.1, 1.0, 100.0)
-    }
-    iid = _label_skew(partition_indices(LABELS, 4, kind=PartitionKind.iid, alpha=1.0, seed=0))
-    assert skew[0.1] > skew[1.0] > skew[100.0]
-    assert skew[0.1] > 0.4 and iid < 0.1 and skew[100.0] < 0.1
-
-
-def test_partition_refuses_too_many_clients():
-    with pytest.raises(ValueError, match="cannot give"):
-        partition_indices(LABELS[:20], 4, kind=PartitionKind.iid, alpha=1.0, seed=0, min_size=10)
+    cfg = to_config(compose_config("experiment=federated_he", "federated.partition.kind=dirichlet"))
+    ours = client_partition(LABELS, cfg.federated, cfg.train.seed)
+    theirs = federated_poison.client_partition(LABELS, cfg)
+    theirs = theirs.indices if hasattr(theirs, "indices") else theirs
+    assert all(np.array_equal(a, b) for a, b in zip(ours.indices, theirs, strict=True))
 
 
 def test_check_update_refuses_nan_inf_and_norm():
@@ -192,6 +189,27 @@ def test_ckks_strategy_adds_ciphertexts_equal_to_plaintext_fedavg(tmp_path, serv
         (["federated.engine=deployment"], "federated.deployment.root_certificates=None is not allowed"),
         (["federated.ckks.coeff_mod_bit_sizes=[60,60]"], "totals 120 bits"),
         (["federated.ema_decay=1.5"], "federated.ema_decay=1.5 is not allowed"),
+        (["federated.fraction_train=0"], "federated.fraction_train=0.0 is not allowed: must be in (0, 1]"),
+        (
+            ["federated.defence.name=median"],
+            "federated.defence='median' is not allowed with federated.aggregation=ckks",
+        ),
+        (["federated.defence.name=krum"], "federated.defence='krum' is not allowed with federated.aggregation=ckks"),
+        (
+            ["federated.aggregation=plaintext", "federated.defence.name=krum", "federated.clients=4"],
+            "federated.defence.num_malicious=1 is not allowed: Krum needs >= 2f+3 updates, got 4",
+        ),
+        (["federated.dp=client"], "federated.dp='client' is not allowed with privacy=dpsgd"),
+        (["federated.dp=record", "privacy=none"], "federated.dp='record' is not allowed with privacy=none"),
+        (
+            ["federated.dp=client", "privacy=none", "federated.defence.name=norm_bound"],
+            "federated.defence='norm_bound' is not allowed with federated.dp=client",
+        ),
+        (
+            ["federated.aggregation=plaintext", "federated.ckks.rotate_every=2"],
+            "federated.ckks.rotate_every=2 is not allowed: 0 unless federated.aggregation=ckks",
+        ),
+        (["federated.partition.kind=zipf"], "zipf"),
     ],
 )
 def test_bad_federated_values_name_the_key_the_value_and_what_is_allowed(overrides, message):
@@ -215,9 +233,8 @@ def test_cli_refuses_a_quorum_above_the_clients_with_exit_2_and_writes_nothing(t
 
 
 def test_client_gpu_share_follows_the_training_device():
-    from aisec_train.federated.stage import client_gpu_share
-
     from aisec_train.federated.config import FederatedConfig, FederatedMode
+    from aisec_train.federated.trainer import client_gpu_share
 
     fed = FederatedConfig(mode=FederatedMode.fedavg, clients=4)
     assert client_gpu_share(fed, torch.device("cpu")) == 0.0  # null on the CPU: no GPU asked of Ray

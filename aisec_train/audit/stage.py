@@ -244,7 +244,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
 def stage_register(run: Run) -> None:
     reg = Registry(resolve_registry_path(run.cfg.audit.registry_path))
     try:
-        entry = reg.register(run.run_dir, governance=run.report.get("governance"))
+        entry = reg.register(run.run_dir, governance=run.report.get("governance"), report=run.report.to_dict())
     except RegistryError as err:  # the CLI turns a CheckpointError into its one-line refusal
         raise CheckpointError(str(err)) from err
     run.report.add(

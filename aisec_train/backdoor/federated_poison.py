@@ -1,6 +1,6 @@
 """The federated red team: the first ``K`` clients hold poisoned shards (``backdoor.malicious_clients=K``).
 
-The client partition is the federated package's (:func:`aisec_train.federated.partition.partition_labels`, with the
+The client partition is the federated package's (:func:`aisec_train.federated.partition.client_partition`, with the
 ``federated.partition`` settings and ``train.seed``), computed here over the training split **after** the trusted
 reserve is carved out, so the reserve never reaches a client. The poison stage keeps the partition it poisoned in
 ``BackdoorState.client_indices``; the federated trainer must give client ``i`` exactly ``client_indices[i]`` of
@@ -36,18 +36,11 @@ PARTITION_MODULE = "aisec_train.federated.partition"
 
 
 def client_partition(labels: np.ndarray, cfg: Config) -> list[np.ndarray]:
-    """Per-client index arrays over ``labels`` from the federated package's partitioner (imported lazily: it
-    pulls in flwr-datasets, which only federated runs need)."""
+    """Per-client index arrays over ``labels``: the federated package's one partition call, with every
+    ``federated.partition`` setting and ``train.seed`` (imported lazily: it pulls in flwr-datasets, which only
+    federated runs need)."""
     partition = importlib.import_module(PARTITION_MODULE)
-    fed = cfg.federated
-    part = partition.partition_labels(
-        np.asarray(labels, dtype=np.int64),
-        fed.clients,
-        fed.partition.kind.value,
-        seed=cfg.train.seed,
-        alpha=fed.partition.alpha,
-        min_size=fed.partition.min_size,
-    )
+    part = partition.client_partition(np.asarray(labels, dtype=np.int64), cfg.federated, cfg.train.seed)
     return [np.asarray(rows, dtype=np.int64) for rows in part.indices]
 
 

@@ -65,6 +65,7 @@ class ClientDPConfig:
     target_quantile: float = 0.5
     clip_lr: float = 0.2  # geometric step of C per round
     count_stddev: float | None = None  # noise on the clipped count; None: expected cohort / 20 (the paper's)
+    secure_noise: bool = True  # OS entropy; false: seeded from train.seed (replayable: experiments only)
 
     def check(self) -> None:
         eps, z = self.target_epsilon, self.noise_multiplier

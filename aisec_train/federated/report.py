@@ -78,6 +78,8 @@ def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             {
                 "round": r["round"],
+                "sampled": r.get("sampled"),
+                "evaluated_clients": r.get("evaluated_clients"),
                 "test_accuracy": r.get("test_accuracy"),
                 "accepted": r["accepted"],
                 "dropped": r["dropped"],
@@ -92,6 +94,7 @@ def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "round_s": r.get("round_s"),
                 "train_s_per_client": {str(c["partition_id"]): c.get("train_s") for c in r["clients"]},
                 "examples_per_client": {str(c["partition_id"]): c.get("num_examples") for c in r["clients"]},
+                "update_norms": r.get("update_norms"),  # plaintext: measured by the server
             }
         )
     return out
@@ -108,6 +111,7 @@ def add(
     server: ServerSettings,
     client: ClientSettings,
     transport: str,
+    client_level: bool = False,
 ) -> None:
     """Add the ``federated`` and ``privacy`` sections and the confidentiality checklist answers."""
     cfg, report = run.cfg, run.report
@@ -129,7 +133,6 @@ def add(
         rounds_planned=fed.rounds,
         clients=fed.clients,
         min_clients=fed.min_clients,
-        partition={"kind": fed.partition.kind.value, "alpha": fed.partition.alpha},
         local_epochs=fed.local_epochs,
         local_objective=run.objective,  # what every client's loop trained on (standard, pgd_at, trades, ...)
         num_params=num_params,
@@ -151,7 +154,8 @@ def add(
         per_round=rows,
         ckks=ckks_section,
     )
-    _privacy(run, eps, private)
+    if not client_level:  # report_scale.py writes the client-level guarantee
+        _privacy(run, eps, private)
     _checklist(run, rows, server, client, bytes_per_param, transport)
 
 
@@ -241,8 +245,12 @@ def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_
         "pass",
         f"{len(refused)} update(s) refused"
         + "".join(f"; round {x['round']} client {x['client']} ({x['reason']}, by {x['by']})" for x in refused)
-        + f"; L2 bound {fed.max_update_norm} checked by each client before encryption"
-        + (" and by the server" if fed.aggregation.value == "plaintext" else ""),
+        + (
+            f"; every update clipped to L2 {fed.client_dp.clip_norm} by its client (dp=client), NaN/inf refused"
+            if fed.dp is not None and fed.dp.value == "client"
+            else f"; L2 bound {fed.max_update_norm} checked by each client before encryption"
+            + (" and by the server" if fed.aggregation.value == "plaintext" else "")
+        ),
     )
     dropped = sum(row["dropped"] for row in rows)
     failed = [row["round"] for row in rows if row["failed"]]

@@ -12,10 +12,12 @@ import logging
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from aisec_train.federated.config import Aggregation
+from aisec_train.federated.client_level import make_plan
+from aisec_train.federated.config import Aggregation, FederatedDP, dp_level
 from aisec_train.federated.settings import ServerSettings
 from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record, wait_for_nodes
 from aisec_train.federated.task import FederatedTask, load_job
+from aisec_train.train.config import PrivacyMode
 
 log = logging.getLogger("aisec_train.federated")
 
@@ -37,7 +39,9 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
         if done >= last:
             log.info("federated: %d round(s) already complete", done)
             return
-        # 3. The strategy: FedAvg over ciphertexts (ckks) or checked plaintext updates.
+        # 3. The strategy: FedAvg over ciphertexts (ckks) or checked plaintext updates with the defence; under
+        #    client-level DP it samples by Poisson and keeps the client-level ledger.
+        level = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd)
         strategy = SecureFedAvg(
             aggregation="ckks" if fed.aggregation is Aggregation.ckks else "plaintext",
             min_clients=fed.min_clients,
@@ -45,7 +49,14 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
             state_dir=s.state_dir,
             public_context=s.public_context,
             public_sha256=s.public_sha256,
+            public_root=s.public_root,
+            rotate_every=fed.ckks.rotate_every,
             evaluate=fed.evaluate,
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=fed.fraction_evaluate,
+            seed=cfg.train.seed,
+            dp=make_plan(fed) if level is FederatedDP.client else None,
+            defence={**vars(fed.defence), "name": fed.defence.name.value},
             round_offset=done,
             history=state["history"] if state else None,
         )

@@ -1,5 +1,11 @@
 """FedAvg whose aggregation is plaintext or CKKS ciphertext addition, with refusals, a quorum and round state.
 
+Per round: sample the cohort (seeded; Poisson at rate ``fraction_train`` under client-level DP, charged to the
+client-level ledger first, else a fixed ``max(fraction_train N, min_clients)``), tell the clients its size,
+screen the replies, release only a quorum (and, under client-level DP, enough noise shares), aggregate with
+the configured defence on plaintext (``robust_aggregation.aggregate`` over ``local - global``) or by
+ciphertext addition under CKKS (only ``fedavg``; ``norm_bound`` is then the clients' own clip), and persist.
+
 On the CKKS path the server holds a public context (parameters only, no key) and can only add: it never
 sees a weight, a norm or a model. Each reply's ``arrays`` holds one ``Array`` of serialized ciphertexts
 (``stype="ckks"``); the sum goes back to the clients, who decrypt it at the start of the next round.
@@ -17,13 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from aisec_train.crypto.ckks import EncryptedUpdate, InvalidCiphertextError, aggregate, load_public_context
-from aisec_train.federated.task import REFUSAL_CODES, check_update, flatten
+from aisec_train.crypto.rotation import epoch_of, load_epoch_public, tag, untag
+from aisec_train.errors import ConfigError
+from aisec_train.federated import robust_aggregation
+from aisec_train.federated.client_dp import poisson_sample
+from aisec_train.federated.client_level import ClientDPPlan, ClientLedger, tolerance
+from aisec_train.federated.task import REFUSAL_CODES, check_update, flatten, unflatten
 from aisec_train.train import checkpoint
 
 log = logging.getLogger("aisec_train.federated")
@@ -44,8 +54,9 @@ CLIENT_KEYS = (
 )
 
 
-def ckks_record(update: EncryptedUpdate) -> ArrayRecord:
-    data = update.to_bytes()
+def ckks_record(update: EncryptedUpdate | bytes) -> ArrayRecord:
+    """Serialized ciphertexts (tagged with their key id under rotation) as one ``Array``."""
+    data = update.to_bytes() if isinstance(update, EncryptedUpdate) else bytes(update)
     return ArrayRecord({CKKS_KEY: Array(dtype="bytes", shape=(len(data),), stype=CKKS_KEY, data=data)})
 
 
@@ -67,7 +78,7 @@ def record_to_state(arrays: ArrayRecord) -> dict[str, Any]:
 
 def state_to_record(state: dict[str, Any]) -> ArrayRecord:
     if state["kind"] == CKKS_KEY:
-        return ckks_record(EncryptedUpdate.from_bytes(state["data"]))
+        return ckks_record(state["data"])
     return ArrayRecord(state["tensors"])
 
 
@@ -90,7 +101,7 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float, poll_s: float = 1.
 
 
 class SecureFedAvg(FedAvg):
-    """FedAvg over all connected clients; ``ckks`` adds ciphertexts only, ``plaintext`` checks each update first."""
+    """FedAvg over a sampled cohort; ``ckks`` adds ciphertexts only, ``plaintext`` checks each update first."""
 
     def __init__(
         self,
@@ -101,22 +112,34 @@ class SecureFedAvg(FedAvg):
         state_dir: Path,
         public_context: str = "",
         public_sha256: str = "",
+        public_root: str = "",
+        rotate_every: int = 0,
         evaluate: bool = True,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        seed: int = 0,
+        dp: ClientDPPlan | None = None,
+        defence: dict[str, Any] | None = None,
         round_offset: int = 0,
         history: list[dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
-            fraction_evaluate=1.0 if evaluate else 0.0,
+            fraction_train=fraction_train,
+            fraction_evaluate=fraction_evaluate if evaluate else 0.0,
             min_train_nodes=min_clients,
             min_evaluate_nodes=min_clients if evaluate else 0,
             min_available_nodes=min_clients,
         )
         self.aggregation, self.min_clients, self.max_update_norm = aggregation, min_clients, max_update_norm
-        self.state_dir, self.round_offset = Path(state_dir), round_offset
+        self.state_dir, self.round_offset, self.seed = Path(state_dir), round_offset, seed
         # The server's context: parameters only. load_public_context refuses one that holds a secret key.
         self.public_ctx = load_public_context(Path(public_context), public_sha256 or None) if public_context else None
-        if aggregation == CKKS_KEY and self.public_ctx is None:
+        self.public_root, self.rotate_every = public_root, rotate_every
+        if aggregation == CKKS_KEY and self.public_ctx is None and not public_root:
             raise ValueError("ckks aggregation needs the public context path")
+        self.dp = dp
+        self.ledger = ClientLedger(self.state_dir, dp) if dp else None
+        self.defence = {"name": "fedavg", **(defence or {})}
         self.history = history or []
         self._global: ArrayRecord | None = None
         self._sampled: dict[int, int] = {}  # round -> number of clients asked
@@ -125,10 +148,23 @@ class SecureFedAvg(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
         self._global, self._started[rnd] = arrays, time.perf_counter()
-        config = ConfigRecord({**config, "server-round": rnd})
-        messages = list(super().configure_train(rnd, arrays, config, grid))
-        self._sampled[rnd] = len(messages)
-        return messages
+        nodes = sorted(grid.get_node_ids())
+        rng = np.random.default_rng([self.seed, rnd])  # the sample is data-independent and reproducible
+        if self.ledger is not None:
+            if not self.ledger.fits_one_more():
+                log.warning("round %d not started: the client-level privacy budget is spent", rnd)
+                self._sampled[rnd] = 0
+                return []
+            chosen = poisson_sample(nodes, self.fraction_train, rng)
+            self.ledger.charge(rnd)  # every configured round is charged, whatever happens to it
+        else:
+            size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_clients))
+            # Positions, not ids: node ids are uint64 and numpy would round them through float64.
+            chosen = [nodes[i] for i in sorted(rng.choice(len(nodes), size, replace=False))]
+        self._sampled[rnd] = len(chosen)
+        config = ConfigRecord({**config, "server-round": rnd, "cohort": len(chosen)})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, chosen, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
@@ -145,18 +181,22 @@ class SecureFedAvg(FedAvg):
         row["dropped"] = row["sampled"] - len(answered)
         row["errors"] = [_reason(m.error.reason) for m in replies if m.has_error()]
         # 2. Refusals: the clients' own (before encryption) and, on plaintext, the server's check.
-        accepted, row["refused"] = self._screen(answered)
+        accepted, row["refused"], norms = self._screen(answered, rnd)
         row["clients"] = [_client_row(m.content["metrics"]) for m in answered]
         row["accepted"] = sorted(int(m.content["metrics"]["partition-id"]) for m in accepted)
-        # 3. Aggregate a quorum, or keep the global model.
-        arrays = None
-        if len(accepted) < self.min_clients:
-            row["failed"] = f"{len(accepted)} usable update(s) < federated.min_clients={self.min_clients}"
+        if norms:
+            row["update_norms"] = norms  # plaintext only: what the server measured
+        # 3. Aggregate a quorum (and, under client-level DP, enough noise shares), or keep the global model.
+        arrays, row["failed"] = None, self._release_refused(len(accepted), row["sampled"])
+        if row["failed"]:
             log.warning("round %d failed: %s; the global model is kept", rnd, row["failed"])
         else:
             started = time.perf_counter()
-            arrays = self._aggregate(accepted)
-            row["aggregate_s"], row["failed"] = time.perf_counter() - started, None
+            try:
+                arrays = self._aggregate(accepted, rnd)
+            except ConfigError as err:  # a defence that cannot tolerate its attackers among this few updates
+                row["failed"] = str(err)
+            row["aggregate_s"] = time.perf_counter() - started
         row["train_round_s"] = time.perf_counter() - self._started.get(rnd, time.perf_counter())
         self.history.append(row)
         # 4. Persist the round before anything else can fail: a resumed run continues after it.
@@ -173,45 +213,91 @@ class SecureFedAvg(FedAvg):
         acc = sum(float(r["accuracy"]) * int(r["num-examples"]) for r in rows) / total
         row = next(h for h in reversed(self.history) if h["round"] == rnd)
         row["test_accuracy"], row["evaluated_examples"] = acc, total
+        row["evaluated_clients"] = len(rows)
         row["decrypt_s"] = [float(r["decrypt-s"]) for r in rows]
         row["round_s"] = time.perf_counter() - self._started.get(rnd, time.perf_counter())
         self._save(None, rnd)
         return MetricRecord({"accuracy": acc, "num-examples": total})
 
     # -- helpers -------------------------------------------------------------------------------------------
-    def _screen(self, answered: list[Message]) -> tuple[list[Message], list[dict[str, Any]]]:
-        """Split answered clients into usable updates and refusals (theirs, or the server's on plaintext)."""
-        accepted, refused = [], []
-        base = None if self.aggregation == CKKS_KEY else flatten(self._global.to_torch_state_dict())
+    def _release_refused(self, accepted: int, sampled: int) -> str | None:
+        if accepted < self.min_clients:
+            return f"{accepted} usable update(s) < federated.min_clients={self.min_clients}"
+        needed = sampled - tolerance(self.dp, sampled) if self.dp is not None else 0
+        if accepted < needed:
+            return (
+                f"{accepted} noise share(s) of {sampled} sampled, fewer than the {needed} needed "
+                "(federated.client_dp.dropout_tolerance): the sum would carry less noise than accounted"
+            )
+        return None
+
+    def _screen(self, answered: list[Message], rnd: int) -> tuple[list[Message], list[dict[str, Any]], dict]:
+        """Split answered clients into usable updates and refusals (theirs, or the server's)."""
+        accepted, refused, norms = [], [], {}
+        plaintext = self.aggregation != CKKS_KEY
+        base = flatten(self._global.to_torch_state_dict()) if plaintext else None
+        # Client-level DP: each reply carries a noise share of norm ~ z C sqrt(params / k), so only NaN is refused.
+        bound = np.inf if self.dp is not None else self.max_update_norm
         for msg in answered:
             metrics = msg.content["metrics"]
             pid, code = int(metrics["partition-id"]), int(metrics["refused"])
             if code:
                 refused.append({"client": pid, "reason": REASONS[code], "by": "client"})
                 continue
-            if base is not None:
-                reason = check_update(flatten(msg.content["arrays"].to_torch_state_dict()) - base, self.max_update_norm)
-                if reason:
-                    refused.append({"client": pid, "reason": reason, "by": "server"})
-                    continue
+            if plaintext:
+                delta = _weights(msg, base.size) - base
+                norms[str(pid)] = float(np.linalg.norm(delta)) if np.isfinite(delta).all() else None
+                reason = check_update(delta, bound)
+            else:
+                reason = self._key_check(msg, rnd)
+            if reason:
+                refused.append({"client": pid, "reason": reason, "by": "server"})
+                continue
             accepted.append(msg)
-        return accepted, refused
+        return accepted, refused, norms
 
-    def _aggregate(self, accepted: list[Message]) -> ArrayRecord:
+    def _round_key(self, rnd: int):
+        """This round's public context and key id (rotation), or the run's context and no id."""
+        if not self.public_root:
+            return self.public_ctx, None
+        return load_epoch_public(Path(self.public_root), epoch_of(rnd, self.rotate_every))
+
+    def _key_check(self, msg: Message, rnd: int) -> str | None:
+        """Under rotation, an upload under another epoch's key (stale or foreign) is refused, not summed."""
+        _, key_id = self._round_key(rnd)
+        if key_id is None:
+            return None
+        try:
+            untag(ckks_payload(msg.content["arrays"]), key_id)
+        except InvalidCiphertextError:
+            return "key"
+        return None
+
+    def _aggregate(self, accepted: list[Message], rnd: int) -> ArrayRecord:
         if self.aggregation == CKKS_KEY:
+            ctx, key_id = self._round_key(rnd)
+            payloads = [ckks_payload(m.content["arrays"]) for m in accepted]
             try:
-                return ckks_record(aggregate([ckks_payload(m.content["arrays"]) for m in accepted], self.public_ctx))
+                if key_id is None:
+                    return ckks_record(aggregate(payloads, ctx))
+                return ckks_record(tag(aggregate([untag(p, key_id) for p in payloads], ctx), key_id))
             except InvalidCiphertextError as err:
                 raise RuntimeError(f"an encrypted update was malformed: {err}") from err
-        weights = np.array([float(m.content["metrics"]["num-examples"]) for m in accepted])
-        states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
-        mean = {
-            k: torch.as_tensor(sum(w * s[k].double() for w, s in zip(weights, states, strict=True)) / weights.sum()).to(
-                states[0][k].dtype
-            )
-            for k in states[0]
-        }
-        return ArrayRecord(mean)
+        template = self._global.to_torch_state_dict()
+        if self.dp is not None:  # DP-FedAvg: every share counts once; the extras (count, C) are averaged too
+            states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
+            mean = {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}
+            return ArrayRecord({k: v.to(states[0][k].dtype) for k, v in mean.items()})
+        base = flatten(template)
+        deltas = [_weights(m, base.size) - base for m in accepted]
+        weights = [float(m.content["metrics"]["num-examples"]) for m in accepted]
+        d = self.defence
+        step = robust_aggregation.aggregate(
+            d["name"], deltas, weights, num_malicious=d.get("num_malicious", 0),
+            trim_fraction=d.get("trim_fraction", 0.2), norm_bound=d.get("norm_bound"),
+            krum_select=min(d.get("krum_select", 1), len(deltas)),
+        )  # fmt: skip
+        return ArrayRecord(unflatten(base + step, template))
 
     def _save(self, arrays: ArrayRecord | None, rnd: int) -> None:
         """Atomic per-round state (``arrays=None`` keeps the saved model and updates the history only)."""
@@ -219,6 +305,11 @@ class SecureFedAvg(FedAvg):
         previous = checkpoint.load(path) if path.exists() and arrays is None else None
         model = previous["model"] if previous else record_to_state(arrays)
         checkpoint.save({"round": rnd, "model": model, "history": self.history}, path)
+
+
+def _weights(msg: Message, n: int) -> np.ndarray:
+    """A plaintext reply's model weights, flat (a DP contribution's extras are not weights)."""
+    return flatten(msg.content["arrays"].to_torch_state_dict())[:n]
 
 
 def _reason(text: str) -> str:

@@ -16,16 +16,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from aisec_train.crypto import ckks
+from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
 from aisec_train.federated import report as fed_report
-from aisec_train.federated.config import Aggregation, Engine
+from aisec_train.federated import report_scale as fed_scale
+from aisec_train.federated.client_keys import ClientKeys
+from aisec_train.federated.client_level import EXTRA_KEYS, make_plan
+from aisec_train.federated.config import Aggregation, Engine, FederatedDP, dp_level
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.federated.strategy import load_state
 from aisec_train.federated.task import FederatedTask, client_epsilons, load_job, unflatten, write_job
@@ -44,20 +48,39 @@ def prepare(job) -> tuple[ServerSettings, ClientSettings]:
     load_job.cache_clear()  # a resumed run may have rewritten job.json with new overrides
     server = ServerSettings(job=str(path), state_dir=str(fed_dir / "server"))
     client = ClientSettings(job=str(path), state_dir=str(run_dir / "client_state"))
-    if cfg.federated.aggregation is Aggregation.ckks:
-        keys = _keys(cfg.federated.ckks, key_dir, fed_dir / "server")
-        server = ServerSettings(server.job, server.state_dir, str(keys.public_context), keys.public_sha256)
-        client = ClientSettings(client.job, client.state_dir, str(keys.secret_context), keys.secret_sha256)
+    cc = cfg.federated.ckks
+    if cfg.federated.aggregation is Aggregation.ckks and cc.rotate_every:
+        keys = _epoch_keys(cfg.federated, key_dir, fed_dir / "server" / "keys")
+        server = replace(server, public_root=str(fed_dir / "server" / "keys"))
+        client = replace(client, secret_root=str(key_dir))
+    elif cfg.federated.aggregation is Aggregation.ckks:
+        keys = _keys(cc, key_dir, fed_dir / "server")
+        server = replace(server, public_context=str(keys.public_context), public_sha256=keys.public_sha256)
+        client = replace(client, secret_context=str(keys.secret_context), secret_sha256=keys.secret_sha256)
     return server, client
 
 
+def _params(cc) -> ckks.CkksParams:
+    return ckks.CkksParams(cc.poly_modulus_degree, tuple(cc.coeff_mod_bit_sizes), cc.global_scale_bits, cc.encryption)
+
+
 def _keys(cc, key_dir: Path, server_dir: Path) -> ckks.KeyPaths:
-    params = ckks.CkksParams(cc.poly_modulus_degree, tuple(cc.coeff_mod_bit_sizes), cc.global_scale_bits, cc.encryption)
     secret, public = key_dir / ckks.SECRET_FILE, server_dir / ckks.PUBLIC_FILE
     if secret.exists() and public.exists():  # a resumed run keeps its keys: the saved aggregate needs them
         digest = lambda p: p.with_name(p.name + ".sha256").read_text().strip()  # noqa: E731
         return ckks.KeyPaths(secret, public, digest(secret), digest(public))
-    return ckks.generate_keys(params, key_dir, server_dir, overwrite=True)
+    return ckks.generate_keys(_params(cc), key_dir, server_dir, overwrite=True)
+
+
+def _epoch_keys(fed, client_root: Path, server_root: Path) -> list[int]:
+    """The key dealer (this job, for the data owners): one key per epoch of ``rotate_every`` rounds, made up
+    front (a resumed run keeps the epochs it has: their ciphertexts need them)."""
+    made = rotation.epochs(server_root).values()
+    wanted = range(rotation.epoch_of(fed.rounds, fed.ckks.rotate_every) + 1)
+    for epoch in wanted:
+        if epoch not in made:
+            rotation.rotate_keys(_params(fed.ckks), client_root, server_root, epoch)
+    return list(wanted)
 
 
 def client_gpu_share(fed, device: torch.device) -> float:
@@ -100,13 +123,16 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
 
 
 def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
-    """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp)."""
+    """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp).
+    A DP aggregate's two extra values (count, clip norm) are not weights and are left out."""
     model = task.initial_model()
-    saved = state["model"]
+    template, saved = model.state_dict(), state["model"]
     if saved["kind"] == "ckks":
-        ctx = ckks.load_secret_context(Path(client.secret_context), client.secret_sha256)
-        saved = {"tensors": unflatten(ckks.decrypt_aggregate(saved["data"], ctx), model.state_dict())}
-    model.load_state_dict(saved["tensors"])
+        vector = ClientKeys(client).decrypt(saved["data"])
+        tensors = unflatten(vector[: sum(v.numel() for v in template.values())], template)
+    else:
+        tensors = {k: v for k, v in saved["tensors"].items() if k not in EXTRA_KEYS}
+    model.load_state_dict(tensors)
     return model
 
 
@@ -121,7 +147,10 @@ def train_federated(job) -> TrainResult:
     gpus = client_gpu_share(cfg.federated, device) if cfg.federated.engine is Engine.simulation else 0.0
     if cfg.federated.engine is Engine.simulation and gpus > 0 and not torch.cuda.is_available():
         raise ConfigError(f"federated.client_gpus={gpus} is not allowed: this machine has no CUDA device")
-    task = FederatedTask.build(cfg, job.factory, job.data)
+    level = dp_level(cfg.federated, cfg.privacy.mode is PrivacyMode.dpsgd)
+    plan = make_plan(cfg.federated) if level is FederatedDP.client else None  # refuses an infeasible plan now
+    task = FederatedTask.build(cfg, job.factory, job.data, job.extras.get("backdoor"))
+    task.partition.save(job.run_dir / "federated" / "partition.npz")
     server, client = prepare(job)
     before = load_state(Path(server.state_dir))
     started = time.perf_counter()
@@ -136,7 +165,8 @@ def train_federated(job) -> TrainResult:
     if state is None:
         raise RuntimeError("the federated run completed no round; see the Flower log above")
     model = final_model(task, client, state).to(device)
-    eps = client_epsilons(client.state_path, cfg.federated.clients)
+    retired = _retire(cfg.federated, client, state)
+    eps = client_epsilons(client.state_path, cfg.federated.clients) if level is FederatedDP.record else {}
     history = fed_report.history_rows(state["history"])
     result = TrainResult(model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
     view = SimpleNamespace(cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name)
@@ -146,9 +176,19 @@ def train_federated(job) -> TrainResult:
         eps,
         resumed_from=before["round"] if before else 0,
         seconds=seconds,
-        private=cfg.privacy.mode is PrivacyMode.dpsgd,
+        private=level is FederatedDP.record,
         server=server,
         client=client,
         transport=transport,
+        client_level=plan is not None,
     )
+    fed_scale.add(view, task.partition, level, plan, server, retired, client, state)
     return result
+
+
+def _retire(fed, client: ClientSettings, state: dict[str, Any]) -> list[int]:
+    """Once every round is done, destroy every epoch secret but the last (the final model needs it)."""
+    if not client.secret_root or state["round"] < fed.rounds:
+        return []
+    last = rotation.epoch_of(state["round"], fed.ckks.rotate_every)
+    return [int(p.parent.name.split("_")[1]) for p in rotation.retire(Path(client.secret_root), last)]

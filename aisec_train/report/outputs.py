@@ -61,6 +61,16 @@ def plot_training_curve(history: list[dict[str, Any]], path: Path) -> None:
 def _privacy_sentence(privacy: dict[str, Any]) -> str:
     if not privacy or privacy.get("epsilon") is None:
         return "This model was trained **without** differential privacy: it may memorise individual training samples."
+    if privacy.get("level") == "client":  # federated.dp=client: the unit is a whole client, not a sample
+        eps = privacy["epsilon"]
+        return (
+            f"Trained with client-level differential privacy (DP-FedAvg): ({eps:.2f}, {privacy['delta']:g})-DP "
+            f"({privacy['accountant']} accountant, {privacy['steps']} rounds at client sampling rate "
+            f"{privacy['sample_rate']:g}, noise multiplier {privacy['noise_multiplier']:.2f}, update clipping at "
+            f"{privacy.get('clip_norm')}). In plain words: adding or removing all the data of any one client changes "
+            f"the probability of any outcome of training by a factor of at most e^{eps:.2f} ~ {2.718281828**eps:.1f}, "
+            f"except with probability {privacy['delta']:g}."
+        ) + (f" **Scope:** {privacy['scope']['statement']}" if privacy.get("scope") else "")
     return (
         f"Trained with DP-SGD: ({privacy['epsilon']:.2f}, {privacy['delta']:g})-differential privacy "
         f"({privacy['accountant']} accountant, {privacy['steps']} steps, noise multiplier "
@@ -74,8 +84,16 @@ def _privacy_sentence(privacy: dict[str, Any]) -> str:
 def model_card(report: Report) -> str:
     data, metrics = report.sections.get("data", {}), report.sections.get("metrics", {})
     model, robust = report.sections.get("model", {}), report.sections.get("robustness", {})
+    target = str(model.get("target") or model.get("name") or "?")
+    fixes = ", ".join(f"{f['module']} {f['from']} -> {f['to']}" for f in model.get("dp_fixes") or []) or "none"
     lines = [
-        f"# Model card: {model.get('name', '?')} on {data.get('name', '?')}",
+        f"# Model card: {target.rsplit('.', 1)[-1]} on {data.get('name', '?')}",
+        "",
+        "## Model",
+        f"- `{target}` ({model.get('source', 'config')}), arguments {model.get('arguments') or {}}, "
+        f"{model.get('parameters', '?')} parameters",
+        f"- made trainable by Opacus under DP: {fixes}",
+        f"- input normalisation inside the model: {model.get('input_normalization') or 'none'}",
         "",
         "## Intended use",
         "Research and evaluation of privacy-preserving, attack-hardened training. Not validated for decisions "

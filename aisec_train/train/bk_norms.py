@@ -64,13 +64,17 @@ class LayerNormRule(Rule):
         )[0]
 
     def norms(self, module, params, calls):
+        # dW_i = sum_t xhat_t g_t = sum_t x_t (rstd_t g_t) - sum_t (mean_t rstd_t) g_t: no xhat tensor.
         width = math.prod(module.normalized_shape)
         weight = bias = 0
         for call in calls:
             x, mean, rstd = call.saved
             n = x.shape[0]
             g = call.grad.reshape(n, -1, width)
-            weight = weight + (((x - mean) * rstd).reshape(n, -1, width).to(g.dtype) * g).sum(1)
+            rstd, mean_rstd = rstd.reshape(n, -1, 1), (mean * rstd).reshape(n, 1, -1)
+            if "weight" in params:
+                xg = torch.linalg.vecdot(x.reshape(n, -1, width).to(g.dtype), g * rstd.to(g.dtype), dim=1)
+                weight = weight + xg - torch.bmm(mean_rstd.to(g.dtype), g).squeeze(1)
             bias = bias + g.sum(1)
         return _normalisation(params, weight, bias, f"normalized_shape={tuple(module.normalized_shape)}")
 

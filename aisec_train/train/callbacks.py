@@ -129,6 +129,19 @@ class FiniteGuard(Callback):
             )
 
 
+class ChargeDataset(Callback):
+    """Charge the dataset-level ledger (train/spend.py) before each checkpoint and at the end."""
+
+    def __init__(self, spend):
+        self.spend = spend
+
+    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+        self.spend.charge(loop.ledger)
+
+    def on_train_end(self, loop: Loop) -> None:
+        self.spend.charge(loop.ledger)
+
+
 class Checkpointing(Callback):
     """Hand the resume payload to ``persist`` after every epoch (the caller writes it)."""
 

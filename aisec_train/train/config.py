@@ -51,6 +51,8 @@ class PrivacyConfig:
     grad_sample_mode: GradSampleMode = GradSampleMode.ghost
     poisson_sampling: bool = True
     budget_scope: BudgetScope = BudgetScope.dataset
+    # The project's privacy ledger store; null: $AISEC_TRAIN_LEDGER_STORE, else privacy_ledgers/ beside the registry.
+    ledger_store: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode is PrivacyMode.none:
@@ -99,6 +101,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     ema_decay: float = 0.97  # weight averaging (free post-processing of DP iterates); 0 turns it off
+    lock_wait_s: float = 0.0  # a second job on the same run directory or dataset ledger waits this long, then refuses
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
@@ -115,5 +118,7 @@ class TrainConfig:
         ok = math.isfinite(self.weight_decay) and self.weight_decay >= 0
         require(ok, "train.weight_decay", self.weight_decay, "must be a finite number >= 0")
         require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        ok = math.isfinite(self.lock_wait_s) and self.lock_wait_s >= 0
+        require(ok, "train.lock_wait_s", self.lock_wait_s, "must be a finite number >= 0")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())
         require(ok, "train.device", self.device, "must be auto, cpu, cuda or cuda:N")

@@ -115,6 +115,7 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, result_path) -> 
             resume=job.resume,
             eval_dataset=job.data.test if rank == 0 else None,
             persist=job.persist if rank == 0 else None,
+            spend=job.spend if rank == 0 else None,  # one ledger for the whole job: rank 0 charges it
             progress=rank == 0,
         )
     except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point; rank 0 reports it

@@ -63,6 +63,11 @@ class PrivacyLedger:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("delta", self.delta) != self.delta:
+            raise BudgetExhausted(
+                f"privacy.delta={self.delta!r} differs from the run's ledger ({state['delta']!r}); a resume keeps "
+                "the delta its epsilon was accounted at"
+            )
         if state["accountant"] != self.accountant_name:
             raise BudgetExhausted(
                 f"privacy.accountant={self.accountant_name!r} differs from the run's ledger "

@@ -9,6 +9,7 @@ the budget stop, weight averaging, numeric health and checkpointing.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -30,6 +31,7 @@ from aisec_train.errors import ConfigError
 from aisec_train.train.callbacks import (
     BudgetStop,
     Callback,
+    ChargeDataset,
     Checkpointing,
     FiniteGuard,
     SchedulerStep,
@@ -110,21 +112,26 @@ def train(
     resume: dict[str, Any] | None = None,
     eval_dataset: Dataset | None = None,
     persist=None,
+    spend=None,
     workers: int = 0,
     progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` (items ``(image, label)``); ``resume`` is a payload from a checkpoint.
 
     ``optimizer`` / ``scheduler`` are ``_target_`` configs (default: SGD from ``train_cfg``; no schedule);
-    ``persist(payload)`` is called after each epoch with everything a resume needs.
+    ``persist(payload)`` is called after each epoch with everything a resume needs; ``spend`` (train/spend.py) is
+    the run's account in the dataset-level ledger, charged before each checkpoint.
     """
     loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective or CrossEntropy(), workers, progress)
+    loop.spend = spend
     extras: list[Callback] = [FiniteGuard()]
     if train_cfg.ema_decay > 0:
         extras.append(WeightAveraging(train_cfg.ema_decay))
     if scheduler:
         extras.append(SchedulerStep(lambda opt: _scheduler(scheduler, opt, loop.planned_steps)))
     extras += list(callbacks)
+    if spend is not None and privacy_cfg.mode is PrivacyMode.dpsgd:
+        extras.append(ChargeDataset(spend))  # before the checkpoint: the ledger never falls behind it
     if persist is not None:
         extras.append(Checkpointing(persist))
     return loop.run(optimizer or sgd(train_cfg), extras, resume, eval_dataset)
@@ -155,6 +162,7 @@ class Loop:
         self.last_loss: float | None = None
         self.stopped_by_budget = False
         self.planned_steps = 0
+        self.spend = None
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
@@ -206,12 +214,32 @@ class Loop:
         self.start_epoch, self.history = resume["epoch"], list(resume["history"])
 
     def _budget(self, loader: DataLoader) -> None:
-        """Under DP with a target epsilon: stop before the step that would pass it (refuse if none fits)."""
+        """Under DP: stop before the step that would pass the run's target or the dataset's budget (every run on
+        the same data composed); refuse before any step when none fits. Data-parallel ranks all take rank 0's
+        answer (or its refusal), so they stop at the same step."""
         epochs_left = self.cfg.epochs - self.start_epoch
-        if self.ledger is None or self.privacy.target_epsilon is None or epochs_left <= 0:
+        if self.ledger is None or epochs_left <= 0:
             return
-        planned = self.ledger.steps + epochs_left * len(loader)
-        self.callbacks.insert(0, BudgetStop(budget_limit(self.ledger, self.privacy.target_epsilon, planned)))
+        limit, error = math.inf, None
+        try:
+            limit = self._limit(epochs_left * len(loader))
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank alike
+            error = err
+        if self.world > 1:
+            shared = [limit, error]
+            dist.broadcast_object_list(shared, src=0)
+            limit, error = shared
+        if error is not None:
+            raise error
+        self.callbacks.insert(0, BudgetStop(limit))
+
+    def _limit(self, planned: int) -> float:
+        assert self.ledger is not None
+        limit = self.spend.begin(self.ledger, planned) if self.spend is not None else math.inf
+        if self.privacy.target_epsilon is not None:
+            run_limit = budget_limit(self.ledger, self.privacy.target_epsilon, self.ledger.steps + planned)
+            limit = min(limit, run_limit)
+        return limit
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def run(self, optimizer_cfg, callbacks, resume, eval_dataset) -> TrainResult:

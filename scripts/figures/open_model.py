@@ -1,0 +1,290 @@
+"""Issue 10's figures: memory flat with data size, streaming throughput, a user's own model end to end, honest
+composition, and the default job against the code before the open-model work.
+
+    .venv/bin/python scripts/figures/open_model.py memory       # peak RSS, DP training on 10k vs 40k PNGs
+    .venv/bin/python scripts/figures/open_model.py throughput   # images/s: DataLoader path vs in-memory tensors
+    .venv/bin/python scripts/figures/open_model.py own_model    # user ResNet (BatchNorm), 32x32 RGB folder, all stages
+    .venv/bin/python scripts/figures/open_model.py composition  # federated (+pgd_at, + malicious clients)
+    .venv/bin/python scripts/figures/open_model.py default_job --baseline-ref 37279ef   # wall time and accuracy
+
+Each writes benchmarks/results/cpu/open_model_<name>.json and prints a markdown table. Peak RSS is the
+child's ``ru_maxrss`` (resource.getrusage), read in a fresh wrapper process per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import REPO, run_cli, write
+
+PEAK = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+)
+
+
+def peak_rss_mb(args: list[str], run_dir: Path) -> tuple[float, float, dict]:
+    cmd = [sys.executable, "-c", PEAK, sys.executable, "-m", "aisec_train", *args, f"hydra.run.dir={run_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"aisec-train {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    kb = int(proc.stdout.strip().splitlines()[-1])
+    return kb / 1024, seconds, json.loads((run_dir / "report.json").read_text())
+
+
+def shapes(root: Path, n: int, size: int) -> Path:
+    subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("shapes.py")), str(root), "--n", str(n), "--size", str(size)],
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+def memory(tmp: Path, quick: bool) -> dict:
+    sizes = (1000, 4000) if quick else (10_000, 40_000)
+    rows = []
+    for n in sizes:
+        root = shapes(tmp / f"shapes{n}", n, 16)
+        args = [
+            "dataset=imagefolder",
+            f"dataset.root={root}",
+            "train.epochs=1",
+            "audit=off",
+            "robustness.evaluate=false",
+            "privacy.budget_scope=run",
+        ]
+        mb, seconds, report = peak_rss_mb(args, tmp / f"mem{n}")
+        rows.append(
+            {
+                "images": n,
+                "peak_rss_mb": round(mb, 1),
+                "seconds": round(seconds, 1),
+                "epsilon": report["privacy"]["epsilon"],
+            }
+        )
+    ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    return {
+        "rows": rows,
+        "ratios": {"peak_rss_40k_over_10k": round(ratio, 3)},
+        "goal": "ratio <= 1.25",
+        "met": ratio <= 1.25,
+    }
+
+
+def _throughput(dataset, batch_size: int, epochs: int) -> float:
+    """Images per second through the one loop (DP-SGD, default privacy settings)."""
+    import torch
+
+    from aisec_train.models import SmallCNN
+    from aisec_train.train.config import PrivacyConfig, TrainConfig
+    from aisec_train.train.loop import train
+
+    x0, _ = dataset[0]
+    model = SmallCNN(in_channels=x0.shape[0], num_classes=10, image_size=tuple(x0.shape[1:]))
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, ema_decay=0.0)
+    started = time.perf_counter()
+    result = train(
+        model,
+        dataset,
+        train_cfg=cfg,
+        privacy_cfg=PrivacyConfig(noise_multiplier=1.0, target_epsilon=None),
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    seen = sum(len(dataset) for _ in result.history)
+    return seen / (time.perf_counter() - started)
+
+
+def throughput(tmp: Path, quick: bool) -> dict:
+    """The same training through the streamed path and through in-memory tensors (the first round's path)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from aisec_train.data.config import AugmentConfig, DatasetConfig
+    from aisec_train.data.dataset import load_dataset
+    from aisec_train.data.transforms import training_transform
+    from aisec_train.data.views import Transformed, materialize
+
+    torch.set_num_threads(2)
+    epochs = 1 if quick else 3
+    rows = []
+    digits = load_dataset(DatasetConfig(), seed=0)
+    cases = {"digits": (digits.train, None, 512)}
+    root = shapes(tmp / "tp", 2000 if quick else 10_000, 32)
+    augment = AugmentConfig(random_crop_padding=4, horizontal_flip=True)
+    folder = load_dataset(DatasetConfig(name="imagefolder", root=str(root), augment=augment), seed=0)
+    cases["shapes32_augmented"] = (folder.train, folder.train_transform, 256)
+    for name, (streamed, transform, batch) in cases.items():
+        x, y = materialize(streamed)
+        in_memory = TensorDataset(x, y)
+        paths = {
+            "in_memory": Transformed(in_memory, transform) if transform else in_memory,
+            "streamed": Transformed(streamed, transform) if transform else streamed,
+        }
+        for path, dataset in paths.items():
+            rows.append({"case": name, "impl": path, "images_per_s": round(_throughput(dataset, batch, epochs), 1)})
+    ratios = {}
+    for name in cases:
+        pick = {r["impl"]: r["images_per_s"] for r in rows if r["case"] == name}
+        ratios[f"streamed_over_in_memory_{name}"] = round(pick["streamed"] / pick["in_memory"], 3)
+    return {
+        "rows": rows,
+        "ratios": ratios,
+        "goal": "each ratio >= 0.90",
+        "met": min(ratios.values()) >= 0.90,
+        "augment": [str(training_transform(augment, (3, 32, 32)))],
+    }
+
+
+def own_model(tmp: Path, quick: bool) -> dict:
+    root = shapes(tmp / "own", 2000 if quick else 6000, 32)
+    args = [
+        "model._target_=tests.userland.TinyResNet",
+        "+model.width=32",
+        "dataset=imagefolder",
+        f"dataset.root={root}",
+        "dataset.augment.random_crop_padding=4",
+        "dataset.augment.horizontal_flip=true",
+        "dataset.normalize.mean=[0.5,0.5,0.5]",
+        "dataset.normalize.std=[0.25,0.25,0.25]",
+        "backdoor=badnets",
+        "train.batch_size=256",
+        f"train.epochs={3 if quick else 20}",
+        "privacy.budget_scope=run",
+    ]
+    report, seconds = run_cli(args, tmp / "own_run")
+    return {
+        "command": "aisec-train " + " ".join(args),
+        "clean_accuracy": report["metrics"]["clean_accuracy"],
+        "epsilon": report["privacy"]["epsilon"],
+        "robust_accuracy": report["robustness"]["robust_accuracy"],
+        "backdoor": {
+            k: report["backdoor"][k]
+            for k in ("asr_before", "asr_after", "clean_accuracy_before", "clean_accuracy_after")
+        },
+        "membership_auc": report["audit"]["membership"]["auc"],
+        "dp_fixes": report["model"]["dp_fixes"],
+        "wall_seconds": round(seconds, 1),
+        "timings": report["run"]["timings"],
+    }
+
+
+def composition(tmp: Path, quick: bool) -> dict:
+    common = [
+        "federated=fedavg",
+        "audit=off",
+        "privacy=none",
+        "privacy.budget_scope=run",
+        "federated.clients=4",
+        f"federated.rounds={2 if quick else 5}",
+    ]
+    out: dict = {}
+    alone, s1 = run_cli(common, tmp / "fed")
+    adv, s2 = run_cli([*common, "robustness=pgd_at"], tmp / "fed_pgd")
+    out["adversarial"] = {
+        "federated": {"clean": alone["metrics"]["clean_accuracy"], "robust": alone["robustness"]["robust_accuracy"]},
+        "federated+pgd_at": {
+            "clean": adv["metrics"]["clean_accuracy"],
+            "robust": adv["robustness"]["robust_accuracy"],
+            "local_objective": adv["federated"]["local_objective"],
+        },
+    }
+    bd, s3 = run_cli([*common, "backdoor=badnets", "backdoor.malicious_clients=1"], tmp / "fed_bd")
+    b = bd["backdoor"]
+    out["malicious_clients"] = {
+        k: b[k] for k in ("asr_before", "asr_after", "clean_accuracy_before", "clean_accuracy_after")
+    }
+    out["seconds"] = [round(s, 1) for s in (s1, s2, s3)]
+    out["met"] = (
+        adv["robustness"]["robust_accuracy"] > alone["robustness"]["robust_accuracy"]
+        and b["asr_before"] >= 0.9
+        and b["asr_after"] <= 0.05
+    )
+    return out
+
+
+def default_job(tmp: Path, quick: bool, baseline_ref: str) -> dict:
+    """`aisec-train` today vs the same command at ``baseline_ref`` (a git worktree), same machine, interleaved."""
+    base = tmp / "baseline"
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(base), baseline_ref], cwd=REPO, check=True, capture_output=True
+    )
+    rows = []
+    try:
+        for seed in (0,) if quick else (0, 1, 2):
+            for impl, cwd in (("baseline", base), ("now", REPO)):
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": str(cwd),
+                    "AISEC_TRAIN_REGISTRY": str(tmp / f"reg-{impl}.json"),
+                    "AISEC_TRAIN_LEDGER_STORE": str(tmp / f"ledger-{impl}-{seed}"),
+                }
+                run_dir = tmp / f"{impl}-{seed}"
+                cmd = [sys.executable, "-m", "aisec_train", f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
+                started = time.perf_counter()
+                proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+                seconds = time.perf_counter() - started
+                if proc.returncode != 0:
+                    raise SystemExit(f"{impl} failed:\n{proc.stderr[-2000:]}")
+                report = json.loads((run_dir / "report.json").read_text())
+                rows.append(
+                    {
+                        "impl": impl,
+                        "seed": seed,
+                        "seconds": round(seconds, 1),
+                        "clean_accuracy": report["metrics"]["clean_accuracy"],
+                        "epsilon": report["privacy"]["epsilon"],
+                    }
+                )
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
+
+    def mean(impl: str, key: str) -> float:
+        values = [r[key] for r in rows if r["impl"] == impl]
+        return sum(values) / len(values)
+
+    ratios = {
+        "now_over_baseline_seconds": round(mean("now", "seconds") / mean("baseline", "seconds"), 3),
+        "accuracy_change": round(mean("now", "clean_accuracy") - mean("baseline", "clean_accuracy"), 4),
+    }
+    return {
+        "baseline_ref": baseline_ref,
+        "rows": rows,
+        "ratios": ratios,
+        "met": ratios["now_over_baseline_seconds"] <= 1.10 and abs(ratios["accuracy_change"]) <= 0.01,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("figure", choices=["memory", "throughput", "own_model", "composition", "default_job"])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--baseline-ref", default="37279ef")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(REPO))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ.setdefault("AISEC_TRAIN_REGISTRY", str(Path(tmp) / "registry.json"))
+        os.environ.setdefault("AISEC_TRAIN_LEDGER_STORE", str(Path(tmp) / "ledgers"))
+        if args.figure == "default_job":
+            result = default_job(Path(tmp), args.quick, args.baseline_ref)
+        else:
+            result = globals()[args.figure](Path(tmp), args.quick)
+    result = {"figure": args.figure, "cpus": os.cpu_count(), "quick": args.quick, **result}
+    path = write(f"open_model_{args.figure}", result, args.out)
+    print(json.dumps(result, indent=1))
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
