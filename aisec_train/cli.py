@@ -75,8 +75,23 @@ def refuse(err: BaseException) -> NoReturn:
     sys.exit(2)
 
 
+HYDRA_FILES = (".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "cli.log", "__main__.log")
+
+
+def refuse_planted_links(argv: list[str]) -> None:
+    """Hydra writes .hydra/*.yaml and the log into the run directory before any of our code runs: refuse a
+    symlink planted there (or a run directory that is one) before Hydra can write through it."""
+    for arg in argv:
+        if arg.startswith("hydra.run.dir="):
+            run_dir = Path(arg.split("=", 1)[1]).expanduser()
+            for path in (run_dir, *(run_dir / name for name in HYDRA_FILES)):
+                if path.is_symlink():
+                    refuse(ValueError(f"{path} is a symlink: aisec-train never writes through one; remove it"))
+
+
 def main() -> None:
     quiet_known_warnings()
+    refuse_planted_links(sys.argv[1:])
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     register_configs()

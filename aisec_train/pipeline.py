@@ -11,6 +11,7 @@ stage that needs a fresh model asks the run's model factory.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,7 +30,14 @@ from aisec_train.report import outputs, security_report
 from aisec_train.report.report import Report
 from aisec_train.robust.adversary import robust_accuracy
 from aisec_train.run_state import Run, UserObjects
-from aisec_train.store import LedgerStore, check_delta, lock_run_dir, resolve_store_path, validate_output_path
+from aisec_train.store import (
+    IntegrityError,
+    LedgerStore,
+    check_delta,
+    lock_run_dir,
+    resolve_store_path,
+    validate_output_path,
+)
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import TrainResult, accuracy, resolve_device
@@ -58,6 +66,16 @@ def preflight(cfg: Config, user: UserObjects) -> None:
     validate_output_path(registry, what="audit.registry_path")
     store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
     validate_output_path(store / "probe.json", what="privacy.ledger_store")
+
+
+def refuse_symlinks(run_dir: Path) -> None:
+    """Before any work: a symlink anywhere in the run directory is refused (every file a run writes is created
+    inside it, never through a link; the writers check again, this makes the refusal come first)."""
+    for folder, dirs, files in os.walk(run_dir, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise IntegrityError(f"{path} is a symlink: aisec-train never writes through one; remove it")
 
 
 def _open_spend(run: Run) -> DatasetSpend | None:
@@ -163,8 +181,8 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
         )
     if meta.get("split_seed", data.split_seed) != data.split_seed:
         raise checkpoint.CheckpointError(
-            f"train.seed={run.cfg.train.seed} draws train/test split {data.split_seed}, but {run.run_dir} was trained on "
-            f"split {meta.get('split_seed')}: resuming would turn training records into held-out ones. Keep the seed "
+            f"train.seed={run.cfg.train.seed} draws train/test split {data.split_seed}, but {run.run_dir} was "
+            f"trained on split {meta.get('split_seed')}: resuming would turn training records into held-out ones. Keep the seed "
             "(or set dataset.split_seed), or use another hydra.run.dir"
         )
     if run.spend is not None:  # delta, accountant and split recorded in the dataset ledger must not move either
@@ -359,6 +377,7 @@ def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", use
     run = Run(cfg=cfg, run_dir=run_dir, experiment=experiment, user=user)
     with run.resources:  # the run directory's lock (and, under DP, the dataset ledger's) for the whole run
         run.resources.enter_context(lock_run_dir(run_dir, wait=cfg.train.lock_wait_s))
+        refuse_symlinks(run_dir)
         for name, stage in STAGES:
             started = time.perf_counter()
             log.info("stage %s", name)

@@ -41,7 +41,7 @@ def test_client_partition_follows_the_config_is_seeded_and_disjoint(kind):
     again = client_partition(LABELS, _fed(kind=kind, alpha=0.5, min_size=10), seed=3)
     assert all(np.array_equal(a, b) for a, b in zip(part.indices, again.indices, strict=True))
     if kind is PartitionKind.shards:
-        assert max(part.to_report()["classes_per_client"]) <= 3  # 2 shards of 75, one may straddle a class edge
+        assert max(part.to_report()["classes_per_client"]) <= 4  # 2 blocks of 75 over classes of 60: <= 2 each
 
 
 def test_the_backdoor_red_team_poisons_the_partition_the_trainer_uses():
@@ -209,7 +209,6 @@ def test_ckks_strategy_adds_ciphertexts_equal_to_plaintext_fedavg(tmp_path, serv
             ["federated.aggregation=plaintext", "federated.ckks.rotate_every=2"],
             "federated.ckks.rotate_every=2 is not allowed: 0 unless federated.aggregation=ckks",
         ),
-        (["federated.partition.kind=zipf"], "zipf"),
     ],
 )
 def test_bad_federated_values_name_the_key_the_value_and_what_is_allowed(overrides, message):

@@ -34,6 +34,7 @@ from aisec_train.audit import rmia
 from aisec_train.audit.references import Targets, design, reference_configs, reference_recipe, train_reference_models
 from aisec_train.audit.signals import MembershipSignals, logits_on, stack
 from aisec_train.data.views import labels_of, subset
+from aisec_train.report.outputs import save_figure
 from aisec_train.train.config import PrivacyMode
 
 if TYPE_CHECKING:
@@ -256,5 +257,5 @@ def plot_roc(attacks: list[AttackResult], path: Path, epsilon: float | None = No
     )
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)

@@ -10,7 +10,6 @@ and writes security_report.md so that all three carry every answer.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ from aisec_train.audit.references import reference_recipe
 from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
 from aisec_train.data.views import materialize, subset
 from aisec_train.hashing import sha256_file
+from aisec_train.report.outputs import write_json
 from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.loop import train
 
@@ -212,7 +212,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
     # Confidence is calibrated on the even held-out samples; the odd ones stay unseen for the self-check.
     baseline = monitor.build_baseline(model, train_x, test_x[0::2], model_meta=meta, cfg=cfg)
     path = run.run_dir / monitor.BASELINE
-    path.write_text(json.dumps(baseline))
+    write_json(baseline, path)
     clean = test_x[1::2]
     batches = {"clean_heldout": clean, **shifts.shifted_batches(clean, seed=run.cfg.train.seed)}
     verdicts = {name: monitor.check(baseline, model, batch) for name, batch in batches.items()}

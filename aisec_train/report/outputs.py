@@ -13,24 +13,30 @@ matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from aisec_train.report.report import Report  # noqa: E402
+from aisec_train.store import atomic_write, safe_open_for_write  # noqa: E402
 
 
 def write_json(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    atomic_write(path, json.dumps(obj, indent=1, sort_keys=True), root=path.parent)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG inside its folder, written atomically and never through a symlink."""
+    with safe_open_for_write(path, root=path.parent, mode="wb") as fh:
+        fig.savefig(fh, format="png", dpi=100)
 
 
 def write_all(report: Report, history: list[dict[str, Any]], run_dir: Path) -> None:
     if history:
         write_metrics_csv(history, run_dir / "metrics.csv")
         plot_training_curve(history, run_dir / "training_curve.png")
-    (run_dir / "model_card.md").write_text(model_card(report))
+    atomic_write(run_dir / "model_card.md", model_card(report), root=run_dir)
     report.write(run_dir / "report.json")
 
 
 def write_metrics_csv(history: list[dict[str, Any]], path: Path) -> None:
     columns = list(dict.fromkeys(k for row in history for k in row))
-    with open(path, "w", newline="") as fh:
+    with safe_open_for_write(path, root=path.parent, mode="w") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
@@ -54,7 +60,7 @@ def plot_training_curve(history: list[dict[str, Any]], path: Path) -> None:
         ax_eps.legend(loc="center right")
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 

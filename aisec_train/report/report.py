@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,13 +50,11 @@ class Report:
         return {**self.sections, "checklist": self.checklist}
 
     def write(self, path: Path) -> None:
-        """Write atomically: a crash mid-write leaves the previous report intact."""
-        text = json.dumps(_clean(self.to_dict()), indent=2, sort_keys=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".report.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        """Write atomically inside the run directory, never through a symlink: a crash mid-write leaves the
+        previous report intact."""
+        from aisec_train.store import atomic_write
+
+        atomic_write(path, json.dumps(_clean(self.to_dict()), indent=2, sort_keys=False), root=path.parent)
 
 
 def _clean(value: Any) -> Any:

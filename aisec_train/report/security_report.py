@@ -13,6 +13,7 @@ from typing import Any
 
 from aisec_train.audit import details, evidence
 from aisec_train.report.report import AREAS, Report
+from aisec_train.store import atomic_write
 
 FIGURES = {  # file: caption
     "membership_roc.png": "Membership-inference ROC (log-log; the dashed line is the DP bound when DP is on).",
@@ -226,5 +227,5 @@ def security_report(report: Report, figures: list[str]) -> str:
 def write(report: Report, run_dir: Path) -> Path:
     figures = [name for name in FIGURES if (run_dir / name).exists()]
     path = run_dir / "security_report.md"
-    path.write_text(security_report(report, figures))
+    atomic_write(path, security_report(report, figures), root=run_dir)
     return path
