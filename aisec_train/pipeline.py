@@ -182,8 +182,8 @@ def _load_resume(run: Run) -> dict[str, Any] | None:
     if meta.get("split_seed", data.split_seed) != data.split_seed:
         raise checkpoint.CheckpointError(
             f"train.seed={run.cfg.train.seed} draws train/test split {data.split_seed}, but {run.run_dir} was "
-            f"trained on split {meta.get('split_seed')}: resuming would turn training records into held-out ones. Keep the seed "
-            "(or set dataset.split_seed), or use another hydra.run.dir"
+            f"trained on split {meta.get('split_seed')}: resuming would turn training records into held-out ones. "
+            "Keep the seed (or set dataset.split_seed), or use another hydra.run.dir"
         )
     if run.spend is not None:  # delta, accountant and split recorded in the dataset ledger must not move either
         privacy = run.cfg.privacy

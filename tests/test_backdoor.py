@@ -167,16 +167,18 @@ class SkipReader(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def poisoned_run(tmp_path: Path, *overrides: str) -> pipeline.Run:
-    """A pipeline Run after its real ``data`` and ``backdoor_poison`` stages (no training)."""
+def poisoned_run(tmp_path: Path, *overrides: str, stages: int = 2) -> pipeline.Run:
+    """A pipeline Run after its real first ``stages`` stages (default: ``data`` and ``backdoor_poison``, no
+    training), run as the pipeline runs them: inside the run's resources (under DP, the dataset ledger's lock)."""
     register_configs()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=["experiment=backdoor", *overrides]))
     run = pipeline.Run(cfg=cfg, run_dir=tmp_path)
-    for name, stage in pipeline.STAGES[:2]:  # the pipeline's own first two stages, looked up by position
-        run.report.stage = name
-        stage(run)
-    assert [n for n, _ in pipeline.STAGES[:2]] == ["data", "backdoor_poison"]
+    with run.resources:
+        for name, stage in pipeline.STAGES[:stages]:  # the pipeline's own stages, looked up by position
+            run.report.stage = name
+            stage(run)
+    assert [n for n, _ in pipeline.STAGES[:4]] == ["data", "backdoor_poison", "train", "backdoor_defend"]
     return run
 
 
@@ -325,12 +327,8 @@ def test_filtering_under_dp_is_refused_before_training(tmp_path):
 
 def test_filter_retrains_a_fresh_factory_model_on_the_kept_rows(tmp_path):
     overrides = ["privacy=none", "backdoor.filter=true", "train.epochs=3", "backdoor.finetune_epochs=2"]
-    run = poisoned_run(tmp_path, *overrides)
-    for name, stage in pipeline.STAGES[2:4]:  # train, then the defence (detect -> filter + retrain -> Fine-Pruning)
-        run.report.stage = name
-        trained = run.model
-        stage(run)
-    assert [n for n, _ in pipeline.STAGES[2:4]] == ["train", "backdoor_defend"] and run.model is not trained
+    run = poisoned_run(tmp_path, *overrides, stages=4)  # data, poison, train, defend (detect -> filter -> prune)
+    assert run.model is not run.result.model  # the defence replaced the trained model by the retrained one
     found = run.backdoor.detections[run.cfg.backdoor.detection.value]
     step = next(s for s in run.data.lineage if s["step"] == "filter_flagged")
     assert step["dropped"] == len(found.flagged) > 0 and step["n_train"] == len(run.data.train) - len(found.flagged)
