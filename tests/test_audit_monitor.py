@@ -133,3 +133,77 @@ def test_run_self_check_is_in_the_report(smoke_run):
     assert not checks["clean_heldout"]["alarm"]
     assert all(checks[k]["alarm"] for k in ("gaussian_noise", "rotation", "occlusion"))
     assert (smoke_run / report["monitoring"]["baseline"]).is_file()
+
+
+# ---- load_run: the model is rebuilt from the recipe in model.pt's keyed tag, through the model factory ----------
+
+
+def _hand_made_run(run_dir: Path, *, private: bool, normalize) -> tuple[Path, "torch.nn.Module"]:
+    """A run folder as the pipeline leaves it: model.pt tagged with its recipe, and a monitoring baseline."""
+    import torch
+
+    from aisec_train.config import MonitorConfig
+    from aisec_train.models import ModelFactory
+    from aisec_train.train import checkpoint
+
+    factory = ModelFactory(
+        {"_target_": "tests.userland.TinyResNet", "width": 4},
+        input_shape=(3, 6, 6),
+        num_classes=3,
+        private=private,
+        normalize=normalize,
+    )
+    model = factory(seed=3)
+    with torch.no_grad():  # weights unlike a fresh seed-0 model: the test sees that they were really loaded
+        for p in model.parameters():
+            p.add_(0.01)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    checkpoint.save(state, run_dir / "model.pt", root=run_dir, meta={"model": monitor.recipe(factory)})
+    x = torch.rand(40, 3, 6, 6)
+    meta = {"target": factory.target, "input_shape": [3, 6, 6], "num_classes": 3}
+    baseline = monitor.build_baseline(model, x[:20], x[20:], model_meta=meta, cfg=MonitorConfig())
+    (run_dir / monitor.BASELINE).write_text(json.dumps(baseline))
+    return run_dir, model.eval()
+
+
+@pytest.mark.parametrize(
+    "private, normalize",
+    [(True, ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3])), (False, None)],
+    ids=["dp-fixed-and-normalized", "plain"],
+)
+def test_load_run_rebuilds_the_recorded_model_through_the_factory(tmp_path, private, normalize):
+    import torch
+
+    run_dir, trained = _hand_made_run(tmp_path, private=private, normalize=normalize)
+    _, model = monitor.load_run(run_dir)
+    names = {type(m).__name__ for m in model.modules()}
+    assert ("GroupNorm" in names and "BatchNorm2d" not in names) if private else "BatchNorm2d" in names
+    assert ("InputNormalization" in names) == (normalize is not None)
+    for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_load_run_refuses_what_the_keyed_tag_does_not_vouch_for(tmp_path):
+    from aisec_train.train import checkpoint
+
+    run_dir, _ = _hand_made_run(tmp_path, private=True, normalize=None)
+    baseline = json.loads((run_dir / monitor.BASELINE).read_text())
+    baseline["model"]["target"] = "os.system"  # an edited baseline cannot choose what gets built
+    (run_dir / monitor.BASELINE).write_text(json.dumps(baseline))
+    with pytest.raises(checkpoint.CheckpointError, match="do not belong together"):
+        monitor.load_run(run_dir)
+
+    run_dir, _ = _hand_made_run(tmp_path / "b", private=True, normalize=None)
+    tag = json.loads((run_dir / "model.pt.tag").read_text())
+    tag["meta"]["model"]["spec"]["_target_"] = "os.system"  # an edited recipe breaks the keyed tag
+    (run_dir / "model.pt.tag").write_text(json.dumps(tag))
+    with pytest.raises(checkpoint.CheckpointError, match="keyed tag does not verify"):
+        monitor.load_run(run_dir)
+
+    run_dir = tmp_path / "c"  # a model.pt whose tag records no recipe (a Python-object model): one clear refusal
+    import torch
+
+    checkpoint.save({"w": torch.zeros(2)}, run_dir / "model.pt", root=run_dir)
+    (run_dir / monitor.BASELINE).write_text(json.dumps({"input_shape": [1, 2, 2], "model": {}}))
+    with pytest.raises(checkpoint.CheckpointError, match="records no model config to rebuild it from"):
+        monitor.load_run(run_dir)

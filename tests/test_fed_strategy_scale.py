@@ -41,7 +41,9 @@ def server_identity():
 
 
 def _fed(*overrides: str):
-    return to_config(compose_config("experiment=federated_scale", *overrides)).federated
+    return to_config(
+        compose_config("experiment=federated_scale", "privacy=none", "federated.dp=client", *overrides)
+    ).federated
 
 
 def _reply(msg: Message, pid: int, arrays: ArrayRecord, n: int = 1) -> Message:

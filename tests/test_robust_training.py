@@ -84,8 +84,10 @@ def test_presets_compose_with_dp_on_the_command_line(tmp_path):
     assert report["privacy"]["epsilon"] <= 3.0
     # eps: null resolved to digits' default radius; the evaluation attack is stronger than the training one.
     attack = report["robustness"]["attack"]
-    assert attack["eps"] == pytest.approx(0.1) and attack["steps"] == 20 and attack["restarts"] == 2
-    assert attack["step_size"] == pytest.approx(2.5 * 0.1 / 20)
+    assert attack["name"] == "apgd" and attack["eps"] == pytest.approx(0.1)  # APGD-CE + APGD-T by default
+    evaluation = report["robustness"]["eval"]
+    assert evaluation["suite"] == "apgd" and {"apgd-ce", "apgd-t"} <= set(evaluation)
+    assert evaluation["apgd-t"]["robust_accuracy"] == pytest.approx(report["robustness"]["robust_accuracy"], abs=0.02)
     evasion = [c for c in report["checklist"] if c["item"] == "tested against evasion attacks"]
     assert evasion and evasion[0]["status"] == "pass" and "robust accuracy" in evasion[0]["evidence"]
 

@@ -312,7 +312,7 @@ def test_budget_is_enforced_across_runs_and_raised_only_on_record(tmp_path):
     with store.open(DS) as led:  # a new run directory on the same data gets no fresh budget
         begin(led, "r2", target_epsilon=1.0)
         with pytest.raises(
-            BudgetError, match=r"privacy budget of dataset .* exhausted: epsilon (0\.99\d|1\.000) spent by 1"
+            BudgetError, match=r"privacy budget exhausted for dataset .*: epsilon (0\.99\d|1\.000) spent by 1"
         ):
             led.require_steps(noise_multiplier=1.1, sample_rate=0.01, limit=1000)
         with pytest.raises(BudgetError, match=r"target_epsilon=2.0 exceeds the recorded budget 1.0 .* raise-target"):

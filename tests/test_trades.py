@@ -193,6 +193,31 @@ def test_dp_step_clips_the_summed_per_sample_gradient():
         torch.testing.assert_close(p.grad, sum(c[j] for c in clipped) / 3, atol=1e-7, rtol=1e-4)
 
 
+def test_book_keeping_clips_the_summed_per_sample_gradient():
+    """The project's book-keeping engine (grad_sample_mode=bk, allowed with TRADES) sees both forward passes:
+    its per-sample norms are those of each record's whole TRADES gradient, and p.grad is the clipped sum."""
+    from aisec_train.train.bk import BKGradSampleModule
+
+    torch.manual_seed(0)
+    model = _Tiny()
+    x, y = torch.rand(3, 1, 4, 4), torch.tensor([0, 2, 1])
+    objective = Trades(eps=0.2, step_size=0.05, steps=3, beta=6.0)
+    x_adv = objective.perturb(model, x, y)
+    reference = copy.deepcopy(model)
+    wrapped = BKGradSampleModule(model, max_grad_norm=0.05)
+    loss, _ = objective.loss(wrapped, x, x_adv, y)
+    loss.backward()
+    norms, clipped = [], []
+    for i in range(3):
+        own, _ = trades_loss(reference, x[i : i + 1], x_adv[i : i + 1], y[i : i + 1], beta=6.0)
+        g = _grads(reference, own)
+        norms.append(torch.sqrt(sum((t**2).sum() for t in g)))
+        clipped.append([t * min(1.0, 0.05 / (float(norms[-1]) + 1e-6)) for t in g])
+    torch.testing.assert_close(wrapped.per_sample_gradient_norms, torch.stack(norms), atol=1e-6, rtol=1e-5)
+    for j, p in enumerate(wrapped.parameters()):
+        torch.testing.assert_close(p.grad, sum(c[j] for c in clipped), atol=1e-7, rtol=1e-4)
+
+
 def test_ghost_clipping_is_refused():
     torch.manual_seed(0)
     model = _Tiny()

@@ -172,25 +172,89 @@ def read_batch(path: Path) -> Tensor:
     return torch.from_numpy(x)
 
 
+def recipe(factory: Any) -> dict[str, Any]:
+    """How to rebuild the model a :class:`~aisec_train.models.ModelFactory` makes, as JSON values. The pipeline
+    records it in ``model.pt``'s keyed tag, so the monitor builds what the key vouches for (an editable
+    ``.hydra/config.yaml`` or report could otherwise name any ``_target_`` to import and call)."""
+    spec = factory.spec if factory.template is None else None
+    try:
+        spec = json.loads(json.dumps(spec, allow_nan=False)) if spec is not None else None
+    except (TypeError, ValueError):
+        spec = None  # arguments that are not JSON values cannot be rebuilt from a record: the monitor refuses
+    return {
+        "target": factory.target,
+        "spec": spec,
+        "input_shape": [int(v) for v in factory.input_shape],
+        "num_classes": int(factory.num_classes),
+        "private": bool(factory.private),
+        "normalize": [list(factory.normalize[0]), list(factory.normalize[1])] if factory.normalize else None,
+    }
+
+
+def _factory(rec: Any, baseline: dict[str, Any], model_path: Path):
+    """The run's model factory from its keyed recipe, cross-checked against the baseline's ``model_meta``."""
+    from aisec_train.models import ModelFactory
+    from aisec_train.train.checkpoint import CheckpointError
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("spec"), dict):
+        raise CheckpointError(
+            f"{model_path}'s keyed tag records no model config to rebuild it from (a model given as a Python object, "
+            "or a run older than this check); load it with the code that built it"
+        )
+    meta = baseline.get("model") if isinstance(baseline.get("model"), dict) else {}
+    for key in ("target", "input_shape", "num_classes"):
+        if key in meta and meta[key] != rec.get(key):
+            raise CheckpointError(
+                f"{BASELINE} describes model {key}={meta[key]!r} but {model_path}'s keyed tag records "
+                f"{rec.get(key)!r}; refusing a baseline and model that do not belong together"
+            )
+    norm = rec.get("normalize")
+    return ModelFactory(
+        rec["spec"],
+        input_shape=tuple(rec["input_shape"]),
+        num_classes=int(rec["num_classes"]),
+        private=bool(rec.get("private")),  # Opacus' ModuleValidator.fix, as in training: the state dict keys match
+        normalize=(norm[0], norm[1]) if norm else None,
+    )
+
+
 def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
-    """The baseline and the model it was saved with (the checkpoint's hash is verified before loading)."""
-    from aisec_train.models import build_model
+    """The baseline and the model it was saved with: rebuilt through the model factory from the recipe in
+    ``model.pt``'s keyed tag, its weights read once, verified against that tag, and loaded with
+    ``weights_only=True``."""
+    from aisec_train.errors import ConfigError
+    from aisec_train.store.files import read_nofollow
     from aisec_train.train import checkpoint
 
     path = run_dir / BASELINE
-    if not path.is_file():
-        raise DataError(f"{run_dir} holds no {BASELINE}; run aisec-train with audit.enabled=true first")
-    baseline = json.loads(path.read_text())
-    meta = baseline["model"]
-    model = build_model(
-        meta["name"], in_channels=meta["in_channels"], num_classes=meta["num_classes"], image_size=meta["image_size"]
-    )
-    model.load_state_dict(checkpoint.load(run_dir / "model.pt"))
-    refuse_non_finite(model, run_dir / "model.pt")
+    try:
+        baseline = json.loads(read_nofollow(path, root=run_dir))
+    except FileNotFoundError:
+        raise DataError(f"{run_dir} holds no {BASELINE}; run aisec-train with audit.enabled=true first") from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} is not a readable JSON baseline: {' '.join(str(err).split())}") from None
+    if not isinstance(baseline, dict) or not isinstance(baseline.get("input_shape"), list):
+        raise DataError(f"{path} is not a monitoring baseline (no input_shape)")
+    model_path = run_dir / "model.pt"
+    state, manifest = checkpoint.load_with_manifest(model_path, root=run_dir)
+    if manifest["meta"].get("finite") is not True:
+        raise checkpoint.CheckpointError(
+            f"{model_path} has non-finite weights (per its keyed tag); refusing to monitor it"
+        )
+    factory = _factory(manifest["meta"].get("model"), baseline, model_path)
+    try:
+        model = factory(seed=0)
+        model.load_state_dict(state)
+    except (ConfigError, RuntimeError, TypeError, KeyError) as err:
+        raise checkpoint.CheckpointError(
+            f"{model_path} does not load into the model its tag records: {' '.join(str(err).split())[:300]}"
+        ) from None
+    refuse_non_finite(model, model_path)
     return baseline, model.eval()
 
 
 def main(argv: list[str] | None = None) -> None:
+    from aisec_train.store.errors import StoreError
     from aisec_train.train.checkpoint import CheckpointError
 
     parser = argparse.ArgumentParser(
@@ -205,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         baseline, model = load_run(args.run_dir)
         verdict = check(baseline, model, read_batch(args.batch))
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, StoreError) as err:
         print(f"aisec-train-monitor: error: {' '.join(str(err).split())}", file=sys.stderr)
         sys.exit(2)
     print(verdict.text())

@@ -82,7 +82,10 @@ class Relabeled(Dataset):
 
     def __getitem__(self, index: int):
         x, y = self.base[index]
-        return x, self.new_labels.get(int(index), y)
+        new = self.new_labels.get(int(index))
+        if new is None:
+            return x, y
+        return x, (torch.as_tensor(new, dtype=y.dtype) if isinstance(y, torch.Tensor) else new)  # the base's label type
 
     @property
     def labels(self) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +160,22 @@ def add(
     _checklist(run, rows, server, client, bytes_per_param, transport)
 
 
+def current_keys(server: ServerSettings, client: ClientSettings) -> tuple[ServerSettings, ClientSettings]:
+    """The settings naming one key pair: the run's, or under rotation the last epoch's (the others are retired)."""
+    if not client.secret_root:
+        return server, client
+    folder = max(p.parent for p in Path(client.secret_root).glob(f"epoch_*/{ckks.SECRET_FILE}"))
+    secret, public = folder / ckks.SECRET_FILE, Path(server.public_root) / folder.name / ckks.PUBLIC_FILE
+    digest = lambda p: p.with_name(p.name + ".sha256").read_text().strip()  # noqa: E731
+    return (
+        replace(server, public_context=str(public), public_sha256=digest(public)),
+        replace(client, secret_context=str(secret), secret_sha256=digest(secret)),
+    )
+
+
 def _self_test(server: ServerSettings, client: ClientSettings, num_params: int) -> dict[str, Any]:
     """Aggregation error of this run's keys against plaintext FedAvg, measured on a model-sized update."""
+    server, client = current_keys(server, client)
     secret = ckks.load_secret_context(Path(client.secret_context), client.secret_sha256 or None)
     public = ckks.load_public_context(Path(server.public_context), server.public_sha256 or None)
     return {**ckks.self_test(secret, public, n_values=num_params), "public_context_is_private": public.is_private()}
@@ -277,6 +292,7 @@ def _ckks_checks(run, rows, server: ServerSettings, client: ClientSettings, byte
         f"({_fmt(bytes_per_param)} bytes/param uploaded) and returned ciphertext aggregates; aggregation "
         f"error vs plaintext FedAvg {test['max_abs_error']:.2e} over {test['n_values']} values",
     )
+    server, client = current_keys(server, client)
     secret = Path(client.secret_context)
     mode, dir_mode = stat.S_IMODE(secret.stat().st_mode), stat.S_IMODE(secret.parent.stat().st_mode)
     server_dir = Path(server.public_context).resolve().parent

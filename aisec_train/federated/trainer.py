@@ -27,8 +27,9 @@ from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
 from aisec_train.federated import report as fed_report
 from aisec_train.federated import report_scale as fed_scale
+from aisec_train.federated.client_dp import client_level_epsilon
 from aisec_train.federated.client_keys import ClientKeys
-from aisec_train.federated.client_level import EXTRA_KEYS, make_plan
+from aisec_train.federated.client_level import EXTRA_KEYS, make_plan, read_ledger
 from aisec_train.federated.config import Aggregation, Engine, FederatedDP, dp_level
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.federated.strategy import load_state
@@ -168,6 +169,12 @@ def train_federated(job) -> TrainResult:
     retired = _retire(cfg.federated, client, state)
     eps = client_epsilons(client.state_path, cfg.federated.clients) if level is FederatedDP.record else {}
     history = fed_report.history_rows(state["history"])
+    if plan is not None:  # the curve's epsilon: the client-level ledger after each round, not the clients' 0
+        charged = (read_ledger(Path(server.state_dir), plan.accountant, plan.delta) or {}).get("rounds_charged", [])
+        for row in history:
+            steps = sum(1 for r in charged if r <= row["epoch"])
+            row["epsilon"] = client_level_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
+                                                  plan.accountant) if steps else 0.0  # fmt: skip
     result = TrainResult(model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
     view = SimpleNamespace(cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name)
     fed_report.add(

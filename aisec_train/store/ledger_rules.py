@@ -176,7 +176,7 @@ class LedgerRules:
         if allowed <= 0:
             runs = len({r["run_id"] for r in self.records if r["kind"] == "charge"})
             raise BudgetError(
-                f"privacy budget of dataset {self.dataset[:16]} exhausted: epsilon {self.total_epsilon():.3f} spent "
+                f"privacy budget exhausted for dataset {self.dataset[:16]}: epsilon {self.total_epsilon():.3f} spent "
                 f"by {runs} run(s) of target {self.target_epsilon}; nothing was trained. Raise it knowingly: "
                 f"aisec-train-ledger raise-target {self.dataset} --epsilon E --why TEXT"
             )

@@ -85,6 +85,8 @@ class LayerRecord:
         self.processed = self.rule.norms(self.module, self.trainable(), done)
         self.method, self.why = self.processed.method, self.processed.why
         if not self.processed.keep_calls:
+            for call in done:  # free the input and output gradient now, not at the end of the backward
+                call.saved, call.grad, call.extra = (), None, None
             self.calls = []
 
     def clipped(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
@@ -110,6 +112,7 @@ class _Op(torch.autograd.Function):
         record, call = ctx.record, ctx.call
         grad = grad.detach()
         grad_x = record.rule.backward(record.module, call, grad, ctx.needs_input_grad[1])
+        ctx.call = None  # the graph outlives the backward (until the loss is dropped): keep nothing here
         record.receive(call, grad)
         return (None, grad_x) + (None,) * (len(ctx.needs_input_grad) - 2)
 
@@ -127,7 +130,8 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        ctx.record.receive(ctx.call, grad.detach())
+        call, ctx.call = ctx.call, None
+        ctx.record.receive(call, grad.detach())
         return (None, None, grad) + (None,) * ctx.n_params
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MEM_FACTOR = 4.0  # per-sample gradients may take up to this many times the layer's kept (input + grad) floats
+MEM_FACTOR = 2.0  # per-sample gradients may take up to this many times the layer's kept (input + grad) floats
 
 
 @dataclass(frozen=True)

@@ -44,17 +44,19 @@ def all_finite(payload: Any) -> bool:
     return True
 
 
-def save(payload: dict[str, Any], path: Path, *, root: Path | None = None) -> str:
+def save(payload: dict[str, Any], path: Path, *, root: Path | None = None, meta: dict[str, Any] | None = None) -> str:
     """Commit ``payload`` to ``path`` with its keyed tag; return its SHA-256.
 
     ``root`` (default: ``path``'s folder) bounds the no-symlink walk: pass the run directory. The manifest records
-    whether every floating tensor is finite, so the registry can refuse a broken model without loading it.
+    whether every floating tensor is finite, so the registry can refuse a broken model without loading it, and
+    ``meta`` (JSON values), tagged with it: ``model.pt`` records how to rebuild its model (``aisec-train-monitor``
+    builds what the keyed tag says, never what an editable config file says).
     """
     import torch
 
     try:
         return artifacts.save_artifact(
-            path, lambda fh: torch.save(payload, fh), root=root, meta={"finite": all_finite(payload)}
+            path, lambda fh: torch.save(payload, fh), root=root, meta={**(meta or {}), "finite": all_finite(payload)}
         )
     except IntegrityError as err:
         raise CheckpointError(str(err)) from None
@@ -97,9 +99,25 @@ def _read(path: Path, expected_sha256: str | None, root: Path | None) -> bytes:
 
 def load(path: Path, expected_sha256: str | None = None, *, root: Path | None = None) -> dict[str, Any]:
     """Verify ``path`` (its keyed tag, or ``expected_sha256`` from a trusted record), then load it safely."""
+    return _unpickle(path, _read(Path(path), expected_sha256, root))
+
+
+def load_with_manifest(path: Path, *, root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(payload, verified manifest) from one read: the manifest's ``meta`` vouches for exactly these bytes."""
+    try:
+        data, body = artifacts.read_artifact(Path(path), root=root)
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
+    return _unpickle(path, data), body
+
+
+def _unpickle(path: Path, data: bytes) -> Any:
     import torch
 
-    data = _read(Path(path), expected_sha256, root)
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a refusal, reported in one line

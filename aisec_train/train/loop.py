@@ -28,6 +28,7 @@ from tqdm import tqdm
 from aisec_train.components import accepted, build
 from aisec_train.data.views import checked_collate, make_loader
 from aisec_train.errors import ConfigError
+from aisec_train.store.errors import BudgetError
 from aisec_train.train.callbacks import (
     BudgetStop,
     Callback,
@@ -39,7 +40,7 @@ from aisec_train.train.callbacks import (
     all_evaluation,
 )
 from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
-from aisec_train.train.ledger import PrivacyLedger, budget_limit
+from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger, budget_limit
 from aisec_train.train.objectives import CrossEntropy, Objective, correct
 from aisec_train.train.privacy import make_private, unwrap
 
@@ -161,6 +162,7 @@ class Loop:
         self.epoch, self.start_epoch, self.steps = 0, 0, 0
         self.last_loss: float | None = None
         self.stopped_by_budget = False
+        self.resumed = self.resumed_stop = False  # resumed from a checkpoint; one that had stopped at the budget
         self.planned_steps = 0
         self.spend = None
 
@@ -212,6 +214,7 @@ class Loop:
         self.base_optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         self.start_epoch, self.history = resume["epoch"], list(resume["history"])
+        self.resumed, self.resumed_stop = True, bool(resume.get("stopped_by_budget"))
 
     def _budget(self, loader: DataLoader) -> None:
         """Under DP: stop before the step that would pass the run's target or the dataset's budget (every run on
@@ -223,14 +226,22 @@ class Loop:
         limit, error = math.inf, None
         try:
             limit = self._limit(epochs_left * len(loader))
+        except (BudgetExhausted, BudgetError) as err:
+            # A resumed run that already stopped at its budget, or whose ledger charged steps its lost last
+            # checkpoint held, finishes with what it has (nothing new trained) instead of being refused forever.
+            # Without a checkpoint (deleted, or none yet) nothing is kept: refused.
+            reconciled = self.spend is not None and self.spend.reconciled > 0
+            finishing = self.resumed and (self.resumed_stop or reconciled)
+            limit, error = (self.ledger.steps, None) if finishing else (limit, err)
         except Exception as err:  # noqa: BLE001 - re-raised below, on every rank alike
             error = err
-        if self.world > 1:
-            shared = [limit, error]
+        if self.world > 1:  # every rank takes rank 0's limit and its ledger (reconciled on resume)
+            shared = [limit, error, list(self.ledger.accountant.history)]
             dist.broadcast_object_list(shared, src=0)
-            limit, error = shared
+            limit, error, self.ledger.accountant.history = shared
         if error is not None:
             raise error
+        self.stopped_by_budget = limit <= self.ledger.steps
         self.callbacks.insert(0, BudgetStop(limit))
 
     def _limit(self, planned: int) -> float:
@@ -251,7 +262,8 @@ class Loop:
             if cb.key and resume is not None and (resume.get("callbacks") or {}).get(cb.key) is not None:
                 cb.load_state_dict(resume["callbacks"][cb.key], self.plain)
             cb.on_train_start(self)
-        epochs = tqdm(range(self.start_epoch, self.cfg.epochs), desc="train", disable=not self.progress, leave=False)
+        first = self.cfg.epochs if self.stopped_by_budget else self.start_epoch  # no step fits: train nothing
+        epochs = tqdm(range(first, self.cfg.epochs), desc="train", disable=not self.progress, leave=False)
         for self.epoch in epochs:
             started = time.perf_counter()
             if isinstance(loader.sampler, DistributedSampler):

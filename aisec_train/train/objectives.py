@@ -77,7 +77,11 @@ def as_tensor_labels(y) -> torch.Tensor:
 def objective_from_config(robustness) -> Objective:
     """The training objective a ``robustness`` config asks for (picklable inputs: rebuilt in every process)."""
     from aisec_train.robust.adversary import adversary_from_config
+    from aisec_train.robust.config import RobustMode
+    from aisec_train.robust.trades import Trades
 
+    if robustness.mode is RobustMode.trades:
+        return Trades.from_config(robustness)
     adversary = adversary_from_config(robustness)
     if adversary is None:
         return CrossEntropy()

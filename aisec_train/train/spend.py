@@ -4,7 +4,9 @@ The ledger store charges privacy to the data (its manifest hash), across every r
 :class:`~aisec_train.train.ledger.PrivacyLedger` (in its checkpoints) still composes this run's steps. The loop
 asks :meth:`DatasetSpend.begin` for the step limit the dataset's budget allows (every run composed), and
 :meth:`charge` is called before every checkpoint, so a kill can leave the ledger ahead of a checkpoint (the
-steps count) but never behind it. Under ``privacy.budget_scope=run`` the run is still recorded and charged, but
+steps count) but never behind it. On resume, :meth:`begin` reconciles: steps the ledger charged beyond the
+checkpoint (a kill lost them) are added to the run's accountant, and checkpoint steps the ledger never saw (a
+run directory copied in, another store) are charged at once. Under ``privacy.budget_scope=run`` the run is still recorded and charged, but
 only its own target limits it (the first round's behaviour; the report and model card say so).
 
 The handle is picklable: data-parallel rank 0 charges through it while the job process holds the dataset lock.
@@ -29,6 +31,7 @@ class DatasetSpend:
     n_train: int
     delta_reason: str | None = None
     charged: int | None = None  # run-ledger steps already charged; None until begin() (no step taken without it)
+    reconciled: int = 0  # steps the ledger had charged beyond the checkpoint resumed from (a kill lost them)
 
     def begin(self, run: PrivacyLedger, planned_steps: int) -> float:
         """Record (or check, on resume) the run before its first step; return the run-ledger step count training
@@ -42,7 +45,10 @@ class DatasetSpend:
         )  # fmt: skip
         recorded = self.ledger.steps(self.run_id)
         if recorded > run.steps:  # killed after a charge, before its checkpoint: those steps were spent
-            run.accountant.history.append((noise, rate, recorded - run.steps))
+            self.reconciled = recorded - run.steps
+            run.accountant.history.append((noise, rate, self.reconciled))
+        elif recorded < run.steps:  # a checkpoint this ledger never saw (copied in, another store): charge it now
+            self.ledger.charge(self.run_id, [(noise, rate, run.steps - recorded)])
         self.charged = run.steps
         if self.scope == "run":
             return math.inf
