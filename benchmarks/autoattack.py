@@ -13,6 +13,9 @@ Models: ``cnn`` on scikit-learn's digits (8x8), trained here for a few seconds, 
 ``--device cuda`` also ``resnet18_gn`` at 3x32x32 (random weights, random images labelled by the model's own
 predictions, eps 1/255 so that part of the batch survives).
 
+:func:`compare` is the comparison on any model and samples (``scripts/figures/robust_eval.py`` runs it on the
+pipeline's trained models); it needs nothing from ``benchmarks/common.py``, so it imports from anywhere.
+
     python benchmarks/autoattack.py --quick --out autoattack.json
 """
 
@@ -21,7 +24,6 @@ from __future__ import annotations
 import time
 
 import torch
-from common import emit, parse_args, ratio, synchronize
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
@@ -55,27 +57,38 @@ def _resnet(device: str, n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor,
     return model, x, y, 1 / 255
 
 
-def _torchattacks(model: nn.Module, eps: float, steps: int, queries: int, *, own_class: bool):
+# (label, steps, Square queries, torchattacks' own AutoAttack class instead of the MultiAttack cascade)
+QUICK_BUDGET = ("quick (10 steps, 300 queries)", 10, 300, False)
+STANDARD_BUDGET = ("standard (100 steps, 5000 queries)", 100, 5000, False)
+TORCHATTACKS_CLASS_BUDGET = ("torchattacks AutoAttack class", 10, 5000, True)
+
+
+def _torchattacks(model: nn.Module, eps: float, steps: int, queries: int, *, own_class: bool, n_classes: int = 10):
     import torchattacks
 
     if own_class:  # torchattacks' AutoAttack: its fixed 10 steps, Square 5000 queries with a rescaled schedule
-        return torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=10, seed=0)
+        return torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=n_classes, seed=0)
     kw = dict(norm="Linf", eps=eps, seed=0)
     return torchattacks.MultiAttack(
         [
             torchattacks.APGD(model, steps=steps, n_restarts=1, loss="ce", **kw),
-            torchattacks.APGDT(model, steps=steps, n_classes=10, n_restarts=1, **kw),
-            torchattacks.FAB(model, steps=steps, multi_targeted=True, n_classes=10, n_restarts=1, **kw),
+            torchattacks.APGDT(model, steps=steps, n_classes=n_classes, n_restarts=1, **kw),
+            torchattacks.FAB(model, steps=steps, multi_targeted=True, n_classes=n_classes, n_restarts=1, **kw),
             torchattacks.Square(model, n_queries=queries, n_restarts=1, resc_schedule=False, **kw),
         ]
     )
 
 
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def _timed(fn, device: str):
-    synchronize(device)
+    _sync(device)
     started = time.perf_counter()
     out = fn()
-    synchronize(device)
+    _sync(device)
     return out, time.perf_counter() - started
 
 
@@ -90,11 +103,31 @@ def _best_of(fn, device: str, rounds: int):
     return results[0][0], min(seconds for _, seconds in results)
 
 
-def _rows_for(name: str, model, x, y, eps: float, device: str, budgets: list, rounds: int) -> list[dict]:
+def compare(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    *,
+    device: str = "cpu",
+    budgets: list | tuple = (STANDARD_BUDGET,),
+    rounds: int = 1,
+    name: str = "model",
+    reference_suites: bool = True,
+) -> list[dict]:
+    """Ours vs torchattacks' AutoAttack on ``model`` and the same ``(x, y)``, one pair of rows per budget (each
+    the fastest of ``rounds`` calls); with ``reference_suites`` also our ``apgd`` and ``pgd`` suites' rows.
+
+    Every row: ``impl``, ``budget``, ``model``, ``n``, ``eps``, ``clean_accuracy``, ``seconds``,
+    ``robust_accuracy`` (ours also ``after_<attack>``, the cascade's figure after each attack).
+    """
+    model = model.eval()
+    with torch.no_grad():
+        n_classes = int(model(x[:1]).shape[1])
     rows = []
     base = dict(model=name, n=len(x), eps=eps, clean_accuracy=_accuracy(model, x, y))
     for budget, steps, queries, own_class in budgets:
-        attack = _torchattacks(model, eps, steps, queries, own_class=own_class)
+        attack = _torchattacks(model, eps, steps, queries, own_class=own_class, n_classes=n_classes)
         kw = dict(suite="autoattack", norm="linf", eps=eps, steps=steps, square_queries=queries, masking_checks=False)
         x_adv, theirs = _best_of(lambda attack=attack: attack(x, y), device, rounds)
         out, ours = _best_of(lambda kw=kw: evaluate_robustness(model, x, y, **kw), device, rounds)
@@ -105,7 +138,7 @@ def _rows_for(name: str, model, x, y, eps: float, device: str, budgets: list, ro
         rows.append(
             dict(impl="ours", budget=budget, **base, seconds=ours, robust_accuracy=out["robust_accuracy"], **per_attack)
         )
-    for suite in ("apgd", "pgd"):
+    for suite in ("apgd", "pgd") if reference_suites else ():
         out, seconds = _timed(lambda s=suite: evaluate_robustness(model, x, y, suite=s, norm="linf", eps=eps), device)
         row = dict(impl=f"ours_{suite}_suite", budget="default", **base, seconds=seconds)
         rows.append(
@@ -115,22 +148,18 @@ def _rows_for(name: str, model, x, y, eps: float, device: str, budgets: list, ro
 
 
 def main() -> None:
+    from common import emit, parse_args, ratio  # benchmarks/common.py: the benchmark contract (CLI only)
+
     args = parse_args(__doc__.splitlines()[0], lambda p: p.add_argument("--threads", type=int, default=1))
     if args.device == "cpu":
         torch.set_num_threads(args.threads)  # tiny per-op work: extra threads only synchronise
-    if args.quick:
-        budgets = [("quick (10 steps, 300 queries)", 10, 300, False)]
-    else:
-        budgets = [
-            ("standard (100 steps, 5000 queries)", 100, 5000, False),
-            ("torchattacks AutoAttack class", 10, 5000, True),
-        ]
+    budgets = [QUICK_BUDGET] if args.quick else [STANDARD_BUDGET, TORCHATTACKS_CLASS_BUDGET]
     setups = [("cnn", _digits_cnn(args.device, 120 if args.quick else 397))]
     if args.device.startswith("cuda"):
         setups.append(("resnet18_gn", _resnet(args.device, 256)))
     rows = []
     for name, (model, x, y, eps) in setups:
-        rows += _rows_for(name, model, x, y, eps, args.device, budgets, rounds=2 if args.quick else 1)
+        rows += compare(model, x, y, eps, device=args.device, budgets=budgets, rounds=2 if args.quick else 1, name=name)
     ratios = {}
     for name, _ in setups:
         for budget, *_ in budgets:

@@ -34,6 +34,7 @@ class Outcome:
 
     rc: int
     err: str
+    out: str = ""
 
     @property
     def last(self) -> str:
@@ -102,8 +103,8 @@ class Lab:
             text=True,
             timeout=300,
         )
-        return Outcome(proc.returncode, proc.stderr.replace("aisec-train-ledger: ", ERROR).replace(
-            "aisec-train-registry: ", ERROR))  # fmt: skip
+        err = proc.stderr.replace("aisec-train-ledger: ", ERROR).replace("aisec-train-registry: ", ERROR)
+        return Outcome(proc.returncode, err, proc.stdout)
 
     # -- reading what the jobs left ---------------------------------------------------------------------------
     def ledger(self):
@@ -205,14 +206,14 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         if kind == "anywhere":
             killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, startup + epochs * epoch_s))
         else:
-            in_training = _wait_for(proc, lambda: _count(log, "stage train") > trains_before, 600, poll=0.02)
+            in_training = _wait_for(proc, lambda n=trains_before: _count(log, "stage train") > n, 600, poll=0.02)
             if in_training:
                 startup = time.monotonic() - launched
                 if kind == "training":
                     killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, epochs * epoch_s))
                 else:
                     before = _ledger_stamp(lab)
-                    killed = _wait_for(proc, lambda: _ledger_stamp(lab) != before, 600, poll=0.0005)
+                    killed = _wait_for(proc, lambda b=before: _ledger_stamp(lab) != b, 600, poll=0.0005)
         if killed:
             proc.send_signal(signal.SIGKILL)
         outcome = lab.outcome(proc)
@@ -282,7 +283,11 @@ def same_dataset(lab: Lab, jobs: int, *, wait: bool, noise: float = 2.0, epochs:
     without, all but one refuse naming the ledger's holder. The composed spend never passes the target."""
     dirs = [lab.root / f"data_{jobs}_{'wait' if wait else 'refuse'}_{i}" for i in range(jobs)]
     outs = concurrent(
-        lab, dirs, f"train.epochs={epochs}", f"privacy.noise_multiplier={noise}", f"train.lock_wait_s={600 if wait else 0}"
+        lab,
+        dirs,
+        f"train.epochs={epochs}",
+        f"privacy.noise_multiplier={noise}",
+        f"train.lock_wait_s={600 if wait else 0}",
     )
     led = lab.ledger()
     reports = [report(d) for d, o in zip(dirs, outs, strict=True) if o.rc == 0]

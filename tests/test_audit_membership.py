@@ -62,11 +62,11 @@ def test_metrics_match_brute_force_and_sklearn(seed):
         got = membership.tpr_at_fpr(labels, scores, f)
         assert got == pytest.approx(brute_force_tpr_at_fpr(labels, scores, f))
         assert got == pytest.approx(tpr[fpr <= f].max())
-    result = membership.AttackResult("crafted", scores, labels)
-    metrics = membership._metrics(result)
+    metrics = rmia.attack_metrics(labels, scores, seed=seed)  # what the audit reports for every attack
     assert metrics["auc"] == pytest.approx(brute_force_auc(labels, scores))
     assert metrics["auc"] == pytest.approx(roc_auc_score(labels, scores))
-    lo, hi = membership.auc_interval(labels, scores)
+    assert metrics["tpr_at_fpr_0_01"] == pytest.approx(brute_force_tpr_at_fpr(labels, scores, 0.01))
+    lo, hi = metrics["auc_ci95"]
     assert lo < metrics["auc"] < hi and hi - lo < 0.15
 
 
@@ -110,10 +110,12 @@ def test_reference_models_mimic_the_audited_training():
 def test_run_reports_membership_audit(smoke_run):
     report = read_report(smoke_run)
     mia = report["audit"]["membership"]
-    assert set(mia["attacks"]) == {"loss", "lira_offline"}
-    for key in ("auc", "tpr_at_fpr_0_001", "tpr_at_fpr_0_01"):
-        assert mia[key] == max(a[key] for a in mia["attacks"].values())  # the auditor's worst case
-        assert 0.0 <= mia[key] <= 1.0
+    assert set(mia["attacks"]) == {"loss", "lira_offline", "rmia"}
+    strongest = mia["strongest_attack"]
+    assert strongest == rmia.strongest_attack(mia["attacks"])  # highest TPR at 0.1% FPR, then AUC
+    for key in ("auc", "tpr_at_fpr_0_001", "tpr_at_fpr_0_01", "auc_ci95", "tpr_at_fpr_0_001_ci95"):
+        assert mia[key] == mia["attacks"][strongest][key]  # one attack's figures, with their intervals
+    assert all(0.0 <= a["auc"] <= 1.0 and len(a["tpr_at_fpr_0_01_ci95"]) == 2 for a in mia["attacks"].values())
     assert mia["members"] == mia["nonmembers"] > 0
     assert mia["dp_bound"]["attacks"]["loss"]["epsilon"] == pytest.approx(report["privacy"]["epsilon"])
     assert mia["reference_noise_multiplier"] == pytest.approx(report["privacy"]["noise_multiplier"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from aisec_train.errors import ConfigError
-from aisec_train.federated.partition import load_client_indices, partition_labels
+from aisec_train.federated.partition import Partition, load_client_indices, partition_labels
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes, sorted (the worst case for IID)
 MIXED = np.random.default_rng(5).permutation(LABELS)  # the same labels in a shuffled order
@@ -104,3 +104,11 @@ def test_impossible_settings_are_refused_in_one_line(labels, clients, kind, extr
     with pytest.raises(ConfigError) as info:
         partition_labels(labels, clients, kind, seed=0, **extra)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_partition_made_elsewhere_gets_the_same_histograms_and_report():
+    """The trainer reports the backdoor red team's partition through Partition.from_indices."""
+    part = partition_labels(MIXED, 6, "dirichlet", alpha=0.5, min_size=5, seed=9)
+    again = Partition.from_indices(MIXED, part.indices, "dirichlet", {"seed": 9, "source": "backdoor"})
+    assert np.array_equal(again.histograms, part.histograms) and again.sizes == part.sizes
+    assert again.to_report()["source"] == "backdoor" and again.to_report()["kind"] == "dirichlet"

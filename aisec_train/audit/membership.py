@@ -102,12 +102,6 @@ def dp_bound_check(labels: np.ndarray, scores: np.ndarray, epsilon: float, delta
     }
 
 
-def _metrics(attack: AttackResult) -> dict[str, float]:
-    out = {"auc": float(roc_auc_score(attack.labels, attack.scores))}
-    out.update({key: tpr_at_fpr(attack.labels, attack.scores, f) for key, f in FPR_POINTS.items()})
-    return out
-
-
 def collect_signals(
     model: nn.Module, references: list[nn.Module], data: DataBundle, targets: Targets, device: torch.device,
     population_in: np.ndarray, workers: int = 0,
@@ -157,17 +151,6 @@ def attacks_from(signals: MembershipSignals) -> list[AttackResult]:
         # RMIA (Zarifzadeh et al. 2024), offline, from the same reference models and population samples.
         attacks.append(AttackResult("rmia", rmia.rmia_scores(**signals.true_label_probabilities()), signals.labels))
     return attacks
-
-
-def auc_interval(labels: np.ndarray, scores: np.ndarray, seed: int = 0, resamples: int = 200) -> list[float]:
-    """95% bootstrap interval of the AUC over targets: how much the figure would move with other targets."""
-    rng = np.random.default_rng(seed)
-    pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
-    aucs = []
-    for _ in range(resamples):
-        idx = np.r_[rng.choice(pos, len(pos)), rng.choice(neg, len(neg))]
-        aucs.append(roc_auc_score(labels[idx], scores[idx]))
-    return [float(v) for v in np.percentile(aucs, [2.5, 97.5])]
 
 
 def membership_audit(
