@@ -103,7 +103,7 @@ def _ghost_kernel(
     dcol = tl.arange(0, BLOCK_D)
     a_base = a_ptr + n.to(tl.int64) * san
     g_base = g_ptr + n.to(tl.int64) * sgn
-    total = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
+    total = tl.sum(tl.zeros([BLOCK_T], dtype=tl.float32), axis=0)  # a float32 scalar (loop-carried)
     for sb in range(tb, NTB):
         cols = sb * BLOCK_T + tl.arange(0, BLOCK_T)
         gram_a = tl.zeros([BLOCK_T, BLOCK_T], dtype=tl.float32)
@@ -119,8 +119,8 @@ def _ghost_kernel(
             y = tl.load(g_base + cols[:, None] * sgt + d[None, :] * sgd, (cols[:, None] < T) & (d[None, :] < DG), 0.0)
             gram_g += tl.dot(x.to(tl.float32), tl.trans(y.to(tl.float32)), input_precision="ieee")
         weight = 2.0 - (sb == tb).to(tl.float32)
-        total += gram_a * gram_g * weight
-    tl.store(part_ptr + n * NTB + tb, tl.sum(tl.sum(total, axis=1), axis=0))
+        total += tl.sum(tl.sum(gram_a * gram_g, axis=1), axis=0) * weight
+    tl.store(part_ptr + n * NTB + tb, total)
 
 
 def _instantiate_kernel(
@@ -204,7 +204,5 @@ def ghost_norm_sq(a: Tensor, g: Tensor, *, backend: str = "auto") -> Tensor:
 
 def instantiated_norm_sq(a: Tensor, g: Tensor, *, backend: str = "auto") -> Tensor:
     """Per-sample ``||g_n^T a_n||_F^2`` by forming ``g_n^T a_n`` tile by tile (never stored whole)."""
-    impl = (
-        instantiated_norm_sq_triton if resolve_backend(backend, a, g) == "triton" else instantiated_norm_sq_reference
-    )
+    impl = instantiated_norm_sq_triton if resolve_backend(backend, a, g) == "triton" else instantiated_norm_sq_reference
     return impl(a, g)

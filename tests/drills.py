@@ -28,6 +28,13 @@ JOB = ("experiment=smoke", "audit=off", "robustness.evaluate=false")
 ERROR = "aisec-train: error: "
 
 
+def screen_lines(err: str) -> list[str]:
+    """The non-empty lines stderr leaves on a terminal: a progress bar redrawn with carriage returns and then
+    replaced by the error message counts as that message only."""
+    shown = (line.split("\r")[-1].strip() for line in err.split("\n"))
+    return [line for line in shown if line]
+
+
 @dataclass
 class Outcome:
     """What one finished job left: exit status and its stderr (stdout goes to a file beside it)."""
@@ -37,13 +44,16 @@ class Outcome:
     out: str = ""
 
     @property
+    def lines(self) -> list[str]:
+        return screen_lines(self.err)
+
+    @property
     def last(self) -> str:
-        lines = self.err.strip().splitlines()
-        return lines[-1] if lines else ""
+        return self.lines[-1] if self.lines else ""
 
     def refused(self, *words: str) -> bool:
         """Exit 2 with exactly one stderr line, ours, naming ``words``, and no traceback."""
-        lines = self.err.strip().splitlines()
+        lines = self.lines
         return (
             self.rc == 2
             and len(lines) == 1
@@ -103,7 +113,7 @@ class Lab:
             text=True,
             timeout=300,
         )
-        err = proc.stderr.replace("aisec-train-ledger: ", ERROR).replace("aisec-train-registry: ", ERROR)
+        err = proc.stderr.replace(f"aisec-train-{name}: error: ", ERROR)
         return Outcome(proc.returncode, err, proc.stdout)
 
     # -- reading what the jobs left ---------------------------------------------------------------------------
@@ -135,14 +145,19 @@ class Lab:
         return other
 
 
-def checkpoint_steps(run_dir: Path) -> int | None:
-    """The run-ledger steps held by ``RUN_DIR/checkpoints/last.pt`` (verified first), None when there is none."""
+def checkpoint_payload(run_dir: Path) -> dict[str, Any] | None:
+    """``RUN_DIR/checkpoints/last.pt``, verified and loaded (a refusal here is a failed drill); None if absent."""
     from aisec_train.train import checkpoint
 
     path = Path(run_dir) / "checkpoints" / "last.pt"
-    if not path.exists():
+    return checkpoint.load(path, root=run_dir) if path.exists() else None
+
+
+def checkpoint_steps(run_dir: Path) -> int | None:
+    """The run-ledger steps held by ``RUN_DIR/checkpoints/last.pt`` (verified first), None when there is none."""
+    payload = checkpoint_payload(run_dir)
+    if payload is None:
         return None
-    payload = checkpoint.load(path, root=run_dir)  # a refusal here is a failed drill
     return sum(int(e[2]) for e in (payload.get("ledger") or {}).get("history", []))
 
 
@@ -203,14 +218,15 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         launched = time.monotonic()
         proc = lab.launch(run_dir, *overrides)
         killed = False
+        # Each launch may train for at most a few epochs, so that every kind of instant keeps coming up.
         if kind == "anywhere":
-            killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, startup + epochs * epoch_s))
+            killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, startup + 3 * epoch_s))
         else:
             in_training = _wait_for(proc, lambda n=trains_before: _count(log, "stage train") > n, 600, poll=0.02)
             if in_training:
                 startup = time.monotonic() - launched
                 if kind == "training":
-                    killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, epochs * epoch_s))
+                    killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, 3 * epoch_s))
                 else:
                     before = _ledger_stamp(lab)
                     killed = _wait_for(proc, lambda b=before: _ledger_stamp(lab) != b, 600, poll=0.0005)
@@ -225,8 +241,9 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         event["ledger_steps"] = lab.ledger_steps(run_dir)  # verifies tags, chain and anchor
         assert event["ledger_steps"] >= (event["checkpoint_steps"] or 0), event
         events.append(event)
-        if (rows := _count(run_dir / "metrics.csv", "\n")) > 1:
-            epoch_s = max(0.3, min(5.0, event["seconds"] / max(1, rows)))
+        history = (checkpoint_payload(run_dir) or {}).get("history") or []
+        if history:  # seconds per epoch, as the checkpointed epochs took them
+            epoch_s = max(0.2, min(10.0, sum(r["seconds"] for r in history) / len(history)))
     final = lab.run(run_dir, *overrides)
     assert final.rc == 0, final.err[-2000:]
     rep = report(run_dir)

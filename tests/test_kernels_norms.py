@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
+from aisec_kernels import ghost_norm_sq, instantiated_norm_sq
+from aisec_kernels import per_sample_norms as psn
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
-from aisec_kernels import ghost_norm_sq, instantiated_norm_sq
-from aisec_kernels import per_sample_norms as psn
 from aisec_train.train.bk_conv import unfold
 
 triton = pytest.importorskip("triton")

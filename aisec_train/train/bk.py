@@ -90,6 +90,13 @@ class BKGradSampleModule(AbstractGradSampleModule):
             module.forward = partial(_forward, record, module.forward)  # undone by remove_hooks()
         self.enable_hooks()
 
+    def forward(self, *args, **kwargs):
+        if self._queued:  # the last backward raised before its end: drop what it left behind
+            self._queued = False
+            for record in self.records.values():
+                record.reset()
+        return self._module(*args, **kwargs)
+
     # -- Opacus' GradSampleModule interface (the optimizer, BatchMemoryManager and attack_mode use it)
     def enable_hooks(self) -> None:
         self.hooks_enabled = True
@@ -118,6 +125,13 @@ class BKGradSampleModule(AbstractGradSampleModule):
 
     def _clip(self) -> None:
         self._queued = False
+        try:
+            self._write_clipped_sum()
+        finally:  # whatever happened, the next step starts clean
+            for record in self.records.values():
+                record.reset()
+
+    def _write_clipped_sum(self) -> None:
         for record in self.records.values():
             if record.calls and record.processed is None:
                 record.process()  # a layer some of whose forward calls never got a gradient
@@ -145,7 +159,8 @@ class BKGradSampleModule(AbstractGradSampleModule):
 def _forward(record: LayerRecord, original, *args, **kwargs):
     hub, module = record.hub, record.module
     active = hub.hooks_enabled and module.training and torch.is_grad_enabled() and not record.busy
-    if not active or not record.trainable():
+    empty = bool(args) and isinstance(args[0], Tensor) and args[0].shape[0] == 0  # its gradient is exactly 0
+    if not active or empty or not record.trainable():
         return original(*args, **kwargs)
     if not isinstance(record.rule, OpacusRule):
         if kwargs or len(args) != 1:

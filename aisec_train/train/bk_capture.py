@@ -53,13 +53,13 @@ class LayerRecord:
         return {k: p for k, p in self.params.items() if p.requires_grad}
 
     def add_call(self, saved: tuple) -> Call:
-        first = saved[0]
+        first = saved[0] if saved else None
         call = Call(saved, first._version if isinstance(first, Tensor) else 0)
         self.calls.append(call)
         return call
 
     def receive(self, call: Call, grad: Tensor) -> None:
-        first = call.saved[0]
+        first = call.saved[0] if call.saved else None
         if isinstance(first, Tensor) and first._version != call.version:
             raise RuntimeError(
                 f"bk: the input of layer {self.name!r} was modified in place between its forward and backward; "

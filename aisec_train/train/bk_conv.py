@@ -4,7 +4,10 @@ Per group, sample ``i``'s weight gradient is ``g_i^T a_i`` with ``a_i: (T, Da)``
 (``Da = C_in/groups * prod(kernel)``) and ``g_i: (T, Dg)`` the output gradients at the ``T`` output positions.
 Norms come from :func:`~aisec_train.train.bk_cost.choose`'s pick:
 
-* instantiate: the patches (a strided view of the padded input, copied once) times ``g``, one ``bmm``;
+* instantiate, on the CPU: the convolution's own weight-gradient op with the batch folded into the groups
+  (``(1, B*C, H, W)`` input, ``B*groups`` groups): one call gives every sample's gradient, as fast as the
+  batch's weight gradient and with no patch copy; on CUDA: the patches (a strided view of the padded input,
+  copied once) times ``g`` in one ``bmm``, or the fused Triton norm when the gradients are not kept;
 * ghost, on CUDA: the fused Triton ghost-norm kernel on the patches;
 * ghost, on the CPU, when cheaper: the patch Gram ``a_i a_i^T`` assembled from the Gram of the padded *pixels*
   (``P x P``, contracted over channels only) by gathering the ``prod(kernel)`` shifted entries and summing
@@ -107,10 +110,11 @@ class ConvRule(Rule):
         return out, (x.detach(), padding)
 
     @staticmethod
-    def _backward(module, x, grad, padding, mask):
+    def _backward(module, x, grad, padding, mask, weight=None, groups=None):
+        weight = module.weight if weight is None else weight
         return torch.ops.aten.convolution_backward(
-            grad, x, module.weight.to(grad.dtype), None, list(module.stride), padding, list(module.dilation),
-            False, [0] * (x.dim() - 2), module.groups, mask,
+            grad, x, weight.to(grad.dtype), None, list(module.stride), padding, list(module.dilation),
+            False, [0] * (x.dim() - 2), groups or module.groups, mask,
         )  # fmt: skip
 
     def input_grad(self, module, saved, grad):
@@ -135,23 +139,45 @@ class ConvRule(Rule):
         if pick.store:
             shape = (b, *module.weight.shape)
             out.stored["weight"] = torch.empty(shape, dtype=calls[0].grad.dtype, device=out.norm_sq.device)
-        per_sample = groups * (pixels * pixels if by_pixels else da * t)
+        per_sample = groups * (pixels * pixels if by_pixels else da * (t if pick.method == "ghost" else dg))
         step = max(1, _CHUNK // max(1, per_sample))
         for lo in range(0, b, step):
             part = [(c.saved[0][lo : lo + step], c.saved[1], c.grad[lo : lo + step]) for c in calls]
             n = part[0][2].shape[0]
-            if by_pixels:
-                out.norm_sq[lo : lo + n] += self._pixel_ghost(module, part)
+            if pick.method == "ghost":
+                if by_pixels:
+                    out.norm_sq[lo : lo + n] += self._pixel_ghost(module, part)
+                else:
+                    out.norm_sq[lo : lo + n] += ghost_norm_sq(*self._patches(module, part)).view(n, groups).sum(1)
                 continue
-            a, g = self._patches(module, part)
+            if part[0][2].is_cuda and not pick.store:  # fused Triton norm on the patches; nothing stored
+                out.norm_sq[lo : lo + n] += instantiated_norm_sq(*self._patches(module, part)).view(n, groups).sum(1)
+                continue
+            ps = self._per_sample_grads(module, part)
             if pick.store:
-                ps = torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
                 out.stored["weight"][lo : lo + n] = ps
-                out.norm_sq[lo : lo + n] += _sq(ps)
-            else:
-                norm = ghost_norm_sq if pick.method == "ghost" else instantiated_norm_sq
-                out.norm_sq[lo : lo + n] += norm(a, g).view(n, groups).sum(1)
+            out.norm_sq[lo : lo + n] += _sq(ps)
         return out
+
+    def _per_sample_grads(self, module, part: list[tuple[Tensor, list[int], Tensor]]) -> Tensor:
+        """(N, *weight.shape) per-sample weight gradients, summed over the calls.
+
+        On the CPU, mkldnn's weight-gradient op with the batch folded into the groups (as fast as the batch's
+        own weight gradient, and no patch copy); on CUDA, patches times output gradients in one ``bmm``.
+        """
+        n = part[0][2].shape[0]
+        if part[0][2].is_cuda:
+            a, g = self._patches(module, part)
+            return torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
+        total = 0
+        weight = module.weight.detach().repeat(n, *([1] * (module.weight.dim() - 1)))
+        for x, pad, grad in part:
+            folded = self._backward(
+                module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]), pad,
+                [False, True, False], weight=weight, groups=n * module.groups,
+            )[1]  # fmt: skip
+            total = total + folded.view(n, *module.weight.shape)
+        return total
 
     @staticmethod
     def _patches(module, part: list[tuple[Tensor, list[int], Tensor]]) -> tuple[Tensor, Tensor]:

@@ -31,19 +31,26 @@ log = logging.getLogger(__name__)
 class BKPrivacyEngine(PrivacyEngine):
     """Opacus' ``PrivacyEngine`` that also accepts ``grad_sample_mode="bk"`` (see the module docstring)."""
 
-    def make_private(self, *, module: nn.Module, grad_sample_mode: str = "hooks", **kwargs):
+    def make_private(self, *, module: nn.Module, grad_sample_mode: str = "hooks", bk_fallback: str = "ghost", **kwargs):
+        """Opacus' ``make_private``; with ``grad_sample_mode="bk"`` always four values back. ``bk_fallback`` is
+        the Opacus mode a model book-keeping cannot run falls back to: ``"ghost"``, or ``"hooks"`` where ghost
+        cannot serve (several forwards per step, as TRADES: ghost norms each forward on its own)."""
         if grad_sample_mode != "bk":
             return super().make_private(module=module, grad_sample_mode=grad_sample_mode, **kwargs)
+        if bk_fallback not in ("ghost", "hooks"):
+            raise ValueError(f"bk_fallback={bk_fallback!r} is not allowed: choose 'ghost' or 'hooks'")
         criterion = kwargs.get("criterion", nn.CrossEntropyLoss())
         reduction = kwargs.get("loss_reduction", "mean")
         if getattr(criterion, "reduction", reduction) != reduction:
             raise ValueError(f"criterion.reduction={criterion.reduction!r} must equal loss_reduction={reduction!r}")
         if kwargs.get("clipping", "flat") != "flat" or not kwargs.get("wrap_model", True):
-            return self._fall_back(module, "ghost", "book-keeping implements flat clipping of a wrapped model", kwargs)
+            reason = "book-keeping implements flat clipping of a wrapped model"
+            return self._fall_back(module, bk_fallback, reason, kwargs)
         try:
             model, optimizer, loader = super().make_private(module=module, grad_sample_mode="bk", **kwargs)
         except BKUnsupported as unsupported:
-            return self._fall_back(module, unsupported.fallback, unsupported.reason, kwargs)
+            mode = "hooks" if "hooks" in (unsupported.fallback, bk_fallback) else "ghost"
+            return self._fall_back(module, mode, unsupported.reason, kwargs)
         return model, optimizer, criterion, loader
 
     def _fall_back(self, module: nn.Module, mode: str, reason: str, kwargs: dict):
@@ -69,4 +76,6 @@ class BKPrivacyEngine(PrivacyEngine):
 
     def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", **kwargs):
         # p.grad arrives as the clipped sum, which is what ghost mode's optimizer expects.
-        return super()._prepare_optimizer(grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode, **kwargs)
+        return super()._prepare_optimizer(
+            grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode, **kwargs
+        )

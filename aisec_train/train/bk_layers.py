@@ -1,11 +1,11 @@
 """Book-keeping rules: the rule interface, and Linear (any number of leading dims).
 
 Sample ``i``'s weight gradient is ``G_i = g_i^T a_i`` with ``a_i: (T, Da)`` the input rows and ``g_i: (T, Dg)``
-the output gradients (:mod:`~aisec_train.train.bk_conv` does the same for convolutions on their patches). :func:`~aisec_train.train.bk_cost.
-choose` picks ghost norms or instantiation per layer and shape; the fused kernels of
-:mod:`aisec_kernels.per_sample_norms` compute the norms. The clipped sum ``sum_i c_i G_i`` is then either a
-weighted reduce of the kept per-sample gradients or the layer's ordinary weight-gradient op run once on
-``c * g``: the non-private weight gradient itself is never computed. Several forward calls of one layer
+the output gradients (:mod:`~aisec_train.train.bk_conv` does the same for convolutions, on their patches).
+:func:`~aisec_train.train.bk_cost.choose` picks ghost norms or instantiation per layer and shape; the fused
+kernels of :mod:`aisec_kernels.per_sample_norms` compute the norms. The clipped sum ``sum_i c_i G_i`` is then
+either a weighted reduce of the kept per-sample gradients or the layer's ordinary weight-gradient op run once
+on ``c * g``: the non-private weight gradient itself is never computed. Several forward calls of one layer
 (TRADES) are concatenated along ``T``, so the norms include the cross terms between calls exactly.
 """
 

@@ -35,7 +35,10 @@ class GroupNormRule(Rule):
         # groups, so the same input gradient, and its "batch-summed" dW, db are now per sample (B*C,).
         x, mean, rstd = call.saved
         n, c = x.shape[:2]
-        wants = [module.weight is not None and module.weight.requires_grad, module.bias is not None and module.bias.requires_grad]
+        wants = [
+            module.weight is not None and module.weight.requires_grad,
+            module.bias is not None and module.bias.requires_grad,
+        ]
         weight = module.weight.repeat(n) if module.weight is not None else None
         grad_x, dw, db = torch.ops.aten.native_group_norm_backward(
             grad.contiguous(), x, mean, rstd, weight, 1, n * c, x[0, 0].numel(), n * module.num_groups,
@@ -54,7 +57,9 @@ class LayerNormRule(Rule):
     static_method = "instantiate"
 
     def forward(self, module, x):
-        y, mean, rstd = torch.ops.aten.native_layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        y, mean, rstd = torch.ops.aten.native_layer_norm(
+            x, module.normalized_shape, module.weight, module.bias, module.eps
+        )
         return y, (x.detach(), mean, rstd)
 
     def input_grad(self, module, saved, grad):

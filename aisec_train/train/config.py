@@ -48,7 +48,7 @@ class PrivacyConfig:
     noise_multiplier: float | None = None  # explicit noise instead of calibration from target_epsilon
     max_grad_norm: float = 0.5
     accountant: Accountant = Accountant.prv
-    grad_sample_mode: GradSampleMode = GradSampleMode.ghost
+    grad_sample_mode: GradSampleMode = GradSampleMode.bk  # falls back per layer / per model, as reported
     poisson_sampling: bool = True
     budget_scope: BudgetScope = BudgetScope.dataset
     # The project's privacy ledger store; null: $AISEC_TRAIN_LEDGER_STORE, else privacy_ledgers/ beside the registry.

@@ -29,6 +29,7 @@ from aisec_train.components import accepted, build
 from aisec_train.data.views import checked_collate, make_loader
 from aisec_train.errors import ConfigError
 from aisec_train.store.errors import BudgetError
+from aisec_train.train.bk import bk_report
 from aisec_train.train.callbacks import (
     BudgetStop,
     Callback,
@@ -287,6 +288,7 @@ class Loop:
             if self.stopped_by_budget:
                 break
         if self.private:
+            self.private_step = {**(self.private_step or {}), **bk_report(self.model)}  # the methods that ran
             self.model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
         for cb in self.callbacks:
             cb.on_train_end(self)
@@ -317,6 +319,9 @@ class Loop:
                     break
                 steps_before = self.ledger.steps if self.ledger is not None else self.steps
                 if len(y) == 0:  # Poisson sampling can draw an empty batch; Opacus still takes its noisy step
+                    for p in self.plain.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)  # Opacus' accumulation reads a gradient even here
                     self.optimizer.step()
                 else:
                     x, y = x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device)

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from aisec_train.train.bk import bk_report
+from aisec_train.train.bk_engine import BKPrivacyEngine
 from aisec_train.train.config import PrivacyConfig
 from aisec_train.train.ledger import PrivacyLedger
 
@@ -76,9 +77,16 @@ def make_private(
             accountant=cfg.accountant.value,
         )
     ledger.sample_rate = sample_rate
-    engine = PrivacyEngine(accountant=cfg.accountant.value)
+    # BKPrivacyEngine is Opacus' PrivacyEngine plus the one-backward "bk" mode (train/bk_engine.py): the loader,
+    # optimizer (noise, scaling) and accountant stay Opacus' own in every mode.
+    engine = BKPrivacyEngine(accountant=cfg.accountant.value)
     engine.accountant = ledger.accountant  # every step is charged to the ledger's accountant
     mode = cfg.grad_sample_mode.value
+    extra: dict[str, Any] = {}
+    if mode == "bk" and isinstance(model, DPDDP):
+        mode = "ghost"  # data-parallel: Opacus' distributed clipping optimizer (bk is single-process for now)
+    elif mode == "bk":
+        extra["bk_fallback"] = "hooks" if forwards > 1 else "ghost"  # ghost cannot clip two forward passes
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         wrapped = engine.make_private(
@@ -90,16 +98,17 @@ def make_private(
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=cfg.poisson_sampling,
             grad_sample_mode=mode,
+            **extra,
         )
-    if mode == "ghost":
+    if mode in ("ghost", "bk"):
         private_model, private_optimizer, criterion, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
         criterion = nn.CrossEntropyLoss()
     if _TEST_ONLY_NOISE_SCALE is not None:
         _break_noise(private_optimizer, _TEST_ONLY_NOISE_SCALE)
-    report = {"mode": mode, "forwards_per_step": forwards}
-    return PrivateTraining(private_model, private_optimizer, criterion, private_loader, mode, report)
+    report = {**bk_report(private_model), "forwards_per_step": forwards}  # "mode": what actually ran
+    return PrivateTraining(private_model, private_optimizer, criterion, private_loader, report["mode"], report)
 
 
 def quiet_known_warnings() -> None:

@@ -2,7 +2,7 @@
 each under plaintext and CKKS aggregation, on typeset digits (20k by default).
 
 Every run goes through the real command line on the same data, seed and schedule; only the unit of privacy
-changes:
+changes (both accounted by Opacus' RDP accountant at delta 1e-5):
 - record: ``privacy=dpsgd privacy.target_epsilon=3``: each client runs DP-SGD with its own ledger (the epsilon
   reported is the largest over clients and protects one example);
 - client: ``privacy=none federated.dp=client federated.client_dp.target_epsilon=3``: DP-FedAvg with distributed
@@ -26,7 +26,7 @@ from common import write
 from fed_common import glyph_digits, markdown, run_measured
 
 LEVELS = {
-    "record": ["privacy=dpsgd", "privacy.target_epsilon=3", "federated.dp=record"],
+    "record": ["privacy=dpsgd", "privacy.target_epsilon=3", "privacy.accountant=rdp", "federated.dp=record"],
     "client": [
         "privacy=none",
         "federated.dp=client",

@@ -1,7 +1,7 @@
 """Issue 14, figure 1: 100 clients, 10% sampled per round, Dirichlet(0.5), CKKS, on 20k typeset digits.
 
 Runs ``aisec-train experiment=federated_scale dataset=npz dataset.path=<glyph digits>`` (CKKS, 100 clients,
-fraction_train 0.1, each client's DP-SGD; ``--client-dp``: client-level DP-FedAvg with Poisson sampling) through the
+fraction_train 0.1; ``--dp none client record``: without DP, client-level DP-FedAvg, each client's DP-SGD) through the
 real command line and records: wall time per round (server-timed training rounds; round 1 carries Ray's start-up and
 is reported apart), the peak memory (PSS) of the job and every process it started (Ray's GCS, raylet and the client
 actors, sampled from /proc), bytes per parameter uploaded (goal <= 40), clients sampled per round, accuracy and the
@@ -24,6 +24,12 @@ from pathlib import Path
 
 from common import write
 from fed_common import glyph_digits, markdown, run_measured
+
+DP = {
+    "none": ["privacy=none"],
+    "client": ["privacy=none", "federated.dp=client"],
+    "record": ["privacy=dpsgd", "federated.dp=record"],
+}
 
 
 def case(report: dict, seconds: float, peak: int) -> dict:
@@ -57,7 +63,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--plaintext", action="store_true", help="also run the same job with plaintext aggregation")
     parser.add_argument("--clients", type=int, nargs="+", default=[100], help="e.g. 10 100: memory flat in N")
-    parser.add_argument("--client-dp", action="store_true", help="privacy=none federated.dp=client")
+    parser.add_argument("--dp", nargs="+", default=None, choices=sorted(DP), help="default: none client")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     n = args.n or (4000 if args.quick else 20000)
@@ -66,18 +72,18 @@ def main() -> None:
     base = [
         "experiment=federated_scale", "dataset=npz", f"dataset.path={data}", f"federated.rounds={rounds}",
         "federated.ray_num_cpus=2", "federated.client_cpus=1", "audit=off", "robustness.evaluate=false",
-        *(["privacy=none", "federated.dp=client"] if args.client_dp else []),
     ]  # fmt: skip
     rows = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for n_clients in args.clients:
-            for agg in ("ckks", "plaintext") if args.plaintext else ("ckks",):
-                cmd = [*base, f"federated.aggregation={agg}", f"federated.clients={n_clients}"]
-                report, seconds, peak = run_measured(cmd, Path(tmp) / f"{agg}_{n_clients}")
-                rows.append(case(report, seconds, peak))
-    keys = ["aggregation", "clients", "fraction_train", "rounds", "first_round_s", "round_s_median", "peak_pss_mib",
-            "bytes_per_param", "clean_accuracy", "epsilon", "privacy_level"]  # fmt: skip
+        for level in args.dp or (["none"] if args.quick else ["none", "client"]):
+            for n_clients in args.clients:
+                for agg in ("ckks", "plaintext") if args.plaintext else ("ckks",):
+                    cmd = [*base, *DP[level], f"federated.aggregation={agg}", f"federated.clients={n_clients}"]
+                    report, seconds, peak = run_measured(cmd, Path(tmp) / f"{level}_{agg}_{n_clients}")
+                    rows.append({"dp": level, **case(report, seconds, peak)})
+    keys = ["dp", "aggregation", "clients", "fraction_train", "rounds", "first_round_s", "round_s_median",
+            "peak_pss_mib", "bytes_per_param", "clean_accuracy", "epsilon"]  # fmt: skip
     print(markdown(rows, keys))
     result = {
         "benchmark": "federated_scale",
@@ -86,7 +92,9 @@ def main() -> None:
         "n_images": n,
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
-        "rows": [{"impl": r["aggregation"], "seconds": r["round_s_median"], **r} for r in rows],
+        "rows": [
+            {"impl": f"{r['dp']}-{r['aggregation']}-{r['clients']}", "seconds": r["round_s_median"], **r} for r in rows
+        ],
         "ratios": {"bytes_per_param": rows[0]["bytes_per_param"], "peak_pss_mib": rows[0]["peak_pss_mib"]},
         "goals": {"bytes_per_param_max": 40},
     }
