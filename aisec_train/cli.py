@@ -82,7 +82,7 @@ def refuse_planted_links(argv: list[str]) -> None:
     """Hydra writes .hydra/*.yaml and the log into the run directory before any of our code runs: refuse a
     symlink planted there (or a run directory that is one) before Hydra can write through it."""
     for arg in argv:
-        if arg.startswith("hydra.run.dir="):
+        if arg.lstrip("+").startswith("hydra.run.dir="):  # also the forced forms +hydra.run.dir, ++hydra.run.dir
             run_dir = Path(arg.split("=", 1)[1]).expanduser()
             for path in (run_dir, *(run_dir / name for name in HYDRA_FILES)):
                 if path.is_symlink():

@@ -82,9 +82,9 @@ def _open_spend(run: Run) -> DatasetSpend | None:
     ``train.lock_wait_s`` or refuses), and the run's account in it."""
     cfg, data = run.cfg, run.data
     assert data is not None
-    override = check_delta(cfg.privacy.delta, len(data.train), reason=cfg.privacy.delta_reason)
-    if cfg.privacy.mode is not PrivacyMode.dpsgd:
+    if cfg.privacy.mode is not PrivacyMode.dpsgd:  # no DP, no delta to check and nothing to charge
         return None
+    override = check_delta(cfg.privacy.delta, len(data.train), reason=cfg.privacy.delta_reason)
     registry = resolve_registry_path(cfg.audit.registry_path)
     store = LedgerStore(resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry)))
     store.validate(data.manifest_sha256)

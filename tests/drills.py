@@ -166,13 +166,6 @@ def report(run_dir: Path) -> dict[str, Any]:
 
 
 # ---- kill at random instants ---------------------------------------------------------------------------------
-def _count(path: Path, text: str) -> int:
-    try:
-        return path.read_text(errors="replace").count(text)
-    except FileNotFoundError:
-        return 0
-
-
 def _ledger_stamp(lab: Lab) -> tuple:
     stamps = []
     for f in sorted(lab.store.glob("*.json")):
@@ -196,40 +189,47 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float, poll: float = 0.002
     return False
 
 
+def _file_stamp(path: Path) -> tuple:
+    try:
+        st = path.stat()
+        return (st.st_ino, st.st_mtime_ns)
+    except FileNotFoundError:
+        return ()
+
+
 def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Path | None = None) -> dict[str, Any]:
     """SIGKILL one run at ``kills`` random instants (each in a new process resuming the same run directory), then
-    let it finish. Three kinds of instant, in turn: anywhere from launch (start-up, data, lock, training,
-    outputs), uniformly during training, and right after a ledger commit (between the charge and the checkpoint
-    that holds the charged steps, the window where the ledger runs ahead).
+    let it finish. Three kinds of instant, in turn: anywhere from launch (start-up, data, lock, noise calibration,
+    training, outputs); during the epochs, at a random time after the launch's first checkpoint (charges and
+    checkpoint commits included); and right after a ledger commit (between a charge and the checkpoint that holds
+    the charged steps: the window where the ledger runs ahead).
 
     After every kill the checkpoint must load (verified) and the dataset ledger must verify and hold at least the
-    checkpoint's steps; a job that ends on its own must exit 0. Returns the tallies and the final accounting.
+    checkpoint's steps; a job that ends on its own must exit 0, and so must the last one. A launch "resumed" when
+    it got past every check into training (its ledger or checkpoint moved) or finished. Returns the tallies.
     """
     rng = random.Random(seed)
     run_dir = Path(run_dir or lab.root / "run")
     overrides = (f"train.epochs={epochs}",)
-    log = run_dir / "cli.log"
+    ckpt = run_dir / "checkpoints" / "last.pt"
     events: list[dict[str, Any]] = []
-    startup = 12.0  # seconds from launch to the train stage, re-measured on every launch
-    epoch_s = 2.0
-    while len([e for e in events if e["killed"]]) < kills:
+    startup, epoch_s = 10.0, 1.0  # seconds to the first checkpoint of a launch, and per epoch: re-measured
+    while sum(e["killed"] for e in events) < kills:
+        assert len(events) < 6 * kills, "the drill stopped landing kills"
         kind = ("anywhere", "training", "after_charge")[len(events) % 3]
-        trains_before = _count(log, "stage train")
+        before = (_file_stamp(ckpt), _ledger_stamp(lab), lab.ledger_steps(run_dir), checkpoint_steps(run_dir))
         launched = time.monotonic()
         proc = lab.launch(run_dir, *overrides)
-        killed = False
-        # Each launch may train for at most a few epochs, so that every kind of instant keeps coming up.
+        # A launch trains at most a few epochs, so that every kind of instant keeps coming up.
         if kind == "anywhere":
-            killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, startup + 3 * epoch_s))
-        else:
-            in_training = _wait_for(proc, lambda n=trains_before: _count(log, "stage train") > n, 600, poll=0.02)
-            if in_training:
+            killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, startup + 2 * epoch_s))
+        elif kind == "training":
+            killed = _wait_for(proc, lambda b=before: _file_stamp(ckpt) != b[0], 600)
+            if killed:
                 startup = time.monotonic() - launched
-                if kind == "training":
-                    killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, 3 * epoch_s))
-                else:
-                    before = _ledger_stamp(lab)
-                    killed = _wait_for(proc, lambda b=before: _ledger_stamp(lab) != b, 600, poll=0.0005)
+                killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, 2 * epoch_s))
+        else:
+            killed = _wait_for(proc, lambda b=before: _ledger_stamp(lab) != b[1], 600, poll=0.0005)
         if killed:
             proc.send_signal(signal.SIGKILL)
         outcome = lab.outcome(proc)
@@ -240,6 +240,7 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         event["checkpoint_steps"] = checkpoint_steps(run_dir)
         event["ledger_steps"] = lab.ledger_steps(run_dir)  # verifies tags, chain and anchor
         assert event["ledger_steps"] >= (event["checkpoint_steps"] or 0), event
+        event["resumed"] = not event["killed"] or (event["ledger_steps"], event["checkpoint_steps"]) != before[2:]
         events.append(event)
         history = (checkpoint_payload(run_dir) or {}).get("history") or []
         if history:  # seconds per epoch, as the checkpointed epochs took them
@@ -249,12 +250,12 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
     rep = report(run_dir)
     observed = [e["checkpoint_steps"] or 0 for e in events] + [checkpoint_steps(run_dir) or 0]
     led = lab.ledger()
+    kinds = ("anywhere", "training", "after_charge")
     return {
         "kills": sum(e["killed"] for e in events),
-        "kills_by_kind": {k: sum(e["killed"] and e["kind"] == k for e in events) for k in ("anywhere", "training",
-                                                                                          "after_charge")},
+        "kills_by_kind": {k: sum(e["killed"] and e["kind"] == k for e in events) for k in kinds},
         "launches": len(events) + 1,
-        "resumes_ok": sum(not e["killed"] for e in events) + 1,  # every job that ended on its own exited 0
+        "resumes": sum(e["resumed"] for e in events[1:]) + 1,  # every launch after the first, and the final one
         "ledger_ahead_after_kill": sum(e["ledger_steps"] > (e["checkpoint_steps"] or 0) for e in events),
         "ledger_steps": lab.ledger_steps(run_dir),
         "report_steps": rep["privacy"]["steps"],
@@ -265,7 +266,7 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         "target_epsilon": led.target_epsilon,
         "stopped_by_budget": rep["train"]["stopped_by_budget"],
         "events": events,
-    }  # fmt: skip
+    }
 
 
 # ---- concurrent jobs -------------------------------------------------------------------------------------------

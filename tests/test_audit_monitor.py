@@ -138,7 +138,7 @@ def test_run_self_check_is_in_the_report(smoke_run):
 # ---- load_run: the model is rebuilt from the recipe in model.pt's keyed tag, through the model factory ----------
 
 
-def _hand_made_run(run_dir: Path, *, private: bool, normalize) -> tuple[Path, "torch.nn.Module"]:
+def _hand_made_run(run_dir: Path, *, private: bool, normalize):
     """A run folder as the pipeline leaves it: model.pt tagged with its recipe, and a monitoring baseline."""
     import torch
 

@@ -80,8 +80,6 @@ def overrides_for(row: dict[str, str]) -> list[str]:
         out += OPTION_OVERRIDES.get(item, [])
     if row["backdoor"] == "badnets" and row["federated"] != "none":
         out.append("backdoor.malicious_clients=1")  # the federated red team: one client holds poisoned shards
-    if row["robustness"] == "trades" and row["privacy"] == "dpsgd":
-        out.append("privacy.grad_sample_mode=hooks")  # ghost cannot clip TRADES' two passes (refused otherwise)
     return out
 
 

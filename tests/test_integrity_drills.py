@@ -32,6 +32,7 @@ def test_kill_at_random_instants_then_resume_accounts_every_step(tmp_path):
     result = kill_drill(Lab(tmp_path), kills=3, epochs=4, seed=0)
     assert_accounted(result, 3)
     assert result["kills_by_kind"] == {"anywhere": 1, "training": 1, "after_charge": 1}
+    assert result["resumes"] >= 3  # the two launches killed in training got past every resume check, as did the last
 
 
 @pytest.mark.slow
@@ -39,6 +40,7 @@ def test_kill_drill_twenty_one_kills(tmp_path):
     result = kill_drill(Lab(tmp_path), kills=21, epochs=40, seed=1)
     assert_accounted(result, 21)
     assert result["ledger_ahead_after_kill"] >= 1  # the charge-then-checkpoint window was really hit
+    assert result["resumes"] >= 1 + result["kills_by_kind"]["training"] + result["kills_by_kind"]["after_charge"] - 1
 
 
 @pytest.mark.parametrize("jobs", [2, pytest.param(4, marks=pytest.mark.slow)])

@@ -77,16 +77,23 @@ def _privacy_audit(run: Run) -> None:
     # The audited mechanism exactly: its noise multiplier (not a recalibration), its clip, objective and optimizer.
     audited = dataclasses.replace(cfg.privacy, noise_multiplier=noise, target_epsilon=None) if noise else cfg.privacy
 
+    canary_run: dict = {}
+
     def train_canary_model(dataset):
-        return train(
+        # The audited sample rate: the canary set is smaller (excluded canaries), so the batch shrinks with it.
+        batch = max(1, round(cfg.train.batch_size * len(dataset) / len(data.train)))
+        result = train(
             factory(seed=cfg.train.seed + 7),
             data.training_view(dataset),
-            train_cfg=cfg.train,
+            train_cfg=dataclasses.replace(cfg.train, batch_size=batch),
             privacy_cfg=audited,
             device=run.device,
             progress=False,
             **reference_recipe(cfg),
-        ).model
+        )
+        canary_run["epsilon"] = result.ledger.epsilon() if result.ledger is not None else None
+        canary_run["batch_size"] = batch
+        return result.model
 
     canaries = cfg.audit.canaries
     result = privacy_audit.run_privacy_audit(
@@ -100,7 +107,8 @@ def _privacy_audit(run: Run) -> None:
         confidence=canaries.confidence,
     )
     answer = privacy_audit.verdict(result, claimed)
-    run.report.add("audit", privacy_audit={**result, "claimed_epsilon": claimed})
+    canary = {f"canary_{k}": v for k, v in canary_run.items()}  # the canary model's own (epsilon, batch)
+    run.report.add("audit", privacy_audit={**result, "claimed_epsilon": claimed, **canary})
     run.report.check("training", privacy_audit.ITEM, answer["status"], answer["evidence"])
 
 

@@ -123,6 +123,11 @@ def _fix_for_dp(model: nn.Module, target: str) -> nn.Module:
         warnings.simplefilter("ignore")  # Opacus warns about every replaced module; the report lists them
         fixed = ModuleValidator.fix(model)
         errors = ModuleValidator.validate(fixed, strict=False)
+    for module in fixed.modules():
+        # In-place activations overwrite the tensors per-sample gradient hooks read (Opacus' hooks mode refuses
+        # them); out of place they compute the same function.
+        if getattr(module, "inplace", False) is True:
+            module.inplace = False
     if errors:
         raise ConfigError(
             f"model._target_={target!r} cannot be trained with privacy=dpsgd: Opacus reports "
@@ -132,9 +137,12 @@ def _fix_for_dp(model: nn.Module, target: str) -> nn.Module:
 
 
 def _replacements(before: nn.Module, after: nn.Module) -> list[dict[str, str]]:
-    old = {name: type(m).__name__ for name, m in before.named_modules()}
+    def kind(m: nn.Module) -> str:
+        return type(m).__name__ + ("(inplace)" if getattr(m, "inplace", False) is True else "")
+
+    old = {name: kind(m) for name, m in before.named_modules()}
     return [
-        {"module": name or "<root>", "from": old[name], "to": type(m).__name__}
+        {"module": name or "<root>", "from": old[name], "to": kind(m)}
         for name, m in after.named_modules()
-        if name in old and old[name] != type(m).__name__
+        if name in old and old[name] != kind(m)
     ]

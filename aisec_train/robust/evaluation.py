@@ -249,7 +249,7 @@ def _masking(ev: _Evaluator, suite: str, b: Budget, attacks: dict, fooled_by: di
         extra, seconds = ev.run(run, ev.correct & ~white_box)
         checks["square"] = {**params, "fooled_after_white_box": int(extra.sum()), "seconds": seconds}
     square = checks.get("square", {}).get("fooled_after_white_box")
-    if square is not None and square / n > SQUARE_MARGIN:
+    if square is not None and square > max(SQUARE_MARGIN * n, 1):  # more than 0.2%, and more than one sample
         reasons.append(
             f"black-box Square fooled {square} of {n} samples that the white-box attacks did not "
             f"(> {SQUARE_MARGIN:.1%}): gradients may be masked"

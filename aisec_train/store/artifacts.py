@@ -36,6 +36,7 @@ from aisec_train.store.files import (
     staged_file,
     write_in,
 )
+from aisec_train.store.timing import span, timed
 
 FORMAT = "aisec-train-artifact/1"
 _HEX = set("0123456789abcdef")
@@ -91,6 +92,7 @@ def read_manifest(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     return body
 
 
+@timed("artifact.read")
 def read_artifact(path: Path, *, root: Path | None = None) -> tuple[bytes, dict[str, Any]]:
     """The bytes of ``path`` once its keyed manifest verifies and their SHA-256 is one it accepts."""
     path = Path(path)
@@ -107,6 +109,7 @@ def read_artifact(path: Path, *, root: Path | None = None) -> tuple[bytes, dict[
     return data, {**manifest, "sha256": digest}
 
 
+@timed("artifact.verify")
 def verified_digest(path: Path, *, root: Path | None = None) -> tuple[str, dict[str, Any]]:
     """(SHA-256, manifest) of ``path`` after verification, streaming the file (no copy in memory)."""
     path = Path(path)
@@ -148,7 +151,7 @@ def save_steps(
     old = _current(path, root)
     with _parent_dir(path, root) as (dir_fd, name):
         remove_stale_in(dir_fd, [name, mname, hname])  # what a killed writer left
-        with staged_file(dir_fd, name) as (fh, tmp):
+        with staged_file(dir_fd, name) as (fh, tmp), span("payload"):  # the content itself: not integrity
             write(fh)
         committed = False
         try:
@@ -173,6 +176,7 @@ def save_steps(
     return digest
 
 
+@timed("artifact.save")
 def save_artifact(
     path: str | os.PathLike,
     write: Callable[[IO[bytes]], None],

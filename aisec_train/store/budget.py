@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Iterable
 
 from aisec_train.errors import ConfigError
+from aisec_train.store.timing import timed
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
 History = list[tuple[float, float, int]]
@@ -47,6 +48,7 @@ def merge(history: Iterable[tuple[float, float, int]]) -> History:
     return [(noise, rate, steps) for (noise, rate), steps in totals.items() if steps > 0]
 
 
+@timed("budget")
 def compose_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float, accountant: str) -> float:
     """Epsilon at ``delta`` of every entry of ``history`` composed (0 for an empty history)."""
     merged = merge(history)
@@ -67,6 +69,7 @@ def compose_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float
         return float(acc.get_epsilon(delta=delta))
 
 
+@timed("budget")
 def steps_within(
     prior: Iterable[tuple[float, float, int]],
     *,

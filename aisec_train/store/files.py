@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from aisec_train.store.errors import IntegrityError
+from aisec_train.store.timing import span, timed
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -149,7 +150,7 @@ def safe_open_for_write(
 
     ``sync_dir=False`` skips the folder's fsync: the rename survives a killed process but maybe not a power loss.
     """
-    with _parent_dir(Path(path), Path(root)) as (dir_fd, name):
+    with span("write"), _parent_dir(Path(path), Path(root)) as (dir_fd, name):
         with staged_file(dir_fd, name, mode=mode, encoding=encoding) as (fh, tmp):
             yield fh
         try:
@@ -192,12 +193,14 @@ def open_nofollow(path: str | os.PathLike, *, root: str | os.PathLike | None = N
         yield fh
 
 
+@timed("read")
 def read_nofollow(path: str | os.PathLike, *, root: str | os.PathLike | None = None) -> bytes:
     """The bytes of ``path``, refusing a symlink (anywhere under ``root`` when given, else the file itself)."""
     with open_nofollow(path, root=root) as fh:
         return fh.read()
 
 
+@timed("validate")
 def validate_output_path(path: str | os.PathLike, *, root: str | os.PathLike | None = None, what: str) -> Path:
     """Check before training that ``path`` can be written safely: not a symlink nor a directory, and (with
     ``root``) no symlink on the way. Creates missing parent directories. Returns the absolute path."""

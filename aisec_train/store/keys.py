@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aisec_train.store.errors import IntegrityError
+from aisec_train.store.timing import timed
 
 KEY_ENV = "AISEC_TRAIN_KEY_FILE"
 OLD_KEYS_ENV = "AISEC_TRAIN_OLD_KEY_FILES"
@@ -167,6 +168,7 @@ def _mac(secret: bytes, data: bytes, purpose: str) -> str:
     return hmac.new(secret, b"aisec-train\0" + purpose.encode() + b"\0" + data, hashlib.sha256).hexdigest()
 
 
+@timed("tag")
 def tag(data: bytes, purpose: str) -> str:
     """``v1:<key id>:<HMAC-SHA256 hex>`` of ``data`` for ``purpose`` under the current key."""
     key = current_key()
@@ -178,6 +180,7 @@ def tag_key_id(tag_: object) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] == _VERSION else None
 
 
+@timed("verify")
 def verify(data: bytes, tag_: object, purpose: str, *, what: str) -> None:
     """Raise IntegrityError (naming ``what``) unless ``tag_`` is a valid tag of ``data`` for ``purpose``."""
     kid = tag_key_id(tag_)

@@ -36,6 +36,7 @@ from aisec_train.store.errors import IntegrityError
 from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
 from aisec_train.store.ledger_rules import LedgerRules
 from aisec_train.store.locks import exclusive_lock, held_by
+from aisec_train.store.timing import timed
 
 FORMAT = "aisec-train-ledger/1"
 STORE_ENV = "AISEC_TRAIN_LEDGER_STORE"
@@ -100,6 +101,7 @@ class DatasetLedger(LedgerRules):
         return DatasetLedger(self.store, self.dataset, self.token)
 
     @property
+    @timed("ledger.read")
     def records(self) -> list[dict[str, Any]]:
         """Every record, verified (keyed tags, chain, anchor); [] for a dataset never trained on."""
         try:
@@ -136,6 +138,7 @@ class DatasetLedger(LedgerRules):
         anchors.check_anchor(self.file, records)
         return records
 
+    @timed("ledger.commit")
     def _commit(self, kind: str, **fields: Any) -> dict[str, Any]:
         self._require_lock()
         records = list(self.records)

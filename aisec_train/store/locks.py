@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aisec_train.store.errors import IntegrityError, LockError
+from aisec_train.store.timing import span, timed
 
 RUN_LOCK = ".aisec-train.lock"
 # (st_dev, st_ino) -> thread id of each lock this process holds. The same thread asking again would wait for
@@ -92,6 +93,20 @@ def exclusive_lock(
     path = Path(os.path.abspath(path))
     what = what or f"lock {path}"
     timeout = math.inf if wait is True else float(wait or 0.0)
+    with span("lock"):
+        fd, ident, token = _acquire(path, what, timeout)
+    try:
+        yield HeldLock(path, token)
+    finally:
+        with span("lock"):
+            _held.pop(ident, None)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
+def _acquire(path: Path, what: str, timeout: float) -> tuple[int, tuple[int, int], str]:
+    """Lock ``path`` (waiting up to ``timeout`` seconds), write the holder's record; (fd, file identity, token)."""
     deadline = time.monotonic() + timeout
     while True:
         fd = _open(path)
@@ -126,15 +141,10 @@ def exclusive_lock(
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _held[ident] = threading.get_ident()
-    try:
-        yield HeldLock(path, token)
-    finally:
-        _held.pop(ident, None)
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    return fd, ident, token
 
 
+@timed("lock")
 def held_by(path: str | os.PathLike, token: str) -> bool:
     """Whether the lock at ``path`` is held right now by the holder that received ``token``.
 

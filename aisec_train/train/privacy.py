@@ -83,8 +83,8 @@ def make_private(
     engine.accountant = ledger.accountant  # every step is charged to the ledger's accountant
     mode = cfg.grad_sample_mode.value
     extra: dict[str, Any] = {}
-    if mode == "bk" and isinstance(model, DPDDP):
-        mode = "ghost"  # data-parallel: Opacus' distributed clipping optimizer (bk is single-process for now)
+    if mode == "bk" and isinstance(model, DPDDP):  # data-parallel: Opacus' distributed clipping (bk is one process)
+        mode = "ghost" if forwards == 1 else "hooks"
     elif mode == "bk":
         extra["bk_fallback"] = "hooks" if forwards > 1 else "ghost"  # ghost cannot clip two forward passes
     with warnings.catch_warnings():

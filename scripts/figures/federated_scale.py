@@ -51,6 +51,7 @@ def case(report: dict, seconds: float, peak: int) -> dict:
         "peak_pss_mib": round(peak / 2**20, 1),
         "bytes_per_param": fed["bytes_per_param"],
         "clean_accuracy": report["metrics"]["clean_accuracy"],
+        "accuracy_per_round": fed["accuracy_per_round"],  # on the sampled evaluators' shards
         "epsilon": report["privacy"]["epsilon"],
         "privacy_level": report["privacy"].get("level"),
     }

@@ -4,9 +4,10 @@ against PGD-AT, and what the default evaluation suite costs the default job.
 1. **Suites on the same models and samples.** Per seed, the pipeline trains five models on digits (Python API,
    ``audit=off``, ``robustness.eval=pgd`` so the report carries PGD-20's figure): the default job (DP-SGD,
    epsilon 3, ``robustness=none``), ``robustness=pgd_at`` and ``robustness=trades`` (non-private), and both again
-   with DP at epsilon 8 (TRADES with ``privacy.grad_sample_mode=hooks``: ghost clipping cannot clip its two
-   forward passes). Each model is loaded back from its run directory (``model.pt``, verified, through the model
-   factory: ``aisec_train.audit.monitor.load_run``) and evaluated by ``evaluate_robustness`` with each suite,
+   with DP at epsilon 8 (``privacy.grad_sample_mode=bk``, the default, or ``--trades-dp-mode hooks`` for TRADES:
+   ghost clipping cannot clip its two forward passes). Each model is loaded back from its run directory
+   (``model.pt``, verified, through the model factory: ``aisec_train.audit.monitor.load_run``) and evaluated by
+   ``evaluate_robustness`` with each suite,
    ``pgd`` (PGD-20, 2 restarts), ``apgd`` (APGD-CE + APGD-T, the report's default, masking checks on) and
    ``autoattack`` (the standard ensemble), on the same held-out samples with the same seed. Our ``pgd`` figure
    must equal the report's (a check that the reloaded model is the released one). The gap ``pgd - autoattack``
@@ -52,7 +53,7 @@ from aisec_train.data.dataset import load_dataset
 from aisec_train.data.views import materialize
 from aisec_train.robust.evaluation import evaluate_robustness
 
-TRADES_DP_MODE = "hooks"  # clips the sum of TRADES' two per-sample contributions (bk does too, once it is wired)
+TRADES_DP_MODE = "bk"  # the default; clips the sum of TRADES' two per-sample contributions, as hooks does
 CASES: dict[str, list[str]] = {
     "default_dp": [],  # aisec-train's default job: DP-SGD at epsilon 3, robustness=none
     "pgd_at": ["privacy=none", "robustness=pgd_at"],
