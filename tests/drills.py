@@ -97,7 +97,8 @@ class Lab:
     @staticmethod
     def outcome(proc: subprocess.Popen, timeout: float = 900) -> Outcome:
         rc = proc.wait(timeout)
-        return Outcome(rc, Path(f"{proc.log}.err").read_text())  # type: ignore[attr-defined]
+        with open(f"{proc.log}.err", newline="") as fh:  # type: ignore[attr-defined] - keep progress bars' \r
+            return Outcome(rc, fh.read())
 
     def run(self, run_dir: Path, *overrides: str, job: tuple[str, ...] = JOB, timeout: float = 900) -> Outcome:
         return self.outcome(self.launch(run_dir, *overrides, job=job), timeout)
@@ -110,11 +111,10 @@ class Lab:
             cwd=REPO,
             env=self.env(),
             capture_output=True,
-            text=True,
             timeout=300,
         )
-        err = proc.stderr.replace(f"aisec-train-{name}: error: ", ERROR)
-        return Outcome(proc.returncode, err, proc.stdout)
+        err = proc.stderr.decode(errors="replace").replace(f"aisec-train-{name}: error: ", ERROR)
+        return Outcome(proc.returncode, err, proc.stdout.decode(errors="replace"))
 
     # -- reading what the jobs left ---------------------------------------------------------------------------
     def ledger(self):

@@ -202,3 +202,15 @@ def test_rotation_retags_a_checkpoint(tmp_path, keyed, monkeypatch):
     assert checkpoint.retag(tmp_path / "c.pt") is True and checkpoint.retag(tmp_path / "c.pt") is False
     monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES")
     assert assert_complete(checkpoint.load(tmp_path / "c.pt")) == 5
+
+
+def test_meta_is_tagged_with_the_file_and_read_with_the_same_bytes(tmp_path):
+    recipe = {"model": {"spec": {"_target_": "aisec_train.models.MLP"}, "num_classes": 3}}
+    checkpoint.save(payload(4), tmp_path / "m.pt", meta=recipe)
+    loaded, body = checkpoint.load_with_manifest(tmp_path / "m.pt")
+    assert assert_complete(loaded) == 4 and body["meta"] == {**recipe, "finite": True}
+    tag = json.loads((tmp_path / "m.pt.tag").read_text())
+    tag["meta"]["model"]["spec"]["_target_"] = "os.system"  # the recipe cannot be edited without the key
+    (tmp_path / "m.pt.tag").write_text(json.dumps(tag))
+    with pytest.raises(CheckpointError, match="keyed tag does not verify"):
+        checkpoint.load_with_manifest(tmp_path / "m.pt")

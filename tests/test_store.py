@@ -420,3 +420,29 @@ def test_key_rotation_retags_the_ledger(tmp_path, keyed, monkeypatch):
     monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES")  # the old key is dropped
     led = store.view(DS)
     assert led.total_epsilon() == before and led.records[-1]["kind"] == "retag"
+
+
+# -- timing (the overhead figure's measurement) ----------------------------------------------------------------
+def test_timing_is_off_by_default_and_counts_each_operation_once_when_asked(tmp_path):
+    import subprocess
+    import sys
+
+    from aisec_train.store import timing
+
+    assert not timing.ENABLED and timing.timed("x")(len) is len  # off: the functions themselves, nothing costs
+    out = tmp_path / "timing.jsonl"
+    code = (
+        "from pathlib import Path; from aisec_train.store import LedgerStore, atomic_write, lock_run_dir, tag;"
+        f"root = Path({str(tmp_path)!r}); tag(b'x', 'ledger');"
+        "atomic_write(root / 'r' / 'a.json', b'{}', root=root / 'r');"
+        "ctx = lock_run_dir(root / 'r'); ctx.__enter__(); ctx.__exit__(None, None, None);"
+        f"store = LedgerStore(root / 's'); ctx = store.open({DS!r}); led = ctx.__enter__();"
+        "led.begin_run('r1', delta=1e-5, accountant='rdp', sample_rate=0.01, noise_multiplier=1.1, split_seed=0,"
+        " target_epsilon=3.0, n_train=1000); ctx.__exit__(None, None, None)"
+    )
+    env = {**os.environ, "AISEC_TRAIN_STORE_TIMING": str(out)}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    totals = json.loads(out.read_text().splitlines()[-1])["totals"]
+    assert totals["write"]["calls"] >= 3 and totals["lock"]["calls"] >= 4 and totals["ledger.commit"]["calls"] == 2
+    assert totals["tag"]["outermost_seconds"] < totals["tag"]["seconds"]  # most tags are made inside a commit
+    assert all(t["outermost_seconds"] <= t["seconds"] + 1e-12 for t in totals.values())

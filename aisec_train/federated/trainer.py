@@ -25,6 +25,7 @@ import torch
 
 from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
+from aisec_train.federated import budget
 from aisec_train.federated import report as fed_report
 from aisec_train.federated import report_scale as fed_scale
 from aisec_train.federated.client_dp import client_level_epsilon
@@ -152,6 +153,8 @@ def train_federated(job) -> TrainResult:
     plan = make_plan(cfg.federated) if level is FederatedDP.client else None  # refuses an infeasible plan now
     task = FederatedTask.build(cfg, job.factory, job.data, job.extras.get("backdoor"))
     task.partition.save(job.run_dir / "federated" / "partition.npz")
+    if job.spend is not None:  # the dataset-level budget: the planned spend must fit before any round
+        budget.begin(job.spend.ledger, job.spend.run_id, task, plan, len(job.data.train))
     server, client = prepare(job)
     before = load_state(Path(server.state_dir))
     started = time.perf_counter()
@@ -166,6 +169,10 @@ def train_federated(job) -> TrainResult:
     if state is None:
         raise RuntimeError("the federated run completed no round; see the Flower log above")
     model = final_model(task, client, state).to(device)
+    if job.spend is not None:
+        spent = budget.charge(job.spend.ledger, job.spend.run_id, client.state_path, Path(server.state_dir), plan,
+                              cfg.federated.clients)  # fmt: skip
+        job.report.add("privacy", budget={**job.spend.summary(), "federated_charge": spent})
     retired = _retire(cfg.federated, client, state)
     eps = client_epsilons(client.state_path, cfg.federated.clients) if level is FederatedDP.record else {}
     history = fed_report.history_rows(state["history"])
