@@ -71,12 +71,19 @@ def train(
     eval_dataset: Dataset | None = None,
 ) -> TrainResult:
     """The one training loop on ``loader``'s dataset, batch size and workers, with the config's privacy,
-    adversarial-training and optimizer settings. Returns the trained (plain) model and its privacy ledger."""
+    adversarial-training and optimizer settings. Returns the trained (plain) model and its privacy ledger.
+
+    Under ``privacy=dpsgd`` a model Opacus cannot train (BatchNorm, ...) is trained as a fixed copy
+    (``ModuleValidator.fix``): use ``result.model``, not the object passed in."""
+    from aisec_train.models.factory import fix_for_dp
+    from aisec_train.train.config import PrivacyMode
     from aisec_train.train.loop import train as train_loop
 
     quiet_known_warnings()
     cfg = config if isinstance(config, Config) else compose(config or ())
     cfg.train.batch_size = loader.batch_size or cfg.train.batch_size
+    if cfg.privacy.mode is PrivacyMode.dpsgd:  # as the pipeline's model factory does: BatchNorm -> GroupNorm, ...
+        model = fix_for_dp(model, type(model).__qualname__)
     return train_loop(
         model,
         loader.dataset,

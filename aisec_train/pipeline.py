@@ -322,7 +322,10 @@ def stage_robustness(run: Run) -> None:
         training=rob.mode.value,
     )
     clean = run.report.get("metrics.clean_accuracy")
-    figures = ", ".join(f"{name} {entry['robust_accuracy']:.3f}" for name, entry in per_attack.items())
+    figures = ", ".join(
+        f"{name} {e['robust_accuracy']:.3f}" if "robust_accuracy" in e else f"{name} skipped ({e['skipped']})"
+        for name, e in per_attack.items()
+    )
     run.report.check(
         "model",
         EVASION,
@@ -335,7 +338,9 @@ def stage_robustness(run: Run) -> None:
         "model",
         MASKING,
         "fail" if masking["flagged"] else "pass",
-        "; ".join(masking["reasons"]) if masking["flagged"] else "no sign of masking: black-box Square found no "
+        "; ".join(masking["reasons"])
+        if masking["flagged"]
+        else "no sign of masking: black-box Square found no "
         "example the white-box attacks missed, more steps did not raise robust accuracy, no zero input gradients",
     )
 

@@ -15,7 +15,7 @@ unset TRITON_INTERPRET
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 status=0
-python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_kernels_norms.py -m gpu 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 python3 benchmarks/run_all.py --device cuda --results "$OUT" "$@" || status=1
 ( cd /tmp && time python3 -m aisec_train train.device=cuda audit=off hydra.run.dir=/tmp/gpu_run ) 2>&1 | tail -4 \
   | tee "$OUT/default_job_cuda.log" || status=1

@@ -1,4 +1,4 @@
-"""Every benchmark in one command: DP-SGD, PGD, the activation kernel and HE aggregation.
+"""Every benchmark in one command: DP-SGD, PGD, AutoAttack, the activation kernel and HE aggregation.
 
 Runs each script in its own process (so one's memory peak or CUDA state cannot colour another's), writes
 their JSON files and one ``summary.md`` into ``benchmarks/results/<device>/``, and with ``--readme`` puts the
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["dpsgd", "pgd", "activations", "he_aggregation"]
+BENCHMARKS = ["dpsgd", "pgd", "autoattack", "activations", "he_aggregation"]
 README_MARKERS = ("<!-- benchmarks:start -->", "<!-- benchmarks:end -->")
 
 

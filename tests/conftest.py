@@ -12,6 +12,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+LEDGER_ENV = "AISEC_TRAIN_LEDGER_STORE"
 
 # Triton decorates its own library (tl.zeros, tl.rand, ...) at `import triton`, in the mode TRITON_INTERPRET
 # names then. On a CPU-only machine, import it here, before any test module, under the interpreter
@@ -28,8 +29,10 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
         os.environ.pop("TRITON_INTERPRET") if _saved is None else os.environ.__setitem__("TRITON_INTERPRET", _saved)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+def run_cli(
+    *args: str, cwd: Path | None = None, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(
         [sys.executable, "-m", "aisec_train", *args],
@@ -65,10 +68,22 @@ def private_keys(tmp_path_factory):
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_ledgers(tmp_path_factory):
+    """Module-scoped fixtures (one shared CLI run, say) spend privacy on their module's own ledger store.
+
+    Autouse fixtures are set up first within their scope, so this runs before any module fixture that trains;
+    the per-test store below then takes over inside each test."""
+    saved = os.environ.get(LEDGER_ENV)
+    os.environ[LEDGER_ENV] = str(tmp_path_factory.mktemp("module_ledgers"))
+    yield
+    os.environ.pop(LEDGER_ENV) if saved is None else os.environ.__setitem__(LEDGER_ENV, saved)
+
+
 @pytest.fixture(autouse=True)
 def private_ledgers(tmp_path, monkeypatch):
     """Each test spends privacy on its own ledger store: the dataset-level budget must not leak between tests."""
-    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "privacy_ledgers"))
+    monkeypatch.setenv(LEDGER_ENV, str(tmp_path / "privacy_ledgers"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -85,6 +100,8 @@ def private_registry(tmp_path_factory):
 def smoke_run(tmp_path_factory) -> Path:
     """One real `aisec-train experiment=smoke` run shared by the end-to-end tests."""
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    proc = run_cli("experiment=smoke", f"hydra.run.dir={run_dir}")
+    # A session fixture is built inside whichever test first asks for it: give it a store of its own.
+    ledgers = {LEDGER_ENV: str(tmp_path_factory.mktemp("smoke_ledgers"))}
+    proc = run_cli("experiment=smoke", f"hydra.run.dir={run_dir}", env=ledgers)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

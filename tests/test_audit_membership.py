@@ -177,7 +177,7 @@ def test_membership_audit_on_datasets_keeps_the_signals_for_rmia():
     result = membership.membership_audit(model, data, factory=factory, cfg=cfg, device=torch.device("cpu"))
     summary, s = result.summary, result.signals
     assert {"auc", "tpr_at_fpr_0_001", "tpr_at_fpr_0_01", "auc_ci95"} <= set(summary)
-    assert set(summary["attacks"]) == {"loss", "lira_offline"} and summary["members"] == 20
+    assert set(summary["attacks"]) == {"loss", "lira_offline", "rmia"} and summary["members"] == 20
     assert summary["reference_optimizer"] == "torch.optim.SGD" and summary["reference_objective"] == "standard"
     # the streamed logits are the audited model's on the targets, members first, in the design's order
     t = references.design(data, m=20, seed=cfg.train.seed)

@@ -218,9 +218,9 @@ def test_installed_script_refuses_a_forged_entry_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "FORGED" in proc.stdout, proc.stderr
 
 
-def test_run_registers_itself_with_governance(smoke_run, monkeypatch):
-    monkeypatch.delenv("AISEC_TRAIN_KEY_FILE")  # the run used the session's key, not this test's
-    monkeypatch.delenv("AISEC_TRAIN_ANCHOR_DIR")
+def test_run_registers_itself_with_governance(smoke_run, monkeypatch, private_keys):
+    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(private_keys / "hmac.key"))  # the run used the session's key
+    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(private_keys / "anchors"))
     report = read_report(smoke_run)
     entry = Registry(Path(report["registry"]["path"])).get(report["registry"]["id"])
     assert (

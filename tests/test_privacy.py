@@ -106,5 +106,12 @@ def test_resume_continues_the_ledger_and_refuses_when_spent(data):
     assert third.stopped_by_budget and third.ledger.epsilon() <= 3.0
     assert last[-1]["stopped_by_budget"] and last[-1]["ledger"]["history"] == third.ledger.state_dict()["history"]
 
+    # Resuming a run that stopped at its budget finishes with what it has: nothing new is trained or spent.
+    again = fit(data, epochs=31, resume=last[-1], **privacy)
+    assert again.stopped_by_budget and again.history == third.history
+    assert again.ledger.steps == third.ledger.steps and again.ledger.epsilon() == third.ledger.epsilon()
+
+
+def test_a_fresh_run_whose_first_step_would_pass_the_target_is_refused(data):
     with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
-        fit(data, epochs=31, resume=last[-1], **privacy)
+        fit(data, epochs=2, noise_multiplier=0.3, target_epsilon=0.05)

@@ -196,8 +196,7 @@ def membership_audit(
     # with their confidence intervals, as a reviewer quotes them.
     strongest = rmia.strongest_attack(per_attack)
     summary: dict[str, Any] = {
-        key: per_attack[strongest][key]
-        for key in ("auc", "auc_ci95", *FPR_POINTS, *(f"{k}_ci95" for k in FPR_POINTS))
+        key: per_attack[strongest][key] for key in ("auc", "auc_ci95", *FPR_POINTS, *(f"{k}_ci95" for k in FPR_POINTS))
     }
     summary.update(
         attacks=per_attack,

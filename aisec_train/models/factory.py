@@ -59,7 +59,7 @@ class ModelFactory:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model._target_={self.target!r} built a {type(model).__name__}, not a torch nn.Module")
         if self.private:
-            model = _fix_for_dp(model, self.target)
+            model = fix_for_dp(model, self.target)
         if self.normalize is not None:
             model = InputNormalization(model, *self.normalize)
         return model
@@ -102,7 +102,7 @@ class ModelFactory:
         if raw is None:
             target = check_target(self.spec, "model", supplied=SHAPE_ARGS)
             raw = build(self.spec or {}, "model", **self._shape_args(target))
-        replaced = _replacements(raw, _fix_for_dp(copy.deepcopy(raw), self.target)) if self.private else []
+        replaced = _replacements(raw, fix_for_dp(copy.deepcopy(raw), self.target)) if self.private else []
         args = {k: v for k, v in (self.spec or {}).items() if not k.startswith("_")}
         return {
             "target": self.target,
@@ -116,7 +116,9 @@ class ModelFactory:
         }
 
 
-def _fix_for_dp(model: nn.Module, target: str) -> nn.Module:
+def fix_for_dp(model: nn.Module, target: str) -> nn.Module:
+    """``model`` made trainable by Opacus (BatchNorm -> GroupNorm, ..., activations out of place), or a
+    ConfigError naming ``target`` when Opacus still refuses it."""
     from opacus.validators import ModuleValidator
 
     with warnings.catch_warnings():

@@ -6,8 +6,9 @@ asks :meth:`DatasetSpend.begin` for the step limit the dataset's budget allows (
 :meth:`charge` is called before every checkpoint, so a kill can leave the ledger ahead of a checkpoint (the
 steps count) but never behind it. On resume, :meth:`begin` reconciles: steps the ledger charged beyond the
 checkpoint (a kill lost them) are added to the run's accountant, and checkpoint steps the ledger never saw (a
-run directory copied in, another store) are charged at once. Under ``privacy.budget_scope=run`` the run is still recorded and charged, but
-only its own target limits it (the first round's behaviour; the report and model card say so).
+run directory copied in, another store) are charged at once. Under ``privacy.budget_scope=run`` the run is
+still recorded and charged, but only its own target limits it (the first round's behaviour; the report and
+model card say so).
 
 The handle is picklable: data-parallel rank 0 charges through it while the job process holds the dataset lock.
 """
