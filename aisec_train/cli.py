@@ -23,35 +23,41 @@ from aisec_train.config import register_configs, to_config
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
 from aisec_train.store.errors import StoreError
-from aisec_train.train.callbacks import NonFiniteError
-from aisec_train.train.checkpoint import CheckpointError
-from aisec_train.train.ledger import BudgetExhausted
-from aisec_train.train.privacy import quiet_known_warnings
 
 CONFIG_DIR = str(files("aisec_train.configs"))
-REFUSALS = (
-    ConfigError,
-    DataError,
-    CheckpointError,
-    BudgetExhausted,
-    NonFiniteError,
-    StoreError,
-    HydraException,
-    OmegaConfBaseException,
-)
 log = logging.getLogger("aisec_train")
+
+
+# Refusals raised by modules that import torch or Opacus: (module, class).
+HEAVY_REFUSALS = (
+    ("aisec_train.train.checkpoint", "CheckpointError"),
+    ("aisec_train.train.ledger", "BudgetExhausted"),
+    ("aisec_train.train.callbacks", "NonFiniteError"),
+)
+
+
+def refusals() -> tuple[type[BaseException], ...]:
+    """The errors that mean "bad input", answered in one line with exit 2. A heavy module's error can only have
+    been raised if that module was imported, so only those already loaded are matched: a bad override is refused
+    in about a second, without importing torch and Opacus just to name their error classes."""
+    light = (ConfigError, DataError, StoreError, HydraException, OmegaConfBaseException)
+    heavy = tuple(getattr(sys.modules[m], name) for m, name in HEAVY_REFUSALS if m in sys.modules)
+    return light + heavy
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _job(dict_cfg: DictConfig) -> float:
-    from aisec_train.pipeline import run_pipeline  # heavy imports only once the config is valid
-
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     experiment = hydra_cfg.runtime.choices.get("experiment", "quickstart")
     try:
-        report = run_pipeline(to_config(dict_cfg), run_dir, experiment=experiment)
-    except REFUSALS as err:
+        cfg = to_config(dict_cfg)  # type and range checks first: no torch needed to refuse a bad value
+        from aisec_train.pipeline import run_pipeline  # heavy imports only once the config is valid
+        from aisec_train.train.privacy import quiet_known_warnings
+
+        quiet_known_warnings()
+        report = run_pipeline(cfg, run_dir, experiment=experiment)
+    except refusals() as err:
         refuse(err)  # inside the job, so Hydra adds no banner of its own
     log.info("report: %s", run_dir / "report.json")
     print(
@@ -90,14 +96,13 @@ def refuse_planted_links(argv: list[str]) -> None:
 
 
 def main() -> None:
-    quiet_known_warnings()
     refuse_planted_links(sys.argv[1:])
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     register_configs()
     try:
         _job()
-    except REFUSALS as err:
+    except refusals() as err:
         refuse(err)
 
 

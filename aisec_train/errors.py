@@ -1,6 +1,6 @@
 """The refusals every package raises: one line naming the key, the value and what is allowed.
 
-The CLI turns each of them into that one line on stderr and exit status 2 (``aisec_train.cli.REFUSALS``).
+The CLI turns each of them into that one line on stderr and exit status 2 (``aisec_train.cli.refusals()``).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import itertools
 import pytest
 
 import aisec_train
-from aisec_train.cli import REFUSALS
+from aisec_train.cli import refusals
 
 GROUPS: dict[str, list[str]] = {
     "dataset": ["digits", "custom"],
@@ -69,6 +69,8 @@ FAST = [
      "privacy": "dpsgd", "audit": "off"},
     {**ROWS[0], "dataset": "digits", "model": "cnn", "federated": "fedavg", "robustness": "none", "backdoor": "badnets",
      "privacy": "none", "audit": "off"},
+]  # fmt: skip
+SLOW = [
     {**ROWS[0], "dataset": "custom", "model": "timm", "federated": "none", "robustness": "trades", "backdoor": "none",
      "privacy": "dpsgd", "audit": "off"},
 ]  # fmt: skip
@@ -87,7 +89,7 @@ def run_row(row: dict[str, str], tmp_path) -> None:
     try:
         cfg = aisec_train.compose(overrides_for(row))
         report = aisec_train.run(cfg, run_dir=tmp_path / "run")
-    except REFUSALS as err:  # refused: one line, before anything was written
+    except refusals() as err:  # refused: one line, before anything was written
         assert "\n" not in str(err).strip() and not (tmp_path / "run" / "report.json").exists(), str(err)
         return
     assert_honest(row, report.to_dict())
@@ -120,7 +122,11 @@ def assert_honest(row: dict[str, str], report: dict) -> None:
     assert all(c["evidence"] for c in report["checklist"])
 
 
-@pytest.mark.parametrize("row", FAST, ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items() if k != "audit"))
+@pytest.mark.parametrize(
+    "row",
+    [*FAST, *(pytest.param(r, marks=pytest.mark.slow) for r in SLOW)],
+    ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items() if k != "audit"),
+)
 def test_risky_compositions_run_as_reported(row, tmp_path):
     run_row(row, tmp_path)
 

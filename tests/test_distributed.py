@@ -54,6 +54,7 @@ def test_replicas_agree_and_rank_zero_wrote_the_model(two_process_run):
     assert weights_digest(model) == digests[0]
 
 
+@pytest.mark.slow  # a third 2-process job; the ledger of the first one is checked by default
 def test_distributed_resume_continues_the_ledger(two_process_run):
     before = read_report(two_process_run)["privacy"]
     proc = run_cli(*FAST, "train.epochs=3", f"hydra.run.dir={two_process_run}")

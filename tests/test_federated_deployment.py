@@ -30,6 +30,7 @@ from tests.conftest import read_report, run_cli
 
 pytestmark = [
     pytest.mark.deployment,
+    pytest.mark.slow,  # ~100 s of real SuperLink/SuperNode processes: `pytest -m "slow or deployment"`
     pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="process cleanup reads /proc (Linux)"),
 ]
 MARKER = "AISEC_FED_TEST_ID"

@@ -44,6 +44,7 @@ def resumed(tmp_path_factory):
     return run_dir, after_one, state_one, read_report(run_dir)
 
 
+@pytest.mark.slow  # two CLI runs with fault injection (~2 min); tests/test_fed_* cover the parts
 def test_first_round_faults_are_left_out_refused_and_fail_the_round(resumed):
     _, first, state, _ = resumed
     fed = first["federated"]
@@ -65,6 +66,7 @@ def test_first_round_faults_are_left_out_refused_and_fail_the_round(resumed):
     assert statuses["client dropouts tolerated with a quorum"] == "fail"
 
 
+@pytest.mark.slow  # two CLI runs with fault injection (~2 min); tests/test_fed_* cover the parts
 def test_resumed_run_completes_encrypted_rounds_with_the_ledgers_intact(resumed):
     run_dir, first, _, final = resumed
     fed = final["federated"]
@@ -97,6 +99,7 @@ def test_resumed_run_completes_encrypted_rounds_with_the_ledgers_intact(resumed)
     assert not math.isnan(fed["accuracy_per_round"][0])
 
 
+@pytest.mark.slow  # two CLI runs with fault injection (~2 min); tests/test_fed_* cover the parts
 def test_report_answers_the_confidentiality_checklist_with_evidence(resumed):
     run_dir, _, _, final = resumed
     checks = {c["item"]: c for c in final["checklist"]}

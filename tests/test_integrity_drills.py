@@ -52,7 +52,7 @@ def test_jobs_on_one_run_directory_all_but_one_refuse_naming_the_holder(tmp_path
     assert result["dataset_epsilon"] <= result["target_epsilon"] + EPS
 
 
-@pytest.mark.parametrize("jobs", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("jobs", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_jobs_on_one_run_directory_wait_their_turn(tmp_path, jobs):
     result = same_run_dir(Lab(tmp_path), jobs, wait=True)
     assert result["exit_codes"] == [0] * jobs, result["refusals"]
@@ -60,7 +60,7 @@ def test_jobs_on_one_run_directory_wait_their_turn(tmp_path, jobs):
     assert result["dataset_epsilon"] <= result["target_epsilon"] + EPS
 
 
-@pytest.mark.parametrize("jobs", [2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("jobs", [pytest.param(2, marks=pytest.mark.slow), pytest.param(4, marks=pytest.mark.slow)])
 def test_jobs_on_one_dataset_all_but_one_refuse_naming_the_holder(tmp_path, jobs):
     result = same_dataset(Lab(tmp_path), jobs, wait=False)
     assert sorted(result["exit_codes"]) == [0] + [2] * (jobs - 1), result["refusals"]
@@ -85,7 +85,10 @@ def base(tmp_path_factory):
     return make_base(tmp_path_factory.mktemp("forgery"))
 
 
-SLOW_FORGERIES = {"two_jobs"}  # the same drill as the concurrency tests above
+# By default: a reset, a forged ledger and the registry forgeries; the rest repeat, end to end, what
+# tests/test_store.py, test_checkpoint.py and test_spend.py check in-process (and -m slow runs them all).
+SLOW_FORGERIES = {"two_jobs", "reset_checkpoints", "delta_resume", "delta_half", "crash_tag", "seed_resume",
+                  "symlinks", "lr_nan"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -302,6 +302,19 @@ def test_composition_across_runs_equals_opacus_on_the_concatenated_history(tmp_p
     assert compose_epsilon(mixed, delta=1e-5, accountant="gdp") == compose_epsilon(mixed, delta=1e-5, accountant="rdp")
 
 
+def test_run_scoped_runs_are_recorded_and_composed_without_a_dataset_budget(tmp_path):
+    from opacus.accountants import create_accountant
+
+    with LedgerStore(tmp_path / "ledgers").open(DS) as led:
+        for run_id in ("r1", "r2"):  # a sweep of run-scoped models: no dataset budget is set
+            led.begin_run(run_id, **RUN, target_epsilon=3.0, n_train=1000, budget_scope="run")
+            led.charge(run_id, [(1.1, 0.01, 40)])
+        assert led.budget() is None and led.steps() == 80
+        acc = create_accountant("rdp")
+        acc.history = [(1.1, 0.01, 80)]
+        assert led.spent_epsilon("r2") == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+
+
 def test_budget_is_enforced_across_runs_and_raised_only_on_record(tmp_path):
     store = LedgerStore(tmp_path / "ledgers")
     with store.open(DS) as led:

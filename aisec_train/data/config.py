@@ -68,6 +68,9 @@ class DatasetConfig:
 
     def __post_init__(self) -> None:
         require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "must be in (0, 1)")
+        if self.split_seed is not None:
+            ok = 0 <= self.split_seed < 2**32
+            require(ok, "dataset.split_seed", self.split_seed, "must be in [0, 2**32) (numpy's seed range)")
         require(math.isfinite(self.outlier_z) and self.outlier_z > 0, "dataset.outlier_z", self.outlier_z, "> 0")
         if self.sha256 is not None:
             ok = len(self.sha256) == 64 and all(c in "0123456789abcdef" for c in self.sha256.lower())

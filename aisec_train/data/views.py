@@ -105,6 +105,11 @@ def split_by_labels(dataset: Dataset, test_fraction: float, seed: int) -> tuple[
 
     y = labels_of(dataset)
     n_test, n_classes = int(np.ceil(test_fraction * len(y))), len(np.unique(y))
+    if not 1 <= n_test < len(y):
+        raise DataError(
+            f"the training data has {len(y)} sample(s); dataset.test_fraction={test_fraction} must leave at least "
+            "one sample on each side of the split: give more data or a test split (dataset.test_path)"
+        )
     counts = np.bincount(y) if len(y) else np.zeros(0, dtype=np.int64)
     stratify = y if len(y) and counts[counts > 0].min() >= 2 else None
     if stratify is not None and not n_classes <= n_test <= len(y) - n_classes:

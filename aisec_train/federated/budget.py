@@ -70,7 +70,7 @@ def charge(ledger: DatasetLedger, run_id: str, client_state: Path, server_state:
             new.append((noise, rate, take))
     if new:
         ledger.charge(run_id, new)
-    return {"charged": new, "dataset_epsilon": ledger.total_epsilon()}
+    return {"charged": new, "dataset_epsilon": ledger.spent_epsilon(run_id)}
 
 
 def _worst_client(state_dir: Path, clients: int) -> list[tuple[float, float, int]]:

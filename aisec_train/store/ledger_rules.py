@@ -69,6 +69,14 @@ class LedgerRules:
             raise BudgetError(f"dataset {self.dataset[:16]} has no budget yet; pass delta and accountant")
         return budget.compose_epsilon(self.history(run_id), delta=delta, accountant=accountant)
 
+    def spent_epsilon(self, run_id: str) -> float:
+        """Every run on this dataset composed, at the budget's delta and accountant; without a budget yet (only
+        ``budget_scope=run`` runs so far), at ``run_id``'s own recorded delta and accountant."""
+        if self.budget() is not None:
+            return self.total_epsilon()
+        terms = self.runs().get(run_id, {}).get("invariants", {})
+        return self.total_epsilon(terms.get("delta"), terms.get("accountant"))
+
     # -- runs and invariants ------------------------------------------------------------------------------------
     def check_invariants(self, run_id: str, **invariants: Any) -> None:
         """Refuse (one line) a resume of ``run_id`` that changes any recorded invariant."""

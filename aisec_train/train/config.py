@@ -17,6 +17,9 @@ def finite_positive(value: float, key: str) -> None:
     require(math.isfinite(value) and value > 0, key, value, "must be a finite number > 0")
 
 
+MIN_NOISE_MULTIPLIER = 1e-3
+
+
 class PrivacyMode(Enum):
     dpsgd = "dpsgd"
     none = "none"
@@ -62,6 +65,10 @@ class PrivacyConfig:
         require(0 < self.delta < 1, "privacy.delta", self.delta, "must be in (0, 1)")
         if self.noise_multiplier is not None:
             finite_positive(self.noise_multiplier, "privacy.noise_multiplier")
+            # Below this the accountants overflow (they divide by sigma**2) and no guarantee is left to report.
+            floor = MIN_NOISE_MULTIPLIER
+            ok = self.noise_multiplier >= floor
+            require(ok, "privacy.noise_multiplier", self.noise_multiplier, f"must be >= {floor} (privacy=none: no DP)")
         require(
             self.target_epsilon is not None or self.noise_multiplier is not None,
             "privacy.target_epsilon",
@@ -106,6 +113,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         require(self.epochs >= 1, "train.epochs", self.epochs, "must be >= 1")
+        require(0 <= self.seed < 2**32, "train.seed", self.seed, "must be in [0, 2**32)")  # numpy's seed range
         require(self.batch_size >= 1, "train.batch_size", self.batch_size, "must be >= 1")
         require(
             self.max_physical_batch_size >= 1,

@@ -71,7 +71,7 @@ class DatasetSpend:
         records = self.ledger.records
         return {
             "scope": self.scope,
-            "dataset_epsilon": self.ledger.total_epsilon(),
+            "dataset_epsilon": self.ledger.spent_epsilon(self.run_id),
             "dataset_target_epsilon": self.ledger.target_epsilon,
             "dataset_runs": len({r["run_id"] for r in records if r["kind"] == "run"}),
             "dataset_raises": [
