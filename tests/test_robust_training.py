@@ -36,13 +36,14 @@ def test_dp_step_clips_the_adversarial_examples_per_sample_gradients(mode):
     # The loop: one full-batch DP step (no Poisson sampling, negligible noise) with the adversary.
     ours = copy.deepcopy(base)
     privacy = PrivacyConfig(
-        noise_multiplier=1e-9,
+        noise_multiplier=1.0,
         target_epsilon=None,
         max_grad_norm=CLIP,
         accountant=Accountant.rdp,
         grad_sample_mode=mode,
         poisson_sampling=False,
     )
+    privacy.noise_multiplier = 1e-9  # below the config's floor on purpose: the step must equal the noiseless one
     cfg = TrainConfig(epochs=1, batch_size=32, max_physical_batch_size=32, lr=LR, momentum=0.0, ema_decay=0.0)
     train(
         ours,
