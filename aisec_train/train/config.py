@@ -66,9 +66,8 @@ class PrivacyConfig:
         if self.noise_multiplier is not None:
             finite_positive(self.noise_multiplier, "privacy.noise_multiplier")
             # Below this the accountants overflow (they divide by sigma**2) and no guarantee is left to report.
-            floor = MIN_NOISE_MULTIPLIER
-            ok = self.noise_multiplier >= floor
-            require(ok, "privacy.noise_multiplier", self.noise_multiplier, f"must be >= {floor} (privacy=none: no DP)")
+            ok, allowed = self.noise_multiplier >= MIN_NOISE_MULTIPLIER, f"must be >= {MIN_NOISE_MULTIPLIER}"
+            require(ok, "privacy.noise_multiplier", self.noise_multiplier, allowed + " (privacy=none: no DP)")
         require(
             self.target_epsilon is not None or self.noise_multiplier is not None,
             "privacy.target_epsilon",
