@@ -148,7 +148,13 @@ def run_preset(aggregation: str, run_dir: Path, extra: list[str]) -> dict:
         *extra,
     ]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    # Its own ledger store and registry: a benchmark never spends the project's dataset budgets.
+    own_stores = {
+        "AISEC_TRAIN_LEDGER_STORE": str(run_dir.with_name(run_dir.name + "-ledgers")),
+        "AISEC_TRAIN_REGISTRY": str(run_dir.with_name(run_dir.name + "-registry.json")),
+    }
+    env = {**own_stores, **os.environ, "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())

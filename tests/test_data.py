@@ -183,3 +183,28 @@ def test_keys_of_another_source_are_refused():
         check_source_keys(DatasetConfig(root="/x"))
     with pytest.raises(ConfigError, match="dataset.name='nope' is not allowed: choose one of"):
         check_source_keys(DatasetConfig(name="nope"))
+
+
+def test_image_folder_decodes_like_pil_and_names_an_unreadable_file(tmp_path):
+    """torchvision.io decodes PNG/JPEG straight to tensors; PIL (ImageFolder's own loader) covers BMP and TIFF.
+    Every format must give ImageFolder's PIL RGB pixels exactly, and a corrupt file is refused by name."""
+    from PIL import Image
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_dtype
+
+    from aisec_train.data.images import CheckedImageFolder
+
+    rng = np.random.default_rng(0)
+    pixels = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
+    for cls, (mode, ext) in enumerate([("RGB", "png"), ("L", "png"), ("P", "png"), ("RGBA", "png"),
+                                       ("RGB", "jpg"), ("RGB", "bmp"), ("RGB", "tiff")]):  # fmt: skip
+        (tmp_path / f"c{cls}").mkdir()
+        Image.fromarray(pixels).convert(mode).save(tmp_path / f"c{cls}" / f"x.{ext}")
+    folder = CheckedImageFolder(tmp_path, None)
+    for index, (path, _) in enumerate(folder.samples):
+        expected = to_dtype(pil_to_tensor(Image.open(path).convert("RGB")), torch.float32, scale=True)
+        assert torch.equal(folder[index][0], expected), path
+    (tmp_path / "c0" / "y_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 8)
+    folder = CheckedImageFolder(tmp_path, None)
+    broken = next(i for i, (p, _) in enumerate(folder.samples) if p.endswith("y_broken.png"))
+    with pytest.raises(DataError, match="y_broken.png is not a readable image"):
+        folder[broken]

@@ -32,6 +32,42 @@ class TinyResNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class _Block(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the shortcut (a strided 1x1 projection when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A three-stage ResNet with BatchNorm (widths w, 2w, 4w at strides 1, 2, 2), the kind of model a team brings
+    for 32x32 images: the open-model figure's own model (scripts/figures/open_model.py own_model)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.layer1 = _Block(width, width, 1)
+        self.layer2 = _Block(width, 2 * width, 2)
+        self.layer3 = _Block(2 * width, 4 * width, 2)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
 class NeedsDepth(nn.Module):
     """A constructor with a required argument the framework cannot supply (``depth``)."""
 

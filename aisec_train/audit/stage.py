@@ -201,7 +201,11 @@ def _guard_probes(run: Run, model: torch.nn.Module) -> None:
     run.report.check("deployment", evidence.GUARD, *evidence.guard(result, budget_refusal))
 
 
-MONITOR_TRAIN_SAMPLES = 10_000  # the baseline's training statistics come from at most this many inputs (seeded)
+# The monitor's baseline statistics come from at most this many training inputs (seeded) and held-out inputs:
+# enough for stable per-feature means and confidence quantiles, and a bound that keeps the stage's memory flat
+# however large the dataset is (they are held as tensors, unlike the streamed training data).
+MONITOR_TRAIN_SAMPLES = 5_000
+MONITOR_HELDOUT_SAMPLES = 2_000
 
 
 def _monitoring(run: Run, model: torch.nn.Module) -> None:
@@ -211,7 +215,7 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
     rows = np.random.default_rng(run.cfg.train.seed).permutation(n_train)[:MONITOR_TRAIN_SAMPLES]
     train_x, _ = materialize(subset(data.train, np.sort(rows)))
     mode = "all" if len(train_x) == n_train else "seeded_sample"  # the words of the data stage's sanity coverage
-    test_x, _ = materialize(data.test, limit=MONITOR_TRAIN_SAMPLES)
+    test_x, _ = materialize(data.test, limit=MONITOR_HELDOUT_SAMPLES)
     meta = {
         "target": run.factory.target if run.factory else None,
         "input_shape": list(data.input_shape),

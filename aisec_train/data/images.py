@@ -2,7 +2,7 @@
 
 ``DIR/train/<class>/*.png`` and ``DIR/test/<class>/*.png`` give both splits (the class folders must match);
 ``DIR/<class>/*.png`` alone gives one set that is split by ``dataset.test_fraction``. Images are decoded by
-torchvision (RGB, as ``ImageFolder`` does), scaled to float32 in [0, 1] and optionally resized
+PIL (RGB, as ``ImageFolder``'s own loader does), scaled to float32 in [0, 1] and optionally resized
 (``dataset.resize``); without a resize every image must have the size of the first one, and an odd one is
 refused naming its file, whenever it is read.
 """
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision import datasets
 from torchvision.transforms import v2
 
@@ -20,15 +22,22 @@ from aisec_train.data.errors import DataError
 from aisec_train.data.sources import SourceData
 
 
+def decode_rgb(path: str) -> torch.Tensor:
+    """ImageFolder's PIL loader (``convert("RGB")``) straight to float32 (C, H, W) in [0, 1], the same values as its
+    ``ToImage`` + ``ToDtype(scale=True)`` but without two v2 transform dispatches per image: on small images that
+    dispatch is a third of the streamed path's cost. (torchvision.io's decoder is faster still, but deprecated.)"""
+    with Image.open(path) as image:
+        pixels = np.array(image.convert("RGB"))
+    return torch.from_numpy(pixels).permute(2, 0, 1).to(torch.float32).mul_(1 / 255)
+
+
 class CheckedImageFolder(datasets.ImageFolder):
     """``ImageFolder`` returning float (C, H, W) in [0, 1] of one fixed size, with ``labels`` for cheap access."""
 
     def __init__(self, root: Path, size: tuple[int, int] | None):
-        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-        if size is not None:
-            steps.append(v2.Resize(list(size), antialias=True))
+        resize = v2.Resize(list(size), antialias=True) if size is not None else None
         try:
-            super().__init__(str(root), transform=v2.Compose(steps))
+            super().__init__(str(root), transform=resize, loader=decode_rgb)
         except (FileNotFoundError, OSError) as err:
             raise DataError(f"dataset.root: {root} is not an ImageFolder tree of class folders: {err}") from err
         self.labels = list(self.targets)

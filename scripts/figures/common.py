@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -12,11 +13,21 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "cpu"
 
 
+def own_stores(run_dir: Path) -> dict[str, str]:
+    """The environment for one figure run: its own ledger store and registry beside ``run_dir`` (unless the caller
+    chose them), so a figure never spends the project's dataset budgets and no run is refused for an earlier one's."""
+    return {
+        "AISEC_TRAIN_LEDGER_STORE": str(run_dir.with_name(run_dir.name + "-ledgers")),
+        "AISEC_TRAIN_REGISTRY": str(run_dir.with_name(run_dir.name + "-registry.json")),
+        **os.environ,
+    }
+
+
 def run_cli(args: list[str], run_dir: Path) -> tuple[dict, float]:
     """Run ``aisec-train ARGS hydra.run.dir=RUN_DIR``; return its report.json and the wall-clock seconds."""
     cmd = [sys.executable, "-m", "aisec_train", *args, f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=own_stores(run_dir))
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"aisec-train {' '.join(args)} failed:\n{proc.stderr[-2000:]}")

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO
+from common import REPO, own_stores
 
 DATA = REPO / "outputs" / "figure_data"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -67,7 +67,7 @@ def _tree_memory(root: int) -> int:
 def run_measured(args: list[str], run_dir: Path) -> tuple[dict, float, int]:
     """Run ``aisec-train ARGS hydra.run.dir=RUN_DIR``; return its report, wall seconds and peak tree PSS (bytes)."""
     cmd = [sys.executable, "-m", "aisec_train", *args, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**own_stores(run_dir), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, done = [0], threading.Event()
