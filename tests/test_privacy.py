@@ -6,13 +6,15 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.accountants import create_accountant
 
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, TrainConfig
-from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
+from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
 from aisec_train.train.loop import train
 
 CPU = torch.device("cpu")
@@ -49,6 +51,38 @@ def test_reported_epsilon_equals_opacus_accountant_for_same_history(accountant):
         reference.step(noise_multiplier=1.1, sample_rate=0.02)
     assert ledger.steps == 300
     assert ledger.epsilon() == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    history=st.lists(
+        st.tuples(
+            st.floats(0.3, 8.0),  # noise multiplier
+            st.sampled_from([0.004, 0.02, 0.25, 0.5, 1.0]),  # sample rate: 1/2 is where Opacus' series is slow
+            st.integers(1, 5_000),  # steps
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    delta=st.sampled_from([1e-5, 1e-3]),
+)
+def test_the_cached_rdp_epsilon_is_exactly_opacus_rdp_accountant(history, delta):
+    """The ledger computes each (noise, rate)'s one-step RDP once per process; the epsilon must stay the very
+    number Opacus' own RDPAccountant gives for the same history (also on a second, cached call)."""
+    ledger = PrivacyLedger("rdp", delta=delta)
+    ledger.accountant.history = list(history)
+    reference = create_accountant("rdp")
+    reference.history = list(history)
+    assert ledger.epsilon() == reference.get_epsilon(delta=delta)
+    assert ledger.epsilon() == reference.get_epsilon(delta=delta)
+
+
+def test_calibrated_noise_is_opacus_calibration():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    expected = get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.05, epochs=4, accountant="rdp")
+    assert calibrated_noise(3.0, 1e-5, 0.05, 4, "rdp") == expected
+    assert calibrated_noise(3.0, 1e-5, 0.05, 4, "rdp") == expected  # remembered
 
 
 def test_steps_within_is_the_last_step_under_the_target():

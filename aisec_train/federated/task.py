@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,7 +36,7 @@ from aisec_train.federated.partition import Partition, client_partition, partiti
 from aisec_train.models.factory import ModelFactory
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
-from aisec_train.train.ledger import BudgetExhausted
+from aisec_train.train.ledger import BudgetExhausted, calibrated_noise
 from aisec_train.train.loop import accuracy, resolve_device, sgd, train
 from aisec_train.train.objectives import objective_from_config
 
@@ -190,12 +189,8 @@ def _calibrated_ledger(cfg: Config, n: int) -> dict[str, Any]:
     """A fresh ledger whose noise spreads the client's target epsilon over all its rounds x local epochs."""
     fed, priv = cfg.federated, cfg.privacy
     sample_rate = 1.0 / math.ceil(n / fed.batch_size)
-    noise = priv.noise_multiplier or get_noise_multiplier(
-        target_epsilon=priv.target_epsilon,
-        target_delta=priv.delta,
-        sample_rate=sample_rate,
-        epochs=fed.rounds * fed.local_epochs,
-        accountant=priv.accountant.value,
+    noise = priv.noise_multiplier or calibrated_noise(
+        priv.target_epsilon, priv.delta, sample_rate, fed.rounds * fed.local_epochs, priv.accountant.value
     )
     return {
         "accountant": priv.accountant.value,

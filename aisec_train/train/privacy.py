@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from opacus.accountants.utils import get_noise_multiplier
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader
 from aisec_train.train.bk import bk_report
 from aisec_train.train.bk_engine import BKPrivacyEngine
 from aisec_train.train.config import PrivacyConfig
-from aisec_train.train.ledger import PrivacyLedger
+from aisec_train.train.ledger import PrivacyLedger, calibrated_noise
 
 # The broken-DP drill's seam (tests/test_privacy_audit_drill.py): a test sets it to scale the noise the optimizer
 # adds while the ledger still charges the configured noise, to show the one-run audit catches a broken mechanism.
@@ -69,12 +68,8 @@ def make_private(
     """
     sample_rate = 1.0 / len(loader)
     if ledger.noise_multiplier is None:
-        ledger.noise_multiplier = cfg.noise_multiplier or get_noise_multiplier(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.delta,
-            sample_rate=sample_rate,
-            epochs=epochs,
-            accountant=cfg.accountant.value,
+        ledger.noise_multiplier = cfg.noise_multiplier or calibrated_noise(
+            cfg.target_epsilon, cfg.delta, sample_rate, epochs, cfg.accountant.value
         )
     ledger.sample_rate = sample_rate
     # BKPrivacyEngine is Opacus' PrivacyEngine plus the one-backward "bk" mode (train/bk_engine.py): the loader,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "cpu"
@@ -39,3 +40,30 @@ def write(name: str, result: dict, out: Path | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
     return path
+
+
+class Progress:
+    """The finished pieces of a long figure, one JSON line each in ``OUT.progress.jsonl`` beside its output. A
+    re-run with the same ``context`` (seeds aside: quick or not, sample counts) keeps them instead of measuring them
+    again, so a figure that takes hours on 2 cores can be measured across several sittings."""
+
+    def __init__(self, out: Path, **context: Any):
+        self.path, self.context = out.with_suffix(".progress.jsonl"), context
+        self.done: dict[str, Any] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry["context"] == context:
+                    self.done[entry["key"]] = entry["value"]
+
+    def get(self, key: str) -> Any:
+        if key in self.done:
+            print(f"{key}: kept from {self.path.name}", file=sys.stderr)
+        return self.done.get(key)
+
+    def add(self, key: str, value: Any) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as stream:
+            stream.write(json.dumps({"key": key, "context": self.context, "value": value}) + "\n")
+        self.done[key] = value
+        return value

@@ -27,7 +27,11 @@ register in a throwaway registry: the figure never charges the project's digits 
     .venv/bin/python scripts/figures/robust_eval.py [--seeds 0 1 2] [--quick] [--trades-dp-mode hooks|bk] [--out FILE]
 
 Writes ``benchmarks/results/cpu/robust_eval.json`` (``--quick``: ``benchmarks/results/cpu-quick/``) and
-markdown tables on stdout. ``--quick`` (2 epochs, 60 samples, 10-step AutoAttack, smoke default job) checks the
+markdown tables on stdout. Each finished model (with its torchattacks comparison) and each default-job run is also
+appended to ``robust_eval.progress.jsonl`` beside it (``common.Progress``); a re-run keeps those instead of measuring
+them again, so the figure can be measured across sittings (``"seconds"`` then counts only the last one). Time each
+sitting on an otherwise idle machine: the AutoAttack and default-job timings are wall-clock figures.
+``--quick`` (2 epochs, 60 samples, 10-step AutoAttack, smoke default job) checks the
 script, not the claims.
 """
 
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import REPO, RESULTS, run_cli, write
+from common import REPO, RESULTS, Progress, run_cli, write
 
 import aisec_train
 from aisec_train.audit.monitor import load_run
@@ -131,11 +135,18 @@ def evaluate_suites(model, x, y, eps: float, seed: int, quick: bool) -> dict[str
     return out
 
 
-def model_rows(seeds: list[int], tmp: Path, quick: bool, samples: int, compare_budget) -> tuple[list, list]:
+def model_rows(
+    seeds: list[int], tmp: Path, quick: bool, samples: int, compare_budget, progress: Progress
+) -> tuple[list, list]:
     bench = _bench()
     rows, versus = [], []
     for seed in seeds:
         for case in CASES:
+            kept = progress.get(f"model {case} {seed}")
+            if kept is not None:
+                rows.append(kept["row"])
+                versus += kept["versus"]
+                continue
             overrides, run_dir, report = train_case(case, seed, tmp, quick, samples)
             _, model = load_run(run_dir)
             x, y = held_out(overrides, samples)
@@ -163,15 +174,18 @@ def model_rows(seeds: list[int], tmp: Path, quick: bool, samples: int, compare_b
                 }
             )
             print(f"seed {seed} {case}: " + _brief(rows[-1]), file=sys.stderr)
+            compared = []
             if seed == seeds[0] and case in COMPARED:
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)  # as benchmarks/autoattack.py: tiny ops, extra threads only synchronise
                 try:
-                    versus += bench.compare(
+                    compared = bench.compare(
                         model, x, y, eps, budgets=[compare_budget], name=case, reference_suites=False
                     )
                 finally:
                     torch.set_num_threads(threads)
+            versus += compared
+            progress.add(f"model {case} {seed}", {"row": rows[-1], "versus": compared})
     return rows, versus
 
 
@@ -222,16 +236,20 @@ def stage_costs(report: dict) -> dict[str, Any]:
     }
 
 
-def default_job(seeds: list[int], tmp: Path, quick: bool) -> dict:
+def default_job(seeds: list[int], tmp: Path, quick: bool, progress: Progress) -> dict:
     """``aisec-train robustness.eval=apgd`` vs ``=pgd``, same seeds, interleaved; whole-process wall time."""
     rows = []
     for i, seed in enumerate(seeds):
         for suite in ("apgd", "pgd") if i % 2 == 0 else ("pgd", "apgd"):
             name = f"job-{suite}-{seed}"
+            kept = progress.get(name)
+            if kept is not None:
+                rows.append(kept)
+                continue
             args = [f"train.seed={seed}", f"robustness.eval={suite}", own_ledger(tmp, name)]
             args += ["experiment=smoke", "audit=off"] if quick else []
             report, seconds = run_cli(args, tmp / name)
-            rows.append({"suite": suite, "seed": seed, "seconds": seconds, **stage_costs(report)})
+            rows.append(progress.add(name, {"suite": suite, "seed": seed, "seconds": seconds, **stage_costs(report)}))
             print(f"default job {suite} seed {seed}: {seconds:.1f} s", file=sys.stderr)
 
     def mean(suite: str, key: str) -> float:
@@ -345,12 +363,14 @@ def main() -> None:
     seeds = args.seeds[:1] if args.quick else args.seeds
     samples = 60 if args.quick else 0  # 0: the whole held-out split (digits: 360)
     budget = bench.QUICK_BUDGET if args.quick else bench.STANDARD_BUDGET
+    out = args.out or (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "robust_eval.json"
+    progress = Progress(out, quick=args.quick, samples=samples, trades_dp_mode=args.trades_dp_mode)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="robust_eval-") as folder:
         tmp = Path(folder)
         isolate(tmp)
-        rows, versus = model_rows(seeds, tmp, args.quick, samples, budget)
-        job = default_job(seeds, tmp, args.quick)
+        rows, versus = model_rows(seeds, tmp, args.quick, samples, budget, progress)
+        job = default_job(seeds, tmp, args.quick, progress)
     result = {
         "figure": "robust_eval",
         "device": "cpu",
@@ -364,8 +384,7 @@ def main() -> None:
     }
     result["summary"] = summarise(rows, versus)
     print(tables(result))
-    default = (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "robust_eval.json"
-    path = write("robust_eval", result, args.out or default)
+    path = write("robust_eval", result, out)
     print(f"\nwrote {path} ({result['seconds']:.0f} s)")
 
 
