@@ -137,3 +137,18 @@ def test_autoattack_comparison_runs_on_any_model(robust_eval):
     assert [r["impl"] for r in rows] == ["torchattacks", "ours"]
     assert all(r["clean_accuracy"] == 1.0 and 0 <= r["robust_accuracy"] <= 1 for r in rows)
     assert {"after_apgd-ce", "after_apgd-t", "after_fab-t", "after_square"} <= set(rows[1])
+
+
+def test_long_figures_resume_only_pieces_measured_in_the_same_context(tmp_path, robust_eval):
+    """robust_eval's progress file: a re-run keeps what was measured with the same settings and nothing else."""
+    progress_type = robust_eval.Progress
+    out = tmp_path / "robust_eval.json"
+    first = progress_type(out, quick=False, samples=0)
+    assert first.get("model pgd_at 0") is None
+    first.add("model pgd_at 0", {"row": {"clean_accuracy": 0.9}, "versus": []})
+    first.add("job-apgd-0", {"seconds": 70.0})
+    again = progress_type(out, quick=False, samples=0)
+    assert again.get("model pgd_at 0") == {"row": {"clean_accuracy": 0.9}, "versus": []}
+    assert again.get("job-apgd-0") == {"seconds": 70.0}
+    assert progress_type(out, quick=True, samples=0).get("model pgd_at 0") is None  # other settings: re-measured
+    assert progress_type(out, quick=False, samples=60).get("job-apgd-0") is None
