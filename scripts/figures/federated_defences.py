@@ -23,7 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import write
+from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
 DEFENCES = ("fedavg", "median", "trimmed_mean", "krum", "norm_bound", "norm_bound_ckks", "norm_bound_ckks_skip")
@@ -68,12 +68,20 @@ def main() -> None:
         "federated.local_epochs=2", "federated.fraction_train=1.0", "federated.max_update_norm=1e6",
         "federated.ray_num_cpus=2", "audit=off", "robustness.evaluate=false",
     ]  # fmt: skip
+    name = "federated_defences_quick" if args.quick else "federated_defences"
+    out = args.out or RESULTS / f"{name}.json"
+    progress = Progress(out, n=n, rounds=rounds, clients=args.clients)  # finished jobs are kept: a re-run resumes
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fraction in fractions:
             k = max(1, round(fraction * args.clients))
             bound = None
             for defence in DEFENCES:
+                kept = progress.get(f"{k}_{defence}")
+                if kept is not None:
+                    rows.append(kept["row"])
+                    bound = kept["bound"]
+                    continue
                 cmd = [*base, f"backdoor.malicious_clients={k}", *_args(defence, k, bound)]
                 report, seconds, _ = run_measured(cmd, Path(tmp) / f"{k}_{defence}")
                 if defence == "fedavg":
@@ -86,6 +94,7 @@ def main() -> None:
                     "verifiable_by_server": report["federated"]["defence"]["verifiable_by_server"],
                     "wall_seconds": round(seconds, 1),
                 })  # fmt: skip
+                progress.add(f"{k}_{defence}", {"row": rows[-1], "bound": bound})
     print(markdown(rows, ["malicious_fraction", "defence", "asr", "clean_accuracy", "norm_bound",
                           "verifiable_by_server"]))  # fmt: skip
     result = {
@@ -98,7 +107,7 @@ def main() -> None:
         ],
         "ratios": {f"asr_{r['defence']}@{r['malicious_fraction']}": r["asr"] for r in rows},
     }
-    print("wrote", write("federated_defences_quick" if args.quick else "federated_defences", result, args.out))
+    print("wrote", write(name, result, out))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from common import write
+from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
 LEVELS = {
@@ -66,11 +66,19 @@ def main() -> None:
     rounds = args.rounds or (1 if args.quick else 5)
     clients = args.clients or ([20] if args.quick else [20, 100])
     data = glyph_digits(n)
+    name = "federated_dp_quick" if args.quick else "federated_dp"
+    out = args.out or RESULTS / f"{name}.json"
+    progress = Progress(out, n=n, rounds=rounds)  # each finished job is kept: a stopped figure resumes
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for k in clients:
             for level, overrides in LEVELS.items():
                 for agg in ("plaintext", "ckks"):
+                    key = f"{k}_{level}_{agg}"
+                    row = progress.get(key)
+                    if row is not None:
+                        rows.append(row)
+                        continue
                     cmd = [
                         "federated=fedavg_he", "dataset=npz", f"dataset.path={data}", f"federated.clients={k}",
                         f"federated.aggregation={agg}", f"federated.rounds={rounds}", "federated.local_epochs=2",
@@ -78,8 +86,8 @@ def main() -> None:
                         "federated.lr=0.1", "federated.ray_num_cpus=2", "audit=off", "robustness.evaluate=false",
                         *overrides,
                     ]  # fmt: skip
-                    report, seconds, peak = run_measured(cmd, Path(tmp) / f"{k}_{level}_{agg}")
-                    rows.append(_row(report, k, level, agg, seconds, peak))
+                    report, seconds, peak = run_measured(cmd, Path(tmp) / key)
+                    rows.append(progress.add(key, _row(report, k, level, agg, seconds, peak)))
     gaps = {}
     for k in clients:
         for level in LEVELS:
@@ -99,7 +107,7 @@ def main() -> None:
         "ratios": gaps,
         "goals": {"abs_ckks_minus_plaintext_max": 0.01},
     }
-    print("wrote", write("federated_dp_quick" if args.quick else "federated_dp", result, args.out))
+    print("wrote", write(name, result, out))
 
 
 if __name__ == "__main__":

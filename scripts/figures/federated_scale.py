@@ -22,7 +22,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import write
+from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
 DP = {
@@ -74,15 +74,22 @@ def main() -> None:
         "experiment=federated_scale", "dataset=npz", f"dataset.path={data}", f"federated.rounds={rounds}",
         "federated.ray_num_cpus=2", "federated.client_cpus=1", "audit=off", "robustness.evaluate=false",
     ]  # fmt: skip
+    name = "federated_scale_quick" if args.quick else "federated_scale"
+    out = args.out or RESULTS / f"{name}.json"
+    progress = Progress(out, n=n, rounds=rounds)  # each finished job is kept: a stopped figure resumes
     rows = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for level in args.dp or (["none"] if args.quick else ["none", "client"]):
             for n_clients in args.clients:
                 for agg in ("ckks", "plaintext") if args.plaintext else ("ckks",):
-                    cmd = [*base, *DP[level], f"federated.aggregation={agg}", f"federated.clients={n_clients}"]
-                    report, seconds, peak = run_measured(cmd, Path(tmp) / f"{level}_{agg}_{n_clients}")
-                    rows.append({"dp": level, **case(report, seconds, peak)})
+                    key = f"{level}_{agg}_{n_clients}"
+                    row = progress.get(key)
+                    if row is None:
+                        cmd = [*base, *DP[level], f"federated.aggregation={agg}", f"federated.clients={n_clients}"]
+                        report, seconds, peak = run_measured(cmd, Path(tmp) / key)
+                        row = progress.add(key, {"dp": level, **case(report, seconds, peak)})
+                    rows.append(row)
     keys = ["dp", "aggregation", "clients", "fraction_train", "rounds", "first_round_s", "round_s_median",
             "peak_pss_mib", "bytes_per_param", "clean_accuracy", "epsilon"]  # fmt: skip
     print(markdown(rows, keys))
@@ -99,7 +106,7 @@ def main() -> None:
         "ratios": {"bytes_per_param": rows[0]["bytes_per_param"], "peak_pss_mib": rows[0]["peak_pss_mib"]},
         "goals": {"bytes_per_param_max": 40},
     }
-    print("wrote", write("federated_scale_quick" if args.quick else "federated_scale", result, args.out))
+    print("wrote", write(name, result, out))
 
 
 if __name__ == "__main__":
