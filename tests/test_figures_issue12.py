@@ -152,3 +152,19 @@ def test_long_figures_resume_only_pieces_measured_in_the_same_context(tmp_path, 
     assert again.get("job-apgd-0") == {"seconds": 70.0}
     assert progress_type(out, quick=True, samples=0).get("model pgd_at 0") is None  # other settings: re-measured
     assert progress_type(out, quick=False, samples=60).get("job-apgd-0") is None
+
+
+def test_default_job_verdict_gives_the_paired_accuracy_interval():
+    """The default-job figure (issues 10 and 13) judges accuracy on seed means and brackets the paired change."""
+    verdict = _load("open_model").default_job_verdict
+    rows = [
+        {"impl": impl, "seed": seed, "seconds": 10.0, "clean_accuracy": acc}
+        for seed, (base, now) in enumerate([(0.90, 0.91), (0.92, 0.90), (0.91, 0.91), (0.93, 0.92)])
+        for impl, acc in (("baseline", base), ("now", now))
+    ]
+    result = verdict(rows)
+    low, high = result["accuracy_change_ci95"]
+    assert result["ratios"]["accuracy_change"] == pytest.approx(-0.005)
+    assert low < -0.005 < high
+    assert high - low == pytest.approx(2 * 3.182446 * 0.006455, abs=2e-4)  # 2 t(0.975, df 3) sem, rounded
+    assert verdict(rows[:2])["accuracy_change_ci95"] is None  # one seed: no interval

@@ -6,6 +6,7 @@ composition, and the default job against the code before the open-model work.
     .venv/bin/python scripts/figures/open_model.py own_model    # user ResNet (BatchNorm), 32x32 RGB folder, all stages
     .venv/bin/python scripts/figures/open_model.py composition  # federated (+pgd_at, + malicious clients)
     .venv/bin/python scripts/figures/open_model.py default_job --baseline-ref 37279ef   # wall time and accuracy
+    .venv/bin/python scripts/figures/open_model.py default_job --seeds 10 --out DIR/default_job_10_seeds.json
 
 Each writes benchmarks/results/cpu/open_model_<name>.json and prints a markdown table. Peak RSS is the
 child's ``ru_maxrss`` (resource.getrusage), read in a fresh wrapper process per measurement.
@@ -23,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, run_cli, write
+from common import REPO, RESULTS, Progress, run_cli, write
 
 PEAK = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -288,8 +289,10 @@ def composition(tmp: Path, quick: bool) -> dict:
     return out
 
 
-def default_job(tmp: Path, quick: bool, baseline_ref: str) -> dict:
-    """`aisec-train` today vs the same command at ``baseline_ref`` (a git worktree), same machine, interleaved."""
+def default_job(tmp: Path, quick: bool, baseline_ref: str, seeds: int, out: Path) -> dict:
+    """`aisec-train` today vs the same command at ``baseline_ref`` (a git worktree), same machine, interleaved
+    seed by seed. Each finished run is kept in ``OUT.progress.jsonl``, so a 10-seed comparison can span sittings."""
+    progress = Progress(out, baseline_ref=baseline_ref, quick=quick)
     base = tmp / "baseline"
     subprocess.run(
         ["git", "worktree", "add", "--detach", str(base), baseline_ref], cwd=REPO, check=True, capture_output=True
@@ -300,40 +303,44 @@ def default_job(tmp: Path, quick: bool, baseline_ref: str) -> dict:
     (base / "aisec_kernels").symlink_to(base / "kernels", target_is_directory=True)
     rows = []
     try:
-        for seed in (0,) if quick else (0, 1, 2):
+        for seed in range(1 if quick else seeds):
             for impl, cwd in (("baseline", base), ("now", REPO)):
-                env = {
-                    **os.environ,
-                    "PYTHONPATH": str(cwd),
-                    "AISEC_TRAIN_REGISTRY": str(tmp / f"reg-{impl}.json"),
-                    "AISEC_TRAIN_LEDGER_STORE": str(tmp / f"ledger-{impl}-{seed}"),
-                }
-                run_dir = tmp / f"{impl}-{seed}"
-                cmd = [sys.executable, "-m", "aisec_train", f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
-                started = time.perf_counter()
-                proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-                seconds = time.perf_counter() - started
-                if proc.returncode != 0:
-                    raise SystemExit(f"{impl} failed:\n{proc.stderr[-2000:]}")
-                report = json.loads((run_dir / "report.json").read_text())
-                rows.append(
-                    {
-                        "impl": impl,
-                        "seed": seed,
-                        "seconds": round(seconds, 1),
-                        "clean_accuracy": report["metrics"]["clean_accuracy"],
-                        "epsilon": report["privacy"]["epsilon"],
-                    }
-                )
+                row = progress.get(f"{impl}_{seed}") or progress.add(f"{impl}_{seed}", _job(tmp, impl, cwd, seed))
+                rows.append(row)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=REPO, capture_output=True)
 
     return {"baseline_ref": baseline_ref, "rows": rows, **default_job_verdict(rows)}
 
 
+def _job(tmp: Path, impl: str, cwd: Path, seed: int) -> dict:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(cwd),
+        "AISEC_TRAIN_REGISTRY": str(tmp / f"reg-{impl}.json"),
+        "AISEC_TRAIN_LEDGER_STORE": str(tmp / f"ledger-{impl}-{seed}"),
+    }
+    run_dir = tmp / f"{impl}-{seed}"
+    cmd = [sys.executable, "-m", "aisec_train", f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} failed:\n{proc.stderr[-2000:]}")
+    report = json.loads((run_dir / "report.json").read_text())
+    return {
+        "impl": impl,
+        "seed": seed,
+        "seconds": round(seconds, 1),
+        "clean_accuracy": report["metrics"]["clean_accuracy"],
+        "epsilon": report["privacy"]["epsilon"],
+    }
+
+
 def default_job_verdict(rows: list[dict]) -> dict:
     """The issue's goal, "within 10% of today's wall time and accuracy": both ratios of the seed means, now over
-    the baseline, within 10% (the accuracy change in points is reported beside it)."""
+    the baseline, within 10%. Beside it, the accuracy change in points with a 95% confidence interval over the
+    paired seeds (Student's t from scipy.stats): one seed's 360 held-out images alone carry ~1.5 points of noise."""
 
     def mean(impl: str, key: str) -> float:
         values = [r[key] for r in rows if r["impl"] == impl]
@@ -345,7 +352,28 @@ def default_job_verdict(rows: list[dict]) -> dict:
         "accuracy_change": round(mean("now", "clean_accuracy") - mean("baseline", "clean_accuracy"), 4),
     }
     met = ratios["now_over_baseline_seconds"] <= 1.10 and ratios["now_over_baseline_accuracy"] >= 0.90
-    return {"ratios": ratios, "goal": "now/baseline: seconds <= 1.10 and accuracy >= 0.90 (seed means)", "met": met}
+    return {
+        "ratios": ratios,
+        "accuracy_change_ci95": _paired_ci(rows),
+        "goal": "now/baseline: seconds <= 1.10 and accuracy >= 0.90 (seed means)",
+        "met": met,
+    }
+
+
+def _paired_ci(rows: list[dict]) -> list[float] | None:
+    from scipy import stats
+
+    by_seed = {}
+    for r in rows:
+        by_seed.setdefault(r["seed"], {})[r["impl"]] = r["clean_accuracy"]
+    diffs = [d["now"] - d["baseline"] for d in by_seed.values() if len(d) == 2]
+    if len(diffs) < 2:
+        return None
+    mean, sem = statistics.fmean(diffs), stats.sem(diffs)
+    if sem == 0:
+        return [round(mean, 4), round(mean, 4)]
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=mean, scale=sem)
+    return [round(float(low), 4), round(float(high), 4)]
 
 
 def main() -> None:
@@ -353,6 +381,7 @@ def main() -> None:
     parser.add_argument("figure", choices=["memory", "throughput", "own_model", "composition", "default_job"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--baseline-ref", default="37279ef")
+    parser.add_argument("--seeds", type=int, default=3, help="default_job: seeds 0..N-1 for both versions")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -360,7 +389,8 @@ def main() -> None:
         os.environ.setdefault("AISEC_TRAIN_REGISTRY", str(Path(tmp) / "registry.json"))
         os.environ.setdefault("AISEC_TRAIN_LEDGER_STORE", str(Path(tmp) / "ledgers"))
         if args.figure == "default_job":
-            result = default_job(Path(tmp), args.quick, args.baseline_ref)
+            out = args.out or RESULTS / "open_model_default_job.json"
+            result = default_job(Path(tmp), args.quick, args.baseline_ref, args.seeds, out)
         else:
             result = globals()[args.figure](Path(tmp), args.quick)
     result = {"figure": args.figure, "cpus": os.cpu_count(), "quick": args.quick, **result}
