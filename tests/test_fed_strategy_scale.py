@@ -72,6 +72,29 @@ def test_poisson_sampling_charges_every_round_to_a_persisted_ledger_and_stops_at
     assert ClientLedger(tmp_path, plan).ledger.steps == 3  # nothing charged for a round that did not start
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_seed_samples_the_same_partitions_whatever_ids_flower_gives_the_nodes(tmp_path, dp):
+    """Flower draws random node ids in every run; the server samples over partition ids (learnt by
+    ``partition_map``), so the same seed trains and evaluates the same clients."""
+    plan = make_plan(_fed("federated.clients=20", "federated.fraction_train=0.25")) if dp else None
+    picked = []
+    for trial in range(2):
+        grid = Nodes(20)
+        grid.ids = [int(i) for i in np.random.default_rng(trial).choice(2**62, 20, replace=False)]
+        s = SecureFedAvg(aggregation="plaintext", min_clients=1, max_update_norm=5.0, state_dir=tmp_path / str(trial),
+                         fraction_train=0.25, fraction_evaluate=0.5, seed=3, dp=plan)  # fmt: skip
+        s.partitions = {node: pid for pid, node in enumerate(grid.ids)}
+        draws = []
+        for rnd in (1, 2):
+            train = s.configure_train(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), grid)
+            evaluate = s.configure_evaluate(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), grid)
+            draws.append([sorted(s.partitions[m.metadata.dst_node_id] for m in ms) for ms in (train, evaluate)])
+        picked.append(draws)
+    assert picked[0] == picked[1]
+    assert picked[0][0] != picked[0][1]  # a new draw every round
+    assert all(len(evaluated) == 10 for _, evaluated in picked[0])
+
+
 def test_fixed_size_sampling_is_seeded_and_respects_the_quorum(tmp_path):
     def sample(seed: int, rnd: int, fraction: float, quorum: int) -> list[int]:
         s = SecureFedAvg(aggregation="plaintext", min_clients=quorum, max_update_norm=5.0, state_dir=tmp_path,
@@ -189,6 +212,25 @@ def test_plaintext_defences_resist_a_boosted_update_where_fedavg_does_not(tmp_pa
     robust = step({"name": name, "num_malicious": 1, **extra})
     assert robust.mean() > -0.2, robust
     assert load_state(tmp_path / name)["history"][-1]["update_norms"]["9"] == pytest.approx(32.0)
+
+
+@pytest.mark.parametrize("defence", ["fedavg", "trimmed_mean"])
+def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path, defence):
+    """Ray delivers replies in whatever order clients finish; float sums depend on their order, so the server
+    aggregates in client order and a plaintext run is replayable from its seed."""
+    rng = np.random.default_rng(5)
+    updates = [rng.normal(0, 1, P).astype(np.float32) * 10.0 ** rng.integers(-3, 3) for _ in range(12)]
+
+    def aggregate(order: list[int], name: str) -> np.ndarray:
+        s = SecureFedAvg(aggregation="plaintext", min_clients=2, max_update_norm=1e6, state_dir=tmp_path / name,
+                         defence={"name": defence, "num_malicious": 1, "trim_fraction": 0.1})  # fmt: skip
+        msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(12)))
+        replies = [_reply(msgs[i], i, ArrayRecord(unflatten(updates[i], TEMPLATE)), 3 + i) for i in order]
+        return flatten(s.aggregate_train(1, replies)[0].to_torch_state_dict())
+
+    forward = aggregate(list(range(12)), "a")
+    for k, order in enumerate([list(range(11, -1, -1)), [int(i) for i in rng.permutation(12)]]):
+        assert np.array_equal(aggregate(order, f"b{k}"), forward)
 
 
 def test_a_defence_that_cannot_tolerate_its_attackers_fails_the_round_not_the_server(tmp_path):

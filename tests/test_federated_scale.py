@@ -12,6 +12,7 @@ import stat
 import numpy as np
 import pytest
 
+from aisec_train.federated.client_dp import poisson_sample
 from aisec_train.federated.partition import load_client_indices
 from tests.conftest import read_report, run_cli
 
@@ -55,6 +56,8 @@ def test_hundred_clients_sampled_per_round_with_their_partition_recorded(scale_r
     assert fed["sampling"]["sampler"].startswith("poisson") and all(1 <= c <= 25 for c in cohorts)
     for row, cohort in zip(fed["per_round"], cohorts, strict=True):
         assert len(row["upload_bytes_per_client"]) == len(row["accepted"]) <= cohort
+        # the seeded Poisson draw over partition ids (not over Flower's random node ids): replayable by seed
+        assert row["accepted"] == poisson_sample(range(100), 0.1, np.random.default_rng([0, row["round"]]))
         assert all(b / fed["num_params"] <= 40 for b in row["upload_bytes_per_client"].values())
         assert row["evaluated_clients"] == 10  # fraction_evaluate 0.1
     assert fed["bytes_per_param"] <= 40 and fed["local_objective"] == "pgd_at"

@@ -77,6 +77,25 @@ def test_the_cached_rdp_epsilon_is_exactly_opacus_rdp_accountant(history, delta)
     assert ledger.epsilon() == reference.get_epsilon(delta=delta)
 
 
+@settings(max_examples=6, deadline=None)
+@given(
+    history=st.lists(
+        st.tuples(st.floats(0.5, 4.0), st.sampled_from([0.01, 0.05, 0.36]), st.integers(1, 3_000)),
+        min_size=1,
+        max_size=2,
+    ),
+    delta=st.sampled_from([1e-5, 1e-3]),
+)
+def test_the_cached_prv_epsilon_is_exactly_opacus_prv_accountant(history, delta):
+    """The PRV epsilon's safe domain is bounded from the cached one-step RDP; the epsilon must be the very number
+    Opacus' own PRVAccountant gives (the domain decides the discretisation, so any difference would show)."""
+    ledger = PrivacyLedger("prv", delta=delta)
+    ledger.accountant.history = list(history)
+    reference = create_accountant("prv")
+    reference.history = list(history)
+    assert ledger.epsilon() == reference.get_epsilon(delta=delta)
+
+
 def test_calibrated_noise_is_opacus_calibration():
     from opacus.accountants.utils import get_noise_multiplier
 

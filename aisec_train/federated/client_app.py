@@ -112,6 +112,12 @@ def make_app(settings: ClientSettings | None = None, task: FederatedTask | None 
         metrics["upload-bytes"] = sum(len(a.data) for a in arrays.values())
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
+    @app.query()
+    def partition(msg: Message, context: Context) -> Message:
+        # The server samples partitions, not Flower's random node ids, so a seeded run picks the same clients.
+        metrics = MetricRecord({"partition-id": int(context.node_config["partition-id"])})
+        return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         # 1. Decrypt the aggregate (CKKS) and 2. measure it on this node's test shard.

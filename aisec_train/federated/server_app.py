@@ -15,7 +15,13 @@ from flwr.serverapp import Grid, ServerApp
 from aisec_train.federated.client_level import make_plan
 from aisec_train.federated.config import Aggregation, FederatedDP, dp_level
 from aisec_train.federated.settings import ServerSettings
-from aisec_train.federated.strategy import SecureFedAvg, load_state, state_to_record, wait_for_nodes
+from aisec_train.federated.strategy import (
+    SecureFedAvg,
+    load_state,
+    partition_map,
+    state_to_record,
+    wait_for_nodes,
+)
 from aisec_train.federated.task import FederatedTask, load_job
 from aisec_train.train.config import PrivacyMode
 
@@ -60,8 +66,10 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
             round_offset=done,
             history=state["history"] if state else None,
         )
-        # 4. Wait for the whole federation (a SuperNode may connect late), then run the remaining rounds.
+        # 4. Wait for the whole federation (a SuperNode may connect late), learn which partition each node serves
+        #    (Flower's node ids are random per run; the seeded sampler draws partitions), run the remaining rounds.
         wait_for_nodes(grid, fed.clients, fed.round_timeout_s)
+        strategy.partitions = partition_map(grid, fed.round_timeout_s)
         strategy.start(
             grid=grid,
             initial_arrays=arrays,

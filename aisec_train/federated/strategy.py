@@ -100,6 +100,17 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout_s: float, poll_s: float = 1.
     return connected
 
 
+def partition_map(grid: Grid, timeout_s: float) -> dict[int, int]:
+    """node id -> partition id, asked once of every connected node (one QUERY message each).
+
+    Flower gives nodes random ids in every run (simulation and deployment alike), so a seeded draw over sorted
+    node ids would pick different clients each time; the strategy samples over partition ids instead.
+    """
+    messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in grid.get_node_ids()]
+    replies = grid.send_and_receive(messages, timeout=timeout_s)
+    return {m.metadata.src_node_id: _partition_id(m) for m in replies if not m.has_error()}
+
+
 class SecureFedAvg(FedAvg):
     """FedAvg over a sampled cohort; ``ckks`` adds ciphertexts only, ``plaintext`` checks each update first."""
 
@@ -144,11 +155,12 @@ class SecureFedAvg(FedAvg):
         self._global: ArrayRecord | None = None
         self._sampled: dict[int, int] = {}  # round -> number of clients asked
         self._started: dict[int, float] = {}  # round -> when its training messages were configured
+        self.partitions: dict[int, int] = {}  # node id -> partition id (partition_map), for reproducible samples
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         rnd = server_round + self.round_offset
         self._global, self._started[rnd] = arrays, time.perf_counter()
-        nodes = sorted(grid.get_node_ids())
+        nodes = self._ordered_nodes(grid)
         rng = np.random.default_rng([self.seed, rnd])  # the sample is data-independent and reproducible
         if self.ledger is not None:
             if not self.ledger.fits_one_more():
@@ -167,8 +179,23 @@ class SecureFedAvg(FedAvg):
         return self._construct_messages(record, chosen, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        """Flower's FedAvg draws evaluators with ``random.sample``; here a seeded draw over partitions."""
         rnd = server_round + self.round_offset
-        return super().configure_evaluate(rnd, arrays, ConfigRecord({**config, "server-round": rnd}), grid)
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._ordered_nodes(grid)
+        size = min(len(nodes), max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes))
+        rng = np.random.default_rng([self.seed, rnd, 1])
+        chosen = [nodes[i] for i in sorted(rng.choice(len(nodes), size, replace=False))]
+        config = ConfigRecord({**config, "server-round": rnd})
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(record, chosen, MessageType.EVALUATE)
+
+    def _ordered_nodes(self, grid: Grid) -> list[int]:
+        """Connected nodes in partition order (nodes that did not say theirs last, by id): the seeded draws pick
+        positions in this list, so a run with the same seed trains and evaluates the same clients."""
+        known = self.partitions
+        return sorted(grid.get_node_ids(), key=lambda n: (known.get(n, len(known) + n), n))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -176,7 +203,8 @@ class SecureFedAvg(FedAvg):
         # 1. Who answered: missing replies are clients that crashed or passed the round timeout.
         rnd = server_round + self.round_offset
         replies = list(replies)
-        answered = [m for m in replies if not m.has_error()]
+        # In client order, not arrival order: float sums depend on their order, and a run is replayable by its seed.
+        answered = sorted((m for m in replies if not m.has_error()), key=_partition_id)
         row: dict[str, Any] = {"round": rnd, "sampled": self._sampled.get(rnd, len(replies))}
         row["dropped"] = row["sampled"] - len(answered)
         row["errors"] = [_reason(m.error.reason) for m in replies if m.has_error()]
@@ -320,3 +348,7 @@ def _reason(text: str) -> str:
 
 def _client_row(metrics: MetricRecord) -> dict[str, Any]:
     return {k.replace("-", "_"): metrics[k] for k in CLIENT_KEYS if k in metrics}
+
+
+def _partition_id(msg: Message) -> int:
+    return int(msg.content["metrics"]["partition-id"])

@@ -11,8 +11,9 @@ import math
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+from opacus.accountants.analysis.prv import Domain
 from opacus.accountants.utils import get_noise_multiplier
 
 
@@ -131,17 +132,37 @@ def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     return rdp
 
 
+def _rdp_epsilon(history: list, delta: float) -> float:
+    """Opacus' RDPAccountant.get_epsilon, with each (noise, rate)'s one-step RDP computed once per process: RDP
+    composes linearly in the steps (Opacus' own compute_rdp multiplies one step's RDP by them), so the result is
+    identical, while the fractional orders' series cost seconds per call at large sample rates and the budget
+    look-ahead, every epoch's row and every round's report ask again with the same (noise, rate)."""
+    rdp = sum([_rdp_of_one_step(float(noise), float(rate)) * steps for noise, rate, steps in history])
+    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+class _PRVAccountant(PRVAccountant):
+    """Opacus' PRV accountant, whose safe discretisation domain (Gopi et al. 2021, remark 5.6; Opacus'
+    ``compute_safe_domain_size``) is bounded with two RDP epsilons per call: 90% of a PRV epsilon's time on the
+    default job. They come from the cached one-step RDP here, the same numbers; the rest is Opacus' own code."""
+
+    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
+        total = sum(num_self_compositions)
+        composed = [(p.noise_multiplier, p.sample_rate, k) for p, k in zip(prvs, num_self_compositions, strict=True)]
+        bound = _rdp_epsilon(composed, delta_error / 4)
+        for prv in prvs:
+            bound = max(bound, _rdp_epsilon([(prv.noise_multiplier, prv.sample_rate, 1)], delta_error / (8 * total)))
+        size = max(bound, eps_error) + 3
+        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
+        return Domain.create_aligned(-size, size, mesh_size)
+
+
 def _epsilon(accountant: str, history: list, delta: float) -> float:
     if not history:
         return 0.0
     if accountant == "rdp":
-        # Opacus' RDPAccountant.get_privacy_spent, with each (noise, rate)'s one-step RDP computed once per process:
-        # RDP composes linearly in the steps (Opacus' own compute_rdp multiplies one step's RDP by them), so the
-        # result is identical, while the fractional orders' series cost seconds per call at large sample rates
-        # and the budget look-ahead and every round's report ask again with the same (noise, rate).
-        rdp = sum([_rdp_of_one_step(float(noise), float(rate)) * steps for noise, rate, steps in history])
-        eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-        return float(eps)
-    fresh = create_accountant(accountant)
+        return _rdp_epsilon(history, delta)
+    fresh = _PRVAccountant() if accountant == "prv" else create_accountant(accountant)
     fresh.history = list(history)
     return float(fresh.get_epsilon(delta=delta))
