@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 import opake.auditing as opake_auditing
-from common import REPO, RESULTS, write
+from common import REPO, RESULTS, Progress, write
 from opake.auditing.types import CoinFlip
 
 import aisec_train
@@ -176,26 +176,18 @@ def runs_for_seed(seed: int, quick: bool, m: int) -> list[tuple[str, list[str], 
     return runs
 
 
-def measure(seeds: list[int], quick: bool, m: int, tmp: Path, progress: Path) -> list[dict]:
-    """Every run of every seed; each finished row is appended to ``progress`` (JSON lines) at once, and a row
-    already there (same seed, setting and canary count) is kept instead of re-run, so a stopped measurement resumes
-    where it stopped, in this session or a later one."""
-    done: dict[tuple[int, str], dict] = {}
-    if progress.exists():
-        for line in progress.read_text().splitlines():
-            row = json.loads(line)
-            if row.get("canaries") == m and row.get("quick") == quick:
-                done[(row["seed"], row["setting"])] = row
+def measure(seeds: list[int], quick: bool, m: int, tmp: Path, out: Path) -> list[dict]:
+    """Every run of every seed. Each finished row is kept in ``OUT.progress.jsonl`` (``common.Progress``) at once,
+    and a row already there (same canary count and quick flag) is kept instead of re-run, so a stopped measurement
+    resumes where it stopped, in this session or a later one."""
+    progress = Progress(out, canaries=m, quick=quick)
     rows = []
     for seed in seeds:
         for setting, overrides, scale in runs_for_seed(seed, quick, m):
-            row = done.get((seed, setting))
-            if row is None:
-                row = {**run_setting(setting, overrides, seed, tmp, scale), "canaries": m, "quick": quick}
-                with progress.open("a") as stream:
-                    stream.write(json.dumps(row) + "\n")
-            else:
-                print(f"{setting}-{seed}: kept from {progress}", file=sys.stderr)
+            key = f"{setting}_{seed}"
+            row = progress.get(key) or progress.add(
+                key, {**run_setting(setting, overrides, seed, tmp, scale), "canaries": m, "quick": quick}
+            )
             rows.append(row)
     return rows
 
@@ -302,14 +294,12 @@ def main() -> None:
     args = parser.parse_args()
     seeds, m = (args.seeds[:1], min(args.canaries, 200)) if args.quick else (args.seeds, args.canaries)
     out = args.out or (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "privacy_eval.json"
-    progress = out.with_suffix(".progress.jsonl")
-    progress.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="privacy_eval-") as folder:
         tmp = Path(folder)
         for key, value in (("KEY_FILE", "hmac.key"), ("ANCHOR_DIR", "anchors"), ("REGISTRY", "registry.json")):
             os.environ.setdefault(f"AISEC_TRAIN_{key}", str(tmp / value))  # nothing lands in ~/.config or outputs/
-        rows = measure(seeds, args.quick, m, tmp, progress)
+        rows = measure(seeds, args.quick, m, tmp, out)
     result = {
         "figure": "privacy_eval",
         "device": "cpu",
