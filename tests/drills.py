@@ -216,7 +216,9 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
     startup, epoch_s = 10.0, 1.0  # seconds to the first checkpoint of a launch, and per epoch: re-measured
     while sum(e["killed"] for e in events) < kills:
         assert len(events) < 6 * kills, "the drill stopped landing kills"
-        kind = ("anywhere", "training", "after_charge")[len(events) % 3]
+        # Training kinds first: an early "anywhere" kill can land after a short job's last epoch, and a finished
+        # run leaves no training instant for the other two.
+        kind = ("training", "after_charge", "anywhere")[len(events) % 3]
         before = (_file_stamp(ckpt), _ledger_stamp(lab), lab.ledger_steps(run_dir), checkpoint_steps(run_dir))
         launched = time.monotonic()
         proc = lab.launch(run_dir, *overrides)
@@ -227,6 +229,7 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
             killed = _wait_for(proc, lambda b=before: _file_stamp(ckpt) != b[0], 600)
             if killed:
                 startup = time.monotonic() - launched
+                epoch_s = _epoch_seconds(run_dir, epoch_s)  # this launch's first epoch: a short job has few left
                 killed = not _wait_for(proc, lambda: False, rng.uniform(0.0, 2 * epoch_s))
         else:
             killed = _wait_for(proc, lambda b=before: _ledger_stamp(lab) != b[1], 600, poll=0.0005)
@@ -242,9 +245,7 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         assert event["ledger_steps"] >= (event["checkpoint_steps"] or 0), event
         event["resumed"] = not event["killed"] or (event["ledger_steps"], event["checkpoint_steps"]) != before[2:]
         events.append(event)
-        history = (checkpoint_payload(run_dir) or {}).get("history") or []
-        if history:  # seconds per epoch, as the checkpointed epochs took them
-            epoch_s = max(0.2, min(10.0, sum(r["seconds"] for r in history) / len(history)))
+        epoch_s = _epoch_seconds(run_dir, epoch_s)
     final = lab.run(run_dir, *overrides)
     assert final.rc == 0, final.err[-2000:]
     rep = report(run_dir)
@@ -267,6 +268,17 @@ def kill_drill(lab: Lab, *, kills: int, epochs: int, seed: int = 0, run_dir: Pat
         "stopped_by_budget": rep["train"]["stopped_by_budget"],
         "events": events,
     }
+
+
+def _epoch_seconds(run_dir: Path, default: float) -> float:
+    """Seconds per epoch, as the checkpointed epochs took them (``default`` before any checkpoint)."""
+    try:
+        history = (checkpoint_payload(run_dir) or {}).get("history") or []
+    except Exception:  # a checkpoint being replaced at this instant: keep the last estimate
+        return default
+    if not history:
+        return default
+    return max(0.02, min(10.0, sum(r["seconds"] for r in history) / len(history)))
 
 
 # ---- concurrent jobs -------------------------------------------------------------------------------------------

@@ -29,10 +29,14 @@ def assert_accounted(result: dict, kills: int) -> None:
 
 
 def test_kill_at_random_instants_then_resume_accounts_every_step(tmp_path):
-    result = kill_drill(Lab(tmp_path), kills=3, epochs=4, seed=0)
+    # 40 epochs of the smoke job (~0.1 s each): room for a kill inside training and one right after a charge.
+    result = kill_drill(Lab(tmp_path), kills=3, epochs=40, seed=0)
     assert_accounted(result, 3)
     assert result["kills_by_kind"] == {"anywhere": 1, "training": 1, "after_charge": 1}
-    assert result["resumes"] >= 3  # the two launches killed in training got past every resume check, as did the last
+    # the launch killed right after a charge had got past every resume check, as did the last one
+    assert result["events"][1]["kind"] == "after_charge" and result["events"][1]["resumed"]
+    assert result["resumes"] >= 2
+    assert result["ledger_ahead_after_kill"] >= 1  # the charge-then-checkpoint window was really hit
 
 
 @pytest.mark.slow
