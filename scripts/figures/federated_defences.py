@@ -73,9 +73,8 @@ def main() -> None:
     ]  # fmt: skip
     name = "federated_defences_quick" if args.quick else "federated_defences"
     out = args.out or RESULTS / f"{name}.json"
-    progress = Progress(
-        out, n=n, rounds=rounds, clients=args.clients, poison_rate=args.poison_rate
-    )  # finished jobs are kept: a re-run resumes
+    # finished jobs are kept: a re-run resumes
+    progress = Progress(out, n=n, rounds=rounds, clients=args.clients, poison_rate=args.poison_rate)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for fraction in fractions:
