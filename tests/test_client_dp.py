@@ -136,7 +136,9 @@ def test_under_ckks_the_server_adds_noised_shares_and_clients_decrypt_the_noised
     clipped_mean = np.mean([clip_update(d, C)[0] for d in deltas], axis=0)
     assert (step - clipped_mean).std() == pytest.approx(Z * C / expected, rel=0.03)
     noisy_count = float(decrypt_aggregate(count_sum, secret)[0] * count_sum.weight)
-    assert noisy_count == pytest.approx(sum(s.count for s in shares), abs=1e-6)
+    # The same CKKS error bound as the sum above: a 1e-6 tolerance failed CI once (1.07e-6 off) because
+    # encryption noise is drawn fresh each run.
+    assert noisy_count == pytest.approx(sum(s.count for s in shares), abs=1e-5)
 
 
 # ---- accounting -------------------------------------------------------------------------------------------
