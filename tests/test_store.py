@@ -302,6 +302,17 @@ def test_composition_across_runs_equals_opacus_on_the_concatenated_history(tmp_p
     assert compose_epsilon(mixed, delta=1e-5, accountant="gdp") == compose_epsilon(mixed, delta=1e-5, accountant="rdp")
 
 
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_composed_epsilon_is_opacus_own_number_for_a_mixed_history(accountant):
+    """The store shares the ledger's cached accounting (aisec_train.accounting); the number must stay Opacus'."""
+    from opacus.accountants import create_accountant
+
+    history = [(1.1, 0.01, 500), (2.0, 0.02, 100), (1.1, 0.01, 300)]
+    reference = create_accountant(accountant)
+    reference.history = [(1.1, 0.01, 800), (2.0, 0.02, 100)]  # merged: composition is commutative
+    assert compose_epsilon(history, delta=1e-5, accountant=accountant) == reference.get_epsilon(delta=1e-5)
+
+
 def test_run_scoped_runs_are_recorded_and_composed_without_a_dataset_budget(tmp_path):
     from opacus.accountants import create_accountant
 

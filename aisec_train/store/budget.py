@@ -60,13 +60,11 @@ def compose_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float
         return math.inf  # a step without noise has no finite guarantee
     if accountant == "gdp" and len(merged) > 1:
         accountant = "rdp"
-    from opacus.accountants import create_accountant
+    from aisec_train.accounting import epsilon  # Opacus' numbers, with the one-step RDP cached per process
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(GDP accounting|Optimal order).*")
-        acc = create_accountant(accountant)
-        acc.history = merged
-        return float(acc.get_epsilon(delta=delta))
+        return epsilon(accountant, merged, delta)
 
 
 @timed("budget")

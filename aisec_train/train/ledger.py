@@ -10,11 +10,10 @@ import functools
 import math
 from typing import Any
 
-import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.analysis.prv import Domain
+from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from aisec_train.accounting import epsilon
 
 
 class BudgetExhausted(RuntimeError):
@@ -36,7 +35,7 @@ class PrivacyLedger:
         return sum(steps for _, _, steps in self.accountant.history)
 
     def epsilon(self) -> float:
-        return _epsilon(self.accountant_name, self.accountant.history, self.delta)
+        return epsilon(self.accountant_name, self.accountant.history, self.delta)
 
     def steps_within(self, target_epsilon: float, limit: int) -> int:
         """The most total steps (spent plus new, up to ``limit``) whose epsilon stays <= the target."""
@@ -46,7 +45,7 @@ class PrivacyLedger:
         def eps_after(total: int) -> float:
             extra = total - self.steps
             added = [(self.noise_multiplier, self.sample_rate, extra)] if extra > 0 else []
-            return _epsilon(self.accountant_name, history + added, self.delta)
+            return epsilon(self.accountant_name, history + added, self.delta)
 
         if eps_after(self.steps) > target_epsilon:
             return self.steps
@@ -121,48 +120,3 @@ def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, ep
             accountant=accountant,
         )
     )
-
-
-@functools.lru_cache(maxsize=1024)
-def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    rdp = rdp_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-    )
-    rdp.flags.writeable = False  # shared by every later call
-    return rdp
-
-
-def _rdp_epsilon(history: list, delta: float) -> float:
-    """Opacus' RDPAccountant.get_epsilon, with each (noise, rate)'s one-step RDP computed once per process: RDP
-    composes linearly in the steps (Opacus' own compute_rdp multiplies one step's RDP by them), so the result is
-    identical, while the fractional orders' series cost seconds per call at large sample rates and the budget
-    look-ahead, every epoch's row and every round's report ask again with the same (noise, rate)."""
-    rdp = sum([_rdp_of_one_step(float(noise), float(rate)) * steps for noise, rate, steps in history])
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(eps)
-
-
-class _PRVAccountant(PRVAccountant):
-    """Opacus' PRV accountant, whose safe discretisation domain (Gopi et al. 2021, remark 5.6; Opacus'
-    ``compute_safe_domain_size``) is bounded with two RDP epsilons per call: 90% of a PRV epsilon's time on the
-    default job. They come from the cached one-step RDP here, the same numbers; the rest is Opacus' own code."""
-
-    def _get_domain(self, prvs, num_self_compositions, eps_error, delta_error) -> Domain:
-        total = sum(num_self_compositions)
-        composed = [(p.noise_multiplier, p.sample_rate, k) for p, k in zip(prvs, num_self_compositions, strict=True)]
-        bound = _rdp_epsilon(composed, delta_error / 4)
-        for prv in prvs:
-            bound = max(bound, _rdp_epsilon([(prv.noise_multiplier, prv.sample_rate, 1)], delta_error / (8 * total)))
-        size = max(bound, eps_error) + 3
-        mesh_size = eps_error / np.sqrt(total * np.log(12 / delta_error) / 2)
-        return Domain.create_aligned(-size, size, mesh_size)
-
-
-def _epsilon(accountant: str, history: list, delta: float) -> float:
-    if not history:
-        return 0.0
-    if accountant == "rdp":
-        return _rdp_epsilon(history, delta)
-    fresh = _PRVAccountant() if accountant == "prv" else create_accountant(accountant)
-    fresh.history = list(history)
-    return float(fresh.get_epsilon(delta=delta))
