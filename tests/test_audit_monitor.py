@@ -62,6 +62,19 @@ def junk(path: Path) -> Path:
     return path
 
 
+def damaged(path: Path, x: np.ndarray, how: str) -> Path:
+    """A real .npz of ``x``, damaged: a flipped CRC byte (zipfile.BadZipFile) or an .npy header numpy cannot
+    tokenize (tokenize.TokenError); both escaped as tracebacks before."""
+    data = save(path, x).read_bytes()
+    if how == "crc":
+        at = data.index(b"}") + 80  # a byte of x's values, past its .npy header: its CRC-32 no longer matches
+        data = data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+    else:
+        data = data.replace(b"'fortran_order': False", b"'fortran_order'[ False", 1)
+    path.write_bytes(data)
+    return path
+
+
 def test_flags_every_shifted_batch_and_no_clean_one(smoke_run, heldout, tmp_path, capsys):
     verdicts = {}
     for name, x in {**clean_batches(heldout), **shifted_batches(heldout[:60])}.items():
@@ -104,8 +117,10 @@ def test_json_verdict(smoke_run, heldout, tmp_path, capsys):
         (lambda d, x: save(d / "flat.npz", x.reshape(len(x), -1)), ["shape", "expected (N,H,W)"]),
         (lambda d, x: save(d / "range.npz", x * 5), ["finite values in [0, 1]"]),
         (lambda d, x: junk(d / "junk.npz"), ["not a readable .npz"]),
+        (lambda d, x: damaged(d / "crc.npz", x, "crc"), ["not a readable .npz"]),
+        (lambda d, x: damaged(d / "header.npz", x, "header"), ["not a readable .npz"]),
     ],
-    ids=["missing", "wrong-shape", "flat", "range", "not-npz"],
+    ids=["missing", "wrong-shape", "flat", "range", "not-npz", "bad-crc", "bad-header"],
 )
 def test_bad_input_is_one_line_and_exit_2(smoke_run, heldout, tmp_path, capsys, make, words):
     code, out, err = monitor_cli(capsys, smoke_run, make(tmp_path, heldout[:10]))

@@ -318,6 +318,17 @@ def test_trusted_path_keeps_the_whole_training_split(tmp_path):
     with pytest.raises(DataError, match=r"backdoor.trusted_path='.*wrong.npz' holds images \(1, 12, 12\)"):
         poisoned_run(tmp_path, f"backdoor.trusted_path={wrong}")
 
+    # Damaged files: a value byte flipped (zipfile's CRC check) and an .npy header numpy cannot tokenize.
+    data = clean.read_bytes()
+    at = data.index(b"}") + 80
+    for name, bad in (
+        ("crc.npz", data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]),
+        ("header.npz", data.replace(b"'fortran_order': False", b"'fortran_order'[ False", 1)),
+    ):
+        (tmp_path / name).write_bytes(bad)
+        with pytest.raises(DataError, match=rf"backdoor.trusted_path='.*{name}' is not a readable .npz"):
+            poisoned_run(tmp_path, f"backdoor.trusted_path={tmp_path / name}")
+
 
 def test_filtering_under_dp_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"backdoor.filter=True is not allowed with privacy=dpsgd.*allowed:"):

@@ -208,3 +208,18 @@ def test_image_folder_decodes_like_pil_and_names_an_unreadable_file(tmp_path):
     broken = next(i for i, (p, _) in enumerate(folder.samples) if p.endswith("y_broken.png"))
     with pytest.raises(DataError, match="y_broken.png is not a readable image"):
         folder[broken]
+    # A decompression bomb (PIL refuses > 2x Image.MAX_IMAGE_PIXELS with its own exception type, not an OSError):
+    # a PNG whose header declares 20000x20000 pixels; PIL raises on open, before decoding any.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0))
+    bomb_png = b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    (tmp_path / "c0" / "z_bomb.png").write_bytes(bomb_png)
+    folder = CheckedImageFolder(tmp_path, None)
+    bomb = next(i for i, (p, _) in enumerate(folder.samples) if p.endswith("z_bomb.png"))
+    with pytest.raises(DataError, match="z_bomb.png is not a readable image: .*decompression bomb"):
+        folder[bomb]

@@ -139,3 +139,11 @@ def test_a_one_sample_npz_is_refused(tmp_path):
 
 def test_a_vanishing_noise_multiplier_is_refused(tmp_path):
     Cases(tmp_path).refused(["privacy.noise_multiplier=1e-300"])
+
+
+def test_an_npy_header_numpy_cannot_tokenize_is_refused(tmp_path):
+    """A flipped byte in an .npy header (``'fortran_order'[ False``) made numpy's header parser raise
+    tokenize.TokenError, which escaped as a traceback (found by the slow fuzzing run)."""
+    data = npz_bytes(valid_arrays())
+    assert data.count(b"'fortran_order': False") == 2
+    Cases(tmp_path).npz_refused(data.replace(b"'fortran_order': False", b"'fortran_order'[ False", 1))

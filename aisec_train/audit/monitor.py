@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from aisec_train.config import MonitorConfig
 from aisec_train.data.dataset import to_nchw_float
-from aisec_train.data.sources import DataError
+from aisec_train.data.sources import NPZ_READ_ERRORS, DataError
 
 BASELINE = "monitor_baseline.json"
 STD_FLOOR = 1.0 / 32  # a feature constant in training (a border pixel) still gets a finite z-score
@@ -164,7 +164,9 @@ def read_batch(path: Path) -> Tensor:
             if "x" not in archive.files:
                 raise DataError(f"{path} lacks array 'x'")
             x = archive["x"]
-    except (ValueError, OSError) as err:
+    except DataError:
+        raise
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{path} is not a readable .npz of numeric arrays: {err}") from err
     x = to_nchw_float(x, f"{path.name}:x")
     if len(x) == 0 or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:

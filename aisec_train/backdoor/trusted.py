@@ -30,6 +30,7 @@ from torch.utils.data import Dataset, Subset
 from aisec_train.data.arrays import to_nchw_float
 from aisec_train.data.dataset import DataBundle
 from aisec_train.data.errors import DataError
+from aisec_train.data.sources import NPZ_READ_ERRORS
 from aisec_train.data.views import Sample, labels_of, subset
 from aisec_train.hashing import sha256_file
 
@@ -64,7 +65,7 @@ def load_trusted(path: str, data: DataBundle) -> Sample:
     try:
         with np.load(path, allow_pickle=False) as archive:  # no pickles: loading must not run code
             x, y = archive["x"], archive["y"]
-    except (KeyError, ValueError, OSError) as err:
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{key} is not a readable .npz holding arrays 'x' and 'y': {err}") from err
     x = torch.from_numpy(np.ascontiguousarray(to_nchw_float(x, key)))
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):

@@ -51,7 +51,8 @@ class CheckedImageFolder(datasets.ImageFolder):
         path = self.samples[index][0]
         try:
             image, label = super().__getitem__(index)
-        except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for unreadable or truncated files
+        # PIL's errors for unreadable or truncated files, and for a decompression bomb (its own Exception type)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"{path} is not a readable image: {err}") from err
         if self.expected is None:
             self.expected = tuple(image.shape)

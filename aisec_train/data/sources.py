@@ -13,6 +13,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from tokenize import TokenError
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,11 @@ from aisec_train.data.config import DatasetConfig
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
 
-__all__ = ["SOURCES", "SourceData", "DataError", "register_source", "check_source_keys"]
+__all__ = ["SOURCES", "SourceData", "DataError", "NPZ_READ_ERRORS", "register_source", "check_source_keys"]
+
+# What numpy and zipfile raise on a damaged or hostile .npz (tokenize.TokenError: numpy tokenizes an .npy header
+# before literal_eval, and a damaged header raises it). Every reader of a user's .npz refuses these in one line.
+NPZ_READ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, SyntaxError, TokenError)
 
 
 @dataclass
@@ -122,7 +127,7 @@ def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarr
             return np.asarray(loaded["x"]), np.asarray(loaded["y"])
     except DataError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, SyntaxError) as err:
+    except NPZ_READ_ERRORS as err:
         raise DataError(f"{key}={str(path)!r} is not a readable .npz of numeric arrays: {err}") from err
 
 
