@@ -723,7 +723,22 @@ def test_figure_script_quick_writes_its_json(tmp_path):
     out = tmp_path / "backdoor.json"
     script = REPO / "scripts/figures/backdoor.py"
     done = subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(out), "--work", str(tmp_path / "w")],
+        # Two seeds, two at a time: each seed needs its own dataset ledger (a shared one refused the second seed's
+        # budget and, under --jobs, its lock).
+        [
+            sys.executable,
+            str(script),
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--jobs",
+            "2",
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path / "w"),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
     )
@@ -734,4 +749,5 @@ def test_figure_script_quick_writes_its_json(tmp_path):
         "typeset-digits",
         "typeset-letters",
     }
+    assert sorted(r["impl"] for r in result["rows"] if r["case"] == "digits") == ["digits/seed0", "digits/seed1"]
     assert "| case |" in done.stdout

@@ -52,7 +52,7 @@ class BackdoorConfig:
     repair: RepairMethod = RepairMethod.fine_pruning
     prune_acc_drop: float = 0.02  # stop pruning before trusted-set accuracy falls further than this
     finetune_epochs: int = 30
-    finetune_lr: float = 0.1  # peak of a cosine schedule that decays to 0
+    finetune_lr: float = 0.1  # peak lr: warmed up over 10% of the steps, then cosine decay to 0
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);

@@ -116,13 +116,15 @@ def prune(
 
 
 def fine_tune(model: nn.Module, trusted: Dataset, device: torch.device, cfg: BackdoorConfig, seed: int) -> None:
-    """Non-private SGD (momentum 0.9, weight decay, cosine to 0) on the trusted data through the one loop; call it
-    inside :func:`~aisec_train.backdoor.layers.masked`.
+    """Non-private SGD (momentum 0.9, weight decay; lr warmed up over the first 10% of steps, then cosine to 0) on
+    the trusted data through the one loop; call it inside :func:`~aisec_train.backdoor.layers.masked`.
 
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
     backdoor/trusted.py). Clean data never exercises the trigger's path, so its gradient leaves that path alone;
     the weight decay is what shrinks it. The cosine decay makes the released weights a settled end point, not one
-    noisy step on small data.
+    noisy step on small data. The warm-up (torch's OneCycleLR, momentum left at 0.9): a DP model's first steps at
+    the full lr 0.1 with momentum could diverge; on typeset digits the repaired model fell from 0.45 to 0.27 clean
+    accuracy without it, and reached 0.92 with it (docs/backdoor.md).
     """
     if cfg.finetune_epochs == 0:
         return
@@ -138,7 +140,13 @@ def fine_tune(model: nn.Module, trusted: Dataset, device: torch.device, cfg: Bac
     )
     optimizer = {"_target_": "torch.optim.SGD", "lr": cfg.finetune_lr, "momentum": 0.9,
                  "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
-    scheduler = {"_target_": "torch.optim.lr_scheduler.CosineAnnealingLR"}  # T_max: the loop's planned steps
+    scheduler = {
+        "_target_": "torch.optim.lr_scheduler.OneCycleLR",
+        "max_lr": cfg.finetune_lr,
+        "pct_start": 0.1,
+        "anneal_strategy": "cos",
+        "cycle_momentum": False,
+    }  # total_steps: the loop's planned steps
     train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler, progress=False)
     model.eval()
 

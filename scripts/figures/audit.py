@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import REPO, write
+from common import REPO, own_stores, write
 from scipy import ndimage
 from scipy.stats import binomtest, ttest_rel
 
@@ -40,7 +40,8 @@ def cli(args: list[str], run_dir: Path, threads: int) -> tuple[dict, float | Non
     """``aisec-train ARGS hydra.run.dir=RUN_DIR`` unless that run already finished; (report, wall seconds)."""
     if (run_dir / "report.json").exists():
         return json.loads((run_dir / "report.json").read_text()), None
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    # Seeds run concurrently (--jobs): each its own dataset ledger, or they would contend and compose budgets.
+    env = {**own_stores(run_dir, always=True), "OMP_NUM_THREADS": str(threads)}
     env["AISEC_TRAIN_REGISTRY"] = str(run_dir.parent / "registry.json")  # keep the project's inventory clean
     started = time.perf_counter()
     proc = subprocess.run(

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import own_stores  # noqa: E402
 from glyphs import make  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +44,9 @@ def _run(case: str, seed: int, overrides: list[str], work: Path, quick: bool) ->
     args = ["experiment=backdoor", "audit=off", f"train.seed={seed}", f"hydra.run.dir={run_dir}", *overrides]
     if quick:
         args += ["train.epochs=2", "backdoor.finetune_epochs=2", "robustness.evaluate=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # Each seed is its own experiment with its own ledger store: seeds sharing the project's would compose their
+    # budgets (the second refused) and contend for the dataset's ledger lock under --jobs.
+    env = {**own_stores(run_dir, always=True), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.perf_counter()
     command = [sys.executable, "-m", "aisec_train", *args]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
@@ -146,15 +149,15 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1)")
-    parser.add_argument("--quick", action="store_true", help="one seed, two epochs: checks the script, not the figures")
+    parser.add_argument("--quick", action="store_true", help="two epochs (one seed unless --seeds): checks the script")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor.json")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override, e.g. KEY=VALUE")
     args = parser.parse_args()
-    seeds = args.seeds[:1] if args.quick else args.seeds
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-figures-"))
     work.mkdir(parents=True, exist_ok=True)
     cases = _cases(work, seeds, args.cases, args.overrides)

@@ -14,14 +14,16 @@ REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "benchmarks" / "results" / "cpu"
 
 
-def own_stores(run_dir: Path) -> dict[str, str]:
+def own_stores(run_dir: Path, *, always: bool = False) -> dict[str, str]:
     """The environment for one figure run: its own ledger store and registry beside ``run_dir`` (unless the caller
-    chose them), so a figure never spends the project's dataset budgets and no run is refused for an earlier one's."""
-    return {
+    chose them), so a figure never spends the project's dataset budgets and no run is refused for an earlier one's.
+    ``always``: even when the caller chose them, for runs that go concurrently (``--jobs``) and would otherwise
+    wait on one dataset ledger's lock and compose their budgets."""
+    stores = {
         "AISEC_TRAIN_LEDGER_STORE": str(run_dir.with_name(run_dir.name + "-ledgers")),
         "AISEC_TRAIN_REGISTRY": str(run_dir.with_name(run_dir.name + "-registry.json")),
-        **os.environ,
     }
+    return {**os.environ, **stores} if always else {**stores, **os.environ}
 
 
 def run_cli(args: list[str], run_dir: Path) -> tuple[dict, float]:
