@@ -15,13 +15,15 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from aisec_train.models import build_model
 from aisec_train.train import bk_conv, bk_layers
 from aisec_train.train.bk import BKGradSampleModule, bk_report
-from aisec_train.train.bk_cost import Choice
+from aisec_train.train.bk_cost import Choice, choose
 from aisec_train.train.bk_engine import BKPrivacyEngine
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -494,3 +496,27 @@ def test_adversarial_training_step_through_the_project_attack():
     want, _ = _step_grads(reference, x_adv, y, "bk", 0.05)
     for name, p in wrapped._module.named_parameters():
         torch.testing.assert_close(p.grad, want[name], **TOL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    t=st.integers(1, 4096),
+    da=st.integers(1, 2048),
+    dg=st.integers(1, 1024),
+    groups=st.integers(1, 8),
+    kept=st.integers(1, 10**7),
+)
+def test_each_layer_gets_its_cheapest_allowed_method_and_the_report_says_why(t, da, dg, groups, kept):
+    """Mixed ghost clipping's choice: the fewest multiply-adds among the methods whose memory is allowed (stored
+    per-sample gradients only when they fit beside the kept tensors), and a reason whose numbers agree with it
+    (conv2 of the default model once read "ghost 3.85e+05 <= per-sample 3.13e+05", the stored cost it could not use)."""
+    ghost, stored, recomputed = t * t * (da + dg) + t * da * dg, t * da * dg + da * dg, 2 * t * da * dg
+    fits = groups * da * dg <= kept
+    cost = {"ghost": ghost, "recomputed": recomputed, **({"stored": stored} if fits else {})}
+    picked = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
+    name = "ghost" if picked.method == "ghost" else ("stored" if picked.store else "recomputed")
+    assert cost[name] == min(cost.values())
+    if name == "ghost" and stored < ghost:
+        assert "would take" in picked.why and f"{recomputed:.3g}" in picked.why
+    elif name == "ghost":
+        assert picked.why.endswith(f"ghost {ghost:.3g} <= per-sample {stored:.3g} MAC")

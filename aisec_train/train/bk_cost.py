@@ -46,4 +46,10 @@ def choose(*, t: int, da: int, dg: int, groups: int, kept: int, mem_factor: floa
     if recomputed < ghost:
         why = f"{shape}: fused per-sample norm {recomputed:.3g} < ghost {ghost:.3g} MAC (too big to keep)"
         return Choice("instantiate", False, why)
-    return Choice("ghost", False, f"{shape}: ghost {ghost:.3g} <= per-sample {min(stored, recomputed):.3g} MAC")
+    if stored < ghost:  # cheaper, but the per-sample gradients would not fit beside the kept tensors
+        why = (
+            f"{shape}: ghost {ghost:.3g} <= fused per-sample norm {recomputed:.3g} MAC (stored per-sample "
+            f"gradients, {stored:.3g} MAC, would take {per_sample} floats per sample > {mem_factor:g} x {kept} kept)"
+        )
+        return Choice("ghost", False, why)
+    return Choice("ghost", False, f"{shape}: ghost {ghost:.3g} <= per-sample {stored:.3g} MAC")
