@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RESULTS, Progress, run_cli, write
+from common import REPO, RESULTS, Progress, own_stores, run_cli, write
 
 PEAK = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
@@ -314,13 +314,9 @@ def default_job(tmp: Path, quick: bool, baseline_ref: str, seeds: int, out: Path
 
 
 def _job(tmp: Path, impl: str, cwd: Path, seed: int) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(cwd),
-        "AISEC_TRAIN_REGISTRY": str(tmp / f"reg-{impl}.json"),
-        "AISEC_TRAIN_LEDGER_STORE": str(tmp / f"ledger-{impl}-{seed}"),
-    }
     run_dir = tmp / f"{impl}-{seed}"
+    # Each job its own ledger store and registry (the baseline and today's code must not compose budgets).
+    env = {**own_stores(run_dir, always=True), "PYTHONPATH": str(cwd)}
     cmd = [sys.executable, "-m", "aisec_train", f"train.seed={seed}", f"hydra.run.dir={run_dir}"]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
