@@ -10,11 +10,20 @@ sampling) so every implementation does the same work; noise multiplier 1, clip 1
 own ``make_private`` (``BKPrivacyEngine`` passes every mode but ``bk`` straight to it).
 
 Time: per model, one forked child builds every implementation and times their steps round by round,
-interleaved, so the load of a shared machine falls on all alike; the fastest round counts. Peak memory: one
+interleaved (A B C .. A B C ..), so the load of a shared machine falls on all alike; two warm-up rounds are
+discarded, then every round's time is kept raw in the JSON (``times``). The thread count is fixed and reported
+(``--threads``, default every core this process may use). Each ratio is formed per round (both steps ran back
+to back) and reported as its median with quartiles and a 95% bootstrap interval (scipy.stats.bootstrap) in
+``ratio_stats``; ``ratios`` holds the medians. ``--quick`` (5 rounds, small batches) is a smoke run: its JSON says
+``indicative_only``. Peak memory: one
 forked child per (model, impl) runs one step and reports the growth of its resident set (Linux VmHWM, reset
 once model, data and wrappers are built, before any step, so no freed block of an earlier step hides the
 peak); on a GPU everything runs in this process and memory is ``torch.cuda.max_memory_allocated`` over the
 same baseline. With ``--quick`` only non-private and ours are measured for memory.
+
+Profile: per model, our step and the non-private step phase by phase (loader, forward, backward, per-sample
+norms, clipping and accumulation, noise, optimizer; benchmarks/step_profile.py), printed after the table and
+kept in the JSON rows ``profile_*``; ``--no-profile`` skips it.
 
 Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
 factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
@@ -23,7 +32,9 @@ factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory ove
 from __future__ import annotations
 
 import gc
+import json
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -32,6 +43,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from common import emit, parse_args, synchronize, time_it
@@ -45,10 +57,12 @@ IMPLS = ["nonprivate", "opacus_hooks", "opacus_ghost", "opake", "ours"]
 MODELS = {
     "cnn": ("cnn", 1, 8, 1024, 512, 512),
     "cnn_32": ("cnn", 3, 32, 512, 128, 64),
-    "resnet18_gn": ("resnet18_gn", 3, 32, 256, 64, 8),
+    "resnet18_gn": ("resnet18_gn", 3, 32, 256, 64, 32),  # --quick at batch 8 swung 0.23..1.44: too small to judge
     "mixer": ("mixer", 3, 32, 256, 128, 32),
 }
 QUICK_MODELS = ["cnn", "resnet18_gn", "mixer"]  # --quick: under a minute on 2 quiet cores
+WARMUP_ROUNDS = 2  # discarded: the first steps pay one-off costs (allocator growth, lazy initialisation)
+ROUNDS, QUICK_ROUNDS = 15, 5  # timed rounds after the warm-up
 
 
 # ----------------------------------------------------------------------------------------- the Linear-heavy model
@@ -204,9 +218,11 @@ def measure_memory(key: str, impl: str, device: str, quick: bool) -> dict:
     return {"impl": impl, **info, "peak_mb": peak}
 
 
-def measure_times(key: str, impls: list[str], device: str, quick: bool) -> dict[str, dict]:
-    """Step times of every impl on one model, interleaved round by round, so that a shared machine's load
-    falls on all of them alike; the fastest round counts (the least disturbed), the median is kept too."""
+def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: int) -> dict[str, dict]:
+    """Step times of every impl on one model, interleaved (A B C .. A B C ..) round by round, so that a shared
+    machine's load falls on all of them alike. The first ``WARMUP_ROUNDS`` rounds are discarded (one-off set-up
+    costs, allocator growth); every later round's time is kept raw, so each ratio can be formed per round
+    (paired: both steps ran back to back) and summarised by its median, spread and bootstrap interval."""
     built, out = {}, {}
     for impl in impls:
         try:
@@ -214,18 +230,35 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool) -> dict[
         except Exception as exc:  # a peer that cannot run a model must not sink the table
             out[impl] = {"error": f"{type(exc).__name__}: {exc}"}
     times: dict[str, list[float]] = {impl: [] for impl in built}
-    # --quick: two rounds, the faster counts (usually the second: the first pays one-off setup costs).
-    for round_ in range(2 if quick else 6):
+    for round_ in range(WARMUP_ROUNDS + rounds):
         for impl, (step, _, _) in built.items():
             synchronize(device)
             started = time.perf_counter()
             step()
             synchronize(device)
-            if quick or round_ > 0:  # the full run discards its first round as warm-up
+            if round_ >= WARMUP_ROUNDS:
                 times[impl].append(time.perf_counter() - started)
     for impl, (_, note, info) in built.items():
-        row = {**info, "seconds": min(times[impl]), "seconds_median": statistics.median(times[impl])}
+        row = {**info, "seconds": statistics.median(times[impl]), "seconds_min": min(times[impl])}
+        row["times"] = times[impl]  # raw, per round, in round order (the paired ratios are formed from these)
         out[impl] = row | ({"note": note()} if note() else {})
+    return out
+
+
+def profile_model(key: str, device: str, quick: bool) -> dict:
+    """Per-phase seconds of our step and the non-private step on one model (benchmarks/step_profile.py)."""
+    from step_profile import profile_steps
+
+    name, channels, size, *_ = MODELS[key]
+    out = {}
+    for impl, private in (("nonprivate", False), ("ours", True)):
+        torch.manual_seed(0)
+        _, _, info = _setup(key, "nonprivate", device, quick)  # the batch size of this run
+        model = make_model(name, channels, size).to(device)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.rand(info["batch"], channels, size, size, generator=gen).to(device)
+        y = torch.randint(0, 10, (info["batch"],), generator=gen).to(device)
+        out[impl] = profile_steps(model, x, y, private, steps=3 if quick else 5)
     return out
 
 
@@ -238,10 +271,10 @@ def _child(conn, fn, args) -> None:
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def isolated(fn, *args):
+def isolated(fn, device: str, *args):
     """``fn(*args)`` in a forked child on the CPU (its own memory peak; this process' imports, so it starts in
     milliseconds); in this process on CUDA, which does not survive a fork."""
-    if args[-2].startswith("cuda"):
+    if device.startswith("cuda"):
         try:
             return fn(*args)
         except Exception as exc:
@@ -258,18 +291,24 @@ def isolated(fn, *args):
     return result
 
 
-def run_model(key: str, impls: list[str], device: str, quick: bool) -> list[dict]:
-    times = isolated(measure_times, key, impls, device, quick)
+def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int, profile: bool) -> list[dict]:
+    times = isolated(measure_times, device, key, impls, device, quick, rounds)
     rows = []
     for impl in impls:
         row = {"impl": impl, **times.get(impl, times)}
         # Memory of every impl in the full run; non-private and ours with --quick (the 1.3x claim).
         if "error" not in row and (not quick or impl in ("nonprivate", "ours")):
-            memory = isolated(measure_memory, key, impl, device, quick)
+            memory = isolated(measure_memory, device, key, impl, device, quick)
             row["peak_mb"] = memory.get("peak_mb", float("nan"))
         row.setdefault("seconds", float("nan"))
         rows.append(row)
         print(f"{key:12s} {impl:13s} {row['seconds']:.4f}s {row.get('error', '')}", file=sys.stderr)
+    if profile and {"nonprivate", "ours"} <= set(impls):
+        phases = isolated(profile_model, device, key, device, quick)
+        for impl in ("nonprivate", "ours"):
+            if impl in phases:
+                rows.append({"impl": f"profile_{impl}", "model": key, "seconds": phases[impl]["total"],
+                             "phases": phases[impl]})  # fmt: skip
     return rows
 
 
@@ -305,26 +344,52 @@ def kernel_rows(device: str) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def ratios_for(rows: list[dict]) -> dict[str, float]:
-    ratios: dict[str, float] = {}
+def paired_ratio(slow: list[float], fast: list[float]) -> dict:
+    """Per-round ``slow / fast`` (both steps ran back to back in the same round), summarised: the median, the
+    quartiles and a 95% bootstrap interval of the median (scipy.stats.bootstrap, percentile method)."""
+    from scipy.stats import bootstrap
+
+    per_round = np.asarray(slow) / np.asarray(fast)
+    stats = {"median": float(np.median(per_round)), "p25": float(np.percentile(per_round, 25)),
+             "p75": float(np.percentile(per_round, 75)), "rounds": len(per_round)}  # fmt: skip
+    if len(per_round) >= 3 and np.ptp(per_round) > 0:
+        ci = bootstrap((per_round,), np.median, confidence_level=0.95, n_resamples=2000, method="percentile",
+                       rng=np.random.default_rng(0)).confidence_interval  # fmt: skip
+        stats["ci95"] = [float(ci.low), float(ci.high)]
+    else:
+        stats["ci95"] = [stats["median"], stats["median"]]
+    return stats
+
+
+def ratio_stats_for(rows: list[dict]) -> dict[str, dict]:
+    """Every ratio of the table with its spread: ``X_vs_Y`` is Y's time over X's, per round."""
+    stats: dict[str, dict] = {}
     for key in MODELS:
-        pick = {r["impl"]: r for r in rows if r.get("model") == key and r["seconds"] == r["seconds"]}  # not NaN
+        pick = {r["impl"]: r for r in rows if r.get("model") == key and r.get("times")}
         if "ours" not in pick:
             continue
-        ours = pick["ours"]
+        ours = pick["ours"]["times"]
         for peer in ("nonprivate", "opacus_hooks", "opacus_ghost", "opake"):
             if peer not in pick:
                 continue
-            if peer == "nonprivate":  # the DP cost factor: our time over non-private time (target <= 1.3)
-                ratios[f"nonprivate_vs_ours_{key}"] = ours["seconds"] / pick[peer]["seconds"]
-                if pick[peer].get("peak_mb", 0) > 0 and "peak_mb" in ours:
-                    ratios[f"mem_ours_over_nonprivate_{key}"] = ours["peak_mb"] / pick[peer]["peak_mb"]
+            if peer == "nonprivate":  # the DP cost factor: our time over non-private time (target <= 1.15)
+                stats[f"nonprivate_vs_ours_{key}"] = paired_ratio(ours, pick[peer]["times"])
             else:
-                ratios[f"ours_vs_{peer}_{key}"] = pick[peer]["seconds"] / ours["seconds"]
+                stats[f"ours_vs_{peer}_{key}"] = paired_ratio(pick[peer]["times"], ours)
         if "opacus_ghost" in pick and "opacus_hooks" in pick:
-            ratios[f"opacus_ghost_vs_opacus_hooks_{key}"] = (
-                pick["opacus_hooks"]["seconds"] / pick["opacus_ghost"]["seconds"]
+            stats[f"opacus_ghost_vs_opacus_hooks_{key}"] = paired_ratio(
+                pick["opacus_hooks"]["times"], pick["opacus_ghost"]["times"]
             )
+    return stats
+
+
+def ratios_for(rows: list[dict]) -> dict[str, float]:
+    """The headline ratios: each time ratio is the median of its per-round paired ratios."""
+    ratios = {name: s["median"] for name, s in ratio_stats_for(rows).items()}
+    for key in MODELS:
+        pick = {r["impl"]: r for r in rows if r.get("model") == key}
+        if pick.get("nonprivate", {}).get("peak_mb", 0) > 0 and "peak_mb" in pick.get("ours", {}):
+            ratios[f"mem_ours_over_nonprivate_{key}"] = pick["ours"]["peak_mb"] / pick["nonprivate"]["peak_mb"]
     for label in KERNEL_SHAPES:
         pick = {r["impl"]: r for r in rows if r.get("model") == label}
         if {"norms_triton", "norms_torch"} <= pick.keys():
@@ -332,12 +397,32 @@ def ratios_for(rows: list[dict]) -> dict[str, float]:
     return ratios
 
 
+def profile_table(rows: list[dict]) -> str:
+    """The per-phase profile as markdown: milliseconds per phase, ours beside the non-private step."""
+    profiled = [r for r in rows if r["impl"].startswith("profile_")]
+    if not profiled:
+        return ""
+    phases = list(profiled[0]["phases"])
+    lines = ["| model | step | " + " | ".join(phases) + " |", "|---|---|" + "---|" * len(phases)]
+    for r in profiled:
+        cells = " | ".join(f"{1000 * r['phases'][k]:.2f}" for k in phases)
+        lines.append(f"| {r['model']} | {r['impl'].removeprefix('profile_')} | {cells} |")
+    return "Per-phase profile (ms, median of the profiled steps):\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     def extra(parser):
         parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODELS)}")
         parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
+        parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds ({ROUNDS}; --quick {QUICK_ROUNDS})")
+        parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+        parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
 
     args = parse_args(__doc__.splitlines()[0], extra)
+    # A fixed, reported thread count: torch's default follows the machine's load-dependent affinity.
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     # Import the peers once here (no compute before forking), so each forked child starts in milliseconds.
     import opacus  # noqa: F401
     import opake.dpsgd.clipping  # noqa: F401
@@ -346,10 +431,24 @@ def main() -> None:
 
     rows = []
     for key in args.models.split(",") if args.models else QUICK_MODELS if args.quick else list(MODELS):
-        rows += run_model(key, args.impls.split(","), args.device, args.quick)
+        rows += run_model(key, args.impls.split(","), args.device, args.quick, rounds, not args.no_profile)
     if args.device.startswith("cuda"):
         rows += kernel_rows(args.device)
-    emit("dpsgd_step", args.device, rows, ratios_for(rows), args.out)
+    extra = {
+        "threads": threads, "rounds": rounds, "warmup_rounds": WARMUP_ROUNDS, "ratio_stats": ratio_stats_for(rows),
+        # --quick's batches and 5 rounds are for a smoke run: its ratios show the table works, not the verdict.
+        "indicative_only": bool(args.quick),
+    }  # fmt: skip
+    table_rows = [{k: v for k, v in r.items() if k not in ("times", "phases")} for r in rows]
+    result = emit("dpsgd_step", args.device, table_rows, ratios_for(rows), None)
+    print()
+    for name, st in extra["ratio_stats"].items():
+        print(f"- {name}: median {st['median']:.3f} [p25 {st['p25']:.3f}, p75 {st['p75']:.3f}], "
+              f"95% CI {st['ci95'][0]:.3f}-{st['ci95'][1]:.3f} over {st['rounds']} rounds")  # fmt: skip
+    print("\n" + profile_table(rows))
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({**result, "rows": rows, **extra}, indent=2))
 
 
 if __name__ == "__main__":

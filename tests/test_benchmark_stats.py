@@ -1,0 +1,53 @@
+"""The DP-step benchmark's statistics and per-phase profile (benchmarks/dpsgd.py, benchmarks/step_profile.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import dpsgd  # noqa: E402
+import step_profile  # noqa: E402
+
+
+def test_paired_ratio_is_per_round_and_its_interval_holds_the_median():
+    slow = [2.0, 2.2, 1.8, 2.1, 2.0, 5.0]  # one disturbed round: the median ignores it, the spread shows it
+    fast = [1.0, 1.1, 0.9, 1.0, 1.0, 1.0]
+    stats = dpsgd.paired_ratio(slow, fast)
+    assert stats["median"] == pytest.approx(2.0)
+    assert stats["rounds"] == 6
+    assert stats["ci95"][0] <= stats["median"] <= stats["ci95"][1]
+    assert stats["p25"] <= stats["median"] <= stats["p75"]
+
+
+def test_ratio_names_follow_the_contract_y_time_over_x_time():
+    rows = [
+        {"impl": "nonprivate", "model": "cnn", "seconds": 1.0, "times": [1.0, 1.0, 1.0]},
+        {"impl": "ours", "model": "cnn", "seconds": 1.2, "times": [1.2, 1.2, 1.2]},
+        {"impl": "opacus_ghost", "model": "cnn", "seconds": 2.4, "times": [2.4, 2.4, 2.4]},
+    ]
+    ratios = dpsgd.ratios_for(rows)
+    assert ratios["nonprivate_vs_ours_cnn"] == pytest.approx(1.2)  # the DP cost factor of our step
+    assert ratios["ours_vs_opacus_ghost_cnn"] == pytest.approx(2.0)  # above 1: ours is faster
+
+
+@pytest.mark.parametrize("private", [False, True])
+def test_profile_phases_cover_the_step(private):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    phases = step_profile.profile_steps(model, x, y, private, steps=2)
+    assert phases["total"] > 0 and phases["forward"] > 0 and phases["backward"] >= 0
+    named = sum(v for k, v in phases.items() if k != "total")
+    assert named == pytest.approx(phases["total"], rel=0.5)  # medians of parts: close to the median total
+    assert (phases["per_sample_norms"] > 0) is private and (phases["noise"] > 0) is private
+
+
+def test_secret_noise_costs_about_what_global_noise_costs():
+    cost = step_profile.noise_cost(100_000, repeats=5)
+    assert cost["os_entropy_generator"] > 0 and cost["global_generator"] > 0
