@@ -28,6 +28,8 @@ import numpy as np
 import tenseal as ts
 import torch
 
+from aisec_train.store.files import atomic_write
+
 __all__ = [
     "CkksParams",
     "EncryptedUpdate",
@@ -184,15 +186,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` readable by its owner only, atomically (never a moment with a wider mode)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # the umask can only narrow the mode, but be explicit
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Write ``data`` readable by its owner only, through the store's safe-write path: a unique temp created
+    0600 with O_NOFOLLOW, fsynced, renamed over ``path`` (never a moment with a wider mode or a torn file)."""
+    atomic_write(path, data, root=path.parent, perms=0o600)
 
 
 def generate_keys(params: CkksParams, client_dir: Path, server_dir: Path, *, overwrite: bool = False) -> KeyPaths:
@@ -215,9 +211,9 @@ def generate_keys(params: CkksParams, client_dir: Path, server_dir: Path, *, ove
     secret = ctx.serialize(save_secret_key=True, save_galois_keys=False, save_relin_keys=False)
     public = ctx.serialize(save_public_key=False, save_secret_key=False, save_galois_keys=False, save_relin_keys=False)
     _write_private(secret_path, secret)
-    public_path.write_bytes(public)
+    atomic_write(public_path, public, root=public_path.parent)
     for path, blob in ((secret_path, secret), (public_path, public)):
-        path.with_name(path.name + ".sha256").write_text(_sha256(blob) + "\n")
+        atomic_write(path.with_name(path.name + ".sha256"), _sha256(blob) + "\n", root=path.parent)
     return KeyPaths(secret_path, public_path, _sha256(secret), _sha256(public))
 
 

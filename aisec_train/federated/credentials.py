@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import ipaddress
-import os
 from pathlib import Path
 
 from cryptography import x509
@@ -22,11 +21,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from aisec_train.store.files import atomic_write
+
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
+    # The store's safe-write path: temp + fsync + rename, never through a symlink, owner-only from creation.
+    atomic_write(path, data, root=path.parent, perms=0o600 if private else 0o644)
     return path
 
 

@@ -102,13 +102,16 @@ def _temp_name(name: str) -> str:
 
 
 @contextmanager
-def staged_file(dir_fd: int, name: str, *, mode: str = "wb", encoding: str = "utf-8", fsync: bool = True):
+def staged_file(
+    dir_fd: int, name: str, *, mode: str = "wb", encoding: str = "utf-8", fsync: bool = True, perms: int = 0o666
+):
     """A new temp file beside ``name`` in ``dir_fd``: yields (file object, temp name). On a clean exit its content
-    is flushed (and fsynced) and the temp is left for the caller to rename; on an exception it is removed."""
+    is flushed (and fsynced) and the temp is left for the caller to rename; on an exception it is removed.
+    ``perms`` is the new file's mode before the umask (``0o600`` for private keys: never a moment wider)."""
     if mode not in ("wb", "w"):
         raise ValueError(f"mode {mode!r} is not allowed: 'wb' or 'w'")
     tmp = _temp_name(name)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perms, dir_fd=dir_fd)
     raw = open(fd, "wb")
     fh: IO = io.TextIOWrapper(raw, encoding=encoding, newline="") if mode == "w" else raw
     try:
@@ -145,13 +148,14 @@ def safe_open_for_write(
     mode: str = "wb",
     encoding: str = "utf-8",
     sync_dir: bool = True,
+    perms: int = 0o666,
 ) -> Iterator[IO]:
     """A file object whose content replaces ``path`` atomically when the block ends without an exception.
 
     ``sync_dir=False`` skips the folder's fsync: the rename survives a killed process but maybe not a power loss.
     """
     with span("write"), _parent_dir(Path(path), Path(root)) as (dir_fd, name):
-        with staged_file(dir_fd, name, mode=mode, encoding=encoding) as (fh, tmp):
+        with staged_file(dir_fd, name, mode=mode, encoding=encoding, perms=perms) as (fh, tmp):
             yield fh
         try:
             os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the entry, never follows it
@@ -162,9 +166,17 @@ def safe_open_for_write(
             os.fsync(dir_fd)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str, *, root: str | os.PathLike, sync_dir: bool = True) -> None:
-    """Write ``data`` to ``path`` (inside ``root``) atomically and durably, refusing symlinks on the way."""
-    with safe_open_for_write(path, root=root, mode="wb", sync_dir=sync_dir) as fh:
+def atomic_write(
+    path: str | os.PathLike,
+    data: bytes | str,
+    *,
+    root: str | os.PathLike,
+    sync_dir: bool = True,
+    perms: int = 0o666,
+) -> None:
+    """Write ``data`` to ``path`` (inside ``root``) atomically and durably, refusing symlinks on the way;
+    ``perms=0o600`` for secrets (key files)."""
+    with safe_open_for_write(path, root=root, mode="wb", sync_dir=sync_dir, perms=perms) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
 
 
