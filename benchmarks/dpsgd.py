@@ -112,16 +112,21 @@ def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     if impl != "nonprivate":
         from aisec_train.train.bk import bk_report
         from aisec_train.train.bk_engine import BKPrivacyEngine
+        from aisec_train.train.randomness import secret_generator
 
         mode = {"opacus_hooks": "hooks", "opacus_ghost": "ghost", "ours": "bk"}[impl]
         loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+        # Ours draws its noise as a DP run of aisec-train does (train/privacy.py): from a generator whose state
+        # comes from os.urandom, in Opacus' secure mode (four draws summed); the Opacus peers use their defaults.
         wrapped = BKPrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
             max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode,
+            noise_generator=secret_generator(x.device) if impl == "ours" else None,
         )  # fmt: skip
         model, optimizer = wrapped[0], wrapped[1]
         criterion = wrapped[2] if len(wrapped) == 4 else criterion
         if impl == "ours":
+            optimizer.secure_mode = True
             note = bk_report(model)["fallback"] or ""
 
     def step() -> None:

@@ -15,7 +15,6 @@ is on record beside everything else.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -63,8 +62,9 @@ def _loader(x: torch.Tensor, y: torch.Tensor, private: bool) -> DataLoader:
         return loader
     from opacus.data_loader import DPDataLoader
 
-    generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
-    return DPDataLoader.from_data_loader(loader, generator=generator)
+    from aisec_train.train.randomness import secret_generator
+
+    return DPDataLoader.from_data_loader(loader, generator=secret_generator("cpu"))
 
 
 def profile_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: bool, steps: int = 5) -> dict:
@@ -77,11 +77,13 @@ def profile_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: b
     loader = _loader(x, y, private)
     clock = PhaseClock()
     if private:
-        noise_gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        from aisec_train.train.randomness import secret_generator
+
         model, optimizer, criterion, loader = BKPrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="bk", noise_generator=noise_gen,
+            max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="bk", noise_generator=secret_generator(x.device),
         )  # fmt: skip
+        optimizer.secure_mode = True  # as train/privacy.py: four draws summed (floating-point attack)
         clock.wrap(LayerRecord, "process", "per_sample_norms")
         clock.wrap(model, "_write_clipped_sum", "clip_accumulate")
         clock.wrap(optimizer, "add_noise", "noise")
@@ -120,15 +122,27 @@ def profile_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: b
 
 
 def noise_cost(numel: int, repeats: int = 20) -> dict:
-    """Seconds to draw ``numel`` Gaussian values: a generator seeded from os.urandom vs torch's global one."""
-    secret = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+    """Seconds to draw noise for ``numel`` parameters: one draw from torch's global generator (Opacus' default),
+    one from a generator whose state comes from os.urandom, and Opacus' secure-mode draw (four summed) from it,
+    which is what aisec-train's private step uses."""
+    from opacus.optimizers.optimizer import _generate_noise
+
+    from aisec_train.train.randomness import secret_generator
+
+    secret, reference = secret_generator("cpu"), torch.empty(numel)
+    draws = {
+        "global_generator": lambda: torch.normal(0.0, 1.0, size=(numel,)),
+        "os_entropy_generator": lambda: torch.normal(0.0, 1.0, size=(numel,), generator=secret),
+        "os_entropy_secure_mode": lambda: _generate_noise(1.0, reference, generator=secret, secure_mode=True),
+    }
     out = {}
-    for label, gen in (("global_generator", None), ("os_entropy_generator", secret)):
+    for label, draw in draws.items():
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            torch.normal(0.0, 1.0, size=(numel,), generator=gen)
+            draw()
             times.append(time.perf_counter() - started)
         out[label] = statistics.median(times)
     out["os_entropy_over_global"] = out["os_entropy_generator"] / out["global_generator"]
+    out["secure_mode_over_global"] = out["os_entropy_secure_mode"] / out["global_generator"]
     return out
