@@ -6,12 +6,15 @@
     >>> report.get("metrics.clean_accuracy"), report.get("privacy.epsilon")
 
 ``run`` goes through every stage (DP training, robustness, backdoor scan, audits, report) exactly as the CLI does;
-``train`` is the one training loop on a DataLoader, for when you only want a (private) model. Bad input raises
-the same one-line errors the CLI prints (``ConfigError``, ``DataError``, ...).
+``train`` is the one training loop on a DataLoader, for when you only want a (private) model. Both charge the
+same dataset-level privacy ledger as the CLI (the data's records, in the store of ``privacy.ledger_store`` /
+``$AISEC_TRAIN_LEDGER_STORE`` / the user's data folder): a call on spent data is refused. Bad input raises the same
+one-line errors the CLI prints (``ConfigError``, ``DataError``, ``BudgetError``, ...).
 """
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from importlib.resources import files
@@ -20,11 +23,11 @@ from pathlib import Path
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from aisec_train.config import Config, register_configs, to_config
 from aisec_train.report.report import Report
-from aisec_train.run_state import UserObjects
+from aisec_train.run_state import Run, UserObjects
 from aisec_train.train.loop import TrainResult, resolve_device
 from aisec_train.train.objectives import objective_from_config
 from aisec_train.train.privacy import quiet_known_warnings
@@ -73,26 +76,79 @@ def train(
     """The one training loop on ``loader``'s dataset, batch size and workers, with the config's privacy,
     adversarial-training and optimizer settings. Returns the trained (plain) model and its privacy ledger.
 
-    Under ``privacy=dpsgd`` a model Opacus cannot train (BatchNorm, ...) is trained as a fixed copy
-    (``ModuleValidator.fix``): use ``result.model``, not the object passed in."""
+    Under ``privacy=dpsgd`` the spend is charged, before each epoch's end, to the dataset-level ledger of
+    ``loader.dataset``'s records, under the same rules as a CLI run (``result.budget``: that account, every run
+    on the data composed; a call whose planned spend does not fit is refused, ``BudgetError``, before any step).
+    A model Opacus cannot train (BatchNorm, ...) is trained as a fixed copy (``ModuleValidator.fix``): use
+    ``result.model``, not the object passed in."""
+    from aisec_train.data.items import check_items
     from aisec_train.models.factory import fix_for_dp
+    from aisec_train.preflight import check_limits
     from aisec_train.train.config import PrivacyMode
     from aisec_train.train.loop import train as train_loop
 
     quiet_known_warnings()
     cfg = config if isinstance(config, Config) else compose(config or ())
+    check_items(loader.dataset, "loader.dataset", min_items=1)  # every item's kind before a step (data/items.py)
+    check_limits(cfg)  # float32 range, accountant and resource limits (preflight.py)
+    if eval_dataset is not None:
+        check_items(eval_dataset, "eval_dataset")
     cfg.train.batch_size = loader.batch_size or cfg.train.batch_size
     if cfg.privacy.mode is PrivacyMode.dpsgd:  # as the pipeline's model factory does: BatchNorm -> GroupNorm, ...
         model = fix_for_dp(model, type(model).__qualname__)
-    return train_loop(
-        model,
-        loader.dataset,
-        train_cfg=cfg.train,
-        privacy_cfg=cfg.privacy,
-        device=resolve_device(cfg.train.device),
-        objective=objective_from_config(cfg.robustness),
-        optimizer=cfg.optimizer,
-        scheduler=cfg.scheduler,
-        eval_dataset=eval_dataset,
-        workers=loader.num_workers,
-    )
+    account = _Account(cfg, loader.dataset, eval_dataset)
+    with account.run.resources:  # the dataset ledger's lock, for the whole call
+        result = train_loop(
+            model,
+            loader.dataset,
+            train_cfg=cfg.train,
+            privacy_cfg=cfg.privacy,
+            device=resolve_device(cfg.train.device),
+            objective=objective_from_config(cfg.robustness),
+            optimizer=cfg.optimizer,
+            scheduler=cfg.scheduler,
+            eval_dataset=eval_dataset,
+            spend=account.open(),
+            workers=loader.num_workers,
+        )
+        result.budget = account.summary()  # type: ignore[attr-defined]
+    return result
+
+
+class _Account:
+    """``train``'s account in the dataset ledger, opened by the pipeline's own data and spend code (the data stage's
+    dataset identity, the store's rules), so the API is charged exactly as a CLI run on the same records."""
+
+    def __init__(self, cfg: Config, dataset: Dataset, eval_dataset: Dataset | None):
+        self.run = Run(cfg=cfg, run_dir=Path.cwd(), experiment="api.train")
+        self.dataset, self.eval_dataset, self.spend = dataset, eval_dataset, None
+
+    def open(self):
+        from aisec_train.data.dataset import load_dataset
+        from aisec_train.pipeline import _open_spend
+        from aisec_train.store.ledger_store import who
+        from aisec_train.train.config import PrivacyMode
+
+        cfg = self.run.cfg
+        if cfg.privacy.mode is not PrivacyMode.dpsgd:
+            return None
+        # every record of the loader is trained on: a held-out split would hide records from the ledger, so the
+        # test side is the caller's eval set (or one training item, only to satisfy the loader's shape check)
+        test = self.eval_dataset if self.eval_dataset is not None else Subset(self.dataset, [0])
+        self.run.data = load_dataset(cfg.dataset, cfg.train.seed, train=self.dataset, test=test)
+        if self.run.data.duplicates_removed:  # the loader trains on its dataset as given: refuse, never drop rows
+            from aisec_train.data.errors import DataError
+
+            raise DataError(
+                f"the loader's dataset holds {self.run.data.duplicates_removed} exact duplicate record(s); under DP "
+                "each record must appear once (a copy is the same person counted twice): deduplicate it first"
+            )
+        user, host = who()
+        run_id = f"api.train {user}@{host} {datetime.now().isoformat(timespec='seconds')} {uuid.uuid4().hex[:8]}"
+        self.spend = _open_spend(self.run, run_id=run_id)
+        return self.spend
+
+    def summary(self) -> dict | None:
+        if self.spend is None:
+            return None
+        return {**self.run.report.sections.get("privacy", {}), **self.spend.summary()}

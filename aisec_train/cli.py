@@ -53,17 +53,23 @@ def _job(dict_cfg: DictConfig) -> float:
     try:
         cfg = to_config(dict_cfg)  # type and range checks first: no torch needed to refuse a bad value
         from aisec_train.pipeline import run_pipeline  # heavy imports only once the config is valid
+        from aisec_train.quiet import quiet_library_warnings
         from aisec_train.train.privacy import quiet_known_warnings
 
         quiet_known_warnings()
+        quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1: the summary says what it means
         report = run_pipeline(cfg, run_dir, experiment=experiment)
     except refusals() as err:
         refuse(err)  # inside the job, so Hydra adds no banner of its own
-    log.info("report: %s", run_dir / "report.json")
-    print(
-        f"clean accuracy {report.get('metrics.clean_accuracy'):.4f}  epsilon {report.get('privacy.epsilon')}  "
-        f"report {run_dir / 'report.json'}"
-    )
+    except OSError as err:
+        refuse_write(err)
+    from aisec_train.train.launch import env_rank
+
+    if env_rank() != 0:  # a torchrun rank other than 0 only trained: rank 0 writes and prints the report
+        return 0.0
+    from aisec_train.report.summary import end_of_run
+
+    print(end_of_run(report, run_dir))  # epsilon at delta, accuracy, failing items with their fixes, the files
     return float(report.get("metrics.clean_accuracy"))
 
 
@@ -81,22 +87,25 @@ def refuse(err: BaseException) -> NoReturn:
     sys.exit(2)
 
 
-HYDRA_FILES = (".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "cli.log", "__main__.log")
+def refuse_write(err: OSError) -> NoReturn:
+    """A disk or permission error is the environment's, not a bug: one line; anything else stays a traceback."""
+    from aisec_train.preflight import write_failure
 
-
-def refuse_planted_links(argv: list[str]) -> None:
-    """Hydra writes .hydra/*.yaml and the log into the run directory before any of our code runs: refuse a
-    symlink planted there (or a run directory that is one) before Hydra can write through it."""
-    for arg in argv:
-        if arg.lstrip("+").startswith("hydra.run.dir="):  # also the forced forms +hydra.run.dir, ++hydra.run.dir
-            run_dir = Path(arg.split("=", 1)[1]).expanduser()
-            for path in (run_dir, *(run_dir / name for name in HYDRA_FILES)):
-                if path.is_symlink():
-                    refuse(ValueError(f"{path} is a symlink: aisec-train never writes through one; remove it"))
+    line = write_failure(err)
+    if line is None:
+        raise err
+    refuse(OSError(line))
 
 
 def main() -> None:
-    refuse_planted_links(sys.argv[1:])
+    from aisec_train.preflight import cli_preflight
+    from aisec_train.train.launch import cli_overrides
+
+    try:  # before Hydra writes .hydra/ into the run directory or instantiates a callback
+        sys.argv += cli_overrides(sys.argv[1:])  # under torchrun: the shared run directory (train/launch.py)
+        cli_preflight(sys.argv[1:])
+    except ConfigError as err:
+        refuse(err)
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
     register_configs()
@@ -104,6 +113,8 @@ def main() -> None:
         _job()
     except refusals() as err:
         refuse(err)
+    except OSError as err:  # a full disk or a folder made read-only mid-run (Hydra's own writes included)
+        refuse_write(err)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
-"""Components by instantiation: ``_target_`` configs checked before any work, then built with Hydra.
+"""Components by instantiation: ``_target_`` configs resolved and checked before anything is called, then built.
 
 ``model``, ``optimizer``, ``scheduler`` and a custom ``dataset.train`` / ``dataset.test`` are Hydra ``_target_``
-nodes. :func:`check_target` imports the target and holds the node's keys against its signature, so an
-unimportable class, a misspelt argument or a missing required one is refused in one line naming the key and the
-target, before any data is read or anything is trained. Arguments the run itself supplies (the model's shape, the
-optimizer's parameters, the scheduler's optimizer and horizon) are named in ``supplied``.
+nodes. :func:`check_target` imports the target, checks that it builds what its slot needs (allow-by-type: a
+subclass of the slot's base class, or a function whose return annotation names one; anything else, such as
+``builtins.print`` or ``pathlib.Path.unlink``, is refused without being called) and holds the node's keys against
+its signature, so a wrong, unimportable or misspelt target is refused in one line naming the key, before any data
+is read or anything is trained. Arguments the run itself supplies (the model's shape, the optimizer's parameters,
+the scheduler's optimizer and horizon) are named in ``supplied``. :func:`build` checks again, so no caller can
+instantiate an unchecked target; nested ``_target_`` nodes (which Hydra would call recursively) are refused.
 """
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -17,21 +21,110 @@ from hydra.utils import get_object, instantiate
 
 from aisec_train.errors import ConfigError
 
+# slot (the key's first part) -> (module, class name, what the slot accepts, in words). Imported lazily: a bad
+# override is refused without importing torch only when the target itself does not import it.
+SLOTS: dict[str, tuple[str, str, str]] = {
+    "model": ("torch.nn", "Module", "a torch.nn.Module subclass, or a function annotated '-> nn.Module'"),
+    "optimizer": ("torch.optim", "Optimizer",
+                  "a torch.optim.Optimizer subclass, or a function annotated to return one"),
+    "scheduler": ("torch.optim.lr_scheduler", "LRScheduler",
+                  "a torch.optim.lr_scheduler.LRScheduler subclass, or a function annotated to return one"),
+    "dataset": ("torch.utils.data", "Dataset",
+                "a torch.utils.data.Dataset subclass, or a function annotated to return one"),
+    "hydra.callbacks": ("hydra.experimental.callback", "Callback", "a hydra.experimental.callback.Callback subclass"),
+}  # fmt: skip
+RESERVED = {"_target_", "_convert_"}  # Hydra keys a node may carry; _args_, _partial_, _recursive_ bypass the checks
+
+
+def slot_of(key: str) -> str:
+    """The slot a key fills: ``dataset.train`` -> ``dataset``, ``hydra.callbacks.x`` -> ``hydra.callbacks``."""
+    return next((s for s in SLOTS if key == s or key.startswith(s + ".")), key.split(".")[0])
+
+
+def _base(slot: str) -> tuple[type, str]:
+    import importlib
+
+    module, name, words = SLOTS[slot]
+    return getattr(importlib.import_module(module), name), words
+
+
+def builds(found: Any, base: type) -> bool:
+    """True when ``found`` is a subclass of ``base``, or a plain function whose resolved return annotation is."""
+    if inspect.isclass(found):
+        return issubclass(found, base)
+    if not (inspect.isfunction(found) or inspect.ismethod(found)):
+        return False  # builtins (print, open), callable objects, partials: no annotation to trust
+    if inspect.ismethod(found) and not inspect.isclass(found.__self__):
+        return False  # a method bound to an object: calling it acts on that object, it does not build one
+    try:
+        returned = typing.get_type_hints(found).get("return")
+    except Exception:  # noqa: BLE001 - an annotation that does not resolve says nothing we can trust
+        return False
+    return inspect.isclass(returned) and issubclass(returned, base)
+
+
+def check_kind(found: Any, key: str, target: Any) -> None:
+    """Refuse ``found`` (``key._target_=target``) unless it builds what ``key``'s slot needs; it is never called."""
+    slot = slot_of(key)
+    if slot not in SLOTS:
+        raise ConfigError(f"{key}._target_={target!r} is not allowed: only {', '.join(SLOTS)} take a _target_")
+    base, words = _base(slot)
+    if not builds(found, base):
+        raise ConfigError(f"{key}._target_={target!r} is not allowed: {key} accepts {words}")
+
+
+def _nested_targets(value: Any, where: str) -> Iterable[str]:
+    if isinstance(value, dict):
+        if "_target_" in value:
+            yield where
+        for k, v in value.items():
+            yield from _nested_targets(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _nested_targets(v, f"{where}.{i}")
+
+
+def check_node(node: dict[str, Any], key: str) -> None:
+    """Only the node's own ``_target_`` is ever called: no reserved keys that skip the checks, no nested targets."""
+    for name in node:
+        if str(name).startswith("_") and name not in RESERVED:
+            raise ConfigError(f"{key}.{name} is not allowed: a {key} node takes _target_ and its arguments only")
+    for name, value in node.items():
+        for where in _nested_targets(value, f"{key}.{name}"):
+            raise ConfigError(
+                f"{where}._target_ is not allowed: only {key}._target_ is instantiated; pass plain values"
+            )
+
 
 def target_of(node: Any, key: str) -> Callable[..., Any]:
-    """The callable ``node['_target_']`` names, imported; a missing or unimportable target is a ConfigError."""
+    """The callable ``node['_target_']`` names, imported and checked for ``key``'s slot (never called here)."""
     if not isinstance(node, dict) or not node.get("_target_"):
         raise ConfigError(f"{key}._target_={None if not isinstance(node, dict) else node.get('_target_')!r} is not "
                           f"allowed: {key} needs a _target_ naming an importable class or function")  # fmt: skip
     target = node["_target_"]
+    check_node(node, key)
     try:
         found = get_object(str(target))
     except Exception as err:  # noqa: BLE001 - any import failure is the user's target, reported in one line
         reason = " ".join(str(err).split()).split(" Are you sure")[0]
-        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({reason})") from err
-    if not callable(found):
-        raise ConfigError(f"{key}._target_={target!r} is not callable")
+        hint = "" if "." in str(target) else "; give module.name"
+        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({reason}){hint}{cwd_hint(target)}") from err
+    check_kind(found, key, target)
     return found
+
+
+def cwd_hint(target: Any) -> str:
+    """How to make a module in the current directory importable, when it is there but not on sys.path."""
+    import os
+    import sys
+
+    top = str(target).split(".")[0]
+    here = os.getcwd()
+    if (os.path.exists(os.path.join(here, top + ".py")) or os.path.isdir(os.path.join(here, top))) and not any(
+        os.path.abspath(p or ".") == here for p in sys.path
+    ):
+        return f"; {top} is in {here} but not importable: run from there with PYTHONPATH=. or pip install -e ."
+    return ""
 
 
 def parameters(fn: Callable[..., Any]) -> dict[str, inspect.Parameter] | None:
@@ -73,7 +166,9 @@ def accepted(fn: Callable[..., Any], names: Iterable[str]) -> set[str]:
 
 
 def build(node: dict[str, Any], key: str, **supplied: Any) -> Any:
-    """``instantiate(node, **supplied)``, with a failing constructor reported as one ConfigError line."""
+    """``instantiate(node, **supplied)`` once the target is checked for ``key``'s slot, with a failing
+    constructor reported as one ConfigError line."""
+    target_of(node, key)
     try:
         return instantiate(node, **supplied)
     except Exception as err:  # noqa: BLE001 - the user's constructor raised: name it, do not dump a traceback

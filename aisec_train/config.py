@@ -22,6 +22,7 @@ from aisec_train.data.config import DatasetConfig
 from aisec_train.errors import ConfigError, require
 from aisec_train.federated.config import FederatedConfig, FederatedDP, FederatedMode
 from aisec_train.robust.config import RobustMode, RobustnessConfig
+from aisec_train.tracking.config import LoggerConfig
 from aisec_train.train.config import GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
 
 
@@ -39,6 +40,7 @@ class Config:
     backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
     federated: FederatedConfig = field(default_factory=FederatedConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)  # experiment trackers (aisec_train/tracking)
 
 
 def register_configs() -> None:
@@ -85,7 +87,7 @@ def _dataclass_of(annotation: str) -> type | None:
 
     for module_name in ("aisec_train.config", "aisec_train.data.config", "aisec_train.train.config",
                         "aisec_train.robust.config", "aisec_train.backdoor.config", "aisec_train.federated.config",
-                        "aisec_train.audit.config"):  # fmt: skip
+                        "aisec_train.audit.config", "aisec_train.tracking.config"):  # fmt: skip
         found = getattr(sys.modules.get(module_name), annotation, None)
         if found is not None and is_dataclass(found):
             return found
@@ -94,6 +96,9 @@ def _dataclass_of(annotation: str) -> type | None:
 
 def check_composition(cfg: Config) -> None:
     """Refuse combinations that would silently do less than the report claims."""
+    from aisec_train.text_run import check_text_config  # token ids: no pixel-space training, poisoning, augmentation
+
+    check_text_config(cfg)
     fed, bd, priv = cfg.federated, cfg.backdoor, cfg.privacy
     federated = fed.mode is not FederatedMode.none
     if federated:
@@ -109,7 +114,7 @@ def check_composition(cfg: Config) -> None:
             bd.filter,
             "false with federated training: the server holds no training records to filter and retrain on",
         )
-        if bd.attack is BackdoorAttack.badnets:
+        if bd.attack is not BackdoorAttack.none:  # badnets, blended or wanet: poisoned through malicious clients
             ok = 1 <= bd.malicious_clients <= fed.clients
             require(
                 ok,
@@ -136,6 +141,9 @@ def check_composition(cfg: Config) -> None:
         raise ConfigError(
             f"backdoor.malicious_clients={bd.malicious_clients!r} is not allowed: it needs backdoor=badnets"
         )
+    from aisec_train.train.augmult import check as check_augmult
+
+    check_augmult(cfg)  # train.augmult needs instantiated per-sample gradients
     two_forwards = cfg.robustness.mode is RobustMode.trades
     if priv.mode is PrivacyMode.dpsgd and two_forwards and priv.grad_sample_mode is GradSampleMode.ghost:
         raise ConfigError(

@@ -1,12 +1,15 @@
 """``aisec-train-ledger``: show, verify and raise the privacy budget charged to each dataset.
 
     aisec-train-ledger [--store DIR] list                                   # every dataset: runs, steps, epsilon
-    aisec-train-ledger [--store DIR] show DATASET_HASH [--json]             # runs, raises, overrides, tag status
+    aisec-train-ledger [--store DIR] show DATASET_HASH [--json]             # runs, refusals, raises, tag status
     aisec-train-ledger [--store DIR] raise-target DATASET_HASH --epsilon E --why TEXT   # a recorded act
     aisec-train-ledger [--store DIR] verify [DATASET_HASH ...]              # keyed tags, chain, anchor
     aisec-train-ledger [--store DIR] retag [DATASET_HASH ...] [--artifact FILE ...]     # after a key rotation
 
-The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/`` beside the registry.
+The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's own store in the platform's user data
+folder (``~/.local/share/aisec-train/privacy_ledgers``). ``show``, ``verify`` and ``raise-target`` take a unique
+prefix of the hash (at least 4 characters, as refusals print it). ``raise-target`` takes a finite ``--epsilon`` of
+at most 100 and a one-line printable ``--why`` of at most 200 characters.
 Exit status: 0 done, 2 refused (bad input, a ledger that does not verify, a lock held by another job).
 """
 
@@ -21,7 +24,7 @@ from typing import Any, NoReturn
 from aisec_train.errors import ConfigError
 from aisec_train.store import artifacts, keys
 from aisec_train.store.errors import StoreError
-from aisec_train.store.ledger_store import DatasetLedger, LedgerStore, check_dataset
+from aisec_train.store.ledger_store import DatasetLedger, LedgerStore
 
 PROG = "aisec-train-ledger"
 
@@ -49,6 +52,11 @@ def summary(led: DatasetLedger) -> dict[str, Any]:
         "delta_overrides": [
             _pick(r, "at", "who", "run_id", "delta", "n_train", "why") for r in _kind(records, "delta_override")
         ],
+        "exceeds": [
+            _pick(r, "at", "who", "host", "run_id", "target_epsilon", "epsilon_before", "epsilon_after", "why")
+            for r in _kind(records, "exceed")
+        ],
+        "refusals": [_pick(r, "at", "who", "host", "run_id", "why") for r in _kind(records, "refusal")],
         "records": len(records),
         "tags": {"verified": len(records), "current_key": keys.current_key().id, "old_keys": old},
     }
@@ -66,7 +74,7 @@ def _show(s: dict[str, Any]) -> None:
     b = s["budget"]
     print(f"dataset {s['dataset']}  ledger {s['ledger']}")
     if b is None:
-        print("budget: none recorded (no dataset-scoped run yet)")
+        print("budget: none recorded (no run with a target yet)")
     else:
         print(
             f"budget: target epsilon {b['target_epsilon']} at delta {b['delta']:g} by the {b['accountant']} accountant"
@@ -83,6 +91,13 @@ def _show(s: dict[str, Any]) -> None:
         print(f"  raise {r['previous']} -> {r['target_epsilon']}  at {r['at']} by {r['who']}@{r['host']}: {r['why']}")
     for r in s["delta_overrides"]:
         print(f"  delta override {r['delta']} (n={r['n_train']}) for run {r['run_id']} by {r['who']}: {r['why']}")
+    for r in s["exceeds"]:
+        print(
+            f"  target passed by run {r['run_id']} at {r['at']} by {r['who']}@{r['host']}: epsilon "
+            f"{r['epsilon_before']:.4f} -> {r['epsilon_after']:.4f} planned, target {r['target_epsilon']}: {r['why']}"
+        )
+    for r in s["refusals"]:
+        print(f"  refused run {r['run_id']} at {r['at']} by {r['who']}@{r['host']}: {r['why']}")
     t = s["tags"]
     old = f"; under old key(s) {', '.join(t['old_keys'])}: run retag" if t["old_keys"] else ""
     print(f"tags: {t['verified']} record(s) verified, chain and anchor intact (key {t['current_key']}){old}")
@@ -98,7 +113,8 @@ def _list(store: LedgerStore) -> int:
             b = led.budget()
             eps = f"{led.total_epsilon():.4f}" if b else "-"
             target = b["target_epsilon"] if b else "-"
-            print(f"{ds}  runs {len(led.runs())}  steps {led.steps()}  epsilon {eps} of {target}")
+            refused = len(led.of_kind("refusal"))
+            print(f"{ds}  runs {len(led.runs())}  steps {led.steps()}  epsilon {eps} of {target}  refused {refused}")
         except StoreError as err:
             failures += 1
             print(f"{ds}  FORGED  {' '.join(str(err).split())}")
@@ -109,7 +125,8 @@ def _verify(store: LedgerStore, datasets: list[str]) -> int:
     failures = 0
     for ds in datasets or store.datasets():
         try:
-            print(f"ok  {ds}  {len(store.view(check_dataset(ds)).records)} record(s)")
+            ds = store.find(ds)
+            print(f"ok  {ds}  {len(store.view(ds).records)} record(s)")
         except StoreError as err:
             failures += 1
             print(f"FORGED  {ds}  {' '.join(str(err).split())}")
@@ -145,7 +162,7 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     raise_ = sub.add_parser("raise-target", help="raise a dataset's target epsilon (recorded: who, when, why)")
     raise_.add_argument("dataset")
-    raise_.add_argument("--epsilon", type=float, required=True)
+    raise_.add_argument("--epsilon", type=float, required=True, help="the new target: finite, at most 100")
     raise_.add_argument("--why", required=True, help="the reason, recorded in the ledger")
     raise_.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running job's lock")
     verify = sub.add_parser("verify", help="verify every record's keyed tag, the chain and the anchor")
@@ -165,14 +182,14 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "verify":
             failures = _verify(store, args.datasets)
         elif args.command == "show":
-            led = store.view(check_dataset(args.dataset))
+            led = store.view(store.find(args.dataset))
             if not led.records:
                 refuse(f"no ledger for dataset {args.dataset} in {store.path}")
             s = summary(led)
             print(json.dumps(s, indent=2)) if args.json else _show(s)
             failures = 0
         elif args.command == "raise-target":
-            with store.open(check_dataset(args.dataset), wait=args.wait) as led:
+            with store.open(store.find(args.dataset), wait=args.wait) as led:
                 r = led.raise_target(args.epsilon, why=args.why)
             print(f"raised dataset {args.dataset[:16]} target {r['previous']} -> {r['target_epsilon']} (recorded)")
             failures = 0

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from aisec_train.report.report import Report
+from aisec_train.tracking.base import Tracker
 
 if TYPE_CHECKING:
     from aisec_train.backdoor.state import BackdoorState
@@ -55,6 +56,7 @@ class Run:
     model: nn.Module | None = None
     result: TrainResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=lambda: Tracker([]))  # the experiment trackers (logger group)
     resources: ExitStack = field(default_factory=ExitStack)  # the run directory's and the dataset ledger's locks
 
     @property

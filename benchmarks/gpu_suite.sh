@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one command on a CUDA machine (the device tool's `run`), from the repo root:
 # the compiled-kernel tests against their torch references, every benchmark (benchmarks/run_all.py; pass --readme
-# to refresh README's table), the default job on CUDA, and with two GPUs the 2-process NCCL run. Results go to
+# to refresh README's table), the default job on CUDA, and with two GPUs the 2-process NCCL run; issue 22's
+# bf16 speed-up, multi-GPU scaling (1..8 ranks), the NCCL run through torchrun itself and the tracking overhead. Results go to
 # $OUT (default benchmarks/results/gpu). Pure-Python dependencies the machine lacks may travel as wheels in .whl/
 # (see the device README); the project is installed from this tree.
 set -uo pipefail
@@ -27,4 +28,30 @@ if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
 else
   echo "one GPU: the 2-process NCCL run needs two" | tee "$OUT/default_job_cuda_nproc2.log"
 fi
+# Issue 22. bf16 against fp32 on the GPU (the same DP job; clipping and noise stay fp32): accuracy and step time.
+python3 scripts/figures/precision.py --device cuda --out "$OUT/precision_bf16_cuda.json" || status=1
+# Multi-GPU scaling of the default job: 1, 2, 4, 8 ranks (as many as there are GPUs), one privacy ledger each.
+gpus=$(nvidia-smi -L | wc -l)
+for n in 1 2 4 8; do
+  [ "$n" -le "$gpus" ] || break
+  ( cd /tmp && /usr/bin/time -f "nproc=$n wall %e s" python3 -m aisec_train train.device=cuda train.distributed.nproc=$n \
+      audit=off robustness.evaluate=false privacy.budget_scope=run hydra.run.dir=/tmp/gpu_scaling_$n ) 2>&1 | tail -3 \
+    | tee -a "$OUT/scaling_nproc.log" || status=1
+done
+# NCCL through torchrun itself: two "nodes" of gpus/2 ranks each on this machine (c10d rendezvous on loopback);
+# the report must show world_size = gpus, launcher torchrun and equal digests on every rank.
+if [ "$gpus" -ge 2 ]; then
+  half=$((gpus / 2)); port=29471
+  for node in 0 1; do
+    ( cd /tmp && CUDA_VISIBLE_DEVICES=$(seq -s, $((node * half)) $((node * half + half - 1))) python3 -m torch.distributed.run \
+        --nnodes=2 --nproc-per-node=$half --rdzv-backend=c10d --rdzv-endpoint=127.0.0.1:$port --rdzv-id=gpu-suite \
+        -m aisec_train train.device=cuda audit=off privacy.budget_scope=run hydra.run.dir=/tmp/gpu_torchrun ) \
+      > "$OUT/torchrun_nccl_node$node.log" 2>&1 &
+  done
+  wait || status=1
+  python3 -c 'import json; r=json.load(open("/tmp/gpu_torchrun/report.json"))["train"]; print(r["world_size"], r["distributed"])' \
+    | tee "$OUT/torchrun_nccl.log" || status=1
+fi
+# Experiment-tracking overhead on the GPU job (every logger against none).
+python3 scripts/figures/tracking_overhead.py --repeats 2 --device cuda --out "$OUT/tracking_overhead_cuda.json" || status=1
 exit $status

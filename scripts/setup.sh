@@ -5,16 +5,31 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
+# pip's builds print hundreds of packaging warnings (setuptools' notes on the configs/ data folders, pip's
+# "Location ... is ignored" for absent local indexes): each step's output goes to .venv/setup.log, and only
+# pip's own ERROR/WARNING lines are shown, those known-harmless Location lines excepted; a failing step
+# prints the end of its log and stops the script.
+quietly() {
+  if "$@" >.venv/setup.log 2>&1; then
+    grep -E '^(ERROR|WARNING):' .venv/setup.log | grep -vE "^WARNING: Location '.*' is ignored" >&2 || true
+  else
+    status=$?
+    tail -n 40 .venv/setup.log >&2
+    echo "setup: failed: $* (exit $status); full output in .venv/setup.log" >&2
+    exit "$status"
+  fi
+}
 stamp=.venv/.aisec-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
-  pip install -q --upgrade pip
+  quietly pip install -q --upgrade pip
   # torch and torchvision are pinned as a matching pair: PyPI's torchvision wheels are CUDA builds that
   # fail to import beside a CPU-only torch, so both come as the CUDA 13 build (it runs on the CPU too, and
   # is what a GPU cluster needs). An unpinned torch could pull a newer, mismatched pair.
-  pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  pip install -q -e ".[test,federated,cluster,timm,bench]"
+  quietly pip install -q "torch==2.14.1" "torchvision==0.29.1"
+  quietly pip install -q -e ".[test,federated,cluster,timm,finetune,bench,tracking]"
   # torchattacks (a test and benchmark peer) declares torchvision, whose PyPI wheel is CUDA-linked and
   # breaks next to the CPU torch; torchattacks itself never imports it.
-  pip install -q --no-deps "torchattacks==3.5.1"
+  quietly pip install -q --no-deps "torchattacks==3.5.1"
   touch "$stamp"
 fi
+echo "aisec-train is ready. Next: .venv/bin/aisec-train experiment=smoke  (a first run in about a minute)"

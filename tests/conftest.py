@@ -58,11 +58,13 @@ def read_report(run_dir: Path) -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def private_keys(tmp_path_factory):
-    """The HMAC key and the ledger anchors of the test session live in a throwaway folder, never in ~/.config."""
+    """The HMAC key and the ledger anchors of the test session live in a throwaway folder, never in ~/.config;
+    the user data folder too (the default ledger store and scratch stores live there), never ~/.local/share."""
     folder = tmp_path_factory.mktemp("keys")
-    saved = {k: os.environ.get(k) for k in ("AISEC_TRAIN_KEY_FILE", "AISEC_TRAIN_ANCHOR_DIR")}
+    saved = {k: os.environ.get(k) for k in ("AISEC_TRAIN_KEY_FILE", "AISEC_TRAIN_ANCHOR_DIR", "XDG_DATA_HOME")}
     os.environ["AISEC_TRAIN_KEY_FILE"] = str(folder / "hmac.key")
     os.environ["AISEC_TRAIN_ANCHOR_DIR"] = str(folder / "anchors")
+    os.environ["XDG_DATA_HOME"] = str(folder / "user_data")
     yield folder
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)

@@ -328,6 +328,8 @@ def same_dataset(lab: Lab, jobs: int, *, wait: bool, noise: float = 2.0, epochs:
         "refusals": [o.last for o in outs if o.rc != 0],
         "refused_locked": sum(o.refused("privacy ledger of dataset", "is locked by pid") for o in outs),
         "refused_exhausted": sum(o.refused("privacy budget exhausted") for o in outs),
+        # refused before any step because the planned spend does not fit what is left (never stopped part-way)
+        "refused_budget": sum(o.refused("privacy budget", "nothing was trained", "choices:") for o in outs),
         "stopped_by_budget": sum(r["train"]["stopped_by_budget"] for r in reports),
         "run_epsilons": [r["privacy"]["epsilon"] for r in reports],
         "run_steps": [r["privacy"]["steps"] for r in reports],

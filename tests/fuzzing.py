@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis import assume
 from hypothesis import strategies as st
+from torch.utils.data import Dataset
 
 from tests.drills import screen_lines
 
@@ -287,3 +288,144 @@ def bad_npz_bytes(draw) -> bytes:
         assume(not loads_cleanly(bytes(data)))
         return bytes(data)
     return draw(st.binary(max_size=512))
+
+
+# ---- numeric extremes of every config key -----------------------------------------------------------------------
+FLOAT_EXTREMES = (5e-324, 1e-300, 1e-12, 1e12, 1e300, float("inf"), float("-inf"), float("nan"), -1.0, 0.0)
+INT_EXTREMES = (0, -1, 2**31, 2**63, 10**30)
+
+
+def numeric_keys() -> dict[str, str]:
+    """Every int or float key of the typed config (``{"train.lr": "float", ...}``), read from the schema itself."""
+    import dataclasses
+    import typing
+
+    from aisec_train.config import Config
+
+    def walk(cls: type, prefix: str) -> typing.Iterator[tuple[str, str]]:
+        hints = typing.get_type_hints(cls)
+        for field in dataclasses.fields(cls):
+            kinds = [a for a in (typing.get_args(hints[field.name]) or (hints[field.name],)) if a is not type(None)]
+            if len(kinds) == 1 and dataclasses.is_dataclass(kinds[0]):
+                yield from walk(kinds[0], f"{prefix}{field.name}.")
+            elif bool not in kinds and (float in kinds or int in kinds):
+                yield f"{prefix}{field.name}", "float" if float in kinds else "int"
+
+    return dict(walk(Config, ""))
+
+
+def extremes(kind: str) -> tuple[float | int, ...]:
+    return FLOAT_EXTREMES + INT_EXTREMES[3:] if kind == "float" else INT_EXTREMES + (1e300,)
+
+
+def config_outcome(overrides: list[str]) -> str:
+    """'accepted', 'refused' (one of the CLI's refusal types) or the traceback of anything else, from composing
+    and type-checking the config (no training)."""
+    import aisec_train
+    from aisec_train.cli import refusals
+
+    try:
+        aisec_train.compose(overrides)
+    except refusals():
+        return "refused"
+    except Exception:  # noqa: BLE001 - a traceback is what the contract forbids
+        return traceback.format_exc()
+    return "accepted"
+
+
+# ---- malformed Dataset items through the Python API -------------------------------------------------------------
+class Items(Dataset):
+    """A map-style Dataset over a list of items, any kind (as a user's own class would return them)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        if isinstance(self.items[index], BaseException):
+            raise self.items[index]
+        return self.items[index]
+
+
+def good_item(i: int) -> tuple:
+    import torch
+
+    return torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(i)), i % 2
+
+
+def _bad_item(kind: str, i: int):  # noqa: C901 - one branch per kind, a table would hide the values
+    import torch
+    from PIL import Image
+
+    x, y = good_item(i)
+    return {
+        "dict item": {"image": x, "label": y},
+        "string label": (x, "cat"),
+        "3-tuple": (x, y, 0),
+        "1-tuple": (x,),
+        "float64 image": (x.double(), y),
+        "float16 image": (x.half(), y),
+        "uint8 image": ((x * 255).to(torch.uint8), y),
+        "numpy image": (x.numpy(), y),
+        "PIL image": (Image.new("L", (8, 8)), y),
+        "None label": (x, None),
+        "negative label": (x, -3),
+        "label 10**9": (x, 10**9),
+        "float label": (x, 1.0),
+        "bool label": (x, True),
+        "label tensor of 2": (x, torch.tensor([0, 1])),
+        "2-d image": (x[0], y),
+        "4-d image": (x[None], y),
+        "empty image": (torch.zeros(1, 0, 8), y),
+        "NaN pixel": (x.masked_fill(torch.arange(64).view(1, 8, 8) == 5, float("nan")), y),
+        "inf pixel": (x.masked_fill(torch.arange(64).view(1, 8, 8) == 7, float("inf")), y),
+        "other shape": (torch.rand(1, 9, 8), y),
+        "None item": None,
+        "string item": "x.png",
+        "getitem raises": KeyError(i),
+    }[kind]
+
+
+MALFORMED_KINDS = (
+    "dict item", "string label", "3-tuple", "1-tuple", "float64 image", "float16 image", "uint8 image", "numpy image",
+    "PIL image", "None label", "negative label", "label 10**9", "float label", "bool label", "label tensor of 2",
+    "2-d image", "4-d image", "empty image", "NaN pixel", "inf pixel", "other shape", "None item", "string item",
+    "getitem raises",
+)  # fmt: skip
+
+
+def malformed_dataset(kind: str, n: int = 40, at: int = 0) -> Items:
+    """``n`` good items with item ``at`` replaced by a malformed one of ``kind`` ('empty': no items at all)."""
+    if kind == "empty":
+        return Items([])
+    items = [good_item(i) for i in range(n)]
+    items[at] = _bad_item(kind, at)
+    return Items(items)
+
+
+API_CONFIG = [*BASE, "train.epochs=1", "train.batch_size=16"]
+
+
+def api_outcome(entry: str, train, test=None, run_dir: Path | None = None) -> str:
+    """'accepted', 'refused' (ConfigError / DataError) or the traceback of anything else, from ``aisec_train.run``
+    (``entry='run'``) or ``aisec_train.train`` on a DataLoader (``entry='train'``)."""
+    import torch
+
+    import aisec_train
+    from aisec_train.data.errors import DataError
+    from aisec_train.errors import ConfigError
+
+    try:
+        if entry == "run":
+            aisec_train.run(API_CONFIG, train_dataset=train, test_dataset=test, run_dir=run_dir)
+        else:
+            loader = torch.utils.data.DataLoader(train, batch_size=16)
+            aisec_train.train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), loader,
+                              [*API_CONFIG, "privacy=none"], eval_dataset=test)  # fmt: skip
+    except (ConfigError, DataError) as err:
+        return "refused" if "\n" not in str(err) else f"multi-line refusal: {err}"
+    except Exception:  # noqa: BLE001 - a traceback is what the contract forbids
+        return traceback.format_exc()
+    return "accepted"

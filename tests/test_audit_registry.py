@@ -33,10 +33,17 @@ def keyed(tmp_path, monkeypatch):
     return tmp_path / "keys" / "hmac.key"
 
 
-def make_run(run: Path, value: float = 1.0) -> Path:
+def make_run(run: Path, value: float = 1.0, **sections: dict) -> Path:
+    """A run folder as the pipeline leaves it: model.pt whose keyed tag records the run's claims, report.json."""
     run.mkdir(parents=True)
-    checkpoint.save({"w": torch.full((64,), value), "b": torch.zeros(3)}, run / "model.pt", root=run)
-    report = {"data": {"manifest_sha256": "d" * 64}, "metrics": {"clean_accuracy": 0.9}, "governance": {"owner": "me"}}
+    report = {"data": {"manifest_sha256": "d" * 64}, "metrics": {"clean_accuracy": 0.9}, "governance": {"owner": "me"},
+              "privacy": {"mode": "none", "epsilon": None, "delta": None}}  # fmt: skip
+    for name, values in sections.items():
+        report[name] = {**report.get(name, {}), **values}
+    meta = {"model": {"private": report["privacy"]["mode"] == "dpsgd"}, "run": registry.run_claims(report, run)}
+    digest = checkpoint.save({"w": torch.full((64,), value), "b": torch.zeros(3)}, run / "model.pt", root=run,
+                             meta=meta)  # fmt: skip
+    report["model"] = {"sha256": digest}
     (run / "report.json").write_text(json.dumps(report))
     return run
 

@@ -99,8 +99,10 @@ def test_multirun_through_the_submitit_launcher_writes_a_sweep_summary(tmp_path)
         "robustness.evaluate=false",
         "privacy.target_epsilon=1,8",
         # Two models on the same data: each has its own guarantee (run scope, said in the report); the sweep's
-        # jobs take the dataset ledger's lock in turn.
+        # jobs take the dataset ledger's lock in turn, and the one that takes the data past the other's target
+        # does so on record (privacy.budget_reason).
         "privacy.budget_scope=run",
+        "privacy.budget_reason='one sweep, two models'",
         "train.lock_wait_s=600",
         f"hydra.sweep.dir={tmp_path}",
     )

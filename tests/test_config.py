@@ -22,7 +22,9 @@ def compose_config(*overrides: str):
 def test_defaults_compose_to_typed_config():
     cfg = to_config(compose_config())
     assert cfg.dataset.name == "digits"
-    assert cfg.model == {"_target_": "aisec_train.models.SmallCNN"}
+    assert cfg.model["_target_"] == "aisec_train.models.SmallCNN"
+    # the fine-tuning keys every model preset carries (configs/model/_finetune.yaml), so none needs a '+'
+    assert cfg.model["checkpoint_path"] is None and cfg.model["trainable"] == "all" and cfg.model["lora"]["r"] == 8
     assert cfg.optimizer == {"_target_": "torch.optim.SGD", "lr": 0.5, "momentum": 0.9, "weight_decay": 0.0}
     assert cfg.privacy.mode.value == "dpsgd" and cfg.privacy.accountant is Accountant.prv
     assert cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-5

@@ -28,9 +28,22 @@ def opacus_epsilon(noise: float, rate: float, steps: int, delta: float) -> float
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ddp") / "run"
-    proc = run_cli(*FAST, "train.epochs=2", f"hydra.run.dir={run_dir}")
+    proc = run_cli(*FAST, "train.epochs=2", "logger=csv", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+def test_rank_zero_steps_reach_the_tracker(two_process_run):
+    """The ranks run under torch's elastic launcher in other processes; rank 0's per-step values come back with
+    its outcome and are logged by the job's process, once each."""
+    import csv
+
+    report = read_report(two_process_run)
+    rows = list(csv.DictReader((two_process_run / "tracking" / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r["key"] == "step/epsilon"]
+    assert steps == list(range(1, report["privacy"]["steps"] + 1))
+    assert [int(r["step"]) for r in rows if r["key"] == "epoch/test_accuracy"] == [1, 2]
+    assert report["train"]["distributed"]["launcher"] == "elastic_launch"
 
 
 def test_one_ledger_for_the_whole_job(two_process_run):

@@ -14,14 +14,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from tests.fuzzing import (
     BASE,
+    MALFORMED_KINDS,
+    _number,
+    api_outcome,
     bad_npz_bytes,
     bad_overrides,
     call_cli,
+    config_outcome,
+    extremes,
+    good_item,
     huge_header,
+    malformed_dataset,
     npz_bytes,
+    numeric_keys,
     refusal_problems,
     valid_arrays,
 )
@@ -147,3 +156,56 @@ def test_an_npy_header_numpy_cannot_tokenize_is_refused(tmp_path):
     data = npz_bytes(valid_arrays())
     assert data.count(b"'fortran_order': False") == 2
     Cases(tmp_path).npz_refused(data.replace(b"'fortran_order': False", b"'fortran_order'[ False", 1))
+
+
+# ---- the Python API's datasets and the numeric extremes of every key (issue 21) ---------------------------------
+@pytest.fixture
+def api_stores(tmp_path, monkeypatch):
+    monkeypatch.setenv("AISEC_TRAIN_REGISTRY", str(tmp_path / "registry.json"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", [*MALFORMED_KINDS, "empty"])
+def test_every_malformed_item_kind_is_refused_by_run_and_train(api_stores, kind):
+    """Each kind at an index past the first (item 0 is fine: the whole dataset is checked, not its first item)."""
+    for entry in ("run", "train"):
+        outcome = api_outcome(entry, malformed_dataset(kind, at=17), run_dir=api_stores / entry)
+        assert outcome == "refused", (kind, entry, outcome)
+    assert not (api_stores / "run" / "checkpoints").exists()
+
+
+def test_nan_in_the_test_split_is_refused(api_stores):
+    train = malformed_dataset("negative label", at=0)
+    train.items[0] = good_item(0)  # a clean training set
+    for entry in ("run", "train"):
+        outcome = api_outcome(entry, train, malformed_dataset("NaN pixel", at=3), run_dir=api_stores / entry)
+        assert outcome == "refused", (entry, outcome)
+
+
+def test_a_huge_label_is_refused_before_allocating(api_stores):
+    """10^9 classes would size 8 GB histograms: the refusal comes first, in well under a second of work."""
+    import time
+
+    started = time.perf_counter()
+    assert api_outcome("train", malformed_dataset("label 10**9", at=39)) == "refused"
+    assert time.perf_counter() - started < 20  # the old path allocated for 46 s before refusing
+
+
+@FAST
+@given(kind=st.sampled_from([*MALFORMED_KINDS, "empty"]), n=st.integers(2, 40), data=st.data())
+def test_api_datasets_property(tmp_path_factory, kind, n, data):
+    """Any malformed kind at any index of a dataset of any size: refused by ``train`` (the cheaper entry)."""
+    at = data.draw(st.integers(0, n - 1))
+    assert api_outcome("train", malformed_dataset(kind, n=n, at=at)) == "refused", (kind, n, at)
+
+
+@FAST
+@given(data=st.data())
+def test_numeric_extremes_of_every_key_compose_or_refuse(data):
+    """Every int/float key of the schema at an extreme (tiny, huge, inf, nan, negative, 2^63): the config is
+    accepted or refused in one line, never a traceback (scripts/figures/fuzz_edges.py sweeps them all)."""
+    keys = numeric_keys()
+    key = data.draw(st.sampled_from(sorted(keys)))
+    value = data.draw(st.sampled_from(extremes(keys[key])))
+    outcome = config_outcome([*BASE, f"{key}={_number(value)}"])
+    assert outcome in ("accepted", "refused"), (key, value, outcome)

@@ -94,7 +94,9 @@ def test_raise_target_refuses_while_a_job_holds_the_ledger(store, capsys):
 
 
 def test_bad_input_is_one_line(store, capsys):
-    refused(cli(capsys, "show", "not-a-hash"), "dataset hash 'not-a-hash' is not allowed: 64 lowercase hexadecimal")
+    refused(
+        cli(capsys, "show", "not-a-hash"), "dataset hash 'not-a-hash' is not allowed: 4 to 64 lowercase hexadecimal"
+    )
     refused(cli(capsys, "show", "0" * 64), f"no ledger for dataset {'0' * 64}")
     refused(cli(capsys, "frobnicate"), "invalid choice: 'frobnicate'")
     refused(cli(capsys), "the following arguments are required: command")
@@ -128,3 +130,50 @@ def test_retag_after_rotation(store, capsys, keyed, tmp_path, monkeypatch):
         checkpoint.load(tmp_path / "run" / "last.pt")["w"], torch.ones(2)
     )
     assert {keys.tag_key_id(r["tag"]) for r in store.view(DS).records} == {keys.current_key().id}
+
+
+@pytest.mark.parametrize(
+    ("epsilon", "why", "message"),
+    [
+        ("1e308", "ok", "--epsilon=1e+308 is not allowed: a dataset's target is at most 100"),
+        ("100.5", "ok", "--epsilon=100.5 is not allowed: a dataset's target is at most 100"),
+        ("inf", "ok", "--epsilon=inf is not allowed"),
+        ("nan", "ok", "--epsilon=nan is not allowed"),
+        ("5", "approved\nrm -rf /", "--why='approved\\nrm -rf /' is not allowed: one line of printable text"),
+        ("5", "tab\there", "is not allowed: one line of printable text"),
+        ("5", "x" * 201, "at most 200 characters"),
+    ],
+)
+def test_raise_target_takes_a_finite_value_under_the_maximum_and_a_one_line_reason(
+    store, capsys, epsilon, why, message
+):
+    refused(cli(capsys, "raise-target", DS, "--epsilon", epsilon, "--why", why), message)
+    assert [r["kind"] for r in store.view(DS).records].count("raise") == 0  # nothing recorded
+    code, out, _ = cli(capsys, "raise-target", DS, "--epsilon", 100, "--why", "x" * 200)  # the limits themselves
+    assert code == 0 and "target 3.0 -> 100.0 (recorded)" in out
+
+
+def test_show_takes_a_unique_hash_prefix(store, capsys):
+    code, out, _ = cli(capsys, "show", DS[:16])  # as refusals print it
+    assert code == 0 and out.startswith(f"dataset {DS}  ledger ")
+    assert cli(capsys, "verify", DS[:8])[1] == f"ok  {DS}  5 record(s)\n"
+    twin = DS[:6] + ("0" if DS[6] != "0" else "1") + DS[7:]  # a second dataset sharing the first 6 characters
+    with store.open(twin) as led:
+        led.begin_run("runs/c", **RUN, target_epsilon=3.0, n_train=1437)
+    refused(
+        cli(capsys, "show", DS[:6]), f"dataset hash prefix {DS[:6]} is ambiguous or unknown in {store.path} (2 match"
+    )
+    refused(cli(capsys, "show", "abc"), "dataset hash 'abc' is not allowed: 4 to 64")
+    assert cli(capsys, "show", DS[:7])[0] == 0  # one more character decides
+
+
+def test_a_refused_run_is_listed_as_a_refusal_not_a_run(store, capsys):
+    with store.open(DS) as led:
+        led.refusal("runs/late", "privacy budget exhausted for dataset 0123: nothing was trained")
+    code, out, _ = cli(capsys, "show", DS)
+    assert code == 0 and "refused run runs/late at " in out and ": privacy budget exhausted" in out
+    assert "run runs/late  started" not in out
+    summary = json.loads(cli(capsys, "show", DS, "--json")[1])
+    assert [r["run_id"] for r in summary["runs"]] == ["runs/a", "runs/b"]
+    assert [r["run_id"] for r in summary["refusals"]] == ["runs/late"]
+    assert f"{DS}  runs 2  steps 400  epsilon" in cli(capsys, "list")[1] and "refused 1" in cli(capsys, "list")[1]

@@ -16,6 +16,7 @@ from aisec_train.train.ledger import PrivacyLedger
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import SoftTargets
 from aisec_train.train.privacy import make_private
+from aisec_train.train.randomness import secret_generator
 
 CPU = torch.device("cpu")
 
@@ -60,7 +61,8 @@ def test_poisson_sampling_holds_over_a_streamed_augmented_subset():
     loader = torch.utils.data.DataLoader(data, batch_size=20)
     ledger = PrivacyLedger("rdp", 1e-5)
     dp = make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), loader,
-                      PrivacyConfig(target_epsilon=2.0), ledger=ledger, epochs=1)  # fmt: skip
+                      PrivacyConfig(target_epsilon=2.0), ledger=ledger, epochs=1,
+                      noise_generator=secret_generator())  # fmt: skip
     assert isinstance(dp.loader, DPDataLoader) and ledger.sample_rate == pytest.approx(20 / 100)
     sizes = [len(y) for _, y in dp.loader]
     assert len(set(sizes)) > 1  # independent per-sample coins: the batch size varies

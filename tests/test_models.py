@@ -44,13 +44,10 @@ def test_timm_models_build_offline_and_batchnorm_is_fixed_for_dp():
     assert vit(torch.rand(2, 3, 16, 16)).shape == (2, 5)
 
 
-def test_timm_refuses_downloads_and_unknown_architectures():
+def test_timm_refuses_unknown_architectures():
+    # model.pretrained=true (timm's published weights, one line without a network): tests/test_finetune.py
     with pytest.raises(ConfigError, match="not a timm model"):
         check_model_config({"_target_": "aisec_train.models.timm_model", "arch": "resnet_999"})
-    factory = ModelFactory({"_target_": "aisec_train.models.timm_model", "arch": "resnet18", "pretrained": True},
-                           (3, 16, 16), 5)  # fmt: skip
-    with pytest.raises(ConfigError, match="nothing is downloaded"):
-        factory()
 
 
 def test_factory_copies_a_model_object_and_refuses_what_opacus_cannot_fix():

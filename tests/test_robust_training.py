@@ -33,7 +33,7 @@ def test_dp_step_clips_the_adversarial_examples_per_sample_gradients(mode):
     torch.manual_seed(0)
     base = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
 
-    # The loop: one full-batch DP step (no Poisson sampling, negligible noise) with the adversary.
+    # The loop: one full-batch DP step (Poisson sampling at rate 1 keeps every sample, negligible noise).
     ours = copy.deepcopy(base)
     privacy = PrivacyConfig(
         noise_multiplier=1.0,
@@ -41,7 +41,6 @@ def test_dp_step_clips_the_adversarial_examples_per_sample_gradients(mode):
         max_grad_norm=CLIP,
         accountant=Accountant.rdp,
         grad_sample_mode=mode,
-        poisson_sampling=False,
     )
     privacy.noise_multiplier = 1e-9  # below the config's floor on purpose: the step must equal the noiseless one
     cfg = TrainConfig(epochs=1, batch_size=32, max_physical_batch_size=32, lr=LR, momentum=0.0, ema_decay=0.0)

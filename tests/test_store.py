@@ -313,14 +313,14 @@ def test_composed_epsilon_is_opacus_own_number_for_a_mixed_history(accountant):
     assert compose_epsilon(history, delta=1e-5, accountant=accountant) == reference.get_epsilon(delta=1e-5)
 
 
-def test_run_scoped_runs_are_recorded_and_composed_without_a_dataset_budget(tmp_path):
+def test_run_scoped_runs_are_recorded_and_composed_and_the_first_fixes_the_budget(tmp_path):
     from opacus.accountants import create_accountant
 
     with LedgerStore(tmp_path / "ledgers").open(DS) as led:
-        for run_id in ("r1", "r2"):  # a sweep of run-scoped models: no dataset budget is set
+        for run_id in ("r1", "r2"):  # a sweep of run-scoped models: the first one's target is the data's budget
             led.begin_run(run_id, **RUN, target_epsilon=3.0, n_train=1000, budget_scope="run")
             led.charge(run_id, [(1.1, 0.01, 40)])
-        assert led.budget() is None and led.steps() == 80
+        assert led.budget()["target_epsilon"] == 3.0 and led.steps() == 80  # no run scope without a target
         acc = create_accountant("rdp")
         acc.history = [(1.1, 0.01, 80)]
         assert led.spent_epsilon("r2") == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)

@@ -56,6 +56,8 @@ def membership(m: dict[str, Any] | None) -> list[str]:
 
 
 def extraction(e: dict[str, Any] | None, s: dict[str, Any] | None) -> list[str]:
+    if e and e.get("not_applicable"):  # text inputs (aisec_train/text_run.py): the reason, not a figure
+        return [f"Not applicable: {e['not_applicable']}."]
     if not e:
         return ["Not run (audit.enabled=false)."]
     g = e["guard"]
@@ -104,6 +106,8 @@ def extraction(e: dict[str, Any] | None, s: dict[str, Any] | None) -> list[str]:
 
 
 def guard_probes(p: dict[str, Any] | None) -> list[str]:
+    if p and p.get("not_applicable"):
+        return [f"Not applicable: {p['not_applicable']}."]
     if not p:
         return ["Not run (audit.enabled=false)."]
     lines = [f"{p['malformed_refused']}/{p['malformed_sent']} malformed queries refused, each with one line:", ""]
@@ -112,6 +116,8 @@ def guard_probes(p: dict[str, Any] | None) -> list[str]:
 
 
 def monitoring(m: dict[str, Any] | None) -> list[str]:
+    if m and m.get("not_applicable"):
+        return [f"Not applicable: {m['not_applicable']}."]
     if not m:
         return ["No monitoring baseline in this run."]
     th = m["thresholds"]

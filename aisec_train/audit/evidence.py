@@ -84,15 +84,19 @@ def extraction(summary: dict[str, Any]) -> tuple[Status, str]:
 
 
 def sanitization(sanit: dict[str, Any]) -> tuple[Status, str]:
-    """Pass means the evaluation was honest (the adaptive attack is at least as strong), not that it defends."""
-    honest = sanit["robust_accuracy_adaptive"] <= sanit["robust_accuracy_plain"]
+    """Pass means the evaluation was honest (the adaptive attack is at least as strong as plain PGD) and the
+    sanitiser helped under it: robust accuracy above the undefended model's. A sanitiser that lowers it fails."""
+    adaptive = sanit["robust_accuracy_adaptive"]
+    honest = adaptive <= sanit["robust_accuracy_plain"]
+    helped = adaptive > sanit["robust_accuracy_undefended"]
     s = sanit["sanitizer"]
-    return ("pass" if honest else "fail"), (
+    verdict = "" if helped else "; the sanitiser did not raise robust accuracy under the adaptive attack"
+    return ("pass" if honest and helped else "fail"), (
         f"bit depth {s['bit_depth']}, median {s['smoothing'] or 'off'}: robust accuracy "
         f"{sanit['robust_accuracy_plain']:.3f} under plain PGD (gradient masking) but "
         f"{sanit['robust_accuracy_adaptive']:.3f} under BPDA-PGD vs {sanit['robust_accuracy_undefended']:.3f} "
         f"undefended (clean {sanit['clean_accuracy_sanitized']:.3f} / {sanit['clean_accuracy_undefended']:.3f}); "
-        "only the adaptive figure is claimed"
+        "only the adaptive figure is claimed" + verdict
     )
 
 

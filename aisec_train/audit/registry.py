@@ -20,6 +20,7 @@ Exit status: 0 done, 2 refused (unknown run, forged entry, tampered file, unread
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -84,9 +85,79 @@ def _dig(report: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+CLAIMS = {  # what a model.pt's keyed tag records about its run (pipeline.stage_save_model) -> the report's key
+    "data_manifest_sha256": "data.manifest_sha256",
+    "privacy_mode": "privacy.mode",
+    "epsilon": "privacy.epsilon",
+    "delta": "privacy.delta",
+}
+
+
+def _json_value(value: Any) -> Any:
+    """A value a keyed tag can hold (its canonical JSON has finite numbers only)."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def run_claims(report: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """What ``model.pt``'s keyed tag says about the run that wrote it: its data, privacy, how training ended and
+    where it ran. ``register`` holds report.json against these, so neither a model copied in beside another run's
+    report nor an edited report passes (a whole run folder moved elsewhere is still one run: it registers, and its
+    entry's ``trained_in`` names where it was trained)."""
+    claims = {name: _json_value(_dig(report, key)) for name, key in CLAIMS.items()}
+    stopped = "budget" if _dig(report, "train.stopped_by_budget") else None
+    return {**claims, "run_dir": str(Path(run_dir).resolve()), "stopped": stopped}
+
+
+def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The tag's run claims, once report.json agrees with every one of them and with the model's digest."""
+    claims = manifest["meta"].get("run")
+    if not isinstance(claims, dict):
+        raise RegistryError(
+            f"{model}'s keyed tag records no run (data hash, privacy): it was not written by a run's save stage; "
+            "refusing a model of unknown origin"
+        )
+    found = [
+        f"report.json says {key}={_dig(report, key)!r}, the model's keyed tag {claims.get(name)!r}"
+        for name, key in CLAIMS.items()
+        if _json_value(_dig(report, key)) != claims.get(name)
+    ]
+    named = _dig(report, "model.sha256")
+    if named != digest:
+        found.append(f"report.json names model SHA-256 {str(named)[:16]}..., the file is {digest[:16]}...")
+    if bool(_dig(manifest, "meta.model.private")) != (claims.get("privacy_mode") == "dpsgd"):
+        found.append("the tag's model recipe and its privacy mode disagree")
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise RegistryError(f"{model} does not belong to this run: {found[0]}{more}; refusing a substituted artifact")
+    return claims
+
+
 def _sign(entry: dict[str, Any]) -> dict[str, Any]:
     body = {k: v for k, v in entry.items() if k != "tag"}
     return {**body, "tag": keys.tag(artifacts.canonical(body), "registry")}
+
+
+def _superseded(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any] | None:
+    """An honest resume of a registered run: its earlier entry is dropped, or, when it was marked known-good
+    (the vault keeps that model), kept and marked as replaced by the new one, never reported as tampered."""
+    if old["run_dir"] != new["run_dir"]:
+        return old
+    return {**old, "superseded_by": new["id"]} if old["known_good"] else None
+
+
+def _offerable(entry: dict[str, Any], manifest: dict[str, Any] | None) -> None:
+    """Refuse to offer as known-good a model the budget stopped early or whose tag records no run claims."""
+    claims = manifest["meta"].get("run") if manifest is not None else {"stopped": entry.get("stopped")}
+    if not isinstance(claims, dict):
+        raise RegistryError(f"run {entry['id']!r}: its model's keyed tag records no run; it is never known-good")
+    if manifest is not None and manifest["meta"].get("finite") is not True:
+        raise RegistryError(f"run {entry['id']!r}: its model's weights are not finite; it is never known-good")
+    stopped = claims.get("stopped") or entry.get("stopped")
+    if stopped:
+        raise RegistryError(
+            f"run {entry['id']!r} was stopped by the privacy {stopped} before its planned epochs: a partly trained "
+            "model is never offered as known-good"
+        )
 
 
 class Registry:
@@ -186,12 +257,16 @@ class Registry:
         if manifest["meta"].get("finite") is not True:
             raise RegistryError(f"{model} has non-finite weights (per its keyed tag); it is never registered")
         report = report if report is not None else self._report(run_dir)
+        claims = check_claims(model, digest, manifest, report)
         entry = {
             "id": f"{run_dir.parent.name}_{run_dir.name}-{digest[:8]}",
             "run_dir": str(run_dir),
             "checkpoint": str(model),
             "sha256": digest,
-            "data_manifest_sha256": _dig(report, "data.manifest_sha256"),
+            "data_manifest_sha256": claims["data_manifest_sha256"],
+            "privacy_mode": claims["privacy_mode"],
+            "stopped": claims["stopped"],
+            "trained_in": claims.get("run_dir"),  # a moved or copied run stays registrable, and says where it ran
             "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "metrics": {key: _dig(report, key) for key in HEADLINE},
             "governance": governance or report.get("governance") or {},
@@ -201,7 +276,8 @@ class Registry:
             old = [r for r in runs if r["id"] == entry["id"]]
             if old and old[0]["known_good"]:  # re-registering the same checkpoint keeps its known-good copy
                 entry.update(known_good=True, marked_good_at=old[0].get("marked_good_at"))
-            runs[:] = [r for r in runs if r["id"] != entry["id"]] + [entry]
+            runs[:] = [_superseded(r, entry) for r in runs if r["id"] != entry["id"]]
+            runs[:] = [r for r in runs if r is not None] + [entry]
         return _sign(entry)
 
     @staticmethod
@@ -222,7 +298,8 @@ class Registry:
             if entry is None:
                 raise RegistryError(f"no run {run_id!r} in {self.path}; `aisec-train-registry list` shows the ids")
             model = Path(entry["checkpoint"])
-            verify_file(model, entry["sha256"], root=Path(entry["run_dir"]))
+            _, manifest = verify_file(model, entry["sha256"], root=Path(entry["run_dir"]))
+            _offerable(entry, manifest)
             self._copy_verified(model, self.vault_path(entry["sha256"]), entry["sha256"], root=self.path.parent)
             entry.update(known_good=True, marked_good_at=datetime.now(UTC).isoformat(timespec="seconds"))
         return {**entry, "vault_copy": str(self.vault_path(entry["sha256"]))}
@@ -243,6 +320,7 @@ class Registry:
             what = f"run {run_id!r} is not marked known-good" if run_id else "no run is marked known-good"
             raise RegistryError(f"cannot roll back: {what} in {self.path}")
         entry = good[-1]
+        _offerable(entry, None)
         source = self.vault_path(entry["sha256"])
         try:
             data = read_nofollow(source, root=self.path.parent)
@@ -259,18 +337,26 @@ class Registry:
         return entry
 
     def status(self, entry: dict[str, Any]) -> tuple[str, str]:
-        """('ok' | 'missing' | 'TAMPERED') of the run-directory copy, and of the vault copy ('-' if none)."""
-        try:
-            verify_file(Path(entry["checkpoint"]), entry["sha256"], root=Path(entry["run_dir"]))
-            run = "ok"
-        except RegistryError as err:
-            run = "missing" if "does not exist" in str(err) else "TAMPERED"
+        """('ok' | 'missing' | 'replaced' | 'TAMPERED') of the run-directory copy, and of the vault copy ('-' if
+        none). 'replaced': a resume of the run registered a newer model; the vault keeps this one."""
+        if entry.get("superseded_by"):
+            run = "replaced"
+        else:
+            run = self._run_status(entry)
         if not entry["known_good"]:
             return run, "-"
         vault = self.vault_path(entry["sha256"])
         if not vault.is_file() or vault.is_symlink():
             return run, "missing" if not vault.is_symlink() else "TAMPERED"
         return run, "ok" if sha256_bytes(read_nofollow(vault)) == entry["sha256"] else "TAMPERED"
+
+    @staticmethod
+    def _run_status(entry: dict[str, Any]) -> str:
+        try:
+            verify_file(Path(entry["checkpoint"]), entry["sha256"], root=Path(entry["run_dir"]))
+            return "ok"
+        except RegistryError as err:
+            return "missing" if "does not exist" in str(err) else "TAMPERED"
 
     def retag(self) -> int:
         """Re-sign every entry and its run's model.pt manifest under the current key (after a rotation)."""

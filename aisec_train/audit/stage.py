@@ -23,6 +23,7 @@ from aisec_train.audit.registry import Registry, RegistryError, resolve_registry
 from aisec_train.data.views import materialize, subset
 from aisec_train.hashing import sha256_file
 from aisec_train.report.outputs import write_json
+from aisec_train.text_run import is_text, skip_image_audits
 from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.loop import train
 
@@ -51,6 +52,15 @@ def stage_audit(run: Run) -> None:
     cfg = run.cfg.audit
     run.report.add("governance", **governance(run))
     with _cpu_threads(run.device, cfg.cpu_threads):
+        if is_text(run.data):  # token ids: membership runs on losses; the pixel-space audits answer not_applicable
+            if cfg.enabled:
+                _membership(run, model)
+            else:
+                run.report.add("audit", membership=None)
+                run.report.check("training", evidence.MEMBERSHIP, "not_applicable", "audit.enabled=false: not run")
+            skip_image_audits(run)
+            _privacy_audit(run)
+            return
         if cfg.enabled:
             _membership(run, model)
             _extraction(run, model)

@@ -10,7 +10,9 @@ from aisec_train.errors import require
 
 class BackdoorAttack(Enum):
     none = "none"
-    badnets = "badnets"
+    badnets = "badnets"  # Gu et al. 2017: a corner patch
+    blended = "blended"  # Chen et al. 2017: a fixed noise key blended over the whole image
+    wanet = "wanet"  # Nguyen and Tran 2021: a smooth, fixed warp of the image
 
 
 class BackdoorMapping(Enum):
@@ -37,13 +39,17 @@ class PatchPosition(Enum):
 
 @dataclass
 class BackdoorConfig:
-    attack: BackdoorAttack = BackdoorAttack.none  # badnets: red-team poisoning of the training split
+    attack: BackdoorAttack = BackdoorAttack.none  # badnets|blended|wanet: red-team poisoning (backdoor/attacks.py)
     rate: float = 0.1  # fraction of the (remaining) training split poisoned; federated: of each malicious shard
     mapping: BackdoorMapping = BackdoorMapping.all_to_one
     target: int = 0  # all_to_one target class
     patch_size: int = 3  # trigger side in pixels: BadNets' 3x3 white square (docs/backdoor.md)
     patch_position: PatchPosition = PatchPosition.bottom_right
     patch_value: float = 1.0  # trigger pixel value on the [0, 1] scale
+    blend_alpha: float = 0.2  # blended: x' = (1 - alpha) x + alpha key (Chen et al. poison at 0.2)
+    warp_strength: float = 0.5  # wanet: s, the warp's magnitude in pixels (Nguyen and Tran: 0.5)
+    warp_grid: int = 4  # wanet: k, the control grid's side (4 in the paper)
+    trigger_seed: int = 0  # the attacker's key: blended's noise pattern, wanet's warp field (fixed per attacker)
     clean_fraction: float = 0.2  # stratified trusted clean reserve carved from the training split before poisoning
     trusted_path: str | None = None  # the defender's own clean .npz, outside the training data (replaces the reserve)
     detection: DetectionMethod = DetectionMethod.spectral  # the one reported as backdoor.detection (both run)
@@ -67,6 +73,9 @@ class BackdoorConfig:
         require(self.patch_size >= 1, "backdoor.patch_size", self.patch_size, "must be >= 1")
         require(0.0 <= self.patch_value <= 1.0, "backdoor.patch_value", self.patch_value, "must be in [0, 1]")
         require(0.0 < self.clean_fraction < 0.5, "backdoor.clean_fraction", self.clean_fraction, "must be in (0, 0.5)")
+        require(0.0 < self.blend_alpha < 1.0, "backdoor.blend_alpha", self.blend_alpha, "must be in (0, 1)")
+        require(self.warp_strength > 0, "backdoor.warp_strength", self.warp_strength, "must be > 0")
+        require(self.warp_grid >= 2, "backdoor.warp_grid", self.warp_grid, "must be >= 2")
         require(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "must be > 0")
         require(0.0 <= self.prune_acc_drop < 1.0, "backdoor.prune_acc_drop", self.prune_acc_drop, "must be in [0, 1)")
         require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")

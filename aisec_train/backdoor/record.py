@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aisec_train.backdoor import attacks
 from aisec_train.backdoor.config import BackdoorMapping, RepairMethod
 from aisec_train.backdoor.metrics import BackdoorMetrics, der
 from aisec_train.backdoor.state import BackdoorState
@@ -48,7 +49,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         rate=bd.rate,
         mapping=bd.mapping.value,
         target=bd.target if bd.mapping is BackdoorMapping.all_to_one else None,
-        trigger={"size": bd.patch_size, "position": bd.patch_position.value, "value": bd.patch_value},
+        trigger=attacks.describe(state.trigger),
         n_poisoned=len(state.poisoned.indices),
         feature_layer=state.layer.path,
         feature_layer_detail=state.layer.describe(),

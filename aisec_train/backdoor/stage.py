@@ -2,8 +2,8 @@
 
     poison: resolve the feature layer once (backdoor.feature_layer or automatic, on a fresh model from the
             factory) -> trusted clean data (own file, or a stratified reserve carved from the training split) ->
-            BadNets view over the training split (central), or over the first K clients' shards (federated)
-            -> lineage, report
+            the attack's poisoned view (backdoor/attacks.py: badnets, blended, wanet) over the training split
+            (central), or over the first K clients' shards (federated) -> lineage, report
     defend: metrics before -> detection (both methods) -> [filter + retrain] -> Fine-Pruning -> metrics after
             -> report section, privacy scope and checklist (backdoor/record.py)
 
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from aisec_train.backdoor import badnets, detect, federated_poison, prune, record, trusted
+from aisec_train.backdoor import attacks, badnets, detect, federated_poison, prune, record, trusted
 from aisec_train.backdoor.config import BackdoorAttack, BackdoorConfig, BackdoorMapping, RepairMethod
 from aisec_train.backdoor.features import detection_features, features_mode
 from aisec_train.backdoor.layers import resolve_feature_layer
@@ -50,7 +50,7 @@ def _validate(run) -> None:
     if bd.mapping is BackdoorMapping.all_to_one and bd.target >= data.num_classes:
         raise ConfigError(f"backdoor.target={bd.target!r} is not allowed: must be < {data.num_classes} classes")
     side = min(data.input_shape[1:])
-    if bd.patch_size >= side:
+    if bd.attack is BackdoorAttack.badnets and bd.patch_size >= side:
         raise ConfigError(f"backdoor.patch_size={bd.patch_size!r} is not allowed: must be < the image side {side}")
 
 
@@ -73,7 +73,7 @@ def poison_data(cfg, data, factory) -> BackdoorState:
     bd, seed = cfg.backdoor, cfg.train.seed
     layer = resolve_feature_layer(factory(seed=seed), data.input_shape, bd.feature_layer)
     clean = _trusted(cfg, data)  # before any partition: the reserve never reaches a client
-    trigger = badnets.Trigger(bd.patch_size, bd.patch_position.value, bd.patch_value)
+    trigger = attacks.make_trigger(bd)  # backdoor.attack's trigger: badnets patch, blended key or wanet warp
     target_of = _target_of(bd, data.num_classes)
     parts, per_client = None, []
     if bd.malicious_clients:
@@ -86,13 +86,13 @@ def poison_data(cfg, data, factory) -> BackdoorState:
     data.train = poisoned.view  # stamped and relabelled as rows are read; augmentation applies after the stamp
     scope = {"malicious_clients": bd.malicious_clients, "poisoned_per_client": per_client} if parts else {}
     data.record(
-        "badnets_poison",
+        f"{bd.attack.value}_poison",
         rate=bd.rate,
         rate_of="each malicious client's shard" if parts else "the training split",
         n_poisoned=len(poisoned.indices),
         mapping=bd.mapping.value,
         target=bd.target if bd.mapping is BackdoorMapping.all_to_one else None,
-        trigger={"size": bd.patch_size, "position": bd.patch_position.value, "value": bd.patch_value},
+        trigger=attacks.describe(trigger),
         **scope,
         **badnets.fingerprint(poisoned, trigger, target_of),
     )

@@ -8,6 +8,7 @@ The federated trainer reads it from ``job.extras["backdoor"]``: client ``i`` mus
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -19,7 +20,7 @@ from aisec_train.backdoor.layers import FeatureLayer
 
 @dataclass
 class BackdoorState:
-    trigger: badnets.Trigger
+    trigger: Any  # backdoor/attacks.py: badnets.Trigger, BlendTrigger or WarpTrigger (each has apply(x))
     target_of: badnets.TargetOf
     poisoned: badnets.Poisoned  # the true poisoned indices, for scoring the detectors only
     trusted: Dataset  # the defender's clean data (backdoor/trusted.py): a Subset reserve or a Sample from a file

@@ -65,8 +65,12 @@ class DatasetConfig:
     image_size: int = 8
     channels: int = 1
     num_classes: int = 10
+    # text: tokens per record, and the tokenizer's folder (configs/dataset/text.yaml fills it from model.path)
+    max_length: int = 128
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
+        require(1 <= self.max_length <= 1_000_000, "dataset.max_length", self.max_length, "must be in [1, 1000000]")
         require(0.0 < self.test_fraction < 1.0, "dataset.test_fraction", self.test_fraction, "must be in (0, 1)")
         if self.split_seed is not None:
             ok = 0 <= self.split_seed < 2**32

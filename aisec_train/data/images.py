@@ -9,12 +9,15 @@ refused naming its file, whenever it is read.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets
+from torchvision.datasets.folder import has_file_allowed_extension
 from torchvision.transforms import v2
 
 from aisec_train.data.config import DatasetConfig
@@ -35,8 +38,51 @@ def decode_rgb(path: str) -> torch.Tensor:
     )
 
 
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)  # follows links: two paths of one real folder have one identity
+    return st.st_dev, st.st_ino
+
+
+def walk_once(
+    top: str, seen: set[tuple[int, int]], blocked: frozenset[tuple[int, int]] = frozenset()
+) -> Iterator[tuple[str, list[str]]]:
+    """``(folder, sorted file names)`` under ``top``, following directory symlinks but entering each real folder
+    once (``seen``, shared between calls) and never a ``blocked`` one (the tree's root, its ancestors and the other
+    class folders): a symlink loop ends, and a folder reached by two paths is not read twice. Sorted at every level,
+    so which path of a folder is kept does not depend on the file system's listing order."""
+    for root, dirs, files in os.walk(top, followlinks=True):
+        if _identity(root) in seen:
+            dirs[:] = []
+            continue
+        seen.add(_identity(root))
+        dirs[:] = sorted(d for d in dirs if _identity(os.path.join(root, d)) not in seen | blocked)
+        yield root, sorted(files)
+
+
+def _blocked(directory: str, classes: list[str]) -> frozenset[tuple[int, int]]:
+    real = Path(os.path.realpath(directory))
+    return frozenset(_identity(str(p)) for p in [real, *real.parents, *(real / c for c in classes)])
+
+
 class CheckedImageFolder(datasets.ImageFolder):
-    """``ImageFolder`` returning float (C, H, W) in [0, 1] of one fixed size, with ``labels`` for cheap access."""
+    """``ImageFolder`` returning float (C, H, W) in [0, 1] of one fixed size, with ``labels`` for cheap access.
+    Folders are walked by :func:`walk_once` (torchvision's own walk follows a symlink loop until the path is too
+    long, multiplying every image in it)."""
+
+    is_image_folder = True  # data/records.py reads its files once, for the manifest and the record digests
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions))
+        samples, seen = [], set()  # one tree: a folder linked from two classes is read for the first only
+        blocked = _blocked(directory, list(class_to_idx))
+        for name in sorted(class_to_idx):
+            for root, files in walk_once(os.path.join(directory, name), seen, blocked):
+                samples += [(os.path.join(root, f), class_to_idx[name]) for f in files if valid(os.path.join(root, f))]
+        empty = set(class_to_idx) - {Path(p).relative_to(directory).parts[0] for p, _ in samples}
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"found no image file for the classes {', '.join(sorted(empty))}")
+        return samples
 
     def __init__(self, root: Path, size: tuple[int, int] | None):
         resize = v2.Resize(list(size), antialias=True) if size is not None else None

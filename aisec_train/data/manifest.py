@@ -29,8 +29,10 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True).encode())
 
 
-def sha256_items(dataset: Dataset, batch_size: int = 256) -> str:
-    """One SHA-256 over every (image, label) the dataset yields, in index order, streamed."""
+def sha256_items(dataset: Dataset, batch_size: int = 256, records: bytearray | None = None) -> str:
+    """One SHA-256 over every (image, label) the dataset yields, in index order, streamed; with ``records``, each
+    item's record digest is appended to it in the same pass (the data is read once)."""
+    from aisec_train.data.records import digest_batch
     from aisec_train.data.views import make_loader
 
     digest = hashlib.sha256()
@@ -38,6 +40,8 @@ def sha256_items(dataset: Dataset, batch_size: int = 256) -> str:
         for image, label in zip(x, torch.as_tensor(y).tolist(), strict=True):
             digest.update(image.contiguous().numpy().tobytes())
             digest.update(str(label).encode())
+        if records is not None:
+            records += digest_batch(x, y)
     return digest.hexdigest()
 
 
@@ -55,14 +59,19 @@ def build_manifest(
     files: list[Path],
     root: Path | None,
     streamed: dict[str, Dataset],
+    hashed: dict[Path, str] | None = None,
+    records: bytearray | None = None,
 ) -> dict[str, Any]:
+    """``hashed``: file hashes already taken (an image folder read once for its record digests); ``records``:
+    collects the record digests of ``streamed["train"]`` while it streams."""
+    hashed = hashed or {}
     manifest: dict[str, Any] = {
         "source": source,
         "arrays": {k: sha256_array(v) for k, v in arrays.items()},
-        "files": {_name(p, root): sha256_file(p) for p in files},
+        "files": {_name(p, root): hashed.get(p) or sha256_file(p) for p in files},
     }
     if streamed:
-        manifest["items"] = {k: sha256_items(v) for k, v in streamed.items()}
+        manifest["items"] = {k: sha256_items(v, records=records if k == "train" else None) for k, v in streamed.items()}
     return manifest
 
 

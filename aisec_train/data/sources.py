@@ -46,7 +46,7 @@ SOURCES: dict[str, Source] = {}
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {}
 # Keys only some sources read; a value other than the default for a source that ignores it is refused.
 SPECIFIC_KEYS = ("path", "test_path", "root", "train", "test", "resize", "n_samples", "image_size", "channels",
-                 "num_classes", "test_fraction")  # fmt: skip
+                 "num_classes", "test_fraction", "max_length", "tokenizer")  # fmt: skip
 
 
 def register_source(name: str, keys: tuple[str, ...] = ()) -> Callable[[Source], Source]:
@@ -245,6 +245,13 @@ def imagefolder(cfg: DatasetConfig, seed: int) -> SourceData:
     from aisec_train.data.images import read_image_folder
 
     return read_image_folder(cfg)
+
+
+@register_source("text", keys=("path", "test_path", "test_fraction", "max_length", "tokenizer"))
+def text(cfg: DatasetConfig, seed: int) -> SourceData:
+    from aisec_train.data.text import read_text_source  # transformers and datasets: only text runs import them
+
+    return read_text_source(cfg)
 
 
 @register_source("custom", keys=("train", "test", "test_fraction"))

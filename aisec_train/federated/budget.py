@@ -46,7 +46,8 @@ def begin(ledger: DatasetLedger, run_id: str, task: FederatedTask, plan: ClientD
         split_seed=task.data.split_seed, target_epsilon=target, n_train=n_train,
         budget_scope=cfg.privacy.budget_scope.value, delta_reason=cfg.privacy.delta_reason,
     )  # fmt: skip
-    if cfg.privacy.budget_scope.value == "run":
+    if cfg.privacy.budget_scope.value == "run":  # charged too: past the dataset's target only on record
+        ledger.admit_past_target(run_id, (noise, rate, steps), why=cfg.privacy.budget_reason, own_target=target)
         return
     spent = ledger.steps(run_id)  # a resumed federation has charged its earlier rounds already
     fits = ledger.steps_within(noise_multiplier=noise, sample_rate=rate, limit=steps, target_epsilon=target)

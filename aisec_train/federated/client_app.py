@@ -60,7 +60,7 @@ def make_app(settings: ClientSettings | None = None, task: FederatedTask | None 
         s = settings or ClientSettings.from_map(context.node_config)
         t = task or _task_from_job(s.job)
         keys = ClientKeys(s)
-        template = t.initial_model().state_dict()
+        template = t.global_state()  # only what travels (model.trainable may freeze the rest)
         pid = int(context.node_config["partition-id"])
         return s, t, keys, pid, *_global_state(msg.content["arrays"], keys, template)
 

@@ -10,6 +10,8 @@ from typing import Any
 
 from aisec_train.crypto import ckks
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.train import claims
+from aisec_train.train.randomness import describe as describe_randomness
 
 PLOT = "federated_accuracy.png"
 
@@ -214,16 +216,18 @@ def _privacy(run, eps: dict[int, dict[str, Any]], private: bool) -> None:
         max_epsilon_client=worst_id,
     )
     within = cfg.target_epsilon is None or worst["epsilon"] <= cfg.target_epsilon + 1e-9
-    report.check(
-        "training",
-        "differentially private training (DP-SGD)",
-        "pass" if within else "fail",
+    gaps = claims.guarantee_gaps(cfg, len(run.data.train))  # reproducible noise, delta >= 1/n: no guarantee
+    report.add("privacy", randomness=describe_randomness(cfg, run.cfg.train.seed), guarantee=claims.guarantee(gaps))
+    status, evidence = claims.dp_item(
+        within,
         f"each of {len(eps)} clients runs DP-SGD with its own ledger; max epsilon {worst['epsilon']:.3f} "
         f"(client {worst_id}, delta {worst['delta']:g}, {worst['accountant']}, {worst['steps']} steps, noise "
         f"{worst['noise_multiplier']:.3f}); per client: "
         + ", ".join(f"{k}: {v['epsilon']:.3f}" for k, v in eps.items())
         + f"; target {cfg.target_epsilon}",
+        gaps,
     )
+    report.check("training", "differentially private training (DP-SGD)", status, evidence)
 
 
 def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param, transport: str) -> None:
@@ -254,11 +258,15 @@ def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_
         ),
     )
     refused = [dict(x, round=row["round"]) for row in rows for x in row["refused"]]
+    # The criterion: no update of a client injected with a NaN or over-norm fault entered a round the fault fired in.
+    faulty, when = set(fed.inject.nan) | set(fed.inject.scale), fed.inject.round
+    slipped = [(row["round"], c) for row in rows if when in (0, row["round"]) for c in row["accepted"] if c in faulty]
     report.check(
         "training",
         "poisoned or corrupt client updates refused (NaN/inf, norm bound)",
-        "pass",
-        f"{len(refused)} update(s) refused"
+        "fail" if slipped else "pass",
+        (f"faulty updates ACCEPTED (round, client): {slipped}; " if slipped else "")
+        + f"{len(refused)} update(s) refused"
         + "".join(f"; round {x['round']} client {x['client']} ({x['reason']}, by {x['by']})" for x in refused)
         + (
             f"; every update clipped to L2 {fed.client_dp.clip_norm} by its client (dp=client), NaN/inf refused"

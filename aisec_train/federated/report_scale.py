@@ -20,6 +20,7 @@ from aisec_train.federated.config import Aggregation, Defence, FederatedDP
 from aisec_train.federated.partition import Partition
 from aisec_train.federated.robust_aggregation import DEFENCES, ckks_summary, runs_on_ciphertexts
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.train import claims
 
 COLLUSION = (
     "single-key CKKS: every client holds the same secret key and the server holds none, so any key-holding client "
@@ -47,7 +48,7 @@ def add(
         sampling={
             "fraction_train": fed.fraction_train,
             "fraction_evaluate": fed.fraction_evaluate if fed.evaluate else 0.0,
-            "sampler": "poisson (each client independently, seeded)" if plan else "fixed size, seeded",
+            "sampler": _sampler(plan, fed.client_dp.secure_noise),
             "expected_cohort": plan.expected_cohort if plan else max(int(fed.clients * fed.fraction_train), 1),
             "cohort_per_round": [row.get("sampled") for row in history],
             "evaluated_clients_per_round": [row.get("evaluated_clients") for row in history],
@@ -122,6 +123,12 @@ def _final_clip(plan: ClientDPPlan, client: ClientSettings | None, state: dict[s
     return decode(np.asarray(extras, np.float64), 0, plan)[1]
 
 
+def _sampler(plan: ClientDPPlan | None, secure: bool) -> str:
+    if plan is None:
+        return "fixed size, seeded"
+    return f"poisson (each client independently, {'OS entropy' if secure else 'seeded: replayable'})"
+
+
 def _client_privacy(run, plan: ClientDPPlan, server: ServerSettings, client, state) -> None:
     report = run.report
     ledger = read_ledger(Path(server.state_dir), plan.accountant, plan.delta) or {
@@ -158,20 +165,25 @@ def _client_privacy(run, plan: ClientDPPlan, server: ServerSettings, client, sta
         scope={"unit": "client", "statement": statement},
     )
     within = plan.target_epsilon is None or eps <= plan.target_epsilon + 1e-9
-    report.check(
-        "training",
-        "differentially private training (DP-SGD)",
-        "pass" if within else "fail",
+    secure, seed = run.cfg.federated.client_dp.secure_noise, run.cfg.train.seed
+    source = "os_entropy" if secure else f"train.seed={seed} (federated.client_dp.secure_noise=false: replayable)"
+    gaps = [] if secure else [f"federated.client_dp.secure_noise=false: noise and cohorts follow train.seed={seed}"]
+    randomness = {"noise": source, "sampling": source, "dp_guarantee": secure}
+    report.add("privacy", guarantee=claims.guarantee(gaps), randomness=randomness)
+    status, evidence = claims.dp_item(
+        within,
         f"client-level ({eps:.3f}, {delta:g})-DP by DP-FedAvg with distributed noise: {ledger['steps']} round(s) "
         f"charged by the {plan.accountant} accountant at sampling rate {plan.sample_rate:g}, noise multiplier "
-        f"{plan.noise_multiplier:.3f}, clip {plan.clip_norm:g}; target {plan.target_epsilon}"
-        + ("" if run.cfg.federated.client_dp.secure_noise else "; NOTE seeded noise (secure_noise=false): replayable"),
+        f"{plan.noise_multiplier:.3f}, clip {plan.clip_norm:g}; target {plan.target_epsilon}",
+        gaps,
     )
+    report.check("training", "differentially private training (DP-SGD)", status, evidence)
 
 
 def _defence_check(run, history: list[dict[str, Any]]) -> None:
     fed, report = run.cfg.federated, run.report
     d = report.get("federated.defence")
+    fix = None  # the table's fix (report/criteria.py) unless the rule needs more clients
     if d["name"] == "fedavg":
         status, evidence = "fail", "federated.defence=fedavg: every accepted update enters the mean unchecked"
     elif not d["verifiable_by_server"]:
@@ -182,12 +194,60 @@ def _defence_check(run, history: list[dict[str, Any]]) -> None:
             f"bounded nor detected (clients that skipped it here: {d['clients_skipping_clip'] or 'none'})"
         )
     else:
-        status, evidence = "pass", f"{d['what']}, applied by the server to the plaintext updates of every round"
+        held, tally, fix = _held_against_attackers(run, history)
+        status = "pass" if held else "fail"
+        evidence = f"{d['what']}, applied by the server to the plaintext updates of every round; {tally}"
     if fed.aggregation is Aggregation.ckks:
         table = report.get("federated.defences_on_ciphertexts")
         impossible = [k for k, v in table.items() if not v["runs_on_ciphertexts"]]
         evidence += f"; cannot run on ciphertexts: {', '.join(impossible)}"
-    report.check("training", "robust aggregation against malicious clients", status, evidence)
+    report.check("training", "robust aggregation against malicious clients", status, evidence, fix=fix)
+
+
+def tolerates(rule: str, n: int, f: int, trim_fraction: float = 0.0) -> bool:
+    """Whether ``rule`` still bounds the aggregate with ``f`` malicious updates among ``n`` (the standard breakdown
+    points: Krum, Blanchard et al. 2017, n >= 2f + 3; the coordinate-wise median an honest majority; the trimmed
+    mean cuts at least f per side and keeps an honest majority; norm bounding caps each update's size but a
+    malicious majority still steers the mean, so it needs an honest majority too)."""
+    if f == 0:
+        return n >= 1
+    if rule == "krum":
+        return n >= 2 * f + 3
+    if rule == "trimmed_mean":
+        return int(trim_fraction * n) >= f and 2 * f < n
+    if rule in ("median", "norm_bound"):
+        return 2 * f < n
+    return False  # fedavg: a single update moves the mean anywhere
+
+
+def _held_against_attackers(run, history: list[dict[str, Any]]) -> tuple[bool, str, str | None]:
+    """The criterion on this run's rounds: each aggregated round's f (the larger of the assumed attackers and the
+    red team's clients among its accepted updates) within what the rule tolerates for its n updates."""
+    fed, bd = run.cfg.federated, run.cfg.backdoor
+    malicious = set(range(bd.malicious_clients)) | set(fed.inject.skip_clip) | set(fed.inject.scale)
+    assumed, rule = fed.defence.num_malicious, fed.defence.name.value
+    rounds = [(row["round"], row["accepted"]) for row in history if not row.get("failed") and row.get("accepted")]
+    if not rounds:  # nothing aggregated: judge the configured cohort against every attacker it can hold
+        rounds = [(0, list(range(min(fed.cohort, fed.clients))))]
+    worst = None
+    for rnd, accepted in rounds:
+        n, f = len(accepted), max(assumed, len(malicious & set(accepted)))
+        if not tolerates(rule, n, f, fed.defence.trim_fraction):
+            worst = worst or (rnd, n, f)
+    attackers = f"malicious clients {sorted(malicious) or 'none'}, num_malicious assumed {assumed}"
+    if worst is None:
+        return True, f"{attackers}: every round's f within what {rule} tolerates", None
+    rnd, n, f = worst
+    where = f"round {rnd}" if rnd else "the configured cohort"
+    need = 2 * f + 3 if rule == "krum" else 2 * f + 1
+    fix = (
+        f"at least {need} clients per round for f={f}: federated.clients={max(need, fed.clients + need - n)} "
+        f"federated.defence.num_malicious={f}"
+    )
+    if rule == "trimmed_mean":
+        fix += f" federated.defence.trim_fraction={min(0.49, round(f / need + 0.005, 2))}"
+    tally = f"{attackers}: {where} had f={f} malicious of n={n} updates, more than {rule} tolerates"
+    return False, tally, fix
 
 
 def _custody_check(run, retired: list[int]) -> None:

@@ -40,7 +40,7 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
         # 2. Resume from the last completed round, or start from the seeded initial model.
         state = load_state(s.state_dir)
         done = state["round"] if state else 0
-        arrays = state_to_record(state["model"]) if state else ArrayRecord(_initial(s, task).state_dict())
+        arrays = state_to_record(state["model"]) if state else ArrayRecord(_initial(s, task))
         last = min(fed.rounds, fed.stop_after_round or fed.rounds)
         if done >= last:
             log.info("federated: %d round(s) already complete", done)
@@ -62,6 +62,7 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
             fraction_evaluate=fed.fraction_evaluate,
             seed=cfg.train.seed,
             dp=make_plan(fed) if level is FederatedDP.client else None,
+            secret_sampling=fed.client_dp.secure_noise,  # the DP cohort draw from OS entropy, as the noise
             defence={**vars(fed.defence), "name": fed.defence.name.value},
             round_offset=done,
             history=state["history"] if state else None,
@@ -82,8 +83,9 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
 
 
 def _initial(s: ServerSettings, task: FederatedTask | None):
-    """The seeded initial global model (the server needs its shape only; in deployment it rebuilds the task)."""
-    return (task or FederatedTask.from_job(s.job)).initial_model()
+    """The seeded initial global state: the tensors that travel, all of them unless ``model.trainable`` freezes
+    some (the server needs their shapes only; in deployment it rebuilds the task)."""
+    return (task or FederatedTask.from_job(s.job)).global_state()
 
 
 app = make_app()

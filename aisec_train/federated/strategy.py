@@ -130,6 +130,7 @@ class SecureFedAvg(FedAvg):
         fraction_evaluate: float = 1.0,
         seed: int = 0,
         dp: ClientDPPlan | None = None,
+        secret_sampling: bool = False,
         defence: dict[str, Any] | None = None,
         round_offset: int = 0,
         history: list[dict[str, Any]] | None = None,
@@ -149,6 +150,9 @@ class SecureFedAvg(FedAvg):
         if aggregation == CKKS_KEY and self.public_ctx is None and not public_root:
             raise ValueError("ckks aggregation needs the public context path")
         self.dp = dp
+        # Under client-level DP the accountant's amplification assumes nobody can predict the cohort: the run's
+        # server draws it from OS entropy (secret_sampling); seeded only for replayable experiments.
+        self.secret_sampling = secret_sampling and dp is not None
         self.ledger = ClientLedger(self.state_dir, dp) if dp else None
         self.defence = {"name": "fedavg", **(defence or {})}
         self.history = history or []
@@ -161,7 +165,7 @@ class SecureFedAvg(FedAvg):
         rnd = server_round + self.round_offset
         self._global, self._started[rnd] = arrays, time.perf_counter()
         nodes = self._ordered_nodes(grid)
-        rng = np.random.default_rng([self.seed, rnd])  # the sample is data-independent and reproducible
+        rng = np.random.default_rng() if self.secret_sampling else np.random.default_rng([self.seed, rnd])
         if self.ledger is not None:
             if not self.ledger.fits_one_more():
                 log.warning("round %d not started: the client-level privacy budget is spent", rnd)

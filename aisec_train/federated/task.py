@@ -31,6 +31,7 @@ from aisec_train.config import Config, to_config
 from aisec_train.data.dataset import DataBundle, load_dataset
 from aisec_train.data.views import labels_of, subset
 from aisec_train.errors import require
+from aisec_train.federated import shared
 from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
 from aisec_train.federated.partition import Partition, client_partition, partition_labels
 from aisec_train.models.factory import ModelFactory
@@ -120,6 +121,21 @@ class FederatedTask:
     def initial_model(self) -> nn.Module:
         """The seeded initial global model: the same weights central training would start from."""
         return self.factory(seed=self.cfg.train.seed)
+
+    @property
+    def keys(self) -> list[str] | None:
+        """The state-dict keys that travel (``model.trainable`` freezes the rest; None: all; shared.py)."""
+        if not hasattr(self, "_keys"):
+            self._keys = shared.shared_keys(self.initial_model())
+        return self._keys
+
+    def global_state(self) -> dict[str, torch.Tensor]:
+        """The initial global state: the travelling tensors of the initial model."""
+        return shared.restrict(self.initial_model().state_dict(), self.keys)
+
+    def global_model(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """The full model: the global (travelling) tensors merged into the frozen initial base."""
+        return shared.merge(self.initial_model(), state, self.keys)
 
     def client_train(self, partition_id: int) -> Dataset:
         return self.data.training_view(subset(self.data.train, self.train_parts[partition_id]))
@@ -219,8 +235,7 @@ def local_round(
     private = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd) is FederatedDP.record
     ledger = state["ledger"] or (_calibrated_ledger(cfg, len(train_split)) if private else None)
 
-    model = task.initial_model()
-    model.load_state_dict(global_state)
+    model = task.global_model(global_state)
     seed = cfg.train.seed + 1000 * (partition_id + 1) + server_round  # distinct noise per client and round
     # A local round is a handful of steps: the central run's weight average would drag it back to the global model.
     train_cfg = dataclasses.replace(
@@ -234,7 +249,7 @@ def local_round(
     optimizer_cfg = _client_optimizer(cfg, train_cfg)
     torch.manual_seed(seed)
     resume = {
-        "model": global_state,
+        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},  # the merged full model
         "optimizer": build(optimizer_cfg, "optimizer", params=model.parameters()).state_dict(),
         "ledger": ledger,
         "history": [],
@@ -257,7 +272,8 @@ def local_round(
     except BudgetExhausted:
         flat = flatten(global_state)
         return LocalResult(flat, np.zeros_like(flat), len(train_split), {"epsilon": _eps(ledger)}, refused="budget")
-    new_state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
+    trained = result.model.state_dict()
+    new_state = {k: trained[k].detach().cpu() for k in global_state}  # what travels, in the global order
     weights, base = flatten(new_state), flatten(global_state)
     last = result.history[-1] if result.history else {}
     metrics = {
@@ -300,8 +316,7 @@ def client_epsilons(state_dir: Path, clients: int) -> dict[int, dict[str, Any]]:
 
 def evaluate_local(task: FederatedTask, partition_id: int, global_state: dict[str, torch.Tensor]) -> tuple[float, int]:
     test = task.client_test(partition_id)
-    model = task.initial_model()
-    model.load_state_dict(global_state)
+    model = task.global_model(global_state)
     return accuracy(model, test, resolve_device(task.cfg.train.device)), len(test)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
-from aisec_train.federated import budget
+from aisec_train.federated import budget, shared
 from aisec_train.federated import report as fed_report
 from aisec_train.federated import report_scale as fed_scale
 from aisec_train.federated.client_dp import client_level_epsilon
@@ -102,6 +102,9 @@ def client_gpu_share(fed, device: torch.device) -> float:
 
 def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float, task: FederatedTask) -> str:
     """Flower's simulation engine (Ray) in this process, with the configured resources per client."""
+    from aisec_train.quiet import quiet_flower
+
+    quiet_flower()  # each Flower line once, without its DEBUG and import-time noise: before flwr.simulation loads
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     from aisec_train.federated import client_app, server_app
@@ -127,15 +130,13 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
 def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
     """The last global model; on the CKKS path the job decrypts it as a key holder (never the ServerApp).
     A DP aggregate's two extra values (count, clip norm) are not weights and are left out."""
-    model = task.initial_model()
-    template, saved = model.state_dict(), state["model"]
+    template, saved = task.global_state(), state["model"]
     if saved["kind"] == "ckks":
         vector = ClientKeys(client).decrypt(saved["data"])
         tensors = unflatten(vector[: sum(v.numel() for v in template.values())], template)
     else:
         tensors = {k: v for k, v in saved["tensors"].items() if k not in EXTRA_KEYS}
-    model.load_state_dict(tensors)
-    return model
+    return task.global_model(tensors)  # the aggregated subset merged into the frozen base (shared.py)
 
 
 def train_federated(job) -> TrainResult:
@@ -183,7 +184,9 @@ def train_federated(job) -> TrainResult:
             row["epsilon"] = client_level_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
                                                   plan.accountant) if steps else 0.0  # fmt: skip
     result = TrainResult(model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
-    view = SimpleNamespace(cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name)
+    view = SimpleNamespace(
+        cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name, data=job.data
+    )
     fed_report.add(
         view,
         state,
@@ -197,6 +200,8 @@ def train_federated(job) -> TrainResult:
         client_level=plan is not None,
     )
     fed_scale.add(view, task.partition, level, plan, server, retired, client, state)
+    slots = cfg.federated.ckks.poly_modulus_degree // 2 if cfg.federated.aggregation is Aggregation.ckks else None
+    job.report.add("federated", **shared.summary(model, task.keys, fed_report.per_round(state["history"]), slots))
     return result
 
 

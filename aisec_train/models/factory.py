@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -23,14 +23,17 @@ from torch import nn
 
 from aisec_train.components import accepted, build, check_target
 from aisec_train.errors import ConfigError
-from aisec_train.models.normalize import InputNormalization
+from aisec_train.models import finetune
+from aisec_train.models.normalize import InputNormalization, inner
 
 SHAPE_ARGS = ("in_channels", "num_classes", "image_size", "input_shape")
 
 
 def check_model_config(node: Any) -> None:
     """Refuse an unimportable model target or arguments its constructor does not take, before any work."""
+    node, tune = finetune.split(node)
     target = check_target(node, "model", supplied=SHAPE_ARGS)
+    _check_pretrained(target, node, tune)
     if getattr(target, "__name__", "") == "timm_model":
         from aisec_train.models.zoo import check_arch
 
@@ -45,6 +48,9 @@ class ModelFactory:
     private: bool = False  # make BatchNorm and friends trainable by Opacus (ModuleValidator.fix)
     normalize: tuple[list[float], list[float]] | None = None
     template: nn.Module | None = None  # the Python API's model object, copied as is for every fresh model
+    device: str = "cpu"  # where LoRA adapters are created (before peft wraps the model: opacus#820)
+    _weights: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    _tuned: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, seed: int | None = None) -> nn.Module:
         """A fresh model; ``seed`` fixes the initial weights of a config-built model."""
@@ -53,15 +59,68 @@ class ModelFactory:
         if self.template is not None:
             model = copy.deepcopy(self.template)
         else:
-            assert self.spec is not None
-            target = check_target(self.spec, "model", supplied=SHAPE_ARGS)
-            model = build(self.spec, "model", **self._shape_args(target))
+            model = self._build()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model._target_={self.target!r} built a {type(model).__name__}, not a torch nn.Module")
-        if self.private:
-            model = fix_for_dp(model, self.target)
+        if self.template is not None:
+            model = fix_for_dp(model, self.target) if self.private else model
+            self._tuned = {"trainable": "as given", **finetune.parameter_counts(model)}
+        else:
+            model = self._fine_tune(model)
         if self.normalize is not None:
             model = InputNormalization(model, *self.normalize)
+        return model
+
+    def _build(self) -> nn.Module:
+        node, tune = finetune.split(self.spec)
+        target = check_target(node, "model", supplied=SHAPE_ARGS)
+        _check_pretrained(target, node, tune)
+        if tune.pretrained:
+            node["pretrained"] = True  # timm downloads (or fails in one line) and re-initialises a resized head
+        return build(node, "model", **self._shape_args(target))
+
+    def _fine_tune(self, model: nn.Module) -> nn.Module:
+        """Pretrained weights in, BatchNorm made DP-safe, everything but ``model.trainable`` frozen, LoRA added."""
+        _, tune = finetune.split(self.spec)
+        head = finetune.head_name(model)
+        reinit: list[str] = []
+        if tune.checkpoint_path is not None:
+            if self._weights is None:
+                self._weights = finetune.read_state_dict(tune.checkpoint_path)
+            reinit = finetune.load_weights(model, self._weights, tune.checkpoint_path)
+        elif getattr(model, "reinitialized_layers", None) is not None:  # model=hf: transformers says which
+            reinit = list(model.reinitialized_layers)
+        elif tune.pretrained and head is not None:
+            published = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
+            reinit = [head] if published is not None and published != self.num_classes else []
+        mode = tune.batchnorm
+        if mode == "auto":
+            mode = "freeze" if tune.loads_weights else "groupnorm" if self.private else "keep"
+        if not finetune.has_batchnorm(model):
+            mode = "none"
+        frozen = finetune.freeze_batchnorm(model) if mode == "freeze" else []
+        if self.private or mode == "groupnorm":
+            model = fix_for_dp(model, self.target)
+        finetune.select_trainable(model, tune.trainable, head)
+        if tune.trainable == "lora":
+            model = finetune.add_lora(model, tune, head, self.device)
+        batchnorm = {
+            "freeze": f"frozen in eval mode ({len(frozen)} layers: running statistics as constants, affine fixed)",
+            "groupnorm": "converted to GroupNorm (Opacus ModuleValidator.fix; fresh affine parameters)",
+            "keep": "kept as BatchNorm (not private: batch statistics are used in training)",
+            "none": "none in the model",
+        }[mode]
+        self._tuned = {
+            "checkpoint_path": tune.checkpoint_path,
+            "checkpoint_sha256": _sha256(tune.checkpoint_path) if tune.checkpoint_path else None,
+            "pretrained": tune.pretrained,
+            "reinitialized_layers": reinit,
+            "head": head,
+            "trainable": tune.trainable,
+            "batchnorm": batchnorm,
+            "lora": tune.lora_config() if tune.trainable == "lora" else None,
+            **finetune.parameter_counts(model),
+        }
         return model
 
     @property
@@ -71,19 +130,22 @@ class ModelFactory:
         return str((self.spec or {}).get("_target_"))
 
     def _shape_args(self, target: Any) -> dict[str, Any]:
+        if len(self.input_shape) != 3:  # token ids (dataset=text): only the class count is the data's to decide
+            return {"num_classes": self.num_classes} if "num_classes" in accepted(target, SHAPE_ARGS) else {}
         c, h, w = self.input_shape
         values = {"in_channels": c, "num_classes": self.num_classes, "image_size": h if h == w else (h, w),
                   "input_shape": (c, h, w)}  # fmt: skip
-        given = set(self.spec or {})
+        given = set(finetune.split(self.spec)[0])
         return {k: v for k, v in values.items() if k in accepted(target, SHAPE_ARGS) and k not in given}
 
     def check(self, model: nn.Module | None = None) -> None:
         """A forward pass on two blank images must give (2, num_classes) logits; else refuse before training."""
         model = model if model is not None else self(seed=0)
         model.eval()
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
         try:
             with torch.no_grad():
-                out = model(torch.zeros(2, *self.input_shape))
+                out = model(torch.zeros(2, *self.input_shape, device=device))
         except Exception as err:  # noqa: BLE001 - the user's forward failed on the data's shape: one line
             raise ConfigError(
                 f"model._target_={self.target!r} cannot take images of shape {self.input_shape}: "
@@ -100,11 +162,13 @@ class ModelFactory:
         """What the report says about the model: target, arguments, DP fixes, normalisation, size."""
         raw = copy.deepcopy(self.template) if self.template is not None else None
         if raw is None:
-            target = check_target(self.spec, "model", supplied=SHAPE_ARGS)
-            raw = build(self.spec or {}, "model", **self._shape_args(target))
-        replaced = _replacements(raw, fix_for_dp(copy.deepcopy(raw), self.target)) if self.private else []
-        args = {k: v for k, v in (self.spec or {}).items() if not k.startswith("_")}
+            raw = self._build()
+        built = inner(self(seed=0))  # sets self._tuned: what was loaded, frozen and re-initialised
+        converted = str(self._tuned.get("batchnorm", "")).startswith(("frozen", "converted"))
+        replaced = _replacements(raw, built) if self.private or converted else []
+        args = {k: v for k, v in finetune.split(self.spec)[0].items() if not k.startswith("_")}
         return {
+            **self._tuned,
             "target": self.target,
             "arguments": args,
             "source": "python object" if self.template is not None else "config",
@@ -114,6 +178,26 @@ class ModelFactory:
             if self.normalize is None
             else {"mean": self.normalize[0], "std": self.normalize[1]},
         }
+
+
+def _check_pretrained(target: Any, node: dict[str, Any], tune: finetune.FineTune) -> None:
+    if tune.pretrained and "pretrained" not in accepted(target, ("pretrained",)):
+        raise ConfigError(
+            f"model.pretrained=True is not allowed with model._target_={node.get('_target_')!r}: only model=timm "
+            "loads published weights; give a local file with model.checkpoint_path=FILE"
+        )
+    if tune.pretrained and tune.checkpoint_path:
+        raise ConfigError("model.pretrained=True is not allowed with model.checkpoint_path: give one source of weights")
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def fix_for_dp(model: nn.Module, target: str) -> nn.Module:

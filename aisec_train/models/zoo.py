@@ -1,6 +1,7 @@
 """``model=timm model.arch=NAME``: the timm model zoo (optional extra ``aisec-train[timm]``), built offline.
 
-Weights are never downloaded (``pretrained`` is refused); ``checkpoint_path`` loads a local file through timm.
+``model.pretrained=true`` loads timm's published weights when the network allows (one line when it does not);
+``model.checkpoint_path=FILE`` loads a local file through the factory (models/finetune.py), head resized.
 Vision transformers get the dataset's image size; BatchNorm models are made DP-trainable by the factory
 (Opacus' ``ModuleValidator.fix``) when ``privacy=dpsgd``.
 """
@@ -33,20 +34,23 @@ def timm_model(
     in_channels: int = 3,
     image_size: int | tuple[int, int] = 224,
     pretrained: bool = False,
-    checkpoint_path: str = "",
     **kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(arch, num_classes=..., in_chans=...)``; transformers also get ``img_size``."""
     kwargs.pop("input_shape", None)  # the factory offers it to every **kwargs target; timm sizes by img_size
     timm = _timm()
     check_arch(arch)
-    if pretrained:
-        raise ConfigError(
-            "model.pretrained=True is not allowed: nothing is downloaded at run time; give a local weights file "
-            "with model.checkpoint_path=FILE"
-        )
-    common = dict(num_classes=num_classes, in_chans=in_channels, checkpoint_path=checkpoint_path, **kwargs)
+    common = dict(num_classes=num_classes, in_chans=in_channels, pretrained=pretrained, **kwargs)
     try:
-        return timm.create_model(arch, img_size=image_size, **common)
-    except TypeError:  # convolutional families take no img_size: they adapt through global pooling
-        return timm.create_model(arch, **common)
+        try:
+            return timm.create_model(arch, img_size=image_size, **common)
+        except TypeError:  # convolutional families take no img_size: they adapt through global pooling
+            return timm.create_model(arch, **common)
+    except (OSError, RuntimeError) as err:  # no network, no such weights: one line, not a page of retries
+        if not pretrained:
+            raise
+        reason = " ".join(str(err).split())[:160]
+        raise ConfigError(
+            f"model.pretrained=True is not allowed here: timm could not fetch {arch!r} weights ({reason}); "
+            "give a local file with model.checkpoint_path=FILE"
+        ) from None

@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from aisec_train.report.budget_text import budget_lines  # noqa: E402
 from aisec_train.report.report import Report  # noqa: E402
 from aisec_train.store import atomic_write, safe_open_for_write  # noqa: E402
 
@@ -67,6 +68,12 @@ def plot_training_curve(history: list[dict[str, Any]], path: Path) -> None:
 def _privacy_sentence(privacy: dict[str, Any]) -> str:
     if not privacy or privacy.get("epsilon") is None:
         return "This model was trained **without** differential privacy: it may memorise individual training samples."
+    gaps = (privacy.get("guarantee") or {}).get("gaps")
+    if gaps:  # train/claims.py: reproducible noise or delta >= 1/n void whatever the accountant computed
+        return (
+            f"**NO DP guarantee holds** for this model: {'; '.join(gaps)}. (The accountant's figures, which bound "
+            f"nothing here: ({privacy['epsilon']:.2f}, {privacy['delta']:g}).)"
+        )
     if privacy.get("level") == "client":  # federated.dp=client: the unit is a whole client, not a sample
         eps = privacy["epsilon"]
         return (
@@ -114,6 +121,7 @@ def model_card(report: Report) -> str:
         "",
         "## Privacy guarantee",
         _privacy_sentence(report.sections.get("privacy", {})),
+        *budget_lines(report),  # the records' total composed spend, the store, a budget stop (report/budget_text)
         "",
         "## Metrics",
         f"- clean test accuracy: {metrics.get('clean_accuracy', float('nan')):.4f}",
@@ -130,7 +138,7 @@ def model_card(report: Report) -> str:
         "## Security checklist",
         "| area | item | status | evidence |",
         "|---|---|---|---|",
-        *[f"| {c['area']} | {c['item']} | {c['status']} | {c['evidence']} |" for c in report.checklist],
+        *[f"| {c['area']} | {c['item']} | {_status(c)} | {c['evidence']} |" for c in report.checklist],
         "",
         "## Threat model",
         *_threat_model(report),
@@ -143,6 +151,11 @@ def model_card(report: Report) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _status(item: dict[str, Any]) -> str:
+    """A failing item names its fix beside the status, where a reader of the card looks first."""
+    return f"{item['status']} (fix: {item['fix']})" if item.get("fix") else item["status"]
 
 
 def _threat_model(report: Report) -> list[str]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from aisec_train.report.criteria import lookup
+
 Status = Literal["pass", "fail", "not_applicable"]
 AREAS = ("data pipeline", "training", "model", "deployment", "monitoring")
 
@@ -22,21 +24,40 @@ class Report:
     def add(self, section: str, **values: Any) -> None:
         self.sections.setdefault(section, {}).update(values)
 
-    def check(self, area: str, item: str, status: Status, evidence: str) -> None:
+    def check(
+        self,
+        area: str,
+        item: str,
+        status: Status,
+        evidence: str,
+        *,
+        criterion: str | None = None,
+        fix: str | None = None,
+    ) -> None:
         """Answer one checklist item with the evidence measured in this run.
 
+        Each item states its criterion (what "pass" certifies) and each "fail" the override or command that
+        fixes it: both default to the item's entry in report/criteria.py; an item with neither is a bug.
         A stage may revise its own answer; answering an item another stage owns is a bug (it would hide what
         that stage measured), so it raises.
         """
         if area not in AREAS:
             raise ValueError(f"checklist area {area!r} is not one of {AREAS}")
+        known = lookup(item)
+        criterion = criterion or (known.criterion if known else None)
+        if not criterion:
+            raise ValueError(f"checklist item {item!r} states no criterion: add it to aisec_train/report/criteria.py")
+        fix = (fix or (known.fix if known else None)) if status == "fail" else None
+        if status == "fail" and not fix:
+            raise ValueError(f"checklist item {item!r} fails without a fix: pass fix= or add it to report/criteria.py")
         owner = self.owners.setdefault((area, item), self.stage)
         if owner != self.stage:
             raise RuntimeError(
                 f"checklist item {item!r} belongs to stage {owner!r}; stage {self.stage!r} cannot set it"
             )
         self.checklist = [c for c in self.checklist if (c["area"], c["item"]) != (area, item)]
-        self.checklist.append({"area": area, "item": item, "status": status, "evidence": evidence})
+        entry = {"area": area, "item": item, "status": status, "criterion": criterion, "evidence": evidence}
+        self.checklist.append({**entry, "fix": fix})
 
     def get(self, dotted: str, default: Any = None) -> Any:
         node: Any = self.sections

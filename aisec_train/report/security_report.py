@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.audit import details, evidence
+from aisec_train.report.budget_text import budget_section
 from aisec_train.report.report import AREAS, Report
 from aisec_train.store import atomic_write
 
@@ -42,6 +43,8 @@ def _status(check: dict[str, Any] | None, untested: str) -> str:
 
 
 def _extraction_status(ext: dict[str, Any] | None) -> str:
+    if ext and ext.get("not_applicable"):  # text inputs (aisec_train/text_run.py)
+        return f"not applicable ({ext['not_applicable']})"
     if not ext:
         return "not measured (audit.enabled=false)"
     guard = ext["effects"].get("guard")
@@ -155,6 +158,8 @@ def _at_a_glance(report: Report) -> list[str]:
         if eps is not None
         else "none (no DP guarantee)"
     )
+    if eps is not None and g("privacy.guarantee.holds") is False:  # train/claims.py
+        privacy = f"NO DP guarantee ({'; '.join(g('privacy.guarantee.gaps'))}); accountant: {privacy}"
     rows = [
         (
             "dataset",
@@ -188,6 +193,7 @@ def security_report(report: Report, figures: list[str]) -> str:
         "",
         *_at_a_glance(report),
         "",
+        *budget_section(report),  # the records' total spend, the store charged, a budget stop (report/budget_text)
         "| area | pass | fail | not applicable |",
         "|---|---|---|---|",
         *[f"| {a} | {c['pass']} | {c['fail']} | {c['not_applicable']} |" for a, c in counts.items()],
@@ -197,7 +203,7 @@ def security_report(report: Report, figures: list[str]) -> str:
     for area in AREAS:
         items = [c for c in report.checklist if c["area"] == area]
         lines += ["", f"### {area}"]
-        lines += [f"- **{c['status']}** {c['item']}: {c['evidence']}" for c in items] or ["- no item answered"]
+        lines += [_item_line(c) for c in items] or ["- no item answered"]
     lines += ["", "## Threat model", "", *threat_model_markdown(report), ""]
     lines += ["## How each audit was measured", "", "### Membership inference", ""]
     lines += [*details.membership(g("audit.membership")), ""]
@@ -222,6 +228,16 @@ def security_report(report: Report, figures: list[str]) -> str:
     for name in figures:
         lines += [f"![{name}]({name})", "", f"*{FIGURES.get(name, name)}*", ""]
     return "\n".join(lines)
+
+
+def _item_line(c: dict[str, Any]) -> str:
+    """One checklist item: its status, evidence, the criterion the status was judged by, and a fail's fix."""
+    line = f"- **{c['status']}** {c['item']}: {c['evidence']}"
+    if c.get("criterion"):
+        line += f"  \n  *criterion:* {c['criterion']}"
+    if c.get("fix"):
+        line += f"  \n  *fix:* {c['fix']}"
+    return line
 
 
 def write(report: Report, run_dir: Path) -> Path:

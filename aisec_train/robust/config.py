@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from aisec_train.errors import require
+
+from .sampling import parse_eval_samples
 
 
 class Norm(Enum):
@@ -70,7 +73,9 @@ class RobustnessConfig:
     backend: str = "auto"  # kernel backend: auto, triton or torch
     evaluate: bool = True  # robust accuracy in every report
     eval: str = "apgd"  # the evaluation suite: apgd (APGD-CE + APGD-T), autoattack (standard ensemble) or pgd
-    eval_samples: int = 0  # 0 = the whole test split
+    # A seeded, class-stratified sample of the test split, with the robust accuracy's 95% Clopper-Pearson interval
+    # in the report (robust/sampling.py): keeps the evaluation to a fraction of training; `all` (or 0): every sample.
+    eval_samples: Any = 500
     attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
@@ -82,7 +87,10 @@ class RobustnessConfig:
         ok = self.backend in ("auto", "triton", "torch")
         require(ok, "robustness.backend", self.backend, "must be auto, triton or torch")
         require(self.eval in EVAL_SUITES, "robustness.eval", self.eval, f"must be one of {', '.join(EVAL_SUITES)}")
-        require(self.eval_samples >= 0, "robustness.eval_samples", self.eval_samples, "must be >= 0")
+        try:
+            parse_eval_samples(self.eval_samples)
+        except ValueError:
+            require(False, "robustness.eval_samples", self.eval_samples, "must be a count >= 1, or all (0: all)")
 
     def resolve(self, dataset: str) -> None:
         """Fill every null radius and step from the dataset, so later stages read plain numbers."""

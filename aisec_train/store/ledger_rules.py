@@ -1,14 +1,18 @@
 """What a dataset ledger means: its budget, its runs and their invariants, the composed spend, and the rules.
 
-The dataset's budget (target epsilon, delta, accountant) is fixed by the first dataset-scoped run and changes only
-by an explicit, recorded raise (who, when, why). Every run records its invariants; a resume that changes one is
-refused. Charges are recorded whatever they cost (a spend that happened is never refused); the budget is enforced
-before steps are taken, through ``steps_within`` / ``require_steps``.
+The dataset's budget (target epsilon, delta, accountant) is fixed by the first run on it and changes only by an
+explicit, recorded raise (who, when, why; the target at most ``MAX_TARGET_EPSILON``). Every run records its
+invariants; a resume that changes one is refused. Charges are recorded whatever they cost (a spend that happened is
+never refused); the budget is enforced before steps are taken, through ``steps_within`` / ``require_steps``. A
+``budget_scope=run`` run is charged like any other; it may pass the dataset's target only with a recorded reason
+(``exceed``: who, when, why, how much). A run refused before its first step leaves a ``refusal`` record, not a run.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from aisec_train.store import budget
@@ -16,6 +20,23 @@ from aisec_train.store.errors import BudgetError
 
 INVARIANTS = ("delta", "accountant", "sample_rate", "noise_multiplier", "split_seed", "budget_scope")
 SCOPES = ("dataset", "run")
+# A documented ceiling on any dataset target: past it DP says nothing useful (e^100), so a raise beyond it is a typo
+# or a bypass, not a decision.
+MAX_TARGET_EPSILON = 100.0
+MAX_REASON_CHARS = 200
+
+
+def check_reason(why: object, key: str) -> str:
+    """A recorded reason: one line of printable text, at most ``MAX_REASON_CHARS`` characters."""
+    text = str(why).strip() if why is not None else ""
+    if not text:
+        raise BudgetError(f"{key} is required: the reason is recorded in the dataset's ledger")
+    if not text.isprintable() or len(text) > MAX_REASON_CHARS:
+        shown = repr(text[:40]) + ("..." if len(text) > 40 else "")
+        raise BudgetError(
+            f"{key}={shown} is not allowed: one line of printable text, at most {MAX_REASON_CHARS} characters"
+        )
+    return text
 
 
 class LedgerRules:
@@ -23,6 +44,7 @@ class LedgerRules:
 
     records: list[dict[str, Any]]
     dataset: str
+    store: Path
 
     def _commit(self, kind: str, **fields: Any) -> dict[str, Any]:  # pragma: no cover - provided by the store
         raise NotImplementedError
@@ -45,6 +67,19 @@ class LedgerRules:
 
     def runs(self) -> dict[str, dict[str, Any]]:
         return {r["run_id"]: r for r in self.records if r["kind"] == "run"}
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["kind"] == kind]
+
+    def choices(self, epsilon: float | None = None, *, run_scope: bool = False) -> str:
+        """The ways forward a budget refusal offers, with the exact raise command."""
+        wanted = "E" if epsilon is None else f"{min(MAX_TARGET_EPSILON, math.ceil(epsilon * 100) / 100):g}"
+        reason = "privacy.budget_reason=TEXT to pass it on record (who, when, why, how much); " if run_scope else ""
+        return (
+            f"choices: {reason}a recorded raise (aisec-train-ledger --store {self.store} raise-target {self.dataset} "
+            f"--epsilon {wanted} --why TEXT); privacy=none (no DP guarantee); or a scratch store for experiments, "
+            "not the team's ledger (privacy.ledger_store=scratch)"
+        )
 
     def history(self, run_id: str | None = None, *, exclude_run: str | None = None) -> budget.History:
         """Merged accountant history of every charge (of ``run_id`` only, or of every run but ``exclude_run``)."""
@@ -106,12 +141,14 @@ class LedgerRules:
         n_train: int,
         budget_scope: str = "dataset",
         delta_reason: str | None = None,
+        admit: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
         """Record a new run (or check a resumed one's invariants) before its first step; return its record.
 
-        The first dataset-scoped run fixes the dataset's budget; a later run must use the same delta and accountant
+        The first run fixes the dataset's budget; a later dataset-scoped run must use the same delta and accountant
         and a target no higher than the recorded one (raise it first: ``raise_target``). ``delta`` >= 1/n needs a
-        ``delta_reason``, recorded with the run.
+        ``delta_reason``, recorded with the run. ``admit`` (the caller's check of the planned spend) runs after the
+        budget is known and before a new run is recorded: a run it refuses is never listed as a run.
         """
         if budget_scope not in SCOPES:
             raise BudgetError(f"privacy.budget_scope={budget_scope!r} is not allowed: one of {SCOPES}")
@@ -133,10 +170,17 @@ class LedgerRules:
         if run_id in self.runs():
             self.check_invariants(run_id, **invariants)
             return self.runs()[run_id]
-        if budget_scope == "dataset" and self.budget() is None:
+        if self.budget() is None and (budget_scope == "dataset" or target_epsilon is not None):
             if target_epsilon is None:
                 raise BudgetError(f"dataset {self.dataset[:16]} has no budget yet: set privacy.target_epsilon")
+            if target_epsilon > MAX_TARGET_EPSILON:
+                raise BudgetError(
+                    f"privacy.target_epsilon={target_epsilon} is not allowed as the budget of dataset "
+                    f"{self.dataset[:16]}: at most {MAX_TARGET_EPSILON:g}"
+                )
             self._commit("budget", run_id=run_id, target_epsilon=target_epsilon, delta=delta, accountant=accountant)
+        if admit is not None:
+            admit()
         if override:
             self._commit("delta_override", run_id=run_id, delta=delta, n_train=n_train, why=str(delta_reason))
         return self._commit("run", run_id=run_id, invariants=invariants, target_epsilon=target_epsilon, n_train=n_train)
@@ -154,8 +198,8 @@ class LedgerRules:
         if target is not None and target > b["target_epsilon"] + 1e-12:
             raise BudgetError(
                 f"privacy.target_epsilon={target} exceeds the recorded budget {b['target_epsilon']} of dataset "
-                f"{self.dataset[:16]}; raising it is a recorded act: aisec-train-ledger raise-target {self.dataset} "
-                f"--epsilon {target} --why TEXT"
+                f"{self.dataset[:16]} (the binding limit: the dataset's target, not the run's own); "
+                + self.choices(target)
             )
 
     # -- the budget ---------------------------------------------------------------------------------------------
@@ -185,10 +229,50 @@ class LedgerRules:
             runs = len({r["run_id"] for r in self.records if r["kind"] == "charge"})
             raise BudgetError(
                 f"privacy budget exhausted for dataset {self.dataset[:16]}: epsilon {self.total_epsilon():.3f} spent "
-                f"by {runs} run(s) of target {self.target_epsilon}; nothing was trained. Raise it knowingly: "
-                f"aisec-train-ledger raise-target {self.dataset} --epsilon E --why TEXT"
+                f"by {runs} run(s) of target {self.target_epsilon} (the binding limit: the dataset's remainder, "
+                f"0 steps); nothing was trained. " + self.choices()
             )
         return allowed
+
+    def admit_past_target(
+        self, run_id: str, added: tuple[float, float, int], *, why: str | None, own_target: float | None
+    ) -> dict[str, Any] | None:
+        """A run-scoped run's planned ``added`` spend (noise, sample rate, steps): refused (one line, the numbers and
+        the choices) when it takes the records past the dataset's target without ``why``; with it, recorded as an
+        ``exceed`` (once per run, unless a resume plans more). Returns the new record, if any."""
+        b = self.budget()
+        if b is None:
+            return None
+        after = budget.compose_epsilon([*self.history(), added], delta=b["delta"], accountant=b["accountant"])
+        if after <= b["target_epsilon"] + 1e-9:
+            return None
+        if not why:
+            raise BudgetError(
+                f"privacy.budget_scope=run still charges dataset {self.dataset[:16]}: this run's {added[2]} planned "
+                f"steps would take the records to epsilon {after:.3f}, past the dataset's target "
+                f"{b['target_epsilon']} ({self.total_epsilon():.3f} spent by earlier runs; the binding limit is the "
+                f"dataset's target, not the run's own {own_target}). Passing it is a recorded act: "
+                + self.choices(after, run_scope=True)
+            )
+        recorded = [r["epsilon_after"] for r in self.of_kind("exceed") if r["run_id"] == run_id]
+        if recorded and max(recorded) >= after - 1e-9:  # a resume within what its first start recorded
+            return None
+        return self.exceed(run_id, epsilon_after=after, why=why)
+
+    def exceed(self, run_id: str, *, epsilon_after: float, why: str) -> dict[str, Any]:
+        """Record that ``run_id`` (budget_scope=run) may take the dataset past its target: who, when, why, how much."""
+        b = self.budget()
+        assert b is not None
+        why = check_reason(why, "privacy.budget_reason")
+        before = self.total_epsilon()
+        return self._commit(
+            "exceed", run_id=run_id, target_epsilon=b["target_epsilon"], epsilon_before=before,
+            epsilon_after=float(epsilon_after), why=why,
+        )  # fmt: skip
+
+    def refusal(self, run_id: str, why: str) -> dict[str, Any]:
+        """Record a run refused before its first step (``ledger show`` lists it as a refusal, not a run)."""
+        return self._commit("refusal", run_id=run_id, why=" ".join(str(why).split())[:1000])
 
     def charge(self, run_id: str, history_delta: list[tuple[float, float, int]]) -> dict[str, Any] | None:
         """Record steps just taken by ``run_id`` (Opacus history entries). Call it before (never after) the
@@ -204,13 +288,16 @@ class LedgerRules:
         """Raise the dataset's target: an explicit record of who, when and why (never a silent override)."""
         b = self.budget()
         new_epsilon = budget.check_target_epsilon(new_epsilon, "--epsilon")
+        if new_epsilon > MAX_TARGET_EPSILON:
+            raise BudgetError(
+                f"--epsilon={new_epsilon:g} is not allowed: a dataset's target is at most {MAX_TARGET_EPSILON:g}"
+            )
+        why = check_reason(why, "--why")
         if b is None:
             raise BudgetError(f"dataset {self.dataset[:16]} has no budget to raise; train on it first")
-        if not why or not why.strip():
-            raise BudgetError("--why is required: a raise of a privacy target records its reason")
         if new_epsilon <= b["target_epsilon"]:
             raise BudgetError(f"--epsilon {new_epsilon} is not above the current target {b['target_epsilon']}")
-        return self._commit("raise", target_epsilon=new_epsilon, previous=b["target_epsilon"], why=why.strip())
+        return self._commit("raise", target_epsilon=new_epsilon, previous=b["target_epsilon"], why=why)
 
 
 def _numbers(*values: Any) -> bool:

@@ -7,8 +7,12 @@ or reordering a record is refused), and every commit moves a keyed anchor kept b
 rolling back or deleting the file is refused). Writes replace the whole file atomically under the dataset's lock,
 so a kill leaves the old or the new ledger.
 
-Where the store lives, in order: the ``configured`` path, ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/``
-beside the registry (``$AISEC_TRAIN_REGISTRY``'s folder, else ``outputs/``).
+Where the store lives (``choose_store``), in order: the ``configured`` path (``privacy.ledger_store`` / ``--store``),
+``$AISEC_TRAIN_LEDGER_STORE`` (a whole team or cluster on shared storage), else the user's own store in the
+platform's user data folder (``$XDG_DATA_HOME/aisec-train/privacy_ledgers``, ``~/.local/share/...``): never a
+folder relative to the working directory, so the same user on the same data meets the same budget from anywhere.
+``scratch`` (as either setting) is a throwaway store per run directory for experiments: the report marks it as
+not the team's ledger.
 
     >>> with LedgerStore().open(manifest_sha256, wait=60) as led:
     ...     led.begin_run(run_id, delta=1e-5, accountant="prv", sample_rate=q, noise_multiplier=s, split_seed=0,
@@ -20,12 +24,14 @@ beside the registry (``$AISEC_TRAIN_REGISTRY``'s folder, else ``outputs/``).
 from __future__ import annotations
 
 import getpass
+import hashlib
 import json
 import os
 import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,17 +56,50 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     "raise": {"target_epsilon": _NUM, "previous": _NUM, "why": _STR},
     "delta_override": {"run_id": _STR, "delta": _NUM, "n_train": _INT, "why": _STR},
     "retag": {"to_key": _STR, "from_keys": (list,)},
+    # a run-scoped run allowed past the dataset's target: how much, and the reason given (privacy.budget_reason)
+    "exceed": {"run_id": _STR, "target_epsilon": _NUM, "epsilon_before": _NUM, "epsilon_after": _NUM, "why": _STR},
+    "refusal": {"run_id": _STR, "why": _STR},  # a run refused before its first step, and the refusal's line
 }
 
 
+SCRATCH = "scratch"
+
+
+@dataclass(frozen=True)
+class StoreChoice:
+    """Which ledger store a run charges, and why that one (the report records all three)."""
+
+    path: Path
+    source: str  # "privacy.ledger_store", "$AISEC_TRAIN_LEDGER_STORE" or "user data folder"
+    scratch: bool  # a throwaway store for experiments: not the team's ledger
+
+
+def user_data_dir() -> Path:
+    """The platform's per-user data folder for aisec-train (platformdirs when installed, else the XDG rule)."""
+    try:
+        from platformdirs import user_data_dir as platform_dir
+    except ImportError:
+        base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+        return Path(base).expanduser().absolute() / "aisec-train"
+    return Path(platform_dir("aisec-train", appauthor=False)).absolute()
+
+
+def choose_store(configured: str | os.PathLike | None = None, *, run_id: str | None = None) -> StoreChoice:
+    """The store: ``configured``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's data folder; ``scratch`` is a
+    store of the run's own (``run_id``: its directory) under the user's data folder."""
+    for source, chosen in (("privacy.ledger_store", configured), (f"${STORE_ENV}", os.environ.get(STORE_ENV))):
+        if chosen and str(chosen) == SCRATCH:
+            tail = hashlib.sha256(str(run_id).encode()).hexdigest()[:16] if run_id else ""
+            return StoreChoice(user_data_dir() / "scratch_ledgers" / tail, source, True)
+        if chosen:
+            return StoreChoice(Path(chosen).expanduser().absolute(), source, False)
+    return StoreChoice(user_data_dir() / "privacy_ledgers", "user data folder", False)
+
+
 def resolve_store_path(configured: str | os.PathLike | None = None, *, registry_path: str | None = None) -> Path:
-    """The store folder: ``configured``, else ``$AISEC_TRAIN_LEDGER_STORE``, else ``privacy_ledgers/`` beside the
-    registry (``registry_path``, else ``$AISEC_TRAIN_REGISTRY``, else ``outputs/registry.json``)."""
-    chosen = configured or os.environ.get(STORE_ENV)
-    if chosen:
-        return Path(chosen).expanduser().absolute()
-    registry = registry_path or os.environ.get("AISEC_TRAIN_REGISTRY") or Path("outputs") / "registry.json"
-    return Path(registry).expanduser().absolute().parent / "privacy_ledgers"
+    """The store folder (``choose_store``); ``registry_path`` is accepted for old callers and no longer used: the
+    store used to sit beside the registry, which followed the working directory."""
+    return choose_store(configured).path
 
 
 def check_dataset(dataset_sha256: object) -> str:
@@ -195,8 +234,9 @@ def _check_schema(record: dict[str, Any], what: str) -> None:
 class LedgerStore:
     """The project's ledger store (a folder of per-dataset ledgers)."""
 
-    def __init__(self, path: str | os.PathLike | None = None):
-        self.path = resolve_store_path(path)
+    def __init__(self, path: str | os.PathLike | None = None, *, run_id: str | None = None):
+        self.choice = choose_store(path, run_id=run_id)
+        self.path = self.choice.path
 
     @contextmanager
     def open(self, dataset_sha256: str, *, wait: bool | float = False) -> Iterator[DatasetLedger]:
@@ -222,3 +262,17 @@ class LedgerStore:
         if not self.path.is_dir():
             return []
         return sorted(p.stem for p in self.path.glob("*.json") if _DATASET.fullmatch(p.stem))
+
+    def find(self, prefix: str) -> str:
+        """The dataset hash that ``prefix`` (at least 4 hexadecimal characters, as refusals print) starts; an
+        ambiguous or unknown prefix is refused in one line naming the candidates."""
+        prefix = str(prefix).lower()
+        if _DATASET.fullmatch(prefix):
+            return prefix
+        if not re.fullmatch(r"[0-9a-f]{4,63}", prefix):
+            raise IntegrityError(f"dataset hash {prefix!r} is not allowed: 4 to 64 lowercase hexadecimal characters")
+        found = [ds for ds in self.datasets() if ds.startswith(prefix)]
+        if len(found) != 1:
+            which = f"{len(found)} match: {', '.join(found)}" if found else "none matches"
+            raise IntegrityError(f"dataset hash prefix {prefix} is ambiguous or unknown in {self.path} ({which})")
+        return found[0]

@@ -65,6 +65,10 @@ class LayerRecord:
                 f"bk: the input of layer {self.name!r} was modified in place between its forward and backward; "
                 "book-keeping needs it unchanged (clone it, or use privacy.grad_sample_mode=ghost)"
             )
+        if grad.dtype in _LOW_PRECISION:  # train.precision=bf16/fp16: per-sample norms and clipping in fp32
+            grad = grad.float()
+            low = _LOW_PRECISION
+            call.saved = tuple(t.float() if isinstance(t, Tensor) and t.dtype in low else t for t in call.saved)
         call.grad = grad
         self.hub.backward_started()
         if all(c.grad is not None for c in self.calls):
@@ -96,6 +100,9 @@ class LayerRecord:
 
     def reset(self) -> None:
         self.calls, self.processed = [], None
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 class _Op(torch.autograd.Function):

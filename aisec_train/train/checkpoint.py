@@ -44,6 +44,18 @@ def all_finite(payload: Any) -> bool:
     return True
 
 
+def _serialized(payload: dict[str, Any]) -> bytes:
+    """torch.save into memory: a full disk then fails in our own write with OSError(ENOSPC), which the CLI answers
+    in one line, instead of inside torch's zip writer as a RuntimeError ('unexpected pos ...')."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
 def save(payload: dict[str, Any], path: Path, *, root: Path | None = None, meta: dict[str, Any] | None = None) -> str:
     """Commit ``payload`` to ``path`` with its keyed tag; return its SHA-256.
 
@@ -52,11 +64,12 @@ def save(payload: dict[str, Any], path: Path, *, root: Path | None = None, meta:
     ``meta`` (JSON values), tagged with it: ``model.pt`` records how to rebuild its model (``aisec-train-monitor``
     builds what the keyed tag says, never what an editable config file says).
     """
-    import torch
-
     try:
         return artifacts.save_artifact(
-            path, lambda fh: torch.save(payload, fh), root=root, meta={**(meta or {}), "finite": all_finite(payload)}
+            path,
+            lambda fh: fh.write(_serialized(payload)),
+            root=root,
+            meta={**(meta or {}), "finite": all_finite(payload)},
         )
     except IntegrityError as err:
         raise CheckpointError(str(err)) from None

@@ -52,9 +52,16 @@ class PrivacyConfig:
     max_grad_norm: float = 0.5
     accountant: Accountant = Accountant.prv
     grad_sample_mode: GradSampleMode = GradSampleMode.bk  # falls back per layer / per model, as reported
-    poisson_sampling: bool = True
+    poisson_sampling: bool = True  # must stay true under DP: the accountants' epsilon assumes it
+    # Debug only: noise and Poisson draws follow train.seed (replayable), and the run claims NO DP guarantee.
+    reproducible_noise: bool = False
     budget_scope: BudgetScope = BudgetScope.dataset
-    # The project's privacy ledger store; null: $AISEC_TRAIN_LEDGER_STORE, else privacy_ledgers/ beside the registry.
+    # budget_scope=run: the reason, recorded in the dataset's ledger, for taking the data past its target
+    budget_reason: str | None = None
+    # when the planned spend does not fit the dataset's remainder: calibrate the noise to it (false: refuse)
+    fit_to_budget: bool = False
+    # The privacy ledger store; null: $AISEC_TRAIN_LEDGER_STORE, else the user's data folder (never the working
+    # directory); "scratch": a throwaway store of the run's own for experiments (not the team's ledger).
     ledger_store: str | None = None
 
     def __post_init__(self) -> None:
@@ -75,6 +82,14 @@ class PrivacyConfig:
             "set privacy.target_epsilon or privacy.noise_multiplier",
         )
         finite_positive(self.max_grad_norm, "privacy.max_grad_norm")
+        if self.budget_reason is not None:  # recorded in the ledger: one printable line (store/ledger_rules.py)
+            ok = str(self.budget_reason).strip() != "" and str(self.budget_reason).isprintable()
+            why = "must be one line of printable text, at most 200 characters"
+            require(ok and len(str(self.budget_reason)) <= 200, "privacy.budget_reason", self.budget_reason, why)
+        # Shuffled fixed-size batches have no amplification by subsampling to claim, and accounting them honestly
+        # is not what Opacus' accountants do: refused rather than over-claimed (docs/privacy.md).
+        allowed = "must be true under DP (the accountants assume Poisson sampling); privacy=none trains without DP"
+        require(self.poisson_sampling, "privacy.poisson_sampling", self.poisson_sampling, allowed)
 
 
 @dataclass
@@ -84,12 +99,19 @@ class DistributedConfig:
     nproc: int = 1
     backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
     port: int = 0  # rendezvous port on 127.0.0.1; 0 = a free one
+    max_restarts: int = 0  # elastic restarts of the local ranks after one dies (resumed from the last checkpoint)
+    strategy: str = "ddp"  # ddp (Opacus DPDDP / torch DDP); fsdp: refused for now (docs/cluster.md)
 
     def __post_init__(self) -> None:
         require(self.nproc >= 1, "train.distributed.nproc", self.nproc, "must be >= 1")
         ok = self.backend in ("auto", "gloo", "nccl")
         require(ok, "train.distributed.backend", self.backend, "must be auto, gloo or nccl")
         require(0 <= self.port < 65536, "train.distributed.port", self.port, "must be in [0, 65535]")
+        require(self.max_restarts >= 0, "train.distributed.max_restarts", self.max_restarts, "must be >= 0")
+        # fsdp: Opacus' FSDP2 wrapper with ghost_fsdp clipping runs on gloo and NCCL, but the loop does not shard
+        # yet (optimizer after fully_shard, full-state checkpoints, evaluation on every rank): docs/cluster.md.
+        why = "FSDP2 sharding is not wired into the training loop yet (docs/cluster.md); allowed: ddp"
+        require(self.strategy == "ddp", "train.distributed.strategy", self.strategy, why)
 
 
 @dataclass
@@ -107,6 +129,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     ema_decay: float = 0.97  # weight averaging (free post-processing of DP iterates); 0 turns it off
+    augmult: int = 1  # K augmented views per record, averaged into one clipped gradient (train/augmult.py)
+    augmult_flip: bool = False  # augmult views are also mirrored at random (natural images; not digits)
+    precision: str = "32"  # 32, bf16 or fp16: autocast of the forward pass (train/precision.py)
     lock_wait_s: float = 0.0  # a second job on the same run directory or dataset ledger waits this long, then refuses
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
@@ -125,6 +150,9 @@ class TrainConfig:
         ok = math.isfinite(self.weight_decay) and self.weight_decay >= 0
         require(ok, "train.weight_decay", self.weight_decay, "must be a finite number >= 0")
         require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "must be in [0, 1)")
+        require(self.augmult >= 1, "train.augmult", self.augmult, "must be an integer >= 1 (1: no multiplicity)")
+        ok = self.precision in ("32", "bf16", "fp16")
+        require(ok, "train.precision", self.precision, "must be 32, bf16 or fp16")
         ok = math.isfinite(self.lock_wait_s) and self.lock_wait_s >= 0
         require(ok, "train.lock_wait_s", self.lock_wait_s, "must be a finite number >= 0")
         ok = self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit())

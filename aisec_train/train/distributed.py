@@ -1,31 +1,37 @@
-"""Data-parallel training: ``train.distributed.nproc`` processes run the one training loop together.
+"""Data-parallel training: every rank runs the one training loop, launched by torch's elastic agent.
 
-The job spawns the workers (``torch.multiprocessing``); they join a process group on 127.0.0.1 (NCCL, one GPU
-each, on CUDA; gloo on the CPU), build the model from the same factory and call
+Two ways in, one path: under ``torchrun`` (any number of nodes; train/launch.py) each process is already a rank
+and trains in place; with ``train.distributed.nproc=N`` the job launches N local ranks through
+``torch.distributed.launcher.api.elastic_launch`` (torchrun's own launcher: c10d rendezvous on 127.0.0.1,
+``train.distributed.max_restarts`` elastic restarts). Each rank joins the ``env://`` process group (NCCL, one GPU
+per local rank, on CUDA; gloo on the CPU), builds the model from the same factory and calls
 :func:`aisec_train.train.loop.train`, which wraps the model in Opacus' ``DifferentiallyPrivateDistributedDataParallel``
 (or torch's DDP without DP). Under DP there is one privacy ledger for the whole job: Opacus' distributed Poisson
 sampler draws each sample of the *whole* training split with rate ``batch_size / N`` (each rank owns a shard),
 only rank 0 adds the noise, and the clipped sums are all-reduced, so the accountant sees exactly the
-single-process mechanism. Rank 0 writes the checkpoints and the result; the parent reads the result back,
-verified, and the pipeline goes on as after single-process training. Multi-node jobs: docs/cluster.md.
+single-process mechanism. Rank 0 writes the checkpoints and the result; every rank's weight digest is recorded.
+A restarted rank resumes from the last verified checkpoint (whose ledger already holds every step it charged).
+Multi-node jobs: docs/cluster.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import socket
+import uuid
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
 from aisec_train.train.callbacks import NonFiniteError
+from aisec_train.train.launch import check_same_run_dir, under_torchrun
 from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import TrainResult, train
 from aisec_train.train.objectives import objective_from_config
@@ -33,6 +39,8 @@ from aisec_train.train.privacy import quiet_known_warnings
 
 if TYPE_CHECKING:
     from aisec_train.train.trainers import TrainJob
+
+log = logging.getLogger("aisec_train")
 
 # Refusals a worker reports back by name, so the parent raises the same one-line error the CLI prints.
 REFUSALS = {
@@ -50,21 +58,27 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def train_distributed(job: TrainJob) -> TrainResult:
-    """Run ``job`` on ``train.distributed.nproc`` processes; return rank 0's result."""
+    """Train ``job`` data-parallel; return rank 0's result (under torchrun, this rank's)."""
+    if under_torchrun():
+        return _train_in_place(job)
     cfg = job.cfg.train.distributed
     if job.device.type == "cuda" and cfg.nproc > torch.cuda.device_count():
         raise ConfigError(
             f"train.distributed.nproc={cfg.nproc} is not allowed: this node has {torch.cuda.device_count()} GPU(s)"
         )
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if job.device.type == "cuda" else "gloo")
-    port = cfg.port or _free_port()
+    backend = _backend(cfg.backend, job.device)
     result_path = job.run_dir / "checkpoints" / "distributed_result.pt"
     result_path.unlink(missing_ok=True)
-    portable = dataclasses.replace(job, objective=None)  # rebuilt in each worker: adversaries are closures
-    mp.spawn(_worker, args=(cfg.nproc, backend, port, portable, result_path), nprocs=cfg.nproc, join=True)
+    tracker = job.extras.get("tracker")
+    extras = {k: v for k, v in job.extras.items() if k != "tracker"}  # tracker clients stay in this process
+    portable = dataclasses.replace(job, objective=None, extras=extras)  # objective rebuilt per rank: closures
+    _elastic_launch(cfg, job.run_dir, portable, backend, result_path, tracked=bool(tracker))
     outcome = checkpoint.load(result_path)
     if outcome.get("refusal"):
         raise REFUSALS[outcome["refusal"]](outcome["message"])
+    if tracker:
+        for values, step, axis in outcome.get("tracking", []):  # rank 0's per-step values, logged here
+            tracker.log_metrics(values, step, axis)
     model = job.factory()
     model.load_state_dict(outcome["model"])
     ledger = None
@@ -73,8 +87,40 @@ def train_distributed(job: TrainJob) -> TrainResult:
         ledger.load_state_dict(outcome["ledger"])
     result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
     result.world_size = cfg.nproc
-    result.distributed = {"backend": backend, "rank_weights_sha256": outcome["rank_weights_sha256"]}
+    result.distributed = {**outcome["distributed"], "backend": backend, "launcher": "elastic_launch"}
     return result
+
+
+def _backend(name: str, device: torch.device) -> str:
+    return name if name != "auto" else ("nccl" if device.type == "cuda" else "gloo")
+
+
+def _elastic_launch(cfg, run_dir, job: TrainJob, backend: str, result_path, tracked: bool) -> None:
+    """``nproc`` local ranks through torch's elastic agent, as ``torchrun --standalone --nproc-per-node`` would.
+
+    A rank that dies ends the attempt; up to ``max_restarts`` new attempts follow, each a fresh rendezvous whose
+    ranks resume from the last checkpoint (:func:`_latest_resume`). Fresh, because gloo could hang re-forming its
+    mesh inside the agent's own restart on the same store (seen with torch 2.14 on loopback)."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    failure: Exception | None = None
+    for attempt in range(cfg.max_restarts + 1):
+        config = LaunchConfig(
+            min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"aisec-{uuid.uuid4().hex[:12]}",
+            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{cfg.port or _free_port()}",
+            rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
+        )  # fmt: skip
+        try:
+            elastic_launch(config, _elastic_worker)(job, backend, str(result_path), tracked)
+            return
+        except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
+            if result_path.exists():  # rank 0 reported a refusal before another rank failed
+                return
+            failure = err
+            if attempt < cfg.max_restarts:
+                log.warning("a data-parallel rank failed; restart %d of %d from the last checkpoint", attempt + 1,
+                            cfg.max_restarts)  # fmt: skip
+    raise RuntimeError(f"data-parallel training failed after {cfg.max_restarts} restart(s): {failure}") from None
 
 
 def _free_port() -> int:
@@ -83,54 +129,104 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, world: int, backend: str, port: int, job: TrainJob, result_path) -> None:
+def _elastic_worker(job: TrainJob, backend: str, result_path: str, tracked: bool) -> None:
+    """One local rank of an ``elastic_launch``: join the env:// group, train, rank 0 writes the outcome."""
     quiet_known_warnings()  # a spawned process starts with fresh warning filters
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = max(1, (os.cpu_count() or 1) // world)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
-    device = torch.device("cpu")
-    if job.device.type == "cuda":
-        device = torch.device("cuda", rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = _join(backend, job.device)
     try:
-        _train_rank(rank, device, job, result_path)
+        job = dataclasses.replace(job, resume=_latest_resume(job))  # after an elastic restart: the last checkpoint
+        outcome = _train_rank(rank, device, job, tracked)
+        if rank == 0:
+            checkpoint.save(outcome, result_path)
+    except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point; rank 0 reports it
+        if rank == 0:
+            checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, result_path)
     finally:
         dist.destroy_process_group()
 
 
-def _train_rank(rank: int, device: torch.device, job: TrainJob, result_path) -> None:
+def _join(backend: str, device: torch.device) -> torch.device:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method="env://")
+    return device
+
+
+def _latest_resume(job: TrainJob) -> dict[str, Any] | None:
+    """The newest verified checkpoint of the run (rank 0 wrote it before a worker died), else the job's own."""
+    path = job.run_dir / "checkpoints" / "last.pt"
+    if not path.exists():
+        return job.resume
+    payload = checkpoint.load(path, root=job.run_dir)
+    if job.resume is not None and payload.get("epoch", 0) <= job.resume.get("epoch", 0):
+        return job.resume
+    return payload
+
+
+def _train_in_place(job: TrainJob) -> TrainResult:
+    """Under torchrun: this process is one rank; every rank returns its result (rank 0's goes on to the report)."""
+    cfg = job.cfg.train.distributed
+    backend = _backend(cfg.backend, job.device)
+    device = _join(backend, job.device)
+    try:
+        check_same_run_dir(str(job.run_dir))
+        outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective)
+        world = dist.get_world_size()
+    finally:
+        dist.destroy_process_group()
+    model = job.factory()
+    model.load_state_dict(outcome["model"])
+    ledger = None
+    if outcome["ledger"] is not None:
+        ledger = PrivacyLedger(outcome["ledger"]["accountant"], outcome["ledger"]["delta"])
+        ledger.load_state_dict(outcome["ledger"])
+    result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
+    result.world_size = world
+    result.distributed = {**outcome["distributed"], "backend": backend, "launcher": "torchrun"}
+    return result
+
+
+def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, objective=None) -> dict[str, Any]:
+    """This rank's share of the job; returns the outcome (model, ledger, history, every rank's digest)."""
+    from aisec_train.tracking.callback import StepBuffer, StepLogger, step_loggers
+
     cfg = job.cfg
     model = job.factory(seed=cfg.train.seed)  # same initial weights everywhere (DPDDP broadcasts rank 0's anyway)
-    try:
-        result = train(
-            model,
-            job.data.training_view(),
-            train_cfg=cfg.train,
-            privacy_cfg=cfg.privacy,
-            device=device,
-            objective=objective_from_config(cfg.robustness),
-            optimizer=cfg.optimizer,
-            scheduler=cfg.scheduler,
-            resume=job.resume,
-            eval_dataset=job.data.test if rank == 0 else None,
-            persist=job.persist if rank == 0 else None,
-            spend=job.spend if rank == 0 else None,  # one ledger for the whole job: rank 0 charges it
-            progress=rank == 0,
-        )
-    except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point; rank 0 reports it
-        if rank == 0:
-            checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, result_path)
-        return
+    buffer = StepBuffer() if tracked and rank == 0 else None  # the job's process logs it (elastic launch)
+    callbacks = [StepLogger(buffer, cfg.logger.every_n_steps)] if buffer is not None else step_loggers(job)
+    result = train(
+        model,
+        job.data.training_view(),
+        train_cfg=cfg.train,
+        privacy_cfg=cfg.privacy,
+        device=device,
+        objective=objective or objective_from_config(cfg.robustness),
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        resume=job.resume,
+        eval_dataset=job.data.test if rank == 0 else None,
+        persist=job.persist if rank == 0 else None,
+        spend=job.spend if rank == 0 else None,  # one ledger for the whole job: rank 0 charges it
+        progress=rank == 0,
+        callbacks=callbacks if rank == 0 else (),
+    )
     digests: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(digests, weights_digest(result.model))
-    if rank == 0:
-        outcome: dict[str, Any] = {
-            "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
-            "ledger": result.ledger.state_dict() if result.ledger is not None else None,
-            "history": result.history,
-            "stopped_by_budget": result.stopped_by_budget,
-            "grad_sample_mode": result.grad_sample_mode,
-            "rank_weights_sha256": digests,
-        }
-        checkpoint.save(outcome, result_path)
+    return {
+        "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "ledger": result.ledger.state_dict() if result.ledger is not None else None,
+        "history": result.history,
+        "stopped_by_budget": result.stopped_by_budget,
+        "grad_sample_mode": result.grad_sample_mode,
+        "distributed": {"rank_weights_sha256": digests},
+        "tracking": buffer.records if buffer is not None else [],
+    }

@@ -29,6 +29,8 @@ from aisec_train.components import accepted, build
 from aisec_train.data.views import checked_collate, make_loader
 from aisec_train.errors import ConfigError
 from aisec_train.store.errors import BudgetError
+from aisec_train.train.augmult import AugMult
+from aisec_train.train.augmult import install as install_augmult
 from aisec_train.train.bk import bk_report
 from aisec_train.train.callbacks import (
     BudgetStop,
@@ -43,7 +45,9 @@ from aisec_train.train.callbacks import (
 from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger, budget_limit
 from aisec_train.train.objectives import CrossEntropy, Objective, correct
+from aisec_train.train.precision import Precision
 from aisec_train.train.privacy import make_private, unwrap
+from aisec_train.train.randomness import dp_generators
 
 NO_PRIVACY = PrivacyConfig(mode=PrivacyMode.none)
 HORIZON_ARGS = ("T_max", "total_steps", "total_iters")
@@ -124,7 +128,10 @@ def train(
     ``persist(payload)`` is called after each epoch with everything a resume needs; ``spend`` (train/spend.py) is
     the run's account in the dataset-level ledger, charged before each checkpoint.
     """
-    loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective or CrossEntropy(), workers, progress)
+    objective = objective or CrossEntropy()
+    if train_cfg.augmult > 1:  # K augmented views per record, one clipped gradient each (train/augmult.py)
+        objective = AugMult(objective, train_cfg.augmult, flip=train_cfg.augmult_flip)
+    loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress)
     loop.spend = spend
     extras: list[Callback] = [FiniteGuard()]
     if train_cfg.ema_decay > 0:
@@ -166,12 +173,15 @@ class Loop:
         self.resumed = self.resumed_stop = False  # resumed from a checkpoint; one that had stopped at the budget
         self.planned_steps = 0
         self.spend = None
+        self.noise_generator: torch.Generator | None = None  # under DP: the Gaussian noise's (train/randomness.py)
+        self.amp = Precision(train_cfg.precision, device)  # train.precision (train/precision.py)
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         """The logical-batch loader. Opacus turns it into Poisson sampling (sharded across ranks when distributed).
 
-        Each rank gets its own seed so that, under DP, every sample's inclusion is an independent coin flip.
+        Under DP its generator draws the Poisson coins: secret (train/randomness.py), each rank its own, so every
+        sample's inclusion is an independent coin flip nobody can replay from ``train.seed``.
         """
         cfg, pin = self.cfg, self.device.type == "cuda"
         common = dict(num_workers=self.workers, pin_memory=pin, collate_fn=checked_collate)
@@ -180,7 +190,12 @@ class Loop:
                 self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed
             )
             return DataLoader(self.dataset, batch_size=max(1, cfg.batch_size // self.world), sampler=sampler, **common)
-        generator = torch.Generator().manual_seed(cfg.seed + self.start_epoch + 7919 * self.rank)
+        if self.private:
+            self.noise_generator, generator = dp_generators(
+                self.privacy.reproducible_noise, cfg.seed + self.start_epoch, self.rank, self.device
+            )
+        else:
+            generator = torch.Generator().manual_seed(cfg.seed + self.start_epoch + 7919 * self.rank)
         return DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True, generator=generator, **common)
 
     def _setup(self, optimizer_cfg: dict[str, Any], resume: dict[str, Any] | None) -> tuple[DataLoader, Any]:
@@ -199,11 +214,15 @@ class Loop:
             self.ledger = PrivacyLedger(self.privacy.accountant.value, self.privacy.delta)
             if resume is not None and resume.get("ledger"):
                 self.ledger.load_state_dict(resume["ledger"])
+            if self.spend is not None:  # privacy.fit_to_budget: noise calibrated to the dataset's remainder
+                self.spend.fit(self.ledger, self.privacy, len(loader), self.cfg.epochs)
             dp = make_private(
                 self.model, self.base_optimizer, loader, self.privacy, ledger=self.ledger, epochs=self.cfg.epochs,
-                forwards=self.objective.forwards,
+                forwards=self.objective.forwards, noise_generator=self.noise_generator,
             )  # fmt: skip
             self.model, self.optimizer, self.criterion, loader = dp.model, dp.optimizer, dp.criterion, dp.loader
+            if self.cfg.augmult > 1:  # each record's K view-rows averaged before clipping
+                install_augmult(self.optimizer, self.cfg.augmult)
             self.mode, self.private_step = dp.grad_sample_mode, dp.report
         self.planned_steps = self.cfg.epochs * len(loader)
         return loader, self.optimizer
@@ -326,9 +345,10 @@ class Loop:
                 else:
                     x, y = x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss, logits = self.objective(self.model, attacked, x, y, self.criterion)
-                    loss.backward()
-                    self.optimizer.step()
+                    with self.amp.autocast():  # the forward only: params, clipping, noise stay fp32
+                        loss, logits = self.objective(self.model, attacked, x, y, self.criterion)
+                    self.amp.backward(loss)
+                    self.amp.step(self.optimizer)
                     self.last_loss = float(loss.detach())
                     total += self.last_loss * len(y)
                     hits += correct(logits.detach(), y)

@@ -20,26 +20,7 @@ from torch.utils.data import DataLoader
 from aisec_train.train.bk import bk_report
 from aisec_train.train.bk_engine import BKPrivacyEngine
 from aisec_train.train.config import PrivacyConfig
-from aisec_train.train.ledger import PrivacyLedger, calibrated_noise
-
-# The broken-DP drill's seam (tests/test_privacy_audit_drill.py): a test sets it to scale the noise the optimizer
-# adds while the ledger still charges the configured noise, to show the one-run audit catches a broken mechanism.
-# No config, environment variable or command-line option reaches it.
-_TEST_ONLY_NOISE_SCALE: float | None = None
-
-
-def _break_noise(optimizer, scale: float) -> None:
-    add_noise = optimizer.add_noise
-
-    def scaled() -> None:
-        charged = optimizer.noise_multiplier
-        optimizer.noise_multiplier = charged * scale
-        try:
-            add_noise()
-        finally:
-            optimizer.noise_multiplier = charged  # what the accountant's step hook reads: the claimed noise
-
-    optimizer.add_noise = scaled
+from aisec_train.train.ledger import PrivacyLedger, calibrated_noise, check_mechanism
 
 
 @dataclass
@@ -61,17 +42,22 @@ def make_private(
     ledger: PrivacyLedger,
     epochs: int,
     forwards: int = 1,
+    noise_generator: torch.Generator,
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader with Opacus; the noise comes from the ledger on resume.
 
-    Always returns the four pieces (Opacus' ghost mode adds a criterion, hooks mode does not).
+    ``noise_generator`` draws the Gaussian noise (train/randomness.py: OS entropy unless the debug override); the
+    loader's own generator draws the Poisson batches. Always returns the four pieces (Opacus' ghost mode adds a
+    criterion, hooks mode does not).
     """
     sample_rate = 1.0 / len(loader)
+    check_mechanism(ledger, cfg, sample_rate)  # a resume keeps the mechanism its ledger was charged for
     if ledger.noise_multiplier is None:
         ledger.noise_multiplier = cfg.noise_multiplier or calibrated_noise(
             cfg.target_epsilon, cfg.delta, sample_rate, epochs, cfg.accountant.value
         )
-    ledger.sample_rate = sample_rate
+    ledger.sample_rate, ledger.max_grad_norm = sample_rate, cfg.max_grad_norm
+    ledger.reproducible_noise = cfg.reproducible_noise
     # BKPrivacyEngine is Opacus' PrivacyEngine plus the one-backward "bk" mode (train/bk_engine.py): the loader,
     # optimizer (noise, scaling) and accountant stay Opacus' own in every mode.
     engine = BKPrivacyEngine(accountant=cfg.accountant.value)
@@ -93,6 +79,7 @@ def make_private(
             max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=cfg.poisson_sampling,
             grad_sample_mode=mode,
+            noise_generator=noise_generator,
             **extra,
         )
     if mode in ("ghost", "bk"):
@@ -100,8 +87,9 @@ def make_private(
     else:
         private_model, private_optimizer, private_loader = wrapped
         criterion = nn.CrossEntropyLoss()
-    if _TEST_ONLY_NOISE_SCALE is not None:
-        _break_noise(private_optimizer, _TEST_ONLY_NOISE_SCALE)
+    # Opacus' secure-mode noise (a sum of four draws, _generate_noise) against the floating-point attack on the
+    # Gaussian mechanism; secure_mode itself also needs torchcsprng, which no longer builds (docs/privacy.md).
+    private_optimizer.secure_mode = True
     report = {**bk_report(private_model), "forwards_per_step": forwards}  # "mode": what actually ran
     return PrivateTraining(private_model, private_optimizer, criterion, private_loader, report["mode"], report)
 

@@ -45,6 +45,8 @@ class TrainJob:
 
 def central(job: TrainJob) -> TrainResult:
     """One process: the loop on the (augmented) training split."""
+    from aisec_train.tracking.callback import step_loggers
+
     cfg = job.cfg
     model = job.factory(seed=cfg.train.seed)  # the initial weights are part of what the seed reproduces
     return train(
@@ -61,6 +63,7 @@ def central(job: TrainJob) -> TrainResult:
         persist=job.persist,
         spend=job.spend,
         workers=cfg.dataset.workers,
+        callbacks=step_loggers(job),  # the experiment trackers' per-step and per-epoch values
     )
 
 
@@ -86,4 +89,6 @@ TRAINERS: dict[str, Callable[[TrainJob], TrainResult]] = {
 def select_trainer(cfg: Config) -> str:
     if cfg.federated.mode.value != "none":
         return "federated"
-    return "data_parallel" if cfg.train.distributed.nproc > 1 else "central"
+    from aisec_train.train.launch import env_world
+
+    return "data_parallel" if cfg.train.distributed.nproc > 1 or env_world() > 1 else "central"

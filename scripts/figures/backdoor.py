@@ -14,6 +14,7 @@ table. ``--quick`` runs one seed of two epochs per dataset (a smoke check of the
     python scripts/figures/backdoor.py --seeds 0 1 2 --jobs 2
     python scripts/figures/backdoor.py --cases digits --set backdoor.patch_size=2 --out /tmp/patch2.json
     python scripts/figures/backdoor.py --cases digits --set model=resnet18_gn --out /tmp/resnet.json   # any model
+    python scripts/figures/backdoor.py --attack badnets blended wanet --set privacy=none   # the three attacks
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ GOALS = {"asr_before_min": 0.9, "asr_after_max": 0.05, "clean_drop_max": 0.02, "
 
 
 def _run(case: str, seed: int, overrides: list[str], work: Path, quick: bool) -> dict:
-    run_dir = work / f"{case}-seed{seed}"
+    run_dir = work / f"{case.replace('/', '-')}-seed{seed}"
     args = ["experiment=backdoor", "audit=off", f"train.seed={seed}", f"hydra.run.dir={run_dir}", *overrides]
     if quick:
         args += ["train.epochs=2", "backdoor.finetune_epochs=2", "robustness.evaluate=false"]
@@ -62,6 +63,7 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
     return {
         "impl": f"{case}/seed{seed}",
         "case": case,
+        "attack": report["backdoor"]["attack"],
         "seed": seed,
         "seconds": round(seconds, 1),
         "defence_seconds": report["run"]["timings"]["backdoor_defend"],
@@ -94,19 +96,26 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
 
 
 CASES = ("digits", "typeset-digits", "typeset-letters")
+ATTACKS = ("badnets", "blended", "wanet")  # aisec_train/backdoor/attacks.py
 
 
-def _cases(work: Path, seeds: list[int], names: list[str], extra: list[str]) -> list[tuple[str, int, list[str]]]:
+def _cases(
+    work: Path, seeds: list[int], names: list[str], extra: list[str], attacks: tuple[str, ...] = ("badnets",)
+) -> list[tuple[str, int, list[str]]]:
+    """(case label, seed, overrides) per dataset case and attack; a label is the case, plus ``/attack`` for the
+    attacks other than BadNets (``digits/wanet``)."""
     cases = []
-    for name in names:
-        overrides = list(extra)
+    for name, attack in [(n, a) for a in attacks for n in names]:
+        overrides = [*extra, f"backdoor.attack={attack}"] if attack != "badnets" else list(extra)
+        label = name if attack == "badnets" else f"{name}/{attack}"
         if name.startswith("typeset-"):
             x, y = make(n=1800, size=12, seed=0, alphabet=name.split("-")[1])
             path = work / f"{name}.npz"
-            np.savez_compressed(path, x=x, y=y)
+            if not path.exists():
+                np.savez_compressed(path, x=x, y=y)
             overrides += ["dataset=npz", f"dataset.path={path}"]
         # the letters are a stress case (see the module docstring): one seed is enough to show it
-        cases += [(name, s, overrides) for s in (seeds[:1] if name == "typeset-letters" else seeds)]
+        cases += [(label, s, overrides) for s in (seeds[:1] if name == "typeset-letters" else seeds)]
     return cases
 
 
@@ -155,12 +164,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor.json")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--attack", nargs="+", choices=ATTACKS, default=["badnets"], help="backdoor.attack values")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override, e.g. KEY=VALUE")
     args = parser.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-figures-"))
     work.mkdir(parents=True, exist_ok=True)
-    cases = _cases(work, seeds, args.cases, args.overrides)
+    cases = _cases(work, seeds, args.cases, args.overrides, tuple(args.attack))
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda c: _run(*c, work=work, quick=args.quick), cases))
     result = {

@@ -10,7 +10,7 @@
    epsilon 1, 3 and 8, beside the claimed ``privacy.epsilon``; the checklist verdict; the audit's own seconds
    against the training stage's (its extra wall time: one more training of the same recipe).
 3. **The broken-DP drill**: the recipe of ``tests/test_privacy_audit_drill.py`` (an MLP that memorises, claim
-   epsilon 1) with the test-only seam ``aisec_train.train.privacy._TEST_ONLY_NOISE_SCALE = 0`` (no noise while the
+   epsilon 1) with Opacus' noise scaled to 0 from this script (:func:`noise_scale`; no noise while the
    ledger charges epsilon 1), and the same recipe with honest noise as the control.
 4. **Independent check**: opake-auditing's one-run estimate on the same canary scores and coins. The pipeline
    does not keep the scores, so this script wraps ``privacy_audit.run_privacy_audit`` to ask for them
@@ -49,7 +49,6 @@ from opake.auditing.types import CoinFlip
 
 import aisec_train
 from aisec_train.audit import privacy_audit
-from aisec_train.train import privacy
 
 SETTINGS: dict[str, list[str]] = {
     "none": ["privacy=none"],
@@ -101,13 +100,24 @@ class ScoreCapture(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def noise_scale(scale: float | None):
-    """The drill's test-only seam, put back afterwards."""
-    before = privacy._TEST_ONLY_NOISE_SCALE
-    privacy._TEST_ONLY_NOISE_SCALE = scale
+    """The broken-DP drill: Opacus' optimizers add ``scale`` times the noise while the ledger charges the configured
+    noise. Patched into Opacus from here and put back afterwards, so that no seam lives in aisec_train."""
+    import opacus.optimizers.optimizer as base
+    import opacus.optimizers.optimizer_fast_gradient_clipping as fast
+
+    original = base._generate_noise
+
+    def scaled(std, reference, generator=None, secure_mode=False):
+        return original(std * scale, reference, generator, secure_mode)
+
+    saved = [(module, module._generate_noise) for module in (base, fast)]
+    for module, _ in saved if scale is not None else ():
+        module._generate_noise = scaled
     try:
         yield
     finally:
-        privacy._TEST_ONLY_NOISE_SCALE = before
+        for module, function in saved:
+            module._generate_noise = function
 
 
 def opake_bound(scores: list[float], included: list[bool], delta: float) -> float:

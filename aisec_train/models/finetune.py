@@ -1,0 +1,294 @@
+"""Fine-tuning a pretrained network: which weights it starts from, which it trains, how its BatchNorm behaves.
+
+The model config's fine-tuning keys (every ``configs/model/*.yaml`` carries them, so no ``+`` is needed) are read
+here and never reach the network's constructor:
+
+- ``checkpoint_path``: a state dict, a timm / torchvision checkpoint (possibly under ``state_dict`` / ``model``)
+  or an aisec-train ``model.pt`` (its keyed tag verified when it has one); always ``torch.load(weights_only=True)``.
+  A head whose class count differs is left at its fresh initialisation and listed as re-initialised.
+- ``trainable``: ``all``, ``head``, ``lora`` (adapters plus the head) or a regular expression over parameter
+  names; everything else gets ``requires_grad=False``, so Opacus clips and noises only what trains.
+- ``batchnorm``: ``freeze`` (running statistics used as constants, affine fixed: no statistic across records),
+  ``groupnorm`` (Opacus' replacement) or ``auto`` (freeze when weights were loaded, else groupnorm under DP).
+- ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules`` (null: every Linear and Conv2d but the head).
+
+>>> spec = FineTune.parse({"checkpoint_path": "in1k.pth", "trainable": "head"})
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from aisec_train.errors import ConfigError
+
+KEYS = ("checkpoint_path", "pretrained", "trainable", "batchnorm", "lora")
+LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
+BATCHNORM = ("auto", "freeze", "groupnorm")
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "state", "module")  # where trainers nest the weights
+
+
+@dataclass(frozen=True)
+class FineTune:
+    checkpoint_path: str | None = None
+    pretrained: bool = False
+    trainable: str = "all"
+    batchnorm: str = "auto"
+    lora: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, node: dict[str, Any] | None) -> FineTune:
+        """The fine-tuning keys of a model config, checked (one line naming the bad value) before any work."""
+        node = dict(node or {})
+        path = node.get("checkpoint_path") or None
+        if path is not None and not Path(str(path)).is_file():
+            raise ConfigError(f"model.checkpoint_path={path!r} is not allowed: no such file")
+        trainable = str(node.get("trainable") or "all")
+        if trainable not in ("all", "head", "lora"):
+            try:
+                re.compile(trainable)
+            except re.error as err:
+                raise ConfigError(
+                    f"model.trainable={trainable!r} is not allowed: all, head, lora or a regular expression over "
+                    f"parameter names ({err})"
+                ) from None
+        batchnorm = str(node.get("batchnorm") or "auto")
+        if batchnorm not in BATCHNORM:
+            raise ConfigError(f"model.batchnorm={batchnorm!r} is not allowed: one of {', '.join(BATCHNORM)}")
+        lora = dict(node.get("lora") or {})
+        for key in lora:
+            if key not in LORA_KEYS:
+                raise ConfigError(f"model.lora.{key} is not allowed: model.lora takes {', '.join(LORA_KEYS)}")
+        spec = cls(str(path) if path else None, bool(node.get("pretrained") or False), trainable, batchnorm, lora)
+        if trainable == "lora":
+            spec.lora_config()  # checks r, alpha, dropout and that peft is installed
+        return spec
+
+    @property
+    def loads_weights(self) -> bool:
+        return self.checkpoint_path is not None or self.pretrained
+
+    def lora_config(self) -> dict[str, Any]:
+        r, alpha, dropout = self.lora.get("r", 8), self.lora.get("alpha", 16), self.lora.get("dropout", 0.0)
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ConfigError(f"model.lora.r={r!r} is not allowed: a positive integer (the adapters' rank)")
+        if not isinstance(alpha, (int, float)) or alpha <= 0:
+            raise ConfigError(f"model.lora.alpha={alpha!r} is not allowed: a positive number (scale = alpha / r)")
+        if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ConfigError(f"model.lora.dropout={dropout!r} is not allowed: in [0, 1)")
+        try:
+            import peft  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "model.trainable='lora' is not allowed: peft is not installed; pip install 'aisec-train[finetune]'"
+            ) from None
+        targets = self.lora.get("target_modules")
+        targets = list(targets) if isinstance(targets, (list, tuple)) else targets
+        return {"r": r, "lora_alpha": alpha, "lora_dropout": float(dropout), "target_modules": targets}
+
+
+def split(node: dict[str, Any] | None) -> tuple[dict[str, Any], FineTune]:
+    """(the constructor's config, the fine-tuning keys); ``pretrained`` stays with a target that takes it (timm)."""
+    node = dict(node or {})
+    tune = {k: node.pop(k) for k in KEYS if k in node}
+    return node, FineTune.parse(tune)
+
+
+# ---- weights -----------------------------------------------------------------------------------------------
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from trainer dicts and wrapper prefixes."""
+    file = Path(path)
+    if file.with_name(file.name + ".tag").exists():  # an aisec-train artifact: its keyed tag must verify
+        from aisec_train.train import checkpoint
+
+        try:
+            payload: Any = checkpoint.load(file, root=file.parent)
+        except checkpoint.CheckpointError as err:
+            raise ConfigError(f"model.checkpoint_path={path!r} is not allowed: {err}") from None
+    else:
+        try:
+            payload = torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
+            reason = " ".join(str(err).split())[:200]
+            raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None
+    while isinstance(payload, dict) and not _is_state(payload):
+        inner = next((payload[k] for k in WRAPPER_KEYS if isinstance(payload.get(k), dict)), None)
+        if inner is None:
+            raise ConfigError(
+                f"model.checkpoint_path={path!r} holds no state dict (keys {sorted(payload)[:6]}); expected tensors "
+                f"or one of {', '.join(WRAPPER_KEYS)}"
+            )
+        payload = inner
+    if not isinstance(payload, dict):
+        raise ConfigError(f"model.checkpoint_path={path!r} holds a {type(payload).__name__}, not a state dict")
+    return _strip_prefixes({k: v for k, v in payload.items() if isinstance(v, torch.Tensor)})
+
+
+def _is_state(payload: dict) -> bool:
+    return bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DDP's ``module.``, Opacus' ``_module.`` and aisec-train's input-normalisation wrapper (``net.``)."""
+    if {"mean", "std"} <= set(state) and all(k.startswith("net.") for k in state if k not in ("mean", "std")):
+        state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    for prefix in ("module.", "_module."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def head_name(net: nn.Module) -> str | None:
+    """The classifier: timm's ``get_classifier()``, else the last Linear (or last 1x1 Conv2d) in module order."""
+    get = getattr(net, "get_classifier", None)
+    if callable(get):
+        found = get()
+        if isinstance(found, nn.Module):
+            name = next((n for n, m in net.named_modules() if m is found), None)
+            if name and any(True for _ in found.parameters()):
+                return name
+    last = None
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Linear) or isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+            last = name
+    return last
+
+
+def load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: str) -> list[str]:
+    """Copy ``state`` into ``net``; the head keeps its fresh initialisation where its shape differs (another class
+    count). Returns the re-initialised layers; anything else that does not fit is refused in one line."""
+    own = net.state_dict()
+    head = head_name(net)
+
+    def in_head(key: str) -> bool:
+        return head is not None and (key == head or key.startswith(head + "."))
+
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.endswith("num_batches_tracked")]
+    wrong = [k for k in mismatched if not in_head(k)]
+    if wrong:
+        raise ConfigError(
+            f"model.checkpoint_path={path!r} does not fit this model: {wrong[0]} is {tuple(state[wrong[0]].shape)} "
+            f"in the file, {tuple(own[wrong[0]].shape)} in the model ({len(wrong)} such tensor(s) outside the head "
+            f"{head!r})"
+        )
+    if [k for k in missing if not in_head(k)] or unexpected:
+        odd = ([f"missing {k}" for k in missing if not in_head(k)] + [f"unexpected {k}" for k in unexpected])[:2]
+        raise ConfigError(
+            f"model.checkpoint_path={path!r} does not fit this model ({'; '.join(odd)}): is it the same architecture?"
+        )
+    net.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    return sorted({k.rsplit(".", 1)[0] for k in mismatched + [k for k in missing if in_head(k)]})
+
+
+# ---- BatchNorm -------------------------------------------------------------------------------------------------
+class FrozenBatchNorm(nn.Module):
+    """A pretrained BatchNorm as a fixed affine map: its running statistics are constants, so no record's output
+    depends on another record in the batch (DP-safe), and nothing here is trained."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        n = bn.num_features
+        self.eps = bn.eps
+        self.register_buffer("weight", bn.weight.detach().clone() if bn.weight is not None else torch.ones(n))
+        self.register_buffer("bias", bn.bias.detach().clone() if bn.bias is not None else torch.zeros(n))
+        self.register_buffer("running_mean", bn.running_mean.detach().clone())
+        self.register_buffer("running_var", bn.running_var.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def freeze_batchnorm(net: nn.Module) -> list[str]:
+    """Replace every BatchNorm that tracks running statistics by a :class:`FrozenBatchNorm`; the names replaced."""
+    replaced = []
+    for name, module in list(net.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            parent, _, child = name.rpartition(".")
+            setattr(net.get_submodule(parent) if parent else net, child, FrozenBatchNorm(module))
+            replaced.append(name)
+    return replaced
+
+
+def has_batchnorm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+# ---- what trains -----------------------------------------------------------------------------------------------
+def select_trainable(net: nn.Module, trainable: str, head: str | None) -> None:
+    """``requires_grad=False`` on everything ``trainable`` does not name (``lora``: see :func:`add_lora`)."""
+    if trainable == "all":
+        return
+    if trainable in ("head", "lora") and head is None:
+        raise ConfigError(f"model.trainable={trainable!r} is not allowed: this model has no Linear classifier head")
+    for name, param in net.named_parameters():
+        if trainable in ("head", "lora"):
+            param.requires_grad_(name.startswith(head + "."))
+        else:
+            param.requires_grad_(re.search(trainable, name) is not None)
+    if not any(p.requires_grad for p in net.parameters()):
+        names = ", ".join(n for n, _ in list(net.named_parameters())[:4])
+        raise ConfigError(f"model.trainable={trainable!r} matches no parameter (names look like {names}, ...)")
+
+
+def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.device | str) -> nn.Module:
+    """LoRA adapters injected by peft; the base is frozen, the adapters and the head train.
+
+    The model is on ``device`` before peft wraps it: moved afterwards, Opacus' optimizer can hold the adapters'
+    old tensors and they silently never train (opacus#820); :func:`check_adapters_moved` guards the release.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    options = spec.lora_config()
+    if options["target_modules"] is None:
+        in_head = (lambda name: name == head or name.startswith(head + ".")) if head else (lambda name: False)
+        layers = (nn.Linear, nn.Conv2d)
+        options["target_modules"] = [
+            n for n, m in net.named_modules() if isinstance(m, layers) and n and not in_head(n)
+        ]
+    if not options["target_modules"]:
+        raise ConfigError("model.trainable='lora' is not allowed: the model has no Linear or Conv2d layer to adapt")
+    net = net.to(device)
+    try:
+        wrapped = get_peft_model(net, LoraConfig(**options))
+    except (ValueError, TypeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ConfigError(f"model.lora.target_modules={options['target_modules']!r} is not allowed: {reason}") from None
+    inner = wrapped.get_base_model()  # the user's network with adapters injected: Opacus wraps a plain module
+    if head is not None:
+        for name, param in inner.named_parameters():
+            if name.startswith(head + "."):
+                param.requires_grad_(True)
+    return inner
+
+
+def adapters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """LoRA's B matrices (peft starts them at zero, so a trained adapter has a non-zero B)."""
+    return {n: p for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def check_adapters_moved(model: nn.Module) -> dict[str, Any] | None:
+    """None without LoRA; else the adapters' summary, or a refusal when every B matrix is still exactly zero."""
+    found = adapters(model)
+    if not found:
+        return None
+    moved = sum(bool(p.detach().abs().sum() > 0) for p in found.values())
+    if moved == 0:
+        raise ConfigError(
+            f"model.trainable='lora' trained nothing: all {len(found)} LoRA B matrices are still at their initial "
+            "zeros (adapters detached from the optimizer?); the model is not released"
+        )
+    return {"adapters": len(found), "moved": moved}
+
+
+def parameter_counts(net: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in net.parameters())
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    return {"trainable_parameters": trainable, "total_parameters": total}

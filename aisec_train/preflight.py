@@ -1,0 +1,249 @@
+"""Output preflight: every folder a run writes is proved writable before the first step is charged.
+
+A folder is probed for real (``os.access`` answers yes to root and knows nothing of read-only mounts, immutable
+folders or quotas): a temp file is created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` inside a directory reached
+without following a symlink, a byte is written and fsynced, and the file is unlinked. The folders: the run
+directory, its ``checkpoints/``, the registry's folder and, under DP, the ledger store. A failure is one line
+naming the setting that chose the folder; nothing has been trained or charged yet.
+
+The command line also checks, before Hydra writes ``.hydra/`` into it, that the run directory (parsed with Hydra's
+own override parser, so quoting cannot hide it) is no symlink, holds none where Hydra writes, and can be created.
+
+    >>> probe_dir(Path("outputs/run"), "hydra.run.dir")   # ConfigError('hydra.run.dir: ... not writable ...')
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import secrets
+import stat
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from aisec_train.errors import ConfigError
+from aisec_train.store.errors import IntegrityError
+from aisec_train.store.files import _parent_dir
+
+# Errors from the disk or its permissions, not from our code: one line at any point of a run (aisec_train/cli.py).
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
+HYDRA_FILES = (".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "cli.log", "__main__.log")
+
+
+def probe_dir(folder: Path, what: str, *, root: Path | None = None) -> None:
+    """Create, fsync and unlink a temp file in ``folder`` (created if missing, below ``root`` without following a
+    symlink); ConfigError naming ``what`` when any step fails."""
+    folder = Path(os.path.abspath(folder))
+    root = Path(os.path.abspath(root)) if root is not None else folder
+    if root.is_symlink():
+        raise ConfigError(f"{what}: {root} is a symlink; aisec-train never writes through one")
+    name = f".aisec-train-probe.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
+        with _parent_dir(folder / name, root) as (dir_fd, leaf):
+            fd = os.open(
+                leaf, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
+            )
+            try:
+                os.write(fd, b"\0")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(leaf, dir_fd=dir_fd)
+    except IntegrityError as err:
+        raise ConfigError(f"{what}: {err}") from None
+    except OSError as err:
+        raise ConfigError(
+            f"{what}: {folder} is not writable ({err.strerror}); nothing was trained or charged. "
+            "Choose a writable folder or fix its permissions"
+        ) from None
+
+
+def check_outputs(cfg: Any, run_dir: Path) -> None:
+    """Probe every folder the run will write, before any data is read or any step charged."""
+    from aisec_train.audit.registry import resolve_registry_path
+    from aisec_train.store import resolve_store_path
+    from aisec_train.train.config import PrivacyMode
+
+    probe_dir(run_dir, "hydra.run.dir")
+    probe_dir(run_dir / "checkpoints", f"{run_dir / 'checkpoints'} (the run's checkpoints)", root=run_dir)
+    registry = resolve_registry_path(cfg.audit.registry_path)
+    probe_dir(registry.parent, "audit.registry_path")
+    if cfg.privacy.mode is PrivacyMode.dpsgd:
+        store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
+        probe_dir(store, "privacy.ledger_store")
+
+
+PRV_MIN_DELTA = 1e-12  # Opacus' PRV accountant raises below about this (its floating-point limit, measured)
+
+
+def check_accountant_limits(privacy: Any) -> None:
+    """Extremes the accountant cannot answer are refused before any work: a delta Opacus' PRV accountant cannot
+    resolve (it raises 'Floating point errors will dominate' near 1e-13, or divides by zero, after the data is
+    read), and a target epsilon above the store's ceiling (Opacus' noise search for 1e300 never ends)."""
+    from aisec_train.store.ledger_rules import MAX_TARGET_EPSILON
+
+    if getattr(privacy.mode, "value", privacy.mode) != "dpsgd":
+        return
+    if privacy.target_epsilon is not None and privacy.target_epsilon > MAX_TARGET_EPSILON:
+        raise ConfigError(
+            f"privacy.target_epsilon={privacy.target_epsilon!r} is not allowed: at most {MAX_TARGET_EPSILON:g} (a "
+            "larger epsilon guarantees nothing; use privacy=none to train without DP)"
+        )
+    if getattr(privacy.accountant, "value", privacy.accountant) == "prv" and privacy.delta < PRV_MIN_DELTA:
+        raise ConfigError(
+            f"privacy.delta={privacy.delta!r} is not allowed with privacy.accountant=prv: it resolves delta down to "
+            f"{PRV_MIN_DELTA:g}; use privacy.accountant=rdp (or gdp) for a smaller delta"
+        )
+
+
+MAX_PADDING = 256  # random-crop padding in pixels: more is a typo, and it would allocate (H + 2p) x (W + 2p) images
+
+
+def check_resource_limits(cfg: Any) -> None:
+    """Counts that would start processes or allocate without bound are refused before any work: the schema only
+    asks them to be >= 0 or >= 1, and 2^31 DataLoader workers or data-parallel ranks would try to start them all."""
+    most = max(8, 4 * (os.cpu_count() or 1))
+    limits = [
+        ("dataset.workers", cfg.dataset.workers, most, f"at most {most} (4 per CPU core)"),
+        ("train.distributed.nproc", cfg.train.distributed.nproc, most, f"at most {most} (4 per CPU core)"),
+        ("dataset.augment.random_crop_padding", cfg.dataset.augment.random_crop_padding, MAX_PADDING,
+         f"at most {MAX_PADDING} pixels"),
+    ]  # fmt: skip
+    for key, value, limit, allowed in limits:
+        if value > limit:
+            raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    import dataclasses
+
+    for field in dataclasses.fields(node):
+        value = getattr(node, field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _floats(value, f"{prefix}{field.name}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{field.name}", value
+
+
+def check_float_range(cfg: Any) -> None:
+    """A float setting beyond float32's range (train.lr=1e300) becomes inf in the first tensor it scales (a
+    traceback from torch, or a silent inf): refused by name before any work."""
+    for key, value in _floats(cfg):
+        if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise ConfigError(f"{key}={value!r} is not allowed: beyond float32's range ({FLOAT32_MAX:.3g})")
+
+
+def check_limits(cfg: Any) -> None:
+    """Every limit the schema's per-key ranges cannot express, before any data is read (pipeline and API)."""
+    check_float_range(cfg)
+    check_accountant_limits(cfg.privacy)
+    check_resource_limits(cfg)
+
+
+# ---- the command line, before Hydra runs ------------------------------------------------------------------------
+
+
+def parsed_overrides(argv: list[str]) -> list[Any]:
+    """The overrides as Hydra will read them ([] if they do not parse: Hydra then refuses them in one line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    args = [a for a in argv if not a.startswith("-")]  # --multirun, --cfg ...: flags, not overrides
+    try:
+        return OverridesParser.create().parse_overrides(args)
+    except HydraException:
+        return []
+
+
+def _resolve(value: str, key: str) -> Path:
+    """``value`` with the interpolations Hydra resolves before the job (``${now:...}``, ``${oc.env:...}``)."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    setup_globals()
+    try:
+        resolved = OmegaConf.create({"v": value}).v
+    except OmegaConfBaseException as err:
+        raise ConfigError(
+            f"{key}={value!r} is not allowed: it must resolve before Hydra writes into it ({err.__class__.__name__}); "
+            "give a plain path"
+        ) from None
+    return Path(str(resolved)).expanduser()
+
+
+def run_dirs(argv: list[str]) -> Iterator[tuple[str, Path]]:
+    """(key, folder) for every ``hydra.run.dir`` / ``hydra.sweep.dir`` given, however quoted or forced."""
+    for override in parsed_overrides(argv):
+        key = override.key_or_group
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and not override.is_delete():
+            value = override.value()
+            if isinstance(value, str):
+                yield key, _resolve(value, key)
+
+
+def check_hydra_targets(argv: list[str]) -> None:
+    """A ``_target_`` given under ``hydra.`` (callbacks, launcher, sweeper) is instantiated by Hydra itself, before
+    our job: check it for its slot here, before Hydra can call it."""
+    from aisec_train.components import check_kind, slot_of
+
+    for override in parsed_overrides(argv):
+        key = override.key_or_group
+        if not (key.startswith("hydra.") and key.endswith("_target_")):
+            continue
+        slot = key.rsplit(".", 1)[0]
+        if slot_of(slot) != "hydra.callbacks":
+            raise ConfigError(f"{key} is not allowed: only hydra.callbacks.NAME._target_ may be overridden")
+        from hydra.utils import get_object
+
+        try:
+            found = get_object(str(override.value()))
+        except Exception as err:  # noqa: BLE001 - the user's target cannot be imported: one line
+            raise ConfigError(f"{key}={override.value()!r} cannot be imported") from err
+        check_kind(found, slot, override.value())
+
+
+def check_run_dir(key: str, run_dir: Path) -> None:
+    """Before Hydra writes ``.hydra/`` and its log: no symlink where it writes, and the folder can be made."""
+    for path in (run_dir, *(run_dir / name for name in HYDRA_FILES)):
+        if path.is_symlink():
+            raise ConfigError(f"{path} is a symlink: aisec-train never writes through one; remove it")
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not stat.S_ISDIR(existing.stat().st_mode):
+        raise ConfigError(f"{key}={str(run_dir)!r} is not allowed: {existing} is a file, not a folder")
+    probe_dir(existing, key)  # the nearest folder that exists: Hydra creates the rest inside it
+
+
+def ensure_cwd_importable() -> None:
+    """``_target_``s in the current directory import as under ``python -m`` (the console script's sys.path holds
+    the script's folder instead)."""
+    here = os.getcwd()
+    if not any(os.path.abspath(p or ".") == here for p in sys.path):
+        sys.path.insert(0, here)
+
+
+def cli_preflight(argv: list[str]) -> None:
+    """Everything the command line checks before Hydra runs (ConfigError, one line)."""
+    ensure_cwd_importable()
+    check_hydra_targets(argv)
+    for key, run_dir in run_dirs(argv):
+        check_run_dir(key, run_dir)
+
+
+def write_failure(err: OSError) -> str | None:
+    """The one line for a disk or permission error met mid-run; None when ``err`` is not one."""
+    if err.errno not in WRITE_ERRNOS:
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    return (
+        f"{err.strerror}{where}: the run stopped; every file is either complete or absent (atomic writes) and the "
+        "privacy budget holds only the steps that ran. Free space or fix permissions, then rerun to resume"
+    )

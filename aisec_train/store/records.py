@@ -1,0 +1,234 @@
+"""The budget store's record sets: per dataset, the sorted digests of the records trained on, and the spend
+composed per record across every dataset that holds it.
+
+A dataset's ledger (ledger_store.py) is keyed by its manifest hash, which changes with a file's name, the row
+order or the container. Privacy is spent on records, so the store also keeps, per dataset, the set of its
+training records' content digests (aisec_train/data/records.py): ``STORE/records/<dataset>.digests``, 16 bytes a
+record, sorted, keyed-tagged and anchored like a ledger (a rolled-back or deleted set is refused). Sets only grow:
+a run on another split of the same dataset adds its records, and every charge to the dataset counts for all of
+them (conservative).
+
+The spend charged to a record is every ledger whose dataset holds it, composed. Before any step, a run is refused
+if any record it would train on would go past its target: the smallest target of the datasets holding it (a
+record does not get a fresh budget by being copied into a dataset with a higher one).
+
+    >>> shared = register_and_share(ledger, data.record_digests)   # under the dataset's lock
+    >>> allowed = shared.require_steps(ledger, noise_multiplier=s, sample_rate=q, limit=n, target_epsilon=3.0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aisec_train.store import anchors, budget, keys
+from aisec_train.store.errors import BudgetError, IntegrityError
+from aisec_train.store.files import atomic_write, read_nofollow
+from aisec_train.store.ledger_store import DatasetLedger, LedgerStore, check_dataset
+from aisec_train.store.timing import timed
+
+FORMAT = b"aisec-train-records/1\n"
+DIGEST = np.dtype("V16")
+
+
+def as_set(digests: np.ndarray) -> np.ndarray:
+    """Sorted, distinct 16-byte digests. (Sorted as fixed-width byte strings: numpy sorts ``S16`` twice as fast
+    as ``V16``, and with a fixed width the padding rule cannot make two distinct digests equal; neighbours are
+    compared as integer pairs, ten times faster than ``np.unique``'s string comparison.)"""
+    if len(digests) == 0:
+        return np.empty(0, dtype=DIGEST)
+    ordered = np.sort(np.ascontiguousarray(digests, dtype=DIGEST).view("S16"))
+    pairs = ordered.view("<u8").reshape(-1, 2)
+    distinct = np.ones(len(ordered), dtype=bool)
+    distinct[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)
+    return ordered[distinct].view(DIGEST)
+
+
+def contains(sorted_set: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """For each digest of ``query``: is it in ``sorted_set``?"""
+    if len(sorted_set) == 0 or len(query) == 0:
+        return np.zeros(len(query), dtype=bool)
+    s, q = sorted_set.view("S16"), np.ascontiguousarray(query, dtype=DIGEST).view("S16")
+    at = np.minimum(np.searchsorted(s, q), len(s) - 1)
+    return s[at] == q
+
+
+class RecordSets:
+    """The store's folder of per-dataset record sets."""
+
+    def __init__(self, store: str | os.PathLike):
+        self.folder = Path(store) / "records"
+
+    def path(self, dataset: str) -> Path:
+        return self.folder / f"{check_dataset(dataset)}.digests"
+
+    def datasets(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.stem for p in self.folder.glob("*.digests") if len(p.stem) == 64)
+
+    @timed("records.read")
+    def load(self, dataset: str) -> np.ndarray:
+        """The dataset's record set, verified (tag, anchor); empty for a dataset never registered."""
+        path = self.path(dataset)
+        try:
+            raw = read_nofollow(path, root=self.folder)
+        except FileNotFoundError:
+            anchors.check_anchor(path, None)
+            return np.empty(0, dtype=DIGEST)
+        head, _, rest = raw.partition(b"\n")
+        meta_line, _, body = rest.partition(b"\n")
+        try:
+            meta = json.loads(meta_line)
+            ok = head + b"\n" == FORMAT and meta["dataset"] == dataset and meta["n"] * DIGEST.itemsize == len(body)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise IntegrityError(f"record set {path} is not an {FORMAT.decode().strip()} file of dataset {dataset}")
+        keys.verify(_signed(dataset, body), meta.get("tag"), "ledger", what=f"record set {path}")
+        anchors.check_anchor(path, [_summary(body)])
+        return np.frombuffer(body, dtype=DIGEST)
+
+    @timed("records.write")
+    def add(self, ledger: DatasetLedger, digests: np.ndarray) -> np.ndarray:
+        """Add ``digests`` to the ledger's dataset's set (the caller holds the dataset's lock); return the set."""
+        ledger._require_lock()  # noqa: SLF001 - the same lock guards the ledger and its record set
+        old = self.load(ledger.dataset)
+        new = as_set(np.concatenate([old, np.ascontiguousarray(digests, dtype=DIGEST)]))
+        if len(new) == len(old):
+            return old
+        body = new.tobytes()
+        meta = {"dataset": ledger.dataset, "n": len(new), "tag": keys.tag(_signed(ledger.dataset, body), "ledger")}
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.path(ledger.dataset)
+        atomic_write(path, FORMAT + json.dumps(meta).encode() + b"\n" + body, root=self.folder)
+        anchors.write_anchor(path, [_summary(body)])
+        return new
+
+
+def _signed(dataset: str, body: bytes) -> bytes:
+    return b"aisec-train records\0" + dataset.encode() + b"\0" + body
+
+
+def _summary(body: bytes) -> dict[str, Any]:
+    return {"n": len(body) // DIGEST.itemsize, "sha256": hashlib.sha256(body).hexdigest()}
+
+
+@dataclass(frozen=True)
+class Group:
+    """Records of this run that other datasets also hold: which datasets, how many records, their spend."""
+
+    datasets: tuple[str, ...]
+    n_records: int
+    history: budget.History
+    target_epsilon: float | None  # the smallest target of those datasets (None: none has a budget)
+
+
+@dataclass
+class SharedSpend:
+    """What other datasets have spent on this run's records (picklable: data-parallel rank 0 charges with it)."""
+
+    n_records: int
+    groups: list[Group] = field(default_factory=list)
+
+    def shared_with(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for group in self.groups:
+            for name in group.datasets:
+                counts[name] = counts.get(name, 0) + group.n_records
+        return counts
+
+    def _target(self, group: Group, own: dict[str, Any], run_target: float | None) -> float:
+        targets = [own["target_epsilon"], run_target, group.target_epsilon]
+        return min(float(t) for t in targets if t is not None)
+
+    def require_steps(
+        self, ledger: DatasetLedger, *, noise_multiplier: float, sample_rate: float, limit: int,
+        target_epsilon: float | None = None,
+    ) -> int:  # fmt: skip
+        """The most new steps (0..``limit``) that keep every shared record within its target; refuses (one line)
+        when a shared record allows none."""
+        own = ledger.budget()
+        if own is None or not self.groups or limit <= 0:  # (limit 0: the dataset's own refusal names it)
+            return limit
+        for group in self.groups:
+            target = self._target(group, own, target_epsilon)
+            prior = ledger.history() + group.history
+            limit = budget.steps_within(
+                prior, noise_multiplier=noise_multiplier, sample_rate=sample_rate, target_epsilon=target,
+                limit=limit, delta=own["delta"], accountant=own["accountant"],
+            )  # fmt: skip
+            if limit <= 0:
+                spent = budget.compose_epsilon(prior, delta=own["delta"], accountant=own["accountant"])
+                others = ", ".join(d[:16] for d in group.datasets)
+                raise BudgetError(
+                    f"privacy budget exhausted for {group.n_records} record(s) of dataset {ledger.dataset[:16]} that "
+                    f"dataset(s) {others} also hold: epsilon {spent:.3f} composed over every run on them, target "
+                    f"{target}; nothing was trained. Records are charged by content (a renamed, reordered, cast or "
+                    "re-encoded copy shares its original's budget; docs/privacy.md)"
+                )
+        return limit
+
+    def records_epsilon(self, ledger: DatasetLedger) -> float:
+        """The largest composed spend of any of this run's records (every dataset holding it, every run)."""
+        own = ledger.budget()
+        if own is None:
+            return 0.0
+        histories = [ledger.history()] + [ledger.history() + g.history for g in self.groups]
+        return max(budget.compose_epsilon(h, delta=own["delta"], accountant=own["accountant"]) for h in histories)
+
+    def summary(self, ledger: DatasetLedger) -> dict[str, Any]:
+        return {
+            "n": self.n_records,
+            "shared_with": {name[:16]: n for name, n in self.shared_with().items()},
+            "epsilon_max": self.records_epsilon(ledger),
+        }
+
+
+@timed("records.share")
+def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpend:
+    """Add this run's training records to its dataset's set (under the dataset's lock, before any step), then
+    find every other dataset of the ledger's store that holds any of them and has spent on it."""
+    sets, ledgers = RecordSets(ledger.store), LedgerStore(ledger.store)
+    mine = as_set(digests)
+    sets.add(ledger, mine)
+    members: list[tuple[str, np.ndarray, budget.History, float | None]] = []
+    for other in sets.datasets():
+        if other == ledger.dataset:
+            continue
+        inside = contains(sets.load(other), mine)  # first: most datasets of a store share nothing with this one
+        if not inside.any():
+            continue
+        view = ledgers.view(other)
+        history = view.history()
+        if history:  # registered but never charged: nothing to compose
+            members.append((other, inside, history, view.target_epsilon))
+    return SharedSpend(len(mine), _groups(members))
+
+
+def _groups(members: list[tuple[str, np.ndarray, budget.History, float | None]]) -> list[Group]:
+    """One group per maximal set of datasets that hold a record together (a record in a subset of another
+    group's datasets has no more spend and no lower target, so it never binds)."""
+    if not members:
+        return []
+    rows, counts = np.unique(np.stack([m[1] for m in members], axis=1), axis=0, return_counts=True)
+    keep = [i for i, r in enumerate(rows) if r.any() and not any((r <= s).all() and (r != s).any() for s in rows)]
+    groups = []
+    for i in keep:
+        chosen = [m for m, bit in zip(members, rows[i], strict=True) if bit]
+        targets = [t for _, _, _, t in chosen if t is not None]
+        groups.append(
+            Group(
+                datasets=tuple(name for name, _, _, _ in chosen),
+                n_records=int(counts[i]),
+                history=budget.merge(e for _, _, h, _ in chosen for e in h),
+                target_epsilon=min(targets) if targets else None,
+            )
+        )
+    return groups

@@ -1,0 +1,123 @@
+"""What a run does differently when its inputs are token ids (``dataset=text``, ``model=hf``).
+
+Every stage that attacks or inspects pixels (robustness, extraction through the guard, input sanitisation, the
+guard's malformed-image probes, the monitoring baseline and its rotation / occlusion drift check, image sanity
+checks) answers its checklist items ``not_applicable`` with the reason, never a claim that did not run. The
+membership audit (loss, LiRA, RMIA) only needs the model's loss on ``(input_ids, label)`` records, so it runs.
+Combinations that would train or poison in pixel space are refused before any work (:func:`check_text_config`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from aisec_train.errors import ConfigError
+
+if TYPE_CHECKING:
+    from aisec_train.config import Config
+    from aisec_train.data.dataset import DataBundle
+    from aisec_train.run_state import Run
+
+NO_PGD = "text inputs: embedding-space PGD not implemented"
+NO_IMAGES = "text inputs: {what} (image-only, not implemented for token ids)"
+
+
+def is_text(data: DataBundle | None) -> bool:
+    """Token-id records: the data stage's shape is ``(max_length,)``, not ``(C, H, W)``."""
+    return data is not None and len(data.input_shape) == 1
+
+
+def check_text_config(cfg: Config) -> None:
+    """Refuse, before any work, what would run in pixel space on token ids (one line naming key and value)."""
+    if cfg.dataset.name != "text":
+        return
+    from aisec_train.backdoor.config import BackdoorAttack
+    from aisec_train.federated.config import FederatedMode
+    from aisec_train.robust.config import RobustMode
+
+    refusals = [
+        ("robustness.mode", cfg.robustness.mode.value, cfg.robustness.mode is not RobustMode.none, NO_PGD),
+        ("backdoor.attack", cfg.backdoor.attack.value, cfg.backdoor.attack is not BackdoorAttack.none,
+         "text inputs: image triggers (badnets, blended, wanet) cannot be stamped on token ids"),
+        ("federated.mode", cfg.federated.mode.value, cfg.federated.mode is not FederatedMode.none,
+         "federated text fine-tuning is not implemented yet"),
+        ("dataset.augment", "set", cfg.dataset.augment.random_crop_padding > 0 or cfg.dataset.augment.horizontal_flip,
+         "image augmentation on token ids"),
+        ("dataset.normalize", cfg.dataset.normalize.mean, cfg.dataset.normalize.mean is not None,
+         "pixel normalisation on token ids"),
+        ("train.augmult", cfg.train.augmult, cfg.train.augmult > 1, "augmented views are image augmentations"),
+        ("audit.canaries.kind", cfg.audit.canaries.kind.value, cfg.audit.canaries.kind.value != "mislabel",
+         "noise canaries are images; use audit.canaries.kind=mislabel"),
+    ]  # fmt: skip
+    for key, value, bad, why in refusals:
+        if bad:
+            raise ConfigError(f"{key}={value!r} is not allowed with dataset=text: {why}")
+
+
+def text_sanity(data: DataBundle) -> tuple[dict[str, Any], str]:
+    """The checks that mean something on token ids: labels (range checked at load, counts here), empty and
+    truncated records, duplicates (removed by record digest). The pixel checks are listed as skipped."""
+    from aisec_train.data.views import labels_of
+
+    labels = labels_of(data.train)
+    counts = np.bincount(labels, minlength=data.num_classes)
+    base = getattr(data.train, "dataset", data.train)  # a Subset of the TextDataset (hold-out, deduplicated)
+    rows = np.asarray(getattr(data.train, "indices", range(len(data.train))), dtype=np.int64)
+    ids, pad = getattr(base, "ids", None), getattr(base, "pad_token_id", None)
+    findings: list[dict[str, Any]] = []
+    empty = truncated = 0
+    if ids is not None and pad is not None:
+        lengths = (ids[rows] != pad).sum(dim=1).numpy()
+        truncated = int((lengths >= ids.shape[1]).sum())  # filled every slot: the text was likely cut
+        texts = [base.records[i][0] for i in rows]
+        empty = sum(1 for t in texts if not t.strip())
+    if empty:
+        findings.append({"check": "empty_text", "count": empty})
+    if truncated:
+        findings.append({"check": "truncated_to_max_length", "count": truncated})
+    if counts.min() < 0.1 * counts.max():
+        findings.append({"check": "class_imbalance", "counts": counts.tolist()})
+    sanity = {
+        "findings": findings,
+        "coverage": {"mode": "all", "checked": len(labels), "of": len(labels)},
+        "class_counts": counts.tolist(),
+        "skipped": {"checks": ["nan_inf", "pixel_range", "outliers"], "reason": NO_IMAGES.format(what="pixel checks")},
+    }
+    evidence = (
+        f"{NO_IMAGES.format(what='NaN/inf, pixel range and outlier checks did not run')}; ran on "
+        f"every one of {len(labels)} training records: labels in range, class counts {counts.tolist()}, "
+        f"{data.duplicates_removed} exact duplicate(s) removed by record digest, {empty} empty, {truncated} "
+        f"truncated to dataset.max_length; finding(s): {', '.join(f['check'] for f in findings) or 'none'}"
+    )
+    return sanity, evidence
+
+
+def skip_robustness(run: Run) -> None:
+    from aisec_train.pipeline import EVASION, MASKING
+
+    run.report.add("robustness", robust_accuracy=None, attack=None, eval=None, training="none", skipped=NO_PGD)
+    for item in (EVASION, MASKING):
+        run.report.check("model", item, "not_applicable", NO_PGD)
+
+
+def skip_image_audits(run: Run) -> None:
+    """The audit stage's image-only parts, answered not applicable (membership runs: audit/stage.py)."""
+    from aisec_train.audit import evidence
+
+    why = {
+        ("model", evidence.EXTRACTION): NO_IMAGES.format(what="the extraction attacker's query synthesis"),
+        ("model", evidence.SANITIZATION): NO_IMAGES.format(what="input sanitisation (bit depth, smoothing)"),
+        ("deployment", evidence.GUARD): NO_IMAGES.format(what="the guard's malformed-query probe set"),
+        ("monitoring", "baseline input and confidence statistics saved with the model"): NO_IMAGES.format(
+            what="the monitoring baseline (per-pixel statistics)"
+        ),
+        ("monitoring", evidence.DRIFT): NO_IMAGES.format(what="the drift check (noise, rotation, occlusion)"),
+    }
+    extraction = {"not_applicable": why[("model", evidence.EXTRACTION)]}
+    run.report.add("audit", extraction=extraction, sanitization=None,
+                   guard_probes={"not_applicable": why[("deployment", evidence.GUARD)]})  # fmt: skip
+    run.report.add("monitoring", not_applicable=NO_IMAGES.format(what="the monitoring baseline"))
+    for (area, item), reason in why.items():
+        run.report.check(area, item, "not_applicable", reason)

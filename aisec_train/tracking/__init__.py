@@ -1,0 +1,97 @@
+"""Experiment tracking: the ``logger`` config group fans a run out to CSV, TensorBoard, MLflow and wandb.
+
+    aisec-train logger=tensorboard                 # <run dir>/tensorboard
+    aisec-train logger=[csv,mlflow]                # several at once (logger=many: csv, tensorboard, mlflow)
+    aisec-train -m logger=mlflow privacy.target_epsilon=1,3,8   # one MLflow experiment for the sweep
+
+One module per backend, :data:`BACKENDS` maps a config key to it, :class:`~aisec_train.tracking.base.Tracker`
+fans out. Logged: the flattened config as parameters; per optimizer step the loss, epsilon spent, clip fraction
+and learning rate (:class:`~aisec_train.tracking.callback.StepLogger`, a training-loop callback); per epoch (per
+round, federated) the history row; at the end the report's headline numbers, and for MLflow the report files,
+the model card and ``model.pt`` as artifacts. Only rank 0 of a distributed job logs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aisec_train.errors import ConfigError
+from aisec_train.tracking.base import RunInfo, Tracker, flatten
+from aisec_train.tracking.context import run_info
+
+if TYPE_CHECKING:
+    from aisec_train.config import Config
+    from aisec_train.report.report import Report
+
+# config key -> (module, class, the package it needs)
+BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "csv": ("aisec_train.tracking.csv_logger", "CsvBackend", None),
+    "tensorboard": ("aisec_train.tracking.tensorboard_logger", "TensorBoardBackend", "tensorboard"),
+    "mlflow": ("aisec_train.tracking.mlflow_logger", "MlflowBackend", "mlflow"),
+    "wandb": ("aisec_train.tracking.wandb_logger", "WandbBackend", "wandb"),
+}
+
+
+def check_installed(cfg: Config) -> None:
+    """Refuse, before any work, a logger whose package is missing (one line, exit 2)."""
+    for name in cfg.logger.enabled():
+        package = BACKENDS[name][2]
+        if package is not None and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"logger={name} is not allowed: the {package} package is not installed "
+                "(pip install 'aisec-train[tracking]', or choose another logger)"
+            )
+
+
+def open_tracker(cfg: Config, info: RunInfo, rank: int | None = None) -> Tracker:
+    """The run's tracker: every enabled backend on rank 0 (``RANK`` under torchrun), nothing elsewhere."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if rank != 0:
+        return Tracker([])
+    check_installed(cfg)
+    backends = []
+    for name in cfg.logger.enabled():
+        module, cls, _ = BACKENDS[name]
+        backends.append(getattr(importlib.import_module(module), cls)(getattr(cfg.logger, name), info))
+    tracker = Tracker(backends)
+    tracker.log_params(flatten(cfg))
+    return tracker
+
+
+@contextmanager
+def tracking(cfg: Config, info: RunInfo, rank: int | None = None) -> Iterator[Tracker]:
+    """The tracker for the length of a run; a run that raises is closed as failed."""
+    tracker = open_tracker(cfg, info, rank)
+    try:
+        yield tracker
+    except BaseException:
+        tracker.close(ok=False)
+        raise
+    tracker.close(ok=True)
+
+
+def finish_tracking(tracker: Tracker, report: Report, run_dir: Path) -> None:
+    """At the end of a run: the report's headline numbers, and its files and model (MLflow artifacts)."""
+    if tracker:
+        from aisec_train.tracking.headline import headline, run_files
+
+        tracker.finish(headline(report), run_files(run_dir))
+
+
+__all__ = [
+    "BACKENDS",
+    "RunInfo",
+    "Tracker",
+    "check_installed",
+    "finish_tracking",
+    "flatten",
+    "open_tracker",
+    "run_info",
+    "tracking",
+]

@@ -1,0 +1,59 @@
+"""The schema of the ``logger`` group: which experiment trackers receive the run, each a key of its own.
+
+As in lightning-hydra-template, every file of ``configs/logger/`` fills one key, so several compose:
+``logger=tensorboard``, ``logger=[csv,tensorboard,mlflow]``, or ``logger=many`` (csv, tensorboard, mlflow).
+``logger=none`` (the default) keeps only the files every run writes (metrics.csv, report.json).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aisec_train.errors import require
+
+
+@dataclass
+class CsvLoggerConfig:
+    path: str = "tracking/metrics.csv"  # inside the run directory: one row per logged value, written as it goes
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    log_dir: str = "tensorboard"  # inside the run directory; point `tensorboard --logdir` at a sweep dir to compare
+
+
+@dataclass
+class MlflowLoggerConfig:
+    # null: sqlite:///<dir>/mlflow.db with <dir> the sweep directory of a multirun (its jobs share one store and one
+    # experiment), else the run directory. Any MLflow URI works (http://host:5000 for a tracking server).
+    tracking_uri: str | None = None
+    experiment_name: str | None = None  # null: the sweep directory of a multirun, else the Hydra experiment name
+    run_name: str | None = None  # null: the run directory's name (a multirun job's number)
+    log_model: bool = True  # model.pt (tagged checkpoint) as an artifact, beside the report files
+
+
+@dataclass
+class WandbLoggerConfig:
+    project: str = "aisec-train"
+    mode: str = "offline"  # offline writes a local run under <run dir>/wandb (wandb sync uploads it later)
+    group: str | None = None  # null: the sweep directory of a multirun
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        ok = self.mode in ("offline", "online", "disabled")
+        require(ok, "logger.wandb.mode", self.mode, "must be offline, online or disabled")
+
+
+@dataclass
+class LoggerConfig:
+    csv: CsvLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    mlflow: MlflowLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+    every_n_steps: int = 1  # per-step values (loss, epsilon, clip fraction, lr) every n optimizer steps
+
+    def __post_init__(self) -> None:
+        require(self.every_n_steps >= 1, "logger.every_n_steps", self.every_n_steps, "must be >= 1")
+
+    def enabled(self) -> list[str]:
+        return [name for name in ("csv", "tensorboard", "mlflow", "wandb") if getattr(self, name) is not None]

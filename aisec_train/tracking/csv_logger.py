@@ -1,0 +1,45 @@
+"""``logger=csv``: one row per logged value, appended as training goes (readable while the run is going).
+
+Columns ``axis,step,key,value``; the flattened config goes to ``params.json`` beside it. Both live inside the run
+directory and are opened without following a symlink.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aisec_train.store import atomic_write, validate_output_path
+from aisec_train.tracking.base import RunInfo
+from aisec_train.tracking.config import CsvLoggerConfig
+
+
+class CsvBackend:
+    name = "csv"
+
+    def __init__(self, cfg: CsvLoggerConfig, info: RunInfo):
+        self.root = info.run_dir
+        self.path = validate_output_path(info.run_dir / cfg.path, root=info.run_dir, what="logger.csv.path")
+        fresh = not self.path.exists()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.file = open(os.open(self.path, flags, 0o666), "a", encoding="utf-8", newline="")
+        self.writer = csv.writer(self.file)
+        if fresh:  # a resumed run appends to the rows it logged before
+            self.writer.writerow(["axis", "step", "key", "value"])
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        atomic_write(self.path.with_name("params.json"), json.dumps(params, indent=1, default=str), root=self.root)
+
+    def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
+        self.writer.writerows([axis, step, key, repr(value)] for key, value in values.items())
+        if axis != "step":  # readable while the run goes on, without a flush per optimizer step
+            self.file.flush()
+
+    def finish(self, headline: dict[str, float], files: dict[str, Path]) -> None:
+        self.writer.writerows(["final", 0, key, repr(value)] for key, value in headline.items())
+
+    def close(self, ok: bool) -> None:
+        self.file.close()

@@ -1,0 +1,78 @@
+"""``logger=mlflow``: through ``MlflowClient`` (no global active run, so the API and tests can nest runs).
+
+The default store is ``sqlite:///<dir>/mlflow.db`` (MLflow 3 refuses new file stores) with artifacts beside it in
+``<dir>/mlartifacts``; ``<dir>`` is the sweep directory of a multirun, whose jobs are one experiment named after it.
+Metrics are buffered and sent in batches (one database transaction per epoch, not per step).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from aisec_train.tracking.base import RunInfo
+from aisec_train.tracking.config import MlflowLoggerConfig
+
+MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
+BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+class MlflowBackend:
+    name = "mlflow"
+    package = "mlflow"  # mlflow-skinny is enough: aisec-train[tracking] installs that
+
+    def __init__(self, cfg: MlflowLoggerConfig, info: RunInfo):
+        from mlflow.tracking import MlflowClient
+
+        store = info.store_dir.resolve()
+        self.uri = cfg.tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+        self.client = MlflowClient(self.uri)
+        name = cfg.experiment_name or info.group or info.experiment
+        self.experiment_id = self._experiment(name, store / "mlartifacts")
+        tags = {"aisec_train.run_dir": str(info.run_dir.resolve()), **info.tags}
+        self.run_id = self.client.create_run(
+            self.experiment_id, run_name=cfg.run_name or info.run_name, tags=tags
+        ).info.run_id
+        self.log_model, self.pending = cfg.log_model, []
+
+    def _experiment(self, name: str, artifacts: Path) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifacts.as_uri())
+        except MlflowException:  # another job of the same sweep created it first
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow's limit on params per batch
+            self.client.log_batch(self.run_id, params=items[start : start + 100], synchronous=True)
+
+    def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, v, now, step) for k, v in values.items()]
+        if axis != "step" or len(self.pending) >= BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
+            self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def finish(self, headline: dict[str, float], files: dict[str, Path]) -> None:
+        self.log_metrics(headline, 0, "final")  # keys already final/...
+        for name, path in files.items():
+            if path.is_file() and (name != "model" or self.log_model):
+                self.client.log_artifact(self.run_id, str(path), artifact_path="model" if name == "model" else None)
+
+    def close(self, ok: bool) -> None:
+        self._flush()
+        self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")

@@ -1,0 +1,45 @@
+"""Whether a DP run's claim is a guarantee: the accountant's epsilon is one only when nothing voids it.
+
+Two settings void it whatever the accountant says, and the DP checklist item fails with the reason:
+``privacy.reproducible_noise=true`` (the noise and batches follow ``train.seed``, which the report publishes) and a
+``privacy.delta`` at or above 1/n_train (such a delta allows a mechanism that releases a whole record; a
+``privacy.delta_reason`` records why it was used, it does not make it private). Poisson sampling is not a gap: its
+absence is refused (train/config.py).
+
+    >>> gaps = guarantee_gaps(PrivacyConfig(delta=0.5, delta_reason="debug"), n_train=1437)
+    >>> dp_item(True, "(2.99, 0.5)-DP ...", gaps)[0]
+    'fail'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def guarantee_gaps(privacy: Any, n_train: int) -> list[str]:
+    """Why the run's (epsilon, delta) is not a DP guarantee (empty: it is one)."""
+    gaps = []
+    if getattr(privacy, "reproducible_noise", False):
+        gaps.append(
+            "privacy.reproducible_noise=true: the noise and Poisson batches follow train.seed, so anyone who knows "
+            "the seed and the other records can replay training with and without a record"
+        )
+    if n_train > 0 and privacy.delta >= 1.0 / n_train:
+        why = getattr(privacy, "delta_reason", None)
+        gaps.append(
+            f"privacy.delta={privacy.delta:g} >= 1/n_train = {1.0 / n_train:.3g}: such a delta allows releasing whole "
+            "records" + (f" (reason recorded: {why})" if why else "")
+        )
+    return gaps
+
+
+def guarantee(gaps: list[str]) -> dict[str, Any]:
+    """``privacy.guarantee`` for the report; the model card and security report read ``holds``."""
+    return {"holds": not gaps, "gaps": gaps}
+
+
+def dp_item(within_target: bool, evidence: str, gaps: list[str]) -> tuple[str, str]:
+    """(status, evidence) of the checklist item "differentially private training (DP-SGD)"."""
+    if gaps:
+        return "fail", "NO DP guarantee holds: " + "; ".join(gaps) + f". Accountant's figures: {evidence}"
+    return ("pass" if within_target else "fail"), evidence

@@ -1,0 +1,92 @@
+"""Mixed precision for the one loop: ``train.precision=32|bf16|fp16``.
+
+Only the forward pass (objective: adversary, forward, loss) runs under ``torch.autocast``; the parameters stay
+float32, and what the per-sample machinery captured in bf16 is upcast before any per-sample arithmetic (Opacus'
+samplers through its registries, :func:`fp32_per_sample_math`; the book-keeping engine in train/bk_capture.py), so
+per-sample gradients, norms, clipping, the noise and the optimizer step all stay float32.
+fp16 adds torch's ``GradScaler`` against underflow; under DP-SGD it is refused, because the scaler multiplies
+every per-sample gradient before it is clipped (the clip norm would bound the scaled gradient): use bf16, whose
+float32 exponent range needs no scaler.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from aisec_train.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def fp32_per_sample_math() -> None:
+    """Opacus computes per-sample gradients and ghost norms in the dtype its hooks captured (bf16 under autocast):
+    wrap every sampler in Opacus' own registries so it upcasts activations and output gradients to float32 first.
+    Idempotent; a no-op cast for float32 runs, so the wrapped registries serve every later run too."""
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleHooksFastGradientClipping
+
+    fast = GradSampleHooksFastGradientClipping
+    for table in (GradSampleHooks.GRAD_SAMPLERS, fast.GRAD_SAMPLERS, fast.NORM_SAMPLERS):
+        for layer, sampler in list(table.items()):
+            if not getattr(sampler, "fp32", False):
+                table[layer] = _upcasting(sampler)
+
+
+def _upcasting(sampler):
+    def upcast(module, activations, backprops):
+        activations = [a.float() if _low(a) else a for a in activations]
+        return sampler(module, activations, backprops.float() if _low(backprops) else backprops)
+
+    upcast.fp32 = True
+    return upcast
+
+
+def _low(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def check_precision(precision: str, device: torch.device, private: bool) -> None:
+    """Refuse, before any work, a precision this device or DP-SGD cannot honour (one line)."""
+    dtype = DTYPES.get(precision)
+    if dtype is None:
+        return
+    if precision == "fp16" and private:
+        raise ConfigError(
+            "train.precision='fp16' is not allowed with privacy=dpsgd: its loss scaler multiplies each per-sample "
+            "gradient before clipping; allowed: bf16 (no scaler needed) or 32"
+        )
+    try:
+        with torch.autocast(device.type, dtype=dtype):
+            torch.ones(1, 1, device=device) @ torch.ones(1, 1, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise ConfigError(
+            f"train.precision={precision!r} is not allowed on {device}: torch cannot autocast to {dtype} there "
+            f"({str(err).splitlines()[0]}); allowed: 32"
+        ) from None
+
+
+class Precision:
+    """The loop's forward context, backward and step for one precision."""
+
+    def __init__(self, precision: str, device: torch.device):
+        self.name, self.device, self.dtype = precision, device, DTYPES.get(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        if self.dtype is not None:
+            fp32_per_sample_math()
+
+    def autocast(self):
+        if self.dtype is None:
+            return nullcontext()  # float32: no autocast object per step
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+            return
+        self.scaler.step(optimizer)  # skipped when the scaled gradients overflowed; the scale then shrinks
+        self.scaler.update()

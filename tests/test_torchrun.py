@@ -1,0 +1,135 @@
+"""torchrun is the engine: real ``python -m torch.distributed.run`` jobs over loopback (gloo, c10d rendezvous),
+two "nodes" of one process each, against one process with the same config; the run directory every rank must
+agree on; an elastic restart after a killed worker."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aisec_train.errors import ConfigError
+from aisec_train.train.launch import cli_overrides
+from tests.conftest import REPO, read_report, run_cli
+
+# An explicit noise multiplier with a loose target: both jobs take the same steps at the same noise.
+JOB = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=2"]
+JOB += ["privacy.noise_multiplier=1.5", "privacy.target_epsilon=50"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_nodes(tmp: Path, overrides_per_node: list[list[str]], rdzv_id: str = "t1") -> list:
+    """One torchrun agent per "node", all on loopback; returns their CompletedProcess-like results."""
+    port, procs = free_port(), []
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    for overrides in overrides_per_node:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(overrides_per_node)}",
+            "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id={rdzv_id}",
+            "-m", "aisec_train", *overrides,
+        ]  # fmt: skip
+        procs.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))  # fmt: skip
+    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def two_nodes_and_one(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("torchrun")
+    registry = [f"audit.registry_path={tmp / 'registry.json'}"]
+    one = run_cli(*JOB, *registry, f"hydra.run.dir={tmp / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    nodes = torchrun_nodes(tmp, [[*JOB, *registry, f"hydra.run.dir={tmp / 'two'}"]] * 2)
+    for rc, _, err in nodes:
+        assert rc == 0, err[-3000:]
+    return read_report(tmp / "one"), read_report(tmp / "two")
+
+
+@pytest.mark.slow  # two torchrun agents and one plain job: ~1 min on 2 cores
+def test_two_torchrun_nodes_match_one_process(two_nodes_and_one):
+    one, two = two_nodes_and_one
+    assert two["train"]["world_size"] == 2 and two["train"]["distributed"]["launcher"] == "torchrun"
+    digests = two["train"]["distributed"]["rank_weights_sha256"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # every replica bit for bit
+    for key in ("sample_rate", "steps", "noise_multiplier"):
+        assert two["privacy"][key] == one["privacy"][key]  # the global logical batch: one process's mechanism
+    assert two["privacy"]["epsilon"] == pytest.approx(one["privacy"]["epsilon"], rel=1e-12)
+
+
+@pytest.mark.slow
+def test_ranks_that_disagree_on_the_run_dir_are_refused(tmp_path):
+    nodes = torchrun_nodes(tmp_path, [[*JOB, f"hydra.run.dir={tmp_path / f'r{i}'}"] for i in range(2)], "t2")
+    for rc, _, err in nodes:
+        assert rc != 0 and "the ranks of this torchrun job disagree" in err
+    assert not (tmp_path / "r0" / "report.json").exists()
+
+
+def test_run_dir_comes_from_the_rendezvous_id(monkeypatch):
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    assert cli_overrides(["train.epochs=1"]) == [
+        "hydra.run.dir=outputs/torchrun/job42", "hydra.output_subdir=null", "hydra/job_logging=stdout",
+    ]  # fmt: skip
+    assert cli_overrides(["hydra.run.dir=/shared/x"]) == ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # torchrun's default --rdzv-id: every job would share it
+    with pytest.raises(ConfigError, match=r"^TORCHELASTIC_RUN_ID='none' is not allowed as a run directory"):
+        cli_overrides(["train.epochs=1"])
+    monkeypatch.delenv("RANK")
+    assert cli_overrides(["train.epochs=1"]) == []  # not under torchrun: nothing added
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out] + [c for p in out for c in children(int(p))]
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_killed_worker_charges_no_step_twice(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "aisec_train", *JOB, "train.epochs=4", "train.distributed.nproc=2",
+               "train.distributed.max_restarts=2", f"audit.registry_path={tmp_path / 'registry.json'}",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [p for p in children(job.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    assert workers, "no worker process found to kill"
+    os.kill(workers[-1], signal.SIGKILL)  # after the first checkpoint, mid-training
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err[-3000:]
+    report = read_report(run_dir)
+    assert report["train"]["epochs_completed"] == 4
+    assert "restart 1 of 2 from the last checkpoint" in (run_dir / "cli.log").read_text()  # the kill did land
+    ledger = subprocess.run([sys.executable, "-m", "aisec_train.ledger_cli", "show", report["data"]["manifest_sha256"]],
+                            cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
+    assert ledger.returncode == 0, ledger.stderr
+    charged = int(re.search(r"over (\d+) step", ledger.stdout).group(1))
+    assert charged == report["privacy"]["steps"]  # the dataset ledger charged each step once, restart or not
+    assert report["privacy"]["epsilon"] <= 50
+
+
+def test_fsdp_is_refused_in_one_line():
+    from aisec_train import compose
+
+    with pytest.raises(ConfigError, match=r"^train.distributed.strategy='fsdp' is not allowed: FSDP2 sharding"):
+        compose(["train.distributed.strategy=fsdp"])
+    with pytest.raises(ConfigError, match=r"train.distributed.max_restarts=-1 is not allowed: must be >= 0"):
+        compose(["train.distributed.max_restarts=-1"])
