@@ -175,8 +175,12 @@ def stage_data(run: Run) -> None:
     coverage = sanity["coverage"]
     findings = sanity["findings"]
     if text_evidence is not None:  # not "pass": the criterion's pixel checks did not run
-        sanity_item = "sanity checks before training (NaN/inf, range, labels, balance, duplicates, outliers)"
-        run.report.check("data pipeline", sanity_item, "not_applicable", text_evidence)
+        run.report.check(
+            "data pipeline",
+            "sanity checks before training (NaN/inf, range, labels, balance, duplicates, outliers)",
+            "not_applicable",
+            text_evidence,
+        )
         return
     run.report.check(
         "data pipeline",

@@ -68,7 +68,9 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
     from aisec_train.train.config import PrivacyMode
 
     probe_dir(run_dir, "hydra.run.dir")
-    probe_dir(run_dir / "checkpoints", f"{run_dir / 'checkpoints'} (the run's checkpoints)", root=run_dir)
+    checkpoints = run_dir / "checkpoints"
+    if os.path.lexists(checkpoints):  # a new one is made in the probed run directory; a refused run leaves none
+        probe_dir(checkpoints, f"{checkpoints} (the run's checkpoints)", root=run_dir)
     registry = resolve_registry_path(cfg.audit.registry_path)
     probe_dir(registry.parent, "audit.registry_path")
     if cfg.privacy.mode is PrivacyMode.dpsgd:

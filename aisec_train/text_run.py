@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from aisec_train.audit import evidence
 from aisec_train.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -22,6 +23,20 @@ if TYPE_CHECKING:
 
 NO_PGD = "text inputs: embedding-space PGD not implemented"
 NO_IMAGES = "text inputs: {what} (image-only, not implemented for token ids)"
+# (area, item) the robustness stage answers; the same words as pipeline.EVASION / MASKING
+ROBUSTNESS_ITEMS = (
+    ("model", "tested against evasion attacks"),
+    ("model", "robust accuracy not inflated by gradient masking"),
+)
+# (area, item, reason) of the audit stage's image-only parts
+IMAGE_AUDITS = (
+    ("model", evidence.EXTRACTION, NO_IMAGES.format(what="the extraction attacker's query synthesis")),
+    ("model", evidence.SANITIZATION, NO_IMAGES.format(what="input sanitisation (bit depth, smoothing)")),
+    ("deployment", evidence.GUARD, NO_IMAGES.format(what="the guard's malformed-query probe set")),
+    ("monitoring", "baseline input and confidence statistics saved with the model",
+     NO_IMAGES.format(what="the monitoring baseline (per-pixel statistics)")),
+    ("monitoring", evidence.DRIFT, NO_IMAGES.format(what="the drift check (noise, rotation, occlusion)")),
+)  # fmt: skip
 
 
 def is_text(data: DataBundle | None) -> bool:
@@ -85,39 +100,26 @@ def text_sanity(data: DataBundle) -> tuple[dict[str, Any], str]:
         "class_counts": counts.tolist(),
         "skipped": {"checks": ["nan_inf", "pixel_range", "outliers"], "reason": NO_IMAGES.format(what="pixel checks")},
     }
-    evidence = (
+    said = (
         f"{NO_IMAGES.format(what='NaN/inf, pixel range and outlier checks did not run')}; ran on "
         f"every one of {len(labels)} training records: labels in range, class counts {counts.tolist()}, "
         f"{data.duplicates_removed} exact duplicate(s) removed by record digest, {empty} empty, {truncated} "
         f"truncated to dataset.max_length; finding(s): {', '.join(f['check'] for f in findings) or 'none'}"
     )
-    return sanity, evidence
+    return sanity, said
 
 
 def skip_robustness(run: Run) -> None:
-    from aisec_train.pipeline import EVASION, MASKING
-
     run.report.add("robustness", robust_accuracy=None, attack=None, eval=None, training="none", skipped=NO_PGD)
-    for item in (EVASION, MASKING):
-        run.report.check("model", item, "not_applicable", NO_PGD)
+    for area, item in ROBUSTNESS_ITEMS:
+        run.report.check(area, item, "not_applicable", NO_PGD)
 
 
 def skip_image_audits(run: Run) -> None:
     """The audit stage's image-only parts, answered not applicable (membership runs: audit/stage.py)."""
-    from aisec_train.audit import evidence
-
-    why = {
-        ("model", evidence.EXTRACTION): NO_IMAGES.format(what="the extraction attacker's query synthesis"),
-        ("model", evidence.SANITIZATION): NO_IMAGES.format(what="input sanitisation (bit depth, smoothing)"),
-        ("deployment", evidence.GUARD): NO_IMAGES.format(what="the guard's malformed-query probe set"),
-        ("monitoring", "baseline input and confidence statistics saved with the model"): NO_IMAGES.format(
-            what="the monitoring baseline (per-pixel statistics)"
-        ),
-        ("monitoring", evidence.DRIFT): NO_IMAGES.format(what="the drift check (noise, rotation, occlusion)"),
-    }
-    extraction = {"not_applicable": why[("model", evidence.EXTRACTION)]}
-    run.report.add("audit", extraction=extraction, sanitization=None,
-                   guard_probes={"not_applicable": why[("deployment", evidence.GUARD)]})  # fmt: skip
+    extraction, guard = IMAGE_AUDITS[0][2], IMAGE_AUDITS[2][2]
+    run.report.add("audit", extraction={"not_applicable": extraction}, sanitization=None,
+                   guard_probes={"not_applicable": guard})  # fmt: skip
     run.report.add("monitoring", not_applicable=NO_IMAGES.format(what="the monitoring baseline"))
-    for (area, item), reason in why.items():
+    for area, item, reason in IMAGE_AUDITS:
         run.report.check(area, item, "not_applicable", reason)

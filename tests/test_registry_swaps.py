@@ -65,4 +65,4 @@ def test_a_whole_run_folder_moved_elsewhere_still_registers_and_says_where_it_ra
     run = make_run(tmp_path / "first" / "run")
     shutil.copytree(run, tmp_path / "shared" / "run")
     entry = Registry(tmp_path / "registry.json").register(tmp_path / "shared" / "run")
-    assert entry["trained_in"] == str(run.resolve()) and entry["run_dir"] == str((tmp_path / "shared" / "run"))
+    assert entry["trained_in"] == str(run.resolve()) and entry["run_dir"] == str(tmp_path / "shared" / "run")

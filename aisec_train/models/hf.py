@@ -81,6 +81,10 @@ def hf_model(path: str, num_classes: int, trust_remote_code: bool = False, **kwa
         kwargs.pop(key, None)  # image shapes the factory offers every **kwargs target
     transformers = _transformers()
     tokenizer = load_tokenizer(path, trust_remote_code)
+    quiet = transformers.utils.logging  # the factory builds a model several times a run: one load report, ours
+    verbosity, bar = quiet.get_verbosity(), quiet.is_progress_bar_enabled()
+    quiet.set_verbosity_error()  # re-initialised layers are listed in report.json's model.reinitialized_layers
+    quiet.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_classes, ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code,
@@ -88,6 +92,10 @@ def hf_model(path: str, num_classes: int, trust_remote_code: bool = False, **kwa
         )  # fmt: skip
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path={path!r} cannot be loaded: {' '.join(str(err).split())[:200]}") from None
+    finally:
+        quiet.set_verbosity(verbosity)
+        if bar:
+            quiet.enable_progress_bar()
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"model.path={path!r}: the tokenizer has no padding token; set pad_token and save it again")
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -153,7 +153,9 @@ def stats(values: list[float]) -> dict[str, Any]:
 def summarise(rows: list[dict]) -> dict[str, Any]:
     by = {(r["tree"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows if ("before", r["seed"]) in by and ("after", r["seed"]) in by})
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"seeds": seeds}
+    if not seeds:
+        return out  # no seed measured in both trees yet
     for metric in METRICS:
         if not all(metric in by[(t, s)] for t in ("before", "after") for s in seeds):
             continue
@@ -178,6 +180,8 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
 
 
 def table(summary: dict) -> str:
+    if not summary["seeds"]:
+        return "no seed measured in both trees yet"
     lines = ["| metric | before (mean ± sd) | after (mean ± sd) | after − before (mean ± sd) |", "|---|---|---|---|"]
     for metric in METRICS:
         if metric in summary:
@@ -218,7 +222,10 @@ def main() -> None:
         return progress.get(key) or progress.add(key, run_job(label, trees[label], seed, workdir))
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        rows = list(pool.map(one, todo))
+        list(pool.map(one, todo))
+    # --only measured one tree: pair it with the other tree's rows already in the progress file
+    keys = [f"{label}_{seed}" for seed in args.seeds for label in trees]
+    rows = [progress.done[key] for key in keys if key in progress.done]
     summary = summarise(rows)
     result = {
         "figure": "audit_before_after",

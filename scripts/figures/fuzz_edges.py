@@ -29,7 +29,8 @@ from scripts.figures.common import write  # noqa: E402
 CLI_EXTREMES = [
     "privacy.delta=1e-300", "privacy.delta=5e-324", "privacy.delta=1e-300 privacy.accountant=rdp",
     "privacy.delta=1e-300 privacy.noise_multiplier=1.0", "privacy.target_epsilon=1e-300",
-    "privacy.target_epsilon=1e-12", "privacy.target_epsilon=1e300", "privacy.noise_multiplier=1e300", "privacy.noise_multiplier=1e30",
+    "privacy.target_epsilon=1e-12", "privacy.target_epsilon=1e300", "privacy.noise_multiplier=1e300",
+    "privacy.noise_multiplier=1e30",
     "privacy.max_grad_norm=1e-300", "privacy.max_grad_norm=1e300", "train.lr=1e300", "train.lr=1e-300",
     "train.lr=1e300 privacy=none", "train.weight_decay=1e300", "train.momentum=5e-324", "train.ema_decay=5e-324",
     "train.batch_size=2147483648", "train.max_physical_batch_size=2147483648", "dataset.test_fraction=5e-324",
