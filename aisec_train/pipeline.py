@@ -27,6 +27,7 @@ from aisec_train.data.items import check_finite_split, check_items
 from aisec_train.data.manifest import summary
 from aisec_train.data.sanity import check_training_split
 from aisec_train.models.factory import ModelFactory, check_model_config
+from aisec_train.models.finetune import KEYS as FINETUNE_KEYS
 from aisec_train.models.finetune import check_adapters_moved
 from aisec_train.preflight import check_limits, check_outputs
 from aisec_train.report import outputs, security_report
@@ -106,9 +107,7 @@ def _open_spend(run: Run, run_id: str | None = None) -> DatasetSpend | None:
     store = LedgerStore(cfg.privacy.ledger_store, run_id=run_id)  # the user's, the team's ($AISEC_...) or scratch
     store.validate(data.manifest_sha256)
     ledger = run.resources.enter_context(store.open(data.manifest_sha256, wait=cfg.train.lock_wait_s))
-    run.report.add(
-        "privacy", **store_record(store), delta_override=cfg.privacy.delta_reason if override else None
-    )
+    run.report.add("privacy", **store_record(store), delta_override=cfg.privacy.delta_reason if override else None)
     spend = new_spend(cfg, ledger.delegate(), run_id, data.split_seed, len(data.train))
     if data.record_digests is not None:  # charged by records too, whatever file, order or dtype held them
         spend.shared = register_and_share(ledger, data.record_digests)
@@ -143,6 +142,9 @@ def stage_data(run: Run) -> None:
         normalize=(normalize.mean, normalize.std) if normalize.mean is not None else None,
         template=run.user.model,
         device=str(run.device),
+        template_tuning={k: v for k, v in cfg.model.items() if k in FINETUNE_KEYS}
+        if run.user.model is not None
+        else None,
     )
     run.factory.check()  # the model takes these images and returns one logit per class, before any training
     if len(data.manifest["files"]) > 100:

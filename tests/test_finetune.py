@@ -233,3 +233,31 @@ def test_lora_through_the_cli_reports_its_adapters_and_the_monitor_rebuilds_it(t
     assert model["lora"]["r"] == 4 and model["trainable_parameters"] < model["total_parameters"] / 5
     _, rebuilt = load_run(run_dir)  # the keyed recipe rebuilds the adapted network and loads model.pt into it
     assert sum("lora_B" in n for n, _ in rebuilt.named_parameters()) == model["lora_adapters"]["adapters"]
+
+
+def test_the_python_api_applies_model_trainable_to_a_model_object(tmp_path):
+    """model.trainable is not silently ignored when the model comes as an object: the body stays bit for bit."""
+    torch.manual_seed(0)
+    net = SmallCNN(in_channels=1, num_classes=10, image_size=8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cfg = [
+        "train.epochs=1",
+        "audit=off",
+        "robustness.evaluate=false",
+        "privacy.target_epsilon=8",
+        "model.trainable=fc2",
+    ]
+    report = aisec_train.run(cfg, model=net, run_dir=tmp_path / "run")
+    model = report.get("model")
+    assert model["trainable"] == "fc2" and model["trainable_parameters"] < model["total_parameters"]
+    released = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    released = {k.removeprefix("model."): v for k, v in released.items()}
+    body = [k for k in before if not k.startswith("fc2.")]
+    assert body and all(torch.equal(released[k], before[k]) for k in body)
+    assert not torch.equal(released["fc2.weight"], before["fc2.weight"])
+
+
+def test_pretrained_with_a_model_object_is_refused(tmp_path):
+    net = SmallCNN(in_channels=1, num_classes=10, image_size=8)
+    with pytest.raises(ConfigError, match="model.pretrained=true is not allowed with a model object"):
+        aisec_train.run(["model.pretrained=true", "audit=off"], model=net, run_dir=tmp_path / "run")

@@ -49,6 +49,9 @@ class ModelFactory:
     normalize: tuple[list[float], list[float]] | None = None
     template: nn.Module | None = None  # the Python API's model object, copied as is for every fresh model
     device: str = "cpu"  # where LoRA adapters are created (before peft wraps the model: opacus#820)
+    # The config's fine-tuning keys (model.trainable, model.lora.*, model.checkpoint_path, model.batchnorm) when the
+    # model comes as an object: they apply to it as to a config-built model, never silently ignored.
+    template_tuning: dict[str, Any] | None = None
     _weights: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
     _tuned: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -62,11 +65,13 @@ class ModelFactory:
             model = self._build()
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model._target_={self.target!r} built a {type(model).__name__}, not a torch nn.Module")
-        if self.template is not None:
+        if self.template is not None and _tunes(self.template_tuning):
+            model = self._fine_tune(model, self.template_tuning)
+        elif self.template is not None:
             model = fix_for_dp(model, self.target) if self.private else model
             self._tuned = {"trainable": "as given", **finetune.parameter_counts(model)}
         else:
-            model = self._fine_tune(model)
+            model = self._fine_tune(model, self.spec)
         if self.normalize is not None:
             model = InputNormalization(model, *self.normalize)
         return model
@@ -79,9 +84,9 @@ class ModelFactory:
             node["pretrained"] = True  # timm downloads (or fails in one line) and re-initialises a resized head
         return build(node, "model", **self._shape_args(target))
 
-    def _fine_tune(self, model: nn.Module) -> nn.Module:
+    def _fine_tune(self, model: nn.Module, node: dict[str, Any] | None) -> nn.Module:
         """Pretrained weights in, BatchNorm made DP-safe, everything but ``model.trainable`` frozen, LoRA added."""
-        _, tune = finetune.split(self.spec)
+        _, tune = finetune.split(node)
         head = finetune.head_name(model)
         reinit: list[str] = []
         if tune.checkpoint_path is not None:
@@ -232,3 +237,14 @@ def _replacements(before: nn.Module, after: nn.Module) -> list[dict[str, str]]:
         for name, m in after.named_modules()
         if name in old and old[name] != kind(m)
     ]
+
+
+def _tunes(node: dict[str, Any] | None) -> bool:
+    """Whether the fine-tuning keys ask for anything beyond training a given model object as it is."""
+    _, tune = finetune.split(node)
+    if tune.pretrained:
+        raise ConfigError(
+            "model.pretrained=true is not allowed with a model object: load its weights before passing it, "
+            "or give model.checkpoint_path"
+        )
+    return tune.trainable != "all" or tune.checkpoint_path is not None or tune.batchnorm != "auto"
