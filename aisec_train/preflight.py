@@ -63,7 +63,7 @@ def probe_dir(folder: Path, what: str, *, root: Path | None = None) -> None:
 
 def check_outputs(cfg: Any, run_dir: Path) -> None:
     """Probe every folder the run will write, before any data is read or any step charged."""
-    from aisec_train.audit.registry import resolve_registry_path
+    from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
     from aisec_train.store import resolve_store_path
     from aisec_train.train.config import PrivacyMode
 
@@ -73,6 +73,10 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
         probe_dir(checkpoints, f"{checkpoints} (the run's checkpoints)", root=run_dir)
     registry = resolve_registry_path(cfg.audit.registry_path)
     probe_dir(registry.parent, "audit.registry_path")
+    try:  # a registry that would refuse this run's entry at the end (forged, another key) refuses it now
+        Registry(registry).entries()
+    except RegistryError as err:
+        raise ConfigError(f"audit.registry_path: {err}; nothing was trained or charged") from None
     if cfg.privacy.mode is PrivacyMode.dpsgd:
         store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
         probe_dir(store, "privacy.ledger_store")

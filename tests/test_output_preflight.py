@@ -10,6 +10,7 @@ parser, so a quoted ``hydra.run.dir='...'`` is checked like a plain one.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -117,3 +118,16 @@ def test_a_full_disk_mid_run_ends_in_one_line_with_nothing_half_written(tmp_path
                             cwd=REPO, env=env)  # fmt: skip
     # The smoke job runs 3 steps an epoch: epoch 1 ran and was charged before its checkpoint failed; nothing more.
     assert listed.returncode == 0 and "runs 1  steps 3  " in listed.stdout, (listed.stdout, listed.stderr)
+
+
+def test_a_registry_the_run_could_not_join_is_refused_before_any_step(tmp_path, monkeypatch):
+    """A registry whose entries do not verify (here: tagged under another key) used to refuse the run at its very
+    end, after the whole budget was spent; it is now refused before the data is read."""
+    run_dir, store, reg = tmp_path / "run", tmp_path / "ledgers", tmp_path / "inventory" / "registry.json"
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(store))
+    monkeypatch.setenv("AISEC_TRAIN_REGISTRY", str(reg))
+    reg.parent.mkdir(parents=True)
+    entry = {"id": "other-run", "sha256": "0" * 64, "tag": "f" * 64}
+    reg.write_text(json.dumps({"runs": [entry]}))
+    refused(run_dir, [f"hydra.run.dir={run_dir}"], "audit.registry_path", "nothing was trained or charged")
+    assert no_charge(store) and not (run_dir / "report.json").exists()
