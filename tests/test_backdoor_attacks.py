@@ -4,7 +4,6 @@ and their backdoor is measured (ASR) and goes through detection and Fine-Pruning
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from aisec_train import pipeline
-from aisec_train.backdoor import badnets, federated_poison, trusted
+from aisec_train.backdoor import badnets, trusted
 from aisec_train.backdoor.attacks import BlendTrigger, WarpTrigger, _key, make_trigger
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
@@ -97,8 +96,6 @@ def test_the_poison_stage_stamps_exactly_the_poisoned_rows(tmp_path, attack):
 
 
 def test_malicious_clients_carry_the_blended_trigger(tmp_path):
-    if importlib.util.find_spec(federated_poison.PARTITION_MODULE) is None:
-        pytest.skip(f"{federated_poison.PARTITION_MODULE} is not available")
     run = poisoned_run(tmp_path, "federated=fedavg", "backdoor.malicious_clients=2", "backdoor.attack=blended")
     state, data = run.backdoor, run.data
     x, _ = materialize(data.train)
