@@ -26,11 +26,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from aisec_train.config import Config, register_configs, to_config
+from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.report.report import Report
 from aisec_train.run_state import Run, UserObjects
 from aisec_train.train.loop import TrainResult, resolve_device
 from aisec_train.train.objectives import objective_from_config
-from aisec_train.train.privacy import quiet_known_warnings
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:
@@ -126,7 +126,7 @@ class _Account:
     def open(self):
         from aisec_train.data.dataset import load_dataset
         from aisec_train.pipeline import _open_spend
-        from aisec_train.store.ledger_store import who
+        from aisec_train.privacy.ledger_store import who
         from aisec_train.train.config import PrivacyMode
 
         cfg = self.run.cfg

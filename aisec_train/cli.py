@@ -31,7 +31,7 @@ log = logging.getLogger("aisec_train")
 # Refusals raised by modules that import torch or Opacus: (module, class).
 HEAVY_REFUSALS = (
     ("aisec_train.train.checkpoint", "CheckpointError"),
-    ("aisec_train.train.ledger", "BudgetExhausted"),
+    ("aisec_train.privacy.ledger", "BudgetExhausted"),
     ("aisec_train.train.callbacks", "NonFiniteError"),
 )
 
@@ -53,8 +53,8 @@ def _job(dict_cfg: DictConfig) -> float:
     try:
         cfg = to_config(dict_cfg)  # type and range checks first: no torch needed to refuse a bad value
         from aisec_train.pipeline import run_pipeline  # heavy imports only once the config is valid
+        from aisec_train.privacy.engine import quiet_known_warnings
         from aisec_train.quiet import quiet_library_warnings
-        from aisec_train.train.privacy import quiet_known_warnings
 
         quiet_known_warnings()
         quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1: the summary says what it means

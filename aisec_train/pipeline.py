@@ -30,29 +30,23 @@ from aisec_train.models.factory import ModelFactory, check_model_config
 from aisec_train.models.finetune import KEYS as FINETUNE_KEYS
 from aisec_train.models.finetune import check_adapters_moved
 from aisec_train.preflight import check_limits, check_outputs
+from aisec_train.privacy import LedgerStore, check_delta, claims, resolve_store_path
+from aisec_train.privacy.randomness import describe as describe_randomness
+from aisec_train.privacy.record_sets import register_and_share
+from aisec_train.privacy.spend import DatasetSpend, new_spend, store_record
 from aisec_train.report import outputs, security_report
 from aisec_train.report.budget_text import records_spent, stop_line
 from aisec_train.report.report import Report
 from aisec_train.run_state import Run, UserObjects
-from aisec_train.store import (
-    IntegrityError,
-    LedgerStore,
-    check_delta,
-    lock_run_dir,
-    resolve_store_path,
-    validate_output_path,
-)
-from aisec_train.store.records import register_and_share
+from aisec_train.store import IntegrityError, lock_run_dir, validate_output_path
 from aisec_train.text_run import is_text, skip_robustness, text_sanity
 from aisec_train.tracking import finish_tracking, run_info, tracking
-from aisec_train.train import checkpoint, claims
+from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.launch import WORKER_STAGES, env_rank
 from aisec_train.train.loop import TrainResult, accuracy, resolve_device
 from aisec_train.train.objectives import objective_from_config
 from aisec_train.train.precision import check_precision
-from aisec_train.train.randomness import describe as describe_randomness
-from aisec_train.train.spend import DatasetSpend, new_spend, store_record
 from aisec_train.train.trainers import TRAINERS, TrainJob, select_trainer
 
 log = logging.getLogger("aisec_train")

@@ -64,7 +64,7 @@ def probe_dir(folder: Path, what: str, *, root: Path | None = None) -> None:
 def check_outputs(cfg: Any, run_dir: Path) -> None:
     """Probe every folder the run will write, before any data is read or any step charged."""
     from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
-    from aisec_train.store import resolve_store_path
+    from aisec_train.privacy import resolve_store_path
     from aisec_train.train.config import PrivacyMode
 
     probe_dir(run_dir, "hydra.run.dir")
@@ -89,7 +89,7 @@ def check_accountant_limits(privacy: Any) -> None:
     """Extremes the accountant cannot answer are refused before any work: a delta Opacus' PRV accountant cannot
     resolve (it raises 'Floating point errors will dominate' near 1e-13, or divides by zero, after the data is
     read), and a target epsilon above the store's ceiling (Opacus' noise search for 1e300 never ends)."""
-    from aisec_train.store.ledger_rules import MAX_TARGET_EPSILON
+    from aisec_train.privacy.ledger_rules import MAX_TARGET_EPSILON
 
     if getattr(privacy.mode, "value", privacy.mode) != "dpsgd":
         return

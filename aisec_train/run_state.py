@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from aisec_train.config import Config
     from aisec_train.data.dataset import DataBundle
     from aisec_train.models.factory import ModelFactory
+    from aisec_train.privacy.spend import DatasetSpend
     from aisec_train.train.loop import TrainResult
-    from aisec_train.train.spend import DatasetSpend
 
 
 @dataclass(slots=True)

@@ -110,13 +110,13 @@ def build_step(impl: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     criterion: nn.Module = nn.CrossEntropyLoss()
     note = ""
     if impl != "nonprivate":
+        from aisec_train.privacy.randomness import secret_generator
         from aisec_train.train.bk import bk_report
         from aisec_train.train.bk_engine import BKPrivacyEngine
-        from aisec_train.train.randomness import secret_generator
 
         mode = {"opacus_hooks": "hooks", "opacus_ghost": "ghost", "ours": "bk"}[impl]
         loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
-        # Ours draws its noise as a DP run of aisec-train does (train/privacy.py): from a generator whose state
+        # Ours draws its noise as a DP run of aisec-train does (privacy/engine.py): from a generator whose state
         # comes from os.urandom, in Opacus' secure mode (four draws summed); the Opacus peers use their defaults.
         wrapped = BKPrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,

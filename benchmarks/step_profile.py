@@ -62,7 +62,7 @@ def _loader(x: torch.Tensor, y: torch.Tensor, private: bool) -> DataLoader:
         return loader
     from opacus.data_loader import DPDataLoader
 
-    from aisec_train.train.randomness import secret_generator
+    from aisec_train.privacy.randomness import secret_generator
 
     return DPDataLoader.from_data_loader(loader, generator=secret_generator("cpu"))
 
@@ -77,13 +77,13 @@ def profile_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: b
     loader = _loader(x, y, private)
     clock = PhaseClock()
     if private:
-        from aisec_train.train.randomness import secret_generator
+        from aisec_train.privacy.randomness import secret_generator
 
         model, optimizer, criterion, loader = BKPrivacyEngine(accountant="prv").make_private(
             module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
             max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="bk", noise_generator=secret_generator(x.device),
         )  # fmt: skip
-        optimizer.secure_mode = True  # as train/privacy.py: four draws summed (floating-point attack)
+        optimizer.secure_mode = True  # as privacy/engine.py: four draws summed (floating-point attack)
         clock.wrap(LayerRecord, "process", "per_sample_norms")
         clock.wrap(model, "_write_clipped_sum", "clip_accumulate")
         clock.wrap(optimizer, "add_noise", "noise")
@@ -127,7 +127,7 @@ def noise_cost(numel: int, repeats: int = 20) -> dict:
     which is what aisec-train's private step uses."""
     from opacus.optimizers.optimizer import _generate_noise
 
-    from aisec_train.train.randomness import secret_generator
+    from aisec_train.privacy.randomness import secret_generator
 
     secret, reference = secret_generator("cpu"), torch.empty(numel)
     draws = {

@@ -105,7 +105,7 @@ class Lab:
 
     def tool(self, name: str, *args: object) -> Outcome:
         """``aisec-train-ledger`` / ``aisec-train-registry`` (their modules, as the console scripts run them)."""
-        module = {"ledger": "aisec_train.ledger_cli", "registry": "aisec_train.audit.registry_cli"}[name]
+        module = {"ledger": "aisec_train.privacy.ledger_cli", "registry": "aisec_train.audit.registry_cli"}[name]
         proc = subprocess.run(
             [sys.executable, "-c", f"from {module} import main; main()", *map(str, args)],
             cwd=REPO,
@@ -119,7 +119,7 @@ class Lab:
     # -- reading what the jobs left ---------------------------------------------------------------------------
     def ledger(self):
         """The one dataset ledger in this lab's store (verified), or None before any DP job."""
-        from aisec_train.store import LedgerStore
+        from aisec_train.privacy import LedgerStore
 
         store = LedgerStore(self.store)
         datasets = store.datasets()

@@ -19,7 +19,7 @@ def ledger(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "aisec_train.ledger_cli", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "aisec_train.privacy.ledger_cli", *args], capture_output=True, text=True,
         env={**os.environ, **env},
     )  # fmt: skip
 

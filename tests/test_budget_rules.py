@@ -14,11 +14,12 @@ import torch
 import aisec_train
 from aisec_train.data.views import Sample
 from aisec_train.models import build_model
-from aisec_train.store import BudgetError, LedgerStore, compose_epsilon
-from aisec_train.store.ledger_store import STORE_ENV, choose_store
+from aisec_train.privacy import LedgerStore, compose_epsilon
+from aisec_train.privacy.ledger_store import STORE_ENV, choose_store
+from aisec_train.privacy.spend import DatasetSpend
+from aisec_train.store import BudgetError
 from aisec_train.train.config import Accountant, BudgetScope, GradSampleMode, PrivacyConfig, TrainConfig
 from aisec_train.train.loop import train
-from aisec_train.train.spend import DatasetSpend
 
 CPU = torch.device("cpu")
 DATASET = "e" * 64

@@ -9,8 +9,8 @@ import multiprocessing
 import pytest
 import torch
 
-from aisec_train import ledger_cli
-from aisec_train.store import LedgerStore, keys
+from aisec_train.privacy import LedgerStore, ledger_cli
+from aisec_train.store import keys
 from aisec_train.train import checkpoint
 
 FORK = multiprocessing.get_context("fork")

@@ -10,13 +10,13 @@ from torch import nn
 
 from aisec_train.data.views import Sample, Transformed, subset
 from aisec_train.models import build_model
+from aisec_train.privacy.engine import make_private
+from aisec_train.privacy.ledger import PrivacyLedger
+from aisec_train.privacy.randomness import secret_generator
 from aisec_train.train.callbacks import Callback, NonFiniteError
 from aisec_train.train.config import PrivacyConfig, TrainConfig
-from aisec_train.train.ledger import PrivacyLedger
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import SoftTargets
-from aisec_train.train.privacy import make_private
-from aisec_train.train.randomness import secret_generator
 
 CPU = torch.device("cpu")
 

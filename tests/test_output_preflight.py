@@ -114,8 +114,8 @@ def test_a_full_disk_mid_run_ends_in_one_line_with_nothing_half_written(tmp_path
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert len(lines) == 1 and "No space left on device" in lines[0], proc.stderr[-2000:]
     assert ".tmp" not in proc.stdout  # no temp file left half-written in checkpoints/
-    listed = subprocess.run([sys.executable, "-m", "aisec_train.ledger_cli", "list"], capture_output=True, text=True,
-                            cwd=REPO, env=env)  # fmt: skip
+    listed = subprocess.run([sys.executable, "-m", "aisec_train.privacy.ledger_cli", "list"],
+                            capture_output=True, text=True, cwd=REPO, env=env)  # fmt: skip
     # The smoke job runs 3 steps an epoch: epoch 1 ran and was charged before its checkpoint failed; nothing more.
     assert listed.returncode == 0 and "runs 1  steps 3  " in listed.stdout, (listed.stdout, listed.stderr)
 

@@ -13,8 +13,8 @@ from opacus.accountants import create_accountant
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.models import build_model
+from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, TrainConfig
-from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
 from aisec_train.train.loop import train
 
 CPU = torch.device("cpu")

@@ -18,10 +18,11 @@ from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.data.records import digest_arrays, digest_batch, first_occurrences
 from aisec_train.data.views import Sample
-from aisec_train.store import BudgetError, LedgerStore, compose_epsilon
+from aisec_train.privacy import LedgerStore, compose_epsilon
+from aisec_train.privacy.record_sets import RecordSets, as_set, register_and_share
+from aisec_train.privacy.spend import DatasetSpend
+from aisec_train.store import BudgetError
 from aisec_train.store.errors import IntegrityError
-from aisec_train.store.records import RecordSets, as_set, register_and_share
-from aisec_train.train.spend import DatasetSpend
 from tests.conftest import run_cli
 
 FAST = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1", "privacy.target_epsilon=1"]
@@ -140,7 +141,7 @@ def test_an_image_folder_export_is_the_same_records(tmp_path):
 def spend_on(store, dataset, digests, run_id, *, steps, target=20.0):
     """Register ``digests`` as ``dataset``'s records, admit a run (noise 1, sample rate 0.1), and charge ``steps``
     (as the loop does)."""
-    from aisec_train.train.ledger import PrivacyLedger
+    from aisec_train.privacy.ledger import PrivacyLedger
 
     with store.open(dataset) as ledger:
         spend = DatasetSpend(ledger.delegate(), run_id, "dataset", 0, target, 1000)

@@ -14,11 +14,11 @@ from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import load_dataset
 from aisec_train.errors import ConfigError
 from aisec_train.models import build_model
+from aisec_train.privacy.engine import make_private
+from aisec_train.privacy.ledger import PrivacyLedger
+from aisec_train.privacy.randomness import secret_generator, seeded_generator
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
-from aisec_train.train.ledger import PrivacyLedger
 from aisec_train.train.loop import train
-from aisec_train.train.privacy import make_private
-from aisec_train.train.randomness import secret_generator, seeded_generator
 
 CPU = torch.device("cpu")
 DP_ITEM = "differentially private training (DP-SGD)"

@@ -1,4 +1,4 @@
-"""The loop's dataset account (aisec_train/train/spend.py) in the real loop: charge before checkpoint, resume
+"""The loop's dataset account (aisec_train/privacy/spend.py) in the real loop: charge before checkpoint, resume
 reconciliation, and a resume that finishes instead of being refused forever (in-process, a few seconds)."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ import torch
 
 from aisec_train.data.views import Sample
 from aisec_train.models import build_model
-from aisec_train.store import BudgetError, LedgerStore
+from aisec_train.privacy import LedgerStore
+from aisec_train.privacy.spend import DatasetSpend
+from aisec_train.store import BudgetError
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, TrainConfig
 from aisec_train.train.loop import train
-from aisec_train.train.spend import DatasetSpend
 
 CPU = torch.device("cpu")
 DATASET = "d" * 64

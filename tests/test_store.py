@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 
 from aisec_train.errors import ConfigError
+from aisec_train.privacy import LedgerStore, compose_epsilon
 from aisec_train.store import (
     BudgetError,
     IntegrityError,
-    LedgerStore,
     LockError,
     atomic_write,
-    compose_epsilon,
     exclusive_lock,
     keys,
     safe_open_for_write,
@@ -304,7 +303,7 @@ def test_composition_across_runs_equals_opacus_on_the_concatenated_history(tmp_p
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_composed_epsilon_is_opacus_own_number_for_a_mixed_history(accountant):
-    """The store shares the ledger's cached accounting (aisec_train.accounting); the number must stay Opacus'."""
+    """The store shares the ledger's cached accounting (privacy/accounting.py); the number must stay Opacus'."""
     from opacus.accountants import create_accountant
 
     history = [(1.1, 0.01, 500), (2.0, 0.02, 100), (1.1, 0.01, 300)]

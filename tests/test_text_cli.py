@@ -94,7 +94,7 @@ def test_the_api_takes_a_hf_model_object_with_the_tokenizer_named(tiny_bert, tex
 
 def test_the_same_text_is_the_same_record_for_the_dataset_budget(tiny_bert, tmp_path):  # noqa: F811
     """A re-export of the same records with other white space and order is charged as the same records: once the
-    first file's budget is spent, a run on the second is refused (data/text.py text_digest, store/records.py)."""
+    first file's budget is spent, a run on the second is refused (data/text.py text_digest, privacy/record_sets.py)."""
     rows = _rows(40)
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     first.write_text("\n".join(json.dumps(r) for r in rows) + "\n")

@@ -118,7 +118,8 @@ def test_elastic_restart_after_a_killed_worker_charges_no_step_twice(tmp_path):
     report = read_report(run_dir)
     assert report["train"]["epochs_completed"] == 4
     assert "restart 1 of 2 from the last checkpoint" in (run_dir / "cli.log").read_text()  # the kill did land
-    ledger = subprocess.run([sys.executable, "-m", "aisec_train.ledger_cli", "show", report["data"]["manifest_sha256"]],
+    ledger = subprocess.run([sys.executable, "-m", "aisec_train.privacy.ledger_cli", "show",
+                             report["data"]["manifest_sha256"]],
                             cwd=REPO, env=env, capture_output=True, text=True)  # fmt: skip
     assert ledger.returncode == 0, ledger.stderr
     charged = int(re.search(r"over (\d+) step", ledger.stdout).group(1))

@@ -29,8 +29,8 @@ from torch.utils.data import Dataset
 
 from aisec_train.backdoor.layers import apply_channel_mask, as_channel_map, capture, masked, module_at
 from aisec_train.data.views import labels_of, make_loader, materialize
+from aisec_train.privacy.engine import unwrap
 from aisec_train.train.loop import accuracy
-from aisec_train.train.privacy import unwrap
 
 FLAT_LIMIT = 4096  # values per sample up to which detection reads the whole channel map
 CACHE_BYTES = 512 << 20  # feature outputs cached for replay at most (else: full forward passes)

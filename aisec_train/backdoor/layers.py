@@ -27,7 +27,7 @@ from torch import nn
 
 from aisec_train.errors import ConfigError
 from aisec_train.models.normalize import inner
-from aisec_train.train.privacy import unwrap
+from aisec_train.privacy.engine import unwrap
 
 POOLING = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.MaxPool1d)
 

@@ -1,6 +1,6 @@
 """Record identity: a 16-byte digest of each record's content, whatever file, order, container or dtype held it.
 
-The privacy budget is charged to records (aisec_train/store/records.py), so two copies of the same image and
+The privacy budget is charged to records (aisec_train/privacy/record_sets.py), so two copies of the same image and
 label must give the same digest. A record's canonical form, hashed with BLAKE2b-128:
 
 - pixels as decoded, laid out (C, H, W) C-contiguous (every source already yields that layout: NHWC arrays are

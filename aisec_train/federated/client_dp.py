@@ -54,7 +54,7 @@ from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from aisec_train.errors import ConfigError, require
-from aisec_train.train.ledger import PrivacyLedger
+from aisec_train.privacy.ledger import PrivacyLedger
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 SAMPLING = ("poisson", "fixed")

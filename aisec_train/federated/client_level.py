@@ -16,7 +16,7 @@ scaled by the public ``m / r`` (post-processing). The second block is the noisy 
 round all derive the same next ``C``. Every block is a function of the noised sum only.
 
 The server is the accountant: it samples (Poisson, rate ``q = fraction_train``), so it charges one
-subsampled-Gaussian step per configured round to a :class:`~aisec_train.train.ledger.PrivacyLedger` kept
+subsampled-Gaussian step per configured round to a :class:`~aisec_train.privacy.ledger.PrivacyLedger` kept
 in its state folder (``client_dp_ledger.pt``), before the round's messages leave, released or not.
 
 Example::
@@ -45,8 +45,8 @@ from aisec_train.federated.client_dp import (
     split_noise,
 )
 from aisec_train.federated.config import FederatedConfig
+from aisec_train.privacy.ledger import PrivacyLedger
 from aisec_train.train import checkpoint
-from aisec_train.train.ledger import PrivacyLedger
 
 EXTRA = 2  # values appended to a DP contribution: the scaled count share and the clip norm C
 EXTRA_KEYS = ("dp.count", "dp.clip")  # the same two values as arrays of a plaintext ArrayRecord

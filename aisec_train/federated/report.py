@@ -10,8 +10,8 @@ from typing import Any
 
 from aisec_train.crypto import ckks
 from aisec_train.federated.settings import ClientSettings, ServerSettings
-from aisec_train.train import claims
-from aisec_train.train.randomness import describe as describe_randomness
+from aisec_train.privacy import claims
+from aisec_train.privacy.randomness import describe as describe_randomness
 
 PLOT = "federated_accuracy.png"
 

@@ -20,7 +20,7 @@ from aisec_train.federated.config import Aggregation, Defence, FederatedDP
 from aisec_train.federated.partition import Partition
 from aisec_train.federated.robust_aggregation import DEFENCES, ckks_summary, runs_on_ciphertexts
 from aisec_train.federated.settings import ClientSettings, ServerSettings
-from aisec_train.train import claims
+from aisec_train.privacy import claims
 
 COLLUSION = (
     "single-key CKKS: every client holds the same secret key and the server holds none, so any key-holding client "

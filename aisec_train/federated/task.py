@@ -35,9 +35,9 @@ from aisec_train.federated import shared
 from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
 from aisec_train.federated.partition import Partition, client_partition, partition_labels
 from aisec_train.models.factory import ModelFactory
+from aisec_train.privacy.ledger import BudgetExhausted, calibrated_noise
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
-from aisec_train.train.ledger import BudgetExhausted, calibrated_noise
 from aisec_train.train.loop import accuracy, resolve_device, sgd, train
 from aisec_train.train.objectives import objective_from_config
 
@@ -293,7 +293,7 @@ def local_round(
 def _eps(ledger_state: dict[str, Any] | None) -> float:
     if not ledger_state:
         return 0.0
-    from aisec_train.train.ledger import PrivacyLedger
+    from aisec_train.privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger(ledger_state["accountant"], ledger_state["delta"])
     ledger.load_state_dict(ledger_state)
@@ -302,7 +302,7 @@ def _eps(ledger_state: dict[str, Any] | None) -> float:
 
 def client_epsilons(state_dir: Path, clients: int) -> dict[int, dict[str, Any]]:
     """Each client's ledger summary, read from its state file (absent for a client that never trained)."""
-    from aisec_train.train.ledger import PrivacyLedger
+    from aisec_train.privacy.ledger import PrivacyLedger
 
     out = {}
     for pid in range(clients):

@@ -25,9 +25,9 @@ import torch
 
 from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
-from aisec_train.federated import budget, shared
 from aisec_train.federated import report as fed_report
 from aisec_train.federated import report_scale as fed_scale
+from aisec_train.federated import shared
 from aisec_train.federated.client_dp import client_level_epsilon
 from aisec_train.federated.client_keys import ClientKeys
 from aisec_train.federated.client_level import EXTRA_KEYS, make_plan, read_ledger
@@ -35,6 +35,7 @@ from aisec_train.federated.config import Aggregation, Engine, FederatedDP, dp_le
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.federated.strategy import load_state
 from aisec_train.federated.task import FederatedTask, client_epsilons, load_job, unflatten, write_job
+from aisec_train.privacy import federated_budget as budget
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import TrainResult
 

@@ -72,7 +72,7 @@ def records_spent(report: Any) -> str:
     if b.get("dataset_epsilon") is None:
         return ""
     passed = " (passed on record: see the ledger's exceed records)" if b.get("dataset_exceeded") else ""
-    records = b.get("records") or {}  # store/records.py: other datasets holding the same records compose too
+    records = b.get("records") or {}  # privacy/record_sets.py: other datasets holding the same records compose too
     spent = max(b["dataset_epsilon"], records.get("epsilon_max") or 0.0)
     shared = len(records.get("shared_with") or {})
     also = f" and on {shared} other dataset(s) holding some of the same records" if shared else ""

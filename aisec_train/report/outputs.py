@@ -69,7 +69,7 @@ def _privacy_sentence(privacy: dict[str, Any]) -> str:
     if not privacy or privacy.get("epsilon") is None:
         return "This model was trained **without** differential privacy: it may memorise individual training samples."
     gaps = (privacy.get("guarantee") or {}).get("gaps")
-    if gaps:  # train/claims.py: reproducible noise or delta >= 1/n void whatever the accountant computed
+    if gaps:  # privacy/claims.py: reproducible noise or delta >= 1/n void whatever the accountant computed
         return (
             f"**NO DP guarantee holds** for this model: {'; '.join(gaps)}. (The accountant's figures, which bound "
             f"nothing here: ({privacy['epsilon']:.2f}, {privacy['delta']:g}).)"

@@ -158,7 +158,7 @@ def _at_a_glance(report: Report) -> list[str]:
         if eps is not None
         else "none (no DP guarantee)"
     )
-    if eps is not None and g("privacy.guarantee.holds") is False:  # train/claims.py
+    if eps is not None and g("privacy.guarantee.holds") is False:  # privacy/claims.py
         privacy = f"NO DP guarantee ({'; '.join(g('privacy.guarantee.gaps'))}); accountant: {privacy}"
     rows = [
         (

@@ -17,7 +17,7 @@ from aisec_train.report.budget_text import stop_line
 from aisec_train.report.report import Report
 
 FILES = (("report", "report.json"), ("security", "security_report.md"), ("model card", "model_card.md"))
-# Where the records' total spend across runs may sit: the dataset ledger's composed epsilon (train/spend.py) and
+# Where the records' total spend across runs may sit: the dataset ledger's composed epsilon (privacy/spend.py) and
 # the keys a budget store may add beside it. The first present is shown.
 TOTAL_SPEND_KEYS = ("privacy.total_spend", "privacy.dataset_spend", "privacy.budget.dataset_epsilon")
 
@@ -36,7 +36,7 @@ def _privacy(report: Report) -> list[str]:
         return ["privacy    none: no differential-privacy guarantee (privacy=none)"]
     level = " client-level" if g("privacy.level") == "client" else ""
     lines = [f"privacy    epsilon {epsilon_text(eps)} at delta {g('privacy.delta'):g}{level} (rounded up)"]
-    if g("privacy.guarantee.holds") is False:  # train/claims.py: a setting voids the accountant's figure
+    if g("privacy.guarantee.holds") is False:  # privacy/claims.py: a setting voids the accountant's figure
         gaps = "; ".join(gap.split(":")[0] for gap in g("privacy.guarantee.gaps") or [])
         lines.append(f"warning    NO DP guarantee holds ({gaps}): the epsilon above is the accountant's figure only")
     if (g("privacy.sample_rate") or 0) >= 1:

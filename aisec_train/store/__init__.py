@@ -1,11 +1,11 @@
-"""Infrastructure every part of aisec-train uses: keyed tags, safe writes, locks, tagged artifacts, the ledger store.
+"""Infrastructure every part of aisec-train uses: keyed tags, safe writes, locks, tagged artifacts.
 
 One import surface (docs/integrity.md explains the threat model, key custody, rotation and crash consistency):
 
     from aisec_train.store import (tag, verify, atomic_write, safe_open_for_write, exclusive_lock, lock_run_dir,
-                                   save_artifact, read_artifact, LedgerStore, IntegrityError, LockError, BudgetError)
+                                   save_artifact, read_artifact, IntegrityError, LockError, BudgetError)
 
-Nothing here imports torch; Opacus is imported only when an epsilon is computed.
+Nothing here imports torch or Opacus. The privacy ledger store built on it is aisec_train/privacy/.
 """
 
 from aisec_train.store.artifacts import (
@@ -16,7 +16,6 @@ from aisec_train.store.artifacts import (
     save_artifact,
     verified_digest,
 )
-from aisec_train.store.budget import check_delta, check_target_epsilon, compose_epsilon, merge, steps_within
 from aisec_train.store.errors import BudgetError, IntegrityError, LockError, StoreError
 from aisec_train.store.files import (
     atomic_write,
@@ -27,37 +26,28 @@ from aisec_train.store.files import (
     validate_output_path,
 )
 from aisec_train.store.keys import current_key, key_path, tag, verify
-from aisec_train.store.ledger_store import DatasetLedger, LedgerStore, resolve_store_path
 from aisec_train.store.locks import exclusive_lock, holder, lock_run_dir
 
 __all__ = [
     "BudgetError",
-    "DatasetLedger",
     "IntegrityError",
-    "LedgerStore",
     "LockError",
     "StoreError",
     "atomic_write",
-    "check_delta",
-    "check_target_epsilon",
-    "compose_epsilon",
     "current_key",
     "exclusive_lock",
     "holder",
     "key_path",
     "lock_run_dir",
     "manifest_path",
-    "merge",
     "open_nofollow",
     "read_artifact",
     "read_manifest",
     "read_nofollow",
-    "resolve_store_path",
     "retag_artifact",
     "safe_mkdir",
     "safe_open_for_write",
     "save_artifact",
-    "steps_within",
     "tag",
     "validate_output_path",
     "verified_digest",

@@ -130,7 +130,7 @@ class FiniteGuard(Callback):
 
 
 class ChargeDataset(Callback):
-    """Charge the dataset-level ledger (train/spend.py) before each checkpoint and at the end."""
+    """Charge the dataset-level ledger (privacy/spend.py) before each checkpoint and at the end."""
 
     def __init__(self, spend):
         self.spend = spend

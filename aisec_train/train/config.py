@@ -82,7 +82,7 @@ class PrivacyConfig:
             "set privacy.target_epsilon or privacy.noise_multiplier",
         )
         finite_positive(self.max_grad_norm, "privacy.max_grad_norm")
-        if self.budget_reason is not None:  # recorded in the ledger: one printable line (store/ledger_rules.py)
+        if self.budget_reason is not None:  # recorded in the ledger: one printable line (privacy/ledger_rules.py)
             ok = str(self.budget_reason).strip() != "" and str(self.budget_reason).isprintable()
             why = "must be one line of printable text, at most 200 characters"
             require(ok and len(str(self.budget_reason)) <= 200, "privacy.budget_reason", self.budget_reason, why)

@@ -29,13 +29,13 @@ import torch.distributed as dist
 
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
+from aisec_train.privacy.engine import quiet_known_warnings
+from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train import checkpoint
 from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.launch import check_same_run_dir, under_torchrun
-from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.train.loop import TrainResult, train
 from aisec_train.train.objectives import objective_from_config
-from aisec_train.train.privacy import quiet_known_warnings
 
 if TYPE_CHECKING:
     from aisec_train.train.trainers import TrainJob

@@ -28,6 +28,9 @@ from tqdm import tqdm
 from aisec_train.components import accepted, build
 from aisec_train.data.views import checked_collate, make_loader
 from aisec_train.errors import ConfigError
+from aisec_train.privacy.engine import make_private, unwrap
+from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, budget_limit
+from aisec_train.privacy.randomness import dp_generators
 from aisec_train.store.errors import BudgetError
 from aisec_train.train.augmult import AugMult
 from aisec_train.train.augmult import install as install_augmult
@@ -43,11 +46,8 @@ from aisec_train.train.callbacks import (
     all_evaluation,
 )
 from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
-from aisec_train.train.ledger import BudgetExhausted, PrivacyLedger, budget_limit
 from aisec_train.train.objectives import CrossEntropy, Objective, correct
 from aisec_train.train.precision import Precision
-from aisec_train.train.privacy import make_private, unwrap
-from aisec_train.train.randomness import dp_generators
 
 NO_PRIVACY = PrivacyConfig(mode=PrivacyMode.none)
 HORIZON_ARGS = ("T_max", "total_steps", "total_iters")
@@ -125,7 +125,7 @@ def train(
     """Train ``model`` on ``dataset`` (items ``(image, label)``); ``resume`` is a payload from a checkpoint.
 
     ``optimizer`` / ``scheduler`` are ``_target_`` configs (default: SGD from ``train_cfg``; no schedule);
-    ``persist(payload)`` is called after each epoch with everything a resume needs; ``spend`` (train/spend.py) is
+    ``persist(payload)`` is called after each epoch with everything a resume needs; ``spend`` (privacy/spend.py) is
     the run's account in the dataset-level ledger, charged before each checkpoint.
     """
     objective = objective or CrossEntropy()
@@ -173,14 +173,14 @@ class Loop:
         self.resumed = self.resumed_stop = False  # resumed from a checkpoint; one that had stopped at the budget
         self.planned_steps = 0
         self.spend = None
-        self.noise_generator: torch.Generator | None = None  # under DP: the Gaussian noise's (train/randomness.py)
+        self.noise_generator: torch.Generator | None = None  # under DP: the Gaussian noise's (privacy/randomness.py)
         self.amp = Precision(train_cfg.precision, device)  # train.precision (train/precision.py)
 
     # ---- set-up ------------------------------------------------------------------------------------------
     def _loader(self) -> DataLoader:
         """The logical-batch loader. Opacus turns it into Poisson sampling (sharded across ranks when distributed).
 
-        Under DP its generator draws the Poisson coins: secret (train/randomness.py), each rank its own, so every
+        Under DP its generator draws the Poisson coins: secret (privacy/randomness.py), each rank its own, so every
         sample's inclusion is an independent coin flip nobody can replay from ``train.seed``.
         """
         cfg, pin = self.cfg, self.device.type == "cuda"

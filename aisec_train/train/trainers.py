@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from aisec_train.config import Config
     from aisec_train.data.dataset import DataBundle
     from aisec_train.models.factory import ModelFactory
+    from aisec_train.privacy.spend import DatasetSpend
     from aisec_train.report.report import Report
-    from aisec_train.train.spend import DatasetSpend
 
 
 @dataclass
@@ -40,7 +40,7 @@ class TrainJob:
     persist: Callable[[dict[str, Any]], None] | None = None  # writes a checkpoint payload (rank 0 / the job)
     extras: dict[str, Any] = field(default_factory=dict)  # trainer-specific inputs (e.g. malicious clients)
     report: Report | None = None  # a trainer with a section of its own (federated) adds it here
-    spend: DatasetSpend | None = None  # the dataset-level privacy ledger account (train/spend.py), under DP
+    spend: DatasetSpend | None = None  # the dataset-level privacy ledger account (privacy/spend.py), under DP
 
 
 def central(job: TrainJob) -> TrainResult:

@@ -111,8 +111,8 @@ def fine_tune(
     from aisec_train.models import ModelFactory
     from aisec_train.models.finetune import check_adapters_moved
     from aisec_train.models.hf import load_tokenizer
+    from aisec_train.privacy.engine import quiet_known_warnings
     from aisec_train.train.loop import accuracy, train
-    from aisec_train.train.privacy import quiet_known_warnings
 
     quiet_known_warnings()
     trainable, private = VARIANTS[variant]

@@ -61,8 +61,8 @@ def pretrain(path: Path, seed: int, epochs: int) -> float:
 def fine_tune(variant: str, checkpoint: str, seed: int, epochs: int, epsilon: float, queue) -> None:
     import aisec_train
     from aisec_train.models import ModelFactory
+    from aisec_train.privacy.engine import quiet_known_warnings
     from aisec_train.train.loop import accuracy, train
-    from aisec_train.train.privacy import quiet_known_warnings
 
     quiet_known_warnings()
     _, (xt, yt), (xe, ye) = split(seed)

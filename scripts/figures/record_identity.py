@@ -85,7 +85,7 @@ def config(overrides: list[str]):
 def in_process(copies: dict[str, list[str]], original: np.ndarray) -> dict[str, dict]:
     """Per copy: how many of its training records the original's records hold, and duplicates left out."""
     from aisec_train.data.dataset import load_dataset
-    from aisec_train.store.records import as_set, contains
+    from aisec_train.privacy.record_sets import as_set, contains
 
     known, rows = as_set(original), {}
     for name, overrides in copies.items():
@@ -183,7 +183,7 @@ import json, re, sys, time, tracemalloc, numpy as np
 def peak_mib():  # VmHWM: this process's own peak (ru_maxrss keeps the parent's peak across exec)
     return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
 from aisec_train.data.records import digest_arrays
-from aisec_train.store.records import as_set
+from aisec_train.privacy.record_sets import as_set
 x = np.random.default_rng(0).integers(0, 256, size=(N, 1, 8, 8), dtype=np.uint8)
 y = np.zeros(N, dtype=np.int64)
 before = peak_mib()

@@ -36,9 +36,9 @@ from aisec_train.data.config import DatasetConfig  # noqa: E402
 from aisec_train.data.dataset import load_dataset  # noqa: E402
 from aisec_train.data.views import subset  # noqa: E402
 from aisec_train.models import build_model  # noqa: E402
+from aisec_train.privacy.randomness import secret_generator  # noqa: E402
 from aisec_train.train.config import PrivacyConfig, TrainConfig  # noqa: E402
 from aisec_train.train.loop import train  # noqa: E402
-from aisec_train.train.randomness import secret_generator  # noqa: E402
 
 QUICK = ["audit=off", "robustness.evaluate=false"]
 

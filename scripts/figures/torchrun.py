@@ -94,7 +94,7 @@ def drill(base: list[str], tmp: Path, kills: int, seed: int) -> list[dict]:
             os.kill(rng.choice(mine), 9)
         err = job.communicate()[1]
         report = json.loads((run_dir / "report.json").read_text()) if job.returncode == 0 else {}
-        show = subprocess.run([sys.executable, "-m", "aisec_train.ledger_cli", "show",
+        show = subprocess.run([sys.executable, "-m", "aisec_train.privacy.ledger_cli", "show",
                                report.get("data", {}).get("manifest_sha256", "-")], cwd=REPO, env=env,
                               capture_output=True, text=True).stdout  # fmt: skip
         charged = re.search(r"over (\d+) step", show)

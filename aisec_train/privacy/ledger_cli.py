@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from aisec_train.errors import ConfigError
+from aisec_train.privacy.ledger_store import DatasetLedger, LedgerStore
 from aisec_train.store import artifacts, keys
 from aisec_train.store.errors import StoreError
-from aisec_train.store.ledger_store import DatasetLedger, LedgerStore
 
 PROG = "aisec-train-ledger"
 

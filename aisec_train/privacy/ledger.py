@@ -13,8 +13,8 @@ from typing import Any
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from aisec_train.accounting import epsilon
 from aisec_train.errors import ConfigError
+from aisec_train.privacy.accounting import epsilon
 
 
 class BudgetExhausted(RuntimeError):

@@ -1,7 +1,7 @@
 """DP-SGD through Opacus: wrap model, optimizer and loader so every step is charged to the ledger.
 
 The ledger itself (Opacus' accountant plus the noise and sample rate it charges) is in
-:mod:`aisec_train.train.ledger`.
+:mod:`aisec_train.privacy.ledger`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from aisec_train.privacy.ledger import PrivacyLedger, calibrated_noise, check_mechanism
 from aisec_train.train.bk import bk_report
 from aisec_train.train.bk_engine import BKPrivacyEngine
 from aisec_train.train.config import PrivacyConfig
-from aisec_train.train.ledger import PrivacyLedger, calibrated_noise, check_mechanism
 
 
 @dataclass
@@ -46,7 +46,7 @@ def make_private(
 ) -> PrivateTraining:
     """Wrap model, optimizer and loader with Opacus; the noise comes from the ledger on resume.
 
-    ``noise_generator`` draws the Gaussian noise (train/randomness.py: OS entropy unless the debug override); the
+    ``noise_generator`` draws the Gaussian noise (privacy/randomness.py: OS entropy unless the debug override); the
     loader's own generator draws the Poisson batches. Always returns the four pieces (Opacus' ghost mode adds a
     criterion, hooks mode does not).
     """

@@ -60,7 +60,7 @@ def compose_epsilon(history: Iterable[tuple[float, float, int]], *, delta: float
         return math.inf  # a step without noise has no finite guarantee
     if accountant == "gdp" and len(merged) > 1:
         accountant = "rdp"
-    from aisec_train.accounting import epsilon  # Opacus' numbers, with the one-step RDP cached per process
+    from aisec_train.privacy.accounting import epsilon
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(GDP accounting|Optimal order).*")

@@ -21,7 +21,8 @@ from typing import Any
 
 from aisec_train.federated.client_level import LEDGER_FILE, ClientDPPlan
 from aisec_train.federated.task import FederatedTask, _calibrated_ledger, load_client_state
-from aisec_train.store import BudgetError, DatasetLedger
+from aisec_train.privacy import DatasetLedger
+from aisec_train.store import BudgetError
 from aisec_train.train import checkpoint
 
 
@@ -75,7 +76,7 @@ def charge(ledger: DatasetLedger, run_id: str, client_state: Path, server_state:
 
 
 def _worst_client(state_dir: Path, clients: int) -> list[tuple[float, float, int]]:
-    from aisec_train.train.ledger import PrivacyLedger
+    from aisec_train.privacy.ledger import PrivacyLedger
 
     worst, worst_eps = [], -1.0
     for pid in range(clients):

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from aisec_train.store import anchors, budget, keys
+from aisec_train.privacy import budget
+from aisec_train.privacy.ledger_store import DatasetLedger, LedgerStore, check_dataset
+from aisec_train.store import anchors, keys
 from aisec_train.store.errors import BudgetError, IntegrityError
 from aisec_train.store.files import atomic_write, read_nofollow
-from aisec_train.store.ledger_store import DatasetLedger, LedgerStore, check_dataset
 from aisec_train.store.timing import timed
 
 FORMAT = b"aisec-train-records/1\n"

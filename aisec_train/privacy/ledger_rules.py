@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from aisec_train.store import budget
+from aisec_train.privacy import budget
 from aisec_train.store.errors import BudgetError
 
 INVARIANTS = ("delta", "accountant", "sample_rate", "noise_multiplier", "split_seed", "budget_scope")

@@ -1,7 +1,7 @@
 """The run's account in the project's dataset-level privacy ledger (aisec_train/store): what the loop charges.
 
 The ledger store charges privacy to the data across every run on it; the run's own
-:class:`~aisec_train.train.ledger.PrivacyLedger` (in its checkpoints) still composes this run's steps. The loop
+:class:`~aisec_train.privacy.ledger.PrivacyLedger` (in its checkpoints) still composes this run's steps. The loop
 asks :meth:`DatasetSpend.begin` for the step limit the dataset's budget allows (every run composed), and
 :meth:`charge` is called before every checkpoint, so a kill can leave the ledger ahead of a checkpoint (the
 steps count) but never behind it. On resume, :meth:`begin` reconciles: steps the ledger charged beyond the
@@ -26,9 +26,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from aisec_train.store import BudgetError, DatasetLedger, compose_epsilon
-from aisec_train.store.records import SharedSpend
-from aisec_train.train.ledger import PrivacyLedger, calibrated_noise
+from aisec_train.privacy import DatasetLedger, compose_epsilon
+from aisec_train.privacy.ledger import PrivacyLedger, calibrated_noise
+from aisec_train.privacy.record_sets import SharedSpend
+from aisec_train.store import BudgetError
 
 _FIT_MARGIN = 1e-6  # calibrate to a hair under the target: the admission's step search must find every step
 
@@ -49,7 +50,7 @@ class DatasetSpend:
     fitted: dict[str, Any] | None = None  # what fit() changed, for the report
     exceeded: dict[str, Any] | None = None  # the exceed record this run committed
     admitted: int | None = None  # the dataset's allowed steps found at admission (reused by begin)
-    shared: SharedSpend | None = None  # other datasets' spend on this run's records (store/records.py)
+    shared: SharedSpend | None = None  # other datasets' spend on this run's records (privacy/record_sets.py)
 
     # -- before the first step ----------------------------------------------------------------------------------
     def fit(self, run: PrivacyLedger, privacy_cfg: Any, batches_per_epoch: int, epochs: int) -> None:

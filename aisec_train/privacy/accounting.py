@@ -1,7 +1,7 @@
 """Epsilon of an Opacus accountant history: Opacus' own accountants, with one cost removed.
 
-A history is a list of ``(noise_multiplier, sample_rate, steps)``. Both the run's ledger (``train/ledger.py``)
-and the dataset's budget store (``store/budget.py``) ask for its epsilon, many times a run and mostly with the
+A history is a list of ``(noise_multiplier, sample_rate, steps)``. Both the run's ledger (``privacy/ledger.py``)
+and the dataset's budget store (``privacy/budget.py``) ask for its epsilon, many times a run and mostly with the
 same ``(noise, sample rate)``. RDP composes linearly in the steps, so each pair's one-step RDP is computed once per
 process; RDP epsilons and the PRV accountant's safe domain are built from it. The numbers are Opacus' own, bit for
 bit (tests/test_privacy.py holds them to it). This module depends on Opacus only, so the store does not depend on

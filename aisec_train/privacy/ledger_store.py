@@ -36,11 +36,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aisec_train.store import anchors, budget, keys
+from aisec_train.privacy import budget
+from aisec_train.privacy.ledger_rules import LedgerRules
+from aisec_train.store import anchors, keys
 from aisec_train.store.artifacts import canonical
 from aisec_train.store.errors import IntegrityError
 from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
-from aisec_train.store.ledger_rules import LedgerRules
 from aisec_train.store.locks import exclusive_lock, held_by
 from aisec_train.store.timing import timed
 
