@@ -37,13 +37,7 @@ DS = hashlib.sha256(b"a dataset manifest").hexdigest()
 RUN = {"delta": 1e-5, "accountant": "rdp", "sample_rate": 0.01, "noise_multiplier": 1.1, "split_seed": 0}
 
 
-@pytest.fixture(autouse=True)
-def keyed(tmp_path, monkeypatch):
-    """A private project key and anchor folder for each test (never the user's ~/.config)."""
-    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
-    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
-    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
-    return tmp_path / "keys" / "hmac.key"
+pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
 
 
 def begin(led, run_id="r1", target_epsilon=3.0, **over):
@@ -455,7 +449,8 @@ def test_timing_is_off_by_default_and_counts_each_operation_once_when_asked(tmp_
     assert not timing.ENABLED and timing.timed("x")(len) is len  # off: the functions themselves, nothing costs
     out = tmp_path / "timing.jsonl"
     code = (
-        "from pathlib import Path; from aisec_train.store import LedgerStore, atomic_write, lock_run_dir, tag;"
+        "from pathlib import Path; from aisec_train.store import atomic_write, lock_run_dir, tag;"
+        "from aisec_train.privacy import LedgerStore;"
         f"root = Path({str(tmp_path)!r}); tag(b'x', 'ledger');"
         "atomic_write(root / 'r' / 'a.json', b'{}', root=root / 'r');"
         "ctx = lock_run_dir(root / 'r'); ctx.__enter__(); ctx.__exit__(None, None, None);"
