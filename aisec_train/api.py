@@ -6,7 +6,7 @@
     >>> report.get("metrics.clean_accuracy"), report.get("privacy.epsilon")
 
 ``run`` goes through every stage (DP training, robustness, backdoor scan, audits, report) exactly as the CLI does;
-``train`` is the one training loop on a DataLoader, for when you only want a (private) model. Both charge the
+``fit`` is the one training loop on a DataLoader, for when you only want a (private) model. Both charge the
 same dataset-level privacy ledger as the CLI (the data's records, in the store of ``privacy.ledger_store`` /
 ``$AISEC_TRAIN_LEDGER_STORE`` / the user's data folder): a call on spent data is refused. Bad input raises the same
 one-line errors the CLI prints (``ConfigError``, ``DataError``, ``BudgetError``, ...).
@@ -66,7 +66,7 @@ def run(
     return run_pipeline(cfg, path, experiment=experiment, user=UserObjects(model, train_dataset, test_dataset))
 
 
-def train(
+def fit(
     model: nn.Module,
     loader: DataLoader,
     config: Config | Sequence[str] | None = None,
@@ -116,16 +116,16 @@ def train(
 
 
 class _Account:
-    """``train``'s account in the dataset ledger, opened by the pipeline's own data and spend code (the data stage's
+    """``fit``'s account in the dataset ledger, opened by the pipeline's own data and spend code (the data stage's
     dataset identity, the store's rules), so the API is charged exactly as a CLI run on the same records."""
 
     def __init__(self, cfg: Config, dataset: Dataset, eval_dataset: Dataset | None):
-        self.run = Run(cfg=cfg, run_dir=Path.cwd(), experiment="api.train")
+        self.run = Run(cfg=cfg, run_dir=Path.cwd(), experiment="api.fit")
         self.dataset, self.eval_dataset, self.spend = dataset, eval_dataset, None
 
     def open(self):
         from aisec_train.data.dataset import load_dataset
-        from aisec_train.pipeline import _open_spend
+        from aisec_train.privacy.admission import open_spend
         from aisec_train.privacy.ledger_store import who
         from aisec_train.train.config import PrivacyMode
 
@@ -144,8 +144,8 @@ class _Account:
                 "each record must appear once (a copy is the same person counted twice): deduplicate it first"
             )
         user, host = who()
-        run_id = f"api.train {user}@{host} {datetime.now().isoformat(timespec='seconds')} {uuid.uuid4().hex[:8]}"
-        self.spend = _open_spend(self.run, run_id=run_id)
+        run_id = f"api.fit {user}@{host} {datetime.now().isoformat(timespec='seconds')} {uuid.uuid4().hex[:8]}"
+        self.spend = open_spend(self.run, run_id=run_id)
         return self.spend
 
     def summary(self) -> dict | None:

@@ -19,30 +19,20 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from aisec_train import errors
 from aisec_train.config import register_configs, to_config
-from aisec_train.data.errors import DataError
-from aisec_train.errors import ConfigError
-from aisec_train.store.errors import StoreError
+from aisec_train.errors import ConfigError, Refusal
 
+PROG = "aisec-train"
 CONFIG_DIR = str(files("aisec_train.configs"))
 log = logging.getLogger("aisec_train")
 
 
-# Refusals raised by modules that import torch or Opacus: (module, class).
-HEAVY_REFUSALS = (
-    ("aisec_train.train.checkpoint", "CheckpointError"),
-    ("aisec_train.privacy.ledger", "BudgetExhausted"),
-    ("aisec_train.train.callbacks", "NonFiniteError"),
-)
-
-
 def refusals() -> tuple[type[BaseException], ...]:
-    """The errors that mean "bad input", answered in one line with exit 2. A heavy module's error can only have
-    been raised if that module was imported, so only those already loaded are matched: a bad override is refused
-    in about a second, without importing torch and Opacus just to name their error classes."""
-    light = (ConfigError, DataError, StoreError, HydraException, OmegaConfBaseException)
-    heavy = tuple(getattr(sys.modules[m], name) for m, name in HEAVY_REFUSALS if m in sys.modules)
-    return light + heavy
+    """The errors that mean "bad input", answered in one line with exit 2: every ``Refusal`` (each error class
+    says it is one, aisec_train/errors.py), and Hydra's and OmegaConf's errors about the overrides. Matching the
+    base class needs no heavy import: a bad override is refused in about a second, before torch and Opacus load."""
+    return (Refusal, HydraException, OmegaConfBaseException)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -73,18 +63,17 @@ def _job(dict_cfg: DictConfig) -> float:
     return float(report.get("metrics.clean_accuracy"))
 
 
-def one_line(err: BaseException) -> str:
-    """Flatten an error and its cause into one readable line (Hydra's search-path dump dropped)."""
-    parts = [" ".join(str(err).split()).split(" Config search path:")[0]]
+def message(err: BaseException) -> str:
+    """An error and its cause as one readable line (Hydra's search-path dump and OmegaConf's key dump dropped)."""
+    parts = [errors.one_line(err).split(" Config search path:")[0]]
     cause = err.__cause__
     if cause is not None and str(cause).strip():
-        parts.append(" ".join(str(cause).split()).split(" full_key:")[0])
+        parts.append(errors.one_line(cause).split(" full_key:")[0])
     return ": ".join(p for p in parts if p)
 
 
 def refuse(err: BaseException) -> NoReturn:
-    print(f"aisec-train: error: {one_line(err)}", file=sys.stderr)
-    sys.exit(2)
+    errors.refuse(PROG, message(err))
 
 
 def refuse_write(err: OSError) -> NoReturn:

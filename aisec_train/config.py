@@ -94,11 +94,37 @@ def _dataclass_of(annotation: str) -> type | None:
     return None
 
 
+# What a text run cannot do (text_run.py answers the stages' items with these words).
+NO_PGD = "text inputs: embedding-space PGD not implemented"
+NO_IMAGES = "text inputs: {what} (image-only, not implemented for token ids)"
+
+
+def check_text_config(cfg: Config) -> None:
+    """Refuse, before any work, what would run in pixel space on token ids (one line naming key and value)."""
+    if cfg.dataset.name != "text":
+        return
+    refusals = [
+        ("robustness.mode", cfg.robustness.mode.value, cfg.robustness.mode is not RobustMode.none, NO_PGD),
+        ("backdoor.attack", cfg.backdoor.attack.value, cfg.backdoor.attack is not BackdoorAttack.none,
+         "text inputs: image triggers (badnets, blended, wanet) cannot be stamped on token ids"),
+        ("federated.mode", cfg.federated.mode.value, cfg.federated.mode is not FederatedMode.none,
+         "federated text fine-tuning is not implemented yet"),
+        ("dataset.augment", "set", cfg.dataset.augment.random_crop_padding > 0 or cfg.dataset.augment.horizontal_flip,
+         "image augmentation on token ids"),
+        ("dataset.normalize", cfg.dataset.normalize.mean, cfg.dataset.normalize.mean is not None,
+         "pixel normalisation on token ids"),
+        ("train.augmult", cfg.train.augmult, cfg.train.augmult > 1, "augmented views are image augmentations"),
+        ("audit.canaries.kind", cfg.audit.canaries.kind.value, cfg.audit.canaries.kind.value != "mislabel",
+         "noise canaries are images; use audit.canaries.kind=mislabel"),
+    ]  # fmt: skip
+    for key, value, bad, why in refusals:
+        if bad:
+            raise ConfigError(f"{key}={value!r} is not allowed with dataset=text: {why}")
+
+
 def check_composition(cfg: Config) -> None:
     """Refuse combinations that would silently do less than the report claims."""
-    from aisec_train.text_run import check_text_config  # token ids: no pixel-space training, poisoning, augmentation
-
-    check_text_config(cfg)
+    check_text_config(cfg)  # token ids: no pixel-space training, poisoning, augmentation (text_run.py: the rest)
     fed, bd, priv = cfg.federated, cfg.backdoor, cfg.privacy
     federated = fed.mode is not FederatedMode.none
     if federated:
@@ -144,6 +170,9 @@ def check_composition(cfg: Config) -> None:
     from aisec_train.train.augmult import check as check_augmult
 
     check_augmult(cfg)  # train.augmult needs instantiated per-sample gradients
+    from aisec_train.train.sharding import check_strategy
+
+    check_strategy(cfg)  # train.distributed.strategy=fsdp: what Opacus' FSDP2 path runs
     two_forwards = cfg.robustness.mode is RobustMode.trades
     if priv.mode is PrivacyMode.dpsgd and two_forwards and priv.grad_sample_mode is GradSampleMode.ghost:
         raise ConfigError(

@@ -1,17 +1,64 @@
-"""The refusals every package raises: one line naming the key, the value and what is allowed.
+"""The refusals every package raises, and the one way every console script answers them.
 
-The CLI turns each of them into that one line on stderr and exit status 2 (``aisec_train.cli.refusals()``).
+A refusal is bad input, not a bug: one line on stderr, ``PROG: error: ...``, naming the key, the value and what
+is allowed, then exit status 2, before any work; tracebacks are kept for real bugs. ``refuse`` is that line,
+``RefusingParser`` routes argparse's usage errors through it and ``refusing`` answers a chosen set of exception
+classes with it. Each console script (``aisec-train``, ``-ledger``, ``-registry``, ``-monitor``, ``-sweep``) uses
+these three, so the format and the exit status cannot drift between them. This module imports neither torch nor
+the heavy packages: a bad override is refused in about a second.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import argparse
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
 
-class ConfigError(ValueError):
+class Refusal(Exception):
+    """Base of every error that means bad input rather than a bug: a console script answers it with ``refuse``.
+
+    An error class says so itself by deriving from ``Refusal`` (``ConfigError``, ``DataError``, ``StoreError``,
+    ``BudgetExhausted``, ``NonFiniteError``...), so a CLI classifies errors by their class and no module has to
+    re-raise another package's error under a refusal's name just to reach the one-line answer."""
+
+
+class ConfigError(Refusal, ValueError):
     """A configuration value outside its allowed range, or a combination that cannot run honestly."""
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def one_line(message: object) -> str:
+    """``message`` with its white space folded: a refusal stays one line whatever the error's text held."""
+    return " ".join(str(message).split())
+
+
+def refuse(prog: str, message: object) -> NoReturn:
+    """Print ``PROG: error: MESSAGE`` on one line of stderr and exit with status 2."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(2)
+
+
+class RefusingParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are refusals: one line and exit 2 (argparse prints the usage too).
+    Its subparsers are of the same class (argparse's default ``parser_class`` is the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        refuse(self.prog.split()[0], message)  # a subparser's prog is "PROG COMMAND"
+
+
+@contextmanager
+def refusing(
+    prog: str, *errors: type[BaseException], message: Callable[[BaseException], object] = one_line
+) -> Iterator[None]:
+    """Answer any of ``errors`` raised inside the block with ``refuse(prog, message(err))``; others propagate."""
+    try:
+        yield
+    except errors as err:
+        refuse(prog, message(err))

@@ -253,3 +253,13 @@ def write_failure(err: OSError) -> str | None:
         f"{err.strerror}{where}: the run stopped; every file is either complete or absent (atomic writes) and the "
         "privacy budget holds only the steps that ran. Free space or fix permissions, then rerun to resume"
     )
+
+
+def refuse_symlinks(run_dir: Path) -> None:
+    """Before any work: a symlink anywhere in the run directory is refused (every file a run writes is created
+    inside it, never through a link; the writers check again, this makes the refusal come first)."""
+    for folder, dirs, files in os.walk(run_dir, followlinks=False):
+        for name in [*dirs, *files]:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise IntegrityError(f"{path} is a symlink: aisec-train never writes through one; remove it")

@@ -11,7 +11,6 @@ what a sweep is usually about: clean and robust accuracy against epsilon.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -22,6 +21,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from aisec_train import errors
+
+PROG = "aisec-train-sweep"
 log = logging.getLogger("aisec_train")
 COLUMNS = [
     "run",
@@ -123,15 +125,12 @@ class SweepSummary(Callback):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="aisec-train-sweep", description=__doc__.splitlines()[0])
+    parser = errors.RefusingParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
-    try:
+    with errors.refusing(PROG, FileNotFoundError, json.JSONDecodeError, KeyError):
         rows = summarize(args.sweep_dir)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
-        print(f"aisec-train-sweep: error: {err}", file=sys.stderr)
-        sys.exit(2)
     print((args.sweep_dir / "sweep_summary.md").read_text())
-    if not rows:
+    if not rows:  # a sweep whose runs all failed is a result to report, not bad input: exit 1, not 2
         print(f"aisec-train-sweep: error: no report.json under {args.sweep_dir}", file=sys.stderr)
         sys.exit(1)

@@ -4,7 +4,7 @@ Every stage that attacks or inspects pixels (robustness, extraction through the 
 guard's malformed-image probes, the monitoring baseline and its rotation / occlusion drift check, image sanity
 checks) answers its checklist items ``not_applicable`` with the reason, never a claim that did not run. The
 membership audit (loss, LiRA, RMIA) only needs the model's loss on ``(input_ids, label)`` records, so it runs.
-Combinations that would train or poison in pixel space are refused before any work (:func:`check_text_config`).
+Combinations that would train or poison in pixel space are refused before any work (``config.check_text_config``).
 """
 
 from __future__ import annotations
@@ -14,16 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aisec_train.audit import evidence
-from aisec_train.errors import ConfigError
+from aisec_train.config import NO_IMAGES, NO_PGD
 
 if TYPE_CHECKING:
-    from aisec_train.config import Config
     from aisec_train.data.dataset import DataBundle
     from aisec_train.run_state import Run
 
-NO_PGD = "text inputs: embedding-space PGD not implemented"
-NO_IMAGES = "text inputs: {what} (image-only, not implemented for token ids)"
-# (area, item) the robustness stage answers; the same words as pipeline.EVASION / MASKING
+# (area, item) the robustness stage answers (robust/stage.py reads its EVASION and MASKING from here)
 ROBUSTNESS_ITEMS = (
     ("model", "tested against evasion attacks"),
     ("model", "robust accuracy not inflated by gradient masking"),
@@ -42,33 +39,6 @@ IMAGE_AUDITS = (
 def is_text(data: DataBundle | None) -> bool:
     """Token-id records: the data stage's shape is ``(max_length,)``, not ``(C, H, W)``."""
     return data is not None and len(data.input_shape) == 1
-
-
-def check_text_config(cfg: Config) -> None:
-    """Refuse, before any work, what would run in pixel space on token ids (one line naming key and value)."""
-    if cfg.dataset.name != "text":
-        return
-    from aisec_train.backdoor.config import BackdoorAttack
-    from aisec_train.federated.config import FederatedMode
-    from aisec_train.robust.config import RobustMode
-
-    refusals = [
-        ("robustness.mode", cfg.robustness.mode.value, cfg.robustness.mode is not RobustMode.none, NO_PGD),
-        ("backdoor.attack", cfg.backdoor.attack.value, cfg.backdoor.attack is not BackdoorAttack.none,
-         "text inputs: image triggers (badnets, blended, wanet) cannot be stamped on token ids"),
-        ("federated.mode", cfg.federated.mode.value, cfg.federated.mode is not FederatedMode.none,
-         "federated text fine-tuning is not implemented yet"),
-        ("dataset.augment", "set", cfg.dataset.augment.random_crop_padding > 0 or cfg.dataset.augment.horizontal_flip,
-         "image augmentation on token ids"),
-        ("dataset.normalize", cfg.dataset.normalize.mean, cfg.dataset.normalize.mean is not None,
-         "pixel normalisation on token ids"),
-        ("train.augmult", cfg.train.augmult, cfg.train.augmult > 1, "augmented views are image augmentations"),
-        ("audit.canaries.kind", cfg.audit.canaries.kind.value, cfg.audit.canaries.kind.value != "mislabel",
-         "noise canaries are images; use audit.canaries.kind=mislabel"),
-    ]  # fmt: skip
-    for key, value, bad, why in refusals:
-        if bad:
-            raise ConfigError(f"{key}={value!r} is not allowed with dataset=text: {why}")
 
 
 def text_sanity(data: DataBundle) -> tuple[dict[str, Any], str]:

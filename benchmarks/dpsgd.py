@@ -3,6 +3,10 @@
 
     python benchmarks/dpsgd.py --quick --out dpsgd.json        # CPU, small batches
     python benchmarks/dpsgd.py --device cuda --out dpsgd.json  # GPU: full batches + fused norm kernel bandwidth
+    python benchmarks/dpsgd.py --device cpu --out run1.json    # the verdict: two consecutive full CPU runs,
+    python benchmarks/dpsgd.py --device cpu --out run2.json    # on a quiet machine, then
+    python benchmarks/dpsgd.py --verdict run1.json run2.json verdict.json  # every nonprivate_vs_ours <= 1.15 in
+                                                               # both, within 0.1 of each other (exit 0 if so)
 
 Models: ``cnn`` at 8x8 and 32x32, ``resnet18_gn`` at 32x32 and a small Linear-heavy MLP-Mixer (defined here);
 ``--quick`` runs ``cnn`` 8x8, ``resnet18_gn`` at batch 8 and the mixer. Batches are fixed-size (no Poisson
@@ -21,9 +25,10 @@ once model, data and wrappers are built, before any step, so no freed block of a
 peak); on a GPU everything runs in this process and memory is ``torch.cuda.max_memory_allocated`` over the
 same baseline. With ``--quick`` only non-private and ours are measured for memory.
 
-Profile: per model, our step and the non-private step phase by phase (loader, forward, backward, per-sample
-norms, clipping and accumulation, noise, optimizer; benchmarks/step_profile.py), printed after the table and
-kept in the JSON rows ``profile_*``; ``--no-profile`` skips it.
+Profile: per model, our step and the non-private step phase by phase, interleaved step by step (loader, forward,
+backward, per-sample norms, clipping and accumulation, noise, optimizer; benchmarks/step_profile.py), printed after
+the table and kept in the JSON rows ``profile_*`` (``profile_ours`` also holds the paired ``ratio`` and each phase's
+``phase_excess`` over the non-private step); ``--no-profile`` skips it.
 
 Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
 factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
@@ -191,8 +196,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _setup(key: str, impl: str, device: str, quick: bool):
-    name, channels, size, cuda_batch, cpu_batch, quick_batch = MODELS[key]
-    batch = cuda_batch if device.startswith("cuda") else (quick_batch if quick else cpu_batch)
+    name, channels, size, *_ = MODELS[key]
+    batch = batch_size(key, device, quick)
     torch.manual_seed(0)
     model = make_model(name, channels, size).to(device)
     gen = torch.Generator().manual_seed(1)
@@ -250,21 +255,27 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: 
     return out
 
 
-def profile_model(key: str, device: str, quick: bool) -> dict:
-    """Per-phase seconds of our step and the non-private step on one model (benchmarks/step_profile.py)."""
-    from step_profile import profile_steps
+def batch_size(key: str, device: str, quick: bool) -> int:
+    _, _, _, cuda_batch, cpu_batch, quick_batch = MODELS[key]
+    return cuda_batch if device.startswith("cuda") else (quick_batch if quick else cpu_batch)
+
+
+def profile_model(key: str, device: str, quick: bool, steps: int | None = None) -> dict:
+    """Per-phase seconds of our step and the non-private step on one model, the two interleaved step by step
+    (benchmarks/step_profile.py's ``profile_pair``)."""
+    from step_profile import profile_pair
 
     name, channels, size, *_ = MODELS[key]
-    out = {}
-    for impl, private in (("nonprivate", False), ("ours", True)):
+    batch = batch_size(key, device, quick)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, channels, size, size, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+
+    def build() -> nn.Module:
         torch.manual_seed(0)
-        _, _, info = _setup(key, "nonprivate", device, quick)  # the batch size of this run
-        model = make_model(name, channels, size).to(device)
-        gen = torch.Generator().manual_seed(1)
-        x = torch.rand(info["batch"], channels, size, size, generator=gen).to(device)
-        y = torch.randint(0, 10, (info["batch"],), generator=gen).to(device)
-        out[impl] = profile_steps(model, x, y, private, steps=3 if quick else 5)
-    return out
+        return make_model(name, channels, size).to(device)
+
+    return {"model": key, "batch": batch, **profile_pair(build, x, y, steps=steps or (3 if quick else 5))}
 
 
 def _child(conn, fn, args) -> None:
@@ -314,6 +325,8 @@ def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int,
             if impl in phases:
                 rows.append({"impl": f"profile_{impl}", "model": key, "seconds": phases[impl]["total"],
                              "phases": phases[impl]})  # fmt: skip
+        if "phase_excess" in phases:  # ours minus non-private per phase, over the non-private step (paired)
+            rows[-1] |= {"ratio": phases["ratio"], "phase_excess": phases["phase_excess"]}
     return rows
 
 
@@ -415,7 +428,36 @@ def profile_table(rows: list[dict]) -> str:
     return "Per-phase profile (ms, median of the profiled steps):\n\n" + "\n".join(lines)
 
 
+GOAL, AGREEMENT = 1.15, 0.1  # issue 26: every nonprivate_vs_ours <= 1.15, two consecutive runs within 0.1
+
+
+def verdict(first: dict, second: dict) -> dict:
+    """Issue 26's verdict from two consecutive full runs' JSON: each ``nonprivate_vs_ours_*`` ratio in both, their
+    difference, and whether every ratio is at most ``GOAL`` in both and the runs agree within ``AGREEMENT``."""
+    rows, ok = {}, True
+    for name in sorted(k for k in first["ratios"] if k.startswith("nonprivate_vs_ours_")):
+        a, b = first["ratios"][name], second["ratios"].get(name, float("nan"))
+        passed = a <= GOAL and b <= GOAL and abs(a - b) <= AGREEMENT
+        rows[name] = {"first": a, "second": b, "difference": abs(a - b), "passed": passed}
+        ok = ok and passed
+    indicative = first.get("indicative_only", True) or second.get("indicative_only", True)
+    return {"goal": GOAL, "agreement": AGREEMENT, "ratios": rows, "passed": ok and bool(rows) and not indicative,
+            "indicative_only": indicative}  # fmt: skip
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--verdict"]:  # python benchmarks/dpsgd.py --verdict RUN1.json RUN2.json [OUT.json]
+        if len(sys.argv) not in (4, 5):
+            sys.exit("usage: dpsgd.py --verdict RUN1.json RUN2.json [OUT.json]")
+        result = verdict(*(json.loads(Path(f).read_text()) for f in sys.argv[2:4]))
+        for name, r in result["ratios"].items():
+            mark = "ok" if r["passed"] else "FAIL"
+            print(f"{name}: {r['first']:.3f} / {r['second']:.3f} (diff {r['difference']:.3f}) {mark}")
+        print(f"verdict: {'passed' if result['passed'] else 'not passed'}")
+        if len(sys.argv) == 5:
+            Path(sys.argv[4]).write_text(json.dumps(result, indent=2))
+        sys.exit(0 if result["passed"] else 1)
+
     def extra(parser):
         parser.add_argument("--models", default=None, help=f"comma-separated subset of {list(MODELS)}")
         parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")

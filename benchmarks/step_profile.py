@@ -8,6 +8,11 @@ took inside it), ``per_sample_norms`` (each layer's norms, :meth:`LayerRecord.pr
 the method that does it with ``time.perf_counter``, so the profile adds a few microseconds per call and no
 profiler; the phases of one step add up to that step's wall time (the ``other`` column holds the rest).
 
+``profile_pair`` runs the two interleaved step by step (N O N O ..., so a shared machine's load falls on both)
+and adds the paired ratio and each phase's excess over the non-private step; run alone it writes JSON:
+
+    python benchmarks/step_profile.py --threads 1 --steps 5 --out benchmarks/results/cpu/step_profile_after.json
+
 The noise row is measured twice, with the generator our private step uses since the guarantee issue (a
 ``torch.Generator`` seeded from ``os.urandom``) and with torch's global generator, so the cost of secret noise
 is on record beside everything else.
@@ -67,58 +72,106 @@ def _loader(x: torch.Tensor, y: torch.Tensor, private: bool) -> DataLoader:
     return DPDataLoader.from_data_loader(loader, generator=secret_generator("cpu"))
 
 
+class Stepper:
+    """One implementation's training step (ours or the non-private one), timed phase by phase."""
+
+    def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: bool):
+        from aisec_train.train.bk_capture import LayerRecord
+        from aisec_train.train.bk_engine import BKPrivacyEngine
+
+        self.x, self.y, self.private = x, y, private
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        criterion = nn.CrossEntropyLoss()
+        loader = _loader(x, y, private)
+        self.clock = clock = PhaseClock()
+        if private:
+            from aisec_train.privacy.randomness import secret_generator
+
+            model, optimizer, criterion, loader = BKPrivacyEngine(accountant="prv").make_private(
+                module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="bk",
+                noise_generator=secret_generator(x.device),
+            )  # fmt: skip
+            optimizer.secure_mode = True  # as privacy/engine.py: four draws summed (floating-point attack)
+            clock.wrap(LayerRecord, "process", "per_sample_norms")
+            clock.wrap(model, "_write_clipped_sum", "clip_accumulate")
+            clock.wrap(optimizer, "accumulate", "optimizer")
+            clock.wrap(optimizer, "add_noise", "noise")
+            clock.wrap(optimizer, "scale_grad", "optimizer")
+            clock.wrap(optimizer.original_optimizer, "step", "optimizer")
+        else:
+            clock.wrap(optimizer, "step", "optimizer")
+        self.model, self.optimizer, self.criterion, self.loader = model, optimizer, criterion, loader
+
+    def step(self) -> dict[str, float]:
+        """One step; seconds per phase, ``other`` (the rest) and ``total``."""
+        clock = self.clock
+        clock.seconds.clear()
+        started = time.perf_counter()
+        with clock.phase("loader"):
+            xb, yb = next(iter(self.loader))
+        if len(xb) == 0:  # an empty Poisson draw: time a full batch instead (the phases are per batch)
+            xb, yb = self.x, self.y
+        self.optimizer.zero_grad(set_to_none=True)
+        with clock.phase("forward"):
+            loss = self.criterion(self.model(xb), yb)
+        with clock.phase("backward_total"):
+            loss.backward()
+        self.optimizer.step()
+        total = time.perf_counter() - started
+        phases = dict(clock.seconds)
+        # per-sample norms and clipping run inside the backward (book-keeping's hooks): take them out of it
+        phases["backward"] = phases.pop("backward_total") - phases.get("per_sample_norms", 0.0)
+        phases["backward"] -= phases.get("clip_accumulate", 0.0)
+        phases["other"] = total - sum(phases.values())
+        phases["total"] = total
+        return phases
+
+    def close(self) -> None:
+        self.clock.restore()
+
+
+PHASES = ["loader", "forward", "backward", "per_sample_norms", "clip_accumulate", "noise", "optimizer", "other"]
+
+
+def _medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in PHASES + ["total"]}
+
+
 def profile_steps(model: nn.Module, x: torch.Tensor, y: torch.Tensor, private: bool, steps: int = 5) -> dict:
     """Median seconds per phase over ``steps`` steps (after one warm-up step) of ours or the non-private step."""
-    from aisec_train.train.bk_capture import LayerRecord
-    from aisec_train.train.bk_engine import BKPrivacyEngine
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
-    loader = _loader(x, y, private)
-    clock = PhaseClock()
-    if private:
-        from aisec_train.privacy.randomness import secret_generator
-
-        model, optimizer, criterion, loader = BKPrivacyEngine(accountant="prv").make_private(
-            module=model, optimizer=optimizer, criterion=criterion, data_loader=loader, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="bk", noise_generator=secret_generator(x.device),
-        )  # fmt: skip
-        optimizer.secure_mode = True  # as privacy/engine.py: four draws summed (floating-point attack)
-        clock.wrap(LayerRecord, "process", "per_sample_norms")
-        clock.wrap(model, "_write_clipped_sum", "clip_accumulate")
-        clock.wrap(optimizer, "add_noise", "noise")
-        clock.wrap(optimizer, "scale_grad", "optimizer")
-        clock.wrap(optimizer.original_optimizer, "step", "optimizer")
-    else:
-        clock.wrap(optimizer, "step", "optimizer")
-    rows: list[dict[str, float]] = []
+    stepper = Stepper(model, x, y, private)
     try:
-        for i in range(steps + 1):
-            clock.seconds.clear()
-            started = time.perf_counter()
-            with clock.phase("loader"):
-                xb, yb = next(iter(loader))
-            if len(xb) == 0:  # an empty Poisson draw: time a full batch instead (the phases are per batch)
-                xb, yb = x, y
-            optimizer.zero_grad(set_to_none=True)
-            with clock.phase("forward"):
-                loss = criterion(model(xb), yb)
-            with clock.phase("backward_total"):
-                loss.backward()
-            optimizer.step()
-            total = time.perf_counter() - started
-            phases = dict(clock.seconds)
-            # per-sample norms and clipping run inside the backward (book-keeping's hooks): take them out of it
-            phases["backward"] = phases.pop("backward_total") - phases.get("per_sample_norms", 0.0)
-            phases["backward"] -= phases.get("clip_accumulate", 0.0)
-            phases["other"] = total - sum(phases.values())
-            phases["total"] = total
-            if i > 0:
-                rows.append(phases)
+        rows = [stepper.step() for _ in range(steps + 1)][1:]
     finally:
-        clock.restore()
-    keys = ["loader", "forward", "backward", "per_sample_norms", "clip_accumulate", "noise", "optimizer", "other"]
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys + ["total"]}
+        stepper.close()
+    return _medians(rows)
+
+
+def profile_pair(make_model, x: torch.Tensor, y: torch.Tensor, steps: int = 5, warmup: int = 1) -> dict:
+    """The non-private step and ours on the same batch, interleaved step by step (N O N O ...), so that the load
+    of a shared machine falls on both alike. Per impl: the median seconds of each phase; ``ratio``: the median
+    over steps of ours' total over the non-private total of the same round, and ``phase_excess``: the median of
+    each phase's (ours - non-private) seconds, as a fraction of the non-private total of that round."""
+    steppers = {"nonprivate": Stepper(make_model(), x, y, False), "ours": Stepper(make_model(), x, y, True)}
+    rows: dict[str, list[dict]] = {k: [] for k in steppers}
+    try:
+        for i in range(warmup + steps):
+            for impl, stepper in steppers.items():
+                phases = stepper.step()
+                if i >= warmup:
+                    rows[impl].append(phases)
+    finally:
+        for stepper in steppers.values():
+            stepper.close()
+    pairs = list(zip(rows["nonprivate"], rows["ours"], strict=True))
+    out = {impl: _medians(r) for impl, r in rows.items()}
+    out["ratio"] = statistics.median(o["total"] / n["total"] for n, o in pairs)
+    out["phase_excess"] = {
+        k: statistics.median((o.get(k, 0.0) - n.get(k, 0.0)) / n["total"] for n, o in pairs) for k in PHASES
+    }
+    out["steps"] = steps
+    return out
 
 
 def noise_cost(numel: int, repeats: int = 20) -> dict:
@@ -146,3 +199,45 @@ def noise_cost(numel: int, repeats: int = 20) -> dict:
     out["os_entropy_over_global"] = out["os_entropy_generator"] / out["global_generator"]
     out["secure_mode_over_global"] = out["os_entropy_secure_mode"] / out["global_generator"]
     return out
+
+
+def main() -> None:
+    """``python benchmarks/step_profile.py [--models cnn,mixer] [--steps 5] [--threads 1] [--out FILE.json]``"""
+    import argparse
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+    import dpsgd
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    models = list(dpsgd.MODELS)
+    parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {models}")
+    parser.add_argument("--steps", type=int, default=5, help="profiled steps per impl (after one warm-up step)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
+    parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. the commit or the load)")
+    args = parser.parse_args()
+    unknown = sorted(set(args.models.split(",")) - set(dpsgd.MODELS))
+    if unknown or args.steps < 1:
+        parser.exit(2, f"step_profile: --models {unknown} / --steps {args.steps}: allowed {list(dpsgd.MODELS)}, >= 1\n")
+    threads = args.threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    result = {"threads": threads, "steps": args.steps, "label": args.label, "load_before": os.getloadavg()}
+    result["models"] = {}
+    for key in args.models.split(","):
+        prof = dpsgd.profile_model(key, "cpu", False, steps=args.steps)
+        result["models"][key] = prof
+        excess = " ".join(f"{k}={v:+.3f}" for k, v in prof["phase_excess"].items())
+        print(f"{key:12s} ours/nonprivate {prof['ratio']:.3f}  excess/nonprivate total: {excess}", flush=True)
+    result["load_after"] = os.getloadavg()
+    result["noise_cost_11M"] = noise_cost(11_200_000, repeats=5)  # resnet18_gn's parameter count
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ if [ ! -f "$stamp" ]; then
   # fail to import beside a CPU-only torch, so both come as the CUDA 13 build (it runs on the CPU too, and
   # is what a GPU cluster needs). An unpinned torch could pull a newer, mismatched pair.
   quietly pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  quietly pip install -q -e ".[test,federated,cluster,timm,finetune,bench,tracking]"
+  quietly pip install -q -e ".[test,federated,cluster,timm,finetune,bench,tracking,figures]"
   # torchattacks (a test and benchmark peer) declares torchvision, whose PyPI wheel is CUDA-linked and
   # breaks next to the CPU torch; torchattacks itself never imports it.
   quietly pip install -q --no-deps "torchattacks==3.5.1"

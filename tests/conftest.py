@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,137 @@ def smoke_run(tmp_path_factory) -> Path:
     proc = run_cli("experiment=smoke", f"hydra.run.dir={run_dir}", env=ledgers)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture
+def keyed(tmp_path, monkeypatch) -> Path:
+    """A project key and anchor folder for this test alone (``tmp_path/keys``), not the session's, old keys
+    forgotten: for tests that rotate, forge or delete keys. Returns the key file. A module that wants it for every
+    test: ``pytestmark = pytest.mark.usefixtures("keyed")``."""
+    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
+    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
+    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
+    return tmp_path / "keys" / "hmac.key"
+
+
+# ---- CPU seconds per test, beside pytest's wall-clock --durations ---------------------------------------------
+# On a shared machine a test's wall time mostly measures the others' load; the CPU seconds it and the processes it
+# waited for (CLI runs, torchrun, Flower) used do not, so they say what CI's two cores will need. Processes nobody
+# waited for (a Ray worker orphaned at shutdown) are not counted. Shown with --durations.
+_CPU_SECONDS: dict[str, float] = {}
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_seconds()
+    yield
+    _CPU_SECONDS[item.nodeid] = _cpu_seconds() - start  # set-up (fixtures), call and tear-down
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    count = config.getoption("durations")
+    if count is None or not _CPU_SECONDS:
+        return
+    rows = sorted(_CPU_SECONDS.items(), key=lambda kv: -kv[1])[: count or None]
+    total = sum(_CPU_SECONDS.values())
+    terminalreporter.write_sep("=", f"CPU seconds: {total:.0f} over {len(_CPU_SECONDS)} tests, the most first")
+    for nodeid, seconds in rows:
+        terminalreporter.write_line(f"{seconds:8.1f}s cpu  {nodeid}")
+
+
+# ---- a small CNN trained on scikit-learn's digits: the attacks' and evaluations' target -----------------------
+DIGITS_TRAIN = 1400  # the first 1,400 of sklearn's 1,797 digits train the CNN; the other 397 are held out
+
+
+@pytest.fixture(scope="session")
+def _digits_cnn_trained() -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Trained once per session (a few seconds): its weights and the held-out digits."""
+    from sklearn.datasets import load_digits
+    from torch.nn import functional as F
+
+    from aisec_train.models import build_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: a second thread only adds synchronisation (and noise on a shared box)
+    torch.manual_seed(0)
+    data = load_digits()
+    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
+    y = torch.tensor(data.target)
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(10):
+        perm = torch.randperm(DIGITS_TRAIN)
+        for i in range(0, DIGITS_TRAIN, 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    torch.set_num_threads(threads)
+    return {k: v.clone() for k, v in model.state_dict().items()}, x[DIGITS_TRAIN:], y[DIGITS_TRAIN:]
+
+
+@pytest.fixture(scope="module")
+def digits_cnn(_digits_cnn_trained) -> Iterator[tuple[torch.nn.Module, torch.Tensor, torch.Tensor]]:
+    """(model in eval mode, 397 held-out digits x / 16 as (N, 1, 8, 8), labels): the ``cnn`` of the model zoo
+    trained with plain Adam, clean accuracy about 0.94. Each module gets its own copy of the weights, so a test
+    that changes the model cannot change another module's; torch runs on one thread for the module."""
+    from aisec_train.models import build_model
+
+    state, x, y = _digits_cnn_trained
+    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
+    model.load_state_dict(state)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model.eval(), x, y
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def cnn_checkpoint(tmp_path_factory) -> Path:
+    """A SmallCNN 'pretrained' on 10 digit classes, saved as ``{"model": state_dict}`` (how trainers nest it), for
+    fine-tuning from ``model.checkpoint_path``: its weights matter, not their quality. Read it, never write it."""
+    from aisec_train.models import SmallCNN
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("pretrained") / "cnn10.pt"
+    torch.save({"model": SmallCNN(in_channels=1, num_classes=10, image_size=8).state_dict()}, path)
+    return path
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
+    """Each example's perturbation size in ``norm`` ("linf" or "l2")."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+
+
+# ---- Flower's server side without a SuperLink ---------------------------------------------------------------
+class NodeGrid:
+    """The part of a Flower Grid that a strategy's ``configure_*`` reads: which SuperNodes are connected. A real
+    Grid needs a running SuperLink; node ids start at ``first`` (Flower's are random: pass another start to show
+    that nothing takes a node id for a partition id)."""
+
+    def __init__(self, n: int, first: int = 1) -> None:
+        self.ids = list(range(first, first + n))
+
+    def get_node_ids(self) -> list[int]:
+        return self.ids
+
+
+@pytest.fixture
+def server_identity() -> Iterator[None]:
+    """What a ServerApp process has set before it creates messages (Flower's task identity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
+    yield
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None

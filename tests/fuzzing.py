@@ -410,7 +410,7 @@ API_CONFIG = [*BASE, "train.epochs=1", "train.batch_size=16"]
 
 def api_outcome(entry: str, train, test=None, run_dir: Path | None = None) -> str:
     """'accepted', 'refused' (ConfigError / DataError) or the traceback of anything else, from ``aisec_train.run``
-    (``entry='run'``) or ``aisec_train.train`` on a DataLoader (``entry='train'``)."""
+    (``entry='run'``) or ``aisec_train.fit`` on a DataLoader (``entry='train'``)."""
     import torch
 
     import aisec_train
@@ -422,7 +422,7 @@ def api_outcome(entry: str, train, test=None, run_dir: Path | None = None) -> st
             aisec_train.run(API_CONFIG, train_dataset=train, test_dataset=test, run_dir=run_dir)
         else:
             loader = torch.utils.data.DataLoader(train, batch_size=16)
-            aisec_train.train(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), loader,
+            aisec_train.fit(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2)), loader,
                               [*API_CONFIG, "privacy=none"], eval_dataset=test)  # fmt: skip
     except (ConfigError, DataError) as err:
         return "refused" if "\n" not in str(err) else f"multi-line refusal: {err}"

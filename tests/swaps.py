@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from aisec_train.audit import registry
+from aisec_train.audit import registry, registry_cli
 from aisec_train.hashing import sha256_file
 from aisec_train.train import checkpoint
 
@@ -213,7 +213,7 @@ def cli(args: list[str]) -> tuple[int, str]:
     code = 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            registry.main(args)
+            registry_cli.main(args)
         except SystemExit as done:
             code = done.code if isinstance(done.code, int) else 1
     return code, err.getvalue()

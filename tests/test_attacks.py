@@ -7,12 +7,10 @@ import copy
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn import functional as F
 
-from aisec_train.models import build_model
 from aisec_train.robust import attack_mode, fgsm, make_adversary, pgd, robust_accuracy
+from tests.conftest import accuracy, distance
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -20,49 +18,21 @@ EPS, ALPHA, STEPS = 0.1, 0.025, 10  # on digits (x / 16) this leaves robust accu
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A cnn trained for a few seconds with plain Adam, and 397 held-out digits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds synchronisation (and noise on a shared box)
-    torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(data.target)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10):
-        perm = torch.randperm(1400)
-        for i in range(0, 1400, 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    yield model, x[1400:], y[1400:]
-    torch.set_num_threads(threads)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+def digits(digits_cnn) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The digits CNN of conftest.py (trained for a few seconds with plain Adam) and its 397 held-out digits."""
+    return digits_cnn
 
 
 def test_pgd_at_least_as_strong_as_torchattacks(digits):
     """Same eps, step, steps and random-start distribution, over three starts: never > 0.5 points weaker."""
     model, x, y = digits
-    clean = _accuracy(model, x, y)
+    clean = accuracy(model, x, y)
     theirs, ours = [], []
     for seed in range(3):
         torch.manual_seed(seed)
-        theirs.append(_accuracy(model, torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS)(x, y), y))
+        theirs.append(accuracy(model, torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=STEPS)(x, y), y))
         x_adv = pgd(model, x, y, eps=EPS, step_size=ALPHA, steps=STEPS, seed=seed, early_stop=True)
-        ours.append(_accuracy(model, x_adv, y))
+        ours.append(accuracy(model, x_adv, y))
     assert 0.05 < min(theirs) and max(theirs) < clean - 0.3  # the comparison is not trivial
     assert sum(ours) / 3 <= sum(theirs) / 3 + 0.005
     # robust_accuracy on one batch is that attack with seed 0
@@ -76,7 +46,7 @@ def test_pgd_l2_equals_torchattacks_without_random_start(digits):
     theirs = torchattacks.PGDL2(model, eps=0.6, alpha=0.15, steps=STEPS, random_start=False)(x, y)
     ours = pgd(model, x, y, norm="l2", eps=0.6, step_size=0.15, steps=STEPS, random_start=False)
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)  # they average the loss, we sum it: rounding
-    assert _accuracy(model, ours, y) < _accuracy(model, x, y) - 0.3
+    assert accuracy(model, ours, y) < accuracy(model, x, y) - 0.3
 
 
 def test_fgsm_equals_torchattacks(digits):
@@ -92,7 +62,7 @@ def test_adversarial_inputs_in_ball_and_range(digits, norm, eps):
         fgsm(model, x, y, eps=eps, norm=norm),
     ):
         assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
-        assert (_dist(x_adv, x, norm) <= eps + 1e-5).all()
+        assert (distance(x_adv, x, norm) <= eps + 1e-5).all()
 
 
 def test_restarts_never_weaker(digits):
@@ -143,8 +113,8 @@ def test_make_adversary(digits, mode):
     model, x, y = digits
     adversary = make_adversary(mode, eps=EPS, steps=3)
     x_adv = adversary(model, x, y)
-    assert (_dist(x_adv, x, "linf") <= EPS + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
-    assert _accuracy(model, x_adv, y) < _accuracy(model, x, y) - 0.1
+    assert (distance(x_adv, x, "linf") <= EPS + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.1
     assert not torch.equal(adversary(model, x, y), x_adv)  # a fresh random start per batch
     assert make_adversary("none", eps=EPS) is None
     with pytest.raises(ValueError, match="unknown"):

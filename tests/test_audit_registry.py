@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from aisec_train.audit import registry
+from aisec_train.audit import registry, registry_cli
 from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
 from aisec_train.hashing import sha256_file
 from aisec_train.train import checkpoint
@@ -25,12 +25,7 @@ from tests.conftest import REPO, read_report
 SCRIPT = Path(sys.executable).with_name("aisec-train-registry")
 
 
-@pytest.fixture(autouse=True)
-def keyed(tmp_path, monkeypatch):
-    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
-    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
-    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
-    return tmp_path / "keys" / "hmac.key"
+pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
 
 
 def make_run(run: Path, value: float = 1.0, **sections: dict) -> Path:
@@ -51,7 +46,7 @@ def make_run(run: Path, value: float = 1.0, **sections: dict) -> Path:
 def cli(capsys, reg: Path, *args: object) -> tuple[int, str, str]:
     """The console script's entry point, in-process (one test below runs the installed script)."""
     with pytest.raises(SystemExit) as exit_:
-        registry.main(["--registry", str(reg), *map(str, args)])
+        registry_cli.main(["--registry", str(reg), *map(str, args)])
         raise SystemExit(0)
     out = capsys.readouterr()
     return exit_.value.code, out.out, out.err

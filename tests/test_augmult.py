@@ -114,11 +114,17 @@ def test_augmult_is_accounted_as_one_record_per_sampling_coin():
     [
         ("train.augmult=0", "train.augmult=0 is not allowed: must be an integer >= 1"),
         ("train.augmult=2", "train.augmult=2 is not allowed with privacy.grad_sample_mode=bk"),
+        (
+            "train.augmult=4 privacy.grad_sample_mode=ghost",
+            "train.augmult=4 is not allowed with privacy.grad_sample_mode=ghost",
+        ),
     ],
 )
 def test_augmult_refusals_are_one_line(tmp_path, override, message):
-    proc = run_cli(override, f"hydra.run.dir={tmp_path / 'r'}")
+    proc = run_cli(*override.split(), f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, naming what is allowed
+    assert "allowed" in proc.stderr and not (tmp_path / "r" / "model.pt").exists()
 
 
 def test_weight_standardised_conv_standardises_each_output_kernel():
@@ -165,3 +171,15 @@ def test_wrn_per_sample_gradients_through_the_standardisation_equal_a_per_sample
         grads = torch.autograd.grad(loss, list(reference.parameters()))
         for (name, p), g in zip(model.named_parameters(), grads, strict=True):
             torch.testing.assert_close(p.grad_sample[i], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_dp_recipe_preset_combines_the_pieces_and_passes_its_own_refusals():
+    from aisec_train.api import compose
+    from aisec_train.train.augmult import check
+
+    cfg = compose(["experiment=dp_recipe"])
+    assert cfg.model["_target_"] == "aisec_train.models.wrn.WideResNet"
+    assert cfg.train.augmult >= 2 and cfg.train.ema_decay > 0 and cfg.train.momentum == 0
+    assert cfg.train.batch_size > cfg.train.max_physical_batch_size  # a large logical batch, split physically
+    assert cfg.privacy.grad_sample_mode is GradSampleMode.hooks and cfg.privacy.target_epsilon == 8.0
+    check(cfg)  # the preset is not refused by the augmult rules it relies on

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn import functional as F
 
 from aisec_train.errors import ConfigError
-from aisec_train.models import build_model
 from aisec_train.robust.adversary import robust_accuracy
 from aisec_train.robust.apgd import apgd, apgd_run, apgd_targeted, checkpoints, dlr_loss, dlr_loss_targeted
 from aisec_train.robust.evaluation import evaluate_robustness
 from aisec_train.robust.fab import boundary_projection, fab_targeted
 from aisec_train.robust.square import square
+from tests.conftest import accuracy, distance
 
 torchattacks = pytest.importorskip("torchattacks")
 from torchattacks.attacks.fab import projection_l2, projection_linf  # noqa: E402
@@ -27,37 +25,10 @@ TOLERANCE = 0.005  # ours may be at most 0.5 points above torchattacks' robust a
 
 
 @pytest.fixture(scope="module")
-def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A cnn trained for a few seconds with Adam, and 201 held-out digits (an odd count)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: a second thread only adds synchronisation
-    torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(data.target)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(10):
-        perm = torch.randperm(1400)
-        for i in range(0, 1400, 64):
-            idx = perm[i : i + 64]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    yield model, x[1400:1601], y[1400:1601]
-    torch.set_num_threads(threads)
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
-def _dist(x_adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Tensor:
-    delta = (x_adv - x).flatten(1)
-    return delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+def digits(digits_cnn) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The digits CNN of conftest.py and 201 of its held-out digits (an odd count)."""
+    model, x, y = digits_cnn
+    return model, x[:201], y[:201]
 
 
 # ----------------------------------------------------------------------------------------- building blocks
@@ -115,7 +86,7 @@ def test_apgd_trajectory_equals_torchattacks_from_the_same_start(digits, norm):
     close = (ours.loss_best[robust] - loss_best[robust]).abs() <= 1e-4
     # Linf is exact; L2 projections round differently (1e-10 vs 1e-12 guards), which moves a few samples
     assert close.float().mean() >= (1.0 if norm == "linf" else 0.9)
-    assert (_dist(ours.x_adv, x, norm) <= eps + 1e-5).all() and ours.x_adv.min() >= 0 and ours.x_adv.max() <= 1
+    assert (distance(ours.x_adv, x, norm) <= eps + 1e-5).all() and ours.x_adv.min() >= 0 and ours.x_adv.max() <= 1
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -164,8 +135,8 @@ def test_each_attack_at_least_as_strong_as_torchattacks(digits, name, norm):
     x, y = x[:121], y[:121]
     x_ours = _ours(name, model, x, y, norm)
     x_theirs = _theirs(name, model, norm)(x, y)
-    assert (_dist(x_ours, x, norm) <= EPS[norm] * (1 + 1e-5)).all()
-    ours, theirs, clean = _accuracy(model, x_ours, y), _accuracy(model, x_theirs, y), _accuracy(model, x, y)
+    assert (distance(x_ours, x, norm) <= EPS[norm] * (1 + 1e-5)).all()
+    ours, theirs, clean = accuracy(model, x_ours, y), accuracy(model, x_theirs, y), accuracy(model, x, y)
     assert theirs < clean - 0.05  # the attack does something on this model
     assert ours <= theirs + TOLERANCE, f"{name} {norm}: ours {ours:.4f} vs torchattacks {theirs:.4f}"
 
@@ -178,14 +149,14 @@ def test_ensemble_at_least_as_strong_as_torchattacks_multiattack(digits, norm):
     x, y = x[:81], y[:81]
     attacks = [_theirs(n, model, norm) for n in ("apgd-ce", "apgd-t", "fab-t")]
     attacks.append(torchattacks.Square(model, norm=THEIR_NORM[norm], eps=EPS[norm], n_queries=300, seed=0))
-    theirs = _accuracy(model, torchattacks.MultiAttack(attacks)(x, y), y)
+    theirs = accuracy(model, torchattacks.MultiAttack(attacks)(x, y), y)
     out = evaluate_robustness(
         model, x, y, suite="autoattack", norm=norm, eps=EPS[norm], steps=10, square_queries=300, batch_size=29
     )
     assert out["robust_accuracy"] <= theirs + TOLERANCE
     per_attack = [out["attacks"][n]["robust_accuracy"] for n in ("apgd-ce", "apgd-t", "fab-t", "square")]
     assert per_attack == sorted(per_attack, reverse=True)  # a cascade only ever removes samples
-    assert out["robust_accuracy"] <= per_attack[-1] and out["clean_accuracy"] == pytest.approx(_accuracy(model, x, y))
+    assert out["robust_accuracy"] <= per_attack[-1] and out["clean_accuracy"] == pytest.approx(accuracy(model, x, y))
 
 
 @pytest.mark.slow
@@ -198,7 +169,7 @@ def test_ensemble_at_least_as_strong_as_torchattacks_autoattack(digits, norm):
     oracle = torchattacks.AutoAttack(
         model, norm=THEIR_NORM[norm], eps=EPS[norm], version="standard", n_classes=10, seed=0
     )
-    theirs = _accuracy(model, oracle(x, y), y)
+    theirs = accuracy(model, oracle(x, y), y)
     out = evaluate_robustness(model, x, y, suite="autoattack", norm=norm, eps=EPS[norm], steps=10)
     assert out["robust_accuracy"] <= theirs + TOLERANCE
 

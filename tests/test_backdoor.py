@@ -538,7 +538,9 @@ def test_fine_pruning_removes_the_backdoor_and_bakes_the_mask(backdoored):
     cfg = BackdoorConfig()
     pruned = prune.fine_prune(model, "features_out", backdoored["trusted"], CPU, cfg, evaluate={"asr": splits[1]})
     after = measure(model, *splits, CPU)
-    assert after.asr <= 0.1 and before.clean_accuracy - after.clean_accuracy <= 0.05, (before, after)
+    # the bars: ASR <= 0.05 within 2 points of clean accuracy (0.05 points before the head re-init)
+    assert after.asr <= 0.05 and before.clean_accuracy - after.clean_accuracy <= 0.02, (before, after)
+    assert pruned.head == ["squeeze", "fc1", "fc2"]  # every module after the feature layer was re-initialised
     assert len(pruned.curve) == 65 and pruned.curve[0]["pruned"] == 0 and "asr" in pruned.curve[0]
     assert pruned.base_accuracy - pruned.accuracy <= cfg.prune_acc_drop and pruned.evaluation == "replay"
     # the saved weights are the pruned model: no hook, the reader ignores every pruned channel

@@ -51,3 +51,28 @@ def test_profile_phases_cover_the_step(private):
 def test_secret_noise_costs_about_what_global_noise_costs():
     cost = step_profile.noise_cost(100_000, repeats=5)
     assert cost["os_entropy_generator"] > 0 and cost["global_generator"] > 0
+
+
+def test_interleaved_profile_pairs_the_two_steps_round_by_round():
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+
+    prof = step_profile.profile_pair(build, x, y, steps=3)
+    assert prof["steps"] == 3 and prof["ratio"] > 0
+    assert prof["ours"]["per_sample_norms"] > 0 and prof["nonprivate"]["per_sample_norms"] == 0
+    assert prof["phase_excess"]["noise"] > 0  # only ours draws noise: its excess is its own cost
+    assert set(prof["phase_excess"]) == set(step_profile.PHASES)
+
+
+def test_verdict_needs_both_runs_under_the_goal_and_within_the_agreement():
+    run = {"ratios": {"nonprivate_vs_ours_cnn": 1.10, "ours_vs_opake_cnn": 9.0}, "indicative_only": False}
+    close = {"ratios": {"nonprivate_vs_ours_cnn": 1.14}, "indicative_only": False}
+    far = {"ratios": {"nonprivate_vs_ours_cnn": 0.99}, "indicative_only": False}  # both under 1.15, 0.11 apart
+    over = {"ratios": {"nonprivate_vs_ours_cnn": 1.16}, "indicative_only": False}
+    assert dpsgd.verdict(run, close)["passed"]
+    assert list(dpsgd.verdict(run, close)["ratios"]) == ["nonprivate_vs_ours_cnn"]
+    assert not dpsgd.verdict(run, far)["passed"] and not dpsgd.verdict(run, over)["passed"]
+    assert not dpsgd.verdict(run, close | {"indicative_only": True})["passed"]  # --quick cannot give the verdict

@@ -467,6 +467,8 @@ def test_one_weight_gradient_op_per_conv_layer(monkeypatch, method):
             return func(*args, **(kwargs or {}))
 
     _force(monkeypatch, method)
+    # Every conv through the convolution op (a first conv with few input channels would take a bmm instead).
+    monkeypatch.setattr(bk_conv, "FEW_CHANNELS", 0)
     x, y = _images(3, 1, 8, 8, classes=10)
     wrapped = BKGradSampleModule(build_model("cnn", in_channels=1, num_classes=10, image_size=8), max_grad_norm=1.0)
     with WeightGradOps():
@@ -520,3 +522,13 @@ def test_each_layer_gets_its_cheapest_allowed_method_and_the_report_says_why(t, 
         assert "would take" in picked.why and f"{recomputed:.3g}" in picked.why
     elif name == "ghost":
         assert picked.why.endswith(f"ghost {ghost:.3g} <= per-sample {stored:.3g} MAC")
+
+
+@pytest.mark.parametrize("few", [0, 1 << 20])  # every conv by the folded-group op / every conv by patches x bmm
+@pytest.mark.parametrize("model", ["conv2d", "conv2d_groups_dilation", "conv2d_depthwise_same", "conv1d"])
+def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few):
+    monkeypatch.setattr(bk_conv, "FEW_CHANNELS", few)
+    _force(monkeypatch, "instantiate_stored")
+    make, shape = LAYERS[model]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8))
+    assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))

@@ -126,13 +126,13 @@ def test_python_api_train_is_charged_to_the_same_ledger(tmp_path, monkeypatch):
     monkeypatch.setenv(STORE_ENV, str(tmp_path / "team"))
     loader = torch.utils.data.DataLoader(blobs(), batch_size=32)
     overrides = ["train.epochs=2", "privacy.target_epsilon=2", "privacy.accountant=rdp", "privacy.delta=1e-3"]
-    first = aisec_train.train(build_model("mlp", in_channels=1, num_classes=3, image_size=6), loader, overrides)
+    first = aisec_train.fit(build_model("mlp", in_channels=1, num_classes=3, image_size=6), loader, overrides)
     assert 0 < first.ledger.epsilon() <= 2.0
     budget = first.budget
     assert budget["ledger_store"] == str(tmp_path / "team") and not budget["ledger_scratch"]
     assert budget["dataset_epsilon"] == pytest.approx(first.ledger.epsilon()) and budget["dataset_runs"] == 1
     with pytest.raises(BudgetError, match="privacy budget exhausted for dataset"):
-        aisec_train.train(build_model("mlp", in_channels=1, num_classes=3, image_size=6), loader, overrides)
+        aisec_train.fit(build_model("mlp", in_channels=1, num_classes=3, image_size=6), loader, overrides)
     (ledger,) = LedgerStore().datasets()
     led = LedgerStore().view(ledger)
     assert len(led.runs()) == 1 and len(led.of_kind("refusal")) == 1 and led.runs().popitem()[0].startswith("api")

@@ -25,12 +25,7 @@ from aisec_train.train.checkpoint import CheckpointError
 FORK = multiprocessing.get_context("fork")
 
 
-@pytest.fixture(autouse=True)
-def keyed(tmp_path, monkeypatch):
-    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
-    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
-    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
-    return tmp_path / "keys" / "hmac.key"
+pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
 
 
 def payload(i: int, n: int = 1000) -> dict:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import PRVAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.rdp import RDPAccountant
@@ -44,6 +43,7 @@ from aisec_train.federated.client_dp import (
     privatize_update,
     split_noise,
 )
+from tests.conftest import NodeGrid
 
 
 # ---- clipping ---------------------------------------------------------------------------------------------
@@ -221,28 +221,13 @@ def test_flowers_adaptive_rule_moves_away_from_the_target_which_is_why_it_is_not
 
 
 # ---- plaintext: Flower's central-DP wrapper ----------------------------------------------------------------
-class Nodes:
-    def __init__(self, n: int) -> None:
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.ids
-
-
-@pytest.fixture
-def server_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 def _flower_round(z: float, deltas: list[np.ndarray], clip: float) -> np.ndarray:
     """One round of Flower's server-side fixed-clipping wrapper around FedAvg, on real messages."""
     m = len(deltas)
     inner = FedAvg(fraction_train=1.0, min_train_nodes=m, min_available_nodes=m, weighted_by_key=UNIFORM_WEIGHT_KEY)
     strategy = flower_central_dp(inner, noise_multiplier=z, clip_norm=clip, num_sampled_clients=m)
     current = np.zeros(deltas[0].size, np.float32)
-    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(current)}), ConfigRecord({}), Nodes(m)))
+    msgs = list(strategy.configure_train(1, ArrayRecord({"w": Array(current)}), ConfigRecord({}), NodeGrid(m)))
     replies = [
         Message(
             RecordDict(

@@ -6,13 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn import functional as F
 
 from aisec_train.config import to_config
 from aisec_train.errors import ConfigError
-from aisec_train.models import build_model
 from aisec_train.pipeline import STAGES
 from aisec_train.robust.evaluation import evaluate_robustness
 from aisec_train.robust.sampling import clopper_pearson, parse_eval_samples, stratified_indices
@@ -64,19 +61,10 @@ def test_eval_samples_accepts_a_count_or_all_and_refuses_the_rest():
 
 
 @pytest.fixture(scope="module")
-def model_and_data() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    data = load_digits()
-    x = torch.tensor(data.images / 16.0, dtype=torch.float32)[:, None]
-    y = torch.tensor(data.target)
-    model = build_model("cnn", in_channels=1, num_classes=10, image_size=8)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(5):
-        for i in range(0, 1400, 64):
-            opt.zero_grad()
-            F.cross_entropy(model(x[i : i + 64]), y[i : i + 64]).backward()
-            opt.step()
-    return model.eval(), x[1400:1560], y[1400:1560]
+def model_and_data(digits_cnn) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The digits CNN of conftest.py and 160 of its held-out digits."""
+    model, x, y = digits_cnn
+    return model, x[:160], y[:160]
 
 
 def test_suite_reports_an_interval_and_checks_masking_on_a_bounded_sample(model_and_data):

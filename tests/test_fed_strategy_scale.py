@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from aisec_train.config import to_config
 from aisec_train.crypto import CkksParams, generate_keys
@@ -19,25 +18,17 @@ from aisec_train.federated.client_level import ClientLedger, contribution, decod
 from aisec_train.federated.settings import ClientSettings
 from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, ckks_record, load_state
 from aisec_train.federated.task import flatten, unflatten
+from tests.conftest import NodeGrid
 from tests.test_config import compose_config
 
+pytestmark = pytest.mark.usefixtures("server_identity")  # conftest.py
 TEMPLATE = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 P = 16
 
 
-class Nodes:
-    def __init__(self, n: int) -> None:
-        self.ids = list(range(100, 100 + n))
-
-    def get_node_ids(self) -> list[int]:
-        return self.ids
-
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
+def nodes(n: int) -> NodeGrid:
+    """Node ids from 100 on: no node id equals a partition id, as with Flower's random ids."""
+    return NodeGrid(n, first=100)
 
 
 def _fed(*overrides: str):
@@ -58,7 +49,7 @@ def test_poisson_sampling_charges_every_round_to_a_persisted_ledger_and_stops_at
                             fraction_train=0.1, seed=4, dp=plan)  # fmt: skip
     sizes = []
     for rnd in (1, 2, 3):
-        msgs = list(strategy.configure_train(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(100)))
+        msgs = list(strategy.configure_train(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(100)))
         sizes.append(len(msgs))
         assert all(int(m.content["config"]["cohort"]) == len(msgs) for m in msgs)
     assert len(set(sizes)) > 1 and all(0 < s < 25 for s in sizes)  # Poisson: the cohort size varies around 10
@@ -68,7 +59,7 @@ def test_poisson_sampling_charges_every_round_to_a_persisted_ledger_and_stops_at
     assert saved["epsilon"] == pytest.approx(3.0, abs=0.05) and saved["epsilon"] <= 3.0
     again = SecureFedAvg(aggregation="plaintext", min_clients=1, max_update_norm=5.0, state_dir=tmp_path,
                          fraction_train=0.1, seed=4, dp=plan)  # fmt: skip
-    assert list(again.configure_train(4, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(100))) == []
+    assert list(again.configure_train(4, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(100))) == []
     assert ClientLedger(tmp_path, plan).ledger.steps == 3  # nothing charged for a round that did not start
 
 
@@ -79,7 +70,7 @@ def test_a_seed_samples_the_same_partitions_whatever_ids_flower_gives_the_nodes(
     plan = make_plan(_fed("federated.clients=20", "federated.fraction_train=0.25")) if dp else None
     picked = []
     for trial in range(2):
-        grid = Nodes(20)
+        grid = NodeGrid(20)
         grid.ids = [int(i) for i in np.random.default_rng(trial).choice(2**62, 20, replace=False)]
         s = SecureFedAvg(aggregation="plaintext", min_clients=1, max_update_norm=5.0, state_dir=tmp_path / str(trial),
                          fraction_train=0.25, fraction_evaluate=0.5, seed=3, dp=plan)  # fmt: skip
@@ -100,7 +91,7 @@ def test_fixed_size_sampling_is_seeded_and_respects_the_quorum(tmp_path):
         s = SecureFedAvg(aggregation="plaintext", min_clients=quorum, max_update_norm=5.0, state_dir=tmp_path,
                          fraction_train=fraction, seed=seed)  # fmt: skip
         return [
-            m.metadata.dst_node_id for m in s.configure_train(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(100))
+            m.metadata.dst_node_id for m in s.configure_train(rnd, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(100))
         ]
 
     first = sample(0, 1, 0.1, 2)
@@ -130,7 +121,7 @@ def test_dp_contributions_release_dp_fedavg_in_plaintext_and_under_ckks(tmp_path
     # Plaintext: the server averages every array (weights 1), extras included.
     plain = SecureFedAvg(aggregation="plaintext", min_clients=1, max_update_norm=5.0, state_dir=tmp_path / "p",
                          fraction_train=0.25, dp=plan)  # fmt: skip
-    msgs = list(plain.configure_train(1, ArrayRecord(template), ConfigRecord({}), Nodes(20)))
+    msgs = list(plain.configure_train(1, ArrayRecord(template), ConfigRecord({}), nodes(20)))
     m = len(msgs)  # Poisson's draw, told to every sampled client
     base, deltas, vectors = _dp_round(plan, m, np.random.default_rng(1))
     base = flatten(template)
@@ -147,7 +138,7 @@ def test_dp_contributions_release_dp_fedavg_in_plaintext_and_under_ckks(tmp_path
     client = ClientKeys(ClientSettings("job", "st", str(keys.secret_context), keys.secret_sha256))
     he = SecureFedAvg(aggregation="ckks", min_clients=1, max_update_norm=5.0, state_dir=tmp_path / "srv",
                       public_context=str(keys.public_context), fraction_train=0.25, dp=plan)  # fmt: skip
-    msgs = list(he.configure_train(1, ArrayRecord(template), ConfigRecord({}), Nodes(20)))
+    msgs = list(he.configure_train(1, ArrayRecord(template), ConfigRecord({}), nodes(20)))
     assert len(msgs) == m  # the same seed and round draw the same cohort
     replies = [
         _reply(msg, i, ckks_record(client.encrypt(v, 1, 1, 0)))
@@ -199,7 +190,7 @@ def test_plaintext_defences_resist_a_boosted_update_where_fedavg_does_not(tmp_pa
     def step(defence: dict) -> np.ndarray:
         s = SecureFedAvg(aggregation="plaintext", min_clients=2, max_update_norm=100.0, state_dir=tmp_path / name,
                          defence=defence)  # fmt: skip
-        msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(10)))
+        msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(10)))
         updates = [*honest, evil]
         replies = [
             _reply(m, i, ArrayRecord(unflatten(u, TEMPLATE)), 10)
@@ -224,7 +215,7 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path, 
     def aggregate(order: list[int], name: str) -> np.ndarray:
         s = SecureFedAvg(aggregation="plaintext", min_clients=2, max_update_norm=1e6, state_dir=tmp_path / name,
                          defence={"name": defence, "num_malicious": 1, "trim_fraction": 0.1})  # fmt: skip
-        msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(12)))
+        msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(12)))
         replies = [_reply(msgs[i], i, ArrayRecord(unflatten(updates[i], TEMPLATE)), 3 + i) for i in order]
         return flatten(s.aggregate_train(1, replies)[0].to_torch_state_dict())
 
@@ -236,7 +227,7 @@ def test_the_aggregate_does_not_depend_on_the_order_replies_arrive_in(tmp_path, 
 def test_a_defence_that_cannot_tolerate_its_attackers_fails_the_round_not_the_server(tmp_path):
     s = SecureFedAvg(aggregation="plaintext", min_clients=2, max_update_norm=100.0, state_dir=tmp_path,
                      defence={"name": "krum", "num_malicious": 1})  # fmt: skip
-    msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(3)))
+    msgs = list(s.configure_train(1, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(3)))
     arrays, _ = s.aggregate_train(1, [_reply(m, i, ArrayRecord(TEMPLATE), 5) for i, m in enumerate(msgs)])
     assert arrays is None and "Krum needs >= 2f+3 updates, got 3" in s.history[-1]["failed"]
 
@@ -251,7 +242,7 @@ def test_rotation_binds_uploads_to_their_epoch_and_the_aggregate_names_its_key(t
                      public_root=str(server_root), rotate_every=1)  # fmt: skip
     rng = np.random.default_rng(1)
     updates = [rng.normal(0, 0.05, P) for _ in range(3)]
-    msgs = list(s.configure_train(2, ArrayRecord(TEMPLATE), ConfigRecord({}), Nodes(3)))
+    msgs = list(s.configure_train(2, ArrayRecord(TEMPLATE), ConfigRecord({}), nodes(3)))
     # Client 2 encrypts under round 1's key (stale): refused by the server, not summed into garbage.
     rounds = (2, 2, 1)
     replies = [_reply(m, i, ckks_record(client.encrypt(u, 10, r, 1)), 10)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from aisec_train.config import to_config
 from aisec_train.crypto import CkksParams, decrypt_aggregate, encrypt_update, generate_keys, load_secret_context
@@ -19,7 +18,7 @@ from aisec_train.federated.config import PartitionKind
 from aisec_train.federated.partition import client_partition
 from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, ckks_record, load_state
 from aisec_train.federated.task import check_update, flatten, unflatten
-from tests.conftest import run_cli
+from tests.conftest import NodeGrid, run_cli
 from tests.test_config import compose_config
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
@@ -63,24 +62,6 @@ def test_check_update_refuses_nan_inf_and_norm():
 
 
 # ---- the strategy on real Flower messages ---------------------------------------------------------------
-class Nodes:
-    """The part of a Grid that sampling reads: which SuperNodes are connected."""
-
-    def __init__(self, n: int) -> None:
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.ids
-
-
-@pytest.fixture
-def server_identity():
-    """What a ServerApp process has set before it creates messages."""
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 TEMPLATE = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
 
 
@@ -90,7 +71,7 @@ def _reply(msg: Message, pid: int, arrays: ArrayRecord, n: int, refused: int = 0
 
 
 def _start(strategy: SecureFedAvg, n_nodes: int, global_state: dict) -> list[Message]:
-    return strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), Nodes(n_nodes))
+    return strategy.configure_train(1, ArrayRecord(global_state), ConfigRecord({}), NodeGrid(n_nodes))
 
 
 def test_plaintext_fedavg_is_the_weighted_mean_and_the_server_refuses_bad_updates(tmp_path, server_identity):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 import aisec_train
 from aisec_train.crypto import CkksParams, generate_keys
@@ -25,39 +24,14 @@ from aisec_train.federated.settings import ClientSettings
 from aisec_train.federated.strategy import SecureFedAvg, ckks_payload, load_state, state_to_record
 from aisec_train.federated.task import FederatedTask, flatten, load_client_state, write_job
 from aisec_train.federated.trainer import final_model
-from aisec_train.models import SmallCNN
-from tests.conftest import read_report, run_cli
+from tests.conftest import NodeGrid, read_report, run_cli
 
 CLIENTS = 2
 
 
-class Nodes:
-    def __init__(self, n: int) -> None:
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.ids
-
-
-@pytest.fixture
-def server_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A SmallCNN 'pretrained' on 10 digit classes (its weights matter here, not their quality)."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("ckpt") / "cnn10.pt"
-    torch.save(SmallCNN(in_channels=1, num_classes=10, image_size=8).state_dict(), path)
-    return path
-
-
-def _task(tmp_path, checkpoint, trainable: str, *extra: str) -> FederatedTask:
+def _task(tmp_path, cnn_checkpoint, trainable: str, *extra: str) -> FederatedTask:
     cfg = aisec_train.compose(["federated=fedavg", f"federated.clients={CLIENTS}", "federated.local_epochs=1",
-                               f"model.trainable={trainable}", f"model.checkpoint_path={checkpoint}",
+                               f"model.trainable={trainable}", f"model.checkpoint_path={cnn_checkpoint}",
                                "model.lora.r=2", "privacy.target_epsilon=8", *extra])  # fmt: skip
     return FederatedTask.from_job(str(write_job(cfg, tmp_path / "job.json", manifest_sha256="test")))
 
@@ -65,7 +39,7 @@ def _task(tmp_path, checkpoint, trainable: str, *extra: str) -> FederatedTask:
 def _round(task, strategy, settings, global_arrays: ArrayRecord, rnd: int = 1) -> tuple[ArrayRecord, list[Message]]:
     """One round: the strategy's messages answered by the real ClientApp, then aggregated."""
     app = client_app.make_app(settings, task)
-    msgs = list(strategy.configure_train(rnd, global_arrays, ConfigRecord({}), Nodes(CLIENTS)))
+    msgs = list(strategy.configure_train(rnd, global_arrays, ConfigRecord({}), NodeGrid(CLIENTS)))
     replies = []
     for pid, msg in enumerate(msgs):
         ctx = Context(run_id=7, node_id=pid + 1, node_config={"partition-id": pid}, state=RecordDict(), run_config={})
@@ -76,9 +50,9 @@ def _round(task, strategy, settings, global_arrays: ArrayRecord, rnd: int = 1) -
 
 @pytest.mark.parametrize("trainable", ["lora", "head"])
 def test_only_trainable_tensors_travel_and_frozen_ones_stay_the_checkpoint_bit_for_bit(
-    tmp_path, checkpoint, trainable, server_identity
+    tmp_path, cnn_checkpoint, trainable, server_identity
 ):
-    task = _task(tmp_path, checkpoint, trainable)
+    task = _task(tmp_path, cnn_checkpoint, trainable)
     full = task.initial_model().state_dict()
     keys = task.keys
     lora = {k for k in full if "lora_" in k}
@@ -97,7 +71,7 @@ def test_only_trainable_tensors_travel_and_frozen_ones_stay_the_checkpoint_bit_f
     assert int(replies[0].content["metrics"]["upload-bytes"]) == sent and sent < whole / 3
     # The global model is the aggregate merged into the frozen base: frozen tensors are the checkpoint's.
     merged = task.global_model(arrays.to_torch_state_dict()).state_dict()
-    saved = torch.load(checkpoint, weights_only=True)
+    saved = torch.load(cnn_checkpoint, weights_only=True)["model"]
     for name, value in merged.items():
         if name in keys:
             continue
@@ -111,10 +85,10 @@ def test_only_trainable_tensors_travel_and_frozen_ones_stay_the_checkpoint_bit_f
     assert set(load_state(tmp_path / "server")["model"]["tensors"]) == set(keys)
 
 
-def test_ckks_aggregation_of_the_subset_agrees_with_plaintext_fedavg(tmp_path, checkpoint, server_identity):
+def test_ckks_aggregation_of_the_subset_agrees_with_plaintext_fedavg(tmp_path, cnn_checkpoint, server_identity):
     # Without DP the local rounds are seeded and replayable (DP noise comes from OS entropy), so the two
     # aggregations below average the same local models.
-    task = _task(tmp_path, checkpoint, "lora", "privacy=none")
+    task = _task(tmp_path, cnn_checkpoint, "lora", "privacy=none")
     keys = generate_keys(CkksParams(), tmp_path / "client_keys", tmp_path / "server_ckks")
     start = ArrayRecord(task.global_state())
     plain = SecureFedAvg(aggregation="plaintext", min_clients=CLIENTS, max_update_norm=1e6,
@@ -145,9 +119,9 @@ def test_ckks_aggregation_of_the_subset_agrees_with_plaintext_fedavg(tmp_path, c
 
 
 def test_a_resumed_server_continues_from_the_saved_subset_and_the_final_model_merges_it(
-    tmp_path, checkpoint, server_identity
+    tmp_path, cnn_checkpoint, server_identity
 ):
-    task = _task(tmp_path, checkpoint, "head")
+    task = _task(tmp_path, cnn_checkpoint, "head")
     settings = ClientSettings(job=str(tmp_path / "job.json"), state_dir=str(tmp_path / "clients"))
     first = SecureFedAvg(aggregation="plaintext", min_clients=CLIENTS, max_update_norm=1e6,
                          state_dir=tmp_path / "server")  # fmt: skip
@@ -169,17 +143,17 @@ def test_a_resumed_server_continues_from_the_saved_subset_and_the_final_model_me
     assert load_client_state(tmp_path / "clients", 0)["rounds"] == [1, 2]
 
 
-def test_a_global_state_from_another_trainable_set_is_refused(tmp_path, checkpoint):
-    task = _task(tmp_path, checkpoint, "head")
+def test_a_global_state_from_another_trainable_set_is_refused(tmp_path, cnn_checkpoint):
+    task = _task(tmp_path, cnn_checkpoint, "head")
     other = {"fc1.weight": torch.zeros(1)}
     with pytest.raises(ValueError, match="does not match model.trainable"):
         task.global_model(other)
 
 
 @pytest.mark.slow  # one CLI run on Flower's simulation engine (Ray) with CKKS (~2 min on a loaded machine)
-def test_cli_federated_lora_under_ckks_reports_bytes_against_the_whole_model(tmp_path, checkpoint):
+def test_cli_federated_lora_under_ckks_reports_bytes_against_the_whole_model(tmp_path, cnn_checkpoint):
     run_dir = tmp_path / "run"
-    done = run_cli("experiment=federated_he", "model.trainable=lora", f"model.checkpoint_path={checkpoint}",
+    done = run_cli("experiment=federated_he", "model.trainable=lora", f"model.checkpoint_path={cnn_checkpoint}",
                    "model.lora.r=2", "audit=off", "robustness.evaluate=false", "federated.rounds=2",
                    "federated.ray_num_cpus=2", "federated.client_cpus=1", f"hydra.run.dir={run_dir}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

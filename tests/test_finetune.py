@@ -18,15 +18,6 @@ CNN = "aisec_train.models.SmallCNN"
 MODES = ["hooks", "ghost", "bk"]
 
 
-@pytest.fixture
-def cnn_checkpoint(tmp_path):
-    """A SmallCNN 'pretrained' on 10 classes (its weights are what matters here, not their quality)."""
-    torch.manual_seed(1)
-    path = tmp_path / "cnn10.pt"
-    torch.save({"model": SmallCNN(in_channels=1, num_classes=10, image_size=8).state_dict()}, path)
-    return path
-
-
 def _dp_train(model, mode: str, epochs: int = 1, seed: int = 0):
     cfg = aisec_train.compose([f"train.epochs={epochs}", "train.batch_size=16", f"privacy.grad_sample_mode={mode}",
                                "privacy.target_epsilon=8", f"train.seed={seed}"])  # fmt: skip

@@ -18,13 +18,12 @@ DS = hashlib.sha256(b"digits manifest").hexdigest()
 RUN = {"delta": 1e-5, "accountant": "rdp", "sample_rate": 0.01, "noise_multiplier": 1.1, "split_seed": 0}
 
 
+pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
+
+
 @pytest.fixture(autouse=True)
-def keyed(tmp_path, monkeypatch):
-    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
-    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
-    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
+def ledgers(tmp_path, monkeypatch):
     monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "ledgers"))
-    return tmp_path / "keys" / "hmac.key"
 
 
 @pytest.fixture

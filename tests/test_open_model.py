@@ -160,7 +160,7 @@ def test_python_api_own_model_and_dataset_through_every_stage(tmp_path):
 
 def test_python_api_train_takes_a_data_loader():
     loader = torch.utils.data.DataLoader(Stripes(120), batch_size=30)
-    result = aisec_train.train(TinyResNet(3, width=4), loader, ["train.epochs=2", "privacy=none"])
+    result = aisec_train.fit(TinyResNet(3, width=4), loader, ["train.epochs=2", "privacy=none"])
     assert result.ledger is None and len(result.history) == 2
-    private = aisec_train.train(TinyResNet(3, width=4), loader, ["train.epochs=1", "privacy.target_epsilon=2"])
+    private = aisec_train.fit(TinyResNet(3, width=4), loader, ["train.epochs=1", "privacy.target_epsilon=2"])
     assert 0 < private.ledger.epsilon() <= 2.0

@@ -228,7 +228,7 @@ def test_a_renamed_copy_is_refused_through_the_cli(tmp_path):
 
 
 def test_python_api_train_refuses_a_loader_with_duplicate_records():
-    """``aisec_train.train`` trains on the loader's dataset as given, so duplicates are refused there, not dropped."""
+    """``aisec_train.fit`` trains on the loader's dataset as given, so duplicates are refused there, not dropped."""
     import aisec_train
     from aisec_train.data.errors import DataError
     from aisec_train.models import build_model
@@ -237,7 +237,7 @@ def test_python_api_train_refuses_a_loader_with_duplicate_records():
     x, y = np.concatenate([x[:60], x[:3]]), np.concatenate([y[:60], y[:3]])
     loader = torch.utils.data.DataLoader(Sample(torch.from_numpy(x), torch.from_numpy(y)), batch_size=16)
     with pytest.raises(DataError, match="holds 3 exact duplicate record"):
-        aisec_train.train(build_model("mlp", in_channels=1, num_classes=10, image_size=8), loader, ["train.epochs=1"])
+        aisec_train.fit(build_model("mlp", in_channels=1, num_classes=10, image_size=8), loader, ["train.epochs=1"])
 
 
 def test_a_dataset_that_names_its_own_records_is_identified_by_them():

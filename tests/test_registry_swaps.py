@@ -10,12 +10,7 @@ from aisec_train.audit.registry import Registry
 from aisec_train.hashing import sha256_file
 from tests.swaps import SWAPS, attempt, cli, make_run, refused
 
-
-@pytest.fixture(autouse=True)
-def keyed(tmp_path, monkeypatch):
-    monkeypatch.setenv("AISEC_TRAIN_KEY_FILE", str(tmp_path / "keys" / "hmac.key"))
-    monkeypatch.setenv("AISEC_TRAIN_ANCHOR_DIR", str(tmp_path / "keys" / "anchors"))
-    monkeypatch.delenv("AISEC_TRAIN_OLD_KEY_FILES", raising=False)
+pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
 
 
 @pytest.mark.parametrize("swap", SWAPS, ids=[s.name for s in SWAPS])

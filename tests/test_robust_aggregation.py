@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from scipy import stats
 
 from aisec_train.errors import ConfigError
@@ -17,6 +16,7 @@ from aisec_train.federated.robust_aggregation import (
     flower_strategy,
     runs_on_ciphertexts,
 )
+from tests.conftest import NodeGrid
 
 RNG = np.random.default_rng(0)
 UPDATES = [RNG.normal(0, 1, 64) for _ in range(9)]
@@ -85,21 +85,6 @@ def test_a_scaled_malicious_update_is_neutralised_by_the_defences_but_not_by_fed
 
 
 # ---- Flower's strategy classes on real messages give the same result ------------------------------------
-class Nodes:
-    def __init__(self, n: int) -> None:
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self) -> list[int]:
-        return self.ids
-
-
-@pytest.fixture
-def server_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None
-
-
 @pytest.mark.parametrize(
     "defence, kwargs",
     [
@@ -114,7 +99,7 @@ def test_flower_strategies_on_messages_match_aggregate(server_identity, defence,
     n, f = len(UPDATES), 2
     strategy = flower_strategy(defence, num_malicious=f, min_train_nodes=n, min_available_nodes=n, **kwargs)
     zero = np.zeros(64)
-    msgs = list(strategy.configure_train(1, ArrayRecord({"delta": Array(zero)}), ConfigRecord({}), Nodes(n)))
+    msgs = list(strategy.configure_train(1, ArrayRecord({"delta": Array(zero)}), ConfigRecord({}), NodeGrid(n)))
     replies = [
         Message(
             RecordDict({"arrays": ArrayRecord({"delta": Array(u)}), "metrics": MetricRecord({"num-examples": w})}),

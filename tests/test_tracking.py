@@ -58,6 +58,19 @@ def test_mlflow_store_read_back(tracked):
     assert run.data.metrics["final/privacy.epsilon"] == pytest.approx(report["privacy"]["epsilon"])
     history = client.get_metric_history(run.info.run_id, "step/loss")
     assert [m.step for m in history] == list(range(1, report["privacy"]["steps"] + 1))
+    lrs = {m.value for m in client.get_metric_history(run.info.run_id, "step/lr")}
+    assert lrs == {float(run.data.params["train.lr"])}  # no scheduler: the configured rate at every step
+    fractions = client.get_metric_history(run.info.run_id, "step/clip_fraction")
+    assert len(fractions) == report["privacy"]["steps"] and all(0 <= m.value <= 1 for m in fractions)
+    accuracy = client.get_metric_history(run.info.run_id, "epoch/test_accuracy")
+    assert [m.step for m in accuracy] == list(range(1, report["train"]["epochs_completed"] + 1))
+    # the headline numbers, from several sections, and the checklist's tallies
+    final = run.data.metrics
+    assert final["final/privacy.delta"] == pytest.approx(report["privacy"]["delta"])
+    assert final["final/train.epochs_completed"] == report["train"]["epochs_completed"]
+    assert final["final/metrics.clean_accuracy"] == pytest.approx(report["metrics"]["clean_accuracy"])
+    passed = sum(1 for item in report["checklist"] if item["status"] == "pass")
+    assert final["final/checklist.pass"] == passed > 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.json", "model_card.md", "security_report.md", "metrics.csv", "model"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/model.pt"]
@@ -120,12 +133,12 @@ def test_csv_rows_and_params(tracked):
     assert json.loads((tracked / "tracking" / "params.json").read_text())["train.epochs"] == 3
 
 
-def test_multirun_jobs_are_one_mlflow_experiment(tmp_path):
+def test_multirun_jobs_are_one_mlflow_experiment_and_one_wandb_group(tmp_path):
     from mlflow.tracking import MlflowClient
 
     sweep = tmp_path / "sweep"
     proc = run_cli(
-        "-m", *FAST, "privacy=none", "train.epochs=1", "logger=mlflow", "train.seed=0,1",
+        "-m", *FAST, "privacy=none", "train.epochs=1", "logger=[mlflow,wandb]", "train.seed=0,1",
         f"hydra.sweep.dir={sweep}", "hydra.callbacks={}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -134,19 +147,26 @@ def test_multirun_jobs_are_one_mlflow_experiment(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["job0", "job1"]
     assert sorted(r.data.params["train.seed"] for r in runs) == ["0", "1"]
+    groups = {}
+    for run_file in sweep.glob("*/wandb/offline-run-*/run-*.wandb"):
+        (run,) = [r.run for r in wandb_records(run_file) if r.HasField("run")][:1]
+        groups[run.display_name] = run.run_group
+    assert groups == {"job0": str(sweep), "job1": str(sweep)}
 
 
-def test_only_rank_zero_logs(tmp_path):
+def test_only_rank_zero_logs(tmp_path, monkeypatch):
     cfg = compose(["logger=[csv,tensorboard]"])
     tracker = open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"), rank=1)
     tracker.log_metrics({"loss": 1.0}, 1)
     tracker.close(ok=True)
     assert not tracker and list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("RANK", "1")  # under torchrun the rank comes from the environment
+    assert not open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))
 
 
 def test_missing_package_refused_in_one_line(monkeypatch):
-    module, cls, _ = BACKENDS["wandb"]
-    monkeypatch.setitem(BACKENDS, "wandb", (module, cls, "wandb_package_that_is_not_installed"))
+    module, cls, _, where = BACKENDS["wandb"]
+    monkeypatch.setitem(BACKENDS, "wandb", (module, cls, "wandb_package_that_is_not_installed", where))
     with pytest.raises(ConfigError, match=r"^logger=wandb is not allowed: the wandb_package_that_is_not_installed"):
         check_installed(compose(["logger=wandb"]))
 

@@ -13,7 +13,6 @@ Exit status of ``aisec-train-monitor``: 0 no alarm, 1 alarm (drift or confidence
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import dataclass
@@ -256,10 +255,9 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from aisec_train.store.errors import StoreError
-    from aisec_train.train.checkpoint import CheckpointError
+    from aisec_train import errors
 
-    parser = argparse.ArgumentParser(
+    parser = errors.RefusingParser(
         prog="aisec-train-monitor",
         description="Check a .npz batch against a run's monitoring baseline. Exit 0: ok, 1: alarm, 2: refused.",
     )
@@ -268,12 +266,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the verdict as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    try:
+    with errors.refusing(parser.prog, errors.Refusal):  # DataError, CheckpointError, StoreError...
         baseline, model = load_run(args.run_dir)
         verdict = check(baseline, model, read_batch(args.batch))
-    except (DataError, CheckpointError, StoreError) as err:
-        print(f"aisec-train-monitor: error: {' '.join(str(err).split())}", file=sys.stderr)
-        sys.exit(2)
     print(verdict.text())
     if args.json:
         args.json.write_text(json.dumps(verdict.to_dict(), indent=2))

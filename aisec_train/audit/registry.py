@@ -85,7 +85,7 @@ def _dig(report: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-CLAIMS = {  # what a model.pt's keyed tag records about its run (pipeline.stage_save_model) -> the report's key
+CLAIMS = {  # what a model.pt's keyed tag records about its run (report/stage.py: stage_save_model) -> the report's key
     "data_manifest_sha256": "data.manifest_sha256",
     "privacy_mode": "privacy.mode",
     "epsilon": "privacy.epsilon",
@@ -367,14 +367,3 @@ class Registry:
                 except (IntegrityError, FileNotFoundError):
                     pass  # a missing or tampered run copy stays as it is; `list` reports it
             return len(runs)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``aisec-train-registry`` (aisec_train/audit/registry_cli.py)."""
-    from aisec_train.audit.registry_cli import main as cli_main
-
-    cli_main(argv)
-
-
-if __name__ == "__main__":
-    main()

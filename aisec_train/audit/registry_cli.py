@@ -6,11 +6,9 @@ when any entry or file fails verification, after printing every row.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
-from typing import NoReturn
 
+from aisec_train import errors
 from aisec_train.audit.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry, resolve_registry_path
 from aisec_train.store import keys
 from aisec_train.store.errors import StoreError
@@ -39,24 +37,17 @@ def _list(reg: Registry) -> int:
     return failures
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
-        _refuse(message)
-
-
-def _refuse(message: object) -> NoReturn:
-    print(f"aisec-train-registry: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
+PROG = "aisec-train-registry"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="aisec-train-registry", description="Model inventory and rollback.")
+    parser = errors.RefusingParser(prog=PROG, description="Model inventory and rollback.")
     parser.add_argument(
         "--registry",
         type=Path,
         help=f"registry file (default: ${REGISTRY_ENV}, else {DEFAULT_REGISTRY} under the current directory)",
     )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every registered run, and whether its entry, run copy and vault copy verify")
     sub.add_parser("register", help="register a finished run folder").add_argument("run_dir", type=Path)
     sub.add_parser("mark-good", help="verify a run and keep a known-good copy").add_argument("run_id")
@@ -66,11 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("retag", help="re-sign every entry under the current key after a key rotation")
     args = parser.parse_args(argv)
     reg = Registry(resolve_registry_path(args.registry))
-    try:
+    with errors.refusing(PROG, StoreError, OSError):
         if args.command == "list":
             failures = _list(reg)
             if failures:
-                _refuse(f"{failures} entr(ies) or file(s) in {reg.path} failed verification (see above)")
+                errors.refuse(PROG, f"{failures} entr(ies) or file(s) in {reg.path} failed verification (see above)")
         elif args.command == "register":
             print(f"registered {reg.register(args.run_dir)['id']} in {reg.path}")
         elif args.command == "mark-good":
@@ -80,8 +71,6 @@ def main(argv: list[str] | None = None) -> None:
         else:
             entry = reg.rollback(args.dest, args.run_id)
             print(f"rolled back {args.dest} to {entry['id']} (sha256 {entry['sha256']}, verified)")
-    except (StoreError, OSError) as err:
-        _refuse(err)
 
 
 if __name__ == "__main__":

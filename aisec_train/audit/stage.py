@@ -19,12 +19,11 @@ import torch
 
 from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, privacy_audit, probes, shifts
 from aisec_train.audit.references import reference_recipe
-from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path
+from aisec_train.audit.registry import Registry, resolve_registry_path
 from aisec_train.data.views import materialize, subset
 from aisec_train.hashing import sha256_file
 from aisec_train.report.outputs import write_json
 from aisec_train.text_run import is_text, skip_image_audits
-from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.loop import train
 
 if TYPE_CHECKING:
@@ -265,10 +264,8 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
 
 def stage_register(run: Run) -> None:
     reg = Registry(resolve_registry_path(run.cfg.audit.registry_path))
-    try:
-        entry = reg.register(run.run_dir, governance=run.report.get("governance"), report=run.report.to_dict())
-    except RegistryError as err:  # the CLI turns a CheckpointError into its one-line refusal
-        raise CheckpointError(str(err)) from err
+    # a RegistryError is a Refusal (aisec_train/errors.py): the CLI answers it in one line as it is
+    entry = reg.register(run.run_dir, governance=run.report.get("governance"), report=run.report.to_dict())
     run.report.add(
         "registry", path=str(reg.path), id=entry["id"], sha256=entry["sha256"], known_good=entry["known_good"]
     )

@@ -85,7 +85,7 @@ def _zero_columns(reader: nn.Module, dropped: torch.Tensor) -> bool:
     return False
 
 
-def _order(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
+def forward_order(model: nn.Module, probe: torch.Tensor) -> list[tuple[str, str]]:
     """(event, module path) in the order of one forward pass: ``start``/``end`` of every module."""
     events: list[tuple[str, str]] = []
     handles = []
@@ -109,7 +109,7 @@ def _candidates(model: nn.Module, path: str, dropped: torch.Tensor, probe: torch
     out: list[tuple[str, str, Callable[[], bool]]] = []
     if own is not None:
         out.append(("own_parameters", path, lambda: _zero_rows(own, dropped) or True))
-    events = _order(model, probe[:2])
+    events = forward_order(model, probe[:2])
     end = next(i for i, e in enumerate(events) if e == ("end", path))
     readers = (n for ev, n in events[end + 1 :] if ev == "start" and isinstance(modules[n], (*CONV, nn.Linear)))
     reader = next(readers, None)

@@ -30,11 +30,25 @@ class RepairMethod(Enum):
     fine_pruning = "fine_pruning"  # Liu et al. 2018
 
 
+class FinetuneHead(Enum):
+    reinit = "reinit"  # re-initialise every module after the feature layer before fine-tuning (backdoor/retune.py)
+    keep = "keep"  # fine-tune the released head as it is (the earlier default; docs/backdoor.md)
+
+
 class PatchPosition(Enum):
     bottom_right = "bottom_right"
     bottom_left = "bottom_left"
     top_right = "top_right"
     top_left = "top_left"
+
+
+def _boost_ok(value: str) -> bool:
+    if str(value) == "auto":
+        return True
+    try:
+        return float(value) >= 1.0
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -61,11 +75,16 @@ class BackdoorConfig:
     finetune_lr: float = 0.1  # peak lr: warmed up over 10% of the steps, then cosine decay to 0
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
+    finetune_head: FinetuneHead = FinetuneHead.reinit  # the head after the feature layer: reinit | keep
+    finetune_body_lr: float = 0.2  # the body's lr as a fraction of finetune_lr (the head gets finetune_lr)
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
     feature_layer: str | None = None
     # Federated red team: the first K clients hold poisoned shards (federated=fedavg backdoor=badnets).
     malicious_clients: int = 0
+    # Model replacement (Bagdasaryan et al. 2020): malicious clients scale their update by this; auto = clients per
+    # round / server lr (backdoor/federated_poison.py); 1 = no boost.
+    boost: str = "1"
 
     def __post_init__(self) -> None:
         require(0.0 < self.rate < 1.0, "backdoor.rate", self.rate, "must be in (0, 1)")
@@ -81,5 +100,7 @@ class BackdoorConfig:
         require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")
         require(self.finetune_lr > 0, "backdoor.finetune_lr", self.finetune_lr, "must be > 0")
         require(self.finetune_batch_size >= 1, "backdoor.finetune_batch_size", self.finetune_batch_size, "must be >= 1")
+        require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a number >= 1")
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
+        require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")

@@ -14,6 +14,15 @@ malicious update keeps the main task and stays close to benign ones; Sun et al. 
 federated learning?") likewise give attackers backdoor samples alongside clean data. A whole-shard poison would
 make the attacker's update an obvious outlier and wreck its main-task accuracy.
 
+**Boosted (model-replacement) client** (``backdoor.boost=auto|<float>``, Bagdasaryan et al. 2020, section 4): a
+malicious client scales its update ``X - G`` by ``gamma`` before sending it, so that after averaging with the
+honest updates the global model moves (about) all the way to the attacker's model. With FedAvg over ``n`` clients
+per round and a server learning rate ``eta``, ``gamma = n / eta`` replaces the model (``auto``: the federated
+cohort over the server lr, 1 for plain FedAvg). ``1`` (the default) is the unboosted client above. The boost is
+applied on the client after local training and before any client-side check, clip or encryption, so every
+federated defence (the server's update-norm refusal, norm bound, median, trimmed mean, Krum) sees what a real
+attacker would send.
+
 >>> parts = client_partition(labels_of(data.train), cfg)
 >>> poisoned, counts = poison_clients(data.train, parts, 2, rate=0.3, trigger=trigger, target_of=AllToOne(0), seed=0)
 """
@@ -33,6 +42,25 @@ if TYPE_CHECKING:
     from aisec_train.config import Config
 
 PARTITION_MODULE = "aisec_train.federated.partition"
+
+
+def boost_factor(cfg: Config) -> float:
+    """gamma of ``backdoor.boost``: ``auto`` = clients per round / server lr (Bagdasaryan et al.'s n / eta)."""
+    boost = str(cfg.backdoor.boost)
+    if boost != "auto":
+        return float(boost)
+    fed = cfg.federated
+    dp_client = getattr(getattr(fed, "dp", None), "value", None) == "client"
+    server_lr = fed.client_dp.server_lr if dp_client else 1.0  # plain FedAvg: the weighted mean is a step of 1
+    return fed.cohort / server_lr
+
+
+def boost(delta: np.ndarray, partition_id: int, cfg: Config) -> np.ndarray:
+    """The update client ``partition_id`` sends: boosted when it is one of the malicious clients."""
+    if partition_id >= cfg.backdoor.malicious_clients:
+        return delta
+    gamma = boost_factor(cfg)
+    return delta if gamma == 1.0 else delta * gamma
 
 
 def client_partition(labels: np.ndarray, cfg: Config) -> list[np.ndarray]:

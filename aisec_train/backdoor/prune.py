@@ -4,7 +4,8 @@
 2. mask them in increasing order while accuracy on the trusted data stays within ``max_drop`` of the start (the
    first breach ends pruning, as in Liu et al.); beyond :data:`POINTS` channels they are pruned in equal groups,
    so a 512-channel layer costs 65 evaluations, not 513;
-3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook;
+3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook, the
+   classifier head re-initialised and the body at a fifth of the learning rate (backdoor/retune.py);
 4. bake the mask into the released model, verified (backdoor/bake.py).
 
 The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing here depends on the architecture.
@@ -24,8 +25,9 @@ from aisec_kernels import ChannelStats, channel_stats
 from torch import nn
 from torch.utils.data import Dataset
 
+from aisec_train.backdoor import retune
 from aisec_train.backdoor.bake import Baked, bake
-from aisec_train.backdoor.config import BackdoorConfig
+from aisec_train.backdoor.config import BackdoorConfig, FinetuneHead
 from aisec_train.backdoor.features import activation_stats, masked_accuracy
 from aisec_train.backdoor.layers import masked
 from aisec_train.data.views import materialize, subset
@@ -48,6 +50,7 @@ class Pruned:
     evaluation: str = "replay"  # how masked accuracy was measured: cached replay or full forward passes
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated pruned count
     baked: Baked | None = None
+    head: list[str] = field(default_factory=list)  # modules after the feature layer (re-initialised, or kept)
 
     @property
     def pruned_fraction(self) -> float:
@@ -115,19 +118,24 @@ def prune(
     return Pruned(final, order, stats.mean.cpu().tolist(), base, chosen_acc, step, mode, curve)
 
 
-def fine_tune(model: nn.Module, trusted: Dataset, device: torch.device, cfg: BackdoorConfig, seed: int) -> None:
-    """Non-private SGD (momentum 0.9, weight decay; lr warmed up over the first 10% of steps, then cosine to 0) on
-    the trusted data through the one loop; call it inside :func:`~aisec_train.backdoor.layers.masked`.
+def fine_tune(
+    model: nn.Module, path: str, trusted: Dataset, device: torch.device, cfg: BackdoorConfig, seed: int
+) -> list[str]:
+    """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop, the head (every module
+    after the feature layer ``path``) re-initialised when ``backdoor.finetune_head=reinit`` and trained at
+    ``finetune_lr``, the body at ``finetune_body_lr`` times it; warm-up over 10% of the steps, then cosine to 0
+    (backdoor/retune.py says why). Call it inside :func:`~aisec_train.backdoor.layers.masked`. Returns the head.
 
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
-    backdoor/trusted.py). Clean data never exercises the trigger's path, so its gradient leaves that path alone;
-    the weight decay is what shrinks it. The cosine decay makes the released weights a settled end point, not one
-    noisy step on small data. The warm-up (torch's OneCycleLR, momentum left at 0.9): a DP model's first steps at
-    the full lr 0.1 with momentum could diverge; on typeset digits the repaired model fell from 0.45 to 0.27 clean
-    accuracy without it, and reached 0.92 with it (docs/backdoor.md).
+    backdoor/trusted.py). The warm-up: a DP model's first steps at the full lr 0.1 with momentum could diverge; on
+    typeset digits the repaired model fell from 0.45 to 0.27 clean accuracy without it (docs/backdoor.md).
     """
     if cfg.finetune_epochs == 0:
-        return
+        return []
+    probe, _ = materialize(trusted, limit=2)
+    probe = probe.to(device)
+    reinit = cfg.finetune_head is FinetuneHead.reinit
+    head = retune.reinit_head(model, path, probe, seed) if reinit else retune.head_modules(model, path, probe)
     loop_cfg = TrainConfig(
         epochs=cfg.finetune_epochs,
         batch_size=cfg.finetune_batch_size,
@@ -138,17 +146,14 @@ def fine_tune(model: nn.Module, trusted: Dataset, device: torch.device, cfg: Bac
         seed=seed,
         ema_decay=0.0,
     )
-    optimizer = {"_target_": "torch.optim.SGD", "lr": cfg.finetune_lr, "momentum": 0.9,
+    optimizer = {"_target_": retune.OPTIMIZER, "lr": cfg.finetune_lr, "momentum": 0.9,
                  "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
-    scheduler = {
-        "_target_": "torch.optim.lr_scheduler.OneCycleLR",
-        "max_lr": cfg.finetune_lr,
-        "pct_start": 0.1,
-        "anneal_strategy": "cos",
-        "cycle_momentum": False,
-    }  # total_steps: the loop's planned steps
-    train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler, progress=False)
+    scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
+    with retune.lr_scales(model, head, cfg.finetune_body_lr):
+        train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler,
+              progress=False)  # fmt: skip
     model.eval()
+    return head
 
 
 def fine_prune(
@@ -168,7 +173,8 @@ def fine_prune(
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
     with masked(model, path, pruned.mask):
-        fine_tune(model, finetune_view if finetune_view is not None else trusted, device, cfg, seed)
+        view = finetune_view if finetune_view is not None else trusted
+        pruned.head = fine_tune(model, path, view, device, cfg, seed)
     probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
     pruned.baked = bake(model, path, pruned.mask, probe.to(device))
     return pruned

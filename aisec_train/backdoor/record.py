@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aisec_train.backdoor import attacks
+from aisec_train.backdoor import attacks, federated_poison
 from aisec_train.backdoor.config import BackdoorMapping, RepairMethod
 from aisec_train.backdoor.metrics import BackdoorMetrics, der
 from aisec_train.backdoor.state import BackdoorState
@@ -69,7 +69,8 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         privacy={"dp_training": private, "ledger_unchanged": True, **scope, "detection": DETECTION_PRIVACY},
     )
     if state.client_indices is not None:
-        run.report.add("backdoor", federated=_federated(state))
+        boost = {"boost": str(bd.boost), "boost_factor": federated_poison.boost_factor(run.cfg)}  # model replacement
+        run.report.add("backdoor", federated=_federated(state) | boost)
     if private:
         run.report.add("privacy", scope=scope)
     _check_detection(run, scores)

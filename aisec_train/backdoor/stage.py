@@ -177,6 +177,9 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
         "trusted_accuracy_pruned": pruned.accuracy,
         "acc_drop_budget": bd.prune_acc_drop,
         "finetune": {
+            "head": bd.finetune_head.value,
+            "reinitialised": pruned.head if bd.finetune_head.value == "reinit" else [],
+            "body_lr": bd.finetune_body_lr,
             "epochs": bd.finetune_epochs,
             "lr": bd.finetune_lr,
             "weight_decay": bd.finetune_weight_decay,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from aisec_train.errors import Refusal
 
-class DataError(ValueError):
+
+class DataError(Refusal, ValueError):
     """Data that cannot be used: missing, malformed, tampered or unusable for training."""

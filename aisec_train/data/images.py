@@ -22,7 +22,7 @@ from torchvision.transforms import v2
 
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.errors import DataError
-from aisec_train.data.sources import SourceData
+from aisec_train.data.source_data import SourceData
 
 
 def decode_rgb(path: str) -> torch.Tensor:

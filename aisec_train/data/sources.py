@@ -11,17 +11,16 @@ import gzip
 import pickle
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from tokenize import TokenError
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Dataset
 
 from aisec_train.data.arrays import ArrayDataset
 from aisec_train.data.config import DatasetConfig
 from aisec_train.data.errors import DataError
+from aisec_train.data.source_data import SourceData
 from aisec_train.errors import ConfigError
 
 __all__ = ["SOURCES", "SourceData", "DataError", "NPZ_READ_ERRORS", "register_source", "check_source_keys"]
@@ -29,16 +28,6 @@ __all__ = ["SOURCES", "SourceData", "DataError", "NPZ_READ_ERRORS", "register_so
 # What numpy and zipfile raise on a damaged or hostile .npz (tokenize.TokenError: numpy tokenizes an .npy header
 # before literal_eval, and a damaged header raises it). Every reader of a user's .npz refuses these in one line.
 NPZ_READ_ERRORS = (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError, TypeError, SyntaxError, TokenError)
-
-
-@dataclass
-class SourceData:
-    train: Dataset  # (float (C, H, W) in [0, 1], int label) per item, no augmentation
-    test: Dataset | None = None  # None: a stratified hold-out is carved from ``train``
-    source: str = ""
-    files: list[Path] = field(default_factory=list)  # every file read, hashed into the manifest (streamed)
-    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory arrays, hashed into the manifest
-    root: Path | None = None  # file names in the manifest are relative to it
 
 
 Source = Callable[[DatasetConfig, int], SourceData]

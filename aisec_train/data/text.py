@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from aisec_train.data.errors import DataError
+from aisec_train.data.source_data import SourceData
 from aisec_train.errors import ConfigError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -98,11 +99,10 @@ class TextDataset(Dataset):
         return [text_digest(t, label) for t, label in self.records]
 
 
-def read_text_source(cfg: Any) -> Any:
+def read_text_source(cfg: Any) -> SourceData:
     """``dataset=text``: the training (and test) file tokenised by ``dataset.tokenizer``'s tokenizer (model.path's
-    with ``model=hf``), as the data stage's :class:`~aisec_train.data.sources.SourceData`. The files are hashed
+    with ``model=hf``), as the data stage's :class:`~aisec_train.data.source_data.SourceData`. The files are hashed
     into the manifest; records are identified by :meth:`TextDataset.digests`."""
-    from aisec_train.data.sources import SourceData
     from aisec_train.models.hf import load_tokenizer
 
     if not cfg.path:

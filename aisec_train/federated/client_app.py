@@ -14,6 +14,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from aisec_train.backdoor.federated_poison import boost
 from aisec_train.federated import client_level
 from aisec_train.federated.client_dp import clip_update
 from aisec_train.federated.client_keys import ClientKeys
@@ -73,6 +74,7 @@ def make_app(settings: ClientSettings | None = None, task: FederatedTask | None 
         # 2. Local training with the spine's loop (DP-SGD with dp=record, the run's objective); ledger per client.
         result = local_round(t, pid, global_state, rnd, s.state_path, threads=int(fed.client_cpus))
         delta = apply_drill(fed.inject, pid, rnd, result.delta)
+        delta = boost(delta, pid, t.cfg)  # a malicious client's model-replacement boost (backdoor.boost)
         base = flatten(global_state)
         # 3. Refuse a bad update before it is encrypted (the server could not check it afterwards). Under
         #    dp=client the norm is clipped, not refused: a refusal bit would be a release no noise covers.

@@ -1,19 +1,39 @@
-"""The federated run's report section, privacy per client, the accuracy-per-round plot and checklist answers."""
+"""The federated run's report section, its record-level privacy figures (privacy/report.py writes them), the
+accuracy-per-round plot and checklist answers."""
 
 from __future__ import annotations
 
 import math
 import stat
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
+from aisec_train.config import Config
 from aisec_train.crypto import ckks
+from aisec_train.data.dataset import DataBundle
 from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.privacy import claims
 from aisec_train.privacy.randomness import describe as describe_randomness
+from aisec_train.privacy.report import FIGURES, Measured
 
 PLOT = "federated_accuracy.png"
+
+
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the federated report items (here and in report_scale.py) read: the config, the final model, the run
+    folder (the plot), the local objective's name, the data, and ``report``, the federated trainer's own Report,
+    whose sections and answers its TrainResult carries to the train stage."""
+
+    cfg: Config
+    report: Any  # report/report.py's Report (the trainer's own, not the run's)
+    run_dir: Path
+    model: nn.Module
+    objective: str
+    data: DataBundle
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -104,7 +124,7 @@ def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add(
-    run,
+    run: ReportInputs,
     state: dict[str, Any],
     eps: dict[int, dict[str, Any]],
     *,
@@ -115,8 +135,9 @@ def add(
     client: ClientSettings,
     transport: str,
     client_level: bool = False,
-) -> None:
-    """Add the ``federated`` and ``privacy`` sections and the confidentiality checklist answers."""
+) -> Measured | None:
+    """Add the ``federated`` section and the confidentiality checklist answers; return the record-level privacy
+    figures (None without record-level DP: client-level DP is report_scale.py's) for privacy/report.py."""
     cfg, report = run.cfg, run.report
     fed, rounds = cfg.federated, state["history"]
     num_params = sum(p.numel() for p in run.model.state_dict().values())
@@ -157,9 +178,8 @@ def add(
         per_round=rows,
         ckks=ckks_section,
     )
-    if not client_level:  # report_scale.py writes the client-level guarantee
-        _privacy(run, eps, private)
     _checklist(run, rows, server, client, bytes_per_param, transport)
+    return None if client_level else _measured(run, eps, private)  # report_scale.py measures client-level DP
 
 
 def current_keys(server: ServerSettings, client: ClientSettings) -> tuple[ServerSettings, ClientSettings]:
@@ -183,51 +203,45 @@ def _self_test(server: ServerSettings, client: ClientSettings, num_params: int) 
     return {**ckks.self_test(secret, public, n_values=num_params), "public_context_is_private": public.is_private()}
 
 
-def _privacy(run, eps: dict[int, dict[str, Any]], private: bool) -> None:
-    cfg, report = run.cfg.privacy, run.report
+def _measured(run, eps: dict[int, dict[str, Any]], private: bool) -> Measured | None:
+    """Record-level DP: each client's own DP-SGD ledger; the section's epsilon is the worst client's (None: no
+    DP). privacy/report.py writes it."""
+    cfg = run.cfg.privacy
     if not private or not eps:
-        report.add(
-            "privacy",
-            **dict.fromkeys(["epsilon", "delta", "noise_multiplier", "sample_rate", "steps"]),
-            accountant=None,
-            mode="none",
-        )
-        report.check("training", "differentially private training (DP-SGD)", "fail", "privacy=none: no DP guarantee")
-        return
+        return None
     worst_id = max(eps, key=lambda pid: eps[pid]["epsilon"])
     worst = eps[worst_id]
     # privacy.epsilon is the max over clients: the guarantee every client's data gets.
-    keys = ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant")
-    report.add(
-        "privacy",
-        **{k: worst[k] for k in keys},
-        mode="dpsgd",
+    details = {
         # The same {"statement": ...} shape the model card reads for any run.
-        scope={
+        "scope": {
             "unit": "client",
             "statement": f"each of the {len(eps)} federated clients trains on its own partition with its own DP-SGD "
             f"ledger; the epsilon above is the largest over clients (client {worst_id}) and bounds each client's "
             "examples in the final model, whose aggregation adds no further privacy cost",
         },
-        target_epsilon=cfg.target_epsilon,
-        max_grad_norm=cfg.max_grad_norm,
-        per_client_epsilon={str(k): v["epsilon"] for k, v in eps.items()},
-        per_client_steps={str(k): v["steps"] for k, v in eps.items()},
-        max_epsilon_client=worst_id,
-    )
-    within = cfg.target_epsilon is None or worst["epsilon"] <= cfg.target_epsilon + 1e-9
-    gaps = claims.guarantee_gaps(cfg, len(run.data.train))  # reproducible noise, delta >= 1/n: no guarantee
-    report.add("privacy", randomness=describe_randomness(cfg, run.cfg.train.seed), guarantee=claims.guarantee(gaps))
-    status, evidence = claims.dp_item(
-        within,
+        "max_grad_norm": cfg.max_grad_norm,
+        "per_client_epsilon": {str(k): v["epsilon"] for k, v in eps.items()},
+        "per_client_steps": {str(k): v["steps"] for k, v in eps.items()},
+        "max_epsilon_client": worst_id,
+        "level": "record",
+    }
+    evidence = (
         f"each of {len(eps)} clients runs DP-SGD with its own ledger; max epsilon {worst['epsilon']:.3f} "
         f"(client {worst_id}, delta {worst['delta']:g}, {worst['accountant']}, {worst['steps']} steps, noise "
         f"{worst['noise_multiplier']:.3f}); per client: "
         + ", ".join(f"{k}: {v['epsilon']:.3f}" for k, v in eps.items())
-        + f"; target {cfg.target_epsilon}",
-        gaps,
+        + f"; target {cfg.target_epsilon}"
     )
-    report.check("training", "differentially private training (DP-SGD)", status, evidence)
+    return Measured(
+        {k: worst[k] for k in FIGURES},
+        "dpsgd",
+        cfg.target_epsilon,
+        evidence,
+        details=details,
+        randomness=describe_randomness(cfg, run.cfg.train.seed),
+        gaps=claims.guarantee_gaps(cfg, len(run.data.train)),  # reproducible noise, delta >= 1/n: no guarantee
+    )
 
 
 def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param, transport: str) -> None:

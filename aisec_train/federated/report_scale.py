@@ -18,9 +18,10 @@ from aisec_train.federated.client_keys import ClientKeys
 from aisec_train.federated.client_level import EXTRA_KEYS, ClientDPPlan, decode, noise_std_of_sum, read_ledger
 from aisec_train.federated.config import Aggregation, Defence, FederatedDP
 from aisec_train.federated.partition import Partition
+from aisec_train.federated.report import ReportInputs
 from aisec_train.federated.robust_aggregation import DEFENCES, ckks_summary, runs_on_ciphertexts
 from aisec_train.federated.settings import ClientSettings, ServerSettings
-from aisec_train.privacy import claims
+from aisec_train.privacy.report import FIGURES, Measured
 
 COLLUSION = (
     "single-key CKKS: every client holds the same secret key and the server holds none, so any key-holding client "
@@ -29,7 +30,7 @@ COLLUSION = (
 
 
 def add(
-    run,
+    run: ReportInputs,
     partition: Partition,
     level: FederatedDP,
     plan: ClientDPPlan | None,
@@ -37,8 +38,9 @@ def add(
     retired: list[int],
     client: ClientSettings | None = None,
     state: dict[str, Any] | None = None,
-) -> None:
-    """Add the scale items to the ``federated`` section, the client-level ``privacy`` section and checks."""
+) -> Measured | None:
+    """Add the scale items to the ``federated`` section and checks; return the client-level privacy figures
+    (None without client-level DP) for privacy/report.py."""
     cfg, report = run.cfg, run.report
     fed = cfg.federated
     history = report.get("federated.per_round") or []
@@ -58,12 +60,9 @@ def add(
         defences_on_ciphertexts=ckks_summary(),
         key_custody=_custody(fed, retired),
     )
-    if plan is not None:
-        _client_privacy(run, plan, server, client, state)
-    elif level is FederatedDP.record:
-        report.add("privacy", level="record")
     _defence_check(run, history)
     _custody_check(run, retired)
+    return _client_measured(run, plan, server, client, state) if plan is not None else None
 
 
 def _defence(fed) -> dict[str, Any]:
@@ -129,8 +128,8 @@ def _sampler(plan: ClientDPPlan | None, secure: bool) -> str:
     return f"poisson (each client independently, {'OS entropy' if secure else 'seeded: replayable'})"
 
 
-def _client_privacy(run, plan: ClientDPPlan, server: ServerSettings, client, state) -> None:
-    report = run.report
+def _client_measured(run, plan: ClientDPPlan, server: ServerSettings, client, state) -> Measured:
+    """Client-level DP (DP-FedAvg): the server's ledger, kept by the sampler; privacy/report.py writes it."""
     ledger = read_ledger(Path(server.state_dir), plan.accountant, plan.delta) or {
         "epsilon": 0.0, "delta": plan.delta, "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate, "steps": 0, "accountant": plan.accountant, "rounds_charged": [],
@@ -145,39 +144,38 @@ def _client_privacy(run, plan: ClientDPPlan, server: ServerSettings, client, sta
         "the released global models (every round's); a key-holding client colluding with the server sees each "
         "upload with one noise share only, and the clients' example counts, losses and norms never leave them"
     )
-    report.add(
-        "privacy",
-        **{k: ledger[k] for k in ("epsilon", "delta", "noise_multiplier", "sample_rate", "steps", "accountant")},
-        mode="dp-fedavg",
-        level="client",
-        target_epsilon=plan.target_epsilon,
-        rounds_charged=ledger["rounds_charged"],
-        clip_norm=plan.clip_norm,
-        clip_norm_final=_final_clip(plan, client, state),
-        adaptive_clipping=plan.adaptive,
-        update_noise_multiplier=plan.update_noise,
-        count_stddev=plan.count_stddev,
-        expected_cohort=plan.expected_cohort,
-        noise_std_of_mean=noise_std_of_sum(plan),
-        dropout_tolerance=plan.dropout_tolerance,
-        secure_noise=run.cfg.federated.client_dp.secure_noise,
-        ledger="the server's state folder (client_dp_ledger.pt): the sampler is the accountant",
-        scope={"unit": "client", "statement": statement},
-    )
-    within = plan.target_epsilon is None or eps <= plan.target_epsilon + 1e-9
+    details = {
+        "level": "client",
+        "rounds_charged": ledger["rounds_charged"],
+        "clip_norm": plan.clip_norm,
+        "clip_norm_final": _final_clip(plan, client, state),
+        "adaptive_clipping": plan.adaptive,
+        "update_noise_multiplier": plan.update_noise,
+        "count_stddev": plan.count_stddev,
+        "expected_cohort": plan.expected_cohort,
+        "noise_std_of_mean": noise_std_of_sum(plan),
+        "dropout_tolerance": plan.dropout_tolerance,
+        "secure_noise": run.cfg.federated.client_dp.secure_noise,
+        "ledger": "the server's state folder (client_dp_ledger.pt): the sampler is the accountant",
+        "scope": {"unit": "client", "statement": statement},
+    }
     secure, seed = run.cfg.federated.client_dp.secure_noise, run.cfg.train.seed
     source = "os_entropy" if secure else f"train.seed={seed} (federated.client_dp.secure_noise=false: replayable)"
     gaps = [] if secure else [f"federated.client_dp.secure_noise=false: noise and cohorts follow train.seed={seed}"]
-    randomness = {"noise": source, "sampling": source, "dp_guarantee": secure}
-    report.add("privacy", guarantee=claims.guarantee(gaps), randomness=randomness)
-    status, evidence = claims.dp_item(
-        within,
+    evidence = (
         f"client-level ({eps:.3f}, {delta:g})-DP by DP-FedAvg with distributed noise: {ledger['steps']} round(s) "
         f"charged by the {plan.accountant} accountant at sampling rate {plan.sample_rate:g}, noise multiplier "
-        f"{plan.noise_multiplier:.3f}, clip {plan.clip_norm:g}; target {plan.target_epsilon}",
-        gaps,
+        f"{plan.noise_multiplier:.3f}, clip {plan.clip_norm:g}; target {plan.target_epsilon}"
     )
-    report.check("training", "differentially private training (DP-SGD)", status, evidence)
+    return Measured(
+        {k: ledger[k] for k in FIGURES},
+        "dp-fedavg",
+        plan.target_epsilon,
+        evidence,
+        details=details,
+        randomness={"noise": source, "sampling": source, "dp_guarantee": secure},
+        gaps=gaps,
+    )
 
 
 def _defence_check(run, history: list[dict[str, Any]]) -> None:

@@ -26,7 +26,6 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from aisec_train.components import build
 from aisec_train.config import Config, to_config
 from aisec_train.data.dataset import DataBundle, load_dataset
 from aisec_train.data.views import labels_of, subset
@@ -35,7 +34,7 @@ from aisec_train.federated import shared
 from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
 from aisec_train.federated.partition import Partition, client_partition, partition_labels
 from aisec_train.models.factory import ModelFactory
-from aisec_train.privacy.ledger import BudgetExhausted, calibrated_noise
+from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import accuracy, resolve_device, sgd, train
@@ -246,18 +245,11 @@ def local_round(
         seed=seed,
         ema_decay=fed.ema_decay,
     )
-    optimizer_cfg = _client_optimizer(cfg, train_cfg)
-    torch.manual_seed(seed)
-    resume = {
-        "model": {k: v.detach().clone() for k, v in model.state_dict().items()},  # the merged full model
-        "optimizer": build(optimizer_cfg, "optimizer", params=model.parameters()).state_dict(),
-        "ledger": ledger,
-        "history": [],
-        "epoch": 0,
-        "rng": torch.get_rng_state(),
-    }
     started = time.perf_counter()
     try:
+        # The client's account continues across its rounds: the loop charges this ledger (a changed delta or
+        # accountant is refused here, as for any resumed ledger). Its optimizer starts fresh every round.
+        account = _open_ledger(cfg, ledger) if ledger else None
         result = train(
             model,
             train_split,
@@ -265,8 +257,8 @@ def local_round(
             privacy_cfg=cfg.privacy,
             device=resolve_device(cfg.train.device),
             objective=objective_from_config(cfg.robustness),  # adversarial training runs on every client
-            optimizer=optimizer_cfg,
-            resume=resume,
+            optimizer=_client_optimizer(cfg, train_cfg),
+            ledger=account,
             progress=False,
         )
     except BudgetExhausted:
@@ -290,11 +282,16 @@ def local_round(
     return LocalResult(weights, weights - base, len(train_split), metrics)
 
 
+def _open_ledger(cfg: Config, state: dict[str, Any]) -> PrivacyLedger:
+    """The client's saved (or freshly calibrated) ledger state as a ledger of the run's accountant and delta."""
+    ledger = PrivacyLedger(cfg.privacy.accountant.value, cfg.privacy.delta)
+    ledger.load_state_dict(state)  # BudgetExhausted on a changed delta or accountant
+    return ledger
+
+
 def _eps(ledger_state: dict[str, Any] | None) -> float:
     if not ledger_state:
         return 0.0
-    from aisec_train.privacy.ledger import PrivacyLedger
-
     ledger = PrivacyLedger(ledger_state["accountant"], ledger_state["delta"])
     ledger.load_state_dict(ledger_state)
     return ledger.epsilon()
@@ -302,8 +299,6 @@ def _eps(ledger_state: dict[str, Any] | None) -> float:
 
 def client_epsilons(state_dir: Path, clients: int) -> dict[int, dict[str, Any]]:
     """Each client's ledger summary, read from its state file (absent for a client that never trained)."""
-    from aisec_train.privacy.ledger import PrivacyLedger
-
     out = {}
     for pid in range(clients):
         state = load_client_state(state_dir, pid)

@@ -18,7 +18,6 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,14 +35,16 @@ from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.federated.strategy import load_state
 from aisec_train.federated.task import FederatedTask, client_epsilons, load_job, unflatten, write_job
 from aisec_train.privacy import federated_budget as budget
+from aisec_train.report.report import Report
 from aisec_train.train.config import PrivacyMode
+from aisec_train.train.job import TrainJob
 from aisec_train.train.loop import TrainResult
 
 log = logging.getLogger("aisec_train.federated")
 CLIENT_KEY_DIR = "client_keys"  # beside federated/, never inside the server's folder
 
 
-def prepare(job) -> tuple[ServerSettings, ClientSettings]:
+def prepare(job: TrainJob) -> tuple[ServerSettings, ClientSettings]:
     """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
     cfg, data, run_dir = job.cfg, job.data, job.run_dir
     fed_dir, key_dir = run_dir / "federated", run_dir / CLIENT_KEY_DIR
@@ -140,8 +141,11 @@ def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, An
     return task.global_model(tensors)  # the aggregated subset merged into the frozen base (shared.py)
 
 
-def train_federated(job) -> TrainResult:
+def train_federated(job: TrainJob) -> TrainResult:
+    """Run the job's federated training; the result carries the final global model, the per-round history, the
+    privacy figures and, in ``sections`` / ``checks``, the federated section and its checklist answers."""
     cfg, device = job.cfg, job.device
+    part = Report()  # this trainer's own sections and answers: the train stage adds them to the run's report
     if job.factory.template is not None and cfg.federated.engine is Engine.deployment:
         raise ConfigError(
             "federated.engine=deployment is not allowed with a model object from the Python API: each SuperNode "
@@ -174,7 +178,7 @@ def train_federated(job) -> TrainResult:
     if job.spend is not None:
         spent = budget.charge(job.spend.ledger, job.spend.run_id, client.state_path, Path(server.state_dir), plan,
                               cfg.federated.clients)  # fmt: skip
-        job.report.add("privacy", budget={**job.spend.summary(), "federated_charge": spent})
+        part.add("privacy", budget={**job.spend.summary(), "federated_charge": spent})
     retired = _retire(cfg.federated, client, state)
     eps = client_epsilons(client.state_path, cfg.federated.clients) if level is FederatedDP.record else {}
     history = fed_report.history_rows(state["history"])
@@ -185,10 +189,8 @@ def train_federated(job) -> TrainResult:
             row["epsilon"] = client_level_epsilon(plan.noise_multiplier, plan.sample_rate, steps, plan.delta,
                                                   plan.accountant) if steps else 0.0  # fmt: skip
     result = TrainResult(model, None, history, grad_sample_mode=cfg.privacy.grad_sample_mode.value)
-    view = SimpleNamespace(
-        cfg=cfg, report=job.report, run_dir=job.run_dir, model=model, objective=job.objective.name, data=job.data
-    )
-    fed_report.add(
+    view = fed_report.ReportInputs(cfg, part, job.run_dir, model, job.objective.name, job.data)
+    measured_record = fed_report.add(
         view,
         state,
         eps,
@@ -200,9 +202,11 @@ def train_federated(job) -> TrainResult:
         transport=transport,
         client_level=plan is not None,
     )
-    fed_scale.add(view, task.partition, level, plan, server, retired, client, state)
+    measured_client = fed_scale.add(view, task.partition, level, plan, server, retired, client, state)
+    result.privacy = measured_client or measured_record  # what the clients' or the server's ledger measured
     slots = cfg.federated.ckks.poly_modulus_degree // 2 if cfg.federated.aggregation is Aggregation.ckks else None
-    job.report.add("federated", **shared.summary(model, task.keys, fed_report.per_round(state["history"]), slots))
+    part.add("federated", **shared.summary(model, task.keys, fed_report.per_round(state["history"]), slots))
+    result.sections, result.checks = part.sections, part.checklist
     return result
 
 

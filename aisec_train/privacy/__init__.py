@@ -5,7 +5,9 @@
 - ``ledger``: the run's accountant and the parameters it charges; ``accounting``: epsilon of an accountant history.
 - ``ledger_store`` / ``ledger_rules`` / ``budget`` / ``record_sets``: the dataset-level budget store charged to the
   data across runs, its composition rules and the per-record digest sets; ``spend`` and ``federated_budget``: a
-  central and a federated run's account in it; ``ledger_cli``: the ``aisec-train-ledger`` command.
+  central and a federated run's account in it; ``admission``: the data stage's opening of that account;
+  ``ledger_cli``: the ``aisec-train-ledger`` command.
+- ``report``: the one writer of the report's ``privacy`` section and DP checklist item, for every trainer.
 
 The light names are importable from here (nothing below imports torch):
 

@@ -15,12 +15,15 @@ import math
 import numbers
 import warnings
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from aisec_train.errors import ConfigError
 from aisec_train.store.timing import timed
 
+if TYPE_CHECKING:  # accounting imports Opacus; the light names of this package must not
+    from aisec_train.privacy.accounting import History
+
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-History = list[tuple[float, float, int]]
 
 
 def check_entry(entry: object, what: str) -> tuple[float, float, int]:
@@ -79,9 +82,30 @@ def steps_within(
     accountant: str,
 ) -> int:
     """The most new steps (0..``limit``) at (noise, sample rate) whose composition with ``prior`` stays within
-    ``target_epsilon``. Never above the exact maximum, and at most 0.1% below it: the search interpolates on
-    epsilon squared (about linear in steps) alternating with bisection, so it needs a handful of accountant
-    evaluations where plain bisection needs log2(limit), each costly for PRV at large step counts."""
+    ``target_epsilon``: the dataset ledger's look-ahead, never above the exact maximum and at most 0.1% below it
+    (:func:`search_steps`)."""
+    return search_steps(
+        prior, noise_multiplier=noise_multiplier, sample_rate=sample_rate, target_epsilon=target_epsilon,
+        limit=limit, delta=delta, accountant=accountant, exact=False,
+    )  # fmt: skip
+
+
+def search_steps(
+    prior: Iterable[tuple[float, float, int]],
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    target_epsilon: float,
+    limit: int,
+    delta: float,
+    accountant: str,
+    exact: bool = True,
+) -> int:
+    """The one search for a step count that fits a budget: the most new steps (0..``limit``) at (noise, sample
+    rate) whose composition with ``prior`` stays within ``target_epsilon``. Never above the exact maximum; the
+    exact maximum itself, or (``exact=False``) at most 0.1% below it. It interpolates on epsilon squared (about
+    linear in steps) alternating with bisection, so it needs a handful of accountant evaluations where plain
+    bisection needs log2(limit), each costly for PRV at large step counts."""
     prior = merge(prior)
     cache: dict[int, float] = {}
 
@@ -96,7 +120,7 @@ def steps_within(
     if eps(limit) <= target_epsilon:
         return limit
     lo, hi, interpolate = 0, limit, True  # invariant: eps(lo) <= target < eps(hi)
-    while hi - lo > max(1, hi // 1000):
+    while hi - lo > (1 if exact else max(1, hi // 1000)):
         mid = (lo + hi) // 2
         low_sq, high_sq = eps(lo) ** 2, eps(hi) ** 2
         if interpolate and math.isfinite(high_sq) and high_sq > low_sq:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -64,7 +65,9 @@ def make_private(
     engine.accountant = ledger.accountant  # every step is charged to the ledger's accountant
     mode = cfg.grad_sample_mode.value
     extra: dict[str, Any] = {}
-    if mode == "bk" and isinstance(model, DPDDP):  # data-parallel: Opacus' distributed clipping (bk is one process)
+    if isinstance(model, FSDPModule):  # sharded (train/sharding.py): Opacus clips sharded layers by ghost norms only
+        mode = "ghost_fsdp"
+    elif mode == "bk" and isinstance(model, DPDDP):  # data-parallel: Opacus' distributed clipping (bk is one process)
         mode = "ghost" if forwards == 1 else "hooks"
     elif mode == "bk":
         extra["bk_fallback"] = "hooks" if forwards > 1 else "ghost"  # ghost cannot clip two forward passes
@@ -82,7 +85,7 @@ def make_private(
             noise_generator=noise_generator,
             **extra,
         )
-    if mode in ("ghost", "bk"):
+    if mode in ("ghost", "bk", "ghost_fsdp"):
         private_model, private_optimizer, criterion, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
@@ -91,6 +94,8 @@ def make_private(
     # Gaussian mechanism; secure_mode itself also needs torchcsprng, which no longer builds (docs/privacy.md).
     private_optimizer.secure_mode = True
     report = {**bk_report(private_model), "forwards_per_step": forwards}  # "mode": what actually ran
+    if mode == "ghost_fsdp":  # Opacus' FSDP module is no GradSampleModule subclass: bk_report cannot tell
+        report["mode"] = mode
     return PrivateTraining(private_model, private_optimizer, criterion, private_loader, report["mode"], report)
 
 

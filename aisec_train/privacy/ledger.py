@@ -13,11 +13,12 @@ from typing import Any
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from aisec_train.errors import ConfigError
+from aisec_train.errors import ConfigError, Refusal
 from aisec_train.privacy.accounting import epsilon
+from aisec_train.privacy.budget import search_steps
 
 
-class BudgetExhausted(RuntimeError):
+class BudgetExhausted(Refusal, RuntimeError):
     """The privacy budget allows no further training step."""
 
 
@@ -41,24 +42,15 @@ class PrivacyLedger:
         return epsilon(self.accountant_name, self.accountant.history, self.delta)
 
     def steps_within(self, target_epsilon: float, limit: int) -> int:
-        """The most total steps (spent plus new, up to ``limit``) whose epsilon stays <= the target."""
+        """The most total steps (spent plus new, up to ``limit``) whose epsilon stays <= the target (exact: the
+        budget's one step-count search, privacy/budget.py)."""
         assert self.noise_multiplier is not None and self.sample_rate is not None
-        history = list(self.accountant.history)
-
-        def eps_after(total: int) -> float:
-            extra = total - self.steps
-            added = [(self.noise_multiplier, self.sample_rate, extra)] if extra > 0 else []
-            return epsilon(self.accountant_name, history + added, self.delta)
-
-        if eps_after(self.steps) > target_epsilon:
-            return self.steps
-        lo, hi = self.steps, limit  # invariant: eps_after(lo) <= target
-        if eps_after(hi) <= target_epsilon:
-            return hi
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if eps_after(mid) <= target_epsilon else (lo, mid)
-        return lo
+        new = search_steps(
+            self.accountant.history, noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+            target_epsilon=target_epsilon, limit=limit - self.steps, delta=self.delta,
+            accountant=self.accountant_name,
+        )  # fmt: skip
+        return self.steps + new
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from aisec_train.errors import ConfigError
+from aisec_train import errors
+from aisec_train.errors import Refusal
 from aisec_train.privacy.ledger_store import DatasetLedger, LedgerStore
 from aisec_train.store import artifacts, keys
 from aisec_train.store.errors import StoreError
@@ -142,20 +142,10 @@ def _retag(store: LedgerStore, datasets: list[str], files: list[Path]) -> None:
         print(f"{path}: {'re-tagged' if done else 'already under the current key'}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse would print the usage too)
-        refuse(message)
-
-
-def refuse(message: object) -> NoReturn:
-    print(f"{PROG}: error: {' '.join(str(message).split())}", file=sys.stderr)
-    sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="The privacy budget charged to each dataset.")
+    parser = errors.RefusingParser(prog=PROG, description="The privacy budget charged to each dataset.")
     parser.add_argument("--store", type=Path, help="ledger store folder (default: $AISEC_TRAIN_LEDGER_STORE, ...)")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every dataset in the store")
     show = sub.add_parser("show", help="one dataset's runs, spend, raises and tag status")
     show.add_argument("dataset")
@@ -176,7 +166,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     store = LedgerStore(args.store)
-    try:
+    with errors.refusing(PROG, Refusal, OSError):
         if args.command == "list":
             failures = _list(store)
         elif args.command == "verify":
@@ -184,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "show":
             led = store.view(store.find(args.dataset))
             if not led.records:
-                refuse(f"no ledger for dataset {args.dataset} in {store.path}")
+                errors.refuse(PROG, f"no ledger for dataset {args.dataset} in {store.path}")
             s = summary(led)
             print(json.dumps(s, indent=2)) if args.json else _show(s)
             failures = 0
@@ -196,10 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             _retag(store, args.datasets, args.artifact)
             failures = 0
-    except (StoreError, ConfigError, OSError) as err:
-        refuse(err)
     if failures:
-        refuse(f"{failures} ledger(s) in {store.path} failed verification (see above)")
+        errors.refuse(PROG, f"{failures} ledger(s) in {store.path} failed verification (see above)")
 
 
 if __name__ == "__main__":

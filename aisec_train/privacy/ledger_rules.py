@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aisec_train.privacy import budget
 from aisec_train.store.errors import BudgetError
+
+if TYPE_CHECKING:
+    from aisec_train.privacy.accounting import History
 
 INVARIANTS = ("delta", "accountant", "sample_rate", "noise_multiplier", "split_seed", "budget_scope")
 SCOPES = ("dataset", "run")
@@ -81,7 +84,7 @@ class LedgerRules:
             "not the team's ledger (privacy.ledger_store=scratch)"
         )
 
-    def history(self, run_id: str | None = None, *, exclude_run: str | None = None) -> budget.History:
+    def history(self, run_id: str | None = None, *, exclude_run: str | None = None) -> History:
         """Merged accountant history of every charge (of ``run_id`` only, or of every run but ``exclude_run``)."""
         entries = [
             tuple(e)

@@ -23,7 +23,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from aisec_train.store import anchors, keys
 from aisec_train.store.errors import BudgetError, IntegrityError
 from aisec_train.store.files import atomic_write, read_nofollow
 from aisec_train.store.timing import timed
+
+if TYPE_CHECKING:
+    from aisec_train.privacy.accounting import History
 
 FORMAT = b"aisec-train-records/1\n"
 DIGEST = np.dtype("V16")
@@ -127,7 +130,7 @@ class Group:
 
     datasets: tuple[str, ...]
     n_records: int
-    history: budget.History
+    history: History
     target_epsilon: float | None  # the smallest target of those datasets (None: none has a budget)
 
 
@@ -199,7 +202,7 @@ def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpen
     sets, ledgers = RecordSets(ledger.store), LedgerStore(ledger.store)
     mine = as_set(digests)
     sets.add(ledger, mine)
-    members: list[tuple[str, np.ndarray, budget.History, float | None]] = []
+    members: list[tuple[str, np.ndarray, History, float | None]] = []
     for other in sets.datasets():
         if other == ledger.dataset:
             continue
@@ -213,7 +216,7 @@ def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpen
     return SharedSpend(len(mine), _groups(members))
 
 
-def _groups(members: list[tuple[str, np.ndarray, budget.History, float | None]]) -> list[Group]:
+def _groups(members: list[tuple[str, np.ndarray, History, float | None]]) -> list[Group]:
     """One group per maximal set of datasets that hold a record together (a record in a subset of another
     group's datasets has no more spend and no lower target, so it never binds)."""
     if not members:

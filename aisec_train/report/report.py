@@ -59,6 +59,14 @@ class Report:
         entry = {"area": area, "item": item, "status": status, "criterion": criterion, "evidence": evidence}
         self.checklist.append({**entry, "fix": fix})
 
+    def merge(self, sections: dict[str, dict[str, Any]], checklist: list[dict[str, Any]]) -> None:
+        """Add what a part of the run measured on its own (a trainer's ``TrainResult.sections`` / ``checks``, kept
+        in a Report of its own), as if it had written here: same keys, same answers, owned by the current stage."""
+        for name, values in sections.items():
+            self.add(name, **values)
+        for c in checklist:
+            self.check(c["area"], c["item"], c["status"], c["evidence"], criterion=c["criterion"], fix=c["fix"])
+
     def get(self, dotted: str, default: Any = None) -> Any:
         node: Any = self.sections
         for part in dotted.split("."):

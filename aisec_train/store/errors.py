@@ -1,12 +1,15 @@
 """The refusals of the infrastructure: each is one line naming the file or value and what is allowed.
 
-All derive from ``ValueError`` like the rest of the project's refusals, so the CLIs map them to exit 2.
+All derive from ``Refusal`` (aisec_train/errors.py) and ``ValueError`` like the rest of the project's refusals,
+so the CLIs map them to exit 2.
 """
 
 from __future__ import annotations
 
+from aisec_train.errors import Refusal
 
-class StoreError(ValueError):
+
+class StoreError(Refusal, ValueError):
     """Base of every refusal raised by :mod:`aisec_train.store`."""
 
 

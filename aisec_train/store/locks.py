@@ -73,12 +73,27 @@ def _open(path: Path) -> int:
         raise
 
 
-def _try(fd: int) -> bool:
+# flock's answers for "this filesystem cannot lock" (NFSv3 without lockd, SMB, some FUSE mounts): not a holder.
+NO_LOCKS = {errno.ENOLCK: "ENOLCK", errno.EOPNOTSUPP: "EOPNOTSUPP", errno.ENOSYS: "ENOSYS"}
+
+
+def _try(fd: int, path: Path, what: str) -> bool:
+    """Take the lock without waiting: True, or False when another process holds it. The caller closes ``fd``."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+    except OSError as err:
+        if err.errno not in NO_LOCKS:
+            raise
+        # Without the lock two jobs could append to the same ledger or run directory: refuse rather than race.
+        raise LockError(
+            f"{what}: the filesystem holding {path} cannot take a lock (flock: {NO_LOCKS[err.errno]}, "
+            f"{err.strerror}); put it on storage whose locks work (local disk, NFSv4, NFSv3 with lockd, Lustre "
+            "mounted -o flock, GPFS, CephFS): privacy.ledger_store=DIR or AISEC_TRAIN_LEDGER_STORE for the ledger "
+            "store, hydra.run.dir=DIR for a run directory, audit.registry_path for the registry (docs/cluster.md)"
+        ) from None
 
 
 @contextmanager
@@ -115,7 +130,12 @@ def _acquire(path: Path, what: str, timeout: float) -> tuple[int, tuple[int, int
         if _held.get(ident) == threading.get_ident():
             os.close(fd)
             raise LockError(f"{what} is already locked by this thread (pid {os.getpid()}); it cannot be opened twice")
-        if _try(fd):
+        try:
+            locked = _try(fd, path, what)
+        except LockError:
+            os.close(fd)
+            raise
+        if locked:
             try:  # the file may have been replaced between open and lock: lock the one at the path
                 same = os.stat(path, follow_symlinks=False).st_ino == st.st_ino
             except FileNotFoundError:
@@ -155,7 +175,7 @@ def held_by(path: str | os.PathLike, token: str) -> bool:
         return False
     fd = _open(path)
     try:
-        if _try(fd):  # nobody holds it: the token is left over from a holder that is gone
+        if _try(fd, path, f"lock {path}"):  # nobody holds it: the token is left over from a holder that is gone
             fcntl.flock(fd, fcntl.LOCK_UN)
             return False
         return True

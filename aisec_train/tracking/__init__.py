@@ -8,7 +8,8 @@ One module per backend, :data:`BACKENDS` maps a config key to it, :class:`~aisec
 fans out. Logged: the flattened config as parameters; per optimizer step the loss, epsilon spent, clip fraction
 and learning rate (:class:`~aisec_train.tracking.callback.StepLogger`, a training-loop callback); per epoch (per
 round, federated) the history row; at the end the report's headline numbers, and for MLflow the report files,
-the model card and ``model.pt`` as artifacts. Only rank 0 of a distributed job logs.
+the model card and ``model.pt`` as artifacts. Only rank 0 of a distributed job logs. MLflow, wandb and TensorBoard
+run in a child process (:mod:`~aisec_train.tracking.sidecar`): training queues records and never waits for them.
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ from typing import TYPE_CHECKING
 from aisec_train.errors import ConfigError
 from aisec_train.tracking.base import RunInfo, Tracker, flatten
 from aisec_train.tracking.context import run_info
+from aisec_train.tracking.sidecar import Sidecar, TrackingError
 
 if TYPE_CHECKING:
     from aisec_train.config import Config
     from aisec_train.report.report import Report
 
-# config key -> (module, class, the package it needs)
-BACKENDS: dict[str, tuple[str, str, str | None]] = {
-    "csv": ("aisec_train.tracking.csv_logger", "CsvBackend", None),
-    "tensorboard": ("aisec_train.tracking.tensorboard_logger", "TensorBoardBackend", "tensorboard"),
-    "mlflow": ("aisec_train.tracking.mlflow_logger", "MlflowBackend", "mlflow"),
-    "wandb": ("aisec_train.tracking.wandb_logger", "WandbBackend", "wandb"),
+# config key -> (module, class, the package it needs, where it runs). "sidecar": in a child process fed through a
+# queue (tracking/sidecar.py), so the seconds MLflow, wandb and TensorBoard take to import and start never hold up
+# training; "inline": in the training process (the CSV file costs microseconds a row).
+BACKENDS: dict[str, tuple[str, str, str | None, str]] = {
+    "csv": ("aisec_train.tracking.csv_logger", "CsvBackend", None, "inline"),
+    "tensorboard": ("aisec_train.tracking.tensorboard_logger", "TensorBoardBackend", "tensorboard", "sidecar"),
+    "mlflow": ("aisec_train.tracking.mlflow_logger", "MlflowBackend", "mlflow", "sidecar"),
+    "wandb": ("aisec_train.tracking.wandb_logger", "WandbBackend", "wandb", "sidecar"),
 }
 
 
@@ -55,12 +59,20 @@ def open_tracker(cfg: Config, info: RunInfo, rank: int | None = None) -> Tracker
     if rank != 0:
         return Tracker([])
     check_installed(cfg)
-    backends = []
-    for name in cfg.logger.enabled():
-        module, cls, _ = BACKENDS[name]
-        backends.append(getattr(importlib.import_module(module), cls)(getattr(cfg.logger, name), info))
-    tracker = Tracker(backends)
-    tracker.log_params(flatten(cfg))
+    tracker = Tracker([])
+    try:
+        for name in cfg.logger.enabled():
+            module, cls, _, where = BACKENDS[name]
+            backend_cfg, backend_cls = getattr(cfg.logger, name), getattr(importlib.import_module(module), cls)
+            if where == "inline":
+                tracker.backends.append(backend_cls(backend_cfg, info))
+                continue
+            backend_cls.check(backend_cfg, info)  # bad paths refused here, before any step (lazy module imports)
+            tracker.backends.append(Sidecar(name, module, cls, backend_cfg, info))
+        tracker.log_params(flatten(cfg))
+    except BaseException:
+        tracker.close(ok=False)  # the children already started end their runs as failed
+        raise
     return tracker
 
 
@@ -88,6 +100,7 @@ __all__ = [
     "BACKENDS",
     "RunInfo",
     "Tracker",
+    "TrackingError",
     "check_installed",
     "finish_tracking",
     "flatten",

@@ -83,8 +83,16 @@ class Tracker:
             backend.finish(final, files)
 
     def close(self, ok: bool) -> None:
+        """Every backend is closed even if one fails; the first failure is raised after, unless the run is
+        already failing (then the run's own error is the one to see)."""
+        errors = []
         for backend in self.backends:
-            backend.close(ok)
+            try:
+                backend.close(ok)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other backends are closed
+                errors.append(err)
+        if errors and ok:
+            raise errors[0]
 
 
 def _number(value: Any) -> bool:

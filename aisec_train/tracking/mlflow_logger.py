@@ -2,11 +2,19 @@
 
 The default store is ``sqlite:///<dir>/mlflow.db`` (MLflow 3 refuses new file stores) with artifacts beside it in
 ``<dir>/mlartifacts``; ``<dir>`` is the sweep directory of a multirun, whose jobs are one experiment named after it.
-Metrics are buffered and sent in batches (one database transaction per epoch, not per step).
+Metrics are buffered and sent in batches (one database transaction per epoch, not per step). Runs in the tracking
+child process (tracking/sidecar.py).
+
+A new store is a copy of an empty one, migrated once per MLflow version into the user's cache folder: MLflow's
+schema migrations (alembic) take about ten CPU seconds per new database, which a 2-core machine's training felt
+even from a child process. MLflow verifies the copy's schema version when it opens it.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +30,15 @@ class MlflowBackend:
     name = "mlflow"
     package = "mlflow"  # mlflow-skinny is enough: aisec-train[tracking] installs that
 
+    @staticmethod
+    def check(cfg: MlflowLoggerConfig, info: RunInfo) -> None:
+        """Nothing to check before the child starts: the default store's folder passed the output preflight."""
+
     def __init__(self, cfg: MlflowLoggerConfig, info: RunInfo):
         from mlflow.tracking import MlflowClient
 
         store = info.store_dir.resolve()
-        self.uri = cfg.tracking_uri or f"sqlite:///{store / 'mlflow.db'}"
+        self.uri = cfg.tracking_uri or local_store(store / "mlflow.db", store / "mlartifacts")
         self.client = MlflowClient(self.uri)
         name = cfg.experiment_name or info.group or info.experiment
         self.experiment_id = self._experiment(name, store / "mlartifacts")
@@ -76,3 +88,39 @@ class MlflowBackend:
     def close(self, ok: bool) -> None:
         self._flush()
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def local_store(path: Path, artifacts: Path) -> str:
+    """``sqlite:///PATH``, creating PATH as a copy of the cached empty store when it does not exist yet. The copy
+    is linked into place, never over an existing file: the first job of a parallel sweep wins, the others use its
+    store. The Default experiment's artifact folder is set to this store's (the cache's build folder otherwise)."""
+    if not path.exists():
+        staged = path.with_name(f".{path.name}.{os.getpid()}")
+        shutil.copyfile(empty_store(), staged)
+        with sqlite3.connect(staged) as db:
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", [str(artifacts / "0")])
+        db.close()
+        try:
+            os.link(staged, path)
+        except FileExistsError:
+            pass
+        finally:
+            staged.unlink()
+    return f"sqlite:///{path}"
+
+
+def empty_store() -> Path:
+    """An empty MLflow store with the installed version's schema, built once into the user's cache folder."""
+    import mlflow
+    import platformdirs
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    cached = Path(platformdirs.user_cache_dir("aisec-train")) / f"mlflow-{mlflow.__version__}-empty.db"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staged = cached.with_name(f".{cached.name}.{os.getpid()}")
+        staged.unlink(missing_ok=True)
+        store = SqlAlchemyStore(f"sqlite:///{staged}", str(cached.parent / "mlartifacts"))  # creates the schema
+        store.engine.dispose()
+        os.replace(staged, cached)  # whole or absent: concurrent builders each rename a complete store
+    return cached

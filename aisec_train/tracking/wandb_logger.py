@@ -1,7 +1,9 @@
 """``logger=wandb``: offline by default (a local run under ``<run dir>/wandb``, uploaded later by ``wandb sync``).
 
 Each axis has its own x-axis metric (``step``, ``epoch``, ``round``), so per-epoch values are not forced onto
-wandb's one monotonic step; a multirun's jobs share a group named after the sweep directory.
+wandb's one monotonic step; a multirun's jobs share a group named after the sweep directory. Runs in the tracking
+child process (tracking/sidecar.py): wandb's import and its service's start-up (seconds) never hold up training.
+wandb 0.31 has no service-less mode any more (``x_disable_service`` is gone), hence the child process.
 """
 
 from __future__ import annotations
@@ -26,10 +28,14 @@ class WandbBackend:
     name = "wandb"
     package = "wandb"
 
+    @staticmethod
+    def check(cfg: WandbLoggerConfig, info: RunInfo) -> None:
+        validate_output_path(info.run_dir / "wandb" / "run", root=info.run_dir, what="logger.wandb")
+
     def __init__(self, cfg: WandbLoggerConfig, info: RunInfo):
         import wandb
 
-        validate_output_path(info.run_dir / "wandb" / "run", root=info.run_dir, what="logger.wandb")
+        self.check(cfg, info)
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group or info.group, name=info.run_name,
             dir=str(info.run_dir), mode=cfg.mode, job_type=info.experiment, tags=list(info.tags.values()),

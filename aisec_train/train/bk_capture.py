@@ -20,18 +20,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from aisec_train.train.bk_call import Call
+
 if TYPE_CHECKING:
     from aisec_train.train.bk_layers import Processed, Rule
-
-
-@dataclass
-class Call:
-    """One forward call of a layer: what its rule saved (inputs, statistics) and, after backward, ``g``."""
-
-    saved: tuple
-    version: int  # the input's version counter at forward: an in-place edit before backward is refused
-    grad: Tensor | None = None
-    extra: tuple | None = None  # what a rule's backward computed for its norms on the way (GroupNorm)
 
 
 @dataclass

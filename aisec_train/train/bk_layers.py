@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from aisec_kernels.per_sample_norms import ghost_norm_sq, instantiated_norm_sq
 from torch import Tensor, nn
 
-from aisec_train.train.bk_capture import Call
+from aisec_train.train.bk_call import Call
 from aisec_train.train.bk_cost import choose
 
 _CHUNK = 1 << 22  # floats of unfolded patches processed at once (bounds the private step's transient memory)

@@ -13,34 +13,47 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from aisec_train.errors import Refusal
 from aisec_train.train.averaging import WeightAverage
 
-if TYPE_CHECKING:
-    from aisec_train.train.loop import Loop
+
+class LoopState(Protocol):
+    """What a callback reads of the loop (train/loop.py's ``Loop`` has it). Named here, not imported, so the loop
+    and its callbacks do not import each other (tests/test_import_graph.py)."""
+
+    plain: nn.Module  # the model being trained, unwrapped
+    base_optimizer: torch.optim.Optimizer
+    ledger: Any  # privacy/ledger.py's PrivacyLedger under DP, else None
+    stopped_by_budget: bool
+    last_loss: float | None
+    epoch: int
+    steps: int
+
+    def payload(self) -> dict[str, Any]: ...
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(Refusal, RuntimeError):
     """Training produced a non-finite loss or weights; the last good checkpoint is kept."""
 
 
 class Callback:
     key = ""
 
-    def on_train_start(self, loop: Loop) -> None: ...
+    def on_train_start(self, loop: LoopState) -> None: ...
 
-    def before_step(self, loop: Loop) -> bool:
+    def before_step(self, loop: LoopState) -> bool:
         return False
 
-    def after_step(self, loop: Loop) -> None: ...
+    def after_step(self, loop: LoopState) -> None: ...
 
-    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None: ...
+    def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None: ...
 
-    def on_train_end(self, loop: Loop) -> None: ...
+    def on_train_end(self, loop: LoopState) -> None: ...
 
     def evaluation(self, model: nn.Module):
         """A context in which the model is evaluated (weight averaging swaps its weights in)."""
@@ -53,7 +66,7 @@ class BudgetStop(Callback):
     def __init__(self, max_steps: float):
         self.max_steps = max_steps
 
-    def before_step(self, loop: Loop) -> bool:
+    def before_step(self, loop: LoopState) -> bool:
         if loop.ledger is not None and loop.ledger.steps >= self.max_steps:
             loop.stopped_by_budget = True
         return loop.stopped_by_budget
@@ -67,16 +80,16 @@ class WeightAveraging(Callback):
     def __init__(self, decay: float):
         self.decay, self.average = decay, None
 
-    def on_train_start(self, loop: Loop) -> None:
+    def on_train_start(self, loop: LoopState) -> None:
         self.average = self.average or WeightAverage(loop.plain, self.decay)
 
-    def after_step(self, loop: Loop) -> None:
+    def after_step(self, loop: LoopState) -> None:
         self.average.update(loop.plain)
 
     def evaluation(self, model: nn.Module):
         return self.average.applied(model)
 
-    def on_train_end(self, loop: Loop) -> None:
+    def on_train_end(self, loop: LoopState) -> None:
         self.average.copy_to(loop.plain)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -95,12 +108,12 @@ class SchedulerStep(Callback):
     def __init__(self, build: Callable[[torch.optim.Optimizer], Any]):
         self.build, self.scheduler, self.pending = build, None, None
 
-    def on_train_start(self, loop: Loop) -> None:
+    def on_train_start(self, loop: LoopState) -> None:
         self.scheduler = self.build(loop.base_optimizer)
         if self.pending is not None:
             self.scheduler.load_state_dict(self.pending)
 
-    def after_step(self, loop: Loop) -> None:
+    def after_step(self, loop: LoopState) -> None:
         self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
@@ -113,14 +126,14 @@ class SchedulerStep(Callback):
 class FiniteGuard(Callback):
     """Stop at once on a non-finite loss, and never let non-finite weights reach a checkpoint."""
 
-    def after_step(self, loop: Loop) -> None:
+    def after_step(self, loop: LoopState) -> None:
         if loop.last_loss is not None and not math.isfinite(loop.last_loss):
             raise NonFiniteError(
                 f"training stopped: the loss became {loop.last_loss} at epoch {loop.epoch + 1} (step {loop.steps}); "
                 "the last good checkpoint is kept. Lower train.lr or check the data"
             )
 
-    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None:
         bad = [n for n, p in loop.plain.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteError(
@@ -135,10 +148,10 @@ class ChargeDataset(Callback):
     def __init__(self, spend):
         self.spend = spend
 
-    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None:
         self.spend.charge(loop.ledger)
 
-    def on_train_end(self, loop: Loop) -> None:
+    def on_train_end(self, loop: LoopState) -> None:
         self.spend.charge(loop.ledger)
 
 
@@ -148,7 +161,7 @@ class Checkpointing(Callback):
     def __init__(self, persist: Callable[[dict[str, Any]], None]):
         self.persist = persist
 
-    def on_epoch_end(self, loop: Loop, row: dict[str, Any]) -> None:
+    def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None:
         self.persist(loop.payload())
 
 

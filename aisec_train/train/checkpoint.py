@@ -13,6 +13,8 @@ that byte string's SHA-256, then unpickles it with ``weights_only=True`` (tensor
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,25 @@ from aisec_train.store.files import read_nofollow
 
 class CheckpointError(IntegrityError, RuntimeError):
     """A checkpoint that is missing, tampered with, unverified or unreadable (a refusal: one line, exit 2)."""
+
+
+@contextmanager
+def _refusing(path: Path, *, reading: bool = True) -> Iterator[None]:
+    """The one translation into ``CheckpointError`` naming ``path``: the store's refusals always; when ``reading``,
+    a missing or unreadable file too. A write's ``OSError`` (a full disk, a read-only folder) stays an ``OSError``:
+    it is the environment's, and the CLI answers it as one (``cli.refuse_write``)."""
+    try:
+        yield
+    except IntegrityError as err:
+        raise CheckpointError(str(err)) from None
+    except FileNotFoundError:
+        if not reading:
+            raise
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as err:
+        if not reading:
+            raise
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
 
 
 def hash_path(path: Path) -> Path:
@@ -47,8 +68,6 @@ def all_finite(payload: Any) -> bool:
 def _serialized(payload: dict[str, Any]) -> bytes:
     """torch.save into memory: a full disk then fails in our own write with OSError(ENOSPC), which the CLI answers
     in one line, instead of inside torch's zip writer as a RuntimeError ('unexpected pos ...')."""
-    import io
-
     import torch
 
     buffer = io.BytesIO()
@@ -64,25 +83,19 @@ def save(payload: dict[str, Any], path: Path, *, root: Path | None = None, meta:
     ``meta`` (JSON values), tagged with it: ``model.pt`` records how to rebuild its model (``aisec-train-monitor``
     builds what the keyed tag says, never what an editable config file says).
     """
-    try:
+    with _refusing(path, reading=False):
         return artifacts.save_artifact(
             path,
             lambda fh: fh.write(_serialized(payload)),
             root=root,
             meta={**(meta or {}), "finite": all_finite(payload)},
         )
-    except IntegrityError as err:
-        raise CheckpointError(str(err)) from None
 
 
 def manifest(path: Path, *, root: Path | None = None) -> dict[str, Any]:
     """The verified manifest of ``path`` (``sha256`` of the file on disk, ``meta``: ``finite``)."""
-    try:
+    with _refusing(path):
         digest, body = artifacts.verified_digest(Path(path), root=root)
-    except IntegrityError as err:
-        raise CheckpointError(str(err)) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
     return {**body, "sha256": digest}
 
 
@@ -92,16 +105,10 @@ def recorded_hash(path: Path, *, root: Path | None = None) -> str:
 
 
 def _read(path: Path, expected_sha256: str | None, root: Path | None) -> bytes:
-    try:
+    with _refusing(path):
         if expected_sha256 is None:  # the keyed manifest vouches for the bytes
             return artifacts.read_artifact(path, root=root)[0]
         data = read_nofollow(path, root=root)  # the caller vouches (e.g. a keyed registry entry)
-    except IntegrityError as err:
-        raise CheckpointError(str(err)) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except OSError as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
     actual = sha256_bytes(data)
     if actual != expected_sha256:
         raise CheckpointError(
@@ -117,14 +124,8 @@ def load(path: Path, expected_sha256: str | None = None, *, root: Path | None = 
 
 def load_with_manifest(path: Path, *, root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload, verified manifest) from one read: the manifest's ``meta`` vouches for exactly these bytes."""
-    try:
+    with _refusing(path):
         data, body = artifacts.read_artifact(Path(path), root=root)
-    except IntegrityError as err:
-        raise CheckpointError(str(err)) from None
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except OSError as err:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror})") from None
     return _unpickle(path, data), body
 
 
@@ -139,7 +140,5 @@ def _unpickle(path: Path, data: bytes) -> Any:
 
 def retag(path: Path, *, root: Path | None = None) -> bool:
     """Re-tag ``path`` under the current key (after verifying it under an old one); True if it was rewritten."""
-    try:
+    with _refusing(path, reading=False):
         return artifacts.retag_artifact(path, root=root)
-    except IntegrityError as err:
-        raise CheckpointError(str(err)) from None

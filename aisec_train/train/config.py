@@ -100,7 +100,7 @@ class DistributedConfig:
     backend: str = "auto"  # auto: nccl on CUDA, gloo on the CPU
     port: int = 0  # rendezvous port on 127.0.0.1; 0 = a free one
     max_restarts: int = 0  # elastic restarts of the local ranks after one dies (resumed from the last checkpoint)
-    strategy: str = "ddp"  # ddp (Opacus DPDDP / torch DDP); fsdp: refused for now (docs/cluster.md)
+    strategy: str = "ddp"  # ddp (Opacus DPDDP / torch DDP); fsdp: FSDP2 shards, ghost_fsdp (train/sharding.py)
 
     def __post_init__(self) -> None:
         require(self.nproc >= 1, "train.distributed.nproc", self.nproc, "must be >= 1")
@@ -108,10 +108,9 @@ class DistributedConfig:
         require(ok, "train.distributed.backend", self.backend, "must be auto, gloo or nccl")
         require(0 <= self.port < 65536, "train.distributed.port", self.port, "must be in [0, 65535]")
         require(self.max_restarts >= 0, "train.distributed.max_restarts", self.max_restarts, "must be >= 0")
-        # fsdp: Opacus' FSDP2 wrapper with ghost_fsdp clipping runs on gloo and NCCL, but the loop does not shard
-        # yet (optimizer after fully_shard, full-state checkpoints, evaluation on every rank): docs/cluster.md.
-        why = "FSDP2 sharding is not wired into the training loop yet (docs/cluster.md); allowed: ddp"
-        require(self.strategy == "ddp", "train.distributed.strategy", self.strategy, why)
+        # fsdp: what Opacus' FSDP2 path cannot run is refused with the rest of the config (train/sharding.py).
+        ok = self.strategy in ("ddp", "fsdp")
+        require(ok, "train.distributed.strategy", self.strategy, "must be ddp or fsdp (docs/cluster.md)")
 
 
 @dataclass

@@ -11,6 +11,9 @@ sampler draws each sample of the *whole* training split with rate ``batch_size /
 only rank 0 adds the noise, and the clipped sums are all-reduced, so the accountant sees exactly the
 single-process mechanism. Rank 0 writes the checkpoints and the result; every rank's weight digest is recorded.
 A restarted rank resumes from the last verified checkpoint (whose ledger already holds every step it charged).
+``train.distributed.strategy=fsdp`` shards the model instead of replicating it (train/sharding.py): the same
+ledger and noise, every rank evaluates, and checkpoints and the result are gathered to full tensors. A
+several-task submitit job (SLURM) is a torchrun job too: each task is one rank (train/launch.py).
 Multi-node jobs: docs/cluster.md.
 """
 
@@ -38,7 +41,7 @@ from aisec_train.train.loop import TrainResult, train
 from aisec_train.train.objectives import objective_from_config
 
 if TYPE_CHECKING:
-    from aisec_train.train.trainers import TrainJob
+    from aisec_train.train.job import TrainJob
 
 log = logging.getLogger("aisec_train")
 
@@ -191,15 +194,18 @@ def _train_in_place(job: TrainJob) -> TrainResult:
         ledger.load_state_dict(outcome["ledger"])
     result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
     result.world_size = world
-    result.distributed = {**outcome["distributed"], "backend": backend, "launcher": "torchrun"}
+    launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py
+    result.distributed = {**outcome["distributed"], "backend": backend, "launcher": launcher}
     return result
 
 
 def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, objective=None) -> dict[str, Any]:
     """This rank's share of the job; returns the outcome (model, ledger, history, every rank's digest)."""
     from aisec_train.tracking.callback import StepBuffer, StepLogger, step_loggers
+    from aisec_train.train.sharding import gathered, is_sharded, shard_digest
 
     cfg = job.cfg
+    sharded = cfg.train.distributed.strategy == "fsdp"  # every rank joins each forward pass (evaluation too)
     model = job.factory(seed=cfg.train.seed)  # same initial weights everywhere (DPDDP broadcasts rank 0's anyway)
     buffer = StepBuffer() if tracked and rank == 0 else None  # the job's process logs it (elastic launch)
     callbacks = [StepLogger(buffer, cfg.logger.every_n_steps)] if buffer is not None else step_loggers(job)
@@ -213,20 +219,31 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, o
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
         resume=job.resume,
-        eval_dataset=job.data.test if rank == 0 else None,
-        persist=job.persist if rank == 0 else None,
+        eval_dataset=job.data.test if rank == 0 or sharded else None,
+        persist=job.persist if rank == 0 else (_discard if sharded else None),  # the gather is a collective
         spend=job.spend if rank == 0 else None,  # one ledger for the whole job: rank 0 charges it
         progress=rank == 0,
         callbacks=callbacks if rank == 0 else (),
     )
+    state = gathered({k: v.detach().cpu() for k, v in result.model.state_dict().items()})  # full on every rank
+    replica = job.factory()
+    replica.load_state_dict(state)
     digests: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(digests, weights_digest(result.model))
+    dist.all_gather_object(digests, weights_digest(replica))
+    shards: list[str | None] = [None] * dist.get_world_size()
+    if is_sharded(result.model):
+        dist.all_gather_object(shards, shard_digest(result.model))
     return {
-        "model": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+        "model": state,
         "ledger": result.ledger.state_dict() if result.ledger is not None else None,
         "history": result.history,
         "stopped_by_budget": result.stopped_by_budget,
         "grad_sample_mode": result.grad_sample_mode,
-        "distributed": {"rank_weights_sha256": digests},
+        "distributed": {"rank_weights_sha256": digests, "strategy": cfg.train.distributed.strategy}
+        | ({"rank_shard_sha256": shards} if sharded else {}),
         "tracking": buffer.records if buffer is not None else [],
     }
+
+
+def _discard(payload: dict[str, Any]) -> None:
+    """The checkpoint of a sharded rank other than 0: it joined the gather; rank 0 writes the file."""

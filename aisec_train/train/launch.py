@@ -1,7 +1,8 @@
 """torchrun as the engine: this process's place in a ``torch.distributed`` job, read from the ``env://`` variables
 torch's elastic agent sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``,
 ``TORCHELASTIC_RUN_ID``), whether ``torchrun`` started every process of the job or ``train.distributed.nproc``
-started them through the same elastic launcher (train/distributed.py).
+started them through the same elastic launcher (train/distributed.py), or Hydra's submitit launcher started each
+of them as one task of a several-task job (:func:`adopt_submitit` derives the variables).
 
     torchrun --nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB \\
         -m aisec_train hydra.run.dir=/shared/runs/JOB ...
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import zlib
 
 from aisec_train.errors import ConfigError
 
@@ -23,8 +25,34 @@ WORKER_STAGES = ("data", "backdoor_poison", "train")  # what ranks other than 0 
 
 
 def under_torchrun() -> bool:
-    """True in a process torch's elastic agent started (torchrun, or train.distributed.nproc's launcher)."""
+    """True in a process torch's elastic agent started (torchrun, or train.distributed.nproc's launcher), or one
+    task of a several-task submitit job (its env:// variables are derived first: :func:`adopt_submitit`)."""
+    adopt_submitit()
     return all(os.environ.get(name) for name in ENV)
+
+
+def adopt_submitit() -> None:
+    """Under Hydra's submitit launcher with several tasks (``hydra.launcher.nodes``, ``tasks_per_node``), each task
+    is one rank: set the ``env://`` variables torchrun would, from submitit's JobEnvironment (SLURM_PROCID,
+    SLURM_LOCALID, SLURM_NTASKS, the job's node list; the local executor's own variables), so the job takes the
+    same path as torchrun. The rendezvous is the job's first node; the port is derived from the job id, so every
+    task agrees on it without talking (a requeued job keeps its id, hence its port). Variables already set win."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or all(os.environ.get(name) for name in ENV):
+        return
+    import submitit
+
+    job = submitit.JobEnvironment()
+    if job.num_tasks < 2:
+        return  # one task: a plain job (train.distributed.nproc may still launch local ranks)
+    os.environ.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank))
+    os.environ["LOCAL_WORLD_SIZE"] = str(job.num_tasks // max(1, job.num_nodes))
+    os.environ.setdefault("MASTER_ADDR", job.hostnames[0])
+    os.environ.setdefault("MASTER_PORT", str(rendezvous_port(job.job_id)))
+
+
+def rendezvous_port(job_id: str) -> int:
+    """A port in [29500, 49500) every task of the job derives alike (CRC-32 of the job id: no salted hash)."""
+    return 29500 + zlib.crc32(job_id.encode()) % 20000
 
 
 def env_rank() -> int:

@@ -48,6 +48,7 @@ from aisec_train.train.callbacks import (
 from aisec_train.train.config import PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.objectives import CrossEntropy, Objective, correct
 from aisec_train.train.precision import Precision
+from aisec_train.train.sharding import gathered, shard
 
 NO_PRIVACY = PrivacyConfig(mode=PrivacyMode.none)
 HORIZON_ARGS = ("T_max", "total_steps", "total_iters")
@@ -63,6 +64,12 @@ class TrainResult:
     world_size: int = 1  # processes that trained this model together (torch.distributed)
     distributed: dict[str, Any] | None = None  # backend and per-rank weight digests (train/distributed.py)
     private_step: dict[str, Any] | None = None  # how per-sample gradients were clipped, layer by layer
+    # A trainer's own privacy account (privacy/report.py's Measured: the federated trainer's); None: the ledger's.
+    privacy: Any = None
+    # What a trainer measured beyond the loop (the federated section and its checklist answers), in Report's shape
+    # (report.sections, report.checklist): the train stage adds them to the run's report; a trainer never writes it.
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,6 +126,7 @@ def train(
     eval_dataset: Dataset | None = None,
     persist=None,
     spend=None,
+    ledger: PrivacyLedger | None = None,
     workers: int = 0,
     progress: bool = True,
 ) -> TrainResult:
@@ -126,13 +134,16 @@ def train(
 
     ``optimizer`` / ``scheduler`` are ``_target_`` configs (default: SGD from ``train_cfg``; no schedule);
     ``persist(payload)`` is called after each epoch with everything a resume needs; ``spend`` (privacy/spend.py) is
-    the run's account in the dataset-level ledger, charged before each checkpoint.
+    the run's account in the dataset-level ledger, charged before each checkpoint. Under DP, ``ledger`` is the
+    account this training continues and charges (a federated client's, across its rounds; its noise may be set
+    already); without it the loop opens a fresh one, or continues the resume payload's. Not both.
     """
+    if ledger is not None and resume is not None and resume.get("ledger"):
+        raise ValueError("train() takes a ledger or a resume payload holding one, not both")
     objective = objective or CrossEntropy()
     if train_cfg.augmult > 1:  # K augmented views per record, one clipped gradient each (train/augmult.py)
         objective = AugMult(objective, train_cfg.augmult, flip=train_cfg.augmult_flip)
-    loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress)
-    loop.spend = spend
+    loop = Loop(model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress, spend, ledger)
     extras: list[Callback] = [FiniteGuard()]
     if train_cfg.ema_decay > 0:
         extras.append(WeightAveraging(train_cfg.ema_decay))
@@ -157,13 +168,14 @@ def _scheduler(node: dict[str, Any], optimizer: torch.optim.Optimizer, planned_s
 class Loop:
     """The state of one training run; :meth:`run` is the loop itself."""
 
-    def __init__(self, model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress):
+    def __init__(self, model, dataset, train_cfg, privacy_cfg, device, objective, workers, progress, spend, ledger):
         self.plain = model.to(device)
         self.model: nn.Module = self.plain  # what is trained: the plain model or its Opacus / DDP wrapper
         self.dataset, self.cfg, self.privacy, self.device = dataset, train_cfg, privacy_cfg, device
         self.objective, self.workers, self.progress = objective, workers, progress
         self.private = privacy_cfg.mode is PrivacyMode.dpsgd
         self.rank, self.world = rank_and_world()
+        self.given_ledger = ledger  # the account to continue (train's ``ledger``), opened in _setup under DP
         self.ledger: PrivacyLedger | None = None
         self.callbacks: list[Callback] = []
         self.history: list[dict[str, Any]] = []
@@ -172,7 +184,7 @@ class Loop:
         self.stopped_by_budget = False
         self.resumed = self.resumed_stop = False  # resumed from a checkpoint; one that had stopped at the budget
         self.planned_steps = 0
-        self.spend = None
+        self.spend = spend
         self.noise_generator: torch.Generator | None = None  # under DP: the Gaussian noise's (privacy/randomness.py)
         self.amp = Precision(train_cfg.precision, device)  # train.precision (train/precision.py)
 
@@ -202,7 +214,9 @@ class Loop:
         self.base_optimizer = build(optimizer_cfg, "optimizer", params=self.plain.parameters())
         self._restore(resume)
         loader = self._loader()
-        if self.world > 1:  # Opacus' DPDDP leaves clipping and noise to its distributed optimizer; DDP all-reduces
+        if self.world > 1 and self.cfg.distributed.strategy == "fsdp":  # each rank a shard (train/sharding.py)
+            shard(self, optimizer_cfg, resume)
+        elif self.world > 1:  # Opacus' DPDDP leaves clipping and noise to its distributed optimizer; DDP all-reduces
             self.model = DPDDP(self.plain) if self.private else DDP(self.plain)
         self.optimizer, self.criterion, self.mode, self.private_step = (
             self.base_optimizer,
@@ -211,7 +225,7 @@ class Loop:
             None,
         )
         if self.private:
-            self.ledger = PrivacyLedger(self.privacy.accountant.value, self.privacy.delta)
+            self.ledger = self.given_ledger or PrivacyLedger(self.privacy.accountant.value, self.privacy.delta)
             if resume is not None and resume.get("ledger"):
                 self.ledger.load_state_dict(resume["ledger"])
             if self.spend is not None:  # privacy.fit_to_budget: noise calibrated to the dataset's remainder
@@ -364,7 +378,7 @@ class Loop:
     def payload(self) -> dict[str, Any]:
         """Everything a resume needs, in types ``torch.load(weights_only=True)`` accepts."""
         complete = self.stopped_by_budget or self.epoch + 1 == self.cfg.epochs
-        return {
+        state = {
             "model": {k: v.detach().cpu() for k, v in unwrap(self.plain).state_dict().items()},
             "optimizer": self.base_optimizer.state_dict(),
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
@@ -375,3 +389,4 @@ class Loop:
             "rng": torch.get_rng_state(),
             "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks if cb.key and hasattr(cb, "state_dict")},
         }
+        return gathered(state)  # sharded (strategy=fsdp): full tensors, a collective every rank joins

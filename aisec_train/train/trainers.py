@@ -1,50 +1,25 @@
-"""Three interchangeable trainers behind the pipeline's one train stage.
+"""The two trainers this package provides: the loop in this process (:func:`central`) and in ``nproc``
+data-parallel processes (:func:`data_parallel`). The federated trainer lives in ``federated/trainer.py``; the
+registry that lists all three and picks one is ``aisec_train/trainers.py``, above both packages, so neither
+imports the other.
 
-Each takes the same :class:`TrainJob` (the model factory, the data, the config, the objective, the checkpoint
-slot) and returns the same :class:`~aisec_train.train.loop.TrainResult`; all of them run the one loop
-(:func:`aisec_train.train.loop.train`), in this process, in ``nproc`` data-parallel processes, or in every Flower
-client. :func:`select_trainer` is the one place that picks.
+Each takes the same :class:`~aisec_train.train.job.TrainJob` and returns the same
+:class:`~aisec_train.train.loop.TrainResult`; all of them run the one loop (:func:`aisec_train.train.loop.train`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import torch
-
+from aisec_train.train.distributed import train_distributed
+from aisec_train.train.job import TrainJob
 from aisec_train.train.loop import TrainResult, train
-from aisec_train.train.objectives import Objective
 
-if TYPE_CHECKING:
-    from aisec_train.config import Config
-    from aisec_train.data.dataset import DataBundle
-    from aisec_train.models.factory import ModelFactory
-    from aisec_train.privacy.spend import DatasetSpend
-    from aisec_train.report.report import Report
-
-
-@dataclass
-class TrainJob:
-    """What every trainer receives."""
-
-    factory: ModelFactory
-    data: DataBundle
-    cfg: Config
-    device: torch.device
-    objective: Objective
-    run_dir: Path
-    resume: dict[str, Any] | None = None  # a verified checkpoint payload to continue from
-    persist: Callable[[dict[str, Any]], None] | None = None  # writes a checkpoint payload (rank 0 / the job)
-    extras: dict[str, Any] = field(default_factory=dict)  # trainer-specific inputs (e.g. malicious clients)
-    report: Report | None = None  # a trainer with a section of its own (federated) adds it here
-    spend: DatasetSpend | None = None  # the dataset-level privacy ledger account (privacy/spend.py), under DP
+__all__ = ["TrainJob", "central", "data_parallel"]
 
 
 def central(job: TrainJob) -> TrainResult:
     """One process: the loop on the (augmented) training split."""
+    # Imported here: tracking's step logger is a loop callback (tracking -> train), so train must not import it
+    # at module level. A documented function-level import (tests/test_import_graph.py).
     from aisec_train.tracking.callback import step_loggers
 
     cfg = job.cfg
@@ -68,27 +43,5 @@ def central(job: TrainJob) -> TrainResult:
 
 
 def data_parallel(job: TrainJob) -> TrainResult:
-    from aisec_train.train.distributed import train_distributed
-
+    """``train.distributed.nproc`` local ranks (or this rank, under torchrun), each running the loop."""
     return train_distributed(job)
-
-
-def federated(job: TrainJob) -> TrainResult:
-    from aisec_train.federated.trainer import train_federated
-
-    return train_federated(job)
-
-
-TRAINERS: dict[str, Callable[[TrainJob], TrainResult]] = {
-    "central": central,
-    "data_parallel": data_parallel,
-    "federated": federated,
-}
-
-
-def select_trainer(cfg: Config) -> str:
-    if cfg.federated.mode.value != "none":
-        return "federated"
-    from aisec_train.train.launch import env_world
-
-    return "data_parallel" if cfg.train.distributed.nproc > 1 or env_world() > 1 else "central"

@@ -8,7 +8,7 @@ API) or a traceback, which is what the figure counts:
    type-checked as the CLI does;
 2. cli: the extremes a config accepts and that reach training (tiny delta or target epsilon, huge learning rate,
    clip, noise, weight decay, ...), each run end to end by ``aisec-train`` in-process on the smoke job;
-3. api: every malformed item kind through ``aisec_train.run`` and ``aisec_train.train`` (at item 17 of 40).
+3. api: every malformed item kind through ``aisec_train.run`` and ``aisec_train.fit`` (at item 17 of 40).
 
     .venv/bin/python scripts/figures/fuzz_edges.py [--quick]     # --quick: config sweep on every 7th case
 """

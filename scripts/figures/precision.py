@@ -11,10 +11,20 @@ says which this machine is; the GPU suite (benchmarks/gpu_suite.sh) measures the
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
 from common import run_cli, write
+
+
+def cpu_bf16_units() -> list[str]:
+    """The CPU's native bf16 instructions (AVX-512 BF16, AMX), from /proc/cpuinfo; [] means emulated."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def main() -> None:
@@ -47,13 +57,20 @@ def main() -> None:
     def mean(precision: str, key: str) -> float:
         return sum(r[key] for r in by[precision]) / len(by[precision])
 
+    # Paired per seed (the two runs of a seed ran back to back): robust to the load drifting between seeds.
+    paired = [
+        fp32["seconds_per_step"] / bf16["seconds_per_step"] for fp32, bf16 in zip(by["32"], by["bf16"], strict=True)
+    ]
     result = {
+        "cpu_bf16_units": cpu_bf16_units(),
         "job": ("quick (experiment=smoke)" if args.quick else "default job, audits off") + f", epochs {args.epochs}",
         "device": args.device,
         "rows": rows,
         "ratios": {
             "bf16_vs_fp32_step_time": round(mean("32", "seconds_per_step") / mean("bf16", "seconds_per_step"), 3),
             "accuracy_bf16_minus_fp32": round(mean("bf16", "clean_accuracy") - mean("32", "clean_accuracy"), 4),
+            "paired_step_time_ratios": [round(r, 3) for r in paired],
+            "median_paired_step_time_ratio": round(statistics.median(paired), 3),
         },
         "note": "ratio > 1: bf16 faster. 2 shared cores; bf16 without CPU bf16 units is emulated",
     }

@@ -1,0 +1,120 @@
+"""The data stage of the pipeline: load and split the data, run the sanity checks, open the privacy budget's
+account under DP, build the model factory, and report the data's identity and checks.
+
+    load_dataset (manifest, pinned hash, split) -> sanity (pixel checks; text_run.py for token ids)
+    -> privacy admission (privacy/admission.py: the dataset ledger, locked for the run) -> ModelFactory + one
+    forward pass -> ``data`` and ``model`` report sections, the integrity and sanity checklist items
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aisec_train.data.dataset import load_dataset
+from aisec_train.data.items import check_finite_split
+from aisec_train.data.manifest import summary
+from aisec_train.data.sanity import check_training_split
+from aisec_train.models.factory import ModelFactory
+from aisec_train.models.finetune import KEYS as FINETUNE_KEYS
+from aisec_train.privacy.admission import open_spend
+from aisec_train.report.outputs import write_json
+from aisec_train.text_run import is_text, text_sanity
+from aisec_train.train.config import PrivacyMode
+from aisec_train.train.launch import env_rank
+from aisec_train.train.loop import resolve_device
+
+if TYPE_CHECKING:
+    from aisec_train.run_state import Run
+
+SANITY = "sanity checks before training (NaN/inf, range, labels, balance, duplicates, outliers)"
+
+
+def stage_data(run: Run) -> None:
+    cfg = run.cfg
+    run.device = resolve_device(cfg.train.device)
+    data = load_dataset(cfg.dataset, seed=cfg.train.seed, train=run.user.train, test=run.user.test)
+    check_finite_split(data.test, "the test split")  # scores on it are reported: NaN there is refused too
+    text_evidence = None
+    if is_text(data):  # token ids: the pixel checks do not apply (text_run.py says which ran)
+        sanity, text_evidence = text_sanity(data)
+    else:
+        sanity = check_training_split(
+            data.train,
+            data.num_classes,
+            cfg.dataset.outlier_z,
+            max_samples=cfg.dataset.sanity_samples,
+            seed=data.split_seed,
+        )
+    data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
+    run.data = data
+    run.spend = open_spend(run) if env_rank() == 0 else None  # torchrun: rank 0 alone charges the job's one ledger
+    run.factory = _factory(run)
+    run.factory.check()  # the model takes these images and returns one logit per class, before any training
+    if len(data.manifest["files"]) > 100:
+        write_json(data.manifest, run.run_dir / "data_manifest.json")
+    run.report.add(
+        "data",
+        name=data.name,
+        manifest_sha256=data.manifest_sha256,
+        manifest=summary(data.manifest),
+        n_train=len(data.train),
+        n_test=len(data.test),
+        duplicates_removed=data.duplicates_removed,
+        records=data.records_summary(),
+        num_classes=data.num_classes,
+        shape=list(data.input_shape),
+        split_seed=data.split_seed,
+        augmentation=[s for s in data.lineage if s["step"] == "augment"],
+        sanity=sanity,
+    )
+    run.report.add("model", **run.factory.describe())
+    _check_integrity(run)
+    _check_sanity(run, sanity, text_evidence)
+
+
+def _factory(run: Run) -> ModelFactory:
+    """The one model factory, from the ``model`` config (or the API's model object), with the data's shape."""
+    cfg, data = run.cfg, run.data
+    assert data is not None
+    normalize = cfg.dataset.normalize
+    return ModelFactory(
+        None if run.user.model is not None else cfg.model,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        private=cfg.privacy.mode is PrivacyMode.dpsgd,
+        normalize=(normalize.mean, normalize.std) if normalize.mean is not None else None,
+        template=run.user.model,
+        device=str(run.device),
+        template_tuning={k: v for k, v in cfg.model.items() if k in FINETUNE_KEYS}
+        if run.user.model is not None
+        else None,
+    )
+
+
+def _check_integrity(run: Run) -> None:
+    data = run.data
+    assert data is not None
+    pinned = run.cfg.dataset.sha256 is not None
+    run.report.check(
+        "data pipeline",
+        "data integrity verified against a pinned hash",
+        "pass" if pinned else "fail",
+        f"manifest SHA-256 {data.manifest_sha256}"
+        + (" matched dataset.sha256" if pinned else "; no dataset.sha256 pin was given, so nothing was verified"),
+        fix=f"aisec-train dataset.sha256={data.manifest_sha256} (with this run's other overrides)",
+    )
+
+
+def _check_sanity(run: Run, sanity: dict, text_evidence: str | None) -> None:
+    if text_evidence is not None:  # not "pass": the criterion's pixel checks did not run
+        run.report.check("data pipeline", SANITY, "not_applicable", text_evidence)
+        return
+    coverage, findings = sanity["coverage"], sanity["findings"]
+    run.report.check(
+        "data pipeline",
+        SANITY,
+        "pass",
+        f"{len(findings)} finding(s): {', '.join(f['check'] for f in findings) or 'none'}; streamed over "
+        + ("every training sample" if coverage["mode"] == "all" else f"a seeded sample of {coverage['checked']}")
+        + f" of {coverage['of']} (labels: all)",
+    )

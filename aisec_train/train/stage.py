@@ -1,0 +1,83 @@
+"""The train stage of the pipeline: one job, one of three trainers, one report.
+
+The run directory's identity is checked first (train/resume.py: a resume continues this config's run only);
+the job (factory, data, config, objective, checkpoint slot) goes to ``TRAINERS[central | data_parallel |
+federated]``; the ``train`` section follows, then the ``privacy`` section through its one writer
+(privacy/report.py), with what the trainer measured.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from aisec_train.models.finetune import check_adapters_moved
+from aisec_train.privacy import report as privacy_report
+from aisec_train.report.budget_text import stop_line
+from aisec_train.train import checkpoint
+from aisec_train.train.loop import TrainResult
+from aisec_train.train.objectives import objective_from_config
+from aisec_train.train.resume import CheckpointSlot, identity, load_resume
+from aisec_train.trainers import TRAINERS, TrainJob, select_trainer
+
+if TYPE_CHECKING:
+    from aisec_train.run_state import Run
+
+log = logging.getLogger("aisec_train")
+
+
+def stage_train(run: Run) -> None:
+    cfg, data = run.cfg, run.data
+    assert data is not None and run.factory is not None
+    resume = load_resume(run)
+    trainer = select_trainer(cfg)
+    objective = objective_from_config(cfg.robustness)
+    slot = CheckpointSlot(run.checkpoint_path, identity(run), run.run_dir)
+    job = TrainJob(run.factory, data, cfg, run.device, objective, run.run_dir, resume, slot, spend=run.spend)
+    job.extras["tracker"] = run.tracker
+    if run.backdoor is not None:
+        job.extras["backdoor"] = run.backdoor
+    result = TRAINERS[trainer](job)
+    run.report.merge(result.sections, result.checks)  # what the trainer measured beyond the loop (federated)
+    run.model, run.result = result.model, result
+    adapters = check_adapters_moved(run.model)  # LoRA that never trained is refused, not released (opacus#820)
+    if adapters is not None:
+        run.report.add("model", lora_adapters=adapters)
+    run.tracker.log_history(result.history, "round" if trainer == "federated" else "epoch")  # not logged live
+    run.report.add(
+        "train",
+        trainer=trainer,
+        objective=objective.name,
+        epochs_completed=result.history[-1]["epoch"] if result.history else 0,
+        epochs_planned=cfg.train.epochs,
+        resumed_from_epoch=resume["epoch"] if resume else None,
+        stopped_by_budget=result.stopped_by_budget,
+        device=str(run.device),
+        adversarial_training=cfg.robustness.mode.value,
+        augmult=cfg.train.augmult,  # views per record in each clipped gradient (train/augmult.py)
+        precision=cfg.train.precision,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        world_size=result.world_size,
+        distributed=result.distributed,
+    )
+    if run.checkpoint_path.exists():
+        run.report.add(
+            "train",
+            checkpoint=str(run.checkpoint_path.relative_to(run.run_dir)),
+            checkpoint_sha256=checkpoint.recorded_hash(run.checkpoint_path),
+        )
+    privacy_report.write(run.report, measured_privacy(run, result))
+    if stop_line(run.report):  # never a silent stop: the console, model card and security report all say it
+        log.warning("%s", stop_line(run.report))
+
+
+def measured_privacy(run: Run, result: TrainResult) -> privacy_report.Measured | None:
+    """What the trainer measured: its own account (the federated trainer's), else its ledger's; None: no DP."""
+    if result.privacy is not None:
+        return result.privacy
+    if result.ledger is None:
+        return None
+    assert run.data is not None
+    budget = run.spend.summary() if run.spend is not None else None  # every run on the same data, composed
+    return privacy_report.from_ledger(run.cfg, result, len(run.data.train), budget)
