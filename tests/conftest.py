@@ -61,12 +61,15 @@ def read_report(run_dir: Path) -> dict:
 @pytest.fixture(scope="session", autouse=True)
 def private_keys(tmp_path_factory):
     """The HMAC key and the ledger anchors of the test session live in a throwaway folder, never in ~/.config;
-    the user data folder too (the default ledger store and scratch stores live there), never ~/.local/share."""
+    the user data folder too (the default ledger store and scratch stores live there), never ~/.local/share, and
+    the user cache (the empty MLflow store tracking copies), never ~/.cache."""
     folder = tmp_path_factory.mktemp("keys")
-    saved = {k: os.environ.get(k) for k in ("AISEC_TRAIN_KEY_FILE", "AISEC_TRAIN_ANCHOR_DIR", "XDG_DATA_HOME")}
+    names = ("AISEC_TRAIN_KEY_FILE", "AISEC_TRAIN_ANCHOR_DIR", "XDG_DATA_HOME", "XDG_CACHE_HOME")
+    saved = {k: os.environ.get(k) for k in names}
     os.environ["AISEC_TRAIN_KEY_FILE"] = str(folder / "hmac.key")
     os.environ["AISEC_TRAIN_ANCHOR_DIR"] = str(folder / "anchors")
     os.environ["XDG_DATA_HOME"] = str(folder / "user_data")
+    os.environ["XDG_CACHE_HOME"] = str(folder / "user_cache")
     yield folder
     for key, value in saved.items():
         os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
