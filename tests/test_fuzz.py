@@ -37,7 +37,9 @@ from tests.fuzzing import (
 
 COMMON = dict(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 FAST = settings(max_examples=12, derandomize=True, **COMMON)
-SLOW = settings(max_examples=150, **COMMON)
+# Random (not derandomized) draws, now in every CI run: 75 fresh cases per property per run (two runs draw the 150
+# one by-hand run did) at half its ~100 s per property (about 0.7 s per in-process CLI call, mostly Hydra).
+SLOW = settings(max_examples=75, **COMMON)
 
 
 class Cases:
@@ -125,14 +127,14 @@ def _write(folder: Path, data: bytes) -> Path:
 def test_many_bad_overrides_are_refused_in_one_line(tmp_path):
     cases = Cases(tmp_path)
     _overrides_property(cases, tmp_path, SLOW)()
-    assert cases.tried >= 150
+    assert cases.tried >= 75
 
 
 @pytest.mark.slow
 def test_many_bad_npz_files_are_refused_in_one_line(tmp_path):
     cases = Cases(tmp_path)
     _npz_property(cases, SLOW)()
-    assert cases.tried >= 150
+    assert cases.tried >= 75
 
 
 # ---- gaps the fuzzing found, now refused ------------------------------------------------------------------------

@@ -58,3 +58,14 @@ def test_factory_copies_a_model_object_and_refuses_what_opacus_cannot_fix():
     assert factory.describe()["source"] == "python object"
     lstm = ModelFactory(None, (1, 4, 4), 2, private=True, template=nn.Sequential(nn.Flatten(), nn.LSTM(16, 2)))
     assert lstm.describe()["dp_fixes"] == [{"module": "1", "from": "LSTM", "to": "DPLSTM"}]
+
+
+def test_resnet18_gn_width_scales_every_stage_and_a_bad_width_is_refused():
+    """+model.width=W keeps ResNet-18's layout at W, 2W, 4W, 8W channels (the composition walk runs W=8)."""
+    spec = {"_target_": "aisec_train.models.ResNet18GN"}
+    full, narrow = (ModelFactory(s, (1, 8, 8), 10)(seed=0) for s in (dict(spec), {**spec, "width": 8}))
+    convs = [[m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)] for model in (full, narrow)]
+    assert convs[0][0] == 64 and convs[1] == [c // 8 for c in convs[0]]
+    assert narrow(torch.rand(2, 1, 8, 8)).shape == (2, 10)
+    with pytest.raises(ConfigError, match="model.width=0 is not allowed: must be a positive integer"):
+        ModelFactory({**spec, "width": 0}, (1, 8, 8), 10)(seed=0)

@@ -108,17 +108,22 @@ class BasicBlock(nn.Module):
 class ResNet18GN(nn.Module):
     """ResNet-18 with GroupNorm (BatchNorm mixes samples, which breaks per-sample DP gradients)."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 32):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 32, width: int = 64):
         super().__init__()
+        # width: the first stage's channels (ResNet-18's 64), doubled at each stage; +model.width=8 keeps the
+        # architecture at 1/64 of the weights, for quick compositions (a CKKS round encrypts every weight).
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"model.width={width!r} is not allowed: must be a positive integer")
         # A CIFAR-style stem (3x3, no max-pool) keeps small images from collapsing to 1x1 too early.
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), _group_norm(64), nn.ReLU())
-        blocks, cin = [], 64
-        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _group_norm(width), nn.ReLU())
+        blocks, cin = [], width
+        for scale, stride in [(1, 1), (2, 2), (4, 2), (8, 2)]:
+            cout = width * scale
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.features_out = nn.Identity()
-        self.head = nn.Linear(512, num_classes)
+        self.head = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features_out(self.blocks(self.stem(x)))
