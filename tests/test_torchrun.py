@@ -140,3 +140,52 @@ def test_negative_restarts_are_refused_in_one_line():
 
     with pytest.raises(ConfigError, match=r"train.distributed.max_restarts=-1 is not allowed: must be >= 0"):
         compose(["train.distributed.max_restarts=-1"])
+
+
+@pytest.mark.slow  # a real nproc=2 launch plus one restart: ~1-3 min on 2 loaded cores
+def test_a_rank_killed_while_it_starts_up_is_restarted_not_hung(tmp_path):
+    """Killed before it has read its start-up payload: spawn's parent used to block for ever writing the ~0.5 MB job
+    into the dead child's pipe (it holds the read end itself until the write returns); the job now goes through a
+    file (distributed.JobPayload), so the agent sees the death and the launcher restarts the attempt."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "aisec_train", *JOB, "train.epochs=1", "train.distributed.nproc=2",
+               "train.distributed.max_restarts=1", f"audit.registry_path={tmp_path / 'registry.json'}",
+               f"hydra.run.dir={run_dir}"]  # fmt: skip
+    log = (tmp_path / "stderr.txt").open("w+")
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    deadline, workers = time.monotonic() + 300, []
+    while not workers and job.poll() is None and time.monotonic() < deadline:
+        workers = [p for p in children(job.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        time.sleep(0.05)
+    assert workers, "no worker process appeared"
+    os.kill(workers[0], signal.SIGKILL)  # the first rank, the moment it exists: still importing, payload unread
+    try:
+        job.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("the launcher hung after a rank died during start-up")
+    log.seek(0)
+    assert job.returncode == 0, log.read()[-3000:]
+    assert "restart 1 of 1 from the last checkpoint" in (run_dir / "cli.log").read_text()
+    assert read_report(run_dir)["train"]["epochs_completed"] == 1
+
+
+def test_the_spawned_ranks_job_goes_through_a_checked_file_not_the_pipe():
+    """What spawn's pipe carries must fit its 64 KiB buffer (see the test above); the file must be the one written."""
+    import pickle
+
+    from aisec_train.train.distributed import JobPayload
+
+    job = {"data": bytes(range(256)) * 4096}  # 1 MiB, like a data split
+    with JobPayload(job) as payload:
+        assert len(pickle.dumps(payload.ticket)) < 1024
+        assert oct(os.stat(payload.dir).st_mode & 0o777) == "0o700"
+        assert JobPayload.load(payload.ticket) == job
+        with open(payload.ticket[0], "r+b") as stream:  # one byte changed after the launcher wrote it
+            stream.seek(100)
+            stream.write(b"\xff")
+        with pytest.raises(RuntimeError, match="payload changed after the launcher wrote it"):
+            JobPayload.load(payload.ticket)
+    assert not os.path.exists(payload.dir)

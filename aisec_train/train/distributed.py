@@ -106,24 +106,67 @@ def _elastic_launch(cfg, run_dir, job: TrainJob, backend: str, result_path, trac
     mesh inside the agent's own restart on the same store (seen with torch 2.14 on loopback)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    failure: Exception | None = None
-    for attempt in range(cfg.max_restarts + 1):
-        config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"aisec-{uuid.uuid4().hex[:12]}",
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{cfg.port or _free_port()}",
-            rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
-        )  # fmt: skip
-        try:
-            elastic_launch(config, _elastic_worker)(job, backend, str(result_path), tracked)
-            return
-        except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
-            if result_path.exists():  # rank 0 reported a refusal before another rank failed
+    with JobPayload(job) as payload:  # removed once every attempt is over
+        failure: Exception | None = None
+        for attempt in range(cfg.max_restarts + 1):
+            config = LaunchConfig(
+                min_nodes=1, max_nodes=1, nproc_per_node=cfg.nproc, run_id=f"aisec-{uuid.uuid4().hex[:12]}",
+                rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{cfg.port or _free_port()}",
+                rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
+            )  # fmt: skip
+            try:
+                elastic_launch(config, _elastic_worker)(payload.ticket, backend, str(result_path), tracked)
                 return
-            failure = err
-            if attempt < cfg.max_restarts:
-                log.warning("a data-parallel rank failed; restart %d of %d from the last checkpoint", attempt + 1,
-                            cfg.max_restarts)  # fmt: skip
-    raise RuntimeError(f"data-parallel training failed after {cfg.max_restarts} restart(s): {failure}") from None
+            except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
+                if result_path.exists():  # rank 0 reported a refusal before another rank failed
+                    return
+                failure = err
+                if attempt < cfg.max_restarts:
+                    log.warning("a data-parallel rank failed; restart %d of %d from the last checkpoint", attempt + 1,
+                                cfg.max_restarts)  # fmt: skip
+        raise RuntimeError(f"data-parallel training failed after {cfg.max_restarts} restart(s): {failure}") from None
+
+
+class JobPayload:
+    """The pickled job, handed to each spawned rank through a private file rather than through spawn's pipe.
+
+    Why: Python's spawn writes a child's start-up payload into a pipe while the parent itself still holds the
+    pipe's read end, and only closes it once the write returns. The job (its data split) is ~0.5 MB, past the 64 KiB
+    pipe buffer, so a rank killed before it had read it all left that write, and the launcher, blocked for ever.
+    The ticket sent through the pipe is ~200 bytes. The file sits in a 0700 directory of its own, and a rank checks
+    its SHA-256 against the ticket before unpickling it."""
+
+    def __init__(self, job: TrainJob):
+        self.job = job
+
+    def __enter__(self) -> JobPayload:
+        import pickle
+        import tempfile
+
+        data = pickle.dumps(self.job, protocol=pickle.HIGHEST_PROTOCOL)
+        self.dir = tempfile.mkdtemp(prefix="aisec-launch-")
+        path = os.path.join(self.dir, "job.pkl")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(data)
+        self.ticket = (path, hashlib.sha256(data).hexdigest())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @staticmethod
+    def load(ticket: tuple[str, str]) -> TrainJob:
+        import pickle
+
+        path, expected = ticket
+        with open(path, "rb") as stream:
+            data = stream.read()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise RuntimeError(f"{path}: the launched job's payload changed after the launcher wrote it")
+        return pickle.loads(data)  # noqa: S301 - written moments ago by this job's launcher, digest checked
 
 
 def _free_port() -> int:
@@ -132,9 +175,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _elastic_worker(job: TrainJob, backend: str, result_path: str, tracked: bool) -> None:
+def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tracked: bool) -> None:
     """One local rank of an ``elastic_launch``: join the env:// group, train, rank 0 writes the outcome."""
     quiet_known_warnings()  # a spawned process starts with fresh warning filters
+    job = JobPayload.load(ticket)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = max(1, (os.cpu_count() or 1) // world)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
