@@ -23,7 +23,7 @@ HEAVY = ("mlflow", "wandb", "tensorboard", "sqlalchemy", "alembic")
 # A training process in miniature: opens the trackers, logs 50 steps and 2 epochs, the headline, then closes
 # (or, with "die", exits without closing). Prints which heavy packages it loaded.
 SCRIPT = """
-import os, sys
+import os, sys, time
 from pathlib import Path
 from aisec_train import compose
 from aisec_train.tracking import open_tracker
@@ -32,6 +32,8 @@ HEAVY = __HEAVY__
 run_dir = Path(sys.argv[1])
 tracker = open_tracker(compose(["logger=[csv,tensorboard,mlflow,wandb]"]), RunInfo(run_dir, "r", "quickstart"))
 for step in range(1, 51):
+    if step == 26:
+        time.sleep(1.5)  # a slow step: its records must say when training logged them, not when the child wrote
     tracker.log_metrics({"loss": 1.0 / step, "epsilon": 0.01 * step}, step)
 tracker.log_history([{"epoch": 1, "test_accuracy": 0.5}, {"epoch": 2, "test_accuracy": 0.75}], "epoch")
 print(sorted(m for m in HEAVY if m in sys.modules), flush=True)
@@ -68,12 +70,16 @@ def test_trackers_run_outside_the_training_process_and_every_record_arrives(tmp_
     assert proc.stdout.splitlines() == ["[]", "[]"]  # neither while training nor at close
     client, run = mlflow_run(run_dir)  # close returned: the child had written everything
     assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "step/loss")] == list(range(1, 51))
+    losses = client.get_metric_history(run.info.run_id, "step/loss")
+    assert [m.step for m in losses] == list(range(1, 51))
+    assert losses[25].timestamp - losses[24].timestamp >= 1400  # stamped by the training process, not the child
     assert [m.value for m in client.get_metric_history(run.info.run_id, "epoch/test_accuracy")] == [0.5, 0.75]
     assert run.data.metrics["final/metrics.clean_accuracy"] == 0.75
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    assert [e.step for e in events.Scalars("step/epsilon")] == list(range(1, 51))
+    epsilons = events.Scalars("step/epsilon")
+    assert [e.step for e in epsilons] == list(range(1, 51))
+    assert epsilons[25].wall_time - epsilons[24].wall_time >= 1.4
     hparams = events.PluginTagToContent("hparams")  # the HParams tab's three records
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(hparams)
     assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
@@ -125,3 +131,10 @@ def test_a_new_mlflow_store_is_a_copy_of_the_cached_empty_one(tmp_path):
     assert local_store(tmp_path / "mlflow.db", tmp_path / "mlartifacts") == uri  # an existing store is never replaced
     assert MlflowClient(uri).get_experiment_by_name("kept") is not None
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staged copy left behind
+
+
+def test_the_tracker_child_runs_with_mlflow_telemetry_off_and_one_thread():
+    # MLflow's telemetry writes ~/.config/mlflow and calls out from cluster nodes; the child must not.
+    from aisec_train.tracking.sidecar import CHILD_ENV
+
+    assert CHILD_ENV["MLFLOW_DISABLE_TELEMETRY"] == "true" and CHILD_ENV["OMP_NUM_THREADS"] == "1"

@@ -63,6 +63,18 @@ def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def round_metrics(row: dict[str, Any], epsilon: float | None, seconds: float) -> dict[str, float]:
+    """A completed round as the trackers log it live (axis ``round``): the history row's loss, accuracies and
+    epsilon (``epsilon`` replaces the clients' record-level one under client-level DP), the cohort, and the round's
+    wall time. NaN (a round nobody evaluated) is left out by the tracker."""
+    values = {k: v for k, v in history_rows([row])[0].items() if k != "epoch"}
+    if epsilon is not None:
+        values["epsilon"] = epsilon
+    values.update(sampled=row["sampled"], accepted=len(row["accepted"]), dropped=row["dropped"],
+                  refused=len(row["refused"]), failed=float(bool(row["failed"])), round_s=seconds)  # fmt: skip
+    return values
+
+
 def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 

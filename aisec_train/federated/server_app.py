@@ -8,6 +8,7 @@ client key material. Deployment: ``flwr run`` with ``job``, ``state-dir``, ``pub
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -28,7 +29,10 @@ from aisec_train.train.config import PrivacyMode
 log = logging.getLogger("aisec_train.federated")
 
 
-def make_app(settings: ServerSettings | None = None, task: FederatedTask | None = None) -> ServerApp:
+def make_app(
+    settings: ServerSettings | None = None, task: FederatedTask | None = None, on_round: Callable | None = None
+) -> ServerApp:
+    """``on_round``: SecureFedAvg's per-round hook (the simulation's trackers; a deployment's ServerApp has none)."""
     app = ServerApp()
 
     @app.main()
@@ -66,6 +70,7 @@ def make_app(settings: ServerSettings | None = None, task: FederatedTask | None 
             defence={**vars(fed.defence), "name": fed.defence.name.value},
             round_offset=done,
             history=state["history"] if state else None,
+            on_round=on_round,
         )
         # 4. Wait for the whole federation (a SuperNode may connect late), learn which partition each node serves
         #    (Flower's node ids are random per run; the seeded sampler draws partitions), run the remaining rounds.

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,7 @@ class SecureFedAvg(FedAvg):
         defence: dict[str, Any] | None = None,
         round_offset: int = 0,
         history: list[dict[str, Any]] | None = None,
+        on_round: Callable[[dict[str, Any], float | None, float], None] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -156,6 +157,9 @@ class SecureFedAvg(FedAvg):
         self.ledger = ClientLedger(self.state_dir, dp) if dp else None
         self.defence = {"name": "fedavg", **(defence or {})}
         self.history = history or []
+        # Called as each round completes with (history row, client-level epsilon or None, round seconds): the
+        # simulation's job process logs it to the experiment trackers then, not at the federation's end.
+        self.on_round = on_round
         self._global: ArrayRecord | None = None
         self._sampled: dict[int, int] = {}  # round -> number of clients asked
         self._started: dict[int, float] = {}  # round -> when its training messages were configured
@@ -237,7 +241,16 @@ class SecureFedAvg(FedAvg):
         return arrays, MetricRecord(summary)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Flower calls this every round, evaluators or none, after training: the round is complete here."""
         rnd = server_round + self.round_offset
+        metrics = self._evaluate(rnd, replies)
+        if self.on_round is not None:
+            row = next(h for h in reversed(self.history) if h["round"] == rnd)
+            epsilon = self.ledger.ledger.epsilon() if self.ledger is not None else None
+            self.on_round(row, epsilon, time.perf_counter() - self._started.get(rnd, time.perf_counter()))
+        return metrics
+
+    def _evaluate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord | None:
         rows = [m.content["metrics"] for m in replies if not m.has_error()]
         total = sum(int(r["num-examples"]) for r in rows)
         if not rows or total == 0:

@@ -102,8 +102,10 @@ def client_gpu_share(fed, device: torch.device) -> float:
     return min(1.0, torch.cuda.device_count() / fed.clients)
 
 
-def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float, task: FederatedTask) -> str:
-    """Flower's simulation engine (Ray) in this process, with the configured resources per client."""
+def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_share: float, task: FederatedTask,
+                   tracker: Any = None) -> str:  # fmt: skip
+    """Flower's simulation engine (Ray) in this process, with the configured resources per client. The ServerApp
+    runs in a thread of this process, so it logs each round to the run's trackers as the round completes."""
     from aisec_train.quiet import quiet_flower
 
     quiet_flower()  # each Flower line once, without its DEBUG and import-time noise: before flwr.simulation loads
@@ -121,12 +123,21 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
         },
     }
     flwr_run_simulation(
-        server_app=server_app.make_app(server, task),
+        server_app=server_app.make_app(server, task, _round_logger(tracker)),
         client_app=client_app.make_app(client, task),
         num_supernodes=fed.clients,
         backend_config=backend_config,
     )
     return "in-process"
+
+
+def _round_logger(tracker: Any):
+    """The server side's per-round hook: the round's metrics to the run's tracker (None: no logger is on)."""
+    if not tracker:
+        return None
+    return lambda row, epsilon, seconds: tracker.log_metrics(
+        fed_report.round_metrics(row, epsilon, seconds), row["round"], "round"
+    )
 
 
 def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, Any]) -> torch.nn.Module:
@@ -169,7 +180,7 @@ def train_federated(job: TrainJob) -> TrainResult:
 
         transport = run_deployment(cfg, server, client, job.run_dir / "federated")
     else:
-        transport = run_simulation(cfg, server, client, gpus, task)
+        transport = run_simulation(cfg, server, client, gpus, task, job.extras.get("tracker"))
     seconds = time.perf_counter() - started
     state = load_state(Path(server.state_dir))
     if state is None:

@@ -66,10 +66,10 @@ class MlflowBackend:
         for start in range(0, len(items), 100):  # MLflow's limit on params per batch
             self.client.log_batch(self.run_id, params=items[start : start + 100], synchronous=True)
 
-    def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
+    def log_metrics(self, values: dict[str, float], step: int, axis: str, wall_time: float | None = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = int((wall_time or time.time()) * 1000)  # when training measured it (the sidecar's stamp)
         self.pending += [Metric(k, v, now, step) for k, v in values.items()]
         if axis != "step" or len(self.pending) >= BATCH:
             self._flush()

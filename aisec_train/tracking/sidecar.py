@@ -38,6 +38,12 @@ class TrackingError(Refusal, RuntimeError):
     """A tracker's child process failed: the run's tracking data would be incomplete."""
 
 
+# OMP_NUM_THREADS: the child does no tensor maths, so it leaves the cores to training.
+# MLFLOW_DISABLE_TELEMETRY: MLflow would otherwise write ~/.config/mlflow/telemetry.json and try to reach its
+# servers from a cluster node; a run directory's tracker has no business doing either (users may override it).
+CHILD_ENV = {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
+
+
 class Sidecar:
     """The parent's side: the :class:`~aisec_train.tracking.base.Backend` protocol, each call a queued record."""
 
@@ -47,7 +53,7 @@ class Sidecar:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "aisec_train.tracking.sidecar"],
             stdin=subprocess.PIPE, stdout=self.output, stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},  # the child does no tensor maths: keep the cores for training
+            env={**os.environ, **CHILD_ENV},
         )  # fmt: skip
         self.error: TrackingError | None = None
         self.pending: list[tuple[str, tuple]] = []  # records not yet handed to the writer thread
@@ -99,7 +105,8 @@ class Sidecar:
         self._send("log_params", params)
 
     def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
-        self._send("log_metrics", values, step, axis)
+        # Stamped here, when training measured it: the child writes batched records up to FLUSH_S later.
+        self._send("log_metrics", values, step, axis, time.time())
 
     def finish(self, headline: dict[str, float], files: dict[str, Path]) -> None:
         self._send("finish", headline, files)

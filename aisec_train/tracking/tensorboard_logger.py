@@ -34,20 +34,23 @@ class TensorBoardBackend:
         self.writer = EventFileWriter(str(info.run_dir / cfg.log_dir), flush_secs=30)
         self.params: dict[str, Any] = {}
 
-    def _write(self, summary, step: int) -> None:
+    def _write(self, summary, step: int, wall_time: float | None = None) -> None:
         from tensorboard.compat.proto.event_pb2 import Event
 
-        self.writer.add_event(Event(summary=summary, wall_time=time.time(), step=int(step)))
+        self.writer.add_event(Event(summary=summary, wall_time=wall_time or time.time(), step=int(step)))
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.params = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
         table = "\n".join(f"| {k} | {v} |" for k, v in self.params.items())
         self._write(_text("config", "| key | value |\n|---|---|\n" + table), 0)
 
-    def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
+    def log_metrics(self, values: dict[str, float], step: int, axis: str, wall_time: float | None = None) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
 
-        self._write(Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()]), step)
+        summary = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+        self._write(summary, step, wall_time)  # wall_time: when training measured it (the sidecar's stamp)
+        if axis != "step":  # an epoch's or a round's values readable at once, not within flush_secs
+            self.writer.flush()
 
     def finish(self, headline: dict[str, float], files: dict[str, Path]) -> None:
         self.log_metrics(headline, 0, "final")

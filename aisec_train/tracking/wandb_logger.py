@@ -46,7 +46,8 @@ class WandbBackend:
     def log_params(self, params: dict[str, Any]) -> None:
         self.run.config.update(params, allow_val_change=True)
 
-    def log_metrics(self, values: dict[str, float], step: int, axis: str) -> None:
+    def log_metrics(self, values: dict[str, float], step: int, axis: str, wall_time: float | None = None) -> None:
+        # wall_time unused: wandb stamps each row itself and has no public way to back-date one
         if axis not in self.axes:
             self.axes.add(axis)
             self.run.define_metric(axis)
