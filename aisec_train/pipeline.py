@@ -92,14 +92,18 @@ def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", use
             run.resources.enter_context(lock_run_dir(run_dir, wait=cfg.train.lock_wait_s))
         refuse_symlinks(run_dir)
         run.tracker = run.resources.enter_context(tracking(cfg, run_info(run_dir, experiment)))  # logger group
+        # each stage's CPU seconds (this process, all threads): unlike wall seconds, other jobs' load leaves them be
+        cpu_seconds: dict[str, float] = {}
+        run.report.add("run", stage_cpu_seconds=cpu_seconds)
         for name, stage in STAGES:
             if worker and name not in WORKER_STAGES:
                 continue
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             log.info("stage %s", name)
             run.report.stage = name
             stage(run)
             run.timings[name] = round(time.perf_counter() - started, 3)
+            cpu_seconds[name] = round(time.process_time() - cpu_started, 3)
         if worker:
             return run.report
         write_reports(run)

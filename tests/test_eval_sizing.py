@@ -16,17 +16,34 @@ from aisec_train.robust.sampling import clopper_pearson, parse_eval_samples, str
 from tests.conftest import read_report
 
 
-def test_report_has_each_stages_wall_time(smoke_run):
+def test_report_has_each_stages_wall_and_cpu_time(smoke_run):
     run = read_report(smoke_run)["run"]
-    assert set(run["stage_seconds"]) == {name for name, _ in STAGES}
-    assert all(s >= 0 for s in run["stage_seconds"].values()) and run["stage_seconds"]["train"] > 0
+    for key in ("stage_seconds", "stage_cpu_seconds"):
+        assert set(run[key]) == {name for name, _ in STAGES}, key
+        assert all(s >= 0 for s in run[key].values()) and run[key]["train"] > 0, key
 
 
-def test_smoke_report_has_the_robust_accuracy_interval(smoke_run):
+def test_smoke_report_samples_the_split_with_the_robust_accuracy_interval(smoke_run):
     rob = read_report(smoke_run)["robustness"]
     lo, hi = rob["robust_accuracy_ci"]
     assert lo <= rob["robust_accuracy"] <= hi and hi - lo > 0
-    assert rob["eval_samples"] == rob["eval_of"] == 360  # the default 500 covers digits' whole 360-image split
+    # the default 200 is a stratified sample of digits' 360-image split (issue 24: a quarter of training at most)
+    assert (rob["eval_samples"], rob["eval_of"]) == (200, 360)
+    assert rob["eval"]["gradient_masking"]["checks"]["steps"]["samples"] <= 32
+
+
+def test_the_whole_split_and_the_full_suite_are_one_override_away():
+    from aisec_train.robust.evaluation import Budget
+    from aisec_train.robust.sampling import parse_eval_samples
+
+    default = to_config({}).robustness
+    assert parse_eval_samples(default.eval_samples) == 200 and default.eval == "apgd"
+    apgd = Budget.of("apgd")
+    assert (apgd.check_samples, apgd.n_target_classes, apgd.targets_together) == (32, 3, True)
+    full = to_config({"robustness": {"eval_samples": "all", "eval": "autoattack"}}).robustness
+    assert parse_eval_samples(full.eval_samples) is None  # every sample of the split
+    # AutoAttack's standard version, its masking checks on every sample
+    assert Budget.of(full.eval) == Budget(steps=100, n_target_classes=9, square_queries=5000, check_samples=None)
 
 
 def test_stratified_sample_keeps_class_shares_and_is_seeded():
@@ -79,3 +96,44 @@ def test_suite_reports_an_interval_and_checks_masking_on_a_bounded_sample(model_
     assert full["gradient_masking"]["checks"]["steps"]["samples"] == correct > 20
     with pytest.raises(ConfigError, match="check_samples=0 is not allowed"):
         evaluate_robustness(model, x, y, suite="apgd", eps=0.05, check_samples=0)
+
+
+def test_masking_checks_square_on_a_bounded_sample_and_scale_its_count(model_and_data):
+    """The check's Square attacks at most check_samples of the white-box survivors; the report says how many, of
+    how many, and the count scaled to all survivors, which is what meets the 0.2% threshold."""
+    model, x, y = model_and_data
+    out = evaluate_robustness(model, x, y, suite="apgd", eps=0.05, steps=2, n_target_classes=1, check_samples=5)
+    sq = out["gradient_masking"]["checks"]["square"]
+    survivors = round(out["attacks"]["apgd-t"]["robust_accuracy"] * len(x))
+    assert survivors > 5 and sq["samples"] == 5 and sq["of_survivors"] == survivors
+    assert sq["fooled_after_white_box_estimate"] == pytest.approx(sq["fooled_after_white_box"] * survivors / 5)
+    every = evaluate_robustness(model, x, y, suite="apgd", eps=0.05, steps=2, n_target_classes=1, check_samples=None)
+    sq = every["gradient_masking"]["checks"]["square"]
+    assert sq["samples"] == sq["of_survivors"] == survivors
+    assert sq["fooled_after_white_box_estimate"] == sq["fooled_after_white_box"]
+
+
+def test_apgd_t_runs_its_targets_together_in_one_run_and_is_as_strong(model_and_data):
+    """The default suite's APGD-T (together=True): every (target, sample) pair in one run, so the model is called
+    once per step rather than once per step and target; it fools about as many samples as the sequential
+    cascade (its own random starts), and every sample it counts is misclassified within eps."""
+    from aisec_train.robust.apgd import apgd_targeted
+    from aisec_train.robust.outcome import lp_norm
+
+    model, x, y = model_and_data
+    calls = []
+    handle = model.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    try:
+        seq = apgd_targeted(model, x, y, eps=0.1, steps=6, n_target_classes=3, seed=0)
+        n_seq, calls[:] = len(calls), []
+        tog = apgd_targeted(model, x, y, eps=0.1, steps=6, n_target_classes=3, seed=0, together=True)
+    finally:
+        handle.remove()
+    survivors = calls[1] // 3  # the run's rows: 3 targets of each clean-correct sample
+    assert len(calls) == 1 + 1 + 6 < n_seq and calls[1] == 3 * survivors > 0  # clean pass, start, 6 steps
+    with torch.no_grad():
+        wrong = model(tog.x_adv).argmax(1) != y
+    fooled = ~tog.robust & (model(x).argmax(1) == y)
+    assert fooled.any() and bool((wrong[fooled]).all())
+    assert float(lp_norm(tog.x_adv - x, "linf").max()) <= 0.1 + 1e-6
+    assert abs(int(tog.robust.sum()) - int(seq.robust.sum())) <= max(2, 0.02 * len(x))

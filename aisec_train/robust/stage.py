@@ -73,7 +73,8 @@ def stage_robustness(run: Run) -> None:
         "model",
         EVASION,
         "pass" if completed else "fail",
-        f"{rob.eval} suite ({a.norm.value}, eps {a.eps:.4g}) on {len(x)} test samples: robust accuracy "
+        f"{rob.eval} suite ({a.norm.value}, eps {a.eps:.4g}) on {_sample_words(len(x), len(run.data.test))}: "
+        "robust accuracy "
         f"{result['robust_accuracy']:.3f} (95% CI {result['robust_accuracy_ci'][0]:.3f}-"
         f"{result['robust_accuracy_ci'][1]:.3f}) vs clean {clean:.3f}; after each attack (cascade): {figures}",
     )
@@ -87,3 +88,10 @@ def stage_robustness(run: Run) -> None:
         else "no sign of masking: black-box Square found no "
         "example the white-box attacks missed, more steps did not raise robust accuracy, no zero input gradients",
     )
+
+
+def _sample_words(n: int, of: int) -> str:
+    """How much of the test split was attacked, and the override that attacks all of it."""
+    if n >= of:
+        return f"all {of} test samples"
+    return f"a stratified sample of {n} of {of} test samples (robustness.eval_samples=all: every one)"
