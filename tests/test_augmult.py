@@ -179,7 +179,52 @@ def test_dp_recipe_preset_combines_the_pieces_and_passes_its_own_refusals():
 
     cfg = compose(["experiment=dp_recipe"])
     assert cfg.model["_target_"] == "aisec_train.models.wrn.WideResNet"
-    assert cfg.train.augmult >= 2 and cfg.train.ema_decay > 0 and cfg.train.momentum == 0
+    # K=1 at CPU size (chosen on validation; configs/experiment/dp_recipe.yaml): augmult is the full-size override
+    assert cfg.train.augmult >= 1 and cfg.train.ema_decay > 0 and cfg.train.momentum == 0
     assert cfg.train.batch_size > cfg.train.max_physical_batch_size  # a large logical batch, split physically
     assert cfg.privacy.grad_sample_mode is GradSampleMode.hooks and cfg.privacy.target_epsilon == 8.0
     check(cfg)  # the preset is not refused by the augmult rules it relies on
+
+
+def test_max_physical_batch_size_counts_records_and_a_records_views_travel_together():
+    """Under augmult, ``train.max_physical_batch_size`` is counted in RECORDS (train/augmult.py): Opacus'
+    BatchMemoryManager splits the logical batch into at most m records, and only then are they expanded to K views,
+    so a forward holds at most m * K rows, always whole records. Counted in rows it would hold at most m."""
+    privacy = PrivacyConfig(target_epsilon=None, noise_multiplier=1.0, delta=1e-3, accountant=Accountant.rdp,
+                            grad_sample_mode=GradSampleMode.hooks)  # fmt: skip
+    k, m = 3, 8
+    cfg = TrainConfig(epochs=1, batch_size=48, max_physical_batch_size=m, lr=0.5, ema_decay=0.0, augmult=k)
+    model = SmallCNN(1, 3, 8, width=16)
+    rows: list[int] = []
+    model.register_forward_pre_hook(lambda _module, args: rows.append(len(args[0])))
+    train(model, _blobs(), train_cfg=cfg, privacy_cfg=privacy, device=CPU, progress=False)
+    assert rows and all(r % k == 0 for r in rows), rows  # whole records: K views each
+    assert max(rows) <= m * k, rows  # at most m records per physical batch
+    # two Poisson batches of ~48 records split at m = 8: a physical batch of more than m rows is (near-)certain
+    assert max(rows) > m, rows
+
+
+def _documented_full_size() -> list[str]:
+    """The GPU-size overrides the preset's header documents (``#   aisec-train experiment=dp_recipe ...``)."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "configs/experiment/dp_recipe.yaml").read_text()
+    start = text.index("#   aisec-train experiment=dp_recipe")
+    lines = []
+    for line in text[start:].splitlines():
+        if not line.startswith("#   "):
+            break
+        lines.append(line[1:].strip().rstrip("\\"))
+    return " ".join(lines).split()[1:]  # drop the program name
+
+
+def test_dp_recipe_documented_full_size_command_composes_and_passes_the_augmult_rules():
+    from aisec_train.api import compose
+    from aisec_train.train.augmult import check
+
+    overrides = _documented_full_size()
+    assert overrides[0] == "experiment=dp_recipe" and len(overrides) > 5, overrides
+    cfg = compose(overrides)  # composing reads no dataset files
+    assert cfg.train.augmult >= 8 and cfg.model["width"] >= 4 and cfg.model["depth"] >= 16
+    assert cfg.train.batch_size >= 1024 and cfg.train.ema_decay >= 0.99
+    check(cfg)

@@ -15,6 +15,12 @@ How, in two hooks:
    their mean is the gradient of the record's mean-over-views loss: what jax_privacy computes with ``vmap`` over
    records. Clipping, noise (scaled by the expected number of records) and the accountant then see B records.
 
+**``train.max_physical_batch_size`` counts records, not rows.** Opacus' ``BatchMemoryManager`` splits the logical
+batch into physical batches of at most that many records *before* :class:`AugMult` expands them, so a record's K
+views always travel in one physical batch (their rows must meet in one ``p.grad_sample`` to be averaged) and a
+forward holds up to ``max_physical_batch_size * K`` rows: size it for memory as ``rows / K``. Tested in
+tests/test_augmult.py (``..._counts_records_and_a_records_views_travel_together``).
+
 This needs instantiated per-sample gradients: ``privacy.grad_sample_mode=hooks`` (ghost clipping and the bk engine
 only ever form per-row norms, so they cannot average rows first; refused in one line by :func:`check`).
 

@@ -121,7 +121,7 @@ class TrainConfig:
 
     epochs: int = 40
     batch_size: int = 512  # the logical (expected, under Poisson sampling) batch size
-    max_physical_batch_size: int = 512  # memory cap; larger logical batches are split
+    max_physical_batch_size: int = 512  # memory cap in records (augmult: K rows each); larger batches are split
     lr: float = 0.5
     momentum: float = 0.9
     weight_decay: float = 0.0

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import REPO, RESULTS, run_cli, write
+from common import REPO, RESULTS, Progress, run_cli, write
 
 OFF = ["audit=off", "robustness.evaluate=false", "privacy.target_epsilon=8"]
 CASES = {"default_model": [], "dp_recipe": ["experiment=dp_recipe"]}
@@ -63,6 +63,23 @@ def _row(name: str, report: dict, wall: float, seed: int) -> dict:
         "seconds_per_epoch": report["run"]["stage_seconds"]["train"] / epochs,
         "wall_seconds": wall,
     }
+
+
+def _by_seed(rows: list[dict], key: str) -> dict[str, dict[int, float]]:
+    return {c: {r["seed"]: r[key] for r in rows if r["case"] == c} for c in CASES}
+
+
+def _paired(rows: list[dict]) -> dict[int, float]:
+    acc = _by_seed(rows, "clean_accuracy")
+    return {s: round(100 * (acc["dp_recipe"][s] - acc["default_model"][s]), 2) for s in acc["dp_recipe"]}
+
+
+def _ratio(rows: list[dict], key: str) -> float:
+    """Median over seeds of the recipe's ``key`` over the default model's (wall seconds on a shared CPU: rough)."""
+    import statistics
+
+    v = _by_seed(rows, key)
+    return statistics.median(v["dp_recipe"][s] / v["default_model"][s] for s in v["dp_recipe"])
 
 
 def augmult_timing(ks: list[int], *, records: int, repeats: int, n_train: int, quick: bool) -> list[dict]:
@@ -109,6 +126,9 @@ def augmult_timing(ks: list[int], *, records: int, repeats: int, n_train: int, q
         {
             "augmult": k,
             "records_timed": records,
+            # counted in records (train/augmult.py): a physical batch holds this many records, K times as many rows
+            "physical_batch_records": cfg.train.max_physical_batch_size,
+            "physical_batch_rows": cfg.train.max_physical_batch_size * k,
             "cpu_seconds_per_repeat": seconds[k],
             "wall_seconds_per_repeat": wall[k],
             "seconds_per_epoch": statistics.median(seconds[k]) * n_train / records,  # CPU seconds, one thread
@@ -128,6 +148,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="*", choices=list(CASES), default=list(CASES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--parallel", action="store_true", help="run the accuracy runs concurrently")
+    parser.add_argument("--jobs", type=int, default=None, help="at most this many runs at once (with --parallel)")
     parser.add_argument("--ks", type=int, nargs="*", default=[1, 2, 4, 8], help="augmult K values timed (none: skip)")
     parser.add_argument("--timing-records", type=int, default=256)
     parser.add_argument("--timing-repeats", type=int, default=3)
@@ -142,21 +163,30 @@ def main() -> None:
             data, manifest = natural_patches(tmp, args.split)
         common = [*OFF, *data, *args.set]
 
+        # each finished run is kept (OUT.progress.jsonl): a re-run with the same arguments measures only the rest
+        progress = Progress(args.out, split=args.split, common=[*OFF, *args.set], recipe=args.recipe_set,
+                            default=args.default_set, quick=args.quick, data=args.data)  # fmt: skip
+
         def one(seed: int, name: str) -> dict:
+            if (kept := progress.get(f"{name}-{seed}")) is not None:
+                return kept
             case = [*CASES[name], *{"dp_recipe": args.recipe_set, "default_model": args.default_set}[name]]
             quick = ["train.epochs=1", *(["model.depth=10", "model.width=1"] if case else [])] if args.quick else []
             report, wall = run_cli([*case, *common, f"train.seed={seed}", *quick], tmp / f"{name}-{seed}")
             row = {**_row(name, report, wall, seed), "overrides": case}
             print(row, file=sys.stderr)
-            return row
+            return progress.add(f"{name}-{seed}", row)
 
         jobs = [(seed, name) for seed in args.seeds for name in args.cases]
         # each run is its own process: threads only wait on them
-        with ThreadPoolExecutor(len(jobs) if args.parallel else 1) as pool:
+        with ThreadPoolExecutor(min(len(jobs), args.jobs or len(jobs)) if args.parallel else 1) as pool:
             rows = list(pool.map(lambda job: one(*job), jobs))
     n_train = rows[0]["n_train"] if rows else 6000
-    timing = augmult_timing(args.ks, records=args.timing_records, repeats=1 if args.quick else args.timing_repeats,
-                            n_train=n_train, quick=args.quick) if args.ks else []  # fmt: skip
+    repeats = 1 if args.quick else args.timing_repeats
+    timing_key = f"timing-k{'-'.join(map(str, args.ks))}-r{args.timing_records}x{repeats}-n{n_train}"
+    timing = (progress.get(timing_key) or progress.add(timing_key, augmult_timing(
+        args.ks, records=args.timing_records, repeats=repeats, n_train=n_train, quick=args.quick))
+    ) if args.ks else []  # fmt: skip
     mean = {c: sum(r["clean_accuracy"] for r in rows if r["case"] == c) / len(args.seeds) for c in args.cases}
     result = {
         "figure": "DP accuracy at epsilon 8: dp_recipe vs the default model; seconds per epoch vs augmult K",
@@ -178,6 +208,9 @@ def main() -> None:
         "goal": "dp_recipe >= default model + 10 points at the same epsilon on natural images (issue 24)",
         "mean_accuracy": mean,
         "recipe_minus_default_points": 100 * (mean["dp_recipe"] - mean["default_model"]) if len(mean) == 2 else None,
+        # every seed, paired (same seed, same data): the spread the mean hides
+        "recipe_minus_default_points_per_seed": _paired(rows) if len(mean) == 2 else None,
+        "train_seconds_recipe_over_default": _ratio(rows, "train_seconds") if len(mean) == 2 else None,
         "rows": rows,
         "augmult_timing": timing,
     }
