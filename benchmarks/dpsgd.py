@@ -9,21 +9,24 @@
                                                                # both, within 0.1 of each other (exit 0 if so)
 
 Models: ``cnn`` at 8x8 and 32x32, ``resnet18_gn`` at 32x32 and a small Linear-heavy MLP-Mixer (defined here);
-``--quick`` runs ``cnn`` 8x8, ``resnet18_gn`` at batch 8 and the mixer. Batches are fixed-size (no Poisson
+``--quick`` runs ``cnn`` 8x8, ``resnet18_gn`` at batch 32 and the mixer. Batches are fixed-size (no Poisson
 sampling) so every implementation does the same work; noise multiplier 1, clip 1. Opacus' modes go through its
 own ``make_private`` (``BKPrivacyEngine`` passes every mode but ``bk`` straight to it).
 
 Time: per model, one forked child builds every implementation and times their steps round by round,
-interleaved (A B C .. A B C ..), so the load of a shared machine falls on all alike; two warm-up rounds are
-discarded, then every round's time is kept raw in the JSON (``times``). The thread count is fixed and reported
-(``--threads``, default every core this process may use). Each ratio is formed per round (both steps ran back
-to back) and reported as its median with quartiles and a 95% bootstrap interval (scipy.stats.bootstrap) in
-``ratio_stats``; ``ratios`` holds the medians. ``--quick`` (5 rounds, small batches) is a smoke run: its JSON says
-``indicative_only``. Peak memory: one
-forked child per (model, impl) runs one step and reports the growth of its resident set (Linux VmHWM, reset
-once model, data and wrappers are built, before any step, so no freed block of an earlier step hides the
-peak); on a GPU everything runs in this process and memory is ``torch.cuda.max_memory_allocated`` over the
-same baseline. With ``--quick`` only non-private and ours are measured for memory.
+interleaved (A B C .. C B A ..), so the load of a shared machine falls on all alike; two warm-up rounds are
+discarded, then every round's time is kept raw in the JSON (``times``, seconds per step). On the CPU each timed
+sample is several steps back to back (``steps_per_sample``: 16 for cnn, 3 for cnn 32x32, 2 for the mixer, 1 for
+ResNet-18; about 0.5 s on 2 quiet cores), with 15 rounds and batches 512/256/64/256, so that two consecutive
+runs agree within 0.1. The thread count is fixed and reported (``--threads``, default every core this process
+may use). Each ratio is formed per round (both steps ran back to back) and reported as its median with
+quartiles and a 95% bootstrap interval (scipy.stats.bootstrap) in ``ratio_stats``; ``ratios`` holds the
+medians. ``--quick`` (5 rounds, small batches, one step per sample) is a smoke run: its JSON says
+``indicative_only``. Peak memory: one forked child per (model, impl) runs one step and reports the growth of
+its resident set (Linux VmHWM, reset once model, data and wrappers are built, before any step, so no freed
+block of an earlier step hides the peak); on a GPU everything runs in this process and memory is
+``torch.cuda.max_memory_allocated`` over the same baseline. With ``--quick`` only non-private and ours are
+measured for memory.
 
 Profile: per model, our step and the non-private step phase by phase, interleaved step by step (loader, forward,
 backward, per-sample norms, clipping and accumulation, noise, optimizer; benchmarks/step_profile.py), printed after
@@ -58,12 +61,15 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 IMPLS = ["nonprivate", "opacus_hooks", "opacus_ghost", "opake", "ours"]
-# key -> (model, channels, image size, batch on CUDA, batch on the CPU, batch with --quick)
+# key -> (model, channels, image size, batch on CUDA, batch on the CPU, batch with --quick, CPU steps per sample)
+# The last column: each timed sample of a full CPU run is that many steps back to back, so one sample lasts about
+# half a second on 2 quiet cores. With one step per sample (and batch 128) cnn 32x32 and the mixer moved by 0.37
+# and 0.24 between two consecutive runs: a 0.1-0.2 s step is at the mercy of one scheduler hiccup.
 MODELS = {
-    "cnn": ("cnn", 1, 8, 1024, 512, 512),
-    "cnn_32": ("cnn", 3, 32, 512, 128, 64),
-    "resnet18_gn": ("resnet18_gn", 3, 32, 256, 64, 32),  # --quick at batch 8 swung 0.23..1.44: too small to judge
-    "mixer": ("mixer", 3, 32, 256, 128, 32),
+    "cnn": ("cnn", 1, 8, 1024, 512, 512, 16),
+    "cnn_32": ("cnn", 3, 32, 512, 256, 64, 3),
+    "resnet18_gn": ("resnet18_gn", 3, 32, 256, 64, 32, 1),  # --quick at batch 8 swung 0.23..1.44: too small to judge
+    "mixer": ("mixer", 3, 32, 256, 256, 32, 2),
 }
 QUICK_MODELS = ["cnn", "resnet18_gn", "mixer"]  # --quick: under a minute on 2 quiet cores
 WARMUP_ROUNDS = 2  # discarded: the first steps pay one-off costs (allocator growth, lazy initialisation)
@@ -240,24 +246,36 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: 
         except Exception as exc:  # a peer that cannot run a model must not sink the table
             out[impl] = {"error": f"{type(exc).__name__}: {exc}"}
     times: dict[str, list[float]] = {impl: [] for impl in built}
+    reps = steps_per_sample(key, device, quick)
+    order = list(built)
     for round_ in range(WARMUP_ROUNDS + rounds):
-        for impl, (step, _, _) in built.items():
+        # A B C, then C B A: whichever impl runs first in a round (after a switch, with colder caches) alternates.
+        for impl in order if round_ % 2 == 0 else order[::-1]:
+            step = built[impl][0]
             synchronize(device)
             started = time.perf_counter()
-            step()
+            for _ in range(reps):
+                step()
             synchronize(device)
             if round_ >= WARMUP_ROUNDS:
-                times[impl].append(time.perf_counter() - started)
+                times[impl].append((time.perf_counter() - started) / reps)  # seconds per step
     for impl, (_, note, info) in built.items():
         row = {**info, "seconds": statistics.median(times[impl]), "seconds_min": min(times[impl])}
+        row["steps_per_sample"] = reps
         row["times"] = times[impl]  # raw, per round, in round order (the paired ratios are formed from these)
         out[impl] = row | ({"note": note()} if note() else {})
     return out
 
 
 def batch_size(key: str, device: str, quick: bool) -> int:
-    _, _, _, cuda_batch, cpu_batch, quick_batch = MODELS[key]
+    _, _, _, cuda_batch, cpu_batch, quick_batch, _ = MODELS[key]
     return cuda_batch if device.startswith("cuda") else (quick_batch if quick else cpu_batch)
+
+
+def steps_per_sample(key: str, device: str, quick: bool) -> int:
+    """Steps per timed sample: the model's CPU figure in a full CPU run, else one (a GPU step is timed with
+    synchronisation and is long enough at the CUDA batches; ``--quick`` is a smoke run)."""
+    return 1 if quick or device.startswith("cuda") else MODELS[key][6]
 
 
 def profile_model(key: str, device: str, quick: bool, steps: int | None = None) -> dict:

@@ -76,3 +76,13 @@ def test_verdict_needs_both_runs_under_the_goal_and_within_the_agreement():
     assert list(dpsgd.verdict(run, close)["ratios"]) == ["nonprivate_vs_ours_cnn"]
     assert not dpsgd.verdict(run, far)["passed"] and not dpsgd.verdict(run, over)["passed"]
     assert not dpsgd.verdict(run, close | {"indicative_only": True})["passed"]  # --quick cannot give the verdict
+
+
+def test_small_models_time_several_steps_per_sample_on_the_cpu_only_in_a_full_run():
+    # One 0.1-0.2 s step per sample let cnn 32x32 and the mixer move by 0.37 and 0.24 between two runs.
+    assert dpsgd.steps_per_sample("cnn", "cpu", quick=False) > 1
+    assert dpsgd.steps_per_sample("cnn_32", "cpu", quick=False) > 1
+    assert dpsgd.steps_per_sample("mixer", "cpu", quick=False) > 1
+    assert dpsgd.steps_per_sample("cnn", "cpu", quick=True) == 1  # --quick stays a smoke run
+    assert dpsgd.steps_per_sample("cnn", "cuda", quick=False) == 1
+    assert dpsgd.batch_size("cnn_32", "cpu", quick=False) >= 256 and dpsgd.batch_size("mixer", "cpu", False) >= 256
