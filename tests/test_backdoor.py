@@ -685,7 +685,8 @@ def test_cli_refuses_bad_backdoor_input_in_one_line(tmp_path, override, message)
 @pytest.mark.slow
 def test_figures_default_preset_on_digits(tmp_path):
     """Issue 4's bar on the default DP preset: ASR >= 0.9 -> <= 0.05, clean drop <= 2 points, recall >= 0.8."""
-    proc = run_cli("experiment=backdoor", "audit=off", f"hydra.run.dir={tmp_path}")
+    # Pinned DP noise, as in the second-dataset check below: a figure check on one trained model, not on the secrecy
+    proc = run_cli("experiment=backdoor", "audit=off", "privacy.reproducible_noise=true", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     bd = read_report(tmp_path)["backdoor"]
     assert bd["asr_before"] >= 0.9 and bd["asr_after"] <= 0.05

@@ -48,11 +48,7 @@ LAYER = {
 }
 
 # File-level cycles not yet removed, each with its owner. Remove the entry with the cycle; add none without one.
-ALLOWED_FILE_EDGES = {
-    # Issue 22 (train/sharding.py, FSDP): type annotations of the loop; callbacks.LoopState shows the way out.
-    ("aisec_train.train.sharding", "aisec_train.train.loop"),
-    ("aisec_train.train.sharding", "aisec_train.config"),
-}
+ALLOWED_FILE_EDGES: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -16,18 +16,28 @@ What Opacus' FSDP2 path does not support is refused in one line before any work 
 from __future__ import annotations
 
 import hashlib
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from aisec_train.errors import ConfigError
 
-if TYPE_CHECKING:
-    from aisec_train.config import Config
-    from aisec_train.train.loop import Loop
-
 STRATEGIES = ("ddp", "fsdp")
+
+# ``cfg`` below is aisec_train/config.py's composed ``Config``, which calls :func:`check_strategy` while it
+# validates; it is not imported here, even for annotations, so the two files do not import each other.
+Config = Any
+
+
+class ShardableLoop(Protocol):
+    """What :func:`shard` rewires of the loop (train/loop.py's ``Loop`` has it). Named here, not imported, so the
+    loop and this module do not import each other (tests/test_import_graph.py)."""
+
+    plain: nn.Module
+    model: nn.Module
+    base_optimizer: torch.optim.Optimizer
 
 
 def check_strategy(cfg: Config) -> None:
@@ -65,7 +75,7 @@ def _forwards(cfg: Config) -> int:
     return objective_from_config(cfg.robustness).forwards
 
 
-def shard(loop: Loop, optimizer_cfg: dict[str, Any], resume: dict[str, Any] | None) -> None:
+def shard(loop: ShardableLoop, optimizer_cfg: dict[str, Any], resume: dict[str, Any] | None) -> None:
     """Shard ``loop.plain`` in place; rebuild the optimizer over the sharded parameters, carrying a resumed state.
 
     ``fully_shard`` replaces every parameter with a sharded ``DTensor``, so the optimizer the loop built (and
