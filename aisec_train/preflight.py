@@ -26,7 +26,7 @@ from typing import Any
 
 from aisec_train.errors import ConfigError
 from aisec_train.store.errors import IntegrityError
-from aisec_train.store.files import _parent_dir
+from aisec_train.store.files import _parent_dir, staged_file
 
 # Errors from the disk or its permissions, not from our code: one line at any point of a run (aisec_train/cli.py).
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
@@ -43,15 +43,9 @@ def probe_dir(folder: Path, what: str, *, root: Path | None = None) -> None:
     name = f".aisec-train-probe.{os.getpid()}.{secrets.token_hex(4)}"
     try:
         with _parent_dir(folder / name, root) as (dir_fd, leaf):
-            fd = os.open(
-                leaf, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd
-            )
-            try:
-                os.write(fd, b"\0")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(leaf, dir_fd=dir_fd)
+            with staged_file(dir_fd, leaf, perms=0o600) as (fh, tmp):  # the same create + write + fsync as a run's
+                fh.write(b"\0")
+            os.unlink(tmp, dir_fd=dir_fd)
     except IntegrityError as err:
         raise ConfigError(f"{what}: {err}") from None
     except OSError as err:

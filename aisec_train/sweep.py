@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from aisec_train import errors
+from aisec_train.store.files import atomic_write, safe_open_for_write
 
 PROG = "aisec-train-sweep"
 log = logging.getLogger("aisec_train")
@@ -63,7 +64,7 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     reports = sorted(sweep_dir.glob("**/report.json"), key=lambda p: (len(p.parts), str(p)))
     rows = [_row(p.parent, sweep_dir) for p in reports]
     _write_markdown(rows, sweep_dir / "sweep_summary.md")
-    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as fh:
+    with safe_open_for_write(sweep_dir / "sweep_summary.csv", root=sweep_dir, mode="w") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -83,7 +84,7 @@ def _fmt(value: Any, column: str) -> str:
 def _write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[c], c) for c in COLUMNS) + " |" for row in rows]
-    path.write_text(f"# Sweep summary ({len(rows)} runs)\n\n" + "\n".join(lines) + "\n")
+    atomic_write(path, f"# Sweep summary ({len(rows)} runs)\n\n" + "\n".join(lines) + "\n", root=path.parent)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -111,7 +112,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax_runs.set_ylabel("accuracy")
     ax_runs.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with safe_open_for_write(path, root=path.parent) as fh:  # atomic, never through a symlink
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = errors.RefusingParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
-    with errors.refusing(PROG, FileNotFoundError, json.JSONDecodeError, KeyError):
+    with errors.refusing(PROG, FileNotFoundError, json.JSONDecodeError, KeyError, errors.Refusal):  # a symlink
         rows = summarize(args.sweep_dir)
     print((args.sweep_dir / "sweep_summary.md").read_text())
     if not rows:  # a sweep whose runs all failed is a result to report, not bad input: exit 1, not 2

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from aisec_train.config import MonitorConfig
 from aisec_train.data.dataset import to_nchw_float
 from aisec_train.data.sources import NPZ_READ_ERRORS, DataError
+from aisec_train.store.files import atomic_write, validate_output_path
 
 BASELINE = "monitor_baseline.json"
 STD_FLOOR = 1.0 / 32  # a feature constant in training (a border pixel) still gets a finite z-score
@@ -267,11 +268,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     with errors.refusing(parser.prog, errors.Refusal):  # DataError, CheckpointError, StoreError...
+        if args.json:  # a symlink or an unwritable folder is refused before any work, not after it
+            args.json = validate_output_path(args.json, what="--json")
         baseline, model = load_run(args.run_dir)
         verdict = check(baseline, model, read_batch(args.batch))
     print(verdict.text())
     if args.json:
-        args.json.write_text(json.dumps(verdict.to_dict(), indent=2))
+        with errors.refusing(parser.prog, errors.Refusal, OSError):  # a link planted since, a full disk
+            atomic_write(args.json, json.dumps(verdict.to_dict(), indent=2), root=args.json.parent)
     sys.exit(1 if verdict.alarm else 0)
 
 

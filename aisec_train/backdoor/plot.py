@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from aisec_train.store.files import safe_open_for_write  # noqa: E402
+
 
 def pruning_curve(curve: list[dict[str, float]], chosen: float, after: dict[str, float], path: Path) -> None:
     frac = [r["fraction"] for r in curve]
@@ -23,6 +25,6 @@ def pruning_curve(curve: list[dict[str, float]], chosen: float, after: dict[str,
     ax.set_title("Fine-Pruning")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with safe_open_for_write(path, root=path.parent) as fh:  # atomic, never through a symlink
+        fig.savefig(fh, format="png", dpi=120)
     plt.close(fig)

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from aisec_train.crypto.ckks import (
     load_secret_context,
 )
 from aisec_train.errors import require
+from aisec_train.store.files import atomic_write, shred
 
 KEY_ID_FILE = "key_id"
 _MAGIC, _ID_BYTES = b"AKR1", 16
@@ -85,7 +85,7 @@ def rotate_keys(params: CkksParams, client_root: Path, server_root: Path, epoch:
     paths = generate_keys(params, client_dir, server_dir)  # refuses overlapping folders and existing keys
     key_id = secrets.token_hex(_ID_BYTES)
     for folder in (client_dir, server_dir):
-        (folder / KEY_ID_FILE).write_text(key_id + "\n")
+        atomic_write(folder / KEY_ID_FILE, key_id + "\n", root=folder)
     return EpochKeys(
         epoch, key_id, paths.secret_context, paths.public_context, paths.secret_sha256, paths.public_sha256
     )
@@ -166,12 +166,7 @@ def retire(client_root: Path, before_epoch: int) -> list[Path]:
     destroyed = []
     for folder in sorted(Path(client_root).glob("epoch_*")):
         secret = folder / SECRET_FILE
-        if int(folder.name.split("_")[1]) < before_epoch and secret.is_file():
-            size = secret.stat().st_size
-            with open(secret, "r+b") as handle:
-                handle.write(os.urandom(size))
-                handle.flush()
-                os.fsync(handle.fileno())
-            secret.unlink()
+        # shred refuses a symlinked epoch folder or secret file: followed, it would overwrite its target
+        if int(folder.name.split("_")[1]) < before_epoch and shred(secret, root=client_root):
             destroyed.append(secret)
     return destroyed

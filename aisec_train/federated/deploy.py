@@ -25,6 +25,7 @@ from aisec_train.config import Config
 from aisec_train.errors import ConfigError
 from aisec_train.federated.config import DeploymentConfig
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.store.files import atomic_write, open_live
 
 log = logging.getLogger("aisec_train.federated")
 APP_NAME = "aisecfed"  # the Flower App's project name (also its folder name)
@@ -52,7 +53,7 @@ def write_app(app_dir: Path, server: ServerSettings) -> Path:
     """The Flower App: components from the installed package, run config = the server's settings only."""
     app_dir.mkdir(parents=True, exist_ok=True)
     config = "\n".join(f"{k} = {_toml_str(v)}" for k, v in server.to_map().items())
-    (app_dir / "pyproject.toml").write_text(f"""\
+    text = f"""\
 # Written by aisec-train for one run (federated.engine=deployment). The apps come from the installed
 # aisec_train package; the run config carries the server's settings and never a client key path.
 [build-system]
@@ -75,7 +76,8 @@ clientapp = "aisec_train.federated.client_app:app"
 
 [tool.flwr.app.config]
 {config}
-""")
+"""
+    atomic_write(app_dir / "pyproject.toml", text, root=app_dir)
     return app_dir
 
 
@@ -93,7 +95,7 @@ def write_flower_home(home: Path, dep: DeploymentConfig) -> Path:
         lines.append("insecure = true")
     else:
         lines.append(f"root-certificates = {_toml_str(str(Path(dep.root_certificates).resolve()))}")
-    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    atomic_write(home / "config.toml", "\n".join(lines) + "\n", root=home)
     return home
 
 
@@ -166,7 +168,7 @@ def run_deployment(cfg: Config, server: ServerSettings, client: ClientSettings, 
         )
         log.info("SuperNode %d: %s", pid, shlex.join(cmd))
     log_path = fed_dir / "flwr_run.log"
-    with log_path.open("w") as out:
+    with open_live(log_path, root=fed_dir, mode="w") as out:  # in place: readable while the run streams
         try:
             proc = subprocess.run(
                 [flwr_executable(), "run", str(app), CONNECTION, "--stream"],

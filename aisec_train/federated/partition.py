@@ -30,6 +30,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner, ShardPartitioner
 
 from aisec_train.errors import ConfigError, require
+from aisec_train.store.files import safe_open_for_write
 
 if TYPE_CHECKING:
     from aisec_train.federated.config import FederatedConfig
@@ -83,13 +84,11 @@ class Partition:
     def save(self, path: Path) -> Path:
         """One ``.npz`` for the whole federation; a client reads its own slice with ``load_client_indices``."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         flat = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
         meta = json.dumps({"kind": self.kind, "params": self.params, "dropped": self.dropped})
-        tmp = path.with_name(path.name + ".tmp.npz")  # np.savez appends .npz to names without it
-        np.savez(tmp, indices=flat, offsets=offsets, classes=self.classes, histograms=self.histograms, meta=meta)
-        tmp.replace(path)
+        with safe_open_for_write(path, root=path.parent) as fh:  # a file object: savez adds no .npz suffix
+            np.savez(fh, indices=flat, offsets=offsets, classes=self.classes, histograms=self.histograms, meta=meta)
         return path
 
 

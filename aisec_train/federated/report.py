@@ -18,6 +18,7 @@ from aisec_train.federated.settings import ClientSettings, ServerSettings
 from aisec_train.privacy import claims
 from aisec_train.privacy.randomness import describe as describe_randomness
 from aisec_train.privacy.report import FIGURES, Measured
+from aisec_train.store.files import safe_open_for_write
 
 PLOT = "federated_accuracy.png"
 
@@ -94,7 +95,8 @@ def plot_accuracy(rounds: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("federated accuracy per round")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with safe_open_for_write(path, root=path.parent) as fh:  # atomic, never through a symlink
+        fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
 

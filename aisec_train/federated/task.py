@@ -35,6 +35,7 @@ from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
 from aisec_train.federated.partition import Partition, client_partition, partition_labels
 from aisec_train.models.factory import ModelFactory
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
+from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import accuracy, resolve_device, sgd, train
@@ -49,10 +50,7 @@ def write_job(cfg: Config, path: Path, *, manifest_sha256: str) -> Path:
     """Freeze the composed config for the apps (no secrets: paths to keys live elsewhere)."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
     job = {"config": container, "manifest_sha256": manifest_sha256}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(job, indent=1))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(job, indent=1), root=path.parent)  # a unique temp: two jobs never share one
     return path
 
 

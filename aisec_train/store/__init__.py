@@ -19,10 +19,14 @@ from aisec_train.store.artifacts import (
 from aisec_train.store.errors import BudgetError, IntegrityError, LockError, StoreError
 from aisec_train.store.files import (
     atomic_write,
+    create_exclusive,
+    open_in_place,
+    open_live,
     open_nofollow,
     read_nofollow,
     safe_mkdir,
     safe_open_for_write,
+    shred,
     validate_output_path,
 )
 from aisec_train.store.keys import current_key, key_path, tag, verify
@@ -34,12 +38,15 @@ __all__ = [
     "LockError",
     "StoreError",
     "atomic_write",
+    "create_exclusive",
     "current_key",
     "exclusive_lock",
     "holder",
     "key_path",
     "lock_run_dir",
     "manifest_path",
+    "open_in_place",
+    "open_live",
     "open_nofollow",
     "read_artifact",
     "read_manifest",
@@ -48,6 +55,7 @@ __all__ = [
     "safe_mkdir",
     "safe_open_for_write",
     "save_artifact",
+    "shred",
     "tag",
     "validate_output_path",
     "verified_digest",

@@ -33,6 +33,7 @@ from aisec_train.store.files import (
     open_nofollow,
     read_nofollow,
     remove_stale_in,
+    replace_in,
     staged_file,
     write_in,
 )
@@ -161,7 +162,7 @@ def save_steps(
             accept = [digest] + ([old] if old not in (None, digest) else [])
             write_in(dir_fd, mname, _manifest(name, digest, accept, meta))
             yield "manifest-pending"  # accepts the file on disk now (old) and the one about to replace it (new)
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            replace_in(dir_fd, tmp, name)
             committed = True
             os.fsync(dir_fd)
             yield "payload"

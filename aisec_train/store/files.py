@@ -8,10 +8,16 @@ may sit behind a symlink (``/tmp`` on some systems): it is the user's choice, no
     >>> atomic_write(run_dir / "report.json", data, root=run_dir)
     >>> with safe_open_for_write(run_dir / "metrics.csv", root=run_dir, mode="w") as fh:
     ...     fh.write("epoch,loss\\n")
+
+Every file the package writes goes through this module (tests/test_safe_writes.py enforces it): atomic replaces
+(``atomic_write``, ``safe_open_for_write``, ``write_in``), create-once files (``create_exclusive``: the HMAC key),
+files changed in place (``open_live`` for live logs and appended CSVs, ``open_in_place`` for lock files) and
+``shred``. So one place owns symlink refusal, temp names, fsync and permissions.
 """
 
 from __future__ import annotations
 
+import atexit
 import errno
 import io
 import os
@@ -23,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from aisec_train.store import timing
 from aisec_train.store.errors import IntegrityError
 from aisec_train.store.timing import span, timed
 
@@ -129,12 +136,18 @@ def staged_file(
             raw.close()
 
 
+def replace_in(dir_fd: int, tmp: str, name: str) -> None:
+    """Rename the staged temp ``tmp`` over ``name`` in the directory ``dir_fd``: the entry is replaced, never
+    followed, so a symlink planted at ``name`` is itself replaced (the caller syncs the folder)."""
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
 def write_in(dir_fd: int, name: str, data: bytes, *, fsync: bool = True) -> None:
     """Replace ``name`` in the directory ``dir_fd`` with ``data`` (temp + rename; the caller syncs the folder)."""
     with staged_file(dir_fd, name, fsync=fsync) as (fh, tmp):
         fh.write(data)
     try:
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the entry, never follows it
+        replace_in(dir_fd, tmp, name)
     except BaseException:
         _unlink_quietly(dir_fd, tmp)
         raise
@@ -158,7 +171,7 @@ def safe_open_for_write(
         with staged_file(dir_fd, name, mode=mode, encoding=encoding, perms=perms) as (fh, tmp):
             yield fh
         try:
-            os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the entry, never follows it
+            replace_in(dir_fd, tmp, name)
         except BaseException:
             _unlink_quietly(dir_fd, tmp)
             raise
@@ -178,6 +191,112 @@ def atomic_write(
     ``perms=0o600`` for secrets (key files)."""
     with safe_open_for_write(path, root=root, mode="wb", sync_dir=sync_dir, perms=perms) as fh:
         fh.write(data.encode() if isinstance(data, str) else data)
+
+
+def create_exclusive(path: str | os.PathLike, data: bytes, *, root: str | os.PathLike, perms: int = 0o600) -> bool:
+    """Create ``path`` (inside ``root``) holding ``data`` unless it exists; True when this call created it.
+
+    ``data`` goes whole into a private temp (``perms`` from the start, fsynced), which is then hard-linked into
+    place: the link fails when another process won the race, so racing processes all keep the first one's file
+    (one HMAC key per user) and no reader ever sees half of it. On a filesystem without hard links it falls back
+    to an exclusive create in place."""
+    with _parent_dir(Path(path), Path(root)) as (dir_fd, name):
+        with staged_file(dir_fd, name, perms=perms) as (fh, tmp):
+            fh.write(data)
+        try:
+            os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            created = True
+        except FileExistsError:
+            created = False  # another process created it first: theirs stays
+        except OSError:  # EPERM/EOPNOTSUPP: no hard links here (some FUSE and SMB mounts)
+            created = _create_in_place(dir_fd, name, data, perms)
+        finally:
+            _unlink_quietly(dir_fd, tmp)
+        if created:
+            os.fsync(dir_fd)
+        return created
+
+
+def _create_in_place(dir_fd: int, name: str, data: bytes, perms: int) -> bool:
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, perms, dir_fd=dir_fd)
+    except FileExistsError:
+        return False
+    with open(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def open_live(
+    path: str | os.PathLike, *, root: str | os.PathLike, mode: str = "a", encoding: str = "utf-8", perms: int = 0o666
+) -> IO:
+    """``path`` (inside ``root``) opened for writing in place, for a file read while it grows (a live log, a CSV
+    appended each epoch, a subprocess's output): ``"a"``/``"ab"`` append (creating it), ``"w"``/``"wb"``
+    truncate it first. Not atomic, by design; like every write here it refuses a symlink anywhere under
+    ``root``. Text modes do no newline translation (``csv`` needs that). The caller closes it.
+
+    ``"w"`` starts a new file (the old entry unlinked, then ``O_EXCL``) rather than truncating the old one in
+    place: a hard link planted there would otherwise have its target truncated and overwritten."""
+    if mode not in ("a", "ab", "w", "wb"):
+        raise ValueError(f"mode {mode!r} is not allowed: 'a', 'ab', 'w' or 'wb'")
+    append = mode[0] == "a"
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_EXCL)
+    fd = open_in_place(path, root=root, flags=flags, perms=perms, fresh=not append)
+    if mode.endswith("b"):
+        return open(fd, mode)
+    return open(fd, mode, encoding=encoding, newline="")
+
+
+def open_in_place(
+    path: str | os.PathLike,
+    *,
+    root: str | os.PathLike,
+    flags: int = os.O_RDWR | os.O_CREAT,
+    perms: int = 0o666,
+    fresh: bool = False,
+) -> int:
+    """A raw descriptor of ``path`` (inside ``root``) for a file changed in place rather than replaced: a lock
+    file that carries its holder's record, a live log (:func:`open_live`). ``O_NOFOLLOW`` and ``O_CLOEXEC``
+    are always added, and no component under ``root`` may be a symlink. ``fresh``: unlink the entry first."""
+    path = Path(path)
+    with _parent_dir(path, Path(root)) as (dir_fd, name):
+        if fresh:
+            _unlink_quietly(dir_fd, name)
+        try:
+            return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, perms, dir_fd=dir_fd)
+        except OSError as err:
+            if err.errno == errno.ELOOP:  # planted after the check above
+                raise IntegrityError(f"{path} is a symlink; refusing to write through it") from None
+            raise
+
+
+def shred(path: str | os.PathLike, *, root: str | os.PathLike) -> bool:
+    """Overwrite the regular file ``path`` (inside ``root``) with random bytes in place, fsync, then unlink it;
+    False when it does not exist. A symlink anywhere under ``root`` is refused: followed, it would aim the
+    overwrite at its target. Best effort: copies a filesystem or a backup keeps are beyond reach."""
+    path = Path(path)
+    try:
+        with _parent_dir(path, Path(root), create=False) as (dir_fd, name):
+            # O_NONBLOCK: a FIFO planted there fails at once instead of waiting for a reader
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+            with open(fd, "wb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise IntegrityError(f"{path} is not a regular file; refusing to shred it")
+                fh.write(os.urandom(st.st_size))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.unlink(name, dir_fd=dir_fd)
+            os.fsync(dir_fd)
+    except FileNotFoundError:
+        return False
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise IntegrityError(f"{path} is a symlink; refusing to shred through it") from None
+        raise
+    return True
 
 
 def safe_mkdir(path: str | os.PathLike, *, root: str | os.PathLike) -> Path:
@@ -247,3 +366,17 @@ def _unlink_quietly(dir_fd: int, name: str) -> int:
         return 1
     except FileNotFoundError:
         return 0
+
+
+def _append_timing_line() -> None:
+    """At exit, with ``$AISEC_TRAIN_STORE_TIMING`` set: one short append per process, so lines do not interleave."""
+    path = Path(os.path.abspath(os.environ[timing.ENV]))
+    try:
+        with open_live(path, root=path.parent, mode="a") as fh:
+            fh.write(timing.exit_line() + "\n")
+    except (OSError, IntegrityError):
+        pass  # a measurement aid must never fail the job (a symlink there is refused, not followed)
+
+
+if timing.ENABLED:
+    atexit.register(_append_timing_line)

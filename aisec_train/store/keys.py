@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aisec_train.store.errors import IntegrityError
+from aisec_train.store.files import create_exclusive
 from aisec_train.store.timing import timed
 
 KEY_ENV = "AISEC_TRAIN_KEY_FILE"
@@ -57,34 +58,10 @@ def key_id(secret: bytes) -> str:
 
 
 def _create(path: Path) -> None:
-    """Write a fresh key to a private temp file, then link it into place: the link fails if another process
-    won the race, and no reader ever sees a half-written key."""
+    """A fresh key, created once through the store's exclusive create (private temp, fsync, link into place):
+    when two processes race, the second link fails and both use the first key; no reader sees half a key."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(fd, secrets.token_bytes(_KEY_BYTES).hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass  # another process created it first: use theirs
-    except OSError:  # a filesystem without hard links: exclusive create in place
-        _copy_exclusive(tmp, path)
-    finally:
-        os.unlink(tmp)
-
-
-def _copy_exclusive(tmp: Path, path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        return
-    with open(fd, "wb") as dst:
-        dst.write(tmp.read_bytes())
-        os.fsync(dst.fileno())
+    create_exclusive(path, secrets.token_bytes(_KEY_BYTES).hex().encode() + b"\n", root=path.parent, perms=0o600)
 
 
 def _read(path: Path, *, create: bool) -> Key:

@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aisec_train.store.errors import IntegrityError, LockError
+from aisec_train.store.files import open_in_place
 from aisec_train.store.timing import span, timed
 
 RUN_LOCK = ".aisec-train.lock"
@@ -64,13 +65,11 @@ def describe(info: dict) -> str:
 
 
 def _open(path: Path) -> int:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """The lock file, changed in place (never renamed: the lock is on its inode), not through a symlink."""
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    except OSError as err:
-        if err.errno == errno.ELOOP:
-            raise IntegrityError(f"lock file {path} is a symlink; refusing to follow it") from None
-        raise
+        return open_in_place(path, root=path.parent, flags=os.O_RDWR | os.O_CREAT, perms=0o644)
+    except IntegrityError as err:
+        raise IntegrityError(f"lock file {err}") from None
 
 
 # flock's answers for "this filesystem cannot lock" (NFSv3 without lockd, SMB, some FUSE mounts): not a holder.

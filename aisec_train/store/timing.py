@@ -12,7 +12,6 @@ the serialization of a checkpoint's content (``torch.save``), which a job withou
 
 from __future__ import annotations
 
-import atexit
 import functools
 import json
 import os
@@ -75,14 +74,7 @@ def totals() -> dict[str, dict[str, float]]:
         return {k: {"calls": int(c), "seconds": s, "outermost_seconds": o} for k, (c, s, o) in _totals.items()}
 
 
-def _dump() -> None:
-    line = {"pid": os.getpid(), "argv": sys.argv[1:], "totals": totals()}
-    try:
-        with open(os.environ[ENV], "a") as fh:  # one short append per process: lines do not interleave
-            fh.write(json.dumps(line) + "\n")
-    except OSError:
-        pass  # a measurement aid must never fail the job
-
-
-if ENABLED:
-    atexit.register(_dump)
+def exit_line() -> str:
+    """This process's totals as the one JSON line appended to ``$AISEC_TRAIN_STORE_TIMING`` at exit (by
+    store/files.py, which owns every write: this module cannot import it, since it times it)."""
+    return json.dumps({"pid": os.getpid(), "argv": sys.argv[1:], "totals": totals()})

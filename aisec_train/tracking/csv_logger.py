@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from aisec_train.store import atomic_write, validate_output_path
+from aisec_train.store import atomic_write, open_live, validate_output_path
 from aisec_train.tracking.base import RunInfo
 from aisec_train.tracking.config import CsvLoggerConfig
 
@@ -24,8 +23,7 @@ class CsvBackend:
         self.root = info.run_dir
         self.path = validate_output_path(info.run_dir / cfg.path, root=info.run_dir, what="logger.csv.path")
         fresh = not self.path.exists()
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
-        self.file = open(os.open(self.path, flags, 0o666), "a", encoding="utf-8", newline="")
+        self.file = open_live(self.path, root=self.root, mode="a")  # appended in place: readable while training
         self.writer = csv.writer(self.file)
         if fresh:  # a resumed run appends to the rows it logged before
             self.writer.writerow(["axis", "step", "key", "value"])

@@ -13,12 +13,12 @@ even from a child process. MLflow verifies the copy's schema version when it ope
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
+from aisec_train.store.files import create_exclusive
 from aisec_train.tracking.base import RunInfo
 from aisec_train.tracking.config import MlflowLoggerConfig
 
@@ -95,17 +95,15 @@ def local_store(path: Path, artifacts: Path) -> str:
     is linked into place, never over an existing file: the first job of a parallel sweep wins, the others use its
     store. The Default experiment's artifact folder is set to this store's (the cache's build folder otherwise)."""
     if not path.exists():
-        staged = path.with_name(f".{path.name}.{os.getpid()}")
-        shutil.copyfile(empty_store(), staged)
-        with sqlite3.connect(staged) as db:
-            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", [str(artifacts / "0")])
-        db.close()
+        db = sqlite3.connect(":memory:")  # edited in memory, then created once through the store's safe writes
         try:
-            os.link(staged, path)
-        except FileExistsError:
-            pass
+            db.deserialize(empty_store().read_bytes())
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", [str(artifacts / "0")])
+            db.commit()
+            data = db.serialize()
         finally:
-            staged.unlink()
+            db.close()
+        create_exclusive(path, data, root=path.parent, perms=0o666)  # False: a parallel job's store won; use it
     return f"sqlite:///{path}"
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.errors import Refusal
+from aisec_train.store.files import atomic_write
 from aisec_train.tracking.base import RunInfo
 
 CLOSE_WAIT_S = 600  # the child's last records (artifacts, wandb's final flush) take seconds, not minutes
@@ -133,8 +134,7 @@ class Sidecar:
         text = self.output.read().decode(errors="replace")
         self.output.close()
         log = self.run_dir / "tracking" / f"{self.name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(text)
+        atomic_write(log, text, root=self.run_dir)
         lines = [line for line in text.splitlines() if line.strip()]
         last = lines[-1] if lines else f"exit status {self.proc.returncode}"
         self.error = TrackingError(f"logger={self.name} failed: {last} (its whole output: {log})")

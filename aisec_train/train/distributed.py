@@ -34,6 +34,7 @@ from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
+from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.launch import check_same_run_dir, under_torchrun
@@ -146,9 +147,7 @@ class JobPayload:
         data = pickle.dumps(self.job, protocol=pickle.HIGHEST_PROTOCOL)
         self.dir = tempfile.mkdtemp(prefix="aisec-launch-")
         path = os.path.join(self.dir, "job.pkl")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as stream:
-            stream.write(data)
+        atomic_write(path, data, root=self.dir, perms=0o600, sync_dir=False)  # a fresh private folder, read at once
         self.ticket = (path, hashlib.sha256(data).hexdigest())
         return self
 
