@@ -40,8 +40,10 @@ def test_rank_zero_steps_reach_the_tracker(two_process_run):
 
     report = read_report(two_process_run)
     rows = list(csv.DictReader((two_process_run / "tracking" / "metrics.csv").open()))
-    steps = [int(r["step"]) for r in rows if r["key"] == "step/epsilon"]
+    steps = [int(r["step"]) for r in rows if r["key"] == "step/loss"]
     assert steps == list(range(1, report["privacy"]["steps"] + 1))
+    epsilon_steps = [int(r["step"]) for r in rows if r["key"] == "step/epsilon"]  # each epoch's last step
+    assert epsilon_steps == [report["privacy"]["steps"] // 2, report["privacy"]["steps"]]
     assert [int(r["step"]) for r in rows if r["key"] == "epoch/test_accuracy"] == [1, 2]
     assert report["train"]["distributed"]["launcher"] == "elastic_launch"
 

@@ -37,8 +37,12 @@ def test_tensorboard_events_read_back(tracked):
     events.Reload()
     steps = [e.step for e in events.Scalars("step/loss")]
     assert steps == list(range(1, report["privacy"]["steps"] + 1))  # every optimizer step, in order
-    epsilons = [e.value for e in events.Scalars("step/epsilon")]
-    assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(report["privacy"]["epsilon"], rel=1e-5)
+    # Epsilon on the step axis at each epoch's last step (logger.epsilon_every_n_steps=0): the epoch row's figure
+    epsilons = events.Scalars("step/epsilon")
+    assert len(epsilons) == report["train"]["epochs_completed"] and epsilons[-1].step == report["privacy"]["steps"]
+    values = [e.value for e in epsilons]
+    assert values == sorted(values) and values[-1] == pytest.approx(report["privacy"]["epsilon"], rel=1e-5)
+    assert values == pytest.approx([e.value for e in events.Scalars("epoch/epsilon")], rel=1e-6)
     assert len(events.Scalars("epoch/test_accuracy")) == report["train"]["epochs_completed"]
     final = events.Scalars("final/metrics.clean_accuracy")[0].value
     assert final == pytest.approx(report["metrics"]["clean_accuracy"], rel=1e-6)
@@ -127,10 +131,23 @@ def test_csv_rows_and_params(tracked):
     report = read_report(tracked)
     rows = list(csv.DictReader((tracked / "tracking" / "metrics.csv").open()))
     eps = [float(r["value"]) for r in rows if r["key"] == "step/epsilon"]
-    assert len(eps) == report["privacy"]["steps"] and eps[-1] == pytest.approx(report["privacy"]["epsilon"])
+    assert len(eps) == report["train"]["epochs_completed"] and eps[-1] == pytest.approx(report["privacy"]["epsilon"])
     final = {r["key"]: float(r["value"]) for r in rows if r["axis"] == "final"}
     assert final["final/metrics.clean_accuracy"] == pytest.approx(report["metrics"]["clean_accuracy"])
     assert json.loads((tracked / "tracking" / "params.json").read_text())["train.epochs"] == 3
+
+
+def test_epsilon_every_step_on_request(tmp_path):
+    """``logger.epsilon_every_n_steps=1``: the exact epsilon after every optimizer step, rising to the report's;
+    each is an accountant call, so the default logs it only at each epoch's last step (docs/cluster.md)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(*FAST, "logger=csv", "logger.epsilon_every_n_steps=1", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = read_report(run_dir)
+    rows = [r for r in csv.DictReader((run_dir / "tracking" / "metrics.csv").open()) if r["key"] == "step/epsilon"]
+    assert [int(r["step"]) for r in rows] == list(range(1, report["privacy"]["steps"] + 1))
+    eps = [float(r["value"]) for r in rows]
+    assert eps == sorted(eps) and eps[0] > 0 and eps[-1] == pytest.approx(report["privacy"]["epsilon"])
 
 
 def test_multirun_jobs_are_one_mlflow_experiment_and_one_wandb_group(tmp_path):
@@ -177,5 +194,7 @@ def test_logger_choices_compose():
     assert compose([]).logger.enabled() == []
     with pytest.raises(ConfigError, match="logger.every_n_steps=0 is not allowed"):
         compose(["logger.every_n_steps=0"])
+    with pytest.raises(ConfigError, match=r"logger.epsilon_every_n_steps=-1 is not allowed: must be >= 0"):
+        compose(["logger.epsilon_every_n_steps=-1"])
     flat = flatten(compose(["logger=csv"]))
     assert flat["privacy.mode"] == "dpsgd" and flat["logger.csv.path"] == "tracking/metrics.csv"

@@ -251,7 +251,8 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, o
     sharded = cfg.train.distributed.strategy == "fsdp"  # every rank joins each forward pass (evaluation too)
     model = job.factory(seed=cfg.train.seed)  # same initial weights everywhere (DPDDP broadcasts rank 0's anyway)
     buffer = StepBuffer() if tracked and rank == 0 else None  # the job's process logs it (elastic launch)
-    callbacks = [StepLogger(buffer, cfg.logger.every_n_steps)] if buffer is not None else step_loggers(job)
+    every = (cfg.logger.every_n_steps, cfg.logger.epsilon_every_n_steps)
+    callbacks = [StepLogger(buffer, *every)] if buffer is not None else step_loggers(job)
     result = train(
         model,
         job.data.training_view(),
