@@ -5,9 +5,10 @@
     aisec-train -m logger=mlflow privacy.target_epsilon=1,3,8   # one MLflow experiment for the sweep
 
 One module per backend, :data:`BACKENDS` maps a config key to it, :class:`~aisec_train.tracking.base.Tracker`
-fans out. Logged: the flattened config as parameters; per optimizer step the loss, epsilon spent, clip fraction
-and learning rate (:class:`~aisec_train.tracking.callback.StepLogger`, a training-loop callback); per epoch (per
-round, federated) the history row; at the end the report's headline numbers, and for MLflow the report files,
+fans out. Logged: the flattened config as parameters; per optimizer step the loss, clip fraction and learning
+rate, and epsilon spent at each epoch's last step (``logger.epsilon_every_n_steps``;
+:class:`~aisec_train.tracking.callback.StepLogger`, a training-loop callback); per epoch (per round, federated)
+the history row; at the end the report's headline numbers, and for MLflow the report files,
 the model card and ``model.pt`` as artifacts. Only rank 0 of a distributed job logs. MLflow, wandb and TensorBoard
 run in a child process (:mod:`~aisec_train.tracking.sidecar`): training queues records and never waits for them.
 """
