@@ -9,7 +9,7 @@ Norms come from :func:`~aisec_train.train.bk_cost.choose`'s pick:
   batch's weight gradient and with no patch copy; on CUDA: the patches (a strided view of the padded input,
   copied once) times ``g`` in one ``bmm``, or the fused Triton norm when the gradients are not kept;
 * ghost, on CUDA: the fused Triton ghost-norm kernel on the patches;
-* ghost, on the CPU, when cheaper: the patch Gram ``a_i a_i^T`` assembled from the Gram of the padded *pixels*
+* ghost, on the CPU, when cheaper: the patch Gram ``a_i a_i^T`` assembled from the Gram of the input's *pixels*
   (``P x P``, contracted over channels only) by gathering the ``prod(kernel)`` shifted entries and summing
   them, which skips the ``prod(kernel)``-fold patch copy that otherwise costs more than the convolution.
 
@@ -47,6 +47,13 @@ def _out_size(h: int, w: int, k, d, s) -> tuple[int, int]:
     return (h - d[0] * (k[0] - 1) - 1) // s[0] + 1, (w - d[1] * (k[1] - 1) - 1) // s[1] + 1
 
 
+def _unpadded(x: Tensor, padding: list[int]) -> tuple[int, int, int, int]:
+    """An input's (H, W) before padding and its (ph, pw) zero padding, Conv1d as height 1."""
+    if x.dim() == 3:
+        return 1, x.shape[2], 0, padding[0]
+    return x.shape[2], x.shape[3], padding[0], padding[1]
+
+
 def unfold(module, x: Tensor, padding: list[int]) -> Tensor:
     """(B, C_in * prod(k), T) patches, channel-major like the weight's (C_out, C_in/groups, *k) layout.
 
@@ -61,21 +68,29 @@ def unfold(module, x: Tensor, padding: list[int]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _pixel_index(shapes: tuple[tuple[int, int], ...], k: tuple, d: tuple, s: tuple, device: torch.device) -> Tensor:
-    """Flat indices into the (P, P) pixel Gram of every (kernel offset, position, position) triple.
+def _pixel_index(
+    calls: tuple[tuple[int, int, int, int], ...], k: tuple, d: tuple, s: tuple, device: torch.device
+) -> Tensor:
+    """Flat indices into the (P + 1, P + 1) pixel Gram of every (kernel offset, position, position) triple.
 
-    ``shapes`` lists the padded (H, W) of each forward call; their pixels are concatenated, so a layer run
-    twice before one backward gets the cross terms between its calls.
+    ``calls`` lists each forward call's unpadded (H, W) and zero padding (ph, pw). Their ``P`` pixels are
+    concatenated, so a layer run twice before one backward gets the cross terms between its calls; a patch
+    entry that falls on the padding points at the Gram's extra zero row and column (index ``P``).
     """
+    total = sum(h * w for h, w, _, _ in calls)
     rows, start = [], 0
-    for h, w in shapes:
-        oh, ow = _out_size(h, w, k, d, s)
-        base = (torch.arange(oh)[:, None] * s[0] * w + torch.arange(ow)[None, :] * s[1]).flatten()
-        offsets = (torch.arange(k[0])[:, None] * d[0] * w + torch.arange(k[1])[None, :] * d[1]).flatten()
-        rows.append(start + offsets[:, None] + base[None, :])  # (K, T of this call)
+    for h, w, ph, pw in calls:
+        hp, wp = h + 2 * ph, w + 2 * pw
+        oh, ow = _out_size(hp, wp, k, d, s)
+        r = torch.arange(oh)[:, None] * s[0] + torch.arange(k[0])[None, :] * d[0] - ph  # (oh, kh) unpadded row
+        c = torch.arange(ow)[:, None] * s[1] + torch.arange(k[1])[None, :] * d[1] - pw  # (ow, kw) unpadded col
+        rr, cc = r.T[:, None, :, None], c.T[None, :, None, :]  # (kh, 1, oh, 1), (1, kw, 1, ow)
+        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        pix = torch.where(inside, start + rr * w + cc, torch.full_like(rr * cc, total))
+        rows.append(pix.reshape(k[0] * k[1], oh * ow))  # (K, T of this call)
         start += h * w
     pix = torch.cat(rows, 1)  # (K, T)
-    return (pix[:, :, None] * start + pix[:, None, :]).flatten().to(device)
+    return (pix[:, :, None] * (total + 1) + pix[:, None, :]).flatten().to(device)
 
 
 def ghost_by_pixels(module, pixels: int, t: int, grad: Tensor) -> bool:
@@ -144,7 +159,7 @@ class ConvRule(Rule):
             return out
         pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
         out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
-        pixels = sum(math.prod(_geometry(module, c.saved[0][:1], c.saved[1])[0].shape[2:]) for c in calls)
+        pixels = sum(c.saved[0][0, 0].numel() for c in calls)  # unpadded: the Gram's padding entries are zeros
         by_pixels = pick.method == "ghost" and ghost_by_pixels(module, pixels, t, calls[0].grad)
         if pick.store:
             shape = (b, *module.weight.shape)
@@ -204,15 +219,19 @@ class ConvRule(Rule):
 
     @staticmethod
     def _pixel_ghost(module, part: list[tuple[Tensor, list[int], Tensor]]) -> Tensor:
-        """Ghost norms with the patch Gram gathered from the pixel Gram (see the module docstring)."""
+        """Ghost norms with the patch Gram gathered from the pixel Gram (see the module docstring).
+
+        The Gram is of the unpadded pixels plus one zero row and column for the padding: no padded copy, and
+        on a small feature map most of the padded Gram would be zeros (4x4 padded to 6x6: 2.25x the pixels).
+        """
         groups = module.groups
-        padded = [_geometry(module, x, pad) for x, pad, _ in part]
-        _, k, d, s = padded[0]
-        n, c = padded[0][0].shape[:2]
-        pixels = _cat([x.reshape(n * groups, c // groups, -1) for x, *_ in padded], 2)  # (N G, Cg, P)
-        gram_x = torch.bmm(pixels.transpose(1, 2), pixels)
-        shapes = tuple(tuple(x.shape[2:]) for x, *_ in padded)
-        index = _pixel_index(shapes, tuple(k), tuple(d), tuple(s), gram_x.device)
+        _, k, d, s = _geometry(module, part[0][0][:1, :1], part[0][1])
+        n, c = part[0][0].shape[:2]
+        pixels = _cat([x.reshape(n * groups, c // groups, -1) for x, *_ in part], 2)  # (N G, Cg, P)
+        gram_x = F.pad(torch.bmm(pixels.transpose(1, 2), pixels), (0, 1, 0, 1))  # (N G, P + 1, P + 1)
+        index = _pixel_index(
+            tuple(_unpadded(x, pad) for x, pad, _ in part), tuple(k), tuple(d), tuple(s), gram_x.device
+        )
         t = sum(grad[0].numel() for *_, grad in part) // module.out_channels
         gram_a = gram_x.flatten(1).index_select(1, index).view(n * groups, -1, t, t).sum(1)
         g = _cat([grad.reshape(n * groups, module.out_channels // groups, -1) for *_, grad in part], 2)
