@@ -173,9 +173,10 @@ def build(node: dict[str, Any], key: str, **supplied: Any) -> Any:
         return instantiate(node, **supplied)
     except Exception as err:  # noqa: BLE001 - the user's constructor raised: name it, do not dump a traceback
         cause = err.__cause__ or err
+        # from None: the line already holds the constructor's message; chained, the CLI would print it twice
         raise ConfigError(
             f"{key}._target_={node.get('_target_')!r} failed to build: {' '.join(str(cause).split())}"
-        ) from err
+        ) from None
 
 
 def instantiate_dataset(node: Any, key: str) -> Any:

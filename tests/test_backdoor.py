@@ -8,6 +8,7 @@ short ``experiment=backdoor`` CLI run; the figure checks (full DP preset, second
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -549,6 +550,50 @@ def test_fine_pruning_removes_the_backdoor_and_bakes_the_mask(backdoored):
     dropped = (pruned.mask == 0).nonzero().flatten()
     assert len(dropped) and bool((reader[:, dropped] == 0).all())
     assert not module_at(model, "features_out")._forward_hooks
+
+
+def test_distillation_loss_is_hintons_and_leaves_the_teacher_alone():
+    from torch.nn import functional as F
+
+    from aisec_train.train.objectives import Distillation
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    x, y = torch.randn(5, 6), torch.randint(0, 4, (5,))
+    before = teacher.weight.clone()
+    loss, logits = Distillation(teacher, temperature=2.0, weight=0.3)(student, student, x, y, nn.CrossEntropyLoss())
+    p, q = F.softmax(teacher(x) / 2, 1), F.log_softmax(student(x) / 2, 1)
+    want = 0.7 * F.cross_entropy(student(x), y) + 0.3 * 4 * (p * (p.log() - q)).sum(1).mean()
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None and torch.equal(teacher.weight, before)
+    torch.testing.assert_close(logits, student(x))
+
+
+def test_fine_pruning_distils_only_from_a_teacher_right_on_the_trusted_data(backdoored):
+    """The gate reads the pre-repair model's trusted accuracy; a distilled repair stays closer to the teacher."""
+    from torch.nn import functional as F
+
+    trusted_set = backdoored["trusted"]
+    x, _ = materialize(trusted_set)
+    with torch.no_grad():
+        want = F.log_softmax(backdoored["model"](x), 1)
+    cfg = BackdoorConfig(finetune_epochs=10)
+    assert prune.teacher_for(backdoored["model"], 0.94, cfg) is None  # below the default gate of 0.95
+    assert prune.teacher_for(backdoored["model"], 0.99, BackdoorConfig(distill_weight=0.0)) is None
+    teacher = prune.teacher_for(backdoored["model"], 0.95, cfg)
+    assert teacher is not backdoored["model"] and not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    distances = {}
+    for gate in (0.0, 1.0):  # the fixture's trusted accuracy is below 1.0: the second never distils
+        model = copy.deepcopy(backdoored["model"])
+        gated = dataclasses.replace(cfg, distill_min_teacher_accuracy=gate)
+        pruned = prune.fine_prune(model, "features_out", trusted_set, CPU, gated)
+        assert pruned.distilled is (gate == 0.0) and pruned.base_accuracy < 1.0
+        with torch.no_grad():
+            got = F.log_softmax(model(x), 1)
+        distances[gate] = float(F.kl_div(got, want, log_target=True, reduction="batchmean"))
+    assert distances[0.0] < 0.5 * distances[1.0], distances
 
 
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):

@@ -131,6 +131,9 @@ def test_the_backdoor_is_learned_and_its_asr_measured(trigger):
         ("backdoor.blend_alpha=1.5", "backdoor.blend_alpha=1.5 is not allowed: must be in (0, 1)"),
         ("backdoor.warp_grid=1", "backdoor.warp_grid=1 is not allowed: must be >= 2"),
         ("backdoor.attack=trojan", "backdoor.attack"),
+        ("backdoor.distill_weight=1", "backdoor.distill_weight=1.0 is not allowed: must be in [0, 1)"),
+        ("backdoor.distill_temperature=0", "backdoor.distill_temperature=0.0 is not allowed: must be > 0"),
+        ("backdoor.distill_min_teacher_accuracy=nan", "backdoor.distill_min_teacher_accuracy=nan is not allowed"),
     ],
 )
 def test_bad_attack_settings_are_refused_in_one_line(tmp_path, override, message):

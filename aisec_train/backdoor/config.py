@@ -79,6 +79,12 @@ class BackdoorConfig:
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
     finetune_head: FinetuneHead = FinetuneHead.reinit  # the head after the feature layer: reinit | keep
     finetune_body_lr: float = 0.2  # the body's lr as a fraction of finetune_lr (the head gets finetune_lr)
+    # Distillation from the pre-repair model while fine-tuning (backdoor/prune.py), used only when that model's
+    # accuracy on the trusted data (held out from training) is at least distill_min_teacher_accuracy: a weaker
+    # teacher's soft labels carried the backdoor back (docs/backdoor.md, "Repair by distillation"). weight 0: never.
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
+    distill_min_teacher_accuracy: float = 0.95
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
     feature_layer: str | None = None
@@ -106,3 +112,7 @@ class BackdoorConfig:
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")
+        require(0.0 <= self.distill_weight < 1.0, "backdoor.distill_weight", self.distill_weight, "must be in [0, 1)")
+        require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")
+        gate = self.distill_min_teacher_accuracy
+        require(0.0 <= gate <= 1.0, "backdoor.distill_min_teacher_accuracy", gate, "must be in [0, 1]")

@@ -5,7 +5,8 @@
    first breach ends pruning, as in Liu et al.); beyond :data:`POINTS` channels they are pruned in equal groups,
    so a 512-channel layer costs 65 evaluations, not 513;
 3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook, the
-   classifier head re-initialised and the body at a fifth of the learning rate (backdoor/retune.py);
+   classifier head re-initialised and the body at a fifth of the learning rate (backdoor/retune.py), distilling
+   from the pre-repair model when it classifies the trusted data well enough (:func:`teacher_for`);
 4. bake the mask into the released model, verified (backdoor/bake.py).
 
 The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing here depends on the architecture.
@@ -16,6 +17,7 @@ The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -33,6 +35,7 @@ from aisec_train.backdoor.layers import masked
 from aisec_train.data.views import materialize, subset
 from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import train
+from aisec_train.train.objectives import Distillation
 
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
 CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
@@ -51,6 +54,7 @@ class Pruned:
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated pruned count
     baked: Baked | None = None
     head: list[str] = field(default_factory=list)  # modules after the feature layer (re-initialised, or kept)
+    distilled: bool = False  # whether fine-tuning distilled from the pre-repair model (:func:`teacher_for`)
 
     @property
     def pruned_fraction(self) -> float:
@@ -118,8 +122,28 @@ def prune(
     return Pruned(final, order, stats.mean.cpu().tolist(), base, chosen_acc, step, mode, curve)
 
 
+def teacher_for(model: nn.Module, trusted_accuracy: float, cfg: BackdoorConfig) -> nn.Module | None:
+    """A frozen copy of the pre-repair model to distil from while fine-tuning, or None.
+
+    Distillation keeps what 288 trusted samples cannot re-teach: on non-private digits the repair then costs
+    0.6-2.0 points instead of 1.7-3.1, ASR <= 0.04. Only from a teacher that is right on (nearly) all trusted data,
+    though: a weaker one (DP, the natural set) misclassifies clean inputs in the backdoor's favour and its soft
+    labels taught the trigger back (ASR 0.09-0.22; docs/backdoor.md, "Repair by distillation"). The gate reads the
+    model's accuracy on the trusted data, which training never saw: it adapts to the model, not to the dataset.
+    """
+    if cfg.distill_weight == 0 or cfg.finetune_epochs == 0 or trusted_accuracy < cfg.distill_min_teacher_accuracy:
+        return None
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
 def fine_tune(
-    model: nn.Module, path: str, trusted: Dataset, device: torch.device, cfg: BackdoorConfig, seed: int
+    model: nn.Module,
+    path: str,
+    trusted: Dataset,
+    device: torch.device,
+    cfg: BackdoorConfig,
+    seed: int,
+    teacher: nn.Module | None = None,
 ) -> list[str]:
     """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop, the head (every module
     after the feature layer ``path``) re-initialised when ``backdoor.finetune_head=reinit`` and trained at
@@ -128,7 +152,8 @@ def fine_tune(
 
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
     backdoor/trusted.py). The warm-up: a DP model's first steps at the full lr 0.1 with momentum could diverge; on
-    typeset digits the repaired model fell from 0.45 to 0.27 clean accuracy without it (docs/backdoor.md).
+    typeset digits the repaired model fell from 0.45 to 0.27 clean accuracy without it (docs/backdoor.md). With a
+    ``teacher``, the loss adds distillation from it (:class:`~aisec_train.train.objectives.Distillation`).
     """
     if cfg.finetune_epochs == 0:
         return []
@@ -150,8 +175,9 @@ def fine_tune(
                  "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
     scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
     with retune.lr_scales(model, head, cfg.finetune_body_lr):
+        objective = None if teacher is None else Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
         train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler,
-              progress=False)  # fmt: skip
+              objective=objective, progress=False)  # fmt: skip
     model.eval()
     return head
 
@@ -172,9 +198,11 @@ def fine_prune(
     data: the pipeline passes its augmented view), bake it into the released model."""
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
+    teacher = teacher_for(model, pruned.base_accuracy, cfg)  # unpruned, before the head is re-initialised
+    pruned.distilled = teacher is not None
     with masked(model, path, pruned.mask):
         view = finetune_view if finetune_view is not None else trusted
-        pruned.head = fine_tune(model, path, view, device, cfg, seed)
+        pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher)
     probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
     pruned.baked = bake(model, path, pruned.mask, probe.to(device))
     return pruned

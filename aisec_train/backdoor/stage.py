@@ -185,6 +185,13 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
             "weight_decay": bd.finetune_weight_decay,
             "batch_size": bd.finetune_batch_size,
             "n_trusted": len(state.trusted),
+            "distill": {
+                "used": pruned.distilled,
+                "teacher_trusted_accuracy": pruned.base_accuracy,
+                "min_teacher_accuracy": bd.distill_min_teacher_accuracy,
+                "weight": bd.distill_weight,
+                "temperature": bd.distill_temperature,
+            },
         },
         "bake": pruned.baked.describe() if pruned.baked else None,
         "curve": pruned.curve,

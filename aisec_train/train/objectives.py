@@ -64,6 +64,25 @@ class SoftTargets:
         return -(target * F.log_softmax(logits, dim=1)).sum(1).mean(), logits
 
 
+class Distillation:
+    """Cross-entropy on the labels plus knowledge distillation from a frozen ``teacher`` (Hinton et al. 2015):
+    ``(1 - weight) CE(logits, y) + weight T^2 KL(softmax(teacher / T) || softmax(logits / T))``. The ``T^2`` keeps
+    the soft term's gradient on the hard term's scale. Used by Fine-Pruning's fine-tuning (backdoor/prune.py)."""
+
+    name, forwards = "distillation", 1
+
+    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+        self.teacher, self.temperature, self.weight = teacher, temperature, weight
+
+    def __call__(self, model, attacked, x, y, criterion):
+        logits = model(x)
+        with torch.no_grad():
+            soft = F.softmax(self.teacher(x) / self.temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), soft, reduction="batchmean")
+        hard = criterion(logits, y)
+        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl, logits
+
+
 def correct(logits: Tensor, y: Tensor) -> int:
     """Correct predictions against hard labels, or against the argmax of soft ones."""
     truth = y if y.ndim == 1 else y.argmax(1)

@@ -1,0 +1,106 @@
+"""Why detection finds the poison on digits and not on the natural set: how far the poisoned rows stand apart.
+
+Trains ``experiment=backdoor`` (plus overrides) through the pipeline's data, poison and train stages, then, for the
+target class's training rows (clean and poisoned, as the detectors see them) at the feature layer the detectors
+read and at the input of the last layer (the penultimate representation Tran et al. analyse), measures:
+
+- ``d_prime``: the poisoned and clean rows' separation along the direction between their means (known only to
+  this script: it reads the true poisoned indices), over their pooled standard deviation. A linear detector with
+  perfect knowledge cannot do better than this;
+- ``spectral_auc``: ROC AUC of the project's spectral score (the distance along the class's top singular vector
+  from the trusted rows' mean projection; backdoor/detect.py, here fitted on the whole class rather than
+  cross-fitted on halves) for telling poisoned from clean rows,
+  threshold-free (scikit-learn): what any threshold on that score could reach;
+- ``spectral_recall`` / ``ac_recall``: the project's two detectors, as the defence stage runs them, on that layer.
+
+Writes one JSON line per (case, layer) to ``--out``:
+
+    XDG_DATA_HOME=$D/x XDG_CACHE_HOME=$D/c AISEC_TRAIN_KEY_FILE=$D/key OMP_NUM_THREADS=1 \\
+        python scripts/figures/backdoor_separability.py $D/run badnets 0 --set privacy=none --out rows.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from sklearn.metrics import roc_auc_score
+
+from aisec_train import pipeline
+from aisec_train.backdoor import badnets, detect, retune
+from aisec_train.backdoor.features import detection_features
+from aisec_train.backdoor.metrics import measure
+from aisec_train.config import register_configs, to_config
+from aisec_train.data.views import labels_of, materialize
+
+CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
+
+
+def separation(feats: np.ndarray, poisoned: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """``feats``: one class's training rows, ``poisoned`` their truth, ``ref`` the class's trusted rows."""
+    p, c = feats[poisoned], feats[~poisoned]
+    direction = p.mean(0) - c.mean(0)
+    direction /= np.linalg.norm(direction) + 1e-12
+    pp, cc = p @ direction, c @ direction
+    d_prime = (pp.mean() - cc.mean()) / np.sqrt((pp.var(ddof=1) + cc.var(ddof=1)) / 2)
+    mu = feats.mean(0)
+    top = np.linalg.svd(feats - mu, full_matrices=False)[2][0]
+    score = np.abs((feats - mu) @ top - ((ref - mu) @ top).mean())
+    auc = roc_auc_score(poisoned, score)
+    return {"d_prime": round(float(d_prime), 3), "spectral_auc": round(float(auc), 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path)
+    parser.add_argument("attack")
+    parser.add_argument("seed", type=int)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
+    parser.add_argument("--out", type=Path, default=None, help="append one JSON row per layer (JSON lines)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    register_configs()
+    overrides = ["experiment=backdoor", "audit=off", "robustness.evaluate=false", f"backdoor.attack={args.attack}",
+                 f"train.seed={args.seed}", *args.overrides]  # fmt: skip
+    with initialize_config_dir(config_dir=CONFIGS, version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=overrides))
+    run = pipeline.Run(cfg=cfg, run_dir=args.work)
+    rows = []
+    with run.resources:
+        for name, stage in pipeline.STAGES[:3]:  # data, backdoor_poison, train
+            run.report.stage = name
+            stage(run)
+        state, train_split = run.backdoor, run.data.train
+        trained = measure(run.model, run.data.test, *badnets.triggered(run.data.test, state.trigger, state.target_of),
+                          run.device)  # fmt: skip
+        labels, ref_labels = labels_of(train_split), labels_of(state.trusted)
+        truth = np.zeros(len(labels), dtype=bool)
+        truth[state.poisoned.indices] = True
+        target = int(np.bincount(labels[truth]).argmax())  # all-to-one: the class every poisoned row now claims
+        in_target = labels == target
+        probe, _ = materialize(state.trusted, limit=2)
+        head = retune.head_modules(run.model, state.layer.path, probe.to(run.device))
+        for layer in [state.layer.path, head[-2] if len(head) > 1 else head[0]]:
+            feats = detection_features(run.model, layer, train_split, run.device)
+            ref = detection_features(run.model, layer, state.trusted, run.device)
+            row = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides, "layer": layer,
+                   "dims": int(feats.shape[1]), "clean_accuracy": round(trained.clean_accuracy, 4),
+                   "asr": round(trained.asr, 4), "target_rows": int(in_target.sum()),
+                   "poisoned_rows": int(truth.sum())}  # fmt: skip
+            row |= separation(feats[in_target], truth[in_target], ref[ref_labels == target])
+            for name, detector in detect.DETECTORS.items():
+                found = detector(feats, labels, ref, ref_labels, seed=args.seed)
+                row[f"{name}_recall"] = round(detect.score(found, state.poisoned.indices, len(labels))["recall"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+    main()
