@@ -126,10 +126,10 @@ def teacher_for(model: nn.Module, trusted_accuracy: float, cfg: BackdoorConfig) 
     """A frozen copy of the pre-repair model to distil from while fine-tuning, or None.
 
     Distillation keeps what 288 trusted samples cannot re-teach: on non-private digits the repair then costs
-    0.6-2.0 points instead of 1.7-3.1, ASR <= 0.04. Only from a teacher that is right on (nearly) all trusted data,
-    though: a weaker one (DP, the natural set) misclassifies clean inputs in the backdoor's favour and its soft
-    labels taught the trigger back (ASR 0.09-0.22; docs/backdoor.md, "Repair by distillation"). The gate reads the
-    model's accuracy on the trusted data, which training never saw: it adapts to the model, not to the dataset.
+    0.6-1.95 points instead of 1.6-3.1, ASR <= 0.04. Only from a teacher that is right on (nearly) all trusted
+    data, though: from a weaker one (DP, the natural set; trusted accuracy 0.55-0.88) the soft labels taught the
+    trigger back (ASR 0.09-0.22; docs/backdoor.md, "Repair by distillation"). The gate reads the model's accuracy
+    on the trusted data, which training never saw: it adapts to the model, not to the dataset's name.
     """
     if cfg.distill_weight == 0 or cfg.finetune_epochs == 0 or trusted_accuracy < cfg.distill_min_teacher_accuracy:
         return None

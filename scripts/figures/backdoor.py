@@ -85,6 +85,8 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "pruned_fraction": bd["fine_pruning"]["pruned_fraction"],
         "feature_layer": bd["feature_layer"],
         "bake": (bd["fine_pruning"].get("bake") or {}).get("method"),
+        "distilled": bd["fine_pruning"]["finetune"]["distill"]["used"],
+        "teacher_trusted_accuracy": bd["fine_pruning"]["finetune"]["distill"]["teacher_trusted_accuracy"],
         "meets_goals": bool(
             bd["asr_before"] >= GOALS["asr_before_min"]
             and bd["asr_after"] <= GOALS["asr_after_max"]
