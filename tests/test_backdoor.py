@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ from torch import nn
 from aisec_train import pipeline
 from aisec_train.backdoor import badnets, detect, federated_poison, prune, trusted
 from aisec_train.backdoor.bake import ChannelMask, bake, install_released_masks
-from aisec_train.backdoor.config import BackdoorConfig
+from aisec_train.backdoor.config import BackdoorConfig, WeakTeacher
 from aisec_train.backdoor.features import FeatureCache, detection_features, masked_accuracy
 from aisec_train.backdoor.layers import find_feature_layer, masked, module_at, resolve_feature_layer
 from aisec_train.backdoor.metrics import BackdoorMetrics, der, measure
@@ -579,21 +580,100 @@ def test_fine_pruning_distils_only_from_a_teacher_right_on_the_trusted_data(back
     with torch.no_grad():
         want = F.log_softmax(backdoored["model"](x), 1)
     cfg = BackdoorConfig(finetune_epochs=10)
-    assert prune.teacher_for(backdoored["model"], 0.94, cfg) is None  # below the default gate of 0.95
-    assert prune.teacher_for(backdoored["model"], 0.99, BackdoorConfig(distill_weight=0.0)) is None
-    teacher = prune.teacher_for(backdoored["model"], 0.95, cfg)
-    assert teacher is not backdoored["model"] and not teacher.training
-    assert not any(p.requires_grad for p in teacher.parameters())
+    gate = functools.partial(prune.teacher_for, backdoored["model"], trusted_set, CPU)
+    assert gate(0.94, cfg) is None  # below the default gate of 0.95, nothing held out to compare with
+    assert gate(0.99, BackdoorConfig(distill_weight=0.0)) is None
+    teacher = gate(0.95, cfg)
+    assert teacher.mode == "full" and teacher.exclude is None
+    assert teacher.model is not backdoored["model"] and not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.model.parameters())
     distances = {}
     for gate in (0.0, 1.0):  # the fixture's trusted accuracy is below 1.0: the second never distils
         model = copy.deepcopy(backdoored["model"])
-        gated = dataclasses.replace(cfg, distill_min_teacher_accuracy=gate)
+        gated = dataclasses.replace(cfg, distill_min_teacher_accuracy=gate, distill_weak_teacher=WeakTeacher.off)
         pruned = prune.fine_prune(model, "features_out", trusted_set, CPU, gated)
         assert pruned.distilled is (gate == 0.0) and pruned.base_accuracy < 1.0
         with torch.no_grad():
             got = F.log_softmax(model(x), 1)
         distances[gate] = float(F.kl_div(got, want, log_target=True, reduction="batchmean"))
     assert distances[0.0] < 0.5 * distances[1.0], distances
+
+
+def test_guarded_distillation_leaves_out_one_class_and_the_rows_the_teacher_gets_wrong():
+    from torch.nn import functional as F
+
+    from aisec_train.train.objectives import Distillation
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    x = torch.randn(8, 6)
+    y = teacher(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 4  # the teacher is wrong on the first three rows
+    guarded = Distillation(teacher, temperature=2.0, weight=0.4, exclude=1, correct_only=True)
+    loss, _ = guarded(student, student, x, y, nn.CrossEntropyLoss())
+    keep = [0, 2, 3]
+    p, q = F.softmax(teacher(x)[:, keep] / 2, 1), F.log_softmax(student(x)[:, keep] / 2, 1)
+    kl = (p * (p.log() - q)).sum(1) * torch.tensor([0.0] * 3 + [1.0] * 5)
+    torch.testing.assert_close(loss, 0.6 * F.cross_entropy(student(x), y) + 0.4 * 4 * kl.mean())
+    # The soft term alone sends no gradient to the excluded class's logit, nor through the wrong rows.
+    soft_only = Distillation(teacher, temperature=2.0, weight=1.0, exclude=1, correct_only=True)
+    logits = student(x).detach().requires_grad_(True)
+    loss, _ = soft_only(lambda _: logits, None, x, y, nn.CrossEntropyLoss())
+    loss.backward()
+    assert bool((logits.grad[:, 1] == 0).all()) and bool((logits.grad[:3] == 0).all())
+    assert float(logits.grad[3:, keep].abs().sum()) > 0
+
+
+def test_leaning_class_is_the_one_the_model_over_predicts_on_other_classes_rows():
+    from torch.utils.data import TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4)
+    with torch.no_grad():
+        model.bias.copy_(torch.tensor([0.0, 0.0, 1.5, 0.0]))
+    rows = TensorDataset(torch.randn(200, 5), torch.arange(200) % 4)
+    leaning, lean = prune.leaning_class(model, rows, CPU)
+    assert leaning == 2 and len(lean) == 4 and lean[2] == max(lean) and lean[2] > 2 * sorted(lean)[-2]
+
+
+def test_weak_teachers_are_distilled_guarded_only_when_they_beat_fine_tuning_alone(backdoored):
+    """Below the accuracy gate: guarded if the teacher beats a student fine-tuned without it (both on held-out
+    trusted rows) by distill_min_advantage, not at all otherwise (a DP model the fine-tuning overtakes)."""
+    gate = functools.partial(prune.teacher_for, backdoored["model"], backdoored["trusted"], CPU)
+    cfg = BackdoorConfig(finetune_epochs=10)
+    asked = []
+
+    def held_out(teacher, student):
+        return lambda: asked.append(1) or (teacher, student)
+
+    guarded = gate(0.85, cfg, held_out(0.85, 0.80))
+    assert guarded.mode == "guarded" and guarded.exclude == int(np.argmax(guarded.lean)) and len(guarded.lean) == 10
+    objective = guarded.objective(cfg)
+    assert (objective.exclude, objective.correct_only) == (guarded.exclude, True)
+    assert gate(0.85, cfg, held_out(0.85, 0.84)) is None  # advantage 0.01 < 0.02
+    assert gate(0.85, cfg, held_out(0.70, 0.90)) is None  # the DP case: fine-tuning alone ends above the teacher
+    assert gate(0.85, dataclasses.replace(cfg, distill_min_advantage=-1.0), held_out(0.70, 0.90)).mode == "guarded"
+    before = len(asked)
+    assert gate(0.85, dataclasses.replace(cfg, distill_weak_teacher=WeakTeacher.off), held_out(0.9, 0.5)) is None
+    assert gate(0.97, cfg, held_out(0.5, 0.9)).mode == "full" and len(asked) == before  # not measured: not needed
+
+
+def test_the_held_out_comparison_fine_tunes_a_copy_and_scores_both_on_unseen_rows(backdoored):
+    model, trusted_set = backdoored["model"], backdoored["trusted"]
+    state = copy.deepcopy(model.state_dict())
+    mask = torch.ones(64)
+    teacher, student = prune.cross_fitted(model, "features_out", mask, trusted_set, trusted_set, CPU,
+                                          BackdoorConfig(finetune_epochs=5), seed=0)  # fmt: skip
+    rows = np.sort(np.random.default_rng(0).permutation(len(trusted_set))[len(trusted_set) // 2 :])
+    assert teacher == accuracy(model, subset(trusted_set, rows), CPU)  # the model itself, on the scored half
+    assert 0.3 < student <= 1.0 and student != teacher
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the model is left alone
+    assert not any(m._forward_hooks for m in model.modules())
+    # Through fine_prune: the report's record says what was compared and chosen.
+    forced = BackdoorConfig(finetune_epochs=5, distill_min_teacher_accuracy=1.0, distill_min_advantage=-1.0)
+    pruned = prune.fine_prune(copy.deepcopy(model), "features_out", trusted_set, CPU, forced)
+    assert pruned.distilled and pruned.distill["mode"] == "guarded" and pruned.distill["excluded_class"] in range(10)
+    assert 0 < pruned.distill["held_out_teacher_accuracy"] <= 1 and 0 < pruned.distill["held_out_student_accuracy"]
 
 
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
@@ -689,6 +769,9 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert [row["pruned"] for row in bd["fine_pruning"]["curve"]] == list(range(65))
     assert bd["fine_pruning"]["bake"]["method"] == "reader" and bd["fine_pruning"]["evaluation"] == "replay"
+    distill = bd["fine_pruning"]["finetune"]["distill"]
+    assert distill["mode"] in ("full", "guarded", "off") and distill["used"] is (distill["mode"] != "off")
+    assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
     checks = {c["item"]: c for c in report["checklist"]}
     detection = checks["validation against poisoning (spectral signatures, activation clustering)"]
     repair = checks["pruning against poisoning (Fine-Pruning)"]

@@ -35,6 +35,11 @@ class FinetuneHead(Enum):
     keep = "keep"  # fine-tune the released head as it is (the earlier default; docs/backdoor.md)
 
 
+class WeakTeacher(Enum):
+    guarded = "guarded"  # distil without the class it leans to, on the rows it gets right (backdoor/prune.py)
+    off = "off"  # no distillation below distill_min_teacher_accuracy (the earlier default)
+
+
 class PatchPosition(Enum):
     bottom_right = "bottom_right"
     bottom_left = "bottom_left"
@@ -85,6 +90,12 @@ class BackdoorConfig:
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
     distill_min_teacher_accuracy: float = 0.95
+    # Below that gate, a teacher that beats fine-tuning alone by at least distill_min_advantage (both measured on
+    # half the trusted rows, the student fine-tuned on the other half) is distilled from guarded: without the class
+    # it leans to, on the rows it classifies correctly. One that does not (a DP model, which the non-private
+    # fine-tuning alone overtakes) is not distilled from.
+    distill_weak_teacher: WeakTeacher = WeakTeacher.guarded
+    distill_min_advantage: float = 0.02
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
     feature_layer: str | None = None
@@ -116,3 +127,5 @@ class BackdoorConfig:
         require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")
         gate = self.distill_min_teacher_accuracy
         require(0.0 <= gate <= 1.0, "backdoor.distill_min_teacher_accuracy", gate, "must be in [0, 1]")
+        edge = self.distill_min_advantage
+        require(-1.0 <= edge <= 1.0, "backdoor.distill_min_advantage", edge, "must be in [-1, 1]")

@@ -6,7 +6,7 @@
    so a 512-channel layer costs 65 evaluations, not 513;
 3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook, the
    classifier head re-initialised and the body at a fifth of the learning rate (backdoor/retune.py), distilling
-   from the pre-repair model when it classifies the trusted data well enough (:func:`teacher_for`);
+   from the pre-repair model when it knows more than the trusted data can re-teach (:func:`teacher_for`);
 4. bake the mask into the released model, verified (backdoor/bake.py).
 
 The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing here depends on the architecture.
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,12 +30,12 @@ from torch.utils.data import Dataset
 
 from aisec_train.backdoor import retune
 from aisec_train.backdoor.bake import Baked, bake
-from aisec_train.backdoor.config import BackdoorConfig, FinetuneHead
+from aisec_train.backdoor.config import BackdoorConfig, FinetuneHead, WeakTeacher
 from aisec_train.backdoor.features import activation_stats, masked_accuracy
 from aisec_train.backdoor.layers import masked
 from aisec_train.data.views import materialize, subset
 from aisec_train.train.config import TrainConfig
-from aisec_train.train.loop import train
+from aisec_train.train.loop import accuracy, train
 from aisec_train.train.objectives import Distillation
 
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
@@ -55,6 +56,7 @@ class Pruned:
     baked: Baked | None = None
     head: list[str] = field(default_factory=list)  # modules after the feature layer (re-initialised, or kept)
     distilled: bool = False  # whether fine-tuning distilled from the pre-repair model (:func:`teacher_for`)
+    distill: dict = field(default_factory=dict)  # how: mode, the held-out comparison, the class left out
 
     @property
     def pruned_fraction(self) -> float:
@@ -122,18 +124,83 @@ def prune(
     return Pruned(final, order, stats.mean.cpu().tolist(), base, chosen_acc, step, mode, curve)
 
 
-def teacher_for(model: nn.Module, trusted_accuracy: float, cfg: BackdoorConfig) -> nn.Module | None:
+@dataclass
+class Teacher:
+    """The frozen pre-repair model to distil from, and how (:func:`teacher_for`)."""
+
+    model: nn.Module
+    mode: str  # "full": the whole softmax on every row; "guarded": without ``exclude``, on rows it gets right
+    exclude: int | None = None
+    lean: list[float] = field(default_factory=list)  # per class: mean probability on the other classes' rows
+
+    def objective(self, cfg: BackdoorConfig) -> Distillation:
+        guarded = self.mode == "guarded"
+        return Distillation(self.model, cfg.distill_temperature, cfg.distill_weight, self.exclude, guarded)
+
+
+def leaning_class(model: nn.Module, trusted: Dataset, device: torch.device) -> tuple[int, list[float]]:
+    """The class ``model`` leans to on clean data: the highest mean probability on trusted rows of other classes.
+
+    An all-to-one backdoor puts extra mass on its target for clean inputs too (the trigger's features are partly
+    present in natural images); on the natural set this found the target in every case measured, where counting
+    argmax errors did not (docs/backdoor.md). A wrong guess costs one class's soft labels, nothing else."""
+    x, y = materialize(trusted)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([model(x[i : i + 512].to(device)).softmax(1).cpu() for i in range(0, len(x), 512)])
+    y = torch.as_tensor(y)
+    lean = [float(probs[y != c, c].mean()) if bool((y != c).any()) else 0.0 for c in range(probs.shape[1])]
+    return int(np.argmax(lean)), [round(v, 4) for v in lean]
+
+
+def teacher_for(
+    model: nn.Module,
+    trusted: Dataset,
+    device: torch.device,
+    trusted_accuracy: float,
+    cfg: BackdoorConfig,
+    held_out: Callable[[], tuple[float, float]] | None = None,
+) -> Teacher | None:
     """A frozen copy of the pre-repair model to distil from while fine-tuning, or None.
 
     Distillation keeps what 288 trusted samples cannot re-teach: on non-private digits the repair then costs
-    0.6-1.95 points instead of 1.6-3.1, ASR <= 0.04. Only from a teacher that is right on (nearly) all trusted
-    data, though: from a weaker one (DP, the natural set; trusted accuracy 0.55-0.88) the soft labels taught the
-    trigger back (ASR 0.09-0.22; docs/backdoor.md, "Repair by distillation"). The gate reads the model's accuracy
-    on the trusted data, which training never saw: it adapts to the model, not to the dataset's name.
+    0.6-1.95 points instead of 1.6-3.1, ASR <= 0.04. From a teacher right on (nearly) all trusted data
+    (``distill_min_teacher_accuracy``) it is plain distillation. A weaker teacher's soft labels taught the trigger
+    back (ASR 0.09-0.22), so below the gate it is **guarded** (the class it leans to left out, only the rows it
+    gets right), and only when the teacher beats what fine-tuning alone achieves by ``distill_min_advantage``:
+    ``held_out()`` returns (teacher, student) accuracy on half the trusted rows, the student fine-tuned without a
+    teacher on the other half. A non-private model on natural images wins (it holds knowledge 300 trusted rows
+    cannot re-teach); a DP model loses (the non-private fine-tuning alone ends above it) and is not distilled from
+    (docs/backdoor.md, "Guarded distillation"). Every test reads the model, not the dataset's name.
     """
-    if cfg.distill_weight == 0 or cfg.finetune_epochs == 0 or trusted_accuracy < cfg.distill_min_teacher_accuracy:
+    if cfg.distill_weight == 0 or cfg.finetune_epochs == 0:
         return None
-    return copy.deepcopy(model).eval().requires_grad_(False)
+    if trusted_accuracy >= cfg.distill_min_teacher_accuracy:
+        return Teacher(copy.deepcopy(model).eval().requires_grad_(False), "full")
+    if cfg.distill_weak_teacher is WeakTeacher.off or held_out is None:
+        return None
+    teacher_acc, student_acc = held_out()
+    if teacher_acc - student_acc < cfg.distill_min_advantage:
+        return None
+    exclude, lean = leaning_class(model, trusted, device)
+    return Teacher(copy.deepcopy(model).eval().requires_grad_(False), "guarded", exclude, lean)
+
+
+def cross_fitted(
+    model: nn.Module, path: str, mask: torch.Tensor, view: Dataset, trusted: Dataset, device, cfg, seed: int
+) -> tuple[float, float]:
+    """(teacher, student) accuracy on a seeded half of the trusted rows: the teacher is ``model`` as it is, the
+    student a copy fine-tuned under ``mask`` without a teacher on the other half (of ``view``, the fine-tuning's
+    own view of the same rows). The student sees half the rows the real repair will, so it errs low: the test
+    favours distilling, and the measured gaps (docs/backdoor.md) are far wider than that bias."""
+    n = len(trusted)  # type: ignore[arg-type]
+    order = np.random.default_rng(seed).permutation(n)
+    fit_rows, score_rows = np.sort(order[: n // 2]), np.sort(order[n // 2 :])
+    student = copy.deepcopy(model)
+    with masked(student, path, mask):
+        fine_tune(student, path, subset(view, fit_rows), device, cfg, seed)
+        student_acc = accuracy(student, subset(trusted, score_rows), device)
+    return accuracy(model, subset(trusted, score_rows), device), student_acc
 
 
 def fine_tune(
@@ -143,7 +210,7 @@ def fine_tune(
     device: torch.device,
     cfg: BackdoorConfig,
     seed: int,
-    teacher: nn.Module | None = None,
+    teacher: Teacher | None = None,
 ) -> list[str]:
     """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop, the head (every module
     after the feature layer ``path``) re-initialised when ``backdoor.finetune_head=reinit`` and trained at
@@ -153,7 +220,7 @@ def fine_tune(
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
     backdoor/trusted.py). The warm-up: a DP model's first steps at the full lr 0.1 with momentum could diverge; on
     typeset digits the repaired model fell from 0.45 to 0.27 clean accuracy without it (docs/backdoor.md). With a
-    ``teacher``, the loss adds distillation from it (:class:`~aisec_train.train.objectives.Distillation`).
+    ``teacher``, the loss adds distillation from it (:meth:`Teacher.objective`).
     """
     if cfg.finetune_epochs == 0:
         return []
@@ -175,7 +242,7 @@ def fine_tune(
                  "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
     scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
     with retune.lr_scales(model, head, cfg.finetune_body_lr):
-        objective = None if teacher is None else Distillation(teacher, cfg.distill_temperature, cfg.distill_weight)
+        objective = None if teacher is None else teacher.objective(cfg)
         train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler,
               objective=objective, progress=False)  # fmt: skip
     model.eval()
@@ -198,10 +265,23 @@ def fine_prune(
     data: the pipeline passes its augmented view), bake it into the released model."""
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
-    teacher = teacher_for(model, pruned.base_accuracy, cfg)  # unpruned, before the head is re-initialised
+    view = finetune_view if finetune_view is not None else trusted
+    held: dict[str, float] = {}
+
+    def held_out() -> tuple[float, float]:  # only measured for a teacher below the accuracy gate
+        held["teacher"], held["student"] = cross_fitted(model, path, pruned.mask, view, trusted, device, cfg, seed)
+        return held["teacher"], held["student"]
+
+    teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out)  # before the head is reset
     pruned.distilled = teacher is not None
+    pruned.distill = {
+        "mode": "off" if teacher is None else teacher.mode,
+        "held_out_teacher_accuracy": held.get("teacher"),
+        "held_out_student_accuracy": held.get("student"),
+        "excluded_class": None if teacher is None else teacher.exclude,
+        "lean": [] if teacher is None else teacher.lean,
+    }
     with masked(model, path, pruned.mask):
-        view = finetune_view if finetune_view is not None else trusted
         pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher)
     probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
     pruned.baked = bake(model, path, pruned.mask, probe.to(device))

@@ -187,8 +187,11 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
             "n_trusted": len(state.trusted),
             "distill": {
                 "used": pruned.distilled,
+                **pruned.distill,
                 "teacher_trusted_accuracy": pruned.base_accuracy,
                 "min_teacher_accuracy": bd.distill_min_teacher_accuracy,
+                "weak_teacher": bd.distill_weak_teacher.value,
+                "min_advantage": bd.distill_min_advantage,
                 "weight": bd.distill_weight,
                 "temperature": bd.distill_temperature,
             },

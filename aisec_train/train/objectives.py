@@ -67,20 +67,36 @@ class SoftTargets:
 class Distillation:
     """Cross-entropy on the labels plus knowledge distillation from a frozen ``teacher`` (Hinton et al. 2015):
     ``(1 - weight) CE(logits, y) + weight T^2 KL(softmax(teacher / T) || softmax(logits / T))``. The ``T^2`` keeps
-    the soft term's gradient on the hard term's scale. Used by Fine-Pruning's fine-tuning (backdoor/prune.py)."""
+    the soft term's gradient on the hard term's scale. Used by Fine-Pruning's fine-tuning (backdoor/prune.py).
+
+    Guarded (``exclude`` a class, ``correct_only``): the soft term leaves out the class ``exclude`` (renormalising
+    over the others, so it teaches nothing about that class's probability) and counts only the rows the teacher
+    classifies correctly. A backdoored teacher's clean errors and its extra mass lean to the backdoor's target;
+    the guarded term passes on the rest of what it knows (docs/backdoor.md, "Guarded distillation").
+    """
 
     name, forwards = "distillation", 1
 
-    def __init__(self, teacher: nn.Module, temperature: float, weight: float):
+    def __init__(
+        self, teacher: nn.Module, temperature: float, weight: float, exclude: int | None = None, correct_only=False
+    ):
         self.teacher, self.temperature, self.weight = teacher, temperature, weight
+        self.exclude, self.correct_only = exclude, correct_only
 
     def __call__(self, model, attacked, x, y, criterion):
         logits = model(x)
         with torch.no_grad():
-            soft = F.softmax(self.teacher(x) / self.temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), soft, reduction="batchmean")
+            teacher = self.teacher(x)
+        student, soft_from = logits, teacher
+        if self.exclude is not None:
+            keep = torch.arange(logits.shape[1], device=logits.device) != self.exclude
+            student, soft_from = logits[:, keep], teacher[:, keep]
+        soft = F.softmax(soft_from / self.temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(student / self.temperature, dim=1), soft, reduction="none").sum(1)
+        if self.correct_only:
+            kl = kl * (teacher.argmax(1) == y).to(kl.dtype)
         hard = criterion(logits, y)
-        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl, logits
+        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
 
 
 def correct(logits: Tensor, y: Tensor) -> int:

@@ -87,6 +87,9 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "bake": (bd["fine_pruning"].get("bake") or {}).get("method"),
         "distilled": bd["fine_pruning"]["finetune"]["distill"]["used"],
         "teacher_trusted_accuracy": bd["fine_pruning"]["finetune"]["distill"]["teacher_trusted_accuracy"],
+        "distill_mode": bd["fine_pruning"]["finetune"]["distill"].get("mode"),
+        "held_out_teacher_accuracy": bd["fine_pruning"]["finetune"]["distill"].get("held_out_teacher_accuracy"),
+        "held_out_student_accuracy": bd["fine_pruning"]["finetune"]["distill"].get("held_out_student_accuracy"),
         "meets_goals": bool(
             bd["asr_before"] >= GOALS["asr_before_min"]
             and bd["asr_after"] <= GOALS["asr_after_max"]

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from aisec_train import pipeline
 from aisec_train.backdoor import badnets, prune
-from aisec_train.backdoor.config import FinetuneHead
+from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
@@ -56,7 +56,140 @@ VARIANTS = {
         "kd_correct_T2_w0.5": {"distill_min_teacher_accuracy": 0.0, "correct_only": True},
         "kd_correct_T4_w0.5": {"distill_temperature": 4.0, "distill_min_teacher_accuracy": 0.0, "correct_only": True},
     },
+    "masked": {
+        "default": {},
+        "no_distill": {"distill_weight": 0.0},
+        "kd_T2_w0.5": {"distill_min_teacher_accuracy": 0.0},
+        "mask_T2_w0.5": {"distill_min_teacher_accuracy": 0.0, "objective": "masked"},
+        "mask_T2_w0.7": {"distill_weight": 0.7, "distill_min_teacher_accuracy": 0.0, "objective": "masked"},
+        "mask_T4_w0.5": {"distill_temperature": 4.0, "distill_min_teacher_accuracy": 0.0, "objective": "masked"},
+        "mask_correct_T2_w0.5": {"distill_min_teacher_accuracy": 0.0, "objective": "masked_correct"},
+        "mask_T2_w0.5_body0.5": {"distill_min_teacher_accuracy": 0.0, "objective": "masked", "finetune_body_lr": 0.5},
+        "mask_T2_w0.5_wd0.05": {
+            "distill_min_teacher_accuracy": 0.0,
+            "objective": "masked",
+            "finetune_weight_decay": 0.05,
+        },
+        "no_distill_body0.5": {"distill_weight": 0.0, "finetune_body_lr": 0.5},
+        "mask_mass_T2_w0.5": {"distill_min_teacher_accuracy": 0.0, "objective": "masked", "rule": "mass"},
+        "mask_mass_correct_T2_w0.5": {
+            "distill_min_teacher_accuracy": 0.0,
+            "objective": "masked_correct",
+            "rule": "mass",
+        },
+        "mask_oracle_T2_w0.5": {"distill_min_teacher_accuracy": 0.0, "objective": "masked", "rule": "oracle"},
+    },
+    "guarded": {  # the package's options (backdoor.distill_weak_teacher, distill_min_fit_gap)
+        "default": {},
+        "no_distill": {"distill_weight": 0.0},
+        "weak_off": {"distill_weak_teacher": WeakTeacher.off},  # the default before guarded distillation
+        "guarded_always": {"distill_min_advantage": -1.0},
+        "full_forced": {"distill_min_teacher_accuracy": 0.0},
+    },
+    "unlearn": {  # + universal adversarial unlearning (one shared perturbation per batch, I-BAU's idea, PGD inner)
+        "default": {},
+        "no_distill": {"distill_weight": 0.0},
+        "unlearn_0.1": {"unlearn": (0.1, 5)},
+        "unlearn_0.2": {"unlearn": (0.2, 5)},
+        "unlearn_0.3": {"unlearn": (0.3, 5)},
+        "unlearn_0.2_no_distill": {"unlearn": (0.2, 5), "distill_weight": 0.0},
+        "unlearn_0.2_w0.2": {"unlearn": (0.2, 5, 0.2)},
+        "unlearn_0.2_w0.1": {"unlearn": (0.2, 5, 0.1)},
+        "unlearn_0.05_w0.5": {"unlearn": (0.05, 5, 0.5)},
+    },
 }
+TRUSTED = {}  # set in main: the trusted data and device, for MaskedDistillation's target estimate
+
+
+def suspected_target(teacher, trusted, device) -> tuple[int, list[float]]:
+    """The class the teacher leans to on the trusted data: ``TRUSTED["rule"]`` = ``count`` (predicted minus true
+    counts over rows) or ``mass`` (mean probability on rows of other classes)."""
+    from aisec_train.data.views import materialize
+
+    x, y = materialize(trusted)
+    y = torch.as_tensor(y)
+    with torch.no_grad():
+        p = torch.cat([teacher(x[i : i + 256].to(device)).softmax(1).cpu() for i in range(0, len(x), 256)])
+    k = p.shape[1]
+    count = (torch.bincount(p.argmax(1), minlength=k) - torch.bincount(y, minlength=k)).float() / len(y)
+    mass = torch.stack([p[y != c, c].mean() for c in range(k)])
+    TRUSTED["stats"] = {"count": [round(float(v), 4) for v in count], "mass": [round(float(v), 4) for v in mass]}
+    if TRUSTED.get("rule") == "oracle":
+        return TRUSTED["oracle"], []
+    excess = count if TRUSTED.get("rule", "count") == "count" else mass
+    return int(excess.argmax()), [round(float(v), 4) for v in excess]
+
+
+class MaskedDistillation(Distillation):
+    """Distillation over every class but the one the teacher over-predicts on the trusted data (its suspected
+    backdoor target): the soft term teaches the relations among the other classes and nothing about the target's
+    probability, which the hard labels alone set."""
+
+    correct_only = False
+
+    def __init__(self, teacher, temperature, weight, *_):  # the package's exclude / correct_only: set here
+        super().__init__(teacher, temperature, weight)
+        self.target, self.excess = suspected_target(teacher, *TRUSTED["args"])
+        TRUSTED["last"] = (self.target, self.excess)
+
+    def __call__(self, model, attacked, x, y, criterion):
+        logits = model(x)
+        with torch.no_grad():
+            teacher = self.teacher(x)
+        keep = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[self.target] = False
+        soft = F.softmax(teacher[:, keep] / self.temperature, dim=1)
+        kl = F.kl_div(F.log_softmax(logits[:, keep] / self.temperature, dim=1), soft, reduction="none").sum(1)
+        if self.correct_only:
+            kl = kl * (teacher.argmax(1) == y).float()
+        hard = criterion(logits, y)
+        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
+
+
+class MaskedCorrect(MaskedDistillation):
+    correct_only = True
+
+
+class Unlearn:
+    """The inner objective on the batch, plus cross-entropy on the batch under one shared perturbation (Linf
+    ``eps``, ``steps`` signed-gradient steps maximising the batch's loss): the model is taught to ignore the
+    universal pattern that flips it most, which is where a whole-image trigger lives (Zeng et al. 2022, I-BAU)."""
+
+    name, forwards = "unlearn", 1
+
+    def __init__(self, inner, eps: float, steps: int, weight: float = 0.5):
+        self.inner, self.eps, self.steps, self.weight = inner, eps, steps, weight
+
+    def __call__(self, model, attacked, x, y, criterion):
+        delta = torch.zeros_like(x[:1], requires_grad=True)
+        was = model.training
+        model.eval()
+        for _ in range(self.steps):
+            loss = F.cross_entropy(model((x + delta).clamp(0, 1)), y)
+            (grad,) = torch.autograd.grad(loss, delta)
+            delta = (delta + 2.5 * self.eps / self.steps * grad.sign()).clamp(-self.eps, self.eps)
+            delta = delta.detach().requires_grad_(True)
+        model.train(was)
+        loss, logits = self.inner(model, attacked, x, y, criterion)
+        adv = criterion(model((x + delta.detach()).clamp(0, 1)), y)
+        return (1 - self.weight) * loss + self.weight * adv, logits
+
+
+def _train_with(unlearn):
+    """The loop, its objective wrapped in :class:`Unlearn` (``unlearn`` = (eps, steps)) for this variant."""
+
+    def run(*a, objective=None, **kw):
+        from aisec_train.train.objectives import CrossEntropy
+
+        if unlearn is not None:
+            objective = Unlearn(objective or CrossEntropy(), *unlearn)
+        return LOOP_TRAIN(*a, objective=objective, **kw)
+
+    return run
+
+
+LOOP_TRAIN = prune.train
+OBJECTIVES = {"masked": MaskedDistillation, "masked_correct": MaskedCorrect}
 
 
 class CorrectOnly(Distillation):
@@ -111,14 +244,26 @@ def main() -> None:
         for name, change in VARIANTS[args.variants].items():
             change = dict(change)
             prune.Distillation = CorrectOnly if change.pop("correct_only", False) else Distillation
+            prune.Distillation = OBJECTIVES.get(change.pop("objective", None), prune.Distillation)
+            TRUSTED["args"], TRUSTED["last"] = (state.trusted, run.device), None
+            TRUSTED["rule"], TRUSTED["stats"] = change.pop("rule", "count"), None
+            TRUSTED["oracle"] = cfg.backdoor.target
+            prune.train = _train_with(change.pop("unlearn", None))
             model, started = copy.deepcopy(run.model), time.process_time()
             bd = dataclasses.replace(cfg.backdoor, **change)
             view = run.data.training_view(state.trusted)
             pruned = prune.fine_prune(
-                model, state.layer.path, state.trusted, run.device, bd, seed=args.seed, finetune_view=view
+                model,
+                state.layer.path,
+                state.trusted,
+                run.device,
+                bd,
+                seed=args.seed,
+                finetune_view=view,
             )
             rows.append({"variant": name, **scores(model), "distilled": pruned.distilled,
-                         "teacher_trusted_accuracy": round(pruned.base_accuracy, 4),
+                         "teacher_trusted_accuracy": round(pruned.base_accuracy, 4), **pruned.distill,
+                         "suspected": TRUSTED["last"], "target": cfg.backdoor.target, "stats": TRUSTED["stats"],
                          "cpu_s": round(time.process_time() - started, 1)})  # fmt: skip
             print(name, rows[-1], flush=True)
         prune.Distillation = Distillation
