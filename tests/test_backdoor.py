@@ -674,6 +674,10 @@ def test_the_held_out_comparison_fine_tunes_a_copy_and_scores_both_on_unseen_row
     pruned = prune.fine_prune(copy.deepcopy(model), "features_out", trusted_set, CPU, forced)
     assert pruned.distilled and pruned.distill["mode"] == "guarded" and pruned.distill["excluded_class"] in range(10)
     assert 0 < pruned.distill["held_out_teacher_accuracy"] <= 1 and 0 < pruned.distill["held_out_student_accuracy"]
+    # Too few trusted rows to hold half out: no comparison, so no guarded distillation (and no empty fine-tuning).
+    few = subset(trusted_set, range(prune.MIN_HELD_OUT - 1))
+    pruned = prune.fine_prune(copy.deepcopy(model), "features_out", few, CPU, forced)
+    assert not pruned.distilled and pruned.distill["held_out_student_accuracy"] is None
 
 
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):

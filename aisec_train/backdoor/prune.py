@@ -41,6 +41,7 @@ from aisec_train.train.objectives import Distillation
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
 CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
 PROBE_SAMPLES = 256  # trusted inputs on which the bake is verified
+MIN_HELD_OUT = 20  # trusted rows below which the held-out comparison (and so guarded distillation) is not run
 
 
 @dataclass
@@ -272,7 +273,9 @@ def fine_prune(
         held["teacher"], held["student"] = cross_fitted(model, path, pruned.mask, view, trusted, device, cfg, seed)
         return held["teacher"], held["student"]
 
-    teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out)  # before the head is reset
+    comparable = len(trusted) >= MIN_HELD_OUT  # type: ignore[arg-type]
+    # before the head is re-initialised
+    teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out if comparable else None)
     pruned.distilled = teacher is not None
     pruned.distill = {
         "mode": "off" if teacher is None else teacher.mode,
