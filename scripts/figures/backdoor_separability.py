@@ -13,6 +13,13 @@ read and at the input of the last layer (the penultimate representation Tran et 
   threshold-free (scikit-learn): what any threshold on that score could reach;
 - ``spectral_recall`` / ``ac_recall``: the project's two detectors, as the defence stage runs them, on that layer.
 
+``--strip`` adds one row at the input: STRIP (Gao et al. 2019) applied to the training rows. Each row is
+superimposed (``0.5 x + 0.5 x'``) on ``--strip-n`` random trusted images, and the mean entropy of the model's
+predictions is its score: a trigger that dominates the prediction keeps it low. ``strip_auc`` is the ROC AUC of
+the negated entropy for poisoned against clean rows of the target class; ``strip_recall`` / ``strip_precision``
+flag every training row whose entropy lies below the trusted rows' ``--strip-frr`` quantile (STRIP's rule: the
+false-rejection rate chosen on clean data).
+
 Writes one JSON line per (case, layer) to ``--out``:
 
     XDG_DATA_HOME=$D/x XDG_CACHE_HOME=$D/c AISEC_TRAIN_KEY_FILE=$D/key OMP_NUM_THREADS=1 \\
@@ -54,6 +61,38 @@ def separation(feats: np.ndarray, poisoned: np.ndarray, ref: np.ndarray) -> dict
     return {"d_prime": round(float(d_prime), 3), "spectral_auc": round(float(auc), 3)}
 
 
+def strip_entropy(model, x: torch.Tensor, pool: torch.Tensor, n: int, seed: int) -> np.ndarray:
+    """Mean prediction entropy of each row of ``x`` superimposed on ``n`` random rows of ``pool`` (STRIP)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(x), 256):
+            rows = x[i : i + 256]
+            blended = 0.5 * rows[:, None] + 0.5 * pool[rng.integers(0, len(pool), (len(rows), n))]
+            probs = model(blended.flatten(0, 1)).softmax(1).clamp_min(1e-12)
+            out.append((-(probs * probs.log()).sum(1)).view(len(rows), n).mean(1))
+    return torch.cat(out).numpy()
+
+
+def strip_row(run, state, labels, truth, in_target, n: int, frr: float, seed: int) -> dict:
+    x, _ = materialize(run.data.train)
+    pool, _ = materialize(state.trusted)
+    entropy = strip_entropy(run.model, x.to(run.device), pool.to(run.device), n, seed)
+    reference = strip_entropy(run.model, pool.to(run.device), pool.to(run.device), n, seed + 1)
+    flagged = entropy < np.quantile(reference, frr)
+    hits = int((flagged & truth).sum())
+    return {
+        "strip_auc": round(float(roc_auc_score(truth[in_target], -entropy[in_target])), 3),
+        "strip_recall": round(hits / max(1, int(truth.sum())), 3),
+        "strip_precision": round(hits / max(1, int(flagged.sum())), 3),
+        "strip_frr": frr,
+        "strip_n": n,
+        "entropy_poisoned_mean": round(float(entropy[truth].mean()), 3),
+        "entropy_clean_mean": round(float(entropy[~truth].mean()), 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
@@ -61,6 +100,9 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="append one JSON row per layer (JSON lines)")
+    parser.add_argument("--strip", action="store_true", help="also measure STRIP at the input")
+    parser.add_argument("--strip-n", type=int, default=16)
+    parser.add_argument("--strip-frr", type=float, default=0.05)
     args = parser.parse_args()
     torch.set_num_threads(1)
     register_configs()
@@ -95,6 +137,12 @@ def main() -> None:
             for name, detector in detect.DETECTORS.items():
                 found = detector(feats, labels, ref, ref_labels, seed=args.seed)
                 row[f"{name}_recall"] = round(detect.score(found, state.poisoned.indices, len(labels))["recall"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.strip:
+            row = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides, "layer": "input (STRIP)",
+                   "clean_accuracy": round(trained.clean_accuracy, 4), "asr": round(trained.asr, 4)}  # fmt: skip
+            row |= strip_row(run, state, labels, truth, in_target, args.strip_n, args.strip_frr, args.seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
