@@ -20,6 +20,12 @@ the negated entropy for poisoned against clean rows of the target class; ``strip
 flag every training row whose entropy lies below the trusted rows' ``--strip-frr`` quantile (STRIP's rule: the
 false-rejection rate chosen on clean data).
 
+``--abl K`` adds one row for training dynamics (Anti-Backdoor Learning, Li et al. 2021: a backdoor is learned
+faster than the clean task): a fresh model from the run's factory is trained K epochs on the poisoned training
+rows (plain SGD at the run's lr and batch size), and each row's loss is its score. ``abl_auc`` is the ROC AUC of
+the negated loss for poisoned against clean rows (all classes); ``abl_precision_1pct`` / ``_10pct`` are the
+poisoned share of the lowest-loss 1% (ABL's isolation ratio) and 10% of rows.
+
 Writes one JSON line per (case, layer) to ``--out``:
 
     XDG_DATA_HOME=$D/x XDG_CACHE_HOME=$D/c AISEC_TRAIN_KEY_FILE=$D/key OMP_NUM_THREADS=1 \\
@@ -93,6 +99,28 @@ def strip_row(run, state, labels, truth, in_target, n: int, frr: float, seed: in
     }
 
 
+def abl_row(run, truth: np.ndarray, epochs: int, seed: int) -> dict:
+    from torch.nn import functional as F
+
+    from aisec_train.train.config import TrainConfig
+    from aisec_train.train.loop import train
+
+    fresh = run.factory(seed=seed + 1)
+    cfg = TrainConfig(epochs=epochs, lr=run.cfg.train.lr, batch_size=run.cfg.train.batch_size, seed=seed,
+                      ema_decay=0.0)  # fmt: skip
+    fresh = train(fresh, run.data.train, train_cfg=cfg, device=run.device, progress=False).model.eval()
+    x, y = materialize(run.data.train)
+    y = torch.as_tensor(y)
+    with torch.no_grad():
+        losses = [F.cross_entropy(fresh(x[i : i + 512].to(run.device)), y[i : i + 512].to(run.device), reduction="none")
+                  for i in range(0, len(x), 512)]  # fmt: skip
+    loss = torch.cat(losses).cpu()
+    order = np.argsort(loss.numpy())
+    share = {f: float(truth[order[: max(1, round(f * len(order)))]].mean()) for f in (0.01, 0.1)}
+    return {"abl_epochs": epochs, "abl_auc": round(float(roc_auc_score(truth, -loss.numpy())), 3),
+            "abl_precision_1pct": round(share[0.01], 3), "abl_precision_10pct": round(share[0.1], 3)}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
@@ -103,6 +131,7 @@ def main() -> None:
     parser.add_argument("--strip", action="store_true", help="also measure STRIP at the input")
     parser.add_argument("--strip-n", type=int, default=16)
     parser.add_argument("--strip-frr", type=float, default=0.05)
+    parser.add_argument("--abl", type=int, default=0, help="also measure loss dynamics after this many epochs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     register_configs()
@@ -143,6 +172,12 @@ def main() -> None:
             row = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides, "layer": "input (STRIP)",
                    "clean_accuracy": round(trained.clean_accuracy, 4), "asr": round(trained.asr, 4)}  # fmt: skip
             row |= strip_row(run, state, labels, truth, in_target, args.strip_n, args.strip_frr, args.seed)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.abl:
+            row = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides, "layer": "loss (ABL)",
+                   "poisoned_rows": int(truth.sum()), "rows": len(truth)}  # fmt: skip
+            row |= abl_row(run, truth, args.abl, args.seed)
             rows.append(row)
             print(json.dumps(row), flush=True)
     if args.out:
