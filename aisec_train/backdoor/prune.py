@@ -144,8 +144,9 @@ def leaning_class(model: nn.Module, trusted: Dataset, device: torch.device) -> t
 
     An all-to-one backdoor puts extra mass on its target for clean inputs too (the trigger's features are partly
     present in natural images); on the natural set this found the target in every case measured, where counting
-    argmax errors did not (docs/backdoor.md). A wrong guess costs one class's soft labels, nothing else."""
-    x, y = materialize(trusted)
+    argmax errors did not (docs/backdoor.md). A wrong guess costs one class's soft labels, nothing else. Read on at
+    most 2048 seeded rows (a large reserve need not be held in memory at once)."""
+    x, y = materialize(_bounded(trusted, seed=0))
     model.eval()
     with torch.no_grad():
         probs = torch.cat([model(x[i : i + 512].to(device)).softmax(1).cpu() for i in range(0, len(x), 512)])
