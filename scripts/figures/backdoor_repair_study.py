@@ -121,29 +121,15 @@ def suspected_target(teacher, trusted, device) -> tuple[int, list[float]]:
 
 
 class MaskedDistillation(Distillation):
-    """Distillation over every class but the one the teacher over-predicts on the trusted data (its suspected
-    backdoor target): the soft term teaches the relations among the other classes and nothing about the target's
-    probability, which the hard labels alone set."""
+    """The package's distillation over every class but the one ``suspected_target`` picks (by this script's
+    ``TRUSTED["rule"]``: count, mass or oracle): the soft term teaches nothing about that class's probability."""
 
     correct_only = False
 
-    def __init__(self, teacher, temperature, weight, *_):  # the package's exclude / correct_only: set here
-        super().__init__(teacher, temperature, weight)
-        self.target, self.excess = suspected_target(teacher, *TRUSTED["args"])
-        TRUSTED["last"] = (self.target, self.excess)
-
-    def __call__(self, model, attacked, x, y, criterion):
-        logits = model(x)
-        with torch.no_grad():
-            teacher = self.teacher(x)
-        keep = torch.ones(logits.shape[1], dtype=torch.bool, device=logits.device)
-        keep[self.target] = False
-        soft = F.softmax(teacher[:, keep] / self.temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits[:, keep] / self.temperature, dim=1), soft, reduction="none").sum(1)
-        if self.correct_only:
-            kl = kl * (teacher.argmax(1) == y).float()
-        hard = criterion(logits, y)
-        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
+    def __init__(self, teacher, temperature, weight, *_):  # the package's exclude / correct_only: chosen here
+        target, excess = suspected_target(teacher, *TRUSTED["args"])
+        super().__init__(teacher, temperature, weight, exclude=target, correct_only=self.correct_only)
+        TRUSTED["last"] = (target, excess)
 
 
 class MaskedCorrect(MaskedDistillation):
@@ -193,18 +179,11 @@ OBJECTIVES = {"masked": MaskedDistillation, "masked_correct": MaskedCorrect}
 
 
 class CorrectOnly(Distillation):
-    """Distillation whose soft term counts only the rows the teacher classifies correctly (its errors on clean data
-    are where a backdoored teacher leans to the target)."""
+    """The package's distillation with the soft term on the rows the teacher classifies correctly only (its errors
+    on clean data are where a backdoored teacher leans to the target), every class kept."""
 
-    def __call__(self, model, attacked, x, y, criterion):
-        logits = model(x)
-        with torch.no_grad():
-            teacher = self.teacher(x)
-        soft = F.softmax(teacher / self.temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(logits / self.temperature, dim=1), soft, reduction="none").sum(1)
-        kl = kl * (teacher.argmax(1) == y).float()
-        hard = criterion(logits, y)
-        return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
+    def __init__(self, teacher, temperature, weight, *_):
+        super().__init__(teacher, temperature, weight, correct_only=True)
 
 
 def main() -> None:
