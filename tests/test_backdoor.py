@@ -542,7 +542,7 @@ def test_fine_pruning_removes_the_backdoor_and_bakes_the_mask(backdoored):
     after = measure(model, *splits, CPU)
     # the issue's bars: ASR <= 0.05 within 2 points of clean accuracy (0.05 points before the head re-init)
     assert after.asr <= 0.05 and before.clean_accuracy - after.clean_accuracy <= 0.02, (before, after)
-    assert pruned.head == ["squeeze", "fc1", "fc2"]  # every module after the feature layer was re-initialised
+    assert (pruned.head_mode, pruned.head) == ("shift", ["fc2"])  # FST: only the classifier was re-initialised
     assert len(pruned.curve) == 65 and pruned.curve[0]["pruned"] == 0 and "asr" in pruned.curve[0]
     assert pruned.base_accuracy - pruned.accuracy <= cfg.prune_acc_drop and pruned.evaluation == "replay"
     # the saved weights are the pruned model: no hook, the reader ignores every pruned channel
@@ -695,6 +695,30 @@ def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
     )
 
 
+def test_the_repair_falls_back_to_the_whole_head_when_feature_shift_would_cost_the_model_too_much(backdoored_plain):
+    """On this ReLU CNN (no hidden layer after the feature map) FST at alpha 0.2 collapsed the repaired model (0.84 ->
+    0.71 clean accuracy); the held-out check sees it on half the trusted rows and re-initialises the head instead."""
+    model, path = backdoored_plain["model"], "body"
+    splits = (backdoored_plain["test"], backdoored_plain["attack"], backdoored_plain["truth"])
+    before = measure(model, *splits, CPU)
+    results = {}
+    for label, cfg in {"checked": BackdoorConfig(shift_weight=0.2), "unchecked": BackdoorConfig(shift_weight=0.2,
+                       shift_max_cost=1.0), "default": BackdoorConfig()}.items():  # fmt: skip
+        repaired = copy.deepcopy(model)
+        pruned = prune.fine_prune(repaired, path, backdoored_plain["trusted"], CPU, cfg)
+        results[label] = (pruned, measure(repaired, *splits, CPU))
+    checked, after = results["checked"]
+    assert checked.head_check["chosen"] == "reinit" and checked.head_mode == "reinit"
+    assert checked.head_check["shift"] < checked.head_check["reinit"] - 0.1
+    assert after.asr <= 0.05 and before.clean_accuracy - after.clean_accuracy <= 0.02, (before, after)
+    unchecked, worse = results["unchecked"]
+    assert unchecked.head_check is None and unchecked.head_mode == "shift"  # shift_max_cost=1: no check
+    assert worse.clean_accuracy < after.clean_accuracy - 0.05  # what the check prevented
+    default, kept = results["default"]
+    assert default.head_check["chosen"] == "shift" and default.head_mode == "shift"  # alpha 0.05 suits it
+    assert kept.asr <= 0.05 and before.clean_accuracy - kept.clean_accuracy <= 0.02, (before, kept)
+
+
 # ------------------------------------------------------------------------------------------------ bake
 def _bake_case(model: nn.Module, path: str, channels: int, shape=(1, 8, 8)):
     torch.manual_seed(1)
@@ -776,6 +800,14 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     distill = bd["fine_pruning"]["finetune"]["distill"]
     assert distill["mode"] in ("full", "guarded", "off") and distill["used"] is (distill["mode"] != "off")
     assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
+    finetune = bd["fine_pruning"]["finetune"]
+    check = finetune["head_check"]  # FST against the whole-head re-initialisation, on held-out trusted rows
+    assert set(check) == {"shift", "reinit", "max_cost", "chosen"} and check["chosen"] == finetune["head"]
+    if finetune["head"] == "shift":
+        assert finetune["reinitialised"] == ["fc2"] and finetune["shift_weight"] == 0.05
+        assert check["shift"] >= check["reinit"] - check["max_cost"]
+    else:
+        assert finetune["reinitialised"] == ["squeeze", "fc1", "fc2"] and finetune["shift_weight"] is None
     checks = {c["item"]: c for c in report["checklist"]}
     detection = checks["validation against poisoning (spectral signatures, activation clustering)"]
     repair = checks["pruning against poisoning (Fine-Pruning)"]

@@ -7,12 +7,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from aisec_train.backdoor import federated_poison, retune
-from aisec_train.backdoor.config import BackdoorConfig
+from aisec_train.backdoor import federated_poison, prune, retune
+from aisec_train.backdoor.config import BackdoorConfig, FinetuneHead
 from aisec_train.cli import CONFIG_DIR
 from aisec_train.components import build
 from aisec_train.config import register_configs, to_config
 from aisec_train.models import ModelFactory
+from aisec_train.train.objectives import CrossEntropy, FeatureShift
 from tests.conftest import run_cli
 
 
@@ -32,6 +33,81 @@ def test_the_head_is_every_module_after_the_feature_layer_and_only_it_is_reiniti
     again = _model()
     retune.reinit_head(again, "features_out", probe, seed=3)
     assert torch.equal(again.fc2.weight, model.fc2.weight)  # deterministic in the seed
+
+
+def test_the_classifier_is_the_last_linear_after_the_feature_layer_and_can_be_reinitialised_alone():
+    model, probe = _model(), torch.rand(4, 1, 8, 8)
+    head = retune.head_modules(model, "features_out", probe)
+    assert retune.classifier(model, head) == "fc2" and retune.classifier(model, ["squeeze"]) is None
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert retune.reinit_head(model, "features_out", probe, seed=3, only=["fc2"]) == ["fc2"]
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"fc2.weight", "fc2.bias"}
+
+
+def test_feature_shift_adds_alpha_times_the_inner_product_with_the_old_classifier_at_its_norm():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    original = torch.randn(3, 5) * 4.0
+    shift = FeatureShift(CrossEntropy(), model.weight, original, alpha=0.2)
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    loss, logits = shift(model, model, x, y, torch.nn.CrossEntropyLoss())
+    assert float(model.weight.detach().norm()) == pytest.approx(float(original.norm()), rel=1e-5)  # projected first
+    expected = torch.nn.functional.cross_entropy(model(x), y) + 0.2 * (model.weight * original).sum()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    loss.backward()
+    plain = torch.nn.Linear(5, 3)
+    plain.load_state_dict(model.state_dict())
+    torch.nn.functional.cross_entropy(plain(x), y).backward()
+    assert torch.allclose(model.weight.grad - plain.weight.grad, 0.2 * original, atol=1e-5)  # the penalty's pull
+
+
+def _trusted(n=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, 8, 8, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5])
+def test_shift_fine_tuning_reinitialises_only_the_classifier_and_steers_it_off_the_old_one(weight):
+    model, trusted = _model(), _trusted()
+    old = model.fc2.weight.detach().clone()
+    fc1 = model.fc1.weight.detach().clone()
+    cfg = BackdoorConfig(finetune_epochs=3, shift_weight=weight)
+    mode, head = prune.fine_tune(model, "features_out", trusted, torch.device("cpu"), cfg, seed=0)
+    assert (mode, head) == ("shift", ["fc2"])
+    assert float(model.fc2.weight.norm()) == pytest.approx(float(old.norm()), rel=1e-4)  # held at the old norm
+    cosine = float(torch.nn.functional.cosine_similarity(model.fc2.weight.flatten(), old.flatten(), dim=0))
+    if weight:
+        assert cosine < -0.5  # pushed away from the compromised classifier
+    else:
+        assert abs(cosine) < 0.5  # a fresh classifier alone has no reason to point anywhere in particular
+    # fc1 was not re-initialised: it moved only by training at the body's lr, so it stays near where it was
+    assert float((model.fc1.weight - fc1).norm()) < 0.5 * float(fc1.norm())
+
+
+def test_shift_on_a_model_without_a_linear_classifier_reinitialises_the_whole_head_and_says_so():
+    class ConvHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+            self.features_out = torch.nn.Tanh()
+            self.classify = torch.nn.Conv2d(4, 10, 8)
+
+        def forward(self, x):
+            return self.classify(self.features_out(self.conv(x))).flatten(1)
+
+    torch.manual_seed(0)
+    model = ConvHead()
+    mode, head = prune.fine_tune(model, "features_out", _trusted(), torch.device("cpu"),
+                                 BackdoorConfig(finetune_epochs=1), seed=0)  # fmt: skip
+    assert (mode, head) == ("reinit", ["classify"])
+    kept = prune.fine_tune(model, "features_out", _trusted(), torch.device("cpu"),
+                           BackdoorConfig(finetune_epochs=1, finetune_head=FinetuneHead.keep), seed=0)  # fmt: skip
+    assert kept == ("keep", ["classify"])
+    assert prune.fine_tune(model, "features_out", _trusted(), torch.device("cpu"),
+                           BackdoorConfig(finetune_epochs=0), seed=0) == ("off", [])  # fmt: skip
 
 
 def test_scaled_sgd_gives_the_body_its_fraction_of_the_lr_and_the_tags_go_away():

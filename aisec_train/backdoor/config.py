@@ -31,6 +31,9 @@ class RepairMethod(Enum):
 
 
 class FinetuneHead(Enum):
+    # re-initialise only the classifier (the last Linear after the feature layer) and steer it away from the
+    # compromised one, so the features must shift: Feature Shift Tuning (Min et al. 2023; backdoor/retune.py)
+    shift = "shift"
     reinit = "reinit"  # re-initialise every module after the feature layer before fine-tuning (backdoor/retune.py)
     keep = "keep"  # fine-tune the released head as it is (the earlier default; docs/backdoor.md)
 
@@ -78,11 +81,15 @@ class BackdoorConfig:
     filter: bool = False  # drop the flagged samples and retrain (refused under DP: see docs/backdoor.md)
     repair: RepairMethod = RepairMethod.fine_pruning
     prune_acc_drop: float = 0.02  # stop pruning before trusted-set accuracy falls further than this
-    finetune_epochs: int = 30
+    finetune_epochs: int = 60
     finetune_lr: float = 0.1  # peak lr: warmed up over 10% of the steps, then cosine decay to 0
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
-    finetune_head: FinetuneHead = FinetuneHead.reinit  # the head after the feature layer: reinit | keep
+    finetune_head: FinetuneHead = FinetuneHead.shift  # the head after the feature layer: shift | reinit | keep
+    shift_weight: float = 0.05  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
+    # Guard against a model FST does not suit: fine-tuned on half the trusted rows, FST must score within this of
+    # the whole-head re-initialisation on the other half, or the repair re-initialises the whole head (1: no check).
+    shift_max_cost: float = 0.1
     finetune_body_lr: float = 0.2  # the body's lr as a fraction of finetune_lr (the head gets finetune_lr)
     # Distillation from the pre-repair model while fine-tuning (backdoor/prune.py), used only when that model's
     # accuracy on the trusted data (held out from training) is at least distill_min_teacher_accuracy: a weaker
@@ -122,6 +129,8 @@ class BackdoorConfig:
         require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a number >= 1")
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
+        require(self.shift_weight >= 0, "backdoor.shift_weight", self.shift_weight, "must be >= 0")
+        require(0.0 <= self.shift_max_cost <= 1.0, "backdoor.shift_max_cost", self.shift_max_cost, "must be in [0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")
         require(0.0 <= self.distill_weight < 1.0, "backdoor.distill_weight", self.distill_weight, "must be in [0, 1)")
         require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")

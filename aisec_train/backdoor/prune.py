@@ -5,7 +5,8 @@
    first breach ends pruning, as in Liu et al.); beyond :data:`POINTS` channels they are pruned in equal groups,
    so a 512-channel layer costs 65 evaluations, not 513;
 3. fine-tune on the trusted data through the one training loop, the mask held in place by a forward hook, the
-   classifier head re-initialised and the body at a fifth of the learning rate (backdoor/retune.py), distilling
+   classifier re-initialised and steered off the old one (Feature Shift Tuning), the body at a fifth of the
+   learning rate (backdoor/retune.py), distilling
    from the pre-repair model when it knows more than the trusted data can re-teach (:func:`teacher_for`);
 4. bake the mask into the released model, verified (backdoor/bake.py).
 
@@ -18,6 +19,7 @@ The mask is a forward hook on the feature layer (backdoor/layers.py), so nothing
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,11 +34,11 @@ from aisec_train.backdoor import retune
 from aisec_train.backdoor.bake import Baked, bake
 from aisec_train.backdoor.config import BackdoorConfig, FinetuneHead, WeakTeacher
 from aisec_train.backdoor.features import activation_stats, masked_accuracy
-from aisec_train.backdoor.layers import masked
+from aisec_train.backdoor.layers import masked, network
 from aisec_train.data.views import materialize, subset
 from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import accuracy, train
-from aisec_train.train.objectives import Distillation
+from aisec_train.train.objectives import CrossEntropy, Distillation, FeatureShift
 
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
 CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
@@ -55,9 +57,11 @@ class Pruned:
     evaluation: str = "replay"  # how masked accuracy was measured: cached replay or full forward passes
     curve: list[dict[str, float]] = field(default_factory=list)  # one row per evaluated pruned count
     baked: Baked | None = None
-    head: list[str] = field(default_factory=list)  # modules after the feature layer (re-initialised, or kept)
+    head: list[str] = field(default_factory=list)  # modules trained at the full lr (re-initialised, or kept)
+    head_mode: str = "off"  # the fine-tuning's head mode that ran: shift | reinit | keep | off (no fine-tuning)
     distilled: bool = False  # whether fine-tuning distilled from the pre-repair model (:func:`teacher_for`)
     distill: dict = field(default_factory=dict)  # how: mode, the held-out comparison, the class left out
+    head_check: dict | None = None  # FST against the whole-head re-initialisation on held-out trusted rows
 
     @property
     def pruned_fraction(self) -> float:
@@ -213,11 +217,18 @@ def fine_tune(
     cfg: BackdoorConfig,
     seed: int,
     teacher: Teacher | None = None,
-) -> list[str]:
-    """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop, the head (every module
-    after the feature layer ``path``) re-initialised when ``backdoor.finetune_head=reinit`` and trained at
-    ``finetune_lr``, the body at ``finetune_body_lr`` times it; warm-up over 10% of the steps, then cosine to 0
-    (backdoor/retune.py says why). Call it inside :func:`~aisec_train.backdoor.layers.masked`. Returns the head.
+) -> tuple[str, list[str]]:
+    """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop; warm-up over 10% of
+    the steps, then cosine to 0 (backdoor/retune.py says why). ``backdoor.finetune_head``:
+
+    - ``shift`` (default): only the classifier (the last ``nn.Linear`` after the feature layer ``path``) is
+      re-initialised, trained at ``finetune_lr`` with FST's penalty (:class:`FeatureShift`), everything else at
+      ``finetune_body_lr`` times it. A model with no linear classifier after the feature layer gets ``reinit``;
+    - ``reinit``: every module after the feature layer is re-initialised and trained at ``finetune_lr``;
+    - ``keep``: the same modules at ``finetune_lr``, as they are.
+
+    Call it inside :func:`~aisec_train.backdoor.layers.masked`. Returns the mode that ran (``off`` with 0 epochs)
+    and the modules trained at the full lr.
 
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
     backdoor/trusted.py). The warm-up: a DP model's first steps at the full lr 0.1 with momentum could diverge; on
@@ -225,11 +236,18 @@ def fine_tune(
     ``teacher``, the loss adds distillation from it (:meth:`Teacher.objective`).
     """
     if cfg.finetune_epochs == 0:
-        return []
+        return "off", []
     probe, _ = materialize(trusted, limit=2)
     probe = probe.to(device)
-    reinit = cfg.finetune_head is FinetuneHead.reinit
-    head = retune.reinit_head(model, path, probe, seed) if reinit else retune.head_modules(model, path, probe)
+    head = retune.head_modules(model, path, probe)
+    linear = retune.classifier(model, head) if cfg.finetune_head is FinetuneHead.shift else None
+    shift, mode = None, cfg.finetune_head.value
+    if linear is not None:  # FST: only the classifier is re-initialised, and kept off the compromised one
+        weight = dict(network(model).named_modules())[linear].weight
+        original = weight.detach().clone()
+        head = retune.reinit_head(model, path, probe, seed, only=[linear])
+    elif cfg.finetune_head is not FinetuneHead.keep:  # reinit, or shift on a model with no linear classifier
+        head, mode = retune.reinit_head(model, path, probe, seed), FinetuneHead.reinit.value
     loop_cfg = TrainConfig(
         epochs=cfg.finetune_epochs,
         batch_size=cfg.finetune_batch_size,
@@ -245,10 +263,15 @@ def fine_tune(
     scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
     with retune.lr_scales(model, head, cfg.finetune_body_lr):
         objective = None if teacher is None else teacher.objective(cfg)
+        if linear is not None:
+            shift = FeatureShift(objective or CrossEntropy(), weight, original, cfg.shift_weight)
+            objective = shift
         train(model, trusted, train_cfg=loop_cfg, device=device, optimizer=optimizer, scheduler=scheduler,
               objective=objective, progress=False)  # fmt: skip
+    if shift is not None:
+        shift.project()  # the last step's update, back onto the norm ball
     model.eval()
-    return head
+    return mode, head
 
 
 def fine_prune(
@@ -268,25 +291,38 @@ def fine_prune(
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
     view = finetune_view if finetune_view is not None else trusted
-    held: dict[str, float] = {}
+    held: dict[str, float] = {}  # held-out accuracy of the teacher and of a student per head mode, when measured
 
-    def held_out() -> tuple[float, float]:  # only measured for a teacher below the accuracy gate
-        held["teacher"], held["student"] = cross_fitted(model, path, pruned.mask, view, trusted, device, cfg, seed)
-        return held["teacher"], held["student"]
+    def student(head: FinetuneHead) -> float:
+        if head.value not in held:
+            tried = dataclasses.replace(cfg, finetune_head=head)
+            held["teacher"], held[head.value] = cross_fitted(model, path, pruned.mask, view, trusted, device, tried,
+                                                             seed)  # fmt: skip
+        return held[head.value]
 
     comparable = len(trusted) >= MIN_HELD_OUT  # type: ignore[arg-type]
+    if cfg.finetune_head is FinetuneHead.shift and cfg.finetune_epochs and comparable and cfg.shift_max_cost < 1:
+        if student(FinetuneHead.shift) < student(FinetuneHead.reinit) - cfg.shift_max_cost:
+            cfg = dataclasses.replace(cfg, finetune_head=FinetuneHead.reinit)  # FST would cost this model too much
+        pruned.head_check = {"shift": held["shift"], "reinit": held["reinit"], "max_cost": cfg.shift_max_cost,
+                             "chosen": cfg.finetune_head.value}  # fmt: skip
+
+    def held_out() -> tuple[float, float]:  # only needed for a teacher below the accuracy gate
+        score = student(cfg.finetune_head)  # the head mode the repair will use
+        return held["teacher"], score
+
     # before the head is re-initialised
     teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out if comparable else None)
     pruned.distilled = teacher is not None
     pruned.distill = {
         "mode": "off" if teacher is None else teacher.mode,
         "held_out_teacher_accuracy": held.get("teacher"),
-        "held_out_student_accuracy": held.get("student"),
+        "held_out_student_accuracy": held.get(cfg.finetune_head.value),
         "excluded_class": None if teacher is None else teacher.exclude,
         "lean": [] if teacher is None else teacher.lean,
     }
     with masked(model, path, pruned.mask):
-        pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher)
+        pruned.head_mode, pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher)
     probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
     pruned.baked = bake(model, path, pruned.mask, probe.to(device))
     return pruned

@@ -11,12 +11,22 @@ neurons too, measured); full fine-tuning at lr 0.1 removed it, but forgot what 2
 again (digits, non-private: 0.972 -> 0.931). A fresh head has no weight on the trigger's features to start with,
 and the clean data never gives it one; the body, at a fifth of the learning rate, keeps its features and still
 moves enough for the decay to erase the trigger's response in them. This is the "re-initialise the linear head,
-then tune" family of Min et al. 2023 (Feature Shift Tuning, FST), without FST's extra penalty term.
+then tune" family of Min et al. 2023 (Feature Shift Tuning, FST).
+
+The default (``backdoor.finetune_head=shift``) is FST itself: only the classifier (the last ``nn.Linear`` after
+the feature layer, :func:`classifier`) is re-initialised, and the loss adds ``shift_weight <W, W_old>`` with W held
+at the old weight's norm (:class:`~aisec_train.train.objectives.FeatureShift`). A classifier that may not reuse the
+old one's directions forces the features to shift, and the trigger's features, entangled with the target class's,
+do not survive that. On the natural-patches set a Blended backdoor outlived the whole-head re-initialisation
+(ASR 0.13-0.18 after repair) and not FST (0.019-0.036 at alpha 0.05; docs/backdoor.md, "Feature Shift Tuning").
+``prune.fine_prune`` falls back to the whole head when FST scores ``shift_max_cost`` below it on held-out trusted
+rows (a model whose features cannot shift at the body's lr).
 
 The loop builds the optimizer from a ``_target_`` config over ``model.parameters()`` (one training loop), so the
 body's scale travels on the parameters themselves (:data:`LR_SCALE`), read by :class:`ScaledSGD` and removed after.
 
->>> head = reinit_head(model, "features_out", probe, seed=0)     # ["fc1", "fc2"]
+>>> head = reinit_head(model, "features_out", probe, seed=0)     # ["squeeze", "fc1", "fc2"]
+>>> reinit_head(model, "features_out", probe, seed=0, only=[classifier(model, head)])   # ["fc2"]: FST
 >>> with lr_scales(model, head, body=0.2):                       # then train with ScaledSGD + WarmupCosine
 ...     train(model, trusted, optimizer=OPTIMIZER | {...}, scheduler=SCHEDULER, ...)
 """
@@ -74,10 +84,19 @@ def head_modules(model: nn.Module, path: str, probe: torch.Tensor) -> list[str]:
     return list(dict.fromkeys(n for ev, n in events[end + 1 :] if ev == "start" and n))
 
 
-def reinit_head(model: nn.Module, path: str, probe: torch.Tensor, seed: int) -> list[str]:
-    """Re-initialise every module after the feature layer that can (``reset_parameters``), seeded without touching
-    the global generator; returns the head's module names."""
-    head = head_modules(model, path, probe)
+def classifier(model: nn.Module, head: list[str]) -> str | None:
+    """The last ``nn.Linear`` among the ``head`` modules (the one that writes the logits), or None."""
+    modules = dict(network(model).named_modules())
+    linear = [name for name in head if isinstance(modules[name], nn.Linear)]
+    return linear[-1] if linear else None
+
+
+def reinit_head(
+    model: nn.Module, path: str, probe: torch.Tensor, seed: int, only: list[str] | None = None
+) -> list[str]:
+    """Re-initialise every module after the feature layer that can (``reset_parameters``), or only the modules
+    ``only``, seeded without touching the global generator; returns the re-initialised module names."""
+    head = head_modules(model, path, probe) if only is None else only
     modules = dict(network(model).named_modules())
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)

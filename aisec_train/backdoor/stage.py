@@ -177,8 +177,10 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
         "trusted_accuracy_pruned": pruned.accuracy,
         "acc_drop_budget": bd.prune_acc_drop,
         "finetune": {
-            "head": bd.finetune_head.value,
-            "reinitialised": pruned.head if bd.finetune_head.value == "reinit" else [],
+            "head": pruned.head_mode,  # what ran: shift | reinit | keep | off
+            "reinitialised": pruned.head if pruned.head_mode in ("shift", "reinit") else [],
+            "shift_weight": bd.shift_weight if pruned.head_mode == "shift" else None,
+            "head_check": pruned.head_check,  # held-out trusted accuracy of FST and of reinit, and the choice
             "body_lr": bd.finetune_body_lr,
             "epochs": bd.finetune_epochs,
             "lr": bd.finetune_lr,

@@ -99,6 +99,28 @@ class Distillation:
         return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
 
 
+class FeatureShift:
+    """``inner``'s loss plus ``alpha <W, W_old>`` on the classifier's weight ``W``, held at ``||W_old||`` (projected
+    before every step; the caller projects once more after the last): the new classifier is pushed away from the
+    compromised one, so the features must shift to serve it (Min et al. 2023, Feature Shift Tuning; their alpha
+    0.2). Used by Fine-Pruning's fine-tuning (backdoor/prune.py, ``backdoor.finetune_head=shift``)."""
+
+    name, forwards = "feature_shift", 1
+
+    def __init__(self, inner: Objective, weight: nn.Parameter, original: Tensor, alpha: float):
+        self.inner, self.weight, self.alpha = inner, weight, alpha
+        self.original, self.norm = original.detach().clone(), float(original.norm())
+
+    def project(self) -> None:
+        with torch.no_grad():
+            self.weight.mul_(self.norm / float(self.weight.norm().clamp_min(1e-12)))
+
+    def __call__(self, model, attacked, x, y, criterion):
+        self.project()
+        loss, logits = self.inner(model, attacked, x, y, criterion)
+        return loss + self.alpha * (self.weight * self.original).sum(), logits
+
+
 def correct(logits: Tensor, y: Tensor) -> int:
     """Correct predictions against hard labels, or against the argmax of soft ones."""
     truth = y if y.ndim == 1 else y.argmax(1)

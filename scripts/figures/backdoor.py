@@ -85,6 +85,7 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "pruned_fraction": bd["fine_pruning"]["pruned_fraction"],
         "feature_layer": bd["feature_layer"],
         "bake": (bd["fine_pruning"].get("bake") or {}).get("method"),
+        "finetune_head": bd["fine_pruning"]["finetune"].get("head"),
         "distilled": bd["fine_pruning"]["finetune"]["distill"]["used"],
         "teacher_trusted_accuracy": bd["fine_pruning"]["finetune"]["distill"]["teacher_trusted_accuracy"],
         "distill_mode": bd["fine_pruning"]["finetune"]["distill"].get("mode"),

@@ -28,7 +28,7 @@ from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
 from aisec_train import pipeline
-from aisec_train.backdoor import badnets, prune
+from aisec_train.backdoor import badnets, prune, retune
 from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
@@ -97,6 +97,64 @@ VARIANTS = {
         "unlearn_0.2_w0.1": {"unlearn": (0.2, 5, 0.1)},
         "unlearn_0.05_w0.5": {"unlearn": (0.05, 5, 0.5)},
     },
+    "fst": {  # Feature Shift Tuning (Min et al. 2023): only the classifier re-initialised, kept away from the old one
+        "default": {},
+        "no_distill": {"distill_weight": 0.0},
+        "last_only_body1": {"fst": 0.0, "finetune_body_lr": 1.0},
+        "fst_a0.2_body1": {"fst": 0.2, "finetune_body_lr": 1.0},
+        "fst_a0.2_body1_no_distill": {"fst": 0.2, "finetune_body_lr": 1.0, "distill_weight": 0.0},
+        "fst_a0.2_body0.2": {"fst": 0.2},
+        "fst_a0.2_body0.5": {"fst": 0.2, "finetune_body_lr": 0.5},
+        "fst_a0.05_body1": {"fst": 0.05, "finetune_body_lr": 1.0},
+        "fst_a0.5_body1": {"fst": 0.5, "finetune_body_lr": 1.0},
+        "fst_a0.2_body1_lr0.03": {"fst": 0.2, "finetune_body_lr": 1.0, "finetune_lr": 0.03},
+    },
+    "fst2": {  # FST's penalty at the default body lr (0.2x), around its alpha and the distillation weight
+        "default": {},
+        "fst_a0.2_body0.2": {"fst": 0.2},
+        "fst_a0.1_body0.2": {"fst": 0.1},
+        "fst_a0.05_body0.2": {"fst": 0.05},
+        "fst_a0.2_body0.1": {"fst": 0.2, "finetune_body_lr": 0.1},
+        "fst_a0.2_w0.7": {"fst": 0.2, "distill_weight": 0.7},
+        "fst_a0.2_w0.9": {"fst": 0.2, "distill_weight": 0.9},
+        "fst_a0.2_ep60": {"fst": 0.2, "finetune_epochs": 60},
+        "fst_a0.2_wd0": {"fst": 0.2, "finetune_weight_decay": 0.0},
+        "fst_a0.2_full_forced": {"fst": 0.2, "distill_min_teacher_accuracy": 0.0},
+        "last_only_body0.2": {"fst": 0.0},
+    },
+    "fst3": {  # FST's penalty with a longer fine-tuning
+        "default": {},
+        "fst_a0.2_ep60": {"fst": 0.2, "finetune_epochs": 60},
+        "fst_a0.1_ep60": {"fst": 0.1, "finetune_epochs": 60},
+        "fst_a0.05_ep60": {"fst": 0.05, "finetune_epochs": 60},
+        "fst_a0.2_ep100": {"fst": 0.2, "finetune_epochs": 100},
+        "fst_a0.1_ep100": {"fst": 0.1, "finetune_epochs": 100},
+        "fst_a0.2_ep60_body0.3": {"fst": 0.2, "finetune_epochs": 60, "finetune_body_lr": 0.3},
+        "fst_a0.2_ep60_w0.7": {"fst": 0.2, "finetune_epochs": 60, "distill_weight": 0.7},
+        "fst_a0.2_ep60_lr0.05": {"fst": 0.2, "finetune_epochs": 60, "finetune_lr": 0.05},
+        "ep60": {"finetune_epochs": 60},
+    },
+    "shift": {  # the package's head modes side by side (backdoor.finetune_head, finetune_epochs)
+        "default": {},  # shift (FST), 60 epochs
+        "reinit_ep30": {"finetune_head": FinetuneHead.reinit, "finetune_epochs": 30},  # the previous default
+        "reinit_ep60": {"finetune_head": FinetuneHead.reinit},
+        "shift_ep30": {"finetune_epochs": 30},
+    },
+    "alpha": {  # the package's FST at 60 epochs, around its shift_weight
+        "default": {},
+        "a0.1": {"shift_weight": 0.1},
+        "a0.05": {"shift_weight": 0.05},
+        "a0.02": {"shift_weight": 0.02},
+        "a0": {"shift_weight": 0.0},
+        "reinit": {"finetune_head": FinetuneHead.reinit},
+    },
+    "fst4": {  # the candidates on other cases
+        "default": {},
+        "fst_a0.2": {"fst": 0.2},
+        "fst_a0.2_ep60": {"fst": 0.2, "finetune_epochs": 60},
+        "fst_a0.1_ep60": {"fst": 0.1, "finetune_epochs": 60},
+        "ep60": {"finetune_epochs": 60},
+    },
 }
 TRUSTED = {}  # set in main: the trusted data and device, for MaskedDistillation's target estimate
 
@@ -161,17 +219,51 @@ class Unlearn:
         return (1 - self.weight) * loss + self.weight * adv, logits
 
 
-def _train_with(unlearn):
-    """The loop, its objective wrapped in :class:`Unlearn` (``unlearn`` = (eps, steps)) for this variant."""
+def classifier(model) -> torch.nn.Linear:
+    """The model's last linear layer: the classifier FST re-initialises and steers."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+class FeatureShift:
+    """The inner objective plus ``alpha <W, W_ori>`` on the classifier's weight, which is held at the norm of the
+    original ``W_ori`` (projected before every step): the new classifier is pushed away from the compromised one,
+    so the features must shift to serve it (Min et al. 2023, FST; their alpha 0.2)."""
+
+    name, forwards = "fst", 1
+
+    def __init__(self, inner, alpha: float, original: torch.Tensor):
+        self.inner, self.alpha, self.original, self.norm = inner, alpha, original, original.norm()
+
+    def __call__(self, model, attacked, x, y, criterion):
+        weight = classifier(model).weight
+        with torch.no_grad():
+            weight.mul_(self.norm / weight.norm().clamp_min(1e-12))
+        loss, logits = self.inner(model, attacked, x, y, criterion)
+        return loss + self.alpha * (weight * self.original.to(weight.device)).sum(), logits
+
+
+def _train_with(unlearn, fst=None):
+    """The loop, its objective wrapped in :class:`Unlearn` (``unlearn`` = (eps, steps)) and/or
+    :class:`FeatureShift` (``fst`` = (alpha, original classifier weight)) for this variant."""
 
     def run(*a, objective=None, **kw):
         from aisec_train.train.objectives import CrossEntropy
 
         if unlearn is not None:
             objective = Unlearn(objective or CrossEntropy(), *unlearn)
+        if fst is not None and fst[0] > 0:
+            objective = FeatureShift(objective or CrossEntropy(), *fst)
         return LOOP_TRAIN(*a, objective=objective, **kw)
 
     return run
+
+
+HEAD_MODULES = retune.head_modules
+
+
+def _head(last_only: bool):
+    """``retune.head_modules``, or only its last module (FST re-initialises the classifier alone)."""
+    return (lambda *a: HEAD_MODULES(*a)[-1:]) if last_only else HEAD_MODULES
 
 
 LOOP_TRAIN = prune.train
@@ -227,7 +319,10 @@ def main() -> None:
             TRUSTED["args"], TRUSTED["last"] = (state.trusted, run.device), None
             TRUSTED["rule"], TRUSTED["stats"] = change.pop("rule", "count"), None
             TRUSTED["oracle"] = cfg.backdoor.target
-            prune.train = _train_with(change.pop("unlearn", None))
+            fst = change.pop("fst", None)
+            original = classifier(run.model).weight.detach().clone()
+            prune.train = _train_with(change.pop("unlearn", None), None if fst is None else (fst, original))
+            retune.head_modules = _head(fst is not None)
             model, started = copy.deepcopy(run.model), time.process_time()
             bd = dataclasses.replace(cfg.backdoor, **change)
             view = run.data.training_view(state.trusted)
@@ -245,7 +340,7 @@ def main() -> None:
                          "suspected": TRUSTED["last"], "target": cfg.backdoor.target, "stats": TRUSTED["stats"],
                          "cpu_s": round(time.process_time() - started, 1)})  # fmt: skip
             print(name, rows[-1], flush=True)
-        prune.Distillation = Distillation
+        prune.Distillation, retune.head_modules = Distillation, HEAD_MODULES
     if args.out:
         case = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides}
         with args.out.open("a") as f:
