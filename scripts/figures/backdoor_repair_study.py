@@ -6,6 +6,9 @@ ASR on the whole test split and on two fixed halves of it (choose on ``sel``, re
 distill`` compares the default (distillation from the pre-repair model, gated on its trusted accuracy) with no
 distillation and with distillation forced at several weights and temperatures; its ``*_correct`` variants
 distil only on rows the teacher classifies correctly, an objective this script defines (not a package option).
+The groups before ``fst``, and the ``fst*`` groups' rows without an FST key (``default``, ``ep60``, ...), ran under
+the previous repair default (whole head re-initialised, 30 epochs): add ``--set backdoor.finetune_head=reinit --set
+backdoor.finetune_epochs=30`` to reproduce them; ``shift`` and ``alpha`` use the package's Feature Shift Tuning.
 Run it from a scratch directory with the stores redirected (it opens a ledger); ``--out`` appends one JSON line
 per variant:
 
@@ -33,7 +36,7 @@ from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
-from aisec_train.train.objectives import Distillation
+from aisec_train.train.objectives import Distillation, FeatureShift
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 VARIANTS = {
@@ -224,36 +227,20 @@ def classifier(model) -> torch.nn.Linear:
     return [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
 
 
-class FeatureShift:
-    """The inner objective plus ``alpha <W, W_ori>`` on the classifier's weight, which is held at the norm of the
-    original ``W_ori`` (projected before every step): the new classifier is pushed away from the compromised one,
-    so the features must shift to serve it (Min et al. 2023, FST; their alpha 0.2)."""
-
-    name, forwards = "fst", 1
-
-    def __init__(self, inner, alpha: float, original: torch.Tensor):
-        self.inner, self.alpha, self.original, self.norm = inner, alpha, original, original.norm()
-
-    def __call__(self, model, attacked, x, y, criterion):
-        weight = classifier(model).weight
-        with torch.no_grad():
-            weight.mul_(self.norm / weight.norm().clamp_min(1e-12))
-        loss, logits = self.inner(model, attacked, x, y, criterion)
-        return loss + self.alpha * (weight * self.original.to(weight.device)).sum(), logits
-
-
 def _train_with(unlearn, fst=None):
-    """The loop, its objective wrapped in :class:`Unlearn` (``unlearn`` = (eps, steps)) and/or
-    :class:`FeatureShift` (``fst`` = (alpha, original classifier weight)) for this variant."""
+    """The loop, its objective wrapped in :class:`Unlearn` (``unlearn`` = (eps, steps)) and/or the package's
+    ``FeatureShift`` on the model's last linear layer (``fst`` = (alpha, original classifier weight)), for the
+    exploratory ``fst*`` variants that ran before ``backdoor.finetune_head=shift`` existed."""
 
-    def run(*a, objective=None, **kw):
+    def run(model, *a, objective=None, **kw):
         from aisec_train.train.objectives import CrossEntropy
 
         if unlearn is not None:
             objective = Unlearn(objective or CrossEntropy(), *unlearn)
         if fst is not None and fst[0] > 0:
-            objective = FeatureShift(objective or CrossEntropy(), *fst)
-        return LOOP_TRAIN(*a, objective=objective, **kw)
+            alpha, original = fst
+            objective = FeatureShift(objective or CrossEntropy(), classifier(model).weight, original, alpha)
+        return LOOP_TRAIN(model, *a, objective=objective, **kw)
 
     return run
 
@@ -320,6 +307,9 @@ def main() -> None:
             TRUSTED["rule"], TRUSTED["stats"] = change.pop("rule", "count"), None
             TRUSTED["oracle"] = cfg.backdoor.target
             fst = change.pop("fst", None)
+            if fst is not None:  # this script's FST: the package's previous whole-head mode, its head cut to the
+                change.setdefault("finetune_head", FinetuneHead.reinit)  # last module (_head), 30 epochs unless
+                change.setdefault("finetune_epochs", 30)  # the variant says otherwise, as when these rows were run
             original = classifier(run.model).weight.detach().clone()
             prune.train = _train_with(change.pop("unlearn", None), None if fst is None else (fst, original))
             retune.head_modules = _head(fst is not None)
