@@ -624,6 +624,38 @@ def test_guarded_distillation_leaves_out_one_class_and_the_rows_the_teacher_gets
     assert float(logits.grad[3:, keep].abs().sum()) > 0
 
 
+def test_unlabelled_distillation_adds_the_soft_term_on_drawn_inputs_without_the_excluded_class():
+    from torch.nn import functional as F
+
+    from aisec_train.train.objectives import CrossEntropy, UnlabelledDistillation
+
+    torch.manual_seed(0)
+    student, teacher = nn.Linear(6, 4), nn.Linear(6, 4).requires_grad_(False)
+    x, y, pool = torch.randn(5, 6), torch.randint(0, 4, (5,)), torch.randn(40, 6)
+    loss, logits = UnlabelledDistillation(CrossEntropy(), teacher, pool, 2.0, 0.3, exclude=1, seed=7)(
+        student, student, x, y, nn.CrossEntropyLoss()
+    )
+    rows = pool[torch.randint(40, (5,), generator=torch.Generator().manual_seed(7))]  # as many rows as the batch
+    keep = [0, 2, 3]
+    p, q = F.softmax(teacher(rows)[:, keep] / 2, 1), F.log_softmax(student(rows)[:, keep] / 2, 1)
+    want = F.cross_entropy(student(x), y) + 0.3 * 4 * (p * (p.log() - q)).sum(1).mean()
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(logits, student(x))  # accuracy is counted on the labelled batch only
+
+    def term(teacher):
+        objective = UnlabelledDistillation(CrossEntropy(), teacher, pool, 2.0, 0.3, exclude=1, seed=7)
+        return float(objective(student, student, x, y, nn.CrossEntropyLoss())[0].detach())
+
+    # The teacher's mass on the excluded class (a backdoor's target on triggered inputs) passes on nothing.
+    moved = copy.deepcopy(teacher)
+    with torch.no_grad():
+        moved.bias[1] += 5.0
+    assert term(moved) == pytest.approx(term(teacher), abs=1e-6)
+    with torch.no_grad():
+        moved.bias[2] += 5.0
+    assert abs(term(moved) - term(teacher)) > 1e-3
+
+
 def test_leaning_class_is_the_one_the_model_over_predicts_on_other_classes_rows():
     from torch.utils.data import TensorDataset
 
@@ -674,10 +706,74 @@ def test_the_held_out_comparison_fine_tunes_a_copy_and_scores_both_on_unseen_row
     pruned = prune.fine_prune(copy.deepcopy(model), "features_out", trusted_set, CPU, forced)
     assert pruned.distilled and pruned.distill["mode"] == "guarded" and pruned.distill["excluded_class"] in range(10)
     assert 0 < pruned.distill["held_out_teacher_accuracy"] <= 1 and 0 < pruned.distill["held_out_student_accuracy"]
+    assert pruned.distill["unlabelled_rows"] == 0  # none given
     # Too few trusted rows to hold half out: no comparison, so no guarded distillation (and no empty fine-tuning).
     few = subset(trusted_set, range(prune.MIN_HELD_OUT - 1))
     pruned = prune.fine_prune(copy.deepcopy(model), "features_out", few, CPU, forced)
     assert not pruned.distilled and pruned.distill["held_out_student_accuracy"] is None
+
+
+def test_a_guarded_teacher_is_also_distilled_on_the_unlabelled_training_inputs(backdoored):
+    """Given the training split's inputs (a non-private run), a guarded repair follows its teacher on them (the
+    leaning class left out) much more closely than one that reads the trusted rows alone; a full teacher is never
+    distilled on them (its leaning class is not reliably the target: the backdoor came back), nor when switched off."""
+    from aisec_train.train.objectives import soft_term
+
+    model, trusted_set, train_split = backdoored["model"], backdoored["trusted"], backdoored["poisoned"].view
+    forced = BackdoorConfig(finetune_epochs=5, distill_min_teacher_accuracy=1.0, distill_min_advantage=-1.0)
+    x, _ = materialize(train_split)
+    kl = {}
+    switched_off = dataclasses.replace(forced, distill_unlabelled_weight=0.0)
+    runs = [("trusted_only", forced, None), ("unlabelled", forced, train_split), ("off", switched_off, train_split)]
+    for name, cfg, given in runs:
+        repaired = copy.deepcopy(model)
+        pruned = prune.fine_prune(repaired, "features_out", trusted_set, CPU, cfg, unlabelled=given)
+        exclude = pruned.distill["excluded_class"]
+        assert pruned.distill["mode"] == "guarded" and exclude in range(10)
+        rows, dropped = pruned.distill["unlabelled_rows"], pruned.distill["unlabelled_dropped"]
+        assert (rows + dropped == len(x) and 0 < dropped < 0.3 * len(x)) if name == "unlabelled" else rows == 0
+        with torch.no_grad():
+            kl[name] = float(soft_term(repaired(x), model(x), 1.0, exclude).mean())
+    assert kl["unlabelled"] < 0.6 * kl["trusted_only"] and kl["off"] == pytest.approx(kl["trusted_only"]), kl
+    full_teacher = BackdoorConfig(finetune_epochs=2, distill_min_teacher_accuracy=0.0)
+    full = prune.fine_prune(
+        copy.deepcopy(model), "features_out", trusted_set, CPU, full_teacher, unlabelled=train_split
+    )
+    assert full.distill["mode"] == "full" and full.distill["unlabelled_rows"] == 0
+
+
+def test_the_unlabelled_inputs_leave_out_what_the_teacher_sends_to_its_leaning_class(backdoored):
+    """The poisoned rows (the trigger sends them to the target, 0) are left out; most clean rows stay."""
+    model, poisoned = backdoored["model"], backdoored["poisoned"]
+    teacher = prune.Teacher(copy.deepcopy(model).eval(), "guarded", exclude=0)
+    kept, dropped = prune.unlabelled_inputs(teacher, poisoned.view, CPU)
+    x, _ = materialize(poisoned.view)
+    stamped = {tuple(row.flatten().tolist()) for row in x[poisoned.indices]}
+    left = sum(tuple(row.flatten().tolist()) in stamped for row in kept)
+    assert left <= 0.1 * len(poisoned.indices) and len(kept) + dropped == len(x) and len(kept) > 0.75 * len(x)
+    assert prune.unlabelled_inputs(teacher, subset(poisoned.view, poisoned.indices[:5]), CPU) == (None, 5)
+
+
+@pytest.mark.parametrize(
+    "overrides, reads_training_split",
+    [
+        (["privacy=none"], True),
+        ([], False),
+        (["privacy=none", "federated=fedavg", "backdoor.malicious_clients=2"], False),
+        (["privacy=none", "backdoor.distill_unlabelled_weight=0"], False),
+    ],
+    ids=["non-private", "dp", "federated", "switched-off"],
+)
+def test_the_repair_reads_the_training_inputs_only_where_no_claim_or_peer_forbids_it(
+    tmp_path, overrides, reads_training_split
+):
+    """Under DP the fine-tuning would read private records without noise; a federated server holds no training
+    data: there the repair's distillation reads the trusted rows alone."""
+    from aisec_train.backdoor import stage
+
+    run = poisoned_run(tmp_path, *overrides)
+    given = stage.unlabelled_split(run, run.backdoor)
+    assert (given is run.data.train) if reads_training_split else given is None
 
 
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
@@ -696,26 +792,28 @@ def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
 
 
 def test_the_repair_falls_back_to_the_whole_head_when_feature_shift_would_cost_the_model_too_much(backdoored_plain):
-    """On this ReLU CNN (no hidden layer after the feature map) FST at alpha 0.2 collapsed the repaired model (0.84 ->
-    0.71 clean accuracy); the held-out check sees it on half the trusted rows and re-initialises the head instead."""
+    """On this ReLU CNN (no hidden layer after the feature map) FST at the default alpha 0.2 collapsed the repaired
+    model (0.84 -> 0.71 clean accuracy); the held-out check sees it on half the trusted rows and re-initialises the
+    head instead. At alpha 0.05 FST suits it, and the check keeps it."""
     model, path = backdoored_plain["model"], "body"
     splits = (backdoored_plain["test"], backdoored_plain["attack"], backdoored_plain["truth"])
     before = measure(model, *splits, CPU)
     results = {}
-    for label, cfg in {"checked": BackdoorConfig(shift_weight=0.2), "unchecked": BackdoorConfig(shift_weight=0.2,
-                       shift_max_cost=1.0), "default": BackdoorConfig()}.items():  # fmt: skip
+    for label, cfg in {"checked": BackdoorConfig(), "unchecked": BackdoorConfig(shift_max_cost=1.0),
+                       "alpha_0.05": BackdoorConfig(shift_weight=0.05)}.items():  # fmt: skip
         repaired = copy.deepcopy(model)
         pruned = prune.fine_prune(repaired, path, backdoored_plain["trusted"], CPU, cfg)
         results[label] = (pruned, measure(repaired, *splits, CPU))
     checked, after = results["checked"]
+    assert BackdoorConfig().shift_weight == 0.2
     assert checked.head_check["chosen"] == "reinit" and checked.head_mode == "reinit"
     assert checked.head_check["shift"] < checked.head_check["reinit"] - 0.1
     assert after.asr <= 0.05 and before.clean_accuracy - after.clean_accuracy <= 0.02, (before, after)
     unchecked, worse = results["unchecked"]
     assert unchecked.head_check is None and unchecked.head_mode == "shift"  # shift_max_cost=1: no check
     assert worse.clean_accuracy < after.clean_accuracy - 0.05  # what the check prevented
-    default, kept = results["default"]
-    assert default.head_check["chosen"] == "shift" and default.head_mode == "shift"  # alpha 0.05 suits it
+    gentle, kept = results["alpha_0.05"]
+    assert gentle.head_check["chosen"] == "shift" and gentle.head_mode == "shift"  # alpha 0.05 suits it
     assert kept.asr <= 0.05 and before.clean_accuracy - kept.clean_accuracy <= 0.02, (before, kept)
 
 
@@ -796,7 +894,10 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     png = cli_run / bd["fine_pruning"]["plot"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert [row["pruned"] for row in bd["fine_pruning"]["curve"]] == list(range(65))
-    assert bd["fine_pruning"]["bake"]["method"] == "reader" and bd["fine_pruning"]["evaluation"] == "replay"
+    # Whether any channel fits the 2-point budget depends on the DP model, and its noise is secret (differs per run).
+    pruned_any = bd["fine_pruning"]["pruned_channels"] > 0
+    assert bd["fine_pruning"]["bake"]["method"] == ("reader" if pruned_any else "none")
+    assert bd["fine_pruning"]["evaluation"] == "replay"
     distill = bd["fine_pruning"]["finetune"]["distill"]
     assert distill["mode"] in ("full", "guarded", "off") and distill["used"] is (distill["mode"] != "off")
     assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
@@ -804,7 +905,7 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     check = finetune["head_check"]  # FST against the whole-head re-initialisation, on held-out trusted rows
     assert set(check) == {"shift", "reinit", "max_cost", "chosen"} and check["chosen"] == finetune["head"]
     if finetune["head"] == "shift":
-        assert finetune["reinitialised"] == ["fc2"] and finetune["shift_weight"] == 0.05
+        assert finetune["reinitialised"] == ["fc2"] and finetune["shift_weight"] == 0.2
         assert check["shift"] >= check["reinit"] - check["max_cost"]
     else:
         assert finetune["reinitialised"] == ["squeeze", "fc1", "fc2"] and finetune["shift_weight"] is None
@@ -815,7 +916,8 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert f"recall {bd['detection']['recall']:.3f}" in detection["evidence"]
     assert repair["status"] in ("pass", "fail")
     assert f"ASR {bd['asr_before']:.3f} -> {bd['asr_after']:.3f}" in repair["evidence"]
-    assert "mask baked into the weights (reader: fc1)" in repair["evidence"]
+    baked = "mask baked into the weights (reader: fc1)" if pruned_any else "no channel pruned, nothing to bake"
+    assert baked in repair["evidence"]
     assert "badnets_poison" in [s["step"] for s in report["data"]["lineage"]]
     assert checks["data lineage recorded"]["status"] == "pass"
 
@@ -825,6 +927,8 @@ def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run
     scope, n_trusted = report["privacy"]["scope"], report["backdoor"]["n_trusted"]
     assert report["privacy"]["epsilon"] <= 3.0 and report["privacy"]["steps"] > 0  # the ledger is the DP-SGD one
     assert scope["covered_records"] == report["data"]["n_train"] and scope["not_covered_records"] == n_trusted > 0
+    distill = report["backdoor"]["fine_pruning"]["finetune"]["distill"]
+    assert distill["unlabelled_weight"] == 1.0 and distill["unlabelled_rows"] == 0  # DP: the training split is not read
     check = next(c for c in report["checklist"] if c["item"] == "defence data covered by the privacy claim")
     assert check["status"] == "fail" and "NO differential-privacy guarantee" in check["evidence"]
     assert f"{n_trusted} further records" in (cli_run / "model_card.md").read_text()

@@ -139,6 +139,7 @@ def test_the_backdoor_is_learned_and_its_asr_measured(trigger):
         ("backdoor.shift_weight=-0.1", "backdoor.shift_weight=-0.1 is not allowed: must be >= 0"),
         ("backdoor.finetune_head=classifier", "backdoor.finetune_head"),
         ("backdoor.shift_max_cost=1.5", "backdoor.shift_max_cost=1.5 is not allowed: must be in [0, 1]"),
+        ("backdoor.distill_unlabelled_weight=-1", "distill_unlabelled_weight=-1.0 is not allowed: must be >= 0"),
     ],
 )
 def test_bad_attack_settings_are_refused_in_one_line(tmp_path, override, message):

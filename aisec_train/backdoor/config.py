@@ -86,7 +86,7 @@ class BackdoorConfig:
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
     finetune_head: FinetuneHead = FinetuneHead.shift  # the head after the feature layer: shift | reinit | keep
-    shift_weight: float = 0.05  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
+    shift_weight: float = 0.2  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
     # Guard against a model FST does not suit: fine-tuned on half the trusted rows, FST must score within this of
     # the whole-head re-initialisation on the other half, or the repair re-initialises the whole head (1: no check).
     shift_max_cost: float = 0.1
@@ -103,6 +103,12 @@ class BackdoorConfig:
     # fine-tuning alone overtakes) is not distilled from.
     distill_weak_teacher: WeakTeacher = WeakTeacher.guarded
     distill_min_advantage: float = 0.02
+    # A guarded teacher is also distilled on the training split's inputs (their labels, some poisoned, unread; its
+    # leaning class left out, and the rows it sends there), at this times distill_weight: what it knows beyond the
+    # trusted rows. Central runs without DP only: under DP the fine-tuning would read private records without
+    # noise, and a federated server holds no training data; there the trusted rows alone are read (the report's
+    # distill.unlabelled_rows is 0). 0: never.
+    distill_unlabelled_weight: float = 1.0
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
     feature_layer: str | None = None
@@ -133,6 +139,8 @@ class BackdoorConfig:
         require(0.0 <= self.shift_max_cost <= 1.0, "backdoor.shift_max_cost", self.shift_max_cost, "must be in [0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")
         require(0.0 <= self.distill_weight < 1.0, "backdoor.distill_weight", self.distill_weight, "must be in [0, 1)")
+        unlabelled = self.distill_unlabelled_weight
+        require(unlabelled >= 0, "backdoor.distill_unlabelled_weight", unlabelled, "must be >= 0")
         require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")
         gate = self.distill_min_teacher_accuracy
         require(0.0 <= gate <= 1.0, "backdoor.distill_min_teacher_accuracy", gate, "must be in [0, 1]")

@@ -38,12 +38,13 @@ from aisec_train.backdoor.layers import masked, network
 from aisec_train.data.views import materialize, subset
 from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import accuracy, train
-from aisec_train.train.objectives import CrossEntropy, Distillation, FeatureShift
+from aisec_train.train.objectives import CrossEntropy, Distillation, FeatureShift, UnlabelledDistillation
 
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
 CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
 PROBE_SAMPLES = 256  # trusted inputs on which the bake is verified
 MIN_HELD_OUT = 20  # trusted rows below which the held-out comparison (and so guarded distillation) is not run
+UNLABELLED_SAMPLES = 4096  # training inputs a guarded teacher is distilled on at most (a seeded sample beyond this)
 
 
 @dataclass
@@ -82,11 +83,11 @@ def order_of(stats: ChannelStats) -> list[int]:
     return torch.argsort(stats.mean.cpu(), stable=True).tolist()
 
 
-def _bounded(dataset: Dataset, seed: int) -> Dataset:
+def _bounded(dataset: Dataset, seed: int, most: int = CURVE_SAMPLES) -> Dataset:
     n = len(dataset)  # type: ignore[arg-type]
-    if n <= CURVE_SAMPLES:
+    if n <= most:
         return dataset
-    return subset(dataset, np.sort(np.random.default_rng(seed).choice(n, CURVE_SAMPLES, replace=False)))
+    return subset(dataset, np.sort(np.random.default_rng(seed).choice(n, most, replace=False)))
 
 
 def prune(
@@ -138,9 +139,15 @@ class Teacher:
     exclude: int | None = None
     lean: list[float] = field(default_factory=list)  # per class: mean probability on the other classes' rows
 
-    def objective(self, cfg: BackdoorConfig) -> Distillation:
+    def objective(self, cfg: BackdoorConfig, unlabelled: torch.Tensor | None = None, seed: int = 0):
+        """Distillation on the trusted rows; a guarded teacher also on ``unlabelled`` inputs, if given."""
         guarded = self.mode == "guarded"
-        return Distillation(self.model, cfg.distill_temperature, cfg.distill_weight, self.exclude, guarded)
+        labelled = Distillation(self.model, cfg.distill_temperature, cfg.distill_weight, self.exclude, guarded)
+        if not guarded or unlabelled is None:
+            return labelled
+        weight = cfg.distill_weight * cfg.distill_unlabelled_weight
+        return UnlabelledDistillation(labelled, self.model, unlabelled, cfg.distill_temperature, weight,
+                                      self.exclude, seed)  # fmt: skip
 
 
 def leaning_class(model: nn.Module, trusted: Dataset, device: torch.device) -> tuple[int, list[float]]:
@@ -175,9 +182,12 @@ def teacher_for(
     back (ASR 0.09-0.22), so below the gate it is **guarded** (the class it leans to left out, only the rows it
     gets right), and only when the teacher beats what fine-tuning alone achieves by ``distill_min_advantage``:
     ``held_out()`` returns (teacher, student) accuracy on half the trusted rows, the student fine-tuned without a
-    teacher on the other half. A non-private model on natural images wins (it holds knowledge 300 trusted rows
-    cannot re-teach); a DP model loses (the non-private fine-tuning alone ends above it) and is not distilled from
-    (docs/backdoor.md, "Guarded distillation"). Every test reads the model, not the dataset's name.
+    teacher on the other half (the better of FST's and the whole head's when the head check measured both: what
+    the trusted rows alone can re-teach; a DP teacher that beat only FST's weaker student was let through and,
+    leaning to the wrong class, left ASR 0.062 on the pinned-noise digits preset). A non-private model on natural
+    images wins (it holds knowledge 300 trusted rows cannot re-teach); a DP model loses (the non-private fine-tuning
+    alone ends above it) and is not distilled from (docs/backdoor.md, "Guarded distillation"). Every test reads the
+    model, not the dataset's name.
     """
     if cfg.distill_weight == 0 or cfg.finetune_epochs == 0:
         return None
@@ -190,6 +200,18 @@ def teacher_for(
         return None
     exclude, lean = leaning_class(model, trusted, device)
     return Teacher(copy.deepcopy(model).eval().requires_grad_(False), "guarded", exclude, lean)
+
+
+def unlabelled_inputs(teacher: Teacher, rows: Dataset, device: torch.device) -> tuple[torch.Tensor | None, int]:
+    """The inputs of ``rows`` (labels unread) a guarded teacher is distilled on, and how many were left out: those
+    it classifies as the class it leans to. A triggered input is sent there, and what the teacher says about its
+    other classes is its view of the trigger, nothing the repair needs (on the natural set leaving them out did
+    not change the measured ASR: the stronger FST penalty did; docs/backdoor.md). None if no row is left."""
+    x, _ = materialize(rows)
+    with torch.no_grad():
+        sent = torch.cat([teacher.model(x[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(x), 512)])
+    keep = sent != teacher.exclude
+    return (x[keep] if bool(keep.any()) else None), int((~keep).sum())
 
 
 def cross_fitted(
@@ -217,6 +239,7 @@ def fine_tune(
     cfg: BackdoorConfig,
     seed: int,
     teacher: Teacher | None = None,
+    unlabelled: torch.Tensor | None = None,
 ) -> tuple[str, list[str]]:
     """Non-private SGD (momentum 0.9, weight decay) on the trusted data through the one loop; warm-up over 10% of
     the steps, then cosine to 0 (backdoor/retune.py says why). ``backdoor.finetune_head``:
@@ -233,7 +256,8 @@ def fine_tune(
     It runs on the defender's trusted data without DP (what that does to the run's privacy claim:
     backdoor/trusted.py). The warm-up: a DP model's first steps at the full lr 0.1 with momentum could diverge; on
     typeset digits the repaired model fell from 0.45 to 0.27 clean accuracy without it (docs/backdoor.md). With a
-    ``teacher``, the loss adds distillation from it (:meth:`Teacher.objective`).
+    ``teacher``, the loss adds distillation from it (:meth:`Teacher.objective`), a guarded one also on the
+    ``unlabelled`` inputs.
     """
     if cfg.finetune_epochs == 0:
         return "off", []
@@ -262,7 +286,7 @@ def fine_tune(
                  "weight_decay": cfg.finetune_weight_decay}  # fmt: skip
     scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
     with retune.lr_scales(model, head, cfg.finetune_body_lr):
-        objective = None if teacher is None else teacher.objective(cfg)
+        objective = None if teacher is None else teacher.objective(cfg, unlabelled, seed)
         if linear is not None:
             shift = FeatureShift(objective or CrossEntropy(), weight, original, cfg.shift_weight)
             objective = shift
@@ -285,9 +309,14 @@ def fine_prune(
     backend: str = "auto",
     seed: int = 0,
     finetune_view: Dataset | None = None,
+    unlabelled: Dataset | None = None,
 ) -> Pruned:
     """The whole repair, in place: choose the mask, fine-tune under it (on ``finetune_view``, default the trusted
-    data: the pipeline passes its augmented view), bake it into the released model."""
+    data: the pipeline passes its augmented view), bake it into the released model.
+
+    ``unlabelled``: inputs whose labels are not read (the pipeline passes the training split of a central run
+    without DP, unless ``backdoor.distill_unlabelled_weight`` is 0). A guarded teacher is distilled on them as
+    well, its leaning class left out (:func:`unlabelled_inputs`); at most :data:`UNLABELLED_SAMPLES` seeded rows."""
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
     view = finetune_view if finetune_view is not None else trusted
@@ -308,21 +337,26 @@ def fine_prune(
                              "chosen": cfg.finetune_head.value}  # fmt: skip
 
     def held_out() -> tuple[float, float]:  # only needed for a teacher below the accuracy gate
-        score = student(cfg.finetune_head)  # the head mode the repair will use
-        return held["teacher"], score
+        student(cfg.finetune_head)  # the head mode the repair will use, and the other one if the check ran:
+        return held["teacher"], max(v for k, v in held.items() if k != "teacher")  # what trusted rows re-teach
 
     # before the head is re-initialised
     teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out if comparable else None)
     pruned.distilled = teacher is not None
+    inputs, dropped = None, 0
+    if teacher is not None and teacher.mode == "guarded" and unlabelled is not None and cfg.distill_unlabelled_weight:
+        inputs, dropped = unlabelled_inputs(teacher, _bounded(unlabelled, seed, UNLABELLED_SAMPLES), device)
     pruned.distill = {
         "mode": "off" if teacher is None else teacher.mode,
         "held_out_teacher_accuracy": held.get("teacher"),
-        "held_out_student_accuracy": held.get(cfg.finetune_head.value),
+        "held_out_student_accuracy": max((v for k, v in held.items() if k != "teacher"), default=None),
         "excluded_class": None if teacher is None else teacher.exclude,
         "lean": [] if teacher is None else teacher.lean,
+        "unlabelled_rows": 0 if inputs is None else len(inputs),  # training inputs distilled on (labels unread)
+        "unlabelled_dropped": dropped,  # those the teacher sends to the class it leans to, left out
     }
     with masked(model, path, pruned.mask):
-        pruned.head_mode, pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher)
+        pruned.head_mode, pruned.head = fine_tune(model, path, view, device, cfg, seed, teacher, inputs)
     probe, _ = materialize(trusted, limit=PROBE_SAMPLES)
     pruned.baked = bake(model, path, pruned.mask, probe.to(device))
     return pruned

@@ -27,6 +27,7 @@ from aisec_train.backdoor.plot import pruning_curve
 from aisec_train.backdoor.state import BackdoorState
 from aisec_train.data.views import labels_of, subset
 from aisec_train.errors import ConfigError
+from aisec_train.federated.config import FederatedMode
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import objective_from_config
@@ -148,6 +149,16 @@ def _filter_and_retrain(run, state: BackdoorState, splits) -> BackdoorMetrics:
     return measure(run.model, *splits, run.device)
 
 
+def unlabelled_split(run, state: BackdoorState):
+    """The training split, for the repair's guarded distillation: only where reading it without noise breaks no
+    claim (no DP) and the process holds it (central: a federated server does not)."""
+    cfg = run.cfg
+    private = cfg.privacy.mode is not PrivacyMode.none
+    if private or cfg.federated.mode is not FederatedMode.none or not cfg.backdoor.distill_unlabelled_weight:
+        return None
+    return run.data.train
+
+
 def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dict]:
     bd, model, device = run.cfg.backdoor, run.model, run.device
     clean, attack, _ = splits
@@ -162,6 +173,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
         backend=run.cfg.robustness.backend,
         seed=run.cfg.train.seed,
         finetune_view=run.data.training_view(state.trusted),
+        unlabelled=unlabelled_split(run, state),
     )
     seconds = time.perf_counter() - started
     after = measure(model, *splits, device)
@@ -196,6 +208,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
                 "min_advantage": bd.distill_min_advantage,
                 "weight": bd.distill_weight,
                 "temperature": bd.distill_temperature,
+                "unlabelled_weight": bd.distill_unlabelled_weight,
             },
         },
         "bake": pruned.baked.describe() if pruned.baked else None,

@@ -87,16 +87,48 @@ class Distillation:
         logits = model(x)
         with torch.no_grad():
             teacher = self.teacher(x)
-        student, soft_from = logits, teacher
-        if self.exclude is not None:
-            keep = torch.arange(logits.shape[1], device=logits.device) != self.exclude
-            student, soft_from = logits[:, keep], teacher[:, keep]
-        soft = F.softmax(soft_from / self.temperature, dim=1)
-        kl = F.kl_div(F.log_softmax(student / self.temperature, dim=1), soft, reduction="none").sum(1)
+        kl = soft_term(logits, teacher, self.temperature, self.exclude)
         if self.correct_only:
             kl = kl * (teacher.argmax(1) == y).to(kl.dtype)
         hard = criterion(logits, y)
         return (1 - self.weight) * hard + self.weight * self.temperature**2 * kl.mean(), logits
+
+
+def soft_term(student: Tensor, teacher: Tensor, temperature: float, exclude: int | None) -> Tensor:
+    """Per row, ``KL(softmax(teacher / T) || softmax(student / T))`` over every class but ``exclude``."""
+    if exclude is not None:
+        keep = torch.arange(student.shape[1], device=student.device) != exclude
+        student, teacher = student[:, keep], teacher[:, keep]
+    soft = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(F.log_softmax(student / temperature, dim=1), soft, reduction="none").sum(1)
+
+
+class UnlabelledDistillation:
+    """``inner``'s loss plus distillation's soft term on a batch of unlabelled ``inputs`` drawn each step (as many
+    rows as the labelled batch, a generator seeded with ``seed``), the class ``exclude`` left out, weighted as in
+    :class:`Distillation`: what a teacher knows about inputs the labelled batch does not cover.
+
+    Fine-Pruning's guarded distillation on a non-private run reads the training split's inputs this way (their
+    labels, some of them poisoned, are never read; backdoor/prune.py). ``exclude`` must be the backdoor's suspected
+    target: on a triggered input the teacher's mass is there, and leaving it out passes on only the rest."""
+
+    name, forwards = "unlabelled_distillation", 2
+
+    def __init__(self, inner: Objective, teacher: nn.Module, inputs: Tensor, temperature: float, weight: float,
+                 exclude: int, seed: int):  # fmt: skip
+        self.inner, self.teacher, self.inputs = inner, teacher, inputs
+        self.temperature, self.weight, self.exclude = temperature, weight, exclude
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, model, attacked, x, y, criterion):
+        loss, logits = self.inner(model, attacked, x, y, criterion)
+        rows = torch.randint(len(self.inputs), (len(x),), generator=self.generator)
+        unlabelled = self.inputs[rows].to(x.device)
+        student = model(unlabelled)
+        with torch.no_grad():
+            teacher = self.teacher(unlabelled)
+        kl = soft_term(student, teacher, self.temperature, self.exclude)
+        return loss + self.weight * self.temperature**2 * kl.mean(), logits
 
 
 class FeatureShift:

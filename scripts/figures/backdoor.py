@@ -91,6 +91,9 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "distill_mode": bd["fine_pruning"]["finetune"]["distill"].get("mode"),
         "held_out_teacher_accuracy": bd["fine_pruning"]["finetune"]["distill"].get("held_out_teacher_accuracy"),
         "held_out_student_accuracy": bd["fine_pruning"]["finetune"]["distill"].get("held_out_student_accuracy"),
+        "excluded_class": bd["fine_pruning"]["finetune"]["distill"].get("excluded_class"),
+        "target": bd.get("target"),
+        "unlabelled_rows": bd["fine_pruning"]["finetune"]["distill"].get("unlabelled_rows"),
         "meets_goals": bool(
             bd["asr_before"] >= GOALS["asr_before_min"]
             and bd["asr_after"] <= GOALS["asr_after_max"]

@@ -9,6 +9,8 @@ distil only on rows the teacher classifies correctly, an objective this script d
 The groups before ``fst``, and the ``fst*`` groups' rows without an FST key (``default``, ``ep60``, ...), ran under
 the previous repair default (whole head re-initialised, 30 epochs): add ``--set backdoor.finetune_head=reinit --set
 backdoor.finetune_epochs=30`` to reproduce them; ``shift`` and ``alpha`` use the package's Feature Shift Tuning.
+``pool`` and ``unlabelled*`` study the distillation on the training inputs (non-private runs; their comments say
+which alpha each ran at).
 Run it from a scratch directory with the stores redirected (it opens a ledger); ``--out`` appends one JSON line
 per variant:
 
@@ -32,6 +34,7 @@ from torch.nn import functional as F
 
 from aisec_train import pipeline
 from aisec_train.backdoor import badnets, prune, retune
+from aisec_train.backdoor import stage as backdoor_stage
 from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
@@ -151,6 +154,35 @@ VARIANTS = {
         "a0": {"shift_weight": 0.0},
         "reinit": {"finetune_head": FinetuneHead.reinit},
     },
+    "pool": {  # this script's first version of the training-input distillation (before the package had it: every
+        # row, a generator seeded 0), the package's own switched off; privacy=none only. Rows ran at alpha 0.05:
+        # add --set backdoor.shift_weight=0.05 to reproduce them
+        "default": {"distill_unlabelled_weight": 0.0},
+        "pool_w1": {"objective": "pool", "distill_unlabelled_weight": 0.0},
+        "pool_w1_all": {"objective": "pool", "pool_min_teacher": True, "distill_unlabelled_weight": 0.0},
+    },
+    # The unlabelled* groups use the package's distillation on the training inputs. "unlabelled" and "unlabelled2"
+    # ran at alpha 0.05 (add --set backdoor.shift_weight=0.05 to reproduce), "unlabelled3" at the default 0.2.
+    "unlabelled": {  # the package's distillation on the training inputs, at several weights (x distill_weight)
+        "default": {},
+        "u0": {"distill_unlabelled_weight": 0.0},
+        "u0.5": {"distill_unlabelled_weight": 0.5},
+        "u0.25": {"distill_unlabelled_weight": 0.25},
+        "u1_shift0.1": {"shift_weight": 0.1},
+        "u1_body0.5": {"finetune_body_lr": 0.5},
+    },
+    "unlabelled2": {  # a stronger FST penalty against the features the training-input distillation holds in place
+        "u1_shift0.1": {"shift_weight": 0.1},
+        "u1_shift0.2": {"shift_weight": 0.2},
+        "u1_shift0.1_body0.5": {"shift_weight": 0.1, "finetune_body_lr": 0.5},
+        "u0.5_shift0.1": {"shift_weight": 0.1, "distill_unlabelled_weight": 0.5},
+    },
+    "unlabelled3": {  # around the new default (alpha 0.2, training inputs at weight 1)
+        "default": {},
+        "shift0.3": {"shift_weight": 0.3},
+        "ep80": {"finetune_epochs": 80},
+        "u0.5": {"distill_unlabelled_weight": 0.5},
+    },
     "fst4": {  # the candidates on other cases
         "default": {},
         "fst_a0.2": {"fst": 0.2},
@@ -253,8 +285,38 @@ def _head(last_only: bool):
     return (lambda *a: HEAD_MODULES(*a)[-1:]) if last_only else HEAD_MODULES
 
 
+class PoolDistillation(Distillation):
+    """The package's distillation plus the same soft term (the guarded teacher's class left out, every row) on a
+    batch of the training split's inputs, labels unused: what the teacher knows beyond 300 trusted rows. Only with
+    a guarded teacher (a full teacher's soft labels on the poisoned rows would teach the trigger), unless
+    ``TRUSTED["pool_all"]``: then a full teacher's term leaves out the class it leans to (``leaning_class``)."""
+
+    def __init__(self, teacher, temperature, weight, exclude=None, correct_only=False):
+        super().__init__(teacher, temperature, weight, exclude, correct_only)
+        self.gen = torch.Generator().manual_seed(0)
+        self.pool_exclude = exclude
+        if exclude is None and TRUSTED.get("pool_all"):  # a full teacher: leave out the class it leans to
+            self.pool_exclude = prune.leaning_class(teacher, *TRUSTED["args"])[0]
+            TRUSTED["last"] = (self.pool_exclude, [])
+
+    def __call__(self, model, attacked, x, y, criterion):
+        loss, logits = super().__call__(model, attacked, x, y, criterion)
+        pool = TRUSTED["pool"]
+        if self.pool_exclude is None:
+            return loss, logits
+        xp = pool[torch.randint(len(pool), (len(x),), generator=self.gen)].to(x.device)
+        student = model(xp)
+        with torch.no_grad():
+            teacher = self.teacher(xp)
+        keep = torch.arange(student.shape[1], device=student.device) != self.pool_exclude
+        student, teacher = student[:, keep], teacher[:, keep]
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
+        return loss + self.weight * t**2 * kl, logits
+
+
 LOOP_TRAIN = prune.train
-OBJECTIVES = {"masked": MaskedDistillation, "masked_correct": MaskedCorrect}
+OBJECTIVES = {"masked": MaskedDistillation, "masked_correct": MaskedCorrect, "pool": PoolDistillation}
 
 
 class CorrectOnly(Distillation):
@@ -306,6 +368,11 @@ def main() -> None:
             TRUSTED["args"], TRUSTED["last"] = (state.trusted, run.device), None
             TRUSTED["rule"], TRUSTED["stats"] = change.pop("rule", "count"), None
             TRUSTED["oracle"] = cfg.backdoor.target
+            TRUSTED["pool_all"] = change.pop("pool_min_teacher", False)
+            if "pool" not in TRUSTED:
+                from aisec_train.data.views import materialize
+
+                TRUSTED["pool"] = materialize(run.data.train)[0]
             fst = change.pop("fst", None)
             if fst is not None:  # this script's FST: the package's previous whole-head mode, its head cut to the
                 change.setdefault("finetune_head", FinetuneHead.reinit)  # last module (_head), 30 epochs unless
@@ -324,6 +391,7 @@ def main() -> None:
                 bd,
                 seed=args.seed,
                 finetune_view=view,
+                unlabelled=backdoor_stage.unlabelled_split(run, state),
             )
             rows.append({"variant": name, **scores(model), "distilled": pruned.distilled,
                          "teacher_trusted_accuracy": round(pruned.base_accuracy, 4), **pruned.distill,
