@@ -776,6 +776,18 @@ def test_the_repair_reads_the_training_inputs_only_where_no_claim_or_peer_forbid
     assert (given is run.data.train) if reads_training_split else given is None
 
 
+def test_after_the_filter_the_repair_reads_only_the_training_inputs_it_kept(tmp_path):
+    from aisec_train.backdoor import stage
+
+    run = poisoned_run(tmp_path, "privacy=none", "backdoor.filter=true", "train.epochs=3", stages=3)
+    with run.resources:
+        stage._detect(run, run.backdoor)
+    flagged = run.backdoor.detections["spectral"].flagged
+    given = stage.unlabelled_split(run, run.backdoor)
+    assert len(flagged) > 0 and len(given) == len(run.data.train) - len(flagged)
+    assert not set(given.indices) & set(np.asarray(flagged).tolist())
+
+
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
     model = copy.deepcopy(backdoored_plain["model"])
     assert not hasattr(model, "features_out")

@@ -129,10 +129,16 @@ def _detect(run, state: BackdoorState) -> dict[str, dict]:
     return scores
 
 
+def _kept_rows(run, state: BackdoorState) -> np.ndarray:
+    """The training rows ``backdoor.filter`` keeps: all but those the reported detector flagged."""
+    found = state.detections[run.cfg.backdoor.detection.value]
+    return np.setdiff1d(np.arange(len(run.data.train)), found.flagged)
+
+
 def _filter_and_retrain(run, state: BackdoorState, splits) -> BackdoorMetrics:
     cfg, data = run.cfg, run.data
     found = state.detections[cfg.backdoor.detection.value]
-    keep = np.setdiff1d(np.arange(len(data.train)), found.flagged)
+    keep = _kept_rows(run, state)
     data.record("filter_flagged", method=found.method, dropped=len(data.train) - len(keep), n_train=len(keep))
     run.model = train(
         run.factory(seed=cfg.train.seed),
@@ -151,12 +157,13 @@ def _filter_and_retrain(run, state: BackdoorState, splits) -> BackdoorMetrics:
 
 def unlabelled_split(run, state: BackdoorState):
     """The training split, for the repair's guarded distillation: only where reading it without noise breaks no
-    claim (no DP) and the process holds it (central: a federated server does not)."""
+    claim (no DP) and the process holds it (central: a federated server does not). After ``backdoor.filter``, the
+    rows it kept: the flagged ones are the suspected poison."""
     cfg = run.cfg
     private = cfg.privacy.mode is not PrivacyMode.none
     if private or cfg.federated.mode is not FederatedMode.none or not cfg.backdoor.distill_unlabelled_weight:
         return None
-    return run.data.train
+    return subset(run.data.train, _kept_rows(run, state)) if cfg.backdoor.filter else run.data.train
 
 
 def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dict]:
