@@ -39,7 +39,7 @@ from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
-from aisec_train.train.objectives import Distillation, FeatureShift
+from aisec_train.train.objectives import Distillation, FeatureShift, soft_term
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 VARIANTS = {
@@ -308,11 +308,8 @@ class PoolDistillation(Distillation):
         student = model(xp)
         with torch.no_grad():
             teacher = self.teacher(xp)
-        keep = torch.arange(student.shape[1], device=student.device) != self.pool_exclude
-        student, teacher = student[:, keep], teacher[:, keep]
-        t = self.temperature
-        kl = F.kl_div(F.log_softmax(student / t, 1), F.softmax(teacher / t, 1), reduction="batchmean")
-        return loss + self.weight * t**2 * kl, logits
+        kl = soft_term(student, teacher, self.temperature, self.pool_exclude).mean()
+        return loss + self.weight * self.temperature**2 * kl, logits
 
 
 LOOP_TRAIN = prune.train
