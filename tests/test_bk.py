@@ -532,3 +532,24 @@ def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few):
     make, shape = LAYERS[model]
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8))
     assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
+
+
+@pytest.mark.parametrize(
+    "calls,k,d,s",
+    [
+        (((4, 4, 1, 1),), (3, 3), (1, 1), (1, 1)),  # the cnn's conv2: 4x4, padding 1
+        (((5, 7, 2, 1),), (3, 3), (2, 1), (2, 1)),  # dilation, stride, unequal padding, non-square
+        (((4, 4, 1, 1), (4, 4, 1, 1)), (3, 3), (1, 1), (1, 1)),  # two forward calls: their cross terms too
+        (((1, 9, 0, 2),), (1, 5), (1, 1), (1, 2)),  # a Conv1d as height 1
+    ],
+)
+def test_sparse_pixel_spread_equals_the_gather_of_the_padded_gram(calls, k, d, s):
+    """The CPU pixel-Gram ghost norm sums kernel offsets with a sparse matmul; it must equal the gather over the
+    padded Gram (whose padding row and column are zeros) entry for entry."""
+    total = sum(h * w for h, w, _, _ in calls)
+    gram = torch.randn(3, total, total, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    index = bk_conv._pixel_index(calls, k, d, s, torch.device("cpu"))
+    t2 = len(index) // (k[0] * k[1])
+    gathered = F.pad(gram, (0, 1, 0, 1)).flatten(1).index_select(1, index).view(3, -1, t2).sum(1)
+    spread = bk_conv._pixel_spread(calls, k, d, s, torch.float64, torch.device("cpu"))
+    torch.testing.assert_close((spread @ gram.flatten(1).T).T, gathered)

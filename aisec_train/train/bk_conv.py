@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,25 @@ def _pixel_index(
         start += h * w
     pix = torch.cat(rows, 1)  # (K, T)
     return (pix[:, :, None] * (total + 1) + pix[:, None, :]).flatten().to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_spread(
+    calls: tuple[tuple[int, int, int, int], ...], k: tuple, d: tuple, s: tuple, dtype: torch.dtype, device
+) -> Tensor:
+    """:func:`_pixel_index` as a sparse CSR (T^2, P^2) matrix: row (t1, t2) sums the pixel-Gram entries of its
+    kernel offsets. Entries on the padding are dropped (they read zeros), so the Gram needs no padded copy."""
+    total = sum(h * w for h, w, _, _ in calls)
+    index = _pixel_index(calls, k, d, s, torch.device("cpu"))
+    rows = torch.arange(len(index)) % (len(index) // math.prod(k))
+    first, second = index // (total + 1), index % (total + 1)
+    inside = (first < total) & (second < total)
+    cols = first[inside] * total + second[inside]
+    shape = (len(index) // math.prod(k), total * total)
+    coo = torch.sparse_coo_tensor(torch.stack([rows[inside], cols]), torch.ones(len(cols), dtype=dtype), shape)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR x dense on the CPU is what we use
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr().to(device)  # coalesce sums repeated entries
 
 
 def ghost_by_pixels(module, pixels: int, t: int, grad: Tensor) -> bool:
@@ -228,15 +248,21 @@ class ConvRule(Rule):
         _, k, d, s = _geometry(module, part[0][0][:1, :1], part[0][1])
         n, c = part[0][0].shape[:2]
         pixels = _cat([x.reshape(n * groups, c // groups, -1) for x, *_ in part], 2)  # (N G, Cg, P)
-        gram_x = F.pad(torch.bmm(pixels.transpose(1, 2), pixels), (0, 1, 0, 1))  # (N G, P + 1, P + 1)
-        index = _pixel_index(
-            tuple(_unpadded(x, pad) for x, pad, _ in part), tuple(k), tuple(d), tuple(s), gram_x.device
-        )
+        gram_x = torch.bmm(pixels.transpose(1, 2), pixels)  # (N G, P, P)
+        calls = tuple(_unpadded(x, pad) for x, pad, _ in part)
         t = sum(grad[0].numel() for *_, grad in part) // module.out_channels
-        gram_a = gram_x.flatten(1).index_select(1, index).view(n * groups, -1, t, t).sum(1)
         g = _cat([grad.reshape(n * groups, module.out_channels // groups, -1) for *_, grad in part], 2)
-        gram_g = torch.bmm(g.transpose(1, 2), g)
-        return (gram_a.mul_(gram_g.to(gram_a.dtype))).sum((1, 2)).view(n, groups).sum(1).float()
+        gram_g = torch.bmm(g.transpose(1, 2), g).to(gram_x.dtype)  # (N G, T, T)
+        if gram_x.dtype in (torch.float32, torch.float64):
+            # The gather and sum over kernel offsets as one sparse (T^2 x P^2) matmul: 4x faster than
+            # index_select + sum on the cnn's conv2 (batch 512, 1 thread), and no padded Gram copy.
+            spread = _pixel_spread(calls, tuple(k), tuple(d), tuple(s), gram_x.dtype, gram_x.device)
+            gram_a = spread @ gram_x.flatten(1).T  # (T^2, N G)
+            return (gram_a.T * gram_g.flatten(1)).sum(1).view(n, groups).sum(1).float()
+        gram_x = F.pad(gram_x, (0, 1, 0, 1))  # (N G, P + 1, P + 1): the zero row and column for the padding
+        index = _pixel_index(calls, tuple(k), tuple(d), tuple(s), gram_x.device)
+        gram_a = gram_x.flatten(1).index_select(1, index).view(n * groups, -1, t, t).sum(1)
+        return (gram_a.mul_(gram_g)).sum((1, 2)).view(n, groups).sum(1).float()
 
     def clipped(self, module, params, processed, calls, weights):
         grads = {}
@@ -245,9 +271,17 @@ class ConvRule(Rule):
         if "weight" in params and "weight" in processed.stored:
             grads[module.weight] = _weighted(weights, processed.stored["weight"])
         elif "weight" in params:  # book-keeping: the conv weight-gradient op, once, on the clipped output grads
+            # The per-sample weight on the smaller of input and output gradient (linear in both).
             grads[module.weight] = sum(
-                self._backward(module, x, c.grad * _bcast(weights, c.grad), pad, [False, True, False])[1]
+                self._backward(module, *_scale_smaller(x, c.grad, weights), pad, [False, True, False])[1]
                 for c in calls
                 for x, pad in [c.saved]
             )
         return grads
+
+
+def _scale_smaller(x: Tensor, grad: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x, grad)`` with sample ``i`` of the smaller one scaled by ``weights_i``."""
+    if x[0].numel() < grad[0].numel():
+        return x * _bcast(weights, x), grad
+    return x, grad * _bcast(weights, grad)

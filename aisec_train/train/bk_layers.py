@@ -108,13 +108,25 @@ class LinearRule(Rule):
             grads[module.bias] = _weighted(weights, processed.stored["bias"])
         if "weight" in params and "weight" in processed.stored:
             grads[module.weight] = _weighted(weights, processed.stored["weight"])
-        elif "weight" in params:  # book-keeping: the weight-gradient matmul, once, on the clipped output grads
-            grads[module.weight] = sum(
-                (self._rows(c.grad) * weights.to(c.grad.dtype)[:, None, None]).flatten(0, 1).T
-                @ self._rows(c.saved[0]).flatten(0, 1).to(c.grad.dtype)
-                for c in calls
-            )
+        elif "weight" in params:  # book-keeping: the weight-gradient matmul, once, on the clipped rows
+            grads[module.weight] = sum(_reweighted_matmul(self._rows(c.grad), self._rows(c.saved[0]), weights)
+                                       for c in calls)  # fmt: skip
         return grads
+
+
+def _reweighted_matmul(g: Tensor, a: Tensor, weights: Tensor) -> Tensor:
+    """``sum_i weights_i g_i^T a_i`` for ``g: (B, T, Dg)``, ``a: (B, T, Da)``: one matmul over all rows.
+
+    The per-sample weight goes on the narrower of the two operands: the elementwise pass that applies it reads
+    and writes every element it scales, and on the MLP-Mixer's channel layers (``Dg = 2 Da``) scaling ``g`` took
+    as long as a fifth of the matmul."""
+    a = a.to(g.dtype)
+    w = weights.to(g.dtype)[:, None, None]
+    if a.shape[2] < g.shape[2]:
+        a = a * w
+    else:
+        g = g * w
+    return g.flatten(0, 1).T @ a.flatten(0, 1)
 
 
 def _bcast(weights: Tensor, like: Tensor) -> Tensor:
