@@ -107,9 +107,11 @@ def _pixel_spread(
     inside = (first < total) & (second < total)
     cols = first[inside] * total + second[inside]
     shape = (len(index) // math.prod(k), total * total)
-    coo = torch.sparse_coo_tensor(torch.stack([rows[inside], cols]), torch.ones(len(cols), dtype=dtype), shape)
+    entries = torch.stack([rows[inside], cols])
     with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR x dense on the CPU is what we use
         warnings.simplefilter("ignore", UserWarning)
+        ones = torch.ones(len(cols), dtype=dtype)
+        coo = torch.sparse_coo_tensor(entries, ones, shape, check_invariants=True)  # built once per shape
         return coo.coalesce().to_sparse_csr().to(device)  # coalesce sums repeated entries
 
 
