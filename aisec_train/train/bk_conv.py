@@ -108,7 +108,9 @@ def _pixel_spread(
     cols = first[inside] * total + second[inside]
     shape = (len(index) // math.prod(k), total * total)
     entries = torch.stack([rows[inside], cols])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": CSR x dense on the CPU is what we use
+    # torch warns once that sparse CSR is in beta and that invariant checks are off by default: neither may reach
+    # a run's stderr (the CLI's refusals are one line); the checks are on, since this runs once per shape.
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         ones = torch.ones(len(cols), dtype=dtype)
         coo = torch.sparse_coo_tensor(entries, ones, shape, check_invariants=True)  # built once per shape

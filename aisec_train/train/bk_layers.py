@@ -121,11 +121,10 @@ def _reweighted_matmul(g: Tensor, a: Tensor, weights: Tensor) -> Tensor:
     and writes every element it scales, and on the MLP-Mixer's channel layers (``Dg = 2 Da``) scaling ``g`` took
     as long as a fifth of the matmul."""
     a = a.to(g.dtype)
-    w = weights.to(g.dtype)[:, None, None]
     if a.shape[2] < g.shape[2]:
-        a = a * w
+        a = a * _bcast(weights, a)
     else:
-        g = g * w
+        g = g * _bcast(weights, g)
     return g.flatten(0, 1).T @ a.flatten(0, 1)
 
 
