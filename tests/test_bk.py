@@ -534,6 +534,25 @@ def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few):
     assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
 
 
+@pytest.mark.parametrize("fold", [1, 2])  # samples per folded-group call: 2 leaves a last call of one sample
+@pytest.mark.parametrize("method", ["instantiate_stored", "instantiate_recomputed"])
+@pytest.mark.parametrize("model", ["conv2d", "conv2d_groups_dilation", "conv1d"])
+def test_folded_per_sample_gradients_in_several_calls_are_exact(monkeypatch, model, method, fold):
+    monkeypatch.setattr(bk_conv, "FEW_CHANNELS", 0)  # every conv by the folded-group op
+    monkeypatch.setattr(bk_conv, "fold_size", lambda per_sample: fold)
+    _force(monkeypatch, method)
+    make, shape = LAYERS[model]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(9))
+    assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
+
+
+def test_fold_size_keeps_each_call_under_the_float_budget():
+    for per_sample in [1, 3, 18_432, 147_456, bk_conv.FOLD_FLOATS, 4 * bk_conv.FOLD_FLOATS]:
+        n = bk_conv.fold_size(per_sample)
+        assert n >= 1 and n & (n - 1) == 0  # a power of two
+        assert n == 1 or n * per_sample <= bk_conv.FOLD_FLOATS < 2 * n * per_sample
+
+
 @pytest.mark.parametrize(
     "calls,k,d,s",
     [

@@ -136,6 +136,20 @@ def few_input_channels(module) -> bool:
     return module.in_channels // module.groups <= FEW_CHANNELS
 
 
+# Per-sample gradients of at most this many floats per folded-group call. mkldnn's weight-gradient op is as fast as
+# the batch's own while the folded gradient stays small, and up to 6x slower past it (1 thread; 2 threads alike):
+# ResNet-18's 128-channel 3x3 at 16x16, batch 64, took 54 ms in calls of 2 samples and 96 ms in one call (the
+# batch's weight gradient: 56 ms); the cnn 32x32's conv2 at batch 256, 28 and 49 ms (batch: 27 ms). Timed with
+# benchmarks/bk_layer_costs.py's ``fold`` table.
+FOLD_FLOATS = 1 << 19
+
+
+def fold_size(per_sample: int) -> int:
+    """Samples per folded-group call: the largest power of two whose per-sample gradients fit FOLD_FLOATS."""
+    n = max(1, FOLD_FLOATS // max(1, per_sample))
+    return 1 << (n.bit_length() - 1)
+
+
 class ConvRule(Rule):
     @staticmethod
     def _prepadded(module) -> bool:
@@ -189,9 +203,14 @@ class ConvRule(Rule):
             shape = (b, *module.weight.shape)
             out.stored["weight"] = torch.empty(shape, dtype=calls[0].grad.dtype, device=out.norm_sq.device)
         per_sample = groups * (pixels * pixels if by_pixels else da * (t if pick.method == "ghost" else dg))
-        if pick.method == "instantiate" and not calls[0].grad.is_cuda and few_input_channels(module):
+        cpu_instantiate = pick.method == "instantiate" and not calls[0].grad.is_cuda
+        if cpu_instantiate and few_input_channels(module):
             per_sample = max(per_sample, groups * da * t)  # the patches are copied for the bmm
         step = max(1, _CHUNK // max(1, per_sample))
+        repeated = None  # the folded-group op's weight for ``step`` samples, built once for the layer
+        if cpu_instantiate and not few_input_channels(module):
+            step = min(step, fold_size(per_sample))
+            repeated = module.weight.detach().repeat(step, *([1] * (module.weight.dim() - 1)))
         for lo in range(0, b, step):
             part = [(c.saved[0][lo : lo + step], c.saved[1], c.grad[lo : lo + step]) for c in calls]
             n = part[0][2].shape[0]
@@ -204,26 +223,30 @@ class ConvRule(Rule):
             if part[0][2].is_cuda and not pick.store:  # fused Triton norm on the patches; nothing stored
                 out.norm_sq[lo : lo + n] += instantiated_norm_sq(*self._patches(module, part)).view(n, groups).sum(1)
                 continue
-            ps = self._per_sample_grads(module, part)
+            ps = self._per_sample_grads(module, part, repeated)
             if pick.store:
                 out.stored["weight"][lo : lo + n] = ps
             out.norm_sq[lo : lo + n] += _sq(ps)
         return out
 
-    def _per_sample_grads(self, module, part: list[tuple[Tensor, list[int], Tensor]]) -> Tensor:
+    def _per_sample_grads(self, module, part: list[tuple[Tensor, list[int], Tensor]], repeated=None) -> Tensor:
         """(N, *weight.shape) per-sample weight gradients, summed over the calls.
 
         On the CPU, mkldnn's weight-gradient op with the batch folded into the groups (as fast as the batch's
         own weight gradient, and no patch copy), except for a layer with few input channels per group (a
         network's first conv on an image), where that op's groups are too thin and the patch copy is small;
-        on CUDA and for those, patches times output gradients in one ``bmm``.
+        on CUDA and for those, patches times output gradients in one ``bmm``. ``repeated``: the weight repeated
+        for at least ``N`` samples, built once per layer by :meth:`norms` (the op reads only its shape).
         """
         n = part[0][2].shape[0]
         if part[0][2].is_cuda or few_input_channels(module):
             a, g = self._patches(module, part)
             return torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
         total = 0
-        weight = module.weight.detach().repeat(n, *([1] * (module.weight.dim() - 1)))
+        rows = n * module.out_channels
+        if repeated is None or repeated.shape[0] < rows:
+            repeated = module.weight.detach().repeat(n, *([1] * (module.weight.dim() - 1)))
+        weight = repeated[:rows]
         for x, pad, grad in part:
             folded = self._backward(
                 module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]), pad,
