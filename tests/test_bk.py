@@ -546,6 +546,25 @@ def test_folded_per_sample_gradients_in_several_calls_are_exact(monkeypatch, mod
     assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
 
 
+def test_folded_conv_keeps_per_sample_gradients_up_to_its_own_memory_factor():
+    """A 3x3 conv, 8 -> 8 channels on 4x4: per-sample gradients 2.25x its kept floats (as ResNet-18's 128-channel
+    layers at 16x16). On the CPU's folded-group op they are kept, in chunks, so the clipped sum is a weighted
+    reduce and not a second weight-gradient op; the clipped step stays exact."""
+    from aisec_train.train.bk_call import Call
+
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    call = Call((torch.randn(5, 8, 4, 4), [1, 1]), 0)
+    call.grad = torch.randn(5, 8, 4, 4)
+    per_sample, kept = 8 * 9 * 8, 2 * 8 * 16
+    assert bk_conv.MEM_FACTOR * kept < per_sample <= bk_conv.FOLDED_MEM_FACTOR * kept
+    processed = bk_conv.ConvRule().norms(conv, {"weight": conv.weight}, [call])
+    assert processed.method == "instantiate" and not processed.keep_calls
+    assert sum(len(chunk) for chunk in processed.stored["weight"]) == 5
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3))
+    x = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    assert_bk_equals_hooks(_materialise(lambda: copy.deepcopy(model), (8, 4, 4)), x, torch.tensor([0, 1, 2, 0, 1]))
+
+
 def test_fold_size_keeps_each_call_under_the_float_budget():
     for per_sample in [1, 3, 18_432, 147_456, bk_conv.FOLD_FLOATS, 4 * bk_conv.FOLD_FLOATS]:
         n = bk_conv.fold_size(per_sample)

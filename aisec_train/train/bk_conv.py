@@ -30,7 +30,7 @@ from aisec_kernels import resolve_backend
 from aisec_kernels.per_sample_norms import ghost_norm_sq, instantiated_norm_sq
 from torch import Tensor
 
-from aisec_train.train.bk_cost import choose
+from aisec_train.train.bk_cost import MEM_FACTOR, choose
 from aisec_train.train.bk_layers import _CHUNK, Processed, Rule, _bcast, _cat, _sq, _weighted
 
 
@@ -144,6 +144,13 @@ def few_input_channels(module) -> bool:
 FOLD_FLOATS = 1 << 19
 
 
+# Per-sample gradients of a folded-group conv may take this many times the layer's kept (input + grad) floats (the
+# cost model's MEM_FACTOR elsewhere). Kept, they save a second weight-gradient op at the clipped sum; the layers this
+# admits on ResNet-18 at batch 64 (128 channels at 16x16, 2.25x) are stored after the backward's peak has passed,
+# so the peak did not move (benchmarks/dpsgd.py: 570 against 572 MB).
+FOLDED_MEM_FACTOR = 2.5
+
+
 def fold_size(per_sample: int) -> int:
     """Samples per folded-group call: the largest power of two whose per-sample gradients fit FOLD_FLOATS."""
     n = max(1, FOLD_FLOATS // max(1, per_sample))
@@ -195,20 +202,21 @@ class ConvRule(Rule):
             out.norm_sq += _sq(out.stored["bias"])
         if "weight" not in params:
             return out
-        pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
+        folded = not calls[0].grad.is_cuda and not few_input_channels(module)  # the CPU folded-group op
+        mem_factor = FOLDED_MEM_FACTOR if folded else MEM_FACTOR
+        pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept, mem_factor=mem_factor)
         out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
         pixels = sum(c.saved[0][0, 0].numel() for c in calls)  # unpadded: the Gram's padding entries are zeros
         by_pixels = pick.method == "ghost" and ghost_by_pixels(module, pixels, t, calls[0].grad)
-        if pick.store:
-            shape = (b, *module.weight.shape)
-            out.stored["weight"] = torch.empty(shape, dtype=calls[0].grad.dtype, device=out.norm_sq.device)
+        if pick.store:  # per-sample gradients kept in the chunks they are computed in (see _weighted_chunks)
+            out.stored["weight"] = []
         per_sample = groups * (pixels * pixels if by_pixels else da * (t if pick.method == "ghost" else dg))
         cpu_instantiate = pick.method == "instantiate" and not calls[0].grad.is_cuda
         if cpu_instantiate and few_input_channels(module):
             per_sample = max(per_sample, groups * da * t)  # the patches are copied for the bmm
         step = max(1, _CHUNK // max(1, per_sample))
         repeated = None  # the folded-group op's weight for ``step`` samples, built once for the layer
-        if cpu_instantiate and not few_input_channels(module):
+        if cpu_instantiate and folded:
             step = min(step, fold_size(per_sample))
             repeated = module.weight.detach().repeat(step, *([1] * (module.weight.dim() - 1)))
         for lo in range(0, b, step):
@@ -225,7 +233,7 @@ class ConvRule(Rule):
                 continue
             ps = self._per_sample_grads(module, part, repeated)
             if pick.store:
-                out.stored["weight"][lo : lo + n] = ps
+                out.stored["weight"].append(ps)
             out.norm_sq[lo : lo + n] += _sq(ps)
         return out
 
@@ -242,18 +250,17 @@ class ConvRule(Rule):
         if part[0][2].is_cuda or few_input_channels(module):
             a, g = self._patches(module, part)
             return torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
-        total = 0
         rows = n * module.out_channels
         if repeated is None or repeated.shape[0] < rows:
             repeated = module.weight.detach().repeat(n, *([1] * (module.weight.dim() - 1)))
-        weight = repeated[:rows]
-        for x, pad, grad in part:
-            folded = self._backward(
+        grads = [
+            self._backward(
                 module, x.reshape(1, -1, *x.shape[2:]), grad.reshape(1, -1, *grad.shape[2:]), pad,
-                [False, True, False], weight=weight, groups=n * module.groups,
-            )[1]  # fmt: skip
-            total = total + folded.view(n, *module.weight.shape)
-        return total
+                [False, True, False], weight=repeated[:rows], groups=n * module.groups,
+            )[1].view(n, *module.weight.shape)
+            for x, pad, grad in part
+        ]  # fmt: skip
+        return grads[0] if len(grads) == 1 else sum(grads)
 
     @staticmethod
     def _patches(module, part: list[tuple[Tensor, list[int], Tensor]]) -> tuple[Tensor, Tensor]:
@@ -296,7 +303,7 @@ class ConvRule(Rule):
         if "bias" in params:
             grads[module.bias] = _weighted(weights, processed.stored["bias"])
         if "weight" in params and "weight" in processed.stored:
-            grads[module.weight] = _weighted(weights, processed.stored["weight"])
+            grads[module.weight] = _weighted_chunks(weights, processed.stored["weight"])
         elif "weight" in params:  # book-keeping: the conv weight-gradient op, once, on the clipped output grads
             # The per-sample weight on the smaller of input and output gradient (linear in both).
             grads[module.weight] = sum(
@@ -305,6 +312,18 @@ class ConvRule(Rule):
                 for x, pad in [c.saved]
             )
         return grads
+
+
+def _weighted_chunks(weights: Tensor, chunks: list[Tensor]) -> Tensor:
+    """``sum_i weights_i * grad_i`` over per-sample gradients kept as consecutive chunks of samples.
+
+    Not copied into one ``(B, *weight.shape)`` buffer: that copy costs a pass over them, and a buffer over glibc's
+    32 MB mmap threshold (ResNet-18's 128-channel layers at batch 64: 38 MB) is fresh pages every step."""
+    total, lo = 0, 0
+    for chunk in chunks:
+        total = total + _weighted(weights[lo : lo + len(chunk)], chunk)
+        lo += len(chunk)
+    return total
 
 
 def _scale_smaller(x: Tensor, grad: Tensor, weights: Tensor) -> tuple[Tensor, Tensor]:
