@@ -146,8 +146,9 @@ FOLD_FLOATS = 1 << 19
 
 # Per-sample gradients of a folded-group conv may take this many times the layer's kept (input + grad) floats (the
 # cost model's MEM_FACTOR elsewhere). Kept, they save a second weight-gradient op at the clipped sum; the layers this
-# admits on ResNet-18 at batch 64 (128 channels at 16x16, 2.25x) are stored after the backward's peak has passed,
-# so the peak did not move (benchmarks/dpsgd.py: 570 against 572 MB).
+# admits on ResNet-18 at batch 64 (128 channels at 16x16, 2.25x) are stored after the backward's peak has passed:
+# its step went from 1.25 to 1.17-1.18x non-private at 1.05-1.11x non-private peak memory (1.10x before;
+# benchmarks/results/cpu/dpsgd_chunked_run{1,2}.json).
 FOLDED_MEM_FACTOR = 2.5
 
 
