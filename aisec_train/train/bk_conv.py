@@ -4,10 +4,12 @@ Per group, sample ``i``'s weight gradient is ``g_i^T a_i`` with ``a_i: (T, Da)``
 (``Da = C_in/groups * prod(kernel)``) and ``g_i: (T, Dg)`` the output gradients at the ``T`` output positions.
 Norms come from :func:`~aisec_train.train.bk_cost.choose`'s pick:
 
-* instantiate, on the CPU: the convolution's own weight-gradient op with the batch folded into the groups
-  (``(1, B*C, H, W)`` input, ``B*groups`` groups): one call gives every sample's gradient, as fast as the
-  batch's weight gradient and with no patch copy; on CUDA: the patches (a strided view of the padded input,
-  copied once) times ``g`` in one ``bmm``, or the fused Triton norm when the gradients are not kept;
+* instantiate, on the CPU: the convolution's own weight-gradient op with the samples folded into the groups
+  (``(1, N*C, H, W)`` input, ``N*groups`` groups), in calls of :func:`fold_size` samples (past ``FOLD_FLOATS``
+  gradient floats per call the op slows down up to 6x): as fast as the batch's weight gradient and with no patch
+  copy; kept gradients stay in those chunks, and a folded layer may keep up to ``FOLDED_MEM_FACTOR`` times its
+  kept tensors; on CUDA: the patches (a strided view of the padded input, copied once) times ``g`` in one
+  ``bmm``, or the fused Triton norm when the gradients are not kept;
 * ghost, on CUDA: the fused Triton ghost-norm kernel on the patches;
 * ghost, on the CPU, when cheaper: the patch Gram ``a_i a_i^T`` assembled from the Gram of the input's *pixels*
   (``P x P``, contracted over channels only) by gathering the ``prod(kernel)`` shifted entries and summing
