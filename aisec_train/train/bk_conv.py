@@ -138,11 +138,11 @@ def few_input_channels(module) -> bool:
     return module.in_channels // module.groups <= FEW_CHANNELS
 
 
-# Per-sample gradients of at most this many floats per folded-group call. mkldnn's weight-gradient op is as fast as
-# the batch's own while the folded gradient stays small, and up to 6x slower past it (1 thread; 2 threads alike):
-# ResNet-18's 128-channel 3x3 at 16x16, batch 64, took 54 ms in calls of 2 samples and 96 ms in one call (the
-# batch's weight gradient: 56 ms); the cnn 32x32's conv2 at batch 256, 28 and 49 ms (batch: 27 ms). Timed with
-# benchmarks/bk_layer_costs.py's ``fold`` table.
+# Per-sample gradients of at most this many floats per folded-group call. mkldnn's weight-gradient op is about as
+# fast as the batch's own while the folded gradient stays small, and up to 6x slower past it (1 thread; a one-off
+# check on 2 threads showed the same pattern): ResNet-18's blocks.2.conv2 at batch 64 took 1.34x the batch's weight
+# gradient in calls of 2 samples and 2.71x in one call of 64; the cnn 32x32's conv2 at batch 256, 1.23x in calls of
+# 16 and 1.61x in one (benchmarks/bk_layer_costs.py --only fold, benchmarks/results/cpu/bk_fold.json).
 FOLD_FLOATS = 1 << 19
 
 
