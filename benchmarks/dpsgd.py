@@ -33,6 +33,13 @@ backward, per-sample norms, clipping and accumulation, noise, optimizer; benchma
 the table and kept in the JSON rows ``profile_*`` (``profile_ours`` also holds the paired ``ratio`` and each phase's
 ``phase_excess`` over the non-private step); ``--no-profile`` skips it.
 
+Allocator: the timed and profiled children run with ``train.keep_freed_memory``'s setting (glibc keeps freed
+blocks mapped, aisec_train/train/allocator.py), as ``aisec-train`` itself trains, so no step of any implementation
+page-faults its buffers back in; every implementation of a model runs in the same child, under the same setting.
+``--system-malloc`` times them under malloc's defaults instead. Memory children always run under the defaults (a
+kept block freed while the model was built would otherwise hide part of a step's peak); the non-private and our
+step are also measured under it over five steps (``peak_mb_kept``: resident memory held once freed blocks are kept).
+
 Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
 factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
 """
@@ -213,9 +220,14 @@ def _setup(key: str, impl: str, device: str, quick: bool):
     return step, note, {"model": key, "image": size, "batch": batch}
 
 
-def measure_memory(key: str, impl: str, device: str, quick: bool) -> dict:
+def measure_memory(key: str, impl: str, device: str, quick: bool, kept: bool = False) -> dict:
     """Peak memory of one step over what model, data and wrappers hold (measured before any step ran, so
-    no freed block of an earlier step sits in the allocator's cache)."""
+    no freed block of an earlier step sits in the allocator's cache). ``kept``: under ``train.keep_freed_memory``
+    (CPU), the resident peak over five steps, which is what a training process holds with freed blocks kept."""
+    if kept:
+        from aisec_train.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     step, _, info = _setup(key, impl, device, quick)
     gc.collect()
     if device.startswith("cuda"):
@@ -224,7 +236,8 @@ def measure_memory(key: str, impl: str, device: str, quick: bool) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         base = _proc_status("VmRSS") if _reset_peak_rss() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    step()
+    for _ in range(5 if kept else 1):
+        step()
     synchronize(device)
     if device.startswith("cuda"):
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -302,8 +315,15 @@ def profile_model(key: str, device: str, quick: bool, steps: int | None = None) 
     return {"model": key, "batch": batch, **profile_pair(build, x, y, steps=steps or (3 if quick else 5))}
 
 
+KEEP_FREED_MEMORY = True  # main() sets it from --system-malloc before any child is forked
+
+
 def _child(conn, fn, args) -> None:
     warnings.filterwarnings("ignore")
+    if KEEP_FREED_MEMORY and fn is not measure_memory:  # timing under the trainer's setting (memory: see its doc)
+        from aisec_train.train.allocator import keep_freed_memory
+
+        keep_freed_memory()
     try:
         conn.send(fn(*args))
     except Exception as exc:
@@ -340,6 +360,9 @@ def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int,
         if "error" not in row and (not quick or impl in ("nonprivate", "ours")):
             memory = isolated(measure_memory, device, key, impl, device, quick)
             row["peak_mb"] = memory.get("peak_mb", float("nan"))
+        if "error" not in row and KEEP_FREED_MEMORY and device == "cpu" and impl in ("nonprivate", "ours"):
+            memory = isolated(measure_memory, device, key, impl, device, quick, True)
+            row["peak_mb_kept"] = memory.get("peak_mb", float("nan"))
         row.setdefault("seconds", float("nan"))
         rows.append(row)
         print(f"{key:12s} {impl:13s} {row['seconds']:.4f}s {row.get('error', '')}", file=sys.stderr)
@@ -432,6 +455,9 @@ def ratios_for(rows: list[dict]) -> dict[str, float]:
         pick = {r["impl"]: r for r in rows if r.get("model") == key}
         if pick.get("nonprivate", {}).get("peak_mb", 0) > 0 and "peak_mb" in pick.get("ours", {}):
             ratios[f"mem_ours_over_nonprivate_{key}"] = pick["ours"]["peak_mb"] / pick["nonprivate"]["peak_mb"]
+        if pick.get("nonprivate", {}).get("peak_mb_kept", 0) > 0 and "peak_mb_kept" in pick.get("ours", {}):
+            kept = pick["ours"]["peak_mb_kept"] / pick["nonprivate"]["peak_mb_kept"]
+            ratios[f"mem_kept_ours_over_nonprivate_{key}"] = kept
     for label in KERNEL_SHAPES:
         pick = {r["impl"]: r for r in rows if r.get("model") == label}
         if {"norms_triton", "norms_torch"} <= pick.keys():
@@ -488,12 +514,15 @@ def main() -> None:
         parser.add_argument("--rounds", type=int, default=None, help=f"timed rounds ({ROUNDS}; --quick {QUICK_ROUNDS})")
         parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
         parser.add_argument("--no-profile", action="store_true", help="skip the per-phase profile")
+        parser.add_argument("--system-malloc", action="store_true", help="time under malloc's defaults (see doc)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
     # A fixed, reported thread count: torch's default follows the machine's load-dependent affinity.
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    global KEEP_FREED_MEMORY
+    KEEP_FREED_MEMORY = not args.system_malloc
     # Import the peers once here (no compute before forking), so each forked child starts in milliseconds.
     import opacus  # noqa: F401
     import opake.dpsgd.clipping  # noqa: F401
@@ -507,6 +536,7 @@ def main() -> None:
         rows += kernel_rows(args.device)
     extra = {
         "threads": threads, "rounds": rounds, "warmup_rounds": WARMUP_ROUNDS, "ratio_stats": ratio_stats_for(rows),
+        "keep_freed_memory": KEEP_FREED_MEMORY and not args.device.startswith("cuda"),
         # --quick's batches and 5 rounds are for a smoke run: its ratios show the table works, not the verdict.
         "indicative_only": bool(args.quick),
     }  # fmt: skip

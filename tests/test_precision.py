@@ -4,6 +4,8 @@ scale per-sample gradients before clipping)."""
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -86,6 +88,8 @@ def test_bf16_dp_job_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = read_report(run_dir)
     assert report["train"]["precision"] == "bf16"
+    if platform.libc_ver()[0] == "glibc":  # train.keep_freed_memory (default true) took effect: the report says so
+        assert report["train"]["keep_freed_memory"] is True
     assert report["privacy"]["mode"] == "dpsgd" and report["privacy"]["epsilon"] <= 3.0 + 1e-9
     assert report["metrics"]["clean_accuracy"] > 0.1
 

@@ -69,18 +69,26 @@ class LayerNormRule(Rule):
         )[0]
 
     def norms(self, module, params, calls):
-        # dW_i = sum_t xhat_t g_t = sum_t x_t (rstd_t g_t) - sum_t (mean_t rstd_t) g_t: no xhat tensor.
+        # dW_i = sum_t xhat_t g_t = sum_t rstd_t (x_t g_t) - sum_t (mean_t rstd_t) g_t and db_i = sum_t g_t: sums over
+        # a sample's rows t, each a batched (1 x T) @ (T x C) matmul. No xhat tensor, one product x * g, and g read
+        # once for both of its sums (elementwise passes with strided row sums took 3x as long on the MLP-Mixer).
         width = math.prod(module.normalized_shape)
         weight = bias = 0
         for call in calls:
             x, mean, rstd = call.saved
             n = x.shape[0]
             g = call.grad.reshape(n, -1, width)
-            rstd, mean_rstd = rstd.reshape(n, -1, 1), (mean * rstd).reshape(n, 1, -1)
+            rstd = rstd.reshape(n, 1, -1).to(g.dtype)
+            coefficients = []  # rows of the one matmul over g: -mean * rstd for the weight, ones for the bias
             if "weight" in params:
-                xg = torch.linalg.vecdot(x.reshape(n, -1, width).to(g.dtype), g * rstd.to(g.dtype), dim=1)
-                weight = weight + xg - torch.bmm(mean_rstd.to(g.dtype), g).squeeze(1)
-            bias = bias + g.sum(1)
+                weight = weight + torch.bmm(rstd, x.reshape(n, -1, width).to(g.dtype) * g).squeeze(1)
+                coefficients.append(-mean.reshape(n, 1, -1).to(g.dtype) * rstd)
+            if "bias" in params:
+                coefficients.append(torch.ones_like(rstd))
+            if coefficients:
+                sums = torch.bmm(torch.cat(coefficients, 1), g)
+                weight = weight + sums[:, 0] if "weight" in params else weight
+                bias = bias + sums[:, -1] if "bias" in params else bias
         return _normalisation(params, weight, bias, f"normalized_shape={tuple(module.normalized_shape)}")
 
 

@@ -131,6 +131,7 @@ class TrainConfig:
     augmult: int = 1  # K augmented views per record, averaged into one clipped gradient (train/augmult.py)
     augmult_flip: bool = False  # augmult views are also mirrored at random (natural images; not digits)
     precision: str = "32"  # 32, bf16 or fp16: autocast of the forward pass (train/precision.py)
+    keep_freed_memory: bool = True  # glibc keeps freed blocks mapped: no page faults each step (train/allocator.py)
     lock_wait_s: float = 0.0  # a second job on the same run directory or dataset ledger waits this long, then refuses
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 

@@ -36,6 +36,7 @@ from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
+from aisec_train.train.allocator import keep_freed_memory
 from aisec_train.train.callbacks import NonFiniteError
 from aisec_train.train.launch import check_same_run_dir, under_torchrun
 from aisec_train.train.loop import TrainResult, train
@@ -182,6 +183,8 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
     threads = max(1, (os.cpu_count() or 1) // world)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     torch.set_num_threads(threads)
+    if job.cfg.train.keep_freed_memory:  # a spawned rank starts with malloc's defaults (train/allocator.py)
+        keep_freed_memory()
     device = _join(backend, job.device)
     try:
         job = dataclasses.replace(job, resume=_latest_resume(job))  # after an elastic restart: the last checkpoint

@@ -1,0 +1,52 @@
+"""train.keep_freed_memory: glibc keeps freed blocks mapped, so a step does not page-fault its buffers back in."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from aisec_train import compose
+from tests.conftest import run_cli
+
+# A child process (the setting is process-wide): allocates, touches and frees a 64 MB tensor, and prints the minor
+# page faults of three rounds after eight of warm-up (torch's 64-byte-aligned blocks leave holes in glibc's heap
+# until about five blocks' worth of it is mapped, after which every round reuses it).
+FAULTS = """
+import resource, sys, torch
+from aisec_train.train.allocator import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory() is True
+def touch():
+    torch.ones(16 << 20).sum()  # 64 MB: above glibc's largest dynamic mmap threshold (32 MB)
+for _ in range(8):
+    touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    touch()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return int(proc.stdout.split()[-1])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_kept_memory_is_not_faulted_back_in():
+    pages = (64 << 20) // 4096  # one round touches 16k pages
+    assert _faults("system") > 2 * pages  # malloc's defaults: each round mmaps and faults its pages afresh
+    assert _faults("keep") < pages // 16  # kept: the pages stay mapped from the first round
+
+
+def test_the_setting_is_a_boolean_config_key(tmp_path):
+    assert compose([]).train.keep_freed_memory is True
+    assert compose(["train.keep_freed_memory=false"]).train.keep_freed_memory is False
+    proc = run_cli("experiment=smoke", "train.keep_freed_memory=sometimes", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "train.keep_freed_memory" in proc.stderr
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("report.json"))
