@@ -36,7 +36,8 @@ the table and kept in the JSON rows ``profile_*`` (``profile_ours`` also holds t
 Allocator: the timed and profiled children run with ``train.keep_freed_memory``'s setting (glibc keeps freed
 blocks mapped, aisec_train/train/allocator.py), as ``aisec-train`` itself trains, so no step of any implementation
 page-faults its buffers back in; every implementation of a model runs in the same child, under the same setting.
-``--system-malloc`` times them under malloc's defaults instead. Memory children always run under the defaults (a
+``--system-malloc`` times them under malloc's defaults instead. Each row records its minor page faults per
+timed step (``page_faults_per_step``, from ``getrusage``). Memory children always run under the defaults (a
 kept block freed while the model was built would otherwise hide part of a step's peak); the non-private and our
 step are also measured under it over five steps (``peak_mb_kept``: resident memory held once freed blocks are kept).
 
@@ -262,6 +263,7 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: 
     reps = steps_per_sample(key, device, quick)
     # Ours next to the non-private step, so the two steps of the headline ratio always run back to back.
     order = sorted(built, key=lambda impl: (impl not in ("nonprivate", "ours"), impl != "nonprivate"))
+    faults = dict.fromkeys(order, 0)  # minor page faults during the timed steps (see "Allocator" in the doc)
     for round_ in range(WARMUP_ROUNDS + rounds):
         spent = dict.fromkeys(order, 0.0)
         for rep in range(reps):
@@ -271,16 +273,20 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: 
             for impl in order if (round_ * reps + rep) % 2 == 0 else order[::-1]:
                 step = built[impl][0]
                 synchronize(device)
+                faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 started = time.perf_counter()
                 step()
                 synchronize(device)
                 spent[impl] += time.perf_counter() - started
+                if round_ >= WARMUP_ROUNDS:
+                    faults[impl] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
         if round_ >= WARMUP_ROUNDS:
             for impl in order:
                 times[impl].append(spent[impl] / reps)  # seconds per step
     for impl, (_, note, info) in built.items():
         row = {**info, "seconds": statistics.median(times[impl]), "seconds_min": min(times[impl])}
         row["steps_per_sample"] = reps
+        row["page_faults_per_step"] = faults[impl] / (rounds * reps)
         row["times"] = times[impl]  # raw, per round, in round order (the paired ratios are formed from these)
         out[impl] = row | ({"note": note()} if note() else {})
     return out

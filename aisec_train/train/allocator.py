@@ -4,15 +4,19 @@ A training step allocates and frees the same few tens of megabytes every time (a
 step also its per-sample norms' Gram matrices and kept per-sample gradients). glibc's malloc serves blocks above its
 mmap threshold (at most 32 MB, and 128 KB until it has seen such a block freed) with fresh ``mmap`` pages and returns
 them on ``free``; it also trims the top of its heap whenever more than twice that threshold lies free there. The
-next step then page-faults every one of those pages back in, zero-filled by the kernel. On one core that was 26k
-page faults per MLP-Mixer private step (~100 MB), and the non-private ResNet-18 step at batch 64 ran 27% faster
-once they were gone (``benchmarks/dpsgd.py`` records both sides under the same setting). PyTorch's CPU performance
-guide suggests preloading jemalloc or tcmalloc for the same reason; neither is a pip dependency, while glibc's
-``mallopt`` does the job in two calls (so it is written here, through ``ctypes``).
+next step then page-faults every one of those pages back in, zero-filled by the kernel: on one core, 55k minor
+faults per non-private step of the benchmark's 32x32 CNN at batch 256 (215 MB) and 26k per private MLP-Mixer step.
+Kept, the same steps ran 16-30% faster on both small CNNs, private and not, 0-6% on ResNet-18 and the mixer
+(``benchmarks/dpsgd.py`` and its ``--system-malloc``, back to back: ``benchmarks/results/cpu/dpsgd_system_malloc.json``
+then ``dpsgd_kept_pair_check.json``). PyTorch's CPU performance guide suggests preloading jemalloc or tcmalloc for
+the same reason; neither is a pip dependency, while glibc's ``mallopt`` does the job in two calls (so it is written
+here, through ``ctypes``).
 
-The price: the process' resident memory stays at its peak rather than shrinking between steps. ``train.
-keep_freed_memory=false`` leaves malloc as it was. Other C libraries (musl, macOS) are left alone, and the report
-says whether the setting took effect.
+The price: the process keeps its peak resident memory rather than shrinking between steps, and torch's 64-byte
+aligned blocks leave holes in the heap, so the resident peak over five steps was 1.0-1.6x a single step's peak under
+the defaults (``peak_mb_kept`` against ``peak_mb`` in the benchmark's JSON). ``train.keep_freed_memory=false``
+leaves malloc as it was. Other C libraries (musl, macOS) are left alone, and the report says whether the setting
+took effect (``train.keep_freed_memory``).
 """
 
 from __future__ import annotations
