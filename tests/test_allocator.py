@@ -50,3 +50,24 @@ def test_the_setting_is_a_boolean_config_key(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "train.keep_freed_memory" in proc.stderr
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").rglob("report.json"))
+
+
+# Two jobs in one process (as a Hydra multirun or two API calls): the second asks for malloc's defaults, but the
+# first's setting cannot be taken back, so its report must say freed memory is kept.
+TWO_JOBS = """
+import json, sys
+from pathlib import Path
+import aisec_train
+fast = ["experiment=smoke", "privacy=none", "audit=off", "robustness.evaluate=false", "train.epochs=1"]
+for i, keep in enumerate(["true", "false"]):
+    aisec_train.run(aisec_train.compose(fast + [f"train.keep_freed_memory={keep}"]), run_dir=Path(sys.argv[1]) / str(i))
+    print(json.loads((Path(sys.argv[1]) / str(i) / "report.json").read_text())["train"]["keep_freed_memory"])
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_a_later_job_reports_the_process_setting_it_cannot_undo(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", TWO_JOBS, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["True", "True"]
+    assert "an earlier job in this process kept freed memory" in proc.stderr

@@ -15,8 +15,10 @@ here, through ``ctypes``).
 The price: the process keeps its peak resident memory rather than shrinking between steps, and torch's 64-byte
 aligned blocks leave holes in the heap, so the resident peak over five steps was 1.0-1.6x a single step's peak under
 the defaults (``peak_mb_kept`` against ``peak_mb`` in the benchmark's JSON). ``train.keep_freed_memory=false``
-leaves malloc as it was. Other C libraries (musl, macOS) are left alone, and the report says whether the setting
-took effect (``train.keep_freed_memory``).
+leaves malloc as it was. Other C libraries (musl, macOS) are left alone. The report's ``train.keep_freed_memory``
+says whether freed memory is kept in the process that trained: a setting cannot be taken back, so a job with
+``false`` that follows one with ``true`` in the same process (a Hydra multirun, several API calls) finds it kept,
+says so in its report, and logs a warning.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ def keep_freed_memory() -> bool:
     if _applied is None:
         _applied = _mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     return _applied
+
+
+def freed_memory_kept() -> bool:
+    """Whether :func:`keep_freed_memory` took effect in this process (earlier, or in a parent before a fork)."""
+    return _applied is True
 
 
 def _mallopt(param: int, value: int) -> bool:

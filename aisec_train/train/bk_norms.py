@@ -85,10 +85,11 @@ class LayerNormRule(Rule):
                 coefficients.append(-mean.reshape(n, 1, -1).to(g.dtype) * rstd)
             if "bias" in params:
                 coefficients.append(torch.ones_like(rstd))
-            if coefficients:
-                sums = torch.bmm(torch.cat(coefficients, 1), g)
-                weight = weight + sums[:, 0] if "weight" in params else weight
-                bias = bias + sums[:, -1] if "bias" in params else bias
+            sums = torch.bmm(torch.cat(coefficients, 1), g) if coefficients else None
+            if "weight" in params:
+                weight = weight + sums[:, 0]
+            if "bias" in params:
+                bias = bias + sums[:, -1]
         return _normalisation(params, weight, bias, f"normalized_shape={tuple(module.normalized_shape)}")
 
 

@@ -15,7 +15,7 @@ from aisec_train.models.finetune import check_adapters_moved
 from aisec_train.privacy import report as privacy_report
 from aisec_train.report.budget_text import stop_line
 from aisec_train.train import checkpoint
-from aisec_train.train.allocator import keep_freed_memory
+from aisec_train.train.allocator import freed_memory_kept, keep_freed_memory
 from aisec_train.train.loop import TrainResult
 from aisec_train.train.objectives import objective_from_config
 from aisec_train.train.resume import CheckpointSlot, identity, load_resume
@@ -31,7 +31,10 @@ def stage_train(run: Run) -> None:
     cfg, data = run.cfg, run.data
     assert data is not None and run.factory is not None
     resume = load_resume(run)
-    kept_freed_memory = keep_freed_memory() if cfg.train.keep_freed_memory else False
+    if cfg.train.keep_freed_memory:
+        keep_freed_memory()
+    elif freed_memory_kept():  # the process-wide setting cannot be taken back: say so rather than report false
+        log.warning("train.keep_freed_memory=false, but an earlier job in this process kept freed memory: still kept")
     trainer = select_trainer(cfg)
     objective = objective_from_config(cfg.robustness)
     slot = CheckpointSlot(run.checkpoint_path, identity(run), run.run_dir)
@@ -58,7 +61,7 @@ def stage_train(run: Run) -> None:
         adversarial_training=cfg.robustness.mode.value,
         augmult=cfg.train.augmult,  # views per record in each clipped gradient (train/augmult.py)
         precision=cfg.train.precision,
-        keep_freed_memory=kept_freed_memory,  # whether glibc's malloc took the setting (train/allocator.py)
+        keep_freed_memory=freed_memory_kept(),  # whether glibc's malloc keeps freed memory here (train/allocator.py)
         optimizer=cfg.optimizer,
         scheduler=cfg.scheduler,
         world_size=result.world_size,
