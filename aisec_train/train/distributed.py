@@ -84,16 +84,7 @@ def train_distributed(job: TrainJob) -> TrainResult:
     if tracker:
         for values, step, axis in outcome.get("tracking", []):  # rank 0's per-step values, logged here
             tracker.log_metrics(values, step, axis)
-    model = job.factory()
-    model.load_state_dict(outcome["model"])
-    ledger = None
-    if outcome["ledger"] is not None:
-        ledger = PrivacyLedger(outcome["ledger"]["accountant"], outcome["ledger"]["delta"])
-        ledger.load_state_dict(outcome["ledger"])
-    result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
-    result.world_size = cfg.nproc
-    result.distributed = {**outcome["distributed"], "backend": backend, "launcher": "elastic_launch"}
-    return result
+    return _result(job, outcome, cfg.nproc, backend, "elastic_launch")
 
 
 def _backend(name: str, device: torch.device) -> str:
@@ -232,6 +223,12 @@ def _train_in_place(job: TrainJob) -> TrainResult:
         world = dist.get_world_size()
     finally:
         dist.destroy_process_group()
+    launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py
+    return _result(job, outcome, world, backend, launcher)
+
+
+def _result(job: TrainJob, outcome: dict[str, Any], world: int, backend: str, launcher: str) -> TrainResult:
+    """A rank's outcome (weights, ledger state, history) as the ``TrainResult`` the other stages read."""
     model = job.factory()
     model.load_state_dict(outcome["model"])
     ledger = None
@@ -240,7 +237,6 @@ def _train_in_place(job: TrainJob) -> TrainResult:
         ledger.load_state_dict(outcome["ledger"])
     result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
     result.world_size = world
-    launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py
     result.distributed = {**outcome["distributed"], "backend": backend, "launcher": launcher}
     return result
 
