@@ -1,7 +1,9 @@
-"""The DP-step benchmark's statistics and per-phase profile (benchmarks/dpsgd.py, benchmarks/step_profile.py)."""
+"""The DP-step benchmark's statistics, per-phase profile and per-layer table (benchmarks/dpsgd.py, step_profile.py,
+bk_per_layer.py)."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import bk_per_layer  # noqa: E402
 import dpsgd  # noqa: E402
 import step_profile  # noqa: E402
 
@@ -86,3 +89,25 @@ def test_small_models_time_several_steps_per_sample_on_the_cpu_only_in_a_full_ru
     assert dpsgd.steps_per_sample("cnn", "cpu", quick=True) == 1  # --quick stays a smoke run
     assert dpsgd.steps_per_sample("cnn", "cuda", quick=False) == 1
     assert dpsgd.batch_size("cnn_32", "cpu", quick=False) >= 256 and dpsgd.batch_size("mixer", "cpu", False) >= 256
+
+
+def test_per_layer_table_times_each_rule_inside_the_private_step():
+    result = bk_per_layer.per_layer("cnn", steps=1, quick=True, replays=2)
+    rows = {r["layer"]: r for r in result["rows"]}
+    assert set(rows) == {"conv1", "norm1", "conv2", "norm2", "fc1", "fc2"}
+    for r in rows.values():  # timed where they ran, inside the one backward; never left at zero
+        assert r["norms_ms"] > 0 and r["clip_ms"] > 0, r
+        assert r["excess_ms"] == pytest.approx(r["norms_ms"] + r["clip_ms"] - (r["weight_grad_ms"] or 0.0))
+    assert rows["conv2"]["input_grad_ms"] > 0 and rows["norm1"]["input_grad_ms"] > 0
+    assert all(rows[name]["weight_grad_ms"] > 0 for name in ("conv1", "conv2", "fc1", "fc2"))
+    assert rows["norm1"]["weight_grad_ms"] is None  # formed inside GroupNorm's input-gradient kernel
+    assert rows["conv1"]["method"] == "instantiate" and rows["fc1"]["method"] == "ghost"
+    assert result["totals"]["excess_ms"] == pytest.approx(sum(r["excess_ms"] for r in rows.values()))
+    assert set(result["by_kind"]) == {"Conv2d", "GroupNorm", "Linear"}
+
+
+def test_per_layer_script_refuses_an_unknown_model_in_one_line():
+    script = Path(bk_per_layer.__file__)
+    done = subprocess.run([sys.executable, str(script), "--models", "vgg"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "vgg" in done.stderr and "mixer" in done.stderr
