@@ -153,9 +153,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
     args = parser.parse_args()
     unknown = sorted(set(args.models.split(",")) - set(models))
-    if unknown or args.steps < 1 or args.threads < 1:
-        parser.exit(2, f"bk_per_layer: --models {unknown} / --steps {args.steps} / --threads {args.threads}: "
-                       f"allowed {models}, steps >= 1, threads >= 1\n")  # fmt: skip
+    if unknown:
+        parser.exit(2, f"bk_per_layer: --models {','.join(unknown)} is not allowed: choose from {','.join(models)}\n")
+    for flag, value in (("--steps", args.steps), ("--threads", args.threads)):
+        if value < 1:
+            parser.exit(2, f"bk_per_layer: {flag}={value} is not allowed: must be >= 1\n")
     torch.set_num_threads(args.threads)
     if not args.system_malloc:
         keep_freed_memory()  # as aisec-train trains, and as benchmarks/dpsgd.py times

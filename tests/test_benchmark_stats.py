@@ -106,8 +106,12 @@ def test_per_layer_table_times_each_rule_inside_the_private_step():
     assert set(result["by_kind"]) == {"Conv2d", "GroupNorm", "Linear"}
 
 
-def test_per_layer_script_refuses_an_unknown_model_in_one_line():
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--models", "vgg,cnn"], "--models vgg is not allowed"), (["--steps", "0"], "--steps=0 is not allowed")],
+)
+def test_per_layer_script_refuses_bad_input_in_one_line(args, needle):
     script = Path(bk_per_layer.__file__)
-    done = subprocess.run([sys.executable, str(script), "--models", "vgg"], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "vgg" in done.stderr and "mixer" in done.stderr
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and needle in done.stderr
