@@ -6,9 +6,12 @@ own errno is injected at ``fcntl.flock``, the one call that meets the filesystem
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -69,3 +72,22 @@ def test_the_cli_refuses_with_exit_2_before_any_work(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert "cannot take a lock (flock: ENOLCK" in last and str(run_dir) in last and "docs/cluster.md" in last
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "report.json").exists()
+
+
+def test_a_refusal_names_a_holder_that_has_only_just_taken_the_lock(tmp_path):
+    # The holder takes the flock first and writes its record a moment later; a job refused in between must still
+    # name it (a CI run once saw "locked by another process" in the two-jobs drill).
+    path = tmp_path / "run" / ".aisec-train.lock"
+    path.parent.mkdir()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    record = {"pid": 4242, "host": "node7", "user": "alice", "since": "2026-12-05T12:00:00+00:00"}
+    late = threading.Timer(0.2, lambda: os.write(fd, json.dumps(record).encode()))
+    late.start()
+    try:
+        with pytest.raises(LockError) as refused, exclusive_lock(path, what="run directory run"):
+            pytest.fail("the block ran while another holder had the lock")
+    finally:
+        late.join()
+        os.close(fd)
+    assert "run directory run is locked by pid 4242 on node7 (user alice, since 2026-12-05" in str(refused.value)

@@ -58,6 +58,15 @@ def holder(path: str | os.PathLike) -> dict:
         os.close(fd)
 
 
+def holder_soon(path: str | os.PathLike, patience_s: float = 1.0) -> dict:
+    """:func:`holder`, waiting up to ``patience_s`` for the record: a holder writes it just after taking the lock,
+    so a job refused in that instant would otherwise name "another process" instead of the holder."""
+    deadline = time.monotonic() + patience_s
+    while not (info := holder(path)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return info
+
+
 def describe(info: dict) -> str:
     if not info:
         return "another process"
@@ -146,7 +155,7 @@ def _acquire(path: Path, what: str, timeout: float) -> tuple[int, tuple[int, int
         os.close(fd)
         if time.monotonic() >= deadline:
             waited = "" if timeout == 0 else f" after waiting {timeout:g}s"
-            raise LockError(f"{what} is locked by {describe(holder(path))}{waited} ({path}); one job at a time")
+            raise LockError(f"{what} is locked by {describe(holder_soon(path))}{waited} ({path}); one job at a time")
         time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
     token = secrets.token_hex(16)
     info = {
