@@ -30,7 +30,7 @@ from aisec_train.backdoor.bake import ChannelMask, bake, install_released_masks
 from aisec_train.backdoor.config import BackdoorConfig, WeakTeacher
 from aisec_train.backdoor.features import FeatureCache, detection_features, masked_accuracy
 from aisec_train.backdoor.layers import find_feature_layer, masked, module_at, resolve_feature_layer
-from aisec_train.backdoor.metrics import BackdoorMetrics, der, measure
+from aisec_train.backdoor.metrics import BackdoorMetrics, der, errors_to_target, measure
 from aisec_train.cli import CONFIG_DIR
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.config import DatasetConfig
@@ -879,6 +879,22 @@ def test_der_is_backdoorbench_formula():
     assert der(m(0.9, 1.0, 0.0), m(0.9, 0.0, 1.0)) == 1.0
 
 
+def test_errors_to_target_tells_a_chance_share_of_mistakes_from_a_trigger_that_still_steers():
+    # 360 triggered inputs, RA 0.6: 144 mistakes; at 1/9 of them the target gets 16, an ASR of 0.044 from errors alone
+    chance = errors_to_target(BackdoorMetrics(0.7, 16 / 360, 0.6, 360), num_classes=10)
+    assert (chance["errors"], chance["to_target"]) == (144, 16)
+    assert chance["chance_share"] == pytest.approx(1 / 9) and chance["asr_from_errors"] == pytest.approx(0.4 / 9)
+    assert chance["share"] == pytest.approx(16 / 144) and chance["p_value"] > 0.3
+    steered = errors_to_target(BackdoorMetrics(0.7, 40 / 360, 0.6, 360), num_classes=10)  # 40 of the 144
+    assert steered["p_value"] < 1e-6 and steered["share"] == pytest.approx(40 / 144)
+    backdoored = errors_to_target(BackdoorMetrics(0.9, 0.99, 0.0, 324), num_classes=10)
+    assert backdoored["to_target"] == 321 and backdoored["p_value"] < 1e-100
+    perfect = errors_to_target(BackdoorMetrics(0.9, 0.0, 1.0, 324), num_classes=10)
+    assert perfect["errors"] == 0 and perfect["share"] is None and perfect["p_value"] is None
+    two = errors_to_target(BackdoorMetrics(0.9, 0.3, 0.7, 100), num_classes=2)  # every mistake is the target
+    assert two["chance_share"] == 1.0 and two["p_value"] == pytest.approx(1.0)
+
+
 # ------------------------------------------------------------------------------------------------ command line
 FAST = ["train.epochs=3", "backdoor.finetune_epochs=3", "robustness.evaluate=false", "audit=off"]
 
@@ -897,6 +913,11 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     for key in ("asr_before", "asr_after", "clean_accuracy_before", "clean_accuracy_after"):
         assert 0.0 <= bd[key] <= 1.0, key
     assert set(bd["detection"]) >= {"method", "precision", "recall"} and bd["detection"]["method"] == "spectral"
+    after, n = bd["errors_to_target"]["after"], bd["stages"]["fine_pruned"]["n_triggered"]
+    assert n == int((labels_of(load_dataset(DatasetConfig(), seed=0).test) != 0).sum())  # non-target test inputs
+    assert after["errors"] == round((1 - bd["robust_accuracy_after"]) * n)
+    assert after["to_target"] == round(bd["asr_after"] * n) and after["chance_share"] == pytest.approx(1 / 9)
+    assert bd["errors_to_target"]["before"]["to_target"] == round(bd["asr_before"] * n)
     assert bd["trigger"] == {"size": 3, "position": "bottom_right", "value": 1.0} and bd["rate"] == 0.1
     assert bd["n_poisoned"] == round(0.1 * report["data"]["n_train"])
     assert bd["feature_layer"] == "features_out" and bd["feature_layer_detail"]["found_by"] == "automatic"
@@ -914,6 +935,7 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert distill["mode"] in ("full", "guarded", "off") and distill["used"] is (distill["mode"] != "off")
     assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
     finetune = bd["fine_pruning"]["finetune"]
+    assert finetune["blend"] == 0.0  # backdoor.repair_blend is opt-in (docs/backdoor.md, "Blended inputs")
     check = finetune["head_check"]  # FST against the whole-head re-initialisation, on held-out trusted rows
     assert set(check) == {"shift", "reinit", "max_cost", "chosen"} and check["chosen"] == finetune["head"]
     if finetune["head"] == "shift":
@@ -928,6 +950,8 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert f"recall {bd['detection']['recall']:.3f}" in detection["evidence"]
     assert repair["status"] in ("pass", "fail")
     assert f"ASR {bd['asr_before']:.3f} -> {bd['asr_after']:.3f}" in repair["evidence"]
+    if after["errors"]:
+        assert f"the target takes {after['to_target']} of {after['errors']} misclassified" in repair["evidence"]
     baked = "mask baked into the weights (reader: fc1)" if pruned_any else "no channel pruned, nothing to bake"
     assert baked in repair["evidence"]
     assert "badnets_poison" in [s["step"] for s in report["data"]["lineage"]]

@@ -86,6 +86,10 @@ class BackdoorConfig:
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
     finetune_head: FinetuneHead = FinetuneHead.shift  # the head after the feature layer: shift | reinit | keep
+    # Opt-in: the fine-tuned model reads half its rows blended with a fresh uniform-noise key at a weight drawn from
+    # U(0, repair_blend); labels and teacher read them clean (train/objectives.py, BlendedInputs). 0: off. Not the
+    # default: at 0.15 it left the 36-run matrix at 33 of 36 (docs/backdoor.md, "Blended inputs in the repair").
+    repair_blend: float = 0.0
     shift_weight: float = 0.2  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
     # Guard against a model FST does not suit: fine-tuned on half the trusted rows, FST must score within this of
     # the whole-head re-initialisation on the other half, or the repair re-initialises the whole head (1: no check).
@@ -135,6 +139,7 @@ class BackdoorConfig:
         require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a number >= 1")
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
+        require(0.0 <= self.repair_blend < 1.0, "backdoor.repair_blend", self.repair_blend, "must be in [0, 1)")
         require(self.shift_weight >= 0, "backdoor.shift_weight", self.shift_weight, "must be >= 0")
         require(0.0 <= self.shift_max_cost <= 1.0, "backdoor.shift_max_cost", self.shift_max_cost, "must be in [0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")

@@ -38,7 +38,13 @@ from aisec_train.backdoor.layers import masked, network
 from aisec_train.data.views import materialize, subset
 from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import accuracy, train
-from aisec_train.train.objectives import CrossEntropy, Distillation, FeatureShift, UnlabelledDistillation
+from aisec_train.train.objectives import (
+    BlendedInputs,
+    CrossEntropy,
+    Distillation,
+    FeatureShift,
+    UnlabelledDistillation,
+)
 
 POINTS = 64  # most pruning steps evaluated (plus the unpruned start)
 CURVE_SAMPLES = 2048  # rows of each plot-only split the curve is measured on (a seeded sample beyond this)
@@ -287,6 +293,8 @@ def fine_tune(
     scheduler = {"_target_": retune.SCHEDULER, "pct_start": 0.1}  # total_steps: the loop's planned steps
     with retune.lr_scales(model, head, cfg.finetune_body_lr):
         objective = None if teacher is None else teacher.objective(cfg, unlabelled, seed)
+        if cfg.repair_blend > 0:  # the student reads blended inputs; the teacher and the labels, the clean ones
+            objective = BlendedInputs(objective or CrossEntropy(), cfg.repair_blend, seed)
         if linear is not None:
             shift = FeatureShift(objective or CrossEntropy(), weight, original, cfg.shift_weight)
             objective = shift

@@ -11,7 +11,7 @@ from typing import Any
 
 from aisec_train.backdoor import attacks, federated_poison
 from aisec_train.backdoor.config import BackdoorMapping, RepairMethod
-from aisec_train.backdoor.metrics import BackdoorMetrics, der
+from aisec_train.backdoor.metrics import BackdoorMetrics, der, errors_to_target
 from aisec_train.backdoor.state import BackdoorState
 from aisec_train.backdoor.trusted import privacy_scope
 from aisec_train.train.config import PrivacyMode
@@ -39,6 +39,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
     bd = run.cfg.backdoor
     before, after = stages["trained"], list(stages.values())[-1]
     private = run.cfg.privacy.mode is PrivacyMode.dpsgd
+    k = run.data.num_classes
     scope = privacy_scope(
         from_file=state.from_file, n_trusted=len(state.trusted), n_train=len(run.data.train), private=private
     )
@@ -62,6 +63,8 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         robust_accuracy_before=before.robust_accuracy,
         robust_accuracy_after=after.robust_accuracy,
         der=der(before, after),
+        # the attacker's share of the model's mistakes on triggered inputs, against chance (metrics.errors_to_target)
+        errors_to_target={"before": errors_to_target(before, k), "after": errors_to_target(after, k)},
         stages={name: {**m.as_dict(), "der": der(before, m)} for name, m in stages.items()},
         detection={k: v for k, v in scores[bd.detection.value].items() if k != "per_class"},
         detections=scores,
@@ -74,7 +77,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
     if private:
         run.report.add("privacy", scope=scope)
     _check_detection(run, scores)
-    _check_repair(run, before, after, repair)
+    _check_repair(run, before, after, repair, errors_to_target(after, k))
     _check_privacy(run, state, scope, private)
 
 
@@ -116,7 +119,7 @@ def _check_detection(run, scores: dict[str, dict[str, Any]]) -> None:
     )
 
 
-def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: dict | None) -> None:
+def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: dict | None, errors: dict) -> None:
     if run.cfg.backdoor.repair is RepairMethod.none:
         run.report.check(*ITEMS["prune"], "not_applicable", "backdoor.repair=none")
         return
@@ -127,8 +130,19 @@ def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: 
         "pass" if ok else "fail",
         f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
         f"-> {after.clean_accuracy:.3f} (drop {drop:+.3f}, goal <= {ACC_DROP_GOAL}), RA {before.robust_accuracy:.3f} "
-        f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; layer {(repair or {}).get('feature_layer')}, "
+        f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; {_errors_sentence(errors)}; "
+        f"layer {(repair or {}).get('feature_layer')}, "
         f"{bake_sentence((repair or {}).get('bake'))}; figure fine_pruning.png",
+    )
+
+
+def _errors_sentence(errors: dict) -> str:
+    if errors["share"] is None:
+        return "no triggered input misclassified after repair"
+    return (
+        f"after repair the target takes {errors['to_target']} of {errors['errors']} misclassified triggered inputs "
+        f"({errors['share']:.3f}; chance {errors['chance_share']:.3f}, one-sided binomial p {errors['p_value']:.3g}), "
+        f"an ASR of {errors['asr_from_errors']:.3f} from errors alone"
     )
 
 

@@ -200,6 +200,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
             "reinitialised": pruned.head if pruned.head_mode in ("shift", "reinit") else [],
             "shift_weight": bd.shift_weight if pruned.head_mode == "shift" else None,
             "head_check": pruned.head_check,  # held-out trusted accuracy of FST and of reinit, and the choice
+            "blend": bd.repair_blend,  # the student's inputs blended with fresh noise keys up to this weight (0: off)
             "body_lr": bd.finetune_body_lr,
             "epochs": bd.finetune_epochs,
             "lr": bd.finetune_lr,

@@ -131,6 +131,31 @@ class UnlabelledDistillation:
         return loss + self.weight * self.temperature**2 * kl.mean(), logits
 
 
+class BlendedInputs:
+    """``inner`` with the trained model reading its inputs blended with noise: each row, with probability 1/2,
+    becomes ``(1 - a) x + a k`` for a fresh uniform key ``k`` and ``a ~ U(0, max_weight)`` (a generator seeded
+    with ``seed``); the labels and any teacher read the clean rows. The model learns to answer on a blended image
+    what the clean image is, so a whole-image blended trigger (Blended's noise key is one such ``k``) loses its
+    pull; a backdoored teacher never sees a blended input, so it cannot hand its trigger response back. Used by
+    Fine-Pruning's fine-tuning (``backdoor.repair_blend``, backdoor/prune.py; docs/backdoor.md says why)."""
+
+    def __init__(self, inner: Objective, max_weight: float, seed: int, p: float = 0.5):
+        self.inner, self.max_weight, self.p = inner, max_weight, p
+        self.name, self.forwards = inner.name, inner.forwards
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def blend(self, x: Tensor) -> Tensor:
+        g, rows = self.generator, x.shape[0]
+        chosen = torch.rand(rows, generator=g) < self.p
+        weight = (torch.rand(rows, generator=g) * self.max_weight * chosen).to(x.device, x.dtype)
+        key = torch.rand(x.shape, generator=g).to(x.device, x.dtype)
+        weight = weight.view(-1, *([1] * (x.dim() - 1)))
+        return (1 - weight) * x + weight * key
+
+    def __call__(self, model, attacked, x, y, criterion):
+        return self.inner(lambda inputs: model(self.blend(inputs)), attacked, x, y, criterion)
+
+
 class FeatureShift:
     """``inner``'s loss plus ``alpha <W, W_old>`` on the classifier's weight ``W``, held at ``||W_old||`` (projected
     before every step; the caller projects once more after the last): the new classifier is pushed away from the

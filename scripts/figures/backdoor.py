@@ -94,6 +94,10 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "excluded_class": bd["fine_pruning"]["finetune"]["distill"].get("excluded_class"),
         "target": bd.get("target"),
         "unlabelled_rows": bd["fine_pruning"]["finetune"]["distill"].get("unlabelled_rows"),
+        # the target's share of the repaired model's errors on triggered inputs, and its p against chance
+        "target_share_after": bd["errors_to_target"]["after"]["share"],
+        "asr_from_errors_after": bd["errors_to_target"]["after"]["asr_from_errors"],
+        "target_share_p_after": bd["errors_to_target"]["after"]["p_value"],
         "meets_goals": bool(
             bd["asr_before"] >= GOALS["asr_before_min"]
             and bd["asr_after"] <= GOALS["asr_after_max"]

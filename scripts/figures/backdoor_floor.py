@@ -41,7 +41,7 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
     from aisec_train import pipeline
     from aisec_train.backdoor import badnets, prune
     from aisec_train.backdoor import stage as backdoor_stage
-    from aisec_train.backdoor.metrics import measure
+    from aisec_train.backdoor.metrics import errors_to_target, measure
     from aisec_train.config import register_configs, to_config
 
     torch.set_num_threads(1)
@@ -67,7 +67,9 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
 
         def rates() -> dict[str, float]:
             m = measure(run.model, test, *badnets.triggered(test, state.trigger, state.target_of), run.device)
-            return {"clean": round(m.clean_accuracy, 4), "asr": round(m.asr, 4)}
+            errors = errors_to_target(m, run.data.num_classes)  # the target's share of the mistakes, against chance
+            return {"clean": round(m.clean_accuracy, 4), "asr": round(m.asr, 4), "ra": round(m.robust_accuracy, 4),
+                    "share": errors["share"], "p": errors["p_value"]}  # fmt: skip
 
         before = rates()
         pruned = prune.fine_prune(
@@ -79,6 +81,7 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
     return {
         "clean_before": before["clean"], "asr_floor_before": before["asr"],
         "clean_after": after["clean"], "asr_floor_after": after["asr"],
+        "ra_after": after["ra"], "target_share_after": after["share"], "target_share_p_after": after["p"],
         "distill_mode": pruned.distill.get("mode"), "epsilon": run.report.get("privacy.epsilon"),
     }  # fmt: skip
 

@@ -73,6 +73,8 @@ def _summary(rows: list[dict]) -> dict[str, dict[str, float]]:
         out[case] = {f"{k}.mean": float(np.mean([r[k] for r in mine])) for k in keys}
         out[case] |= {"clean_drop.worst": max(r["clean_drop"] for r in mine)}
         out[case] |= {"asr_after.worst": max(r["asr_after"] for r in mine), "seeds": len(mine)}
+        p_values = [r["target_share_p_after"] for r in mine if r.get("target_share_p_after") is not None]
+        out[case] |= {"target_share_p_after.min": min(p_values, default=None)}  # below 0.05: the trigger still steers
     return out
 
 
