@@ -935,7 +935,7 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert distill["mode"] in ("full", "guarded", "off") and distill["used"] is (distill["mode"] != "off")
     assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
     finetune = bd["fine_pruning"]["finetune"]
-    assert finetune["blend"] == 0.0  # backdoor.repair_blend is opt-in (docs/backdoor.md, "Blended inputs")
+    assert finetune["blend"] == 0.15  # backdoor.repair_blend's default (docs/backdoor.md, "Blended inputs")
     check = finetune["head_check"]  # FST against the whole-head re-initialisation, on held-out trusted rows
     assert set(check) == {"shift", "reinit", "max_cost", "chosen"} and check["chosen"] == finetune["head"]
     if finetune["head"] == "shift":

@@ -86,10 +86,10 @@ class BackdoorConfig:
     finetune_batch_size: int = 32
     finetune_weight_decay: float = 0.02  # what erases the trigger path that clean data never exercises
     finetune_head: FinetuneHead = FinetuneHead.shift  # the head after the feature layer: shift | reinit | keep
-    # Opt-in: the fine-tuned model reads half its rows blended with a fresh uniform-noise key at a weight drawn from
-    # U(0, repair_blend); labels and teacher read them clean (train/objectives.py, BlendedInputs). 0: off. Not the
-    # default: at 0.15 it left the 36-run matrix at 33 of 36 (docs/backdoor.md, "Blended inputs in the repair").
-    repair_blend: float = 0.0
+    # The fine-tuned model reads half its rows blended with a fresh uniform-noise key at a weight drawn from
+    # U(0, repair_blend); labels and teacher read them clean (train/objectives.py, BlendedInputs). 0: off. Why 0.15,
+    # and what it did to the 36-run matrix: docs/backdoor.md, "Blended inputs in the repair".
+    repair_blend: float = 0.15
     shift_weight: float = 0.2  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
     # Guard against a model FST does not suit: fine-tuned on half the trusted rows, FST must score within this of
     # the whole-head re-initialisation on the other half, or the repair re-initialises the whole head (1: no check).
