@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,8 @@ PRIVACY = {"none": ["privacy=none"], "dp": []}  # dp: the preset's own DP-SGD at
 # The figure reads no robust accuracy; the robustness stage would only add minutes per cell on the shared CPU.
 FIXED = ["robustness.evaluate=false"]
 SETS = ("digits", "natural")
+# Unpinned packages moved this figure once with no code change (docs/backdoor.md, "Figures (issue 24)"): say which ran.
+PACKAGES = ("torch", "numpy", "pillow", "scikit-learn", "scipy", "opacus")
 NATURAL = ["--size", "16", "--block", "32", "--train-per-class", "150", "--test-per-class", "40"]
 
 
@@ -116,6 +119,7 @@ def _write(args, work: Path, rows: list[dict]) -> dict:
         "benchmark": "backdoor_matrix",
         "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), shared and loaded",
         "overrides": args.overrides,
+        "packages": {name: version(name) for name in PACKAGES},
         "goals": GOALS,
         "work": str(work),
         "rows": sorted(rows, key=lambda r: (r["case"], r["seed"])),
