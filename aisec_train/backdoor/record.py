@@ -39,7 +39,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
     bd = run.cfg.backdoor
     before, after = stages["trained"], list(stages.values())[-1]
     private = run.cfg.privacy.mode is PrivacyMode.dpsgd
-    classes = run.data.num_classes
+    errors = {name: errors_to_target(m, run.data.num_classes) for name, m in (("before", before), ("after", after))}
     scope = privacy_scope(
         from_file=state.from_file, n_trusted=len(state.trusted), n_train=len(run.data.train), private=private
     )
@@ -64,7 +64,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
         robust_accuracy_after=after.robust_accuracy,
         der=der(before, after),
         # the attacker's share of the model's mistakes on triggered inputs, against chance (metrics.errors_to_target)
-        errors_to_target={"before": errors_to_target(before, classes), "after": errors_to_target(after, classes)},
+        errors_to_target=errors,
         stages={name: {**m.as_dict(), "der": der(before, m)} for name, m in stages.items()},
         detection={k: v for k, v in scores[bd.detection.value].items() if k != "per_class"},
         detections=scores,
@@ -77,7 +77,7 @@ def write(run, state: BackdoorState, stages: dict[str, BackdoorMetrics], scores:
     if private:
         run.report.add("privacy", scope=scope)
     _check_detection(run, scores)
-    _check_repair(run, before, after, repair, errors_to_target(after, classes))
+    _check_repair(run, before, after, repair, errors["after"])
     _check_privacy(run, state, scope, private)
 
 
