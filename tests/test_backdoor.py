@@ -668,6 +668,61 @@ def test_leaning_class_is_the_one_the_model_over_predicts_on_other_classes_rows(
     assert leaning == 2 and len(lean) == 4 and lean[2] == max(lean) and lean[2] > 2 * sorted(lean)[-2]
 
 
+def test_the_training_inputs_excess_names_the_class_a_trigger_sends_them_to():
+    """A clean-data lean toward class 2 (a bias) beside a trigger that sends 10% of the training inputs to 0: the lean
+    names 2, the training inputs' excess names 0; without triggered inputs the excess follows the lean."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(4, 4)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(4))
+        model.bias.copy_(torch.tensor([0.0, 0.0, 0.3, 0.0]))
+    clean_rows = torch.randn(400, 4, generator=g)
+    trusted_rows = TensorDataset(clean_rows, clean_rows.argmax(1))
+    assert prune.leaning_class(model, trusted_rows, CPU)[0] == 2
+    clean, stamped = torch.randn(900, 4, generator=g), torch.randn(100, 4, generator=g)
+    stamped[:, 0] = 4.0
+    excess = prune.over_predicted(model, torch.cat([clean, stamped]), trusted_rows, CPU)
+    assert int(np.argmax(excess)) == 0 and excess[0] > 0.08 and len(excess) == 4 and abs(sum(excess)) < 1e-3
+    assert int(np.argmax(prune.over_predicted(model, clean, trusted_rows, CPU))) == 2
+
+
+@pytest.mark.parametrize(
+    "lean, excess, target",
+    [
+        # natural BadNets seed 8: the lean names 7, the excess 0 (a learnt backdoor)
+        ([0.052, 0.02, 0.018, 0.022, 0.03, 0.017, 0.019, 0.058, 0.02, 0.016],
+         [0.088, -0.01, 0.0, 0.018, -0.02, 0.005, -0.01, -0.03, -0.02, -0.015], 0),
+        # natural WaNet seed 0: a backdoor never learnt; the lean names 0, the excess (noise) 5
+        ([0.139, 0.02, 0.018, 0.022, 0.049, 0.017, 0.019, 0.02, 0.021, 0.016],
+         [0.021, -0.01, 0.0, 0.018, -0.02, 0.052, -0.01, -0.03, -0.02, 0.033], 0),
+        # both name class 3
+        ([0.02, 0.02, 0.018, 0.08, 0.03, 0.017, 0.019, 0.02, 0.02, 0.016],
+         [0.0, -0.01, 0.0, 0.09, -0.02, 0.005, -0.01, -0.03, -0.02, -0.015], 3),
+        ([0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0], 0),  # no signal at all: no division by zero, a class is named
+    ],
+    ids=["lean-wrong", "excess-wrong", "agree", "flat"],
+)  # fmt: skip
+def test_the_suspected_target_is_where_lean_and_excess_point_together(lean, excess, target):
+    chosen, scores = prune.suspected_target(lean, excess)
+    assert chosen == target and len(scores) == len(lean) and all(np.isfinite(scores))
+
+
+def test_a_guarded_repair_on_the_training_inputs_weighs_both_signals(backdoored):
+    """fine_prune names the excluded class from the lean and the training inputs' excess when it reads them."""
+    model, poisoned = copy.deepcopy(backdoored["model"]), backdoored["poisoned"]
+    cfg = BackdoorConfig(finetune_epochs=1, distill_min_teacher_accuracy=1.0, distill_min_advantage=-1.0)
+    pruned = prune.fine_prune(model, "features_out", backdoored["trusted"], CPU, cfg, unlabelled=poisoned.view)
+    distill = pruned.distill
+    assert distill["mode"] == "guarded" and distill["exclude_rule"] == "lean+excess", distill
+    assert distill["excluded_class"] == 0 == int(np.argmax(distill["excess"])) and distill["excess"][0] > 0.05
+    assert distill["excluded_class"] == int(np.argmax(distill["target_scores"]))
+    assert distill["lean_class"] == int(np.argmax(distill["lean"]))
+    trusted_only = prune.fine_prune(copy.deepcopy(backdoored["model"]), "features_out", backdoored["trusted"], CPU, cfg)
+    assert trusted_only.distill["exclude_rule"] == "lean" and trusted_only.distill["excess"] == []
+
+
 def test_weak_teachers_are_distilled_guarded_only_when_they_beat_fine_tuning_alone(backdoored):
     """Below the accuracy gate: guarded if the teacher beats a student fine-tuned without it (both on held-out
     trusted rows) by distill_min_advantage, not at all otherwise (a DP model the fine-tuning overtakes)."""

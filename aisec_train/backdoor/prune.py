@@ -144,6 +144,10 @@ class Teacher:
     mode: str  # "full": the whole softmax on every row; "guarded": without ``exclude``, on rows it gets right
     exclude: int | None = None
     lean: list[float] = field(default_factory=list)  # per class: mean probability on the other classes' rows
+    rule: str = "lean"  # how ``exclude`` was chosen: "lean" (trusted rows) or "lean+excess" (:func:`suspected_target`)
+    excess: list[float] = field(default_factory=list)  # per class: share of the training inputs sent there, less
+    # its share of the trusted labels (only when the training inputs are read)
+    scores: list[float] = field(default_factory=list)  # per class: the two signals' robust z-scores, summed
 
     def objective(self, cfg: BackdoorConfig, unlabelled: torch.Tensor | None = None, seed: int = 0):
         """Distillation on the trusted rows; a guarded teacher also on ``unlabelled`` inputs, if given."""
@@ -160,9 +164,11 @@ def leaning_class(model: nn.Module, trusted: Dataset, device: torch.device) -> t
     """The class ``model`` leans to on clean data: the highest mean probability on trusted rows of other classes.
 
     An all-to-one backdoor puts extra mass on its target for clean inputs too (the trigger's features are partly
-    present in natural images); on the natural set this found the target in every case measured, where counting
-    argmax errors did not (docs/backdoor.md). A wrong guess costs one class's soft labels, nothing else. Read on at
-    most 2048 seeded rows (a large reserve need not be held in memory at once)."""
+    present in natural images); on the natural set's first three seeds this found the target in every case, where
+    counting argmax errors did not (docs/backdoor.md). On the trusted rows alone a wrong guess costs one class's
+    soft labels; with the training inputs it would pass the trigger back (ASR 0.356 on one natural BadNets seed), so
+    there :func:`suspected_target` weighs it with the training inputs' excess. Read on at most 2048 seeded rows (a
+    large reserve need not be held in memory at once)."""
     x, y = materialize(_bounded(trusted, seed=0))
     model.eval()
     with torch.no_grad():
@@ -206,6 +212,41 @@ def teacher_for(
         return None
     exclude, lean = leaning_class(model, trusted, device)
     return Teacher(copy.deepcopy(model).eval().requires_grad_(False), "guarded", exclude, lean)
+
+
+def over_predicted(model: nn.Module, inputs: torch.Tensor, trusted: Dataset, device: torch.device) -> list[float]:
+    """Per class: the share of ``inputs`` (the training split's, labels unread) ``model`` sends there, less that
+    class's share of the trusted labels (a stratified draw from the same split: the clean class mix). Every poisoned
+    row the model learnt goes to the target, whose excess is then about the poisoned share of the split (0.06-0.12
+    on the natural set at ``backdoor.rate=0.1``); a clean class's is sampling noise (up to 0.05 there)."""
+    labels = torch.as_tensor(materialize(trusted)[1])
+    with torch.no_grad():
+        sent = torch.cat([model(inputs[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 512)])
+    classes = max(int(labels.max()), int(sent.max())) + 1
+    share_sent = torch.bincount(sent, minlength=classes) / len(sent)
+    excess = share_sent - torch.bincount(labels, minlength=classes) / len(labels)
+    return [round(float(v), 4) for v in excess]
+
+
+def _robust_z(values: list[float]) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    scale = 1.4826 * float(np.median(np.abs(v - np.median(v)))) or float(v.std()) or 1.0
+    return (v - np.median(v)) / scale
+
+
+def suspected_target(lean: list[float], excess: list[float]) -> tuple[int, list[float]]:
+    """The class both signals of an all-to-one backdoor point to: the sum over classes of the lean's and the
+    excess's robust z-scores (median and MAD across the classes), and those sums.
+
+    Neither signal alone names the target every time. The lean (:func:`leaning_class`) named class 7 on one of nine
+    natural-set BadNets seeds, and distilling on the training inputs with the target left in passed the trigger back
+    (ASR 0.858 -> 0.356). The excess (:func:`over_predicted`) needs a learnt backdoor: where the WaNet backdoor was not
+    learnt (ASR before 0.03-0.09) it named a clean class on six of nine seeds, while the lean, 0.13-0.15 on the
+    target against at most 0.05 elsewhere, named the target on all nine. Summing z-scores (Stouffer's combination,
+    unweighted: nothing fitted) named the target on all 27 non-private natural-set repairs, and on the held-out
+    seeds of docs/backdoor.md, "Nine seeds per cell"."""
+    scores = _robust_z(lean) + _robust_z(excess)
+    return int(scores.argmax()), [round(float(v), 2) for v in scores]
 
 
 def unlabelled_inputs(teacher: Teacher, rows: Dataset, device: torch.device) -> tuple[torch.Tensor | None, int]:
@@ -353,13 +394,21 @@ def fine_prune(
     pruned.distilled = teacher is not None
     inputs, dropped = None, 0
     if teacher is not None and teacher.mode == "guarded" and unlabelled is not None and cfg.distill_unlabelled_weight:
-        inputs, dropped = unlabelled_inputs(teacher, _bounded(unlabelled, seed, UNLABELLED_SAMPLES), device)
+        sample = _bounded(unlabelled, seed, UNLABELLED_SAMPLES)
+        teacher.excess = over_predicted(teacher.model, materialize(sample)[0], trusted, device)
+        teacher.exclude, teacher.scores = suspected_target(teacher.lean, teacher.excess)
+        teacher.rule = "lean+excess"
+        inputs, dropped = unlabelled_inputs(teacher, sample, device)
     pruned.distill = {
         "mode": "off" if teacher is None else teacher.mode,
         "held_out_teacher_accuracy": held.get("teacher"),
         "held_out_student_accuracy": max((v for k, v in held.items() if k != "teacher"), default=None),
         "excluded_class": None if teacher is None else teacher.exclude,
+        "exclude_rule": None if teacher is None else teacher.rule,  # lean (trusted rows) | lean+excess (+ inputs)
         "lean": [] if teacher is None else teacher.lean,
+        "lean_class": int(np.argmax(teacher.lean)) if teacher is not None and teacher.lean else None,
+        "excess": [] if teacher is None else teacher.excess,
+        "target_scores": [] if teacher is None else teacher.scores,
         "unlabelled_rows": 0 if inputs is None else len(inputs),  # training inputs distilled on (labels unread)
         "unlabelled_dropped": dropped,  # those the teacher sends to the class it leans to, left out
     }
