@@ -721,6 +721,10 @@ def test_a_guarded_repair_on_the_training_inputs_weighs_both_signals(backdoored)
     assert distill["lean_class"] == int(np.argmax(distill["lean"]))
     trusted_only = prune.fine_prune(copy.deepcopy(backdoored["model"]), "features_out", backdoored["trusted"], CPU, cfg)
     assert trusted_only.distill["exclude_rule"] == "lean" and trusted_only.distill["excess"] == []
+    full_cfg = BackdoorConfig(finetune_epochs=1, distill_min_teacher_accuracy=0.0)
+    full = prune.fine_prune(copy.deepcopy(backdoored["model"]), "features_out", backdoored["trusted"], CPU, full_cfg,
+                            unlabelled=poisoned.view)  # fmt: skip
+    assert full.distill["mode"] == "full" and full.distill["excluded_class"] is None is full.distill["exclude_rule"]
 
 
 def test_weak_teachers_are_distilled_guarded_only_when_they_beat_fine_tuning_alone(backdoored):

@@ -404,7 +404,8 @@ def fine_prune(
         "held_out_teacher_accuracy": held.get("teacher"),
         "held_out_student_accuracy": max((v for k, v in held.items() if k != "teacher"), default=None),
         "excluded_class": None if teacher is None else teacher.exclude,
-        "exclude_rule": None if teacher is None else teacher.rule,  # lean (trusted rows) | lean+excess (+ inputs)
+        # how the left-out class was named: lean (trusted rows) | lean+excess (and the training inputs); null: none
+        "exclude_rule": None if teacher is None or teacher.exclude is None else teacher.rule,
         "lean": [] if teacher is None else teacher.lean,
         "lean_class": int(np.argmax(teacher.lean)) if teacher is not None and teacher.lean else None,
         "excess": [] if teacher is None else teacher.excess,
