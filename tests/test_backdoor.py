@@ -686,6 +686,9 @@ def test_the_training_inputs_excess_names_the_class_a_trigger_sends_them_to():
     excess = prune.over_predicted(model, torch.cat([clean, stamped]), trusted_rows, CPU)
     assert int(np.argmax(excess)) == 0 and excess[0] > 0.08 and len(excess) == 4 and abs(sum(excess)) < 1e-3
     assert int(np.argmax(prune.over_predicted(model, clean, trusted_rows, CPU))) == 2
+    # a class no trusted label names and the model never predicts still has its entry, as in the lean
+    never_three = TensorDataset(clean_rows[:10], torch.tensor([0, 1, 2] * 3 + [0]))
+    assert len(prune.over_predicted(model, clean[:5] * 0, never_three, CPU)) == 4
 
 
 @pytest.mark.parametrize(

@@ -221,8 +221,8 @@ def over_predicted(model: nn.Module, inputs: torch.Tensor, trusted: Dataset, dev
     on the natural set at ``backdoor.rate=0.1``); a clean class's is sampling noise (up to 0.05 there)."""
     labels = torch.as_tensor(materialize(trusted)[1])
     with torch.no_grad():
-        sent = torch.cat([model(inputs[i : i + 512].to(device)).argmax(1).cpu() for i in range(0, len(inputs), 512)])
-    classes = max(int(labels.max()), int(sent.max())) + 1
+        logits = torch.cat([model(inputs[i : i + 512].to(device)).cpu() for i in range(0, len(inputs), 512)])
+    sent, classes = logits.argmax(1), logits.shape[1]  # one entry per output, as the lean has
     share_sent = torch.bincount(sent, minlength=classes) / len(sent)
     excess = share_sent - torch.bincount(labels, minlength=classes) / len(labels)
     return [round(float(v), 4) for v in excess]
