@@ -850,6 +850,81 @@ def test_after_the_filter_the_repair_reads_only_the_training_inputs_it_kept(tmp_
     assert not set(given.indices) & set(np.asarray(flagged).tolist())
 
 
+def test_relearning_clears_the_target_rows_the_repaired_model_sends_elsewhere():
+    from aisec_train.backdoor import relearn
+
+    labels = np.array([0, 0, 0, 1, 2, 0])
+    sent = np.array([0, 3, 1, 1, 0, 0])  # rows 1 and 2: labelled 0, sent elsewhere (a triggered row of 3, of 1)
+    assert relearn.cleared(sent, labels, target=0).tolist() == [False, True, True, False, False, False]
+    assert relearn.cleared(sent, labels, target=1).tolist() == [False] * 6  # row 3 is sent to its label
+    shift = relearn.share_shift(np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1]), classes=3)
+    assert shift == [0.5, -0.5, 0.0]
+    diverged = nn.Linear(2, 2)
+    assert relearn.finite(diverged)
+    with torch.no_grad():
+        diverged.weight[0, 0] = float("nan")
+    assert not relearn.finite(diverged)
+
+
+RELEARN = ["privacy=none", "train.epochs=6", "backdoor.finetune_epochs=20", "backdoor.distill_min_teacher_accuracy=1.0",
+           "backdoor.distill_min_advantage=-1.0"]  # fmt: skip  # a guarded teacher reading the training inputs
+
+
+@pytest.fixture(scope="module")
+def relearn_run(tmp_path_factory):
+    """A non-private digits BadNets run through its defend stage, the teacher forced below the gate (guarded), so the
+    repair names the target from the training inputs and relearning runs."""
+    return poisoned_run(tmp_path_factory.mktemp("relearn"), *RELEARN, stages=4)
+
+
+def test_relearning_retrains_without_the_poisoned_rows_and_releases_that_model(relearn_run):
+    run = relearn_run
+    bd = run.report.get("backdoor")
+    done, distill = bd["fine_pruning"]["relearn"], bd["fine_pruning"]["finetune"]["distill"]
+    assert distill["exclude_rule"] == "lean+excess" and done["target"] == distill["excluded_class"] == 0
+    assert done["blend"] == 0.25 and done["max_shift"] == 0.05 and len(done["shift"]) == 10
+    assert done["trained_on"] == len(run.data.train) - done["cleared_rows"] + len(run.backdoor.trusted)
+    poisoned = len(run.backdoor.poisoned.indices)
+    clean_target_rows = int((labels_of(run.data.train) == 0).sum()) - poisoned
+    assert 0.9 * poisoned <= done["cleared_rows"] <= poisoned + 0.5 * clean_target_rows  # the poison, few clean rows
+    assert done["released"] == "relearned" and max(done["shift"]) <= 0.05
+    assert list(bd["stages"]) == ["trained", "fine_pruned", "relearned"]
+    assert bd["asr_before"] >= 0.9 and bd["asr_after"] == done["metrics"]["asr"] <= 0.05
+    assert bd["clean_accuracy_after"] == done["metrics"]["clean_accuracy"] >= bd["clean_accuracy_before"] - 0.02
+    assert run.model is not run.result.model and isinstance(run.model, SmallCNN)  # fresh, no pruning mask wrapper
+    assert accuracy(run.model, run.data.test, CPU) == bd["clean_accuracy_after"]  # the released model is that one
+    evidence = next(c["evidence"] for c in run.report.checklist if c["item"].startswith("pruning against poisoning"))
+    assert f"released: a fresh model retrained without the {done['cleared_rows']} rows labelled class 0" in evidence
+
+
+def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn_run):
+    """Name the wrong class and the poisoned rows stay in the retraining set: the fresh model learns the trigger
+    again and sends them back to the target, which the guard sees on the training inputs alone."""
+    from aisec_train.backdoor import stage
+
+    run = relearn_run
+    splits = (run.data.test, *badnets.triggered(run.data.test, run.backdoor.trigger, run.backdoor.target_of))
+    released = run.model
+    wrong = {"finetune": {"distill": {"exclude_rule": "lean+excess", "excluded_class": 3}}}
+    with run.resources:
+        assert stage._relearn(run, run.backdoor, splits, wrong) is None
+    done = wrong["relearn"]
+    assert done["target"] == 3 and done["released"] == "repaired" and run.model is released
+    assert done["shift"][0] == max(done["shift"]) > 0.05  # the trigger's rows went back to class 0 ...
+    assert done["metrics"]["asr"] > 0.5  # ... because the retrained model learnt the backdoor again
+
+
+@pytest.mark.parametrize(
+    "extra, why",
+    [(["backdoor.relearn=false"], "switched off"), (["backdoor.distill_min_teacher_accuracy=0.0"], "a full teacher")],
+)
+def test_relearning_runs_only_when_asked_and_the_target_was_named_from_the_training_inputs(tmp_path, extra, why):
+    run = poisoned_run(tmp_path, *RELEARN, *extra, stages=4)
+    bd = run.report.get("backdoor")
+    assert bd["fine_pruning"]["relearn"] is None, why
+    assert list(bd["stages"]) == ["trained", "fine_pruned"]
+
+
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):
     model = copy.deepcopy(backdoored_plain["model"])
     assert not hasattr(model, "features_out")
@@ -1037,6 +1112,8 @@ def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run
     [
         ("backdoor.rate=1.5", "backdoor.rate=1.5 is not allowed: must be in (0, 1)"),
         ("backdoor.target=10", "backdoor.target=10 is not allowed: must be < 10 classes"),
+        ("backdoor.relearn_max_shift=0", "backdoor.relearn_max_shift=0.0 is not allowed: must be in (0, 1]"),
+        ("backdoor.relearn_blend=1", "backdoor.relearn_blend=1.0 is not allowed: must be in [0, 1)"),
     ],
 )
 def test_cli_refuses_bad_backdoor_input_in_one_line(tmp_path, override, message):

@@ -113,6 +113,14 @@ class BackdoorConfig:
     # noise, and a federated server holds no training data; there the trusted rows alone are read (the report's
     # distill.unlabelled_rows is 0). 0: never.
     distill_unlabelled_weight: float = 1.0
+    # Once the repair has named the target from the training inputs (distill.exclude_rule lean+excess: central runs
+    # without DP), a fresh model is trained without the rows labelled the target that the repaired model sends
+    # elsewhere (the poisoned ones), plus the trusted rows, half its rows blended with fresh noise up to
+    # relearn_blend; it is released only if it sends no class more of the training inputs than the repaired model
+    # does by more than relearn_max_shift (backdoor/relearn.py; docs/backdoor.md). false: never.
+    relearn: bool = True
+    relearn_blend: float = 0.25
+    relearn_max_shift: float = 0.05
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
     feature_layer: str | None = None
@@ -146,6 +154,9 @@ class BackdoorConfig:
         require(0.0 <= self.distill_weight < 1.0, "backdoor.distill_weight", self.distill_weight, "must be in [0, 1)")
         unlabelled = self.distill_unlabelled_weight
         require(unlabelled >= 0, "backdoor.distill_unlabelled_weight", unlabelled, "must be >= 0")
+        require(0.0 <= self.relearn_blend < 1.0, "backdoor.relearn_blend", self.relearn_blend, "must be in [0, 1)")
+        shift = self.relearn_max_shift
+        require(0.0 < shift <= 1.0, "backdoor.relearn_max_shift", shift, "must be in (0, 1]")
         require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")
         gate = self.distill_min_teacher_accuracy
         require(0.0 <= gate <= 1.0, "backdoor.distill_min_teacher_accuracy", gate, "must be in [0, 1]")

@@ -131,8 +131,22 @@ def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: 
         f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
         f"-> {after.clean_accuracy:.3f} (drop {drop:+.3f}, goal <= {ACC_DROP_GOAL}), RA {before.robust_accuracy:.3f} "
         f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; {_errors_sentence(errors)}; "
-        f"layer {(repair or {}).get('feature_layer')}, "
-        f"{bake_sentence((repair or {}).get('bake'))}; figure fine_pruning.png",
+        f"layer {(repair or {}).get('feature_layer')}, {_released_sentence(repair or {})}; figure fine_pruning.png",
+    )
+
+
+def _released_sentence(repair: dict) -> str:
+    """Which model the figures above are of: the repaired one (its mask's bake) or a relearned one."""
+    done = repair.get("relearn")
+    if not done:
+        return bake_sentence(repair.get("bake"))
+    rule = f"largest class shift {max(done['shift']):+.3f} against at most {done['max_shift']}"
+    if done["released"] == "repaired":
+        return f"relearning was refused by its guard ({rule}), so {bake_sentence(repair.get('bake'))}"
+    return (
+        f"released: a fresh model retrained without the {done['cleared_rows']} rows labelled class "
+        f"{done['target']} that the repaired model sends elsewhere, plus the trusted rows ({done['trained_on']} "
+        f"rows; guard: {rule}); no pruning mask"
     )
 
 

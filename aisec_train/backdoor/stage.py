@@ -4,8 +4,9 @@
             factory) -> trusted clean data (own file, or a stratified reserve carved from the training split) ->
             the attack's poisoned view (backdoor/attacks.py: badnets, blended, wanet) over the training split
             (central), or over the first K clients' shards (federated) -> lineage, report
-    defend: metrics before -> detection (both methods) -> [filter + retrain] -> Fine-Pruning -> metrics after
-            -> report section, privacy scope and checklist (backdoor/record.py)
+    defend: metrics before -> detection (both methods) -> [filter + retrain] -> Fine-Pruning -> [relearn: a fresh
+            model without the rows the repair clears, kept if it passes its guard] -> metrics after -> report
+            section, privacy scope and checklist (backdoor/record.py)
 
 ``poison_data(cfg, data, factory)`` is the poison stage without the report, for a process that rebuilds the data
 from the config (a federated SuperNode). Both stages return at once when ``backdoor.attack=none``. Nothing here
@@ -18,7 +19,7 @@ import time
 
 import numpy as np
 
-from aisec_train.backdoor import attacks, badnets, detect, federated_poison, prune, record, trusted
+from aisec_train.backdoor import attacks, badnets, detect, federated_poison, prune, record, relearn, trusted
 from aisec_train.backdoor.config import BackdoorAttack, BackdoorConfig, BackdoorMapping, RepairMethod
 from aisec_train.backdoor.features import detection_features, features_mode
 from aisec_train.backdoor.layers import resolve_feature_layer
@@ -30,7 +31,7 @@ from aisec_train.errors import ConfigError
 from aisec_train.federated.config import FederatedMode
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import train
-from aisec_train.train.objectives import objective_from_config
+from aisec_train.train.objectives import BlendedInputs, CrossEntropy, objective_from_config
 
 
 def _target_of(cfg: BackdoorConfig, num_classes: int) -> badnets.TargetOf:
@@ -227,6 +228,50 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
     return after, details
 
 
+def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics | None:
+    """backdoor/relearn.py after the repair, when it named the target from the training inputs; adds
+    ``repair["relearn"]``. Returns the retrained model's metrics when it is released (``run.model`` is then it)."""
+    cfg, device = run.cfg, run.device
+    bd, distill = cfg.backdoor, repair["finetune"]["distill"]
+    rows = unlabelled_split(run, state)  # the split the repair read: central, no DP (after a filter, its kept rows)
+    if not bd.relearn or rows is None or distill["exclude_rule"] != "lean+excess":
+        repair["relearn"] = None
+        return None
+    started = time.perf_counter()
+    target = distill["excluded_class"]
+    sent, labels = relearn.predictions(run.model, rows, device)
+    clear = relearn.cleared(sent, labels, target)
+    objective = objective_from_config(cfg.robustness)
+    blend = bd.relearn_blend if isinstance(objective, CrossEntropy) else 0.0  # adversarial objectives: as trained
+    if blend > 0:
+        objective = BlendedInputs(objective, blend, cfg.train.seed)
+    view = relearn.training_rows(rows, ~clear, state.trusted)
+    model = train(
+        run.factory(seed=cfg.train.seed),
+        run.data.training_view(view),
+        train_cfg=cfg.train,
+        privacy_cfg=cfg.privacy,  # privacy=none: unlabelled_split is None under DP
+        device=device,
+        objective=objective,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        workers=cfg.dataset.workers,
+        progress=False,
+    ).model
+    shift = relearn.share_shift(relearn.predictions(model, rows, device)[0], sent, run.data.num_classes)
+    released = max(shift) <= bd.relearn_max_shift and relearn.finite(model)
+    done = relearn.Relearned(target, int(clear.sum()), len(view), shift, released, model)
+    metrics = measure(model, *splits, device)
+    repair["relearn"] = done.describe(bd.relearn_max_shift, blend) | {
+        "metrics": metrics.as_dict(),  # evaluation output, whether released or not (the guard never reads it)
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    if not done.released:
+        return None
+    run.model = model
+    return metrics
+
+
 def stage_defend(run) -> None:
     state = run.backdoor
     if state is None:
@@ -245,6 +290,9 @@ def stage_defend(run) -> None:
     repair = None
     if bd.repair is RepairMethod.fine_pruning:
         stages["fine_pruned"], repair = _fine_prune(run, state, splits)
+        relearned = _relearn(run, state, splits, repair)
+        if relearned is not None:
+            stages["relearned"] = relearned
     if ledger is not None and ledger.steps != steps_before:
         raise RuntimeError("the backdoor defence touched the privacy ledger; it must only post-process the DP model")
     record.write(run, state, stages, scores, repair)

@@ -94,6 +94,12 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "excluded_class": bd["fine_pruning"]["finetune"]["distill"].get("excluded_class"),
         "target": bd.get("target"),
         "unlabelled_rows": bd["fine_pruning"]["finetune"]["distill"].get("unlabelled_rows"),
+        # relearning (backdoor/relearn.py): which model was released, and the Fine-Pruned one's figures beside it
+        "released": _released(bd),
+        "fine_pruned_clean": (bd["stages"].get("fine_pruned") or {}).get("clean_accuracy"),
+        "fine_pruned_asr": (bd["stages"].get("fine_pruned") or {}).get("asr"),
+        "relearn_cleared_rows": (bd["fine_pruning"].get("relearn") or {}).get("cleared_rows"),
+        "relearn_max_class_shift": max((bd["fine_pruning"].get("relearn") or {}).get("shift") or [None], key=_num),
         # the target's share of the repaired model's errors on triggered inputs, and its p against chance
         "target_share_after": bd["errors_to_target"]["after"]["share"],
         "asr_from_errors_after": bd["errors_to_target"]["after"]["asr_from_errors"],
@@ -106,6 +112,15 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         ),
         "command": "aisec-train " + " ".join(a for a in args if not a.startswith("hydra.run.dir")),
     }
+
+
+def _released(bd: dict) -> str:
+    """``relearned`` when backdoor/relearn.py's model was released, else ``repaired`` (also when it did not run)."""
+    return ((bd.get("fine_pruning") or {}).get("relearn") or {}).get("released", "repaired")
+
+
+def _num(value) -> float:
+    return float("-inf") if value is None else value
 
 
 CASES = ("digits", "typeset-digits", "typeset-letters")
