@@ -822,7 +822,7 @@ def test_the_unlabelled_inputs_leave_out_what_the_teacher_sends_to_its_leaning_c
         (["privacy=none"], True),
         ([], False),
         (["privacy=none", "federated=fedavg", "backdoor.malicious_clients=2"], False),
-        (["privacy=none", "backdoor.distill_unlabelled_weight=0"], False),
+        (["privacy=none", "backdoor.distill_unlabelled_weight=0", "backdoor.relearn=false"], False),
     ],
     ids=["non-private", "dp", "federated", "switched-off"],
 )
@@ -881,7 +881,9 @@ def test_relearning_retrains_without_the_poisoned_rows_and_releases_that_model(r
     run = relearn_run
     bd = run.report.get("backdoor")
     done, distill = bd["fine_pruning"]["relearn"], bd["fine_pruning"]["finetune"]["distill"]
-    assert distill["exclude_rule"] == "lean+excess" and done["target"] == distill["excluded_class"] == 0
+    named = bd["fine_pruning"]["named_target"]
+    assert distill["exclude_rule"] == "lean+excess" and done["target"] == distill["excluded_class"] == named["class"]
+    assert named["class"] == 0 == int(np.argmax(named["scores"])) and named["excess"] == distill["excess"]
     assert done["blend"] == 0.25 and done["max_shift"] == 0.05 and len(done["shift"]) == 10
     assert done["trained_on"] == len(run.data.train) - done["cleared_rows"] + len(run.backdoor.trusted)
     poisoned = len(run.backdoor.poisoned.indices)
@@ -905,7 +907,7 @@ def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn
     run = relearn_run
     splits = (run.data.test, *badnets.triggered(run.data.test, run.backdoor.trigger, run.backdoor.target_of))
     released = run.model
-    wrong = {"finetune": {"distill": {"exclude_rule": "lean+excess", "excluded_class": 3}}}
+    wrong = {"named_target": {"class": 3, "rule": "lean+excess"}}
     with run.resources:
         assert stage._relearn(run, run.backdoor, splits, wrong) is None
     done = wrong["relearn"]
@@ -914,15 +916,27 @@ def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn
     assert done["metrics"]["asr"] > 0.5  # ... because the retrained model learnt the backdoor again
 
 
+def test_a_full_teacher_still_names_the_target_and_relearns(tmp_path):
+    """A teacher right on the trusted rows is distilled in full (no class left out), but the training inputs still
+    name the target, and relearning runs on it (digits: the repair cost 1-2.5 points, relearning about 0)."""
+    run = poisoned_run(tmp_path, *RELEARN, "backdoor.distill_min_teacher_accuracy=0.0", stages=4)
+    fp = run.report.get("backdoor")["fine_pruning"]
+    assert fp["finetune"]["distill"]["mode"] == "full" and fp["finetune"]["distill"]["excluded_class"] is None
+    assert fp["named_target"]["class"] == 0 == fp["relearn"]["target"] and len(fp["named_target"]["lean"]) == 10
+    assert fp["relearn"]["released"] == "relearned"
+
+
 @pytest.mark.parametrize(
-    "extra, why",
-    [(["backdoor.relearn=false"], "switched off"), (["backdoor.distill_min_teacher_accuracy=0.0"], "a full teacher")],
+    "extra",
+    [["backdoor.relearn=false"], ["privacy=dpsgd"]],
+    ids=["switched-off", "dp"],
 )
-def test_relearning_runs_only_when_asked_and_the_target_was_named_from_the_training_inputs(tmp_path, extra, why):
+def test_relearning_runs_only_when_asked_and_where_the_training_split_may_be_read(tmp_path, extra):
     run = poisoned_run(tmp_path, *RELEARN, *extra, stages=4)
     bd = run.report.get("backdoor")
-    assert bd["fine_pruning"]["relearn"] is None, why
+    assert bd["fine_pruning"]["relearn"] is None
     assert list(bd["stages"]) == ["trained", "fine_pruned"]
+    assert (bd["fine_pruning"]["named_target"] is None) is (extra == ["privacy=dpsgd"])  # DP: split never read
 
 
 def test_hook_fine_pruning_on_a_model_without_features_out(backdoored_plain):

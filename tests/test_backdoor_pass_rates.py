@@ -52,3 +52,17 @@ def test_a_seed_in_two_files_is_refused(tmp_path):
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and "digits/badnets/none seed 0 is in two files" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "o.json").exists()
+
+
+def test_a_later_file_supersedes_the_cells_it_re_ran_only_when_asked(tmp_path):
+    first = _matrix(tmp_path / "a.json", [_row("natural/wanet/none", 0, 0.011, 0.0275), _row("digits/badnets/none", 0,
+                                                                                            0.0, 0.01)])  # fmt: skip
+    rerun = _matrix(tmp_path / "b.json", [_row("natural/wanet/none", 0, 0.0, -0.005)])  # the same cell after a change
+    out = tmp_path / "rates.json"
+    subprocess.run([sys.executable, str(SCRIPT), str(first), str(rerun), "--supersede", "--out", str(out)],
+                   capture_output=True, text=True, check=True)  # fmt: skip
+    result = json.loads(out.read_text())
+    wanet = result["cells"]["natural/wanet/none"]
+    assert wanet["seeds"] == [0] and wanet["both_ok"]["passed"] == 1 and wanet["clean_drop.worst"] == -0.005
+    assert result["cells"]["digits/badnets/none"]["seeds"] == [0]  # the cell the later file did not re-run stays
+    assert result["superseded"] == [{"case": "natural/wanet/none", "seed": 0, "by": str(rerun)}]

@@ -113,7 +113,7 @@ class BackdoorConfig:
     # noise, and a federated server holds no training data; there the trusted rows alone are read (the report's
     # distill.unlabelled_rows is 0). 0: never.
     distill_unlabelled_weight: float = 1.0
-    # Once the repair has named the target from the training inputs (distill.exclude_rule lean+excess: central runs
+    # Once the repair has named the target from the training inputs (fine_pruning.named_target: central runs
     # without DP), a fresh model is trained without the rows labelled the target that the repaired model sends
     # elsewhere (the poisoned ones), plus the trusted rows, half its rows blended with fresh noise up to
     # relearn_blend; it is released only if it sends no class more of the training inputs than the repaired model

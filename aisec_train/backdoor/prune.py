@@ -69,6 +69,9 @@ class Pruned:
     distilled: bool = False  # whether fine-tuning distilled from the pre-repair model (:func:`teacher_for`)
     distill: dict = field(default_factory=dict)  # how: mode, the held-out comparison, the class left out
     head_check: dict | None = None  # FST against the whole-head re-initialisation on held-out trusted rows
+    # The backdoor's target as the training inputs name it (:func:`suspected_target`; only when they are read):
+    # {class, rule, lean, excess, scores}. A guarded teacher leaves this class out; relearning clears its rows.
+    named_target: dict | None = None
 
     @property
     def pruned_fraction(self) -> float:
@@ -364,8 +367,10 @@ def fine_prune(
     data: the pipeline passes its augmented view), bake it into the released model.
 
     ``unlabelled``: inputs whose labels are not read (the pipeline passes the training split of a central run
-    without DP, unless ``backdoor.distill_unlabelled_weight`` is 0). A guarded teacher is distilled on them as
-    well, its leaning class left out (:func:`unlabelled_inputs`); at most :data:`UNLABELLED_SAMPLES` seeded rows."""
+    without DP). They name the backdoor's target with the model's lean (:func:`suspected_target`,
+    ``pruned.named_target``, which relearning reads: backdoor/relearn.py), and a guarded teacher is distilled on
+    them as well (unless ``backdoor.distill_unlabelled_weight`` is 0), that class left out
+    (:func:`unlabelled_inputs`); at most :data:`UNLABELLED_SAMPLES` seeded rows."""
     pruned = prune(model, path, trusted, device, max_drop=cfg.prune_acc_drop, evaluate=evaluate, backend=backend,
                    seed=seed)  # fmt: skip
     view = finetune_view if finetune_view is not None else trusted
@@ -393,12 +398,16 @@ def fine_prune(
     teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out if comparable else None)
     pruned.distilled = teacher is not None
     inputs, dropped = None, 0
-    if teacher is not None and teacher.mode == "guarded" and unlabelled is not None and cfg.distill_unlabelled_weight:
+    if unlabelled is not None:  # name the target from the training inputs (the model is still the trained one)
         sample = _bounded(unlabelled, seed, UNLABELLED_SAMPLES)
-        teacher.excess = over_predicted(teacher.model, materialize(sample)[0], trusted, device)
-        teacher.exclude, teacher.scores = suspected_target(teacher.lean, teacher.excess)
-        teacher.rule = "lean+excess"
-        inputs, dropped = unlabelled_inputs(teacher, sample, device)
+        lean = teacher.lean if teacher is not None and teacher.lean else leaning_class(model, trusted, device)[1]
+        excess = over_predicted(model, materialize(sample)[0], trusted, device)
+        target, scores = suspected_target(lean, excess)
+        pruned.named_target = {"class": target, "rule": "lean+excess", "lean": lean, "excess": excess,
+                               "scores": scores}  # fmt: skip
+        if teacher is not None and teacher.mode == "guarded" and cfg.distill_unlabelled_weight:
+            teacher.excess, teacher.exclude, teacher.scores, teacher.rule = excess, target, scores, "lean+excess"
+            inputs, dropped = unlabelled_inputs(teacher, sample, device)
     pruned.distill = {
         "mode": "off" if teacher is None else teacher.mode,
         "held_out_teacher_accuracy": held.get("teacher"),

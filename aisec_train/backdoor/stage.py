@@ -157,12 +157,14 @@ def _filter_and_retrain(run, state: BackdoorState, splits) -> BackdoorMetrics:
 
 
 def unlabelled_split(run, state: BackdoorState):
-    """The training split, for the repair's guarded distillation: only where reading it without noise breaks no
-    claim (no DP) and the process holds it (central: a federated server does not). After ``backdoor.filter``, the
-    rows it kept: the flagged ones are the suspected poison."""
+    """The training split, for the repair's guarded distillation and relearning (naming the target from its
+    inputs, then retraining on its rows): only where reading it without noise breaks no claim (no DP) and the process
+    holds it (central: a federated server does not), and one of the two is on. After ``backdoor.filter``, the rows
+    it kept: the flagged ones are the suspected poison."""
     cfg = run.cfg
     private = cfg.privacy.mode is not PrivacyMode.none
-    if private or cfg.federated.mode is not FederatedMode.none or not cfg.backdoor.distill_unlabelled_weight:
+    wanted = cfg.backdoor.distill_unlabelled_weight or cfg.backdoor.relearn
+    if private or cfg.federated.mode is not FederatedMode.none or not wanted:
         return None
     return subset(run.data.train, _kept_rows(run, state)) if cfg.backdoor.filter else run.data.train
 
@@ -220,6 +222,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
                 "unlabelled_weight": bd.distill_unlabelled_weight,
             },
         },
+        "named_target": pruned.named_target,  # from the training inputs (central, no DP): relearning's class
         "bake": pruned.baked.describe() if pruned.baked else None,
         "curve": pruned.curve,
         "plot": "fine_pruning.png",
@@ -229,16 +232,17 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
 
 
 def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics | None:
-    """backdoor/relearn.py after the repair, when it named the target from the training inputs; adds
+    """backdoor/relearn.py after the repair, when it named the target from the training inputs (``named_target``:
+    central runs without DP, whatever the teacher); adds
     ``repair["relearn"]``. Returns the retrained model's metrics when it is released (``run.model`` is then it)."""
     cfg, device = run.cfg, run.device
-    bd, distill = cfg.backdoor, repair["finetune"]["distill"]
+    bd, named = cfg.backdoor, repair["named_target"]
     rows = unlabelled_split(run, state)  # the split the repair read: central, no DP (after a filter, its kept rows)
-    if not bd.relearn or rows is None or distill["exclude_rule"] != "lean+excess":
+    if not bd.relearn or rows is None or named is None:
         repair["relearn"] = None
         return None
     started = time.perf_counter()
-    target = distill["excluded_class"]
+    target = named["class"]
     sent, labels = relearn.predictions(run.model, rows, device)
     clear = relearn.cleared(sent, labels, target)
     objective = objective_from_config(cfg.robustness)

@@ -3,7 +3,9 @@
 Three seeds per cell (the matrix's default) cannot tell a cell that passes 1 time in 3 from one that passes 9 times
 in 10, so the table pools every seed the given matrix files hold (``backdoor_matrix.py --seeds 3 4 5 6 7 8`` beside
 the default seeds 0-2) and gives each rate a 95% Clopper-Pearson interval (scipy's ``binomtest``). A row counted
-twice (the same case and seed in two files) is refused: pooled files must hold different seeds.
+twice (the same case and seed in two files) is refused: pooled files must hold different seeds, unless
+``--supersede`` says that a later file re-ran those cells (after a code change that moved only them): then its row
+replaces the earlier one, and the JSON lists every replaced case and seed under ``superseded``.
 
     python scripts/figures/backdoor_pass_rates.py benchmarks/results/cpu/backdoor_matrix.json \\
         benchmarks/results/cpu/backdoor_matrix_seeds3to8.json --out benchmarks/results/cpu/backdoor_pass_rates.json
@@ -66,13 +68,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrices", nargs="+", type=Path, help="backdoor_matrix.py outputs, with different seeds")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--supersede", action="store_true",
+                        help="a case and seed in a later file replaces the same one in earlier files")  # fmt: skip
     args = parser.parse_args()
     for path in args.matrices:
         if not path.is_file():
             parser.error(f"{path} is not a file: give backdoor_matrix.py outputs")
-    rows = [r for path in args.matrices for r in json.loads(path.read_text())["rows"] if "failed" not in r]
+    rows, superseded = [], []
+    for path in args.matrices:
+        for row in json.loads(path.read_text())["rows"]:
+            if "failed" in row:
+                continue
+            earlier = [r for r in rows if (r["case"], r["seed"]) == (row["case"], row["seed"])]
+            if args.supersede and earlier:
+                rows = [r for r in rows if r not in earlier]
+                superseded.append({"case": row["case"], "seed": row["seed"], "by": str(path)})
+            rows.append(row)
     result = {"benchmark": "backdoor_pass_rates", "goals": GOALS, "inputs": [str(p) for p in args.matrices],
-              "cells": pass_rates(rows)}  # fmt: skip
+              "superseded": superseded, "cells": pass_rates(rows)}  # fmt: skip
     total = [c["both_ok"] for c in result["cells"].values()]
     result["both_ok"] = _rate(sum(t["passed"] for t in total), sum(t["runs"] for t in total))
     if args.out:
