@@ -911,19 +911,22 @@ def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn
     with run.resources:
         assert stage._relearn(run, run.backdoor, splits, wrong) is None
     done = wrong["relearn"]
-    assert done["target"] == 3 and done["released"] == "repaired" and run.model is released
+    assert done["retrained"] is True and done["target"] == 3 and done["released"] == "repaired"
+    assert run.model is released
     assert done["shift"][0] == max(done["shift"]) > 0.05  # the trigger's rows went back to class 0 ...
     assert done["metrics"]["asr"] > 0.5  # ... because the retrained model learnt the backdoor again
 
 
-def test_a_full_teacher_still_names_the_target_and_relearns(tmp_path):
-    """A teacher right on the trusted rows is distilled in full (no class left out), but the training inputs still
-    name the target, and relearning runs on it (digits: the repair cost 1-2.5 points, relearning about 0)."""
-    run = poisoned_run(tmp_path, *RELEARN, "backdoor.distill_min_teacher_accuracy=0.0", stages=4)
-    fp = run.report.get("backdoor")["fine_pruning"]
-    assert fp["finetune"]["distill"]["mode"] == "full" and fp["finetune"]["distill"]["excluded_class"] is None
-    assert fp["named_target"]["class"] == 0 == fp["relearn"]["target"] and len(fp["named_target"]["lean"]) == 10
-    assert fp["relearn"]["released"] == "relearned"
+def test_poison_spread_over_every_label_is_not_relearnt(tmp_path):
+    """All-to-all poison (every label gets poisoned rows) is not in one class: clearing the named class would leave
+    the rest in, and the retrained model learnt the trigger again (digits: ASR 0.80 against the repair's 0.01)."""
+    run = poisoned_run(tmp_path, *RELEARN, "backdoor.mapping=all_to_all", stages=4)
+    bd = run.report.get("backdoor")
+    done = bd["fine_pruning"]["relearn"]
+    assert done["retrained"] is False and done["released"] == "repaired" and "all_to_all" in done["reason"]
+    assert list(bd["stages"]) == ["trained", "fine_pruned"] and bd["asr_after"] == bd["stages"]["fine_pruned"]["asr"]
+    evidence = next(c["evidence"] for c in run.report.checklist if c["item"].startswith("pruning against poisoning"))
+    assert "no relearning (backdoor.mapping=all_to_all: relearning clears one class's rows" in evidence
 
 
 @pytest.mark.parametrize(

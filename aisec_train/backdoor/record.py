@@ -140,6 +140,8 @@ def _released_sentence(repair: dict) -> str:
     done = repair.get("relearn")
     if not done:
         return bake_sentence(repair.get("bake"))
+    if not done["retrained"]:
+        return f"no relearning ({done['reason']}), so {bake_sentence(repair.get('bake'))}"
     rule = f"largest class shift {max(done['shift']):+.3f} against at most {done['max_shift']}"
     if done["released"] == "repaired":
         return f"relearning was refused by its guard ({rule}), so {bake_sentence(repair.get('bake'))}"

@@ -7,6 +7,11 @@ target's own recall, the class the guarded teacher leaves out). But once the rep
 training inputs (``distill.exclude_rule == "lean+excess"``: a central run without DP, so the training split and its
 labels are in the process) and the repaired model no longer follows the trigger, the labels say which rows to drop:
 
+0. **only for an all-to-one mapping**: the rule clears one class, the one every poisoned row is relabelled to. With
+   ``backdoor.mapping=all_to_all`` the poison is spread over every label, and on digits the retrained model learnt
+   the trigger again (ASR 0.80 against the repair's 0.01) while no class gained a share of the inputs for the guard
+   below to see; nothing is relearnt there (the mapping is the red team's setting: a defender who cannot assume an
+   all-to-one backdoor should set ``backdoor.relearn=false``);
 1. **clear**: every row labelled the named target that the repaired model does not send there. All-to-one poison
    relabels every poisoned row to the target, and a repaired model sends a triggered input to its true class; the
    clean target rows it gets wrong go too (on the natural set 118-120 of 120 poisoned rows and 40-50 clean ones);

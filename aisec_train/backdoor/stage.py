@@ -241,6 +241,11 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
     if not bd.relearn or rows is None or named is None:
         repair["relearn"] = None
         return None
+    if bd.mapping is not BackdoorMapping.all_to_one:  # poison under every label: clearing one class leaves it in
+        repair["relearn"] = {"target": named["class"], "released": "repaired", "retrained": False,
+                             "reason": f"backdoor.mapping={bd.mapping.value}: relearning clears one class's rows and "
+                                       "needs an all-to-one backdoor"}  # fmt: skip
+        return None
     started = time.perf_counter()
     target = named["class"]
     sent, labels = relearn.predictions(run.model, rows, device)
@@ -267,6 +272,7 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
     done = relearn.Relearned(target, int(clear.sum()), len(view), shift, released, model)
     metrics = measure(model, *splits, device)
     repair["relearn"] = done.describe(bd.relearn_max_shift, blend) | {
+        "retrained": True,
         "metrics": metrics.as_dict(),  # evaluation output, whether released or not (the guard never reads it)
         "seconds": round(time.perf_counter() - started, 3),
     }
