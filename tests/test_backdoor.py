@@ -917,6 +917,17 @@ def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn
     assert done["metrics"]["asr"] > 0.5  # ... because the retrained model learnt the backdoor again
 
 
+def test_relearning_reads_a_trusted_file_beside_the_training_rows(tmp_path):
+    """A trusted file's rows (tensor labels) and the training split's rows (int labels) train together."""
+    digits = load_dataset(DatasetConfig(), seed=0)
+    x, y = materialize(digits.test, limit=100)
+    clean = tmp_path / "clean.npz"
+    np.savez(clean, x=(x[:, 0].numpy() * 255).round().astype(np.uint8), y=y.numpy())
+    run = poisoned_run(tmp_path, *RELEARN, f"backdoor.trusted_path={clean}", stages=4)
+    done = run.report.get("backdoor")["fine_pruning"]["relearn"]
+    assert done["retrained"] is True and done["trained_on"] == len(run.data.train) - done["cleared_rows"] + 100
+
+
 def test_poison_spread_over_every_label_is_not_relearnt(tmp_path):
     """All-to-all poison (every label gets poisoned rows) is not in one class: clearing the named class would leave
     the rest in, and the retrained model learnt the trigger again (digits: ASR 0.80 against the repair's 0.01)."""

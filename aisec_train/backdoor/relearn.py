@@ -91,8 +91,23 @@ def finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point())
 
 
+class IntLabelled(Dataset):
+    """``base`` with every label an ``int``: the training split's rows and the trusted rows (a file's ``Sample``
+    holds tensor labels) must collate into one batch."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        x, y = self.base[index]
+        return x, int(y)
+
+
 def training_rows(rows: Dataset, keep: np.ndarray, trusted: Dataset) -> Dataset:
     """The rows a relearned model trains on: ``rows`` where ``keep``, then the trusted rows."""
     from aisec_train.data.views import subset
 
-    return ConcatDataset([subset(rows, np.flatnonzero(keep)), trusted])
+    return ConcatDataset([IntLabelled(subset(rows, np.flatnonzero(keep))), IntLabelled(trusted)])
