@@ -78,15 +78,15 @@ def main() -> None:
                                   finetune_view=run.data.training_view(state.trusted),
                                   unlabelled=backdoor_stage.unlabelled_split(run, state))  # fmt: skip
         row["repaired"] = _pair(measure(repaired, *splits, device))
-        distill = pruned.distill
-        row |= {"exclude_rule": distill["exclude_rule"], "named": distill["excluded_class"]}
-        repair = {"finetune": {"distill": distill}}
+        named = pruned.named_target
+        row |= {"exclude_rule": pruned.distill["exclude_rule"], "named": named and named["class"]}
+        repair = {"named_target": named}
 
-        def relearned(name: str, bd, named=None) -> None:
+        def relearned(name: str, bd, other=None) -> None:
             run.model, run.cfg = repaired, dataclasses.replace(cfg, backdoor=bd)
             rep = copy.deepcopy(repair)
-            if named is not None:
-                rep["finetune"]["distill"]["excluded_class"] = named
+            if other is not None:  # name another class than the repair did
+                rep["named_target"]["class"] = other
             started = time.perf_counter()
             backdoor_stage._relearn(run, state, splits, rep)
             done = rep["relearn"]
@@ -100,11 +100,11 @@ def main() -> None:
         for name, blend in BLENDS.items():
             bd = cfg.backdoor if blend is None else dataclasses.replace(cfg.backdoor, relearn_blend=blend)
             relearned(name, bd)
-        if distill["excluded_class"] is not None:
-            relearned("wrong_target", cfg.backdoor, (distill["excluded_class"] + 1) % run.data.num_classes)
+        if named is not None:
+            relearned("wrong_target", cfg.backdoor, (named["class"] + 1) % run.data.num_classes)
             rows = backdoor_stage.unlabelled_split(run, state)
             sent, labels = relearn.predictions(repaired, rows, device)
-            clear = relearn.cleared(sent, labels, distill["excluded_class"])
+            clear = relearn.cleared(sent, labels, named["class"])
             poisoned = np.zeros(len(rows), bool)
             poisoned[state.poisoned.indices] = True  # the red team's indices: this study's oracle, never the package's
             row["cleared_poisoned"] = int((clear & poisoned).sum())
