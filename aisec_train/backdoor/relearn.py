@@ -4,8 +4,8 @@ not learn the backdoor again (docs/backdoor.md, "Relearning without the cleared 
 Fine-Pruning's fine-tuning re-teaches from 300 trusted rows and the guarded teacher's soft labels, and on the
 natural set its models ended at 0.73-0.79 clean accuracy whatever the trained model had (most of the loss in the
 target's own recall, the class the guarded teacher leaves out). But once the repair has named the target from the
-training inputs (``distill.exclude_rule == "lean+excess"``: a central run without DP, so the training split and its
-labels are in the process) and the repaired model no longer follows the trigger, the labels say which rows to drop:
+training inputs (``fine_pruning.named_target``: a central run without DP, so the training split and its labels are
+in the process) and the repaired model no longer follows the trigger, the labels say which rows to drop:
 
 0. **only for an all-to-one mapping**: the rule clears one class, the one every poisoned row is relabelled to. With
    ``backdoor.mapping=all_to_all`` the poison is spread over every label, and on digits the retrained model learnt
@@ -21,8 +21,9 @@ labels are in the process) and the repaired model no longer follows the trigger,
    never saw a poisoned row still sent 9-17% of noise-blended natural images to one class);
 3. **guard**: it is released only if it sends no class more of the training inputs than the repaired model does,
    by more than ``backdoor.relearn_max_shift``. A retrain that kept the poison (a wrong target named) learns the
-   trigger again and sends those rows back to the target: +0.10 to +0.11 of the inputs at ``backdoor.rate=0.1``,
-   where correct clearings moved no class by more than 0.023; and only if its weights are finite. Otherwise the
+   trigger again and sends those rows back to the target: +0.07 to +0.11 of the inputs at ``backdoor.rate=0.1``,
+   where the 71 correct clearings of the matrices moved no class by more than 0.036; and only if its weights are
+   finite. Otherwise the
    repaired model stays the released one.
 """
 
