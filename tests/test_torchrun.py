@@ -103,6 +103,14 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out] + [c for p in out for c in children(int(p))]
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line; "" once it has exited (pgrep listed it, it ended before we read /proc)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 @pytest.mark.slow
 def test_elastic_restart_after_a_killed_worker_charges_no_step_twice(tmp_path):
     run_dir = tmp_path / "run"
@@ -117,7 +125,7 @@ def test_elastic_restart_after_a_killed_worker_charges_no_step_twice(tmp_path):
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    workers = [p for p in children(job.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    workers = [p for p in children(job.pid) if "spawn" in cmdline(p)]
     assert workers, "no worker process found to kill"
     os.kill(workers[-1], signal.SIGKILL)  # after the first checkpoint, mid-training
     job.wait(timeout=600)
@@ -157,7 +165,7 @@ def test_a_rank_killed_while_it_starts_up_is_restarted_not_hung(tmp_path):
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     deadline, workers = time.monotonic() + 300, []
     while not workers and job.poll() is None and time.monotonic() < deadline:
-        workers = [p for p in children(job.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+        workers = [p for p in children(job.pid) if "spawn" in cmdline(p)]
         time.sleep(0.05)
     assert workers, "no worker process appeared"
     os.kill(workers[0], signal.SIGKILL)  # the first rank, the moment it exists: still importing, payload unread
