@@ -128,8 +128,10 @@ def keyed(tmp_path, monkeypatch) -> Path:
 # ---- CPU seconds per test, beside pytest's wall-clock --durations ---------------------------------------------
 # On a shared machine a test's wall time mostly measures the others' load; the CPU seconds it and the processes it
 # waited for (CLI runs, torchrun, Flower) used do not, so they say what CI's two cores will need. Processes nobody
-# waited for (a Ray worker orphaned at shutdown) are not counted. Shown with --durations.
+# waited for (a Ray worker orphaned at shutdown) are not counted. Shown with --durations. Measured in the process
+# that runs the test and carried on its tear-down report, so it also reaches the summary from pytest-xdist workers.
 _CPU_SECONDS: dict[str, float] = {}
+_CPU_STARTED: dict[str, float] = {}
 
 
 def _cpu_seconds() -> float:
@@ -139,9 +141,22 @@ def _cpu_seconds() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    start = _cpu_seconds()
+    _CPU_STARTED[item.nodeid] = _cpu_seconds()
     yield
-    _CPU_SECONDS[item.nodeid] = _cpu_seconds() - start  # set-up (fixtures), call and tear-down
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "teardown" and item.nodeid in _CPU_STARTED:  # set-up (fixtures), call and tear-down
+        spent = _cpu_seconds() - _CPU_STARTED.pop(item.nodeid)
+        outcome.get_result().user_properties.append(("cpu_seconds", spent))
+
+
+def pytest_runtest_logreport(report):
+    for name, value in report.user_properties if report.when == "teardown" else ():
+        if name == "cpu_seconds":
+            _CPU_SECONDS[report.nodeid] = value
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
