@@ -23,8 +23,7 @@ in the process) and the repaired model no longer follows the trigger, the labels
    by more than ``backdoor.relearn_max_shift``. A retrain that kept the poison (a wrong target named) learns the
    trigger again and sends those rows back to the target: +0.07 to +0.11 of the inputs at ``backdoor.rate=0.1``,
    where the 71 correct clearings of the matrices moved no class by more than 0.036; and only if its weights are
-   finite. Otherwise the
-   repaired model stays the released one.
+   finite. Otherwise the repaired model stays the released one.
 """
 
 from __future__ import annotations
