@@ -16,6 +16,7 @@ Each cell runs in its own process with its own ledger and key store (a DP run ch
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -34,13 +35,27 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGS = str(REPO / "configs")
 
 
-def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
-    """Train the never-poisoned twin of one matrix cell and measure its trigger rate before and after repair."""
+# ``--variants``: repair changes (BackdoorConfig fields) each applied to a copy of the same trained twin, to see
+# whether one part of the repair adds the trigger's pull (docs/backdoor.md, "The ASR of a model with no backdoor").
+VARIANTS = {
+    "no_blend": {"repair_blend": 0.0},
+    "reinit": {"finetune_head": "reinit"},
+    "keep": {"finetune_head": "keep"},
+    "body0.02": {"finetune_body_lr": 0.02},
+    "ep20": {"finetune_epochs": 20},
+    "no_shift": {"shift_weight": 0.0},
+}
+
+
+def twin(attack: str, seed: int, overrides: list[str], work: Path, variants: tuple[str, ...] = ()) -> dict:
+    """Train the never-poisoned twin of one matrix cell and measure its trigger rate before and after repair
+    (and after each of ``variants``' repairs, each on a copy of the trained twin)."""
     from hydra import compose, initialize_config_dir
 
     from aisec_train import pipeline
     from aisec_train.backdoor import badnets, prune
     from aisec_train.backdoor import stage as backdoor_stage
+    from aisec_train.backdoor.config import FinetuneHead
     from aisec_train.backdoor.metrics import errors_to_target, measure
     from aisec_train.config import register_configs, to_config
 
@@ -72,6 +87,17 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
                     "share": errors["share"], "p": errors["p_value"]}  # fmt: skip
 
         before = rates()
+        trained, others = copy.deepcopy(run.model), {}
+        for name in variants:
+            change = {k: FinetuneHead(v) if k == "finetune_head" else v for k, v in VARIANTS[name].items()}
+            run.model = copy.deepcopy(trained)
+            prune.fine_prune(
+                run.model, state.layer.path, state.trusted, run.device, dataclasses.replace(cfg.backdoor, **change),
+                seed=seed, finetune_view=run.data.training_view(state.trusted),
+                unlabelled=backdoor_stage.unlabelled_split(run, state),
+            )  # fmt: skip
+            others[name] = rates()
+        run.model = trained
         pruned = prune.fine_prune(
             run.model, state.layer.path, state.trusted, run.device, cfg.backdoor, seed=seed,
             finetune_view=run.data.training_view(state.trusted),
@@ -83,6 +109,7 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path) -> dict:
         "clean_after": after["clean"], "asr_floor_after": after["asr"],
         "ra_after": after["ra"], "target_share_after": after["share"], "target_share_p_after": after["p"],
         "distill_mode": pruned.distill.get("mode"), "epsilon": run.report.get("privacy.epsilon"),
+        **({"variants": others} if others else {}),
     }  # fmt: skip
 
 
@@ -92,6 +119,7 @@ def main() -> None:
     parser.add_argument("--attack", nargs="+", default=["badnets", "blended", "wanet"])
     parser.add_argument("--privacy", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=[])
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_floor.jsonl")
     parser.add_argument("--cell", nargs=3, metavar=("ATTACK", "SEED", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
@@ -99,7 +127,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-floor-"))
     if args.cell:  # the child: one cell, its result as the last line of stdout
         attack, seed, overrides = args.cell[0], int(args.cell[1]), json.loads(args.cell[2])
-        print(json.dumps(twin(attack, seed, overrides, work)))
+        print(json.dumps(twin(attack, seed, overrides, work, tuple(args.variants))))
         return
     work.mkdir(parents=True, exist_ok=True)
     for name in args.sets:
@@ -114,7 +142,7 @@ def main() -> None:
                     overrides = [*data, *PRIVACY[privacy]]
                     done = subprocess.run(
                         [sys.executable, __file__, "--work", str(cell / "run"), "--cell", attack, str(seed),
-                         json.dumps(overrides)],
+                         json.dumps(overrides), *(["--variants", *args.variants] if args.variants else [])],
                         cwd=cell, env=env, capture_output=True, text=True,
                     )  # fmt: skip
                     row = {"case": f"{name}/{attack}/{privacy}", "seed": seed}

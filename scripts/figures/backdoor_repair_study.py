@@ -36,6 +36,7 @@ from aisec_train import pipeline
 from aisec_train.backdoor import badnets, prune, retune
 from aisec_train.backdoor import stage as backdoor_stage
 from aisec_train.backdoor.config import FinetuneHead, WeakTeacher
+from aisec_train.backdoor.layers import network
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
@@ -190,6 +191,18 @@ VARIANTS = {
         "fst_a0.1_ep60": {"fst": 0.1, "finetune_epochs": 60},
         "ep60": {"finetune_epochs": 60},
     },
+    "depth": {  # how much of a (DP) model to re-initialise: ``reset`` names SmallCNN modules re-initialised with the
+        # head and trained at the full lr; ``trusted_only`` resets every layer and distils from nothing: a model
+        # that never read the training split, poisoned or not (its ASR is the trigger's pull on the trusted rows)
+        "default": {},
+        "last_block": {"reset": ["conv2", "norm2"]},
+        "last_block_reinit": {"reset": ["conv2", "norm2"], "finetune_head": FinetuneHead.reinit},
+        "trusted_only": {
+            "reset": ["conv1", "norm1", "conv2", "norm2"],
+            "finetune_head": FinetuneHead.reinit,
+            "distill_weight": 0.0,
+        },  # fmt: skip
+    },
 }
 TRUSTED = {}  # set in main: the trusted data and device, for MaskedDistillation's target estimate
 
@@ -278,6 +291,23 @@ def _train_with(unlearn, fst=None):
 
 
 HEAD_MODULES = retune.head_modules
+REINIT_HEAD = retune.reinit_head
+
+
+def _reinit_also(names: list[str]):
+    """``retune.reinit_head`` that also re-initialises the modules ``names`` (seeded) and returns them with the
+    head, so they train at the full lr (the ``depth`` variants)."""
+
+    def reinit(model, path, probe, seed, only=None):
+        head = REINIT_HEAD(model, path, probe, seed, only=only)
+        modules = dict(network(model).named_modules())
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed + 1)
+            for name in names:
+                modules[name].reset_parameters()
+        return [*head, *(n for n in names if n not in head)]
+
+    return reinit if names else REINIT_HEAD
 
 
 def _head(last_only: bool):
@@ -377,6 +407,7 @@ def main() -> None:
             original = classifier(run.model).weight.detach().clone()
             prune.train = _train_with(change.pop("unlearn", None), None if fst is None else (fst, original))
             retune.head_modules = _head(fst is not None)
+            retune.reinit_head = _reinit_also(change.pop("reset", []))
             model, started = copy.deepcopy(run.model), time.process_time()
             bd = dataclasses.replace(cfg.backdoor, **change)
             view = run.data.training_view(state.trusted)
@@ -395,7 +426,7 @@ def main() -> None:
                          "suspected": TRUSTED["last"], "target": cfg.backdoor.target, "stats": TRUSTED["stats"],
                          "cpu_s": round(time.process_time() - started, 1)})  # fmt: skip
             print(name, rows[-1], flush=True)
-        prune.Distillation, retune.head_modules = Distillation, HEAD_MODULES
+        prune.Distillation, retune.head_modules, retune.reinit_head = Distillation, HEAD_MODULES, REINIT_HEAD
     if args.out:
         case = {"attack": args.attack, "seed": args.seed, "overrides": args.overrides}
         with args.out.open("a") as f:
