@@ -532,6 +532,27 @@ def test_channel_ranking_runs_the_kernel_dispatch_and_equals_the_reference(backd
     model.to(CPU)
 
 
+def test_erased_boxes_are_used_only_for_a_model_the_repair_does_not_learn_from(backdoored):
+    """``backdoor.repair_erase``: boxes follow the teacher gate's measures. The trained SmallCNN is a teacher (right
+    on the trusted rows, or beating fine-tuning alone on held-out ones): no boxes. An untrained model is not: any
+    fine-tuning beats it, and it gets them."""
+    cfg, rows = BackdoorConfig(finetune_epochs=8), backdoored["trusted"]
+    assert BackdoorConfig().repair_erase == 1.0  # on by default, behind the check
+    strong = prune.fine_prune(copy.deepcopy(backdoored["model"]), "features_out", rows, CPU, cfg)
+    check = strong.erase_check
+    assert check["used"] is False and strong.distilled, check
+    assert check["trusted_accuracy"] >= 0.95 or check["teacher"] - check["student"] >= 0.02, check
+    untrained = ModelFactory({"_target_": "aisec_train.models.SmallCNN"}, (1, 8, 8), 10)(seed=1)
+    weak = prune.fine_prune(untrained, "features_out", rows, CPU, cfg)
+    assert weak.erase_check["used"] is True and not weak.distilled, weak.erase_check
+    assert weak.erase_check["student"] > weak.erase_check["teacher"] + 0.02
+    off = prune.fine_prune(copy.deepcopy(untrained), "features_out", rows, CPU,
+                           dataclasses.replace(cfg, repair_erase=0.0))  # fmt: skip
+    assert off.erase_check is None
+    few = subset(rows, range(prune.MIN_HELD_OUT - 1))  # too few rows to measure on: no boxes
+    assert prune.fine_prune(copy.deepcopy(untrained), "features_out", few, CPU, cfg).erase_check["used"] is False
+
+
 def test_fine_pruning_removes_the_backdoor_and_bakes_the_mask(backdoored):
     model = copy.deepcopy(backdoored["model"])
     splits = (backdoored["test"], backdoored["attack"], backdoored["truth"])
@@ -977,7 +998,9 @@ def test_the_repair_falls_back_to_the_whole_head_when_feature_shift_would_cost_t
     before = measure(model, *splits, CPU)
     results = {}
     for label, cfg in {"checked": BackdoorConfig(), "unchecked": BackdoorConfig(shift_max_cost=1.0),
-                       "alpha_0.05": BackdoorConfig(shift_weight=0.05)}.items():  # fmt: skip
+                       # boxes off: with them this gentler FST costs the model 4 points (0.839 -> 0.803;
+                       # docs/backdoor.md, "Erased boxes in the repair"); the defaults gain 6 (0.844 -> 0.906)
+                       "alpha_0.05": BackdoorConfig(shift_weight=0.05, repair_erase=0.0)}.items():  # fmt: skip
         repaired = copy.deepcopy(model)
         pruned = prune.fine_prune(repaired, path, backdoored_plain["trusted"], CPU, cfg)
         results[label] = (pruned, measure(repaired, *splits, CPU))
@@ -1101,6 +1124,9 @@ def test_cli_backdoor_preset_writes_the_contract(cli_run):
     assert distill["weak_teacher"] == "guarded" and distill["min_advantage"] == 0.02
     finetune = bd["fine_pruning"]["finetune"]
     assert finetune["blend"] == 0.15  # backdoor.repair_blend's default (docs/backdoor.md, "Blended inputs")
+    erase = finetune["erase_check"]  # boxes (backdoor.repair_erase, default 1.0) only if they cost nothing held out
+    assert finetune["erase"] == 1.0 and set(erase) == {"trusted_accuracy", "teacher", "student", "used"}
+    assert erase["used"] is (erase["teacher"] is not None and erase["teacher"] - erase["student"] < 0.02)
     check = finetune["head_check"]  # FST against the whole-head re-initialisation, on held-out trusted rows
     assert set(check) == {"shift", "reinit", "max_cost", "chosen"} and check["chosen"] == finetune["head"]
     if finetune["head"] == "shift":

@@ -90,6 +90,10 @@ class BackdoorConfig:
     # U(0, repair_blend); labels and teacher read them clean (train/objectives.py, BlendedInputs). 0: off. Why 0.15,
     # and what it did to the 36-run matrix: docs/backdoor.md, "Blended inputs in the repair".
     repair_blend: float = 0.15
+    # The fine-tuned model reads each row, with this probability, with one random box of N(0, 1) noise (2-10% of the
+    # image; train/objectives.py, ErasedInputs); labels and teacher read them clean. Only for a model the repair does
+    # not distil from (the teacher gate's measures; prune.fine_prune). 0: off. docs/backdoor.md, "Erased boxes".
+    repair_erase: float = 1.0
     shift_weight: float = 0.2  # FST's alpha: the penalty on <new classifier, old classifier> (finetune_head=shift)
     # Guard against a model FST does not suit: fine-tuned on half the trusted rows, FST must score within this of
     # the whole-head re-initialisation on the other half, or the repair re-initialises the whole head (1: no check).
@@ -148,6 +152,7 @@ class BackdoorConfig:
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
         require(0.0 <= self.repair_blend < 1.0, "backdoor.repair_blend", self.repair_blend, "must be in [0, 1)")
+        require(0.0 <= self.repair_erase <= 1.0, "backdoor.repair_erase", self.repair_erase, "must be in [0, 1]")
         require(self.shift_weight >= 0, "backdoor.shift_weight", self.shift_weight, "must be >= 0")
         require(0.0 <= self.shift_max_cost <= 1.0, "backdoor.shift_max_cost", self.shift_max_cost, "must be in [0, 1]")
         require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")

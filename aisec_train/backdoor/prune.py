@@ -42,6 +42,7 @@ from aisec_train.train.objectives import (
     BlendedInputs,
     CrossEntropy,
     Distillation,
+    ErasedInputs,
     FeatureShift,
     UnlabelledDistillation,
 )
@@ -69,6 +70,10 @@ class Pruned:
     distilled: bool = False  # whether fine-tuning distilled from the pre-repair model (:func:`teacher_for`)
     distill: dict = field(default_factory=dict)  # how: mode, the held-out comparison, the class left out
     head_check: dict | None = None  # FST against the whole-head re-initialisation on held-out trusted rows
+    # Whether erased boxes (backdoor.repair_erase) were used, and the teacher gate's measures they follow: {trusted_
+    # accuracy, teacher, student (held-out trusted accuracy of the model and of fine-tuning alone; None when not
+    # measured), used}; None when boxes are off or there is no fine-tuning.
+    erase_check: dict | None = None
     # The backdoor's target as the training inputs name it (:func:`suspected_target`; only when they are read):
     # {class, rule, lean, excess, scores}. A guarded teacher leaves this class out; relearning clears its rows.
     named_target: dict | None = None
@@ -339,6 +344,8 @@ def fine_tune(
         objective = None if teacher is None else teacher.objective(cfg, unlabelled, seed)
         if cfg.repair_blend > 0:  # the student reads blended inputs; the teacher and the labels, the clean ones
             objective = BlendedInputs(objective or CrossEntropy(), cfg.repair_blend, seed)
+        if cfg.repair_erase > 0:  # and one noise box per row (with this probability); teacher and labels: clean
+            objective = ErasedInputs(objective or CrossEntropy(), cfg.repair_erase, seed)
         if linear is not None:
             shift = FeatureShift(objective or CrossEntropy(), weight, original, cfg.shift_weight)
             objective = shift
@@ -378,7 +385,7 @@ def fine_prune(
 
     def student(head: FinetuneHead) -> float:
         if head.value not in held:
-            tried = dataclasses.replace(cfg, finetune_head=head)
+            tried = dataclasses.replace(cfg, finetune_head=head, repair_erase=0.0)  # boxes: checked on their own
             held["teacher"], held[head.value] = cross_fitted(model, path, pruned.mask, view, trusted, device, tried,
                                                              seed)  # fmt: skip
         return held[head.value]
@@ -397,6 +404,17 @@ def fine_prune(
     # before the head is re-initialised
     teacher = teacher_for(model, trusted, device, pruned.base_accuracy, cfg, held_out if comparable else None)
     pruned.distilled = teacher is not None
+    if cfg.repair_erase > 0 and cfg.finetune_epochs:
+        # Boxes only for a model the repair does not learn from, by the teacher gate's own measures: below the
+        # full teacher's trusted accuracy, and not beating fine-tuning alone on held-out trusted rows by
+        # distill_min_advantage (docs/backdoor.md, "Erased boxes in the repair"). Nothing measured: no boxes.
+        weak = pruned.base_accuracy < cfg.distill_min_teacher_accuracy
+        teacher_acc, student_acc = held_out() if weak and comparable else (None, None)
+        used = teacher_acc is not None and teacher_acc - student_acc < cfg.distill_min_advantage
+        pruned.erase_check = {"trusted_accuracy": pruned.base_accuracy, "teacher": teacher_acc,
+                              "student": student_acc, "used": used}  # fmt: skip
+        if not used:
+            cfg = dataclasses.replace(cfg, repair_erase=0.0)
     inputs, dropped = None, 0
     if unlabelled is not None:  # name the target from the training inputs (the model is still the trained one)
         sample = _bounded(unlabelled, seed, UNLABELLED_SAMPLES)

@@ -156,6 +156,52 @@ class BlendedInputs:
         return self.inner(lambda inputs: model(self.blend(inputs)), attacked, x, y, criterion)
 
 
+ERASE_AREA = (0.02, 0.1)  # the box's share of the image (torchvision's RandomErasing scale, its upper end cut)
+ERASE_RATIO = (0.3, 3.3)  # its aspect ratio, log-uniform (RandomErasing's default)
+
+
+class ErasedInputs:
+    """``inner`` with the trained model reading its images with one random box of standard-normal noise: each row,
+    with probability ``p``, gets a box covering ``ERASE_AREA`` of it at a random place and aspect ratio, filled
+    with N(0, 1) pixels per channel (torchvision's ``RandomErasing(value="random")``); labels and any teacher read
+    the clean rows. The model learns that a local high-contrast patch says nothing about the class, so a patch
+    trigger (BadNets) and the pull a weak model's mistakes show toward a class on triggered inputs both lose
+    their hold. Used by Fine-Pruning's fine-tuning (``backdoor.repair_erase``, backdoor/prune.py; docs/backdoor.md,
+    "Erased boxes in the repair").
+
+    Written here rather than as a torchvision transform on the view: ``RandomErasing`` draws from the global
+    generator one image at a time, and on the view the teacher would read the erased rows too. This draws a whole
+    batch from its own generator (seeded with ``seed``); a box that would not fit is clamped to the image (where
+    torchvision retries). Inputs that are not (N, C, H, W) floating images pass through unchanged."""
+
+    def __init__(self, inner: Objective, p: float, seed: int):
+        self.inner, self.p = inner, p
+        self.name, self.forwards = inner.name, inner.forwards
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def erase(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or not x.is_floating_point():
+            return x
+        g, (n, _, height, width) = self.generator, x.shape
+        chosen = torch.rand(n, generator=g) < self.p
+        area = height * width * (ERASE_AREA[0] + (ERASE_AREA[1] - ERASE_AREA[0]) * torch.rand(n, generator=g))
+        low, high = torch.log(torch.tensor(ERASE_RATIO))
+        ratio = torch.exp(low + (high - low) * torch.rand(n, generator=g))
+        h = torch.sqrt(area * ratio).round().clamp(1, height)
+        w = torch.sqrt(area / ratio).round().clamp(1, width)
+        top = (torch.rand(n, generator=g) * (height - h + 1)).floor()
+        left = (torch.rand(n, generator=g) * (width - w + 1)).floor()
+        rows, cols = torch.arange(height)[None, :], torch.arange(width)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (N, H)
+        in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])  # (N, W)
+        box = (in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None])[:, None]  # (N, 1, H, W)
+        noise = torch.randn(x.shape, generator=g)
+        return torch.where(box.to(x.device), noise.to(x.device, x.dtype), x)
+
+    def __call__(self, model, attacked, x, y, criterion):
+        return self.inner(lambda inputs: model(self.erase(inputs)), attacked, x, y, criterion)
+
+
 class FeatureShift:
     """``inner``'s loss plus ``alpha <W, W_old>`` on the classifier's weight ``W``, held at ``||W_old||`` (projected
     before every step; the caller projects once more after the last): the new classifier is pushed away from the

@@ -86,6 +86,7 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "feature_layer": bd["feature_layer"],
         "bake": (bd["fine_pruning"].get("bake") or {}).get("method"),
         "finetune_head": bd["fine_pruning"]["finetune"].get("head"),
+        "erase_check": bd["fine_pruning"]["finetune"].get("erase_check"),  # boxes used? (backdoor.repair_erase)
         "distilled": bd["fine_pruning"]["finetune"]["distill"]["used"],
         "teacher_trusted_accuracy": bd["fine_pruning"]["finetune"]["distill"]["teacher_trusted_accuracy"],
         "distill_mode": bd["fine_pruning"]["finetune"]["distill"].get("mode"),
