@@ -205,7 +205,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
             "head_check": pruned.head_check,  # held-out trusted accuracy of FST and of reinit, and the choice
             "blend": bd.repair_blend,  # the student's inputs blended with fresh noise keys up to this weight (0: off)
             "erase": bd.repair_erase,  # the share of the student's rows with a random noise box (0: off) ...
-            "erase_check": pruned.erase_check,  # ... used only if that costs nothing on held-out trusted rows
+            "erase_check": pruned.erase_check,  # ... used only for a model the repair does not distil from
             "body_lr": bd.finetune_body_lr,
             "epochs": bd.finetune_epochs,
             "lr": bd.finetune_lr,
