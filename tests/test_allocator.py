@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import subprocess
 import sys
 
@@ -12,8 +13,8 @@ from aisec_train import compose
 from tests.conftest import run_cli
 
 # A child process (the setting is process-wide): allocates, touches and frees a 64 MB tensor, and prints the minor
-# page faults of three rounds after eight of warm-up (torch's 64-byte-aligned blocks leave holes in glibc's heap
-# until about five blocks' worth of it is mapped, after which every round reuses it).
+# page faults of each of seven rounds after eight of warm-up (torch's 64-byte-aligned blocks leave holes in glibc's
+# heap until about five blocks' worth of it is mapped, after which every round reuses it).
 FAULTS = """
 import resource, sys, torch
 from aisec_train.train.allocator import keep_freed_memory
@@ -23,26 +24,29 @@ def touch():
     torch.ones(16 << 20).sum()  # 64 MB: above glibc's largest dynamic mmap threshold (32 MB)
 for _ in range(8):
     touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(3):
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     touch()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
     proc = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    return int(proc.stdout.split()[-1])
+    return [int(line) for line in proc.stdout.split()[-7:]]
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_kept_memory_is_not_faulted_back_in():
     # malloc's defaults: each round mmaps its block afresh and faults it in (16k 4 KB pages a round; 32 where the
     # kernel backs anonymous memory with 2 MB huge pages). Kept, the block stays mapped from the warm-up on.
+    # Medians: CI once saw one kept round of three fault its whole block back in while the other test worker ran
+    # (not reproduced on an idle machine: 0 faults in every round of eight runs). A setting that did not take effect
+    # would fault in every round, so the median still tells the two apart.
     system, kept = _faults("system"), _faults("keep")
-    assert system >= 3 * 32, system
-    assert kept * 8 < system, (kept, system)
+    assert statistics.median(system) >= 32, system
+    assert statistics.median(kept) * 8 < statistics.median(system), (kept, system)
 
 
 def test_the_setting_is_a_boolean_config_key(tmp_path):
