@@ -57,3 +57,40 @@ def test_every_import_is_declared_and_every_core_dependency_is_imported():
     assert undeclared == {}, "imported but declared in no dependency list of pyproject.toml"
     imported = set().union(*provided.values())
     assert core - imported == set(), "declared dependencies that no module imports: drop them or use them"
+
+
+# ------------------------------------------------------------------------------------------ the locked environment
+def _lock() -> dict[str, str]:
+    """constraints.txt as {normalised name: version}; every entry is an exact pin."""
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not NAME==VERSION"
+            pins[_dist(name)] = version
+    return pins
+
+
+def test_the_lock_holds_the_exact_pins_of_pyproject_and_setup():
+    lock = _lock()
+    optional = PYPROJECT["project"]["optional-dependencies"]
+    pinned = [r for r in PYPROJECT["project"]["dependencies"] + sum(optional.values(), []) if "==" in r]
+    pinned += re.findall(r'"([A-Za-z0-9_.\-]+==[^"]+)"', (REPO / "scripts" / "setup.sh").read_text())
+    assert len(pinned) > 10, pinned
+    for requirement in pinned:
+        version = re.search(r"==\s*([^\s;,]+)", requirement).group(1)
+        assert lock.get(_dist(requirement)) == version, (requirement, lock.get(_dist(requirement)))
+    for build in ("pip", "setuptools", "wheel"):  # pip itself and its build environments are locked too
+        assert build in lock, build
+
+
+def test_the_environment_is_the_locked_one():
+    """Every installed distribution is in the lock at its version: a dependency added without scripts/relock.sh,
+    or a set-up that did not apply the constraints, fails here rather than in somebody else's clean clone."""
+    from importlib.metadata import distributions
+
+    lock = _lock()
+    installed = {_dist(d.metadata["Name"]): d.version for d in distributions() if d.metadata["Name"]}
+    installed.pop("aisec-train", None)  # the project itself: editable, never pinned
+    unlocked = {name: version for name, version in installed.items() if lock.get(name) != version}
+    assert not unlocked, f"installed but not in constraints.txt at that version (run scripts/relock.sh): {unlocked}"
