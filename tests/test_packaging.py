@@ -87,10 +87,14 @@ def test_the_lock_holds_the_exact_pins_of_pyproject_and_setup():
 def test_the_environment_is_the_locked_one():
     """Every installed distribution is in the lock at its version: a dependency added without scripts/relock.sh,
     or a set-up that did not apply the constraints, fails here rather than in somebody else's clean clone."""
+    import sysconfig
     from importlib.metadata import distributions
 
     lock = _lock()
-    installed = {_dist(d.metadata["Name"]): d.version for d in distributions() if d.metadata["Name"]}
+    # The environment's own site-packages only: sys.path can gain other folders while the suite runs (a test
+    # process saw the base interpreter's site-packages, with a colorama that no set-up installed).
+    here = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {_dist(d.metadata["Name"]): d.version for d in distributions(path=here) if d.metadata["Name"]}
     installed.pop("aisec-train", None)  # the project itself: editable, never pinned
     unlocked = {name: version for name, version in installed.items() if lock.get(name) != version}
     assert not unlocked, f"installed but not in constraints.txt at that version (run scripts/relock.sh): {unlocked}"
