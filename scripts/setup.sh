@@ -39,4 +39,6 @@ if [ ! -f "$stamp" ]; then
   quietly pip install -q --no-deps "torchattacks==3.5.1"
   touch "$stamp"
 fi
+# Marks an environment set up unlocked on purpose: tests/test_packaging.py then skips its lock check.
+if [ "$unlocked" = 1 ]; then touch .venv/.aisec-unlocked; else rm -f .venv/.aisec-unlocked; fi
 echo "aisec-train is ready. Next: .venv/bin/aisec-train experiment=smoke  (a first run in about a minute)"
