@@ -109,6 +109,7 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path, variants: tup
         "clean_after": after["clean"], "asr_floor_after": after["asr"],
         "ra_after": after["ra"], "target_share_after": after["share"], "target_share_p_after": after["p"],
         "distill_mode": pruned.distill.get("mode"), "epsilon": run.report.get("privacy.epsilon"),
+        "erase_used": (pruned.erase_check or {}).get("used", False),
         **({"variants": others} if others else {}),
     }  # fmt: skip
 
