@@ -910,6 +910,8 @@ def test_relearning_retrains_without_the_poisoned_rows_and_releases_that_model(r
     poisoned = len(run.backdoor.poisoned.indices)
     clean_target_rows = int((labels_of(run.data.train) == 0).sum()) - poisoned
     assert 0.9 * poisoned <= done["cleared_rows"] <= poisoned + 0.5 * clean_target_rows  # the poison, few clean rows
+    assert done["poisoned_cleared"] + done["poisoned_kept"] == poisoned  # the red team's count of what was cleared
+    assert done["poisoned_cleared"] >= 0.9 * poisoned and done["poisoned_cleared"] <= done["cleared_rows"]
     assert done["released"] == "relearned" and max(done["shift"]) <= 0.05
     assert list(bd["stages"]) == ["trained", "fine_pruned", "relearned"]
     assert bd["asr_before"] >= 0.9 and bd["asr_after"] == done["metrics"]["asr"] <= 0.05
@@ -934,6 +936,7 @@ def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn
     done = wrong["relearn"]
     assert done["retrained"] is True and done["target"] == 3 and done["released"] == "repaired"
     assert run.model is released
+    assert done["poisoned_cleared"] == 0 and done["poisoned_kept"] == len(run.backdoor.poisoned.indices)
     assert done["shift"][0] == max(done["shift"]) > 0.05  # the trigger's rows went back to class 0 ...
     assert done["metrics"]["asr"] > 0.5  # ... because the retrained model learnt the backdoor again
 

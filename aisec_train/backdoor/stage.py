@@ -273,8 +273,14 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
     released = max(shift) <= bd.relearn_max_shift and relearn.finite(model)
     done = relearn.Relearned(target, int(clear.sum()), len(view), shift, released, model)
     metrics = measure(model, *splits, device)
+    # The red team knows which rows it poisoned: how many the rule cleared and how many the retrain still read.
+    # Evaluation output, like the metrics: neither the clearing nor the guard reads it.
+    positions = _kept_rows(run, state) if bd.filter else np.arange(len(run.data.train))
+    poisoned = np.isin(positions, state.poisoned.indices)
     repair["relearn"] = done.describe(bd.relearn_max_shift, blend) | {
         "retrained": True,
+        "poisoned_cleared": int((clear & poisoned).sum()),
+        "poisoned_kept": int((~clear & poisoned).sum()),
         "metrics": metrics.as_dict(),  # evaluation output, whether released or not (the guard never reads it)
         "seconds": round(time.perf_counter() - started, 3),
     }

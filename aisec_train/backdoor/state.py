@@ -22,7 +22,7 @@ from aisec_train.backdoor.layers import FeatureLayer
 class BackdoorState:
     trigger: Any  # backdoor/attacks.py: badnets.Trigger, BlendTrigger or WarpTrigger (each has apply(x))
     target_of: badnets.TargetOf
-    poisoned: badnets.Poisoned  # the true poisoned indices, for scoring the detectors only
+    poisoned: badnets.Poisoned  # the true poisoned indices, for scoring the detectors and relearning's clearing only
     trusted: Dataset  # the defender's clean data (backdoor/trusted.py): a Subset reserve or a Sample from a file
     from_file: bool  # True: backdoor.trusted_path; False: a reserve carved from the training split
     layer: FeatureLayer  # the module detection and Fine-Pruning read (backdoor/layers.py)
