@@ -56,3 +56,14 @@ def test_a_later_matrix_replaces_a_cell_and_no_pairs_is_refused(tmp_path):
     done = _run(matrix, other, tmp_path / "none.json")
     assert done.returncode == 2 and "no (case, seed) is in both" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "none.json").exists()
+
+
+def test_a_missing_or_foreign_input_is_refused_in_one_line(tmp_path):
+    matrix, floor = _write(tmp_path, {0: 0.02}, {0: 0.03})
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text(json.dumps({"cases": {}}))  # valid JSON, but no matrix rows
+    for args in ([str(tmp_path / "missing.json")], [str(foreign)]):
+        done = subprocess.run([sys.executable, str(SCRIPT), "--matrices", *args, "--twins", str(floor), "--out",
+                               str(tmp_path / "o.json")], capture_output=True, text=True)  # fmt: skip
+        assert done.returncode == 2 and "cannot read the inputs" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "o.json").exists()

@@ -97,7 +97,12 @@ def main() -> None:
     parser.add_argument("--twins", nargs="+", type=Path, required=True, help="backdoor_floor.py outputs (.jsonl)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    result = pairs(matrix_rows(args.matrices), twin_rows(args.twins))
+    try:
+        matrix, twins = matrix_rows(args.matrices), twin_rows(args.twins)
+    except (OSError, ValueError, KeyError, TypeError) as bad:  # missing, unreadable or not these scripts' output
+        parser.error(f"cannot read the inputs ({type(bad).__name__}: {bad}): --matrices takes backdoor_matrix.py "
+                     "JSON files, --twins backdoor_floor.py JSON-lines files")  # fmt: skip
+    result = pairs(matrix, twins)
     if not result:
         parser.error("no (case, seed) is in both the matrices and the twins")
     print(f"{'case':<24} {'pairs':>5} {'backdoored':>10} {'twin':>6} {'> bar b/t':>9} {'wilcoxon p':>10} {'MW p':>6}")
