@@ -922,6 +922,32 @@ def test_relearning_retrains_without_the_poisoned_rows_and_releases_that_model(r
     assert f"released: a fresh model retrained without the {done['cleared_rows']} rows labelled class 0" in evidence
 
 
+def test_every_relearning_round_is_reported_and_clears_a_superset_of_the_last(relearn_run):
+    done = relearn_run.report.get("backdoor")["fine_pruning"]["relearn"]
+    by_round, kept = done["cleared_by_round"], done["poisoned_kept_by_round"]
+    assert len(by_round) == len(kept) == 2  # backdoor.relearn_rounds, default 2
+    assert by_round == sorted(by_round) and by_round[-1] == done["cleared_rows"]
+    assert kept == sorted(kept, reverse=True) and kept[-1] == done["poisoned_kept"]
+
+
+def test_a_later_round_clears_the_poisoned_rows_a_failed_first_repair_kept(tmp_path):
+    """Relearning from a model that still follows the trigger (here the trained model itself, as if the repair had
+    done nothing) clears none of the poisoned rows in its first round, and that retrain learns the trigger again;
+    the second round repairs the retrain and reads the rows with it, which sends them to their true classes."""
+    from aisec_train.backdoor import stage
+
+    run = poisoned_run(tmp_path, *RELEARN, stages=3)
+    splits = (run.data.test, *badnets.triggered(run.data.test, run.backdoor.trigger, run.backdoor.target_of))
+    poisoned = len(run.backdoor.poisoned.indices)
+    repair = {"named_target": {"class": 0, "rule": "lean+excess"}}
+    with run.resources:
+        stage._relearn(run, run.backdoor, splits, repair)
+    done = repair["relearn"]
+    first, second = done["poisoned_kept_by_round"]
+    assert first >= 0.9 * poisoned and second <= 0.1 * poisoned, done["poisoned_kept_by_round"]
+    assert done["metrics"]["asr"] <= 0.05, done["metrics"]
+
+
 def test_a_relearned_model_that_learnt_the_trigger_again_is_not_released(relearn_run):
     """Name the wrong class and the poisoned rows stay in the retraining set: the fresh model learns the trigger
     again and sends them back to the target, which the guard sees on the training inputs alone."""
@@ -1171,6 +1197,8 @@ def test_cli_report_is_truthful_about_the_privacy_of_the_trusted_reserve(cli_run
         ("backdoor.target=10", "backdoor.target=10 is not allowed: must be < 10 classes"),
         ("backdoor.relearn_max_shift=0", "backdoor.relearn_max_shift=0.0 is not allowed: must be in (0, 1]"),
         ("backdoor.relearn_blend=1", "backdoor.relearn_blend=1.0 is not allowed: must be in [0, 1)"),
+        ("backdoor.relearn_rounds=0", "backdoor.relearn_rounds=0 is not allowed: must be an integer in [1, 5]"),
+        ("backdoor.relearn_rounds=6", "backdoor.relearn_rounds=6 is not allowed: must be an integer in [1, 5]"),
     ],
 )
 def test_cli_refuses_bad_backdoor_input_in_one_line(tmp_path, override, message):

@@ -124,6 +124,9 @@ class BackdoorConfig:
     # does by more than relearn_max_shift (backdoor/relearn.py; docs/backdoor.md). false: never.
     relearn: bool = True
     relearn_blend: float = 0.25
+    # Rounds of clearing: each later round repairs the last retrained model the same way, clears the target's rows
+    # that copy sends elsewhere too, and retrains (1: one retrain, as before 2026-12-06).
+    relearn_rounds: int = 2
     relearn_max_shift: float = 0.05
     # The module whose output detection and Fine-Pruning read, as a dotted path (``layer4``, ``blocks.7``);
     # null: the last module producing a 4-D feature map before global pooling (backdoor/layers.py).
@@ -160,6 +163,8 @@ class BackdoorConfig:
         unlabelled = self.distill_unlabelled_weight
         require(unlabelled >= 0, "backdoor.distill_unlabelled_weight", unlabelled, "must be >= 0")
         require(0.0 <= self.relearn_blend < 1.0, "backdoor.relearn_blend", self.relearn_blend, "must be in [0, 1)")
+        rounds = self.relearn_rounds
+        require(1 <= rounds <= 5, "backdoor.relearn_rounds", rounds, "must be an integer in [1, 5]")
         shift = self.relearn_max_shift
         require(0.0 < shift <= 1.0, "backdoor.relearn_max_shift", shift, "must be in (0, 1]")
         require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")

@@ -19,11 +19,17 @@ in the process) and the repaired model no longer follows the trigger, the labels
    the trusted ones (clean, and no longer needed to judge a repair), half of every batch read blended with fresh
    noise keys up to ``backdoor.relearn_blend`` (:class:`~aisec_train.train.objectives.BlendedInputs`: a model that
    never saw a poisoned row still sent 9-17% of noise-blended natural images to one class);
-3. **guard**: it is released only if it sends no class more of the training inputs than the repaired model does,
-   by more than ``backdoor.relearn_max_shift``. A retrain that kept the poison (a wrong target named) learns the
-   trigger again and sends those rows back to the target: +0.07 to +0.11 of the inputs at ``backdoor.rate=0.1``,
-   where the 71 correct clearings of the matrices moved no class by more than 0.036; and only if its weights are
-   finite. Otherwise the repaired model stays the released one.
+3. **again** (``backdoor.relearn_rounds``, default 2): an earlier round's retrain (without the trusted rows,
+   which the repair fine-tunes on: a model that already fits them is barely moved by it) is repaired as the
+   trained one was, and the rows labelled the same target that this repaired copy sends elsewhere are cleared
+   too; a fresh model is trained on what is left. The few poisoned rows the first repair kept (it still half
+   followed the trigger) teach the retrain a weaker backdoor, which the same repair removes more completely
+   (docs/backdoor.md, "A second round of clearing");
+4. **guard**: the last retrain is released only if it sends no class more of the training inputs than the
+   repaired model does, by more than ``backdoor.relearn_max_shift``. A retrain that kept the poison (a wrong
+   target named) learns the trigger again and sends those rows back to the target: +0.07 to +0.11 of the inputs
+   at ``backdoor.rate=0.1``, where the 71 correct clearings of the matrices moved no class by more than 0.036;
+   and only if its weights are finite. Otherwise the repaired model stays the released one.
 """
 
 from __future__ import annotations
@@ -48,11 +54,13 @@ class Relearned:
     shift: list[float] = field(default_factory=list)  # per class: retrained share of the inputs - repaired share
     released: bool = False  # False: the guard kept the repaired model
     model: nn.Module | None = None  # the retrained model (released or not)
+    cleared_by_round: list[int] = field(default_factory=list)  # rows cleared so far, after each round
 
     def describe(self, max_shift: float, blend: float) -> dict:
         return {
             "target": self.target,
             "cleared_rows": self.cleared,
+            "cleared_by_round": self.cleared_by_round,
             "trained_on": self.trained_on,
             "blend": blend,
             "shift": self.shift,
@@ -106,8 +114,10 @@ class IntLabelled(Dataset):
         return x, int(y)
 
 
-def training_rows(rows: Dataset, keep: np.ndarray, trusted: Dataset) -> Dataset:
-    """The rows a relearned model trains on: ``rows`` where ``keep``, then the trusted rows."""
+def training_rows(rows: Dataset, keep: np.ndarray, trusted: Dataset | None) -> Dataset:
+    """The rows a relearned model trains on: ``rows`` where ``keep``, then the trusted rows (``None``: an earlier
+    round's retrain, which the repair will fine-tune on the trusted rows, so it must not have fit them already)."""
     from aisec_train.data.views import subset
 
-    return ConcatDataset([IntLabelled(subset(rows, np.flatnonzero(keep))), IntLabelled(trusted)])
+    kept = IntLabelled(subset(rows, np.flatnonzero(keep)))
+    return kept if trusted is None else ConcatDataset([kept, IntLabelled(trusted)])

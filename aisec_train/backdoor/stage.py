@@ -15,6 +15,7 @@ holds a whole split: training, detection and metrics stream over dataset views.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -256,31 +257,34 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
     blend = bd.relearn_blend if isinstance(objective, CrossEntropy) else 0.0  # adversarial objectives: as trained
     if blend > 0:
         objective = BlendedInputs(objective, blend, cfg.train.seed)
-    view = relearn.training_rows(rows, ~clear, state.trusted)
-    model = train(
-        run.factory(seed=cfg.train.seed),
-        run.data.training_view(view),
-        train_cfg=cfg.train,
-        privacy_cfg=cfg.privacy,  # privacy=none: unlabelled_split is None under DP
-        device=device,
-        objective=objective,
-        optimizer=cfg.optimizer,
-        scheduler=cfg.scheduler,
-        workers=cfg.dataset.workers,
-        progress=False,
-    ).model
-    shift = relearn.share_shift(relearn.predictions(model, rows, device)[0], sent, run.data.num_classes)
-    released = max(shift) <= bd.relearn_max_shift and relearn.finite(model)
-    done = relearn.Relearned(target, int(clear.sum()), len(view), shift, released, model)
-    metrics = measure(model, *splits, device)
     # The red team knows which rows it poisoned: how many the rule cleared and how many the retrain still read.
     # Evaluation output, like the metrics: neither the clearing nor the guard reads it.
     positions = _kept_rows(run, state) if bd.filter else np.arange(len(run.data.train))
     poisoned = np.isin(positions, state.poisoned.indices)
+    cleared_by_round, kept_by_round, model = [], [], None
+    for round_ in range(bd.relearn_rounds):
+        if model is not None:
+            # A retrain that read a few poisoned rows the last repair kept has a weaker backdoor than the trained
+            # model, so the same repair of it sends more of them to their true class; the target stays the one
+            # first named. It trained without the trusted rows, so the repair's fine-tuning on them still teaches.
+            judged = _repaired_copy(run, state, model, rows)
+            clear |= relearn.cleared(relearn.predictions(judged, rows, device)[0], labels, target)
+        cleared_by_round.append(int(clear.sum()))
+        kept_by_round.append(int((~clear & poisoned).sum()))
+        last = round_ == bd.relearn_rounds - 1
+        view = relearn.training_rows(rows, ~clear, state.trusted if last else None)
+        model = _retrain(run, view, objective)
+        if not relearn.finite(model):  # a diverged retrain is never repaired or released
+            break
+    shift = relearn.share_shift(relearn.predictions(model, rows, device)[0], sent, run.data.num_classes)
+    released = max(shift) <= bd.relearn_max_shift and relearn.finite(model)
+    done = relearn.Relearned(target, int(clear.sum()), len(view), shift, released, model, cleared_by_round)
+    metrics = measure(model, *splits, device)
     repair["relearn"] = done.describe(bd.relearn_max_shift, blend) | {
         "retrained": True,
         "poisoned_cleared": int((clear & poisoned).sum()),
         "poisoned_kept": int((~clear & poisoned).sum()),
+        "poisoned_kept_by_round": kept_by_round,
         "metrics": metrics.as_dict(),  # evaluation output, whether released or not (the guard never reads it)
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -288,6 +292,41 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
         return None
     run.model = model
     return metrics
+
+
+def _retrain(run, view, objective):
+    """A fresh model from the run's factory, trained on ``view`` with the run's own training config and seed."""
+    cfg = run.cfg
+    return train(
+        run.factory(seed=cfg.train.seed),
+        run.data.training_view(view),
+        train_cfg=cfg.train,
+        privacy_cfg=cfg.privacy,  # privacy=none: unlabelled_split is None under DP
+        device=run.device,
+        objective=objective,
+        optimizer=cfg.optimizer,
+        scheduler=cfg.scheduler,
+        workers=cfg.dataset.workers,
+        progress=False,
+    ).model
+
+
+def _repaired_copy(run, state: BackdoorState, model, rows):
+    """``model`` repaired as the defend stage repairs the trained one (same trusted rows, config and seed), on a
+    copy: what a later relearning round reads the training rows with."""
+    again = copy.deepcopy(model)
+    prune.fine_prune(
+        again,
+        state.layer.path,
+        state.trusted,
+        run.device,
+        run.cfg.backdoor,
+        backend=run.cfg.robustness.backend,
+        seed=run.cfg.train.seed,
+        finetune_view=run.data.training_view(state.trusted),
+        unlabelled=rows,
+    )
+    return again
 
 
 def stage_defend(run) -> None:

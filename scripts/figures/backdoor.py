@@ -101,6 +101,7 @@ def _row(case: str, seed: int, report: dict, seconds: float, args: list[str]) ->
         "fine_pruned_asr": (bd["stages"].get("fine_pruned") or {}).get("asr"),
         "relearn_cleared_rows": (bd["fine_pruning"].get("relearn") or {}).get("cleared_rows"),
         "relearn_poisoned_kept": (bd["fine_pruning"].get("relearn") or {}).get("poisoned_kept"),  # the retrain read
+        "relearn_poisoned_kept_by_round": (bd["fine_pruning"].get("relearn") or {}).get("poisoned_kept_by_round"),
         "relearn_max_class_shift": max((bd["fine_pruning"].get("relearn") or {}).get("shift") or [None], key=_num),
         # the target's share of the repaired model's errors on triggered inputs, and its p against chance
         "target_share_after": bd["errors_to_target"]["after"]["share"],
