@@ -174,18 +174,7 @@ def _fine_prune(run, state: BackdoorState, splits) -> tuple[BackdoorMetrics, dic
     bd, model, device = run.cfg.backdoor, run.model, run.device
     clean, attack, _ = splits
     started = time.perf_counter()
-    pruned = prune.fine_prune(
-        model,
-        state.layer.path,
-        state.trusted,
-        device,
-        bd,
-        evaluate={"test_accuracy": clean, "asr": attack},
-        backend=run.cfg.robustness.backend,
-        seed=run.cfg.train.seed,
-        finetune_view=run.data.training_view(state.trusted),
-        unlabelled=unlabelled_split(run, state),
-    )
+    pruned = _repair(run, state, model, evaluate={"test_accuracy": clean, "asr": attack})
     seconds = time.perf_counter() - started
     after = measure(model, *splits, device)
     pruning_curve(pruned.curve, pruned.pruned_fraction, after.as_dict(), run.run_dir / "fine_pruning.png")
@@ -267,7 +256,7 @@ def _relearn(run, state: BackdoorState, splits, repair: dict) -> BackdoorMetrics
             # A retrain that read a few poisoned rows the last repair kept has a weaker backdoor than the trained
             # model, so the same repair of it sends more of them to their true class; the target stays the one
             # first named. It trained without the trusted rows, so the repair's fine-tuning on them still teaches.
-            judged = _repaired_copy(run, state, model, rows)
+            judged = _repaired_copy(run, state, model)
             clear |= relearn.cleared(relearn.predictions(judged, rows, device)[0], labels, target)
         cleared_by_round.append(int(clear.sum()))
         kept_by_round.append(int((~clear & poisoned).sum()))
@@ -311,21 +300,27 @@ def _retrain(run, view, objective):
     ).model
 
 
-def _repaired_copy(run, state: BackdoorState, model, rows):
-    """``model`` repaired as the defend stage repairs the trained one (same trusted rows, config and seed), on a
-    copy: what a later relearning round reads the training rows with."""
-    again = copy.deepcopy(model)
-    prune.fine_prune(
-        again,
+def _repair(run, state: BackdoorState, model, evaluate: dict | None = None) -> prune.Pruned:
+    """``prune.fine_prune`` of ``model``, in place, as the defend stage repairs: the run's trusted rows, config and
+    seed (``evaluate``: test-split curves for the report, read by nothing that decides)."""
+    return prune.fine_prune(
+        model,
         state.layer.path,
         state.trusted,
         run.device,
         run.cfg.backdoor,
+        evaluate=evaluate,
         backend=run.cfg.robustness.backend,
         seed=run.cfg.train.seed,
         finetune_view=run.data.training_view(state.trusted),
-        unlabelled=rows,
+        unlabelled=unlabelled_split(run, state),
     )
+
+
+def _repaired_copy(run, state: BackdoorState, model):
+    """A copy of ``model`` repaired as the trained one was: what a later relearning round reads the rows with."""
+    again = copy.deepcopy(model)
+    _repair(run, state, again)
     return again
 
 
