@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from aisec_train.models import build_model
 from aisec_train.train import bk_conv, bk_layers
 from aisec_train.train.bk import BKGradSampleModule, bk_report
-from aisec_train.train.bk_cost import Choice, choose
+from aisec_train.train.bk_cost import MEM_FACTOR, Choice, choose
 from aisec_train.train.bk_engine import BKPrivacyEngine
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -511,9 +511,10 @@ def test_adversarial_training_step_through_the_project_attack():
 def test_each_layer_gets_its_cheapest_allowed_method_and_the_report_says_why(t, da, dg, groups, kept):
     """Mixed ghost clipping's choice: the fewest multiply-adds among the methods whose memory is allowed (stored
     per-sample gradients only when they fit beside the kept tensors), and a reason whose numbers agree with it
-    (conv2 of the default model once read "ghost 3.85e+05 <= per-sample 3.13e+05", the stored cost it could not use)."""
+    (conv2 of the default model once read "ghost 3.85e+05 <= per-sample 3.13e+05", the stored cost it could not use).
+    "Fit" is up to ``MEM_FACTOR`` times the layer's kept floats, which storing frees."""
     ghost, stored, recomputed = t * t * (da + dg) + t * da * dg, t * da * dg + da * dg, 2 * t * da * dg
-    fits = groups * da * dg <= kept
+    fits = groups * da * dg <= MEM_FACTOR * kept
     cost = {"ghost": ghost, "recomputed": recomputed, **({"stored": stored} if fits else {})}
     picked = choose(t=t, da=da, dg=dg, groups=groups, kept=kept)
     name = "ghost" if picked.method == "ghost" else ("stored" if picked.store else "recomputed")
@@ -563,6 +564,26 @@ def test_folded_conv_keeps_per_sample_gradients_up_to_its_own_memory_factor():
     model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(128, 3))
     x = torch.randn(5, 8, 4, 4, generator=torch.Generator().manual_seed(3))
     assert_bk_equals_hooks(_materialise(lambda: copy.deepcopy(model), (8, 4, 4)), x, torch.tensor([0, 1, 2, 0, 1]))
+
+
+def test_a_sequence_linear_stores_per_sample_gradients_up_to_the_memory_factor():
+    """The MLP-Mixer's channel Linear scaled down (4 positions, 8 -> 16 features: per-sample gradients 1.33x the
+    kept floats, as at 64 positions, 128 -> 256). They are stored, so its captured tensors are released and the
+    clipped sum is a weighted reduce, not a second weight-gradient matmul; the clipped step stays exact."""
+    from aisec_train.train.bk_call import Call
+
+    linear = nn.Linear(8, 16)
+    call = Call((torch.randn(5, 4, 8),), 0)
+    call.grad = torch.randn(5, 4, 16)
+    per_sample, kept = 8 * 16, 4 * (8 + 16)
+    assert kept < per_sample <= MEM_FACTOR * kept
+    processed = bk_layers.LinearRule().norms(linear, dict(linear.named_parameters()), [call])
+    assert processed.method == "instantiate" and not processed.keep_calls
+    assert processed.stored["weight"].shape == (5, 16, 8)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8), nn.Flatten(), nn.Linear(32, 3))
+    x = torch.randn(5, 4, 8, generator=torch.Generator().manual_seed(4))
+    wrapped = assert_bk_equals_hooks(lambda: copy.deepcopy(model), x, torch.tensor([0, 1, 2, 0, 1]))
+    assert bk_report(wrapped)["layers"]["0"] == "instantiate"
 
 
 def test_fold_size_keeps_each_call_under_the_float_budget():
