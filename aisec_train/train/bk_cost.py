@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Per-sample gradients may take up to this many times the layer's kept (input + grad) floats. Stored, they replace
-# those captured tensors (freed once the norms are formed), so the layer holds at most half again what ghost
-# clipping would keep until the clipped sum. 1.5 stores the MLP-Mixer's channel Linears (1.33x): with freed memory
-# kept (train/allocator.py) that took its private step from 1.35x to 1.23-1.28x non-private at 1.19x instead of
-# 1.13x peak memory (docs/privacy.md, "Stored per-sample gradients for sequence Linears"); before memory was kept,
-# 2.0 bought no time (the fresh pages of each step's buffers cost what the GEMM saved).
-MEM_FACTOR = 1.5
+# Per-sample gradients may take up to this many times the layer's kept (input + grad) floats. At 1 storing them
+# never costs more memory than keeping the captured tensors would. 1.5 stores the MLP-Mixer's channel Linears: its
+# step goes from 1.35x to 1.23x non-private, but its peak memory from 1.13-1.16x to 1.45-1.50x, over the 1.3x bar
+# (the first are made while the forward's activations are still held; docs/privacy.md, "Stored per-sample
+# gradients for the mixer's channel Linears").
+MEM_FACTOR = 1.0
 
 
 @dataclass(frozen=True)
