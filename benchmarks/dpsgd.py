@@ -40,6 +40,8 @@ page-faults its buffers back in; every implementation of a model runs in the sam
 timed step (``page_faults_per_step``, from ``getrusage``). Memory children always run under the defaults (a
 kept block freed while the model was built would otherwise hide part of a step's peak); the non-private and our
 step are also measured under it over five steps (``peak_mb_kept``: resident memory held once freed blocks are kept).
+On the CPU every memory figure comes from fresh interpreters, the non-private and our step's from the median of
+three (``peak_mb_runs``, ``peak_mb_kept_runs``; :func:`peak_memory` says why).
 
 Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
 factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
@@ -324,8 +326,9 @@ def profile_model(key: str, device: str, quick: bool, steps: int | None = None) 
 KEEP_FREED_MEMORY = True  # main() sets it from --system-malloc before any child is forked
 
 
-def _child(conn, fn, args) -> None:
+def _child(conn, fn, args, threads: int) -> None:
     warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)  # a fresh interpreter starts at every core
     if KEEP_FREED_MEMORY and fn is not measure_memory:  # timing under the trainer's setting (memory: see its doc)
         from aisec_train.train.allocator import keep_freed_memory
 
@@ -337,9 +340,10 @@ def _child(conn, fn, args) -> None:
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def isolated(fn, device: str, *args):
-    """``fn(*args)`` in a forked child on the CPU (its own memory peak; this process' imports, so it starts in
-    milliseconds); in this process on CUDA, which does not survive a fork."""
+def isolated(fn, device: str, *args, fresh: bool = False):
+    """``fn(*args)`` in a forked child on the CPU (this process' imports, so it starts in milliseconds), or with
+    ``fresh`` in a new interpreter (a few seconds of imports: :func:`peak_memory`); in this process on CUDA, which
+    does not survive a fork."""
     if device.startswith("cuda"):
         try:
             return fn(*args)
@@ -348,13 +352,30 @@ def isolated(fn, device: str, *args):
         finally:
             gc.collect()
             torch.cuda.empty_cache()
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn" if fresh else "fork")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args))
+    proc = ctx.Process(target=_child, args=(child, fn, args, torch.get_num_threads()))
     proc.start()
     result = parent.recv() if parent.poll(3600) else {"error": "timeout"}
     proc.join()
     return result
+
+
+MEMORY_REPEATS = 3  # fresh processes per CPU memory figure (non-private and ours; the peers get one)
+
+
+def peak_memory(key: str, impl: str, device: str, quick: bool, kept: bool = False, repeats: int = 1) -> dict:
+    """:func:`measure_memory` in ``repeats`` fresh interpreters on the CPU: ``peak_mb`` is their median and
+    ``peak_mb_runs`` every one. Not forked: a forked child inherits this process' heap, and how much of it is free
+    decides how much of the child's step lands on pages its starting RSS already counts; forked, the MLP-Mixer's
+    private step measured 1.08x and 1.52x non-private in two consecutive runs of the same code. Fresh processes
+    still differ by their heap layout (two of the same step: 506 and 554 MB), hence the median
+    (docs/privacy.md, "Stored per-sample gradients for the mixer's channel Linears")."""
+    runs = [isolated(measure_memory, device, key, impl, device, quick, kept, fresh=True) for _ in range(repeats)]
+    peaks = [r["peak_mb"] for r in runs if "peak_mb" in r]
+    if not peaks:
+        return runs[0]
+    return {"peak_mb": statistics.median(peaks), "peak_mb_runs": [round(p, 1) for p in peaks]}
 
 
 def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int, profile: bool) -> list[dict]:
@@ -364,11 +385,14 @@ def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int,
         row = {"impl": impl, **times.get(impl, times)}
         # Memory of every impl in the full run; non-private and ours with --quick (the 1.3x claim).
         if "error" not in row and (not quick or impl in ("nonprivate", "ours")):
-            memory = isolated(measure_memory, device, key, impl, device, quick)
+            repeats = MEMORY_REPEATS if device == "cpu" and impl in ("nonprivate", "ours") else 1
+            memory = peak_memory(key, impl, device, quick, repeats=repeats)
             row["peak_mb"] = memory.get("peak_mb", float("nan"))
+            row["peak_mb_runs"] = memory.get("peak_mb_runs", [])
         if "error" not in row and KEEP_FREED_MEMORY and device == "cpu" and impl in ("nonprivate", "ours"):
-            memory = isolated(measure_memory, device, key, impl, device, quick, True)
+            memory = peak_memory(key, impl, device, quick, kept=True, repeats=MEMORY_REPEATS)
             row["peak_mb_kept"] = memory.get("peak_mb", float("nan"))
+            row["peak_mb_kept_runs"] = memory.get("peak_mb_runs", [])
         row.setdefault("seconds", float("nan"))
         rows.append(row)
         print(f"{key:12s} {impl:13s} {row['seconds']:.4f}s {row.get('error', '')}", file=sys.stderr)
