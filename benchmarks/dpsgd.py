@@ -370,7 +370,7 @@ def peak_memory(key: str, impl: str, device: str, quick: bool, kept: bool = Fals
     decides how much of the child's step lands on pages its starting RSS already counts; forked, the MLP-Mixer's
     private step measured 1.08x and 1.52x non-private in two consecutive runs of the same code. Fresh processes
     still differ by their heap layout (two of the same step: 506 and 554 MB), hence the median
-    (docs/privacy.md, "Stored per-sample gradients for the mixer's channel Linears")."""
+    (docs/privacy.md, "Memory figures from fresh interpreters")."""
     runs = [isolated(measure_memory, device, key, impl, device, quick, kept, fresh=True) for _ in range(repeats)]
     peaks = [r["peak_mb"] for r in runs if "peak_mb" in r]
     if not peaks:
@@ -547,6 +547,7 @@ def main() -> None:
         parser.add_argument("--system-malloc", action="store_true", help="time under malloc's defaults (see doc)")
 
     args = parse_args(__doc__.splitlines()[0], extra)
+    _refuse_bad_input(args)
     # A fixed, reported thread count: torch's default follows the machine's load-dependent affinity.
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
@@ -580,6 +581,22 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({**result, "rows": rows, **extra}, indent=2))
+
+
+def _refuse_bad_input(args) -> None:
+    """One line naming the bad value and what is allowed, exit 2, before any child is started."""
+    for flag, given, allowed in (("--models", args.models, list(MODELS)), ("--impls", args.impls, IMPLS)):
+        unknown = [name for name in (given or "").split(",") if name not in allowed] if given is not None else []
+        if unknown:
+            _refuse(f"{flag} {','.join(unknown)} is not allowed: a comma-separated subset of {allowed}")
+    for flag, value in (("--rounds", args.rounds), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            _refuse(f"{flag}={value} is not allowed: an integer >= 1")
+
+
+def _refuse(message: str) -> None:
+    print(f"dpsgd: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,14 @@ def test_per_layer_script_refuses_bad_input_in_one_line(args, needle):
     done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and needle in done.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [(["--models", "nope"], "--models nope is not allowed"), (["--impls", "ours,jax"], "--impls jax is not allowed"),
+     (["--rounds", "0"], "--rounds=0 is not allowed")],
+)  # fmt: skip
+def test_dp_benchmark_refuses_bad_input_in_one_line(args, needle):
+    done = subprocess.run([sys.executable, str(Path(dpsgd.__file__)), *args], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.count("\n") == 1 and needle in done.stderr
