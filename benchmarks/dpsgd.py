@@ -40,8 +40,8 @@ page-faults its buffers back in; every implementation of a model runs in the sam
 timed step (``page_faults_per_step``, from ``getrusage``). Memory children always run under the defaults (a
 kept block freed while the model was built would otherwise hide part of a step's peak); the non-private and our
 step are also measured under it over five steps (``peak_mb_kept``: resident memory held once freed blocks are kept).
-On the CPU every memory figure comes from fresh interpreters, the non-private and our step's from the median of
-three (``peak_mb_runs``, ``peak_mb_kept_runs``; :func:`peak_memory` says why).
+On the CPU every memory figure of a full run comes from fresh interpreters, the non-private and our step's from
+the median of three (``peak_mb_runs``, ``peak_mb_kept_runs``; :func:`peak_memory` says why; ``--quick`` forks).
 
 Ratios: ``X_vs_Y`` is Y's time over X's (above 1, X is faster), so ``nonprivate_vs_ours_M`` is the DP cost
 factor of our step on model M; ``mem_ours_over_nonprivate_M`` is peak memory over non-private peak memory.
@@ -361,17 +361,18 @@ def isolated(fn, device: str, *args, fresh: bool = False):
     return result
 
 
-MEMORY_REPEATS = 3  # fresh processes per CPU memory figure (non-private and ours; the peers get one)
+MEMORY_REPEATS = 3  # fresh processes per CPU memory figure of a full run (non-private and ours; peers: one)
 
 
 def peak_memory(key: str, impl: str, device: str, quick: bool, kept: bool = False, repeats: int = 1) -> dict:
-    """:func:`measure_memory` in ``repeats`` fresh interpreters on the CPU: ``peak_mb`` is their median and
-    ``peak_mb_runs`` every one. Not forked: a forked child inherits this process' heap, and how much of it is free
-    decides how much of the child's step lands on pages its starting RSS already counts; forked, the MLP-Mixer's
-    private step measured 1.08x and 1.52x non-private in two consecutive runs of the same code. Fresh processes
-    still differ by their heap layout (two of the same step: 506 and 554 MB), hence the median
-    (docs/privacy.md, "Memory figures from fresh interpreters")."""
-    runs = [isolated(measure_memory, device, key, impl, device, quick, kept, fresh=True) for _ in range(repeats)]
+    """:func:`measure_memory` in ``repeats`` fresh interpreters on the CPU (forked with ``quick``): ``peak_mb`` is
+    their median and ``peak_mb_runs`` every one. Not forked: a forked child inherits this process' heap, and how
+    much of it is free decides how much of the child's step lands on pages its starting RSS already counts;
+    forked, the MLP-Mixer's private step measured 1.08x and 1.52x non-private in two consecutive runs of the same
+    code. Fresh processes still differ by their heap layout (two of the same step: 506 and 554 MB), hence the
+    median (docs/privacy.md, "Memory figures from fresh interpreters")."""
+    fresh = not quick  # --quick is a smoke run, indicative only: forked children start in milliseconds
+    runs = [isolated(measure_memory, device, key, impl, device, quick, kept, fresh=fresh) for _ in range(repeats)]
     peaks = [r["peak_mb"] for r in runs if "peak_mb" in r]
     if not peaks:
         return runs[0]
@@ -385,12 +386,13 @@ def run_model(key: str, impls: list[str], device: str, quick: bool, rounds: int,
         row = {"impl": impl, **times.get(impl, times)}
         # Memory of every impl in the full run; non-private and ours with --quick (the 1.3x claim).
         if "error" not in row and (not quick or impl in ("nonprivate", "ours")):
-            repeats = MEMORY_REPEATS if device == "cpu" and impl in ("nonprivate", "ours") else 1
+            full = device == "cpu" and not quick and impl in ("nonprivate", "ours")
+            repeats = MEMORY_REPEATS if full else 1
             memory = peak_memory(key, impl, device, quick, repeats=repeats)
             row["peak_mb"] = memory.get("peak_mb", float("nan"))
             row["peak_mb_runs"] = memory.get("peak_mb_runs", [])
         if "error" not in row and KEEP_FREED_MEMORY and device == "cpu" and impl in ("nonprivate", "ours"):
-            memory = peak_memory(key, impl, device, quick, kept=True, repeats=MEMORY_REPEATS)
+            memory = peak_memory(key, impl, device, quick, kept=True, repeats=1 if quick else MEMORY_REPEATS)
             row["peak_mb_kept"] = memory.get("peak_mb", float("nan"))
             row["peak_mb_kept_runs"] = memory.get("peak_mb_runs", [])
         row.setdefault("seconds", float("nan"))
@@ -586,7 +588,7 @@ def main() -> None:
 def _refuse_bad_input(args) -> None:
     """One line naming the bad value and what is allowed, exit 2, before any child is started."""
     for flag, given, allowed in (("--models", args.models, list(MODELS)), ("--impls", args.impls, IMPLS)):
-        unknown = [name for name in (given or "").split(",") if name not in allowed] if given is not None else []
+        unknown = [name for name in given.split(",") if name not in allowed] if given is not None else []
         if unknown:
             _refuse(f"{flag} {','.join(unknown)} is not allowed: a comma-separated subset of {allowed}")
     for flag, value in (("--rounds", args.rounds), ("--threads", args.threads)):
