@@ -525,11 +525,15 @@ def test_each_layer_gets_its_cheapest_allowed_method_and_the_report_says_why(t, 
         assert picked.why.endswith(f"ghost {ghost:.3g} <= per-sample {stored:.3g} MAC")
 
 
+@pytest.mark.parametrize("chunk", [None, 1])  # 1: one sample per chunk (the bmm's [weight | bias] chunk by chunk)
+@pytest.mark.parametrize("method", ["instantiate_stored", "instantiate_recomputed"])
 @pytest.mark.parametrize("few", [0, 1 << 20])  # every conv by the folded-group op / every conv by patches x bmm
 @pytest.mark.parametrize("model", ["conv2d", "conv2d_groups_dilation", "conv2d_depthwise_same", "conv1d"])
-def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few):
+def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few, method, chunk):
     monkeypatch.setattr(bk_conv, "FEW_CHANNELS", few)
-    _force(monkeypatch, "instantiate_stored")
+    if chunk is not None:
+        monkeypatch.setattr(bk_conv, "_CHUNK", chunk)
+    _force(monkeypatch, method)
     make, shape = LAYERS[model]
     x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8))
     assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))

@@ -57,17 +57,25 @@ def _unpadded(x: Tensor, padding: list[int]) -> tuple[int, int, int, int]:
     return x.shape[2], x.shape[3], padding[0], padding[1]
 
 
-def unfold(module, x: Tensor, padding: list[int]) -> Tensor:
+def unfold(module, x: Tensor, padding: list[int], ones_row: bool = False) -> Tensor:
     """(B, C_in * prod(k), T) patches, channel-major like the weight's (C_out, C_in/groups, *k) layout.
 
-    A strided view copied once by ``reshape``: on the CPU several times faster than ``F.unfold`` (im2col).
+    A strided view copied once: on the CPU several times faster than ``F.unfold`` (im2col). With ``ones_row``
+    each group's rows end with a row of ones, (B, groups * (C_in/groups * prod(k) + 1), T): a product with the
+    output gradients then also gives the bias gradient (their sum over positions) in the same pass.
     """
     x, k, d, s = _geometry(module, x, padding)
     b, c, h, w = x.shape
     oh, ow = _out_size(h, w, k, d, s)
     sb, sc, sh, sw = x.stride()
     view = x.as_strided((b, c, *k, oh, ow), (sb, sc, sh * d[0], sw * d[1], sh * s[0], sw * s[1]), x.storage_offset())
-    return view.reshape(b, c * k[0] * k[1], oh * ow)
+    if not ones_row:
+        return view.reshape(b, c * k[0] * k[1], oh * ow)
+    groups, rows = module.groups, c // module.groups * k[0] * k[1]
+    patches = torch.empty(b, groups, rows + 1, oh * ow, dtype=x.dtype, device=x.device)
+    patches[:, :, :rows].view(b, groups, c // groups, *k, oh, ow).copy_(view.view(b, groups, c // groups, *k, oh, ow))
+    patches[:, :, rows].fill_(1)
+    return patches.view(b, groups * (rows + 1), oh * ow)
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,19 +208,35 @@ class ConvRule(Rule):
         t = sum(c.grad[0].numel() // module.out_channels for c in calls)
         kept = sum(c.saved[0][0].numel() + c.grad[0].numel() for c in calls)
         out = Processed(torch.zeros(b, device=calls[0].grad.device), "ghost", "", False)
-        if "bias" in params:
+        on_cuda = calls[0].grad.is_cuda
+        folded = not on_cuda and not few_input_channels(module)  # the CPU folded-group op
+        pick = None
+        if "weight" in params:
+            mem_factor = FOLDED_MEM_FACTOR if folded else MEM_FACTOR
+            pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept, mem_factor=mem_factor)
+        # Per-sample gradients by patches x bmm: the bias comes from the same bmm (a row of ones in the patches),
+        # as one (C_out, Da + 1) matrix per sample, [weight | bias]: a separate sum over positions re-read the whole
+        # output gradient (the cnn 32x32's conv1: 2.5 ms a step), and splitting the matrix cost two copies.
+        by_bmm = pick is not None and pick.method == "instantiate" and (pick.store if on_cuda else not folded)
+        bias_by_bmm = by_bmm and "bias" in params
+        if "bias" in params and not bias_by_bmm:
             out.stored["bias"] = sum(c.grad.flatten(2).sum(2) for c in calls)
             out.norm_sq += _sq(out.stored["bias"])
-        if "weight" not in params:
+        if pick is None:
             return out
-        folded = not calls[0].grad.is_cuda and not few_input_channels(module)  # the CPU folded-group op
-        mem_factor = FOLDED_MEM_FACTOR if folded else MEM_FACTOR
-        pick = choose(t=t, da=da, dg=dg, groups=groups, kept=kept, mem_factor=mem_factor)
         out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
+        self._weight_norms(out, module, calls, pick, t, da, dg, folded, bias_by_bmm)
+        return out
+
+    def _weight_norms(self, out: Processed, module, calls, pick, t, da, dg, folded, bias_by_bmm) -> None:
+        """Adds the weight's per-sample squared norms to ``out`` (and keeps what the clipped sum needs), chunk by
+        chunk of samples so the transient patches and gradients stay under ``_CHUNK`` floats."""
+        b, groups = calls[0].grad.shape[0], module.groups
         pixels = sum(c.saved[0][0, 0].numel() for c in calls)  # unpadded: the Gram's padding entries are zeros
         by_pixels = pick.method == "ghost" and ghost_by_pixels(module, pixels, t, calls[0].grad)
+        kept_as = "weight_and_bias" if bias_by_bmm else "weight"
         if pick.store:  # per-sample gradients kept in the chunks they are computed in (see _weighted_chunks)
-            out.stored["weight"] = []
+            out.stored[kept_as] = []
         per_sample = groups * (pixels * pixels if by_pixels else da * (t if pick.method == "ghost" else dg))
         cpu_instantiate = pick.method == "instantiate" and not calls[0].grad.is_cuda
         if cpu_instantiate and few_input_channels(module):
@@ -222,6 +246,7 @@ class ConvRule(Rule):
         if cpu_instantiate and folded:
             step = min(step, fold_size(per_sample))
             repeated = module.weight.detach().repeat(step, *([1] * (module.weight.dim() - 1)))
+        biases: list[Tensor] = []  # per-sample bias gradients from the bmm when the weight's are not kept
         for lo in range(0, b, step):
             part = [(c.saved[0][lo : lo + step], c.saved[1], c.grad[lo : lo + step]) for c in calls]
             n = part[0][2].shape[0]
@@ -234,14 +259,20 @@ class ConvRule(Rule):
             if part[0][2].is_cuda and not pick.store:  # fused Triton norm on the patches; nothing stored
                 out.norm_sq[lo : lo + n] += instantiated_norm_sq(*self._patches(module, part)).view(n, groups).sum(1)
                 continue
-            ps = self._per_sample_grads(module, part, repeated)
+            ps = self._per_sample_grads(module, part, repeated, with_bias=bias_by_bmm)
             if pick.store:
-                out.stored["weight"].append(ps)
-            out.norm_sq[lo : lo + n] += _sq(ps)
-        return out
+                out.stored[kept_as].append(ps)
+            elif bias_by_bmm:
+                biases.append(ps[..., -1])
+            out.norm_sq[lo : lo + n] += _sq(ps)  # with the bias column: weight and bias in one pass
+        if biases:
+            out.stored["bias"] = torch.cat(biases)
 
-    def _per_sample_grads(self, module, part: list[tuple[Tensor, list[int], Tensor]], repeated=None) -> Tensor:
-        """(N, *weight.shape) per-sample weight gradients, summed over the calls.
+    def _per_sample_grads(
+        self, module, part: list[tuple[Tensor, list[int], Tensor]], repeated=None, with_bias: bool = False
+    ) -> Tensor:
+        """(N, *weight.shape) per-sample weight gradients, summed over the calls; with ``with_bias`` (the bmm
+        path only) (N, C_out, C_in/groups * prod(k) + 1): each sample's [weight | bias] from one bmm.
 
         On the CPU, mkldnn's weight-gradient op with the batch folded into the groups (as fast as the batch's
         own weight gradient, and no patch copy), except for a layer with few input channels per group (a
@@ -251,8 +282,9 @@ class ConvRule(Rule):
         """
         n = part[0][2].shape[0]
         if part[0][2].is_cuda or few_input_channels(module):
-            a, g = self._patches(module, part)
-            return torch.bmm(g.transpose(1, 2), a.to(g.dtype)).view(n, *module.weight.shape)
+            a, g = self._patches(module, part, ones_row=with_bias)
+            grads = torch.bmm(g.transpose(1, 2), a.to(g.dtype))  # (N * groups, Dg, Da [+ 1])
+            return grads.view(n, module.out_channels, -1) if with_bias else grads.view(n, *module.weight.shape)
         rows = n * module.out_channels
         if repeated is None or repeated.shape[0] < rows:
             repeated = module.weight.detach().repeat(n, *([1] * (module.weight.dim() - 1)))
@@ -266,10 +298,11 @@ class ConvRule(Rule):
         return grads[0] if len(grads) == 1 else sum(grads)
 
     @staticmethod
-    def _patches(module, part: list[tuple[Tensor, list[int], Tensor]]) -> tuple[Tensor, Tensor]:
-        """(N * groups, T, Da) patches and (N * groups, T, Dg) output gradients, calls concatenated along T."""
+    def _patches(module, part: list[tuple[Tensor, list[int], Tensor]], ones_row: bool = False) -> tuple[Tensor, Tensor]:
+        """(N * groups, T, Da) patches (``Da + 1`` with ``ones_row``, see :func:`unfold`) and (N * groups, T, Dg)
+        output gradients, calls concatenated along T."""
         groups = module.groups
-        a = _cat([unfold(module, x, pad) for x, pad, _ in part], 2)
+        a = _cat([unfold(module, x, pad, ones_row) for x, pad, _ in part], 2)
         g = _cat([grad.flatten(2) for _, _, grad in part], 2)
         n, t = a.shape[0], a.shape[2]
         return a.view(n * groups, -1, t).transpose(1, 2), g.reshape(n * groups, -1, t).transpose(1, 2)
@@ -302,6 +335,9 @@ class ConvRule(Rule):
         return (gram_a.mul_(gram_g)).sum((1, 2)).view(n, groups).sum(1).float()
 
     def clipped(self, module, params, processed, calls, weights):
+        if "weight_and_bias" in processed.stored:  # the bmm's [weight | bias] per sample: one weighted reduce
+            both = _weighted_chunks(weights, processed.stored["weight_and_bias"])
+            return {module.weight: both[:, :-1].reshape(module.weight.shape).contiguous(), module.bias: both[:, -1]}
         grads = {}
         if "bias" in params:
             grads[module.bias] = _weighted(weights, processed.stored["bias"])
