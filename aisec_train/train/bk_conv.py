@@ -225,10 +225,10 @@ class ConvRule(Rule):
         if pick is None:
             return out
         out.method, out.why, out.keep_calls = pick.method, pick.why, not pick.store
-        self._weight_norms(out, module, calls, pick, t, da, dg, folded, bias_by_bmm)
+        self._weight_norms(out, module, calls, pick=pick, t=t, da=da, dg=dg, folded=folded, bias_by_bmm=bias_by_bmm)
         return out
 
-    def _weight_norms(self, out: Processed, module, calls, pick, t, da, dg, folded, bias_by_bmm) -> None:
+    def _weight_norms(self, out: Processed, module, calls, *, pick, t, da, dg, folded, bias_by_bmm) -> None:
         """Adds the weight's per-sample squared norms to ``out`` (and keeps what the clipped sum needs), chunk by
         chunk of samples so the transient patches and gradients stay under ``_CHUNK`` floats."""
         b, groups = calls[0].grad.shape[0], module.groups
@@ -239,7 +239,7 @@ class ConvRule(Rule):
             out.stored[kept_as] = []
         per_sample = groups * (pixels * pixels if by_pixels else da * (t if pick.method == "ghost" else dg))
         cpu_instantiate = pick.method == "instantiate" and not calls[0].grad.is_cuda
-        if cpu_instantiate and few_input_channels(module):
+        if cpu_instantiate and not folded:
             per_sample = max(per_sample, groups * da * t)  # the patches are copied for the bmm
         step = max(1, _CHUNK // max(1, per_sample))
         repeated = None  # the folded-group op's weight for ``step`` samples, built once for the layer
