@@ -539,6 +539,25 @@ def test_both_cpu_per_sample_conv_paths_are_exact(monkeypatch, model, few, metho
     assert_bk_equals_hooks(_materialise(make, shape), x, torch.tensor([0, 1, 2]))
 
 
+def test_a_first_convs_weight_and_bias_come_from_one_bmm_as_contiguous_gradients():
+    """3 input channels: the patch bmm, with a row of ones, gives each sample's [weight | bias]; kept as one
+    matrix, its clipped sum is split into contiguous gradients (a strided column would reach the all-reduce)."""
+    from aisec_train.train.bk_call import Call
+
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    call = Call((torch.randn(5, 3, 6, 6), [1, 1]), 0)
+    call.grad = torch.randn(5, 4, 6, 6)
+    processed = bk_conv.ConvRule().norms(conv, dict(conv.named_parameters()), [call])
+    assert processed.method == "instantiate" and set(processed.stored) == {"weight_and_bias"}
+    per_sample = torch.cat(processed.stored["weight_and_bias"])  # (5, 4, 3 * 9 + 1)
+    torch.testing.assert_close(per_sample[..., -1], call.grad.sum((2, 3)))
+    weights = torch.rand(5)
+    grads = bk_conv.ConvRule().clipped(conv, dict(conv.named_parameters()), processed, [call], weights)
+    assert grads[conv.weight].shape == conv.weight.shape and grads[conv.bias].shape == conv.bias.shape
+    assert all(g.is_contiguous() for g in grads.values())
+    torch.testing.assert_close(grads[conv.bias], weights @ call.grad.sum((2, 3)))
+
+
 @pytest.mark.parametrize("fold", [1, 2])  # samples per folded-group call: 2 leaves a last call of one sample
 @pytest.mark.parametrize("method", ["instantiate_stored", "instantiate_recomputed"])
 @pytest.mark.parametrize("model", ["conv2d", "conv2d_groups_dilation", "conv1d"])

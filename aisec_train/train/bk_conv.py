@@ -337,7 +337,10 @@ class ConvRule(Rule):
     def clipped(self, module, params, processed, calls, weights):
         if "weight_and_bias" in processed.stored:  # the bmm's [weight | bias] per sample: one weighted reduce
             both = _weighted_chunks(weights, processed.stored["weight_and_bias"])
-            return {module.weight: both[:, :-1].reshape(module.weight.shape).contiguous(), module.bias: both[:, -1]}
+            # Contiguous copies (C_out x Da floats): a strided column would reach p.grad, Opacus' optimizer and,
+            # under torchrun, the gradient all-reduce, which refuses non-contiguous tensors.
+            weight, bias = both[:, :-1].reshape(module.weight.shape).contiguous(), both[:, -1].contiguous()
+            return {module.weight: weight, module.bias: bias}
         grads = {}
         if "bias" in params:
             grads[module.bias] = _weighted(weights, processed.stored["bias"])
