@@ -179,13 +179,30 @@ def _resolve(value: str, key: str) -> Path:
 
 
 def run_dirs(argv: list[str]) -> Iterator[tuple[str, Path]]:
-    """(key, folder) for every ``hydra.run.dir`` / ``hydra.sweep.dir`` given, however quoted or forced."""
+    """(key, folder) for every ``hydra.run.dir`` / ``hydra.sweep.dir`` given, however quoted or forced, and the
+    default one the job will write into when none is given (``outputs/DATE/TIME``, or ``multirun/...`` with -m):
+    a symlinked ``outputs`` in the launch folder is refused as when it is named."""
+    given = set()
     for override in parsed_overrides(argv):
         key = override.key_or_group
-        if key in ("hydra.run.dir", "hydra.sweep.dir") and not override.is_delete():
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            given.add(key)
             value = override.value()
-            if isinstance(value, str):
+            if isinstance(value, str) and not override.is_delete():
                 yield key, _resolve(value, key)
+    key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
+    if key not in given:
+        yield key, _resolve(_default_dir(key), key)
+
+
+def _default_dir(key: str) -> str:
+    """The primary config's ``hydra.run.dir`` or ``hydra.sweep.dir``, unresolved (``${now:...}``)."""
+    from importlib.resources import files
+
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.to_container(OmegaConf.load(str(files("aisec_train.configs") / "config.yaml")), resolve=False)
+    return str(conf["hydra"][key.split(".")[1]]["dir"])
 
 
 def check_hydra_targets(argv: list[str]) -> None:

@@ -102,6 +102,31 @@ def test_a_swapped_model_with_recomputed_sidecar_is_refused_and_nothing_is_writt
     assert reg.read_bytes() == before and not (tmp_path / "known_good").exists()
 
 
+EDITED_REPORT = {
+    "clean accuracy raised": lambda r: r["metrics"].update(clean_accuracy=0.999),
+    "membership AUC lowered": lambda r: r.setdefault("audit", {}).update(membership={"auc": 0.5}),
+    "owner changed": lambda r: r["governance"].update(owner="mallory"),
+    "risk level added": lambda r: r["governance"].update(risk_level="low"),
+}
+
+
+@pytest.mark.parametrize("name", EDITED_REPORT)
+def test_an_edited_report_cannot_change_what_the_registry_signs(tmp_path, capsys, name):
+    """report.json has no tag of its own: the headline metrics and governance an entry signs come from model.pt's
+    keyed tag (the save stage runs after evaluation and audit), and a report that disagrees is refused."""
+    run = make_run(tmp_path / "x" / "run", metrics={"clean_accuracy": 0.875}, governance={"owner": "me"})
+    reg = tmp_path / "registry.json"
+    report = json.loads((run / "report.json").read_text())
+    EDITED_REPORT[name](report)
+    (run / "report.json").write_text(json.dumps(report))
+    refused(*cli(capsys, reg, "register", run)[::2], "does not belong to this run: report.json says ")
+    assert not reg.exists()
+    make_run(tmp_path / "y" / "run", metrics={"clean_accuracy": 0.875}, governance={"owner": "me"})
+    assert cli(capsys, reg, "register", tmp_path / "y" / "run")[0] == 0
+    entry = Registry(reg).entries()[0]
+    assert entry["metrics"]["metrics.clean_accuracy"] == 0.875 and entry["governance"] == {"owner": "me"}
+
+
 def edit_entry(reg: Path, change) -> None:
     body = json.loads(reg.read_text())
     change(body["runs"][0])

@@ -33,7 +33,8 @@ def _task(tmp_path, cnn_checkpoint, trainable: str, *extra: str) -> FederatedTas
     cfg = aisec_train.compose(["federated=fedavg", f"federated.clients={CLIENTS}", "federated.local_epochs=1",
                                f"model.trainable={trainable}", f"model.checkpoint_path={cnn_checkpoint}",
                                "model.lora.r=2", "privacy.target_epsilon=8", *extra])  # fmt: skip
-    return FederatedTask.from_job(str(write_job(cfg, tmp_path / "job.json", manifest_sha256="test")))
+    path, digest = write_job(cfg, tmp_path / "job.json", manifest_sha256="test")
+    return FederatedTask.from_job(str(path), digest)
 
 
 def _round(task, strategy, settings, global_arrays: ArrayRecord, rnd: int = 1) -> tuple[ArrayRecord, list[Message]]:

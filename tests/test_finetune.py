@@ -110,6 +110,32 @@ def test_an_aisec_train_model_pt_is_verified_by_its_keyed_tag(tmp_path):
         read_state_dict(str(tmp_path / "model.pt"))
 
 
+def test_a_pinned_checkpoint_is_refused_when_it_changes_and_an_unpinned_untagged_one_is_reported_unverified(tmp_path):
+    """Deleting an aisec-train model.pt's tag makes it a third-party file: loaded as weights only, but the report
+    says it was not verified; model.checkpoint_sha256 pins the bytes, and a changed file is refused."""
+    import hashlib
+
+    from aisec_train.models.finetune import FineTune, provenance
+
+    state = SmallCNN(in_channels=1, num_classes=10, image_size=8).state_dict()
+    path = tmp_path / "base.pt"
+    torch.save(state, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert provenance(str(path), None).startswith("not verified")
+    assert provenance(str(path), digest) == "SHA-256 pinned by model.checkpoint_sha256"
+    loaded = read_state_dict(str(path), digest)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save({k: v + 1 for k, v in state.items()}, path)  # the attacker's weights, same name, tag-less
+    with pytest.raises(ConfigError, match="model.checkpoint_sha256 pins .*; refusing changed weights"):
+        read_state_dict(str(path), digest)
+    spec = FineTune.parse({"checkpoint_path": str(path), "checkpoint_sha256": digest.upper()})
+    assert spec.checkpoint_sha256 == digest
+    with pytest.raises(ConfigError, match="model.checkpoint_sha256='abc' is not allowed: 64 hex digits"):
+        FineTune.parse({"checkpoint_path": str(path), "checkpoint_sha256": "abc"})
+    with pytest.raises(ConfigError, match="without model.checkpoint_path"):
+        FineTune.parse({"checkpoint_sha256": digest})
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [

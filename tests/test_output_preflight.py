@@ -98,6 +98,22 @@ def test_quoting_cannot_skip_the_symlink_check(tmp_path, form):
     assert list(target.iterdir()) == []
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_symlinked_default_output_folder_is_refused_before_hydra_writes(tmp_path, monkeypatch, multirun):
+    """No hydra.run.dir given: Hydra would write into outputs/DATE/TIME (multirun/... with -m) under the launch
+    folder; a planted ``outputs`` link is refused as when it is named, and nothing lands in its target."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    launch = tmp_path / "launch"
+    launch.mkdir()
+    (launch / ("multirun" if multirun else "outputs")).symlink_to(target)
+    monkeypatch.chdir(launch)
+    args = ["-m", "train.lr=0.1,0.2"] if multirun else []
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    refused(launch, args, key, "is a symlink")
+    assert list(target.iterdir()) == []
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare for a private tmpfs")
 def test_a_full_disk_mid_run_ends_in_one_line_with_nothing_half_written(tmp_path):

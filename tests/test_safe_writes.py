@@ -18,7 +18,8 @@ import stat
 import pytest
 
 from aisec_train.audit import monitor
-from aisec_train.store import IntegrityError, create_exclusive, open_in_place, open_live, shred
+from aisec_train.store import IntegrityError, atomic_write, create_exclusive, open_in_place, open_live, shred
+from aisec_train.store.files import read_nofollow
 from tests.conftest import REPO
 
 PACKAGE = REPO / "aisec_train"
@@ -244,6 +245,23 @@ def test_live_and_in_place_opens_refuse_a_symlink_and_leave_its_target(tmp_path)
     assert target.read_text() == "keep\n" and (run / "hard.log").read_text() == "new\n"
 
 
+def test_a_root_that_is_itself_a_symlink_is_refused_for_writing_but_not_a_folder_above_it(tmp_path):
+    """``outputs -> /elsewhere``, a ledger store or registry folder that is a link: nothing is written through it
+    (the ledger and registry commands write with that folder as their root). A link further up stays allowed."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target, target_is_directory=True)
+    with pytest.raises(IntegrityError, match="link is a symlink; refusing to write through it"):
+        atomic_write(tmp_path / "link" / "registry.json", "{}", root=tmp_path / "link")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(IntegrityError, match="dangling is a symlink"):
+        atomic_write(tmp_path / "dangling" / "x.json", "{}", root=tmp_path / "dangling")
+    assert list(target.iterdir()) == [] and not (tmp_path / "nowhere").exists()
+    atomic_write(tmp_path / "link" / "run" / "report.json", "{}", root=tmp_path / "link" / "run")
+    assert (target / "run" / "report.json").read_text() == "{}"
+    assert read_nofollow(tmp_path / "link" / "run" / "report.json", root=tmp_path / "link") == b"{}"  # reads may
+
+
 def test_shred_destroys_a_file_and_refuses_to_follow_a_link(tmp_path):
     secret = tmp_path / "epoch_00000" / "secret.ctx"
     secret.parent.mkdir()
@@ -298,8 +316,8 @@ def test_the_federated_job_file_is_written_atomically_and_never_through_a_symlin
     from aisec_train.federated.task import load_job, write_job
 
     cfg = aisec_train.compose(["federated=fedavg", "federated.clients=2"])
-    path = write_job(cfg, tmp_path / "fed" / "job.json", manifest_sha256="abc")
-    assert load_job(str(path))[1]["manifest_sha256"] == "abc"
+    path, digest = write_job(cfg, tmp_path / "fed" / "job.json", manifest_sha256="abc")
+    assert load_job(str(path), digest)[1]["manifest_sha256"] == "abc"
     assert os.listdir(path.parent) == ["job.json"]  # no fixed ".tmp" name left for a second job to collide on
     target = tmp_path / "elsewhere.json"
     target.write_text("keep")
@@ -308,6 +326,29 @@ def test_the_federated_job_file_is_written_atomically_and_never_through_a_symlin
     with pytest.raises(IntegrityError, match="symlink"):
         write_job(cfg, link, manifest_sha256="abc")
     assert target.read_text() == "keep"
+
+
+def test_an_edited_or_unpinned_federated_job_file_is_refused(tmp_path):
+    """Every SuperNode rebuilds its privacy mode, defences and model from job.json: the settings both sides get
+    (node and run config) pin its SHA-256, so switching off the clients' DP in the file is refused, not obeyed."""
+    import aisec_train
+    from aisec_train.federated.settings import ClientSettings, ServerSettings
+    from aisec_train.federated.task import load_job, write_job
+
+    cfg = aisec_train.compose(["federated=fedavg", "federated.clients=2"])
+    path, digest = write_job(cfg, tmp_path / "fed" / "job.json", manifest_sha256="abc")
+    assert load_job(str(path), digest)[0].privacy.mode.value == "dpsgd"
+    both = (ServerSettings(str(path), "s", job_sha256=digest), ClientSettings(str(path), "c", job_sha256=digest))
+    for settings in both:
+        assert type(settings).from_map(settings.to_map()).job_sha256 == digest  # what a SuperNode is told
+    edited = json.loads(path.read_text())
+    edited["config"]["privacy"]["mode"] = "none"
+    path.write_text(json.dumps(edited, indent=1))
+    load_job.cache_clear()  # a process keeps the config it verified; a fresh SuperNode reads the file again
+    with pytest.raises(IntegrityError, match="refusing an edited job file"):
+        load_job(str(path), digest)
+    with pytest.raises(IntegrityError, match="no job-sha256 pins it"):
+        load_job(str(path), "")
 
 
 def test_the_sweep_summary_is_written_safely_and_a_planted_link_is_one_line(tmp_path, capsys):

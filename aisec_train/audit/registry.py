@@ -98,14 +98,35 @@ def _json_value(value: Any) -> Any:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def _reported(value: Any) -> Any:
+    """A report value as report.json holds it (non-finite numbers are written as null): the tag's copy of the
+    headline metrics compares equal to what the file on disk says."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _reported(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_reported(v) for v in value]
+    return value
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics and governance a registry entry carries, as report.json writes them."""
+    return {
+        "metrics": {key: _reported(_dig(report, key)) for key in HEADLINE},
+        "governance": _reported(report.get("governance") or {}),
+    }
+
+
 def run_claims(report: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """What ``model.pt``'s keyed tag says about the run that wrote it: its data, privacy, how training ended and
-    where it ran. ``register`` holds report.json against these, so neither a model copied in beside another run's
-    report nor an edited report passes (a whole run folder moved elsewhere is still one run: it registers, and its
-    entry's ``trained_in`` names where it was trained)."""
+    """What ``model.pt``'s keyed tag says about the run that wrote it: its data, privacy, how training ended, where
+    it ran, and its headline metrics and governance (the save stage runs after evaluation and audit). ``register``
+    holds report.json against these and takes the entry's metrics and governance from the tag, so neither a model
+    copied in beside another run's report nor an edited report passes (a whole run folder moved elsewhere is still
+    one run: it registers, and its entry's ``trained_in`` names where it was trained)."""
     claims = {name: _json_value(_dig(report, key)) for name, key in CLAIMS.items()}
     stopped = "budget" if _dig(report, "train.stopped_by_budget") else None
-    return {**claims, "run_dir": str(Path(run_dir).resolve()), "stopped": stopped}
+    return {**claims, "run_dir": str(Path(run_dir).resolve()), "stopped": stopped, **headline(report)}
 
 
 def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +142,16 @@ def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dic
         for name, key in CLAIMS.items()
         if _json_value(_dig(report, key)) != claims.get(name)
     ]
+    if "metrics" not in claims or "governance" not in claims:
+        found.append("the model's keyed tag records no headline metrics or governance (saved before they were)")
+    else:
+        said = headline(report)
+        found += [
+            f"report.json says {part}.{key}={said[part].get(key)!r}, the model's keyed tag {claims[part].get(key)!r}"
+            for part in ("metrics", "governance")
+            for key in sorted(set(said[part]) | set(claims[part]))
+            if said[part].get(key) != claims[part].get(key)
+        ]
     named = _dig(report, "model.sha256")
     if named != digest:
         found.append(f"report.json names model SHA-256 {str(named)[:16]}..., the file is {digest[:16]}...")
@@ -249,7 +280,8 @@ class Registry:
     ) -> dict[str, Any]:
         """Record a finished run; its model.pt must verify under its keyed tag and hold finite weights.
 
-        ``report`` (the run's report so far) supplies the headline metrics; default: the run's report.json.
+        ``report`` (the run's report so far; default: the run's report.json) must agree with the tag's claims;
+        the entry's headline metrics and governance are the tag's own (``governance`` overrides the latter).
         """
         run_dir = Path(run_dir).resolve()
         model = run_dir / "model.pt"
@@ -268,8 +300,9 @@ class Registry:
             "stopped": claims["stopped"],
             "trained_in": claims.get("run_dir"),  # a moved or copied run stays registrable, and says where it ran
             "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "metrics": {key: _dig(report, key) for key in HEADLINE},
-            "governance": governance or report.get("governance") or {},
+            # from the keyed tag (report.json was held to it above): an edited report cannot raise a metric
+            "metrics": claims["metrics"],
+            "governance": governance or claims["governance"],
             "known_good": False,
         }
         with self._editing() as runs:

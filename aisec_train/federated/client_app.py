@@ -49,8 +49,8 @@ def _global_state(record: ArrayRecord, keys: ClientKeys, template: dict) -> tupl
 
 
 @lru_cache(maxsize=2)
-def _task_from_job(job: str) -> FederatedTask:
-    return FederatedTask.from_job(job)
+def _task_from_job(job: str, job_sha256: str) -> FederatedTask:
+    return FederatedTask.from_job(job, job_sha256)
 
 
 def make_app(settings: ClientSettings | None = None, task: FederatedTask | None = None) -> ClientApp:
@@ -59,7 +59,9 @@ def make_app(settings: ClientSettings | None = None, task: FederatedTask | None 
 
     def _setup(msg: Message, context: Context):
         s = settings or ClientSettings.from_map(context.node_config)
-        t = task or _task_from_job(s.job)
+        # job.json's pin: the node config's when its operator set one, else the run's (the server's messages)
+        pin = s.job_sha256 or str(msg.content["config"].get("job-sha256", ""))
+        t = task or _task_from_job(s.job, pin)
         keys = ClientKeys(s)
         template = t.global_state()  # only what travels (model.trainable may freeze the rest)
         pid = int(context.node_config["partition-id"])

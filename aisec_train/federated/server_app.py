@@ -39,7 +39,7 @@ def make_app(
     def main(grid: Grid, context: Context) -> None:
         # 1. Settings: the job and the public context, nothing else.
         s = settings or ServerSettings.from_map(context.run_config)
-        cfg, _ = load_job(s.job)
+        cfg, _ = load_job(s.job, s.job_sha256)
         fed = cfg.federated
         # 2. Resume from the last completed round, or start from the seeded initial model.
         state = load_state(s.state_dir)
@@ -81,7 +81,10 @@ def make_app(
             initial_arrays=arrays,
             num_rounds=last - done,
             timeout=fed.round_timeout_s,
-            train_config=ConfigRecord({"local-epochs": fed.local_epochs}),
+            # job-sha256: a SuperNode started before the job (its operator could not know the digest) checks
+            # job.json against the run's pin, which reaches it only through these messages
+            train_config=ConfigRecord({"local-epochs": fed.local_epochs, "job-sha256": s.job_sha256}),
+            evaluate_config=ConfigRecord({"job-sha256": s.job_sha256}),
         )
 
     return app
@@ -90,7 +93,7 @@ def make_app(
 def _initial(s: ServerSettings, task: FederatedTask | None):
     """The seeded initial global state: the tensors that travel, all of them unless ``model.trainable`` freezes
     some (the server needs their shapes only; in deployment it rebuilds the task)."""
-    return (task or FederatedTask.from_job(s.job)).global_state()
+    return (task or FederatedTask.from_job(s.job, s.job_sha256)).global_state()
 
 
 app = make_app()

@@ -18,6 +18,7 @@ class ServerSettings:
     public_context: str = ""  # CKKS public context (no keys); empty for plaintext FedAvg
     public_sha256: str = ""
     public_root: str = ""  # federated.ckks.rotate_every > 0: epoch_<e>/ folders of public contexts and key ids
+    job_sha256: str = ""  # job.json's SHA-256 (federated/task.py: load_job refuses a file that differs)
 
     @classmethod
     def from_map(cls, values: Any) -> ServerSettings:
@@ -34,6 +35,7 @@ class ClientSettings:
     secret_context: str = ""  # CKKS secret context (mode 0600); empty for plaintext FedAvg
     secret_sha256: str = ""
     secret_root: str = ""  # federated.ckks.rotate_every > 0: epoch_<e>/ folders of secret contexts (0600)
+    job_sha256: str = ""
 
     @classmethod
     def from_map(cls, values: Any) -> ClientSettings:

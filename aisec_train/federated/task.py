@@ -33,9 +33,12 @@ from aisec_train.errors import require
 from aisec_train.federated import shared
 from aisec_train.federated.config import FederatedDP, InjectConfig, dp_level
 from aisec_train.federated.partition import Partition, client_partition, partition_labels
+from aisec_train.hashing import sha256_bytes
 from aisec_train.models.factory import ModelFactory
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, calibrated_noise
-from aisec_train.store.files import atomic_write
+from aisec_train.store.artifacts import is_sha256
+from aisec_train.store.errors import IntegrityError
+from aisec_train.store.files import atomic_write, read_nofollow
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.loop import accuracy, resolve_device, sgd, train
@@ -46,17 +49,27 @@ REFUSAL_CODES = {"nan": 1, "norm": 2, "budget": 3}
 
 
 # ---- the job: one source of truth for both apps ------------------------------------------------------------
-def write_job(cfg: Config, path: Path, *, manifest_sha256: str) -> Path:
-    """Freeze the composed config for the apps (no secrets: paths to keys live elsewhere)."""
+def write_job(cfg: Config, path: Path, *, manifest_sha256: str) -> tuple[Path, str]:
+    """Freeze the composed config for the apps (no secrets: paths to keys live elsewhere); returns the file and
+    the SHA-256 of the bytes written, which both sides' settings carry (``job-sha256``) to pin it."""
     container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
-    job = {"config": container, "manifest_sha256": manifest_sha256}
-    atomic_write(path, json.dumps(job, indent=1), root=path.parent)  # a unique temp: two jobs never share one
-    return path
+    data = json.dumps({"config": container, "manifest_sha256": manifest_sha256}, indent=1).encode()
+    atomic_write(path, data, root=path.parent)  # a unique temp: two jobs never share one
+    return path, sha256_bytes(data)
 
 
 @lru_cache(maxsize=4)
-def load_job(path: str) -> tuple[Config, dict[str, Any]]:
-    job = json.loads(Path(path).read_text())
+def load_job(path: str, sha256: str) -> tuple[Config, dict[str, Any]]:
+    """The frozen config, once job.json's bytes match the SHA-256 its settings pin: every SuperNode rebuilds its
+    privacy mode, defences and model from this file, so an edit (``privacy.mode: none``) is refused, not obeyed."""
+    if not is_sha256(sha256):
+        raise IntegrityError(f"{path}: no job-sha256 pins it (got {sha256!r}); refusing an unpinned job file")
+    data = read_nofollow(path)
+    if sha256_bytes(data) != sha256:
+        raise IntegrityError(
+            f"{path} has SHA-256 {sha256_bytes(data)}, its settings pin {sha256}: refusing an edited job file"
+        )
+    job = json.loads(data)
     merged = OmegaConf.merge(OmegaConf.structured(Config), job["config"])
     return to_config(merged), job
 
@@ -94,10 +107,11 @@ class FederatedTask:
         return cls(cfg, factory, data, partition, test.indices)
 
     @classmethod
-    def from_job(cls, job_path: str) -> FederatedTask:
-        """A SuperNode's view: data and model rebuilt from the frozen config (no Python objects cross machines);
-        the backdoor red team's poison is deterministic in the config, so it is replayed here too."""
-        cfg, _ = load_job(job_path)
+    def from_job(cls, job_path: str, job_sha256: str) -> FederatedTask:
+        """A SuperNode's view: data and model rebuilt from the frozen config (no Python objects cross machines),
+        once job.json matches its pinned SHA-256; the backdoor red team's poison is deterministic in the config,
+        so it is replayed here too."""
+        cfg, _ = load_job(job_path, job_sha256)
         data = load_dataset(cfg.dataset, seed=cfg.train.seed)
         normalize = cfg.dataset.normalize
         factory = ModelFactory(

@@ -48,10 +48,10 @@ def prepare(job: TrainJob) -> tuple[ServerSettings, ClientSettings]:
     """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
     cfg, data, run_dir = job.cfg, job.data, job.run_dir
     fed_dir, key_dir = run_dir / "federated", run_dir / CLIENT_KEY_DIR
-    path = write_job(cfg, fed_dir / "job.json", manifest_sha256=data.manifest_sha256)
+    path, digest = write_job(cfg, fed_dir / "job.json", manifest_sha256=data.manifest_sha256)
     load_job.cache_clear()  # a resumed run may have rewritten job.json with new overrides
-    server = ServerSettings(job=str(path), state_dir=str(fed_dir / "server"))
-    client = ClientSettings(job=str(path), state_dir=str(run_dir / "client_state"))
+    server = ServerSettings(job=str(path), state_dir=str(fed_dir / "server"), job_sha256=digest)
+    client = ClientSettings(job=str(path), state_dir=str(run_dir / "client_state"), job_sha256=digest)
     cc = cfg.federated.ckks
     if cfg.federated.aggregation is Aggregation.ckks and cc.rotate_every:
         keys = _epoch_keys(cfg.federated, key_dir, fed_dir / "server" / "keys")

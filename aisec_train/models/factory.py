@@ -91,7 +91,7 @@ class ModelFactory:
         reinit: list[str] = []
         if tune.checkpoint_path is not None:
             if self._weights is None:
-                self._weights = finetune.read_state_dict(tune.checkpoint_path)
+                self._weights = finetune.read_state_dict(tune.checkpoint_path, tune.checkpoint_sha256)
             reinit = finetune.load_weights(model, self._weights, tune.checkpoint_path)
         elif getattr(model, "reinitialized_layers", None) is not None:  # model=hf: transformers says which
             reinit = list(model.reinitialized_layers)
@@ -118,6 +118,9 @@ class ModelFactory:
         self._tuned = {
             "checkpoint_path": tune.checkpoint_path,
             "checkpoint_sha256": _sha256(tune.checkpoint_path) if tune.checkpoint_path else None,
+            "checkpoint_verified": (
+                finetune.provenance(tune.checkpoint_path, tune.checkpoint_sha256) if tune.checkpoint_path else None
+            ),
             "pretrained": tune.pretrained,
             "reinitialized_layers": reinit,
             "head": head,

@@ -5,6 +5,9 @@ here and never reach the network's constructor:
 
 - ``checkpoint_path``: a state dict, a timm / torchvision checkpoint (possibly under ``state_dict`` / ``model``)
   or an aisec-train ``model.pt`` (its keyed tag verified when it has one); always ``torch.load(weights_only=True)``.
+- ``checkpoint_sha256``: the file's SHA-256, pinned (a file that differs is refused). A file with neither a keyed
+  tag nor a pin is loaded unverified, and the report's ``model.checkpoint_verified`` says so: deleting an
+  aisec-train model.pt's tag makes it such a file, so pin what you fine-tune from.
   A head whose class count differs is left at its fresh initialisation and listed as re-initialised.
 - ``trainable``: ``all``, ``head``, ``lora`` (adapters plus the head) or a regular expression over parameter
   names; everything else gets ``requires_grad=False``, so Opacus clips and noises only what trains.
@@ -17,6 +20,8 @@ here and never reach the network's constructor:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +33,7 @@ from torch.nn import functional as F
 
 from aisec_train.errors import ConfigError
 
-KEYS = ("checkpoint_path", "pretrained", "trainable", "batchnorm", "lora")
+KEYS = ("checkpoint_path", "checkpoint_sha256", "pretrained", "trainable", "batchnorm", "lora")
 LORA_KEYS = ("r", "alpha", "dropout", "target_modules")
 BATCHNORM = ("auto", "freeze", "groupnorm")
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "state", "module")  # where trainers nest the weights
@@ -41,6 +46,7 @@ class FineTune:
     trainable: str = "all"
     batchnorm: str = "auto"
     lora: dict[str, Any] = field(default_factory=dict)
+    checkpoint_sha256: str | None = None
 
     @classmethod
     def parse(cls, node: dict[str, Any] | None) -> FineTune:
@@ -65,7 +71,15 @@ class FineTune:
         for key in lora:
             if key not in LORA_KEYS:
                 raise ConfigError(f"model.lora.{key} is not allowed: model.lora takes {', '.join(LORA_KEYS)}")
-        spec = cls(str(path) if path else None, bool(node.get("pretrained") or False), trainable, batchnorm, lora)
+        pin = node.get("checkpoint_sha256") or None
+        if pin is not None:
+            pin = str(pin).lower()
+            if not (len(pin) == 64 and set(pin) <= set("0123456789abcdef")):
+                given = node.get("checkpoint_sha256")
+                raise ConfigError(f"model.checkpoint_sha256={given!r} is not allowed: 64 hex digits")
+            if path is None:
+                raise ConfigError("model.checkpoint_sha256 is not allowed without model.checkpoint_path: it pins it")
+        spec = cls(str(path) if path else None, bool(node.get("pretrained") or False), trainable, batchnorm, lora, pin)
         if trainable == "lora":
             spec.lora_config()  # checks r, alpha, dropout and that peft is installed
         return spec
@@ -101,9 +115,27 @@ def split(node: dict[str, Any] | None) -> tuple[dict[str, Any], FineTune]:
 
 
 # ---- weights -----------------------------------------------------------------------------------------------
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from trainer dicts and wrapper prefixes."""
+def provenance(path: str, sha256: str | None) -> str:
+    """How the base weights were verified before loading, for the report (``model.checkpoint_verified``)."""
+    if Path(path).with_name(Path(path).name + ".tag").exists():
+        return "keyed tag verified (an aisec-train artifact)" + (" and SHA-256 pinned" if sha256 else "")
+    if sha256:
+        return "SHA-256 pinned by model.checkpoint_sha256"
+    return "not verified: no keyed tag and no model.checkpoint_sha256 (a third-party file is taken as it is)"
+
+
+def read_state_dict(path: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, unwrapped from trainer dicts and wrapper prefixes; ``sha256`` pins the
+    file's bytes (read once: what is hashed is what is loaded, unless its keyed tag verifies it again)."""
     file = Path(path)
+    data = None
+    if sha256 is not None:
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise ConfigError(
+                f"model.checkpoint_path={path!r} is not allowed: its SHA-256 is {hashlib.sha256(data).hexdigest()}, "
+                f"model.checkpoint_sha256 pins {sha256}; refusing changed weights"
+            )
     if file.with_name(file.name + ".tag").exists():  # an aisec-train artifact: its keyed tag must verify
         from aisec_train.train import checkpoint
 
@@ -113,7 +145,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             raise ConfigError(f"model.checkpoint_path={path!r} is not allowed: {err}") from None
     else:
         try:
-            payload = torch.load(file, map_location="cpu", weights_only=True)
+            source = io.BytesIO(data) if data is not None else file
+            payload = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
             reason = " ".join(str(err).split())[:200]
             raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None

@@ -2,8 +2,10 @@
 
 Every component below ``root`` is opened relative to its parent's directory descriptor with ``O_NOFOLLOW``, so
 a symlink planted anywhere under the root (``run/checkpoints -> /etc``, ``run/report.json -> ~/.bashrc``) is
-refused in one line and nothing is written through it, even if it is planted while we walk. ``root`` itself
-may sit behind a symlink (``/tmp`` on some systems): it is the user's choice, not something written by a run.
+refused in one line and nothing is written through it, even if it is planted while we walk. The folders above
+``root`` may be symlinks (``/tmp`` on some systems): the user's choice, not something a run writes. ``root`` itself
+may not be one when writing (``outputs -> /elsewhere``, a ledger store or registry folder that is a link): the
+jobs' preflight refused that already, and now the ledger and registry commands refuse it too.
 
     >>> atomic_write(run_dir / "report.json", data, root=run_dir)
     >>> with safe_open_for_write(run_dir / "metrics.csv", root=run_dir, mode="w") as fh:
@@ -77,9 +79,16 @@ def _is_link(parent_fd: int, name: str) -> bool:
 def _parent_dir(path: Path, root: Path, *, create: bool = True) -> Iterator[tuple[int, str]]:
     """A directory fd of ``path``'s parent reached without following symlinks, and ``path``'s final name."""
     root_abs, parts = _parts_under(path, root)
-    if create:
+    if create:  # writing: a root that is itself a symlink is refused (not one further up its path)
+        if root_abs.is_symlink():
+            raise IntegrityError(f"{root_abs} is a symlink; refusing to write through it")
         root_abs.mkdir(parents=True, exist_ok=True)
-    fd = os.open(root_abs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:  # O_NOFOLLOW when writing: the same refusal for a link planted since the check
+        fd = os.open(root_abs, (_DIR_FLAGS if create else os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise IntegrityError(f"{root_abs} is a symlink; refusing to write through it") from None
+        raise
     try:
         shown = root_abs
         for name in parts[:-1]:
