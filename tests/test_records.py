@@ -70,6 +70,10 @@ def test_the_digest_is_invariant_to_lossless_casts_and_layout(pixels, data):
     # float data off the 1/255 grid: identified by the float32 values training reads, in any float width
     off = as_float + np.float32(0.3 / 255)
     assert (digest_arrays(off.astype(np.float64), labels) == digest_arrays(off, labels)).all()
+    # uint8 values cast to float without the 1/255 scale are the same records (unless all pixels are 0 or 1,
+    # which is on the scaled grid and reads as 0 or 255)
+    unscaled = digest_arrays(pixels.astype(np.float32), labels) == reference
+    assert unscaled[(pixels.reshape(len(pixels), -1) > 1).any(axis=1)].all()
 
 
 def test_other_content_or_another_label_is_another_record():
@@ -204,6 +208,7 @@ def test_renamed_permuted_and_cast_copies_are_refused_through_the_api(tmp_path):
     copies = {
         "renamed": npz(tmp_path / "renamed.npz", x, y),
         "permuted_float64_int32": npz(tmp_path / "p.npz", x[perm].astype(np.float64), y[perm].astype(np.int32)),
+        "uint8_values_as_float32_unscaled": npz(tmp_path / "f.npz", np.rint(x * 255).astype(np.float32), y),
         "nhwc_uint8_compressed": npz(
             tmp_path / "u.npz", np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1), y, compressed=True
         ),

@@ -10,6 +10,10 @@ label must give the same digest. A record's canonical form, hashed with BLAKE2b-
   record is its float32 values (what training reads), with ``-0.0`` folded into ``0.0``. So ``uint8`` pixels,
   their ``x / 255`` in float32 or float64, and any lossless cast between them give one digest; a float64 value
   that float32 cannot hold is identified by the float32 value training sees;
+- a float record off that grid whose pixels are all whole numbers in 0..255 (uint8 values cast to float without the
+  1/255 scale, which the npz loader accepts with a value-range finding) is those ``uint8`` values too: otherwise
+  ``x.astype(float32)`` of a spent dataset would be fresh records (a record whose pixels are all 0 or 1 is on
+  the grid already and reads as 0 and 255);
 - a grey image stored as RGB (three equal channels, as an ImageFolder PNG export of grey images decodes) is its
   one-channel form;
 - the label as a signed 64-bit integer (int32 or int64 labels are the same record).
@@ -78,6 +82,12 @@ def _canonical_rows(block: np.ndarray, labels: np.ndarray) -> np.ndarray:
             axes = tuple(range(1, block.ndim))
             on_grid = (np.abs(scaled - q64) <= GRID_TOL).all(axis=axes) & (q64 >= 0).all(axis=axes)
             on_grid &= (q64 <= 255).all(axis=axes)
+            # uint8 values cast to float unscaled: whole numbers 0..255 off the 1/255 grid (some pixel above 1)
+            whole = x32.astype(np.float64)
+            unscaled = ~on_grid & (whole == np.rint(whole)).all(axis=axes) & (whole >= 0).all(axis=axes)
+            unscaled &= (whole <= 255).all(axis=axes)
+            q64 = np.where(unscaled.reshape(-1, *[1] * (block.ndim - 1)), whole, q64)
+            on_grid |= unscaled
             q = np.where(on_grid.reshape(-1, *[1] * (block.ndim - 1)), q64, 0).astype(np.uint8)
         block = x32
     out = np.empty(len(block), dtype=DIGEST)
