@@ -6,12 +6,14 @@ stderr and exit status 2, before any work is lost; tracebacks are kept for real 
 
 from __future__ import annotations
 
+import argparse
+import itertools
 import logging
 import os
 import sys
 from importlib.resources import files
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -86,18 +88,136 @@ def refuse_write(err: OSError) -> NoReturn:
     refuse(OSError(line))
 
 
+def check_flags(argv: list[str]) -> argparse.Namespace | None:
+    """Parse the flags with Hydra's own parser before Hydra does: an unknown flag or a bad choice is then one line
+    (argparse prints its usage too). None for ``--version``, which the parser answers by printing and exiting."""
+    from hydra._internal.utils import get_args_parser
+
+    if any(len(a) > 2 and "--version".startswith(a) for a in argv):
+        return None
+    parser = get_args_parser()
+    parser.error = lambda text: errors.refuse(PROG, text)  # type: ignore[method-assign] # a bad --cfg choice
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown:
+        flags = ", ".join(sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")}))
+        errors.refuse(PROG, f"unknown flag {' '.join(unknown)}: allowed flags are {flags}; the rest are overrides")
+    if extra:  # Hydra's parser reads one run of overrides: any after a flag and its value are left over
+        errors.refuse(
+            PROG, f"unrecognized arguments: {' '.join(extra)}: give all overrides together, before or after the flags"
+        )
+    return args
+
+
+def group_options(group: str) -> list[str]:
+    """The options of config group ``group``: its yaml files (``_``-prefixed ones are partials, not options)."""
+    return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml") if not p.name.startswith("_"))
+
+
+def check_group_values(overrides: list[Any]) -> None:
+    """A config group takes an option's name: Hydra raises a bare ValueError (a traceback) for ``train=null`` or
+    ``privacy=1``, so refuse it here, naming the group's options. ``~train`` still removes a group."""
+    for override in overrides:
+        group = override.key_or_group
+        if override.is_delete() or override.is_sweep_override():
+            continue  # a sweep's values are checked job by job (check_multirun)
+        if "/" not in group and not Path(CONFIG_DIR, group).is_dir():
+            continue  # a config key (train.lr=...), not a group
+        if not isinstance(override.value(), (str, list, dict)):
+            options = group_options(group)
+            allowed = f"one of {', '.join(options)}" if options else "an option's name"
+            raise ConfigError(f"{override.input_line} is not allowed: config group {group} takes {allowed}")
+
+
+MAX_SWEEP_CHECKS = 64  # configs composed and checked before a multirun starts (several per second)
+
+
+def sweep_lists(overrides: list[Any]) -> list[list[str]]:
+    """Each key's "key=value" strings, as Hydra's BasicSweeper.split_arguments builds them for its product (a
+    later override of a key replaces an earlier one; a range or interval sweep is refused as it refuses it)."""
+    from hydra.errors import HydraException
+
+    lists: dict[str, list[str]] = {}
+    for override in overrides:
+        key = override.get_key_element()
+        if not override.is_sweep_override():
+            lists[key] = [f"{key}={override.get_value_element_as_str()}"]
+        elif override.is_discrete_sweep():
+            lists[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            raise HydraException(f"BasicSweeper does not support sweep type : {override.value_type.name}")
+    return list(lists.values())
+
+
+def sweep_jobs(lists: list[list[str]]) -> list[tuple[int, list[str]]]:
+    """(Hydra's job number, overrides) of the jobs to check: all of them when there are at most MAX_SWEEP_CHECKS;
+    beyond, each swept value once with the other keys at their first value, so a bad value is still refused
+    before any work (a combination that fails only with another key's later value fails at its job, as before)."""
+    total = 1
+    for values in lists:
+        total *= len(values)
+    if total <= MAX_SWEEP_CHECKS:
+        return list(enumerate(list(job) for job in itertools.product(*lists)))
+    picked: dict[int, list[str]] = {}
+    for axis, values in enumerate(lists):
+        stride = 1
+        for later in lists[axis + 1 :]:
+            stride *= len(later)
+        for index, value in enumerate(values):
+            job = [v[0] for v in lists]
+            job[axis] = value
+            picked.setdefault(index * stride, job)  # its index in itertools.product, which Hydra numbers jobs by
+    return sorted(picked.items())
+
+
+def check_multirun(args: argparse.Namespace) -> None:
+    """Expand the sweep as Hydra's basic sweeper will and check each job's config as a single run checks its own
+    before any work (compose, types and ranges, components and limits; no data is read), so one bad value
+    refuses the whole sweep before the first job trains or charges a ledger."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from aisec_train.pipeline import preflight
+    from aisec_train.run_state import UserObjects
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=PROG):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # for glob() sweeps
+        overrides = parser.parse_overrides(args.overrides)
+        # hydra.* settings are the launcher's, not a job's (Hydra keeps them apart from the swept overrides too)
+        lists = sweep_lists([o for o in overrides if not o.key_or_group.startswith("hydra")])
+        for number, job in sweep_jobs(lists):
+            swept = " ".join(value for value, values in zip(job, lists, strict=True) if len(values) > 1)
+            try:
+                check_group_values(parser.parse_overrides(job))
+                cfg = to_config(compose(config_name=args.config_name or "config", overrides=job))
+                preflight(cfg, UserObjects())
+            except refusals() as err:
+                where = f"multirun job {number}" + (f" ({swept})" if swept else "")
+                raise ConfigError(f"{where} is refused, so no job ran: {message(err)}") from None
+
+
 def main() -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     from aisec_train.preflight import cli_preflight
     from aisec_train.train.launch import cli_overrides
 
+    args = check_flags(sys.argv[1:])  # Hydra's flags, one line for an unknown one
+    register_configs()
     try:  # before Hydra writes .hydra/ into the run directory or instantiates a callback
         sys.argv += cli_overrides(sys.argv[1:])  # under torchrun: the shared run directory (train/launch.py)
         cli_preflight(sys.argv[1:])
-    except ConfigError as err:
+        if args is not None:
+            check_group_values(OverridesParser.create().parse_overrides(args.overrides))
+        shows = args is None or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
+        # another config folder: its groups are Hydra's to compose; only the packaged one is checked ahead
+        if args is not None and args.multirun and not shows and not (args.config_path or args.config_dir):
+            check_multirun(args)
+    except refusals() as err:
         refuse(err)
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")
-    register_configs()
     try:
         _job()
     except refusals() as err:

@@ -60,7 +60,8 @@ def _row(run_dir: Path, sweep_dir: Path) -> dict[str, Any]:
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     """Write ``sweep_summary.{md,csv,png}`` into ``sweep_dir``; return the rows (runs without a report skipped)."""
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+        what = "is a file, not a sweep folder" if sweep_dir.exists() else "does not exist"
+        raise FileNotFoundError(f"sweep directory {sweep_dir} {what}")
     reports = sorted(sweep_dir.glob("**/report.json"), key=lambda p: (len(p.parts), str(p)))
     rows = [_row(p.parent, sweep_dir) for p in reports]
     _write_markdown(rows, sweep_dir / "sweep_summary.md")
@@ -126,11 +127,25 @@ class SweepSummary(Callback):
         log.info("sweep summary of %d run(s): %s", len(rows), sweep_dir / "sweep_summary.md")
 
 
+def check_sweep_dir(sweep_dir: Path) -> None:
+    """Refuse, before writing a summary into it, a folder that is not a sweep: one without the ``multirun.yaml``
+    Hydra saves into every ``hydra.sweep.dir`` when a sweep starts, whatever the launcher, and without any run's
+    ``report.json`` (runs gathered into one folder by hand are still summarised)."""
+    if not sweep_dir.is_dir() or (sweep_dir / "multirun.yaml").is_file():
+        return  # summarize words a missing folder or a file
+    if next(sweep_dir.glob("**/report.json"), None) is None:
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a sweep folder: it holds no multirun.yaml and no run's report.json; give the "
+            "hydra.sweep.dir of an aisec-train -m run"
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = errors.RefusingParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
     args = parser.parse_args(argv)
     with errors.refusing(PROG, FileNotFoundError, json.JSONDecodeError, KeyError, errors.Refusal):  # a symlink
+        check_sweep_dir(args.sweep_dir)
         rows = summarize(args.sweep_dir)
     print((args.sweep_dir / "sweep_summary.md").read_text())
     if not rows:  # a sweep whose runs all failed is a result to report, not bad input: exit 1, not 2

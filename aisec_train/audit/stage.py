@@ -215,6 +215,10 @@ def _guard_probes(run: Run, model: torch.nn.Module) -> None:
 # however large the dataset is (they are held as tensors, unlike the streamed training data).
 MONITOR_TRAIN_SAMPLES = 5_000
 MONITOR_HELDOUT_SAMPLES = 2_000
+# Confidence is calibrated on the even held-out samples (its std needs two) and the self-check runs on the odd
+# ones (at least one): three in all. A smaller test split (a toy or API check) trains and evaluates as usual and
+# reports monitoring as not applicable; it used to crash after training (an empty half in audit/shifts.py).
+MONITOR_MIN_HELDOUT = 3
 
 
 def _monitoring(run: Run, model: torch.nn.Module) -> None:
@@ -225,6 +229,14 @@ def _monitoring(run: Run, model: torch.nn.Module) -> None:
     train_x, _ = materialize(subset(data.train, np.sort(rows)))
     mode = "all" if len(train_x) == n_train else "seeded_sample"  # the words of the data stage's sanity coverage
     test_x, _ = materialize(data.test, limit=MONITOR_HELDOUT_SAMPLES)
+    if len(test_x) < MONITOR_MIN_HELDOUT:  # an empty half would crash below
+        why = f"{len(test_x)} held-out sample(s); the baseline and its self-check need {MONITOR_MIN_HELDOUT}"
+        run.report.add("monitoring", not_applicable=why)
+        run.report.check(
+            "monitoring", "baseline input and confidence statistics saved with the model", "not_applicable", why
+        )
+        run.report.check("monitoring", evidence.DRIFT, "not_applicable", why)
+        return
     meta = {
         "target": run.factory.target if run.factory else None,
         "input_shape": list(data.input_shape),

@@ -26,9 +26,16 @@ MAX_LISTED = 10
 
 
 def check_training_split(
-    dataset: Dataset, num_classes: int, outlier_z: float, *, max_samples: int = 50_000, seed: int = 0
+    dataset: Dataset,
+    num_classes: int,
+    outlier_z: float,
+    *,
+    max_samples: int = 50_000,
+    seed: int = 0,
+    test_labels: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Return ``{"findings": [...], "stats": {...}, "coverage": {...}}``; raise DataError on unusable data."""
+    """Return ``{"findings": [...], "stats": {...}, "coverage": {...}}``; raise DataError on unusable data.
+    ``test_labels``: the held-out split's labels, to report classes only the test split holds."""
     n = len(dataset)  # type: ignore[arg-type]
     if n == 0:
         raise DataError("the training split is empty")
@@ -47,6 +54,7 @@ def check_training_split(
         findings.append({"check": "value_range", "detail": f"values span [{lo:.3g}, {hi:.3g}], expected [0, 1]"})
     if counts[counts > 0].min() < IMBALANCE_RATIO * counts.max():
         findings.append({"check": "class_balance", "detail": f"class counts {counts.tolist()}"})
+    findings += label_findings(counts, test_labels)
     duplicates = stream["duplicates"]
     if duplicates:
         findings.append({"check": "exact_duplicates", "count": len(duplicates), "indices": duplicates[:MAX_LISTED]})
@@ -57,6 +65,38 @@ def check_training_split(
         )
     stats = {"value_range": [lo, hi], "class_counts": counts.tolist(), "n_duplicates": len(duplicates)}
     return {"findings": findings, "stats": stats, "coverage": coverage}
+
+
+def label_findings(counts: np.ndarray, test_labels: np.ndarray | None) -> list[dict[str, Any]]:
+    """The class count is the largest label + 1 (training or test), so labels {0, 1, 1000} make 1001 classes and a
+    test label never trained on adds one; both can be meant (sparse ids, a class held out on purpose), so they
+    are findings, not refusals: the model gets outputs that no record trains, and such test samples are always
+    misclassified."""
+    findings: list[dict[str, Any]] = []
+    empty = np.flatnonzero(counts == 0)
+    if len(empty):
+        findings.append(
+            {
+                "check": "classes_without_training_samples",
+                "count": len(empty),
+                "labels": empty[:MAX_LISTED].tolist(),
+                "detail": f"num_classes={len(counts)} (largest label {len(counts) - 1}); {len(empty)} of them have no "
+                "training sample: are the labels 0..num_classes-1?",
+            }
+        )
+    if test_labels is not None:
+        unseen = np.setdiff1d(np.unique(test_labels), np.flatnonzero(counts))
+        if len(unseen):
+            findings.append(
+                {
+                    "check": "test_labels_unseen_in_training",
+                    "count": int(np.isin(test_labels, unseen).sum()),
+                    "labels": unseen[:MAX_LISTED].tolist(),
+                    "detail": f"{len(unseen)} label(s) occur only in the test split: those test samples are always "
+                    "misclassified",
+                }
+            )
+    return findings
 
 
 def _stream(dataset: Dataset, indices: np.ndarray) -> dict[str, Any]:

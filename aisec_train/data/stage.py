@@ -8,12 +8,14 @@ account under DP, build the model factory, and report the data's identity and ch
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aisec_train.data.dataset import load_dataset
 from aisec_train.data.items import check_finite_split
 from aisec_train.data.manifest import summary
 from aisec_train.data.sanity import check_training_split
+from aisec_train.data.views import labels_of
+from aisec_train.errors import ConfigError
 from aisec_train.models.factory import ModelFactory
 from aisec_train.models.finetune import KEYS as FINETUNE_KEYS
 from aisec_train.privacy.admission import open_spend
@@ -34,6 +36,7 @@ def stage_data(run: Run) -> None:
     run.device = resolve_device(cfg.train.device)
     data = load_dataset(cfg.dataset, seed=cfg.train.seed, train=run.user.train, test=run.user.test)
     check_finite_split(data.test, "the test split")  # scores on it are reported: NaN there is refused too
+    check_normalize(cfg.dataset.normalize, data.input_shape)
     text_evidence = None
     if is_text(data):  # token ids: the pixel checks do not apply (text_run.py says which ran)
         sanity, text_evidence = text_sanity(data)
@@ -44,6 +47,7 @@ def stage_data(run: Run) -> None:
             cfg.dataset.outlier_z,
             max_samples=cfg.dataset.sanity_samples,
             seed=data.split_seed,
+            test_labels=labels_of(data.test),
         )
     data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
@@ -70,6 +74,23 @@ def stage_data(run: Run) -> None:
     run.report.add("model", **run.factory.describe())
     _check_integrity(run)
     _check_sanity(run, sanity, text_evidence)
+
+
+def check_normalize(normalize: Any, input_shape: tuple[int, ...]) -> None:
+    """Per-channel statistics must fit the images: one value for every channel, or one per channel. Found here,
+    where the channel count is known; otherwise the model's first layer fails on it and the refusal names the
+    model."""
+    if normalize.mean is None or len(input_shape) != 3:  # token ids take no pixel normalisation (config.py)
+        return
+    channels = input_shape[0]
+    allowed = "1 value" if channels == 1 else f"1 value (every channel) or {channels} (one per channel)"
+    for key in ("mean", "std"):
+        values = list(getattr(normalize, key) or [])
+        if len(values) not in (1, channels):
+            raise ConfigError(
+                f"dataset.normalize.{key}={values!r} is not allowed: the images have {channels} channel(s); give "
+                f"{allowed}"
+            )
 
 
 def _factory(run: Run) -> ModelFactory:
