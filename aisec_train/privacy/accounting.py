@@ -13,9 +13,11 @@ the training package.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.analysis import gdp as gdp_analysis
 from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.analysis.prv import (
     Domain,
@@ -26,6 +28,7 @@ from opacus.accountants.analysis.prv import (
 )
 
 History = list[tuple[float, float, int]]
+_GDP_EPS_MAX = 500.0  # the upper end of Opacus' root bracket in gdp.eps_from_mu
 
 
 @functools.lru_cache(maxsize=1024)
@@ -77,6 +80,26 @@ def epsilon(accountant: str, history: History, delta: float) -> float:
         return rdp_epsilon(history, delta)
     if accountant == "prv":
         return prv_epsilon(list(history), delta)
+    if accountant == "gdp":
+        return gdp_epsilon(list(history), delta)
     fresh = create_accountant(accountant)
     fresh.history = list(history)
     return float(fresh.get_epsilon(delta=delta))
+
+
+def gdp_epsilon(history: History, delta: float) -> float:
+    """Opacus' GaussianAccountant.get_epsilon (Poisson sampling; like Opacus, it reads only the last entry), where
+    Opacus answers. Opacus inverts delta(epsilon; mu) by a root search bracketed in epsilon [0, 500], and raises
+    ("f(a) and f(b) must have different signs") when the root lies outside that bracket. delta(epsilon; mu) falls
+    as epsilon grows, so outside the bracket the answer is known: if delta(500) is still above ``delta`` (little
+    noise: mu of tens or more, or an overflowing mu), no epsilon up to 500 holds, and inf is the honest (and
+    conservative) reading, which any finite target refuses; if delta(0) is already at most ``delta`` (mu near 0),
+    the mechanism is (0, delta)-DP and 0 is exact."""
+    noise, rate, steps = history[-1]
+    with np.errstate(over="ignore", invalid="ignore"):  # exp(1 / noise**2) overflows for noise below ~0.04
+        mu = gdp_analysis.compute_mu_poisson(steps=steps, noise_multiplier=noise, sample_rate=rate)
+        if not np.isfinite(mu) or not gdp_analysis.delta_eps_mu(eps=_GDP_EPS_MAX, mu=mu) <= delta:
+            return math.inf
+        if gdp_analysis.delta_eps_mu(eps=0.0, mu=mu) <= delta:
+            return 0.0
+    return float(gdp_analysis.eps_from_mu(mu=mu, delta=delta))

@@ -42,22 +42,31 @@ def begin(ledger: DatasetLedger, run_id: str, task: FederatedTask, plan: ClientD
     cfg = task.cfg
     noise, rate, steps, delta, accountant = planned(task, plan)
     target = plan.target_epsilon if plan is not None else cfg.privacy.target_epsilon
+    scope = cfg.privacy.budget_scope.value
+
+    def admit() -> None:
+        if scope == "run":  # charged too: past the dataset's target only on record
+            ledger.admit_past_target(run_id, (noise, rate, steps), why=cfg.privacy.budget_reason, own_target=target)
+            return
+        spent = ledger.steps(run_id)  # a resumed federation has charged its earlier rounds already
+        fits = ledger.steps_within(noise_multiplier=noise, sample_rate=rate, limit=steps, target_epsilon=target)
+        if spent == 0 and fits < steps:
+            raise BudgetError(
+                f"privacy budget of dataset {ledger.dataset[:16]}: the federation's planned spend ({steps} steps at "
+                f"noise {noise:.3f}, sample rate {rate:.4f}) does not fit what earlier runs left (epsilon "
+                f"{ledger.total_epsilon():.3f} spent of {ledger.target_epsilon}); nothing was trained"
+            )
+
+    # A new run is admitted inside begin_run, before its budget (if it is the first) is committed: a refused
+    # first federation leaves no budget behind. A resumed one is checked again after its invariants.
+    resumed = run_id in ledger.runs()
     ledger.begin_run(
         run_id, delta=delta, accountant=accountant, sample_rate=rate, noise_multiplier=noise,
         split_seed=task.data.split_seed, target_epsilon=target, n_train=n_train,
-        budget_scope=cfg.privacy.budget_scope.value, delta_reason=cfg.privacy.delta_reason,
+        budget_scope=scope, delta_reason=cfg.privacy.delta_reason, admit=admit,
     )  # fmt: skip
-    if cfg.privacy.budget_scope.value == "run":  # charged too: past the dataset's target only on record
-        ledger.admit_past_target(run_id, (noise, rate, steps), why=cfg.privacy.budget_reason, own_target=target)
-        return
-    spent = ledger.steps(run_id)  # a resumed federation has charged its earlier rounds already
-    fits = ledger.steps_within(noise_multiplier=noise, sample_rate=rate, limit=steps, target_epsilon=target)
-    if spent == 0 and fits < steps:
-        raise BudgetError(
-            f"privacy budget of dataset {ledger.dataset[:16]}: the federation's planned spend ({steps} steps at noise "
-            f"{noise:.3f}, sample rate {rate:.4f}) does not fit what earlier runs left (epsilon "
-            f"{ledger.total_epsilon():.3f} spent of {ledger.target_epsilon}); nothing was trained"
-        )
+    if resumed:
+        admit()
 
 
 def charge(ledger: DatasetLedger, run_id: str, client_state: Path, server_state: Path, plan, clients: int) -> dict:

@@ -3,13 +3,14 @@
     aisec-train-ledger [--store DIR] list                                   # every dataset: runs, steps, epsilon
     aisec-train-ledger [--store DIR] show DATASET_HASH [--json]             # runs, refusals, raises, tag status
     aisec-train-ledger [--store DIR] raise-target DATASET_HASH --epsilon E --why TEXT   # a recorded act
-    aisec-train-ledger [--store DIR] verify [DATASET_HASH ...]              # keyed tags, chain, anchor
+    aisec-train-ledger [--store DIR] verify [DATASET_HASH ...]              # tags, chain, anchors; record sets too
     aisec-train-ledger [--store DIR] retag [DATASET_HASH ...] [--artifact FILE ...]     # after a key rotation
 
 The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's own store in the platform's user data
 folder (``~/.local/share/aisec-train/privacy_ledgers``). ``show``, ``verify`` and ``raise-target`` take a unique
 prefix of the hash (at least 4 characters, as refusals print it). ``raise-target`` takes a finite ``--epsilon`` of
-at most 100 and a one-line printable ``--why`` of at most 200 characters.
+at most 100, a one-line printable ``--why`` of at most 200 characters and a finite ``--wait`` >= 0. The store must be
+an existing folder (this tool never creates one: a job does).
 Exit status: 0 done, 2 refused (bad input, a ledger that does not verify, a lock held by another job).
 """
 
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from aisec_train import errors
 from aisec_train.errors import Refusal
-from aisec_train.privacy.ledger_store import DatasetLedger, LedgerStore
+from aisec_train.privacy.ledger_store import STORE_ENV, DatasetLedger, LedgerStore
+from aisec_train.privacy.record_sets import RecordSets
 from aisec_train.store import artifacts, keys
 from aisec_train.store.errors import StoreError
 
@@ -122,11 +125,15 @@ def _list(store: LedgerStore) -> int:
 
 
 def _verify(store: LedgerStore, datasets: list[str]) -> int:
+    """Each dataset's ledger and its record set (tags, chain, anchors); by default every dataset with either, so a
+    record set deleted or renamed while its anchor remains is reported, not skipped."""
+    sets = RecordSets(store.path)
     failures = 0
-    for ds in datasets or store.datasets():
+    for ds in datasets or sorted(set(store.datasets()) | set(sets.datasets())):
         try:
-            ds = store.find(ds)
-            print(f"ok  {ds}  {len(store.view(ds).records)} record(s)")
+            line = f"ok  {ds}  {len(store.view(ds).records)} record(s)"
+            digests = sets.load(ds)
+            print(line + (f", record set of {len(digests)}" if len(digests) else ""))
         except StoreError as err:
             failures += 1
             print(f"FORGED  {ds}  {' '.join(str(err).split())}")
@@ -142,9 +149,46 @@ def _retag(store: LedgerStore, datasets: list[str], files: list[Path]) -> None:
         print(f"{path}: {'re-tagged' if done else 'already under the current key'}")
 
 
+def _store_path(text: str) -> Path:
+    # an empty --store would be the working directory: never a store by accident (nor by a blank variable)
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: a ledger store folder, not an empty path")
+    return Path(text)
+
+
+def _wait_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):  # nan, inf or negative: no lock wait means that
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: a finite number of seconds >= 0")
+    return seconds
+
+
+def _check_store(store: LedgerStore, source: str) -> None:
+    """A store must exist as a folder: a mistyped --store would otherwise list 0 datasets, verify nothing and exit
+    0, and raise-target would create a folder (and a lock) where no ledger ever was. Jobs create their store;
+    this tool only reads and amends ledgers a job wrote."""
+    if not store.path.is_dir():
+        what = "is not a directory" if store.path.exists() else "does not exist"
+        raise StoreError(
+            f"ledger store {store.path} (from {source}) {what}: pass --store (or "
+            f"${STORE_ENV}) naming the folder a DP run charged"
+        )
+
+
+def _datasets(store: LedgerStore, given: list[str]) -> list[str]:
+    """The full hashes of the given hashes or unique prefixes; a malformed, unknown or ambiguous one is bad input
+    (refused before anything is read), not a forged ledger."""
+    return [store.find(ds) for ds in given]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = errors.RefusingParser(prog=PROG, description="The privacy budget charged to each dataset.")
-    parser.add_argument("--store", type=Path, help="ledger store folder (default: $AISEC_TRAIN_LEDGER_STORE, ...)")
+    parser.add_argument(
+        "--store", type=_store_path, help="ledger store folder (default: $AISEC_TRAIN_LEDGER_STORE, ...)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every dataset in the store")
     show = sub.add_parser("show", help="one dataset's runs, spend, raises and tag status")
@@ -154,7 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     raise_.add_argument("dataset")
     raise_.add_argument("--epsilon", type=float, required=True, help="the new target: finite, at most 100")
     raise_.add_argument("--why", required=True, help="the reason, recorded in the ledger")
-    raise_.add_argument("--wait", type=float, default=0.0, help="seconds to wait for a running job's lock")
+    raise_.add_argument(
+        "--wait", type=_wait_seconds, default=0.0, help="seconds to wait for a running job's lock (finite, >= 0)"
+    )
     verify = sub.add_parser("verify", help="verify every record's keyed tag, the chain and the anchor")
     verify.add_argument("datasets", nargs="*")
     retag = sub.add_parser("retag", help="re-tag ledgers (and --artifact files) under the current key")
@@ -165,8 +211,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    store = LedgerStore(args.store)
     with errors.refusing(PROG, Refusal, OSError):
+        store = LedgerStore(args.store)
+        if args.command != "retag" or args.datasets or not args.artifact:  # artifacts alone need no store
+            _check_store(store, "--store" if args.store else store.choice.source)
+        if args.command in ("verify", "retag"):
+            args.datasets = _datasets(store, args.datasets)
         if args.command == "list":
             failures = _list(store)
         elif args.command == "verify":
@@ -179,7 +229,10 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(s, indent=2)) if args.json else _show(s)
             failures = 0
         elif args.command == "raise-target":
-            with store.open(store.find(args.dataset), wait=args.wait) as led:
+            ds = store.find(args.dataset)
+            if not store.view(ds).records:  # no lock file left behind for a dataset this store never charged
+                errors.refuse(PROG, f"no ledger for dataset {args.dataset} in {store.path}")
+            with store.open(ds, wait=args.wait) as led:
                 r = led.raise_target(args.epsilon, why=args.why)
             print(f"raised dataset {args.dataset[:16]} target {r['previous']} -> {r['target_epsilon']} (recorded)")
             failures = 0

@@ -48,6 +48,9 @@ class LedgerRules:
     records: list[dict[str, Any]]
     dataset: str
     store: Path
+    # The budget a first run proposes while its admission runs: seen by ``budget()`` but committed only once the
+    # run is admitted, so a refused first run cannot fix the dataset's budget (its delta, accountant and target).
+    _proposed: dict[str, Any] | None = None
 
     def _commit(self, kind: str, **fields: Any) -> dict[str, Any]:  # pragma: no cover - provided by the store
         raise NotImplementedError
@@ -61,6 +64,8 @@ class LedgerRules:
                 found = {"target_epsilon": r["target_epsilon"], "delta": r["delta"], "accountant": r["accountant"]}
             elif r["kind"] == "raise" and found is not None:
                 found["target_epsilon"] = r["target_epsilon"]
+        if found is None and self._proposed is not None:
+            return dict(self._proposed)
         return found
 
     @property
@@ -151,7 +156,8 @@ class LedgerRules:
         The first run fixes the dataset's budget; a later dataset-scoped run must use the same delta and accountant
         and a target no higher than the recorded one (raise it first: ``raise_target``). ``delta`` >= 1/n needs a
         ``delta_reason``, recorded with the run. ``admit`` (the caller's check of the planned spend) runs after the
-        budget is known and before a new run is recorded: a run it refuses is never listed as a run.
+        budget is known and before a new run is recorded: a run it refuses is never listed as a run, and a first run
+        it refuses leaves no budget behind.
         """
         if budget_scope not in SCOPES:
             raise BudgetError(f"privacy.budget_scope={budget_scope!r} is not allowed: one of {SCOPES}")
@@ -181,8 +187,16 @@ class LedgerRules:
                     f"privacy.target_epsilon={target_epsilon} is not allowed as the budget of dataset "
                     f"{self.dataset[:16]}: at most {MAX_TARGET_EPSILON:g}"
                 )
-            self._commit("budget", run_id=run_id, target_epsilon=target_epsilon, delta=delta, accountant=accountant)
-        if admit is not None:
+            proposed = {"target_epsilon": target_epsilon, "delta": delta, "accountant": accountant}
+            self._proposed = proposed  # admission sees the budget it would commit ...
+            try:
+                if admit is not None:
+                    admit()
+            finally:
+                self._proposed = None
+            # ... and only an admitted run commits it: the ledger of a refused first run is left as it was
+            self._commit("budget", run_id=run_id, **proposed)
+        elif admit is not None:
             admit()
         if override:
             self._commit("delta_override", run_id=run_id, delta=delta, n_train=n_train, why=str(delta_reason))

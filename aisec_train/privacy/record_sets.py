@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aisec_train.privacy import budget
-from aisec_train.privacy.ledger_store import DatasetLedger, LedgerStore, check_dataset
+from aisec_train.privacy.ledger_store import _DATASET, DatasetLedger, LedgerStore, check_dataset
 from aisec_train.store import anchors, keys
 from aisec_train.store.errors import BudgetError, IntegrityError
 from aisec_train.store.files import atomic_write, read_nofollow
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 FORMAT = b"aisec-train-records/1\n"
 DIGEST = np.dtype("V16")
+# another dataset holding some of a run's records: (hash, which records, its history, its target, its terms)
+Member = tuple[str, np.ndarray, "History", float | None, list[tuple[str, float, str]]]
 
 
 def as_set(digests: np.ndarray) -> np.ndarray:
@@ -73,9 +75,23 @@ class RecordSets:
         return self.folder / f"{check_dataset(dataset)}.digests"
 
     def datasets(self) -> list[str]:
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.stem for p in self.folder.glob("*.digests") if len(p.stem) == 64)
+        """Every dataset with a record set here, or whose set's anchor says it had one: a deleted or renamed set
+        is then refused by ``load``, never skipped as if it had not been."""
+        found = {p.stem for p in self.folder.glob("*.digests")} if self.folder.is_dir() else set()
+        return sorted(name for name in found | self._anchored() if _DATASET.fullmatch(name))
+
+    def _anchored(self) -> set[str]:
+        """Datasets whose record-set anchor (kept beside the key, out of the store's reach) names this folder.
+        Only the anchor's path is read here; ``load`` verifies its keyed tag."""
+        folder, found = os.path.realpath(self.folder), set()
+        for path in anchors.anchor_dir().glob("*.json"):
+            try:
+                named = Path(json.loads(path.read_bytes())["ledger"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not an anchor we can read: whatever it guards refuses when opened
+            if str(named.parent) == folder and named.suffix == ".digests":
+                found.add(named.stem)
+        return found
 
     @timed("records.read")
     def load(self, dataset: str) -> np.ndarray:
@@ -84,7 +100,11 @@ class RecordSets:
         try:
             raw = read_nofollow(path, root=self.folder)
         except FileNotFoundError:
-            anchors.check_anchor(path, None)
+            if anchors.read_anchor(path) is not None:  # the set was written here once: deleted or renamed since
+                raise IntegrityError(
+                    f"record set {path} is missing but its anchor {anchors.anchor_path(path)} records it: a deleted "
+                    "or renamed record set does not free its records' privacy spend; restore the file"
+                ) from None
             return np.empty(0, dtype=DIGEST)
         head, _, rest = raw.partition(b"\n")
         meta_line, _, body = rest.partition(b"\n")
@@ -132,6 +152,8 @@ class Group:
     n_records: int
     history: History
     target_epsilon: float | None  # the smallest target of those datasets (None: none has a budget)
+    # (dataset, delta, accountant) each of those datasets is accounted at: its budget's, else its runs' own
+    terms: tuple[tuple[str, float, str], ...] = ()
 
 
 @dataclass
@@ -159,7 +181,10 @@ class SharedSpend:
         """The most new steps (0..``limit``) that keep every shared record within its target; refuses (one line)
         when a shared record allows none."""
         own = ledger.budget()
-        if own is None or not self.groups or limit <= 0:  # (limit 0: the dataset's own refusal names it)
+        if own is None or not self.groups:
+            return limit
+        self.check_terms(ledger, own)
+        if limit <= 0:  # the dataset's own refusal names it
             return limit
         for group in self.groups:
             target = self._target(group, own, target_epsilon)
@@ -178,6 +203,29 @@ class SharedSpend:
                     "re-encoded copy shares its original's budget; docs/privacy.md)"
                 )
         return limit
+
+    def check_terms(self, ledger: DatasetLedger, own: dict[str, Any]) -> None:
+        """Refuse (one line) a run whose delta or accountant differs from those of a dataset sharing its records.
+
+        A record is charged every ledger whose dataset holds it, composed; that sum is only meaningful at one delta
+        by one accountant. At the run's own, looser delta it understates the spend at the delta the other datasets'
+        guarantee is stated at (a byte-identical copy at delta 6e-4 showed 2.19 of 3 where its original, at 1e-5,
+        was at 3.28), and a copy must not pick terms its original refuses. Composing at the strictest delta would
+        also be sound, but the dataset's own ledger and its records' spend would then be reported at two deltas,
+        and a group mixing accountants has no single right one (GDP can under-count): so, as for one dataset,
+        every dataset holding a record is accounted at one delta by one accountant."""
+        counts = self.shared_with()
+        for group in self.groups:
+            for name, delta, accountant in group.terms:
+                if delta == own["delta"] and accountant == own["accountant"]:
+                    continue
+                raise BudgetError(
+                    f"privacy.delta={own['delta']!r} with privacy.accountant={own['accountant']!r} differs from "
+                    f"dataset {name[:16]} (delta {delta!r}, accountant {accountant!r}), which holds "
+                    f"{counts.get(name, 0)} of the records of dataset {ledger.dataset[:16]}: records shared between "
+                    "datasets are accounted at one delta by one accountant (a looser delta would understate their "
+                    f"spend); run with privacy.delta={delta!r} privacy.accountant={accountant}"
+                )
 
     def records_epsilon(self, ledger: DatasetLedger) -> float:
         """The largest composed spend of any of this run's records (every dataset holding it, every run)."""
@@ -202,8 +250,10 @@ def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpen
     sets, ledgers = RecordSets(ledger.store), LedgerStore(ledger.store)
     mine = as_set(digests)
     sets.add(ledger, mine)
-    members: list[tuple[str, np.ndarray, History, float | None]] = []
-    for other in sets.datasets():
+    members: list[Member] = []
+    # Every dataset with a record set or a ledger: a set whose file was deleted or renamed is not in the folder's
+    # listing, but its dataset's ledger is, and loading it then meets the set's anchor (refused as tampering).
+    for other in sorted(set(sets.datasets()) | set(ledgers.datasets())):
         if other == ledger.dataset:
             continue
         inside = contains(sets.load(other), mine)  # first: most datasets of a store share nothing with this one
@@ -212,11 +262,20 @@ def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpen
         view = ledgers.view(other)
         history = view.history()
         if history:  # registered but never charged: nothing to compose
-            members.append((other, inside, history, view.target_epsilon))
+            members.append((other, inside, history, view.target_epsilon, _terms(view)))
     return SharedSpend(len(mine), _groups(members))
 
 
-def _groups(members: list[tuple[str, np.ndarray, History, float | None]]) -> list[Group]:
+def _terms(view: DatasetLedger) -> list[tuple[str, float, str]]:
+    """The (delta, accountant) a dataset is accounted at: its budget's; without one (only run-scoped runs without
+    a target so far), each of its runs' own."""
+    b = view.budget()
+    found = [(b["delta"], b["accountant"])] if b is not None else []
+    found = found or [(r["invariants"]["delta"], r["invariants"]["accountant"]) for r in view.runs().values()]
+    return [(view.dataset, float(delta), str(accountant)) for delta, accountant in dict.fromkeys(found)]
+
+
+def _groups(members: list[Member]) -> list[Group]:
     """One group per maximal set of datasets that hold a record together (a record in a subset of another
     group's datasets has no more spend and no lower target, so it never binds)."""
     if not members:
@@ -226,13 +285,14 @@ def _groups(members: list[tuple[str, np.ndarray, History, float | None]]) -> lis
     groups = []
     for i in keep:
         chosen = [m for m, bit in zip(members, rows[i], strict=True) if bit]
-        targets = [t for _, _, _, t in chosen if t is not None]
+        targets = [t for _, _, _, t, _ in chosen if t is not None]
         groups.append(
             Group(
-                datasets=tuple(name for name, _, _, _ in chosen),
+                datasets=tuple(name for name, _, _, _, _ in chosen),
                 n_records=int(counts[i]),
-                history=budget.merge(e for _, _, h, _ in chosen for e in h),
+                history=budget.merge(e for _, _, h, _, _ in chosen for e in h),
                 target_epsilon=min(targets) if targets else None,
+                terms=tuple(term for *_, terms in chosen for term in terms),
             )
         )
     return groups
