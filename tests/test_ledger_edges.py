@@ -1,7 +1,8 @@
 """Edges of the privacy budget found by a red-team audit: a refused first run fixes no budget, GDP's root search
 outside its bracket is a refusal (not a traceback), a copy of a dataset cannot pick a looser delta or another
-accountant than its original, a deleted or renamed record set is tampering (runs and ``verify``), and the ledger
-tool's arguments (store, --wait, hashes) are checked before any work."""
+accountant than its original, a deleted or renamed record set is tampering (runs and ``verify``), the ledger
+tool's arguments (store, --wait, hashes) are checked before any work, and ``budget_scope=run`` on a copy is held to
+its records' spend."""
 
 from __future__ import annotations
 
@@ -249,3 +250,35 @@ def test_a_store_that_is_not_a_folder_is_refused(tmp_path, capsys, command):
     assert not (tmp_path / "nope").exists()  # raise-target created no store
     code, _, err = cli(capsys, "--store", "", *command)
     assert code == 2 and "--store: '' is not allowed" in err, err
+
+
+# -- 6. budget_scope=run on a copy is held to its records' spend ------------------------------------------------
+def test_budget_scope_run_on_a_copy_is_held_to_the_records_spend(tmp_path):
+    """The audit's reproduction: after the original spent its records' budget (target 3), a permuted copy with no
+    target of its own and a float64 copy with target 3 trained under budget_scope=run without a reason and reported
+    the records at 0.0 or past 3 with the DP item passed. Now they are refused as on the original, and with a
+    reason the pass is an ``exceed`` record and the report states the records' true spend."""
+    from aisec_train.api import run
+
+    x, y = digits()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    run([*FAST, f"dataset.path={tmp_path / 'd.npz'}"], run_dir=tmp_path / "original")
+    order = np.random.default_rng(0).permutation(len(y))
+    np.savez(tmp_path / "perm.npz", x=x[order], y=y[order])
+    np.savez(tmp_path / "f64.npz", x=x / 255.0, y=y)
+    untargeted = ["privacy.budget_scope=run", "privacy.target_epsilon=null", "privacy.noise_multiplier=1.0"]
+    perm = [*FAST, f"dataset.path={tmp_path / 'perm.npz'}", *untargeted]
+    f64 = [*FAST, f"dataset.path={tmp_path / 'f64.npz'}", "privacy.budget_scope=run"]
+    for overrides, name in ((perm, "perm"), (f64, "f64")):
+        with pytest.raises(BudgetError, match=r"past the target 3\.0 of \d+ record\(s\) that dataset\(s\) \w+ also"):
+            run(overrides, run_dir=tmp_path / name)
+        assert not (tmp_path / name / "model.pt").exists()
+    report = run([*perm, "privacy.budget_reason=copy audit ticket 7"], run_dir=tmp_path / "perm_on_record")
+    records = report.get("privacy.budget.records")
+    assert records["epsilon_max"] > 4.0 and records["target_epsilon"] == 3.0 and records["exceeded"]
+    item = next(c for c in report.checklist if c["item"].startswith("differentially private"))
+    assert f"epsilon {records['epsilon_max']:.3f} of the records' target 3.0" in item["evidence"]
+    assert "passed on record" in item["evidence"]
+    (exceed,) = report.get("privacy.budget.dataset_exceeds")
+    assert exceed["why"] == "copy audit ticket 7" and exceed["target_epsilon"] == 3.0
+    assert exceed["epsilon_after"] == pytest.approx(records["epsilon_max"], rel=1e-6)

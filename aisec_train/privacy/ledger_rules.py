@@ -11,7 +11,7 @@ never refused); the budget is enforced before steps are taken, through ``steps_w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,14 +79,20 @@ class LedgerRules:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r["kind"] == kind]
 
-    def choices(self, epsilon: float | None = None, *, run_scope: bool = False) -> str:
-        """The ways forward a budget refusal offers, with the exact raise command."""
+    def choices(self, epsilon: float | None = None, *, run_scope: bool = False, raise_here: bool = True) -> str:
+        """The ways forward a budget refusal offers, with the exact raise command (``raise_here=False`` when other
+        datasets' targets bind: raising this one's would not help)."""
         wanted = "E" if epsilon is None else f"{min(MAX_TARGET_EPSILON, math.ceil(epsilon * 100) / 100):g}"
         reason = "privacy.budget_reason=TEXT to pass it on record (who, when, why, how much); " if run_scope else ""
+        raise_ = (
+            f"a recorded raise (aisec-train-ledger --store {self.store} raise-target {self.dataset} --epsilon "
+            f"{wanted} --why TEXT); "
+            if raise_here
+            else ""
+        )
         return (
-            f"choices: {reason}a recorded raise (aisec-train-ledger --store {self.store} raise-target {self.dataset} "
-            f"--epsilon {wanted} --why TEXT); privacy=none (no DP guarantee); or a scratch store for experiments, "
-            "not the team's ledger (privacy.ledger_store=scratch)"
+            f"choices: {reason}{raise_}privacy=none (no DP guarantee); or a scratch store for experiments, not the "
+            "team's ledger (privacy.ledger_store=scratch)"
         )
 
     def history(self, run_id: str | None = None, *, exclude_run: str | None = None) -> History:
@@ -252,38 +258,60 @@ class LedgerRules:
         return allowed
 
     def admit_past_target(
-        self, run_id: str, added: tuple[float, float, int], *, why: str | None, own_target: float | None
-    ) -> dict[str, Any] | None:
+        self, run_id: str, added: tuple[float, float, int], *, why: str | None, own_target: float | None,
+        terms: dict[str, Any] | None = None, shared: Sequence[tuple[History, float | None, str]] = (),
+    ) -> dict[str, Any] | None:  # fmt: skip
         """A run-scoped run's planned ``added`` spend (noise, sample rate, steps): refused (one line, the numbers and
-        the choices) when it takes the records past the dataset's target without ``why``; with it, recorded as an
-        ``exceed`` (once per run, unless a resume plans more). Returns the new record, if any."""
+        the choices) when it takes the records past their target without ``why``; with it, recorded as an
+        ``exceed`` (once per run, unless a resume plans more). Returns the new record, if any.
+
+        ``shared``: for records other datasets also hold, (those datasets' history, their smallest target, which
+        records): such a record's spend is this dataset's and theirs composed and its target the smallest of them
+        all, so a copy of spent records passes their target only on record, as its original would. ``terms``
+        ({delta, accountant}) compose the spend while this dataset has no budget of its own (the run's)."""
         b = self.budget()
-        if b is None:
+        terms = b or terms
+        if terms is None:
             return None
-        after = budget.compose_epsilon([*self.history(), added], delta=b["delta"], accountant=b["accountant"])
-        if after <= b["target_epsilon"] + 1e-9:
+        own = None if b is None else float(b["target_epsilon"])
+        limits = [(self.history(), own, None)]
+        for history, target, which in shared:
+            smallest = min((t for t in (own, target) if t is not None), default=None)
+            limits.append(([*self.history(), *history], smallest, which))
+        past = []  # (how far past, target, spend before, spend after, which records)
+        for prior, target, which in limits:
+            if target is None:
+                continue
+            after = budget.compose_epsilon([*prior, added], delta=terms["delta"], accountant=terms["accountant"])
+            if after > target + 1e-9:
+                before = budget.compose_epsilon(prior, delta=terms["delta"], accountant=terms["accountant"])
+                past.append((after - target, target, before, after, which))
+        if not past:
             return None
+        _, target, before, after, which = max(past, key=lambda p: p[0])  # the record furthest past its target
         if not why:
+            whose = "the dataset's target" if which is None else "the records' target"
             raise BudgetError(
                 f"privacy.budget_scope=run still charges dataset {self.dataset[:16]}: this run's {added[2]} planned "
-                f"steps would take the records to epsilon {after:.3f}, past the dataset's target "
-                f"{b['target_epsilon']} ({self.total_epsilon():.3f} spent by earlier runs; the binding limit is the "
-                f"dataset's target, not the run's own {own_target}). Passing it is a recorded act: "
-                + self.choices(after, run_scope=True)
+                f"steps would take the records to epsilon {after:.3f}, past "
+                + (f"the dataset's target {target}" if which is None else f"the target {target} of {which}")
+                + f" ({before:.3f} spent by earlier runs; the binding limit is {whose}, not the run's own "
+                f"{own_target}). Passing it is a recorded act: "
+                + self.choices(after, run_scope=True, raise_here=which is None)
             )
         recorded = [r["epsilon_after"] for r in self.of_kind("exceed") if r["run_id"] == run_id]
         if recorded and max(recorded) >= after - 1e-9:  # a resume within what its first start recorded
             return None
-        return self.exceed(run_id, epsilon_after=after, why=why)
+        return self.exceed(run_id, target_epsilon=target, epsilon_before=before, epsilon_after=after, why=why)
 
-    def exceed(self, run_id: str, *, epsilon_after: float, why: str) -> dict[str, Any]:
-        """Record that ``run_id`` (budget_scope=run) may take the dataset past its target: who, when, why, how much."""
-        b = self.budget()
-        assert b is not None
+    def exceed(
+        self, run_id: str, *, target_epsilon: float, epsilon_before: float, epsilon_after: float, why: str
+    ) -> dict[str, Any]:
+        """Record that ``run_id`` (budget_scope=run) may take the records past their target: who, when, why, how
+        much (the records' composed spend before and after, and the target passed)."""
         why = check_reason(why, "privacy.budget_reason")
-        before = self.total_epsilon()
         return self._commit(
-            "exceed", run_id=run_id, target_epsilon=b["target_epsilon"], epsilon_before=before,
+            "exceed", run_id=run_id, target_epsilon=float(target_epsilon), epsilon_before=float(epsilon_before),
             epsilon_after=float(epsilon_after), why=why,
         )  # fmt: skip
 

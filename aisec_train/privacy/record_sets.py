@@ -179,9 +179,12 @@ class SharedSpend:
         target_epsilon: float | None = None,
     ) -> int:  # fmt: skip
         """The most new steps (0..``limit``) that keep every shared record within its target; refuses (one line)
-        when a shared record allows none."""
+        when a shared record allows none. (For ``budget_scope=dataset``, whose dataset always has a budget by
+        admission; ``budget_scope=run`` is held to the records' target through :meth:`limits`.)"""
         own = ledger.budget()
-        if own is None or not self.groups:
+        if own is None:
+            raise BudgetError(f"dataset {ledger.dataset[:16]} has no budget; call begin_run first")
+        if not self.groups:
             return limit
         self.check_terms(ledger, own)
         if limit <= 0:  # the dataset's own refusal names it
@@ -195,7 +198,7 @@ class SharedSpend:
             )  # fmt: skip
             if limit <= 0:
                 spent = budget.compose_epsilon(prior, delta=own["delta"], accountant=own["accountant"])
-                others = ", ".join(d[:16] for d in group.datasets)
+                others = _names(group)
                 raise BudgetError(
                     f"privacy budget exhausted for {group.n_records} record(s) of dataset {ledger.dataset[:16]} that "
                     f"dataset(s) {others} also hold: epsilon {spent:.3f} composed over every run on them, target "
@@ -227,20 +230,55 @@ class SharedSpend:
                     f"spend); run with privacy.delta={delta!r} privacy.accountant={accountant}"
                 )
 
-    def records_epsilon(self, ledger: DatasetLedger) -> float:
-        """The largest composed spend of any of this run's records (every dataset holding it, every run)."""
-        own = ledger.budget()
-        if own is None:
-            return 0.0
-        histories = [ledger.history()] + [ledger.history() + g.history for g in self.groups]
-        return max(budget.compose_epsilon(h, delta=own["delta"], accountant=own["accountant"]) for h in histories)
+    def limits(self, ledger: DatasetLedger, terms: dict[str, Any]) -> list[tuple[History, float | None, str]]:
+        """For ``budget_scope=run`` (ledger_rules.admit_past_target): per group of shared records, the other
+        datasets' history, their smallest target and which records they are. Refuses (one line) terms (the
+        dataset's budget's, else the run's own delta and accountant) that differ from those datasets'."""
+        self.check_terms(ledger, terms)
+        return [
+            (g.history, g.target_epsilon, f"{g.n_records} record(s) that dataset(s) {_names(g)} also hold")
+            for g in self.groups
+        ]
 
-    def summary(self, ledger: DatasetLedger) -> dict[str, Any]:
+    def records(self, ledger: DatasetLedger, terms: dict[str, Any] | None) -> list[tuple[float, float | None]]:
+        """(composed spend, target) of each kind of this run's records: those only this dataset holds, then each
+        group shared with other datasets (every run on every dataset holding them; the smallest of their targets).
+        ``terms``: the delta and accountant when the dataset has no budget yet (its run's)."""
+        own = ledger.budget()
+        terms = own or terms
+        if terms is None:
+            return []
+        mine = None if own is None else float(own["target_epsilon"])
+        kinds = [(ledger.history(), mine)] + [
+            (ledger.history() + g.history, _smallest(mine, g.target_epsilon)) for g in self.groups
+        ]
+        return [(budget.compose_epsilon(h, delta=terms["delta"], accountant=terms["accountant"]), t) for h, t in kinds]
+
+    def records_epsilon(self, ledger: DatasetLedger, terms: dict[str, Any] | None = None) -> float:
+        """The largest composed spend of any of this run's records (every dataset holding it, every run)."""
+        return max((spent for spent, _ in self.records(ledger, terms)), default=0.0)
+
+    def summary(self, ledger: DatasetLedger, terms: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``n``, ``shared_with``, ``epsilon_max`` (the largest spend of any record), ``target_epsilon`` (that
+        record's target: the smallest of the datasets holding it) and ``exceeded`` (some record is past its
+        target: only ever on record, by budget_scope=run with privacy.budget_reason)."""
+        found = self.records(ledger, terms)
+        top = max(found, key=lambda r: r[0], default=(0.0, None))
         return {
             "n": self.n_records,
             "shared_with": {name[:16]: n for name, n in self.shared_with().items()},
-            "epsilon_max": self.records_epsilon(ledger),
+            "epsilon_max": top[0],
+            "target_epsilon": top[1],
+            "exceeded": any(t is not None and spent > t + 1e-9 for spent, t in found),
         }
+
+
+def _smallest(*targets: float | None) -> float | None:
+    return min((float(t) for t in targets if t is not None), default=None)
+
+
+def _names(group: Group) -> str:
+    return ", ".join(d[:16] for d in group.datasets)
 
 
 @timed("records.share")

@@ -118,7 +118,7 @@ class DatasetSpend:
             self.ledger.charge(self.run_id, [(noise, rate, run.steps - recorded)])
             self.admitted = None
         self.charged = run.steps
-        if self.scope == "run":
+        if self.scope == "run":  # admitted against the records' target above; its own target stops the loop
             return math.inf
         if new and self.admitted is not None:
             if self.admitted <= 0:  # (admission refuses this; kept as a guard)
@@ -130,11 +130,11 @@ class DatasetSpend:
         return run.steps + allowed
 
     def _admit(self, run: PrivacyLedger, planned: int) -> None:
-        b = self.ledger.budget()
-        if b is None:  # a run-scoped run without a target on fresh data: no dataset target to pass yet
-            return
-        if self.scope == "run":
+        if self.scope == "run":  # even without a budget of its own: its records may be spent through a copy
             self._admit_past_target(run, planned)
+            return
+        b = self.ledger.budget()
+        if b is None:  # (begin_run gives every dataset-scoped run a budget before admitting it)
             return
         noise, rate = run.noise_multiplier, run.sample_rate
         self.admitted = self.ledger.steps_within(noise_multiplier=noise, sample_rate=rate, limit=planned)
@@ -183,9 +183,13 @@ class DatasetSpend:
         )
 
     def _admit_past_target(self, run: PrivacyLedger, planned: int) -> None:
+        """budget_scope=run: past the records' target only on record, every dataset holding them composed (a copy of
+        spent records is held to them exactly as its original is), at one delta by one accountant."""
         added = (run.noise_multiplier, run.sample_rate, planned)
+        terms = self.ledger.budget() or {"delta": run.delta, "accountant": run.accountant_name}
+        shared = self.shared.limits(self.ledger, terms) if self.shared is not None else []
         record = self.ledger.admit_past_target(
-            self.run_id, added, why=self.budget_reason, own_target=self.target_epsilon
+            self.run_id, added, why=self.budget_reason, own_target=self.target_epsilon, terms=terms, shared=shared
         )
         self.exceeded = record or self.exceeded
 
@@ -218,7 +222,12 @@ class DatasetSpend:
                 for r in led.of_kind("exceed")
             ],
             "fit_to_budget": self.fitted,
-        } | ({"records": self.shared.summary(led)} if self.shared is not None else {})
+        } | ({"records": self.shared.summary(led, self._terms())} if self.shared is not None else {})
+
+    def _terms(self) -> dict[str, Any] | None:
+        """The run's recorded delta and accountant: what its records' spend is composed at while the dataset has no
+        budget yet (only budget_scope=run runs without a target so far)."""
+        return self.ledger.runs().get(self.run_id, {}).get("invariants")
 
 
 def new_spend(cfg: Any, ledger: DatasetLedger, run_id: str, split_seed: int, n_train: int) -> DatasetSpend:

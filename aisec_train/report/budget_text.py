@@ -71,12 +71,19 @@ def records_spent(report: Any) -> str:
     b = report.sections.get("privacy", {}).get("budget") or {}
     if b.get("dataset_epsilon") is None:
         return ""
-    passed = " (passed on record: see the ledger's exceed records)" if b.get("dataset_exceeded") else ""
     records = b.get("records") or {}  # privacy/record_sets.py: other datasets holding the same records compose too
+    exceeded = b.get("dataset_exceeded") or records.get("exceeded")
+    passed = " (passed on record: see the ledger's exceed records)" if exceeded else ""
     spent = max(b["dataset_epsilon"], records.get("epsilon_max") or 0.0)
     shared = len(records.get("shared_with") or {})
     also = f" and on {shared} other dataset(s) holding some of the same records" if shared else ""
+    # A record another dataset also holds may have a lower target than this dataset (or this one none yet): the
+    # spend is then stated against the target of the record that spent most.
+    target, whose = b.get("dataset_target_epsilon"), "the dataset's"
+    theirs = records.get("target_epsilon")
+    if theirs is not None and (target is None or theirs < target):
+        target, whose = theirs, "the records'"
     return (
         f"; the records' composed spend across {b.get('dataset_runs')} run(s){also}: epsilon "
-        f"{_num(spent)} of the dataset's target {b.get('dataset_target_epsilon')}{passed}"
+        f"{_num(spent)} of {whose} target {target}{passed}"
     )
