@@ -54,6 +54,9 @@ def to_config(cfg: DictConfig | dict) -> Config:
     refuse_unknown_keys(cfg, Config, "")
     cfg_obj = OmegaConf.to_object(cfg)
     assert isinstance(cfg_obj, Config)
+    from aisec_train.preflight import check_finite
+
+    check_finite(cfg_obj)  # every float key, before a null radius is derived from an inf one (preflight.py)
     from aisec_train.data.sources import check_source_keys  # the source registry knows which keys it reads
 
     check_source_keys(cfg_obj.dataset)

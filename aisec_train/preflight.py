@@ -62,6 +62,7 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
     from aisec_train.train.config import PrivacyMode
 
     probe_dir(run_dir, "hydra.run.dir")
+    check_key_file()  # before the registry: its entries are verified under this key, and would blame the registry
     checkpoints = run_dir / "checkpoints"
     if os.path.lexists(checkpoints):  # a new one is made in the probed run directory; a refused run leaves none
         probe_dir(checkpoints, f"{checkpoints} (the run's checkpoints)", root=run_dir)
@@ -74,6 +75,18 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
     if cfg.privacy.mode is PrivacyMode.dpsgd:
         store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
         probe_dir(store, "privacy.ledger_store")
+
+
+def check_key_file() -> None:
+    """The HMAC key every checkpoint, ledger record and registry entry is tagged under, loaded (or created) on its
+    own: a refused key file (a symlink, group-readable...) is named as the setting that chose it."""
+    from aisec_train.store.keys import KEY_ENV, current_key
+
+    try:
+        current_key()
+    except IntegrityError as err:  # the message names the file: the default path when $KEY_ENV is unset
+        where = f"${KEY_ENV}: " if os.environ.get(KEY_ENV) else ""
+        raise ConfigError(f"{where}{err}; nothing was trained or charged") from None
 
 
 PRV_MIN_DELTA = 1e-12  # Opacus' PRV accountant raises below about this (its floating-point limit, measured)
@@ -111,31 +124,68 @@ def check_resource_limits(cfg: Any) -> None:
         ("train.distributed.nproc", cfg.train.distributed.nproc, most, f"at most {most} (4 per CPU core)"),
         ("dataset.augment.random_crop_padding", cfg.dataset.augment.random_crop_padding, MAX_PADDING,
          f"at most {MAX_PADDING} pixels"),
+        # torch's thread pool: 100000 threads fail after training (oneDNN cannot create a primitive, or a segfault)
+        ("audit.cpu_threads", cfg.audit.cpu_threads, most, f"at most {most} (4 per CPU core; 0: as is)"),
     ]  # fmt: skip
     for key, value, limit, allowed in limits:
         if value > limit:
             raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    check_synthetic_size(cfg.dataset)
+
+
+def check_synthetic_size(dataset: Any) -> None:
+    """``dataset=synthetic`` draws its images and class prototypes as float64 arrays: their size is bounded by
+    ``dataset.max_bytes`` as an .npz's declared size is, instead of numpy failing to allocate after the run began."""
+    if dataset.name != "synthetic":
+        return
+    pixels = dataset.channels * dataset.image_size**2
+    needed = 8 * pixels * (dataset.n_samples + dataset.num_classes)
+    if needed > dataset.max_bytes:
+        values = ", ".join(
+            f"dataset.{key}={getattr(dataset, key)}" for key in ("n_samples", "num_classes", "image_size", "channels")
+        )
+        raise ConfigError(
+            f"{values} are not allowed together with dataset=synthetic: it would draw {needed:.3g} bytes of float64 "
+            f"arrays (8 x channels x image_size^2 x (n_samples + num_classes)), over dataset.max_bytes="
+            f"{dataset.max_bytes}; lower them, or raise dataset.max_bytes if this machine can hold them"
+        )
 
 
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+def _floats(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, float]]:
+    """(key, its value, a float in it) for every float field of the typed config and every float in a list field
+    (``dataset.normalize.mean``). The ``_target_`` nodes (model, optimizer, scheduler, a custom dataset) are left
+    out: they are a constructor's arguments, where inf can mean something (``norm_type=inf``)."""
     import dataclasses
 
     for field in dataclasses.fields(node):
-        value = getattr(node, field.name)
+        key, value = f"{prefix}{field.name}", getattr(node, field.name)
         if dataclasses.is_dataclass(value):
-            yield from _floats(value, f"{prefix}{field.name}.")
+            yield from _floats(value, f"{key}.")
         elif isinstance(value, float):
-            yield f"{prefix}{field.name}", value
+            yield key, value, value
+        elif isinstance(value, list):
+            yield from ((key, value, item) for item in value if isinstance(item, float))
+
+
+def check_finite(cfg: Any) -> None:
+    """Every float setting is a finite number. No key takes inf for "no limit" (null says that: ``federated.lr``,
+    ``robustness.eps``), and a range check such as ``> 0`` lets inf through and NaN fail with the wrong words: an
+    inf lr or radius ran to the end, or failed after training and charging the budget, naming another key."""
+    for key, value, number in _floats(cfg):
+        if not math.isfinite(number):
+            allowed = "must be finite numbers" if isinstance(value, list) else "must be a finite number"
+            raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
 def check_float_range(cfg: Any) -> None:
     """A float setting beyond float32's range (train.lr=1e300) becomes inf in the first tensor it scales (a
-    traceback from torch, or a silent inf): refused by name before any work."""
-    for key, value in _floats(cfg):
-        if math.isfinite(value) and abs(value) > FLOAT32_MAX:
+    traceback from torch, or a silent inf): refused by name before any work, as a non-finite one is."""
+    check_finite(cfg)
+    for key, value, number in _floats(cfg):
+        if abs(number) > FLOAT32_MAX:
             raise ConfigError(f"{key}={value!r} is not allowed: beyond float32's range ({FLOAT32_MAX:.3g})")
 
 
@@ -175,6 +225,8 @@ def _resolve(value: str, key: str) -> Path:
             f"{key}={value!r} is not allowed: it must resolve before Hydra writes into it ({err.__class__.__name__}); "
             "give a plain path"
         ) from None
+    if not str(resolved).strip():  # Path("") is ".": the run's files would land in the launch folder itself
+        raise ConfigError(f"{key}={value!r} is not allowed: an empty folder name; give the folder the run writes into")
     return Path(str(resolved)).expanduser()
 
 
@@ -190,6 +242,8 @@ def run_dirs(argv: list[str]) -> Iterator[tuple[str, Path]]:
             value = override.value()
             if isinstance(value, str) and not override.is_delete():
                 yield key, _resolve(value, key)
+            elif value is None:  # Hydra would write the job into a folder named "None" in the launch folder
+                raise ConfigError(f"{key}=null is not allowed: give the folder the run writes into")
     key = "hydra.sweep.dir" if any(a in ("-m", "--multirun") for a in argv) else "hydra.run.dir"
     if key not in given:
         yield key, _resolve(_default_dir(key), key)

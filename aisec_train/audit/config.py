@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -51,12 +52,14 @@ class GuardConfig:
         require(self.top_k >= 1, "audit.guard.top_k", self.top_k, "must be >= 1")
         if self.round_decimals is not None:
             require(0 <= self.round_decimals <= 8, "audit.guard.round_decimals", self.round_decimals, "0..8")
-        require(self.noise_std >= 0, "audit.guard.noise_std", self.noise_std, "must be >= 0")
+        ok = math.isfinite(self.noise_std) and self.noise_std >= 0
+        require(ok, "audit.guard.noise_std", self.noise_std, "must be a finite number >= 0")
         require(0 <= self.bit_depth <= 8, "audit.guard.bit_depth", self.bit_depth, "0 (off) to 8")
         ok = self.smoothing == 0 or (self.smoothing >= 3 and self.smoothing % 2 == 1)
         require(ok, "audit.guard.smoothing", self.smoothing, "0 (off) or an odd size >= 3")
         require(self.query_budget >= 0, "audit.guard.query_budget", self.query_budget, "must be >= 0")
-        require(self.rate_limit >= 0, "audit.guard.rate_limit", self.rate_limit, "must be >= 0")
+        ok = math.isfinite(self.rate_limit) and self.rate_limit >= 0  # 0, not inf, is "unlimited"
+        require(ok, "audit.guard.rate_limit", self.rate_limit, "must be a finite number >= 0 (0: unlimited)")
         require(self.burst >= 1, "audit.guard.burst", self.burst, "must be >= 1")
 
 
@@ -89,7 +92,8 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         for key in ("drift_threshold", "feature_threshold", "confidence_threshold"):
-            require(getattr(self, key) > 0, f"audit.monitor.{key}", getattr(self, key), "must be > 0")
+            value = getattr(self, key)
+            require(math.isfinite(value) and value > 0, f"audit.monitor.{key}", value, "must be a finite number > 0")
 
 
 class CanaryKind(Enum):

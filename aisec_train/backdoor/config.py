@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,9 +55,14 @@ def _boost_ok(value: str) -> bool:
     if str(value) == "auto":
         return True
     try:
-        return float(value) >= 1.0
+        return math.isfinite(float(value)) and float(value) >= 1.0  # a string field: no generic finiteness check
     except ValueError:
         return False
+
+
+def _finite(ok: bool, key: str, value: float, rule: str) -> None:
+    """A lower bound alone lets inf through (an inf lr trained and failed after the budget was charged)."""
+    require(ok and math.isfinite(value), key, value, f"must be a finite number {rule}")
 
 
 @dataclass
@@ -144,30 +150,31 @@ class BackdoorConfig:
         require(0.0 <= self.patch_value <= 1.0, "backdoor.patch_value", self.patch_value, "must be in [0, 1]")
         require(0.0 < self.clean_fraction < 0.5, "backdoor.clean_fraction", self.clean_fraction, "must be in (0, 0.5)")
         require(0.0 < self.blend_alpha < 1.0, "backdoor.blend_alpha", self.blend_alpha, "must be in (0, 1)")
-        require(self.warp_strength > 0, "backdoor.warp_strength", self.warp_strength, "must be > 0")
+        _finite(self.warp_strength > 0, "backdoor.warp_strength", self.warp_strength, "> 0")
         require(self.warp_grid >= 2, "backdoor.warp_grid", self.warp_grid, "must be >= 2")
-        require(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "must be > 0")
+        _finite(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "> 0")
         require(0.0 <= self.prune_acc_drop < 1.0, "backdoor.prune_acc_drop", self.prune_acc_drop, "must be in [0, 1)")
         require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")
-        require(self.finetune_lr > 0, "backdoor.finetune_lr", self.finetune_lr, "must be > 0")
+        _finite(self.finetune_lr > 0, "backdoor.finetune_lr", self.finetune_lr, "> 0")
         require(self.finetune_batch_size >= 1, "backdoor.finetune_batch_size", self.finetune_batch_size, "must be >= 1")
-        require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a number >= 1")
+        require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a finite number >= 1")
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
         require(0.0 <= self.repair_blend < 1.0, "backdoor.repair_blend", self.repair_blend, "must be in [0, 1)")
         require(0.0 <= self.repair_erase <= 1.0, "backdoor.repair_erase", self.repair_erase, "must be in [0, 1]")
-        require(self.shift_weight >= 0, "backdoor.shift_weight", self.shift_weight, "must be >= 0")
+        _finite(self.shift_weight >= 0, "backdoor.shift_weight", self.shift_weight, ">= 0")
         require(0.0 <= self.shift_max_cost <= 1.0, "backdoor.shift_max_cost", self.shift_max_cost, "must be in [0, 1]")
-        require(self.finetune_weight_decay >= 0, "backdoor.finetune_weight_decay", self.finetune_weight_decay, ">= 0")
+        decay = self.finetune_weight_decay
+        _finite(decay >= 0, "backdoor.finetune_weight_decay", decay, ">= 0")
         require(0.0 <= self.distill_weight < 1.0, "backdoor.distill_weight", self.distill_weight, "must be in [0, 1)")
         unlabelled = self.distill_unlabelled_weight
-        require(unlabelled >= 0, "backdoor.distill_unlabelled_weight", unlabelled, "must be >= 0")
+        _finite(unlabelled >= 0, "backdoor.distill_unlabelled_weight", unlabelled, ">= 0")
         require(0.0 <= self.relearn_blend < 1.0, "backdoor.relearn_blend", self.relearn_blend, "must be in [0, 1)")
         rounds = self.relearn_rounds
         require(1 <= rounds <= 5, "backdoor.relearn_rounds", rounds, "must be an integer in [1, 5]")
         shift = self.relearn_max_shift
         require(0.0 < shift <= 1.0, "backdoor.relearn_max_shift", shift, "must be in (0, 1]")
-        require(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "must be > 0")
+        _finite(self.distill_temperature > 0, "backdoor.distill_temperature", self.distill_temperature, "> 0")
         gate = self.distill_min_teacher_accuracy
         require(0.0 <= gate <= 1.0, "backdoor.distill_min_teacher_accuracy", gate, "must be in [0, 1]")
         edge = self.distill_min_advantage

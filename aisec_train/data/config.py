@@ -37,6 +37,9 @@ class NormalizeConfig:
 
     def __post_init__(self) -> None:
         require((self.mean is None) == (self.std is None), "dataset.normalize", self.mean, "set both mean and std")
+        if self.mean is not None:  # a NaN mean turns every input into NaN (nothing else reads the values)
+            ok = all(math.isfinite(m) for m in self.mean)
+            require(ok, "dataset.normalize.mean", self.mean, "must be finite numbers")
         if self.std is not None:
             ok = all(math.isfinite(s) and s > 0 for s in self.std) and len(self.std) == len(self.mean or [])
             require(ok, "dataset.normalize.std", self.std, "finite values > 0, one per mean value")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
 from aisec_train.errors import ConfigError, require
+from aisec_train.train.config import MIN_NOISE_MULTIPLIER, finite_positive
 
 
 class FederatedMode(Enum):
@@ -36,7 +38,7 @@ class PartitionConfig:
     drop_remainder: bool = True  # shards: leave out the examples the blocks do not divide (reported as dropped)
 
     def __post_init__(self) -> None:
-        require(self.alpha > 0, "federated.partition.alpha", self.alpha, "must be > 0")
+        finite_positive(self.alpha, "federated.partition.alpha")
         require(self.min_size >= 1, "federated.partition.min_size", self.min_size, "must be >= 1")
         ok = self.shards_per_client >= 1
         require(ok, "federated.partition.shards_per_client", self.shards_per_client, "must be >= 1")
@@ -68,23 +70,31 @@ class ClientDPConfig:
     secure_noise: bool = True  # OS entropy; false: seeded from train.seed (replayable: experiments only)
 
     def check(self) -> None:
+        # The central DP path's limits (preflight.check_accountant_limits, privacy.noise_multiplier): the noise search
+        # for epsilon 1e30 never ends, and z = 0 divides the accountants by zero and leaves no guarantee to report.
+        from aisec_train.privacy.ledger_rules import MAX_TARGET_EPSILON
+
         eps, z = self.target_epsilon, self.noise_multiplier
-        require(eps is None or eps > 0, "federated.client_dp.target_epsilon", eps, "must be > 0 or null")
-        require(z is None or z >= 0, "federated.client_dp.noise_multiplier", z, "must be >= 0 or null")
+        ok = eps is None or (math.isfinite(eps) and 0 < eps <= MAX_TARGET_EPSILON)
+        allowed = f"must be in (0, {MAX_TARGET_EPSILON:g}] or null (a larger epsilon guarantees nothing; "
+        require(ok, "federated.client_dp.target_epsilon", eps, allowed + "federated.dp=none trains without DP)")
+        ok = z is None or (math.isfinite(z) and z >= MIN_NOISE_MULTIPLIER)
+        allowed = f"must be a finite number >= {MIN_NOISE_MULTIPLIER:g} or null (federated.dp=none: no DP)"
+        require(ok, "federated.client_dp.noise_multiplier", z, allowed)
         ok = eps is not None or z is not None
         require(ok, "federated.client_dp.target_epsilon", eps, "set it or federated.client_dp.noise_multiplier")
         require(0 < self.delta < 1, "federated.client_dp.delta", self.delta, "must be in (0, 1)")
         ok = self.accountant in ("rdp", "prv", "gdp")
         require(ok, "federated.client_dp.accountant", self.accountant, "use one of ['rdp', 'prv', 'gdp']")
-        require(self.clip_norm > 0, "federated.client_dp.clip_norm", self.clip_norm, "must be > 0")
+        finite_positive(self.clip_norm, "federated.client_dp.clip_norm")
         ok = self.dropout_tolerance >= 0
         require(ok, "federated.client_dp.dropout_tolerance", self.dropout_tolerance, "must be >= 0")
-        require(self.server_lr > 0, "federated.client_dp.server_lr", self.server_lr, "must be > 0")
+        finite_positive(self.server_lr, "federated.client_dp.server_lr")
         ok = 0 <= self.target_quantile <= 1
         require(ok, "federated.client_dp.target_quantile", self.target_quantile, "must be in [0, 1]")
-        require(self.clip_lr > 0, "federated.client_dp.clip_lr", self.clip_lr, "must be > 0")
-        ok = self.count_stddev is None or self.count_stddev > 0
-        require(ok, "federated.client_dp.count_stddev", self.count_stddev, "must be > 0 or null")
+        finite_positive(self.clip_lr, "federated.client_dp.clip_lr")
+        ok = self.count_stddev is None or (math.isfinite(self.count_stddev) and self.count_stddev > 0)
+        require(ok, "federated.client_dp.count_stddev", self.count_stddev, "must be a finite number > 0, or null")
 
 
 def dp_level(fed: FederatedConfig, private: bool) -> FederatedDP:
@@ -120,7 +130,7 @@ class DefenceConfig:
         ok = 0 <= self.trim_fraction < 0.5
         require(ok, "federated.defence.trim_fraction", self.trim_fraction, "must be in [0, 0.5)")
         require(self.krum_select >= 1, "federated.defence.krum_select", self.krum_select, "must be >= 1")
-        require(self.norm_bound > 0, "federated.defence.norm_bound", self.norm_bound, "must be > 0")
+        finite_positive(self.norm_bound, "federated.defence.norm_bound")
 
 
 @dataclass
@@ -234,12 +244,13 @@ class FederatedConfig:
         require(self.rounds >= 1, "federated.rounds", self.rounds, "must be >= 1")
         require(self.local_epochs >= 1, "federated.local_epochs", self.local_epochs, "must be >= 1")
         require(self.batch_size >= 1, "federated.batch_size", self.batch_size, "must be >= 1")
-        require(self.lr is None or self.lr > 0, "federated.lr", self.lr, "must be > 0 or null")
+        ok = self.lr is None or (math.isfinite(self.lr) and self.lr > 0)
+        require(ok, "federated.lr", self.lr, "must be a finite number > 0, or null (train.lr)")
         require(0 <= self.ema_decay < 1, "federated.ema_decay", self.ema_decay, "must be in [0, 1)")
         ok = 1 <= self.min_clients <= self.clients
         require(ok, "federated.min_clients", self.min_clients, f"must be in [1, federated.clients={self.clients}]")
         require(self.round_timeout_s > 0, "federated.round_timeout_s", self.round_timeout_s, "must be > 0")
-        require(self.max_update_norm > 0, "federated.max_update_norm", self.max_update_norm, "must be > 0")
+        finite_positive(self.max_update_norm, "federated.max_update_norm")
         ok = 0 < self.fraction_train <= 1
         require(ok, "federated.fraction_train", self.fraction_train, "must be in (0, 1]")
         ok = 0 < self.fraction_evaluate <= 1

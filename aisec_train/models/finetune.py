@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +93,8 @@ class FineTune:
         r, alpha, dropout = self.lora.get("r", 8), self.lora.get("alpha", 16), self.lora.get("dropout", 0.0)
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ConfigError(f"model.lora.r={r!r} is not allowed: a positive integer (the adapters' rank)")
-        if not isinstance(alpha, (int, float)) or alpha <= 0:
-            raise ConfigError(f"model.lora.alpha={alpha!r} is not allowed: a positive number (scale = alpha / r)")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:  # NaN <= 0 is False
+            raise ConfigError(f"model.lora.alpha={alpha!r} is not allowed: a finite number > 0 (scale = alpha / r)")
         if not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ConfigError(f"model.lora.dropout={dropout!r} is not allowed: in [0, 1)")
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -40,6 +41,15 @@ DEFAULT_EPS = {
 }
 
 
+# TRADES' trade-off: Zhang et al. use 1 to 6; a beta near float32's range overflows the loss (CE + beta * KL).
+MAX_TRADES_BETA = 1000.0
+
+
+def _radius_ok(value: float | None) -> bool:
+    """null (derived) or a finite number > 0: an inf radius ran, and the report passed an evasion control at it."""
+    return value is None or (math.isfinite(value) and value > 0)
+
+
 def _pgd_step(eps: float, steps: int) -> float:
     return 2.5 * eps / steps  # Madry et al.: enough to cross the ball from any start within the steps
 
@@ -55,9 +65,9 @@ class AttackConfig:
     restarts: int = 2
 
     def __post_init__(self) -> None:
-        require(self.eps is None or self.eps > 0, "robustness.attack.eps", self.eps, "must be > 0 or null")
-        ok = self.step_size is None or self.step_size > 0
-        require(ok, "robustness.attack.step_size", self.step_size, "must be > 0 or null")
+        require(_radius_ok(self.eps), "robustness.attack.eps", self.eps, "must be a finite number > 0, or null")
+        ok = _radius_ok(self.step_size)
+        require(ok, "robustness.attack.step_size", self.step_size, "must be a finite number > 0, or null")
         require(self.steps >= 1, "robustness.attack.steps", self.steps, "must be >= 1")
         require(self.restarts >= 1, "robustness.attack.restarts", self.restarts, "must be >= 1")
 
@@ -81,11 +91,11 @@ class RobustnessConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
 
     def __post_init__(self) -> None:
-        require(self.eps is None or self.eps > 0, "robustness.eps", self.eps, "must be > 0 or null")
-        ok = self.step_size is None or self.step_size > 0
-        require(ok, "robustness.step_size", self.step_size, "must be > 0 or null")
+        require(_radius_ok(self.eps), "robustness.eps", self.eps, "must be a finite number > 0, or null")
+        ok = _radius_ok(self.step_size)
+        require(ok, "robustness.step_size", self.step_size, "must be a finite number > 0, or null")
         require(self.steps >= 1, "robustness.steps", self.steps, "must be >= 1")
-        require(self.beta >= 0, "robustness.beta", self.beta, "must be >= 0")
+        require(0 <= self.beta <= MAX_TRADES_BETA, "robustness.beta", self.beta, f"must be in [0, {MAX_TRADES_BETA:g}]")
         ok = self.backend in ("auto", "triton", "torch")
         require(ok, "robustness.backend", self.backend, "must be auto, triton or torch")
         require(self.eval in EVAL_SUITES, "robustness.eval", self.eval, f"must be one of {', '.join(EVAL_SUITES)}")
