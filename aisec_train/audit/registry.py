@@ -147,7 +147,8 @@ def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dic
     else:
         said = headline(report)
         found += [
-            f"report.json says {part}.{key}={said[part].get(key)!r}, the model's keyed tag {claims[part].get(key)!r}"
+            f"report.json says {key if part == 'metrics' else f'governance.{key}'}={said[part].get(key)!r}, "
+            f"the model's keyed tag {claims[part].get(key)!r}"
             for part in ("metrics", "governance")
             for key in sorted(set(said[part]) | set(claims[part]))
             if said[part].get(key) != claims[part].get(key)
