@@ -22,6 +22,7 @@ from aisec_train.privacy.record_sets import RecordSets, register_and_share
 from aisec_train.privacy.spend import DatasetSpend
 from aisec_train.store import BudgetError
 from aisec_train.store.errors import IntegrityError
+from tests.test_ledger_cli import cli
 
 pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
 
@@ -206,14 +207,6 @@ def test_a_copy_through_the_api_is_refused_a_looser_delta_and_a_deleted_set(tmp_
 
 
 # -- 5. the ledger tool's arguments -----------------------------------------------------------------------------
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        ledger_cli.main([str(a) for a in args])
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exit_.value.code, out.out, out.err
-
-
 @pytest.fixture
 def store(tmp_path) -> LedgerStore:
     store = LedgerStore(tmp_path / "store")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.hashing import sha256_bytes
+from aisec_train.report.report import json_safe  # as report.json writes values: the tag's copy compares equal
 from aisec_train.store import artifacts, keys
 from aisec_train.store.errors import IntegrityError, StoreError
 from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
@@ -98,23 +99,11 @@ def _json_value(value: Any) -> Any:
     return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _reported(value: Any) -> Any:
-    """A report value as report.json holds it (non-finite numbers are written as null): the tag's copy of the
-    headline metrics compares equal to what the file on disk says."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _reported(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_reported(v) for v in value]
-    return value
-
-
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The headline metrics and governance a registry entry carries, as report.json writes them."""
     return {
-        "metrics": {key: _reported(_dig(report, key)) for key in HEADLINE},
-        "governance": _reported(report.get("governance") or {}),
+        "metrics": {key: json_safe(_dig(report, key)) for key in HEADLINE},
+        "governance": json_safe(report.get("governance") or {}),
     }
 
 

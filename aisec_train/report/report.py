@@ -83,15 +83,15 @@ class Report:
         previous report intact."""
         from aisec_train.store import atomic_write
 
-        atomic_write(path, json.dumps(_clean(self.to_dict()), indent=2, sort_keys=False), root=path.parent)
+        atomic_write(path, json.dumps(json_safe(self.to_dict()), indent=2, sort_keys=False), root=path.parent)
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON has no NaN or inf: write them as null so every reader can parse the report."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
