@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from aisec_train.privacy.ledger import PrivacyLedger
 from aisec_train.privacy.record_sets import RecordSets, register_and_share
 from aisec_train.privacy.spend import DatasetSpend
 from aisec_train.store import BudgetError
-from aisec_train.store.errors import IntegrityError
+from aisec_train.store.errors import IntegrityError, LockError
 from tests.test_ledger_cli import cli
 
 pytestmark = pytest.mark.usefixtures("keyed")  # a key and anchors of its own for each test (conftest.py)
@@ -45,12 +46,14 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return np.rint(bunch.images / 16 * 255).astype(np.uint8)[:, None], bunch.target.astype(np.int64)
 
 
-def admit(store, dataset, run_id, *, digests=None, noise=1.0, steps=10, target=3.0, delta=1e-5, accountant="rdp"):
+def admit(
+    store, dataset, run_id, *, digests=None, noise=1.0, steps=10, target=3.0, delta=1e-5, accountant="rdp", wait=0.0
+):
     """One run's admission and charge, as the loop does them (sample rate 0.1); returns the spend's summary."""
-    with store.open(dataset) as ledger:
+    with store.open(dataset) as ledger, ExitStack() as hold:
         spend = DatasetSpend(ledger.delegate(), run_id, "dataset", 0, target, 1000)
         if digests is not None:
-            spend.shared = register_and_share(ledger, digests)
+            spend.shared = register_and_share(ledger, digests, hold=hold, wait=wait)
         run = PrivacyLedger(accountant, delta)
         run.noise_multiplier, run.sample_rate = noise, 0.1
         stop = spend.begin(run, planned_steps=steps)
@@ -275,3 +278,115 @@ def test_budget_scope_run_on_a_copy_is_held_to_the_records_spend(tmp_path):
     (exceed,) = report.get("privacy.budget.dataset_exceeds")
     assert exceed["why"] == "copy audit ticket 7" and exceed["target_epsilon"] == 3.0
     assert exceed["epsilon_after"] == pytest.approx(records["epsilon_max"], rel=1e-6)
+
+
+# -- 7. copies of the records are serialised by their datasets' locks --------------------------------------------
+def _hold_while(store, dataset, digests, started, release, *, steps):
+    """A job on ``dataset`` in another thread: admitted on ``digests``, it says so, and charges ``steps`` only once
+    ``release`` is set, then lets its lock go."""
+    with store.open(dataset) as ledger, ExitStack() as hold:
+        spend = DatasetSpend(ledger.delegate(), "runs/holder", "dataset", 0, 3.0, 1000)
+        spend.shared = register_and_share(ledger, digests, hold=hold)
+        run = PrivacyLedger("rdp", 1e-5)
+        run.noise_multiplier, run.sample_rate = 2.0, 0.1
+        spend.begin(run, planned_steps=steps)
+        started.set()
+        release.wait(30)
+        run.accountant.history.append((2.0, 0.1, steps))
+        spend.charge(run)
+
+
+def test_a_copy_waits_for_a_running_job_on_its_records_and_meets_its_charge(tmp_path):
+    """The race the audit described: a job on the original was admitted and still training (its charge not yet
+    written) when a job on a copy of its records was admitted on the spend the ledger showed, and both spent the
+    last of the budget. Now the copy's job takes the original's lock before it reads that spend: it waits for the
+    running job, then meets its charge and is refused."""
+    import threading
+
+    store = LedgerStore(tmp_path / "store")
+    x, y = digits()
+    digests = digest_arrays(x, y)
+    admit(store, ORIGINAL, "runs/first", digests=digests, noise=2.0, steps=10)  # the records are registered
+    started, release = threading.Event(), threading.Event()
+    # At noise 2, q 0.1: 10 steps are epsilon 0.94, 70 are 2.17, 100 are 2.58 and 160 are 3.28 (target 3). The
+    # copy's 60 steps fit beside the first 10 but not beside the holder's 90 more.
+    holder = threading.Thread(target=_hold_while, args=(store, ORIGINAL, digests, started, release), daemon=True,
+                              kwargs={"steps": 90})  # fmt: skip
+    holder.start()
+    assert started.wait(30)
+    threading.Timer(0.5, release.set).start()  # the holder charges half a second after the copy's job starts
+    with pytest.raises(BudgetError, match=r"1797 record\(s\) that dataset\(s\) a{16} also hold are at epsilon 2\.5"):
+        admit(store, COPY, "runs/copy", digests=digests, noise=2.0, steps=60, wait=30.0)
+    holder.join(30)
+    assert kinds(store, COPY)[-1] == "refusal"  # and no budget was fixed by the refused run
+
+
+def test_a_copy_is_refused_in_one_line_while_its_records_train_elsewhere(tmp_path):
+    """With ``train.lock_wait_s=0`` (the default) the copy's run is refused before any step, naming the dataset
+    whose job holds its records and that job; the copy's ledger fixes no budget and the run writes no model."""
+    import threading
+
+    from aisec_train.api import run
+
+    x, y = digits()
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    np.savez(tmp_path / "copy.npz", x=x[::-1], y=y[::-1])
+    run([*FAST, f"dataset.path={tmp_path / 'd.npz'}"], run_dir=tmp_path / "original")
+    store = LedgerStore()
+    (original,) = store.datasets()
+    started, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=_hold_until, args=(store, original, started, release), daemon=True)
+    holder.start()
+    assert started.wait(30)
+    try:
+        with pytest.raises(LockError, match=rf"privacy ledger of dataset {original[:16]} \(it holds \d+ of this run"):
+            run([*FAST, f"dataset.path={tmp_path / 'copy.npz'}"], run_dir=tmp_path / "copy")
+    finally:
+        release.set()
+        holder.join(30)
+    assert all(store.view(d).budget() is None for d in store.datasets() if d != original)  # no budget fixed
+    assert not (tmp_path / "copy" / "model.pt").exists()
+
+
+def _hold_until(store, dataset, started, release):
+    with store.open(dataset):
+        started.set()
+        release.wait(30)
+
+
+@pytest.mark.slow
+def test_two_jobs_started_at_once_on_copies_never_both_spend_the_last_budget(tmp_path):
+    """Two real ``aisec-train`` processes on two copies of the digits, started together, each planned to spend the
+    records' whole target: at most one is admitted, and the records' composed spend stays within the target."""
+    import os
+    import subprocess
+    import sys
+
+    x, y = digits()
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    np.savez(tmp_path / "b.npz", x=x[::-1], y=y[::-1])
+    jobs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aisec_train",
+                *FAST,
+                f"dataset.path={tmp_path / name}.npz",
+                "train.lock_wait_s=120",
+                f"hydra.run.dir={tmp_path / name}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ),
+        )  # fmt: skip
+        for name in ("a", "b")
+    ]
+    results = [(job.wait(600), job.stderr.read()) for job in jobs]
+    assert sorted(code for code, _ in results) in ([0, 2], [2, 2]), results
+    for code, err in results:
+        assert code == 0 or (err.count("\n") == 1 and "Traceback" not in err), err
+    store = LedgerStore()
+    spent = [store.view(d).total_epsilon() for d in store.datasets()]
+    assert sum(spent) <= 3.0 + 1e-6, spent  # one dataset's runs hold every record: their spend adds up

@@ -4,6 +4,7 @@ lossless dtype held them; duplicates leave the training split; image folders nev
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -147,9 +148,9 @@ def spend_on(store, dataset, digests, run_id, *, steps, target=20.0):
     (as the loop does)."""
     from aisec_train.privacy.ledger import PrivacyLedger
 
-    with store.open(dataset) as ledger:
+    with store.open(dataset) as ledger, ExitStack() as hold:
         spend = DatasetSpend(ledger.delegate(), run_id, "dataset", 0, target, 1000)
-        spend.shared = register_and_share(ledger, digests)
+        spend.shared = register_and_share(ledger, digests, hold=hold)
         run = PrivacyLedger("rdp", 1e-5)
         run.noise_multiplier, run.sample_rate = 1.0, 0.1
         stop = spend.begin(run, planned_steps=steps)

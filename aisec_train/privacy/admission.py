@@ -36,5 +36,5 @@ def open_spend(run: Run, run_id: str | None = None) -> DatasetSpend | None:
     run.report.add("privacy", **store_record(store), delta_override=cfg.privacy.delta_reason if override else None)
     spend = new_spend(cfg, ledger.delegate(), run_id, data.split_seed, len(data.train))
     if data.record_digests is not None:  # charged by records too, whatever file, order or dtype held them
-        spend.shared = register_and_share(ledger, data.record_digests)
+        spend.shared = register_and_share(ledger, data.record_digests, hold=run.resources, wait=cfg.train.lock_wait_s)
     return spend

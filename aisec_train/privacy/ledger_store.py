@@ -243,12 +243,16 @@ class LedgerStore:
     def open(self, dataset_sha256: str, *, wait: bool | float = False) -> Iterator[DatasetLedger]:
         """The dataset's ledger, verified, under its exclusive lock for the whole block (a second job on the
         same data waits up to ``wait`` seconds, or refuses in one line naming the holder)."""
-        check_dataset(dataset_sha256)
-        lock = self.path / f"{dataset_sha256}.lock"
-        with exclusive_lock(lock, wait=wait, what=f"privacy ledger of dataset {dataset_sha256[:16]}") as held:
+        with self.lock(dataset_sha256, wait=wait) as held:
             ledger = DatasetLedger(self.path, dataset_sha256, held.token)
             ledger.records  # noqa: B018 - verify before the caller does anything
             yield ledger
+
+    def lock(self, dataset_sha256: str, *, wait: bool | float = False, why: str = ""):
+        """The dataset's exclusive lock (``STORE/<dataset>.lock``), for a job that charges its ledger or, while
+        the job runs, reads its spend as final (``why`` is added to the refusal's name for the lock)."""
+        lock = self.path / f"{check_dataset(dataset_sha256)}.lock"
+        return exclusive_lock(lock, wait=wait, what=f"privacy ledger of dataset {dataset_sha256[:16]}{why}")
 
     def validate(self, dataset_sha256: str) -> None:
         """Before training: the dataset's ledger can be written without following a symlink, and it verifies."""

@@ -12,7 +12,7 @@ The spend charged to a record is every ledger whose dataset holds it, composed. 
 if any record it would train on would go past its target: the smallest target of the datasets holding it (a
 record does not get a fresh budget by being copied into a dataset with a higher one).
 
-    >>> shared = register_and_share(ledger, data.record_digests)   # under the dataset's lock
+    >>> shared = register_and_share(ledger, data.record_digests, hold=run.resources)  # under the dataset's lock
     >>> allowed = shared.require_steps(ledger, noise_multiplier=s, sample_rate=q, limit=n, target_epsilon=3.0)
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,6 +208,21 @@ class SharedSpend:
                 )
         return limit
 
+    def binding(self, ledger: DatasetLedger, added: tuple[float, float, int]) -> tuple[str, float, float, float]:
+        """For a refusal whose binding limit is shared records: the group whose spend after ``added`` (noise,
+        sample rate, steps) passes its target furthest, as (which records, spent, after, target)."""
+        own = ledger.budget()
+        assert own is not None and self.groups
+        terms = {"delta": own["delta"], "accountant": own["accountant"]}
+        rows = []
+        for group in self.groups:
+            prior = ledger.history() + group.history
+            spent, after = (budget.compose_epsilon(h, **terms) for h in (prior, [*prior, added]))
+            target = self._target(group, own, None)
+            what = f"{group.n_records} record(s) that dataset(s) {_names(group)} also hold"
+            rows.append((after - target, (what, spent, after, target)))
+        return max(rows, key=lambda row: row[0])[1]
+
     def check_terms(self, ledger: DatasetLedger, own: dict[str, Any]) -> None:
         """Refuse (one line) a run whose delta or accountant differs from those of a dataset sharing its records.
 
@@ -282,9 +298,18 @@ def _names(group: Group) -> str:
 
 
 @timed("records.share")
-def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpend:
+def register_and_share(
+    ledger: DatasetLedger, digests: np.ndarray, *, hold: ExitStack, wait: bool | float = False
+) -> SharedSpend:
     """Add this run's training records to its dataset's set (under the dataset's lock, before any step), then
-    find every other dataset of the ledger's store that holds any of them and has spent on it."""
+    find every other dataset of the ledger's store that holds any of them and has spent on it.
+
+    Each such dataset's lock is taken into ``hold`` (kept until the run's last charge; waiting up to ``wait``
+    seconds, else refused in one line naming the holder) before its spend is read: a run on a copy of the
+    records cannot then be admitted on a spend that a job still running on the other dataset has yet to charge.
+    Of two such jobs started at once, the one that registers its records second finds the first's set and waits
+    for it (or is refused); if both register before either looks, each waits for the other's lock and both are
+    refused when ``wait`` runs out, never both admitted."""
     sets, ledgers = RecordSets(ledger.store), LedgerStore(ledger.store)
     mine = as_set(digests)
     sets.add(ledger, mine)
@@ -297,6 +322,9 @@ def register_and_share(ledger: DatasetLedger, digests: np.ndarray) -> SharedSpen
         inside = contains(sets.load(other), mine)  # first: most datasets of a store share nothing with this one
         if not inside.any():
             continue
+        why = f" (it holds {int(inside.sum())} of this run's records, so its spend is part of theirs)"
+        hold.enter_context(ledgers.lock(other, wait=wait, why=why))
+        inside = contains(sets.load(other), mine)  # as it is now that no job can add to it
         view = ledgers.view(other)
         history = view.history()
         if history:  # registered but never charged: nothing to compose

@@ -166,6 +166,7 @@ class DatasetSpend:
 
     def _does_not_fit(self, run: PrivacyLedger, planned: int, b: dict[str, Any]) -> str:
         led, allowed = self.ledger, self.admitted or 0
+        noise, rate = run.noise_multiplier, run.sample_rate
         spent, after = led.total_epsilon(), self._epsilon_after(run, planned, b)
         runs = len({r["run_id"] for r in led.of_kind("charge")})
         head = (
@@ -173,10 +174,23 @@ class DatasetSpend:
             if allowed <= 0
             else f"privacy budget of dataset {led.dataset[:16]} cannot take this run"
         )
+        spending = f"{planned} planned steps (noise {noise:.3f}, sample rate {rate:.4g}, its own target " + (
+            f"{self.target_epsilon})"
+        )
+        own_allowed = led.steps_within(noise_multiplier=noise, sample_rate=rate, limit=planned)
+        if self.shared is not None and self.shared.groups and allowed < own_allowed:  # a copy's spend binds
+            what, spent, after, target = self.shared.binding(led, (noise, rate, planned))
+            return (
+                f"{head}: {what} are at epsilon {spent:.3f} of their target {target}, every run on them composed; "
+                f"this run's {spending} would take them to {after:.3f}, and only {allowed} step(s) fit. The binding "
+                "limit is those records' remainder (records are charged by content, whichever file holds them); "
+                "nothing was trained. "
+                + led.choices(after)
+                + ("; or privacy.fit_to_budget=true (calibrate the noise to what is left)" if allowed > 0 else "")
+            )
         return (
             f"{head}: epsilon {spent:.3f} of its target {b['target_epsilon']} is spent by {runs} run(s); this run's "
-            f"{planned} planned steps (noise {run.noise_multiplier:.3f}, sample rate {run.sample_rate:.4g}, its own "
-            f"target {self.target_epsilon}) would take the records to {after:.3f}, and only {allowed} step(s) fit. "
+            f"{spending} would take the records to {after:.3f}, and only {allowed} step(s) fit. "
             "The binding limit is the dataset's remainder, not the run's own target; nothing was trained. "
             + led.choices(after)
             + ("; or privacy.fit_to_budget=true (calibrate the noise to what is left)" if allowed > 0 else "")
