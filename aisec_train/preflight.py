@@ -131,6 +131,9 @@ def check_resource_limits(cfg: Any) -> None:
         if value > limit:
             raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
     check_synthetic_size(cfg.dataset)
+    from aisec_train.federated.config import check_local_limits  # Ray actors, the CA bundle (federated/config.py)
+
+    check_local_limits(cfg.federated)
 
 
 def check_synthetic_size(dataset: Any) -> None:

@@ -36,6 +36,7 @@ __all__ = [
     "InvalidCiphertextError",
     "KeyPaths",
     "aggregate",
+    "check_upload",
     "decrypt_aggregate",
     "encrypt_update",
     "generate_keys",
@@ -308,6 +309,20 @@ def _check_shape(update: EncryptedUpdate, length: int, slots: int, where: str) -
             f"{len(_chunk_sizes(length, slots))}"
         )
     return sizes
+
+
+def check_upload(update: EncryptedUpdate | bytes, public_ctx: ts.Context, length: int) -> EncryptedUpdate:
+    """Server side, one upload at a time: parse it and load every chunk as a ciphertext of this context holding
+    ``length`` values at the context's scale, so that one malformed upload is refused on its own instead of failing
+    the whole sum (InvalidCiphertextError). Reads no key: the server's context has none."""
+    parsed = update if isinstance(update, EncryptedUpdate) else EncryptedUpdate.from_bytes(update)
+    sizes = _check_shape(parsed, length, _slots(public_ctx), "upload")
+    for i, (chunk, size) in enumerate(zip(parsed.chunks, sizes, strict=True)):
+        vec = _load_vector(public_ctx, chunk, size, f"upload chunk {i}")
+        scales = [c.scale for c in vec.ciphertext()]
+        if not np.allclose(scales, public_ctx.global_scale, rtol=1e-9):
+            raise InvalidCiphertextError(f"upload chunk {i} has scale {scales[0]:.6g}, not the context's")
+    return parsed
 
 
 def aggregate(updates: Sequence[EncryptedUpdate | bytes], public_ctx: ts.Context | Path) -> EncryptedUpdate:

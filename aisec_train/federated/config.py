@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 from aisec_train.errors import ConfigError, require
 from aisec_train.train.config import MIN_NOISE_MULTIPLIER, finite_positive
@@ -188,9 +190,9 @@ class DeploymentConfig:
     timeout_s: float = 3600.0  # the whole run, from submission to the last round
 
     def check(self) -> None:
-        host = self.superlink.rpartition(":")[0]
-        ok = bool(host) and self.superlink.rpartition(":")[2].isdigit()
-        require(ok, "federated.deployment.superlink", self.superlink, "must be host:port")
+        host, _, port = self.superlink.rpartition(":")
+        ok = bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+        require(ok, "federated.deployment.superlink", self.superlink, "must be host:port with a port in 1..65535")
         loopback = host in LOOPBACK_HOSTS
         require(
             not self.insecure or loopback,
@@ -307,3 +309,31 @@ class FederatedConfig:
         tol = self.client_dp.dropout_tolerance
         ok = tol < self.cohort
         require(ok, "federated.client_dp.dropout_tolerance", tol, f"must be < the cohort {self.cohort}")
+
+
+def check_local_limits(fed: FederatedConfig, cpus: int | None = None) -> None:
+    """What the launching job checks before any work (preflight.check_resource_limits), but a SuperNode or the
+    ServerApp rebuilding the config from job.json must not: they run elsewhere, with their own files and cores.
+
+    - Flower's Ray backend starts ``ray_num_cpus / client_cpus`` client actors whatever ``clients`` is (each a
+      Python process importing torch and TenSEAL), so ``client_cpus=0.001`` started thousands.
+    - ``flwr run`` reads the CA bundle only after the keys, the job file and the budget admission were written.
+    """
+    if fed.mode is FederatedMode.none:
+        return
+    cores = cpus or os.cpu_count() or 1
+    most = max(8, 4 * cores)
+    if fed.engine is Engine.simulation:
+        actors = (fed.ray_num_cpus or cores) / fed.client_cpus
+        big = (fed.ray_num_cpus or 0) > most
+        require(
+            actors <= most,
+            "federated.ray_num_cpus" if big else "federated.client_cpus",
+            fed.ray_num_cpus if big else fed.client_cpus,
+            f"federated.ray_num_cpus / federated.client_cpus = {actors:g} Ray client actors (processes); at most "
+            f"{most} (4 per CPU core): raise client_cpus or lower ray_num_cpus",
+        )
+    elif not fed.deployment.insecure:
+        ca = Path(str(fed.deployment.root_certificates))
+        ok = ca.is_file() and os.access(ca, os.R_OK)
+        require(ok, "federated.deployment.root_certificates", str(ca), "must be a readable CA certificate file")

@@ -11,7 +11,6 @@ take their certificates from their own PKI; this exists so the documented TLS + 
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import ipaddress
 from pathlib import Path
@@ -21,7 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from aisec_train.errors import RefusingParser
 from aisec_train.store.files import atomic_write
+
+MAX_DAYS = 36500  # a hundred years: cryptography's dates end at year 9999
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
@@ -97,12 +99,20 @@ def write_node_key(out: Path, name: str) -> tuple[Path, Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # Usage errors and out-of-range values are one line and exit 2 (errors.RefusingParser), before anything is
+    # written: --days -5 and --host '' were tracebacks from cryptography, --days 0 a certificate already expired.
+    parser = RefusingParser(prog="aisec_train.federated.credentials", description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--host", default="127.0.0.1", help="the SuperLink's address as SuperNodes dial it")
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--days", type=int, default=30)
     args = parser.parse_args(argv)
+    if not 1 <= len(args.host) <= 64 or any(c.isspace() for c in args.host):
+        parser.error(f"--host {args.host!r} is not allowed: a host name or IP address of 1-64 characters, no spaces")
+    if args.nodes < 0:
+        parser.error(f"--nodes {args.nodes} is not allowed: must be >= 0 (one key pair per SuperNode)")
+    if not 1 <= args.days <= MAX_DAYS:
+        parser.error(f"--days {args.days} is not allowed: must be in [1, {MAX_DAYS}] (how long the certificates last)")
     for name, path in write_tls(args.out, args.host, args.days).items():
         print(f"{name}: {path}")
     for i in range(args.nodes):

@@ -77,7 +77,10 @@ def check_defence(
     """Refuse a defence that cannot honestly tolerate ``num_malicious`` of ``clients`` updates (one line)."""
     _check_name(defence)
     f = num_malicious
-    require(0 <= f < clients, "federated.defence.num_malicious", f, f"must be in [0, {clients}) for {clients} updates")
+    require(f >= 0, "federated.defence.num_malicious", f, "must be >= 0")
+    # FedAvg and norm bounding read no f (a lone update is a valid mean); only the defences that tolerate f need n > f.
+    if defence in ("median", "trimmed_mean", "krum"):
+        require(f < clients, "federated.defence.num_malicious", f, f"must be in [0, {clients}) for {clients} updates")
     if defence == "median":
         require(2 * f < clients, "federated.defence.num_malicious", f, f"a median needs a majority of {clients} honest")
     if defence == "trimmed_mean":

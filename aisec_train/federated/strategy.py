@@ -27,12 +27,18 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from aisec_train.crypto.ckks import EncryptedUpdate, InvalidCiphertextError, aggregate, load_public_context
-from aisec_train.crypto.rotation import epoch_of, load_epoch_public, tag, untag
+from aisec_train.crypto.ckks import (
+    EncryptedUpdate,
+    InvalidCiphertextError,
+    aggregate,
+    check_upload,
+    load_public_context,
+)
+from aisec_train.crypto.rotation import epoch_of, is_tagged, key_id_of, load_epoch_public, tag, untag
 from aisec_train.errors import ConfigError
 from aisec_train.federated import robust_aggregation
 from aisec_train.federated.client_dp import poisson_sample
-from aisec_train.federated.client_level import ClientDPPlan, ClientLedger, tolerance
+from aisec_train.federated.client_level import EXTRA, EXTRA_KEYS, ClientDPPlan, ClientLedger, tolerance
 from aisec_train.federated.task import REFUSAL_CODES, check_update, flatten, unflatten
 from aisec_train.train import checkpoint
 
@@ -218,7 +224,7 @@ class SecureFedAvg(FedAvg):
         row["errors"] = [_reason(m.error.reason) for m in replies if m.has_error()]
         # 2. Refusals: the clients' own (before encryption) and, on plaintext, the server's check.
         accepted, row["refused"], norms = self._screen(answered, rnd)
-        row["clients"] = [_client_row(m.content["metrics"]) for m in answered]
+        row["clients"] = [_client_row(m.content["metrics"]) for m in answered if "metrics" in m.content]
         row["accepted"] = sorted(int(m.content["metrics"]["partition-id"]) for m in accepted)
         if norms:
             row["update_norms"] = norms  # plaintext only: what the server measured
@@ -232,6 +238,8 @@ class SecureFedAvg(FedAvg):
                 arrays = self._aggregate(accepted, rnd)
             except ConfigError as err:  # a defence that cannot tolerate its attackers among this few updates
                 row["failed"] = str(err)
+            except InvalidCiphertextError as err:  # screened one by one above; a sum that still fails keeps the model
+                row["failed"] = f"the encrypted updates could not be added: {err}"
             row["aggregate_s"] = time.perf_counter() - started
         row["train_round_s"] = time.perf_counter() - self._started.get(rnd, time.perf_counter())
         self.history.append(row)
@@ -251,7 +259,8 @@ class SecureFedAvg(FedAvg):
         return metrics
 
     def _evaluate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord | None:
-        rows = [m.content["metrics"] for m in replies if not m.has_error()]
+        # A peer's metrics are input: a reply without a count in [1, ...) or an accuracy in [0, 1] is left out.
+        rows = [r for m in replies if not m.has_error() and (r := _evaluation(m)) is not None]
         total = sum(int(r["num-examples"]) for r in rows)
         if not rows or total == 0:
             return None
@@ -259,7 +268,7 @@ class SecureFedAvg(FedAvg):
         row = next(h for h in reversed(self.history) if h["round"] == rnd)
         row["test_accuracy"], row["evaluated_examples"] = acc, total
         row["evaluated_clients"] = len(rows)
-        row["decrypt_s"] = [float(r["decrypt-s"]) for r in rows]
+        row["decrypt_s"] = [float(r.get("decrypt-s", 0.0)) for r in rows]
         row["round_s"] = time.perf_counter() - self._started.get(rnd, time.perf_counter())
         self._save(None, rnd)
         return MetricRecord({"accuracy": acc, "num-examples": total})
@@ -277,29 +286,93 @@ class SecureFedAvg(FedAvg):
         return None
 
     def _screen(self, answered: list[Message], rnd: int) -> tuple[list[Message], list[dict[str, Any]], dict]:
-        """Split answered clients into usable updates and refusals (theirs, or the server's)."""
+        """Split answered clients into usable updates and refusals (theirs, or the server's).
+
+        A reply is a peer's input (a SuperNode may be malicious): metrics that are missing, of the wrong type, a
+        partition id other than the node's, a count below 1, or arrays of another shape are refused as
+        ``malformed`` one reply at a time, instead of crashing the round (and the run) or weighing by a negative
+        count."""
         accepted, refused, norms = [], [], {}
         plaintext = self.aggregation != CKKS_KEY
-        base = flatten(self._global.to_torch_state_dict()) if plaintext else None
+        template = self._global.to_torch_state_dict() if plaintext else None
+        base = flatten(template) if plaintext else None
         # Client-level DP: each reply carries a noise share of norm ~ z C sqrt(params / k), so only NaN is refused.
         bound = np.inf if self.dp is not None else self.max_update_norm
         for msg in answered:
-            metrics = msg.content["metrics"]
-            pid, code = int(metrics["partition-id"]), int(metrics["refused"])
+            pid, code = self._claimed(msg)
+            if code is None:
+                refused.append({"client": pid, "reason": "malformed", "by": "server"})
+                continue
             if code:
                 refused.append({"client": pid, "reason": REASONS[code], "by": "client"})
+                continue
+            if plaintext and not self._plain_shape_ok(msg, template):
+                refused.append({"client": pid, "reason": "malformed", "by": "server"})
                 continue
             if plaintext:
                 delta = _weights(msg, base.size) - base
                 norms[str(pid)] = float(np.linalg.norm(delta)) if np.isfinite(delta).all() else None
                 reason = check_update(delta, bound)
             else:
-                reason = self._key_check(msg, rnd)
+                reason = self._key_check(msg, rnd) or self._ckks_check(msg, rnd)
             if reason:
                 refused.append({"client": pid, "reason": reason, "by": "server"})
                 continue
             accepted.append(msg)
         return accepted, refused, norms
+
+    def _claimed(self, msg: Message) -> tuple[int | None, int | None]:
+        """The reply's partition id and refusal code; code None when the metrics are malformed."""
+        try:
+            metrics = msg.content["metrics"]
+            pid, code, n = (metrics[k] for k in ("partition-id", "refused", "num-examples"))
+        except (KeyError, TypeError):
+            return self.partitions.get(msg.metadata.src_node_id), None
+        known = self.partitions.get(msg.metadata.src_node_id)
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (pid, code, n))
+        if not ints or (known is not None and pid != known) or (code != 0 and code not in REASONS):
+            return known if known is not None else (pid if isinstance(pid, int) else None), None
+        if code == 0 and n < 1:  # a count of 0 divides FedAvg by zero, a negative one flips its step
+            return pid, None
+        return pid, code
+
+    def _plain_shape_ok(self, msg: Message, template: dict[str, Any]) -> bool:
+        """A plaintext reply holds the global model's tensors, in its shapes (and, under client-level DP, the two
+        one-value extras), nothing else."""
+        try:
+            state = msg.content["arrays"].to_torch_state_dict()
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            return False
+        shapes = {k: tuple(v.shape) for k, v in template.items()}
+        if self.dp is not None:
+            shapes.update({k: (1,) for k in EXTRA_KEYS})
+        return list(state) == list(shapes) and all(tuple(v.shape) == shapes[k] for k, v in state.items())
+
+    def _expected_length(self, rnd: int) -> int | None:
+        """Values in this round's uploads: the global model's (plaintext in round 1, else the aggregate's), plus
+        the DP extras on top of a plaintext initial model."""
+        payload = ckks_payload(self._global)
+        if payload is None:
+            n = sum(v.numel() for v in self._global.to_torch_state_dict().values())
+            return n + (EXTRA if self.dp is not None else 0) if n else None  # no model to measure: any one length
+        try:
+            agg = untag(payload, key_id_of(payload)) if is_tagged(payload) else EncryptedUpdate.from_bytes(payload)
+        except InvalidCiphertextError:
+            return None
+        return agg.length
+
+    def _ckks_check(self, msg: Message, rnd: int) -> str | None:
+        """An upload that is not well-formed ciphertext of this round's context and the model's length."""
+        ctx, key_id = self._round_key(rnd)
+        payload = ckks_payload(msg.content["arrays"]) if CKKS_KEY in msg.content["arrays"] else None
+        if payload is None:
+            return "malformed"
+        try:
+            update = untag(payload, key_id) if key_id is not None else EncryptedUpdate.from_bytes(payload)
+            check_upload(update, ctx, self._expected_length(rnd) or update.length)
+        except InvalidCiphertextError:
+            return "malformed"
+        return None
 
     def _round_key(self, rnd: int):
         """This round's public context and key id (rotation), or the run's context and no id."""
@@ -327,7 +400,7 @@ class SecureFedAvg(FedAvg):
                     return ckks_record(aggregate(payloads, ctx))
                 return ckks_record(tag(aggregate([untag(p, key_id) for p in payloads], ctx), key_id))
             except InvalidCiphertextError as err:
-                raise RuntimeError(f"an encrypted update was malformed: {err}") from err
+                raise InvalidCiphertextError(f"an encrypted update was malformed: {err}") from err
         template = self._global.to_torch_state_dict()
         if self.dp is not None:  # DP-FedAvg: every share counts once; the extras (count, C) are averaged too
             states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
@@ -368,4 +441,20 @@ def _client_row(metrics: MetricRecord) -> dict[str, Any]:
 
 
 def _partition_id(msg: Message) -> int:
-    return int(msg.content["metrics"]["partition-id"])
+    """The partition a reply names, for ordering (a malformed one sorts last; the screen refuses it)."""
+    try:
+        pid = msg.content["metrics"]["partition-id"]
+    except (KeyError, TypeError):
+        return 2**62
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else 2**62
+
+
+def _evaluation(msg: Message) -> MetricRecord | None:
+    """An evaluator's metrics, if they hold a count >= 1 and an accuracy in [0, 1]."""
+    try:
+        metrics = msg.content["metrics"]
+        n, acc = metrics["num-examples"], metrics["accuracy"]
+    except (KeyError, TypeError):
+        return None
+    ok = isinstance(n, int) and not isinstance(n, bool) and n >= 1 and isinstance(acc, int | float) and 0 <= acc <= 1
+    return metrics if ok else None

@@ -13,6 +13,7 @@ decrypts the last aggregate with the clients' key to hand the final global model
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from aisec_train.crypto import ckks, rotation
 from aisec_train.errors import ConfigError
@@ -36,6 +38,8 @@ from aisec_train.federated.strategy import load_state
 from aisec_train.federated.task import FederatedTask, client_epsilons, load_job, unflatten, write_job
 from aisec_train.privacy import federated_budget as budget
 from aisec_train.report.report import Report
+from aisec_train.store.files import read_nofollow
+from aisec_train.train.checkpoint import CheckpointError
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.job import TrainJob
 from aisec_train.train.loop import TrainResult
@@ -152,10 +156,61 @@ def final_model(task: FederatedTask, client: ClientSettings, state: dict[str, An
     return task.global_model(tensors)  # the aggregated subset merged into the frozen base (shared.py)
 
 
+# What a resumed run must keep: the report describes every round (and the privacy claim covers every round) by
+# the config of the run that finishes it, so a resume that switched any of these would misreport earlier rounds.
+RESUME_KEYS = (
+    "model", "privacy.mode", "privacy.delta", "privacy.accountant", "train.seed", "dataset.split_seed",
+    "robustness.mode", "federated.aggregation", "federated.ckks", "federated.clients", "federated.partition",
+    "federated.client_dp", "federated.defence", "backdoor.attack", "backdoor.malicious_clients",
+)  # fmt: skip
+
+
+def _resume_view(container: dict[str, Any], manifest_sha256: str) -> dict[str, Any]:
+    def get(dotted: str) -> Any:
+        node: Any = container
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    view = {key: get(key) for key in RESUME_KEYS}
+    dp = get("federated.dp")  # null follows privacy: compare the resolved unit of privacy
+    view["federated.dp"] = dp or ("record" if get("privacy.mode") == "dpsgd" else "none")
+    if view["federated.dp"] != "client":
+        view["federated.client_dp"] = None  # read only under client-level DP
+    view["dataset (manifest)"] = manifest_sha256
+    return view
+
+
+def check_resume(cfg, run_dir: Path, manifest_sha256: str) -> None:
+    """Refuse (one line, before any work) a config that would continue another federated run in ``run_dir``."""
+    fed_dir = run_dir / "federated"
+    started = (fed_dir / "server" / "state.pt").exists() or (run_dir / "client_state").exists()
+    if not started:
+        return
+    try:
+        old = json.loads(read_nofollow(fed_dir / "job.json"))
+        before = _resume_view(old["config"], old["manifest_sha256"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(
+            f"{run_dir} holds federated round state but no readable federated/job.json ({err}): it cannot be "
+            "resumed safely. Use another hydra.run.dir"
+        ) from None
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    now = _resume_view(container, manifest_sha256)
+    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
+    if changed:
+        raise CheckpointError(
+            f"{run_dir} holds a federated run that this config would continue with other settings "
+            f"({'; '.join(changed)}): a resume keeps them, or the report and the privacy claim would describe "
+            "earlier rounds by settings they did not run with. Use another hydra.run.dir"
+        )
+
+
 def train_federated(job: TrainJob) -> TrainResult:
     """Run the job's federated training; the result carries the final global model, the per-round history, the
     privacy figures and, in ``sections`` / ``checks``, the federated section and its checklist answers."""
     cfg, device = job.cfg, job.device
+    check_resume(cfg, job.run_dir, job.data.manifest_sha256)  # before any key, job file, admission or round
     part = Report()  # this trainer's own sections and answers: the train stage adds them to the run's report
     if job.factory.template is not None and cfg.federated.engine is Engine.deployment:
         raise ConfigError(
