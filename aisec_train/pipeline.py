@@ -27,6 +27,7 @@ from aisec_train.preflight import check_limits, check_outputs, refuse_symlinks
 from aisec_train.privacy import resolve_store_path
 from aisec_train.report.report import Report
 from aisec_train.report.stage import stage_save_model, write_reports
+from aisec_train.robust.config import check_backend
 from aisec_train.robust.stage import stage_evaluate, stage_robustness
 from aisec_train.run_state import Run, UserObjects
 from aisec_train.store import lock_run_dir, validate_output_path
@@ -57,6 +58,7 @@ def preflight(cfg: Config, user: UserObjects) -> None:
             if node is not None and node.get("_target_") is not None:
                 check_target(node, f"dataset.{key}")
     check_precision(cfg.train.precision, resolve_device(cfg.train.device), cfg.privacy.mode is PrivacyMode.dpsgd)
+    check_backend(cfg.robustness.backend, resolve_device(cfg.train.device))  # robust/config.py
     check_limits(cfg)  # float32 range, accountant and resource limits (preflight.py)
     registry = resolve_registry_path(cfg.audit.registry_path)
     validate_output_path(registry, what="audit.registry_path")

@@ -38,22 +38,49 @@ COLUMNS = [
 ]
 
 
+class SweepError(errors.Refusal, ValueError):
+    """A run's report.json that is not an aisec-train report (one line, exit 2)."""
+
+
+def _section(report: Any, name: str, path: Path) -> dict[str, Any]:
+    """``report[name]`` as a dict (missing or null: empty); anything else is not a report this summary reads."""
+    if not isinstance(report, dict):
+        raise SweepError(f"{path} is not an aisec-train report: a JSON {type(report).__name__}, not an object")
+    value = report.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise SweepError(f"{path} is not an aisec-train report: {name!r} is a {type(value).__name__}, not an object")
+    return value
+
+
+def _number(value: Any, key: str, path: Path) -> Any:
+    """A figure of the summary: a number or null (a string, a list or a bool is not a figure)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    raise SweepError(f"{path} is not an aisec-train report: {key}={value!r} is not a number or null")
+
+
 def _row(run_dir: Path, sweep_dir: Path) -> dict[str, Any]:
-    report = json.loads((run_dir / "report.json").read_text())
+    path = run_dir / "report.json"
+    report = json.loads(path.read_text())
+    privacy, robust = _section(report, "privacy", path), _section(report, "robustness", path)
+    metrics, run = _section(report, "metrics", path), _section(report, "run", path)
+    timings = _section(run, "timings", path)
+    seconds = sum(_number(v, f"run.timings.{k}", path) or 0 for k, v in timings.items())
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
     overrides = ""
     if overrides_file.is_file():  # a YAML list of "key=value" lines
         overrides = " ".join(line[2:].strip() for line in overrides_file.read_text().splitlines() if line[:2] == "- ")
-    privacy, robust = report.get("privacy", {}), report.get("robustness", {})
     return {
         "run": str(run_dir.relative_to(sweep_dir)),
         "overrides": overrides,
-        "clean_accuracy": report.get("metrics", {}).get("clean_accuracy"),
-        "robust_accuracy": robust.get("robust_accuracy"),
-        "epsilon": privacy.get("epsilon"),
-        "target_epsilon": privacy.get("target_epsilon"),
+        "clean_accuracy": _number(metrics.get("clean_accuracy"), "metrics.clean_accuracy", path),
+        "robust_accuracy": _number(robust.get("robust_accuracy"), "robustness.robust_accuracy", path),
+        "epsilon": _number(privacy.get("epsilon"), "privacy.epsilon", path),
+        "target_epsilon": _number(privacy.get("target_epsilon"), "privacy.target_epsilon", path),
         "adversarial_training": robust.get("training"),
-        "seconds": round(sum(report.get("run", {}).get("timings", {}).values()), 1),
+        "seconds": round(seconds, 1),
     }
 
 

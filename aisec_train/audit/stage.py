@@ -18,9 +18,11 @@ import numpy as np
 import torch
 
 from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, privacy_audit, probes, shifts
+from aisec_train.audit.config import CanaryKind
 from aisec_train.audit.references import reference_recipe
 from aisec_train.audit.registry import Registry, resolve_registry_path
 from aisec_train.data.views import materialize, subset
+from aisec_train.errors import require
 from aisec_train.hashing import sha256_file
 from aisec_train.report.outputs import write_json
 from aisec_train.text_run import is_text, skip_image_audits
@@ -70,6 +72,23 @@ def stage_audit(run: Run) -> None:
                 run.report.check(area, item, "not_applicable", "audit.enabled=false: not measured in this run")
         _privacy_audit(run)
         _monitoring(run, model)
+
+
+def check_before_training(run: Run) -> None:
+    """The audit's limits that depend on the training split, checked by the last stage before training
+    (backdoor/stage.py: stage_poison): a refusal after training would have spent the privacy budget on a model
+    the run then never releases. Mislabel canaries are training samples, so there can be at most that many."""
+    cfg = run.cfg.audit
+    assert run.data is not None
+    if cfg.privacy_audit and cfg.canaries.kind is CanaryKind.mislabel:
+        n = len(run.data.train)
+        require(
+            cfg.canaries.m <= n,
+            "audit.canaries.m",
+            cfg.canaries.m,
+            f"must be <= the {n} training samples (mislabel canaries are training samples; "
+            "audit.canaries.kind=noise adds its own)",
+        )
 
 
 def _privacy_audit(run: Run) -> None:

@@ -108,12 +108,18 @@ def poison_data(cfg, data, factory) -> BackdoorState:
 
 
 def stage_poison(run) -> None:
+    """The red team, then (whatever backdoor.attack) the audit's limits that need the final training split: the
+    last stage before training, so a refusal comes before any step is trained or charged."""
+    from aisec_train.audit.stage import check_before_training
+
     if run.cfg.backdoor.attack is BackdoorAttack.none:
+        check_before_training(run)
         return
     _validate(run)
     run.backdoor = state = poison_data(run.cfg, run.data, run.factory)
     run.report.add("data", n_train=len(run.data.train), n_trusted=len(state.trusted))
     run.report.add("backdoor", feature_layer=state.layer.path, feature_layer_detail=state.layer.describe())
+    check_before_training(run)  # on the split the reserve left: what the audit stage will read
 
 
 def _detect(run, state: BackdoorState) -> dict[str, dict]:

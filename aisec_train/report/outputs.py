@@ -127,10 +127,12 @@ def model_card(report: Report) -> str:
         f"- clean test accuracy: {metrics.get('clean_accuracy', float('nan')):.4f}",
     ]
     if robust.get("robust_accuracy") is not None:
+        from aisec_train.report.security_report import robust_sample_words
+
         attack = robust["attack"]
         lines.append(
             f"- robust accuracy: {robust['robust_accuracy']:.4f} under {attack['name'].upper()}-{attack['steps']} "
-            f"({attack['norm']}, eps {attack['eps']}, {attack['restarts']} restart(s))"
+            f"({attack['norm']}, eps {attack['eps']}, {attack['restarts']} restart(s)){robust_sample_words(report)}"
         )
     lines += [
         f"- checkpoint: `{model.get('path')}` SHA-256 `{model.get('sha256')}`",

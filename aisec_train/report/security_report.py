@@ -55,6 +55,15 @@ def _extraction_status(ext: dict[str, Any] | None) -> str:
     )
 
 
+def robust_sample_words(report: Report) -> str:
+    """What the robust figure was measured on, as 'on N of M test samples (95% CI lo-hi)' ('' if not measured)."""
+    n, of, ci = (report.get(f"robustness.{k}") for k in ("n_samples", "eval_of", "robust_accuracy_ci"))
+    if report.get("robustness.robust_accuracy") is None or n is None:
+        return ""
+    where = f" on {n} of {of} test samples" if of is not None and n < of else f" on all {n} test samples"
+    return where + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
 def threat_model(report: Report) -> list[dict[str, str]]:
     """Rows of (stage, threat, impact, mitigation, status for this run)."""
     g = report.get
@@ -93,7 +102,8 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "evasion (adversarial examples)",
             "wrong predictions on crafted inputs",
             "PGD / FGSM-RS adversarial training; PGD evaluation",
-            f"measured: robust accuracy {_fmt(rob)} vs clean {_fmt(g('metrics.clean_accuracy'))} "
+            f"measured: robust accuracy {_fmt(rob)}{robust_sample_words(report)} vs clean "
+            f"{_fmt(g('robustness.eval.clean_accuracy', g('metrics.clean_accuracy')))} on the same samples "
             f"(adversarial training: {g('robustness.training', 'none')})"
             if rob is not None
             else "not measured",
@@ -168,7 +178,7 @@ def _at_a_glance(report: Report) -> list[str]:
         ("model", f"{model_label(report)} (`{g('model.target')}`), `model.pt` SHA-256 `{g('model.sha256')}`"),
         ("training", f"{_fmt(g('train.epochs_completed'))} epochs on {_fmt(g('train.device'))}; privacy: {privacy}"),
         ("clean accuracy", _fmt(g("metrics.clean_accuracy"))),
-        ("robust accuracy", _fmt(g("robustness.robust_accuracy"))),
+        ("robust accuracy", _fmt(g("robustness.robust_accuracy")) + robust_sample_words(report)),
         ("membership AUC", _fmt(g("audit.membership.auc"))),
         ("extraction fidelity (guarded)", _fmt(g("audit.extraction.fidelity"))),
         ("registry", f"`{g('registry.id')}` in `{g('registry.path')}`"),

@@ -114,3 +114,22 @@ class RobustnessConfig:
             self.attack.eps = self.eps
         if self.attack.step_size is None:
             self.attack.step_size = _pgd_step(self.attack.eps, self.attack.steps)
+
+
+def check_backend(backend: str, device: Any) -> None:
+    """Before training: ``robustness.backend=triton`` must be able to run where the attacks will run (CUDA, or
+    Triton's CPU interpreter under TRITON_INTERPRET=1). Unchecked, the first attack raised a traceback mid-run:
+    in training with adversarial training, else in the robustness stage after training (and its DP charge)."""
+    if backend != "triton":
+        return
+    from aisec_kernels.dispatch import interpret_mode, triton_available
+
+    require(triton_available(), "robustness.backend", backend, "needs the triton package; allowed here: auto or torch")
+    ok = getattr(device, "type", str(device)) == "cuda" or interpret_mode()
+    require(
+        ok,
+        "robustness.backend",
+        backend,
+        f"runs Triton kernels on CUDA, and train.device resolved to {device}: use robustness.backend=auto or torch "
+        "(or set TRITON_INTERPRET=1 for Triton's CPU interpreter)",
+    )

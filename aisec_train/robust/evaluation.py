@@ -130,6 +130,8 @@ def evaluate_robustness(
             attacks[name] = {"skipped": f"needs >= 4 classes, the model has {ev.classes}"}
             continue
         run, params = _attack(name, b, eps)
+        if "n_target_classes" in params:  # the targets that ran: a model has classes - 1 runner-ups at most
+            params = {**params, "n_target_classes": min(params["n_target_classes"], ev.classes - 1)}
         attacked = ev.correct & ~fooled_any if per_attack == "cascade" else ev.correct
         fooled, seconds = ev.run(run, attacked, every=suite == "pgd")
         fooled_by[name] = fooled

@@ -63,31 +63,73 @@ def stage_robustness(run: Run) -> None:
         eval_of=len(run.data.test),
         training=rob.mode.value,
     )
-    clean = run.report.get("metrics.clean_accuracy")
+    clean = result["clean_accuracy"]  # on the attacked samples, as the robust figure and its interval are
     figures = ", ".join(
         f"{name} {e['robust_accuracy']:.3f}" if "robust_accuracy" in e else f"{name} skipped ({e['skipped']})"
         for name, e in per_attack.items()
     )
     completed = any("robust_accuracy" in e for e in per_attack.values())  # the criterion: an attack measured it
-    run.report.check(
-        "model",
-        EVASION,
-        "pass" if completed else "fail",
+    attacked = round(clean * len(x))  # the clean-correct samples: the only ones an attack runs on
+    evidence = (
         f"{rob.eval} suite ({a.norm.value}, eps {a.eps:.4g}) on {_sample_words(len(x), len(run.data.test))}: "
         "robust accuracy "
         f"{result['robust_accuracy']:.3f} (95% CI {result['robust_accuracy_ci'][0]:.3f}-"
-        f"{result['robust_accuracy_ci'][1]:.3f}) vs clean {clean:.3f}; after each attack (cascade): {figures}",
+        f"{result['robust_accuracy_ci'][1]:.3f}) vs clean {clean:.3f} on the same samples ({attacked} attacked); "
+        f"after each attack (cascade): {figures}"
     )
-    masking = result["gradient_masking"]
-    run.report.check(
-        "model",
-        MASKING,
-        "fail" if masking["flagged"] else "pass",
-        "; ".join(masking["reasons"])
-        if masking["flagged"]
-        else "no sign of masking: black-box Square found no "
-        "example the white-box attacks missed, more steps did not raise robust accuracy, no zero input gradients",
-    )
+    if not attacked:  # no sample was classified correctly: no attack ran on anything
+        run.report.check("model", EVASION, "fail", evidence, fix=NOTHING_ATTACKED)
+    else:
+        run.report.check("model", EVASION, "pass" if completed else "fail", evidence)
+    status, masking_evidence, fix = masking_verdict(result["gradient_masking"], attacked)
+    run.report.check("model", MASKING, status, masking_evidence, fix=fix)
+
+
+NOTHING_ATTACKED = (
+    "no sample of the evaluation was classified correctly, so no attack or check had an input to work on: "
+    "evaluate more of the test split (aisec-train robustness.eval_samples=all) or train a model that classifies some"
+)
+
+
+def masking_verdict(masking: dict, attacked: int) -> tuple[str, str, str | None]:
+    """(status, evidence, fix) of the gradient-masking item from the checks that actually ran: a pass needs the
+    black-box Square check, a more-steps comparison (fewer steps than the full attack) and the zero-gradient check,
+    each on at least one sample; a check that did not run is named, never claimed."""
+    if masking["flagged"]:
+        return "fail", "; ".join(masking["reasons"]), None
+    checks = masking["checks"]
+    if not attacked:
+        return "fail", "no clean-correct sample in the evaluation: no masking check examined an input", NOTHING_ATTACKED
+    said, missing, fixes = [], [], []
+    square = checks.get("square")
+    if square is None:
+        missing.append("no black-box Square check ran (the pgd suite runs none)")
+        fixes.append("robustness.eval=apgd (or autoattack)")
+    elif "samples" in square and not square["samples"]:
+        said.append("Square: no white-box survivor to attack (robust accuracy 0, nothing to inflate)")
+    else:
+        on = f" on {square['samples']} of {square['of_survivors']} white-box survivors" if "samples" in square else ""
+        said.append(f"Square ({square['queries']} queries){on} fooled {square['fooled_after_white_box']} more")
+    steps = checks.get("steps")
+    if steps is None or steps["steps"][0] >= steps["steps"][1]:
+        ran = f" ({steps['attack']} with {steps['steps'][1]} step(s) has no fewer-step run)" if steps else ""
+        missing.append("no more-steps comparison ran" + ran)
+        fixes.append("robustness.attack.steps >= 2")
+    else:
+        half, whole = steps["robust_fraction"]
+        said.append(
+            f"{steps['attack']} on {steps['samples']} clean-correct samples left {half:.3f} robust at "
+            f"{steps['steps'][0]} steps, {whole:.3f} at {steps['steps'][1]}"
+        )
+    zero = checks.get("zero_gradients")
+    if zero is None:
+        missing.append("no zero-gradient check ran")
+    else:
+        said.append(f"{zero['samples']} of {attacked} clean-correct samples with an all-zero input gradient")
+    if missing:
+        fix = f"run every check: aisec-train {' '.join(fixes)}" if fixes else "report a bug: a masking check is missing"
+        return "fail", "; ".join(missing) + ("; measured: " + "; ".join(said) if said else ""), fix
+    return "pass", "no sign of masking: " + "; ".join(said), None
 
 
 def _sample_words(n: int, of: int) -> str:
