@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from aisec_train.config import Config, register_configs, to_config
+from aisec_train.errors import ConfigError
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.report.report import Report
 from aisec_train.run_state import Run, UserObjects
@@ -34,10 +35,43 @@ from aisec_train.train.objectives import objective_from_config
 
 
 def compose(overrides: Sequence[str] = ()) -> Config:
-    """The typed config the CLI would run with these Hydra overrides (``["dataset=npz", "dataset.path=x.npz"]``)."""
+    """The typed config the CLI would run with these Hydra overrides (``["dataset=npz", "dataset.path=x.npz"]``).
+
+    A bad override raises the one-line ``ConfigError`` the CLI prints (Hydra's and OmegaConf's own errors, a
+    config group given a non-name, a string instead of a list of overrides)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from aisec_train.cli import check_group_values, message
+
+    overrides = _overrides(overrides, "overrides")
     register_configs()
-    with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+    try:
+        check_group_values(OverridesParser.create().parse_overrides(overrides))  # train=null: Hydra's ValueError
+        with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
+            return to_config(hydra_compose(config_name="config", overrides=overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(message(err)) from None
+
+
+def _overrides(given: object, name: str) -> list[str]:
+    """``given`` as a list of override strings; a lone string (iterated, it would be one override per character),
+    or anything else that is not a sequence of strings, is refused in one line."""
+    ok = isinstance(given, Sequence) and not isinstance(given, (str, bytes))
+    if not ok or not all(isinstance(item, str) for item in given):  # type: ignore[union-attr]
+        raise ConfigError(
+            f"{name}={given!r} is not allowed: a list of Hydra overrides such as ['train.epochs=10'] "
+            "(or, for run and fit, a Config from aisec_train.compose)"
+        )
+    return list(given)  # type: ignore[arg-type]
+
+
+def _config(config: Config | Sequence[str] | None) -> Config:
+    """``run``'s and ``fit``'s ``config``: a Config as it is, else the overrides composed (None: the defaults)."""
+    if isinstance(config, Config):
+        return config
+    return compose(_overrides(config if config is not None else (), "config"))
 
 
 def run(
@@ -58,7 +92,7 @@ def run(
     from aisec_train.pipeline import run_pipeline
 
     quiet_known_warnings()
-    cfg = config if isinstance(config, Config) else compose(config or ())
+    cfg = _config(config)
     if test_dataset is not None and train_dataset is None:
         raise ValueError("test_dataset needs train_dataset as well")
     path = Path(run_dir) if run_dir is not None else Path("outputs/api") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
@@ -84,13 +118,16 @@ def fit(
     from aisec_train.data.items import check_items
     from aisec_train.models.factory import fix_for_dp
     from aisec_train.preflight import check_limits
+    from aisec_train.robust.config import check_backend
     from aisec_train.train.config import PrivacyMode
     from aisec_train.train.loop import train as train_loop
 
     quiet_known_warnings()
-    cfg = config if isinstance(config, Config) else compose(config or ())
+    cfg = _config(config)
+    _check_fit(cfg)  # what only the pipeline does is refused, never silently skipped
     check_items(loader.dataset, "loader.dataset", min_items=1)  # every item's kind before a step (data/items.py)
     check_limits(cfg)  # float32 range, accountant and resource limits (preflight.py)
+    check_backend(cfg.robustness.backend, resolve_device(cfg.train.device))  # robust/config.py, as run's preflight
     if eval_dataset is not None:
         check_items(eval_dataset, "eval_dataset")
     cfg.train.batch_size = loader.batch_size or cfg.train.batch_size
@@ -113,6 +150,38 @@ def fit(
         )
         result.budget = account.summary()  # type: ignore[attr-defined]
     return result
+
+
+def _check_fit(cfg: Config) -> None:
+    """``fit`` is the one training loop in this process on a given model object: a setting only ``run`` (the
+    pipeline) carries out is refused in one line before any work, rather than trained without and never said."""
+    from aisec_train.backdoor.config import BackdoorAttack
+    from aisec_train.federated.config import FederatedMode
+    from aisec_train.models.finetune import split
+
+    use_run = "; aisec_train.run (or the CLI) does it"
+    if cfg.train.distributed.nproc > 1:
+        raise ConfigError(
+            f"train.distributed.nproc={cfg.train.distributed.nproc} is not allowed with fit: fit trains in this "
+            f"one process{use_run}"
+        )
+    if cfg.federated.mode is not FederatedMode.none:
+        mode = cfg.federated.mode.value
+        raise ConfigError(f"federated={mode!r} is not allowed with fit: fit trains centrally{use_run}")
+    if cfg.backdoor.attack is not BackdoorAttack.none:
+        raise ConfigError(
+            f"backdoor.attack={cfg.backdoor.attack.value!r} is not allowed with fit: fit neither poisons nor "
+            f"repairs{use_run}"
+        )
+    _, tune = split(cfg.model)
+    given = {"model.trainable": (tune.trainable, "all"), "model.checkpoint_path": (tune.checkpoint_path, None),
+             "model.batchnorm": (tune.batchnorm, "auto"), "model.pretrained": (tune.pretrained, False)}  # fmt: skip
+    for key, (value, default) in given.items():
+        if value != default:
+            raise ConfigError(
+                f"{key}={value!r} is not allowed with fit: fit trains the model object as given (freeze what "
+                f"should not train with requires_grad_(False)); aisec_train.run(model=...) applies {key}"
+            )
 
 
 class _Account:

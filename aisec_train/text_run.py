@@ -15,6 +15,7 @@ import numpy as np
 
 from aisec_train.audit import evidence
 from aisec_train.config import NO_IMAGES, NO_PGD
+from aisec_train.errors import ConfigError
 
 if TYPE_CHECKING:
     from aisec_train.data.dataset import DataBundle
@@ -77,6 +78,36 @@ def text_sanity(data: DataBundle) -> tuple[dict[str, Any], str]:
         f"truncated to dataset.max_length; finding(s): {', '.join(f['check'] for f in findings) or 'none'}"
     )
     return sanity, said
+
+
+def check_token_ids(run: Run) -> None:
+    """Every token id of the data must index the model's input embedding: a ``dataset.tokenizer`` with a larger
+    vocabulary than the model's used to pass the factory's check (blank ids) and crash the first training step
+    with an IndexError traceback, after the dataset ledger was opened. Refused in one line before any step."""
+    import torch
+
+    assert run.data is not None and run.factory is not None
+    with torch.random.fork_rng(devices=[]):  # a throwaway model: the run's random stream stays as it was
+        model = run.factory(seed=0)
+    inner = getattr(model, "model", model)  # HFClassifier wraps the transformers model
+    get = getattr(inner, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if rows is None:
+        return
+    for split, part in (("dataset.path", run.data.train), ("dataset.test_path", run.data.test)):
+        base = getattr(part, "dataset", part)
+        ids = getattr(base, "ids", None)
+        if ids is None or ids.numel() == 0:
+            continue
+        top = int(ids.max())
+        if top >= rows:
+            tokenizer = run.cfg.dataset.tokenizer
+            raise ConfigError(
+                f"dataset.tokenizer={tokenizer!r} is not allowed with this model: it gives {split}'s records token "
+                f"id {top}, and the model's input embedding has {rows} rows (another tokenizer than the model's?); "
+                "allowed: the model's own tokenizer (dataset.tokenizer=null takes model.path's)"
+            )
 
 
 def skip_robustness(run: Run) -> None:

@@ -118,6 +118,8 @@ def test_augmult_is_accounted_as_one_record_per_sampling_coin():
             "train.augmult=4 privacy.grad_sample_mode=ghost",
             "train.augmult=4 is not allowed with privacy.grad_sample_mode=ghost",
         ),
+        # the flip mirrors augmult's views: with K=1 (dp_recipe's CPU default) it silently never ran
+        ("train.augmult_flip=true", "train.augmult_flip=True is not allowed with train.augmult=1"),
     ],
 )
 def test_augmult_refusals_are_one_line(tmp_path, override, message):

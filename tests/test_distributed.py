@@ -58,6 +58,8 @@ def test_one_ledger_for_the_whole_job(two_process_run):
     assert privacy["steps"] == 2 * math.ceil(n_train / batch)
     expected = opacus_epsilon(privacy["noise_multiplier"], privacy["sample_rate"], privacy["steps"], privacy["delta"])
     assert privacy["epsilon"] == pytest.approx(expected, rel=1e-9)
+    # how the ranks clipped, as a one-process run reports it (it used to be null: the outcome dropped it)
+    assert privacy["private_step"]["mode"] == privacy["grad_sample_mode"] == "ghost"
 
 
 def test_replicas_agree_and_rank_zero_wrote_the_model(two_process_run):
@@ -90,3 +92,18 @@ def test_more_processes_than_gpus_is_refused_before_work(tmp_path):
     expected = "train.distributed.nproc=64" if torch.cuda.is_available() else "train.device='cuda'"
     assert expected in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "r" / "report.json").exists() and not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_a_non_private_global_batch_the_ranks_cannot_split_evenly_is_refused(tmp_path):
+    """Without DP each rank takes batch_size // nproc records a step: train.batch_size=5 on 2 ranks trained 4 a
+    step (360 steps an epoch on digits, not 288) while the config said 5. Refused in one line before a step."""
+    run_dir = tmp_path / "r"
+    proc = run_cli("experiment=smoke", "audit=off", "robustness.evaluate=false", "train.distributed.nproc=2",
+                   "privacy=none", "train.batch_size=5", "train.epochs=1", f"hydra.run.dir={run_dir}")  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "aisec-train: error: train.batch_size=5 is not allowed with 2 data-parallel ranks and privacy=none: each "
+        "rank takes batch_size / 2 records a step, so 4 would train; allowed: a multiple of 2"
+    )
+    assert not (run_dir / "checkpoints" / "last.pt").exists() and not (run_dir / "report.json").exists()

@@ -121,6 +121,26 @@ def test_dp_fine_tuning_of_a_tiny_bert_under_every_grad_sample_mode(tiny_bert, t
         assert "model.bert.embeddings.word_embeddings.weight" in moved and "model.classifier.weight" in moved
 
 
+def test_lora_on_an_embedding_is_refused_under_dp_before_any_step(tiny_bert, text_files):
+    """peft's Embedding adapter keeps its weights in ParameterDicts Opacus never sees per sample: DP training used to
+    open the ledger and then crash with a traceback at the first step (every grad-sample mode). Refused at the
+    factory (which the data stage calls before training) in one line; without DP it still trains."""
+    from aisec_train.data.text import TextDataset, read_records
+    from aisec_train.models.hf import load_tokenizer
+
+    spec = {"_target_": HF, "path": str(tiny_bert), "trainable": "lora",
+            "lora": {"r": 4, "target_modules": ["word_embeddings", "query"]}}  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        ModelFactory(spec, (1, 1, 12), 2, private=True)(seed=0)
+    line = str(err.value)
+    assert "\n" not in line and "word_embeddings" in line and "(Embedding)" in line and "allowed: Linear" in line
+    model = ModelFactory(spec, (1, 1, 12), 2, private=False)(seed=0)  # no per-sample gradients needed: it trains
+    data = TextDataset(read_records(text_files / "train.jsonl"), load_tokenizer(str(tiny_bert)), max_length=12)
+    cfg = aisec_train.compose(["privacy=none", "train.epochs=1", "train.batch_size=16"])
+    result = train(model, data, train_cfg=cfg.train, device=torch.device("cpu"), progress=False)
+    assert check_adapters_moved(result.model)["moved"] > 0
+
+
 def test_remote_code_is_off_by_default_and_a_missing_folder_is_one_line(tmp_path, tiny_bert):
     import inspect
 

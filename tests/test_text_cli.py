@@ -125,3 +125,34 @@ def test_pixel_space_options_are_refused_on_text_before_any_work(tiny_bert, text
 def test_a_text_key_is_refused_for_an_image_dataset():
     with pytest.raises(ConfigError, match="dataset.max_length=16 is not allowed with dataset=digits"):
         aisec_train.compose(["dataset.max_length=16"])
+
+
+def test_a_tokenizer_with_ids_past_the_models_embedding_is_refused_before_any_step(tiny_bert, text_files, tmp_path):  # noqa: F811
+    """dataset.tokenizer naming another folder whose vocabulary is larger than the model's: the factory's check
+    (blank ids) passed, and the first DP step crashed with `IndexError: index out of range in self` after the
+    dataset ledger was opened. Refused in one line, nothing charged."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = [f"w{i}" for i in range(300)]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    big = tmp_path / "big_tokenizer"
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    fast.save_pretrained(big)
+    rows = [{"text": " ".join(words[200 + (i * 7 + k) % 100] for k in range(4)), "label": i % 2} for i in range(40)]
+    (tmp_path / "big.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    store = tmp_path / "ledgers"
+    args = ["model=hf", f"model.path={tiny_bert}", "model.trainable=lora", "dataset=text",
+            f"dataset.path={tmp_path / 'big.jsonl'}", f"dataset.tokenizer={big}", f"privacy.ledger_store={store}",
+            *QUICK]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        aisec_train.run(args, run_dir=tmp_path / "run")
+    line = str(err.value)
+    assert line.startswith(f"dataset.tokenizer='{big}' is not allowed with this model: it gives dataset.path's")
+    assert "input embedding has" in line and "\n" not in line
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    records = [r for f in store.rglob("*.json") for r in json.loads(f.read_text())["records"]]
+    steps = [r for r in records if r.get("kind") == "charge"]
+    assert steps == []  # nothing charged

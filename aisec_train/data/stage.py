@@ -20,7 +20,7 @@ from aisec_train.models.factory import ModelFactory
 from aisec_train.models.finetune import KEYS as FINETUNE_KEYS
 from aisec_train.privacy.admission import open_spend
 from aisec_train.report.outputs import write_json
-from aisec_train.text_run import is_text, text_sanity
+from aisec_train.text_run import check_token_ids, is_text, text_sanity
 from aisec_train.train.config import PrivacyMode
 from aisec_train.train.launch import env_rank
 from aisec_train.train.loop import resolve_device
@@ -54,6 +54,8 @@ def stage_data(run: Run) -> None:
     run.spend = open_spend(run) if env_rank() == 0 else None  # torchrun: rank 0 alone charges the job's one ledger
     run.factory = _factory(run)
     run.factory.check()  # the model takes these images and returns one logit per class, before any training
+    if is_text(data):
+        check_token_ids(run)  # every token id indexes the model's embedding (text_run.py)
     if len(data.manifest["files"]) > 100:
         write_json(data.manifest, run.run_dir / "data_manifest.json")
     run.report.add(

@@ -109,6 +109,8 @@ class ModelFactory:
         finetune.select_trainable(model, tune.trainable, head)
         if tune.trainable == "lora":
             model = finetune.add_lora(model, tune, head, self.device)
+            if self.private:  # adapters Opacus cannot clip per sample are refused before any step
+                finetune.check_private_adapters(model)
         batchnorm = {
             "freeze": f"frozen in eval mode ({len(frozen)} layers: running statistics as constants, affine fixed)",
             "groupnorm": "converted to GroupNorm (Opacus ModuleValidator.fix; fresh affine parameters)",

@@ -284,9 +284,11 @@ def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.dev
     if options["target_modules"] is None:
         in_head = (lambda name: name == head or name.startswith(head + ".")) if head else (lambda name: False)
         layers = (nn.Linear, nn.Conv2d)
+        # grouped (depthwise) convolutions are left out: peft adapts one only when the rank divides its groups
         options["target_modules"] = [
-            n for n, m in net.named_modules() if isinstance(m, layers) and n and not in_head(n)
-        ]
+            n for n, m in net.named_modules()
+            if isinstance(m, layers) and n and not in_head(n) and getattr(m, "groups", 1) == 1
+        ]  # fmt: skip
     if not options["target_modules"]:
         raise ConfigError("model.trainable='lora' is not allowed: the model has no Linear or Conv2d layer to adapt")
     net = net.to(device)
@@ -301,6 +303,26 @@ def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.dev
             if name.startswith(head + "."):
                 param.requires_grad_(True)
     return inner
+
+
+def check_private_adapters(net: nn.Module) -> None:
+    """Under DP, refuse (before any step) a LoRA layer whose adapters Opacus cannot clip per sample.
+
+    peft's Linear and Conv adapters are plain ``nn.Linear`` / ``nn.Conv*`` modules that run in the layer's forward,
+    so every grad-sample mode sees them. Its Embedding adapter keeps its weights in ``ParameterDict``s used through
+    ``F.embedding`` and its MultiheadAttention adapter merges them into the attention weights: no per-sample
+    gradient would ever reach them, and Opacus fails at the first step (after the ledger was opened)."""
+    from peft.tuners.lora import layer as lora_layer
+
+    clippable = (lora_layer.Linear, lora_layer.Conv1d, lora_layer.Conv2d, lora_layer.Conv3d)
+    for name, module in net.named_modules():
+        if isinstance(module, lora_layer.LoraLayer) and not isinstance(module, clippable):
+            base = type(module.get_base_layer()).__name__
+            raise ConfigError(
+                f"model.lora.target_modules is not allowed to include {name!r} ({base}) with privacy=dpsgd: peft's "
+                f"LoRA adapter on {base} layers is no Linear or Conv module, so Opacus cannot clip its per-sample "
+                "gradients; allowed: Linear and Conv layers (in a transformer: query, key, value, dense)"
+            )
 
 
 def adapters(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,11 +17,16 @@ import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from aisec_train.errors import ConfigError
 from aisec_train.store.files import create_exclusive
 from aisec_train.tracking.base import RunInfo
 from aisec_train.tracking.config import MlflowLoggerConfig
 
+# The schemes MLflow's tracking store registry maps to a store (mlflow.tracking._tracking_service.utils).
+STORE_SCHEMES = {"", "file", "http", "https", "databricks", "databricks-uc", "uc", "sqlite", "postgresql", "mysql",
+                 "mssql"}  # fmt: skip
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 
@@ -32,7 +37,20 @@ class MlflowBackend:
 
     @staticmethod
     def check(cfg: MlflowLoggerConfig, info: RunInfo) -> None:
-        """Nothing to check before the child starts: the default store's folder passed the output preflight."""
+        """Before the child starts (and so before any step): a ``tracking_uri`` whose scheme MLflow has no store
+        for. The child would only fail once training had begun. The default store's folder passed the output
+        preflight; mlflow itself is not imported here (seconds), so the schemes are MLflow's built-in ones plus
+        any a plugin registers (the ``mlflow.tracking_store`` entry points)."""
+        if cfg.tracking_uri is None:
+            return
+        allowed = sorted(STORE_SCHEMES | plugin_schemes())
+        scheme = urlsplit(cfg.tracking_uri).scheme.lower().split("+")[0]  # postgresql+psycopg2: a database driver
+        if scheme not in allowed:
+            raise ConfigError(
+                f"logger.mlflow.tracking_uri={cfg.tracking_uri!r} is not allowed: MLflow has no store for scheme "
+                f"{scheme!r}; allowed: a path or {', '.join(s + '://' for s in allowed if s)} "
+                "(null: sqlite in the run directory)"
+            )
 
     def __init__(self, cfg: MlflowLoggerConfig, info: RunInfo):
         from mlflow.tracking import MlflowClient
@@ -88,6 +106,13 @@ class MlflowBackend:
     def close(self, ok: bool) -> None:
         self._flush()
         self.client.set_terminated(self.run_id, "FINISHED" if ok else "FAILED")
+
+
+def plugin_schemes() -> set[str]:
+    """Schemes MLflow plugins register for their tracking stores (read from the entry points, nothing imported)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name.lower() for ep in entry_points(group="mlflow.tracking_store")}
 
 
 def local_store(path: Path, artifacts: Path) -> str:

@@ -104,6 +104,12 @@ def install(optimizer, k: int) -> None:
 def check(cfg) -> None:
     """Refuse, before any work, combinations where K views could not form one clipped gradient per record."""
     k = cfg.train.augmult
+    if k <= 1 and cfg.train.augmult_flip:  # the flip only mirrors augmult's views: with one view it never ran
+        raise ConfigError(
+            "train.augmult_flip=True is not allowed with train.augmult=1: it mirrors augmult's K views, and one "
+            "record is one unaugmented view; allowed: train.augmult=K >= 2, or dataset.augment.horizontal_flip=true "
+            "to mirror the records themselves"
+        )
     if k <= 1:
         return
     from aisec_train.robust.config import RobustMode

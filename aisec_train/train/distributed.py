@@ -237,6 +237,7 @@ def _result(job: TrainJob, outcome: dict[str, Any], world: int, backend: str, la
         ledger.load_state_dict(outcome["ledger"])
     result = TrainResult(model, ledger, outcome["history"], outcome["stopped_by_budget"], outcome["grad_sample_mode"])
     result.world_size = world
+    result.private_step = outcome.get("private_step")
     result.distributed = {**outcome["distributed"], "backend": backend, "launcher": launcher}
     return result
 
@@ -282,6 +283,7 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, o
         "history": result.history,
         "stopped_by_budget": result.stopped_by_budget,
         "grad_sample_mode": result.grad_sample_mode,
+        "private_step": result.private_step,  # how per-sample gradients were clipped (the report's private_step)
         "distributed": {"rank_weights_sha256": digests, "strategy": cfg.train.distributed.strategy}
         | ({"rank_shard_sha256": shards} if sharded else {}),
         "tracking": buffer.records if buffer is not None else [],

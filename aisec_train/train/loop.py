@@ -198,6 +198,13 @@ class Loop:
         cfg, pin = self.cfg, self.device.type == "cuda"
         common = dict(num_workers=self.workers, pin_memory=pin, collate_fn=checked_collate)
         if self.world > 1 and not self.private:
+            if cfg.batch_size % self.world:  # each rank takes an equal share: another global batch would train
+                raise ConfigError(
+                    f"train.batch_size={cfg.batch_size} is not allowed with {self.world} data-parallel ranks and "
+                    f"privacy=none: each rank takes batch_size / {self.world} records a step, so "
+                    f"{max(1, cfg.batch_size // self.world) * self.world} would train; allowed: a multiple of "
+                    f"{self.world}"
+                )
             sampler = DistributedSampler(
                 self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed
             )
@@ -248,6 +255,7 @@ class Loop:
         self.base_optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"])
         self.start_epoch, self.history = resume["epoch"], list(resume["history"])
+        self.steps = int(resume.get("steps") or 0)  # the trackers' step axis goes on where the checkpoint left it
         self.resumed, self.resumed_stop = True, bool(resume.get("stopped_by_budget"))
 
     def _budget(self, loader: DataLoader) -> None:
@@ -384,6 +392,7 @@ class Loop:
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,
             "history": self.history,
             "epoch": self.epoch + 1,
+            "steps": self.steps,  # optimizer steps taken so far (the trackers' step axis, continued on resume)
             "complete": complete,
             "stopped_by_budget": self.stopped_by_budget,
             "rng": torch.get_rng_state(),

@@ -53,6 +53,7 @@ def load_resume(run: Run) -> dict[str, Any] | None:
             f"{run.run_dir} holds a run of model {meta.get('model')} on data {meta.get('manifest_sha256')}; "
             f"this config trains {model} on {data.manifest_sha256}. Use another hydra.run.dir"
         )
+    check_weights_fit(run, payload)  # a model object of the same class but other shapes (the API)
     if meta.get("split_seed", data.split_seed) != data.split_seed:
         raise checkpoint.CheckpointError(
             f"train.seed={run.cfg.train.seed} draws train/test split {data.split_seed}, but {run.run_dir} was "
@@ -71,6 +72,26 @@ def load_resume(run: Run) -> dict[str, Any] | None:
         )
     log.info("resuming %s from epoch %d", run.checkpoint_path, payload["epoch"])
     return payload
+
+
+def check_weights_fit(run: Run, payload: dict[str, Any]) -> None:
+    """The checkpoint's weights must fit this run's model tensor for tensor. The identity names a model object
+    (the Python API's ``model=``) by its class only, so another width of the same class used to pass it and fail
+    in ``load_state_dict`` with a multi-line traceback once the train stage had begun; refused in one line."""
+    import torch
+
+    assert run.factory is not None
+    with torch.random.fork_rng(devices=[]):  # a throwaway model: the run's random stream stays as it was
+        fresh = run.factory(seed=0).state_dict()
+    saved = payload.get("model") or {}
+    for key in sorted(set(fresh) | set(saved)):
+        there, here = saved.get(key), fresh.get(key)
+        if there is None or here is None or tuple(there.shape) != tuple(here.shape):
+            shape = lambda t: "absent" if t is None else tuple(t.shape)  # noqa: E731
+            raise checkpoint.CheckpointError(
+                f"{run.run_dir} holds a run of another {run.factory.target}: {key} is {shape(there)} in its "
+                f"checkpoint, {shape(here)} in this model; use another hydra.run.dir (API: run_dir)"
+            )
 
 
 class CheckpointSlot:

@@ -1,0 +1,165 @@
+"""Red-team edges of the training reach: the Python API's config handling, what ``fit`` cannot do, and an MLflow
+store URI that used to fail only once training had begun. Every refusal is one line, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import aisec_train
+from aisec_train.errors import ConfigError
+from aisec_train.tracking import open_tracker
+from aisec_train.tracking.base import RunInfo
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["train.epochs=abc"], "Error merging override train.epochs=abc: Value 'abc'"),
+        (["model=nosuch"], "Could not find 'model/nosuch' Available options in 'model':"),
+        (["nosuchkey=1"], "Could not override 'nosuchkey'"),
+        (["privacy=1"], "privacy=1 is not allowed: config group privacy takes one of dpsgd, none"),
+        ("train.epochs=1", "overrides='train.epochs=1' is not allowed: a list of Hydra overrides"),
+        ([1], "overrides=[1] is not allowed: a list of Hydra overrides"),
+    ],
+)
+def test_compose_refuses_a_bad_override_with_the_clis_one_line(overrides, expected):
+    """Hydra's own exceptions (ConfigCompositionException, a 14-line MissingConfigException), a bare ValueError
+    for a group given a number, and a string iterated one character at a time ("Error parsing override 't'")
+    used to reach API callers; now the CLI's one-line ConfigError."""
+    with pytest.raises(ConfigError) as err:
+        aisec_train.compose(overrides)
+    assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_run_and_fit_refuse_a_config_that_is_not_a_list_of_overrides(tmp_path):
+    net = nn.Linear(4, 2)
+    loader = DataLoader(TensorDataset(torch.rand(8, 4), torch.zeros(8, dtype=torch.long)), batch_size=4)
+    for call in (
+        lambda: aisec_train.run("train.epochs=1", run_dir=tmp_path / "run"),
+        lambda: aisec_train.fit(net, loader, "privacy=none"),
+        lambda: aisec_train.run(123, run_dir=tmp_path / "run"),
+    ):
+        with pytest.raises(ConfigError, match=r"^config=.* is not allowed: a list of Hydra overrides"):
+            call()
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.trainable=head", "model.trainable='head' is not allowed with fit"),
+        ("model.batchnorm=freeze", "model.batchnorm='freeze' is not allowed with fit"),
+        ("train.distributed.nproc=2", "train.distributed.nproc=2 is not allowed with fit"),
+        ("federated=fedavg", "federated='fedavg' is not allowed with fit"),
+        ("backdoor=badnets", "backdoor.attack='badnets' is not allowed with fit"),
+    ],
+)
+def test_fit_refuses_what_only_run_carries_out(tmp_path, override, expected):
+    """fit used to train every parameter under model.trainable=head, in one process under nproc=2, and without
+    any poisoning or federation, saying nothing: each is now refused before a step (weights untouched)."""
+    net = _mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))), batch_size=8)
+    with pytest.raises(ConfigError) as err:
+        aisec_train.fit(net, loader, ["privacy=none", "train.epochs=1", override])
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    result = aisec_train.fit(net, loader, ["privacy=none", "train.epochs=1"])  # the plain call still trains
+    assert result.history and result.world_size == 1
+
+
+def test_an_mlflow_uri_without_a_store_is_refused_before_the_tracking_child_starts(tmp_path):
+    """The tracking child used to fail on `bogus://x` only after training had started (the dataset ledger opened,
+    `train: 0%` on the console); now the tracker refuses it before any child or step, naming the schemes."""
+    cfg = aisec_train.compose(["logger=mlflow", "logger.mlflow.tracking_uri=bogus://host/x"])
+    with pytest.raises(ConfigError) as err:
+        open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))
+    line = str(err.value)
+    assert line.startswith("logger.mlflow.tracking_uri='bogus://host/x' is not allowed: MLflow has no store")
+    assert "http://" in line and "sqlite://" in line and "\n" not in line
+    assert not (tmp_path / "tracking").exists()  # no child was started
+    for fine in ("http://mlflow.example:5000", "postgresql+psycopg2://u@h/db", str(tmp_path / "mlruns")):
+        from aisec_train.tracking.mlflow_logger import MlflowBackend
+
+        MlflowBackend.check(aisec_train.compose(["logger=mlflow", f"logger.mlflow.tracking_uri={fine}"]).logger.mlflow,
+                            RunInfo(tmp_path, "r", "quickstart"))  # fmt: skip
+
+
+def test_an_mlflow_uri_without_a_store_is_refused_by_run_before_the_ledger_opens(tmp_path, monkeypatch):
+    store = tmp_path / "ledgers"
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(store))
+    with pytest.raises(ConfigError, match="logger.mlflow.tracking_uri='bogus://x' is not allowed"):
+        aisec_train.run(["logger=mlflow", "logger.mlflow.tracking_uri=bogus://x", "train.epochs=1", "audit=off"],
+                        run_dir=tmp_path / "run")  # fmt: skip
+    assert not any(store.glob("*.json"))  # no dataset ledger was opened, nothing charged
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class Widened(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, width), nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x.flatten(1))))
+
+
+def test_resuming_with_another_width_of_the_same_model_class_is_one_line(tmp_path):
+    """A model object is identified by its class alone: resuming a run directory with another width of the same
+    class used to pass the identity check and crash in load_state_dict (a multi-line RuntimeError) inside the
+    train stage. Now a one-line CheckpointError naming the first tensor that does not fit."""
+    from aisec_train.train.checkpoint import CheckpointError
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(1, 8, 8, generator=g), i % 3) for i in range(48)]
+    overrides = ["privacy=none", "train.epochs=1", "train.batch_size=16", "audit=off", "robustness.evaluate=false"]
+    aisec_train.run(overrides, model=Widened(8), train_dataset=data, run_dir=tmp_path / "run")
+    with pytest.raises(CheckpointError) as err:
+        aisec_train.run(overrides + ["train.epochs=2"], model=Widened(16), train_dataset=data, run_dir=tmp_path / "run")
+    line = str(err.value)
+    assert "holds a run of another" in line and "a.bias is (8,) in its checkpoint, (16,) in this model" in line
+    assert "\n" not in line
+    report = aisec_train.run(overrides + ["train.epochs=2"], model=Widened(8), train_dataset=data,
+                             run_dir=tmp_path / "run")  # fmt: skip
+    assert report.get("train.resumed_from_epoch") == 1 and report.get("train.epochs_completed") == 2
+
+
+def test_default_lora_targets_leave_out_depthwise_convolutions():
+    """model.lora.target_modules=null took every Conv2d, depthwise ones included, and peft adapts a grouped conv
+    only when the rank divides its groups: `model=timm model.arch=<any ConvNeXt / EfficientNet / MobileNet>
+    model.trainable=lora` was refused for a list the user never wrote. The default now skips grouped convs."""
+    pytest.importorskip("timm")
+    pytest.importorskip("peft")
+    from aisec_train.models import ModelFactory
+    from aisec_train.models.finetune import adapters
+
+    spec = {"_target_": "aisec_train.models.timm_model", "arch": "test_convnext", "trainable": "lora", "lora": {"r": 4}}
+    model = ModelFactory(spec, (3, 32, 32), 10, private=True)(seed=0)
+    adapted = {name.split(".lora_B")[0] for name in adapters(model)}
+    grouped = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    assert adapted and grouped and not adapted & {g.rsplit(".base_layer", 1)[0] for g in grouped}
+    assert any(".mlp.fc1" in name for name in adapted)  # the Linear layers of every block still adapt
+
+
+def test_a_resumed_run_continues_the_trackers_step_axis(tmp_path):
+    """The loop's step counter restarted at 0 on resume, so a resumed run logged its steps as 1, 2, ... again: the
+    CSV (appended on resume) held two losses (and, under DP, two epsilons) for the same step. It goes on now."""
+    import csv
+
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.rand(1, 8, 8, generator=g), i % 3) for i in range(48)]
+    overrides = ["privacy=none", "train.batch_size=16", "audit=off", "robustness.evaluate=false", "logger=csv"]
+    for epochs in (1, 2):
+        aisec_train.run(overrides + [f"train.epochs={epochs}"], model=Widened(8), train_dataset=data,
+                        test_dataset=data[:6], run_dir=tmp_path / "run")  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "run" / "tracking" / "metrics.csv").open()))
+    steps = [int(r["step"]) for r in rows if r["key"] == "step/loss"]
+    assert steps == list(range(1, 7))  # 3 steps an epoch (48 records, batch 16), epoch 2 resumed at step 4
