@@ -207,3 +207,42 @@ def test_targeted_attacks_report_the_targets_that_ran():
     assert out["attacks"]["apgd-t"]["n_target_classes"] == 4 and out["attacks"]["fab-t"]["n_target_classes"] == 4
     out = evaluate_robustness(model, x, y, suite="apgd", eps=0.05, steps=3)
     assert out["attacks"]["apgd-t"]["n_target_classes"] == 3  # the apgd suite's 3 of the 4
+
+
+def test_the_summary_line_says_the_robust_figure_is_a_samples_and_its_clean_accuracy():
+    """The end-of-run line put the whole split's clean accuracy beside the robust accuracy of a 200-sample
+    evaluation, as if measured on the same inputs; it now says which sample and that sample's clean accuracy."""
+    from aisec_train.report.report import Report
+    from aisec_train.report.summary import _accuracy
+
+    report = Report()
+    report.add("metrics", clean_accuracy=0.911)
+    attack = {"name": "apgd", "norm": "linf", "eps": 0.1}
+    evaluation = {"clean_accuracy": 0.905}
+    report.add("robustness", robust_accuracy=0.275, attack=attack, eval=evaluation, eval_samples=200, eval_of=360)
+    line = _accuracy(report)
+    assert line == (
+        "accuracy   clean 0.911, robust 0.275 (apgd, linf eps 0.1) on a sample of 200 of 360 test samples, "
+        "clean 0.905 on them"
+    )
+    whole = Report()
+    whole.add("metrics", clean_accuracy=0.911)
+    whole.add("robustness", robust_accuracy=0.275, attack=attack, eval=evaluation, eval_samples=360, eval_of=360)
+    assert _accuracy(whole) == "accuracy   clean 0.911, robust 0.275 (apgd, linf eps 0.1)"  # the whole split
+
+
+def test_the_report_states_the_training_attack_that_ran_fgsm_rs_one_step():
+    """``robustness=fgsm_rs robustness.steps=5`` trains one FGSM step (with a random start) and the report said only
+    the mode; ``train.adversarial_attack`` now states the attack that ran, its steps as run."""
+    from aisec_train import compose
+    from aisec_train.robust.config import training_attack
+
+    fast = compose(["robustness=fgsm_rs", "robustness.steps=5", "privacy=none"]).robustness
+    fast.resolve("digits")
+    assert training_attack(fast) == {
+        "norm": "linf", "eps": fast.eps, "step_size": 1.25 * fast.eps, "steps": 1, "random_start": True,
+    }  # fmt: skip
+    pgd = compose(["robustness=pgd_at", "robustness.steps=5", "privacy=none"]).robustness
+    pgd.resolve("digits")
+    assert training_attack(pgd)["steps"] == 5
+    assert training_attack(compose(["privacy=none"]).robustness) is None

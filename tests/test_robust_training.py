@@ -81,6 +81,7 @@ def test_presets_compose_with_dp_on_the_command_line(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = read_report(run_dir)
     assert report["train"]["adversarial_training"] == "fgsm_rs" and report["robustness"]["training"] == "fgsm_rs"
+    assert report["train"]["adversarial_attack"]["steps"] == 1  # what FGSM-RS ran, not robustness.steps (7)
     assert report["privacy"]["epsilon"] <= 3.0
     # eps: null resolved to digits' default radius; the evaluation attack is stronger than the training one.
     attack = report["robustness"]["attack"]

@@ -69,6 +69,11 @@ def _accuracy(report: Report) -> str:
             else ""
         )
         text += f", robust {robust:.3f}{how}"
+        n, of = report.get("robustness.eval_samples"), report.get("robustness.eval_of")
+        sample_clean = (report.get("robustness.eval") or {}).get("clean_accuracy")
+        if isinstance(n, int) and isinstance(of, int) and n < of:  # the robust figure is a sample's: say so
+            on = f", clean {sample_clean:.3f} on them" if isinstance(sample_clean, (int, float)) else ""
+            text += f" on a sample of {n} of {of} test samples{on}"
     return text
 
 

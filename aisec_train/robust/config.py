@@ -116,6 +116,20 @@ class RobustnessConfig:
             self.attack.step_size = _pgd_step(self.attack.eps, self.attack.steps)
 
 
+def training_attack(rob: RobustnessConfig) -> dict[str, Any] | None:
+    """The attack adversarial training actually ran (the report's ``train.adversarial_attack``): FGSM-RS takes one
+    step whatever ``robustness.steps`` says (Wong et al. 2020), so the report says 1, not the unused setting."""
+    if rob.mode is RobustMode.none:
+        return None
+    steps = 1 if rob.mode is RobustMode.fgsm_rs else rob.steps
+    attack = {"norm": rob.norm.value, "eps": rob.eps, "step_size": rob.step_size, "steps": steps}
+    if rob.mode is RobustMode.fgsm_rs:
+        attack["random_start"] = True
+    if rob.mode is RobustMode.trades:
+        attack["beta"] = rob.beta
+    return attack
+
+
 def check_backend(backend: str, device: Any) -> None:
     """Before training: ``robustness.backend=triton`` must be able to run where the attacks will run (CUDA, or
     Triton's CPU interpreter under TRITON_INTERPRET=1). Unchecked, the first attack raised a traceback mid-run:

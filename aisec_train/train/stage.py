@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from aisec_train.models.finetune import check_adapters_moved
 from aisec_train.privacy import report as privacy_report
 from aisec_train.report.budget_text import stop_line
+from aisec_train.robust.config import training_attack
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import freed_memory_kept, keep_freed_memory
 from aisec_train.train.loop import TrainResult
@@ -59,6 +60,7 @@ def stage_train(run: Run) -> None:
         stopped_by_budget=result.stopped_by_budget,
         device=str(run.device),
         adversarial_training=cfg.robustness.mode.value,
+        adversarial_attack=training_attack(cfg.robustness),  # what it ran (FGSM-RS: one step, robust/config.py)
         augmult=cfg.train.augmult,  # views per record in each clipped gradient (train/augmult.py)
         precision=cfg.train.precision,
         keep_freed_memory=freed_memory_kept(),  # whether glibc's malloc keeps freed memory here (train/allocator.py)
