@@ -19,6 +19,8 @@ True
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -31,11 +33,64 @@ tl = None  # bound to triton.language by dispatch.jit at the first launch (why: 
 _TINY = 1e-10
 
 
-def _validate(norm: str, active: Tensor | None, n: int) -> None:
+def _number(name: str, value: float, low: float | None = 0.0) -> float:
+    """``value`` as a float, refused unless finite (and ``>= low``): a negative or NaN eps leaves the ball."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}={value!r}: must be a finite number") from None
+    if not math.isfinite(v) or (low is not None and v < low):
+        raise ValueError(f"{name}={value!r}: must be a finite number" + ("" if low is None else f" >= {low:g}"))
+    return v
+
+
+def _validate(
+    norm: str,
+    active: Tensor | None,
+    n: int,
+    *,
+    eps: float,
+    lo: float,
+    hi: float,
+    step_size: float = 0.0,
+    tensors: dict[str, Tensor] | None = None,
+) -> None:
+    """Refuse, before any launch, what would read out of bounds or leave the eps-ball or [lo, hi]: every tensor
+    of one shape, floating point, on one device; eps and step_size finite and >= 0; lo <= hi, both finite."""
     if norm not in ("linf", "l2"):
         raise ValueError(f"norm={norm!r}: choose 'linf' or 'l2'")
+    _number("eps", eps)
+    _number("step_size", step_size)
+    if _number("lo", lo, None) > _number("hi", hi, None):
+        raise ValueError(f"lo={lo!r} > hi={hi!r}: the valid range [lo, hi] must not be empty")
+    items = list((tensors or {}).items())
+    for name, t in items:
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() < 1:
+            what = f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating-point (N, ...) tensor, got a {what}")
+    first, ref = items[0] if items else ("", None)
+    for name, t in items[1:]:
+        if t.shape != ref.shape or t.device != ref.device:
+            raise ValueError(
+                f"{name} {tuple(t.shape)} on {t.device} must match {first} {tuple(ref.shape)} on {ref.device}"
+            )
     if active is not None and (active.dtype != torch.bool or active.shape != (n,)):
         raise ValueError(f"active must be a bool tensor of shape ({n},), got {active.dtype} {tuple(active.shape)}")
+    if active is not None and ref is not None and active.device != ref.device:
+        raise ValueError(f"active is on {active.device} but {first} is on {ref.device}")
+
+
+def _check_update(x, x_nat, grad, eps, step_size, norm, lo, hi, active) -> None:
+    tensors = {"x": x, "x_nat": x_nat, "grad": grad}
+    _validate(norm, active, _batch(x), eps=eps, step_size=step_size, lo=lo, hi=hi, tensors=tensors)
+
+
+def _check_start(x_nat, eps, norm, lo, hi) -> None:
+    _validate(norm, None, _batch(x_nat), eps=eps, lo=lo, hi=hi, tensors={"x_nat": x_nat})
+
+
+def _batch(t) -> int:
+    return t.shape[0] if isinstance(t, Tensor) and t.dim() else 0
 
 
 # ----------------------------------------------------------------------------------------------- references
@@ -52,7 +107,7 @@ def pgd_update_reference(
     active: Tensor | None = None,
 ) -> Tensor:
     """The eager torch chain the fused kernel must equal (computed in float32, returned in ``x.dtype``)."""
-    _validate(norm, active, x.shape[0])
+    _check_update(x, x_nat, grad, eps, step_size, norm, lo, hi, active)
     xf, nat, g = x.float(), x_nat.float(), grad.float()
     if norm == "linf":
         # In place on one fresh buffer: the eager chain allocates a tensor per op.
@@ -73,7 +128,7 @@ def random_start_reference(
     x_nat: Tensor, *, eps: float, norm: str = "linf", lo: float = 0.0, hi: float = 1.0, seed: int
 ) -> Tensor:
     """Uniform in the Linf ball, or uniform in the L2 ball (Gaussian direction, radius ``eps * U^(1/d)``)."""
-    _validate(norm, None, x_nat.shape[0])
+    _check_start(x_nat, eps, norm, lo, hi)
     gen = torch.Generator(device=x_nat.device).manual_seed(seed)
     nat = x_nat.float()
     if norm == "linf":
@@ -214,7 +269,7 @@ def pgd_update_triton(
     active: Tensor | None = None,
 ) -> Tensor:
     """Launcher of the fused step; same contract as :func:`pgd_update_reference`."""
-    _validate(norm, active, x.shape[0])
+    _check_update(x, x_nat, grad, eps, step_size, norm, lo, hi, active)
     xr, nat, g = _rows(x), _rows(x_nat).to(x.dtype), _rows(grad)
     n, d = xr.shape
     out = torch.empty_like(xr)
@@ -261,7 +316,7 @@ def random_start_triton(
     x_nat: Tensor, *, eps: float, norm: str = "linf", lo: float = 0.0, hi: float = 1.0, seed: int
 ) -> Tensor:
     """Launcher of the seeded random start; same contract as :func:`random_start_reference`."""
-    _validate(norm, None, x_nat.shape[0])
+    _check_start(x_nat, eps, norm, lo, hi)
     nat = _rows(x_nat)
     n, d = nat.shape
     if n * d + n >= 2**31:

@@ -152,6 +152,8 @@ class BackdoorConfig:
         require(0.0 < self.blend_alpha < 1.0, "backdoor.blend_alpha", self.blend_alpha, "must be in (0, 1)")
         _finite(self.warp_strength > 0, "backdoor.warp_strength", self.warp_strength, "> 0")
         require(self.warp_grid >= 2, "backdoor.warp_grid", self.warp_grid, "must be >= 2")
+        seed = self.trigger_seed  # torch.Generator seeds: 2**64 used to fail in the poison stage with a traceback
+        require(0 <= seed < 2**32, "backdoor.trigger_seed", seed, "must be in [0, 2**32), as train.seed")
         _finite(self.detection_k > 0, "backdoor.detection_k", self.detection_k, "> 0")
         require(0.0 <= self.prune_acc_drop < 1.0, "backdoor.prune_acc_drop", self.prune_acc_drop, "must be in [0, 1)")
         require(self.finetune_epochs >= 0, "backdoor.finetune_epochs", self.finetune_epochs, "must be >= 0")
@@ -159,6 +161,9 @@ class BackdoorConfig:
         require(self.finetune_batch_size >= 1, "backdoor.finetune_batch_size", self.finetune_batch_size, "must be >= 1")
         require(_boost_ok(self.boost), "backdoor.boost", self.boost, "must be auto or a finite number >= 1")
         require(self.malicious_clients >= 0, "backdoor.malicious_clients", self.malicious_clients, "must be >= 0")
+        # Only a malicious client boosts its update: without one the setting would be silently ignored.
+        unboosted = str(self.boost) != "auto" and float(self.boost) == 1.0 or self.malicious_clients > 0
+        require(unboosted, "backdoor.boost", self.boost, "must be 1 unless backdoor.malicious_clients >= 1 (federated)")
         require(0.0 < self.finetune_body_lr <= 1.0, "backdoor.finetune_body_lr", self.finetune_body_lr, "in (0, 1]")
         require(0.0 <= self.repair_blend < 1.0, "backdoor.repair_blend", self.repair_blend, "must be in [0, 1)")
         require(0.0 <= self.repair_erase <= 1.0, "backdoor.repair_erase", self.repair_erase, "must be in [0, 1]")

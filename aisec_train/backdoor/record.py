@@ -125,10 +125,20 @@ def _check_repair(run, before: BackdoorMetrics, after: BackdoorMetrics, repair: 
         return
     drop = before.clean_accuracy - after.clean_accuracy
     ok = after.asr <= ASR_GOAL and drop <= ACC_DROP_GOAL
+    # A model that never learned the backdoor leaves the repair nothing to remove: its low ASR after is no figure
+    # of Fine-Pruning (the item used to pass on a run whose attack had not taken, ASR 0.000 -> 0.003). It still
+    # fails if the repair cost clean accuracy.
+    unlearned = before.asr <= ASR_GOAL
+    status = "fail" if not ok else "not_applicable" if unlearned else "pass"
+    why = (
+        f"the trained model did not learn the backdoor (ASR {before.asr:.3f} <= {ASR_GOAL} before any repair), so "
+        "the repair had nothing to remove and its figures are no evidence of Fine-Pruning; "
+    )
     run.report.check(
         *ITEMS["prune"],
-        "pass" if ok else "fail",
-        f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
+        status,
+        (why if unlearned else "")
+        + f"ASR {before.asr:.3f} -> {after.asr:.3f} (goal <= {ASR_GOAL}), clean accuracy {before.clean_accuracy:.3f} "
         f"-> {after.clean_accuracy:.3f} (drop {drop:+.3f}, goal <= {ACC_DROP_GOAL}), RA {before.robust_accuracy:.3f} "
         f"-> {after.robust_accuracy:.3f}, DER {der(before, after):.3f}; {_errors_sentence(errors)}; "
         f"layer {(repair or {}).get('feature_layer')}, {_released_sentence(repair or {})}; figure fine_pruning.png",

@@ -55,6 +55,29 @@ def _validate(run) -> None:
     side = min(data.input_shape[1:])
     if bd.attack is BackdoorAttack.badnets and bd.patch_size >= side:
         raise ConfigError(f"backdoor.patch_size={bd.patch_size!r} is not allowed: must be < the image side {side}")
+    if bd.attack is BackdoorAttack.wanet and bd.warp_grid > side:
+        # the warp used to fall back silently to a side x side grid: a per-pixel jitter, not the configured field
+        raise ConfigError(f"backdoor.warp_grid={bd.warp_grid!r} is not allowed: must be <= the image side {side}")
+    if not len(badnets.eligible_rows(labels_of(data.test), _target_of(bd, data.num_classes))):
+        # ASR and RA would be over no triggered input (the run trained, then failed in the defence stage)
+        what = f"class {bd.target}" if bd.mapping is BackdoorMapping.all_to_one else "one class"
+        raise ConfigError(
+            f"backdoor.target={bd.target!r} is not allowed for this data: every test row is {what}, so no triggered "
+            "test input would measure the attack; allowed: a target the test split holds rows outside of"
+        )
+
+
+def _require_poison(bd: BackdoorConfig, poisoned: badnets.Poisoned, n_rows: int, federated: bool) -> None:
+    """Refuse a red team that poisoned nothing: detection recall, ASR and the repair would be figures of an attack
+    that never ran (the run used to train and report recall 0.000 against 0 poisoned rows)."""
+    if len(poisoned.indices):
+        return
+    where = f"the first {bd.malicious_clients} clients' shards" if federated else f"the {n_rows} training rows"
+    raise ConfigError(
+        f"backdoor.rate={bd.rate!r} is not allowed for this data: it poisons 0 of {where} (round(rate x rows), "
+        "drawn among rows whose label the mapping changes); raise backdoor.rate"
+        + ("" if federated else f" to at least {1 / max(n_rows, 1):.3g}")
+    )
 
 
 def _trusted(cfg, data):
@@ -86,6 +109,7 @@ def poison_data(cfg, data, factory) -> BackdoorState:
         )
     else:
         poisoned = badnets.poison(data.train, rate=bd.rate, trigger=trigger, target_of=target_of, seed=seed)
+    _require_poison(bd, poisoned, len(data.train), parts is not None)
     data.train = poisoned.view  # stamped and relabelled as rows are read; augmentation applies after the stamp
     scope = {"malicious_clients": bd.malicious_clients, "poisoned_per_client": per_client} if parts else {}
     data.record(
