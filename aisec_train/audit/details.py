@@ -18,15 +18,23 @@ def _pm(stats: dict[str, Any] | None) -> str:
 
 
 def membership(m: dict[str, Any] | None) -> list[str]:
+    if m and m.get("not_applicable"):  # too few targets (audit/stage.py): the reason, not a figure
+        return [f"Not applicable: {m['not_applicable']}."]
     if not m:
         return ["Not run (audit.enabled=false)."]
+    # Describe only the attacks that ran: without reference models there is no LiRA and no RMIA.
+    attacks = "The loss attack thresholds the per-sample loss" + (
+        f"; offline LiRA compares each target's logit-scaled confidence with {m['reference_models']} reference "
+        "model(s) that never saw it, fresh from the run's model factory and trained like the audited model (same "
+        "objective, optimizer, augmentation, sample rate and noise); offline RMIA compares the same models' "
+        "likelihood ratios with population samples"
+        if m.get("reference_models")
+        else " (audit.membership.reference_models=0: no reference models, so neither offline LiRA nor RMIA ran)"
+    )
     lines = [
         f"Targets: {m['members']} members drawn from the training split and {m['nonmembers']} non-members from the "
         f"held-out split (FPR resolution {m['fpr_resolution']:.4f}: a TPR at 0.1% FPR below that resolution is "
-        "read at the lowest measurable FPR). The loss attack thresholds the per-sample loss; offline LiRA "
-        f"compares each target's logit-scaled confidence with {m['reference_models']} reference model(s) that "
-        "never saw it, fresh from the run's model factory and trained like the audited model (same objective, "
-        "optimizer, augmentation, sample rate and noise).",
+        f"read at the lowest measurable FPR). {attacks}.",
         "",
         "| attack | AUC | 95% CI (bootstrap) | TPR @ 0.1% FPR | TPR @ 1% FPR |",
         "|---|---|---|---|---|",

@@ -28,6 +28,8 @@ def _pm(stats: dict[str, Any] | None) -> str:
 
 def _seeds(effect: dict[str, Any]) -> str:
     """How many seeds the defence helped in, and whether that is more than seed-to-seed noise."""
+    if effect["seeds"] < 2:  # one seed has no spread: nothing says the effect is larger than seed-to-seed noise
+        return f"lowered in {effect['lowered_in']}/{effect['seeds']} seed, spread not measured (one seed)"
     resolved = effect["lowered_in"] == effect["seeds"] and effect["mean"] > effect["std"]
     return (
         f"lowered in {effect['lowered_in']}/{effect['seeds']} seeds, {'resolved' if resolved else 'within seed noise'}"
@@ -51,7 +53,31 @@ def membership(summary: dict[str, Any], eps: float | None, delta: float, max_auc
         f"{numbers}; measured pairs {'respect' if bound['respected'] else 'VIOLATE'} TPR <= e^{eps:.2f} FPR + "
         f"{delta:g} (95% Clopper-Pearson); empirical epsilon lower bound {lb:.2f}"
     )
+    if untestable(summary):
+        # Too few targets for this epsilon: even a perfect attack would respect the bound, so "respected" verified
+        # nothing, and a pass would claim what was not measured (the report's "fail": nothing was verified).
+        most = max(c.get("max_refutable_epsilon", 0.0) for c in bound["attacks"].values())
+        return "fail", (
+            f"{numbers}; NOT TESTED: too few targets to test epsilon {eps:.2f}: even a perfect attack on "
+            f"{summary['members']} members vs {summary['nonmembers']} non-members would respect TPR <= e^eps FPR + "
+            f"{delta:g} at 95% confidence (these targets can refute epsilon up to {most:.2f} only)"
+        )
     return ("pass" if bound["respected"] else "fail"), text
+
+
+# The fix a "fail" for too few targets gets instead of the item's default ("train with DP", which it already does).
+TOO_FEW_TARGETS_FIX = (
+    "more membership targets: a larger held-out split (dataset.test_fraction, or dataset.test_path) raises the cap on "
+    "audit.membership.targets; or a claim these targets can test (a smaller privacy.target_epsilon)"
+)
+
+
+def untestable(summary: dict[str, Any]) -> bool:
+    """A DP run whose targets could not refute its epsilon with any attack: no violation, and none was possible."""
+    bound = summary.get("dp_bound")
+    if not bound or not bound["respected"]:
+        return False
+    return not any(c.get("can_refute", True) for c in bound["attacks"].values())
 
 
 def extraction(summary: dict[str, Any]) -> tuple[Status, str]:

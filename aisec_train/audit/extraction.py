@@ -44,11 +44,14 @@ SURROGATE_BATCH = 128
 def attacker_queries(x: Tensor, n: int, seed: int) -> Tensor:
     """``n`` unlabeled inputs from ``x``: the originals first, then shifted and noisy copies."""
     g = torch.Generator().manual_seed(seed)
-    reps = [x]
-    while sum(len(r) for r in reps) < n:
+    reps, have = [x], len(x)
+    if have == 0:  # nothing to expand: the caller needs held-out inputs (audit/stage.py answers not applicable)
+        raise ValueError("attacker_queries needs at least one input")
+    while have < n:
         dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=g))
         shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
         reps.append((shifted + 0.05 * torch.randn(x.shape, generator=g)).clamp(0, 1))
+        have += len(x)
     return torch.cat(reps)[:n].contiguous()
 
 

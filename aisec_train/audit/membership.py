@@ -91,6 +91,10 @@ def dp_bound_check(labels: np.ndarray, scores: np.ndarray, epsilon: float, delta
     with np.errstate(divide="ignore", invalid="ignore"):
         eps_lb = np.log(np.clip(tpr_lo - delta, 0, None) / fpr_hi)
     eps_lb = float(np.max(eps_lb[np.isfinite(eps_lb)], initial=0.0))
+    # The largest epsilon these targets could refute at all: a perfect attack (every member above every
+    # non-member: TPR 1 at FPR 0) read the same way. At or above it, "respected" is true whatever the model leaks.
+    perfect_tpr_lo, zero_fpr_hi = float(beta.ppf(0.025, n_pos, 1)), float(beta.ppf(0.975, 1, n_neg))
+    refutable = float(np.log(max(perfect_tpr_lo - delta, 1e-300) / zero_fpr_hi))
     return {
         "epsilon": epsilon,
         "delta": delta,
@@ -99,6 +103,8 @@ def dp_bound_check(labels: np.ndarray, scores: np.ndarray, epsilon: float, delta
         "significant_violations": int(significant.sum()),
         "respected": bool(not significant.any()),
         "empirical_epsilon_lower_bound": max(0.0, eps_lb),
+        "max_refutable_epsilon": max(0.0, refutable),
+        "can_refute": bool(perfect_tpr_lo > np.exp(epsilon) * zero_fpr_hi + delta),
     }
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from aisec_train.config import MonitorConfig
 from aisec_train.data.dataset import to_nchw_float
 from aisec_train.data.sources import NPZ_READ_ERRORS, DataError
+from aisec_train.hashing import sha256_bytes
 from aisec_train.store.files import atomic_write, validate_output_path
 
 BASELINE = "monitor_baseline.json"
@@ -174,6 +175,34 @@ def read_batch(path: Path) -> Tensor:
     return torch.from_numpy(x)
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def check_baseline(baseline: dict[str, Any], path: Path) -> None:
+    """Refuse (one line) a baseline :func:`check` cannot read: every statistic present, finite and of the size its
+    ``input_shape`` implies, thresholds finite and > 0 (a hand-made or truncated file used to end in a traceback)."""
+    shape = baseline.get("input_shape")
+    problems = []
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v >= 1 for v in shape)):
+        problems.append(f"input_shape {shape!r} is not [C, H, W]")
+    else:
+        size = 2 * int(np.prod(shape))
+        for key in ("feature_mean", "feature_std"):
+            values = baseline.get(key)
+            if not (isinstance(values, list) and len(values) == size and all(map(_finite_number, values))):
+                problems.append(f"{key} is not {size} finite numbers")
+    conf = baseline.get("confidence")
+    if not (isinstance(conf, dict) and all(_finite_number(conf.get(k)) for k in ("mean", "std"))):
+        problems.append("confidence has no finite mean and std")
+    th = baseline.get("thresholds")
+    keys = ("drift", "feature", "confidence")
+    if not (isinstance(th, dict) and all(_finite_number(th.get(k)) and th[k] > 0 for k in keys)):
+        problems.append(f"thresholds {th!r} are not finite numbers > 0 for {', '.join(keys)}")
+    if problems:
+        raise DataError(f"{path} is not a usable monitoring baseline: {'; '.join(problems)}")
+
+
 def recipe(factory: Any) -> dict[str, Any]:
     """How to rebuild the model a :class:`~aisec_train.models.ModelFactory` makes, as JSON values. The pipeline
     records it in ``model.pt``'s keyed tag, so the monitor builds what the key vouches for (an editable
@@ -230,7 +259,8 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
 
     path = run_dir / BASELINE
     try:
-        baseline = json.loads(read_nofollow(path, root=run_dir))
+        raw = read_nofollow(path, root=run_dir)
+        baseline = json.loads(raw)
     except FileNotFoundError:
         raise DataError(f"{run_dir} holds no {BASELINE}; run aisec-train with audit.enabled=true first") from None
     except (OSError, ValueError) as err:
@@ -243,6 +273,14 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
         raise checkpoint.CheckpointError(
             f"{model_path} has non-finite weights (per its keyed tag); refusing to monitor it"
         )
+    # The run's save stage records the baseline's SHA-256 in model.pt's keyed tag: an edited baseline (thresholds
+    # raised so that nothing ever alarms, statistics moved) is refused, not trusted.
+    recorded = manifest["meta"].get("monitor_baseline_sha256")
+    if recorded is not None and sha256_bytes(raw) != recorded:
+        raise checkpoint.CheckpointError(
+            f"{path} has SHA-256 {sha256_bytes(raw)[:16]}..., but {model_path}'s keyed tag records "
+            f"{str(recorded)[:16]}...: refusing an edited monitoring baseline"
+        )
     factory = _factory(manifest["meta"].get("model"), baseline, model_path)
     try:
         model = factory(seed=0)
@@ -252,6 +290,7 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
             f"{model_path} does not load into the model its tag records: {' '.join(str(err).split())[:300]}"
         ) from None
     refuse_non_finite(model, model_path)
+    check_baseline(baseline, path)  # after the model: a baseline cannot be judged by a model of unknown origin
     return baseline, model.eval()
 
 

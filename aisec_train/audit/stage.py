@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from aisec_train.audit import evidence, extraction, guard_eval, membership, monitor, privacy_audit, probes, shifts
-from aisec_train.audit.config import CanaryKind
+from aisec_train.audit.config import CanaryKind, OutputPolicy
 from aisec_train.audit.references import reference_recipe
 from aisec_train.audit.registry import Registry, resolve_registry_path
 from aisec_train.data.views import materialize, subset
@@ -77,17 +77,49 @@ def stage_audit(run: Run) -> None:
 def check_before_training(run: Run) -> None:
     """The audit's limits that depend on the training split, checked by the last stage before training
     (backdoor/stage.py: stage_poison): a refusal after training would have spent the privacy budget on a model
-    the run then never releases. Mislabel canaries are training samples, so there can be at most that many."""
+    the run then never releases. Mislabel canaries are training samples, so there can be at most that many; noise
+    canaries are capped the same way, the extraction attacker's planned queries by dataset.max_bytes, and a top-k
+    output policy must withhold something (k below the number of classes)."""
     cfg = run.cfg.audit
     assert run.data is not None
+    n = len(run.data.train)
+    if cfg.enabled and not is_text(run.data):
+        # The extraction attacker's plan is one float32 tensor of queries x input size, built after training.
+        per_input = 4 * int(np.prod(run.data.input_shape))
+        most = max(1, run.cfg.dataset.max_bytes // per_input)
+        require(
+            cfg.extraction.queries <= most,
+            "audit.extraction.queries",
+            cfg.extraction.queries,
+            f"at most {most} for inputs of shape {tuple(run.data.input_shape)} (the attacker's planned queries are "
+            f"held in memory: {per_input} bytes each, bounded by dataset.max_bytes={run.cfg.dataset.max_bytes})",
+        )
+        classes = run.data.num_classes
+        if cfg.guard.output is OutputPolicy.top_k:  # top-k of k classes releases every probability: no policy at all
+            require(
+                cfg.guard.top_k < classes,
+                "audit.guard.top_k",
+                cfg.guard.top_k,
+                f"must be < the {classes} classes with audit.guard.output=top_k (k >= classes releases the full "
+                "probability vector, which the report would call a top-k policy); use audit.guard.output=probs",
+            )
     if cfg.privacy_audit and cfg.canaries.kind is CanaryKind.mislabel:
-        n = len(run.data.train)
         require(
             cfg.canaries.m <= n,
             "audit.canaries.m",
             cfg.canaries.m,
             f"must be <= the {n} training samples (mislabel canaries are training samples; "
             "audit.canaries.kind=noise adds its own)",
+        )
+    if cfg.privacy_audit and cfg.canaries.kind is CanaryKind.noise:
+        # The canary model must be trained with the audited recipe on (nearly) the audited data: more noise images
+        # than training samples would audit a model of mostly noise (and m in the millions never finishes).
+        require(
+            cfg.canaries.m <= n,
+            "audit.canaries.m",
+            cfg.canaries.m,
+            f"must be <= the {n} training samples with audit.canaries.kind=noise (the canary model would "
+            "otherwise train mostly on noise, not on the audited recipe's data)",
         )
 
 
@@ -152,8 +184,27 @@ def governance(run: Run) -> dict[str, Any]:
     }
 
 
+# The fewest members (and as many non-members) a membership verdict rests on: the config's own floor for
+# audit.membership.targets. A smaller held-out split (or half the training split) caps the targets below it; the
+# item is then not applicable, with the reason, never a pass or a fail on a handful of samples.
+MIN_MEMBERSHIP_TARGETS = 10
+# The extraction comparison splits the held-out split into the attacker's half and the evaluation half: each
+# needs at least one sample (with one held-out sample the attacker's half was empty and the run crashed).
+MIN_EXTRACTION_HELDOUT = 2
+
+
 def _membership(run: Run, model: torch.nn.Module) -> None:
     assert run.data is not None and run.factory is not None
+    n_test, n_train = len(run.data.test), len(run.data.train)
+    m = min(run.cfg.audit.membership.targets, n_test, n_train // 2)
+    if m < MIN_MEMBERSHIP_TARGETS:
+        why = (
+            f"only {m} member and {m} non-member target(s) ({n_test} held-out sample(s), {n_train} training "
+            f"sample(s): at most half of them); a membership verdict needs at least {MIN_MEMBERSHIP_TARGETS} of each"
+        )
+        run.report.add("audit", membership={"not_applicable": why})
+        run.report.check("training", evidence.MEMBERSHIP, "not_applicable", why)
+        return
     result = membership.membership_audit(
         model,
         run.data,
@@ -172,12 +223,22 @@ def _membership(run: Run, model: torch.nn.Module) -> None:
     summary["roc_png"] = ROC_PNG
     run.report.add("audit", membership=summary)
     status, text = evidence.membership(summary, eps, delta, run.cfg.audit.membership.max_auc)
-    run.report.check("training", evidence.MEMBERSHIP, status, text)
+    fix = evidence.TOO_FEW_TARGETS_FIX if evidence.untestable(summary) else None
+    run.report.check("training", evidence.MEMBERSHIP, status, text, fix=fix)
 
 
 def _extraction(run: Run, model: torch.nn.Module) -> None:
     assert run.data is not None and run.factory is not None
     cfg, seed = run.cfg.audit, run.cfg.train.seed
+    if len(run.data.test) < MIN_EXTRACTION_HELDOUT:
+        why = (
+            f"{len(run.data.test)} held-out sample(s); the extraction attacker's half and the evaluation half need "
+            f"{MIN_EXTRACTION_HELDOUT} in all"
+        )
+        run.report.add("audit", extraction={"not_applicable": why}, sanitization=None)
+        run.report.check("model", evidence.EXTRACTION, "not_applicable", why)
+        run.report.check("model", evidence.SANITIZATION, "not_applicable", why)
+        return
     # Bounded samples of the held-out split: the attacker needs at most its planned queries of originals.
     attacker_x, evaluation = extraction.split_heldout(run.data.test, seed, attacker_limit=cfg.extraction.queries)
     comparison = guard_eval.compare_guard(

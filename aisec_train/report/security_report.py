@@ -55,6 +55,17 @@ def _extraction_status(ext: dict[str, Any] | None) -> str:
     )
 
 
+def _targets_words(mia: dict[str, Any] | None) -> str:
+    """What the membership AUC was measured on ('' if not measured): an AUC without its samples says nothing."""
+    if not mia or mia.get("auc") is None:
+        return f" (not applicable: {mia['not_applicable']})" if mia and mia.get("not_applicable") else ""
+    lo, hi = mia["auc_ci95"]
+    return (
+        f" ({mia['strongest_attack']}, the strongest attack, on {mia['members']} members vs {mia['nonmembers']} "
+        f"non-members; 95% CI {lo:.3f}-{hi:.3f})"
+    )
+
+
 def robust_sample_words(report: Report) -> str:
     """What the robust figure was measured on, as 'on N of M test samples (95% CI lo-hi)' ('' if not measured)."""
     n, of, ci = (report.get(f"robustness.{k}") for k in ("n_samples", "eval_of", "robust_accuracy_ci"))
@@ -91,9 +102,12 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "training",
             "membership inference",
             "reveals who was in the training data",
-            "DP-SGD; loss + offline LiRA audit",
-            f"measured: AUC {_fmt(mia['auc'])}, TPR {_fmt(mia['tpr_at_fpr_0_001'])} @ 0.1% FPR; epsilon "
-            f"{_fmt(g('privacy.epsilon'), 2)}"
+            "DP-SGD; membership-inference audit (loss; offline LiRA and RMIA with reference models)",
+            f"measured: AUC {_fmt(mia['auc'])}, TPR {_fmt(mia['tpr_at_fpr_0_001'])} @ 0.1% FPR (strongest of "
+            f"{', '.join(mia['attacks'])}: {mia['strongest_attack']}; {mia['members']} members vs "
+            f"{mia['nonmembers']} non-members); epsilon {_fmt(g('privacy.epsilon'), 2)}"
+            if mia and "auc" in mia
+            else f"not applicable ({mia['not_applicable']})"
             if mia
             else "not measured (audit.enabled=false)",
         ),
@@ -179,7 +193,7 @@ def _at_a_glance(report: Report) -> list[str]:
         ("training", f"{_fmt(g('train.epochs_completed'))} epochs on {_fmt(g('train.device'))}; privacy: {privacy}"),
         ("clean accuracy", _fmt(g("metrics.clean_accuracy"))),
         ("robust accuracy", _fmt(g("robustness.robust_accuracy")) + robust_sample_words(report)),
-        ("membership AUC", _fmt(g("audit.membership.auc"))),
+        ("membership AUC", _fmt(g("audit.membership.auc")) + _targets_words(g("audit.membership"))),
         ("extraction fidelity (guarded)", _fmt(g("audit.extraction.fidelity"))),
         ("registry", f"`{g('registry.id')}` in `{g('registry.path')}`"),
     ]

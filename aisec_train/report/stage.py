@@ -36,6 +36,8 @@ def stage_save_model(run: Run) -> None:
     assert run.factory is not None  # the keyed tag records how to rebuild the model (aisec-train-monitor)
     claims = run_claims(run.report.to_dict(), run.run_dir)  # its data and privacy, for the registry to hold it to
     meta = {"model": recipe(run.factory), "run": claims}
+    if run.report.get("monitoring.baseline_sha256"):  # aisec-train-monitor refuses a baseline edited after this
+        meta["monitor_baseline_sha256"] = run.report.get("monitoring.baseline_sha256")
     digest = checkpoint.save(state, run.run_dir / "model.pt", root=run.run_dir, meta=meta)
     run.report.add("model", path="model.pt", sha256=digest)
     run.report.check(
