@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from aisec_train.data.errors import DataError
+from aisec_train.data.items import MAX_CLASSES as MAX_LABEL
 
 
 def to_nchw(x: np.ndarray, name: str) -> np.ndarray:
@@ -37,6 +38,8 @@ def check_labels(y: np.ndarray, name: str, n: int) -> np.ndarray:
         raise DataError(f"{name} has {len(y)} labels but there are {n} images")
     if len(y) and y.min() < 0:
         raise DataError(f"{name} holds negative label {int(y.min())}; labels must be 0..K-1")
+    if len(y) and int(y.max()) >= MAX_LABEL:  # before the int64 cast: uint64 labels past 2**63 wrap to negatives
+        raise DataError(f"{name} holds label {int(y.max())}; labels must be class indices in [0, {MAX_LABEL})")
     return y.astype(np.int64)
 
 

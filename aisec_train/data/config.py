@@ -13,6 +13,7 @@ from typing import Any
 from aisec_train.errors import require
 
 GIB = 1 << 30
+MAX_RESIZE_PIXELS = 89_478_485  # PIL.Image.MAX_IMAGE_PIXELS: what PIL itself treats as a decompression bomb
 
 
 @dataclass
@@ -85,6 +86,10 @@ class DatasetConfig:
         if self.resize is not None:
             ok = len(self.resize) in (1, 2) and all(s >= 1 for s in self.resize)
             require(ok, "dataset.resize", self.resize, "must be [size] or [height, width] with sizes >= 1")
+            # [30000, 30000] decoded the first image to 10.8 GB of float32; larger ones were killed for memory
+            pixels = self.resize[0] * self.resize[-1]
+            allowed = f"at most {MAX_RESIZE_PIXELS} pixels per image (PIL's decompression-bomb limit); got {pixels}"
+            require(pixels <= MAX_RESIZE_PIXELS, "dataset.resize", self.resize, allowed)
         require(self.sanity_samples >= 100, "dataset.sanity_samples", self.sanity_samples, "must be >= 100")
         require(self.max_bytes >= 1, "dataset.max_bytes", self.max_bytes, "must be >= 1")
         require(self.workers >= 0, "dataset.workers", self.workers, "must be >= 0")

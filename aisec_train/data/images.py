@@ -78,7 +78,14 @@ class CheckedImageFolder(datasets.ImageFolder):
         blocked = _blocked(directory, list(class_to_idx))
         for name in sorted(class_to_idx):
             for root, files in walk_once(os.path.join(directory, name), seen, blocked):
-                samples += [(os.path.join(root, f), class_to_idx[name]) for f in files if valid(os.path.join(root, f))]
+                found = [os.path.join(root, f) for f in files if valid(os.path.join(root, f))]
+                for path in found:  # x.png -> /dev/zero was read until memory ran out; a FIFO blocked forever
+                    if not os.path.isfile(path):
+                        raise DataError(
+                            f"{path} is not a regular file (a device, FIFO, socket or dangling link); an image "
+                            "folder holds image files only"
+                        )
+                samples += [(path, class_to_idx[name]) for path in found]
         empty = set(class_to_idx) - {Path(p).relative_to(directory).parts[0] for p, _ in samples}
         if empty and not allow_empty:
             raise FileNotFoundError(f"found no image file for the classes {', '.join(sorted(empty))}")
@@ -122,6 +129,13 @@ def read_image_folder(cfg: DatasetConfig) -> SourceData:
         raise DataError(f"dataset.root={cfg.root!r} does not exist or is not a folder")
     size = None if cfg.resize is None else (cfg.resize[0], cfg.resize[-1])
     split = (root / "train").is_dir() and (root / "test").is_dir()
+    for half, other in (("train", "test"), ("test", "train")):
+        # DIR/train/<class>/ alone was read as one class named "train" (then refused as a single class)
+        if (root / half).is_dir() and not (root / other).is_dir() and any(p.is_dir() for p in (root / half).iterdir()):
+            raise DataError(
+                f"dataset.root={cfg.root!r} has {half}/ with class folders but no {other}/: give both "
+                f"{root}/train/<class>/ and {root}/test/<class>/, or the class folders directly in {root}/"
+            )
     train = CheckedImageFolder(root / "train" if split else root, size)
     test = CheckedImageFolder(root / "test", size) if split else None
     if test is not None and test.classes != train.classes:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from aisec_train.data.errors import DataError
 
@@ -78,6 +78,7 @@ def check_items(dataset: Any, key: str, *, min_items: int = 1) -> None:
     if n < min_items:
         raise DataError(f"{key} holds {n} item(s); at least {min_items} needed")
     shape = None
+    labels = np.empty(n, dtype=np.int64)
     for i in range(n):
         where = f"{key} item {i}"
         try:
@@ -86,11 +87,42 @@ def check_items(dataset: Any, key: str, *, min_items: int = 1) -> None:
             raise DataError(
                 f"{where} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
             ) from None
-        found, _ = check_item(item, where)
+        found, labels[i] = check_item(item, where)
         if shape is None:
             shape = found
         elif found != shape:
             raise DataError(f"{where} has shape {found}, item 0 {shape}; every image must have the same shape")
+    _check_label_attribute(dataset, key, labels)
+
+
+def _check_label_attribute(dataset: Any, key: str, labels: np.ndarray) -> None:
+    """A ``labels`` / ``targets`` attribute is what splits, class counts and the model's output size are read from
+    (views.labels_of); training reads the items. They must agree, or a split is stratified on other labels and a
+    label past the class count fails in the middle of training."""
+    from aisec_train.data.views import label_attribute
+
+    if isinstance(dataset, (Subset, ConcatDataset)):
+        return  # their labels are derived from the datasets inside, each checked where it is given
+    try:
+        found = label_attribute(dataset)
+    except DataError as err:
+        raise DataError(f"{key}: {err}") from None
+    if found is None:
+        if getattr(dataset, "labels", None) is None:
+            try:  # read once here: views.labels_of would read every item again for them
+                dataset.labels = labels
+            except AttributeError:
+                pass
+        return
+    attr, attribute = found
+    differ = np.flatnonzero(attribute != labels)
+    if len(differ):
+        i = int(differ[0])
+        raise DataError(
+            f"{key}.{attr}[{i}]={int(attribute[i])} but {key} item {i} has label {int(labels[i])} "
+            f"({len(differ)} of {len(labels)} differ); the {attr} attribute must list the items' labels in index order "
+            "(a target_transform changes the items' labels, not the attribute)"
+        )
 
 
 def check_finite_split(dataset: Dataset, key: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from tokenize import TokenError
@@ -150,13 +151,26 @@ def _read_idx(folder: Path, stem: str) -> tuple[np.ndarray, Path]:
     for path in (folder / stem, folder / f"{stem}.gz"):
         if path.is_file():
             opener: Any = gzip.open if path.suffix == ".gz" else open
-            with opener(path, "rb") as fh:
-                data = fh.read()
-            ndim = data[3] if len(data) > 4 else 0
-            shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            try:
+                with opener(path, "rb") as fh:
+                    data = fh.read()
+            # a truncated, corrupt or mislabelled .gz: gzip raises EOFError, BadGzipFile (an OSError) or zlib.error
+            except (OSError, EOFError, zlib.error) as err:
+                raise DataError(f"{path} cannot be read: {' '.join(str(err).split())[:160]}") from None
+            # magic: two zero bytes, the type code (0x08: unsigned bytes, the only type MNIST files hold), the rank
+            if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08 or not 1 <= data[3] <= 4:
+                raise DataError(
+                    f"{path} is not a valid idx file of unsigned bytes: its magic is {data[:4].hex() or 'empty'}, "
+                    "expected 000008 then a rank of 1 to 4"
+                )
+            ndim = data[3]
             offset = 4 + 4 * ndim
-            if ndim == 0 or len(data) - offset != int(np.prod(shape)):
-                raise DataError(f"{path} is not a valid idx file: its header declares {shape}")
+            shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+            if len(data) < offset or len(data) - offset != int(np.prod(shape, dtype=object)):
+                raise DataError(
+                    f"{path} is not a valid idx file: its header declares {shape}, {len(data) - offset} data bytes "
+                    "follow"
+                )
             return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape), path
     raise DataError(f"{folder / stem}[.gz] is missing")
 
@@ -213,10 +227,27 @@ def cifar10(cfg: DatasetConfig, seed: int) -> SourceData:
         try:
             with open(path, "rb") as fh:
                 entry = _ArraysOnlyUnpickler(fh, encoding="bytes").load()
-            x = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            return x, np.asarray(entry[b"labels"], dtype=np.int64), path
-        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError) as err:
-            raise DataError(f"{path} is not a CIFAR-10 batch: {err}") from err
+            data, labels = np.asarray(entry[b"data"]), np.asarray(entry[b"labels"])
+            # CIFAR-10 holds uint8 pixels and int labels: a cast would turn float pixels into 0 and 0.5 into class 0
+            if data.dtype != np.uint8:
+                raise DataError(f"{path} is not a CIFAR-10 batch: its data is {data.dtype}, expected uint8 pixels")
+            if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
+                raise DataError(
+                    f"{path} is not a CIFAR-10 batch: its labels are {labels.dtype} of shape {labels.shape}, "
+                    "expected a list of int class indices"
+                )
+            if len(labels) and (labels.min() < 0 or labels.max() > np.iinfo(np.int64).max):
+                bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
+                raise DataError(f"{path} holds label {bad}; labels must be class indices 0..K-1")
+            return data.reshape(-1, 3, 32, 32), labels.astype(np.int64), path
+        except DataError as err:  # the unpickler's refusal does not know the file: name it
+            if str(path) in str(err):
+                raise
+            raise DataError(f"{path} is not a CIFAR-10 batch: {err}") from None
+        # OverflowError: a label too large for any integer dtype; AttributeError / IndexError from a damaged stream
+        except (pickle.UnpicklingError, KeyError, ValueError, EOFError, TypeError, OverflowError, AttributeError,
+                IndexError, MemoryError) as err:  # fmt: skip
+            raise DataError(f"{path} is not a CIFAR-10 batch: {' '.join(str(err).split())[:200]}") from None
 
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     xte, yte, ftest = batch("test_batch")
@@ -246,9 +277,16 @@ def text(cfg: DatasetConfig, seed: int) -> SourceData:
 @register_source("custom", keys=("train", "test", "test_fraction"))
 def custom(cfg: DatasetConfig, seed: int) -> SourceData:
     from aisec_train.components import instantiate_dataset
+    from aisec_train.data.items import check_items
 
     train = instantiate_dataset(cfg.train, "dataset.train")
     if train is None:
         raise DataError("dataset.train._target_=None is not allowed: dataset=custom needs a Dataset class")
+    # Every item checked as the Python API checks its datasets (data/items.py), before it is hashed or split: a
+    # float64 image, a string label or a failing __getitem__ otherwise surfaced as a traceback, the float64 one
+    # only at the first training step, after the privacy ledger was opened.
+    check_items(train, "dataset.train", min_items=2)
     test = instantiate_dataset(cfg.test, "dataset.test")
+    if test is not None:
+        check_items(test, "dataset.test")
     return SourceData(train, test, source=f"custom:{cfg.train.get('_target_')}")

@@ -1,9 +1,10 @@
-"""The data stage of the pipeline: load and split the data, run the sanity checks, open the privacy budget's
-account under DP, build the model factory, and report the data's identity and checks.
+"""The data stage of the pipeline: load and split the data, run the sanity checks, build and check the model
+factory, open the privacy budget's account under DP, and report the data's identity and checks.
 
     load_dataset (manifest, pinned hash, split) -> sanity (pixel checks; text_run.py for token ids)
-    -> privacy admission (privacy/admission.py: the dataset ledger, locked for the run) -> ModelFactory + one
-    forward pass -> ``data`` and ``model`` report sections, the integrity and sanity checklist items
+    -> ModelFactory + one forward pass (a model that does not fit is refused before the ledger store is touched)
+    -> privacy admission (privacy/admission.py: the dataset ledger, locked for the run)
+    -> ``data`` and ``model`` report sections, the integrity and sanity checklist items
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ def stage_data(run: Run) -> None:
         )
     data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
-    run.spend = open_spend(run) if env_rank() == 0 else None  # torchrun: rank 0 alone charges the job's one ledger
     run.factory = _factory(run)
+    # Before the budget's account is opened: a model that does not fit the data used to be refused only after
+    # the dataset's record set had been written to the ledger store.
     run.factory.check()  # the model takes these images and returns one logit per class, before any training
     if is_text(data):
         check_token_ids(run)  # every token id indexes the model's embedding (text_run.py)
+    run.spend = open_spend(run) if env_rank() == 0 else None  # torchrun: rank 0 alone charges the job's one ledger
     if len(data.manifest["files"]) > 100:
         write_json(data.manifest, run.run_dir / "data_manifest.json")
     run.report.add(

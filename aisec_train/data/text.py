@@ -64,15 +64,22 @@ def read_records(path: str | Path, key: str = "dataset.path") -> list[tuple[str,
 
 
 def _record(row: dict[str, Any], index: int, file: Path) -> tuple[str, int]:
+    from aisec_train.data.items import MAX_CLASSES
+
     text, label = row.get("text"), row.get("label")
     if not isinstance(text, str):
         raise DataError(f"{file} row {index}: 'text' must be a string, got {type(text).__name__}")
     try:
+        if isinstance(label, bool):  # JSON true / false: not a class index (int(True) would make it class 1)
+            raise TypeError
         value = int(label)  # csv labels may arrive as strings
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: a JSON Infinity
         raise DataError(f"{file} row {index}: 'label' must be an integer class index, got {label!r}") from None
-    if value < 0 or (isinstance(label, float) and label != value):
-        raise DataError(f"{file} row {index}: 'label' must be an integer class index >= 0, got {label!r}")
+    if not 0 <= value < MAX_CLASSES or (isinstance(label, float) and label != value):
+        # a label past MAX_CLASSES overflowed the id tensor (a traceback) before the label range check ran
+        raise DataError(
+            f"{file} row {index}: 'label' must be an integer class index in [0, {MAX_CLASSES}), got {label!r}"
+        )
     return text, value
 
 

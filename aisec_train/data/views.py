@@ -26,18 +26,44 @@ def labels_of(dataset: Dataset) -> np.ndarray:
         return labels_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     if isinstance(dataset, ConcatDataset):
         return np.concatenate([labels_of(d) for d in dataset.datasets])
-    for attr in ("labels", "targets"):
-        found = getattr(dataset, attr, None)
-        if found is not None and not callable(found):
-            labels = np.asarray(found)
-            if labels.ndim == 1 and len(labels) == len(dataset):  # type: ignore[arg-type]
-                return labels.astype(np.int64)
+    found = label_attribute(dataset)
+    if found is not None:
+        return found[1]
     labels = np.asarray([int(_label(dataset[i], i)) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
     try:
         dataset.labels = labels  # type: ignore[attr-defined]  # read once; a later call is free
     except AttributeError:
         pass
     return labels
+
+
+def label_attribute(dataset: Dataset) -> tuple[str, np.ndarray] | None:
+    """``(name, int64 labels)`` of the dataset's own ``labels`` or ``targets`` attribute (one label per item), or
+    None. Labels that are not whole numbers are refused: cast, ``0.5`` would silently become class 0."""
+    for attr in ("labels", "targets"):
+        found = getattr(dataset, attr, None)
+        if found is None or callable(found):
+            continue
+        labels = np.asarray(found)
+        if labels.ndim != 1 or len(labels) != len(dataset):  # type: ignore[arg-type]
+            continue
+        whole = np.issubdtype(labels.dtype, np.integer) and labels.dtype != np.bool_
+        if not whole and np.issubdtype(labels.dtype, np.floating) and len(labels):
+            whole = bool(np.isfinite(labels).all() and (labels == np.round(labels)).all())
+        if len(labels) and not whole:
+            bad = next((v for v in labels.tolist() if not _whole(v)), labels[0])
+            raise DataError(
+                f"{type(dataset).__name__}.{attr} holds {bad!r} ({labels.dtype}); labels must be integer class indices"
+            )
+        if labels.dtype == np.uint64 and len(labels) and labels.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{type(dataset).__name__}.{attr} holds label {int(labels.max())}; labels must be class "
+                            "indices")  # fmt: skip
+        return attr, labels.astype(np.int64)
+    return None
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
 
 
 def _label(item, index: int) -> int:

@@ -157,10 +157,10 @@ class ModelFactory:
             with torch.no_grad():
                 out = model(torch.zeros(2, *self.input_shape, device=device))
         except Exception as err:  # noqa: BLE001 - the user's forward failed on the data's shape: one line
-            raise ConfigError(
+            raise ConfigError(  # from None: the line holds the error's text; chained, the CLI printed it twice
                 f"model._target_={self.target!r} cannot take images of shape {self.input_shape}: "
                 f"{' '.join(str(err).split())[:200]}"
-            ) from err
+            ) from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.num_classes):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ConfigError(

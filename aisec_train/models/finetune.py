@@ -149,7 +149,7 @@ def read_state_dict(path: str, sha256: str | None = None) -> dict[str, torch.Ten
             source = io.BytesIO(data) if data is not None else file
             payload = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
-            reason = " ".join(str(err).split())[:200]
+            reason = " ".join(str(err).split())[:200] or type(err).__name__  # an empty file: EOFError, no text
             raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None
     while isinstance(payload, dict) and not _is_state(payload):
         inner = next((payload[k] for k in WRAPPER_KEYS if isinstance(payload.get(k), dict)), None)
@@ -218,6 +218,19 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: str) -> l
         raise ConfigError(
             f"model.checkpoint_path={path!r} does not fit this model ({'; '.join(odd)}): is it the same architecture?"
         )
+    for key in (k for k in own if k in state and k not in mismatched):
+        # load_state_dict casts silently: complex weights lose their imaginary part, NaN or inf start every
+        # step (and the privacy budget it is charged) at non-finite weights
+        loaded, mine = state[key], own[key]
+        if mine.is_floating_point() and not loaded.is_floating_point():
+            raise ConfigError(
+                f"model.checkpoint_path={path!r} does not fit this model: {key} is {loaded.dtype} in the file, "
+                f"{mine.dtype} in the model; expected floating-point weights"
+            )
+        if loaded.is_floating_point() and not bool(torch.isfinite(loaded).all()):
+            raise ConfigError(
+                f"model.checkpoint_path={path!r} is not allowed: {key} holds NaN or inf; every weight must be finite"
+            )
     net.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
     return sorted({k.rsplit(".", 1)[0] for k in mismatched + [k for k in missing if in_head(k)]})
 

@@ -36,6 +36,13 @@ def build_model(name: str, *, in_channels: int, num_classes: int, image_size: in
     return MODELS[name](in_channels=in_channels, num_classes=num_classes, image_size=image_size)
 
 
+def _positive_int(key: str, value: object, multiple: int = 1) -> None:
+    """Refuse a size argument that is not a positive int (a multiple of ``multiple``), naming the key."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+        allowed = "a positive integer" + (f" multiple of {multiple} (16, 32, 64, ...)" if multiple > 1 else "")
+        raise ValueError(f"{key}={value!r} is not allowed: must be {allowed}")
+
+
 def _side(image_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if isinstance(image_size, int):
         return image_size, image_size
@@ -53,6 +60,8 @@ class SmallCNN(nn.Module):
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 8, width: int = 64):
         super().__init__()
+        # GroupNorm(8, ...) over width // 2 and width channels: only a positive multiple of 16 builds
+        _positive_int("model.width", width, multiple=16)
         self.conv1 = nn.Conv2d(in_channels, width // 2, 3, padding=1)
         self.norm1 = nn.GroupNorm(8, width // 2)
         self.conv2 = nn.Conv2d(width // 2, width, 3, padding=1)
@@ -74,6 +83,7 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple[int, int] = 8, hidden: int = 128):
         super().__init__()
+        _positive_int("model.hidden", hidden)  # hidden=0 built a model whose output is its bias alone
         height, width = _side(image_size)
         self.fc1 = nn.Linear(in_channels * height * width, hidden)
         self.features_out = nn.Tanh()
@@ -112,8 +122,7 @@ class ResNet18GN(nn.Module):
         super().__init__()
         # width: the first stage's channels (ResNet-18's 64), doubled at each stage; +model.width=8 keeps the
         # architecture at 1/64 of the weights, for quick compositions (a CKKS round encrypts every weight).
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"model.width={width!r} is not allowed: must be a positive integer")
+        _positive_int("model.width", width)
         # A CIFAR-style stem (3x3, no max-pool) keeps small images from collapsing to 1x1 too early.
         self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), _group_norm(width), nn.ReLU())
         blocks, cin = [], width

@@ -101,12 +101,20 @@ class WideResNet(nn.Module):
         groups: int = 16,
     ):
         super().__init__()
+        for key, value in (("depth", depth), ("width", width), ("groups", groups)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"model.{key}={value!r} is not allowed: must be an integer")
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"model.depth={depth!r} is not allowed: must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40)")
         if width < 1:
             raise ValueError(f"model.width={width!r} is not allowed: must be >= 1")
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
+        if groups < 1 or any(c % min(groups, c) for c in widths):  # GroupNorm(min(groups, c), c) for each width
+            raise ValueError(
+                f"model.groups={groups!r} is not allowed: must be >= 1 and divide every width's channels {widths} "
+                "(1, 2, 4, 8, 16)"
+            )
         side = image_size if isinstance(image_size, int) else min(image_size)
         # Small images (digits' 8x8) keep their resolution longer: only as many stride-2 stages as the side allows.
         strides = [1, 2 if side >= 16 else 1, 2 if side >= 8 else 1]
