@@ -95,9 +95,30 @@ def run(
     cfg = _config(config)
     if test_dataset is not None and train_dataset is None:
         raise ValueError("test_dataset needs train_dataset as well")
-    path = Path(run_dir) if run_dir is not None else Path("outputs/api") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    path = _run_dir(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     return run_pipeline(cfg, path, experiment=experiment, user=UserObjects(model, train_dataset, test_dataset))
+
+
+def _run_dir(run_dir: object) -> Path:
+    """``run``'s folder, checked as the CLI checks ``hydra.run.dir`` before anything is written: a path (str or
+    PathLike), not empty (that would be the working directory itself), no symlink, not a file, creatable."""
+    import os
+
+    from aisec_train.preflight import check_run_dir
+
+    if run_dir is None:
+        return Path("outputs/api") / datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
+        raise ConfigError(f"run_dir={run_dir!r} is not allowed: a folder path (str or Path) the run writes into")
+    if not os.fspath(run_dir).strip():
+        raise ConfigError(
+            f"run_dir={run_dir!r} is not allowed: an empty folder name would be the working directory itself; give the "
+            "folder the run writes into"
+        )
+    path = Path(run_dir).expanduser()
+    check_run_dir("run_dir", path)
+    return path
 
 
 def fit(

@@ -172,29 +172,49 @@ def sweep_jobs(lists: list[list[str]]) -> list[tuple[int, list[str]]]:
 
 def check_multirun(args: argparse.Namespace) -> None:
     """Expand the sweep as Hydra's basic sweeper will and check each job's config as a single run checks its own
-    before any work (compose, types and ranges, components and limits; no data is read), so one bad value
-    refuses the whole sweep before the first job trains or charges a ledger."""
+    before any work (compose, types and ranges, components and limits, that its data files exist; no data is read),
+    and that each job has a folder of its own inside the sweep folder, so one bad value refuses the whole sweep
+    before the first job trains or charges a ledger."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import open_dict
 
     from aisec_train.pipeline import preflight
+    from aisec_train.preflight import check_data_paths, check_job_dirs
     from aisec_train.run_state import UserObjects
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=PROG):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # for glob() sweeps
         overrides = parser.parse_overrides(args.overrides)
+        for override in overrides:  # Hydra ignores it in a multirun: the jobs went to the default multirun/DATE/
+            if override.key_or_group == "hydra.run.dir" and not override.is_delete():
+                raise ConfigError(
+                    f"{override.input_line} is not allowed with -m/--multirun: a sweep's jobs are written under "
+                    "hydra.sweep.dir (one subfolder per job); give hydra.sweep.dir=... instead"
+                )
         # hydra.* settings are the launcher's, not a job's (Hydra keeps them apart from the swept overrides too)
         lists = sweep_lists([o for o in overrides if not o.key_or_group.startswith("hydra")])
+        launcher = [o.input_line for o in overrides if o.key_or_group.startswith("hydra") and not o.is_sweep_override()]
+        dirs = []
         for number, job in sweep_jobs(lists):
             swept = " ".join(value for value, values in zip(job, lists, strict=True) if len(values) > 1)
+            where = f"multirun job {number}" + (f" ({swept})" if swept else "")
             try:
                 check_group_values(parser.parse_overrides(job))
-                cfg = to_config(compose(config_name=args.config_name or "config", overrides=job))
+                full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job],
+                               return_hydra_config=True)  # fmt: skip
+                with open_dict(full):  # as Hydra's launchers number a job before its folder is joined
+                    full.hydra.job.num, full.hydra.job.id = number, f"{PROG}_{number}"
+                dirs.append((where, str(full.hydra.sweep.dir), str(full.hydra.sweep.subdir)))
+                with open_dict(full):
+                    full.pop("hydra")
+                cfg = to_config(full)
                 preflight(cfg, UserObjects())
+                check_data_paths(cfg.dataset)  # the files a job reads exist: no data is read yet
             except refusals() as err:
-                where = f"multirun job {number}" + (f" ({swept})" if swept else "")
                 raise ConfigError(f"{where} is refused, so no job ran: {message(err)}") from None
+        check_job_dirs(dirs)  # one folder per job, inside the sweep folder
 
 
 def main() -> None:

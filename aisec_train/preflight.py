@@ -80,12 +80,13 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
 def check_key_file() -> None:
     """The HMAC key every checkpoint, ledger record and registry entry is tagged under, loaded (or created) on its
     own: a refused key file (a symlink, group-readable...) is named as the setting that chose it."""
-    from aisec_train.store.keys import KEY_ENV, current_key
+    from aisec_train.store.keys import KEY_ENV, current_key, verify_keys
 
     try:
         current_key()
+        verify_keys()  # $AISEC_TRAIN_OLD_KEY_FILES too: a bad one is named here, not blamed on the registry
     except IntegrityError as err:  # the message names the file: the default path when $KEY_ENV is unset
-        where = f"${KEY_ENV}: " if os.environ.get(KEY_ENV) else ""
+        where = f"${KEY_ENV}: " if os.environ.get(KEY_ENV) and not str(err).startswith("$") else ""
         raise ConfigError(f"{where}{err}; nothing was trained or charged") from None
 
 
@@ -197,6 +198,52 @@ def check_limits(cfg: Any) -> None:
     check_float_range(cfg)
     check_accountant_limits(cfg.privacy)
     check_resource_limits(cfg)
+
+
+DATA_FILES = {"npz": ("path", "test_path"), "text": ("path", "test_path")}  # dataset.KEY: a file the source reads
+DATA_FOLDERS = {name: ("root",) for name in ("imagefolder", "mnist", "fashion_mnist", "cifar10")}
+
+
+def check_data_paths(dataset: Any) -> None:
+    """The files and folders a dataset source will read exist (nothing is read): a multirun checks each job's before
+    its first job trains, as a single run's data stage refuses them (the same words), so a missing file in the third
+    job's sweep value no longer ends the sweep after two jobs trained and charged their budgets."""
+    for key in (*DATA_FILES.get(dataset.name, ()), *DATA_FOLDERS.get(dataset.name, ())):
+        value, folder = getattr(dataset, key), key == "root"
+        if value is None or not str(value).strip():
+            if key == "test_path":
+                continue  # optional: a hold-out of dataset.test_fraction
+            needs = "an existing folder" if folder else "a file path"
+            raise ConfigError(f"dataset.{key}={value!r} is not allowed: dataset={dataset.name} needs {needs}")
+        path = Path(str(value))  # as the sources open it (no ~ expansion there either)
+        if not (path.is_dir() if folder else path.is_file()):
+            what = "a folder" if folder else "a file"
+            raise ConfigError(f"dataset.{key}={str(value)!r} does not exist or is not {what}")
+
+
+def check_job_dirs(dirs: list[tuple[str, str, str]]) -> None:
+    """A multirun's job folders, (job, sweep dir, subdir) as the launcher joins them: each inside the sweep folder,
+    no symlink, and no two jobs in one folder (the second would resume the first's checkpoint as its own result,
+    or be refused half-way through the sweep)."""
+    seen: dict[str, str] = {}
+    for job, sweep_dir, subdir in dirs:
+        rel = os.path.normpath(subdir)
+        if os.path.isabs(subdir) or rel == ".." or rel.startswith("../") or rel == ".":
+            raise ConfigError(
+                f"hydra.sweep.subdir={subdir!r} is not allowed ({job}): each job's folder must be a subfolder inside "
+                "hydra.sweep.dir (the default ${hydra.job.num} numbers them)"
+            )
+        if rel in seen:
+            raise ConfigError(
+                f"hydra.sweep.subdir={subdir!r} is not allowed: {seen[rel]} and {job} would both write into "
+                f"{Path(sweep_dir) / rel}, and the second would resume the first's run; give each job its own folder "
+                "(e.g. the default ${hydra.job.num})"
+            )
+        seen[rel] = job
+        folder = Path(sweep_dir).expanduser() / rel
+        for path in (folder, *(folder / name for name in HYDRA_FILES)):
+            if path.is_symlink():
+                raise ConfigError(f"{path} is a symlink ({job}): aisec-train never writes through one; remove it")
 
 
 # ---- the command line, before Hydra runs ------------------------------------------------------------------------

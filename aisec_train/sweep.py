@@ -63,7 +63,13 @@ def _number(value: Any, key: str, path: Path) -> Any:
 
 def _row(run_dir: Path, sweep_dir: Path) -> dict[str, Any]:
     path = run_dir / "report.json"
-    report = json.loads(path.read_text())
+    try:  # a truncated, non-UTF-8 or unreadable report names its file (json's own message names no file)
+        report = json.loads(path.read_bytes().decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        reason = " ".join(str(err).split())
+        raise SweepError(f"{path} is not an aisec-train report: not UTF-8 JSON ({reason})") from None
+    except OSError as err:  # a folder named report.json, no permission
+        raise SweepError(f"{path} cannot be read as a report ({err.strerror}); nothing was written") from None
     privacy, robust = _section(report, "privacy", path), _section(report, "robustness", path)
     metrics, run = _section(report, "metrics", path), _section(report, "run", path)
     timings = _section(run, "timings", path)

@@ -10,7 +10,8 @@ The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's ow
 folder (``~/.local/share/aisec-train/privacy_ledgers``). ``show``, ``verify`` and ``raise-target`` take a unique
 prefix of the hash (at least 4 characters, as refusals print it). ``raise-target`` takes a finite ``--epsilon`` of
 at most 100, a one-line printable ``--why`` of at most 200 characters and a finite ``--wait`` >= 0. The store must be
-an existing folder (this tool never creates one: a job does).
+an existing folder (this tool never creates one: a job does), and the key file must exist (created only during a
+rotation, when ``$AISEC_TRAIN_OLD_KEY_FILES`` lists the old key); ``retag --artifact`` files are checked first.
 Exit status: 0 done, 2 refused (bad input, a ledger that does not verify, a lock held by another job).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,41 @@ def _check_store(store: LedgerStore, source: str) -> None:
         )
 
 
+def _check_key() -> None:
+    """The key the ledgers are tagged under must exist and be sound before anything is read. A missing key is
+    created only during a rotation (old keys listed in ``$AISEC_TRAIN_OLD_KEY_FILES`` verify what exists,
+    docs/integrity.md): otherwise a fresh key at a mistyped ``$AISEC_TRAIN_KEY_FILE`` would verify nothing and every
+    ledger would be called forged. A key file it refuses is one line naming the file, not a FORGED line per ledger."""
+    try:
+        if not keys.old_key_paths():
+            keys.existing_key()
+        keys.verify_keys()  # the current key (created in a rotation) and $AISEC_TRAIN_OLD_KEY_FILES
+    except StoreError as err:
+        where = f"${keys.KEY_ENV}: " if os.environ.get(keys.KEY_ENV) and not str(err).startswith("$") else ""
+        raise StoreError(
+            f"{where}{err}; {PROG} creates no key outside a rotation: point ${keys.KEY_ENV} at the key file the "
+            f"ledgers were tagged under (rotating: list the old key in ${keys.OLD_KEYS_ENV})"
+        ) from None
+
+
+def _check_artifacts(files: list[Path]) -> None:
+    """Every ``--artifact`` is a regular file with its keyed manifest beside it, checked before any ledger or file is
+    re-tagged: a mistyped path is bad input, not a failure half-way through the work."""
+    for path in files:
+        tag = artifacts.manifest_path(Path(os.path.abspath(path)))
+        if path.is_symlink() or not path.is_file():
+            what = "is a symlink" if path.is_symlink() else "is not a file" if path.exists() else "does not exist"
+            raise StoreError(
+                f"--artifact {str(path)!r} is not allowed: it {what}; give a checkpoint or model.pt file with its "
+                "keyed manifest (NAME.tag) beside it"
+            )
+        if not tag.is_file():
+            raise StoreError(
+                f"--artifact {str(path)!r} is not allowed: it has no keyed manifest {tag.name} beside it, so there is "
+                "no tag to re-tag (only files a run tagged can be re-tagged)"
+            )
+
+
 def _datasets(store: LedgerStore, given: list[str]) -> list[str]:
     """The full hashes of the given hashes or unique prefixes; a malformed, unknown or ambiguous one is bad input
     (refused before anything is read), not a forged ledger."""
@@ -215,6 +252,9 @@ def main(argv: list[str] | None = None) -> None:
         store = LedgerStore(args.store)
         if args.command != "retag" or args.datasets or not args.artifact:  # artifacts alone need no store
             _check_store(store, "--store" if args.store else store.choice.source)
+        _check_key()  # before any ledger is read: never a fresh key, never FORGED for a key file's fault
+        if args.command == "retag":
+            _check_artifacts(args.artifact)
         if args.command in ("verify", "retag"):
             args.datasets = _datasets(store, args.datasets)
         if args.command == "list":

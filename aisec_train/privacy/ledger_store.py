@@ -40,7 +40,7 @@ from aisec_train.privacy import budget
 from aisec_train.privacy.ledger_rules import LedgerRules
 from aisec_train.store import anchors, keys
 from aisec_train.store.artifacts import canonical
-from aisec_train.store.errors import IntegrityError
+from aisec_train.store.errors import IntegrityError, StoreError
 from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
 from aisec_train.store.locks import exclusive_lock, held_by
 from aisec_train.store.timing import timed
@@ -89,6 +89,10 @@ def choose_store(configured: str | os.PathLike | None = None, *, run_id: str | N
     """The store: ``configured``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's data folder; ``scratch`` is a
     store of the run's own (``run_id``: its directory) under the user's data folder."""
     for source, chosen in (("privacy.ledger_store", configured), (f"${STORE_ENV}", os.environ.get(STORE_ENV))):
+        if chosen and not str(chosen).strip():  # Path(" "): a fresh store (and budget) in the working directory
+            raise StoreError(
+                f"{source}={str(chosen)!r} is not allowed: a ledger store folder, not blank (unset it for the default)"
+            )
         if chosen and str(chosen) == SCRATCH:
             tail = hashlib.sha256(str(run_id).encode()).hexdigest()[:16] if run_id else ""
             return StoreChoice(user_data_dir() / "scratch_ledgers" / tail, source, True)

@@ -352,6 +352,9 @@ def validate_output_path(path: str | os.PathLike, *, root: str | os.PathLike | N
     except IntegrityError as err:
         raise IntegrityError(f"{what}: {err}") from None
     except OSError as err:
+        blocker = next((p for p in path.parents if os.path.lexists(p) and not os.path.isdir(p)), None)
+        if blocker is not None:  # mkdir's "File exists" / "Not a directory" named a file the user never gave
+            raise IntegrityError(f"{what}: {blocker} is a file, not a folder") from None
         raise IntegrityError(f"{what}: {path} cannot be written ({err.strerror})") from None
     return path
 

@@ -44,6 +44,11 @@ class Key:
 def key_path() -> Path:
     """The current key file (see the module docstring for the order)."""
     if os.environ.get(KEY_ENV):
+        if not os.environ[KEY_ENV].strip():  # Path(" ") is a file named " " in the working directory
+            raise IntegrityError(
+                f"${KEY_ENV}={os.environ[KEY_ENV]!r} is not allowed: a key file path, not blank (unset it for the "
+                "default key)"
+            )
         return Path(os.environ[KEY_ENV]).expanduser().absolute()
     config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return (config / "aisec-train" / "hmac.key").absolute()
@@ -123,6 +128,12 @@ def _cached(path: Path, *, create: bool) -> Key:
 def current_key() -> Key:
     """The signing key, created on first use."""
     return _cached(key_path(), create=True)
+
+
+def existing_key() -> Key:
+    """The signing key, which must already exist (IntegrityError otherwise): for tools that only read or amend what
+    a job tagged, where a fresh key would tag nothing they could verify."""
+    return _cached(key_path(), create=False)
 
 
 def verify_keys() -> dict[str, Key]:
