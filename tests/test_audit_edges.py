@@ -124,6 +124,17 @@ def test_an_honest_looking_dp_result_on_few_targets_is_not_a_pass():
     assert "held-out split" in evidence.TOO_FEW_TARGETS_FIX
 
 
+@pytest.mark.parametrize("eps", [0.5, 1.0, 3.0, 3.88, 8.0])
+def test_not_tested_says_how_many_targets_would_test_the_claim(eps):
+    """The count named is the smallest whose perfect attack refutes epsilon (one fewer cannot)."""
+    n = evidence.targets_to_refute(eps, 1e-5)
+    assert _dp_summary(n, eps)["dp_bound"]["attacks"]["loss"]["can_refute"]
+    assert not _dp_summary(n - 1, eps)["dp_bound"]["attacks"]["loss"]["can_refute"]
+    few = _dp_summary(max(2, n // 2), eps)
+    _, text = evidence.membership(few, eps, 1e-5, 0.6)
+    assert f"needs about {n} members and as many non-members" in text
+
+
 def _membership_report(reference_models: int) -> Report:
     report = Report()
     attacks = {"loss": {"auc": 0.52, "auc_ci95": [0.47, 0.57], "tpr_at_fpr_0_001": 0.0, "tpr_at_fpr_0_01": 0.01}}

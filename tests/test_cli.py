@@ -87,6 +87,7 @@ def test_tampered_checkpoint_stops_the_resume(tmp_path, smoke_run):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # ~40 s of CPU: two jobs through Hydra's submitit launcher (the local executor)
 def test_multirun_through_the_submitit_launcher_writes_a_sweep_summary(tmp_path):
     # hydra/launcher=local is configs/hydra/launcher/local.yaml: the submitit launcher that slurm.yaml also uses,
     # running each sweep point as a local job.

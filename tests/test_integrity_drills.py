@@ -28,6 +28,7 @@ def assert_accounted(result: dict, kills: int) -> None:
     assert result["epsilon"] == pytest.approx(result["dataset_epsilon"])  # one run: its spend is the dataset's
 
 
+@pytest.mark.slow  # ~50 s of CPU; CI keeps test_jobs_on_one_dataset_in_turn_never_overspend
 def test_kill_at_random_instants_then_resume_accounts_every_step(tmp_path):
     # 40 epochs of the smoke job (~0.1 s each): room for a kill inside training and one right after a charge.
     result = kill_drill(Lab(tmp_path), kills=3, epochs=40, seed=0)
@@ -93,7 +94,7 @@ def base(tmp_path_factory):
 # By default: a reset, a forged ledger and the registry forgeries; the rest repeat, end to end, what
 # tests/test_store.py, test_checkpoint.py and test_spend.py check in-process (and -m slow runs them all).
 SLOW_FORGERIES = {"two_jobs", "reset_checkpoints", "delta_resume", "delta_half", "crash_tag", "seed_resume",
-                  "symlinks", "lr_nan"}  # fmt: skip
+                  "symlinks", "lr_nan", "ledger_emptied"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

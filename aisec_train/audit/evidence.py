@@ -6,6 +6,7 @@ status can always be traced to a number in report.json.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aisec_train.report.report import Status
@@ -60,7 +61,8 @@ def membership(summary: dict[str, Any], eps: float | None, delta: float, max_auc
         return "fail", (
             f"{numbers}; NOT TESTED: too few targets to test epsilon {eps:.2f}: even a perfect attack on "
             f"{summary['members']} members vs {summary['nonmembers']} non-members would respect TPR <= e^eps FPR + "
-            f"{delta:g} at 95% confidence (these targets can refute epsilon up to {most:.2f} only)"
+            f"{delta:g} at 95% confidence (these targets can refute epsilon up to {most:.2f} only; epsilon "
+            f"{eps:.2f} needs about {targets_to_refute(eps, delta)} members and as many non-members)"
         )
     return ("pass" if bound["respected"] else "fail"), text
 
@@ -70,6 +72,24 @@ TOO_FEW_TARGETS_FIX = (
     "more membership targets: a larger held-out split (dataset.test_fraction, or dataset.test_path) raises the cap on "
     "audit.membership.targets; or a claim these targets can test (a smaller privacy.target_epsilon)"
 )
+
+
+def targets_to_refute(eps: float, delta: float) -> int:
+    """The fewest members (and as many non-members) whose perfect attack refutes ``eps`` at 95% (Clopper-Pearson):
+    ``q - delta > e^eps (1 - q)`` with ``q = 0.025^(1/n)``, so ``n ~ 3.7 e^eps`` (~11,000 at epsilon 8)."""
+
+    def refutes(n: int) -> bool:
+        q = 0.025 ** (1 / n)
+        return q - delta > math.exp(eps) * (1 - q)
+
+    high = 1
+    while not refutes(high) and high < 10**12:
+        high *= 2
+    low = high // 2  # refutes(low) is false (or low is 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if refutes(mid) else (mid, high)
+    return high
 
 
 def untestable(summary: dict[str, Any]) -> bool:
