@@ -4,6 +4,10 @@ kernel (Triton's CPU interpreter here) equals its torch reference and stays in t
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from aisec_kernels.pgd_update import (
@@ -24,7 +28,7 @@ STARTS = [random_start_reference, random_start_triton]
 @pytest.fixture
 def interpret(monkeypatch: pytest.MonkeyPatch) -> None:
     if not IN_PROCESS:
-        pytest.skip("triton was imported in compiled mode (tests/test_kernels.py runs the interpreter elsewhere)")
+        pytest.skip("triton was imported in compiled mode; test_interpreted_edges_in_subprocess covers this")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
@@ -110,3 +114,15 @@ def test_pgd_update_edges_agree_and_stay_in_the_ball(interpret, norm, shape, dty
     delta = (got - x_nat).flatten(1).double()
     size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
     assert bool((size <= eps + 1e-6).all()) and bool(((got >= 0) & (got <= 1)).all())
+
+
+def test_interpreted_edges_in_subprocess():
+    """Where triton was imported in compiled mode (a GPU machine), the interpreted edge cases run in a subprocess."""
+    if IN_PROCESS:
+        pytest.skip("the interpreted edge cases ran in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    summary = done.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "failed" not in summary, summary  # the subprocess ran them interpreted

@@ -103,24 +103,15 @@ def check_before_training(run: Run) -> None:
                 f"must be < the {classes} classes with audit.guard.output=top_k (k >= classes releases the full "
                 "probability vector, which the report would call a top-k policy); use audit.guard.output=probs",
             )
-    if cfg.privacy_audit and cfg.canaries.kind is CanaryKind.mislabel:
-        require(
-            cfg.canaries.m <= n,
-            "audit.canaries.m",
-            cfg.canaries.m,
-            f"must be <= the {n} training samples (mislabel canaries are training samples; "
-            "audit.canaries.kind=noise adds its own)",
-        )
-    if cfg.privacy_audit and cfg.canaries.kind is CanaryKind.noise:
-        # The canary model must be trained with the audited recipe on (nearly) the audited data: more noise images
-        # than training samples would audit a model of mostly noise (and m in the millions never finishes).
-        require(
-            cfg.canaries.m <= n,
-            "audit.canaries.m",
-            cfg.canaries.m,
-            f"must be <= the {n} training samples with audit.canaries.kind=noise (the canary model would "
-            "otherwise train mostly on noise, not on the audited recipe's data)",
-        )
+    if cfg.privacy_audit:
+        # Mislabel canaries are training samples; noise canaries beyond the training split would audit a model of
+        # mostly noise, not the audited recipe on its data (and m in the millions never finishes).
+        why = {
+            CanaryKind.mislabel: "mislabel canaries are training samples; audit.canaries.kind=noise adds its own",
+            CanaryKind.noise: "with audit.canaries.kind=noise the canary model would otherwise train mostly on noise, "
+            "not on the audited recipe's data",
+        }[cfg.canaries.kind]
+        require(cfg.canaries.m <= n, "audit.canaries.m", cfg.canaries.m, f"must be <= the {n} training samples ({why})")
 
 
 def _privacy_audit(run: Run) -> None:
