@@ -170,19 +170,56 @@ def sweep_jobs(lists: list[list[str]]) -> list[tuple[int, list[str]]]:
     return sorted(picked.items())
 
 
-def check_multirun(args: argparse.Namespace) -> None:
-    """Expand the sweep as Hydra's basic sweeper will and check each job's config as a single run checks its own
-    before any work (compose, types and ranges, components and limits, that its data files exist; no data is read),
-    and that each job has a folder of its own inside the sweep folder, so one bad value refuses the whole sweep
-    before the first job trains or charges a ledger."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def check_job(
+    args: argparse.Namespace, parser: Any, launcher: list[str], job: list[str], number: int | None
+) -> tuple[str, str]:
+    """Compose one job's config as Hydra will and check it as the job checks its own (types and ranges, components
+    and limits, that its data files exist; no data is read). Returns multirun job ``number``'s (sweep dir, subdir)."""
+    from hydra import compose
     from omegaconf import open_dict
 
+    check_group_values(parser.parse_overrides(job))
+    full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
+    folders = ("", "")
+    if number is not None:
+        with open_dict(full):  # as Hydra's launchers number a job before its folder is joined
+            full.hydra.job.num, full.hydra.job.id = number, f"{PROG}_{number}"
+        folders = (str(full.hydra.sweep.dir), str(full.hydra.sweep.subdir))
+    with open_dict(full):
+        full.pop("hydra")
+    cfg = to_config(full)  # a bad value is refused before torch loads
     from aisec_train.pipeline import preflight
-    from aisec_train.preflight import check_data_paths, check_job_dirs
+    from aisec_train.preflight import check_data_paths
     from aisec_train.run_state import UserObjects
+
+    preflight(cfg, UserObjects())
+    check_data_paths(cfg.dataset)  # the files a job reads exist: no data is read yet
+    return folders
+
+
+def check_run(args: argparse.Namespace) -> None:
+    """A single run's config, checked before Hydra writes ``.hydra/`` and ``cli.log`` into the run folder, so a
+    refused run leaves nothing behind (the job checks it again, for the Python API and other config folders)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=PROG):
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        if any(o.is_sweep_override() for o in parser.parse_overrides(args.overrides)):
+            return  # Hydra refuses a sweep without -m itself, before it writes anything
+        check_job(args, parser, [], list(args.overrides), None)
+
+
+def check_multirun(args: argparse.Namespace) -> None:
+    """Expand the sweep as Hydra's basic sweeper will and check each job's config as a single run checks its own
+    before any work (``check_job``), and that each job has a folder of its own inside the sweep folder, so one bad
+    value refuses the whole sweep before the first job trains or charges a ledger."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from aisec_train.preflight import check_job_dirs
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3", job_name=PROG):
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())  # for glob() sweeps
@@ -201,19 +238,10 @@ def check_multirun(args: argparse.Namespace) -> None:
             swept = " ".join(value for value, values in zip(job, lists, strict=True) if len(values) > 1)
             where = f"multirun job {number}" + (f" ({swept})" if swept else "")
             try:
-                check_group_values(parser.parse_overrides(job))
-                full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job],
-                               return_hydra_config=True)  # fmt: skip
-                with open_dict(full):  # as Hydra's launchers number a job before its folder is joined
-                    full.hydra.job.num, full.hydra.job.id = number, f"{PROG}_{number}"
-                dirs.append((where, str(full.hydra.sweep.dir), str(full.hydra.sweep.subdir)))
-                with open_dict(full):
-                    full.pop("hydra")
-                cfg = to_config(full)
-                preflight(cfg, UserObjects())
-                check_data_paths(cfg.dataset)  # the files a job reads exist: no data is read yet
+                sweep_dir, subdir = check_job(args, parser, launcher, job, number)
             except refusals() as err:
                 raise ConfigError(f"{where} is refused, so no job ran: {message(err)}") from None
+            dirs.append((where, sweep_dir, subdir))
         check_job_dirs(dirs)  # one folder per job, inside the sweep folder
 
 
@@ -232,8 +260,8 @@ def main() -> None:
             check_group_values(OverridesParser.create().parse_overrides(args.overrides))
         shows = args is None or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
         # another config folder: its groups are Hydra's to compose; only the packaged one is checked ahead
-        if args is not None and args.multirun and not shows and not (args.config_path or args.config_dir):
-            check_multirun(args)
+        if args is not None and not shows and not (args.config_path or args.config_dir):
+            check_multirun(args) if args.multirun else check_run(args)
     except refusals() as err:
         refuse(err)
     # Hydra prints its own multi-line report of errors unless asked to re-raise; we re-raise and print one line.

@@ -60,8 +60,9 @@ def call_cli(args: list[str]) -> tuple[int | None, str, str]:
     return code, err.getvalue(), crash
 
 
-def refusal_problems(run_dir: Path, code: int | None, err: str, crash: str) -> list[str]:
-    """Everything that breaks the refusal contract ([] when the input was refused cleanly)."""
+def refusal_problems(run_dir: Path, code: int | None, err: str, crash: str, *, config_only: bool = False) -> list[str]:
+    """Everything that breaks the refusal contract ([] when the input was refused cleanly). ``config_only``: a bad
+    config value, refused before Hydra makes the run folder, so not even Hydra's LEFTOVERS may be there."""
     problems = []
     if crash:
         problems.append(f"raised: {crash.strip().splitlines()[-1]}")
@@ -72,6 +73,8 @@ def refusal_problems(run_dir: Path, code: int | None, err: str, crash: str) -> l
         problems.append(f"stderr is not one error line: {err.strip()[-400:]!r}")
     if "Traceback" in err:
         problems.append("Traceback on stderr")
+    if config_only and run_dir.exists():
+        problems.append(f"made the run directory {run_dir} for a bad config value")
     if run_dir.exists():
         extra = sorted(p.name for p in run_dir.iterdir() if p.name not in LEFTOVERS)
         if extra:

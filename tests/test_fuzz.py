@@ -49,10 +49,11 @@ class Cases:
         self.root, self.count = root, itertools.count()
         self.tried = 0
 
-    def refused(self, args: list[str]) -> None:
+    def refused(self, args: list[str], config_only: bool = False) -> None:
         self.tried += 1
         run_dir = self.root / f"run{next(self.count)}"
-        problems = refusal_problems(run_dir, *call_cli([*BASE, *args, f"hydra.run.dir={run_dir}"]))
+        call = call_cli([*BASE, *args, f"hydra.run.dir={run_dir}"])
+        problems = refusal_problems(run_dir, *call, config_only=config_only)
         assert not problems, (args, problems)
 
     def npz_refused(self, data: bytes, *extra: str) -> None:
@@ -138,9 +139,20 @@ def test_many_bad_npz_files_are_refused_in_one_line(tmp_path):
 
 
 # ---- gaps the fuzzing found, now refused ------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args",
+    [["train.epochs=-1"], ["train.lr=nan"], ["privacy.accountant=zz"], ["+zz_unknown=1"], ["model=zz"],
+     ["dataset=npz", "dataset.path=/nonexistent/x.npz"], ["optimizer._target_=torch.optim.Nope"]],
+)  # fmt: skip
+def test_a_bad_config_value_leaves_no_run_folder(tmp_path, args):
+    """Checked before Hydra makes the run folder: it left .hydra/ (three YAML files) and cli.log behind. A value
+    that needs the data to judge (privacy.delta against 1/n, a file's content) is still refused inside the job."""
+    Cases(tmp_path).refused(args, config_only=True)
+
+
 @pytest.mark.parametrize("override", ["train.seed=-1", f"train.seed={2**70}", "dataset.split_seed=-1"])
 def test_out_of_range_seeds_are_refused(tmp_path, override):
-    Cases(tmp_path).refused([override])
+    Cases(tmp_path).refused([override], config_only=True)
 
 
 def test_a_one_sample_npz_is_refused(tmp_path):

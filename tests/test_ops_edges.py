@@ -270,7 +270,7 @@ def test_a_blank_ledger_store_setting_is_refused(tmp_path, monkeypatch):
     code, err, crash = call_cli([*BASE, "train.epochs=1", "privacy.ledger_store=' '", f"hydra.run.dir={run_dir}"])
     assert refusal_problems(run_dir, code, err, crash) == [], (code, err, crash)
     assert "privacy.ledger_store=' ' is not allowed: a ledger store folder, not blank" in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing written: the run folder is not even made
 
 
 @pytest.mark.parametrize("setting", ["privacy.ledger_store={file}", "audit.registry_path={file}/registry.json"])
