@@ -172,9 +172,10 @@ def sweep_jobs(lists: list[list[str]]) -> list[tuple[int, list[str]]]:
 
 def check_job(
     args: argparse.Namespace, parser: Any, launcher: list[str], job: list[str], number: int | None
-) -> tuple[str, str]:
+) -> tuple[tuple[str, str], Any]:
     """Compose one job's config as Hydra will and check it as the job checks its own (types and ranges, components
-    and limits, that its data files exist; no data is read). Returns multirun job ``number``'s (sweep dir, subdir)."""
+    and limits, that its data files exist; no data is read). Returns multirun job ``number``'s (sweep dir, subdir)
+    and the checked config."""
     from hydra import compose
     from omegaconf import open_dict
 
@@ -194,7 +195,33 @@ def check_job(
 
     preflight(cfg, UserObjects())
     check_data_paths(cfg.dataset)  # the files a job reads exist: no data is read yet
-    return folders
+    return folders, cfg
+
+
+def shared_budget_note(jobs: list[tuple[str, Any]]) -> str | None:
+    """A note (not a refusal) when several DP jobs of a sweep charge one dataset's budget: whether the later ones
+    fit depends on the ledger and on what the earlier ones spend, which only training tells (docs/cluster.md)."""
+    from aisec_train.train.config import BudgetScope, PrivacyMode
+
+    groups: dict[str, list[str]] = {}
+    for where, cfg in jobs:
+        privacy = cfg.privacy
+        if (
+            privacy.mode is PrivacyMode.dpsgd
+            and privacy.budget_scope is BudgetScope.dataset
+            and not privacy.fit_to_budget
+            and privacy.ledger_store != "scratch"  # each scratch run has a store of its own
+        ):
+            groups.setdefault(repr(cfg.dataset), []).append(where)
+    shared = next((wheres for wheres in groups.values() if len(wheres) > 1), None)
+    if shared is None:
+        return None
+    return (
+        f"{PROG}: note: {shared[0]} and {len(shared) - 1} later job(s) are DP runs charged to one dataset's privacy "
+        "budget (privacy.budget_scope=dataset): a later job is refused, after the earlier ones trained, when what is "
+        "left cannot hold it. To compare settings on one dataset, sweep with privacy.budget_scope=run "
+        "privacy.budget_reason='...' or privacy.fit_to_budget=true (docs/cluster.md)"
+    )
 
 
 def check_run(args: argparse.Namespace) -> None:
@@ -233,16 +260,20 @@ def check_multirun(args: argparse.Namespace) -> None:
         # hydra.* settings are the launcher's, not a job's (Hydra keeps them apart from the swept overrides too)
         lists = sweep_lists([o for o in overrides if not o.key_or_group.startswith("hydra")])
         launcher = [o.input_line for o in overrides if o.key_or_group.startswith("hydra") and not o.is_sweep_override()]
-        dirs = []
+        dirs, checked = [], []
         for number, job in sweep_jobs(lists):
             swept = " ".join(value for value, values in zip(job, lists, strict=True) if len(values) > 1)
             where = f"multirun job {number}" + (f" ({swept})" if swept else "")
             try:
-                sweep_dir, subdir = check_job(args, parser, launcher, job, number)
+                (sweep_dir, subdir), cfg = check_job(args, parser, launcher, job, number)
             except refusals() as err:
                 raise ConfigError(f"{where} is refused, so no job ran: {message(err)}") from None
             dirs.append((where, sweep_dir, subdir))
+            checked.append((where, cfg))
         check_job_dirs(dirs)  # one folder per job, inside the sweep folder
+    note = shared_budget_note(checked)
+    if note is not None:
+        print(note, file=sys.stderr)
 
 
 def main() -> None:
