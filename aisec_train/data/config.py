@@ -51,6 +51,8 @@ class DatasetConfig:
     name: str = "digits"  # a registered source (aisec_train.data.sources.SOURCES)
     path: str | None = None  # npz: the training (or whole) file
     test_path: str | None = None  # npz: an optional separate test file
+    # npz: x's layout; null decides from its shape (docs/data.md, "Array layout"), true: N,H,W,C, false: N,C,H,W
+    channels_last: bool | None = None
     root: str | None = None  # imagefolder / mnist / fashion_mnist / cifar10: an existing folder, never downloaded
     train: Any = None  # custom: a map-style Dataset config, {_target_: pkg.Class, ...}
     test: Any = None  # custom: an optional test Dataset config; {_target_: null} = none (a stratified hold-out)

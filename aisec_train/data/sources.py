@@ -36,7 +36,7 @@ SOURCES: dict[str, Source] = {}
 SOURCE_KEYS: dict[str, tuple[str, ...]] = {}
 # Keys only some sources read; a value other than the default for a source that ignores it is refused.
 SPECIFIC_KEYS = ("path", "test_path", "root", "train", "test", "resize", "n_samples", "image_size", "channels",
-                 "num_classes", "test_fraction", "max_length", "tokenizer")  # fmt: skip
+                 "num_classes", "test_fraction", "max_length", "tokenizer", "channels_last")  # fmt: skip
 
 
 def register_source(name: str, keys: tuple[str, ...] = ()) -> Callable[[Source], Source]:
@@ -79,7 +79,11 @@ def synthetic(cfg: DatasetConfig, seed: int) -> SourceData:
     y = np.arange(cfg.n_samples) % k
     rng.shuffle(y)
     x = np.clip(0.7 * prototypes[y] + rng.normal(0.0, 0.15, size=(cfg.n_samples, c, s, s)), 0, 1).astype(np.float32)
-    return SourceData(ArrayDataset(x, y), source=f"synthetic(seed={seed})", arrays={"x": x, "y": y.astype(np.int64)})
+    return SourceData(
+        ArrayDataset(x, y, channels_last=False),
+        source=f"synthetic(seed={seed})",
+        arrays={"x": x, "y": y.astype(np.int64)},
+    )
 
 
 def _declared_npy(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -121,17 +125,18 @@ def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarr
         raise DataError(f"{key}={str(path)!r} is not a readable .npz of numeric arrays: {err}") from err
 
 
-@register_source("npz", keys=("path", "test_path", "test_fraction"))
+@register_source("npz", keys=("path", "test_path", "test_fraction", "channels_last"))
 def npz(cfg: DatasetConfig, seed: int) -> SourceData:
     if not cfg.path:
         raise DataError("dataset.path=None is not allowed: dataset=npz needs a .npz file path")
     train_path = Path(cfg.path)
     x, y = read_npz(train_path, "dataset.path", cfg.max_bytes)
-    data = SourceData(ArrayDataset(x, y, "x"), source=f"npz:{train_path.name}", files=[train_path])
+    layout = {"channels_last": cfg.channels_last, "setting": "dataset.channels_last"}
+    data = SourceData(ArrayDataset(x, y, "x", **layout), source=f"npz:{train_path.name}", files=[train_path])
     if cfg.test_path:
         test_path = Path(cfg.test_path)
         xt, yt = read_npz(test_path, "dataset.test_path", cfg.max_bytes)
-        data.test = ArrayDataset(xt, yt, "x_test")
+        data.test = ArrayDataset(xt, yt, "x_test", **layout)
         data.files.append(test_path)
     return data
 
@@ -252,8 +257,8 @@ def cifar10(cfg: DatasetConfig, seed: int) -> SourceData:
     train = [batch(f"data_batch_{i}") for i in range(1, 6)]
     xte, yte, ftest = batch("test_batch")
     return SourceData(
-        ArrayDataset(np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train])),
-        ArrayDataset(xte, yte, "x_test"),
+        ArrayDataset(np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]), channels_last=False),
+        ArrayDataset(xte, yte, "x_test", channels_last=False),
         "cifar-10-batches-py",
         [b[2] for b in train] + [ftest],
         root=Path(cfg.root or ""),

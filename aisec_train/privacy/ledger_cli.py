@@ -5,11 +5,15 @@
     aisec-train-ledger [--store DIR] raise-target DATASET_HASH --epsilon E --why TEXT   # a recorded act
     aisec-train-ledger [--store DIR] verify [DATASET_HASH ...]              # tags, chain, anchors; record sets too
     aisec-train-ledger [--store DIR] retag [DATASET_HASH ...] [--artifact FILE ...]     # after a key rotation
+    aisec-train-ledger [--store DIR] anchor DATASET_HASH --why TEXT         # re-anchor a trusted ledger, recorded
 
 The store is ``--store``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's own store in the platform's user data
-folder (``~/.local/share/aisec-train/privacy_ledgers``). ``show``, ``verify`` and ``raise-target`` take a unique
-prefix of the hash (at least 4 characters, as refusals print it). ``raise-target`` takes a finite ``--epsilon`` of
-at most 100, a one-line printable ``--why`` of at most 200 characters and a finite ``--wait`` >= 0. The store must be
+folder (``~/.local/share/aisec-train/privacy_ledgers``). ``show``, ``verify``, ``raise-target`` and ``anchor`` take a
+unique prefix of the hash (at least 4 characters, as refusals print it). ``anchor`` is for a ledger refused for its
+anchor (lost with an emptied anchor folder, or a ledger restored from a backup older than its anchor) that the key's
+owner trusts: it appends an ``anchor`` record (who, host, when, why, what the anchor held) and anchors it as it is.
+``raise-target`` takes a finite ``--epsilon`` of at most 100; ``raise-target`` and ``anchor`` a one-line printable
+``--why`` of at most 200 characters and a finite ``--wait`` >= 0. The store must be
 an existing folder (this tool never creates one: a job does), and the key file must exist (created only during a
 rotation, when ``$AISEC_TRAIN_OLD_KEY_FILES`` lists the old key); ``retag --artifact`` files are checked first.
 Exit status: 0 done, 2 refused (bad input, a ledger that does not verify, a lock held by another job).
@@ -26,6 +30,7 @@ from typing import Any
 
 from aisec_train import errors
 from aisec_train.errors import Refusal
+from aisec_train.privacy.ledger_rules import check_reason
 from aisec_train.privacy.ledger_store import STORE_ENV, DatasetLedger, LedgerStore
 from aisec_train.privacy.record_sets import RecordSets
 from aisec_train.store import artifacts, keys
@@ -62,6 +67,7 @@ def summary(led: DatasetLedger) -> dict[str, Any]:
             for r in _kind(records, "exceed")
         ],
         "refusals": [_pick(r, "at", "who", "host", "run_id", "why") for r in _kind(records, "refusal")],
+        "reanchors": [_pick(r, "at", "who", "host", "records", "previous", "why") for r in _kind(records, "anchor")],
         "records": len(records),
         "tags": {"verified": len(records), "current_key": keys.current_key().id, "old_keys": old},
     }
@@ -103,6 +109,11 @@ def _show(s: dict[str, Any]) -> None:
         )
     for r in s["refusals"]:
         print(f"  refused run {r['run_id']} at {r['at']} by {r['who']}@{r['host']}: {r['why']}")
+    for r in s["reanchors"]:
+        was = "no anchor" if r["previous"] is None else f"an anchor of {r['previous']} record(s)"
+        print(
+            f"  re-anchored at {r['records']} record(s) (was {was}) at {r['at']} by {r['who']}@{r['host']}: {r['why']}"
+        )
     t = s["tags"]
     old = f"; under old key(s) {', '.join(t['old_keys'])}: run retag" if t["old_keys"] else ""
     print(f"tags: {t['verified']} record(s) verified, chain and anchor intact (key {t['current_key']}){old}")
@@ -149,6 +160,18 @@ def _retag(store: LedgerStore, datasets: list[str], files: list[Path]) -> None:
     for path in files:
         done = artifacts.retag_artifact(path)
         print(f"{path}: {'re-tagged' if done else 'already under the current key'}")
+
+
+def _anchor(store: LedgerStore, args: argparse.Namespace) -> int:
+    check_reason(args.why, "--why")  # bad input is refused before the ledger is read or locked
+    ds = store.find(args.dataset)
+    if not os.path.lexists(store.view(ds).file):  # no lock file left behind for a dataset this store never charged
+        errors.refuse(PROG, f"no ledger for dataset {args.dataset} in {store.path}; nothing to anchor")
+    with store.open(ds, wait=args.wait, reanchor=True) as led:
+        r = led.reanchor(why=args.why)
+    was = "no anchor" if r["previous"] is None else f"an anchor of {r['previous']} record(s)"
+    print(f"re-anchored dataset {ds[:16]} at {r['records']} record(s) (was {was}; recorded)")
+    return 0
 
 
 def _store_path(text: str) -> Path:
@@ -240,6 +263,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     verify = sub.add_parser("verify", help="verify every record's keyed tag, the chain and the anchor")
     verify.add_argument("datasets", nargs="*")
+    anchor = sub.add_parser("anchor", help="anchor a ledger that lost its anchor, knowingly (recorded: who, why)")
+    anchor.add_argument("dataset")
+    anchor.add_argument("--why", required=True, help="the reason, recorded in the ledger")
+    anchor.add_argument(
+        "--wait", type=_wait_seconds, default=0.0, help="seconds to wait for a running job's lock (finite, >= 0)"
+    )
     retag = sub.add_parser("retag", help="re-tag ledgers (and --artifact files) under the current key")
     retag.add_argument("datasets", nargs="*")
     retag.add_argument("--artifact", type=Path, action="append", default=[], help="a checkpoint to re-tag too")
@@ -276,6 +305,8 @@ def main(argv: list[str] | None = None) -> None:
                 r = led.raise_target(args.epsilon, why=args.why)
             print(f"raised dataset {args.dataset[:16]} target {r['previous']} -> {r['target_epsilon']} (recorded)")
             failures = 0
+        elif args.command == "anchor":
+            failures = _anchor(store, args)
         else:
             _retag(store, args.datasets, args.artifact)
             failures = 0

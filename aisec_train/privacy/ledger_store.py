@@ -4,8 +4,8 @@ One JSON file per dataset, ``STORE/<manifest sha256>.json``, holds an append-onl
 budget, each run with its invariants, each charge (Opacus accountant history entries), each recorded target raise
 or delta override. Every record is HMAC-tagged and carries the previous record's tag (a chain: editing, deleting
 or reordering a record is refused), and every commit moves a keyed anchor kept beside the key (truncating,
-rolling back or deleting the file is refused). Writes replace the whole file atomically under the dataset's lock,
-so a kill leaves the old or the new ledger.
+rolling back or deleting the file is refused; so is a ledger with records but no anchor: store/anchors.py).
+Writes replace the whole file atomically under the dataset's lock, so a kill leaves the old or the new ledger.
 
 Where the store lives (``choose_store``), in order: the ``configured`` path (``privacy.ledger_store`` / ``--store``),
 ``$AISEC_TRAIN_LEDGER_STORE`` (a whole team or cluster on shared storage), else the user's own store in the
@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.privacy import budget
-from aisec_train.privacy.ledger_rules import LedgerRules
+from aisec_train.privacy.ledger_rules import LedgerRules, check_reason
 from aisec_train.store import anchors, keys
 from aisec_train.store.artifacts import canonical
 from aisec_train.store.errors import IntegrityError, StoreError
@@ -60,6 +60,9 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     # a run-scoped run allowed past the dataset's target: how much, and the reason given (privacy.budget_reason)
     "exceed": {"run_id": _STR, "target_epsilon": _NUM, "epsilon_before": _NUM, "epsilon_after": _NUM, "why": _STR},
     "refusal": {"run_id": _STR, "why": _STR},  # a run refused before its first step, and the refusal's line
+    # the ledger re-anchored knowingly (aisec-train-ledger anchor): how many records it held, what the anchor folder
+    # held for it before (None: no anchor; else the record count that anchor vouched for), and why
+    "anchor": {"records": _INT, "previous": (int, type(None)), "why": _STR},
 }
 
 
@@ -125,12 +128,15 @@ class DatasetLedger(LedgerRules):
     """One dataset's ledger. Mutations need the dataset lock: held by this object (``LedgerStore.open``) or by the
     process that handed it over (``delegate()``, for data-parallel ranks and federated clients)."""
 
-    def __init__(self, store: Path, dataset_sha256: str, token: str | None = None):
+    def __init__(self, store: Path, dataset_sha256: str, token: str | None = None, *, reanchor: bool = False):
         self.store, self.dataset, self.token = Path(store), check_dataset(dataset_sha256), token
         self._cache: tuple[tuple, list[dict[str, Any]]] | None = None
+        # reanchor: verified but for the anchor itself, whose refusal is kept for ``reanchor()`` (the CLI's only)
+        self._reanchor, self.anchor_problem = reanchor, None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"store": self.store, "dataset": self.dataset, "token": self.token, "_cache": None}
+        return {"store": self.store, "dataset": self.dataset, "token": self.token, "_cache": None,
+                "_reanchor": False, "anchor_problem": None}  # fmt: skip
 
     @property
     def file(self) -> Path:
@@ -151,7 +157,7 @@ class DatasetLedger(LedgerRules):
         try:
             st = os.stat(self.file, follow_symlinks=False)
         except FileNotFoundError:
-            anchors.check_anchor(self.file, None)
+            anchors.check_anchor(self.file, None, required=True)
             return []
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         if self._cache is None or self._cache[0] != stamp:
@@ -179,7 +185,14 @@ class DatasetLedger(LedgerRules):
             if record["seq"] != seq or record["prev"] != prev or record["dataset"] != self.dataset:
                 raise IntegrityError(f"{what} is out of place (deleted or reordered records); refusing")
             prev = record["tag"]
-        anchors.check_anchor(self.file, records)
+        if not self._reanchor:
+            anchors.check_anchor(self.file, records, required=True)
+            return records
+        anchors.check_folder()  # a re-anchor still refuses a fresh or emptied anchor folder
+        try:
+            anchors.check_anchor(self.file, records, required=True)
+        except IntegrityError as err:
+            self.anchor_problem = str(err)
         return records
 
     @timed("ledger.commit")
@@ -197,6 +210,8 @@ class DatasetLedger(LedgerRules):
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         body = {"format": FORMAT, "dataset": self.dataset, "records": records}
+        if not os.path.lexists(self.file):  # a first record: anchored (at "nothing yet") before it lands
+            anchors.begin(self.file)
         atomic_write(self.file, json.dumps(body, indent=1), root=self.store)
         anchors.write_anchor(self.file, records)
         st = os.stat(self.file, follow_symlinks=False)  # what we just wrote needs no second verification
@@ -222,6 +237,29 @@ class DatasetLedger(LedgerRules):
         self._commit("retag", to_key=keys.current_key().id, from_keys=old)
         return len(records)
 
+    def reanchor(self, *, why: str) -> dict[str, Any]:
+        """Anchor this ledger as it is, knowingly (``aisec-train-ledger anchor``): for a ledger whose anchor was
+        lost (or that is restored from a backup older than its anchor) and that the key owner trusts. Recorded:
+        who, host, when, why, the records it holds and what the anchor folder held for it."""
+        why = check_reason(why, "--why")
+        if not self._reanchor:
+            raise IntegrityError(f"ledger {self.file} is re-anchored only through LedgerStore.open(..., reanchor=True)")
+        records = self.records
+        if not records:
+            raise IntegrityError(f"no ledger for dataset {self.dataset} in {self.store}; nothing to anchor")
+        if self.anchor_problem is None:
+            raise IntegrityError(
+                f"ledger {self.file} is anchored and verifies ({len(records)} record(s)); nothing to re-anchor"
+            )
+        try:
+            found = anchors.read_anchor(self.file)
+        except IntegrityError:
+            found = None  # an unreadable or forged anchor vouches for nothing: replaced below
+        previous = None if found is None else int(found["seq"]) + 1
+        record = self._commit("anchor", records=len(records), previous=previous, why=why)
+        self.anchor_problem = None
+        return record
+
 
 def _check_schema(record: dict[str, Any], what: str) -> None:
     spec = SCHEMA.get(record.get("kind"))  # type: ignore[arg-type]
@@ -244,11 +282,14 @@ class LedgerStore:
         self.path = self.choice.path
 
     @contextmanager
-    def open(self, dataset_sha256: str, *, wait: bool | float = False) -> Iterator[DatasetLedger]:
+    def open(
+        self, dataset_sha256: str, *, wait: bool | float = False, reanchor: bool = False
+    ) -> Iterator[DatasetLedger]:
         """The dataset's ledger, verified, under its exclusive lock for the whole block (a second job on the
-        same data waits up to ``wait`` seconds, or refuses in one line naming the holder)."""
+        same data waits up to ``wait`` seconds, or refuses in one line naming the holder). ``reanchor``: for
+        ``DatasetLedger.reanchor`` alone, its anchor is not required to agree."""
         with self.lock(dataset_sha256, wait=wait) as held:
-            ledger = DatasetLedger(self.path, dataset_sha256, held.token)
+            ledger = DatasetLedger(self.path, dataset_sha256, held.token, reanchor=reanchor)
             ledger.records  # noqa: B018 - verify before the caller does anything
             yield ledger
 
