@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from aisec_train.data.dataset import load_dataset
+from aisec_train.data.errors import DataError
 from aisec_train.data.items import check_finite_split
 from aisec_train.data.manifest import summary
 from aisec_train.data.sanity import check_training_split
@@ -50,6 +51,7 @@ def stage_data(run: Run) -> None:
             seed=data.split_seed,
             test_labels=labels_of(data.test),
         )
+        check_attack_scale(cfg, sanity["stats"]["value_range"])
     data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
     run.factory = _factory(run)
@@ -79,6 +81,27 @@ def stage_data(run: Run) -> None:
     run.report.add("model", **run.factory.describe())
     _check_integrity(run)
     _check_sanity(run, sanity, text_evidence)
+
+
+ATTACK_SCALE, SCALE_SLACK = (0.0, 1.0), 1e-6  # what robust/outcome.check_inputs holds the attacks' inputs to
+
+
+def check_attack_scale(cfg: Any, value_range: list[float]) -> None:
+    """The attacks (and adversarial training) project onto an eps-ball clamped to [0, 1] pixels: on data of another
+    scale the clamp moved the images themselves, and the evasion item passed at robust accuracy = clean accuracy.
+    The robustness stage refuses such inputs (robust/outcome.py); here it is refused before training and the
+    budget's charge, by the training split's range (the sanity check's, on its sample)."""
+    if not cfg.robustness.evaluate and cfg.robustness.mode.value == "none":
+        return  # nothing attacks these images: the range stays a sanity finding
+    lo, hi = value_range
+    if lo >= ATTACK_SCALE[0] - SCALE_SLACK and hi <= ATTACK_SCALE[1] + SCALE_SLACK:
+        return
+    raise DataError(
+        f"the training images span [{lo:.4g}, {hi:.4g}]; robustness evaluation and adversarial training attack "
+        "images on the [0, 1] pixel scale: scale the images to [0, 1] (uint8 files are scaled on read) and put "
+        "any normalisation in the model (dataset.normalize), or turn the attacks off (robustness.evaluate=false "
+        "robustness=none)"
+    )
 
 
 def check_normalize(normalize: Any, input_shape: tuple[int, ...]) -> None:
