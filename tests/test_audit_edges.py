@@ -44,7 +44,7 @@ def test_a_one_sample_heldout_split_answers_the_audits_not_applicable_instead_of
     """It used to train, then stop in the audit stage ('cannot materialise an empty dataset', exit 2) with half of
     the run folder written; a membership verdict on 1 member vs 1 non-member was possible too."""
     run = _run(tmp_path, 1, "audit.extraction.seeds=1", "audit.extraction.surrogate_epochs=1",
-               "audit.membership.reference_models=0")  # fmt: skip
+               "audit.membership.reference_models=0", "audit.guard.rate_limit=5")  # fmt: skip
     assert run.factory is not None
     run.model = run.factory(seed=0)  # untrained: the audits' refusals do not depend on the weights
     stage_audit(run)
@@ -174,7 +174,9 @@ def test_the_guard_probe_is_not_failed_by_a_one_input_batch():
     from aisec_train.audit.probes import guard_probes
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
-    result = guard_probes(model, torch.rand(1, 1, 8, 8), GuardConfig())
+    result = guard_probes(model, torch.rand(1, 1, 8, 8), GuardConfig())  # no rate limit: the mechanism probed
+    assert result["rate_limit_refused_burst"] and result["rate_limit_recovered"], result
+    result = guard_probes(model, torch.rand(1, 1, 8, 8), GuardConfig(rate_limit=10.0))  # the guard's own limit
     assert result["rate_limit_refused_burst"] and result["rate_limit_recovered"], result
     assert evidence.guard(result, None)[0] == "pass"
 

@@ -45,7 +45,7 @@ class GuardConfig:
     bit_depth: int = 0  # input sanitisation: quantise to 2^bits levels; 0 = off
     smoothing: int = 0  # input sanitisation: median filter of this odd size; 0 = off
     query_budget: int = 150  # queries (samples) per client over the guard's lifetime; 0 = unlimited
-    rate_limit: float = 0.0  # sustained queries per second per client (token bucket); 0 = unlimited
+    rate_limit: float = 100.0  # sustained queries per second per client (token bucket); 0 = unlimited
     burst: int = 1000  # token-bucket size for the rate limit
 
     def __post_init__(self) -> None:

@@ -47,7 +47,9 @@ def membership(m: dict[str, Any] | None) -> list[str]:
         lines += [
             "",
             f"Reference models: {m['reference_models']} x `{m.get('reference_model', '?')}`, "
-            f"{m['reference_epochs']} epochs on {m['reference_train_size']} samples, batch "
+            f"{m['reference_epochs']} epochs"
+            + (f" (at most the audited run's {m['reference_max_steps']} steps)" if m.get("reference_max_steps") else "")
+            + f" on {m['reference_train_size']} samples, batch "
             f"{m['reference_batch_size']}, objective `{m.get('reference_objective', '?')}`, optimizer "
             f"`{m.get('reference_optimizer', '?')}`, noise multiplier {_f(m.get('reference_noise_multiplier'))}.",
         ]

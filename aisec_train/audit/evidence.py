@@ -146,20 +146,38 @@ def sanitization(sanit: dict[str, Any]) -> tuple[Status, str]:
     )
 
 
+# The fix a guard without a rate limit gets instead of the item's default (a bug report against the guard's code).
+NO_RATE_LIMIT_FIX = (
+    "give the guard a rate limit: audit.guard.rate_limit=Q (sustained queries/s per client) and audit.guard.burst=B "
+    "(the token bucket's size); 0 leaves over-rate queries answered"
+)
+
+
 def guard(probes: dict[str, Any], budget_refusal: str | None) -> tuple[Status, str]:
+    """The item claims over-rate queries are refused: it passes only when this guard has a rate limit
+    (``audit.guard.rate_limit`` > 0) and the probe found it refusing beyond the burst and answering after a refill."""
     sent, refused = probes["malformed_sent"], probes["malformed_refused"]
-    ok = refused == sent and probes["valid_query_answered"] and probes["rate_limit_refused_burst"]
-    ok = ok and probes["rate_limit_recovered"]
     rate = probes["rate_limit"]
+    configured = rate.get("configured", True)  # a report from before the flag probed a fixed limit
+    ok = refused == sent and probes["valid_query_answered"] and probes["rate_limit_refused_burst"]
+    ok = ok and probes["rate_limit_recovered"] and configured
 
     def was(flag: bool) -> str:
         return "was" if flag else "was NOT"
 
+    own = rate.get("configured_burst")
+    probed = f" (probed at {rate['burst']} of its burst of {own})" if own not in (None, rate["burst"]) else ""
+    limit = (
+        f"at the guard's rate limit of {rate['queries_per_s']:g} queries/s with burst {rate['burst']}{probed}"
+        if configured
+        else "this guard has NO rate limit (audit.guard.rate_limit=0: over-rate queries are answered); the "
+        f"mechanism alone, probed at {rate['queries_per_s']:g} queries/s with burst {rate['burst']}"
+    )
     return ("pass" if ok else "fail"), (
         f"{refused}/{sent} malformed queries refused ({', '.join(probes['refusals'])}); a valid query "
-        f"{was(probes['valid_query_answered'])} answered; at {rate['queries_per_s']:g} queries/s with burst "
-        f"{rate['burst']}, a query beyond the burst {was(probes['rate_limit_refused_burst'])} refused and one "
-        f"after the refill {was(probes['rate_limit_recovered'])} answered; the extraction attacker's budget "
+        f"{was(probes['valid_query_answered'])} answered; {limit}: a query beyond the burst "
+        f"{was(probes['rate_limit_refused_burst'])} refused and one after the refill "
+        f"{was(probes['rate_limit_recovered'])} answered; the extraction attacker's budget "
         f"refusal: {budget_refusal or 'none (budget did not bind)'}"
     )
 

@@ -167,11 +167,13 @@ def membership_audit(
     cfg: Config,
     device: torch.device,
     noise_multiplier: float | None = None,
+    max_steps: int | None = None,
 ) -> MembershipResult:
     """Loss and (with reference models) offline LiRA attacks on balanced member / non-member targets.
 
     ``factory`` makes the reference models (the run's model factory); ``noise_multiplier`` is the audited run's
-    measured DP noise, reused by the reference models.
+    measured DP noise, reused by the reference models; ``max_steps`` the steps it took (a run the privacy budget
+    stopped early took fewer than its epochs plan), which no reference model passes.
     """
     audit = cfg.audit.membership
     # Every held-out sample may be a non-member target: the reference models' pool is then the rest of the
@@ -181,12 +183,16 @@ def membership_audit(
     reference: dict[str, Any] = {"reference_models": audit.reference_models}
     refs, population_in = [], np.zeros((0, 0), dtype=bool)
     if audit.reference_models:
-        refs, population_in = train_reference_models(cfg, data, factory, targets, device, noise_multiplier)
+        refs, population_in, steps = train_reference_models(
+            cfg, data, factory, targets, device, noise_multiplier, max_steps=max_steps
+        )
         half = len(targets.pool) // 2
         ref_train, ref_privacy = reference_configs(cfg, len(data.train), half, noise_multiplier)  # type: ignore[arg-type]
         recipe = reference_recipe(cfg)
         reference.update(
             reference_epochs=ref_train.epochs,
+            reference_max_steps=max_steps,  # the audited run's steps (under DP), which no reference model passes
+            reference_steps=steps,
             reference_batch_size=ref_train.batch_size,
             reference_train_size=half,
             reference_noise_multiplier=ref_privacy.noise_multiplier if ref_privacy.mode is PrivacyMode.dpsgd else None,

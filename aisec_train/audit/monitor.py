@@ -8,13 +8,14 @@ z-score of the drop in mean top-class probability against held-out calibration d
 
 Exit status of ``aisec-train-monitor``: 0 no alarm, 1 alarm (drift or confidence anomaly), 2 refused input.
 
-    aisec-train-monitor RUN_DIR batch.npz [--json verdict.json]
+    aisec-train-monitor RUN_DIR batch.npz [--json verdict.json] [--max-bytes N]
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,14 @@ import torch
 from torch import Tensor, nn
 
 from aisec_train.config import MonitorConfig
+from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import to_nchw_float
-from aisec_train.data.sources import NPZ_READ_ERRORS, DataError
+from aisec_train.data.sources import NPZ_READ_ERRORS, DataError, _declared_npy
 from aisec_train.hashing import sha256_bytes
 from aisec_train.store.files import atomic_write, validate_output_path
 
 BASELINE = "monitor_baseline.json"
+MAX_BATCH_BYTES = DatasetConfig().max_bytes  # a batch's declared size bound, as dataset.max_bytes bounds a dataset
 STD_FLOOR = 1.0 / 32  # a feature constant in training (a border pixel) still gets a finite z-score
 
 
@@ -156,19 +159,32 @@ def refuse_non_finite(model: nn.Module, where: Path) -> None:
         raise CheckpointError(f"{where} has non-finite weights ({', '.join(bad[:3])}); refusing to monitor it")
 
 
-def read_batch(path: Path) -> Tensor:
-    """An unlabeled .npz batch (key ``x``; ``y`` optional) in any layout ``dataset=npz`` accepts."""
+def read_batch(path: Path, max_bytes: int = MAX_BATCH_BYTES) -> Tensor:
+    """An unlabeled .npz batch (key ``x``; ``y`` optional) in any layout ``dataset=npz`` accepts.
+
+    ``x``'s .npy header is read first: a member that is no .npy (numpy hands it back as bytes), or one declaring more
+    than ``max_bytes`` (numpy allocated it and ended in a MemoryError traceback, exit 1: "alarm"), is refused."""
     if not path.is_file():
         raise DataError(f"batch {str(path)!r} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "x" not in archive.files:
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            if "x" not in members:
                 raise DataError(f"{path} lacks array 'x'")
+            shape, dtype = _declared_npy(archive, members["x"], path)
+        declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if declared > max_bytes:
+            raise DataError(
+                f"{path}:x declares {declared} bytes (shape {tuple(shape)}, {dtype}), over --max-bytes={max_bytes}"
+            )
+        with np.load(path, allow_pickle=False) as archive:
             x = archive["x"]
     except DataError:
         raise
     except NPZ_READ_ERRORS as err:
-        raise DataError(f"{path} is not a readable .npz of numeric arrays: {err}") from err
+        raise DataError(f"{path} is not a readable .npz of numeric arrays: {' '.join(str(err).split())}") from err
+    if not isinstance(x, np.ndarray):
+        raise DataError(f"{path}:x is not a .npy array")
     x = to_nchw_float(x, f"{path.name}:x")
     if len(x) == 0 or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise DataError(f"{path.name}:x must be a non-empty batch of finite values in [0, 1]")
@@ -294,6 +310,21 @@ def load_run(run_dir: Path) -> tuple[dict[str, Any], nn.Module]:
     return baseline, model.eval()
 
 
+# What a run folder holds that --json must never replace (the verdict over the baseline made the run unmonitorable).
+RUN_ARTIFACTS = ("model.pt", "model.pt.tag", "model.pt.sha256", BASELINE, "report.json", "model_card.md",
+                 "security_report.md", "metrics.csv")  # fmt: skip
+
+
+def _check_verdict_path(json_path: Path, run_dir: Path, batch: Path) -> None:
+    """Refuse a ``--json`` that is the batch or one of the run's own files (or in its checkpoints folder)."""
+    where = json_path.absolute().resolve()
+    run = run_dir.absolute().resolve()
+    ours = {(run / name): f"the run's {name}" for name in RUN_ARTIFACTS} | {batch.absolute().resolve(): "the batch"}
+    what = ours.get(where) or ("the run's checkpoints" if where.is_relative_to(run / "checkpoints") else None)
+    if what:
+        raise DataError(f"--json {json_path} would overwrite {what}; write the verdict elsewhere (e.g. verdict.json)")
+
+
 def main(argv: list[str] | None = None) -> None:
     from aisec_train import errors
 
@@ -304,13 +335,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", type=Path, help="a finished aisec-train run folder")
     parser.add_argument("batch", type=Path, help=".npz holding x (N,H,W / N,H,W,C / N,C,H,W; uint8 or float 0-1)")
     parser.add_argument("--json", type=Path, help="also write the verdict as JSON here")
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=MAX_BATCH_BYTES,
+        help=f"refuse a batch whose x declares more bytes than this (default: dataset.max_bytes', {MAX_BATCH_BYTES})",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
     with errors.refusing(parser.prog, errors.Refusal):  # DataError, CheckpointError, StoreError...
+        if args.max_bytes < 1:
+            raise DataError(f"--max-bytes={args.max_bytes} is not allowed: must be >= 1")
         if args.json:  # a symlink or an unwritable folder is refused before any work, not after it
             args.json = validate_output_path(args.json, what="--json")
+            _check_verdict_path(args.json, args.run_dir, args.batch)
+        batch = read_batch(args.batch, args.max_bytes)  # the input first: a bad batch is refused before any work
         baseline, model = load_run(args.run_dir)
-        verdict = check(baseline, model, read_batch(args.batch))
+        verdict = check(baseline, model, batch)
     print(verdict.text())
     if args.json:
         with errors.refusing(parser.prog, errors.Refusal, OSError):  # a link planted since, a full disk

@@ -56,23 +56,49 @@ def guard_probes(model: nn.Module, x: Tensor, guard_cfg: GuardConfig) -> dict[st
         except QueryRefused as err:
             refused[name] = str(err)
     valid_answered = len(guard.query("probe", x[:1])) == 1
+    # The rate limit this guard is configured with (audit.guard.rate_limit, burst), on a manual clock. Without one
+    # (rate_limit=0, unlimited) the deployed guard refuses no over-rate query: the probe then checks the mechanism
+    # at PROBE_RATE and records that it is not configured, so the report never calls it a control of this guard.
+    configured = guard_cfg.rate_limit > 0
+    # A burst beyond PROBE_MAX_BURST is probed at that size (audit.guard.burst is unbounded: 10^9 would be 10^7
+    # forward passes); the rate, which decides what an over-rate client gets, is the guard's own.
+    rate, burst = (guard_cfg.rate_limit, min(guard_cfg.burst, PROBE_MAX_BURST)) if configured else (PROBE_RATE, len(x))
     clock = ManualClock()
-    limit = GuardConfig(output=OutputPolicy.label, query_budget=0, rate_limit=10.0, burst=len(x))
+    limit = GuardConfig(output=OutputPolicy.label, query_budget=0, rate_limit=rate, burst=burst)
     limited = Guard(model, input_shape=tuple(x.shape[1:]), clock=clock, cfg=limit)
-    limited.query("probe", x)  # spends the whole burst
+    _spend(limited, x, burst)  # the whole burst, as fast as a client can send it
     try:
         limited.query("probe", x[:1])
         rate_refused = False
     except QueryRefused:
         rate_refused = True
-    clock.now += 0.2  # two tokens back at 10 queries/s
-    recovered = len(limited.query("probe", x[:2])) == 2
+    back = min(2, burst)
+    clock.now += back / rate * (1 + 1e-9)  # that many tokens back (a hair more: (back / rate) * rate may round down)
+    recovered = len(limited.query("probe", x[:back])) == back
     return {
         "malformed_sent": len(refused),
         "malformed_refused": sum(v is not None for v in refused.values()),
         "refusals": refused,
         "valid_query_answered": valid_answered,
-        "rate_limit": {"queries_per_s": limit.rate_limit, "burst": limit.burst},
+        "rate_limit": {
+            "queries_per_s": rate,
+            "burst": burst,
+            "configured": configured,
+            "configured_burst": guard_cfg.burst if configured else None,
+        },
         "rate_limit_refused_burst": rate_refused,
         "rate_limit_recovered": recovered,
     }
+
+
+PROBE_RATE = 10.0  # queries/s of the mechanism probe when the guard has no rate limit of its own
+PROBE_CHUNK = 64  # inputs per query while the probe spends a burst (bounded memory whatever the burst)
+PROBE_MAX_BURST = 1024  # the largest burst the probe spends (16 queries of PROBE_CHUNK); the default burst is 1000
+
+
+def _spend(guard: Guard, x: Tensor, tokens: int) -> None:
+    """Spend ``tokens`` of ``guard``'s burst with queries of repeated inputs from ``x`` (at most PROBE_CHUNK each)."""
+    while tokens > 0:
+        n = min(tokens, PROBE_CHUNK)
+        guard.query("probe", x[torch.arange(n) % len(x)])
+        tokens -= n

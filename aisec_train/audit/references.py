@@ -8,7 +8,7 @@ objective (``objective_from_config(cfg.robustness)``), optimizer and scheduler c
 sample rate and, under DP, the audited run's measured noise multiplier. No target is in any reference model.
 
 >>> targets = design(data, m=360, seed=0)  # doctest: +SKIP
->>> refs, population_in = train_reference_models(cfg, data, run.factory, targets, device)  # doctest: +SKIP
+>>> refs, population_in, steps = train_reference_models(cfg, data, run.factory, targets, device)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
 from aisec_train.data.views import subset
+from aisec_train.train.callbacks import BudgetStop
 from aisec_train.train.config import Accountant, PrivacyConfig, PrivacyMode, TrainConfig
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import objective_from_config
@@ -115,12 +116,16 @@ def train_reference_models(
     targets: Targets,
     device: torch.device,
     noise_multiplier: float | None = None,
-) -> tuple[list[nn.Module], np.ndarray]:
-    """OUT models for offline LiRA, each on a random half of the pool; returns them and the (R, Z) bool mask of
-    which population samples each trained on."""
+    *,
+    max_steps: int | None = None,
+) -> tuple[list[nn.Module], np.ndarray, list[int | None]]:
+    """OUT models for offline LiRA, each on a random half of the pool; returns them, the (R, Z) bool mask of
+    which population samples each trained on and the steps each took (None without DP). ``max_steps`` (under DP:
+    the audited run's steps) ends each one's training where the audited run's ended, as the privacy budget's stop
+    did (a faithful mimic)."""
     rng = np.random.default_rng(cfg.train.seed + 7919)
     pool, recipe = targets.pool, reference_recipe(cfg)
-    models, population_in = [], []
+    models, population_in, steps = [], [], []
     for i in range(cfg.audit.membership.reference_models):
         half = np.sort(rng.permutation(len(pool))[: len(pool) // 2])
         train_cfg, privacy_cfg = reference_configs(cfg, len(data.train), len(half), noise_multiplier)  # type: ignore[arg-type]
@@ -135,8 +140,10 @@ def train_reference_models(
                 privacy_cfg=privacy_cfg,
                 device=device,
                 progress=False,
+                callbacks=[BudgetStop(max_steps)] if max_steps is not None else (),
                 **recipe,
             )
         models.append(result.model.eval())
         population_in.append(np.isin(targets.population, half))
-    return models, np.asarray(population_in, dtype=bool).reshape(len(models), len(targets.population))
+        steps.append(result.ledger.steps if result.ledger is not None else None)
+    return models, np.asarray(population_in, dtype=bool).reshape(len(models), len(targets.population)), steps

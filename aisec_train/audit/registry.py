@@ -37,12 +37,22 @@ from aisec_train.store.locks import exclusive_lock
 
 REGISTRY_ENV = "AISEC_TRAIN_REGISTRY"
 DEFAULT_REGISTRY = Path("outputs") / "registry.json"
+# What the membership AUC was measured on: its 95% interval, the attack and the member / non-member counts. Every
+# place that quotes the AUC quotes them with it, `aisec-train-registry list` included, so the tag records them beside
+# it. A model saved before they were recorded has none in its tag (its entry then says so, and is not held to them).
+MEMBERSHIP_CONTEXT = (
+    "audit.membership.auc_ci95",
+    "audit.membership.auc_attack",
+    "audit.membership.members",
+    "audit.membership.nonmembers",
+)
 HEADLINE = (
     "metrics.clean_accuracy",
     "robustness.robust_accuracy",
     "privacy.epsilon",
     "audit.membership.auc",
     "audit.extraction.fidelity",
+    *MEMBERSHIP_CONTEXT,
 )
 _STR, _OPT = (str,), (str, type(None))
 ENTRY_SCHEMA: dict[str, tuple] = {
@@ -135,11 +145,12 @@ def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dic
         found.append("the model's keyed tag records no headline metrics or governance (saved before they were)")
     else:
         said = headline(report)
+        older = {"metrics": set(MEMBERSHIP_CONTEXT) - set(claims["metrics"]), "governance": set()}  # not in its tag
         found += [
             f"report.json says {key if part == 'metrics' else f'governance.{key}'}={said[part].get(key)!r}, "
             f"the model's keyed tag {claims[part].get(key)!r}"
             for part in ("metrics", "governance")
-            for key in sorted(set(said[part]) | set(claims[part]))
+            for key in sorted((set(said[part]) | set(claims[part])) - older[part])
             if said[part].get(key) != claims[part].get(key)
         ]
     named = _dig(report, "model.sha256")
@@ -151,6 +162,25 @@ def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dic
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         raise RegistryError(f"{model} does not belong to this run: {found[0]}{more}; refusing a substituted artifact")
     return claims
+
+
+def short_number(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+
+
+def membership_text(metrics: dict[str, Any]) -> str:
+    """The membership AUC as `list` prints it: with its 95% interval, its attack and its target counts, or what the
+    entry does not record (an entry registered before they were recorded)."""
+    auc = metrics.get("audit.membership.auc")
+    if auc is None:
+        return "not measured"
+    ci, attack = metrics.get("audit.membership.auc_ci95"), metrics.get("audit.membership.auc_attack")
+    members, nonmembers = metrics.get("audit.membership.members"), metrics.get("audit.membership.nonmembers")
+    interval = f" [95% CI {short_number(ci[0])}-{short_number(ci[1])}]" if isinstance(ci, list) and len(ci) == 2 else ""
+    if members is None or nonmembers is None:
+        return f"{short_number(auc)}{interval} (members / non-members not recorded)"
+    by = f"{attack}; " if attack else ""
+    return f"{short_number(auc)}{interval} ({by}{members} members vs {nonmembers} non-members)"
 
 
 def _sign(entry: dict[str, Any]) -> dict[str, Any]:
@@ -336,7 +366,9 @@ class Registry:
 
     def rollback(self, dest: Path, run_id: str | None = None) -> dict[str, Any]:
         """Restore a known-good checkpoint (the latest one unless ``run_id``) to ``dest``, verified, re-tagged."""
-        good = [r for r in self.entries() if r["known_good"]]
+        entries = self.entries()
+        self._check_dest(Path(dest), entries)
+        good = [r for r in entries if r["known_good"]]
         if run_id is not None:
             good = [r for r in good if r["id"] == run_id]
         if not good:
@@ -358,6 +390,31 @@ class Registry:
         meta = {"finite": True, "restored_from": entry["id"]}
         artifacts.save_artifact(dest, lambda fh: fh.write(data), root=dest.parent, meta=meta)
         return entry
+
+    def _check_dest(self, dest: Path, entries: list[dict[str, Any]]) -> None:
+        """Refuse a rollback destination that is one of the registry's own files or a registered checkpoint: the
+        restored model (and its .tag, .sha256) replaced registry.json itself (exit 0, the inventory gone), a vault
+        copy, or a run's model.pt (its entry then TAMPERED). Checked before anything is read or written."""
+        if not dest.absolute().name or dest.is_dir():  # '' (the working directory) or a folder: no file to write
+            raise RegistryError(f"--dest {str(dest)!r} is a directory, not a file path; e.g. --dest serving/model.pt")
+        ours = {
+            self.path.resolve(): "overwrite the registry file itself",
+            self.path.with_name(self.path.name + ".lock").resolve(): "overwrite the registry's lock",
+            **{
+                Path(e["checkpoint"] + suffix).resolve(): f"overwrite the registered checkpoint of run {e['id']}"
+                for e in entries
+                for suffix in ("", ".tag", ".sha256")  # its keyed tag and digest too: either makes it TAMPERED
+            },
+        }
+        vault = self.vault.resolve()
+        for path in (dest, dest.with_name(dest.name + ".tag"), dest.with_name(dest.name + ".sha256")):
+            where = path.absolute().resolve()
+            what = ours.get(where) or ("write into the known-good vault" if where.is_relative_to(vault) else None)
+            if what:
+                raise RegistryError(
+                    f"--dest {dest} would {what} ({where}); restore to a serving path (not the registry's files, "
+                    "its vault or a registered run's checkpoint), e.g. --dest serving/model.pt"
+                )
 
     def status(self, entry: dict[str, Any]) -> tuple[str, str]:
         """('ok' | 'missing' | 'replaced' | 'TAMPERED') of the run-directory copy, and of the vault copy ('-' if

@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from aisec_train import errors
-from aisec_train.audit.registry import DEFAULT_REGISTRY, REGISTRY_ENV, Registry, resolve_registry_path
+from aisec_train.audit.registry import (
+    DEFAULT_REGISTRY,
+    REGISTRY_ENV,
+    Registry,
+    membership_text,
+    resolve_registry_path,
+    short_number,
+)
 from aisec_train.store import keys
 from aisec_train.store.errors import StoreError
 
@@ -19,6 +26,7 @@ def _list(reg: Registry) -> int:
     checked = reg.audit()
     print(f"{len(checked)} run(s) in {reg.path}")
     failures = 0
+    width = max((len(str(r.get("id"))) for r, why in checked if r and not why), default=0)  # aligned columns
     for i, (r, why) in enumerate(checked):
         if why:
             failures += 1
@@ -30,9 +38,9 @@ def _list(reg: Registry) -> int:
         m, g = r["metrics"], r["governance"]
         flag = "known-good" if r["known_good"] else "-"
         print(
-            f"{r['id']}  {flag:10}  run {run:8}  vault {vault:8}  sha256 {r['sha256'][:12]}  "
-            f"acc {m.get('metrics.clean_accuracy')}  eps {m.get('privacy.epsilon')}  "
-            f"mia_auc {m.get('audit.membership.auc')}  owner {g.get('owner')}  risk {g.get('risk_level')}"
+            f"{r['id']:{width}}  {flag:10}  run {run:8}  vault {vault:8}  sha256 {r['sha256'][:12]}  "
+            f"acc {short_number(m.get('metrics.clean_accuracy'))}  eps {short_number(m.get('privacy.epsilon'))}  "
+            f"mia_auc {membership_text(m)}  owner {g.get('owner')}  risk {g.get('risk_level')}"
         )
     return failures
 

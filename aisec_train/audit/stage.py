@@ -26,6 +26,7 @@ from aisec_train.errors import require
 from aisec_train.hashing import sha256_file
 from aisec_train.report.outputs import write_json
 from aisec_train.text_run import is_text, skip_image_audits
+from aisec_train.train.callbacks import BudgetStop
 from aisec_train.train.loop import train
 
 if TYPE_CHECKING:
@@ -128,6 +129,13 @@ def _privacy_audit(run: Run) -> None:
     # The audited mechanism exactly: its noise multiplier (not a recalibration), its clip, objective and optimizer.
     audited = dataclasses.replace(cfg.privacy, noise_multiplier=noise, target_epsilon=None) if noise else cfg.privacy
 
+    # The audited run's steps, not its planned epochs: a run the privacy budget stopped early claims the epsilon of
+    # the steps it took, and a canary model trained on to the planned epochs would spend more than that claim (its
+    # bound could then refute a claim the released model keeps). The same stop the audited run had (BudgetStop at
+    # its step count) ends the canary model's training there, under the same schedule horizon; without DP no budget
+    # stops a run and there is no step count to match.
+    audited_steps = run.report.get("privacy.steps") if noise else None
+    stops = [BudgetStop(audited_steps)] if audited_steps is not None else []
     canary_run: dict = {}
 
     def train_canary_model(dataset):
@@ -140,10 +148,13 @@ def _privacy_audit(run: Run) -> None:
             privacy_cfg=audited,
             device=run.device,
             progress=False,
+            callbacks=stops,
             **reference_recipe(cfg),
         )
         canary_run["epsilon"] = result.ledger.epsilon() if result.ledger is not None else None
         canary_run["batch_size"] = batch
+        canary_run["steps"] = result.ledger.steps if result.ledger is not None else None
+        canary_run["epochs"] = result.history[-1]["epoch"] if result.history else 0
         return result.model
 
     canaries = cfg.audit.canaries
@@ -158,9 +169,28 @@ def _privacy_audit(run: Run) -> None:
         confidence=canaries.confidence,
     )
     answer = privacy_audit.verdict(result, claimed)
-    canary = {f"canary_{k}": v for k, v in canary_run.items()}  # the canary model's own (epsilon, batch)
-    run.report.add("audit", privacy_audit={**result, "claimed_epsilon": claimed, **canary})
-    run.report.check("training", privacy_audit.ITEM, answer["status"], answer["evidence"])
+    canary = {f"canary_{k}": v for k, v in canary_run.items()}  # the canary model's own (epsilon, batch, steps)
+    audited_run = {
+        "audited_steps": audited_steps,
+        "audited_stopped_by_budget": bool(run.report.get("train.stopped_by_budget")),
+    }
+    run.report.add("audit", privacy_audit={**result, "claimed_epsilon": claimed, **canary, **audited_run})
+    trained = _canary_training_text(canary_run, audited_run, run.report.get("train.epochs_planned"))
+    run.report.check("training", privacy_audit.ITEM, answer["status"], f"{answer['evidence']}; {trained}")
+
+
+def _canary_training_text(canary: dict, audited: dict, planned_epochs: int | None) -> str:
+    """What the canary model trained, beside the audited run: the evidence says whether the two match."""
+    eps = canary.get("epsilon")
+    spent = f", its epsilon {eps:.3f}" if eps is not None else ""
+    if audited["audited_steps"] is None:
+        return f"canary model trained {canary.get('epochs')} epoch(s) of the audited recipe{spent}"
+    stop = (
+        f", stopped by the privacy budget before its {planned_epochs} planned epochs"
+        if audited["audited_stopped_by_budget"]
+        else ""
+    )
+    return f"canary model trained {canary.get('steps')} step(s) (audited run: {audited['audited_steps']}{stop}){spent}"
 
 
 def governance(run: Run) -> dict[str, Any]:
@@ -203,6 +233,7 @@ def _membership(run: Run, model: torch.nn.Module) -> None:
         cfg=run.cfg,
         device=run.device,
         noise_multiplier=run.report.get("privacy.noise_multiplier"),
+        max_steps=_central_steps(run),
     )
     summary = result.summary
     eps = run.report.get("privacy.epsilon")
@@ -216,6 +247,14 @@ def _membership(run: Run, model: torch.nn.Module) -> None:
     status, text = evidence.membership(summary, eps, delta, run.cfg.audit.membership.max_auc)
     fix = evidence.TOO_FEW_TARGETS_FIX if evidence.untestable(summary) else None
     run.report.check("training", evidence.MEMBERSHIP, status, text, fix=fix)
+
+
+def _central_steps(run: Run) -> int | None:
+    """The DP-SGD steps the audited model took, which no reference model passes (a budget stop ends a run before
+    its planned epochs). None without DP, and for a federated run, whose steps are its clients' (or its rounds)."""
+    if not run.report.get("privacy.noise_multiplier") or run.report.get("train.trainer") == "federated":
+        return None
+    return run.report.get("privacy.steps")
 
 
 def _extraction(run: Run, model: torch.nn.Module) -> None:
@@ -278,7 +317,9 @@ def _guard_probes(run: Run, model: torch.nn.Module) -> None:
     result = probes.guard_probes(model, x, run.cfg.audit.guard)
     run.report.add("audit", guard_probes=result)
     budget_refusal = run.report.get("audit.extraction.refusal")
-    run.report.check("deployment", evidence.GUARD, *evidence.guard(result, budget_refusal))
+    # Without a rate limit the item fails for want of one, not for a bug in the guard: the fix says what to set.
+    fix = None if result["rate_limit"]["configured"] else evidence.NO_RATE_LIMIT_FIX
+    run.report.check("deployment", evidence.GUARD, *evidence.guard(result, budget_refusal), fix=fix)
 
 
 # The monitor's baseline statistics come from at most this many training inputs (seeded) and held-out inputs:

@@ -48,10 +48,14 @@ def _extraction_status(ext: dict[str, Any] | None) -> str:
     if not ext:
         return "not measured (audit.enabled=false)"
     guard = ext["effects"].get("guard")
-    drop = f"; fidelity drop {guard['mean']:.3f} ± {guard['std']:.3f} ({guard['lowered_in']}/{guard['seeds']} seeds)"
+    drop = (
+        f"; fidelity drop {guard['mean']:.3f} ± {guard['std']:.3f} ({guard['lowered_in']}/{guard['seeds']} seeds)"
+        if guard
+        else ""
+    )
     return (
         f"measured: fidelity {_fmt(ext['fidelity'])} guarded after {ext['queries']} queries vs "
-        f"{_fmt(ext['settings']['undefended'].get('fidelity', {}).get('mean'))} unguarded" + (drop if guard else "")
+        f"{_fmt(ext['settings']['undefended'].get('fidelity', {}).get('mean'))} unguarded{drop}"
     )
 
 
@@ -73,6 +77,20 @@ def robust_sample_words(report: Report) -> str:
         return ""
     where = f" on {n} of {of} test samples" if of is not None and n < of else f" on all {n} test samples"
     return where + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+
+
+def _rate_limit(report: Report) -> str:
+    """The guard's rate limit as this run configured it: never named as a mitigation when it is off."""
+    probed = report.get("audit.guard_probes.rate_limit") or {}
+    if probed.get("configured", True):
+        return "rate limit"
+    return "no rate limit (audit.guard.rate_limit=0)"
+
+
+def _guard_limits(report: Report) -> str:
+    budget = report.get("audit.extraction.guard.query_budget")
+    per_client = "no per-client budget (audit.guard.query_budget=0)" if budget == 0 else "per-client budget"
+    return f"{per_client}, {_rate_limit(report)}"
 
 
 def threat_model(report: Report) -> list[dict[str, str]]:
@@ -135,14 +153,14 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "deployment",
             "model extraction",
             "a stolen copy of the model",
-            "output policy (label / top-k / rounding / noise), per-client budget and rate limit",
+            f"output policy (label / top-k / rounding / noise), {_guard_limits(report)}",
             _extraction_status(g("audit.extraction")),
         ),
         (
             "deployment",
             "malformed / abusive queries",
             "crashes or out-of-contract inputs reach the model",
-            "guard validation (shape, dtype, finite, range), rate limit",
+            f"guard validation (shape, dtype, finite, range), {_rate_limit(report)}",
             _status(_check(report, evidence.GUARD), "not measured"),
         ),
         (
