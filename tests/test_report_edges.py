@@ -246,3 +246,19 @@ def test_the_report_states_the_training_attack_that_ran_fgsm_rs_one_step():
     pgd.resolve("digits")
     assert training_attack(pgd)["steps"] == 5
     assert training_attack(compose(["privacy=none"]).robustness) is None
+
+
+def test_the_threat_model_names_this_run_s_robustness_and_backdoor_controls():
+    """It said 'PGD / FGSM-RS adversarial training; PGD evaluation' and 'BadNets' whatever the run did."""
+    from aisec_train.report.report import Report
+    from aisec_train.report.security_report import threat_model
+
+    report = Report()
+    report.add("robustness", robust_accuracy=0.5, training="trades", eval={"suite": "autoattack"})
+    report.add("backdoor", attack="wanet")
+    rows = {r["threat"]: r["mitigation"] for r in threat_model(report)}
+    assert rows["evasion (adversarial examples)"] == "adversarial training: trades; evaluation: autoattack suite"
+    assert "poisoning / backdoor (wanet)" in rows
+    plain = {r["threat"]: r["mitigation"] for r in threat_model(Report())}
+    assert plain["evasion (adversarial examples)"] == "adversarial training: none; evaluation: none"
+    assert "poisoning / backdoor (none run)" in plain

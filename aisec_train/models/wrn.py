@@ -70,6 +70,22 @@ def _register_opacus() -> None:
 _register_opacus()
 
 
+# Bounds checked before any allocation: the robustness literature's largest WRNs are WRN-70-16 (Gowal et al. 2020,
+# 2.7e8 weights) and WRN-106-16; De et al. 2022 train WRN-40-4 at most.
+MAX_DEPTH = 1000
+MAX_WEIGHTS = 2e9
+
+
+def _conv_weights(in_channels: int, widths: list[int], n: int) -> int:
+    """The convolution weights of a WRN with ``n`` blocks per stage: the stem, two 3x3 convolutions per block and a
+    1x1 shortcut where a stage changes width."""
+    total, cin = 9 * in_channels * widths[0], widths[0]
+    for cout in widths[1:]:
+        total += 9 * cin * cout + (cin * cout if cin != cout else 0) + 9 * cout * cout + (n - 1) * 18 * cout * cout
+        cin = cout
+    return total
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(min(groups, channels), channels)
 
@@ -108,8 +124,18 @@ class WideResNet(nn.Module):
             raise ValueError(f"model.depth={depth!r} is not allowed: must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40)")
         if width < 1:
             raise ValueError(f"model.width={width!r} is not allowed: must be >= 1")
+        if depth > MAX_DEPTH:  # 10^5 built modules for minutes before any check could fail
+            raise ValueError(
+                f"model.depth={depth!r} is not allowed: at most {MAX_DEPTH} (WRN-106 is the deepest in use)"
+            )
         n = (depth - 4) // 6
         widths = [16, 16 * width, 32 * width, 64 * width]
+        weights = _conv_weights(in_channels, widths, n)
+        if weights > MAX_WEIGHTS:  # width 10^5 asked the allocator for 92 TB
+            raise ValueError(
+                f"model.depth={depth!r} with model.width={width!r} is not allowed: {weights:.3g} convolution weights, "
+                f"at most {MAX_WEIGHTS:.0e} (WRN-70-16, the widest in use, has 2.7e8)"
+            )
         if groups < 1 or any(c % min(groups, c) for c in widths):  # GroupNorm(min(groups, c), c) for each width
             raise ValueError(
                 f"model.groups={groups!r} is not allowed: must be >= 1 and divide every width's channels {widths} "

@@ -109,7 +109,7 @@ def threat_model(report: Report) -> list[dict[str, str]]:
         ),
         (
             "data pipeline",
-            "poisoning / backdoor (BadNets)",
+            f"poisoning / backdoor ({g('backdoor.attack') or 'none run'})",
             "hidden trigger controls predictions",
             "spectral-signature / activation-clustering detection, Fine-Pruning",
             f"tested: ASR {_fmt(backdoor)} -> {_fmt(g('backdoor.asr_after'))}"
@@ -133,7 +133,8 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "model",
             "evasion (adversarial examples)",
             "wrong predictions on crafted inputs",
-            "PGD / FGSM-RS adversarial training; PGD evaluation",
+            f"adversarial training: {g('robustness.training', 'none')}; evaluation: "
+            + (f"{g('robustness.eval.suite')} suite" if g("robustness.eval.suite") else "none"),  # this run's
             f"measured: robust accuracy {_fmt(rob)}{robust_sample_words(report)} vs clean "
             f"{_fmt(g('robustness.eval.clean_accuracy', g('metrics.clean_accuracy')))} on the same samples "
             f"(adversarial training: {g('robustness.training', 'none')})"

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from aisec_train.robust.config import RobustnessConfig
 
 from .attacks import HI, LO, attack_mode, fgsm, input_gradient, pgd
+from .outcome import check_inputs
 
 Adversary = Callable[[nn.Module, Tensor, Tensor], Tensor]
 MODES = ("none", "pgd_at", "fgsm_rs")
@@ -45,6 +46,7 @@ def make_adversary(
         alpha = step_size if step_size is not None else 2.5 * eps / steps
 
         def pgd_adversary(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+            check_inputs(x)  # outside [0, 1] the clamp would train on other images than the batch's
             return pgd(
                 model,
                 x,
@@ -61,6 +63,7 @@ def make_adversary(
     alpha = step_size if step_size is not None else 1.25 * eps
 
     def fgsm_rs_adversary(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        check_inputs(x)
         x_nat = x.detach()
         x0 = random_start(x_nat, eps=eps, norm=norm, lo=LO, hi=HI, seed=_fresh_seed(), backend=backend)
         with attack_mode(model):
@@ -106,6 +109,7 @@ def robust_accuracy(
         raise ValueError(f"attack name {name!r} is unknown; choose 'pgd' or 'fgsm'")
     if len(x) == 0:
         raise ValueError("robust_accuracy needs at least one sample")
+    check_inputs(x, y)
     device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(x), batch_size):

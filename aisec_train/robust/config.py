@@ -43,11 +43,40 @@ DEFAULT_EPS = {
 
 # TRADES' trade-off: Zhang et al. use 1 to 6; a beta near float32's range overflows the loss (CE + beta * KL).
 MAX_TRADES_BETA = 1000.0
+# An Linf radius on the [0, 1] pixel scale below this: at 0.5 every image's ball holds the same all-grey image, so no
+# classifier can be robust and the figure measures nothing; a radius in grey levels (8 for 8/255) is the usual slip.
+MAX_LINF_EPS = 0.5
+# Attack budgets: PGD-1000 and 10-restart evaluations are the literature's largest; the restarts of a batch run as one
+# forward (the evaluation batch repeated `restarts` times), so 10^6 of them failed to allocate after training.
+MAX_STEPS = 10_000
+CIFAR_RADIUS = {Norm.linf: "8/255", Norm.l2: "0.5"}  # RobustBench's, quoted where a radius must be given
+MAX_RESTARTS = 100
 
 
 def _radius_ok(value: float | None) -> bool:
     """null (derived) or a finite number > 0: an inf radius ran, and the report passed an evasion control at it."""
     return value is None or (math.isfinite(value) and value > 0)
+
+
+def _check_radius(key: str, eps: float | None, norm: Norm) -> None:
+    """An Linf radius is on the [0, 1] pixel scale: below 0.5 (:data:`MAX_LINF_EPS`). An L2 radius depends on the
+    image size and is checked against it where the data is known (robust/outcome.py::check_radius)."""
+    if eps is None or norm is not Norm.linf:
+        return
+    require(
+        eps < MAX_LINF_EPS,
+        key,
+        eps,
+        f"an Linf radius on the [0, 1] pixel scale must be < {MAX_LINF_EPS:g} (at 0.5 every image's ball holds the "
+        "same grey image: no model can be robust); in grey levels, divide by 255 (8 levels: 0.03137)",
+    )
+
+
+def _check_budget(prefix: str, steps: int, restarts: int | None = None) -> None:
+    require(1 <= steps <= MAX_STEPS, f"{prefix}.steps", steps, f"must be in [1, {MAX_STEPS}]")
+    if restarts is not None:
+        ok = 1 <= restarts <= MAX_RESTARTS
+        require(ok, f"{prefix}.restarts", restarts, f"must be in [1, {MAX_RESTARTS}] (they run as one batch)")
 
 
 def _pgd_step(eps: float, steps: int) -> float:
@@ -68,8 +97,8 @@ class AttackConfig:
         require(_radius_ok(self.eps), "robustness.attack.eps", self.eps, "must be a finite number > 0, or null")
         ok = _radius_ok(self.step_size)
         require(ok, "robustness.attack.step_size", self.step_size, "must be a finite number > 0, or null")
-        require(self.steps >= 1, "robustness.attack.steps", self.steps, "must be >= 1")
-        require(self.restarts >= 1, "robustness.attack.restarts", self.restarts, "must be >= 1")
+        _check_budget("robustness.attack", self.steps, self.restarts)
+        _check_radius("robustness.attack.eps", self.eps, self.norm)
 
 
 @dataclass
@@ -94,7 +123,9 @@ class RobustnessConfig:
         require(_radius_ok(self.eps), "robustness.eps", self.eps, "must be a finite number > 0, or null")
         ok = _radius_ok(self.step_size)
         require(ok, "robustness.step_size", self.step_size, "must be a finite number > 0, or null")
-        require(self.steps >= 1, "robustness.steps", self.steps, "must be >= 1")
+        _check_budget("robustness", self.steps)
+        _check_radius("robustness.eps", self.eps, self.norm)
+        self._check_default_radius()
         require(0 <= self.beta <= MAX_TRADES_BETA, "robustness.beta", self.beta, f"must be in [0, {MAX_TRADES_BETA:g}]")
         ok = self.backend in ("auto", "triton", "torch")
         require(ok, "robustness.backend", self.backend, "must be auto, triton or torch")
@@ -103,6 +134,42 @@ class RobustnessConfig:
             parse_eval_samples(self.eval_samples)
         except ValueError:
             require(False, "robustness.eval_samples", self.eval_samples, "must be a count >= 1, or all (0: all)")
+
+    def _check_default_radius(self) -> None:
+        """A null radius takes the dataset's default, an Linf radius (DEFAULT_EPS); ``robustness.attack.eps: null``
+        takes the training radius, in the training norm. Either read as an L2 radius measured nothing: an L2
+        evaluation of digits at 0.1 (an eighth of the Linf 0.1 ball's reach) passed the evasion item at 0.31 where
+        Linf 0.1 left 0.0 (docs/robustness.md, "Per-dataset default radius")."""
+        if self.eps is None and self.norm is Norm.l2 and self.mode is not RobustMode.none:
+            require(
+                False,
+                "robustness.eps",
+                None,
+                "must be set with robustness.norm=l2: the per-dataset defaults are Linf radii; give an L2 radius "
+                "(RobustBench's for CIFAR-10 is 0.5)",
+            )
+        a = self.attack
+        if a.eps is not None:
+            return
+        inherited = self.norm if self.eps is not None else Norm.linf  # what robustness.eps (or its default) measures
+        if a.norm is not inherited:
+            given = (
+                f"robustness.eps={self.eps} is an {inherited.value} radius"
+                if self.eps is not None
+                else "the per-dataset default (robustness.eps=null) is an Linf radius"
+            )
+            require(
+                False,
+                "robustness.attack.eps",
+                None,
+                f"must be set with robustness.attack.norm={a.norm.value}: a null radius takes the training radius, and "
+                f"{given}; give an {a.norm.value} radius (RobustBench's for CIFAR-10: {CIFAR_RADIUS[a.norm]})"
+                + (
+                    f", or robustness.attack.norm={inherited.value} to attack at the training radius"
+                    if self.eps
+                    else ""
+                ),
+            )
 
     def resolve(self, dataset: str) -> None:
         """Fill every null radius and step from the dataset, so later stages read plain numbers."""

@@ -33,6 +33,7 @@ sub-sample answers them at a fraction of the cost (they were 40% of the default 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -45,9 +46,9 @@ from torch.nn import functional as F
 from aisec_train.errors import require
 
 from .apgd import apgd, apgd_targeted
-from .attacks import attack_mode, loss_gradient, pgd
+from .attacks import HI, LO, attack_mode, loss_gradient, pgd
 from .fab import fab_targeted
-from .outcome import AttackResult, check_attack_args, lp_norm
+from .outcome import AttackResult, check_attack_args, check_inputs, check_radius, lp_norm
 from .sampling import clopper_pearson
 from .square import square
 
@@ -116,11 +117,19 @@ def evaluate_robustness(
     unknown = sorted(set(budget) - set(Budget.__dataclass_fields__))
     require(not unknown, "budget", unknown, f"allowed: {', '.join(Budget.__dataclass_fields__)}")
     b = replace(Budget.of(suite), **budget)
-    counts = {k: getattr(b, k) for k in ("steps", "restarts", "n_target_classes", "pgd_steps", "pgd_restarts")}
-    check_attack_args(eps=eps, norm=norm, batch_size=batch_size, **counts)
+    names = ("steps", "restarts", "n_target_classes", "square_queries", "pgd_steps", "pgd_restarts")
+    check_attack_args(eps=eps, norm=norm, batch_size=batch_size, **{k: getattr(b, k) for k in names})
     ok = b.check_samples is None or b.check_samples >= 1
     require(ok, "check_samples", b.check_samples, "must be >= 1 or None (all)")
+    # 0 turns the masking check's Square off (the item then fails, naming it); a negative count did so silently
+    require(b.square_check_queries >= 0, "square_check_queries", b.square_check_queries, "must be >= 0 (0: none)")
+    step = b.pgd_step_size  # 0 was read as "unset" (2.5 * eps / steps ran and was reported), a negative one raised
+    ok = step is None or (isinstance(step, (int, float)) and math.isfinite(step) and step > 0)
+    require(ok, "pgd_step_size", step, "must be a finite number > 0, or None (2.5 * eps / pgd_steps)")
+    check_radius(eps, norm, x)
+    check_inputs(x, y)
     ev = _Evaluator(model, x, y, norm=norm, eps=eps, seed=seed, backend=backend, bf16=autocast_bf16, batch=batch_size)
+    check_inputs(x[:0], y, classes=ev.classes)  # a label the model cannot output counted as a clean mistake
     started = time.perf_counter()
     attacks: dict[str, dict[str, Any]] = {}
     fooled_by: dict[str, Tensor] = {}
@@ -137,7 +146,13 @@ def evaluate_robustness(
         fooled_by[name] = fooled
         fooled_any |= fooled
         left = attacked & ~fooled
-        attacks[name] = {"robust_accuracy": ev.rate(left), "fooled": int(fooled.sum()), "seconds": seconds, **params}
+        attacks[name] = {
+            "robust_accuracy": ev.rate(left),
+            "fooled": int(fooled.sum()),
+            "samples": int(attacked.sum()),  # what it ran on: 0 when an earlier attack of the cascade fooled them all
+            "seconds": seconds,
+            **params,
+        }
     masking = _no_checks()
     if masking_checks:
         masking, fooled_checks = _masking(ev, suite, b, attacks, fooled_by)
@@ -183,7 +198,7 @@ def _attack(name: str, b: Budget, eps: float) -> tuple[Run, dict[str, Any]]:
             return square(m, x, y, eps=eps, norm=norm, n_queries=b.square_queries, seed=seed, backend=backend)
 
         return run_square, params
-    alpha = b.pgd_step_size or 2.5 * eps / b.pgd_steps
+    alpha = _pgd_alpha(b, eps)
     params = dict(steps=b.pgd_steps, restarts=b.pgd_restarts, step_size=alpha)
 
     def run_pgd(m, x, y, seed, autocast_bf16, **kw):
@@ -230,6 +245,8 @@ class _Evaluator:
         for start, (xb, yb) in zip(range(0, len(idx), self.batch), self._batches(idx), strict=True):
             res = run(self.model, xb, yb, self.seed + start, **self.kw)
             inside = lp_norm(res.x_adv - xb, self.norm) <= self.eps * (1 + 1e-5) + 1e-7
+            # ... and in the data range: an image outside [0, 1] is no image of the data, whatever its prediction
+            inside &= (res.x_adv.flatten(1).amin(1) >= LO) & (res.x_adv.flatten(1).amax(1) <= HI)
             wrong = self._predict(res.x_adv) != yb.cpu()
             fooled[idx[start : start + self.batch]] = wrong & inside.cpu()
         _sync(self.device)
@@ -264,7 +281,13 @@ def _masking(ev: _Evaluator, suite: str, b: Budget, attacks: dict, fooled_by: di
     extra = torch.zeros(n, dtype=torch.bool)
     if "square" in fooled_by:  # the suite's own Square: what it fooled that no white-box attack did
         only_square = int((fooled_by["square"] & ~white_box).sum())
-        checks["square"] = {"queries": attacks["square"]["queries"], "fooled_after_white_box": only_square}
+        survivors = int((ev.correct & ~white_box).sum())
+        checks["square"] = {
+            "queries": attacks["square"]["queries"],
+            "fooled_after_white_box": only_square,
+            "samples": survivors,  # the cascade's Square attacked exactly the white-box survivors
+            "of_survivors": survivors,
+        }
     elif b.square_check_queries > 0 and suite != "pgd":
         run, params = _attack("square", replace(b, square_queries=b.square_check_queries), ev.eps)
         survivors = ev.correct & ~white_box
@@ -336,6 +359,10 @@ def _check_subset(ev: _Evaluator, among: Tensor, limit: int | None) -> Tensor:
     return mask
 
 
+def _pgd_alpha(b: Budget, eps: float) -> float:
+    return b.pgd_step_size if b.pgd_step_size is not None else 2.5 * eps / b.pgd_steps
+
+
 def _no_checks() -> dict[str, Any]:
     return {"flagged": False, "reasons": [], "checks": {}}
 
@@ -343,6 +370,6 @@ def _no_checks() -> dict[str, Any]:
 def _summary(suite: str, b: Budget, norm: str, eps: float) -> dict[str, Any]:
     """The report's ``robustness.attack`` record: {name, norm, eps, step_size, steps, restarts}."""
     if suite == "pgd":
-        step = b.pgd_step_size or 2.5 * eps / b.pgd_steps
+        step = _pgd_alpha(b, eps)
         return dict(name="pgd", norm=norm, eps=eps, step_size=step, steps=b.pgd_steps, restarts=b.pgd_restarts)
     return dict(name=suite, norm=norm, eps=eps, step_size=None, steps=b.steps, restarts=b.restarts)

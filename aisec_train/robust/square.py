@@ -196,6 +196,7 @@ def square(
     and each restart attacks those still robust. ``n_queries`` counts model queries per sample after the start."""
     check_attack_args(eps=eps, norm=norm, n_queries=n_queries, restarts=restarts)
     require(x.dim() == 4, "square input shape", tuple(x.shape), "must be (N, C, H, W) images")
+    require(0 < p_init <= 1, "p_init", p_init, "must be in (0, 1]: the first window's share of the image")
     x = x.detach()
     y = y.to(x.device)
     sched = dict(p_init=p_init, n_queries=n_queries, rescale=rescale_schedule)

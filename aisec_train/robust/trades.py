@@ -23,6 +23,7 @@ it cannot clip TRADES' two passes per record: the config refuses that pairing an
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from aisec_train.errors import ConfigError, require
 
 from .attacks import HI, LO, attack_mode, loss_gradient
-from .outcome import check_attack_args, generator
+from .outcome import check_attack_args, check_inputs, generator
 
 
 def _kl_rows(logits_adv: Tensor, p_nat: Tensor) -> Tensor:
@@ -61,6 +62,7 @@ def trades_perturb(
     only after its first step).
     """
     check_attack_args(eps=eps, norm=norm, steps=steps)
+    check_inputs(x)  # outside [0, 1] the clamp moved the start and every step off the batch's own images
     x_nat = x.detach()
     with attack_mode(model):
         with torch.no_grad():
@@ -114,7 +116,8 @@ class Trades:
         backend: str = "auto",
     ):
         check_attack_args(eps=eps, norm=norm, steps=steps)
-        require(step_size > 0, "robustness.step_size", step_size, "must be > 0")
+        ok = isinstance(step_size, (int, float)) and math.isfinite(step_size) and step_size > 0
+        require(ok, "robustness.step_size", step_size, "must be a finite number > 0")
         require(beta >= 0, "robustness.beta", beta, "must be >= 0")
         self.eps, self.step_size, self.steps, self.norm, self.beta, self.backend = (
             eps,

@@ -38,6 +38,10 @@ from torch import Tensor, nn
 
 from aisec_train.errors import ConfigError
 
+# The most views per record train.augmult takes: De et al. found gains up to K = 16 and used at most 32; each step
+# forwards max_physical_batch_size * K rows, so K = 10^5 failed to allocate after the run had started.
+MAX_AUGMULT = 256
+
 
 def views(x: Tensor, k: int, *, pad: int | None = None, flip: bool = False, generator=None) -> Tensor:
     """``(B, C, H, W)`` -> ``(B * K, C, H, W)``: K random shifts (and flips) of each image, record-major."""
@@ -112,6 +116,11 @@ def check(cfg) -> None:
         )
     if k <= 1:
         return
+    if k > MAX_AUGMULT:  # K copies of every physical batch are one forward: 10^5 failed to allocate at the first step
+        raise ConfigError(
+            f"train.augmult={k} is not allowed: at most {MAX_AUGMULT} views per record (De et al. 2022 use up to 32; "
+            f"a step forwards train.max_physical_batch_size * K rows at once)"
+        )
     from aisec_train.robust.config import RobustMode
     from aisec_train.train.config import GradSampleMode, PrivacyMode
 
