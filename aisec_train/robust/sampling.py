@@ -7,8 +7,9 @@ holds for any n (no normal approximation). Proportional stratification only lowe
 sampling without replacement from a finite split lowers it further, so the binomial interval is conservative for
 both; on the whole split it is the interval of the model's robust accuracy on data like the split.
 
->>> stratified_indices(np.array([0, 0, 0, 1]), 2, seed=0).tolist()  # one of each class, in index order
-[2, 3]
+>>> labels = np.array([0] * 6 + [1] * 3 + [2])
+>>> np.bincount(labels[stratified_indices(labels, 5, seed=0)]).tolist()  # shares 3, 1.5 and 0.5
+[3, 2]
 >>> clopper_pearson(45, 50)  # doctest: +ELLIPSIS
 (0.78..., 0.96...)
 """
@@ -20,7 +21,12 @@ import numpy as np
 
 def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """``n`` indices of ``labels`` (all when ``n >= len(labels)``), each class drawn in proportion to its share
-    (largest remainders round; every class present keeps at least one sample when ``n`` allows), sorted."""
+    (largest remainders round, so every class is within one sample of its exact share), sorted.
+
+    No class is given more than its share: a floor of one sample per class made a sample of 20 from a split of one
+    910-image class and nine 10-image ones [11, 1 x 9], whose unweighted estimate (0.55 where the split's robust
+    accuracy was 0.91) the interval missed in 50 of 50 seeds. A class rarer than 1/n may get no sample; the whole
+    split (``robustness.eval_samples=all``) sees every one."""
     labels = np.asarray(labels)
     total = len(labels)
     if n >= total:
@@ -28,10 +34,6 @@ def stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / total
     take = np.floor(exact).astype(np.int64)
-    if n >= len(classes):  # a class too rare for its share still gets one sample: its robustness is seen
-        take = np.maximum(take, 1)
-    while take.sum() > n:  # the minimum of one overshot: trim the classes furthest above their share (never to 0)
-        take[np.argmax(np.where(take > 1, take - exact, -np.inf))] -= 1
     order = np.argsort(-(exact - take), kind="stable")  # largest remainders first
     for i in order[: n - int(take.sum())]:
         take[i] += 1
