@@ -44,3 +44,28 @@ def test_the_cli_refuses_before_training(tmp_path):
     assert code == 2 and not crash, (code, err, crash)
     assert "robustness evaluation and adversarial training attack images on the [0, 1] pixel scale" in err, err
     assert not (run_dir / "model.pt").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_an_l2_radius_past_half_the_box_is_refused_before_training():
+    from aisec_train.data.stage import check_l2_radius
+    from aisec_train.errors import ConfigError
+
+    # digits: 64 values, sqrt(64) / 2 = 4
+    with pytest.raises(ConfigError, match=r"robustness.attack.eps=4.0 is not allowed: an l2 radius .* must be < 4"):
+        check_l2_radius(_cfg("robustness.attack.norm=l2", "robustness.attack.eps=4.0"), (1, 8, 8))
+    with pytest.raises(ConfigError, match=r"robustness.eps=9.0 is not allowed"):
+        check_l2_radius(
+            _cfg(
+                "robustness=pgd_at",
+                "robustness.norm=l2",
+                "robustness.eps=9.0",
+                "robustness.evaluate=false",
+                "robustness.attack.norm=l2",
+            ),
+            (1, 8, 8),
+        )
+    check_l2_radius(_cfg("robustness.attack.norm=l2", "robustness.attack.eps=3.9"), (1, 8, 8))
+    check_l2_radius(_cfg("robustness.attack.norm=l2", "robustness.attack.eps=4.0"), (3, 8, 8))  # sqrt(192) / 2
+    check_l2_radius(
+        _cfg("robustness.evaluate=false", "robustness.attack.norm=l2", "robustness.attack.eps=99"), (1, 8, 8)
+    )

@@ -9,6 +9,7 @@ factory, open the privacy budget's account under DP, and report the data's ident
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from aisec_train.data.dataset import load_dataset
@@ -52,6 +53,7 @@ def stage_data(run: Run) -> None:
             test_labels=labels_of(data.test),
         )
         check_attack_scale(cfg, sanity["stats"]["value_range"])
+        check_l2_radius(cfg, data.input_shape)
     data.record("sanity_checks", findings=len(sanity["findings"]), coverage=sanity["coverage"])
     run.data = data
     run.factory = _factory(run)
@@ -102,6 +104,26 @@ def check_attack_scale(cfg: Any, value_range: list[float]) -> None:
         "any normalisation in the model (dataset.normalize), or turn the attacks off (robustness.evaluate=false "
         "robustness=none)"
     )
+
+
+def check_l2_radius(cfg: Any, input_shape: tuple[int, ...]) -> None:
+    """An L2 radius at or above half the [0, 1] box's diameter (sqrt(D) / 2) holds the all-grey image in every ball:
+    no model can be robust to it. The config checks Linf radii (< 0.5); an L2 one needs D, known here, before
+    training (robust/outcome.check_radius holds the attacks to the same bound)."""
+    limit = 0.5 * math.sqrt(math.prod(input_shape))
+    rob = cfg.robustness
+    radii = []
+    if rob.evaluate:
+        radii.append(("robustness.attack.eps", rob.attack.eps, rob.attack.norm.value))
+    if rob.mode.value != "none":
+        radii.append(("robustness.eps", rob.eps, rob.norm.value))
+    for key, eps, norm in radii:
+        if norm == "l2" and eps is not None and eps >= limit:
+            raise ConfigError(
+                f"{key}={eps} is not allowed: an l2 radius on [0, 1] images of {math.prod(input_shape)} values "
+                f"must be < {limit:.4g} (at half the box's diameter every image's ball holds the all-grey image: no "
+                "model can be robust)"
+            )
 
 
 def check_normalize(normalize: Any, input_shape: tuple[int, ...]) -> None:
