@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from aisec_train.config import Config, register_configs, to_config
 from aisec_train.errors import ConfigError
 from aisec_train.privacy.engine import quiet_known_warnings
+from aisec_train.quiet import quiet_library_warnings
 from aisec_train.report.report import Report
 from aisec_train.run_state import Run, UserObjects
 from aisec_train.train.loop import TrainResult, resolve_device
@@ -48,7 +49,9 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     overrides = _overrides(overrides, "overrides")
     register_configs()
     try:
-        check_group_values(OverridesParser.create().parse_overrides(overrides))  # train=null: Hydra's ValueError
+        searchpath = any(str(o).lstrip("+~").startswith("hydra.searchpath") for o in overrides)
+        # train=null (Hydra's ValueError); model=nosuch named against the packaged options
+        check_group_values(OverridesParser.create().parse_overrides(overrides), known_options=not searchpath)
         with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
             return to_config(hydra_compose(config_name="config", overrides=overrides))
     except (HydraException, OmegaConfBaseException) as err:
@@ -92,6 +95,7 @@ def run(
     from aisec_train.pipeline import run_pipeline
 
     quiet_known_warnings()
+    quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1, as the CLI (aisec_train/quiet.py)
     cfg = _config(config)
     if test_dataset is not None and train_dataset is None:
         raise ValueError("test_dataset needs train_dataset as well")
@@ -144,6 +148,7 @@ def fit(
     from aisec_train.train.loop import train as train_loop
 
     quiet_known_warnings()
+    quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1, as the CLI (aisec_train/quiet.py)
     cfg = _config(config)
     _check_fit(cfg)  # what only the pipeline does is refused, never silently skipped
     check_items(loader.dataset, "loader.dataset", min_items=1)  # every item's kind before a step (data/items.py)

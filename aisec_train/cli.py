@@ -114,7 +114,14 @@ def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml") if not p.name.startswith("_"))
 
 
-def check_group_values(overrides: list[Any]) -> None:
+def packaged_only(args: argparse.Namespace) -> bool:
+    """Whether the config groups are the packaged ones alone (no --config-path/--config-dir, no hydra.searchpath
+    adding options of a user's own), so an option name the package lacks is unknown."""
+    searchpath = any(o.lstrip("+~").startswith("hydra.searchpath") for o in args.overrides)
+    return not (args.config_path or args.config_dir or searchpath)
+
+
+def check_group_values(overrides: list[Any], known_options: bool = False) -> None:
     """A config group takes an option's name: Hydra raises a bare ValueError (a traceback) for ``train=null`` or
     ``privacy=1``, so refuse it here, naming the group's options. ``~train`` still removes a group."""
     for override in overrides:
@@ -123,9 +130,13 @@ def check_group_values(overrides: list[Any]) -> None:
             continue  # a sweep's values are checked job by job (check_multirun)
         if "/" not in group and not Path(CONFIG_DIR, group).is_dir():
             continue  # a config key (train.lr=...), not a group
+        options = group_options(group)
+        allowed = f"one of {', '.join(options)}" if options else "an option's name"
         if not isinstance(override.value(), (str, list, dict)):
-            options = group_options(group)
-            allowed = f"one of {', '.join(options)}" if options else "an option's name"
+            raise ConfigError(f"{override.input_line} is not allowed: config group {group} takes {allowed}")
+        # Hydra's own message for an unknown option also offers the `_`-prefixed partials (model=_finetune)
+        packaged = known_options and "/" not in group and Path(CONFIG_DIR, group).is_dir()
+        if packaged and isinstance(override.value(), str) and options and override.value() not in options:
             raise ConfigError(f"{override.input_line} is not allowed: config group {group} takes {allowed}")
 
 
@@ -179,7 +190,7 @@ def check_job(
     from hydra import compose
     from omegaconf import open_dict
 
-    check_group_values(parser.parse_overrides(job))
+    check_group_values(parser.parse_overrides(job), packaged_only(args))
     full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
     folders = ("", "")
     if number is not None:
@@ -288,7 +299,7 @@ def main() -> None:
         sys.argv += cli_overrides(sys.argv[1:])  # under torchrun: the shared run directory (train/launch.py)
         cli_preflight(sys.argv[1:])
         if args is not None:
-            check_group_values(OverridesParser.create().parse_overrides(args.overrides))
+            check_group_values(OverridesParser.create().parse_overrides(args.overrides), packaged_only(args))
         shows = args is None or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion
         # another config folder: its groups are Hydra's to compose; only the packaged one is checked ahead
         if args is not None and not shows and not (args.config_path or args.config_dir):

@@ -11,6 +11,8 @@ the heavy packages: a bad override is refused in about a second.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -57,8 +59,15 @@ class RefusingParser(argparse.ArgumentParser):
 def refusing(
     prog: str, *errors: type[BaseException], message: Callable[[BaseException], object] = one_line
 ) -> Iterator[None]:
-    """Answer any of ``errors`` raised inside the block with ``refuse(prog, message(err))``; others propagate."""
+    """Answer any of ``errors`` raised inside the block with ``refuse(prog, message(err))``; others propagate.
+
+    A reader that closed the pipe (``aisec-train-ledger list | head -1``) is not bad input: the command ends quietly
+    with the status of a process SIGPIPE killed (141), as ``ls | head`` does, instead of "error: [Errno 32]"."""
     try:
         yield
+        sys.stdout.flush()  # inside the block: a closed pipe met at exit would print "Exception ignored ..."
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(128 + signal.SIGPIPE)
     except errors as err:
         refuse(prog, message(err))

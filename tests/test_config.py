@@ -83,7 +83,7 @@ def test_combinations_that_could_not_run_honestly_are_refused(overrides, message
     [
         (["train.epochs=abc"], "train.epochs=abc"),
         (["privacy.accountant=nope"], "expected one of [prv, rdp, gdp]"),
-        (["privacy=bogus"], "Available options in 'privacy'"),
+        (["privacy=bogus"], "privacy=bogus is not allowed: config group privacy takes one of dpsgd, none"),
         (["train.batch_size=0"], "train.batch_size=0 is not allowed: must be >= 1"),
         (
             ["dataset=npz", "dataset.path=/no/such/file.npz"],

@@ -18,7 +18,7 @@ from aisec_train.tracking.base import RunInfo
     ("overrides", "expected"),
     [
         (["train.epochs=abc"], "Error merging override train.epochs=abc: Value 'abc'"),
-        (["model=nosuch"], "Could not find 'model/nosuch' Available options in 'model':"),
+        (["model=nosuch"], "model=nosuch is not allowed: config group model takes one of cnn, hf, mlp"),
         (["nosuchkey=1"], "Could not override 'nosuchkey'"),
         (["privacy=1"], "privacy=1 is not allowed: config group privacy takes one of dpsgd, none"),
         ("train.epochs=1", "overrides='train.epochs=1' is not allowed: a list of Hydra overrides"),

@@ -164,7 +164,9 @@ def check_claims(model: Path, digest: str, manifest: dict[str, Any], report: dic
     return claims
 
 
-def short_number(value: Any) -> str:
+def short_number(value: Any, none: str = "None") -> str:
+    if value is None:
+        return none
     return f"{value:.3f}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
 
 

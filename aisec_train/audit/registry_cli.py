@@ -39,7 +39,8 @@ def _list(reg: Registry) -> int:
         flag = "known-good" if r["known_good"] else "-"
         print(
             f"{r['id']:{width}}  {flag:10}  run {run:8}  vault {vault:8}  sha256 {r['sha256'][:12]}  "
-            f"acc {short_number(m.get('metrics.clean_accuracy'))}  eps {short_number(m.get('privacy.epsilon'))}  "
+            f"acc {short_number(m.get('metrics.clean_accuracy'))}  "
+            f"eps {short_number(m.get('privacy.epsilon'), none='none (no DP)')}  "
             f"mia_auc {membership_text(m)}  owner {g.get('owner')}  risk {g.get('risk_level')}"
         )
     return failures
