@@ -82,3 +82,16 @@ def test_a_user_config_dir_keeps_its_own_options():
     assert not packaged_only(args)
     assert not packaged_only(cli.check_flags(["hydra.searchpath=[pkg://mine]", "model=mine"]))
     assert packaged_only(cli.check_flags(["model=cnn"]))
+
+
+def test_a_ckks_run_without_an_aggregated_round_is_not_told_to_use_ckks():
+    """A CKKS run whose rounds all failed was told 'aisec-train federated=fedavg_he' (what it already ran)."""
+    from aisec_train.federated.report import ckks_fix
+    from aisec_train.report.criteria import CRITERIA
+
+    item = "aggregation server never sees a client update (encrypted aggregation)"
+    assert ckks_fix(0, False).startswith("no round aggregated an update") and "federated=fedavg_he" not in ckks_fix(
+        0, False
+    )
+    assert ckks_fix(5, False).startswith("report a bug") and ckks_fix(5, True) is None
+    assert "fedavg_he" in CRITERIA[item].fix  # the plaintext run's fix stays the default

@@ -314,6 +314,19 @@ def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_
     )
 
 
+def ckks_fix(accepted: int, ok: bool) -> str | None:
+    """The encrypted-aggregation item's fix on a CKKS run: the item's default (federated=fedavg_he) is what the run
+    already did, so a fail says what went wrong: no round aggregated an update, or the aggregate's error."""
+    if ok:
+        return None
+    if accepted == 0:
+        return (
+            "no round aggregated an update (see 'client dropouts tolerated with a quorum'): raise "
+            "federated.round_timeout_s or lower federated.min_clients, and check the clients' logs"
+        )
+    return "report a bug: the CKKS aggregate differs from plaintext FedAvg (check federated.ckks.* parameters)"
+
+
 def _ckks_checks(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param) -> None:
     report, fed = run.report, run.cfg.federated
     test = report.get("federated.ckks.self_test")
@@ -327,6 +340,7 @@ def _ckks_checks(run, rows, server: ServerSettings, client: ClientSettings, byte
         f"2^{fed.ckks.global_scale_bits}: the server added {accepted} encrypted update(s) "
         f"({_fmt(bytes_per_param)} bytes/param uploaded) and returned ciphertext aggregates; aggregation "
         f"error vs plaintext FedAvg {test['max_abs_error']:.2e} over {test['n_values']} values",
+        fix=ckks_fix(accepted, ok),
     )
     server, client = current_keys(server, client)
     secret = Path(client.secret_context)
