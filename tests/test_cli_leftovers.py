@@ -95,3 +95,12 @@ def test_a_ckks_run_without_an_aggregated_round_is_not_told_to_use_ckks():
     )
     assert ckks_fix(5, False).startswith("report a bug") and ckks_fix(5, True) is None
     assert "fedavg_he" in CRITERIA[item].fix  # the plaintext run's fix stays the default
+
+
+def test_the_uncovered_defence_data_fix_points_to_a_set_outside_the_training_data():
+    """It said 'drop backdoor.trusted_path', which is what made the reserve come from the DP-trained split."""
+    from aisec_train.report.criteria import CRITERIA
+
+    fix = CRITERIA["defence data covered by the privacy claim"].fix
+    assert fix.startswith("give the defence its own clean set outside the training data, backdoor.trusted_path=")
+    assert "drop backdoor.trusted_path" not in fix

@@ -52,8 +52,9 @@ CRITERIA: dict[str, Criterion] = {
         "privacy.delta below 1/n_train)",
     ),
     "membership-inference audit": Criterion(
-        "with DP: every attack's measured (TPR, FPR) pairs respect TPR <= e^epsilon FPR + delta (95% "
-        "Clopper-Pearson); without DP: the strongest attack's AUC is at most audit.membership.max_auc",
+        "with DP: every attack's measured (TPR, FPR) pairs respect TPR <= e^epsilon FPR + delta (Clopper-Pearson, "
+        "95% family-wise: Bonferroni over the attacks x the thresholds tested); without DP: the strongest attack's "
+        "AUC has its 95% CI upper bound at most audit.membership.max_auc",
         "train with DP (aisec-train privacy=dpsgd) or with fewer epochs / more data; a violated DP bound is a bug "
         "to report",
     ),
@@ -63,8 +64,9 @@ CRITERIA: dict[str, Criterion] = {
     ),
     "defence data covered by the privacy claim": Criterion(
         "every record the backdoor defence reads is covered by the DP guarantee (no record outside it)",
-        "drop backdoor.trusted_path (the trusted reserve is then carved from the DP-trained split), or state the "
-        "uncovered records in the release",
+        "give the defence its own clean set outside the training data, backdoor.trusted_path=FILE.npz (treated as "
+        "public; a reserve carved from the training split is never trained with DP), or state the uncovered records "
+        "in the release",
     ),
     "poisoned or corrupt client updates refused (NaN/inf, norm bound)": Criterion(
         "no update from a client injected with a NaN/inf or over-norm fault was accepted in a round the fault fired in",
