@@ -55,12 +55,16 @@ def membership(m: dict[str, Any] | None) -> list[str]:
         ]
     bound = m.get("dp_bound")
     if bound:
-        lines += ["", "DP consistency (TPR <= e^eps FPR + delta at every threshold, 95% Clopper-Pearson):", ""]
+        first = next(iter(bound["attacks"].values()), {})
+        level = first.get("correction", "95% Clopper-Pearson")
+        lines += ["", f"DP consistency (TPR <= e^eps FPR + delta; significance: {level}):", ""]
         for name, c in bound["attacks"].items():
+            tested = c.get("thresholds_tested", c["pairs"])
             lines.append(
-                f"- {name}: {c['raw_violations']} raw / {c['significant_violations']} significant violation(s) over "
-                f"{c['pairs']} thresholds; empirical epsilon lower bound {c['empirical_epsilon_lower_bound']:.2f} "
-                f"vs epsilon {c['epsilon']:.2f}: {'respected' if c['respected'] else 'VIOLATED'}"
+                f"- {name}: {c['raw_violations']} raw violation(s) over {c['pairs']} ROC thresholds, "
+                f"{c['significant_violations']} significant over the {tested} tested; empirical epsilon lower bound "
+                f"{c['empirical_epsilon_lower_bound']:.2f} vs epsilon {c['epsilon']:.2f}: "
+                f"{'respected' if c['respected'] else 'VIOLATED'}"
             )
     return lines
 

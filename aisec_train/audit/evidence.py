@@ -46,40 +46,62 @@ def membership(summary: dict[str, Any], eps: float | None, delta: float, max_auc
         f"{summary['reference_models']} reference model(s); FPR resolution {summary['fpr_resolution']:.4f})"
     )
     if eps is None:
-        ok = summary["auc"] <= max_auc
-        return ("pass" if ok else "fail"), f"{numbers}; no DP guarantee, pass requires AUC <= {max_auc}"
+        # The pass is a claim that the AUC is at most max_auc: the interval's upper end must be, not the point.
+        if max(hi, summary["auc"]) <= max_auc:
+            return "pass", f"{numbers}; no DP guarantee, pass requires the AUC's 95% CI upper bound <= {max_auc}"
+        if auc_untestable(summary, max_auc):
+            return "fail", (
+                f"{numbers}; NOT TESTED: too few targets to show AUC <= {max_auc}: the point estimate is below it but "
+                f"the 95% CI's upper bound {hi:.3f} is not (about {targets_to_show_auc(summary, max_auc)} members "
+                "and as many non-members would narrow it below, the CI's half-width shrinking as 1/sqrt(n), at this "
+                "AUC)"
+            )
+        return "fail", f"{numbers}; no DP guarantee, pass requires the AUC's 95% CI upper bound <= {max_auc}"
     bound = summary["dp_bound"]
-    lb = max(c["empirical_epsilon_lower_bound"] for c in bound["attacks"].values())
+    checks = bound["attacks"].values()
+    lb = max(c["empirical_epsilon_lower_bound"] for c in checks)
     text = (
         f"{numbers}; measured pairs {'respect' if bound['respected'] else 'VIOLATE'} TPR <= e^{eps:.2f} FPR + "
-        f"{delta:g} (95% Clopper-Pearson); empirical epsilon lower bound {lb:.2f}"
+        f"{delta:g} ({_level_words(bound)}); empirical epsilon lower bound {lb:.2f}"
     )
     if untestable(summary):
         # Too few targets for this epsilon: even a perfect attack would respect the bound, so "respected" verified
         # nothing, and a pass would claim what was not measured (the report's "fail": nothing was verified).
-        most = max(c.get("max_refutable_epsilon", 0.0) for c in bound["attacks"].values())
+        most = max(c.get("max_refutable_epsilon", 0.0) for c in checks)
+        attacks = max(c.get("attacks_corrected", 1) for c in checks)
         return "fail", (
             f"{numbers}; NOT TESTED: too few targets to test epsilon {eps:.2f}: even a perfect attack on "
             f"{summary['members']} members vs {summary['nonmembers']} non-members would respect TPR <= e^eps FPR + "
-            f"{delta:g} at 95% confidence (these targets can refute epsilon up to {most:.2f} only; epsilon "
-            f"{eps:.2f} needs about {targets_to_refute(eps, delta)} members and as many non-members)"
+            f"{delta:g} ({_level_words(bound)}; these targets can refute epsilon up to {most:.2f} only; epsilon "
+            f"{eps:.2f} needs about {targets_to_refute(eps, delta, attacks)} members and as many non-members)"
         )
     return ("pass" if bound["respected"] else "fail"), text
+
+
+def _level_words(bound: dict[str, Any]) -> str:
+    """The DP-bound check's level as the report states it (a report from before the correction: 95% per pair)."""
+    words = {c.get("correction") for c in bound["attacks"].values()}
+    if None in words or len(words) != 1:
+        return "95% Clopper-Pearson"
+    return str(words.pop())
 
 
 # The fix a "fail" for too few targets gets instead of the item's default ("train with DP", which it already does).
 TOO_FEW_TARGETS_FIX = (
     "more membership targets: a larger held-out split (dataset.test_fraction, or dataset.test_path) raises the cap on "
-    "audit.membership.targets; or a claim these targets can test (a smaller privacy.target_epsilon)"
+    "audit.membership.targets; or, under DP, a claim these targets can test (a smaller privacy.target_epsilon)"
 )
 
 
-def targets_to_refute(eps: float, delta: float) -> int:
-    """The fewest members (and as many non-members) whose perfect attack refutes ``eps`` at 95% (Clopper-Pearson):
-    ``q - delta > e^eps (1 - q)`` with ``q = 0.025^(1/n)``, so ``n ~ 3.7 e^eps`` (~11,000 at epsilon 8)."""
+def targets_to_refute(eps: float, delta: float, attacks: int = 3) -> int:
+    """The fewest members (and as many non-members) whose perfect attack refutes ``eps`` at the DP-bound check's
+    family-wise level (:func:`aisec_train.audit.membership.dp_level`, Bonferroni over ``attacks`` x its thresholds):
+    ``q - delta > e^eps (1 - q)`` with ``q = (level / 2)^(1/n)``, so ``n ~ 7 e^eps`` at 3 attacks (144 at
+    epsilon 3, ~22,500 at epsilon 8; ``n ~ 3.7 e^eps`` before the correction)."""
+    from aisec_train.audit.membership import dp_level  # torch and scikit-learn: only when a count is asked for
 
     def refutes(n: int) -> bool:
-        q = 0.025 ** (1 / n)
+        q = (dp_level(n, attacks) / 2) ** (1 / n)
         return q - delta > math.exp(eps) * (1 - q)
 
     high = 1
@@ -92,10 +114,30 @@ def targets_to_refute(eps: float, delta: float) -> int:
     return high
 
 
+def auc_untestable(summary: dict[str, Any], max_auc: float | None = None) -> bool:
+    """A non-private run whose AUC is below ``max_auc`` but whose 95% CI reaches above it: the targets were too
+    few to show the AUC is at most ``max_auc`` (the summary's own ``max_auc`` when none is given)."""
+    max_auc = summary.get("max_auc") if max_auc is None else max_auc
+    if max_auc is None or summary.get("dp_bound") or summary.get("auc") is None:
+        return False
+    return summary["auc"] < max_auc < summary["auc_ci95"][1]
+
+
+def targets_to_show_auc(summary: dict[str, Any], max_auc: float) -> int:
+    """Members (and as many non-members) whose 95% CI upper bound would reach ``max_auc`` at the measured AUC:
+    the upper half-width ``hi - auc`` shrinks as 1/sqrt(n), so ``n = m ((hi - auc) / (max_auc - auc))^2``."""
+    m, auc, hi = summary["members"], summary["auc"], summary["auc_ci95"][1]
+    return max(m + 1, math.ceil(m * ((hi - auc) / (max_auc - auc)) ** 2 - 1e-9))
+
+
 def untestable(summary: dict[str, Any]) -> bool:
-    """A DP run whose targets could not refute its epsilon with any attack: no violation, and none was possible."""
+    """Targets too few for the item's claim: a DP run whose targets could not refute its epsilon with any attack
+    (no violation, and none was possible), or a non-private run whose AUC's CI reaches above ``max_auc`` while
+    the point estimate is below it (:func:`auc_untestable`)."""
     bound = summary.get("dp_bound")
-    if not bound or not bound["respected"]:
+    if not bound:
+        return auc_untestable(summary)
+    if not bound["respected"]:
         return False
     return not any(c.get("can_refute", True) for c in bound["attacks"].values())
 

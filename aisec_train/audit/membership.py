@@ -73,39 +73,101 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_max: float) -> float:
     return float(tpr[fpr <= fpr_max].max())
 
 
-def dp_bound_check(labels: np.ndarray, scores: np.ndarray, epsilon: float, delta: float) -> dict[str, Any]:
+# The attacks whose DP-bound check the audit maximises over (loss; with reference models offline LiRA and RMIA):
+# the Bonferroni family's attack factor. With fewer attacks (reference_models=0) it is conservative.
+AUDIT_ATTACKS = ("loss", "lira_offline", "rmia")
+DP_CONFIDENCE = 0.95  # family-wise, over every attack and every threshold the empirical epsilon is maximised over
+TIE_STREAM = 0x7E5  # the tie-breaking coins' own stream: never the stream that made a test's scores
+
+
+def fp_levels(n_neg: int) -> np.ndarray:
+    """The false-positive counts the DP-bound check tests, fixed before the scores are seen: 0 and the powers of
+    two below ``n_neg`` (0, 1, 2, 4, ..., 256 for 360 non-members: 10 thresholds). Low FPR is where a DP bound is
+    refuted; a geometric grid keeps the Bonferroni factor to ~log2(n) instead of one test per measured pair."""
+    return np.r_[0, 2 ** np.arange(max(int(n_neg - 1).bit_length(), 0))].astype(np.int64)
+
+
+def dp_level(n_neg: int, attacks: int = len(AUDIT_ATTACKS), confidence: float = DP_CONFIDENCE) -> float:
+    """The significance of one (attack, threshold) test: Bonferroni over ``attacks`` x ``len(fp_levels(n_neg))``."""
+    return (1 - confidence) / (attacks * len(fp_levels(n_neg)))
+
+
+def dp_bound_check(
+    labels: np.ndarray, scores: np.ndarray, epsilon: float, delta: float, *,
+    attacks: int = len(AUDIT_ATTACKS), confidence: float = DP_CONFIDENCE, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
     """Do the measured (FPR, TPR) pairs respect TPR <= e^eps FPR + delta (Kairouz et al. 2015)?
 
-    Raw pairs are compared as measured; a violation counts as significant only if the 95% Clopper-Pearson
-    lower bound of TPR exceeds the bound at the upper bound of FPR (few targets make raw pairs noisy). The
-    empirical epsilon lower bound is the largest log((TPR_lo - delta) / FPR_hi) over thresholds.
+    Raw pairs (every threshold of the ROC) are compared as measured. A violation counts as significant, and the
+    empirical epsilon lower bound max log((TPR_lo - delta) / FPR_hi) is read, only at the thresholds of a grid
+    fixed in advance: "member" = above the (c+1)-th highest non-member score, for c in :func:`fp_levels`
+    (ties broken at random, seeded: a randomised attack, so the false positives are exactly c). TPR_lo and FPR_hi
+    are one-sided Clopper-Pearson bounds at half of :func:`dp_level`'s significance each, Bonferroni over
+    ``attacks`` (the attacks the caller maximises over) x the grid, so the bound and the verdict hold at
+    ``confidence`` family-wise: at no leakage the maximum over attacks and thresholds is > 0 in at most 5% of
+    audits. FPR_hi at the (c+1)-th order statistic is exact for the rank threshold (P[FPR > u] = P[Bin(n, u) <= c]).
     """
-    fpr, tpr, _ = roc_curve(labels, scores)
+    labels, scores = np.asarray(labels).astype(int), np.asarray(scores, dtype=float)
     n_pos, n_neg = int(labels.sum()), int((1 - labels).sum())
-    tp, fp = np.rint(tpr * n_pos), np.rint(fpr * n_neg)
-    tpr_lo = np.nan_to_num(beta.ppf(0.025, tp, n_pos - tp + 1), nan=0.0)
-    fpr_hi = np.nan_to_num(beta.ppf(0.975, fp + 1, n_neg - fp), nan=1.0)
+    fpr, tpr = roc_pairs(labels, scores)
     bound = np.exp(epsilon) * fpr + delta
     raw = tpr > bound + 1e-12
+    # Strict ranks, ties broken by a seeded coin the labels cannot influence.
+    order = np.lexsort((np.random.default_rng([seed, TIE_STREAM]).random(len(scores)), scores))
+    ranks = np.empty(len(scores), dtype=np.int64)
+    ranks[order] = np.arange(len(scores))
+    neg_desc = np.sort(ranks[labels == 0])[::-1]
+    pos_sorted = np.sort(ranks[labels == 1])
+    fp = fp_levels(n_neg)
+    tp = (n_pos - np.searchsorted(pos_sorted, neg_desc[fp], side="right")).astype(float)
+    level = dp_level(n_neg, attacks, confidence)
+    # The last entry of each is the perfect attack's reading (TP = n_pos at FP = 0), for max_refutable_epsilon.
+    tpr_lo = np.nan_to_num(beta.ppf(level / 2, np.r_[tp, n_pos], n_pos - np.r_[tp, n_pos] + 1), nan=0.0)
+    fpr_hi = np.nan_to_num(beta.ppf(1 - level / 2, np.r_[fp, 0] + 1, n_neg - np.r_[fp, 0]), nan=1.0)
+    (tpr_lo, perfect_tpr_lo), (fpr_hi, zero_fpr_hi) = (tpr_lo[:-1], tpr_lo[-1]), (fpr_hi[:-1], fpr_hi[-1])
     significant = tpr_lo > np.exp(epsilon) * fpr_hi + delta
     with np.errstate(divide="ignore", invalid="ignore"):
         eps_lb = np.log(np.clip(tpr_lo - delta, 0, None) / fpr_hi)
     eps_lb = float(np.max(eps_lb[np.isfinite(eps_lb)], initial=0.0))
     # The largest epsilon these targets could refute at all: a perfect attack (every member above every
     # non-member: TPR 1 at FPR 0) read the same way. At or above it, "respected" is true whatever the model leaks.
-    perfect_tpr_lo, zero_fpr_hi = float(beta.ppf(0.025, n_pos, 1)), float(beta.ppf(0.975, 1, n_neg))
     refutable = float(np.log(max(perfect_tpr_lo - delta, 1e-300) / zero_fpr_hi))
     return {
         "epsilon": epsilon,
         "delta": delta,
         "pairs": len(fpr),
         "raw_violations": int(raw.sum()),
+        "thresholds_tested": len(fp),
         "significant_violations": int(significant.sum()),
         "respected": bool(not significant.any()),
         "empirical_epsilon_lower_bound": max(0.0, eps_lb),
         "max_refutable_epsilon": max(0.0, refutable),
         "can_refute": bool(perfect_tpr_lo > np.exp(epsilon) * zero_fpr_hi + delta),
+        "confidence": confidence,
+        "attacks_corrected": attacks,
+        "level": level,
+        "correction": correction_words(attacks, len(fp), confidence),
     }
+
+
+def roc_pairs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every threshold, as scikit-learn's ``roc_curve`` (collinear points dropped), in numpy alone:
+    the DP-bound check runs once per attack, and the simulation tests run it thousands of times."""
+    desc = np.argsort(-scores, kind="stable")
+    y = labels[desc]
+    last = np.r_[np.flatnonzero(np.diff(scores[desc])), len(y) - 1]  # the last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
+    tps, fps = np.r_[0, tps[keep]], np.r_[0, fps[keep]]
+    return fps / max(int(fps[-1]), 1), tps / max(int(tps[-1]), 1)
+
+
+def correction_words(attacks: int, thresholds: int, confidence: float = DP_CONFIDENCE) -> str:
+    """How the DP-bound check's level is stated in the report."""
+    return (
+        f"{confidence:.0%} family-wise, Clopper-Pearson, Bonferroni over {attacks} attack(s) x {thresholds} thresholds"
+    )
 
 
 def collect_signals(
@@ -214,6 +276,7 @@ def membership_audit(
         attacks=per_attack,
         strongest_attack=strongest,
         auc_attack=strongest,
+        max_auc=audit.max_auc,  # the non-private pass's bar for the AUC's 95% CI upper bound (evidence.membership)
         members=m,
         nonmembers=m,
         fpr_resolution=1.0 / m,
