@@ -31,6 +31,10 @@ ALLOWED = {
         "MLflow's SqlAlchemyStore creates the empty store's schema itself, in a staged sqlite file of its own; "
         "we only rename that whole file into the user's cache (sqlite, not we, wrote its bytes)"
     ),
+    ("aisec_train/errors.py", "os.open for writing"): (
+        "os.devnull, put under stdout after the reader closed the pipe (`list | head`), so the interpreter's exit "
+        "flush has somewhere to go; no file is written"
+    ),
 }
 
 # Calls whose ``as`` target (or assigned name) is a file object that a store helper opened safely.
