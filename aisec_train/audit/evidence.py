@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from aisec_train.audit.significance import dp_level
 from aisec_train.report.report import Status
 
 MEMBERSHIP = "membership-inference audit"
@@ -95,10 +96,9 @@ TOO_FEW_TARGETS_FIX = (
 
 def targets_to_refute(eps: float, delta: float, attacks: int = 3) -> int:
     """The fewest members (and as many non-members) whose perfect attack refutes ``eps`` at the DP-bound check's
-    family-wise level (:func:`aisec_train.audit.membership.dp_level`, Bonferroni over ``attacks`` x its thresholds):
+    family-wise level (:func:`aisec_train.audit.significance.dp_level`, Bonferroni over ``attacks`` x its thresholds):
     ``q - delta > e^eps (1 - q)`` with ``q = (level / 2)^(1/n)``, so ``n ~ 7 e^eps`` at 3 attacks (144 at
     epsilon 3, ~22,500 at epsilon 8; ``n ~ 3.7 e^eps`` before the correction)."""
-    from aisec_train.audit.membership import dp_level  # torch and scikit-learn: only when a count is asked for
 
     def refutes(n: int) -> bool:
         q = (dp_level(n, attacks) / 2) ** (1 / n)

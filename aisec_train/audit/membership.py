@@ -33,6 +33,13 @@ from torch.utils.data import ConcatDataset
 from aisec_train.audit import rmia
 from aisec_train.audit.references import Targets, design, reference_configs, reference_recipe, train_reference_models
 from aisec_train.audit.signals import MembershipSignals, logits_on, stack
+from aisec_train.audit.significance import (  # noqa: F401 (re-exported: the attacks and levels of the check)
+    AUDIT_ATTACKS,
+    DP_CONFIDENCE,
+    correction_words,
+    dp_level,
+    fp_levels,
+)
 from aisec_train.data.views import labels_of, subset
 from aisec_train.report.outputs import save_figure
 from aisec_train.train.config import PrivacyMode
@@ -75,21 +82,7 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr_max: float) -> float:
 
 # The attacks whose DP-bound check the audit maximises over (loss; with reference models offline LiRA and RMIA):
 # the Bonferroni family's attack factor. With fewer attacks (reference_models=0) it is conservative.
-AUDIT_ATTACKS = ("loss", "lira_offline", "rmia")
-DP_CONFIDENCE = 0.95  # family-wise, over every attack and every threshold the empirical epsilon is maximised over
 TIE_STREAM = 0x7E5  # the tie-breaking coins' own stream: never the stream that made a test's scores
-
-
-def fp_levels(n_neg: int) -> np.ndarray:
-    """The false-positive counts the DP-bound check tests, fixed before the scores are seen: 0 and the powers of
-    two below ``n_neg`` (0, 1, 2, 4, ..., 256 for 360 non-members: 10 thresholds). Low FPR is where a DP bound is
-    refuted; a geometric grid keeps the Bonferroni factor to ~log2(n) instead of one test per measured pair."""
-    return np.r_[0, 2 ** np.arange(max(int(n_neg - 1).bit_length(), 0))].astype(np.int64)
-
-
-def dp_level(n_neg: int, attacks: int = len(AUDIT_ATTACKS), confidence: float = DP_CONFIDENCE) -> float:
-    """The significance of one (attack, threshold) test: Bonferroni over ``attacks`` x ``len(fp_levels(n_neg))``."""
-    return (1 - confidence) / (attacks * len(fp_levels(n_neg)))
 
 
 def dp_bound_check(
@@ -161,13 +154,6 @@ def roc_pairs(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.nd
     keep = np.flatnonzero(np.r_[True, np.logical_or(np.diff(fps, 2), np.diff(tps, 2)), True])
     tps, fps = np.r_[0, tps[keep]], np.r_[0, fps[keep]]
     return fps / max(int(fps[-1]), 1), tps / max(int(tps[-1]), 1)
-
-
-def correction_words(attacks: int, thresholds: int, confidence: float = DP_CONFIDENCE) -> str:
-    """How the DP-bound check's level is stated in the report."""
-    return (
-        f"{confidence:.0%} family-wise, Clopper-Pearson, Bonferroni over {attacks} attack(s) x {thresholds} thresholds"
-    )
 
 
 def collect_signals(
