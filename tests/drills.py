@@ -138,8 +138,8 @@ class Lab:
             shutil.copytree(self.store, other.store, ignore=shutil.ignore_patterns("*.lock"))
             from aisec_train.store import anchors
 
-            for ledger in other.store.glob("*.json"):
-                source = anchors.anchor_path(self.store / ledger.name)
+            for ledger in [*other.store.glob("*.json"), *other.store.glob("records/*.digests")]:  # record sets too
+                source = anchors.anchor_path(self.store / ledger.relative_to(other.store))
                 if source.exists():
                     shutil.copy2(source, anchors.anchor_path(ledger))
         return other

@@ -29,7 +29,7 @@ from aisec_train.data.config import DatasetConfig
 from aisec_train.data.dataset import to_nchw_float
 from aisec_train.data.sources import NPZ_READ_ERRORS, DataError, _declared_npy
 from aisec_train.hashing import sha256_bytes
-from aisec_train.store.files import atomic_write, validate_output_path
+from aisec_train.store.files import atomic_write, read_nofollow, validate_output_path
 
 BASELINE = "monitor_baseline.json"
 MAX_BATCH_BYTES = DatasetConfig().max_bytes  # a batch's declared size bound, as dataset.max_bytes bounds a dataset
@@ -159,8 +159,12 @@ def refuse_non_finite(model: nn.Module, where: Path) -> None:
         raise CheckpointError(f"{where} has non-finite weights ({', '.join(bad[:3])}); refusing to monitor it")
 
 
-def read_batch(path: Path, max_bytes: int = MAX_BATCH_BYTES) -> Tensor:
+def read_batch(path: Path, max_bytes: int = MAX_BATCH_BYTES, *, expect: tuple[int, ...] | None = None) -> Tensor:
     """An unlabeled .npz batch (key ``x``; ``y`` optional) in any layout ``dataset=npz`` accepts.
+
+    ``expect``: the model's input (C, H, W) (the baseline's ``input_shape``): a 4-D ``x`` is read in the layout that
+    gives it, so a model trained with ``dataset.channels_last`` on a shape the layout rule calls ambiguous gets its
+    batches read, not refused; a 4-D ``x`` that neither layout turns into it is refused in one line.
 
     ``x``'s .npy header is read first: a member that is no .npy (numpy hands it back as bytes), or one declaring more
     than ``max_bytes`` (numpy allocated it and ended in a MemoryError traceback, exit 1: "alarm"), is refused."""
@@ -185,10 +189,24 @@ def read_batch(path: Path, max_bytes: int = MAX_BATCH_BYTES) -> Tensor:
         raise DataError(f"{path} is not a readable .npz of numeric arrays: {' '.join(str(err).split())}") from err
     if not isinstance(x, np.ndarray):
         raise DataError(f"{path}:x is not a .npy array")
-    x = to_nchw_float(x, f"{path.name}:x")
+    x = to_nchw_float(x, f"{path.name}:x", expect=expect)
     if len(x) == 0 or not np.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise DataError(f"{path.name}:x must be a non-empty batch of finite values in [0, 1]")
     return torch.from_numpy(x)
+
+
+def expected_shape(run_dir: Path) -> tuple[int, int, int] | None:
+    """The run's model input (C, H, W) as its baseline states it, to read a batch's layout by; None when the baseline
+    is missing or unreadable (``load_run`` then refuses it). It only picks one of two readings of the batch: the
+    baseline is verified by ``load_run`` and ``check`` compares the batch with it."""
+    from aisec_train.store.errors import StoreError
+
+    try:
+        shape = json.loads(read_nofollow(run_dir / BASELINE, root=run_dir)).get("input_shape")
+    except (OSError, ValueError, AttributeError, StoreError):
+        return None
+    ok = isinstance(shape, list) and len(shape) == 3
+    return tuple(shape) if ok and all(type(v) is int and v > 0 for v in shape) else None  # type: ignore[return-value]
 
 
 def _finite_number(value: Any) -> bool:
@@ -349,7 +367,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.json:  # a symlink or an unwritable folder is refused before any work, not after it
             args.json = validate_output_path(args.json, what="--json")
             _check_verdict_path(args.json, args.run_dir, args.batch)
-        batch = read_batch(args.batch, args.max_bytes)  # the input first: a bad batch is refused before any work
+        # the input first: a bad batch is refused before any work (the model's input shape only picks its layout)
+        batch = read_batch(args.batch, args.max_bytes, expect=expected_shape(args.run_dir))
         baseline, model = load_run(args.run_dir)
         verdict = check(baseline, model, batch)
     print(verdict.text())

@@ -67,7 +67,9 @@ def load_trusted(path: str, data: DataBundle) -> Sample:
             x, y = archive["x"], archive["y"]
     except NPZ_READ_ERRORS as err:
         raise DataError(f"{key} is not a readable .npz holding arrays 'x' and 'y': {err}") from err
-    x = torch.from_numpy(np.ascontiguousarray(to_nchw_float(x, key)))
+    # read in the layout that gives the model's input shape (a set in an ambiguous N,A,B,C shape, as a model trained
+    # with dataset.channels_last takes it), a 4-D x that no layout turns into it refused in one line
+    x = torch.from_numpy(np.ascontiguousarray(to_nchw_float(x, key, expect=tuple(data.input_shape))))
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
         raise DataError(f"{key}: y must be a 1-D integer array with one label per image")
     if tuple(x.shape[1:]) != tuple(data.input_shape):

@@ -60,7 +60,8 @@ def to_nchw(
     """Accept N,H,W / N,H,W,C / N,C,H,W (uint8 0-255 or float 0-1); return an N,C,H,W view, dtype unchanged.
 
     A 4-D array's channel axis is :func:`channels_axis`'s (``channels_last`` and ``setting`` as there); ``expect``
-    (C, H, W), the shape a model was trained on, picks the reading that gives it when exactly one does."""
+    (C, H, W), the shape a model was trained on, picks the reading that gives it when exactly one does; a 4-D
+    shape that neither reading turns into it is refused (one line naming both readings and ``expect``)."""
     if x.ndim == 3:
         if channels_last is not None:
             raise DataError(
@@ -70,6 +71,12 @@ def to_nchw(
         x = x[:, None]
     elif x.ndim == 4:
         fits = [axis for axis in (1, 3) if expect is not None and _reading(x.shape, axis) == tuple(expect)]
+        if expect is not None and channels_last is None and not fits:
+            _, a, b, c = x.shape
+            raise DataError(
+                f"{name} has shape {tuple(x.shape)}: neither N,C,H,W ({a} channel(s) of {b}x{c}) nor N,H,W,C ({c} "
+                f"channel(s) of {a}x{b}) gives the model's input (C, H, W) = {tuple(int(v) for v in expect)}"
+            )
         axis = (
             fits[0]
             if channels_last is None and len(fits) == 1

@@ -154,9 +154,12 @@ def _verify(store: LedgerStore, datasets: list[str]) -> int:
 
 
 def _retag(store: LedgerStore, datasets: list[str], files: list[Path]) -> None:
+    sets = RecordSets(store.path)
     for ds in datasets or store.datasets():
         with store.open(ds, wait=60.0) as led:
             print(f"{ds}: re-tagged {led.retag()} record(s)")
+            if sets.retag(led):  # its record set and the set's anchor (privacy/record_sets.py)
+                print(f"{ds}: re-tagged its record set")
     for path in files:
         done = artifacts.retag_artifact(path)
         print(f"{path}: {'re-tagged' if done else 'already under the current key'}")
@@ -167,11 +170,26 @@ def _anchor(store: LedgerStore, args: argparse.Namespace) -> int:
     ds = store.find(args.dataset)
     if not os.path.lexists(store.view(ds).file):  # no lock file left behind for a dataset this store never charged
         errors.refuse(PROG, f"no ledger for dataset {args.dataset} in {store.path}; nothing to anchor")
+    sets = RecordSets(store.path)
     with store.open(ds, wait=args.wait, reanchor=True) as led:
-        r = led.reanchor(why=args.why)
-    was = "no anchor" if r["previous"] is None else f"an anchor of {r['previous']} record(s)"
-    print(f"re-anchored dataset {ds[:16]} at {r['records']} record(s) (was {was}; recorded)")
+        set_refused = _set_refused(sets, ds)
+        if led.anchor_problem is not None or not set_refused:  # both verify: "nothing to re-anchor"
+            r = led.reanchor(why=args.why)
+            was = "no anchor" if r["previous"] is None else f"an anchor of {r['previous']} record(s)"
+            print(f"re-anchored dataset {ds[:16]} at {r['records']} record(s) (was {was}; recorded)")
+        if set_refused:  # the dataset's record set, refused for its anchor (privacy/record_sets.py)
+            r = sets.reanchor(led, why=args.why)
+            was = "no anchor" if r["previous"] is None else f"an anchor of {r['previous']}"
+            print(f"re-anchored the record set of dataset {ds[:16]} at {r['records']} record digest(s) (was {was})")
     return 0
+
+
+def _set_refused(sets: RecordSets, ds: str) -> bool:
+    try:
+        sets.load(ds)
+    except StoreError:
+        return True
+    return False
 
 
 def _store_path(text: str) -> Path:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from aisec_train.privacy import budget
+from aisec_train.privacy.ledger_rules import check_reason
 from aisec_train.privacy.ledger_store import _DATASET, DatasetLedger, LedgerStore, check_dataset
 from aisec_train.store import anchors, keys
 from aisec_train.store.errors import BudgetError, IntegrityError
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 FORMAT = b"aisec-train-records/1\n"
 DIGEST = np.dtype("V16")
+REANCHOR = anchors.REANCHOR  # aisec-train-ledger anchor: re-anchors the dataset's record set when its ledger verifies
 # another dataset holding some of a run's records: (hash, which records, its history, its target, its terms)
 Member = tuple[str, np.ndarray, "History", float | None, list[tuple[str, float, str]]]
 
@@ -97,16 +99,26 @@ class RecordSets:
     @timed("records.read")
     def load(self, dataset: str) -> np.ndarray:
         """The dataset's record set, verified (tag, anchor); empty for a dataset never registered."""
+        return self._read(dataset)[0]
+
+    def _read(self, dataset: str) -> tuple[np.ndarray, dict[str, Any] | None]:
+        """The verified set and its anchor (None: no set was ever anchored here and none is on disk)."""
         path = self.path(dataset)
         try:
             raw = read_nofollow(path, root=self.folder)
         except FileNotFoundError:
-            if anchors.read_anchor(path) is not None:  # the set was written here once: deleted or renamed since
+            anchor = anchors.read_anchor(path)
+            if anchor is not None and anchor["seq"] >= 0:  # the set was written here once: deleted or renamed since
                 raise IntegrityError(
                     f"record set {path} is missing but its anchor {anchors.anchor_path(path)} records it: a deleted "
                     "or renamed record set does not free its records' privacy spend; restore the file"
                 ) from None
-            return np.empty(0, dtype=DIGEST)
+            return np.empty(0, dtype=DIGEST), anchor  # never written, or a first write that never landed
+        body = self._verified(dataset, path, raw)
+        return np.frombuffer(body, dtype=DIGEST), self._check_anchor(dataset, path, body)
+
+    def _verified(self, dataset: str, path: Path, raw: bytes) -> bytes:
+        """The set's digests, its format and keyed tag verified (not its anchor)."""
         head, _, rest = raw.partition(b"\n")
         meta_line, _, body = rest.partition(b"\n")
         try:
@@ -117,24 +129,112 @@ class RecordSets:
         if not ok:
             raise IntegrityError(f"record set {path} is not an {FORMAT.decode().strip()} file of dataset {dataset}")
         keys.verify(_signed(dataset, body), meta.get("tag"), "ledger", what=f"record set {path}")
-        anchors.check_anchor(path, [_summary(body)])
-        return np.frombuffer(body, dtype=DIGEST)
+        return body
+
+    def retag(self, ledger: DatasetLedger) -> bool:
+        """Re-tag the dataset's record set and its anchor under the current key (a key rotation's ``retag``;
+        verified first under the current or an old key); False when both are under it already or there is no set.
+        The digests do not change, so the anchor, which leaves the tags out, accepts the set before and after."""
+        ledger._require_lock()  # noqa: SLF001
+        digests, anchor = self._read(ledger.dataset)
+        path, current = self.path(ledger.dataset), keys.current_key().id
+        raw = read_nofollow(path, root=self.folder) if len(digests) else None
+        if raw is None or anchor is None:
+            return False
+        meta = json.loads(raw.split(b"\n", 2)[1])
+        if keys.tag_key_id(meta["tag"]) == current and keys.tag_key_id(anchor.get("tag")) == current:
+            return False
+        body = digests.tobytes()
+        meta["tag"] = keys.tag(_signed(ledger.dataset, body), "ledger")
+        atomic_write(path, FORMAT + json.dumps(meta).encode() + b"\n" + body, root=self.folder)
+        anchors.write_replacing(path, _summary(body))  # (also makes final an anchor a kill left unfinished)
+        return True
+
+    def _check_anchor(self, dataset: str, path: Path, body: bytes) -> dict[str, Any]:
+        """Refuse a set its anchor does not vouch for, and one with no anchor at all (required, as for ledgers:
+        one anchor file deleted, or the set copied in, must not let an older copy through). The anchor vouches
+        for one content (two while a write is under way: ``anchors.write_replacing``); sequence -1 (``begin``) is
+        a first write whose anchor never moved, the state a kill leaves."""
+        anchor = anchors.read_anchor(path)
+        n = len(body) // DIGEST.itemsize
+        fix = f"if this set is the true one, re-anchor it knowingly: {REANCHOR} {dataset[:16]} --why TEXT"
+        if anchor is None:
+            raise IntegrityError(
+                f"record set {path} holds {n} record digest(s) but has no anchor in {anchors.anchor_dir()}: its "
+                "anchor was deleted, the anchors were emptied or replaced, or the set was copied in, and an older "
+                f"copy would free its records' privacy spend; {fix}"
+            )
+        if anchor["seq"] >= 0 and anchors.record_digest(_summary(body)) not in (anchor["digest"], anchor.get("next")):
+            had = f" of {anchor['n']} record digest(s)" if isinstance(anchor.get("n"), int) else ""
+            raise IntegrityError(
+                f"record set {path} holds {n} record digest(s) but its anchor {anchors.anchor_path(path)} records "
+                f"another set{had}: the set was cut back or replaced by an older copy; refusing ({fix})"
+            )
+        return anchor
 
     @timed("records.write")
     def add(self, ledger: DatasetLedger, digests: np.ndarray) -> np.ndarray:
-        """Add ``digests`` to the ledger's dataset's set (the caller holds the dataset's lock); return the set."""
+        """Add ``digests`` to the ledger's dataset's set (the caller holds the dataset's lock); return the set.
+
+        Crash-safe like a ledger: a first set is anchored at "nothing yet" (``anchors.begin``) before it lands, a
+        grown one at "the old or the new set" (``anchors.write_replacing``), then at the new set alone; the next
+        ``add`` makes an anchor a kill left unfinished final, so it never keeps vouching for an older set."""
         ledger._require_lock()  # noqa: SLF001 - the same lock guards the ledger and its record set
-        old = self.load(ledger.dataset)
+        old, anchor = self._read(ledger.dataset)
         new = as_set(np.concatenate([old, np.ascontiguousarray(digests, dtype=DIGEST)]))
+        path = self.path(ledger.dataset)
         if len(new) == len(old):
+            if len(old) and anchor is not None and (anchor["seq"] < 0 or "next" in anchor):
+                anchors.write_replacing(path, _summary(old.tobytes()))  # a write a kill left unfinished
             return old
         body = new.tobytes()
         meta = {"dataset": ledger.dataset, "n": len(new), "tag": keys.tag(_signed(ledger.dataset, body), "ledger")}
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.path(ledger.dataset)
+        if anchor is None or not len(old):
+            anchors.begin(path)  # no set yet: anchored at "nothing recorded" before it lands
+        else:
+            anchors.write_replacing(path, _summary(old.tobytes()), _summary(body))
         atomic_write(path, FORMAT + json.dumps(meta).encode() + b"\n" + body, root=self.folder)
-        anchors.write_anchor(path, [_summary(body)])
+        anchors.write_replacing(path, _summary(body))
         return new
+
+    def reanchor(self, ledger: DatasetLedger, *, why: str) -> dict[str, Any]:
+        """Anchor the dataset's record set as it is, knowingly: for a set refused for its anchor (lost, or left
+        behind by an anchor folder restored from an older backup) that the key owner trusts. Its keyed tag must
+        verify (only this store writes a set) and the anchor folder must be the bound one. Recorded in the
+        dataset's ledger as an ``anchor`` record (who, host, when; ``records``: the set's size, ``previous``: the
+        size its old anchor vouched for, None for none; ``why`` begins "record set"). Needs the dataset's lock."""
+        why = check_reason(why, "--why")
+        ledger._require_lock()  # noqa: SLF001
+        anchors.check_folder()  # a fresh or emptied anchor folder is refused, not re-anchored
+        path = self.path(ledger.dataset)
+        try:
+            raw = read_nofollow(path, root=self.folder)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"no record set for dataset {ledger.dataset} in {self.folder}; nothing to anchor"
+            ) from None
+        body = self._verified(ledger.dataset, path, raw)
+        n = len(body) // DIGEST.itemsize
+        try:
+            self._check_anchor(ledger.dataset, path, body)
+        except IntegrityError:
+            pass
+        else:
+            raise IntegrityError(
+                f"record set {path} is anchored and verifies ({n} record digest(s)); nothing to re-anchor"
+            )
+        try:
+            found = anchors.read_anchor(path)
+        except IntegrityError:
+            found = None  # an unreadable or forged anchor vouches for nothing: replaced below
+        previous = found.get("n") if found is not None and isinstance(found.get("n"), int) else None
+        was = "no anchor" if found is None else "an anchor of another set"
+        record = ledger._commit(  # noqa: SLF001 - recorded first: a kill before the anchor moves leaves it refused
+            "anchor", records=n, previous=previous, why=f"record set of {n} record digest(s) (was {was}): {why}"
+        )
+        anchors.write_replacing(path, _summary(body))
+        return record
 
 
 def _signed(dataset: str, body: bytes) -> bytes:

@@ -8,16 +8,39 @@ from typing import Any
 
 
 def stop_line(report: Any) -> str | None:
-    """One sentence when the privacy budget stopped training before its planned epochs, else None."""
+    """One sentence when the privacy budget stopped training before its planned steps, else None.
+
+    ``train.epochs_completed`` counts the epoch the stop fell in (a partial one, or one stopped before its first
+    step), so the line says where the stop fell by steps: the sample rate is 1/(batches per epoch), so the steps
+    taken, the steps planned and the complete epochs follow from it (epochs alone said "6 of 6 planned epochs" for
+    a run stopped inside its sixth)."""
     train, privacy = report.sections.get("train", {}), report.sections.get("privacy", {})
     if not train.get("stopped_by_budget"):
         return None
+    steps, planned = privacy.get("steps"), train.get("epochs_planned")
+    where = _stop_point(steps, privacy.get("sample_rate"), planned)
+    if where is None:  # no sample rate to count steps by: the epoch it stopped in, as the loop numbers it
+        where = f"in epoch {train.get('epochs_completed')} of {planned} planned"
     return (
-        f"training was stopped by the privacy budget after {privacy.get('steps')} step(s) "
-        f"({train.get('epochs_completed')} of {train.get('epochs_planned')} planned epochs; epsilon "
+        f"training was stopped by the privacy budget after {steps} step(s) ({where}; epsilon "
         f"{_num(privacy.get('epsilon'))} of the run's target {privacy.get('target_epsilon')}): the model is "
         "under-trained; a larger noise or fewer epochs plan a run that fits"
     )
+
+
+def _stop_point(steps: Any, sample_rate: Any, epochs: Any) -> str | None:
+    """Where ``steps`` fell in a run of ``epochs`` epochs at ``sample_rate`` (1/batches per epoch), or None."""
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, epochs))
+    if not ints or not isinstance(sample_rate, int | float) or not 0 < sample_rate <= 1:
+        return None
+    per_epoch = round(1 / sample_rate)
+    if abs(per_epoch * sample_rate - 1) > 1e-6 or not 0 <= steps < per_epoch * epochs:
+        return None
+    full, into = divmod(steps, per_epoch)
+    of = f"of {per_epoch * epochs} planned step(s), {per_epoch} an epoch"
+    if into == 0:
+        return f"{of}: {full} of {epochs} planned epoch(s) complete, stopped before epoch {full + 1} began"
+    return f"{of}: stopped {into} step(s) into epoch {full + 1} of {epochs}, {full} epoch(s) complete"
 
 
 def budget_lines(report: Any) -> list[str]:

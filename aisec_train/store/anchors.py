@@ -18,6 +18,9 @@ An anchor that is missing altogether must not mean "nothing to check" (docs/inte
   write refuses another folder (``$AISEC_TRAIN_ANCHOR_DIR`` pointed at a fresh one) or the bound folder without its
   marker (emptied, deleted or replaced). The binding of every key that verifies (the current one and
   ``$AISEC_TRAIN_OLD_KEY_FILES``) is checked, so a fresh key with the real one listed as old does not escape it.
+
+A record set (privacy/record_sets.py) is anchored the same way and its anchor is required too, but it is replaced
+as it grows, not appended to: ``write_replacing`` anchors it at {old, new} before the new set lands, then at {new}.
 """
 
 from __future__ import annotations
@@ -152,20 +155,32 @@ def begin(ledger_file: Path) -> None:
     kill between the first record and its anchor leaves a ledger its anchor accepts (``required`` refuses one
     with none)."""
     if read_anchor(ledger_file) is None:
-        _write(ledger_file, -1, "")
+        _write(ledger_file, -1, "", durable=True)  # lost to a power cut, it would leave records with no anchor
 
 
 def write_anchor(ledger_file: Path, records: list[dict[str, Any]]) -> None:
     _write(ledger_file, len(records) - 1, record_digest(records[-1]))
 
 
-def _write(ledger_file: Path, seq: int, digest: str) -> None:
+def write_replacing(file: Path, current: dict[str, Any], following: dict[str, Any] | None = None) -> None:
+    """The anchor of a file whose one record is *replaced* on each write (a record set: its summary), not appended
+    to: it vouches for ``current`` and, while a write is under way, also for ``following`` (written before the file
+    is replaced, then made final by a second call without it), so a kill between the file and its anchor leaves a
+    file the anchor accepts and never vouches for any third content. ``n``: how many items ``current`` counts."""
+    extra = {"n": current.get("n")} if isinstance(current.get("n"), int) else {}
+    if following is not None:
+        extra["next"] = record_digest(following)
+    # the {current, following} anchor must reach the disk before the file is replaced: behind it is not harmless
+    _write(file, 0, record_digest(current), durable=following is not None, **extra)
+
+
+def _write(ledger_file: Path, seq: int, digest: str, *, durable: bool = False, **extra: Any) -> None:
     check_folder(create=True)
-    body = {"ledger": os.path.realpath(ledger_file), "seq": seq, "digest": digest}
+    body = {"ledger": os.path.realpath(ledger_file), "seq": seq, "digest": digest, **extra}
     body["tag"] = keys.tag(canonical(body), "ledger")
     path = anchor_path(ledger_file)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(path, json.dumps(body), root=path.parent, sync_dir=False)  # behind is harmless
+    atomic_write(path, json.dumps(body), root=path.parent, sync_dir=durable)  # behind a ledger is harmless
 
 
 def read_anchor(ledger_file: Path) -> dict[str, Any] | None:
