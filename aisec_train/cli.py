@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from aisec_train import errors
@@ -192,6 +192,7 @@ def check_job(
 
     check_group_values(parser.parse_overrides(job), packaged_only(args))
     full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
+    check_bool_values(parser.parse_overrides(job), full)
     folders = ("", "")
     if number is not None:
         with open_dict(full):  # as Hydra's launchers number a job before its folder is joined
@@ -207,6 +208,33 @@ def check_job(
     preflight(cfg, UserObjects())
     check_data_paths(cfg.dataset)  # the files a job reads exist: no data is read yet
     return folders, cfg
+
+
+def check_bool_values(overrides: list[Any], full: Any) -> None:
+    """A bool setting takes true or false (null where it may be unset; on/off, yes/no and 1/0 as ever): OmegaConf
+    turns any nonzero number into true, so `dataset.channels_last=2` trained as `true`. Checked on the parsed
+    override, before that conversion."""
+    from omegaconf import BooleanNode
+
+    for override in overrides:
+        key = override.key_or_group
+        if override.is_delete() or override.is_sweep_override() or "." not in key:
+            continue
+        parent_key, _, child = key.rpartition(".")
+        parent = OmegaConf.select(full, parent_key, throw_on_missing=False)
+        node = parent._get_node(child) if isinstance(parent, DictConfig) else None
+        value = override.value()
+        if isinstance(node, BooleanNode) and not _bool_word(value):
+            raise ConfigError(f"{override.input_line} is not allowed: {key} takes true or false (or on/off, 1/0)")
+
+
+def _bool_word(value: Any) -> bool:
+    """true/false, null, and the words YAML and OmegaConf have always read as bools (on/off, yes/no, 1/0)."""
+    if value is None or isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value in (0, 1)
+    return isinstance(value, str) and value.strip().lower() in {"on", "off", "yes", "no", "true", "false"}
 
 
 def shared_budget_note(jobs: list[tuple[str, Any]]) -> str | None:

@@ -104,3 +104,20 @@ def test_the_uncovered_defence_data_fix_points_to_a_set_outside_the_training_dat
     fix = CRITERIA["defence data covered by the privacy claim"].fix
     assert fix.startswith("give the defence its own clean set outside the training data, backdoor.trusted_path=")
     assert "drop backdoor.trusted_path" not in fix
+
+
+@pytest.mark.parametrize("override", ["dataset.channels_last=2", "robustness.evaluate=5", "train.keep_freed_memory=-1"])
+def test_a_bool_setting_refuses_a_number_other_than_0_or_1(tmp_path, override):
+    """OmegaConf turned any nonzero number into true: dataset.channels_last=2 trained as true."""
+    from tests.fuzzing import call_cli
+
+    code, err, crash = call_cli([override, f"hydra.run.dir={tmp_path / 'run'}"])
+    assert code == 2 and not crash, (code, err, crash)
+    assert f"{override} is not allowed: {override.split('=')[0]} takes true or false" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override", ["audit.privacy_audit=on", "robustness.evaluate=0", "privacy.fit_to_budget=yes"])
+def test_the_bool_words_users_write_still_compose(override):
+    register_configs()
+    cli.check_run(cli.check_flags([*BASE, override]))  # composes and checks, trains nothing
