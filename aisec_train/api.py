@@ -39,23 +39,50 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     """The typed config the CLI would run with these Hydra overrides (``["dataset=npz", "dataset.path=x.npz"]``).
 
     A bad override raises the one-line ``ConfigError`` the CLI prints (Hydra's and OmegaConf's own errors, a
-    config group given a non-name, a string instead of a list of overrides)."""
+    config group given a non-name, a bool key given a number other than 0/1, a string instead of a list of
+    overrides). Hydra's own settings (``hydra.*``, ``hydra/launcher=...``) are refused: the API runs no launcher,
+    sweep, callback or log of Hydra's, so it would ignore them; ``hydra.searchpath`` (config groups of your own) is
+    the one that composes."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from aisec_train.cli import check_group_values, message
+    from aisec_train.cli import check_bool_values, check_group_values, message
 
     overrides = _overrides(overrides, "overrides")
     register_configs()
     try:
-        searchpath = any(str(o).lstrip("+~").startswith("hydra.searchpath") for o in overrides)
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        _refuse_hydra_settings(parsed)
+        searchpath = any(o.key_or_group.startswith("hydra.searchpath") for o in parsed)
         # train=null (Hydra's ValueError); model=nosuch named against the packaged options
-        check_group_values(OverridesParser.create().parse_overrides(overrides), known_options=not searchpath)
+        check_group_values(parsed, known_options=not searchpath)
         with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
-            return to_config(hydra_compose(config_name="config", overrides=overrides))
+            composed = hydra_compose(config_name="config", overrides=overrides)
+        check_bool_values(parsed, composed)  # dataset.channels_last=2, which OmegaConf reads as true (cli.py)
+        return to_config(composed)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(message(err)) from None
+
+
+def _refuse_hydra_settings(parsed: list) -> None:
+    """Refuse an override of Hydra's own config: ``compose`` returns the job's config only, and ``run`` and ``fit``
+    start no Hydra launcher, sweeper, callback or logging, so ``hydra.run.dir`` or ``hydra/launcher=slurm`` would
+    be silently ignored (the run written elsewhere, the sweep never launched). ``hydra.searchpath`` composes."""
+    for override in parsed:
+        key = override.key_or_group
+        if not (key == "hydra" or key.startswith(("hydra.", "hydra/"))) or key.startswith("hydra.searchpath"):
+            continue
+        if key.startswith("hydra.run"):
+            instead = "give the run's folder as aisec_train.run(..., run_dir=DIR)"
+        elif key.startswith(("hydra.sweep", "hydra.mode", "hydra/launcher", "hydra/sweeper", "hydra.launcher",
+                             "hydra.sweeper")):  # fmt: skip
+            instead = "a sweep is the command line's -m/--multirun; from Python, call run once per config"
+        else:
+            instead = "Hydra's own settings apply to the aisec-train command only"
+        raise ConfigError(
+            f"{override.input_line} is not allowed with the Python API: {instead} (only hydra.searchpath composes here)"
+        )
 
 
 def _overrides(given: object, name: str) -> list[str]:
@@ -71,9 +98,21 @@ def _overrides(given: object, name: str) -> list[str]:
 
 
 def _config(config: Config | Sequence[str] | None) -> Config:
-    """``run``'s and ``fit``'s ``config``: a Config as it is, else the overrides composed (None: the defaults)."""
+    """``run``'s and ``fit``'s ``config``: a Config checked again, else the overrides composed (None: the defaults).
+
+    A Config is a plain dataclass the caller may have edited since ``compose`` (``cfg.train.epochs = 0``): its values
+    are checked again, on a copy, as composing checks them, rather than reaching training unchecked (a batch size of
+    -5 ended in torch's traceback after the run had started; epochs 0 was blamed on the target epsilon)."""
     if isinstance(config, Config):
-        return config
+        from omegaconf import OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        from aisec_train.cli import message
+
+        try:
+            return to_config(OmegaConf.structured(config))
+        except OmegaConfBaseException as err:  # a value of the wrong type ('x' for an int)
+            raise ConfigError(message(err)) from None
     return compose(_overrides(config if config is not None else (), "config"))
 
 
@@ -93,14 +132,18 @@ def run(
     ``outputs/api/<time>``); re-running with the same ``run_dir`` resumes.
     """
     from aisec_train.pipeline import run_pipeline
+    from aisec_train.preflight import check_data_paths
 
     quiet_known_warnings()
     quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1, as the CLI (aisec_train/quiet.py)
     cfg = _config(config)
     if test_dataset is not None and train_dataset is None:
-        raise ValueError("test_dataset needs train_dataset as well")
+        raise ConfigError("test_dataset is not allowed without train_dataset: give both, or train_dataset alone")
     path = _run_dir(run_dir)
-    path.mkdir(parents=True, exist_ok=True)
+    if train_dataset is None:  # the data files exist, as the CLI checks before Hydra makes the run folder
+        check_data_paths(cfg.dataset)
+    # run_pipeline's preflight refuses a bad target or dataset item before its output check creates the folder: a
+    # refused run leaves no folder or lock file behind (it used to be made here first)
     return run_pipeline(cfg, path, experiment=experiment, user=UserObjects(model, train_dataset, test_dataset))
 
 

@@ -106,6 +106,13 @@ def check_flags(argv: list[str]) -> argparse.Namespace | None:
         errors.refuse(
             PROG, f"unrecognized arguments: {' '.join(extra)}: give all overrides together, before or after the flags"
         )
+    if args.experimental_rerun is not None:  # Hydra would pickle.load it: code anyone who can write the file chose
+        errors.refuse(
+            PROG,
+            f"--experimental-rerun {args.experimental_rerun} is not allowed: it unpickles the file (a pickle runs "
+            "whatever code its writer chose) and skips every check; to resume a run, run aisec-train again with the "
+            "same hydra.run.dir",
+        )
     return args
 
 
@@ -126,6 +133,8 @@ def check_group_values(overrides: list[Any], known_options: bool = False) -> Non
     ``privacy=1``, so refuse it here, naming the group's options. ``~train`` still removes a group."""
     for override in overrides:
         group = override.key_or_group
+        if not group:  # "=1": Hydra parses an empty key, which would name the config folder itself as the group
+            raise ConfigError(f"{override.input_line} is not allowed: an override needs a key, e.g. train.epochs=10")
         if override.is_delete() or override.is_sweep_override():
             continue  # a sweep's values are checked job by job (check_multirun)
         if "/" not in group and not Path(CONFIG_DIR, group).is_dir():

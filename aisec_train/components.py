@@ -17,7 +17,8 @@ import typing
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from hydra.utils import get_object, instantiate
+from hydra._internal.utils import _locate
+from hydra.utils import instantiate
 
 from aisec_train.errors import ConfigError
 
@@ -103,14 +104,22 @@ def target_of(node: Any, key: str) -> Callable[..., Any]:
                           f"allowed: {key} needs a _target_ naming an importable class or function")  # fmt: skip
     target = node["_target_"]
     check_node(node, key)
-    try:
-        found = get_object(str(target))
-    except Exception as err:  # noqa: BLE001 - any import failure is the user's target, reported in one line
-        reason = " ".join(str(err).split()).split(" Are you sure")[0]
-        hint = "" if "." in str(target) else "; give module.name"
-        raise ConfigError(f"{key}._target_={target!r} cannot be imported ({reason}){hint}{cwd_hint(target)}") from err
+    found = locate(str(target), f"{key}._target_")
     check_kind(found, key, target)
     return found
+
+
+def locate(target: str, key: str) -> Any:
+    """What ``target`` names, imported but not called; an import failure is one ConfigError line naming ``key``.
+    Hydra's ``_locate`` rather than ``hydra.utils.get_object``, which logs three lines of ERROR before raising (the
+    refusal printed beside them), and ``from None``: the line already holds the cause, which a chained error prints
+    a second time."""
+    try:
+        return _locate(target)
+    except Exception as err:  # noqa: BLE001 - any import failure is the user's target, reported in one line
+        reason = " ".join(str(err).split()).split(" Are you sure")[0]
+        hint = "" if "." in target else "; give module.name"
+        raise ConfigError(f"{key}={target!r} cannot be imported ({reason}){hint}{cwd_hint(target)}") from None
 
 
 def cwd_hint(target: Any) -> str:

@@ -312,7 +312,7 @@ def _default_dir(key: str) -> str:
 def check_hydra_targets(argv: list[str]) -> None:
     """A ``_target_`` given under ``hydra.`` (callbacks, launcher, sweeper) is instantiated by Hydra itself, before
     our job: check it for its slot here, before Hydra can call it."""
-    from aisec_train.components import check_kind, slot_of
+    from aisec_train.components import check_kind, locate, slot_of
 
     for override in parsed_overrides(argv):
         key = override.key_or_group
@@ -321,12 +321,7 @@ def check_hydra_targets(argv: list[str]) -> None:
         slot = key.rsplit(".", 1)[0]
         if slot_of(slot) != "hydra.callbacks":
             raise ConfigError(f"{key} is not allowed: only hydra.callbacks.NAME._target_ may be overridden")
-        from hydra.utils import get_object
-
-        try:
-            found = get_object(str(override.value()))
-        except Exception as err:  # noqa: BLE001 - the user's target cannot be imported: one line
-            raise ConfigError(f"{key}={override.value()!r} cannot be imported") from err
+        found = locate(str(override.value()), key)  # one line when it cannot be imported
         check_kind(found, slot, override.value())
 
 

@@ -67,8 +67,9 @@ def stage_audit(run: Run) -> None:
             _membership(run, model)
             _extraction(run, model)
             _guard_probes(run, model)
-        else:
-            run.report.add("audit", membership=None, extraction=None, sanitization=None)
+        else:  # the guard's policy still describes the deployed interface: the threat model names what is set
+            guard = {k: getattr(v, "value", v) for k, v in vars(cfg.guard).items()}
+            run.report.add("audit", membership=None, extraction=None, sanitization=None, guard_configured=guard)
             for area, item in (("training", evidence.MEMBERSHIP), ("model", evidence.EXTRACTION)):
                 run.report.check(area, item, "not_applicable", "audit.enabled=false: not measured in this run")
         _privacy_audit(run)

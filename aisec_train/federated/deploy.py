@@ -25,6 +25,7 @@ from aisec_train.config import Config
 from aisec_train.errors import ConfigError
 from aisec_train.federated.config import DeploymentConfig
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.store.errors import IntegrityError
 from aisec_train.store.files import atomic_write, open_live
 
 log = logging.getLogger("aisec_train.federated")
@@ -52,6 +53,7 @@ def _toml_str(value: str) -> str:
 def write_app(app_dir: Path, server: ServerSettings) -> Path:
     """The Flower App: components from the installed package, run config = the server's settings only."""
     app_dir.mkdir(parents=True, exist_ok=True)
+    check_app_folder(app_dir)
     config = "\n".join(f"{k} = {_toml_str(v)}" for k, v in server.to_map().items())
     text = f"""\
 # Written by aisec-train for one run (federated.engine=deployment). The apps come from the installed
@@ -79,6 +81,20 @@ clientapp = "aisec_train.federated.client_app:app"
 """
     atomic_write(app_dir / "pyproject.toml", text, root=app_dir)
     return app_dir
+
+
+def check_app_folder(app_dir: Path) -> None:
+    """Refuse an app folder holding anything but our ``pyproject.toml`` (a resumed run's folder may have been
+    written by someone else). ``flwr run`` packs every ``.py``, ``.toml``, ``.json``, ... file of the folder into the
+    app it ships, and the ServerApp and each SuperNode's ClientApp put it first on ``sys.path``: a planted
+    ``aisec_train/federated/client_app.py`` there would run instead of the installed package, on every client."""
+    planted = sorted(p.name for p in app_dir.iterdir() if p.name != "pyproject.toml")
+    if planted:
+        raise IntegrityError(
+            f"{app_dir} holds {', '.join(planted[:5])}{' ...' if len(planted) > 5 else ''}: aisec-train writes only "
+            "pyproject.toml there, and flwr run would ship the rest to the ServerApp and every SuperNode as code "
+            "they import before the installed aisec_train; remove it, or use another hydra.run.dir"
+        )
 
 
 def write_flower_home(home: Path, dep: DeploymentConfig) -> Path:

@@ -217,6 +217,11 @@ def train_federated(job: TrainJob) -> TrainResult:
             "federated.engine=deployment is not allowed with a model object from the Python API: each SuperNode "
             "builds the model from the config; give model._target_ instead"
         )
+    if cfg.federated.engine is Engine.deployment:  # a resumed run's app folder, before any key or admission
+        from aisec_train.federated.deploy import APP_NAME, check_app_folder
+
+        if (job.run_dir / "federated" / APP_NAME).is_dir():
+            check_app_folder(job.run_dir / "federated" / APP_NAME)  # write_app checks it again
     # Checked before anything is written: Ray would otherwise wait for a GPU forever, or hide it from clients.
     gpus = client_gpu_share(cfg.federated, device) if cfg.federated.engine is Engine.simulation else 0.0
     if cfg.federated.engine is Engine.simulation and gpus > 0 and not torch.cuda.is_available():

@@ -14,6 +14,7 @@ the training loop, Opacus and the fine-tuning keys (``trainable``, ``lora``) tre
 from __future__ import annotations
 
 import inspect
+import pickle
 from typing import Any
 
 import torch
@@ -92,6 +93,11 @@ def hf_model(path: str, num_classes: int, trust_remote_code: bool = False, **kwa
         )  # fmt: skip
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.path={path!r} cannot be loaded: {' '.join(str(err).split())[:200]}") from None
+    except pickle.UnpicklingError:  # a pytorch_model.bin holding Python objects: never unpickled (weights_only)
+        raise ConfigError(
+            f"model.path={path!r} cannot be loaded: its weights file holds Python objects besides tensors, which "
+            "torch.load(weights_only=True) refuses to run; save the model with save_pretrained (safetensors)"
+        ) from None
     finally:
         quiet.set_verbosity(verbosity)
         if bar:

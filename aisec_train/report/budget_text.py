@@ -10,10 +10,9 @@ from typing import Any
 def stop_line(report: Any) -> str | None:
     """One sentence when the privacy budget stopped training before its planned steps, else None.
 
-    ``train.epochs_completed`` counts the epoch the stop fell in (a partial one, or one stopped before its first
-    step), so the line says where the stop fell by steps: the sample rate is 1/(batches per epoch), so the steps
-    taken, the steps planned and the complete epochs follow from it (epochs alone said "6 of 6 planned epochs" for
-    a run stopped inside its sixth)."""
+    ``train.epochs_completed`` counts the epoch the stop fell in when it was partial, so the line says where the
+    stop fell by steps: the sample rate is 1/(batches per epoch), so the steps taken, the steps planned and the
+    complete epochs follow from it (epochs alone said "6 of 6 planned epochs" for a run stopped inside its sixth)."""
     train, privacy = report.sections.get("train", {}), report.sections.get("privacy", {})
     if not train.get("stopped_by_budget"):
         return None
@@ -30,6 +29,18 @@ def stop_line(report: Any) -> str | None:
 
 def _stop_point(steps: Any, sample_rate: Any, epochs: Any) -> str | None:
     """Where ``steps`` fell in a run of ``epochs`` epochs at ``sample_rate`` (1/batches per epoch), or None."""
+    split = _epochs_of(steps, sample_rate, epochs)
+    if split is None:
+        return None
+    full, into, per_epoch = split
+    of = f"of {per_epoch * epochs} planned step(s), {per_epoch} an epoch"
+    if into == 0:
+        return f"{of}: {full} of {epochs} planned epoch(s) complete, stopped before epoch {full + 1} began"
+    return f"{of}: stopped {into} step(s) into epoch {full + 1} of {epochs}, {full} epoch(s) complete"
+
+
+def _epochs_of(steps: Any, sample_rate: Any, epochs: Any) -> tuple[int, int, int] | None:
+    """(complete epochs, steps into the next, steps an epoch) of a run stopped after ``steps``, or None."""
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, epochs))
     if not ints or not isinstance(sample_rate, int | float) or not 0 < sample_rate <= 1:
         return None
@@ -37,10 +48,24 @@ def _stop_point(steps: Any, sample_rate: Any, epochs: Any) -> str | None:
     if abs(per_epoch * sample_rate - 1) > 1e-6 or not 0 <= steps < per_epoch * epochs:
         return None
     full, into = divmod(steps, per_epoch)
-    of = f"of {per_epoch * epochs} planned step(s), {per_epoch} an epoch"
-    if into == 0:
-        return f"{of}: {full} of {epochs} planned epoch(s) complete, stopped before epoch {full + 1} began"
-    return f"{of}: stopped {into} step(s) into epoch {full + 1} of {epochs}, {full} epoch(s) complete"
+    return full, into, per_epoch
+
+
+def trained_words(report: Any) -> str:
+    """How much the released model trained, for the security report's at-a-glance line: a run the budget stopped
+    says its complete epochs and the steps of a partial one ("2 epochs" was said of a run that trained one, counting
+    the epoch the stop fell in before its first step; train/stage.py no longer records that one)."""
+    train, privacy = report.sections.get("train", {}), report.sections.get("privacy", {})
+    done, planned = train.get("epochs_completed"), train.get("epochs_planned")
+    if not train.get("stopped_by_budget"):
+        return f"{done} epoch(s)"
+    steps = privacy.get("steps")
+    split = _epochs_of(steps, privacy.get("sample_rate"), planned)
+    if split is None:  # no sample rate to count steps by: the epoch it stopped in, as the loop numbers it
+        return f"stopped by the privacy budget in epoch {done} of {planned} planned, after {steps} step(s)"
+    full, into, _ = split
+    part = f" and {into} step(s) of epoch {full + 1}" if into else ""
+    return f"{full} complete epoch(s){part} of {planned} planned (stopped by the privacy budget after {steps} step(s))"
 
 
 def budget_lines(report: Any) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.audit import details, evidence
-from aisec_train.report.budget_text import budget_section
+from aisec_train.report.budget_text import budget_section, trained_words
 from aisec_train.report.report import AREAS, Report
 from aisec_train.store import atomic_write
 
@@ -21,6 +21,15 @@ FIGURES = {  # file: caption
     "training_curve.png": "Training loss, accuracy and privacy spent per epoch.",
     "fine_pruning.png": "Backdoor repair: attack success and clean accuracy as neurons are pruned.",
     "federated_accuracy.png": "Federated training: accuracy per round.",
+}
+# The report key a stage sets when it draws the figure in this run. A run directory can hold an earlier run's
+# figures (a resume with the backdoor or the audit off showed that run's fine_pruning.png and membership ROC under
+# "no poisoning red team in this run"); a figure is shown only when this run's report names it.
+DRAWN_BY = {
+    "membership_roc.png": "audit.membership.roc_png",
+    "training_curve.png": "train.epochs_completed",  # report/outputs.py draws it from any training history
+    "fine_pruning.png": "backdoor.fine_pruning.plot",
+    "federated_accuracy.png": "federated.accuracy_plot",
 }
 
 
@@ -79,18 +88,55 @@ def robust_sample_words(report: Report) -> str:
     return where + (f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
+def _guard_setting(report: Report, key: str) -> Any:
+    """The guard's ``audit.guard.<key>`` as this run configured it: the audited policy, or the one the audit stage
+    records when the audit is off (it used to name a rate limit and a budget that were set to 0, unlimited)."""
+    return report.get(f"audit.extraction.guard.{key}", report.get(f"audit.guard_configured.{key}"))
+
+
 def _rate_limit(report: Report) -> str:
     """The guard's rate limit as this run configured it: never named as a mitigation when it is off."""
     probed = report.get("audit.guard_probes.rate_limit") or {}
-    if probed.get("configured", True):
+    if probed.get("configured", _guard_setting(report, "rate_limit") != 0):
         return "rate limit"
     return "no rate limit (audit.guard.rate_limit=0)"
 
 
 def _guard_limits(report: Report) -> str:
-    budget = report.get("audit.extraction.guard.query_budget")
+    budget = _guard_setting(report, "query_budget")
     per_client = "no per-client budget (audit.guard.query_budget=0)" if budget == 0 else "per-client budget"
     return f"{per_client}, {_rate_limit(report)}"
+
+
+# The defences stage_defend records in ``backdoor.stages`` (backdoor/stage.py), by the words the threat model uses.
+DEFENCES = {"filtered": "filter and retrain", "fine_pruned": "Fine-Pruning", "relearned": "relearning"}
+
+
+def _backdoor_words(report: Report) -> str:
+    """The poisoning defences this run ran: Fine-Pruning was named after backdoor.repair=none too."""
+    design = "spectral-signature / activation-clustering detection, Fine-Pruning"
+    stages = report.get("backdoor.stages")
+    if not isinstance(stages, (list, dict)):  # no red team in this run: the defences the pipeline has
+        return design
+    names = {"spectral": "spectral-signature", "activation_clustering": "activation-clustering"}
+    detectors = " / ".join(names.get(m, m) for m in report.get("backdoor.detections") or {}) or "no"
+    repairs = [words for stage, words in DEFENCES.items() if stage in stages]
+    return f"{detectors} detection, " + (", ".join(repairs) if repairs else "no repair (backdoor.repair=none)")
+
+
+def _dp_words(report: Report) -> str:
+    """The DP mechanism this run trained with: never named as a mitigation of a run without one (privacy=none)."""
+    if report.get("privacy.epsilon") is None:
+        return "no DP (privacy=none)"
+    mechanism = "client-level DP-FedAvg" if report.get("privacy.level") == "client" else "DP-SGD"
+    return mechanism if report.get("privacy.guarantee.holds") is not False else f"{mechanism}, NO DP guarantee"
+
+
+def _attack_words(mia: dict[str, Any] | None) -> str:
+    """The membership attacks that ran, else the audit's design (loss; LiRA and RMIA with reference models)."""
+    if mia and mia.get("attacks"):
+        return ", ".join(mia["attacks"])
+    return "loss; offline LiRA and RMIA with reference models"
 
 
 def threat_model(report: Report) -> list[dict[str, str]]:
@@ -111,7 +157,7 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "data pipeline",
             f"poisoning / backdoor ({g('backdoor.attack') or 'none run'})",
             "hidden trigger controls predictions",
-            "spectral-signature / activation-clustering detection, Fine-Pruning",
+            _backdoor_words(report),  # this run's
             f"tested: ASR {_fmt(backdoor)} -> {_fmt(g('backdoor.asr_after'))}"
             if backdoor is not None
             else "not tested in this run (backdoor.attack=none)",
@@ -120,7 +166,7 @@ def threat_model(report: Report) -> list[dict[str, str]]:
             "training",
             "membership inference",
             "reveals who was in the training data",
-            "DP-SGD; membership-inference audit (loss; offline LiRA and RMIA with reference models)",
+            f"{_dp_words(report)}; membership-inference audit ({_attack_words(mia)})",  # this run's
             f"measured: AUC {_fmt(mia['auc'])}, TPR {_fmt(mia['tpr_at_fpr_0_001'])} @ 0.1% FPR (strongest of "
             f"{', '.join(mia['attacks'])}: {mia['strongest_attack']}; {mia['members']} members vs "
             f"{mia['nonmembers']} non-members); epsilon {_fmt(g('privacy.epsilon'), 2)}"
@@ -209,7 +255,7 @@ def _at_a_glance(report: Report) -> list[str]:
             f"{g('data.name')}: {g('data.n_train')} train / {g('data.n_test')} held-out, shape {g('data.shape')}",
         ),
         ("model", f"{model_label(report)} (`{g('model.target')}`), `model.pt` SHA-256 `{g('model.sha256')}`"),
-        ("training", f"{_fmt(g('train.epochs_completed'))} epochs on {_fmt(g('train.device'))}; privacy: {privacy}"),
+        ("training", f"{_training_words(report)} on {_fmt(g('train.device'))}; privacy: {privacy}"),
         ("clean accuracy", _fmt(g("metrics.clean_accuracy"))),
         ("robust accuracy", _fmt(g("robustness.robust_accuracy")) + robust_sample_words(report)),
         ("membership AUC", _fmt(g("audit.membership.auc")) + _targets_words(g("audit.membership"))),
@@ -217,6 +263,18 @@ def _at_a_glance(report: Report) -> list[str]:
         ("registry", f"`{g('registry.id')}` in `{g('registry.path')}`"),
     ]
     return ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows]]
+
+
+def _training_words(report: Report) -> str:
+    """How much the model trained: a federated run's rounds (its ``train.epochs_completed`` is the last round, and
+    its clients' local epochs are federated.local_epochs), else epochs, a budget stop's by its steps."""
+    fed = report.get("federated")
+    if report.get("train.trainer") == "federated" and isinstance(fed, dict):
+        return (
+            f"{fed.get('rounds')} of {fed.get('rounds_planned')} planned federated round(s) of "
+            f"{fed.get('local_epochs')} local epoch(s) on {fed.get('clients')} clients"
+        )
+    return trained_words(report)
 
 
 def security_report(report: Report, figures: list[str]) -> str:
@@ -283,8 +341,12 @@ def _item_line(c: dict[str, Any]) -> str:
     return line
 
 
+def drawn_figures(report: Report, run_dir: Path) -> list[str]:
+    """The figures this run drew (its report names them), not another run's left in the same folder."""
+    return [name for name in FIGURES if report.get(DRAWN_BY[name]) and (run_dir / name).exists()]
+
+
 def write(report: Report, run_dir: Path) -> Path:
-    figures = [name for name in FIGURES if (run_dir / name).exists()]
     path = run_dir / "security_report.md"
-    atomic_write(path, security_report(report, figures), root=run_dir)
+    atomic_write(path, security_report(report, drawn_figures(report, run_dir)), root=run_dir)
     return path

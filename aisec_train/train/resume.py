@@ -1,16 +1,20 @@
-"""A run directory's identity, for resuming: which model on which data and split, with or without DP.
+"""A run directory's identity, for resuming: which model on which data and split, with or without DP, and the
+training recipe the report states (the training view's transforms, adversarial training).
 
 Every checkpoint the train stage writes carries it (:class:`CheckpointSlot`); :func:`load_resume` reads the last
 one back and refuses, in one line, a config that would continue another run's training (another model, data,
-split or privacy mode, or a dataset-ledger account charged at another delta, accountant or split).
+split, privacy mode, training view or adversarial training, or a dataset-ledger account charged at another delta,
+accountant or split).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aisec_train.robust.config import training_attack
 from aisec_train.train import checkpoint
 from aisec_train.train.config import PrivacyMode
 
@@ -29,7 +33,68 @@ def identity(run: Run) -> dict[str, Any]:
         "model": model_identity(run),
         "private": run.cfg.privacy.mode is PrivacyMode.dpsgd,
         "split_seed": data.split_seed,
+        "training": training_recipe(run),
     }
+
+
+# Lineage steps that are checks, or that the identity holds under other keys (manifest, split seed): the rest
+# transform the training view (deduplication, augmentation, a reserve carved out for a defence, a red team's poison).
+_NOT_TRANSFORMS = ("load", "split", "sanity_checks")
+
+
+def training_recipe(run: Run) -> dict[str, Any]:
+    """What the weights were trained on and for beyond model and data, as the report states it: the training view's
+    transforms (``data.lineage``) and the adversarial training (``train.adversarial_training``). A resume of a
+    finished run trains nothing more, so its report describes this config: a recipe other than the checkpoint's
+    released a red team's unrepaired model as "no poisoning red team in this run", or claimed PGD-AT for weights
+    trained without it. Plain JSON types, so that it compares equal to a checkpoint's copy."""
+    assert run.data is not None
+    view = [step for step in run.data.lineage if step.get("step") not in _NOT_TRANSFORMS]
+    rob = run.cfg.robustness
+    recipe = {"view": view, "adversarial_training": rob.mode.value, "adversarial_attack": training_attack(rob)}
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def _recipe_refusal(run: Run, recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
+    """The one-line refusal of a resume whose training recipe differs from its checkpoint's, or None."""
+    where = f"{run.run_dir} was trained"
+    if recorded.get("view") != wanted["view"]:
+        was, now = recorded.get("view") or [], wanted["view"]
+        return (
+            f"the training view {_view_words(now)} (backdoor.*, dataset.augment) is not allowed on resume: {where} "
+            f"on {_view_words(was)} ({_first_difference(was, now)}); a resume would release that model under this "
+            "config's report. Allowed: the run's backdoor and augmentation settings, or another hydra.run.dir"
+        )
+    if any(recorded.get(k) != wanted[k] for k in ("adversarial_training", "adversarial_attack")):
+        return (
+            f"robustness={_adversarial_words(wanted)} is not allowed on resume: {where} with "
+            f"robustness={_adversarial_words(recorded)}; its report would claim adversarial training the weights did "
+            "not have. Allowed: the run's robustness settings, or another hydra.run.dir"
+        )
+    return None
+
+
+def _view_words(view: list[dict[str, Any]]) -> str:
+    return " -> ".join(str(step.get("step")) for step in view) or "the split as loaded (no transform)"
+
+
+def _first_difference(was: list[dict[str, Any]], now: list[dict[str, Any]]) -> str:
+    """The first step that differs, by the settings it records (hashes left out: they follow from the settings)."""
+    for i in range(max(len(was), len(now))):
+        a, b = (was[i] if i < len(was) else {}), (now[i] if i < len(now) else {})
+        if a == b:
+            continue
+        if a.get("step") != b.get("step"):
+            return f"step {i + 1}: {a.get('step', 'none')} then, {b.get('step', 'none')} now"
+        keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k) != b.get(k) and not k.endswith("sha256")]
+        changed = ", ".join(f"{k} {a.get(k)!r} then, {b.get(k)!r} now" for k in keys[:3]) or "its digests"
+        return f"{a.get('step')}: {changed}"
+    return "no difference"
+
+
+def _adversarial_words(recipe: dict[str, Any]) -> str:
+    attack = recipe.get("adversarial_attack")
+    return str(recipe.get("adversarial_training")) + (f" (attack {attack})" if attack else "")
 
 
 def model_identity(run: Run) -> dict[str, Any]:
@@ -70,6 +135,10 @@ def load_resume(run: Run) -> dict[str, Any] | None:
             f"{run.run_dir} was trained with privacy={'dpsgd' if meta.get('private') else 'none'}; "
             "privacy cannot be switched on resume. Use another hydra.run.dir"
         )
+    recorded = meta.get("training")  # absent from a checkpoint written before the recipe was recorded
+    refusal = _recipe_refusal(run, recorded, training_recipe(run)) if isinstance(recorded, dict) else None
+    if refusal:
+        raise checkpoint.CheckpointError(refusal)
     log.info("resuming %s from epoch %d", run.checkpoint_path, payload["epoch"])
     return payload
 

@@ -44,6 +44,12 @@ def stage_train(run: Run) -> None:
     if run.backdoor is not None:
         job.extras["backdoor"] = run.backdoor
     result = TRAINERS[trainer](job)
+    if resume and resume.get("stopped_by_budget") and len(result.history) == len(resume.get("history") or []):
+        # A finished run the budget had stopped, resumed: the loop trains nothing (no epoch left) and so never
+        # meets the budget again; the model is still the stopped one, and the report, registry and console say so.
+        result.stopped_by_budget = True
+    if result.stopped_by_budget:
+        result.history = trained_rows(result.history)
     run.report.merge(result.sections, result.checks)  # what the trainer measured beyond the loop (federated)
     run.model, run.result = result.model, result
     adapters = check_adapters_moved(run.model)  # LoRA that never trained is refused, not released (opacus#820)
@@ -78,6 +84,17 @@ def stage_train(run: Run) -> None:
     privacy_report.write(run.report, measured_privacy(run, result))
     if stop_line(run.report):  # never a silent stop: the console, model card and security report all say it
         log.warning("%s", stop_line(run.report))
+
+
+def trained_rows(history: list[dict]) -> list[dict]:
+    """The history without a last epoch the privacy budget stopped before its first step. The loop records that
+    epoch (loss and accuracy 0 over no batch, the step count of the epoch before), and it was reported as trained:
+    ``train.epochs_completed``, the security report's "2 epochs" of a run that trained one, metrics.csv, the curve
+    and the trackers. Rows carry ``steps`` under DP only, the only runs a budget stops."""
+    rows = list(history)
+    while len(rows) >= 2 and "steps" in rows[-1] and rows[-1]["steps"] == rows[-2].get("steps"):
+        rows.pop()
+    return rows
 
 
 def measured_privacy(run: Run, result: TrainResult) -> privacy_report.Measured | None:
