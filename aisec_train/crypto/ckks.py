@@ -367,9 +367,10 @@ def decrypt_aggregate(agg: EncryptedUpdate | bytes, secret_ctx: ts.Context) -> n
         for i, (c, s) in enumerate(zip(agg.chunks, sizes, strict=True))
     ]
     total = np.concatenate(parts)
-    # A sum past the bound wraps modulo q into garbage near +-q/2; refuse rather than return it.
+    # A sum past the bound wraps modulo q into garbage near +-q/2; refuse rather than return it (an invalid
+    # aggregate, so a client answers it as it answers a malformed one).
     if np.abs(total).max() > value_bound(secret_ctx):
-        raise ValueError("decrypted aggregate exceeds the CKKS value bound: the weighted sum overflowed")
+        raise InvalidCiphertextError("decrypted aggregate exceeds the CKKS value bound: the weighted sum overflowed")
     return total / agg.weight
 
 

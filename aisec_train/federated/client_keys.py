@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import tenseal as ts
 
-from aisec_train.crypto.ckks import EncryptedUpdate, decrypt_aggregate, encrypt_update, load_secret_context
+from aisec_train.crypto.ckks import (
+    EncryptedUpdate,
+    InvalidCiphertextError,
+    decrypt_aggregate,
+    encrypt_update,
+    load_secret_context,
+)
 from aisec_train.crypto.rotation import epoch_of, epochs, is_tagged, key_id_of, load_epoch_secret, tag, untag
 from aisec_train.federated.settings import ClientSettings
 
@@ -40,12 +46,16 @@ class ClientKeys:
 
     def decrypt(self, payload: bytes) -> np.ndarray:
         """The aggregate's mean (a tagged one with the epoch key its tag names)."""
+        # Whether and how it is tagged is the sender's say: a tag this client holds no key for is an invalid
+        # aggregate (answered as a refusal), not a missing file.
         if not is_tagged(payload):
+            if not self.s.secret_context:
+                raise InvalidCiphertextError("an aggregate without a key id, in a run whose keys rotate")
             return decrypt_aggregate(payload, _secret(self.s.secret_context, self.s.secret_sha256))
         key_id = key_id_of(payload)
-        epoch = epochs(Path(self.s.secret_root)).get(key_id)
+        epoch = epochs(Path(self.s.secret_root)).get(key_id) if self.s.secret_root else None
         if epoch is None:
-            raise FileNotFoundError(f"no epoch key under {self.s.secret_root} has id {key_id[:8]}... (retired?)")
+            raise InvalidCiphertextError(f"no epoch key of this client has id {key_id[:8]}... (retired, or foreign)")
         ctx, _ = _epoch_secret(self.s.secret_root, epoch)
         return decrypt_aggregate(untag(payload, key_id), ctx)
 

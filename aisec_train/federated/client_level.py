@@ -129,17 +129,20 @@ def contribution(
 def decode(vector: np.ndarray, num_params: int, plan: ClientDPPlan) -> tuple[np.ndarray, float]:
     """The global weights in a released aggregate, and the clip norm for the next round.
 
-    The initial model carries no extras: the next ``C`` is then the configured one.
+    The initial model carries no extras: the next ``C`` is then the configured one. Without adaptive clipping it is
+    always the configured one: the ``C`` an aggregate carries is whatever the server put there (a plaintext value,
+    or a plaintext added to a ciphertext), and a larger ``C`` for one client than for the others would leave its
+    update with less noise than the accountant charged, relative to its clip.
     """
     if vector.size == num_params:
         return vector, plan.clip_norm
     if vector.size != num_params + EXTRA:
         raise ValueError(f"a DP aggregate has {vector.size} values, expected {num_params} + {EXTRA}")
     weights, count_term, clip = vector[:num_params], float(vector[num_params]), float(vector[num_params + 1])
-    if plan.adaptive:
-        count_sum = count_term * plan.expected_cohort
-        clip = next_clip_norm(clip, count_sum, plan.expected_cohort, plan.target_quantile, plan.clip_lr)
-    return weights, clip
+    if not plan.adaptive:
+        return weights, plan.clip_norm
+    count_sum = count_term * plan.expected_cohort
+    return weights, next_clip_norm(clip, count_sum, plan.expected_cohort, plan.target_quantile, plan.clip_lr)
 
 
 # ---- the server's client-level ledger ----------------------------------------------------------------------

@@ -243,8 +243,15 @@ def local_round(
     train_split = task.client_train(partition_id)
     state = load_client_state(state_dir, partition_id)
     # Record-level DP-SGD with the client's own ledger; dp=client trains plainly and privatizes the update after.
-    private = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd) is FederatedDP.record
+    level = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd)
+    private = level is FederatedDP.record
     ledger = state["ledger"] or (_calibrated_ledger(cfg, len(train_split)) if private else None)
+    if level is not FederatedDP.none and len(state["rounds"]) >= fed.rounds:
+        # Under DP a client trains at most the run's rounds, whatever the server asks: a replayed or extra round
+        # spends budget the run's admission never planned (without a target epsilon nothing else stops it). A
+        # round a resumed run trains again counts too, as the ledger does (the honest account).
+        flat = flatten(global_state)
+        return LocalResult(flat, np.zeros_like(flat), len(train_split), {"epsilon": _eps(ledger)}, refused="budget")
 
     model = task.global_model(global_state)
     seed = cfg.train.seed + 1000 * (partition_id + 1) + server_round  # distinct noise per client and round
