@@ -183,6 +183,31 @@ def check_composition(cfg: Config) -> None:
             "norms each forward pass on its own, but TRADES feeds every record twice (clean and adversarial); "
             "allowed: bk or hooks, which clip the sum"
         )
+    _check_low_precision_ghost(cfg, two_forwards)
+
+
+def _check_low_precision_ghost(cfg: Config, two_forwards: bool) -> None:
+    """bf16 under Opacus' ghost clipping breaks the per-record bound (train/precision.py, ``check_private_step``).
+    The loop refuses it whatever chose ghost; this refuses, with the rest of the config and before data-parallel
+    ranks launch, the choices the config already makes: ghost by name, FSDP, or bk's data-parallel ghost."""
+    priv, dist = cfg.privacy, cfg.train.distributed
+    if priv.mode is not PrivacyMode.dpsgd or cfg.train.precision == "32":
+        return
+    ranks = dist.nproc > 1
+    if priv.grad_sample_mode is GradSampleMode.ghost:
+        why = "privacy.grad_sample_mode=ghost"
+    elif ranks and dist.strategy == "fsdp":
+        why = "train.distributed.strategy=fsdp clips with ghost_fsdp"
+    elif ranks and priv.grad_sample_mode is GradSampleMode.bk and not two_forwards:
+        why = f"{dist.nproc} data-parallel ranks clip bk's steps with it"
+    else:
+        return
+    raise ConfigError(
+        f"train.precision={cfg.train.precision!r} is not allowed with Opacus' ghost clipping ({why}): it forms the "
+        "clipped sum in a second backward through the bf16 forward, so a record's clipped gradient can exceed "
+        "privacy.max_grad_norm; allowed: train.precision=32, or bf16 with privacy.grad_sample_mode=hooks, or "
+        "with bk in one process"
+    )
 
 
 def _check_federated_dp(cfg: Config) -> None:

@@ -49,8 +49,8 @@ class LogitDtype(torch.nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mode,robust", [("bk", "none"), ("ghost", "none"), ("hooks", "none"), ("bk", "pgd_at"), ("hooks", "trades")]
-)
+    "mode,robust", [("bk", "none"), ("hooks", "none"), ("bk", "pgd_at"), ("hooks", "trades")]
+)  # ghost under bf16 is refused: its second backward clips bf16 gradients (tests/test_dp_numerics.py)
 def test_bf16_forward_with_fp32_clipping_in_every_mode(mode, robust):
     seen = Seen()
     model = LogitDtype(build_model("cnn", in_channels=1, num_classes=3, image_size=6), seen)

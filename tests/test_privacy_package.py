@@ -105,6 +105,20 @@ def test_the_item_passes_only_within_the_target_with_no_gap(eps, gaps, status):
     assert ("NO DP guarantee holds" in _item(report)["evidence"]) == bool(gaps)
 
 
+def test_a_dp_report_names_what_it_releases_without_noise_and_a_non_dp_report_does_not():
+    """The training curves, data counts and audit figures come from the training records without noise; the
+    epsilon must not seem to cover them (report.json ``privacy.not_covered``, and the model card's limitations)."""
+    from aisec_train.report.outputs import model_card
+
+    report = _report()
+    write(report, _measured(0.9, 1.0, []))
+    not_covered = report.sections["privacy"]["not_covered"]
+    assert any("metrics.csv" in item for item in not_covered) and any("membership" in item for item in not_covered)
+    assert "privacy.not_covered" in model_card(report)
+    plain = _report()
+    write(plain, None)
+    assert "not_covered" not in plain.sections["privacy"] and "privacy.not_covered" not in model_card(plain)
+
 def test_the_records_spend_across_runs_is_stated_whenever_a_dataset_ledger_was_charged():
     report = _report()
     report.add("privacy", budget={"dataset_epsilon": 2.5, "dataset_runs": 3, "dataset_target_epsilon": 8.0})

@@ -152,6 +152,13 @@ def model_card(report: Report) -> str:
         "hold (Poisson sampling, per-sample clipping as configured).",
         "",
     ]
+    if report.sections.get("privacy", {}).get("not_covered"):
+        lines.insert(
+            -1,
+            "- The DP guarantee covers the released weights; the training curves, the data counts and the audit "
+            "figures computed on training records (`privacy.not_covered` in report.json) are released without noise: "
+            "share them as you would the training data.",
+        )
     return "\n".join(lines)
 
 

@@ -144,9 +144,10 @@ class BKGradSampleModule(AbstractGradSampleModule):
         device = active[0].processed.norm_sq.device
         # With a mean loss each captured gradient is 1/B of the sample's own (Opacus' hooks scale by B too).
         scale = float(sizes.pop()) if self.loss_reduction == "mean" else 1.0
-        norms = torch.stack([r.processed.norm_sq.to(device) for r in active]).sum(0).sqrt() * scale
+        # clamp: a ghost norm's Gram sums can round a zero norm to a tiny negative (Opacus' ghost norms clamp too)
+        norms = torch.stack([r.processed.norm_sq.to(device) for r in active]).sum(0).clamp(min=0).sqrt() * scale
         self.per_sample_gradient_norms = norms
-        weights = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0) * scale
+        weights = finite_clip_factors(norms, self.max_grad_norm) * scale
         for record in active:
             for p, grad in record.clipped(weights).items():
                 grad = grad.to(p.dtype)
@@ -154,6 +155,21 @@ class BKGradSampleModule(AbstractGradSampleModule):
         for p in self._module.parameters():
             if p.requires_grad and p.grad is None:  # unused this step: Opacus' optimizer needs a tensor to noise
                 p.grad = torch.zeros_like(p)
+
+
+def finite_clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
+    """Opacus' clip factors ``min(1, C / (||g_i|| + 1e-6))``, and 0 for a sample whose norm is not finite.
+
+    One record can make its own norm NaN or inf: a pixel of 1e30 (a finite float32 the data checks pass) squares
+    past float32 in a ghost norm, and ``inf * 0`` is NaN where tanh saturated the record's gradient to 0. Opacus'
+    formula gave that sample a NaN factor, which the clipped sum spread to every parameter: one record made the
+    step, and the model, non-finite, an influence no clip bounds, and training died at the step that drew it. A
+    factor of 0 drops that record's gradient from this step alone: its contribution, 0, is within C like any
+    clipped one, so the sum's sensitivity stays C and nothing of the other records' step depends on it. (Not
+    counted in the report: how many records were dropped would be a statistic of the data with no noise.)
+    """
+    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
 
 
 def _forward(record: LayerRecord, original, *args, **kwargs):

@@ -19,11 +19,13 @@ ghost or hooks mode; :func:`~aisec_train.train.bk.bk_report` tells which, and wh
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from opacus import PrivacyEngine
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
-from aisec_train.train.bk import BKGradSampleModule, BKUnsupported
+from aisec_train.train.bk import BKGradSampleModule, BKUnsupported, finite_clip_factors
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,10 @@ class BKPrivacyEngine(PrivacyEngine):
 
     def _prepare_model(self, module: nn.Module, *, grad_sample_mode: str = "hooks", **kwargs):
         if grad_sample_mode != "bk":
-            return super()._prepare_model(module, grad_sample_mode=grad_sample_mode, **kwargs)
+            model = super()._prepare_model(module, grad_sample_mode=grad_sample_mode, **kwargs)
+            if isinstance(model, GradSampleModuleFastGradientClipping):  # ghost, bk's fallback, DPDDP, FSDP
+                model.get_clipping_coef = partial(_finite_clipping_coef, model)
+            return model
         self.validate(module=module, optimizer=None, data_loader=None)  # Opacus' ModuleValidator (no BatchNorm...)
         return BKGradSampleModule(
             module,
@@ -79,3 +84,9 @@ class BKPrivacyEngine(PrivacyEngine):
         return super()._prepare_optimizer(
             grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode, **kwargs
         )
+
+
+def _finite_clipping_coef(model: GradSampleModuleFastGradientClipping):
+    """Opacus ghost mode's clip factors with bk's rule for a non-finite norm: 0, that record dropped from this step
+    (train/bk.py, ``finite_clip_factors``; Opacus' own formula gave one record's NaN norm to the whole step)."""
+    return finite_clip_factors(model.get_norm_sample(), model.max_grad_norm)

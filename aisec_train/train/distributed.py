@@ -34,6 +34,7 @@ from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
+from aisec_train.store.errors import BudgetError
 from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import keep_freed_memory
@@ -47,9 +48,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("aisec_train")
 
-# Refusals a worker reports back by name, so the parent raises the same one-line error the CLI prints.
+# Refusals a worker reports back by name, so the parent raises the same one-line error the CLI prints. BudgetError:
+# the dataset's budget refuses in rank 0's loop (privacy/spend.py's admission); it was an elastic traceback, exit 1.
 REFUSALS = {
-    cls.__name__: cls for cls in (BudgetExhausted, checkpoint.CheckpointError, DataError, ConfigError, NonFiniteError)
+    cls.__name__: cls
+    for cls in (BudgetExhausted, BudgetError, checkpoint.CheckpointError, DataError, ConfigError, NonFiniteError)
 }
 
 

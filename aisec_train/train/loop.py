@@ -240,11 +240,13 @@ class Loop:
             dp = make_private(
                 self.model, self.base_optimizer, loader, self.privacy, ledger=self.ledger, epochs=self.cfg.epochs,
                 forwards=self.objective.forwards, noise_generator=self.noise_generator,
+                sum_backward=self.amp.sum_backward(self.private),
             )  # fmt: skip
             self.model, self.optimizer, self.criterion, loader = dp.model, dp.optimizer, dp.criterion, dp.loader
             if self.cfg.augmult > 1:  # each record's K view-rows averaged before clipping
                 install_augmult(self.optimizer, self.cfg.augmult)
             self.mode, self.private_step = dp.grad_sample_mode, dp.report
+            self.amp.check_private_step(self.mode, self.world, dp.report.get("fallback"))
         self.planned_steps = self.cfg.epochs * len(loader)
         return loader, self.optimizer
 
@@ -360,16 +362,20 @@ class Loop:
                     break
                 steps_before = self.ledger.steps if self.ledger is not None else self.steps
                 if len(y) == 0:  # Poisson sampling can draw an empty batch; Opacus still takes its noisy step
+                    # Cleared first, as every step is: the last step's clipped sum, still marked processed, made
+                    # Opacus refuse the step ("Gradients haven't been cleared"), a traceback part-way through a run.
+                    self.optimizer.zero_grad(set_to_none=True)
                     for p in self.plain.parameters():
                         if p.requires_grad:
                             p.grad = torch.zeros_like(p)  # Opacus' accumulation reads a gradient even here
+                            p.grad_sample = p.new_zeros((0, *p.shape))  # hooks mode clips 0 per-sample rows
                     self.optimizer.step()
                 else:
                     x, y = x.to(self.device, non_blocking=True), torch.as_tensor(y).to(self.device)
                     self.optimizer.zero_grad(set_to_none=True)
                     with self.amp.autocast():  # the forward only: params, clipping, noise stay fp32
                         loss, logits = self.objective(self.model, attacked, x, y, self.criterion)
-                    self.amp.backward(loss)
+                    self.amp.backward(loss, rows=len(y) * self.cfg.augmult, private=self.private)
                     self.amp.step(self.optimizer)
                     self.last_loss = float(loss.detach())
                     total += self.last_loss * len(y)

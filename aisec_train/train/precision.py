@@ -3,7 +3,9 @@
 Only the forward pass (objective: adversary, forward, loss) runs under ``torch.autocast``; the parameters stay
 float32, and what the per-sample machinery captured in bf16 is upcast before any per-sample arithmetic (Opacus'
 samplers through its registries, :func:`fp32_per_sample_math`; the book-keeping engine in train/bk_capture.py), so
-per-sample gradients, norms, clipping, the noise and the optimizer step all stay float32.
+per-sample gradients, norms, clipping, the noise and the optimizer step all stay float32 under bk and hooks. A
+private bf16 step backpropagates the sum of its rows' losses (:meth:`Precision.sum_backward`), and Opacus' ghost
+clipping, whose clipped sum comes from a second bf16 backward, is refused (:meth:`Precision.check_private_step`).
 fp16 adds torch's ``GradScaler`` against underflow; under DP-SGD it is refused, because the scaler multiplies
 every per-sample gradient before it is clipped (the clip norm would bound the scaled gradient): use bf16, whose
 float32 exponent range needs no scaler.
@@ -76,12 +78,42 @@ class Precision:
         if self.dtype is not None:
             fp32_per_sample_math()
 
+    def check_private_step(self, mode: str, world: int, fallback: str | None) -> None:
+        """Refuse (before any step or charge) a low-precision forward under Opacus' ghost clipping, whatever chose
+        it: ``privacy.grad_sample_mode=ghost``, data-parallel ranks (Opacus' distributed ghost optimizer), FSDP, or
+        book-keeping's fallback. Ghost clipping forms the clipped sum in a second backward through the recorded
+        bf16 forward, so the clip factors (from float32 norms) scale bf16-rounded gradients: a record's own clipped
+        gradient measured up to 1.002 C alone and 1.011 C against its batch (tests/test_dp_numerics.py), past the
+        sensitivity the accountant charges for. bk and hooks clip the float32 per-sample gradients themselves."""
+        if self.dtype is None or mode not in ("ghost", "ghost_fsdp"):
+            return
+        why = f"{world} data-parallel ranks clip with it" if world > 1 else f"book-keeping fell back: {fallback}"
+        why = why if world > 1 or fallback else "privacy.grad_sample_mode=ghost"
+        raise ConfigError(
+            f"train.precision={self.name!r} is not allowed with Opacus' ghost clipping ({why}): it forms the clipped "
+            "sum in a second backward through the bf16 forward, so a record's clipped gradient can exceed "
+            "privacy.max_grad_norm; allowed: train.precision=32, or bf16 with privacy.grad_sample_mode=hooks, or "
+            "with bk in one process"
+        )
+
     def autocast(self):
         if self.dtype is None:
             return nullcontext()  # float32: no autocast object per step
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def sum_backward(self, private: bool) -> bool:
+        """Whether a private step backpropagates the sum of its rows' losses (privacy/engine.py's ``sum_backward``).
+
+        Under bf16 and a mean loss, the 1/B of the batch (B changes when a record joins a Poisson batch) entered
+        every gradient before the bf16 backward rounded it: one record moved every other record's clipped gradient
+        by rounding, and the batch's clipped sum by up to 1.008 C (small models, B = 6 to 512) against the C the
+        accountant charges for. Summed, each row's gradient no longer depends on B: 1.0000002 C, as in float32."""
+        return private and self.dtype is not None
+
+    def backward(self, loss: torch.Tensor, rows: int = 1, private: bool = False) -> None:
+        """``loss`` is the objective's mean over ``rows`` rows; a private low-precision step backpropagates its sum."""
+        if self.sum_backward(private):
+            loss = loss * rows
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
