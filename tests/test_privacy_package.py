@@ -119,6 +119,7 @@ def test_a_dp_report_names_what_it_releases_without_noise_and_a_non_dp_report_do
     write(plain, None)
     assert "not_covered" not in plain.sections["privacy"] and "privacy.not_covered" not in model_card(plain)
 
+
 def test_the_records_spend_across_runs_is_stated_whenever_a_dataset_ledger_was_charged():
     report = _report()
     report.add("privacy", budget={"dataset_epsilon": 2.5, "dataset_runs": 3, "dataset_target_epsilon": 8.0})
