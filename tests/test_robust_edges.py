@@ -232,3 +232,15 @@ def test_a_wide_resnet_too_large_to_allocate_is_refused_before_allocating():
         WideResNet(in_channels=1, num_classes=10, image_size=8, depth=16, width=100_000)  # asked for 92 TB
     with pytest.raises(ValueError, match=r"model.depth=2002 is not allowed: at most 1000"):
         WideResNet(in_channels=1, num_classes=10, image_size=8, depth=2002, width=1)  # 10^5 built for minutes
+
+
+def test_more_steps_is_a_masking_finding_only_when_a_sign_test_finds_it():
+    """The default job's 32 checked samples gave 16 robust after 50 APGD steps and 14 after 25 (2 samples fooled
+    by the short run only, 0 by the long one), and the old rule (a rise of two samples) failed the masking item.
+    Both runs start at random points: that split is a fair coin's (p = 0.25). Six against none is not (p = 0.016)."""
+    from aisec_train.robust.evaluation import STEPS_LEVEL, sign_test_p
+
+    assert sign_test_p(2, 0) == pytest.approx(0.25) and sign_test_p(2, 0) >= STEPS_LEVEL
+    assert sign_test_p(6, 0) == pytest.approx(1 / 64) and sign_test_p(6, 0) < STEPS_LEVEL
+    assert sign_test_p(0, 5) == 1.0 and sign_test_p(6, 6) > 0.5
+    assert sign_test_p(3, 1) == pytest.approx(5 / 16)  # P(X >= 3), X ~ Bin(4, 1/2)

@@ -59,6 +59,7 @@ SUITES = {
 }
 SQUARE_MARGIN = 0.002  # AutoAttack's check_square_sr: Square may lower robust accuracy by at most 0.2 points
 STEPS_MARGIN = 0.005  # more steps may leave robust accuracy at most 0.5 points higher
+STEPS_LEVEL = 0.05  # ... and only a rise a one-sided sign test finds at this level is a finding (see below)
 
 
 @dataclass(frozen=True)
@@ -325,17 +326,23 @@ def _masking(ev: _Evaluator, suite: str, b: Budget, attacks: dict, fooled_by: di
     half = float((checked & ~fooled).sum()) / max(m, 1)
     whole = float((checked & ~fooled_by[first]).sum()) / max(m, 1)
     rise = whole - half
+    only_half = int((checked & fooled & ~fooled_by[first]).sum())  # fooled by the short run only
+    only_whole = int((checked & ~fooled & fooled_by[first]).sum())
+    p_value = sign_test_p(only_half, only_whole)
     checks["steps"] = {
         "attack": first,
         "steps": [half_steps, full["steps"]],
         "samples": m,
         "robust_fraction": [half, whole],
+        "fooled_by_one_only": [only_half, only_whole],
+        "sign_test_p": p_value,
         "seconds": seconds,
     }
-    if rise > STEPS_MARGIN and rise * m > 1:
+    if rise > STEPS_MARGIN and p_value < STEPS_LEVEL:
         reasons.append(
             f"{first} with {full['steps']} steps left {whole:.4f} of {m} clean-correct samples robust, above "
-            f"{half:.4f} with {half_steps}: more steps should never help the model (masked gradients?)"
+            f"{half:.4f} with {half_steps} ({only_half} fooled by the short run only against {only_whole}, sign "
+            f"test p = {p_value:.3g}): more steps should never help the model (masked gradients?)"
         )
 
     zero = ev.zero_gradients()
@@ -345,6 +352,18 @@ def _masking(ev: _Evaluator, suite: str, b: Budget, attacks: dict, fooled_by: di
             f"{zero} clean-correct samples have an all-zero input gradient: white-box attacks are blind there"
         )
     return {"flagged": bool(reasons), "reasons": reasons, "checks": checks}, extra
+
+
+def sign_test_p(only_short: int, only_long: int) -> float:
+    """One-sided exact sign test: the chance of ``only_short`` or more of the discordant samples falling to the
+    short run alone if each were a fair coin between the two runs. Both runs start at random points, so a sample
+    on the boundary falls to one or the other by chance: the default job's 32 checked samples once gave 16
+    robust after 50 steps against 14 after 25 (2 discordant, p = 0.25), which the old rule (any rise of two
+    samples) called masked gradients. A masking model shows a rise no coin explains."""
+    n = only_short + only_long
+    if only_short == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(only_short, n + 1)) / 2.0**n
 
 
 def _check_subset(ev: _Evaluator, among: Tensor, limit: int | None) -> Tensor:
