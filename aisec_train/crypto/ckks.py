@@ -340,6 +340,9 @@ def aggregate(updates: Sequence[EncryptedUpdate | bytes], public_ctx: ts.Context
     parsed = [u if isinstance(u, EncryptedUpdate) else EncryptedUpdate.from_bytes(u) for u in updates]
     if not parsed:
         raise ValueError("aggregate() needs at least one update")
+    weight = sum(int(u.weight) for u in parsed)
+    if weight >= 2**64:  # the header's 64-bit field: refused here, not a struct.error when the sum is sent
+        raise InvalidCiphertextError(f"the updates' weights sum to {weight}, beyond the 64-bit weight field")
     slots, length = _slots(public_ctx), parsed[0].length
     sizes = [_check_shape(u, length, slots, f"update {j}") for j, u in enumerate(parsed)][0]
     summed = []
@@ -353,7 +356,7 @@ def aggregate(updates: Sequence[EncryptedUpdate | bytes], public_ctx: ts.Context
             except (ValueError, RuntimeError) as err:  # e.g. a scale that differs from the others'
                 raise InvalidCiphertextError(f"update {j} chunk {i} cannot be added: {err}") from err
         summed.append(acc.serialize())
-    return EncryptedUpdate(tuple(summed), length, sum(int(u.weight) for u in parsed))
+    return EncryptedUpdate(tuple(summed), length, weight)
 
 
 def decrypt_aggregate(agg: EncryptedUpdate | bytes, secret_ctx: ts.Context) -> np.ndarray:

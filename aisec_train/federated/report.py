@@ -50,8 +50,12 @@ def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per round in the spine's history shape (``epoch`` = round) for metrics.csv and the curve."""
     rows = []
     for r in rounds:
-        clients = [c for c in r["clients"] if not c.get("refused")]
-        loss, acc = _mean([c.get("train_loss") for c in clients]), _mean([c.get("train_accuracy") for c in clients])
+        # The figures of the updates that were aggregated: not a client's own refusal, nor one the server refused (a
+        # peer's metrics are its claims: a malicious one's loss of 1e9 or accuracy of 55 would be the curve).
+        by_server = {x.get("client") for x in r["refused"] if x.get("by") == "server"}
+        clients = [c for c in r["clients"] if not c.get("refused") and c.get("partition_id") not in by_server]
+        accuracies = [a for c in clients if (a := c.get("train_accuracy")) is not None and 0 <= a <= 1]
+        loss, acc = _mean([c.get("train_loss") for c in clients]), _mean(accuracies)
         rows.append(
             {
                 "epoch": r["round"],
@@ -260,12 +264,16 @@ def _measured(run, eps: dict[int, dict[str, Any]], private: bool) -> Measured | 
 
 def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param, transport: str) -> None:
     report, fed = run.report, run.cfg.federated
+    # What happened, not what was configured: dropped, refused and failed-round clients contributed nothing.
+    used = sorted({c for row in rows if not row["failed"] for c in row["accepted"]})
+    aggregated = sum(1 for row in rows if not row["failed"])
     report.check(
         "data pipeline",
         "training data stays in its silo (federated training)",
         "pass",
-        f"{fed.clients} Flower clients ({fed.engine.value} engine) trained on disjoint "
-        f"{fed.partition.kind.value} partitions for {len(rows)} round(s); only model updates left a client",
+        f"{fed.clients} Flower clients ({fed.engine.value} engine) on disjoint {fed.partition.kind.value} partitions; "
+        f"{aggregated} of {len(rows)} round(s) aggregated, with updates from {len(used)} client(s) {used}; only "
+        "model updates left a client",
     )
     if fed.aggregation.value == "ckks":
         _ckks_checks(run, rows, server, client, bytes_per_param)

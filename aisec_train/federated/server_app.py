@@ -18,6 +18,7 @@ from aisec_train.federated.config import Aggregation, FederatedDP, dp_level
 from aisec_train.federated.settings import ServerSettings
 from aisec_train.federated.strategy import (
     SecureFedAvg,
+    example_caps,
     load_state,
     partition_map,
     state_to_record,
@@ -44,11 +45,14 @@ def make_app(
         # 2. Resume from the last completed round, or start from the seeded initial model.
         state = load_state(s.state_dir)
         done = state["round"] if state else 0
-        arrays = state_to_record(state["model"]) if state else ArrayRecord(_initial(s, task))
         last = min(fed.rounds, fed.stop_after_round or fed.rounds)
         if done >= last:
             log.info("federated: %d round(s) already complete", done)
             return
+        # The partition (index arrays; a deployment's server rebuilds it from the job) caps what each client may
+        # claim to hold, and the seeded initial model's shapes are the first round's.
+        t = task or FederatedTask.from_job(s.job, s.job_sha256)
+        arrays = state_to_record(state["model"]) if state else ArrayRecord(t.global_state())
         # 3. The strategy: FedAvg over ciphertexts (ckks) or checked plaintext updates with the defence; under
         #    client-level DP it samples by Poisson and keeps the client-level ledger.
         level = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd)
@@ -68,6 +72,7 @@ def make_app(
             dp=make_plan(fed) if level is FederatedDP.client else None,
             secret_sampling=fed.client_dp.secure_noise,  # the DP cohort draw from OS entropy, as the noise
             defence={**vars(fed.defence), "name": fed.defence.name.value},
+            example_caps=example_caps(t.train_parts, t.test_parts),
             round_offset=done,
             history=state["history"] if state else None,
             on_round=on_round,
@@ -88,12 +93,6 @@ def make_app(
         )
 
     return app
-
-
-def _initial(s: ServerSettings, task: FederatedTask | None):
-    """The seeded initial global state: the tensors that travel, all of them unless ``model.trainable`` freezes
-    some (the server needs their shapes only; in deployment it rebuilds the task)."""
-    return (task or FederatedTask.from_job(s.job, s.job_sha256)).global_state()
 
 
 app = make_app()

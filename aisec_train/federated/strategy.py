@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -69,6 +70,11 @@ def ckks_record(update: EncryptedUpdate | bytes) -> ArrayRecord:
 def ckks_payload(record: ArrayRecord) -> bytes | None:
     """The serialized ciphertexts in ``record``, or None when it holds plaintext weights."""
     return bytes(record[CKKS_KEY].data) if CKKS_KEY in record else None
+
+
+def example_caps(train_parts, test_parts) -> dict[int, tuple[int, int]]:
+    """partition id -> (training, test) examples: the most a client can honestly claim (its shards' sizes)."""
+    return {pid: (len(train), len(test)) for pid, (train, test) in enumerate(zip(train_parts, test_parts, strict=True))}
 
 
 def state_path(state_dir: Path) -> Path:
@@ -138,6 +144,7 @@ class SecureFedAvg(FedAvg):
         dp: ClientDPPlan | None = None,
         secret_sampling: bool = False,
         defence: dict[str, Any] | None = None,
+        example_caps: dict[int, tuple[int, int]] | None = None,
         round_offset: int = 0,
         history: list[dict[str, Any]] | None = None,
         on_round: Callable[[dict[str, Any], float | None, float], None] | None = None,
@@ -162,6 +169,9 @@ class SecureFedAvg(FedAvg):
         self.secret_sampling = secret_sampling and dp is not None
         self.ledger = ClientLedger(self.state_dir, dp) if dp else None
         self.defence = {"name": "fedavg", **(defence or {})}
+        # A claimed count weighs a reply (FedAvg, norm_bound, the test accuracy): without a cap one client claiming
+        # 10^15 examples takes the whole step, or zeroes a CKKS aggregate. None: counts are checked for >= 1 only.
+        self.example_caps = example_caps
         self.history = history or []
         # Called as each round completes with (history row, client-level epsilon or None, round seconds): the
         # simulation's job process logs it to the experiment trackers then, not at the federation's end.
@@ -224,15 +234,15 @@ class SecureFedAvg(FedAvg):
         row["errors"] = [_reason(m.error.reason) for m in replies if m.has_error()]
         # 2. Refusals: the clients' own (before encryption) and, on plaintext, the server's check.
         accepted, row["refused"], norms = self._screen(answered, rnd)
-        row["clients"] = [_client_row(m.content["metrics"]) for m in answered if "metrics" in m.content]
+        # upload_bytes as received, not as claimed: the report's bytes per parameter is measured on it
+        received = [(m.content["metrics"], _nbytes(m)) for m in answered if "metrics" in m.content]
+        row["clients"] = [{**_client_row(metrics), "upload_bytes": size} for metrics, size in received]
         row["accepted"] = sorted(int(m.content["metrics"]["partition-id"]) for m in accepted)
         if norms:
             row["update_norms"] = norms  # plaintext only: what the server measured
         # 3. Aggregate a quorum (and, under client-level DP, enough noise shares), or keep the global model.
         arrays, row["failed"] = None, self._release_refused(len(accepted), row["sampled"])
-        if row["failed"]:
-            log.warning("round %d failed: %s; the global model is kept", rnd, row["failed"])
-        else:
+        if not row["failed"]:
             started = time.perf_counter()
             try:
                 arrays = self._aggregate(accepted, rnd)
@@ -240,7 +250,11 @@ class SecureFedAvg(FedAvg):
                 row["failed"] = str(err)
             except InvalidCiphertextError as err:  # screened one by one above; a sum that still fails keeps the model
                 row["failed"] = f"the encrypted updates could not be added: {err}"
+            if arrays is not None and ckks_payload(arrays) is None and not _finite(arrays):
+                arrays, row["failed"] = None, "the aggregate holds NaN or inf (never released)"
             row["aggregate_s"] = time.perf_counter() - started
+        if row["failed"]:
+            log.warning("round %d failed: %s; the global model is kept", rnd, row["failed"])
         row["train_round_s"] = time.perf_counter() - self._started.get(rnd, time.perf_counter())
         self.history.append(row)
         # 4. Persist the round before anything else can fail: a resumed run continues after it.
@@ -260,7 +274,7 @@ class SecureFedAvg(FedAvg):
 
     def _evaluate(self, rnd: int, replies: Iterable[Message]) -> MetricRecord | None:
         # A peer's metrics are input: a reply without a count in [1, ...) or an accuracy in [0, 1] is left out.
-        rows = [r for m in replies if not m.has_error() and (r := _evaluation(m)) is not None]
+        rows = [r for m in replies if not m.has_error() and (r := self._evaluation(m)) is not None]
         total = sum(int(r["num-examples"]) for r in rows)
         if not rows or total == 0:
             return None
@@ -298,24 +312,30 @@ class SecureFedAvg(FedAvg):
         base = flatten(template) if plaintext else None
         # Client-level DP: each reply carries a noise share of norm ~ z C sqrt(params / k), so only NaN is refused.
         bound = np.inf if self.dp is not None else self.max_update_norm
-        for msg in answered:
-            pid, code = self._claimed(msg)
-            if code is None:
-                refused.append({"client": pid, "reason": "malformed", "by": "server"})
-                continue
-            if code:
+        claims = [self._claimed(msg) for msg in answered]
+        # Two replies naming one partition: the server cannot tell which one holds it, so neither counts (one would
+        # be reported, weighed and capped as the other).
+        twice = {pid for pid, _ in claims if pid is not None and sum(p == pid for p, _ in claims) > 1}
+        for msg, (pid, code) in zip(answered, claims, strict=True):
+            if code is None or pid in twice:
+                reason = "malformed"
+            elif code:
                 refused.append({"client": pid, "reason": REASONS[code], "by": "client"})
                 continue
-            if plaintext and not self._plain_shape_ok(msg, template):
-                refused.append({"client": pid, "reason": "malformed", "by": "server"})
-                continue
-            if plaintext:
-                delta = _weights(msg, base.size) - base
+            elif not self._count_ok(pid, msg.content["metrics"]["num-examples"]):
+                reason = "count"
+            elif plaintext and not self._plain_shape_ok(msg, template):
+                reason = "malformed"
+            elif plaintext:
+                flat = flatten(_arrays(msg).to_torch_state_dict())
+                delta = flat[: base.size] - base
                 norms[str(pid)] = float(np.linalg.norm(delta)) if np.isfinite(delta).all() else None
-                reason = check_update(delta, bound)
+                # the DP extras (count share, C) are released with the weights: a NaN there is a NaN model too
+                reason = check_update(delta, bound) or (None if np.isfinite(flat).all() else "nan")
             else:
                 reason = self._key_check(msg, rnd) or self._ckks_check(msg, rnd)
             if reason:
+                log.warning("round %d: the server refused client %s's update (%s)", rnd, pid, reason)
                 refused.append({"client": pid, "reason": reason, "by": "server"})
                 continue
             accepted.append(msg)
@@ -336,17 +356,44 @@ class SecureFedAvg(FedAvg):
             return pid, None
         return pid, code
 
+    def _count_ok(self, pid: int, n: int) -> bool:
+        """More examples than the partition holds bid for the whole weighted step; under dp=client every share
+        counts once (weight 1: under CKKS the headers' weights are the divisor, and a weight of 300 shrank the
+        released model 300-fold)."""
+        return n == 1 if self.dp is not None else self._within_cap(pid, n, 0)
+
+    def _within_cap(self, pid: int, n: int, split: int) -> bool:
+        """Whether ``n`` examples fit partition ``pid``'s training (split 0) or test (1) shard; no caps: any."""
+        if self.example_caps is None:
+            return True
+        return isinstance(pid, int) and pid in self.example_caps and n <= self.example_caps[pid][split]
+
+    def _evaluation(self, msg: Message) -> MetricRecord | None:
+        """An evaluator's metrics, if they hold a count within its test shard and an accuracy in [0, 1]."""
+        metrics = _evaluation(msg)
+        if metrics is None:
+            return None
+        pid = self.partitions.get(msg.metadata.src_node_id, metrics.get("partition-id"))
+        return metrics if self._within_cap(pid, int(metrics["num-examples"]), 1) else None
+
     def _plain_shape_ok(self, msg: Message, template: dict[str, Any]) -> bool:
-        """A plaintext reply holds the global model's tensors, in its shapes (and, under client-level DP, the two
-        one-value extras), nothing else."""
-        try:
-            state = msg.content["arrays"].to_torch_state_dict()
-        except (KeyError, TypeError, ValueError, RuntimeError):
-            return False
-        shapes = {k: tuple(v.shape) for k, v in template.items()}
+        """A plaintext reply holds the global model's tensors, in its shapes and dtypes (and, under client-level DP,
+        the two one-value float64 extras), nothing else. The declared shapes are checked before any bytes are read,
+        and a load that fails is a refusal: numpy allocates whatever an array's own header claims (745 GiB raised
+        MemoryError out of the round)."""
+        record = _arrays(msg)
+        want = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in template.items()}
         if self.dp is not None:
-            shapes.update({k: (1,) for k in EXTRA_KEYS})
-        return list(state) == list(shapes) and all(tuple(v.shape) == shapes[k] for k, v in state.items())
+            want.update({k: ((1,), "float64") for k in EXTRA_KEYS})
+        if record is None or list(record) != list(want):
+            return False
+        if any((tuple(a.shape), a.dtype) != want[k] for k, a in record.items()):
+            return False
+        try:
+            state = record.to_torch_state_dict()
+        except (KeyError, TypeError, ValueError, RuntimeError, MemoryError):
+            return False
+        return all((tuple(v.shape), str(v.dtype).removeprefix("torch.")) == want[k] for k, v in state.items())
 
     def _expected_length(self, rnd: int) -> int | None:
         """Values in this round's uploads: the global model's (plaintext in round 1, else the aggregate's), plus
@@ -364,7 +411,7 @@ class SecureFedAvg(FedAvg):
     def _ckks_check(self, msg: Message, rnd: int) -> str | None:
         """An upload that is not well-formed ciphertext of this round's context and the model's length."""
         ctx, key_id = self._round_key(rnd)
-        payload = ckks_payload(msg.content["arrays"]) if CKKS_KEY in msg.content["arrays"] else None
+        payload = _upload(msg)
         if payload is None:
             return "malformed"
         try:
@@ -372,7 +419,9 @@ class SecureFedAvg(FedAvg):
             check_upload(update, ctx, self._expected_length(rnd) or update.length)
         except InvalidCiphertextError:
             return "malformed"
-        return None
+        # The header's weight is what the sum divides by: it must be the count the client claims (and _claimed
+        # capped), or one header of 10^15 would shrink everyone's model towards zero.
+        return None if update.weight == msg.content["metrics"]["num-examples"] else "count"
 
     def _round_key(self, rnd: int):
         """This round's public context and key id (rotation), or the run's context and no id."""
@@ -383,10 +432,11 @@ class SecureFedAvg(FedAvg):
     def _key_check(self, msg: Message, rnd: int) -> str | None:
         """Under rotation, an upload under another epoch's key (stale or foreign) is refused, not summed."""
         _, key_id = self._round_key(rnd)
-        if key_id is None:
+        payload = _upload(msg)
+        if key_id is None or payload is None:  # no ciphertext at all: _ckks_check refuses it as malformed
             return None
         try:
-            untag(ckks_payload(msg.content["arrays"]), key_id)
+            untag(payload, key_id)
         except InvalidCiphertextError:
             return "key"
         return None
@@ -405,7 +455,9 @@ class SecureFedAvg(FedAvg):
         if self.dp is not None:  # DP-FedAvg: every share counts once; the extras (count, C) are averaged too
             states = [m.content["arrays"].to_torch_state_dict() for m in accepted]
             mean = {k: sum(s[k].double() for s in states) / len(states) for k in states[0]}
-            return ArrayRecord({k: v.to(states[0][k].dtype) for k, v in mean.items()})
+            # the model's own dtypes (float64 extras), not whichever dtype the first reply chose
+            dtypes = {k: template[k].dtype if k in template else torch.float64 for k in mean}
+            return ArrayRecord({k: v.to(dtypes[k]) for k, v in mean.items()})
         base = flatten(template)
         deltas = [_weights(m, base.size) - base for m in accepted]
         weights = [float(m.content["metrics"]["num-examples"]) for m in accepted]
@@ -430,6 +482,27 @@ def _weights(msg: Message, n: int) -> np.ndarray:
     return flatten(msg.content["arrays"].to_torch_state_dict())[:n]
 
 
+def _arrays(msg: Message) -> ArrayRecord | None:
+    """A reply's ``arrays``, if it has them as an ArrayRecord (a peer may send none, or a record of another type)."""
+    record = msg.content["arrays"] if "arrays" in msg.content else None
+    return record if isinstance(record, ArrayRecord) else None
+
+
+def _upload(msg: Message) -> bytes | None:
+    """A CKKS reply's serialized ciphertexts; None for no arrays or plaintext ones."""
+    record = _arrays(msg)
+    return ckks_payload(record) if record is not None else None
+
+
+def _nbytes(msg: Message) -> int:
+    record = _arrays(msg)
+    return sum(len(a.data) for a in record.values()) if record is not None else 0
+
+
+def _finite(arrays: ArrayRecord) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in arrays.to_torch_state_dict().values())
+
+
 def _reason(text: str) -> str:
     """The last line of a client's error (Ray and the SuperNode wrap it in tracebacks and colour codes)."""
     lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(text)).splitlines() if line.strip()]
@@ -437,7 +510,9 @@ def _reason(text: str) -> str:
 
 
 def _client_row(metrics: MetricRecord) -> dict[str, Any]:
-    return {k.replace("-", "_"): metrics[k] for k in CLIENT_KEYS if k in metrics}
+    """The report's view of a reply's metrics: numbers only (a peer's lists or strings would bloat the state)."""
+    ok = lambda v: isinstance(v, int | float) and not isinstance(v, bool)  # noqa: E731
+    return {k.replace("-", "_"): metrics[k] for k in CLIENT_KEYS if k in metrics and ok(metrics[k])}
 
 
 def _partition_id(msg: Message) -> int:
