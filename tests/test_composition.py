@@ -42,8 +42,9 @@ OPTION_OVERRIDES = {
     # The same ResNet-18 GroupNorm architecture at width 8: 0.17M weights instead of 11M (what the pairs test is how
     # the preset composes, not what 11M weights learn on 1437 digits).
     ("model", "resnet18_gn"): ["+model.width=8"],
-    ("federated", "fedavg"): ["federated.batch_size=64"],
-    ("federated", "fedavg_he"): ["federated.batch_size=64"],
+    # train.epochs=3: a federated run trains its rounds, so its report must not plan train.epochs (it did)
+    ("federated", "fedavg"): ["federated.batch_size=64", "train.epochs=3"],
+    ("federated", "fedavg_he"): ["federated.batch_size=64", "train.epochs=3"],
 }
 
 
@@ -116,6 +117,8 @@ def assert_honest(row: dict[str, str], report: dict) -> None:
     assert report["train"]["objective"] == objective
     if row["federated"] != "none":
         assert report["train"]["trainer"] == "federated"
+        # its history rows are rounds: the plan is the rounds, not train.epochs (it said 40 before)
+        assert report["train"]["epochs_planned"] == report["federated"]["rounds_planned"] == 1
         assert report["federated"]["local_objective"] == objective  # every client trained with it
         assert report["federated"]["aggregation"] == ("ckks" if row["federated"] == "fedavg_he" else "plaintext")
     if row["privacy"] == "none":

@@ -61,7 +61,8 @@ def stage_train(run: Run) -> None:
         trainer=trainer,
         objective=objective.name,
         epochs_completed=result.history[-1]["epoch"] if result.history else 0,
-        epochs_planned=cfg.train.epochs,
+        # a federated run's history rows are its rounds (federated/report.py), so its plan is the rounds
+        epochs_planned=cfg.federated.rounds if trainer == "federated" else cfg.train.epochs,
         resumed_from_epoch=resume["epoch"] if resume else None,
         stopped_by_budget=result.stopped_by_budget,
         device=str(run.device),
