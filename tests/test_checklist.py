@@ -162,6 +162,18 @@ def test_norm_bounding_with_every_client_malicious_fails_and_names_the_fix(tmp_p
     assert honest["status"] == "pass" and honest["fix"] is None
 
 
+def test_norm_bounding_fails_when_the_attackers_can_hold_most_of_the_weighted_examples(tmp_path):
+    # 1 attacker among 4 clients is a count majority, but norm_bound's mean weighs by examples: a client holding
+    # 700 of 1000 steers it, whoever it is (the server caps counts at the partition sizes, not below them)
+    heavy = [{"partition_id": i, "num_examples": n} for i, n in enumerate((700, 100, 100, 100))]
+    even = [{"partition_id": i, "num_examples": 250} for i in range(4)]
+    setting = ("federated.defence.name=norm_bound", "federated.clients=4", "backdoor=badnets",
+               "backdoor.malicious_clients=1")  # fmt: skip
+    item = _defence_verdict(tmp_path, [{**_rounds(4)[0], "clients": heavy}], *setting)
+    assert item["status"] == "fail" and "the 1 heaviest of n=4 updates held half or more" in item["evidence"]
+    assert _defence_verdict(tmp_path, [{**_rounds(4)[0], "clients": even}], *setting)["status"] == "pass"
+
+
 def test_krum_with_more_malicious_clients_than_it_tolerates_fails(tmp_path):
     over = ("federated.defence.name=krum", "federated.clients=6", "backdoor=badnets", "backdoor.malicious_clients=2")
     item = _defence_verdict(tmp_path, _rounds(6), *over)

@@ -224,18 +224,21 @@ def _held_against_attackers(run, history: list[dict[str, Any]]) -> tuple[bool, s
     fed, bd = run.cfg.federated, run.cfg.backdoor
     malicious = set(range(bd.malicious_clients)) | set(fed.inject.skip_clip) | set(fed.inject.scale)
     assumed, rule = fed.defence.num_malicious, fed.defence.name.value
-    rounds = [(row["round"], row["accepted"]) for row in history if not row.get("failed") and row.get("accepted")]
+    rounds = [row for row in history if not row.get("failed") and row.get("accepted")]
     if not rounds:  # nothing aggregated: judge the configured cohort against every attacker it can hold
-        rounds = [(0, list(range(min(fed.cohort, fed.clients))))]
+        rounds = [{"round": 0, "accepted": list(range(min(fed.cohort, fed.clients)))}]
     worst = None
-    for rnd, accepted in rounds:
+    for row in rounds:
+        rnd, accepted = row["round"], row["accepted"]
         n, f = len(accepted), max(assumed, len(malicious & set(accepted)))
-        if not tolerates(rule, n, f, fed.defence.trim_fraction):
-            worst = worst or (rnd, n, f)
+        by_count = tolerates(rule, n, f, fed.defence.trim_fraction)
+        by_weight = rule != "norm_bound" or _weighted_majority_honest(row, f)
+        if not (by_count and by_weight):
+            worst = worst or (rnd, n, f, by_count)
     attackers = f"malicious clients {sorted(malicious) or 'none'}, num_malicious assumed {assumed}"
     if worst is None:
         return True, f"{attackers}: every round's f within what {rule} tolerates", None
-    rnd, n, f = worst
+    rnd, n, f, by_count = worst
     where = f"round {rnd}" if rnd else "the configured cohort"
     need = 2 * f + 3 if rule == "krum" else 2 * f + 1
     fix = (
@@ -245,7 +248,22 @@ def _held_against_attackers(run, history: list[dict[str, Any]]) -> tuple[bool, s
     if rule == "trimmed_mean":
         fix += f" federated.defence.trim_fraction={min(0.49, round(f / need + 0.005, 2))}"
     tally = f"{attackers}: {where} had f={f} malicious of n={n} updates, more than {rule} tolerates"
+    if by_count:
+        tally = (
+            f"{attackers}: in {where} the {f} heaviest of n={n} updates held half or more of the examples that "
+            f"{rule}'s weighted mean weighs by, so f={f} attackers could steer it"
+        )
     return False, tally, fix
+
+
+def _weighted_majority_honest(row: dict[str, Any], f: int) -> bool:
+    """norm_bound's mean is weighted by the (capped) example counts, so an honest majority of clients is not enough:
+    the f heaviest accepted updates, whoever sends them, must weigh less than half of the round's total."""
+    counts = {c.get("partition_id"): c.get("num_examples") for c in row.get("clients", [])}
+    weights = sorted((float(counts.get(pid) or 0) for pid in row["accepted"]), reverse=True)
+    if not any(weights):  # no counts recorded (the configured cohort before any round): the count rule alone
+        return True
+    return 2 * sum(weights[:f]) < sum(weights)
 
 
 def _custody_check(run, retired: list[int]) -> None:
