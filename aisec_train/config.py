@@ -23,7 +23,7 @@ from aisec_train.errors import ConfigError, require
 from aisec_train.federated.config import FederatedConfig, FederatedDP, FederatedMode
 from aisec_train.robust.config import RobustMode, RobustnessConfig
 from aisec_train.tracking.config import LoggerConfig
-from aisec_train.train.config import GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
+from aisec_train.train.config import FP16_UNDER_DP, GradSampleMode, PrivacyConfig, PrivacyMode, TrainConfig
 
 
 @dataclass
@@ -176,6 +176,9 @@ def check_composition(cfg: Config) -> None:
     from aisec_train.train.sharding import check_strategy
 
     check_strategy(cfg)  # train.distributed.strategy=fsdp: what Opacus' FSDP2 path runs
+    from aisec_train.train.launch import check_launch  # reads the env:// variables only (no torch)
+
+    check_launch(cfg)  # under torchrun the launcher started the ranks: train.distributed.nproc must be 1
     two_forwards = cfg.robustness.mode is RobustMode.trades
     if priv.mode is PrivacyMode.dpsgd and two_forwards and priv.grad_sample_mode is GradSampleMode.ghost:
         raise ConfigError(
@@ -193,13 +196,17 @@ def _check_low_precision_ghost(cfg: Config, two_forwards: bool) -> None:
     priv, dist = cfg.privacy, cfg.train.distributed
     if priv.mode is not PrivacyMode.dpsgd or cfg.train.precision == "32":
         return
-    ranks = dist.nproc > 1
+    if cfg.train.precision == "fp16":  # aisec_train.fit reached the loop with it: only run's preflight refused it
+        raise ConfigError(FP16_UNDER_DP)
+    from aisec_train.train.launch import env_world  # reads the env:// variables only (no torch)
+
+    ranks = dist.nproc > 1 or env_world() > 1  # torchrun's ranks too: they clip as train.distributed.nproc's do
     if priv.grad_sample_mode is GradSampleMode.ghost:
         why = "privacy.grad_sample_mode=ghost"
     elif ranks and dist.strategy == "fsdp":
         why = "train.distributed.strategy=fsdp clips with ghost_fsdp"
     elif ranks and priv.grad_sample_mode is GradSampleMode.bk and not two_forwards:
-        why = f"{dist.nproc} data-parallel ranks clip bk's steps with it"
+        why = f"{max(dist.nproc, env_world())} data-parallel ranks clip bk's steps with it"
     else:
         return
     raise ConfigError(

@@ -42,6 +42,15 @@ class BudgetScope(Enum):
     run = "run"  # the spend is charged to this run directory only (the report and model card say so)
 
 
+# fp16's loss scaler multiplies each per-sample gradient before clipping, and skips a step when the batch's own
+# gradients overflow: refused under DP with the config (aisec_train/config.py), on the device (train/precision.py)
+# and in the loop, whatever path reached it.
+FP16_UNDER_DP = (
+    "train.precision='fp16' is not allowed with privacy=dpsgd: its loss scaler multiplies each per-sample "
+    "gradient before clipping; allowed: bf16 (no scaler needed) or 32"
+)
+
+
 @dataclass
 class PrivacyConfig:
     mode: PrivacyMode = PrivacyMode.dpsgd

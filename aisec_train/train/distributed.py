@@ -39,7 +39,7 @@ from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import keep_freed_memory
 from aisec_train.train.callbacks import NonFiniteError
-from aisec_train.train.launch import check_same_run_dir, under_torchrun
+from aisec_train.train.launch import check_same_job, job_view, under_torchrun
 from aisec_train.train.loop import TrainResult, train
 from aisec_train.train.objectives import objective_from_config
 
@@ -74,6 +74,7 @@ def train_distributed(job: TrainJob) -> TrainResult:
         raise ConfigError(
             f"train.distributed.nproc={cfg.nproc} is not allowed: this node has {torch.cuda.device_count()} GPU(s)"
         )
+    _check_port(cfg.port)
     backend = _backend(cfg.backend, job.device)
     result_path = job.run_dir / "checkpoints" / "distributed_result.pt"
     result_path.unlink(missing_ok=True)
@@ -91,6 +92,12 @@ def train_distributed(job: TrainJob) -> TrainResult:
 
 
 def _backend(name: str, device: torch.device) -> str:
+    """``train.distributed.backend`` on this device; NCCL on the CPU was every rank's traceback, exit 1."""
+    if name == "nccl" and device.type != "cuda":
+        raise ConfigError(
+            f"train.distributed.backend='nccl' is not allowed on {device.type}: NCCL reduces CUDA tensors only; "
+            "allowed: auto or gloo (or train.device=cuda)"
+        )
     return name if name != "auto" else ("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -163,6 +170,23 @@ class JobPayload:
         return pickle.loads(data)  # noqa: S301 - written moments ago by this job's launcher, digest checked
 
 
+def _check_port(port: int) -> None:
+    """``train.distributed.port``: the rendezvous binds it on 127.0.0.1. One that another process holds (or this
+    user may not bind) was an elastic traceback, exit 1; now one line before any rank starts or any step is charged.
+    The probe binds as torch's store does (``SO_REUSEADDR``), so a port a finished run left in TIME_WAIT passes."""
+    if not port:
+        return
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise ConfigError(
+                f"train.distributed.port={port} is not allowed: 127.0.0.1:{port} cannot be bound ({err.strerror}); "
+                "allowed: a free port, or 0 (a free one for each attempt)"
+            ) from None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -200,7 +224,15 @@ def _join(backend: str, device: torch.device) -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://")
+        try:
+            dist.init_process_group(backend, init_method="env://")
+        except dist.DistNetworkError as err:  # MASTER_PORT taken on rank 0's host, or unreachable: was a traceback
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise ConfigError(
+                f"MASTER_PORT={os.environ.get('MASTER_PORT')} is not allowed: rank {os.environ.get('RANK')} could not "
+                f"open the rendezvous store at {where} ({str(err).splitlines()[0]}); allowed: a port that is free on "
+                "MASTER_ADDR and reachable from every node (torchrun's c10d rendezvous picks one)"
+            ) from None
     return device
 
 
@@ -221,7 +253,7 @@ def _train_in_place(job: TrainJob) -> TrainResult:
     backend = _backend(cfg.backend, job.device)
     device = _join(backend, job.device)
     try:
-        check_same_run_dir(str(job.run_dir))
+        check_same_job(str(job.run_dir), job_view(job.cfg, job.data.manifest_sha256))  # before any step or charge
         outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective)
         world = dist.get_world_size()
     finally:

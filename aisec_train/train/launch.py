@@ -14,9 +14,11 @@ must agree on the run directory: an explicit ``hydra.run.dir``, or ``outputs/tor
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zlib
+from typing import Any
 
 from aisec_train.errors import ConfigError
 
@@ -28,7 +30,51 @@ def under_torchrun() -> bool:
     """True in a process torch's elastic agent started (torchrun, or train.distributed.nproc's launcher), or one
     task of a several-task submitit job (its env:// variables are derived first: :func:`adopt_submitit`)."""
     adopt_submitit()
-    return all(os.environ.get(name) for name in ENV)
+    if not all(os.environ.get(name) for name in ENV):
+        return False
+    check_env()
+    return True
+
+
+def check_env() -> None:
+    """The ``env://`` variables an outer launcher (or a stale shell) set, refused in one line before any work when
+    torch could not use them: a name that is not a whole number was a traceback once the data was loaded, and a
+    ``RANK`` outside ``[0, WORLD_SIZE)`` waited at the rendezvous for a peer that never comes."""
+    numbers = {}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        raw = os.environ.get(name)
+        if raw is None:
+            continue
+        try:
+            numbers[name] = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not allowed: a whole number (torchrun's env:// variables)") from None
+    world, rank = numbers["WORLD_SIZE"], numbers["RANK"]
+    local, local_world = numbers.get("LOCAL_RANK", 0), numbers.get("LOCAL_WORLD_SIZE", world)
+    refusals = [
+        ("WORLD_SIZE", world, world >= 1, "at least 1"),
+        ("RANK", rank, 0 <= rank < world, f"0 to {world - 1} with WORLD_SIZE={world}"),
+        ("LOCAL_RANK", local, 0 <= local < max(1, local_world), f"0 to {local_world - 1} (LOCAL_WORLD_SIZE)"),
+        ("MASTER_PORT", numbers["MASTER_PORT"], 0 < numbers["MASTER_PORT"] < 65536, "1 to 65535"),
+    ]
+    for name, value, ok, allowed in refusals:
+        if not ok:
+            raise ConfigError(
+                f"{name}={value} is not allowed: {allowed} (an outer launcher or the shell set torchrun's env:// "
+                "variables; unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to train in one process)"
+            )
+
+
+def check_launch(cfg: Any) -> None:
+    """Under torchrun or a several-task submitit job the outer launcher started every rank; a
+    ``train.distributed.nproc`` above 1 was ignored there (the report said the launcher's world size), so it is
+    refused in one line with the rest of the config."""
+    nproc = cfg.train.distributed.nproc
+    if nproc > 1 and under_torchrun():
+        raise ConfigError(
+            f"train.distributed.nproc={nproc} is not allowed under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
+            "the launcher already started the ranks; allowed: 1 (set the ranks with torchrun --nproc-per-node)"
+        )
 
 
 def adopt_submitit() -> None:
@@ -83,15 +129,56 @@ def cli_overrides(argv: list[str]) -> list[str]:
     return extra
 
 
-def check_same_run_dir(run_dir: str) -> None:
-    """Every rank's run directory, compared once the process group is up: refused in one line when they differ
-    (a checkpoint written by rank 0 would not be the one the others resume from)."""
+# Worker ranks run the data, backdoor-poison and train stages only: the audit and logger sections are rank 0's.
+# Where a node finds the data is its own affair; what it read is compared through the data's manifest hash.
+RANK0_SECTIONS = ("audit", "logger")
+NODE_LOCAL = ("dataset.path", "dataset.test_path", "dataset.root", "dataset.tokenizer", "dataset.workers")
+
+
+def job_view(cfg: Any, data_sha256: str) -> dict[str, str]:
+    """What a rank trains, flattened to ``key: value``: every config section a worker rank reads and the data's
+    manifest hash. The ranks must agree on all of it: rank 0 alone charges the ledger and writes the report, from
+    its own settings, while each rank clips and samples with its own (a rank with a larger
+    ``privacy.max_grad_norm`` broke the noise's calibration under a report of the rank 0 epsilon; another
+    ``train.batch_size`` took another number of steps and hung the all-reduce)."""
+    flat: dict[str, str] = {"data.manifest_sha256": data_sha256}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        elif prefix not in NODE_LOCAL:
+            flat[prefix] = str(getattr(node, "value", node))  # an Enum by its config spelling
+
+    walk("", {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RANK0_SECTIONS})
+    return flat
+
+
+def check_same_job(run_dir: str, view: dict[str, str]) -> None:
+    """Every rank's run directory and :func:`job_view`, compared once the process group is up and before a step or
+    a charge: refused in one line, on every rank alike, when they differ (a checkpoint written by rank 0 would not
+    be the one the others resume from; a config rank 0 did not report would train)."""
     import torch.distributed as dist
 
-    dirs: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(dirs, os.path.abspath(run_dir))
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (os.path.abspath(run_dir), view))
+    check_agreement(gathered, dist.get_rank())
+
+
+def check_agreement(gathered: list[tuple[str, dict[str, str]]], rank: int) -> None:
+    """Every rank's (run directory, job view) as gathered; ConfigError, as ``rank`` words it, where they differ."""
+    dirs = [entry[0] for entry in gathered]
     if len(set(dirs)) > 1:
         raise ConfigError(
-            f"hydra.run.dir={dirs[dist.get_rank()]!r} is not allowed: the ranks of this torchrun job disagree "
+            f"hydra.run.dir={dirs[rank]!r} is not allowed: the ranks of this torchrun job disagree "
             f"({sorted(set(dirs))}); give every node the same hydra.run.dir on shared storage"
         )
+    views = [entry[1] for entry in gathered]
+    for key in sorted(set().union(*views)):
+        values = [v.get(key, "<unset>") for v in views]
+        if len(set(values)) > 1:
+            seen = "; ".join(f"rank {r}: {value}" for r, value in enumerate(values) if r == 0 or value != values[0])
+            raise ConfigError(
+                f"{key}={values[rank]} is not allowed: the ranks of this torchrun job disagree ({seen}), and rank 0 "
+                "alone charges the privacy budget and reports its own; give every node the same overrides and data"
+            )

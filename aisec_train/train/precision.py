@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from aisec_train.errors import ConfigError
+from aisec_train.train.config import FP16_UNDER_DP
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,10 +56,7 @@ def check_precision(precision: str, device: torch.device, private: bool) -> None
     if dtype is None:
         return
     if precision == "fp16" and private:
-        raise ConfigError(
-            "train.precision='fp16' is not allowed with privacy=dpsgd: its loss scaler multiplies each per-sample "
-            "gradient before clipping; allowed: bf16 (no scaler needed) or 32"
-        )
+        raise ConfigError(FP16_UNDER_DP)
     try:
         with torch.autocast(device.type, dtype=dtype):
             torch.ones(1, 1, device=device) @ torch.ones(1, 1, device=device)
@@ -84,7 +82,11 @@ class Precision:
         book-keeping's fallback. Ghost clipping forms the clipped sum in a second backward through the recorded
         bf16 forward, so the clip factors (from float32 norms) scale bf16-rounded gradients: a record's own clipped
         gradient measured up to 1.002 C alone and 1.011 C against its batch (tests/test_dp_numerics.py), past the
-        sensitivity the accountant charges for. bk and hooks clip the float32 per-sample gradients themselves."""
+        sensitivity the accountant charges for. bk and hooks clip the float32 per-sample gradients themselves.
+        fp16 is refused here too, whatever path reached the loop: ``aisec_train.fit`` trained it under DP (its
+        scaler's skipped steps follow the batch's own unclipped gradients)."""
+        if self.name == "fp16":
+            raise ConfigError(FP16_UNDER_DP)
         if self.dtype is None or mode not in ("ghost", "ghost_fsdp"):
             return
         why = f"{world} data-parallel ranks clip with it" if world > 1 else f"book-keeping fell back: {fallback}"
