@@ -31,6 +31,7 @@ from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.quiet import quiet_library_warnings
 from aisec_train.report.report import Report
 from aisec_train.run_state import Run, UserObjects
+from aisec_train.tracking.config import logger_off
 from aisec_train.train.loop import TrainResult, resolve_device
 from aisec_train.train.objectives import objective_from_config
 
@@ -58,7 +59,10 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         # train=null (Hydra's ValueError); model=nosuch named against the packaged options
         check_group_values(parsed, known_options=not searchpath)
         with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
-            composed = hydra_compose(config_name="config", overrides=overrides)
+            try:
+                composed = hydra_compose(config_name="config", overrides=overrides)
+            except AssertionError as err:  # a key set under a logger that is off (cli.check_job)
+                raise logger_off(parsed) or err from None
         check_bool_values(parsed, composed)  # dataset.channels_last=2, which OmegaConf reads as true (cli.py)
         return to_config(composed)
     except (HydraException, OmegaConfBaseException) as err:
@@ -233,6 +237,15 @@ def _check_fit(cfg: Config) -> None:
         raise ConfigError(
             f"train.distributed.nproc={cfg.train.distributed.nproc} is not allowed with fit: fit trains in this "
             f"one process{use_run}"
+        )
+    from aisec_train.train.launch import env_world
+    from aisec_train.train.loop import rank_and_world
+
+    world = max(env_world(), rank_and_world()[1])
+    if world > 1:  # every rank opened the dataset ledger as its own run: a LockError on one, a gloo error on the rest
+        raise ConfigError(
+            f"WORLD_SIZE={world} is not allowed with fit: fit trains in this one process and charges its own run; "
+            f"data-parallel training under torchrun is aisec_train.run or the CLI (one ledger for the job)"
         )
     if cfg.federated.mode is not FederatedMode.none:
         mode = cfg.federated.mode.value

@@ -24,6 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from aisec_train import errors
 from aisec_train.config import register_configs, to_config
 from aisec_train.errors import ConfigError, Refusal
+from aisec_train.tracking.config import logger_off
 
 PROG = "aisec-train"
 CONFIG_DIR = str(files("aisec_train.configs"))
@@ -200,7 +201,10 @@ def check_job(
     from omegaconf import open_dict
 
     check_group_values(parser.parse_overrides(job), packaged_only(args))
-    full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
+    try:
+        full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
+    except AssertionError as err:  # OmegaConf's bare assert: a key set under a logger that is off (its node null)
+        raise logger_off(parser.parse_overrides(job)) or err from None
     check_bool_values(parser.parse_overrides(job), full)
     folders = ("", "")
     if number is not None:

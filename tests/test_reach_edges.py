@@ -76,6 +76,19 @@ def test_fit_refuses_what_only_run_carries_out(tmp_path, override, expected):
     assert result.history and result.world_size == 1
 
 
+def test_fit_inside_a_torchrun_job_is_refused_before_a_step(monkeypatch):
+    """fit trains in one process and charges its own run: under torchrun every rank opened the dataset ledger as
+    its own run (a LockError on one rank, a gloo error on the others)."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29511")):
+        monkeypatch.setenv(name, value)
+    net = _mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    loader = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), torch.randint(0, 3, (32,))), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE=2 is not allowed with fit: "):
+        aisec_train.fit(net, loader, ["privacy=none", "train.epochs=1"])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
 def test_an_mlflow_uri_without_a_store_is_refused_before_the_tracking_child_starts(tmp_path):
     """The tracking child used to fail on `bogus://x` only after training had started (the dataset ledger opened,
     `train: 0%` on the console); now the tracker refuses it before any child or step, naming the schemes."""

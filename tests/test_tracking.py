@@ -177,7 +177,10 @@ def test_only_rank_zero_logs(tmp_path, monkeypatch):
     tracker.log_metrics({"loss": 1.0}, 1)
     tracker.close(ok=True)
     assert not tracker and list(tmp_path.iterdir()) == []
-    monkeypatch.setenv("RANK", "1")  # under torchrun the rank comes from the environment
+    # under torchrun the rank comes from the environment (all of torchrun's env:// variables: RANK alone is a stale
+    # shell's, a one-process run that reports as rank 0; tests/test_tracking_trust.py)
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29512")):
+        monkeypatch.setenv(name, value)
     assert not open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))
 
 

@@ -123,6 +123,7 @@ def test_a_failing_tracker_does_not_hide_the_runs_own_error(tmp_path, monkeypatc
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     cfg = compose(["logger=mlflow", FAILING_STORE.format(tmp_path)])
     tracker = open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))
+    tracker.log_metrics({"loss": 1.0}, 1, "epoch")  # a first figure: the store opens (and fails) in the child
     tracker.close(ok=False)  # the run is already failing: its error is the one raised, not the tracker's
     assert (tmp_path / "tracking" / "mlflow.log").is_file()
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aisec_train.errors import ConfigError
-from aisec_train.tracking.base import RunInfo, Tracker, flatten
+from aisec_train.tracking.base import RunInfo, Tracker, flatten, redact
 from aisec_train.tracking.context import run_info
 from aisec_train.tracking.sidecar import Sidecar, TrackingError
 
@@ -55,22 +54,26 @@ def check_installed(cfg: Config) -> None:
 
 
 def open_tracker(cfg: Config, info: RunInfo, rank: int | None = None) -> Tracker:
-    """The run's tracker: every enabled backend on rank 0 (``RANK`` under torchrun), nothing elsewhere."""
-    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    """The run's tracker: every enabled backend on rank 0 (``RANK`` under torchrun), nothing elsewhere. The rank is
+    the pipeline's (train/launch.py): a stale ``RANK=1`` without torchrun's other variables is a one-process run
+    that charges and reports as rank 0, and it lost its trackers silently (``RANK=abc``: a traceback)."""
+    from aisec_train.train.launch import env_rank  # the env:// variables only (no torch)
+
+    rank = env_rank() if rank is None else rank
     if rank != 0:
         return Tracker([])
     check_installed(cfg)
     tracker = Tracker([])
     try:
         for name in cfg.logger.enabled():
-            module, cls, _, where = BACKENDS[name]
+            module, cls, package, where = BACKENDS[name]
             backend_cfg, backend_cls = getattr(cfg.logger, name), getattr(importlib.import_module(module), cls)
             if where == "inline":
                 tracker.backends.append(backend_cls(backend_cfg, info))
                 continue
             backend_cls.check(backend_cfg, info)  # bad paths refused here, before any step (lazy module imports)
-            tracker.backends.append(Sidecar(name, module, cls, backend_cfg, info))
-        tracker.log_params(flatten(cfg))
+            tracker.backends.append(Sidecar(name, module, cls, backend_cfg, info, package))
+        tracker.log_params(redact(flatten(cfg)))  # no URL's credentials reach a tracker
     except BaseException:
         tracker.close(ok=False)  # the children already started end their runs as failed
         raise

@@ -8,8 +8,9 @@ As in lightning-hydra-template, every file of ``configs/logger/`` fills one key,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from aisec_train.errors import require
+from aisec_train.errors import ConfigError, require
 
 
 @dataclass
@@ -64,4 +65,35 @@ class LoggerConfig:
         )  # fmt: skip
 
     def enabled(self) -> list[str]:
-        return [name for name in ("csv", "tensorboard", "mlflow", "wandb") if getattr(self, name) is not None]
+        return [name for name in LOGGERS if getattr(self, name) is not None]
+
+
+LOGGERS = ("csv", "tensorboard", "mlflow", "wandb")
+MANY = ("csv", "tensorboard", "mlflow")  # configs/logger/many.yaml's defaults
+
+
+def logger_off(overrides: list[Any]) -> ConfigError | None:
+    """The one-line refusal for a key set under a logger that is off (``logger.csv.path=x`` without ``logger=csv``):
+    its node is null, and OmegaConf fails on it with a bare AssertionError. Called with Hydra's parsed overrides
+    after composing failed so; None when no override sets a logger's key (the failure is another's)."""
+    named: set[str] = set()
+    for override in overrides:
+        if override.key_or_group == "logger" and not override.is_delete():
+            value = override.value()
+            named = {str(v) for v in value} if isinstance(value, list) else {str(value)}
+    if "many" in named:
+        named.update(MANY)
+    keys = []
+    for override in overrides:
+        parts = override.key_or_group.split(".")
+        if len(parts) > 2 and parts[0] == "logger" and parts[1] in LOGGERS:
+            keys.append((override, parts[1]))
+    off = [(o, name) for o, name in keys if name not in named] or keys
+    if not off:
+        return None
+    override, name = off[0]
+    other = "tensorboard" if name == "csv" else "csv"
+    return ConfigError(
+        f"{override.input_line} is not allowed: logger {name} is not on in this run; turn it on in the same "
+        f"command (logger={name}, or a list such as logger=[{other},{name}])"
+    )

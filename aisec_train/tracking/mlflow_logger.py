@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from aisec_train.errors import ConfigError
+from aisec_train.store import IntegrityError
 from aisec_train.store.files import create_exclusive
 from aisec_train.tracking.base import RunInfo
 from aisec_train.tracking.config import MlflowLoggerConfig
@@ -40,8 +41,18 @@ class MlflowBackend:
         """Before the child starts (and so before any step): a ``tracking_uri`` whose scheme MLflow has no store
         for. The child would only fail once training had begun. The default store's folder passed the output
         preflight; mlflow itself is not imported here (seconds), so the schemes are MLflow's built-in ones plus
-        any a plugin registers (the ``mlflow.tracking_store`` entry points)."""
+        any a plugin registers (the ``mlflow.tracking_store`` entry points).
+
+        The default store's database and artifact folder are refused when either is a symlink: MLflow writes them
+        itself (following links), and a multirun's store lies in the sweep directory, which the run directory's own
+        symlink check (preflight.refuse_symlinks) never walks."""
         if cfg.tracking_uri is None:
+            for name in ("mlflow.db", "mlartifacts"):
+                if (info.store_dir / name).is_symlink():
+                    raise IntegrityError(
+                        f"logger.mlflow: {info.store_dir / name} is a symlink: aisec-train never writes through one; "
+                        "remove it (or set logger.mlflow.tracking_uri)"
+                    )
             return
         allowed = sorted(STORE_SCHEMES | plugin_schemes())
         scheme = urlsplit(cfg.tracking_uri).scheme.lower().split("+")[0]  # postgresql+psycopg2: a database driver

@@ -8,8 +8,9 @@ thread pickles the queue into the child's stdin (a slow child never blocks a ste
 backend and replays the records in order. ``close`` waits until the child has written everything, so the stores
 are complete when the run returns, exactly as when the backend ran in-process.
 
-A child that fails (a tracking server refusing, a full disk) ends the run at the next record or at close with one
-line (``TrackingError``); its whole output is kept in ``<run dir>/tracking/<logger>.log``.
+A child that fails (a tracking server refusing, a full disk) raises ``TrackingError`` at the next record or at
+close; its whole output is kept in ``<run dir>/tracking/<logger>.log``. Mid-run the fan-out (tracking/base.py)
+drops it and the run goes on; the error ends the run, in one line, once its report and model are written.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ CHILD_ENV = {"OMP_NUM_THREADS": "1", "MLFLOW_DISABLE_TELEMETRY": os.environ.get(
 class Sidecar:
     """The parent's side: the :class:`~aisec_train.tracking.base.Backend` protocol, each call a queued record."""
 
-    def __init__(self, name: str, module: str, cls: str, cfg: Any, info: RunInfo):
+    def __init__(self, name: str, module: str, cls: str, cfg: Any, info: RunInfo, package: str | None = None):
         self.name, self.run_dir = name, info.run_dir
+        self.opening = (module, cls, cfg, info)
         self.output = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "aisec_train.tracking.sidecar"],
+            # main() imported, not run as ``-m``: the package imports this module first, and runpy's warning
+            # about that would be the last line of a killed child's output, the one its failure is named by
+            [sys.executable, "-c", "from aisec_train.tracking.sidecar import main; main()"],
             stdin=subprocess.PIPE, stdout=self.output, stderr=subprocess.STDOUT,
             env={**os.environ, **CHILD_ENV},
         )  # fmt: skip
@@ -62,7 +66,12 @@ class Sidecar:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()  # lists of records, None at the end
         self.writer = threading.Thread(target=self._write, name=f"tracking-{name}", daemon=True)
         self.writer.start()
-        self._send("open", module, cls, cfg, info)
+        # The child imports the backend's package now (the seconds it takes pass while the data loads) and opens
+        # the backend only at start(), at the run's first figure: a run refused before then leaves no store.
+        self._send("prepare", package or module)
+
+    def start(self) -> None:
+        self._send("open", *self.opening)
 
     def _send(self, method: str, *args: Any) -> None:
         """Per-step records are handed to the writer thread in batches (every BATCH records or FLUSH_S seconds, and
@@ -136,13 +145,21 @@ class Sidecar:
         log = self.run_dir / "tracking" / f"{self.name}.log"
         atomic_write(log, text, root=self.run_dir)
         lines = [line for line in text.splitlines() if line.strip()]
-        last = lines[-1] if lines else f"exit status {self.proc.returncode}"
+        code = self.proc.returncode
+        if code < 0:  # killed (the OOM killer, a kill by hand): its output, if any, does not say why it stopped
+            try:
+                last = f"its process was killed by {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal has no name
+                last = f"its process was killed by signal {-code}"
+        else:
+            last = lines[-1] if lines else f"exit status {code}"
         self.error = TrackingError(f"logger={self.name} failed: {last} (its whole output: {log})")
         return self.error
 
 
 def main() -> None:
-    """The child: build the backend from the first record, then replay every record in order until ``close``.
+    """The child: import the backend's package (``prepare``), build the backend at ``open`` (the run's first
+    figure), then replay every record in order until ``close``.
     End of input without ``close`` (the training process was killed) closes the run as failed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which closes this run as failed
     stream, backend = sys.stdin.buffer, None
@@ -152,11 +169,15 @@ def main() -> None:
         except EOFError:
             break
         for method, args in batch:
+            if method == "prepare":
+                importlib.import_module(args[0])
+                continue
             if method == "open":
                 module, cls, cfg, info = args
                 backend = getattr(importlib.import_module(module), cls)(cfg, info)
                 continue
-            getattr(backend, method)(*args)
+            if backend is not None:  # None: closed before start() (the run ended before its first figure)
+                getattr(backend, method)(*args)
             if method == "close":  # everything written: skip the interpreter's teardown of MLflow/TensorBoard
                 sys.stdout.flush()  # (about a second of module clean-up the training process would wait for)
                 sys.stderr.flush()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.store import validate_output_path
-from aisec_train.tracking.base import RunInfo
+from aisec_train.tracking.base import RunInfo, check_output_path
 from aisec_train.tracking.config import TensorBoardLoggerConfig
 
 
@@ -24,13 +24,14 @@ class TensorBoardBackend:
 
     @staticmethod
     def check(cfg: TensorBoardLoggerConfig, info: RunInfo) -> None:
-        where = info.run_dir / cfg.log_dir / "events"
-        validate_output_path(where, root=info.run_dir, what="logger.tensorboard.log_dir")
+        """Before any work, creating nothing (the folder is made when the first figure is written)."""
+        check_output_path(info.run_dir / cfg.log_dir / "events", info.run_dir, "logger.tensorboard.log_dir")
 
     def __init__(self, cfg: TensorBoardLoggerConfig, info: RunInfo):
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self.check(cfg, info)
+        where = info.run_dir / cfg.log_dir / "events"  # made here, without following a link planted since the check
+        validate_output_path(where, root=info.run_dir, what="logger.tensorboard.log_dir")
         self.writer = EventFileWriter(str(info.run_dir / cfg.log_dir), flush_secs=30)
         self.params: dict[str, Any] = {}
 

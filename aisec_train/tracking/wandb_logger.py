@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aisec_train.store import validate_output_path
-from aisec_train.tracking.base import RunInfo
+from aisec_train.tracking.base import RunInfo, check_output_path
 from aisec_train.tracking.config import WandbLoggerConfig
 
 
@@ -30,12 +30,13 @@ class WandbBackend:
 
     @staticmethod
     def check(cfg: WandbLoggerConfig, info: RunInfo) -> None:
-        validate_output_path(info.run_dir / "wandb" / "run", root=info.run_dir, what="logger.wandb")
+        """Before any work, creating nothing (the folder is made when the first figure is written)."""
+        check_output_path(info.run_dir / "wandb" / "run", info.run_dir, "logger.wandb")
 
     def __init__(self, cfg: WandbLoggerConfig, info: RunInfo):
         import wandb
 
-        self.check(cfg, info)
+        validate_output_path(info.run_dir / "wandb" / "run", root=info.run_dir, what="logger.wandb")  # made here
         self.run = wandb.init(
             project=cfg.project, entity=cfg.entity, group=cfg.group or info.group, name=info.run_name,
             dir=str(info.run_dir), mode=cfg.mode, job_type=info.experiment, tags=list(info.tags.values()),
