@@ -49,6 +49,8 @@ def read_records(path: str | Path, key: str = "dataset.path") -> list[tuple[str,
         raise ConfigError(f"{key}={str(path)!r} is not allowed: a .jsonl or .csv file with text and label columns")
     if not file.is_file():
         raise ConfigError(f"{key}={str(path)!r} is not allowed: no such file")
+    if file.stat().st_size == 0:  # datasets' parser fails on it with an empty message
+        raise DataError(f"{file} holds no records")
     from datasets import load_dataset  # noqa: PLC0415 - heavy; only text runs need it
 
     try:  # streamed from the local file: rows are read in order, never the whole file into an Arrow table first

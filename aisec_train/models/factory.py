@@ -106,9 +106,9 @@ class ModelFactory:
         frozen = finetune.freeze_batchnorm(model) if mode == "freeze" else []
         if self.private or mode == "groupnorm":
             model = fix_for_dp(model, self.target)
-        finetune.select_trainable(model, tune.trainable, head)
+        finetune.select_trainable(model, tune.trainable, head, reinit)
         if tune.trainable == "lora":
-            model = finetune.add_lora(model, tune, head, self.device)
+            model = finetune.add_lora(model, tune, head, self.device, reinit)
             if self.private:  # adapters Opacus cannot clip per sample are refused before any step
                 finetune.check_private_adapters(model)
         batchnorm = {
@@ -157,8 +157,9 @@ class ModelFactory:
             with torch.no_grad():
                 out = model(torch.zeros(2, *self.input_shape, device=device))
         except Exception as err:  # noqa: BLE001 - the user's forward failed on the data's shape: one line
+            what = "token ids" if len(self.input_shape) == 1 else "images"
             raise ConfigError(  # from None: the line holds the error's text; chained, the CLI printed it twice
-                f"model._target_={self.target!r} cannot take images of shape {self.input_shape}: "
+                f"model._target_={self.target!r} cannot take {what} of shape {self.input_shape}: "
                 f"{' '.join(str(err).split())[:200]}"
             ) from None
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, self.num_classes):
@@ -228,6 +229,16 @@ def fix_for_dp(model: nn.Module, target: str) -> nn.Module:
         raise ConfigError(
             f"model._target_={target!r} cannot be trained with privacy=dpsgd: Opacus reports "
             f"{' '.join(str(errors[0]).split())[:200]}"
+        )
+    # Opacus validates and replaces BatchNorm by exact type, so a subclass (timm's BatchNormAct2d in EfficientNet,
+    # MobileNetV3, RegNet) passed both: with its parameters frozen it trained in batch-statistics mode (one record's
+    # output depends on the others', outside the clip) and released running statistics of the private data.
+    left = next(((n, m) for n, m in fixed.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if left is not None:
+        raise ConfigError(
+            f"model._target_={target!r} cannot be trained with privacy=dpsgd: {left[0]!r} is a "
+            f"{type(left[1]).__name__}, a BatchNorm Opacus does not replace (batch statistics mix records); "
+            "allowed: model.batchnorm=freeze (running statistics as constants), or GroupNorm in the model"
         )
     return fixed
 

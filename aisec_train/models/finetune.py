@@ -9,8 +9,9 @@ here and never reach the network's constructor:
   tag nor a pin is loaded unverified, and the report's ``model.checkpoint_verified`` says so: deleting an
   aisec-train model.pt's tag makes it such a file, so pin what you fine-tune from.
   A head whose class count differs is left at its fresh initialisation and listed as re-initialised.
-- ``trainable``: ``all``, ``head``, ``lora`` (adapters plus the head) or a regular expression over parameter
-  names; everything else gets ``requires_grad=False``, so Opacus clips and noises only what trains.
+- ``trainable``: ``all``, ``head``, ``lora`` (adapters plus the head; both with the re-initialised layers) or a
+  regular expression over parameter names; everything else gets ``requires_grad=False``, so Opacus clips and
+  noises only what trains.
 - ``batchnorm``: ``freeze`` (running statistics used as constants, affine fixed: no statistic across records),
   ``groupnorm`` (Opacus' replacement) or ``auto`` (freeze when weights were loaded, else groupnorm under DP).
 - ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules`` (null: every Linear and Conv2d but the head).
@@ -238,7 +239,11 @@ def load_weights(net: nn.Module, state: dict[str, torch.Tensor], path: str) -> l
 # ---- BatchNorm -------------------------------------------------------------------------------------------------
 class FrozenBatchNorm(nn.Module):
     """A pretrained BatchNorm as a fixed affine map: its running statistics are constants, so no record's output
-    depends on another record in the batch (DP-safe), and nothing here is trained."""
+    depends on another record in the batch (DP-safe), and nothing here is trained.
+
+    timm's norm-act layers (``BatchNormAct2d``: EfficientNet, MobileNetV3, RegNet) are BatchNorms that also apply
+    their ``drop`` and ``act`` modules; those are kept, in that order. Dropped, the frozen network silently lost
+    every activation of those layers and fine-tuned a different function from the checkpoint's."""
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
@@ -248,9 +253,12 @@ class FrozenBatchNorm(nn.Module):
         self.register_buffer("bias", bn.bias.detach().clone() if bn.bias is not None else torch.zeros(n))
         self.register_buffer("running_mean", bn.running_mean.detach().clone())
         self.register_buffer("running_var", bn.running_var.detach().clone())
+        self.drop = bn.drop if isinstance(getattr(bn, "drop", None), nn.Module) else nn.Identity()
+        self.act = bn.act if isinstance(getattr(bn, "act", None), nn.Module) else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
 
 
 def freeze_batchnorm(net: nn.Module) -> list[str]:
@@ -258,10 +266,22 @@ def freeze_batchnorm(net: nn.Module) -> list[str]:
     replaced = []
     for name, module in list(net.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            _check_known_forward(name, module)
             parent, _, child = name.rpartition(".")
             setattr(net.get_submodule(parent) if parent else net, child, FrozenBatchNorm(module))
             replaced.append(name)
     return replaced
+
+
+def _check_known_forward(name: str, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Refuse to freeze a BatchNorm subclass whose forward does more than :class:`FrozenBatchNorm` reproduces."""
+    own_forward = type(bn).forward is not nn.modules.batchnorm._BatchNorm.forward
+    norm_act = isinstance(getattr(bn, "act", None), nn.Module) and isinstance(getattr(bn, "drop", None), nn.Module)
+    if own_forward and not norm_act:
+        raise ConfigError(
+            f"model.batchnorm='freeze' is not allowed for {name!r} ({type(bn).__name__}): its forward is its own, "
+            "so a frozen copy would compute another function; replace it in the model (nn.BatchNorm2d or GroupNorm)"
+        )
 
 
 def has_batchnorm(net: nn.Module) -> bool:
@@ -269,15 +289,18 @@ def has_batchnorm(net: nn.Module) -> bool:
 
 
 # ---- what trains -----------------------------------------------------------------------------------------------
-def select_trainable(net: nn.Module, trainable: str, head: str | None) -> None:
-    """``requires_grad=False`` on everything ``trainable`` does not name (``lora``: see :func:`add_lora`)."""
+def select_trainable(net: nn.Module, trainable: str, head: str | None, fresh: list[str] | None = None) -> None:
+    """``requires_grad=False`` on everything ``trainable`` does not name (``lora``: see :func:`add_lora`).
+
+    With ``head`` and ``lora`` the re-initialised layers (``fresh``) train with the head: a layer the checkpoint
+    lacks (DistilBERT's ``pre_classifier`` beside its ``classifier``) otherwise stayed frozen at random weights."""
     if trainable == "all":
         return
     if trainable in ("head", "lora") and head is None:
         raise ConfigError(f"model.trainable={trainable!r} is not allowed: this model has no Linear classifier head")
     for name, param in net.named_parameters():
         if trainable in ("head", "lora"):
-            param.requires_grad_(name.startswith(head + "."))
+            param.requires_grad_(_under(name, [head, *(fresh or [])]))
         else:
             param.requires_grad_(re.search(trainable, name) is not None)
     if not any(p.requires_grad for p in net.parameters()):
@@ -285,8 +308,15 @@ def select_trainable(net: nn.Module, trainable: str, head: str | None) -> None:
         raise ConfigError(f"model.trainable={trainable!r} matches no parameter (names look like {names}, ...)")
 
 
-def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.device | str) -> nn.Module:
-    """LoRA adapters injected by peft; the base is frozen, the adapters and the head train.
+def _under(name: str, layers: list[str]) -> bool:
+    return any(name == layer or name.startswith(layer + ".") for layer in layers)
+
+
+def add_lora(
+    net: nn.Module, spec: FineTune, head: str | None, device: torch.device | str, fresh: list[str] | None = None
+) -> nn.Module:
+    """LoRA adapters injected by peft; the base is frozen, the adapters, the head and the re-initialised layers
+    (``fresh``: no pretrained weights to adapt) train.
 
     The model is on ``device`` before peft wraps it: moved afterwards, Opacus' optimizer can hold the adapters'
     old tensors and they silently never train (opacus#820); :func:`check_adapters_moved` guards the release.
@@ -295,7 +325,11 @@ def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.dev
 
     options = spec.lora_config()
     if options["target_modules"] is None:
-        in_head = (lambda name: name == head or name.startswith(head + ".")) if head else (lambda name: False)
+        whole = [head, *(fresh or [])] if head else list(fresh or [])
+
+        def in_head(name: str) -> bool:
+            return _under(name, whole)
+
         layers = (nn.Linear, nn.Conv2d)
         # grouped (depthwise) convolutions are left out: peft adapts one only when the rank divides its groups
         options["target_modules"] = [
@@ -304,6 +338,14 @@ def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.dev
         ]  # fmt: skip
     if not options["target_modules"]:
         raise ConfigError("model.trainable='lora' is not allowed: the model has no Linear or Conv2d layer to adapt")
+    # A rank beyond a layer's min(in, out) adds nothing (B @ A cannot exceed it) and peft allocates it all: r=1e8
+    # on a 32-wide BERT was killed for memory (exit 137) instead of refused.
+    widest = max((_full_rank(m) for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), default=0)
+    if options["r"] > widest:
+        raise ConfigError(
+            f"model.lora.r={options['r']} is not allowed: at most {widest} for this model (the largest min(in, out) "
+            "of its Linear / Conv2d layers: a higher rank adds nothing)"
+        )
     net = net.to(device)
     try:
         wrapped = get_peft_model(net, LoraConfig(**options))
@@ -311,11 +353,19 @@ def add_lora(net: nn.Module, spec: FineTune, head: str | None, device: torch.dev
         reason = " ".join(str(err).split())[:200]
         raise ConfigError(f"model.lora.target_modules={options['target_modules']!r} is not allowed: {reason}") from None
     inner = wrapped.get_base_model()  # the user's network with adapters injected: Opacus wraps a plain module
-    if head is not None:
-        for name, param in inner.named_parameters():
-            if name.startswith(head + "."):
-                param.requires_grad_(True)
+    whole = [head, *(fresh or [])] if head is not None else list(fresh or [])
+    for name, param in inner.named_parameters():
+        if _under(name, whole):
+            param.requires_grad_(True)
     return inner
+
+
+def _full_rank(layer: nn.Linear | nn.Conv2d) -> int:
+    """The rank of the layer's weight as a matrix: min(in, out), a convolution's input being its patch."""
+    if isinstance(layer, nn.Linear):
+        return min(layer.in_features, layer.out_features)
+    patch = layer.in_channels // layer.groups * math.prod(layer.kernel_size)
+    return min(patch, layer.out_channels)
 
 
 def check_private_adapters(net: nn.Module) -> None:
