@@ -148,6 +148,23 @@ def test_a_killed_tracking_child_leaves_the_run_going_and_ends_it_named_as_kille
     assert "RuntimeWarning" not in (tmp_path / "tracking" / "tensorboard.log").read_text()
 
 
+def test_the_run_s_last_line_after_a_tracker_died_says_the_run_itself_finished(tmp_path):
+    """Exit status 2 is a refusal's: after a tracker died mid-run the run still wrote its report and model, and the
+    one line must say so, or a user reads the run as refused and trains again, spending budget twice."""
+    from aisec_train.tracking import tracking
+
+    with pytest.raises(TrackingError) as err:
+        with tracking(compose(["logger=[csv,tensorboard]"]), RunInfo(tmp_path, "run", "quickstart")) as tracker:
+            tracker.log_metrics({"loss": 1.0}, 1, "epoch")
+            child = tracker.backends[1]
+            os.kill(child.proc.pid, signal.SIGKILL)
+            child.proc.wait(timeout=30)
+            tracker.log_metrics({"loss": 0.5}, 2, "epoch")
+    line = str(err.value)
+    assert line.startswith("logger=tensorboard failed: its process was killed by SIGKILL"), line
+    assert line.endswith(f"the run itself finished: its report and model are in {tmp_path}") and "\n" not in line
+
+
 def test_a_key_under_a_logger_that_is_off_is_named_in_one_line():
     """``logger.csv.path=x`` without ``logger=csv``: OmegaConf fails with a bare AssertionError (a traceback, exit
     status 1) on the logger's null node; this is the line the command line and the API answer instead."""

@@ -89,7 +89,14 @@ def tracking(cfg: Config, info: RunInfo, rank: int | None = None) -> Iterator[Tr
     except BaseException:
         tracker.close(ok=False)
         raise
-    tracker.close(ok=True)
+    failed_mid_run = bool(tracker.failures)
+    try:
+        tracker.close(ok=True)
+    except TrackingError as err:
+        if not failed_mid_run:
+            raise
+        # a tracker dropped mid-run: the run itself went on and wrote everything, which exit status 2 alone hides
+        raise TrackingError(f"{err}; the run itself finished: its report and model are in {info.run_dir}") from None
 
 
 def finish_tracking(tracker: Tracker, report: Report, run_dir: Path) -> None:
