@@ -52,7 +52,10 @@ class ModelFactory:
     # The config's fine-tuning keys (model.trainable, model.lora.*, model.checkpoint_path, model.batchnorm) when the
     # model comes as an object: they apply to it as to a config-built model, never silently ignored.
     template_tuning: dict[str, Any] | None = None
-    _weights: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
+    # (state dict, SHA-256 of the bytes it was parsed from, how they were verified): read once per factory, so every
+    # model of a run (training, audit references, clients) starts from the same bytes and the report names them
+    _weights: tuple[dict[str, Any], str, str] | None = field(default=None, init=False, repr=False, compare=False)
+    _loaded: str | None = field(default=None, init=False, repr=False, compare=False)  # model=hf: the first build's
     _tuned: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, seed: int | None = None) -> nn.Module:
@@ -91,10 +94,12 @@ class ModelFactory:
         reinit: list[str] = []
         if tune.checkpoint_path is not None:
             if self._weights is None:
-                self._weights = finetune.read_state_dict(tune.checkpoint_path, tune.checkpoint_sha256)
-            reinit = finetune.load_weights(model, self._weights, tune.checkpoint_path)
+                state, digest = finetune.read_weights(tune.checkpoint_path, tune.checkpoint_sha256)
+                self._weights = (state, digest, finetune.provenance(tune.checkpoint_path, tune.checkpoint_sha256))
+            reinit = finetune.load_weights(model, self._weights[0], tune.checkpoint_path)
         elif getattr(model, "reinitialized_layers", None) is not None:  # model=hf: transformers says which
             reinit = list(model.reinitialized_layers)
+            self._same_weights(getattr(model, "loaded_sha256", None), node)
         elif tune.pretrained and head is not None:
             published = (getattr(model, "pretrained_cfg", None) or {}).get("num_classes")
             reinit = [head] if published is not None and published != self.num_classes else []
@@ -119,10 +124,8 @@ class ModelFactory:
         }[mode]
         self._tuned = {
             "checkpoint_path": tune.checkpoint_path,
-            "checkpoint_sha256": _sha256(tune.checkpoint_path) if tune.checkpoint_path else None,
-            "checkpoint_verified": (
-                finetune.provenance(tune.checkpoint_path, tune.checkpoint_sha256) if tune.checkpoint_path else None
-            ),
+            "checkpoint_sha256": self._weights[1] if tune.checkpoint_path and self._weights else None,
+            "checkpoint_verified": self._weights[2] if tune.checkpoint_path and self._weights else None,
             "pretrained": tune.pretrained,
             "reinitialized_layers": reinit,
             "head": head,
@@ -131,7 +134,23 @@ class ModelFactory:
             "lora": tune.lora_config() if tune.trainable == "lora" else None,
             **finetune.parameter_counts(model),
         }
+        if self._loaded is not None:
+            self._tuned["weights_sha256"] = self._loaded
         return model
+
+    def _same_weights(self, digest: str | None, node: dict[str, Any] | None) -> None:
+        """Refuse a model=hf build whose loaded weights differ from the run's first build: transformers re-reads
+        model.path at every build, and a folder changed mid-run would train, audit and report a mix."""
+        if digest is None:
+            return
+        if self._loaded is None:
+            self._loaded = digest
+        elif digest != self._loaded:
+            path = (node or {}).get("path")
+            raise ConfigError(
+                f"model.path={path!r} changed during the run: its weights now load as {digest[:16]}..., the run "
+                f"started from {self._loaded[:16]}...; refusing to train or report a mix of two models"
+            )
 
     @property
     def target(self) -> str:
@@ -199,16 +218,6 @@ def _check_pretrained(target: Any, node: dict[str, Any], tune: finetune.FineTune
         )
     if tune.pretrained and tune.checkpoint_path:
         raise ConfigError("model.pretrained=True is not allowed with model.checkpoint_path: give one source of weights")
-
-
-def _sha256(path: str) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fix_for_dp(model: nn.Module, target: str) -> nn.Module:

@@ -127,31 +127,39 @@ def provenance(path: str, sha256: str | None) -> str:
 
 
 def read_state_dict(path: str, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint file, unwrapped from trainer dicts and wrapper prefixes; ``sha256`` pins the
-    file's bytes (read once: what is hashed is what is loaded, unless its keyed tag verifies it again)."""
+    """The tensors of a checkpoint file (see :func:`read_weights`, which also gives the digest to report)."""
+    return read_weights(path, sha256)[0]
+
+
+def read_weights(path: str, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], str]:
+    """(the tensors of a checkpoint file, unwrapped from trainer dicts and wrapper prefixes; the SHA-256 of exactly
+    the bytes they were parsed from). The file is read once, so its keyed tag (when it has one), the ``sha256`` pin
+    and the report's ``model.checkpoint_sha256`` all vouch for what was loaded: hashed again by path, a file
+    swapped after the read was reported as the weights trained from."""
     file = Path(path)
-    data = None
-    if sha256 is not None:
-        data = file.read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
-            raise ConfigError(
-                f"model.checkpoint_path={path!r} is not allowed: its SHA-256 is {hashlib.sha256(data).hexdigest()}, "
-                f"model.checkpoint_sha256 pins {sha256}; refusing changed weights"
-            )
     if file.with_name(file.name + ".tag").exists():  # an aisec-train artifact: its keyed tag must verify
         from aisec_train.train import checkpoint
 
         try:
-            payload: Any = checkpoint.load(file, root=file.parent)
+            data = checkpoint.read_verified(file, root=file.parent)
         except checkpoint.CheckpointError as err:
             raise ConfigError(f"model.checkpoint_path={path!r} is not allowed: {err}") from None
     else:
         try:
-            source = io.BytesIO(data) if data is not None else file
-            payload = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
-            reason = " ".join(str(err).split())[:200] or type(err).__name__  # an empty file: EOFError, no text
-            raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None
+            data = file.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"model.checkpoint_path={path!r} cannot be read ({err.strerror})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise ConfigError(
+            f"model.checkpoint_path={path!r} is not allowed: its SHA-256 is {digest}, model.checkpoint_sha256 pins "
+            f"{sha256}; refusing changed weights"
+        )
+    try:
+        payload: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
+        reason = " ".join(str(err).split())[:200] or type(err).__name__  # an empty file: EOFError, no text
+        raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None
     while isinstance(payload, dict) and not _is_state(payload):
         inner = next((payload[k] for k in WRAPPER_KEYS if isinstance(payload.get(k), dict)), None)
         if inner is None:
@@ -162,7 +170,7 @@ def read_state_dict(path: str, sha256: str | None = None) -> dict[str, torch.Ten
         payload = inner
     if not isinstance(payload, dict):
         raise ConfigError(f"model.checkpoint_path={path!r} holds a {type(payload).__name__}, not a state dict")
-    return _strip_prefixes({k: v for k, v in payload.items() if isinstance(v, torch.Tensor)})
+    return _strip_prefixes({k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}), digest
 
 
 def _is_state(payload: dict) -> bool:

@@ -13,6 +13,7 @@ the training loop, Opacus and the fine-tuning keys (``trainable``, ``lora``) tre
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import pickle
 from typing import Any
@@ -161,4 +162,20 @@ def hf_model(path: str, num_classes: int, trust_remote_code: bool = False, **kwa
         k if isinstance(k, str) else k[0] for k in [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]
     ]
     wrapped.reinitialized_layers = sorted({"model." + k.rsplit(".", 1)[0] for k in fresh})  # read by the factory
+    wrapped.loaded_sha256 = loaded_digest(model, set(fresh))  # read by the factory
     return wrapped
+
+
+def loaded_digest(model: nn.Module, fresh: set[str]) -> str:
+    """SHA-256 of the tensors transformers loaded from the folder (names, dtypes, shapes, bytes; the re-initialised
+    head left out): taken from what was parsed, not from the folder's files afterwards. The factory builds the model
+    several times a run and transformers re-reads the folder each time; equal digests mean every build (training,
+    audit references, clients) started from the same weights, and the report names them."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if name in fresh:
+            continue
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

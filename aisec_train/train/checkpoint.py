@@ -122,6 +122,11 @@ def load(path: Path, expected_sha256: str | None = None, *, root: Path | None = 
     return _unpickle(path, _read(Path(path), expected_sha256, root))
 
 
+def read_verified(path: Path, *, root: Path | None = None) -> bytes:
+    """The bytes of ``path`` once its keyed tag verifies them: parse and hash these, not the path again."""
+    return _read(Path(path), None, root)
+
+
 def load_with_manifest(path: Path, *, root: Path | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(payload, verified manifest) from one read: the manifest's ``meta`` vouches for exactly these bytes."""
     with _refusing(path):
