@@ -8,6 +8,8 @@ real Flower messages, without an engine; the slow one runs the command line on F
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 
 import numpy as np
@@ -18,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 import aisec_train
 from aisec_train.crypto import CkksParams, generate_keys
 from aisec_train.crypto.ckks import EncryptedUpdate
+from aisec_train.errors import ConfigError
 from aisec_train.federated import client_app
 from aisec_train.federated.client_keys import ClientKeys
 from aisec_train.federated.settings import ClientSettings
@@ -163,3 +166,19 @@ def test_cli_federated_lora_under_ckks_reports_bytes_against_the_whole_model(tmp
     assert fed["trainable"] == "subset" and fed["trained_parameters"] == report["model"]["trainable_parameters"]
     assert fed["bytes_per_round"] < fed["bytes_per_round_full_model"] / 4
     assert report["model"]["lora_adapters"]["moved"] > 0
+    # every SuperNode reads the checkpoint itself (the frozen base never crosses the wire): the job pins the bytes
+    # this run loaded and reports, so a node holding another file refuses instead of training a mix
+    job = json.loads((run_dir / "federated" / "job.json").read_text())
+    pinned = hashlib.sha256(cnn_checkpoint.read_bytes()).hexdigest()
+    assert job["config"]["model"]["checkpoint_sha256"] == pinned == report["model"]["checkpoint_sha256"]
+
+
+def test_a_client_whose_checkpoint_differs_from_the_job_s_pin_refuses_to_build_the_model(tmp_path, cnn_checkpoint):
+    other = tmp_path / "other.pt"
+    other.write_bytes(cnn_checkpoint.read_bytes())  # the pinned bytes: builds
+    pinned = hashlib.sha256(cnn_checkpoint.read_bytes()).hexdigest()
+    task = _task(tmp_path, other, "head", f"model.checkpoint_sha256={pinned}")
+    task.factory(seed=0)
+    torch.save({"model": {k: v + 1 for k, v in torch.load(cnn_checkpoint, weights_only=True)["model"].items()}}, other)
+    with pytest.raises(ConfigError, match=r"model.checkpoint_sha256 pins .*refusing changed weights"):
+        _task(tmp_path, other, "head", f"model.checkpoint_sha256={pinned}").factory(seed=0)

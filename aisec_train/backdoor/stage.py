@@ -83,8 +83,7 @@ def _require_poison(bd: BackdoorConfig, poisoned: badnets.Poisoned, n_rows: int,
 def _trusted(cfg, data):
     bd, seed = cfg.backdoor, cfg.train.seed
     if bd.trusted_path:
-        clean = trusted.load_trusted(bd.trusted_path, data)
-        sha = trusted.trusted_file_sha256(bd.trusted_path)
+        clean, sha = trusted.read_trusted(bd.trusted_path, data)
         data.record("trusted_clean_set", source="backdoor.trusted_path", sha256=sha, n=len(clean), used_for="defence")
         return clean
     data.train, clean = trusted.carve_reserve(data.train, bd.clean_fraction, seed)

@@ -19,6 +19,7 @@ samples the defender trusts to be clean. It comes from one of two places:
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from aisec_train.data.dataset import DataBundle
 from aisec_train.data.errors import DataError
 from aisec_train.data.sources import NPZ_READ_ERRORS
 from aisec_train.data.views import Sample, labels_of, subset
-from aisec_train.hashing import sha256_file
+from aisec_train.hashing import sha256_bytes
 
 
 def _subset(dataset: Dataset, rows: np.ndarray) -> Subset:
@@ -58,12 +59,20 @@ def carve_reserve(train: Dataset, fraction: float, seed: int) -> tuple[Subset, S
 
 
 def load_trusted(path: str, data: DataBundle) -> Sample:
-    """The operator's clean set from ``path``, checked against the training data's image shape and classes."""
+    """The operator's clean set from ``path`` (see :func:`read_trusted`, which also gives its SHA-256)."""
+    return read_trusted(path, data)[0]
+
+
+def read_trusted(path: str, data: DataBundle) -> tuple[Sample, str]:
+    """(the operator's clean set from ``path``, checked against the training data's image shape and classes; the
+    SHA-256 of exactly the bytes it was parsed from). One read: hashed again by path, a file swapped after the load
+    was recorded in the lineage as the set the defence used."""
     key = f"backdoor.trusted_path={path!r}"
     if not Path(path).is_file():
         raise DataError(f"{key} does not exist or is not a file")
     try:
-        with np.load(path, allow_pickle=False) as archive:  # no pickles: loading must not run code
+        raw = Path(path).read_bytes()
+        with np.load(io.BytesIO(raw), allow_pickle=False) as archive:  # no pickles: loading must not run code
             x, y = archive["x"], archive["y"]
     except NPZ_READ_ERRORS as err:
         raise DataError(f"{key} is not a readable .npz holding arrays 'x' and 'y': {err}") from err
@@ -76,11 +85,7 @@ def load_trusted(path: str, data: DataBundle) -> Sample:
         raise DataError(f"{key} holds images {tuple(x.shape[1:])}; the training images are {tuple(data.input_shape)}")
     if len(y) == 0 or y.min() < 0 or y.max() >= data.num_classes:
         raise DataError(f"{key}: labels must be in 0..{data.num_classes - 1}")
-    return Sample(x, torch.from_numpy(y.astype(np.int64)))
-
-
-def trusted_file_sha256(path: str) -> str:
-    return sha256_file(Path(path))
+    return Sample(x, torch.from_numpy(y.astype(np.int64))), sha256_bytes(raw)
 
 
 def privacy_scope(*, from_file: bool, n_trusted: int, n_train: int, private: bool) -> dict[str, Any]:

@@ -52,6 +52,12 @@ def prepare(job: TrainJob) -> tuple[ServerSettings, ClientSettings]:
     """Keys (created once per run dir, reused on resume) and the job file, split into the two sides' settings."""
     cfg, data, run_dir = job.cfg, job.data, job.run_dir
     fed_dir, key_dir = run_dir / "federated", run_dir / CLIENT_KEY_DIR
+    # Every SuperNode reads model.checkpoint_path itself, and the frozen base never crosses the wire: job.json pins
+    # the bytes this run's factory loaded, so a node holding other bytes refuses in one line instead of training
+    # a mix under this run's report (which names this digest).
+    base = job.factory.checkpoint_digest()
+    if base is not None and isinstance(cfg.model, dict) and not cfg.model.get("checkpoint_sha256"):
+        cfg = replace(cfg, model={**cfg.model, "checkpoint_sha256": base})
     path, digest = write_job(cfg, fed_dir / "job.json", manifest_sha256=data.manifest_sha256)
     load_job.cache_clear()  # a resumed run may have rewritten job.json with new overrides
     server = ServerSettings(job=str(path), state_dir=str(fed_dir / "server"), job_sha256=digest)

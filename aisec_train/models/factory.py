@@ -152,6 +152,16 @@ class ModelFactory:
                 f"started from {self._loaded[:16]}...; refusing to train or report a mix of two models"
             )
 
+    def checkpoint_digest(self) -> str | None:
+        """The SHA-256 of the checkpoint bytes this factory's models start from (None without model.checkpoint_path):
+        a pin for copies of the run that read the file again (federated SuperNodes)."""
+        tuning = self.template_tuning if self.template is not None else self.spec
+        if finetune.split(tuning)[1].checkpoint_path is None:
+            return None
+        if self._weights is None:
+            self(seed=0)  # reads it (once) and loads it, as every build does
+        return self._weights[1] if self._weights else None
+
     @property
     def target(self) -> str:
         if self.template is not None:
