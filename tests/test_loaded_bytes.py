@@ -128,3 +128,33 @@ def test_a_hf_folder_changed_between_builds_of_one_run_is_refused_not_mixed(tiny
     with pytest.raises(ConfigError, match=r"model.path=.* changed during the run: .*refusing to train or report a mix"):
         factory(seed=0)  # an audit reference model or a federated client, built later in the same run
     assert _hf_factory(folder).describe()["weights_sha256"] != first  # a new run names the new weights
+
+
+def test_an_npz_renamed_into_place_after_its_arrays_were_read_is_not_the_one_the_manifest_names(tmp_path, monkeypatch):
+    """The arrays trained on and the file hash the manifest records (and a dataset.sha256 pin checks) come from
+    one open file: the file used to be parsed, then hashed again by path, so a file renamed into place between the
+    two was trained on under another file's hash."""
+    import hashlib
+
+    import numpy as np
+
+    from aisec_train.data.config import DatasetConfig
+    from aisec_train.data.dataset import load_dataset
+
+    rng = np.random.default_rng(0)
+    path, other = tmp_path / "d.npz", tmp_path / "other.npz"
+    np.savez(path, x=rng.random((40, 4, 4)), y=np.arange(40) % 2)
+    np.savez(other, x=rng.random((40, 4, 4)), y=np.arange(40) % 2)
+    trained_from = hashlib.sha256(path.read_bytes()).hexdigest()
+    real_load = np.load
+
+    def load_then_swap(*args, **kwargs):  # the attacker's rename lands right after the arrays were parsed
+        loaded = real_load(*args, **kwargs)
+        if other.exists():
+            other.replace(path)
+        return loaded
+
+    monkeypatch.setattr(np, "load", load_then_swap)
+    data = load_dataset(DatasetConfig(name="npz", path=str(path)), seed=0)
+    assert data.manifest["files"]["d.npz"] == trained_from
+    assert hashlib.sha256(path.read_bytes()).hexdigest() != trained_from  # the swap did happen

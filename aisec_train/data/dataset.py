@@ -114,6 +114,7 @@ def load_dataset(
         streamed = {"train": src.train} | ({"test": src.test} if src.test is not None else {})
     started = time.perf_counter()
     digests, hashed = source_digests(src.train)
+    hashed = {**src.hashed, **hashed}  # what the source hashed as it read (an .npz), then the image folders'
     records_seconds = time.perf_counter() - started
     collected = bytearray() if digests is None and streamed else None
     manifest = build_manifest(

@@ -18,3 +18,4 @@ class SourceData:
     files: list[Path] = field(default_factory=list)  # every file read, hashed into the manifest (streamed)
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # in-memory arrays, hashed into the manifest
     root: Path | None = None  # file names in the manifest are relative to it
+    hashed: dict[Path, str] = field(default_factory=dict)  # files hashed as they were read (not again by path)

@@ -8,6 +8,7 @@ A source only reads: hashing (manifest.py), splitting, augmentation and checks h
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import zipfile
 import zlib
@@ -97,12 +98,15 @@ def _declared_npy(archive: zipfile.ZipFile, member: str, path: Path) -> tuple[tu
     return shape, dtype
 
 
-def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``x`` and ``y`` of an .npz, refusing before any read when the headers declare more than ``max_bytes``."""
+def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``x``, ``y`` and the SHA-256 of an .npz, refusing before any array is read when the headers declare more than
+    ``max_bytes``. One open file: the hash the manifest records and the arrays trained on come from the same file
+    (hashed again by path afterwards, a file renamed into place between the two was trained on under the first's
+    hash, and passed a ``dataset.sha256`` pin)."""
     if not path.is_file():
         raise DataError(f"{key}={str(path)!r} does not exist or is not a file")
     try:
-        with zipfile.ZipFile(path) as archive:
+        with open(path, "rb") as fh, zipfile.ZipFile(fh) as archive:
             members = {name.removesuffix(".npy"): name for name in archive.namelist()}
             missing = {"x", "y"} - set(members)
             if missing:
@@ -116,9 +120,14 @@ def read_npz(path: Path, key: str, max_bytes: int) -> tuple[np.ndarray, np.ndarr
                     f"{key}={str(path)!r} declares {declared} bytes of arrays, over dataset.max_bytes={max_bytes}; "
                     "raise dataset.max_bytes if this machine can hold them"
                 )
-        # allow_pickle=False: an .npz holding object arrays could run code when loaded.
-        with np.load(path, allow_pickle=False) as loaded:
-            return np.asarray(loaded["x"]), np.asarray(loaded["y"])
+            fh.seek(0)
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+            fh.seek(0)
+            # allow_pickle=False: an .npz holding object arrays could run code when loaded.
+            with np.load(fh, allow_pickle=False) as loaded:
+                return np.asarray(loaded["x"]), np.asarray(loaded["y"]), digest.hexdigest()
     except DataError:
         raise
     except NPZ_READ_ERRORS as err:
@@ -130,14 +139,16 @@ def npz(cfg: DatasetConfig, seed: int) -> SourceData:
     if not cfg.path:
         raise DataError("dataset.path=None is not allowed: dataset=npz needs a .npz file path")
     train_path = Path(cfg.path)
-    x, y = read_npz(train_path, "dataset.path", cfg.max_bytes)
+    x, y, digest = read_npz(train_path, "dataset.path", cfg.max_bytes)
     layout = {"channels_last": cfg.channels_last, "setting": "dataset.channels_last"}
     data = SourceData(ArrayDataset(x, y, "x", **layout), source=f"npz:{train_path.name}", files=[train_path])
+    data.hashed[train_path] = digest
     if cfg.test_path:
         test_path = Path(cfg.test_path)
-        xt, yt = read_npz(test_path, "dataset.test_path", cfg.max_bytes)
+        xt, yt, test_digest = read_npz(test_path, "dataset.test_path", cfg.max_bytes)
         data.test = ArrayDataset(xt, yt, "x_test", **layout)
         data.files.append(test_path)
+        data.hashed[test_path] = test_digest
     return data
 
 
