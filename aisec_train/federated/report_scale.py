@@ -21,6 +21,7 @@ from aisec_train.federated.partition import Partition
 from aisec_train.federated.report import ReportInputs
 from aisec_train.federated.robust_aggregation import DEFENCES, ckks_summary, runs_on_ciphertexts
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.privacy import claims
 from aisec_train.privacy.report import FIGURES, Measured
 
 COLLUSION = (
@@ -175,6 +176,7 @@ def _client_measured(run, plan: ClientDPPlan, server: ServerSettings, client, st
         details=details,
         randomness={"noise": source, "sampling": source, "dp_guarantee": secure},
         gaps=gaps,
+        not_covered=[claims.COHORTS_NOT_COVERED],
     )
 
 

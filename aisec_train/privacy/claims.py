@@ -44,12 +44,23 @@ def guarantee(gaps: list[str]) -> dict[str, Any]:
 # every file of the run folder.
 NOT_COVERED = [
     "training loss and accuracy per epoch and step (metrics.csv, training_curve.png, trackers): averages over the "
-    "private batches",
+    "private batches (an accuracy's denominator gives the number of records the Poisson draws put in them)",
     "the clip fraction per step (trackers, logger.every_n_steps): the share of each private batch's per-sample "
     "gradients whose norm exceeded privacy.max_grad_norm",
     "the data section's counts, class balance, sanity findings and manifest hash of the training split",
     "audit and defence figures computed on training records (membership attack scores, backdoor detection)",
 ]
+
+
+# Client-level DP (DP-FedAvg) only: the run folder names the members of every round's Poisson cohort, which the
+# server must know to send them the round. The accountant's epsilon counts on amplification by sampling, i.e. on
+# nobody knowing whether a client was drawn: a reader of these files knows, and against it only the rounds a client
+# was in count, unamplified.
+COHORTS_NOT_COVERED = (
+    "which clients each round's Poisson cohort drew (federated.per_round: accepted and the per-client figures; "
+    "federated/server/state.pt; client_state/*/state.pt rounds): the client-level epsilon assumes the cohort is "
+    "secret (amplification by sampling); against a reader of these files it does not hold"
+)
 
 
 def dp_item(within_target: bool, evidence: str, gaps: list[str]) -> tuple[str, str]:

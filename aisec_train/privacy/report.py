@@ -33,6 +33,7 @@ class Measured:
     details: dict[str, Any] = field(default_factory=dict)  # further keys of the section (scope, per client, ...)
     randomness: dict[str, Any] = field(default_factory=dict)  # where the noise and the sampling came from
     gaps: list[str] = field(default_factory=list)  # why the figures are no DP guarantee (empty: they are one)
+    not_covered: list[str] = field(default_factory=list)  # what this trainer's files release beyond claims' list
 
 
 def write(report: Any, measured: Measured | None) -> None:
@@ -47,7 +48,8 @@ def write(report: Any, measured: Measured | None) -> None:
     report.add("privacy", **{k: figures[k] for k in FIGURES}, mode=measured.mode, target_epsilon=target)
     report.add("privacy", **measured.details)
     report.add("privacy", randomness=measured.randomness, guarantee=claims.guarantee(measured.gaps))
-    report.add("privacy", not_covered=claims.NOT_COVERED)  # released without noise: treat as the data
+    # released without noise: treat as the data
+    report.add("privacy", not_covered=[*claims.NOT_COVERED, *measured.not_covered])
     within = target is None or figures["epsilon"] <= target + 1e-9
     status, evidence = claims.dp_item(within, measured.evidence + records_spent(report), measured.gaps)
     report.check(*ITEM, status, evidence)

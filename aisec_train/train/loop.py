@@ -389,6 +389,18 @@ class Loop:
                         cb.after_step(self)
         return total / max(1, seen), hits / max(1, seen)
 
+    def _rng_state(self) -> torch.Tensor:
+        """The global generator's state a resume continues from.
+
+        Under DP not the live one: augmentation, augmult's views and dropout draw from it per record loaded, so how
+        far it has run from ``torch.manual_seed(train.seed)`` counts the records the secret Poisson draws put in
+        batches (a checkpoint gave their exact sum, epoch by epoch). A resume continues from a state the seed and
+        the epoch fix instead, public like the rest of the global stream (docs/privacy.md).
+        """
+        if not self.private:
+            return torch.get_rng_state()
+        return torch.Generator().manual_seed(self.cfg.seed + self.epoch + 1).get_state()
+
     def payload(self) -> dict[str, Any]:
         """Everything a resume needs, in types ``torch.load(weights_only=True)`` accepts."""
         complete = self.stopped_by_budget or self.epoch + 1 == self.cfg.epochs
@@ -401,7 +413,7 @@ class Loop:
             "steps": self.steps,  # optimizer steps taken so far (the trackers' step axis, continued on resume)
             "complete": complete,
             "stopped_by_budget": self.stopped_by_budget,
-            "rng": torch.get_rng_state(),
+            "rng": self._rng_state(),
             "callbacks": {cb.key: cb.state_dict() for cb in self.callbacks if cb.key and hasattr(cb, "state_dict")},
         }
         return gathered(state)  # sharded (strategy=fsdp): full tensors, a collective every rank joins
