@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from aisec_train.errors import ConfigError
 from aisec_train.train.bk_capture import LayerRecord, run_op, tap
 from aisec_train.train.bk_norms import OpacusRule, rule_for
+from aisec_train.train.bk_uses import refuse_outside_use
 
 
 class BKUnsupported(Exception):
@@ -88,6 +89,16 @@ class BKGradSampleModule(AbstractGradSampleModule):
             record = LayerRecord(name, module, rule_for(module), self, params)
             self.records[name] = record
             module.forward = partial(_forward, record, module.forward)  # undone by remove_hooks()
+        # Book-keeping gives a layer's parameters their gradient itself: autograd never should. One that does was
+        # used outside its layer's forward (F.linear(h, emb.weight), x @ lin.weight.T): that use is in no
+        # per-sample norm, and its full-batch gradient, unclipped, was added to the clipped sum (one record moved
+        # the step by 500 C). Refused at any backward, before its step (the first forward is watched too: bk_uses.py).
+        self._outside_use = [
+            p.register_hook(partial(_outside_use, self, f"{name}.{k}" if name else k))
+            for name, record in self.records.items()
+            for k, p in record.params.items()
+            if p.requires_grad
+        ]
         self.enable_hooks()
 
     def forward(self, *args, **kwargs):
@@ -106,6 +117,8 @@ class BKGradSampleModule(AbstractGradSampleModule):
 
     def remove_hooks(self) -> None:
         self.disable_hooks()
+        for handle in getattr(self, "_outside_use", ()):
+            handle.remove()
         for record in getattr(self, "records", {}).values():
             record.module.__dict__.pop("forward", None)
             record.reset()
@@ -170,6 +183,15 @@ def finite_clip_factors(norms: Tensor, max_grad_norm: float) -> Tensor:
     """
     factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return torch.where(torch.isfinite(norms), factors, torch.zeros_like(factors))
+
+
+def _outside_use(hub: BKGradSampleModule, name: str, grad: Tensor | None) -> None:
+    """A gradient autograd delivered to a book-keeping layer's parameter: a use outside that layer (see __init__).
+
+    A zero gradient carries no record's information (an empty batch runs the layer's own forward), so only a
+    non-zero one is refused."""
+    if hub.hooks_enabled and grad is not None and bool(grad.ne(0).any()):  # None: the layer's own op (no grad)
+        raise refuse_outside_use(name)
 
 
 def _forward(record: LayerRecord, original, *args, **kwargs):

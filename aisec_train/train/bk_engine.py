@@ -26,6 +26,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from torch import nn
 
 from aisec_train.train.bk import BKGradSampleModule, BKUnsupported, finite_clip_factors
+from aisec_train.train.bk_uses import check_first_forward
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +71,17 @@ class BKPrivacyEngine(PrivacyEngine):
             model = super()._prepare_model(module, grad_sample_mode=grad_sample_mode, **kwargs)
             if isinstance(model, GradSampleModuleFastGradientClipping):  # ghost, bk's fallback, DPDDP, FSDP
                 model.get_clipping_coef = partial(_finite_clipping_coef, model)
-            return model
-        self.validate(module=module, optimizer=None, data_loader=None)  # Opacus' ModuleValidator (no BatchNorm...)
-        return BKGradSampleModule(
-            module,
-            max_grad_norm=kwargs.get("max_grad_norm", 1.0),
-            batch_first=kwargs.get("batch_first", True),
-            loss_reduction=kwargs.get("loss_reduction", "mean"),
-        )
+        else:
+            self.validate(module=module, optimizer=None, data_loader=None)  # Opacus' ModuleValidator (no BatchNorm...)
+            model = BKGradSampleModule(
+                module,
+                max_grad_norm=kwargs.get("max_grad_norm", 1.0),
+                batch_first=kwargs.get("batch_first", True),
+                loss_reduction=kwargs.get("loss_reduction", "mean"),
+            )
+        if grad_sample_mode != "ghost_fsdp":  # what per-sample clipping cannot bound, refused at the first forward
+            check_first_forward(model, module)
+        return model
 
     def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", **kwargs):
         # p.grad arrives as the clipped sum, which is what ghost mode's optimizer expects.
