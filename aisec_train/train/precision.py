@@ -13,6 +13,7 @@ float32 exponent range needs no scaler.
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -38,6 +39,7 @@ def fp32_per_sample_math() -> None:
 
 
 def _upcasting(sampler):
+    @functools.wraps(sampler)  # the report names a layer's method by its sampler's name, wrapped or not
     def upcast(module, activations, backprops):
         activations = [a.float() if _low(a) else a for a in activations]
         return sampler(module, activations, backprops.float() if _low(backprops) else backprops)
