@@ -161,6 +161,10 @@ class BKGradSampleModule(AbstractGradSampleModule):
         norms = torch.stack([r.processed.norm_sq.to(device) for r in active]).sum(0).clamp(min=0).sqrt() * scale
         self.per_sample_gradient_norms = norms
         weights = finite_clip_factors(norms, self.max_grad_norm) * scale
+        dropped = ~torch.isfinite(norms)
+        if bool(dropped.any()):  # a record whose forward overflowed: its zero factor times its inf rows is NaN
+            for record in active:
+                record.drop_rows(dropped)
         for record in active:
             for p, grad in record.clipped(weights).items():
                 grad = grad.to(p.dtype)

@@ -93,8 +93,41 @@ class LayerRecord:
     def reset(self) -> None:
         self.calls, self.processed = [], None
 
+    def drop_rows(self, rows: Tensor) -> None:
+        """Zero what this step captured for the samples in ``rows`` (a boolean (B,) mask): those whose norm is not
+        finite, whose clip factor is 0. A zero factor alone did not drop them: a record whose forward overflowed
+        has inf inputs or NaN output gradients here, and ``0 * inf`` is NaN, so the clipped sum, the step and the
+        model went NaN (the run stopped at the step that drew the record). Every captured tensor is per sample,
+        batch first (inputs, output gradients, norm statistics, stored per-sample gradients)."""
+
+        def zero(t: Any) -> Any:
+            return _zero_rows(t, rows) if isinstance(t, Tensor) and t.dim() and t.shape[0] == rows.shape[0] else t
+
+        for call in self.calls:
+            call.saved = tuple(zero(t) for t in call.saved)
+            call.grad = zero(call.grad)
+            if call.extra is not None:
+                call.extra = tuple(zero(t) for t in call.extra)
+        if self.processed is not None:
+            self.processed.stored = {k: _zero_chunks(v, rows) for k, v in self.processed.stored.items()}
+
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _zero_rows(t: Tensor, rows: Tensor) -> Tensor:
+    return torch.where(rows.view(-1, *[1] * (t.dim() - 1)), torch.zeros((), dtype=t.dtype, device=t.device), t)
+
+
+def _zero_chunks(stored: Tensor | list[Tensor], rows: Tensor) -> Tensor | list[Tensor]:
+    """Stored per-sample gradients, one tensor or consecutive chunks of samples (bk_conv keeps chunks)."""
+    if isinstance(stored, Tensor):
+        return _zero_rows(stored, rows)
+    out, start = [], 0
+    for chunk in stored:
+        out.append(_zero_rows(chunk, rows[start : start + chunk.shape[0]]))
+        start += chunk.shape[0]
+    return out
 
 
 class _Op(torch.autograd.Function):

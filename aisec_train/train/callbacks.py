@@ -31,6 +31,7 @@ class LoopState(Protocol):
     ledger: Any  # privacy/ledger.py's PrivacyLedger under DP, else None
     stopped_by_budget: bool
     last_loss: float | None
+    private: bool  # DP-SGD: the loss is a statistic of the private batch (FiniteGuard)
     epoch: int
     steps: int
 
@@ -127,18 +128,30 @@ class FiniteGuard(Callback):
     """Stop at once on a non-finite loss, and never let non-finite weights reach a checkpoint."""
 
     def after_step(self, loop: LoopState) -> None:
-        if loop.last_loss is not None and not math.isfinite(loop.last_loss):
-            raise NonFiniteError(
-                f"training stopped: the loss became {loop.last_loss} at epoch {loop.epoch + 1} (step {loop.steps}); "
-                "the last good checkpoint is kept. Lower train.lr or check the data"
-            )
+        if loop.last_loss is None or math.isfinite(loop.last_loss):
+            return
+        if loop.private:
+            # Under DP the loss is a statistic of the private batch that no noise covers. A record whose forward
+            # overflows is dropped from its step (clip factor 0, its captured rows zeroed: train/bk.py), so the model
+            # stays finite, and stopping on the loss told when the secret draws first picked that record. The
+            # weights are the noised step's output, so checking them releases nothing more.
+            self._check_weights(loop, f"at step {loop.steps}")
+            return
+        raise NonFiniteError(
+            f"training stopped: the loss became {loop.last_loss} at epoch {loop.epoch + 1} (step {loop.steps}); "
+            "the last good checkpoint is kept. Lower train.lr or check the data"
+        )
 
     def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None:
+        self._check_weights(loop, f"in epoch {loop.epoch + 1}")
+
+    @staticmethod
+    def _check_weights(loop: LoopState, when: str) -> None:
         bad = [n for n, p in loop.plain.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise NonFiniteError(
-                f"training stopped: weights {bad[:3]} became non-finite in epoch {loop.epoch + 1}; the last good "
-                "checkpoint is kept. Lower train.lr or check the data"
+                f"training stopped: weights {bad[:3]} became non-finite {when}; the last good checkpoint is kept. "
+                "Lower train.lr or check the data"
             )
 
 
