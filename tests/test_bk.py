@@ -248,6 +248,29 @@ def test_every_norm_method_is_exact_across_two_forwards(monkeypatch, method):
     assert_bk_equals_hooks(lambda: build_model("cnn", in_channels=1, num_classes=10, image_size=8), x, y, _trades)
 
 
+class StridedStream(nn.Module):
+    """An MLP-Mixer block on a residual stream in (B, C, T) memory order (``flatten(2).transpose(1, 2)``): its
+    LayerNorms get a strided input, and one of them a strided output gradient (through the token Linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(2, 4, 2, stride=2)
+        self.norm1, self.norm2 = nn.LayerNorm(4), nn.LayerNorm(4)
+        self.token, self.channel, self.head = nn.Linear(6, 6), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)  # (B, T=6, C=4), stored as (B, C, T)
+        x = x + self.token(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        x = x + self.channel(self.norm2(x))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_layernorm_on_a_strided_residual_stream_equals_opacus_hooks(batch):
+    x, y = _images(batch, 2, 4, 6, classes=3, seed=5)
+    assert_bk_equals_hooks(StridedStream, x, y)
+
+
 # ------------------------------------------------------------------------------------------------ whole models
 @pytest.mark.parametrize(
     "name,channels,size",

@@ -142,7 +142,7 @@ class _Op(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         record, call = ctx.record, ctx.call
-        grad = grad.detach()
+        grad = grad.detach().contiguous() if record.rule.contiguous_grad else grad.detach()
         grad_x = record.rule.backward(record.module, call, grad, ctx.needs_input_grad[1])
         ctx.call = None  # the graph outlives the backward (until the loss is dropped): keep nothing here
         record.receive(call, grad)

@@ -39,6 +39,9 @@ class Rule:
     """How one layer type runs in book-keeping mode. Subclasses fill in the four steps."""
 
     static_method: str | None = None  # the report's method when it does not depend on shapes
+    # The op's kernels read the output gradient row-contiguous: make it so once, and keep that copy for the norms
+    # (the kernel would otherwise copy it inside, and the norms would read the strided original).
+    contiguous_grad: bool = False
 
     def prepare(self, module: nn.Module, x: Tensor) -> Tensor:
         """Ordinary autograd ops applied to the input before the layer's op (default: none)."""

@@ -22,6 +22,7 @@ from aisec_train.train.bk_layers import LinearRule, Processed, Rule, _sq
 
 class GroupNormRule(Rule):
     static_method = "instantiate"
+    contiguous_grad = True
 
     def forward(self, module, x):
         n, c = x.shape[:2]
@@ -41,7 +42,7 @@ class GroupNormRule(Rule):
         ]
         weight = module.weight.repeat(n) if module.weight is not None else None
         grad_x, dw, db = torch.ops.aten.native_group_norm_backward(
-            grad.contiguous(), x, mean, rstd, weight, 1, n * c, x[0, 0].numel(), n * module.num_groups,
+            grad, x, mean, rstd, weight, 1, n * c, x[0, 0].numel(), n * module.num_groups,
             [needs_input_grad, *wants],
         )  # fmt: skip
         call.extra = (dw.view(n, c) if wants[0] else None, db.view(n, c) if wants[1] else None)
@@ -55,8 +56,15 @@ class GroupNormRule(Rule):
 
 class LayerNormRule(Rule):
     static_method = "instantiate"
+    contiguous_grad = True
 
     def forward(self, module, x):
+        # Saved row-contiguous: PyTorch's kernels copy a strided input in the forward and again in the backward,
+        # and a transformer's or mixer's residual stream is often strided (``patches.flatten(2).transpose(1, 2)``
+        # keeps the (B, C, T) layout through every residual add). On the MLP-Mixer's (256, 64, 128) stream the
+        # input gradient took 11.7 ms from the strided input against 0.9 ms from the contiguous one, and the
+        # per-sample sums below read x and g in one layout.
+        x = x.contiguous()
         y, mean, rstd = torch.ops.aten.native_layer_norm(
             x, module.normalized_shape, module.weight, module.bias, module.eps
         )
