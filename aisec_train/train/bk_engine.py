@@ -19,14 +19,18 @@ ghost or hooks mode; :func:`~aisec_train.train.bk.bk_report` tells which, and wh
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 
+import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
 from aisec_train.train.bk import BKGradSampleModule, BKUnsupported, finite_clip_factors
 from aisec_train.train.bk_uses import check_first_forward
+from aisec_train.train.callbacks import NonFiniteError
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +89,67 @@ class BKPrivacyEngine(PrivacyEngine):
 
     def _prepare_optimizer(self, *, grad_sample_mode: str = "hooks", **kwargs):
         # p.grad arrives as the clipped sum, which is what ghost mode's optimizer expects.
-        return super()._prepare_optimizer(
+        optimizer = super()._prepare_optimizer(
             grad_sample_mode="ghost" if grad_sample_mode == "bk" else grad_sample_mode, **kwargs
         )
+        if not isinstance(optimizer, DPOptimizerFastGradientClipping):  # hooks (also bk's fallback, DDP) clips rows
+            _drop_non_finite_records(optimizer)
+        elif grad_sample_mode == "ghost":  # also bk's fallback and data-parallel runs
+            _stop_on_a_non_finite_step(optimizer)
+        return optimizer
 
 
 def _finite_clipping_coef(model: GradSampleModuleFastGradientClipping):
     """Opacus ghost mode's clip factors with bk's rule for a non-finite norm: 0, that record dropped from this step
     (train/bk.py, ``finite_clip_factors``; Opacus' own formula gave one record's NaN norm to the whole step)."""
     return finite_clip_factors(model.get_norm_sample(), model.max_grad_norm)
+
+
+def _drop_non_finite_records(optimizer: DPOptimizer) -> None:
+    """Hooks mode's clipped sum with bk's rule for a non-finite norm: that record's rows of every ``p.grad_sample``
+    are zeroed before Opacus clips them, so it contributes exactly 0 and the step is the step without it.
+
+    A record whose forward overflows (a pixel of 3e38 through ``2x - 1``) has inf and NaN per-sample gradients, and
+    Opacus' factor for a NaN norm is NaN: a zero factor alone would not do either, since ``0 * inf`` is NaN in the
+    clipped sum. Row-wise and in place (a list of several backwards' tensors keeps its shape, which Opacus counts);
+    under ``train.augmult`` it runs after a record's views are averaged (augmult.py wraps this method later)."""
+    clip_and_accumulate = optimizer.clip_and_accumulate
+
+    def drop_then_clip():
+        samples = [getattr(p, "grad_sample", None) for p in optimizer.params]
+        pieces = [s if isinstance(s, list) else [s] for s in samples if s is not None]
+        if pieces:
+            # Opacus' norms; reshaped by size, not -1, which an empty Poisson batch's 0 rows leave ambiguous
+            norms = [torch.cat([g.reshape(len(g), math.prod(g.shape[1:])).norm(dim=-1) for g in gs]) for gs in pieces]
+            dropped = ~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms], dim=1).norm(2, dim=1))
+            for gs in pieces if bool(dropped.any()) else ():  # a sync, as the loop's own loss.item(): no copy pass
+                for g, rows in zip(gs, dropped.split([len(g) for g in gs]), strict=True):
+                    g.masked_fill_(rows.to(g.device).view(-1, *[1] * (g.dim() - 1)), 0)
+        return clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = drop_then_clip
+
+
+def _stop_on_a_non_finite_step(optimizer: DPOptimizerFastGradientClipping) -> None:
+    """Ghost mode cannot drop a record whose forward overflows: stop before its non-finite step, in one clear line.
+
+    Its clip factor is 0 (``_finite_clipping_coef``), but Opacus' second backward runs through the whole batch's
+    graph, where the weight gradients multiply that record's inf activations by its zero upstream gradient: NaN in
+    every parameter, even with the record's loss left out of the backward altogether. Dropping it exactly needs its
+    per-sample gradients (``hooks``, ``bk``) or a forward without it. The check reads the noised (and, data-parallel,
+    all-reduced) step the inner optimizer is about to apply, as the loop's weight check would after it, so every
+    rank stops alike and it releases nothing more; the stop's step still tells when the record was drawn
+    (docs/privacy.md)."""
+
+    def check(*_):
+        grads = [p.grad for p in optimizer.params if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            raise NonFiniteError(
+                "training stopped: the private step became non-finite under Opacus' ghost clipping (privacy."
+                "grad_sample_mode=ghost, or bk's fallback to it in data-parallel runs and for models bk cannot run), "
+                "which cannot drop a record whose forward overflows (non-finite activations); the step was not "
+                "applied and the last good checkpoint is kept. Allowed: privacy.grad_sample_mode=hooks (or bk in "
+                "one process), which drops such a record, or data scaled so the forward stays finite"
+            )
+
+    optimizer.original_optimizer.register_step_pre_hook(check)  # after the noise (and DDP's all-reduce)
