@@ -10,8 +10,8 @@ here and never reach the network's constructor:
   aisec-train model.pt's tag makes it such a file, so pin what you fine-tune from.
   A head whose class count differs is left at its fresh initialisation and listed as re-initialised.
 - ``trainable``: ``all``, ``head``, ``lora`` (adapters plus the head; both with the re-initialised layers) or a
-  regular expression over parameter names; everything else gets ``requires_grad=False``, so Opacus clips and
-  noises only what trains.
+  regular expression over parameter names (which must match every re-initialised layer); everything else gets
+  ``requires_grad=False``, so Opacus clips and noises only what trains.
 - ``batchnorm``: ``freeze`` (running statistics used as constants, affine fixed: no statistic across records),
   ``groupnorm`` (Opacus' replacement) or ``auto`` (freeze when weights were loaded, else groupnorm under DP).
 - ``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules`` (null: every Linear and Conv2d but the head).
@@ -314,6 +314,24 @@ def select_trainable(net: nn.Module, trainable: str, head: str | None, fresh: li
     if not any(p.requires_grad for p in net.parameters()):
         names = ", ".join(n for n, _ in list(net.named_parameters())[:4])
         raise ConfigError(f"model.trainable={trainable!r} matches no parameter (names look like {names}, ...)")
+    _check_fresh_layers_train(net, trainable, fresh or [])
+
+
+def _check_fresh_layers_train(net: nn.Module, trainable: str, fresh: list[str]) -> None:
+    """A REGEX that leaves a re-initialised layer frozen is refused: that layer (a head resized for another class
+    count) holds random weights, and the run trained the body under a random fixed head while the report said
+    fine-tuned. Refused rather than trained silently: a pattern says exactly what trains (the report and federated
+    clients' shared tensors are that list), and the fix is one override, which the line gives."""
+    frozen = [n for n, p in net.named_parameters() if not p.requires_grad and _under(n, fresh)]
+    if not frozen:
+        return
+    layers = [layer for layer in fresh if any(_under(n, [layer]) for n in frozen)]
+    fix = "|".join([trainable, *(re.escape(layer) for layer in layers)])
+    raise ConfigError(
+        f"model.trainable={trainable!r} is not allowed: it leaves the re-initialised (random) layer(s) "
+        f"{', '.join(layers)} frozen ({', '.join(frozen)}), so the model would train under a random head; allowed: "
+        f"a pattern that also matches them (model.trainable='{fix}'), or head, lora or all"
+    )
 
 
 def _under(name: str, layers: list[str]) -> bool:

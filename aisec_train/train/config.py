@@ -101,6 +101,11 @@ class PrivacyConfig:
         require(self.poisson_sampling, "privacy.poisson_sampling", self.poisson_sampling, allowed)
 
 
+# train.distributed.timeout's range: ranks started a moment apart must still meet; past a day a missing rank is not
+# late but gone (and inf or nan would reach datetime.timedelta as a traceback).
+MIN_TIMEOUT_S, MAX_TIMEOUT_S = 1.0, 86400.0
+
+
 @dataclass
 class DistributedConfig:
     """Data-parallel training on one node: ``nproc`` processes (one per GPU on CUDA, gloo on the CPU)."""
@@ -110,6 +115,9 @@ class DistributedConfig:
     port: int = 0  # rendezvous port on 127.0.0.1; 0 = a free one
     max_restarts: int = 0  # elastic restarts of the local ranks after one dies (resumed from the last checkpoint)
     strategy: str = "ddp"  # ddp (Opacus DPDDP / torch DDP); fsdp: FSDP2 shards, ghost_fsdp (train/sharding.py)
+    # Seconds a rank waits at the rendezvous and in each collective before it gives up (torch's default: 30 min on
+    # gloo, 10 on NCCL; 600 s is also torchrun's rendezvous join timeout: docs/cluster.md).
+    timeout: float = 600.0
 
     def __post_init__(self) -> None:
         require(self.nproc >= 1, "train.distributed.nproc", self.nproc, "must be >= 1")
@@ -120,6 +128,9 @@ class DistributedConfig:
         # fsdp: what Opacus' FSDP2 path cannot run is refused with the rest of the config (train/sharding.py).
         ok = self.strategy in ("ddp", "fsdp")
         require(ok, "train.distributed.strategy", self.strategy, "must be ddp or fsdp (docs/cluster.md)")
+        ok = math.isfinite(self.timeout) and MIN_TIMEOUT_S <= self.timeout <= MAX_TIMEOUT_S
+        allowed = f"must be a number of seconds from {MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g} (a day)"
+        require(ok, "train.distributed.timeout", self.timeout, allowed)
 
 
 @dataclass

@@ -24,7 +24,9 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 import uuid
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -39,6 +41,7 @@ from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import keep_freed_memory
 from aisec_train.train.callbacks import NonFiniteError
+from aisec_train.train.config import DistributedConfig
 from aisec_train.train.launch import check_same_job, job_view, under_torchrun
 from aisec_train.train.loop import TrainResult, train
 from aisec_train.train.objectives import objective_from_config
@@ -203,7 +206,7 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
     torch.set_num_threads(threads)
     if job.cfg.train.keep_freed_memory:  # a spawned rank starts with malloc's defaults (train/allocator.py)
         keep_freed_memory()
-    device = _join(backend, job.device)
+    device = _join(backend, job.device, job.cfg.train.distributed.timeout)
     try:
         job = dataclasses.replace(job, resume=_latest_resume(job))  # after an elastic restart: the last checkpoint
         outcome = _train_rank(rank, device, job, tracked)
@@ -216,24 +219,71 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
         dist.destroy_process_group()
 
 
-def _join(backend: str, device: torch.device) -> torch.device:
+def _join(backend: str, device: torch.device, timeout: float = DistributedConfig.timeout) -> torch.device:
+    """Join the ``env://`` process group; ``timeout`` (``train.distributed.timeout``) bounds the rendezvous and every
+    collective after it."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if not dist.is_initialized():
+    if dist.is_initialized():
+        return device
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    with _HeldStderr() as held:
         try:
-            dist.init_process_group(backend, init_method="env://")
-        except dist.DistNetworkError as err:  # MASTER_PORT taken on rank 0's host, or unreachable: was a traceback
-            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
+        except dist.DistError as err:
+            if "timed out" not in str(err).lower():
+                if not isinstance(err, dist.DistNetworkError):
+                    raise
+                # MASTER_PORT taken on rank 0's host, or unreachable: was a traceback
+                raise ConfigError(
+                    f"MASTER_PORT={os.environ.get('MASTER_PORT')} is not allowed: rank {os.environ.get('RANK')} could "
+                    f"not open the rendezvous store at {where} ({str(err).splitlines()[0]}); allowed: a port that is "
+                    "free on MASTER_ADDR and reachable from every node (torchrun's c10d rendezvous picks one)"
+                ) from None
+            held.discard()  # torch's C++ log of each retry, a backtrace included: the line below says it all
+            # A stale shell's RANK=1 WORLD_SIZE=2 with no rank 0 anywhere waited torch's 30 minutes, then a traceback.
             raise ConfigError(
-                f"MASTER_PORT={os.environ.get('MASTER_PORT')} is not allowed: rank {os.environ.get('RANK')} could not "
-                f"open the rendezvous store at {where} ({str(err).splitlines()[0]}); allowed: a port that is free on "
-                "MASTER_ADDR and reachable from every node (torchrun's c10d rendezvous picks one)"
+                f"train.distributed.timeout={timeout:g} ran out: rank {os.environ.get('RANK')} of "
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} waited {timeout:g} s at the rendezvous at "
+                f"MASTER_ADDR:MASTER_PORT={where} and not every rank joined ({str(err).splitlines()[0]}); check that "
+                "every rank was started with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE, that rank 0 is up and "
+                "reachable there, or raise train.distributed.timeout; a shell that still exports torchrun's "
+                "variables: unset RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT to train in one process"
             ) from None
     return device
+
+
+class _HeldStderr:
+    """File descriptor 2 held in a private file while the process group forms, written back afterwards unless
+    :meth:`discard` was called. Why: torch's C++ TCPStore client logs every failed connection attempt, with a C++
+    backtrace, straight to fd 2, so a rendezvous that times out printed dozens of lines ahead of the refusal."""
+
+    def __enter__(self) -> _HeldStderr:
+        import tempfile
+
+        sys.stderr.flush()
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        self.keep = True
+        return self
+
+    def discard(self) -> None:
+        self.keep = False
+
+    def __exit__(self, *exc) -> None:
+        sys.stderr.flush()
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        with self.file:
+            self.file.seek(0)
+            held = self.file.read() if self.keep else b""
+        while held:
+            held = held[os.write(2, held) :]
 
 
 def _latest_resume(job: TrainJob) -> dict[str, Any] | None:
@@ -251,7 +301,7 @@ def _train_in_place(job: TrainJob) -> TrainResult:
     """Under torchrun: this process is one rank; every rank returns its result (rank 0's goes on to the report)."""
     cfg = job.cfg.train.distributed
     backend = _backend(cfg.backend, job.device)
-    device = _join(backend, job.device)
+    device = _join(backend, job.device, cfg.timeout)
     try:
         check_same_job(str(job.run_dir), job_view(job.cfg, job.data.manifest_sha256))  # before any step or charge
         outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective)

@@ -70,10 +70,21 @@ def check_launch(cfg: Any) -> None:
     ``train.distributed.nproc`` above 1 was ignored there (the report said the launcher's world size), so it is
     refused in one line with the rest of the config."""
     nproc = cfg.train.distributed.nproc
-    if nproc > 1 and under_torchrun():
+    if not under_torchrun():
+        return
+    if nproc > 1:
         raise ConfigError(
             f"train.distributed.nproc={nproc} is not allowed under torchrun (WORLD_SIZE={os.environ['WORLD_SIZE']}): "
             "the launcher already started the ranks; allowed: 1 (set the ranks with torchrun --nproc-per-node)"
+        )
+    # Rank 0 takes the run directory's and the dataset ledger's locks (up to train.lock_wait_s each) before it joins
+    # the rendezvous, while the other ranks already wait there: a shorter timeout gave up on a rank that was coming.
+    timeout, wait = cfg.train.distributed.timeout, cfg.train.lock_wait_s
+    if timeout <= wait:
+        raise ConfigError(
+            f"train.distributed.timeout={timeout:g} is not allowed with train.lock_wait_s={wait:g} under torchrun: "
+            "the other ranks wait at the rendezvous while rank 0 waits for the run directory's and the ledger's "
+            "locks; allowed: a timeout above train.lock_wait_s (docs/cluster.md)"
         )
 
 
@@ -130,9 +141,14 @@ def cli_overrides(argv: list[str]) -> list[str]:
 
 
 # Worker ranks run the data, backdoor-poison and train stages only: the audit and logger sections are rank 0's.
-# Where a node finds the data is its own affair; what it read is compared through the data's manifest hash.
+# Where a node finds the data is its own affair; what it read is compared through the data's manifest hash. How
+# long a rank waits for the others (train.distributed.timeout) is its own too: it changes no weight, noise or charge,
+# only when this rank gives up, and a node that starts slowly may need longer than the rest.
 RANK0_SECTIONS = ("audit", "logger")
-NODE_LOCAL = ("dataset.path", "dataset.test_path", "dataset.root", "dataset.tokenizer", "dataset.workers")
+NODE_LOCAL = (
+    "dataset.path", "dataset.test_path", "dataset.root", "dataset.tokenizer", "dataset.workers",
+    "train.distributed.timeout",
+)  # fmt: skip
 
 
 def job_view(cfg: Any, data_sha256: str) -> dict[str, str]:
