@@ -14,7 +14,9 @@ from torch import nn
 from aisec_train.config import Config
 from aisec_train.crypto import ckks
 from aisec_train.data.dataset import DataBundle
+from aisec_train.federated.cohorts import count, is_public, public_row, upload_sizes
 from aisec_train.federated.settings import ClientSettings, ServerSettings
+from aisec_train.federated.task import faulty_clients
 from aisec_train.privacy import claims
 from aisec_train.privacy.randomness import describe as describe_randomness
 from aisec_train.privacy.report import FIGURES, Measured
@@ -52,8 +54,9 @@ def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rounds:
         # The figures of the updates that were aggregated: not a client's own refusal, nor one the server refused (a
         # peer's metrics are its claims: a malicious one's loss of 1e9 or accuracy of 55 would be the curve).
-        by_server = {x.get("client") for x in r["refused"] if x.get("by") == "server"}
-        clients = [c for c in r["clients"] if not c.get("refused") and c.get("partition_id") not in by_server]
+        # A client-level DP row has no per-client figures (its clients send none: loss and accuracy are NaN).
+        by_server = {x.get("client") for x in r["refused"] if x.get("by") == "server"} if not is_public(r) else set()
+        clients = [c for c in r.get("clients", []) if not c.get("refused") and c.get("partition_id") not in by_server]
         accuracies = [a for c in clients if (a := c.get("train_accuracy")) is not None and 0 <= a <= 1]
         loss, acc = _mean([c.get("train_loss") for c in clients]), _mean(accuracies)
         rows.append(
@@ -62,7 +65,7 @@ def history_rows(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "loss": math.nan if loss is None else loss,
                 "train_accuracy": math.nan if acc is None else acc,
                 "test_accuracy": r.get("test_accuracy", math.nan),
-                "epsilon": max([c.get("epsilon", 0.0) for c in r["clients"]], default=0.0),
+                "epsilon": max([c.get("epsilon", 0.0) for c in r.get("clients", [])], default=0.0),
             }
         )
     return rows
@@ -75,8 +78,8 @@ def round_metrics(row: dict[str, Any], epsilon: float | None, seconds: float) ->
     values = {k: v for k, v in history_rows([row])[0].items() if k != "epoch"}
     if epsilon is not None:
         values["epsilon"] = epsilon
-    values.update(sampled=row["sampled"], accepted=len(row["accepted"]), dropped=row["dropped"],
-                  refused=len(row["refused"]), failed=float(bool(row["failed"])), round_s=seconds)  # fmt: skip
+    values.update(sampled=row["sampled"], accepted=count(row["accepted"]), dropped=row["dropped"],
+                  refused=count(row["refused"]), failed=float(bool(row["failed"])), round_s=seconds)  # fmt: skip
     return values
 
 
@@ -109,12 +112,20 @@ def _decrypt_s(rounds: list[dict[str, Any]], i: int) -> float | None:
     measured = _mean(rounds[i].get("decrypt_s", []))
     if measured or i + 1 >= len(rounds):
         return measured
-    return _mean([c.get("decrypt_s") for c in rounds[i + 1]["clients"]])
+    following = rounds[i + 1]
+    if is_public(following):
+        return following.get("client_decrypt_s")
+    return _mean([c.get("decrypt_s") for c in following["clients"]])
 
 
 def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The report's per-round table. A client-level DP run's saved rows hold counts only (cohorts.py), and so does
+    its table: how many clients were sampled, accepted, dropped and refused, never which, nor per-client figures."""
     out = []
     for i, r in enumerate(rounds):
+        if is_public(r):
+            out.append(_public_round(r, _decrypt_s(rounds, i)))
+            continue
         sent = [c for c in r["clients"] if c.get("upload_bytes")]
         out.append(
             {
@@ -141,6 +152,15 @@ def per_round(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _public_round(r: dict[str, Any], decrypt_s: float | None) -> dict[str, Any]:
+    keys = ("round", "sampled", "evaluated_clients", "test_accuracy", "accepted", "dropped", "refused",
+            "refused_reasons", "failed", "uploads", "upload_bytes", "encrypt_s", "aggregate_s")  # fmt: skip
+    row = {k: r.get(k) for k in keys}
+    row.update(decrypt_s=decrypt_s, train_round_s=r.get("train_round_s"), round_s=r.get("round_s"),
+               faulty_accepted=r.get("faulty_accepted", 0))  # fmt: skip
+    return row
+
+
 def add(
     run: ReportInputs,
     state: dict[str, Any],
@@ -158,9 +178,11 @@ def add(
     figures (None without record-level DP: client-level DP is report_scale.py's) for privacy/report.py."""
     cfg, report = run.cfg, run.report
     fed, rounds = cfg.federated, state["history"]
+    if client_level:  # counts only, whatever wrote the rows (a state saved before the strategy released counts)
+        rounds = [public_row(r, faulty_clients(fed.inject, r["round"])) for r in rounds]
     num_params = sum(p.numel() for p in run.model.state_dict().values())
     rows = per_round(rounds)
-    uploads = [b for row in rows for b in row["upload_bytes_per_client"].values()]
+    uploads = [b for row in rows for b in upload_sizes(row)]
     bytes_per_param = sum(uploads) / len(uploads) / num_params if uploads else None
     plot_accuracy(rounds, run.run_dir / PLOT)
     ckks_section = None
@@ -179,15 +201,17 @@ def add(
         local_objective=run.objective,  # what every client's loop trained on (standard, pgd_at, trades, ...)
         num_params=num_params,
         bytes_per_param=bytes_per_param,
-        upload_bytes_per_client_per_round=[row["upload_bytes_per_client"] for row in rows],
+        **_uploads_per_round(rows, client_level),
         encrypt_s_per_round=[row["encrypt_s"] for row in rows],
         aggregate_s_per_round=[row["aggregate_s"] for row in rows],
         decrypt_s_per_round=[row["decrypt_s"] for row in rows],
         train_round_s_per_round=[row["train_round_s"] for row in rows],
         dropped_clients=[
-            {"round": row["round"], "count": row["dropped"], "errors": row["errors"]} for row in rows if row["dropped"]
+            {"round": row["round"], "count": row["dropped"], **({} if is_public(row) else {"errors": row["errors"]})}
+            for row in rows
+            if row["dropped"]
         ],
-        refused_updates=[dict(x, round=row["round"]) for row in rows for x in row["refused"]],
+        refused_updates=_refused(rows),
         failed_rounds=[{"round": row["round"], "reason": row["failed"]} for row in rows if row["failed"]],
         accuracy_per_round=[row["test_accuracy"] for row in rows],
         accuracy_plot=PLOT,
@@ -198,6 +222,25 @@ def add(
     )
     _checklist(run, rows, server, client, bytes_per_param, transport)
     return None if client_level else _measured(run, eps, private)  # report_scale.py measures client-level DP
+
+
+def _uploads_per_round(rows: list[dict[str, Any]], client_level: bool) -> dict[str, Any]:
+    """Upload sizes per round: by client id, or under client-level DP the mean upload (ids would name the cohort)."""
+    if client_level:
+        return {"upload_bytes_mean_per_round": [_mean(upload_sizes(row)) for row in rows]}
+    return {"upload_bytes_per_client_per_round": [row["upload_bytes_per_client"] for row in rows]}
+
+
+def _refused(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each refusal with its client, or under client-level DP each round's count by reason."""
+    out = []
+    for row in rows:
+        if is_public(row):
+            if row["refused"]:
+                out.append({"round": row["round"], "count": row["refused"], "reasons": row["refused_reasons"]})
+        else:
+            out.extend(dict(x, round=row["round"]) for x in row["refused"])
+    return out
 
 
 def current_keys(server: ServerSettings, client: ClientSettings) -> tuple[ServerSettings, ClientSettings]:
@@ -265,15 +308,19 @@ def _measured(run, eps: dict[int, dict[str, Any]], private: bool) -> Measured | 
 def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param, transport: str) -> None:
     report, fed = run.report, run.cfg.federated
     # What happened, not what was configured: dropped, refused and failed-round clients contributed nothing.
-    used = sorted({c for row in rows if not row["failed"] for c in row["accepted"]})
     aggregated = sum(1 for row in rows if not row["failed"])
+    if any(is_public(row) for row in rows):  # client-level DP: how many updates, never whose (cohorts.py)
+        shares = sum(count(row["accepted"]) for row in rows if not row["failed"])
+        used_text = f"{shares} update(s) in all (client-level DP: which clients were sampled is not released)"
+    else:
+        used = sorted({c for row in rows if not row["failed"] for c in row["accepted"]})
+        used_text = f"updates from {len(used)} client(s) {used}"
     report.check(
         "data pipeline",
         "training data stays in its silo (federated training)",
         "pass",
         f"{fed.clients} Flower clients ({fed.engine.value} engine) on disjoint {fed.partition.kind.value} partitions; "
-        f"{aggregated} of {len(rows)} round(s) aggregated, with updates from {len(used)} client(s) {used}; only "
-        "model updates left a client",
+        f"{aggregated} of {len(rows)} round(s) aggregated, with {used_text}; only model updates left a client",
     )
     if fed.aggregation.value == "ckks":
         _ckks_checks(run, rows, server, client, bytes_per_param)
@@ -293,17 +340,23 @@ def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_
             transport, f"SuperLink connection: {transport}"
         ),
     )
-    refused = [dict(x, round=row["round"]) for row in rows for x in row["refused"]]
+    refused = _refused(rows)
     # The criterion: no update of a client injected with a NaN or over-norm fault entered a round the fault fired in.
-    faulty, when = set(fed.inject.nan) | set(fed.inject.scale), fed.inject.round
-    slipped = [(row["round"], c) for row in rows if when in (0, row["round"]) for c in row["accepted"] if c in faulty]
+    # Under client-level DP the server tallied them (faulty_accepted) and the rows say how many, not whose.
+    slipped = _slipped(fed, rows)
+    what = "(round, updates)" if any(is_public(row) for row in rows) else "(round, client)"
     report.check(
         "training",
         "poisoned or corrupt client updates refused (NaN/inf, norm bound)",
         "fail" if slipped else "pass",
-        (f"faulty updates ACCEPTED (round, client): {slipped}; " if slipped else "")
-        + f"{len(refused)} update(s) refused"
-        + "".join(f"; round {x['round']} client {x['client']} ({x['reason']}, by {x['by']})" for x in refused)
+        (f"faulty updates ACCEPTED {what}: {slipped}; " if slipped else "")
+        + f"{sum(x.get('count', 1) for x in refused)} update(s) refused"
+        + "".join(
+            f"; round {x['round']}: {x['count']} ({', '.join(f'{k}: {n}' for k, n in x['reasons'].items())})"
+            if "count" in x
+            else f"; round {x['round']} client {x['client']} ({x['reason']}, by {x['by']})"
+            for x in refused
+        )
         + (
             f"; every update clipped to L2 {fed.client_dp.clip_norm} by its client (dp=client), NaN/inf refused"
             if fed.dp is not None and fed.dp.value == "client"
@@ -322,6 +375,19 @@ def _checklist(run, rows, server: ServerSettings, client: ClientSettings, bytes_
     )
 
 
+def _slipped(fed, rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """(round, client) of each accepted update a fault drill corrupted; under client-level DP (round, how many)."""
+    out = []
+    for row in rows:
+        if is_public(row):
+            if row["faulty_accepted"]:
+                out.append((row["round"], row["faulty_accepted"]))
+            continue
+        faulty = faulty_clients(fed.inject, row["round"])
+        out.extend((row["round"], c) for c in row["accepted"] if c in faulty)
+    return out
+
+
 def ckks_fix(accepted: int, ok: bool) -> str | None:
     """The encrypted-aggregation item's fix on a CKKS run: the item's default (federated=fedavg_he) is what the run
     already did, so a fail says what went wrong: no round aggregated an update, or the aggregate's error."""
@@ -338,7 +404,7 @@ def ckks_fix(accepted: int, ok: bool) -> str | None:
 def _ckks_checks(run, rows, server: ServerSettings, client: ClientSettings, bytes_per_param) -> None:
     report, fed = run.report, run.cfg.federated
     test = report.get("federated.ckks.self_test")
-    accepted = sum(len(row["accepted"]) for row in rows)
+    accepted = sum(count(row["accepted"]) for row in rows)
     ok = test["max_abs_error"] <= 1e-6 and accepted > 0
     report.check(
         "deployment",

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from aisec_train.federated import cohorts
 from aisec_train.federated.client_keys import ClientKeys
 from aisec_train.federated.client_level import EXTRA_KEYS, ClientDPPlan, decode, noise_std_of_sum, read_ledger
 from aisec_train.federated.config import Aggregation, Defence, FederatedDP
@@ -21,7 +22,6 @@ from aisec_train.federated.partition import Partition
 from aisec_train.federated.report import ReportInputs
 from aisec_train.federated.robust_aggregation import DEFENCES, ckks_summary, runs_on_ciphertexts
 from aisec_train.federated.settings import ClientSettings, ServerSettings
-from aisec_train.privacy import claims
 from aisec_train.privacy.report import FIGURES, Measured
 
 COLLUSION = (
@@ -176,7 +176,7 @@ def _client_measured(run, plan: ClientDPPlan, server: ServerSettings, client, st
         details=details,
         randomness={"noise": source, "sampling": source, "dp_guarantee": secure},
         gaps=gaps,
-        not_covered=[claims.COHORTS_NOT_COVERED],
+        not_covered=[cohorts.NOT_COVERED],
     )
 
 

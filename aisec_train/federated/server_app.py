@@ -24,7 +24,7 @@ from aisec_train.federated.strategy import (
     state_to_record,
     wait_for_nodes,
 )
-from aisec_train.federated.task import FederatedTask, load_job
+from aisec_train.federated.task import FederatedTask, faulty_clients, load_job
 from aisec_train.train.config import PrivacyMode
 
 log = logging.getLogger("aisec_train.federated")
@@ -76,6 +76,7 @@ def make_app(
             round_offset=done,
             history=state["history"] if state else None,
             on_round=on_round,
+            faulty=lambda rnd: faulty_clients(fed.inject, rnd),  # the drills' tally (dp=client saves counts only)
         )
         # 4. Wait for the whole federation (a SuperNode may connect late), learn which partition each node serves
         #    (Flower's node ids are random per run; the seeded sampler draws partitions), run the remaining rounds.

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord
 from torch import nn
 
 from aisec_train.crypto.ckks import EncryptedUpdate
+from aisec_train.federated.cohorts import upload_sizes
 
 
 def shared_keys(model: nn.Module) -> list[str] | None:
@@ -64,7 +65,7 @@ def summary(model: nn.Module, keys: list[str] | None, rows: list[dict[str, Any]]
     sent = restrict(full, keys)
     trained = sum(v.numel() for v in sent.values())
     total = sum(v.numel() for v in full.values())
-    uploads = [list(row["upload_bytes_per_client"].values()) for row in rows if row.get("upload_bytes_per_client")]
+    uploads = [sizes for row in rows if (sizes := upload_sizes(row))]  # under dp=client, means: ids name the cohort
     per_client = [b for r in uploads for b in r]
     out: dict[str, Any] = {
         "trainable": "all" if keys is None else "subset",

@@ -5,6 +5,7 @@ client-level ledger first, else a fixed ``max(fraction_train N, min_clients)``),
 screen the replies, release only a quorum (and, under client-level DP, enough noise shares), aggregate with
 the configured defence on plaintext (``robust_aggregation.aggregate`` over ``local - global``) or by
 ciphertext addition under CKKS (only ``fedavg``; ``norm_bound`` is then the clients' own clip), and persist.
+Under client-level DP what is persisted or handed on about a round names no client (``cohorts.public_row``).
 
 On the CKKS path the server holds a public context (parameters only, no key) and can only add: it never
 sees a weight, a norm or a model. Each reply's ``arrays`` holds one ``Array`` of serialized ciphertexts
@@ -40,6 +41,7 @@ from aisec_train.errors import ConfigError
 from aisec_train.federated import robust_aggregation
 from aisec_train.federated.client_dp import poisson_sample
 from aisec_train.federated.client_level import EXTRA, EXTRA_KEYS, ClientDPPlan, ClientLedger, tolerance
+from aisec_train.federated.cohorts import public_row
 from aisec_train.federated.task import REFUSAL_CODES, check_update, flatten, unflatten
 from aisec_train.train import checkpoint
 
@@ -148,6 +150,7 @@ class SecureFedAvg(FedAvg):
         round_offset: int = 0,
         history: list[dict[str, Any]] | None = None,
         on_round: Callable[[dict[str, Any], float | None, float], None] | None = None,
+        faulty: Callable[[int], frozenset[int]] | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -176,6 +179,9 @@ class SecureFedAvg(FedAvg):
         # Called as each round completes with (history row, client-level epsilon or None, round seconds): the
         # simulation's job process logs it to the experiment trackers then, not at the federation's end.
         self.on_round = on_round
+        # The clients the fault drills corrupt in a round (task.faulty_clients): under client-level DP the saved
+        # rows name nobody, so the checklist's tally of such updates accepted is taken here, from the ids in memory.
+        self.faulty = faulty or (lambda rnd: frozenset())
         self._global: ArrayRecord | None = None
         self._sampled: dict[int, int] = {}  # round -> number of clients asked
         self._started: dict[int, float] = {}  # round -> when its training messages were configured
@@ -267,7 +273,7 @@ class SecureFedAvg(FedAvg):
         rnd = server_round + self.round_offset
         metrics = self._evaluate(rnd, replies)
         if self.on_round is not None:
-            row = next(h for h in reversed(self.history) if h["round"] == rnd)
+            row = self._released(next(h for h in reversed(self.history) if h["round"] == rnd))
             epsilon = self.ledger.ledger.epsilon() if self.ledger is not None else None
             self.on_round(row, epsilon, time.perf_counter() - self._started.get(rnd, time.perf_counter()))
         return metrics
@@ -335,7 +341,8 @@ class SecureFedAvg(FedAvg):
             else:
                 reason = self._key_check(msg, rnd) or self._ckks_check(msg, rnd)
             if reason:
-                log.warning("round %d: the server refused client %s's update (%s)", rnd, pid, reason)
+                who = "an" if self.dp is not None else f"client {pid}'s"  # dp=client: the log names no cohort member
+                log.warning("round %d: the server refused %s update (%s)", rnd, who, reason)
                 refused.append({"client": pid, "reason": reason, "by": "server"})
                 continue
             accepted.append(msg)
@@ -469,12 +476,19 @@ class SecureFedAvg(FedAvg):
         )  # fmt: skip
         return ArrayRecord(unflatten(base + step, template))
 
+    def _released(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A history row as it leaves this object: under client-level DP its counts only (cohorts.py), the ids
+        and per-client figures staying in this process's memory; otherwise the full row."""
+        return public_row(row, self.faulty(row["round"])) if self.dp is not None else row
+
     def _save(self, arrays: ArrayRecord | None, rnd: int) -> None:
-        """Atomic per-round state (``arrays=None`` keeps the saved model and updates the history only)."""
+        """Atomic per-round state (``arrays=None`` keeps the saved model and updates the history only). Under
+        client-level DP the saved history names no client: data owners are handed this file (docs/federated.md)."""
         path = state_path(self.state_dir)
         previous = checkpoint.load(path) if path.exists() and arrays is None else None
         model = previous["model"] if previous else record_to_state(arrays)
-        checkpoint.save({"round": rnd, "model": model, "history": self.history}, path)
+        history = [self._released(row) for row in self.history]
+        checkpoint.save({"round": rnd, "model": model, "history": history}, path)
 
 
 def _weights(msg: Message, n: int) -> np.ndarray:

@@ -184,6 +184,14 @@ def apply_drill(inject: InjectConfig, partition_id: int, server_round: int, delt
     return delta
 
 
+def faulty_clients(inject: InjectConfig, server_round: int) -> frozenset[int]:
+    """The clients whose update ``apply_drill`` corrupts (NaN or x1e4) in ``server_round``: the checklist asks that
+    none of them was accepted in it."""
+    if inject.round not in (0, server_round):
+        return frozenset()
+    return frozenset(inject.nan) | frozenset(inject.scale)
+
+
 def check_update(delta: np.ndarray, max_norm: float) -> str | None:
     """Why an update must be refused (``nan`` or ``norm``), or None. Runs before encryption and on the server."""
     if not np.isfinite(delta).all():

@@ -52,17 +52,6 @@ NOT_COVERED = [
 ]
 
 
-# Client-level DP (DP-FedAvg) only: the run folder names the members of every round's Poisson cohort, which the
-# server must know to send them the round. The accountant's epsilon counts on amplification by sampling, i.e. on
-# nobody knowing whether a client was drawn: a reader of these files knows, and against it only the rounds a client
-# was in count, unamplified.
-COHORTS_NOT_COVERED = (
-    "which clients each round's Poisson cohort drew (federated.per_round: accepted and the per-client figures; "
-    "federated/server/state.pt; client_state/*/state.pt rounds): the client-level epsilon assumes the cohort is "
-    "secret (amplification by sampling); against a reader of these files it does not hold"
-)
-
-
 def dp_item(within_target: bool, evidence: str, gaps: list[str]) -> tuple[str, str]:
     """(status, evidence) of the checklist item "differentially private training (DP-SGD)"."""
     if gaps:
