@@ -13,14 +13,14 @@ Models: ``cnn`` at 8x8 and 32x32, ``resnet18_gn`` at 32x32 and a small Linear-he
 sampling) so every implementation does the same work; noise multiplier 1, clip 1. Opacus' modes go through its
 own ``make_private`` (``BKPrivacyEngine`` passes every mode but ``bk`` straight to it).
 
-Time: per model, one forked child builds every implementation and times their steps round by round, interleaved step
-by step (A B C, C B A, ..., with ours next to the non-private step), so the load of a shared machine falls on all
-alike; two warm-up rounds are discarded, then every round's time is kept raw in the JSON (``times``, seconds per
-step). On the CPU each round's sample of an impl is the mean of several of its steps (``steps_per_sample``: 16 for
-cnn, 3 for cnn 32x32, 2 for the mixer, 1 for ResNet-18; about 0.5 s on 2 quiet cores), with 15 rounds and batches
-512/256/64/256, so that two consecutive runs agree within 0.1. The thread count is fixed and reported
-(``--threads``, default every core this process may use). Each ratio is formed per round (both steps ran back to
-back) and reported as its median with quartiles and a 95% bootstrap interval (scipy.stats.bootstrap) in
+Time: per model, one forked child builds every implementation and times their steps round by round, interleaved step by
+step (N O peers, O N peers-reversed, ...: the non-private step and ours first, each first in turn), so the load of a
+shared machine falls on all alike; two warm-up rounds are discarded, then every round's time is kept raw in the JSON
+(``times``, seconds per step). On the CPU each round's sample of an impl is the mean of several of its steps
+(``steps_per_sample``: 16 for cnn, 3 for cnn 32x32, 2 for the mixer, 1 for ResNet-18; about 0.5 s on 2 quiet cores),
+with 15 rounds and batches 512/256/64/256, so that two consecutive runs agree within 0.1. The thread count is fixed and
+reported (``--threads``, default every core this process may use). Each ratio is formed per round (both steps ran back
+to back) and reported as its median with quartiles and a 95% bootstrap interval (scipy.stats.bootstrap) in
 ``ratio_stats``; ``ratios`` holds the medians. ``--quick`` (5 rounds, small batches, one step per sample) is a smoke
 run: its JSON says ``indicative_only``. Peak memory: one forked child per (model, impl) runs one step and reports
 the growth of its resident set (Linux VmHWM, reset once model, data and wrappers are built, before any step, so no
@@ -255,8 +255,19 @@ def measure_memory(key: str, impl: str, device: str, quick: bool, kept: bool = F
     return {"impl": impl, **info, "peak_mb": peak}
 
 
+def interleaved_passes(impls: list[str]) -> tuple[list[str], list[str]]:
+    """The two orders a round's steps alternate between: the headline pair (the non-private step and ours) first and
+    back to back in both, each first in turn (N O peers, then O N peers-reversed). Each of the pair so follows a peer
+    once per two passes (a cold cache after a larger working set) and its partner once. The order used before,
+    N O peers then peers-reversed O N, let the non-private step always follow itself or ours, while ours followed a
+    peer in every other pass."""
+    pair = [impl for impl in ("nonprivate", "ours") if impl in impls]
+    peers = [impl for impl in impls if impl not in pair]
+    return pair + peers, pair[::-1] + peers[::-1]
+
+
 def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: int) -> dict[str, dict]:
-    """Step times of every impl on one model, interleaved step by step (A B C, C B A, ...) within each round, so
+    """Step times of every impl on one model, interleaved step by step (A B C D, B A D C, ...) within each round, so
     that a shared machine's load falls on all of them alike. The first ``WARMUP_ROUNDS`` rounds are discarded
     (one-off set-up costs, allocator growth); every later round's time is kept raw, so each ratio can be formed
     per round (paired: both steps ran back to back) and summarised by its median, spread and bootstrap interval."""
@@ -268,16 +279,16 @@ def measure_times(key: str, impls: list[str], device: str, quick: bool, rounds: 
             out[impl] = {"error": f"{type(exc).__name__}: {exc}"}
     times: dict[str, list[float]] = {impl: [] for impl in built}
     reps = steps_per_sample(key, device, quick)
-    # Ours next to the non-private step, so the two steps of the headline ratio always run back to back.
-    order = sorted(built, key=lambda impl: (impl not in ("nonprivate", "ours"), impl != "nonprivate"))
+    passes = interleaved_passes(list(built))
+    order = passes[0]
     faults = dict.fromkeys(order, 0)  # minor page faults during the timed steps (see "Allocator" in the doc)
     for round_ in range(WARMUP_ROUNDS + rounds):
         spent = dict.fromkeys(order, 0.0)
         for rep in range(reps):
-            # Step by step, A B C then C B A: a slow spell of the host lands on every impl's sample of this round
+            # Step by step, one pass then the other: a slow spell of the host lands on every impl's sample of this round
             # alike (whole blocks of steps per impl left the cnn's per-round ratios 0.10-0.47 apart, interquartile,
             # against 0.03-0.08 step by step, on the same 2-core host in the same ten minutes).
-            for impl in order if (round_ * reps + rep) % 2 == 0 else order[::-1]:
+            for impl in passes[(round_ * reps + rep) % 2]:
                 step = built[impl][0]
                 synchronize(device)
                 faulted = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -134,3 +134,17 @@ def test_dp_benchmark_refuses_bad_input_in_one_line(args, needle):
     done = subprocess.run([sys.executable, str(Path(dpsgd.__file__)), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and needle in done.stderr
+
+
+@pytest.mark.parametrize("impls", [dpsgd.IMPLS, ["nonprivate", "ours"], ["opake", "ours", "nonprivate"]])
+def test_each_of_the_headline_pair_follows_a_peer_and_its_partner_equally_often(impls):
+    """Alternating the two passes, round after round: the step before each of the pair's steps (a cold cache after a
+    peer's larger working set) is as often a peer for the non-private step as for ours."""
+    passes = dpsgd.interleaved_passes(impls)
+    assert all(sorted(p) == sorted(impls) for p in passes) and {passes[0][0], passes[1][0]} == {"nonprivate", "ours"}
+    sequence = [impl for _ in range(4) for p in passes for impl in p]
+    # cyclic: the first pass follows the last, as every round's first pass follows the previous round's last
+    before = {impl: [sequence[i - 1] for i in range(len(sequence)) if sequence[i] == impl] for impl in passes[0]}
+    peers = set(impls) - {"nonprivate", "ours"}
+    assert sum(b in peers for b in before["nonprivate"]) == sum(b in peers for b in before["ours"])
+    assert before["ours"].count("nonprivate") == before["nonprivate"].count("ours")
