@@ -13,13 +13,21 @@ Flower's own is removed, so each line is printed once, in our format, and kept i
 (a bare Python API session) Flower keeps its handler and stops propagating. Its DEBUG chatter, blank lines, the
 `run_simulation` deprecation notice, alembic's plugin registrations and Ray's accelerator tip say nothing about
 the run and are dropped.
+
+Under client-level DP (``federated.dp=client``) a crashing client's failure is said in one line that names no
+client: Flower's simulation logs the ClientApp's exception, its text and its traceback, which name the client when
+they do (the crash drill's "client 1: ...", a path under ``client_state/client_<id>/``), while the release keeps
+cohorts secret (federated/cohorts.py). The line keeps the reason's type (``RuntimeError``); other runs keep it all.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # (message prefix, category, module) as PYTHONWARNINGS writes them: only the accountant's own log(1 - q).
 LIBRARY_WARNINGS = (("divide by zero encountered in log", RuntimeWarning, "opacus.accountants.analysis.prv.prvs"),)
@@ -57,3 +65,55 @@ def quiet_library_warnings() -> None:
         specs.append(f"ignore:{message}:{category.__name__}:{module}")
     present = [s for s in os.environ.get("PYTHONWARNINGS", "").split(",") if s]
     os.environ["PYTHONWARNINGS"] = ",".join(present + [s for s in specs if s not in present])
+
+
+# Flower's simulation transport, where a ClientApp's failure is logged (vce_api.py's worker, the Ray backend, its pool)
+CLIENT_TRANSPORT = ("/superlink/fleet/vce/", "/simulation/ray_transport/")
+WRAPPERS = {"ClientAppException", "RayTaskError", "RayActorError", "ActorDiedError"}  # around the client's own error
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*)(?:\([\w.]+\))?:", re.M)  # "RuntimeError: ...", "x.RayTaskError(Y):"
+
+
+def _reason_type(record: logging.LogRecord, text: str) -> str:
+    """The type of the client's own exception in Flower's text of it (the first in the chain), else its wrapper's."""
+    names = [m.rsplit(".", 1)[-1] for m in EXCEPTION_LINE.findall(text)]
+    own = [n for n in names if n not in WRAPPERS]
+    if isinstance(record.msg, BaseException):
+        names.append(type(record.msg).__name__)
+    return (own or names or ["an exception"])[0]
+
+
+class _WithholdClientDetail(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = record.pathname.replace(os.sep, "/")
+        if record.levelno < logging.ERROR or not any(part in path for part in CLIENT_TRANSPORT):
+            return True
+        text = record.getMessage()
+        if text.startswith(("Traceback (most recent call last)", "An exception was raised when processing")):
+            return False  # the same failure's traceback, and a line that only announces it
+        failure = isinstance(record.msg, BaseException) or "\n" in text
+        if not failure and not any(isinstance(a, BaseException) for a in record.args or ()):
+            if "client" in str(record.msg).lower() and record.args:  # "The VirtualClient %s got result from client %s"
+                record.args = tuple("<withheld>" for _ in record.args)
+            return True
+        record.msg = (
+            f"a client failed: {_reason_type(record, text)} (its message and traceback are withheld under "
+            "federated.dp=client: they can name the client, and cohorts are secret)"
+        )
+        record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
+@contextmanager
+def withheld_client_detail(active: bool) -> Iterator[None]:
+    """While a client-level DP simulation runs: Flower's log of a crashing client in one line naming none."""
+    if not active:
+        yield
+        return
+    from flwr.common.logger import FLOWER_LOGGER
+
+    guard = _WithholdClientDetail()
+    FLOWER_LOGGER.addFilter(guard)
+    try:
+        yield
+    finally:
+        FLOWER_LOGGER.removeFilter(guard)

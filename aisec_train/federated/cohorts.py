@@ -17,15 +17,15 @@ from collections import Counter
 from typing import Any
 
 # What privacy.not_covered still lists under client-level DP (privacy/report.py writes it): the cohorts' members are in
-# no file the run releases, but the clients' own state folders and Flower's log of a client's crash can name them,
-# and the counts are functions of the draw.
+# no file the run releases, but the clients' own state folders and logs can name them, and the counts are functions of
+# the draw. Flower's log of a client's crash in simulation names none (aisec_train/quiet.py).
 NOT_COVERED = (
     "which clients each round's Poisson cohort drew is in no released file (federated.per_round, "
     "federated/server/state.pt, metrics.csv, the trackers, the logs and the checklist give counts only), but "
     "client_state/client_<id>/state.pt, each client's own ledger (written once it trained, counting its rounds), "
     "names them: in simulation every client's sits in the run folder, like client_keys/, and is not for release; "
-    "in simulation, Flower logs a crashing ClientApp's exception with its traceback (console and cli.log), which "
-    "names the client when its text does (the crash drill's does, and so do paths under client_state/client_<id>/); "
+    "the clients' own logs (Ray's worker logs, a SuperNode's) can name them too (in simulation the run's console "
+    "and cli.log say a client failed and its exception's type, never which client); "
     "the per-round counts (sampled, accepted, dropped, refused) depend on the draw and the accountant does not charge "
     "them (it charges the released models)"
 )

@@ -116,7 +116,7 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
                    tracker: Any = None) -> str:  # fmt: skip
     """Flower's simulation engine (Ray) in this process, with the configured resources per client. The ServerApp
     runs in a thread of this process, so it logs each round to the run's trackers as the round completes."""
-    from aisec_train.quiet import quiet_flower
+    from aisec_train.quiet import quiet_flower, withheld_client_detail
 
     quiet_flower()  # each Flower line once, without its DEBUG and import-time noise: before flwr.simulation loads
     from flwr.simulation import run_simulation as flwr_run_simulation
@@ -132,12 +132,14 @@ def run_simulation(cfg, server: ServerSettings, client: ClientSettings, gpu_shar
             "log_to_driver": False,
         },
     }
-    flwr_run_simulation(
-        server_app=server_app.make_app(server, task, _round_logger(tracker)),
-        client_app=client_app.make_app(client, task),
-        num_supernodes=fed.clients,
-        backend_config=backend_config,
-    )
+    client_level = dp_level(fed, cfg.privacy.mode is PrivacyMode.dpsgd) is FederatedDP.client
+    with withheld_client_detail(client_level):  # a crashing client's log line names none (aisec_train/quiet.py)
+        flwr_run_simulation(
+            server_app=server_app.make_app(server, task, _round_logger(tracker)),
+            client_app=client_app.make_app(client, task),
+            num_supernodes=fed.clients,
+            backend_config=backend_config,
+        )
     return "in-process"
 
 

@@ -48,15 +48,21 @@ class StepLogger(Callback):
 
 
 def clip_fraction(loop: Loop) -> float | None:
-    """The share of the last physical batch whose per-sample gradient norm was clipped (bk and ghost modes keep
-    the norms; Opacus' hooks mode does not: None)."""
+    """The share of the last physical batch's kept records whose per-sample gradient norm was clipped (bk and ghost
+    modes keep the norms; Opacus' hooks mode does not: None)."""
     if not loop.private:
         return None
     try:
         norms = loop.model.per_sample_gradient_norms
     except (AttributeError, ValueError):
         return None
-    if not isinstance(norms, torch.Tensor) or norms.numel() == 0:
+    if not isinstance(norms, torch.Tensor):
+        return None
+    # Over the records the step used: one whose norm is not finite was dropped from it (clip factor 0), and
+    # counting it (as unclipped: NaN > C is false) moved the fraction at exactly the steps whose secret Poisson
+    # draws picked it. How many were dropped is logged nowhere (an un-noised count).
+    norms = norms[torch.isfinite(norms)]
+    if norms.numel() == 0:
         return None
     return float((norms > loop.privacy.max_grad_norm).float().mean())
 

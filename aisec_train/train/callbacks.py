@@ -30,7 +30,8 @@ class LoopState(Protocol):
     base_optimizer: torch.optim.Optimizer
     ledger: Any  # privacy/ledger.py's PrivacyLedger under DP, else None
     stopped_by_budget: bool
-    last_loss: float | None
+    last_loss: float | None  # as logged: under DP over the step's finite rows only (train/loop.py, RowLosses)
+    batch_loss_finite: bool  # the objective's own loss of the last step was finite
     private: bool  # DP-SGD: the loss is a statistic of the private batch (FiniteGuard)
     epoch: int
     steps: int
@@ -128,14 +129,16 @@ class FiniteGuard(Callback):
     """Stop at once on a non-finite loss, and never let non-finite weights reach a checkpoint."""
 
     def after_step(self, loop: LoopState) -> None:
-        if loop.last_loss is None or math.isfinite(loop.last_loss):
-            return
         if loop.private:
+            if loop.batch_loss_finite:
+                return
             # Under DP the loss is a statistic of the private batch that no noise covers. A record whose forward
             # overflows is dropped from its step (clip factor 0, its captured rows zeroed: train/bk.py), so the model
             # stays finite, and stopping on the loss told when the secret draws first picked that record. The
             # weights are the noised step's output, so checking them releases nothing more.
             self._check_weights(loop, f"at step {loop.steps}")
+            return
+        if loop.last_loss is None or math.isfinite(loop.last_loss):
             return
         raise NonFiniteError(
             f"training stopped: the loss became {loop.last_loss} at epoch {loop.epoch + 1} (step {loop.steps}); "

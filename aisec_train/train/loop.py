@@ -21,6 +21,7 @@ import torch.distributed as dist
 from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
@@ -70,6 +71,46 @@ class TrainResult:
     # (report.sections, report.checklist): the train stage adds them to the run's report; a trainer never writes it.
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: list[dict[str, Any]] = field(default_factory=list)
+
+
+class RowLosses(nn.Module):
+    """A private run's criterion: the batch mean the step differentiates, unchanged (``output``), and each row's
+    loss beside it, detached (``rows``), so that the loop can log the loss over the records the step kept."""
+
+    def __init__(self, inner: nn.CrossEntropyLoss):
+        super().__init__()
+        self.inner = inner
+        self.output: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
+        self.record_means: torch.Tensor | None = None
+
+    @staticmethod
+    def fits(criterion: nn.Module) -> bool:
+        """A plain mean cross-entropy (bk, hooks): one whose rows' mean is the loss. Opacus' ghost wrapper is not
+        wrapped (its own backward; a record whose forward overflows stops a ghost run anyway)."""
+        return (
+            type(criterion) is nn.CrossEntropyLoss
+            and criterion.reduction == "mean"
+            and criterion.weight is None
+            and not criterion.label_smoothing
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.output = self.inner(logits, target)
+        with torch.no_grad():
+            self.rows = F.cross_entropy(logits.detach().float(), target, reduction="none")
+        return self.output
+
+    def finite_records(self, records: int) -> torch.Tensor | None:
+        """A mask of the ``records`` whose rows' losses are all finite (``train.augmult``: K rows a record, in order);
+        ``record_means`` their mean over views. None when the rows do not split into ``records``."""
+        rows = self.rows
+        if rows is None or records == 0 or rows.numel() % records:
+            return None
+        rows = rows.view(records, -1)
+        kept = torch.isfinite(rows).all(1)
+        self.record_means = torch.where(kept[:, None], rows, 0.0).mean(1)
+        return kept
 
 
 def resolve_device(name: str) -> torch.device:
@@ -180,7 +221,8 @@ class Loop:
         self.callbacks: list[Callback] = []
         self.history: list[dict[str, Any]] = []
         self.epoch, self.start_epoch, self.steps = 0, 0, 0
-        self.last_loss: float | None = None
+        self.last_loss: float | None = None  # the step's loss as logged (under DP: over its finite rows, below)
+        self.batch_loss_finite = True  # the objective's own loss of the last step was finite (FiniteGuard)
         self.stopped_by_budget = False
         self.resumed = self.resumed_stop = False  # resumed from a checkpoint; one that had stopped at the budget
         self.planned_steps = 0
@@ -246,6 +288,8 @@ class Loop:
             if self.cfg.augmult > 1:  # each record's K view-rows averaged before clipping
                 install_augmult(self.optimizer, self.cfg.augmult)
             self.mode, self.private_step = dp.grad_sample_mode, dp.report
+            if RowLosses.fits(self.criterion):  # the logged loss leaves out the records the step drops
+                self.criterion = RowLosses(self.criterion)
             self.amp.check_private_step(self.mode, self.world, dp.report.get("fallback"))
         self.planned_steps = self.cfg.epochs * len(loader)
         return loader, self.optimizer
@@ -351,7 +395,7 @@ class Loop:
     def _run_epoch(self, loader: DataLoader) -> tuple[float, float]:
         """One pass; returns (mean loss, accuracy). Stops early when a callback says so (budget)."""
         self.model.train()
-        total, hits, seen = 0.0, 0, 0
+        total, averaged, hits, seen = 0.0, 0, 0, 0  # the loss's sum over its rows; hits over the records drawn
         attacked = self.model if self.private else self.plain  # the attack must not run through DDP's reducer
         with self._batches(loader) as batches:
             for x, y in batches:
@@ -377,9 +421,18 @@ class Loop:
                         loss, logits = self.objective(self.model, attacked, x, y, self.criterion)
                     self.amp.backward(loss, rows=len(y) * self.cfg.augmult, private=self.private)
                     self.amp.step(self.optimizer)
-                    self.last_loss = float(loss.detach())
-                    total += self.last_loss * len(y)
-                    hits += correct(logits.detach(), y)
+                    value = float(loss.detach())
+                    self.batch_loss_finite = math.isfinite(value)
+                    kept = None if self.batch_loss_finite else self._kept_records(loss, len(y))
+                    if kept is None:
+                        self.last_loss = value
+                        total, averaged = total + value * len(y), averaged + len(y)
+                        hits += correct(logits.detach(), y)
+                    else:  # a dropped record: left out of the loss, a miss in the accuracy (its logits are NaN)
+                        if kept.any():  # none kept: logged as an empty batch is (the last value stays)
+                            self.last_loss = float(self.criterion.record_means[kept].mean())
+                            total, averaged = total + self.last_loss * int(kept.sum()), averaged + int(kept.sum())
+                        hits += correct(logits.detach()[kept], y[kept])
                     seen += len(y)
                 # With BatchMemoryManager only the last physical batch of a logical batch really steps.
                 stepped = self.ledger.steps > steps_before if self.ledger is not None else True
@@ -387,7 +440,20 @@ class Loop:
                     self.steps += 1
                     for cb in self.callbacks:
                         cb.after_step(self)
-        return total / max(1, seen), hits / max(1, seen)
+        return total / max(1, averaged), hits / max(1, seen)
+
+    def _kept_records(self, loss: torch.Tensor, records: int) -> torch.Tensor | None:
+        """Under DP, after a non-finite batch loss: which records the logged loss and accuracy count (a mask).
+
+        A record whose forward overflows is dropped from the private step (train/bk.py, train/bk_engine.py), and
+        a NaN in metrics.csv, the trackers and the progress bar at exactly the steps and epochs that drew it told
+        when the secret Poisson draws picked it. So the logs average the records whose loss is finite, as the step
+        does; how many were left out is logged nowhere (an un-noised count): the accuracy still counts every record
+        drawn, a dropped one as a miss. None: no such mask (not private, or an objective whose loss is not the
+        criterion's mean, e.g. TRADES, whose NaN stays: docs/privacy.md)."""
+        if not (self.private and isinstance(self.criterion, RowLosses) and loss is self.criterion.output):
+            return None
+        return self.criterion.finite_records(records)
 
     def _rng_state(self) -> torch.Tensor:
         """The global generator's state a resume continues from.
