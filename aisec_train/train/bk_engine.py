@@ -28,6 +28,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 
+from aisec_train.privacy.noise import flat_secure_noise
 from aisec_train.train.bk import BKGradSampleModule, BKUnsupported, finite_clip_factors
 from aisec_train.train.bk_uses import check_first_forward
 from aisec_train.train.callbacks import NonFiniteError
@@ -96,7 +97,25 @@ class BKPrivacyEngine(PrivacyEngine):
             _drop_non_finite_records(optimizer)
         elif grad_sample_mode == "ghost":  # also bk's fallback and data-parallel runs
             _stop_on_a_non_finite_step(optimizer)
+        flat_secure_noise(optimizer)  # Opacus' noise, drawn per group of tensors (privacy/noise.py)
+        _accumulate_by_clone(optimizer)
         return optimizer
+
+
+def _accumulate_by_clone(optimizer: DPOptimizer) -> None:
+    """Ghost mode's (and bk's) ``accumulate`` with a plain clone where Opacus ``copy.deepcopy``s each clipped sum:
+    the same copy, without deepcopy's Python per tensor (0.007 of the small ``cnn``'s step, docs/privacy.md)."""
+    if getattr(type(optimizer), "accumulate", None) is not DPOptimizerFastGradientClipping.accumulate:
+        return
+
+    def accumulate():
+        for p in optimizer.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad.data)
+            else:
+                p.summed_grad = p.grad.detach().clone()
+
+    optimizer.accumulate = accumulate
 
 
 def _finite_clipping_coef(model: GradSampleModuleFastGradientClipping):
@@ -107,27 +126,37 @@ def _finite_clipping_coef(model: GradSampleModuleFastGradientClipping):
 
 def _drop_non_finite_records(optimizer: DPOptimizer) -> None:
     """Hooks mode's clipped sum with bk's rule for a non-finite norm: that record's rows of every ``p.grad_sample``
-    are zeroed before Opacus clips them, so it contributes exactly 0 and the step is the step without it.
+    are zeroed and Opacus clips again, so it contributes exactly 0 and the step is the step without it.
 
     A record whose forward overflows (a pixel of 3e38 through ``2x - 1``) has inf and NaN per-sample gradients, and
     Opacus' factor for a NaN norm is NaN: a zero factor alone would not do either, since ``0 * inf`` is NaN in the
-    clipped sum. Row-wise and in place (a list of several backwards' tensors keeps its shape, which Opacus counts);
-    under ``train.augmult`` it runs after a record's views are averaged (augmult.py wraps this method later)."""
+    clipped sum. Opacus clips first; only a non-finite clipped sum (a sync and one pass over the parameters) sends
+    the step through the drop, so an ordinary step computes the per-sample norms once, not twice. A record whose
+    norm alone overflowed (finite rows) already got Opacus' factor 0, as the drop would give it. Row-wise and in
+    place (a list of several backwards' tensors keeps its shape, which Opacus counts); under ``train.augmult`` it
+    runs after a record's views are averaged (augmult.py wraps this method later)."""
     clip_and_accumulate = optimizer.clip_and_accumulate
 
-    def drop_then_clip():
+    def clip_then_drop():
+        before = [None if p.summed_grad is None else p.summed_grad.clone() for p in optimizer.params]
+        clip_and_accumulate()
+        sums = [p.summed_grad for p in optimizer.params if p.summed_grad is not None]
+        if not sums or bool(torch.stack([torch.isfinite(s).all() for s in sums]).all()):
+            return  # a sync, as the loop's own loss.item()
+        for p, summed in zip(optimizer.params, before, strict=True):
+            p.summed_grad = summed  # as before this backward's clip (several backwards may accumulate)
         samples = [getattr(p, "grad_sample", None) for p in optimizer.params]
         pieces = [s if isinstance(s, list) else [s] for s in samples if s is not None]
-        if pieces:
-            # Opacus' norms; reshaped by size, not -1, which an empty Poisson batch's 0 rows leave ambiguous
-            norms = [torch.cat([g.reshape(len(g), math.prod(g.shape[1:])).norm(dim=-1) for g in gs]) for gs in pieces]
-            dropped = ~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms], dim=1).norm(2, dim=1))
-            for gs in pieces if bool(dropped.any()) else ():  # a sync, as the loop's own loss.item(): no copy pass
-                for g, rows in zip(gs, dropped.split([len(g) for g in gs]), strict=True):
-                    g.masked_fill_(rows.to(g.device).view(-1, *[1] * (g.dim() - 1)), 0)
-        return clip_and_accumulate()
+        # Opacus' norms; reshaped by size, not -1, which an empty Poisson batch's 0 rows leave ambiguous
+        norms = [torch.cat([g.reshape(len(g), math.prod(g.shape[1:])).norm(dim=-1) for g in gs]) for gs in pieces]
+        dropped = ~torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms], dim=1).norm(2, dim=1))
+        for gs in pieces:
+            for g, rows in zip(gs, dropped.split([len(g) for g in gs]), strict=True):
+                g.masked_fill_(rows.to(g.device).view(-1, *[1] * (g.dim() - 1)), 0)
+                g.__dict__.pop("_processed", None)  # Opacus' used-once mark: this clip is redone, not reused
+        clip_and_accumulate()
 
-    optimizer.clip_and_accumulate = drop_then_clip
+    optimizer.clip_and_accumulate = clip_then_drop
 
 
 def _stop_on_a_non_finite_step(optimizer: DPOptimizerFastGradientClipping) -> None:
