@@ -19,18 +19,21 @@ Multi-node jobs: docs/cluster.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import os
 import socket
 import sys
+import threading
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError
@@ -40,7 +43,7 @@ from aisec_train.store.errors import BudgetError
 from aisec_train.store.files import atomic_write
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import keep_freed_memory
-from aisec_train.train.callbacks import NonFiniteError
+from aisec_train.train.callbacks import Callback, NonFiniteError
 from aisec_train.train.config import DistributedConfig
 from aisec_train.train.launch import check_same_job, job_view, under_torchrun
 from aisec_train.train.loop import TrainResult, train
@@ -79,13 +82,10 @@ def train_distributed(job: TrainJob) -> TrainResult:
         )
     _check_port(cfg.port)
     backend = _backend(cfg.backend, job.device)
-    result_path = job.run_dir / "checkpoints" / "distributed_result.pt"
-    result_path.unlink(missing_ok=True)
     tracker = job.extras.get("tracker")
     extras = {k: v for k, v in job.extras.items() if k != "tracker"}  # tracker clients stay in this process
     portable = dataclasses.replace(job, objective=None, extras=extras)  # objective rebuilt per rank: closures
-    _elastic_launch(cfg, job.run_dir, portable, backend, result_path, tracked=bool(tracker))
-    outcome = checkpoint.load(result_path)
+    outcome = _elastic_launch(cfg, portable, backend, tracked=bool(tracker))
     if outcome.get("refusal"):
         raise REFUSALS[outcome["refusal"]](outcome["message"])
     if tracker:
@@ -104,15 +104,21 @@ def _backend(name: str, device: torch.device) -> str:
     return name if name != "auto" else ("nccl" if device.type == "cuda" else "gloo")
 
 
-def _elastic_launch(cfg, run_dir, job: TrainJob, backend: str, result_path, tracked: bool) -> None:
-    """``nproc`` local ranks through torch's elastic agent, as ``torchrun --standalone --nproc-per-node`` would.
+def _elastic_launch(cfg, job: TrainJob, backend: str, tracked: bool) -> dict[str, Any]:
+    """``nproc`` local ranks through torch's elastic agent, as ``torchrun --standalone --nproc-per-node`` would;
+    returns the outcome the ranks reported (:func:`_reported`: rank 0's result, or a refusal).
 
     A rank that dies ends the attempt; up to ``max_restarts`` new attempts follow, each a fresh rendezvous whose
     ranks resume from the last checkpoint (:func:`_latest_resume`). Fresh, because gloo could hang re-forming its
-    mesh inside the agent's own restart on the same store (seen with torch 2.14 on loopback)."""
+    mesh inside the agent's own restart on the same store (seen with torch 2.14 on loopback).
+
+    Rank 0 hands its outcome back through the payload's private folder, removed with it: it used to be
+    ``checkpoints/distributed_result.pt`` in the run directory, left behind by every run, a refused one too (holding
+    only the refusal), where a one-process run refused at the same point leaves no ``checkpoints/`` at all."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with JobPayload(job) as payload:  # removed once every attempt is over
+        result_path = os.path.join(payload.dir, "result.pt")
         failure: Exception | None = None
         for attempt in range(cfg.max_restarts + 1):
             config = LaunchConfig(
@@ -120,17 +126,52 @@ def _elastic_launch(cfg, run_dir, job: TrainJob, backend: str, result_path, trac
                 rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{cfg.port or _free_port()}",
                 rdzv_configs={"is_host": True}, max_restarts=0, monitor_interval=0.5, start_method="spawn",
             )  # fmt: skip
+            for rank in range(cfg.nproc):  # a timeout an earlier attempt reported
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_rank_report(result_path, rank))
             try:
-                elastic_launch(config, _elastic_worker)(payload.ticket, backend, str(result_path), tracked)
-                return
+                with _agent_logs_held():
+                    elastic_launch(config, _elastic_worker)(payload.ticket, backend, result_path, tracked)
             except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
-                if result_path.exists():  # rank 0 reported a refusal before another rank failed
-                    return
+                outcome = _reported(result_path, cfg.nproc)
+                last = attempt == cfg.max_restarts
+                if outcome is not None and (last or not outcome.get("collective_timeout")):
+                    return outcome  # a refusal ends the job; a stalled rank is restarted like a dead one
                 failure = err
-                if attempt < cfg.max_restarts:
+                if not last:
                     log.warning("a data-parallel rank failed; restart %d of %d from the last checkpoint", attempt + 1,
                                 cfg.max_restarts)  # fmt: skip
+                continue
+            return _reported(result_path, cfg.nproc) or checkpoint.load(result_path)
         raise RuntimeError(f"data-parallel training failed after {cfg.max_restarts} restart(s): {failure}") from None
+
+
+def _rank_report(result_path: str, rank: int) -> str:
+    """Where a rank writes its outcome: rank 0 its result or refusal, another rank only a refusal of its own."""
+    return result_path if rank == 0 else f"{result_path}.rank{rank}"
+
+
+def _reported(result_path: str, world: int) -> dict[str, Any] | None:
+    """The outcome the ranks reported: the first refusal by rank that is not a collective's timeout (a rank that
+    refused alone leaves the others waiting in their next collective until it runs out), else rank 0's, else any
+    rank's; None when no rank reported (a rank died)."""
+    reports = [checkpoint.load(p) for r in range(world) if os.path.exists(p := _rank_report(result_path, r))]
+    refusals = [r for r in reports if r.get("refusal") and not r.get("collective_timeout")]
+    return (refusals or reports or [None])[0]
+
+
+@contextlib.contextmanager
+def _agent_logs_held():
+    """torch's elastic agent logs, from this process, every failed rank's traceback and each rank it stops
+    (``Terminating process ... via SIGTERM``) at ERROR and WARNING: a rank that refused in one line, or whose
+    collective timed out, ended the job in some 60 lines. Its ``ChildFailedError`` carries the root cause's
+    traceback, which a failure no rank reported still ends with."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 class JobPayload:
@@ -199,6 +240,10 @@ def _free_port() -> int:
 def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tracked: bool) -> None:
     """One local rank of an ``elastic_launch``: join the env:// group, train, rank 0 writes the outcome."""
     quiet_known_warnings()  # a spawned process starts with fresh warning filters
+    # tqdm's default lock is a multiprocessing semaphore, made even for a disabled bar: a rank the agent stops with
+    # SIGTERM (the others, once one failed) left it behind, and the job's resource tracker warned of it in 2 lines
+    # after the job's own. The ranks share no bar, so a thread lock serves.
+    tqdm.set_lock(threading.RLock())
     job = JobPayload.load(ticket)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     threads = max(1, (os.cpu_count() or 1) // world)
@@ -206,22 +251,74 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
     torch.set_num_threads(threads)
     if job.cfg.train.keep_freed_memory:  # a spawned rank starts with malloc's defaults (train/allocator.py)
         keep_freed_memory()
-    device = _join(backend, job.device, job.cfg.train.distributed.timeout)
+    report = _rank_report(result_path, rank)
+    try:
+        device = _join(backend, job.device, job.cfg.train.distributed.timeout, nproc=world)
+    except ConfigError as err:  # the rendezvous timed out (a rank slow to start): it was the agent's traceback
+        checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, report)
+        return
+    progress = _Progress()
     try:
         job = dataclasses.replace(job, resume=_latest_resume(job))  # after an elastic restart: the last checkpoint
-        outcome = _train_rank(rank, device, job, tracked)
+        outcome = _train_rank(rank, device, job, tracked, progress=progress)
         if rank == 0:
             checkpoint.save(outcome, result_path)
-    except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point; rank 0 reports it
-        if rank == 0:
-            checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, result_path)
+    except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point, or one alone (its own file)
+        checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, report)
+    except (RuntimeError, dist.DistError) as err:
+        if not _timed_out(err):
+            raise
+        line = progress.timed_out(job, rank, world, err)
+        checkpoint.save({"refusal": "ConfigError", "message": line, "collective_timeout": True}, report)
+        raise SystemExit(1) from None  # not 0: the agent stops the other ranks (the one that stalled may never return)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _join(backend: str, device: torch.device, timeout: float = DistributedConfig.timeout) -> torch.device:
+def _timed_out(err: BaseException) -> bool:
+    """Whether torch gave up waiting for another rank: gloo's ``Timed out waiting 5000ms for recv``, the store's
+    ``wait timeout after 1000ms``, NCCL's watchdog."""
+    text = str(err).lower()
+    ours = isinstance(err, dist.DistError) or "gloo" in text or "nccl" in text  # not a data loader's own timeout
+    return ours and ("timed out" in text or "timeout" in text)
+
+
+class _Progress(Callback):
+    """Rank 0's training loop as it goes (a callback sees it), so a collective that times out part-way through an
+    epoch is answered with what was taken and charged: the dataset ledger is charged at each epoch's end, and the
+    steps since then were spent too (their noisy sums all-reduced), though no checkpoint or model holds them."""
+
+    def __init__(self) -> None:
+        self.loop = None
+        self.spend = None
+
+    def on_train_start(self, loop) -> None:
+        self.loop = loop
+
+    def timed_out(self, job: TrainJob, rank: int, world: int, err: BaseException) -> str:
+        """Charge the steps taken (rank 0: the one ledger) and say in one line where training stopped."""
+        loop, timeout = self.loop, job.cfg.train.distributed.timeout
+        charged = ""
+        if rank == 0 and loop is not None and loop.ledger is not None:
+            charged = f"; {loop.ledger.steps} step(s) taken"
+            if self.spend is not None:
+                self.spend.charge(loop.ledger)  # never less than what was spent: the ledger's steps, all of them
+                charged += ", all charged to the privacy ledger"
+        where = f" at step {loop.steps + 1} (epoch {loop.epoch + 1})" if loop is not None else ""
+        return (
+            f"train.distributed.timeout={timeout:g} ran out: rank {rank} of {world} waited {timeout:g} s in a "
+            f"collective{where} for a rank that did not come ({str(err).splitlines()[0].split('] ')[-1]}); training "
+            f"stopped{charged}; the last good checkpoint is kept and no model is released. Check the rank that "
+            "stalled (its data, file system or device), or raise train.distributed.timeout (allowed: 1 to 86400 s)"
+        )
+
+
+def _join(
+    backend: str, device: torch.device, timeout: float = DistributedConfig.timeout, nproc: int | None = None
+) -> torch.device:
     """Join the ``env://`` process group; ``timeout`` (``train.distributed.timeout``) bounds the rendezvous and every
-    collective after it."""
+    collective after it. ``nproc``: a local rank of ``train.distributed.nproc`` (this job set the variables)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local)
@@ -234,8 +331,8 @@ def _join(backend: str, device: torch.device, timeout: float = DistributedConfig
     with _HeldStderr() as held:
         try:
             dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout))
-        except dist.DistError as err:
-            if "timed out" not in str(err).lower():
+        except (dist.DistError, RuntimeError) as err:  # gloo's full mesh: RuntimeError("... timed out connecting")
+            if not _timed_out(err):
                 if not isinstance(err, dist.DistNetworkError):
                     raise
                 # MASTER_PORT taken on rank 0's host, or unreachable: was a traceback
@@ -245,6 +342,14 @@ def _join(backend: str, device: torch.device, timeout: float = DistributedConfig
                     "free on MASTER_ADDR and reachable from every node (torchrun's c10d rendezvous picks one)"
                 ) from None
             held.discard()  # torch's C++ log of each retry, a backtrace included: the line below says it all
+            if nproc is not None:  # a rank that started late (spawn imports torch and loads the job, one by one)
+                raise ConfigError(
+                    f"train.distributed.timeout={timeout:g} ran out: rank {os.environ.get('RANK')} of the {nproc} "
+                    f"local ranks of train.distributed.nproc={nproc} waited {timeout:g} s at the rendezvous and not "
+                    f"every rank joined ({str(err).splitlines()[0].split('] ')[-1]}); nothing was trained or charged. "
+                    "Each rank starts a Python process, imports torch and loads the job first, which on a busy "
+                    "machine can take longer: raise train.distributed.timeout (allowed: 1 to 86400 s)"
+                ) from None
             # A stale shell's RANK=1 WORLD_SIZE=2 with no rank 0 anywhere waited torch's 30 minutes, then a traceback.
             raise ConfigError(
                 f"train.distributed.timeout={timeout:g} ran out: rank {os.environ.get('RANK')} of "
@@ -302,10 +407,15 @@ def _train_in_place(job: TrainJob) -> TrainResult:
     cfg = job.cfg.train.distributed
     backend = _backend(cfg.backend, job.device)
     device = _join(backend, job.device, cfg.timeout)
+    progress = _Progress()
     try:
         check_same_job(str(job.run_dir), job_view(job.cfg, job.data.manifest_sha256))  # before any step or charge
-        outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective)
         world = dist.get_world_size()
+        outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective, progress=progress)
+    except (RuntimeError, dist.DistError) as err:  # a stalled rank: torch's traceback, the steps since the last
+        if not _timed_out(err) or isinstance(err, NonFiniteError):  # checkpoint uncharged; now as under nproc
+            raise
+        raise ConfigError(progress.timed_out(job, dist.get_rank(), world, err)) from None
     finally:
         dist.destroy_process_group()
     launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py
@@ -327,7 +437,9 @@ def _result(job: TrainJob, outcome: dict[str, Any], world: int, backend: str, la
     return result
 
 
-def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, objective=None) -> dict[str, Any]:
+def _train_rank(
+    rank: int, device: torch.device, job: TrainJob, tracked: bool, objective=None, progress: _Progress | None = None
+) -> dict[str, Any]:
     """This rank's share of the job; returns the outcome (model, ledger, history, every rank's digest)."""
     from aisec_train.tracking.callback import StepBuffer, StepLogger, step_loggers
     from aisec_train.train.sharding import gathered, is_sharded, shard_digest
@@ -338,6 +450,9 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, o
     buffer = StepBuffer() if tracked and rank == 0 else None  # the job's process logs it (elastic launch)
     every = (cfg.logger.every_n_steps, cfg.logger.epsilon_every_n_steps)
     callbacks = [StepLogger(buffer, *every)] if buffer is not None else step_loggers(job)
+    if progress is not None:
+        progress.spend = job.spend if rank == 0 else None
+        callbacks = [progress, *callbacks]
     result = train(
         model,
         job.data.training_view(),
@@ -352,7 +467,7 @@ def _train_rank(rank: int, device: torch.device, job: TrainJob, tracked: bool, o
         persist=job.persist if rank == 0 else (_discard if sharded else None),  # the gather is a collective
         spend=job.spend if rank == 0 else None,  # one ledger for the whole job: rank 0 charges it
         progress=rank == 0,
-        callbacks=callbacks if rank == 0 else (),
+        callbacks=callbacks if rank == 0 else [progress] if progress is not None else (),
     )
     state = gathered({k: v.detach().cpu() for k, v in result.model.state_dict().items()})  # full on every rank
     replica = job.factory()
