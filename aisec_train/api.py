@@ -61,7 +61,7 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
             try:
                 composed = hydra_compose(config_name="config", overrides=overrides)
-            except AssertionError as err:  # a key set under a logger that is off (cli.check_job)
+            except (AssertionError, AttributeError) as err:  # a key set under a logger that is off (cli.check_job)
                 raise logger_off(parsed) or err from None
         check_bool_values(parsed, composed)  # dataset.channels_last=2, which OmegaConf reads as true (cli.py)
         return to_config(composed)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from aisec_train import errors
-from aisec_train.config import register_configs, to_config
+from aisec_train.config import register_configs, to_config, unknown_key
 from aisec_train.errors import ConfigError, Refusal
 from aisec_train.tracking.config import logger_off
 
@@ -70,8 +70,9 @@ def message(err: BaseException) -> str:
     """An error and its cause as one readable line (Hydra's search-path dump and OmegaConf's key dump dropped)."""
     parts = [errors.one_line(err).split(" Config search path:")[0]]
     cause = err.__cause__
-    if cause is not None and str(cause).strip():
-        parts.append(errors.one_line(cause).split(" full_key:")[0])
+    said = errors.one_line(cause).split(" full_key:")[0] if cause is not None else ""
+    if said and said not in parts[0]:  # a refusal that quotes its cause ("federated.ckks: {err}") says it once
+        parts.append(said)
     return ": ".join(p for p in parts if p)
 
 
@@ -201,9 +202,15 @@ def check_job(
     from omegaconf import open_dict
 
     check_group_values(parser.parse_overrides(job), packaged_only(args))
+    for override in parser.parse_overrides(job):  # a typo'd key (no +): Hydra's advice to add it with + misleads
+        if override.package is None and not override.is_add() and not override.is_force_add():
+            typo = unknown_key(override.key_or_group) if "." in override.key_or_group else None
+            if typo is not None:
+                raise typo
     try:
         full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
-    except AssertionError as err:  # OmegaConf's bare assert: a key set under a logger that is off (its node null)
+    except (AssertionError, AttributeError) as err:  # OmegaConf on a logger that is off (its node null): a bare
+        # assert for logger.csv.path=x, an AttributeError on None for logger.csv={...}
         raise logger_off(parser.parse_overrides(job)) or err from None
     check_bool_values(parser.parse_overrides(job), full)
     folders = ("", "")

@@ -84,6 +84,25 @@ def refuse_unknown_keys(node: DictConfig, schema: type, prefix: str) -> None:
                 refuse_unknown_keys(child, sub, f"{prefix}{key}.")
 
 
+def unknown_key(key: str) -> ConfigError | None:
+    """The refusal for an override of a key the schema lacks (``privacy.targt_epsilon=3``), or None. Hydra's own
+    answer advised ``+privacy.targt_epsilon=3``, which ``refuse_unknown_keys`` then refuses: name what is allowed now.
+    Keys under a ``_target_`` node or an optional section are left to Hydra."""
+    schema: type | None = Config
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        known = {f.name: f for f in fields(schema)} if schema is not None else {}
+        if schema is None or part == "hydra":
+            return None
+        if part not in known:
+            prefix = ".".join(parts[:depth])
+            allowed = ", ".join(sorted(known))
+            return ConfigError(f"{key} is not allowed: not a key of {prefix or 'the config'} ({allowed})")
+        kind = known[part].type
+        schema = kind if is_dataclass(kind) else _dataclass_of(kind) if isinstance(kind, str) else None
+    return None
+
+
 def _dataclass_of(annotation: str) -> type | None:
     """The dataclass a string annotation names (``from __future__ import annotations`` leaves them as text)."""
     import sys

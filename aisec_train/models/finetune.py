@@ -25,6 +25,7 @@ import hashlib
 import io
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,10 +157,13 @@ def read_weights(path: str, sha256: str | None = None) -> tuple[dict[str, torch.
             f"{sha256}; refusing changed weights"
         )
     try:
-        payload: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns (two stderr lines) on a plain pickle's protocol, then refuses it
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            payload: Any = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - a damaged or pickled-code file: one line, no traceback
-        reason = " ".join(str(err).split())[:200] or type(err).__name__  # an empty file: EOFError, no text
-        raise ConfigError(f"model.checkpoint_path={path!r} cannot be loaded as weights only ({reason})") from None
+        raise ConfigError(
+            f"model.checkpoint_path={path!r} cannot be loaded as weights only ({_load_failure(err)})"
+        ) from None
     while isinstance(payload, dict) and not _is_state(payload):
         inner = next((payload[k] for k in WRAPPER_KEYS if isinstance(payload.get(k), dict)), None)
         if inner is None:
@@ -171,6 +175,18 @@ def read_weights(path: str, sha256: str | None = None) -> tuple[dict[str, torch.
     if not isinstance(payload, dict):
         raise ConfigError(f"model.checkpoint_path={path!r} holds a {type(payload).__name__}, not a state dict")
     return _strip_prefixes({k: v for k, v in payload.items() if isinstance(v, torch.Tensor)}), digest
+
+
+def _load_failure(err: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused, in a few words. Torch's own text opens with advice to re-run
+    with ``weights_only=False`` (which runs whatever code the file holds); cut at 200 characters, that advice was
+    all the refusal said, without the caveat or what was refused (``GLOBAL posix.system``), so keep only the latter."""
+    text = " ".join(str(err).split())
+    if text.startswith("Weights only load failed."):
+        detail = text.split("trusted source.", 1)[-1].split("Check the documentation of torch.load", 1)[0]
+        detail = detail.split("WeightsUnpickler error:", 1)[-1].strip() or "unknown reason"
+        return f"only tensors and plain containers are read, never a pickle that could run code: {detail}"[:300]
+    return text[:200] or type(err).__name__  # an empty file: EOFError, no text
 
 
 def _is_state(payload: dict) -> bool:

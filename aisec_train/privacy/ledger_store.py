@@ -99,6 +99,11 @@ def choose_store(configured: str | os.PathLike | None = None, *, run_id: str | N
         if chosen and str(chosen) == SCRATCH:
             tail = hashlib.sha256(str(run_id).encode()).hexdigest()[:16] if run_id else ""
             return StoreChoice(user_data_dir() / "scratch_ledgers" / tail, source, True)
+        if chosen and not Path(chosen).expanduser().is_absolute():  # resolved per working directory: cd, fresh budget
+            raise StoreError(
+                f"{source}={str(chosen)!r} is not allowed: an absolute folder (or ~/...); a relative one follows the "
+                "working directory, so a run from another folder would charge a fresh, empty budget"
+            )
         if chosen:
             return StoreChoice(Path(chosen).expanduser().absolute(), source, False)
     return StoreChoice(user_data_dir() / "privacy_ledgers", "user data folder", False)

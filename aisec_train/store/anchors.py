@@ -47,6 +47,11 @@ REANCHOR = "aisec-train-ledger anchor"
 
 def anchor_dir() -> Path:
     chosen = os.environ.get(ANCHOR_ENV)
+    if chosen and not Path(chosen).expanduser().is_absolute():  # " " or "anchors": a fresh folder per working dir
+        raise IntegrityError(
+            f"${ANCHOR_ENV}={chosen!r} is not allowed: an absolute folder (or ~/...); a relative one follows the "
+            "working directory, so a run from another folder would find no anchors"
+        )
     return Path(chosen).expanduser().absolute() if chosen else keys.key_path().parent / "anchors"
 
 

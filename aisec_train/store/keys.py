@@ -49,6 +49,11 @@ def key_path() -> Path:
                 f"${KEY_ENV}={os.environ[KEY_ENV]!r} is not allowed: a key file path, not blank (unset it for the "
                 "default key)"
             )
+        if not Path(os.environ[KEY_ENV]).expanduser().is_absolute():  # another folder: a fresh key, ledgers "forged"
+            raise IntegrityError(
+                f"${KEY_ENV}={os.environ[KEY_ENV]!r} is not allowed: an absolute path (or ~/...); a relative one "
+                "follows the working directory, so a run from another folder would create and use a fresh key"
+            )
         return Path(os.environ[KEY_ENV]).expanduser().absolute()
     config = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
     return (config / "aisec-train" / "hmac.key").absolute()

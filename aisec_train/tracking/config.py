@@ -86,7 +86,7 @@ def logger_off(overrides: list[Any]) -> ConfigError | None:
     keys = []
     for override in overrides:
         parts = override.key_or_group.split(".")
-        if len(parts) > 2 and parts[0] == "logger" and parts[1] in LOGGERS:
+        if len(parts) > 1 and parts[0] == "logger" and parts[1] in LOGGERS:  # logger.csv.path=x, logger.csv={...}
             keys.append((override, parts[1]))
     off = [(o, name) for o, name in keys if name not in named] or keys
     if not off:
