@@ -48,7 +48,7 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from aisec_train.cli import check_bool_values, check_group_values, message
+    from aisec_train.cli import check_bool_values, check_group_values, check_known_keys, message
 
     overrides = _overrides(overrides, "overrides")
     register_configs()
@@ -58,6 +58,7 @@ def compose(overrides: Sequence[str] = ()) -> Config:
         searchpath = any(o.key_or_group.startswith("hydra.searchpath") for o in parsed)
         # train=null (Hydra's ValueError); model=nosuch named against the packaged options
         check_group_values(parsed, known_options=not searchpath)
+        check_known_keys(parsed)  # privacy.targt_epsilon=3: the keys allowed, not Hydra's advice to add it with +
         with initialize_config_dir(config_dir=str(files("aisec_train.configs")), version_base="1.3", job_name="api"):
             try:
                 composed = hydra_compose(config_name="config", overrides=overrides)

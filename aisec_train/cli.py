@@ -192,6 +192,16 @@ def sweep_jobs(lists: list[list[str]]) -> list[tuple[int, list[str]]]:
     return sorted(picked.items())
 
 
+def check_known_keys(overrides: list) -> None:
+    """A typo'd key without ``+`` (``privacy.targt_epsilon=3``): Hydra advised adding it with ``+``, which is then
+    refused in turn; name the keys allowed instead (``config.unknown_key``). The CLI and ``aisec_train.compose``."""
+    for override in overrides:
+        if override.package is None and not override.is_add() and not override.is_force_add():
+            typo = unknown_key(override.key_or_group) if "." in override.key_or_group else None
+            if typo is not None:
+                raise typo
+
+
 def check_job(
     args: argparse.Namespace, parser: Any, launcher: list[str], job: list[str], number: int | None
 ) -> tuple[tuple[str, str], Any]:
@@ -202,11 +212,7 @@ def check_job(
     from omegaconf import open_dict
 
     check_group_values(parser.parse_overrides(job), packaged_only(args))
-    for override in parser.parse_overrides(job):  # a typo'd key (no +): Hydra's advice to add it with + misleads
-        if override.package is None and not override.is_add() and not override.is_force_add():
-            typo = unknown_key(override.key_or_group) if "." in override.key_or_group else None
-            if typo is not None:
-                raise typo
+    check_known_keys(parser.parse_overrides(job))
     try:
         full = compose(config_name=args.config_name or "config", overrides=[*launcher, *job], return_hydra_config=True)
     except (AssertionError, AttributeError) as err:  # OmegaConf on a logger that is off (its node null): a bare

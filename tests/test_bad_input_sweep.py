@@ -98,6 +98,17 @@ def test_a_misspelt_key_names_the_keys_allowed_not_a_plus_that_is_refused_next(t
     assert "To append" not in err, err
 
 
+def test_the_python_api_names_the_keys_allowed_too():
+    """``aisec_train.compose`` shares the CLI's check (cli.check_known_keys): it gave Hydra's '+' advice."""
+    import aisec_train
+    from aisec_train.errors import ConfigError
+
+    allowed = r"^privacy\.targt_epsilon is not allowed: not a key of privacy \(accountant, "
+    with pytest.raises(ConfigError, match=allowed):
+        aisec_train.compose(["privacy.targt_epsilon=3"])
+    assert aisec_train.compose(["privacy.target_epsilon=4"]).privacy.target_epsilon == 4
+
+
 def test_a_refusal_quoting_its_cause_says_it_once(tmp_path):
     """'federated.ckks: coeff_mod_bit_sizes=[] is not allowed; use ...: coeff_mod_bit_sizes=[] is not allowed; use
     ...' (the CLI appended the cause the message already quoted; so did bad .npz and ImageFolder refusals)."""

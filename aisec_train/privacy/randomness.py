@@ -93,7 +93,8 @@ def describe(privacy: Any, seed: int) -> dict[str, Any]:
     return {
         "noise": "os_entropy",
         "sampling": "os_entropy",
-        "noise_draw": "Opacus secure-mode sum of 4 Gaussian draws (floating-point attack mitigation)",
+        "noise_draw": "secure-mode sum of 4 Gaussian draws per coordinate, halved (Opacus' floating-point attack "
+        "mitigation; privacy/noise.py draws it per group of tensors)",
         "public": public,
         "dp_guarantee": True,
     }
