@@ -177,7 +177,7 @@ def profile_pair(make_model, x: torch.Tensor, y: torch.Tensor, steps: int = 5, w
 def noise_cost(numel: int, repeats: int = 20) -> dict:
     """Seconds to draw noise for ``numel`` parameters: one draw from torch's global generator (Opacus' default),
     one from a generator whose state comes from os.urandom, and Opacus' secure-mode draw (four summed) from it,
-    which is what aisec-train's private step uses."""
+    the mechanism aisec-train's private step uses (there drawn per group of tensors: privacy/noise.py)."""
     from opacus.optimizers.optimizer import _generate_noise
 
     from aisec_train.privacy.randomness import secret_generator

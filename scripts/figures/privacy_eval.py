@@ -10,7 +10,7 @@
    epsilon 1, 3 and 8, beside the claimed ``privacy.epsilon``; the checklist verdict; the audit's own seconds
    against the training stage's (its extra wall time: one more training of the same recipe).
 3. **The broken-DP drill**: the recipe of ``tests/test_privacy_audit_drill.py`` (an MLP that memorises, claim
-   epsilon 1) with Opacus' noise scaled to 0 from this script (:func:`noise_scale`; no noise while the
+   epsilon 1) with the private step's noise scaled to 0 from this script (:func:`noise_scale`; no noise while the
    ledger charges epsilon 1), and the same recipe with honest noise as the control.
 4. **Independent check**: opake-auditing's one-run estimate on the same canary scores and coins. The pipeline
    does not keep the scores, so this script wraps ``privacy_audit.run_privacy_audit`` to ask for them
@@ -100,24 +100,32 @@ class ScoreCapture(contextlib.AbstractContextManager):
 
 @contextlib.contextmanager
 def noise_scale(scale: float | None):
-    """The broken-DP drill: Opacus' optimizers add ``scale`` times the noise while the ledger charges the configured
-    noise. Patched into Opacus from here and put back afterwards, so that no seam lives in aisec_train."""
+    """The broken-DP drill: the private step adds ``scale`` times the noise while the ledger charges the configured
+    noise. Patched from here into our grouped draw (aisec_train/privacy/noise.py, every optimizer our engine makes)
+    and into Opacus' own (the optimizers that keep it), and put back afterwards."""
     import opacus.optimizers.optimizer as base
     import opacus.optimizers.optimizer_fast_gradient_clipping as fast
 
-    original = base._generate_noise
+    from aisec_train.privacy import noise
+
+    original, original_draw = base._generate_noise, noise._draw
 
     def scaled(std, reference, generator=None, secure_mode=False):
         return original(std * scale, reference, generator, secure_mode)
 
-    saved = [(module, module._generate_noise) for module in (base, fast)]
-    for module, _ in saved if scale is not None else ():
-        module._generate_noise = scaled
+    def scaled_draw(std, n, device, generator, secure):
+        return original_draw(std * scale, n, device, generator, secure)
+
+    saved = [(module, "_generate_noise", module._generate_noise) for module in (base, fast)]
+    saved.append((noise, "_draw", original_draw))
+    if scale is not None:
+        base._generate_noise = fast._generate_noise = scaled
+        noise._draw = scaled_draw
     try:
         yield
     finally:
-        for module, function in saved:
-            module._generate_noise = function
+        for module, name, function in saved:
+            setattr(module, name, function)
 
 
 def opake_bound(scores: list[float], included: list[bool], delta: float) -> float:
