@@ -23,7 +23,7 @@ from aisec_train.config import Config
 from aisec_train.data.items import check_items
 from aisec_train.data.stage import stage_data
 from aisec_train.models.factory import check_model_config
-from aisec_train.preflight import check_limits, check_outputs, refuse_symlinks
+from aisec_train.preflight import check_limits, check_outputs, check_state_paths, refuse_symlinks
 from aisec_train.privacy import resolve_store_path
 from aisec_train.report.report import Report
 from aisec_train.report.stage import stage_save_model, write_reports
@@ -61,8 +61,9 @@ def preflight(cfg: Config, user: UserObjects) -> None:
     check_backend(cfg.robustness.backend, resolve_device(cfg.train.device))  # robust/config.py
     check_limits(cfg)  # float32 range, accountant and resource limits (preflight.py)
     registry = resolve_registry_path(cfg.audit.registry_path)
+    store = resolve_store_path(cfg.privacy.ledger_store)  # refused state paths first: before any folder is made
+    check_state_paths()
     validate_output_path(registry, what="audit.registry_path")
-    store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
     validate_output_path(store / "probe.json", what="privacy.ledger_store")
 
 

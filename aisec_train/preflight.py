@@ -61,6 +61,9 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
     from aisec_train.privacy import resolve_store_path
     from aisec_train.train.config import PrivacyMode
 
+    private = cfg.privacy.mode is PrivacyMode.dpsgd
+    # The store's path first: a refused one (relative) must leave no folder behind, the registry's included
+    store = resolve_store_path(cfg.privacy.ledger_store) if private else None
     probe_dir(run_dir, "hydra.run.dir")
     check_key_file()  # before the registry: its entries are verified under this key, and would blame the registry
     checkpoints = run_dir / "checkpoints"
@@ -72,9 +75,21 @@ def check_outputs(cfg: Any, run_dir: Path) -> None:
         Registry(registry).entries()
     except RegistryError as err:
         raise ConfigError(f"audit.registry_path: {err}; nothing was trained or charged") from None
-    if cfg.privacy.mode is PrivacyMode.dpsgd:
-        store = resolve_store_path(cfg.privacy.ledger_store, registry_path=str(registry))
+    if store is not None:
         probe_dir(store, "privacy.ledger_store")
+
+
+def check_state_paths() -> None:
+    """The key file's and anchor folder's paths alone, before any folder is made: a relative one is refused here, not
+    after the registry's folder (``outputs/`` by default) was created in the working directory."""
+    from aisec_train.store.anchors import anchor_dir
+    from aisec_train.store.keys import key_path
+
+    try:
+        key_path()
+        anchor_dir()
+    except IntegrityError as err:
+        raise ConfigError(f"{err}; nothing was trained or charged") from None
 
 
 def check_key_file() -> None:

@@ -39,6 +39,7 @@ def test_a_relative_state_path_is_refused_not_one_per_working_directory(tmp_path
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
+    monkeypatch.delenv("AISEC_TRAIN_REGISTRY")  # its default, outputs/registry.json, is in the working directory
     overrides = [*FAST, f"hydra.run.dir={tmp_path / 'run'}"]
     if setting.startswith("AISEC_TRAIN_"):
         monkeypatch.setenv(setting, where)
@@ -49,7 +50,7 @@ def test_a_relative_state_path_is_refused_not_one_per_working_directory(tmp_path
     shown = f"${setting}" if setting.startswith("AISEC_TRAIN_") else setting
     assert f"{shown}={where!r} is not allowed: an absolute" in err, err
     assert "follows the working directory" in err, err
-    assert list(cwd.iterdir()) == []  # no store, key or anchor made in the working directory
+    assert list(cwd.iterdir()) == []  # no store, key, anchor or registry folder made in the working directory
 
 
 def test_a_home_relative_ledger_store_is_still_allowed(tmp_path, monkeypatch):
