@@ -34,15 +34,20 @@ from tests.fuzzing import BASE, call_cli, refusal_problems
 OVERFLOW = 3e38  # finite in float32; 2x - 1 is not
 
 
-def _hooks_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int = 1) -> list[torch.Tensor]:
-    """The clipped sum (noise 0) that hooks mode's optimizer noises, each record seen as K augmult views."""
-    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+def _hooks_private(model: nn.Module, loader: DataLoader):
+    """(private model, optimizer) of hooks mode through our engine, noise 0, the whole loader's batches fixed."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         private, optimizer, _ = BKPrivacyEngine(accountant="rdp").make_private(
             module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
             noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks",
         )  # fmt: skip
+    return private, optimizer
+
+
+def _hooks_clipped_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, k: int = 1) -> list[torch.Tensor]:
+    """The clipped sum (noise 0) that hooks mode's optimizer noises, each record seen as K augmult views."""
+    private, optimizer = _hooks_private(model, DataLoader(TensorDataset(x, y), batch_size=len(x)))
     if k > 1:
         augmult.install(optimizer, k)
         x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k)  # K views (unshifted: the same either way)
@@ -74,14 +79,9 @@ def test_under_hooks_several_backwards_before_a_step_keep_their_rows_and_drop_th
     model = SmallCNN(in_channels=1, num_classes=3, image_size=8)
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 3
     x[5] = OVERFLOW
-    loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    private_model = copy.deepcopy(model)
+    private, optimizer = _hooks_private(copy.deepcopy(model), DataLoader(TensorDataset(x, y), batch_size=4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private, optimizer, _ = BKPrivacyEngine(accountant="rdp").make_private(
-            module=private_model, optimizer=torch.optim.SGD(private_model.parameters(), lr=0.0), data_loader=loader,
-            noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks",
-        )  # fmt: skip
         for half in (slice(0, 4), slice(4, 8)):
             nn.CrossEntropyLoss()(private(x[half]), y[half]).backward()
     assert all(isinstance(p.grad_sample, list) and len(p.grad_sample) == 2 for p in optimizer.params)
@@ -116,13 +116,9 @@ def test_under_hooks_an_ordinary_step_computes_the_per_sample_norms_once(overflo
     x, y = torch.rand(8, 1, 8, 8), torch.arange(8) % 3
     if overflow:
         x[0] = OVERFLOW
-    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    private, optimizer = _hooks_private(model, DataLoader(TensorDataset(x, y), batch_size=8))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        private, optimizer, _ = BKPrivacyEngine(accountant="rdp").make_private(
-            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), data_loader=loader,
-            noise_multiplier=0.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="hooks",
-        )  # fmt: skip
         nn.CrossEntropyLoss()(private(x), y).backward()
     with _CountNorms() as counted:
         optimizer.pre_step()
