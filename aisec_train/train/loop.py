@@ -81,7 +81,7 @@ class RowLosses(nn.Module):
         super().__init__()
         self.inner = inner
         self.output: torch.Tensor | None = None
-        self.rows: torch.Tensor | None = None
+        self._inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # rows computed only when a loss is not finite
         self.record_means: torch.Tensor | None = None
 
     @staticmethod
@@ -97,15 +97,17 @@ class RowLosses(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self.output = self.inner(logits, target)
-        with torch.no_grad():
-            self.rows = F.cross_entropy(logits.detach().float(), target, reduction="none")
+        self._inputs = (logits.detach(), target)  # no per-row pass on the ordinary step: see finite_records
         return self.output
 
     def finite_records(self, records: int) -> torch.Tensor | None:
         """A mask of the ``records`` whose rows' losses are all finite (``train.augmult``: K rows a record, in order);
         ``record_means`` their mean over views. None when the rows do not split into ``records``."""
-        rows = self.rows
-        if rows is None or records == 0 or rows.numel() % records:
+        if self._inputs is None:
+            return None
+        logits, target = self._inputs
+        rows = F.cross_entropy(logits.float(), target, reduction="none")
+        if records == 0 or rows.numel() % records:
             return None
         rows = rows.view(records, -1)
         kept = torch.isfinite(rows).all(1)
