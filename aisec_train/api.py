@@ -183,7 +183,8 @@ def fit(
     """The one training loop on ``loader``'s dataset, batch size and workers, with the config's privacy,
     adversarial-training and optimizer settings. Returns the trained (plain) model and its privacy ledger.
 
-    Under ``privacy=dpsgd`` the spend is charged, before each epoch's end, to the dataset-level ledger of
+    Under ``privacy=dpsgd`` the spend is charged, before each epoch's end and at any stop (Ctrl-C's
+    KeyboardInterrupt, an error: every step taken), to the dataset-level ledger of
     ``loader.dataset``'s records, under the same rules as a CLI run (``result.budget``: that account, every run
     on the data composed; a call whose planned spend does not fit is refused, ``BudgetError``, before any step).
     A model Opacus cannot train (BatchNorm, ...) is trained as a fixed copy (``ModuleValidator.fix``): use

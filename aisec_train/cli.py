@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import sys
+from contextlib import nullcontext
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,11 +52,14 @@ def _job(dict_cfg: DictConfig) -> float:
 
         quiet_known_warnings()
         quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1: the summary says what it means
-        report = run_pipeline(cfg, run_dir, experiment=experiment)
+        with errors.stop_on_signals() if one_process(cfg) else nullcontext():
+            report = run_pipeline(cfg, run_dir, experiment=experiment)
     except refusals() as err:
         refuse(err)  # inside the job, so Hydra adds no banner of its own
     except OSError as err:
         refuse_write(err)
+    except errors.Stopped as err:  # Ctrl-C or a scheduler's SIGTERM: the steps taken are charged (train/loop.py)
+        errors.stopped(PROG, err)
     from aisec_train.train.launch import env_rank
 
     if env_rank() != 0:  # a torchrun rank other than 0 only trained: rank 0 writes and prints the report
@@ -64,6 +68,15 @@ def _job(dict_cfg: DictConfig) -> float:
 
     print(end_of_run(report, run_dir))  # epsilon at delta, accuracy, failing items with their fixes, the files
     return float(report.get("metrics.clean_accuracy"))
+
+
+def one_process(cfg) -> bool:
+    """A run in this process alone: its SIGINT and SIGTERM become one line after the steps taken are charged. Not
+    a torchrun rank or a data-parallel launch (torch's elastic agent answers those signals for its ranks), nor a
+    federated run (Flower's simulation owns its client processes)."""
+    from aisec_train.train.launch import under_torchrun
+
+    return cfg.train.distributed.nproc == 1 and not under_torchrun() and cfg.federated.mode.value == "none"
 
 
 def message(err: BaseException) -> str:

@@ -71,3 +71,43 @@ def refusing(
         sys.exit(128 + signal.SIGPIPE)
     except errors as err:
         refuse(prog, message(err))
+
+
+class Stopped(BaseException):
+    """A signal asked the run to stop: Ctrl-C's SIGINT, or the SIGTERM a cluster scheduler sends before it kills a
+    job. A BaseException, as KeyboardInterrupt is, so no ``except Exception`` on the way swallows it; the training
+    loop charges every step taken before it lets it pass (train/loop.py) and fills in ``where``."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.where = ""  # " at step S (epoch E): N private step(s) taken, all charged ..." when training was running
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Stopped` inside the block. Both are ignored after the first: a second
+    Ctrl-C must not cut short the charge of the steps already taken (the ledger would fall behind what was spent)."""
+
+    def stop(signum: int, frame: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stopped(prog: str, err: Stopped) -> NoReturn:
+    """Say in one line where the run stopped and what it charged, then exit as the signal would have (128 + N)."""
+    where = err.where or " outside the training loop"
+    print(
+        f"{prog}: stopped by {err}{where}; run the same command with the same hydra.run.dir to resume from the last "
+        "checkpoint",
+        file=sys.stderr,
+    )
+    sys.exit(128 + err.signum)

@@ -61,7 +61,7 @@ def test_rerun_resumes_and_a_spent_budget_refuses_without_losing_anything(smoke_
     proc = run_cli("experiment=smoke", f"hydra.run.dir={smoke_run}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = read_report(smoke_run)
-    assert after["train"]["resumed_from_epoch"] == 3
+    assert after["train"]["resumed_from_epoch"] == 3 and after["train"]["steps_lost_before_resume"] == 0
     assert after["privacy"]["steps"] == before["privacy"]["steps"]  # nothing retrained, epsilon not reset
     assert after["privacy"]["epsilon"] == pytest.approx(before["privacy"]["epsilon"])
 

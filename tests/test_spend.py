@@ -3,14 +3,18 @@ reconciliation, and a resume that finishes instead of being refused forever (in-
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
 from aisec_train.data.views import Sample
+from aisec_train.errors import Stopped
 from aisec_train.models import build_model
 from aisec_train.privacy import LedgerStore
 from aisec_train.privacy.spend import DatasetSpend
 from aisec_train.store import BudgetError
+from aisec_train.train.callbacks import Callback
 from aisec_train.train.config import Accountant, GradSampleMode, PrivacyConfig, TrainConfig
 from aisec_train.train.loop import train
 
@@ -25,9 +29,9 @@ def blobs(n=96, classes=3) -> Sample:
     return Sample((torch.rand(n, 1, 6, 6, generator=g) * 0.4 + y[:, None, None, None] * 0.25).clamp(0, 1), y)
 
 
-def job(ledger, *, epochs=4, resume=None, run_id=RUN):
+def job(ledger, *, epochs=4, resume=None, run_id=RUN, callbacks=(), saved=None):
     """One DP run of ``epochs`` epochs (3 steps each, noise calibrated to epsilon 3 at the end; RDP: fast)."""
-    saved: list[dict] = []
+    saved = [] if saved is None else saved  # the checkpoints' payloads, in order
     spend = DatasetSpend(ledger.delegate(), run_id, "dataset", 0, 3.0, 96)
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr=0.1, ema_decay=0.0)
     privacy = PrivacyConfig(
@@ -35,7 +39,7 @@ def job(ledger, *, epochs=4, resume=None, run_id=RUN):
     )
     result = train(build_model("mlp", in_channels=1, num_classes=3, image_size=6), blobs(), train_cfg=cfg,
                    privacy_cfg=privacy, device=CPU, persist=saved.append, spend=spend, resume=resume,
-                   progress=False)  # fmt: skip
+                   progress=False, callbacks=callbacks)  # fmt: skip
     return result, saved, spend
 
 
@@ -90,3 +94,39 @@ def test_a_checkpoint_the_ledger_never_saw_is_charged_at_once(tmp_path):
     with second.open(DATASET) as led:
         _, _, spend = job(led, epochs=4, resume=saved[1])
         assert led.steps(RUN) >= ckpt_steps(saved[1]) and spend.reconciled == 0
+
+
+class StopAt(Callback):
+    """Raise ``error`` after the ``step``-th step: a Ctrl-C, a scheduler's SIGTERM or a bug part-way through an
+    epoch (3 steps each here), so the steps since the last checkpoint are held by no checkpoint."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error, self.seen = step, error, 0
+
+    def after_step(self, loop) -> None:
+        self.seen += 1
+        if self.seen == self.step:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    "error", [KeyboardInterrupt(), Stopped(signal.SIGTERM), RuntimeError("a bug")], ids=["ctrl-c", "sigterm", "bug"]
+)
+def test_a_stop_part_way_through_an_epoch_charges_every_step_taken(tmp_path, error):
+    """Before, a stop between checkpoints charged the dataset ledger only up to the last epoch's end: the steps
+    after it had drawn their noise and reached the logs, yet cost nothing, and a run stopped and resumed again and
+    again trained on the data for free between its checkpoints. Now every step taken is charged at the stop, and
+    the resume from the last checkpoint counts them in its accountant (as after a kill that beat the checkpoint)."""
+    store = LedgerStore(tmp_path / "store")
+    with store.open(DATASET) as led:
+        saved: list[dict] = []
+        with pytest.raises(type(error)):
+            job(led, callbacks=[StopAt(5, error)], saved=saved)  # 2 steps into epoch 2: no checkpoint holds them
+        assert [ckpt_steps(p) for p in saved] == [3]
+        assert led.steps(RUN) == 5
+        if isinstance(error, Stopped):  # the CLI's one line says what was taken and charged (aisec_train/cli.py)
+            assert "5 private step(s) taken in all, all charged to the dataset's privacy ledger" in error.where
+            assert error.where.startswith(" in epoch 2 ")
+        result, _, spend = job(led, resume=saved[-1])
+        assert spend.reconciled == 2 and led.steps(RUN) == result.ledger.steps > 5
+        assert led.total_epsilon() == pytest.approx(result.ledger.epsilon()) and led.total_epsilon() <= 3.0

@@ -4,7 +4,9 @@ checkpointing. The loop calls, in order of the list it is given:
     on_train_start(loop) -> [before_step(loop) -> step -> after_step(loop)]* -> on_epoch_end(loop, row) ...
     -> on_train_end(loop)
 
-``before_step`` returning True stops training before that step (nothing of it is released). A callback with
+An exception that ends training part-way (Ctrl-C, SIGTERM, a non-finite stop, a bug) calls
+``on_train_stopped(loop)`` instead of ``on_train_end``, then passes. ``before_step`` returning True stops
+training before that step (nothing of it is released). A callback with
 ``state_dict`` / ``load_state_dict`` has its state saved in every checkpoint under its ``key``.
 """
 
@@ -56,6 +58,10 @@ class Callback:
     def on_epoch_end(self, loop: LoopState, row: dict[str, Any]) -> None: ...
 
     def on_train_end(self, loop: LoopState) -> None: ...
+
+    def on_train_stopped(self, loop: LoopState) -> str | None:
+        """Training ended by an exception part-way; what this callback did about it, in a few words (or None)."""
+        return None
 
     def evaluation(self, model: nn.Module):
         """A context in which the model is evaluated (weight averaging swaps its weights in)."""
@@ -159,7 +165,13 @@ class FiniteGuard(Callback):
 
 
 class ChargeDataset(Callback):
-    """Charge the dataset-level ledger (privacy/spend.py) before each checkpoint and at the end."""
+    """Charge the dataset-level ledger (privacy/spend.py) before each checkpoint, at the end, and at any stop.
+
+    A stop part-way through an epoch (Ctrl-C, SIGTERM, a non-finite stop) leaves steps no checkpoint holds; their
+    noisy sums were computed all the same, and the logs that no noise covers saw them. So they are charged too, as a
+    data-parallel timeout charges them (train/distributed.py); a resume from the last checkpoint then counts them
+    in its accountant (privacy/spend.py's reconciliation). Only a SIGKILL leaves them uncharged.
+    """
 
     def __init__(self, spend):
         self.spend = spend
@@ -169,6 +181,10 @@ class ChargeDataset(Callback):
 
     def on_train_end(self, loop: LoopState) -> None:
         self.spend.charge(loop.ledger)
+
+    def on_train_stopped(self, loop: LoopState) -> str | None:
+        self.spend.charge(loop.ledger)
+        return "all charged to the dataset's privacy ledger" if self.spend.charged is not None else None
 
 
 class Checkpointing(Callback):

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from aisec_train.components import accepted, build
 from aisec_train.data.views import checked_collate, make_loader
-from aisec_train.errors import ConfigError
+from aisec_train.errors import ConfigError, Stopped
 from aisec_train.privacy.engine import make_private, unwrap
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger, budget_limit
 from aisec_train.privacy.randomness import dp_generators
@@ -354,6 +354,22 @@ class Loop:
             cb.on_train_start(self)
         first = self.cfg.epochs if self.stopped_by_budget else self.start_epoch  # no step fits: train nothing
         epochs = tqdm(range(first, self.cfg.epochs), desc="train", disable=not self.progress, leave=False)
+        try:
+            self._epochs(loader, epochs, eval_dataset)
+        except BaseException as err:  # Ctrl-C, SIGTERM, a non-finite stop, a bug: every step taken is charged
+            self._stopped(err)
+            raise
+        if self.private:
+            self.private_step = {**(self.private_step or {}), **bk_report(self.model)}  # the methods that ran
+            self.model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return TrainResult(
+            self.plain, self.ledger, self.history, self.stopped_by_budget, self.mode, self.world,
+            private_step=self.private_step,
+        )  # fmt: skip
+
+    def _epochs(self, loader: DataLoader, epochs, eval_dataset) -> None:
         for self.epoch in epochs:
             started = time.perf_counter()
             if isinstance(loader.sampler, DistributedSampler):
@@ -376,15 +392,17 @@ class Loop:
                 cb.on_epoch_end(self, row)
             if self.stopped_by_budget:
                 break
-        if self.private:
-            self.private_step = {**(self.private_step or {}), **bk_report(self.model)}  # the methods that ran
-            self.model.cleanup()  # remove Opacus' hooks so evaluation and attacks see a plain model
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        return TrainResult(
-            self.plain, self.ledger, self.history, self.stopped_by_budget, self.mode, self.world,
-            private_step=self.private_step,
-        )  # fmt: skip
+
+    def _stopped(self, err: BaseException) -> None:
+        """Training ended by ``err`` part-way: each callback does what a stop needs (the dataset ledger charges
+        every step taken, train/callbacks.py's ChargeDataset); a signal's one line then says what was taken."""
+        said = [s for cb in self.callbacks if (s := cb.on_train_stopped(self))]
+        if isinstance(err, Stopped):  # DP: the ledger's steps (Opacus' accountant) include a resumed run's
+            taken = f"{self.ledger.steps} private" if self.ledger is not None else f"{self.steps}"
+            err.where = (
+                ", ".join([f" in epoch {self.epoch + 1} with {taken} step(s) taken in all", *said])
+                + "; the last good checkpoint is kept and no model is released"
+            )
 
     def _batches(self, loader: DataLoader):
         """Split logical batches into memory-sized ones (Opacus BatchMemoryManager); a no-op without DP."""

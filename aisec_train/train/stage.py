@@ -64,6 +64,9 @@ def stage_train(run: Run) -> None:
         # a federated run's history rows are its rounds (federated/report.py), so its plan is the rounds
         epochs_planned=cfg.federated.rounds if trainer == "federated" else cfg.train.epochs,
         resumed_from_epoch=resume["epoch"] if resume else None,
+        # steps an earlier start took after its last checkpoint (then stopped or was killed): charged and counted in
+        # privacy.steps and its epsilon, though no checkpoint or model holds them (privacy/spend.py)
+        steps_lost_before_resume=run.spend.reconciled if run.spend is not None and resume else 0,
         stopped_by_budget=result.stopped_by_budget,
         device=str(run.device),
         adversarial_training=cfg.robustness.mode.value,

@@ -1,0 +1,63 @@
+"""A run stopped by a signal part-way through training (a scheduler's SIGTERM, Ctrl-C's SIGINT): every private step
+taken is charged to the dataset's ledger, even those no checkpoint holds, and the stop is one line with the
+signal's exit status, no traceback and no model (aisec_train/errors.py's ``stop_on_signals``, train/loop.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.conftest import LEDGER_ENV, REPO
+
+STOPPED = re.compile(
+    r"^aisec-train: stopped by (SIGTERM|SIGINT) in epoch (\d+) with (\d+) private step\(s\) taken in all, all charged "
+    r"to the dataset's privacy ledger; the last good checkpoint is kept and no model is released; run the same "
+    r"command with the same hydra.run.dir to resume from the last checkpoint$"
+)
+
+
+def ledger_steps() -> int:
+    out = subprocess.run(
+        [sys.executable, "-m", "aisec_train.privacy.ledger_cli", "list"], capture_output=True, text=True, check=True
+    ).stdout
+    return sum(int(n) for n in re.findall(r"\bsteps (\d+)", out))
+
+
+def checkpoint_steps(run: Path) -> int:
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    return sum(entry[2] for entry in payload["ledger"]["history"])
+
+
+def test_a_sigterm_part_way_charges_every_step_and_ends_in_one_line(tmp_path):
+    """SIGINT takes the same handler (and the in-process stops of tests/test_spend.py the same charge)."""
+    sig = signal.SIGTERM
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "aisec_train", "experiment=smoke", "train.epochs=300", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)  # into a later epoch, between two checkpoints
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert "Traceback" not in err
+    match = STOPPED.match(lines[-1])
+    assert match and match[1] == sig.name, lines[-1]
+    taken = int(match[3])
+    assert os.environ[LEDGER_ENV] and ledger_steps() == taken  # all of them, not only the checkpoint's
+    assert checkpoint_steps(run) <= taken and not (run / "model.pt").exists()
