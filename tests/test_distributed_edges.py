@@ -175,11 +175,13 @@ def test_a_refusal_at_the_first_forward_leaves_what_one_process_leaves(tmp_path)
     one, two = tmp_path / "one", tmp_path / "two"
     code, err = _cli(tmp_path, *args, f"hydra.run.dir={one}")
     assert code == 2, err[-3000:]
+    alone = _screen(err)
     code, err = _cli(tmp_path, *args, "train.distributed.nproc=2", f"hydra.run.dir={two}")
     assert code == 2, err[-3000:]
     lines = _screen(err)
-    assert len(lines) == 1 and lines[0].startswith("aisec-train: error: parameter "), lines
+    assert len(lines) == 1 and lines[0].startswith("aisec-train: error: parameter 'fc2.weight' "), lines
     assert "is used outside its layer's forward" in lines[0]
+    assert lines == alone  # the parameter named as one process names it (it was module.fc2.weight under DDP)
     assert _tree(two) == _tree(one)  # no checkpoints/distributed_result.pt holding only the refusal
     assert not (two / "checkpoints").exists()
 

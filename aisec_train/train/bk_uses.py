@@ -25,7 +25,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -62,6 +64,8 @@ class _Uses(TorchFunctionMode):
 
 @contextmanager
 def _watch(model: nn.Module) -> Iterator[None]:
+    while isinstance(model, (DDP, DPDDP)):  # name parameters as one process does (fc2.weight, not module.fc2.weight)
+        model = model.module
     owners: dict[int, tuple[str, list[nn.Module]]] = {}
     for name, module in model.named_modules():
         for key, p in module.named_parameters(recurse=False):
