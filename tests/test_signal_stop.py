@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from aisec_train.errors import Stopped, stop_on_signals
 from tests.conftest import LEDGER_ENV, REPO
 
 STOPPED = re.compile(
@@ -61,3 +63,19 @@ def test_a_sigterm_part_way_charges_every_step_and_ends_in_one_line(tmp_path):
     taken = int(match[3])
     assert os.environ[LEDGER_ENV] and ledger_steps() == taken  # all of them, not only the checkpoint's
     assert checkpoint_steps(run) <= taken and not (run / "model.pt").exists()
+
+
+def test_a_second_signal_cannot_cut_the_charge_short_and_the_handlers_come_back():
+    """The first signal raises Stopped; one more while the loop charges the steps taken is ignored (a second
+    Ctrl-C used to be a KeyboardInterrupt inside the ledger's write); outside the block the old handlers return."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stopped) as caught:
+        with stop_on_signals():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler runs between bytecodes, long before this ends
+            finally:
+                os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C, during the charge
+                time.sleep(0.2)
+    assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
