@@ -12,6 +12,7 @@ import aisec_train
 from aisec_train.errors import ConfigError
 from aisec_train.tracking import open_tracker
 from aisec_train.tracking.base import RunInfo
+from tests.conftest import run_cli
 
 
 @pytest.mark.parametrize(
@@ -99,11 +100,44 @@ def test_an_mlflow_uri_without_a_store_is_refused_before_the_tracking_child_star
     assert line.startswith("logger.mlflow.tracking_uri='bogus://host/x' is not allowed: MLflow has no store")
     assert "http://" in line and "sqlite://" in line and "\n" not in line
     assert not (tmp_path / "tracking").exists()  # no child was started
-    for fine in ("http://mlflow.example:5000", "postgresql+psycopg2://u@h/db", str(tmp_path / "mlruns")):
+    for fine in ("http://mlflow.example:5000", "postgresql+psycopg2://u@h/db", f"sqlite:///{tmp_path}/m.db"):
         from aisec_train.tracking.mlflow_logger import MlflowBackend
 
         MlflowBackend.check(aisec_train.compose(["logger=mlflow", f"logger.mlflow.tracking_uri={fine}"]).logger.mlflow,
                             RunInfo(tmp_path, "r", "quickstart"))  # fmt: skip
+
+
+def test_an_mlflow_file_store_is_refused_before_any_step_unless_mlflow_is_told_to_allow_it(tmp_path, monkeypatch):
+    """`logger.mlflow.tracking_uri=file://...` (or a path) used to train, charge the dataset's budget and write the
+    model, then end in `logger=mlflow failed: ... The filesystem tracking backend ... is in maintenance mode`, exit
+    2: MLflow 3.13 made that store opt-in (MLFLOW_ALLOW_FILE_STORE=true), and only the tracking child found out."""
+    from aisec_train.tracking.mlflow_logger import MlflowBackend, file_store_refused
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if file_store_refused() is None:
+        pytest.skip("the installed MLflow still opens file stores")
+    store, run = tmp_path / "ledgers", tmp_path / "run"
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(store))
+    uri = f"file://{tmp_path}/mlruns"
+    proc = run_cli("experiment=smoke", "logger=mlflow", f"logger.mlflow.tracking_uri={uri}", f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith(f"aisec-train: error: logger.mlflow.tracking_uri='{uri}' is not allowed: MLflow 3.")
+    assert "MLFLOW_ALLOW_FILE_STORE=true" in line and "sqlite:///" in line
+    assert not any(store.glob("*.json")) and not (run / "checkpoints").exists()  # nothing charged or trained
+    assert not (tmp_path / "mlruns").exists()
+    info = RunInfo(tmp_path, "r", "quickstart")
+
+    def check(uri: str) -> None:
+        MlflowBackend.check(
+            aisec_train.compose(["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]).logger.mlflow, info
+        )
+
+    with pytest.raises(ConfigError, match="is not allowed: MLflow 3.*MLFLOW_ALLOW_FILE_STORE=true"):
+        check(str(tmp_path / "mlruns"))  # a path is a file store too
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in: then it opens them
+    check(uri)
+    check(str(tmp_path / "mlruns"))
 
 
 def test_an_mlflow_uri_without_a_store_is_refused_by_run_before_the_ledger_opens(tmp_path, monkeypatch):

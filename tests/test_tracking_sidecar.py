@@ -103,13 +103,14 @@ def test_a_killed_training_process_leaves_its_mlflow_run_failed(tmp_path):
     assert steps == list(range(1, len(steps) + 1))  # what reached the child before the kill, in order, no gap
 
 
-# A store MLflow itself refuses in the tracking child: an unknown scheme is refused before the child starts
-# (tests/test_reach_edges.py), but a new file store only fails in MLflow (it needs MLFLOW_ALLOW_FILE_STORE).
-FAILING_STORE = "logger.mlflow.tracking_uri=file://{}/filestore"
+# A store that fails only in the tracking child: an unknown scheme and (MLflow >= 3.13) a file store are refused
+# before the child starts (tests/test_reach_edges.py), but an SQLite database under a plain file (no folder can be
+# made there) only fails when MLflow opens it.
+FAILING_STORE = "logger.mlflow.tracking_uri=sqlite:///{}/a_file/mlflow.db"
 
 
 def test_a_failing_tracker_ends_the_run_in_one_line_with_its_output_kept(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "a_file").write_text("")
     cfg = compose(["logger=mlflow", FAILING_STORE.format(tmp_path)])
     tracker = open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))  # returns at once: the child starts aside
     with pytest.raises(TrackingError, match=r"^logger=mlflow failed: .*its whole output: ") as err:
@@ -120,7 +121,7 @@ def test_a_failing_tracker_ends_the_run_in_one_line_with_its_output_kept(tmp_pat
 
 
 def test_a_failing_tracker_does_not_hide_the_runs_own_error(tmp_path, monkeypatch):
-    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    (tmp_path / "a_file").write_text("")
     cfg = compose(["logger=mlflow", FAILING_STORE.format(tmp_path)])
     tracker = open_tracker(cfg, RunInfo(tmp_path, "r", "quickstart"))
     tracker.log_metrics({"loss": 1.0}, 1, "epoch")  # a first figure: the store opens (and fails) in the child

@@ -12,7 +12,9 @@ even from a child process. MLflow verifies the copy's schema version when it ope
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -30,6 +32,23 @@ STORE_SCHEMES = {"", "file", "http", "https", "databricks", "databricks-uc", "uc
                  "mssql"}  # fmt: skip
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def file_store_refused() -> str | None:
+    """The installed MLflow's version when it refuses a filesystem tracking store, else None. MLflow 3.13 made
+    that store opt-in (``MLFLOW_ALLOW_FILE_STORE=true``; mlflow/mlflow#23634): a path or ``file://`` URI failed in
+    the tracking child, after the budget was charged. Read from the package metadata: importing mlflow takes
+    seconds."""
+    if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").strip().lower() in ("true", "1"):
+        return None
+    for dist in ("mlflow", "mlflow-skinny"):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        parts = re.match(r"(\d+)\.(\d+)", version)
+        return version if parts and (int(parts[1]), int(parts[2])) >= (3, 13) else None
+    return None
 
 
 class MlflowBackend:
@@ -61,6 +80,14 @@ class MlflowBackend:
                 f"logger.mlflow.tracking_uri={cfg.tracking_uri!r} is not allowed: MLflow has no store for scheme "
                 f"{scheme!r}; allowed: a path or {', '.join(s + '://' for s in allowed if s)} "
                 "(null: sqlite in the run directory)"
+            )
+        refusing_version = file_store_refused()
+        if scheme in ("", "file") and refusing_version:
+            raise ConfigError(
+                f"logger.mlflow.tracking_uri={cfg.tracking_uri!r} is not allowed: MLflow {refusing_version} refuses a "
+                "filesystem tracking store (a path or file://) unless MLFLOW_ALLOW_FILE_STORE=true, and would only "
+                "say so once training had begun; allowed: sqlite:///PATH/mlflow.db, a tracking server (http://, "
+                "https://), null (sqlite in the run directory), or MLFLOW_ALLOW_FILE_STORE=true"
             )
 
     def __init__(self, cfg: MlflowLoggerConfig, info: RunInfo):
