@@ -210,3 +210,32 @@ def test_a_resumed_run_continues_the_trackers_step_axis(tmp_path):
     rows = list(csv.DictReader((tmp_path / "run" / "tracking" / "metrics.csv").open()))
     steps = [int(r["step"]) for r in rows if r["key"] == "step/loss"]
     assert steps == list(range(1, 7))  # 3 steps an epoch (48 records, batch 16), epoch 2 resumed at step 4
+
+
+def test_wandb_settings_it_would_refuse_after_training_are_refused_before_any_step(tmp_path, monkeypatch):
+    """`logger.wandb.mode=online` without credentials and `logger.wandb.project=a/b` used to train, write the model,
+    then end in `logger=wandb failed: wandb.errors.errors.UsageError: ...`, exit 2. Now wandb's own validator and
+    auth lookup (no prompt, no network) refuse them in one line before the tracking child or any step."""
+    from aisec_train.tracking.wandb_logger import WandbBackend
+
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc from `wandb login`
+    run = tmp_path / "run"
+    proc = run_cli(
+        "experiment=smoke", "privacy=none", "logger=wandb", "logger.wandb.mode=online", f"hydra.run.dir={run}"
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert line.startswith("aisec-train: error: logger.wandb.mode='online' is not allowed here: no W&B credentials")
+    assert not (run / "checkpoints").exists() and not (run / "wandb").exists()
+    info = RunInfo(run, "r", "quickstart")
+
+    def check(*overrides: str) -> None:
+        WandbBackend.check(aisec_train.compose(["logger=wandb", *overrides]).logger.wandb, info)
+
+    with pytest.raises(ConfigError, match=r"^logger.wandb.project='a/b' is not allowed: at most 128 characters"):
+        check("logger.wandb.project=a/b")
+    check("logger.wandb.project=fine-name")  # offline needs no credentials
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    check("logger.wandb.mode=online")  # credentials configured: wandb itself checks them against its server later

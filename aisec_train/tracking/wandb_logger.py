@@ -8,12 +8,39 @@ wandb 0.31 has no service-less mode any more (``x_disable_service`` is gone), he
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+from aisec_train.errors import ConfigError
 from aisec_train.store import validate_output_path
 from aisec_train.tracking.base import RunInfo, check_output_path
 from aisec_train.tracking.config import WandbLoggerConfig
+from aisec_train.tracking.sidecar import CHILD_ENV, TrackingError
+
+# Run by WandbBackend.check in a child: argv = project, mode; prints what wandb would refuse.
+_CHECK = """
+import json, sys
+from wandb.errors import UsageError
+from wandb.sdk import wandb_setup
+from wandb.sdk.lib.wbauth import authenticate
+from wandb.sdk.wandb_settings import Settings
+
+project, mode = sys.argv[1] or None, sys.argv[2]
+verdict = {"project": None, "no_credentials_for": None}
+try:
+    Settings(project=project)
+except UsageError as err:
+    verdict["project"] = str(err)
+if mode == "online":
+    host = wandb_setup.singleton().settings.base_url
+    if not authenticate.authenticate_session(host=host, source="aisec-train", prompt=False, update_session=False):
+        verdict["no_credentials_for"] = host
+print(json.dumps(verdict))
+"""
 
 
 def SETTINGS():  # noqa: N802 - a constant, built late (wandb imports lazily)
@@ -30,8 +57,27 @@ class WandbBackend:
 
     @staticmethod
     def check(cfg: WandbLoggerConfig, info: RunInfo) -> None:
-        """Before any work, creating nothing (the folder is made when the first figure is written)."""
+        """Before any work, creating nothing (the folder is made when the first figure is written).
+
+        What wandb refuses only in the tracking child, once the run had trained, charged its budget and written its
+        model, is asked of wandb's own code here, in a short child process (about a second; wandb is never imported
+        into the training process): the project name (``Settings``' validator) and, online, whether credentials
+        are configured (its auth lookup: no prompt, no network)."""
         check_output_path(info.run_dir / "wandb" / "run", info.run_dir, "logger.wandb")
+        args = [sys.executable, "-c", _CHECK, cfg.project or "", cfg.mode]
+        out = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **CHILD_ENV})
+        if out.returncode != 0:  # wandb itself failed to load: the tracking child would fail the same way, later
+            raise TrackingError(f"logger=wandb failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        verdict = json.loads(out.stdout)
+        if verdict["project"]:
+            allowed = "at most 128 characters, none of / \\ # ? % :"
+            raise ConfigError(f"logger.wandb.project={cfg.project!r} is not allowed: {allowed} ({verdict['project']})")
+        if host := verdict["no_credentials_for"]:
+            raise ConfigError(
+                f"logger.wandb.mode='online' is not allowed here: no W&B credentials for {host} (WANDB_API_KEY, "
+                "`wandb login` or an identity token file), and wandb would only say so after training; allowed: "
+                "offline (a local run that `wandb sync` uploads later), disabled, or online after `wandb login`"
+            )
 
     def __init__(self, cfg: WandbLoggerConfig, info: RunInfo):
         import wandb
