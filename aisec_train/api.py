@@ -48,11 +48,12 @@ def compose(overrides: Sequence[str] = ()) -> Config:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from aisec_train.cli import check_bool_values, check_group_values, check_known_keys, message
+    from aisec_train.cli import check_bool_values, check_group_values, check_known_keys, check_override_syntax, message
 
     overrides = _overrides(overrides, "overrides")
     register_configs()
     try:
+        check_override_syntax(overrides)  # the line names the override Hydra's grammar refuses
         parsed = OverridesParser.create().parse_overrides(overrides)
         _refuse_hydra_settings(parsed)
         searchpath = any(o.key_or_group.startswith("hydra.searchpath") for o in parsed)

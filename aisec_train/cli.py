@@ -131,6 +131,24 @@ def check_flags(argv: list[str]) -> argparse.Namespace | None:
     return args
 
 
+def check_override_syntax(overrides: list[str]) -> None:
+    """Each override alone through Hydra's parser: its grammar errors do not always name the override
+    (``mismatched input '=' expecting <EOF>`` for ``"logger=csv logger.every_n_steps=0"`` quoted as one argument)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except OverrideParseException as err:
+            said = errors.one_line(err).split(" See https://")[0].removeprefix(f"Error parsing override '{override}' ")
+            raise ConfigError(
+                f"override {override!r} is not allowed: {said}; allowed: one KEY=VALUE per argument in Hydra's "
+                "override grammar (https://hydra.cc/docs/advanced/override_grammar/basic/)"
+            ) from None
+
+
 def group_options(group: str) -> list[str]:
     """The options of config group ``group``: its yaml files (``_``-prefixed ones are partials, not options)."""
     return sorted(p.stem for p in Path(CONFIG_DIR, group).glob("*.yaml") if not p.name.startswith("_"))
@@ -364,6 +382,8 @@ def main() -> None:
     register_configs()
     try:  # before Hydra writes .hydra/ into the run directory or instantiates a callback
         sys.argv += cli_overrides(sys.argv[1:])  # under torchrun: the shared run directory (train/launch.py)
+        if args is not None:
+            check_override_syntax(args.overrides)
         cli_preflight(sys.argv[1:])
         if args is not None:
             check_group_values(OverridesParser.create().parse_overrides(args.overrides), packaged_only(args))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import warnings
 
 import pytest
@@ -128,3 +129,27 @@ def test_a_logger_section_set_while_the_logger_is_off_is_one_line(tmp_path, over
     assert refusal_problems(tmp_path / "run", code, err, crash, config_only=True) == [], (code, err, crash)
     name = override.split(".")[1].split("=")[0]
     assert f"{override} is not allowed: logger {name} is not on in this run" in err, err
+
+
+# ---- override grammar: the line names the override ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "said"),
+    [
+        ("logger=csv logger.every_n_steps=0", "mismatched input '='"),  # two overrides quoted as one argument
+        ("train.lr=[1,", "no viable alternative at input '[1,'"),
+        ("train.lr=(", "extraneous input '('"),
+    ],
+)
+def test_an_override_hydra_cannot_parse_is_named_in_the_line(tmp_path, override, said):
+    """Hydra's grammar errors often did not say which override they meant (`mismatched input '=' expecting <EOF>`
+    for a quoted pair); the line now quotes it, says what Hydra said once, and what is allowed."""
+    run = tmp_path / "run"
+    code, err, crash = call_cli([*FAST, override, f"hydra.run.dir={run}"])
+    assert refusal_problems(run, code, err, crash, config_only=True) == [], (code, err, crash)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"aisec-train: error: override {override!r} is not allowed: {said}"), line
+    assert "allowed: one KEY=VALUE per argument" in line and line.count("Error parsing override") == 0
+    import aisec_train
+
+    with pytest.raises(ConfigError, match=rf"^override {re.escape(repr(override))} is not allowed: "):
+        aisec_train.compose([override])  # the Python API says the same
