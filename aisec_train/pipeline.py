@@ -22,6 +22,7 @@ from aisec_train.components import check_target
 from aisec_train.config import Config
 from aisec_train.data.items import check_items
 from aisec_train.data.stage import stage_data
+from aisec_train.errors import Stopped
 from aisec_train.models.factory import check_model_config
 from aisec_train.preflight import check_limits, check_outputs, check_state_paths, refuse_symlinks
 from aisec_train.privacy import resolve_store_path
@@ -98,13 +99,19 @@ def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", use
         # each stage's CPU seconds (this process, all threads): unlike wall seconds, other jobs' load leaves them be
         cpu_seconds: dict[str, float] = {}
         run.report.add("run", stage_cpu_seconds=cpu_seconds)
+        trained = False
         for name, stage in STAGES:
             if worker and name not in WORKER_STAGES:
                 continue
             started, cpu_started = time.perf_counter(), time.process_time()
             log.info("stage %s", name)
             run.report.stage = name
-            stage(run)
+            try:
+                stage(run)
+            except Stopped as err:  # SIGINT/SIGTERM (cli.py): the one line says where, if the training loop did not
+                err.where = err.where or f" in stage {name}" + (", after training" if trained else "")
+                raise
+            trained = trained or name == "train"
             run.timings[name] = round(time.perf_counter() - started, 3)
             cpu_seconds[name] = round(time.process_time() - cpu_started, 3)
         if worker:

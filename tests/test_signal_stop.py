@@ -79,3 +79,32 @@ def test_a_second_signal_cannot_cut_the_charge_short_and_the_handlers_come_back(
                 time.sleep(0.2)
     assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_sigterm_in_a_later_stage_names_the_stage_not_an_audit_models_loop(tmp_path):
+    """The audit trains reference models through the same loop: a stop there used to read as the run's training
+    (`in epoch 24 with 18130 step(s) taken`). Only the run's own loop (the one that checkpoints) says its steps;
+    any other stop names the stage."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, "-m", "aisec_train", "experiment=smoke", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        log = run / "cli.log"
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log.exists() and "stage audit" in log.read_text():
+                break
+            time.sleep(0.1)
+        time.sleep(0.5)  # into the reference models' training
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    line = [x for x in re.split(r"[\r\n]", err) if x.strip()][-1]
+    assert line.startswith("aisec-train: stopped by SIGTERM in stage audit, after training; run the same command"), line
+    assert ledger_steps() == checkpoint_steps(run) > 0  # training ended: every step charged, held by the checkpoint
+    assert not (run / "model.pt").exists()

@@ -397,7 +397,9 @@ class Loop:
         """Training ended by ``err`` part-way: each callback does what a stop needs (the dataset ledger charges
         every step taken, train/callbacks.py's ChargeDataset); a signal's one line then says what was taken."""
         said = [s for cb in self.callbacks if (s := cb.on_train_stopped(self))]
-        if isinstance(err, Stopped):  # DP: the ledger's steps (Opacus' accountant) include a resumed run's
+        # The run's own training (the one that checkpoints), not an audit's shadow or surrogate model's loop
+        if isinstance(err, Stopped) and any(isinstance(cb, Checkpointing) for cb in self.callbacks):
+            # DP: the ledger's steps (Opacus' accountant) include a resumed run's
             taken = f"{self.ledger.steps} private" if self.ledger is not None else f"{self.steps}"
             err.where = (
                 ", ".join([f" in epoch {self.epoch + 1} with {taken} step(s) taken in all", *said])
