@@ -100,20 +100,48 @@ def unknown_key(key: str) -> ConfigError | None:
             return ConfigError(f"{key} is not allowed: not a key of {prefix or 'the config'} ({allowed})")
         kind = known[part].type
         schema = kind if is_dataclass(kind) else _dataclass_of(kind) if isinstance(kind, str) else None
+        if schema is None and depth < len(parts) - 1 and _scalar(kind):  # train.lr.x=1; dataset.resize.a=1 crashed
+            where = ".".join(parts[: depth + 1])
+            return ConfigError(f"{key} is not allowed: {where} is one value ({_text(kind)}), not a section with keys")
+    return None
+
+
+# The modules whose dataclasses and enums the schema's string annotations name (``from __future__ import
+# annotations`` leaves them as text).
+_SCHEMA_MODULES = ("aisec_train.config", "aisec_train.data.config", "aisec_train.train.config",
+                   "aisec_train.robust.config", "aisec_train.backdoor.config", "aisec_train.federated.config",
+                   "aisec_train.audit.config", "aisec_train.tracking.config")  # fmt: skip
+
+
+def _named(annotation: str) -> Any:
+    import sys
+
+    for module_name in _SCHEMA_MODULES:
+        found = getattr(sys.modules.get(module_name), annotation, None)
+        if found is not None:
+            return found
     return None
 
 
 def _dataclass_of(annotation: str) -> type | None:
-    """The dataclass a string annotation names (``from __future__ import annotations`` leaves them as text)."""
-    import sys
+    """The dataclass a string annotation names."""
+    found = _named(annotation)
+    return found if found is not None and is_dataclass(found) else None
 
-    for module_name in ("aisec_train.config", "aisec_train.data.config", "aisec_train.train.config",
-                        "aisec_train.robust.config", "aisec_train.backdoor.config", "aisec_train.federated.config",
-                        "aisec_train.audit.config", "aisec_train.tracking.config"):  # fmt: skip
-        found = getattr(sys.modules.get(module_name), annotation, None)
-        if found is not None and is_dataclass(found):
-            return found
-    return None
+
+def _text(kind: Any) -> str:
+    return kind if isinstance(kind, str) else getattr(kind, "__name__", str(kind))
+
+
+def _scalar(kind: Any) -> bool:
+    """Whether a field's annotation is one plain value (a number, text, flag, choice or list), possibly optional: what
+    OmegaConf answered with ``Value '{}' of type 'dict' could not be converted to Float`` when given a sub-key."""
+    import enum
+
+    name = _text(kind).replace(" | None", "").strip()
+    found = _named(name)
+    plain = name in ("int", "float", "str", "bool") or name.startswith(("list[", "tuple["))  # a list is one value too
+    return plain or (isinstance(found, type) and issubclass(found, enum.Enum))
 
 
 # What a text run cannot do (text_run.py answers the stages' items with these words).

@@ -153,3 +153,21 @@ def test_an_override_hydra_cannot_parse_is_named_in_the_line(tmp_path, override,
 
     with pytest.raises(ConfigError, match=rf"^override {re.escape(repr(override))} is not allowed: "):
         aisec_train.compose([override])  # the Python API says the same
+
+
+# ---- a key below a single value ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("override", "value"),
+    [
+        ("dataset.resize.a=1", "dataset.resize is one value (list[int] | None)"),  # was an AssertionError, exit 1
+        ("train.lr.x=1", "train.lr is one value (float)"),  # was OmegaConf's "Value '{}' of type 'dict' ..."
+        ("robustness.eval.samples=0", "robustness.eval is one value (str)"),
+        ("privacy.mode.x=1", "privacy.mode is one value (PrivacyMode)"),
+    ],
+)
+def test_a_key_below_a_single_value_is_refused_naming_it(tmp_path, override, value):
+    run = tmp_path / "run"
+    code, err, crash = call_cli([*FAST, override, f"hydra.run.dir={run}"])
+    assert refusal_problems(run, code, err, crash, config_only=True) == [], (code, err, crash)
+    key = override.split("=")[0]
+    assert f"aisec-train: error: {key} is not allowed: {value}, not a section with keys" in err, err
