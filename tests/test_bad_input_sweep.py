@@ -171,3 +171,16 @@ def test_a_key_below_a_single_value_is_refused_naming_it(tmp_path, override, val
     assert refusal_problems(run, code, err, crash, config_only=True) == [], (code, err, crash)
     key = override.split("=")[0]
     assert f"aisec-train: error: {key} is not allowed: {value}, not a section with keys" in err, err
+
+
+def test_the_ledger_tool_names_its_own_flag_for_a_relative_store(tmp_path):
+    """`aisec-train-ledger --store relative list` was refused as `privacy.ledger_store='relative'`, a key that
+    command line does not have."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "aisec_train.privacy.ledger_cli", "--store", "relative", "list"],
+                          cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == "" and list(tmp_path.iterdir()) == []
+    assert proc.stderr.startswith("aisec-train-ledger: error: --store='relative' is not allowed: an absolute folder")
+    assert proc.stderr.count("\n") == 1

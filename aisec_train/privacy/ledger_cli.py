@@ -296,7 +296,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     with errors.refusing(PROG, Refusal, OSError):
-        store = LedgerStore(args.store)
+        store = LedgerStore(args.store, key="--store")
         if args.command != "retag" or args.datasets or not args.artifact:  # artifacts alone need no store
             _check_store(store, "--store" if args.store else store.choice.source)
         _check_key()  # before any ledger is read: never a fresh key, never FORGED for a key file's fault

@@ -88,10 +88,13 @@ def user_data_dir() -> Path:
     return Path(platform_dir("aisec-train", appauthor=False)).absolute()
 
 
-def choose_store(configured: str | os.PathLike | None = None, *, run_id: str | None = None) -> StoreChoice:
+def choose_store(
+    configured: str | os.PathLike | None = None, *, run_id: str | None = None, key: str = "privacy.ledger_store"
+) -> StoreChoice:
     """The store: ``configured``, else ``$AISEC_TRAIN_LEDGER_STORE``, else the user's data folder; ``scratch`` is a
-    store of the run's own (``run_id``: its directory) under the user's data folder."""
-    for source, chosen in (("privacy.ledger_store", configured), (f"${STORE_ENV}", os.environ.get(STORE_ENV))):
+    store of the run's own (``run_id``: its directory) under the user's data folder. ``key``: what a refusal calls
+    ``configured`` (``--store`` on aisec-train-ledger's command line)."""
+    for source, chosen in ((key, configured), (f"${STORE_ENV}", os.environ.get(STORE_ENV))):
         if chosen and not str(chosen).strip():  # Path(" "): a fresh store (and budget) in the working directory
             raise StoreError(
                 f"{source}={str(chosen)!r} is not allowed: a ledger store folder, not blank (unset it for the default)"
@@ -282,8 +285,8 @@ def _check_schema(record: dict[str, Any], what: str) -> None:
 class LedgerStore:
     """The project's ledger store (a folder of per-dataset ledgers)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, run_id: str | None = None):
-        self.choice = choose_store(path, run_id=run_id)
+    def __init__(self, path: str | os.PathLike | None = None, *, run_id: str | None = None, key: str | None = None):
+        self.choice = choose_store(path, run_id=run_id, key=key or "privacy.ledger_store")
         self.path = self.choice.path
 
     @contextmanager
