@@ -357,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         "--max-bytes",
         type=int,
         default=MAX_BATCH_BYTES,
-        help=f"refuse a batch whose x declares more bytes than this (default: dataset.max_bytes', {MAX_BATCH_BYTES})",
+        help=f"refuse a batch whose x declares more bytes than this (default: {MAX_BATCH_BYTES}, as dataset.max_bytes)",
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
