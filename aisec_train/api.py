@@ -20,6 +20,7 @@ from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from torch import nn
@@ -201,14 +202,20 @@ def fit(
     quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1, as the CLI (aisec_train/quiet.py)
     cfg = _config(config)
     _check_fit(cfg)  # what only the pipeline does is refused, never silently skipped
-    check_items(loader.dataset, "loader.dataset", min_items=1)  # every item's kind before a step (data/items.py)
+    if not isinstance(loader, DataLoader):
+        raise ConfigError(
+            f"loader={type(loader).__name__} is not allowed: a torch.utils.data.DataLoader over (image, label) items "
+            "(its dataset, batch size and workers are used)"
+        )
+    shape, top = check_items(loader.dataset, "loader.dataset", min_items=1)  # every item before a step (data/items.py)
     check_limits(cfg)  # float32 range, accountant and resource limits (preflight.py)
     check_backend(cfg.robustness.backend, resolve_device(cfg.train.device))  # robust/config.py, as run's preflight
     if eval_dataset is not None:
-        check_items(eval_dataset, "eval_dataset")
+        top = max(top, check_items(eval_dataset, "eval_dataset")[1])
     cfg.train.batch_size = loader.batch_size or cfg.train.batch_size
     if cfg.privacy.mode is PrivacyMode.dpsgd:  # as the pipeline's model factory does: BatchNorm -> GroupNorm, ...
         model = fix_for_dp(model, type(model).__qualname__)
+    _check_outputs(model, shape, top)
     account = _Account(cfg, loader.dataset, eval_dataset)
     with account.run.resources:  # the dataset ledger's lock, for the whole call
         result = train_loop(
@@ -226,6 +233,33 @@ def fit(
         )
         result.budget = account.summary()  # type: ignore[attr-defined]
     return result
+
+
+def _check_outputs(model: nn.Module, shape: tuple[int, ...], top: int) -> None:
+    """One forward of two blank images, in eval mode and without gradients (no weights or statistics change): the
+    model must give one logit per class for every label the data holds. A label past them was cross-entropy's
+    ``IndexError: Target 7 is out of bounds`` part-way through the first epoch."""
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *shape, device=device))
+    except Exception as err:  # noqa: BLE001 - the user's forward failed: one line naming it
+        raise ConfigError(
+            f"model: a forward of 2 images of shape {shape} failed ({type(err).__name__}: {err})"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not (isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"model returns {got} for 2 images of shape {shape}; expected (2, classes) logits")
+    if out.shape[1] <= top:
+        raise ConfigError(
+            f"the data holds label {top}, but the model returns {out.shape[1]} logits per image: labels must be 0 to "
+            f"{out.shape[1] - 1} (give the model {top + 1} outputs, or relabel the data)"
+        )
 
 
 def _check_fit(cfg: Config) -> None:

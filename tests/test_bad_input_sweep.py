@@ -184,3 +184,28 @@ def test_the_ledger_tool_names_its_own_flag_for_a_relative_store(tmp_path):
     assert proc.returncode == 2 and proc.stdout == "" and list(tmp_path.iterdir()) == []
     assert proc.stderr.startswith("aisec-train-ledger: error: --store='relative' is not allowed: an absolute folder")
     assert proc.stderr.count("\n") == 1
+
+
+# ---- aisec_train.fit: what failed part-way through the first epoch --------------------------------------------------
+def test_fit_refuses_labels_past_the_models_outputs_and_a_loader_that_is_not_one(tmp_path, monkeypatch):
+    """A label of 7 for a 3-logit model was cross-entropy's `IndexError: Target 7 is out of bounds` after training
+    began (and under DP after the dataset ledger opened); a list for the loader was `AttributeError: 'list' object
+    has no attribute 'dataset'`. Both are one ConfigError before any step, and the model's weights are untouched."""
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import aisec_train
+
+    store = tmp_path / "ledgers"
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(store))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 3))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    labels = torch.randint(0, 3, (32,))
+    labels[5] = 7
+    loader = DataLoader(TensorDataset(torch.rand(32, 1, 8, 8), labels), batch_size=8)
+    with pytest.raises(ConfigError, match=r"^the data holds label 7, but the model returns 3 logits per image: "):
+        aisec_train.fit(net, loader, ["train.epochs=1"])  # DP: the default privacy
+    with pytest.raises(ConfigError, match=r"^loader=list is not allowed: a torch.utils.data.DataLoader"):
+        aisec_train.fit(net, [1, 2, 3], ["train.epochs=1"])
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items()) and net.training
+    assert not any(store.glob("*.json"))  # no dataset ledger opened, nothing charged

@@ -67,8 +67,9 @@ def check_item(item: Any, where: str) -> tuple[tuple[int, ...], int]:
     return _image(item[0], where), _label(item[1], where)
 
 
-def check_items(dataset: Any, key: str, *, min_items: int = 1) -> None:
-    """Every item of a map-style ``dataset`` (the API's train / test / eval set) checked, one pass."""
+def check_items(dataset: Any, key: str, *, min_items: int = 1) -> tuple[tuple[int, ...], int]:
+    """Every item of a map-style ``dataset`` (the API's train / test / eval set) checked, one pass; returns the
+    image shape and the largest label (what the model's outputs must cover)."""
     if not isinstance(dataset, Dataset) and not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise DataError(f"{key} is a {type(dataset).__name__}; expected a map-style torch Dataset")
     try:
@@ -93,6 +94,7 @@ def check_items(dataset: Any, key: str, *, min_items: int = 1) -> None:
         elif found != shape:
             raise DataError(f"{where} has shape {found}, item 0 {shape}; every image must have the same shape")
     _check_label_attribute(dataset, key, labels)
+    return shape or (), int(labels.max()) if n else -1
 
 
 def _check_label_attribute(dataset: Any, key: str, labels: np.ndarray) -> None:
