@@ -118,7 +118,8 @@ def _fmt(value: Any, column: str) -> str:
 def _write_markdown(rows: list[dict[str, Any]], path: Path) -> None:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_fmt(row[c], c) for c in COLUMNS) + " |" for row in rows]
-    atomic_write(path, f"# Sweep summary ({len(rows)} runs)\n\n" + "\n".join(lines) + "\n", root=path.parent)
+    runs = f"{len(rows)} run" + ("s" if len(rows) != 1 else "")
+    atomic_write(path, f"# Sweep summary ({runs})\n\n" + "\n".join(lines) + "\n", root=path.parent)
 
 
 def _plot(rows: list[dict[str, Any]], path: Path) -> None:
