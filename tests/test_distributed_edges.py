@@ -225,3 +225,38 @@ def test_a_stalled_rank_ends_the_job_in_one_line_with_its_steps_charged(tmp_path
     assert f"; {charged} step(s) taken, all charged" in line
     assert charged > kept["steps"]  # the steps of the epoch cut short were spent too: charged, not dropped
     assert not any(p.name.startswith("distributed_result") for p in run.rglob("*"))
+
+
+@pytest.mark.slow  # an nproc=2 run stopped by SIGTERM part-way (~30-60 s on 2 busy cores)
+def test_a_sigterm_to_a_data_parallel_job_charges_rank_zeros_steps_and_ends_in_one_line(tmp_path):
+    """A scheduler's SIGTERM to an `nproc` job: torch's agent stopped the ranks with SIGTERM, which killed them
+    where they stood, so the steps after rank 0's last checkpoint went uncharged, and the job ended in the agent's
+    `RuntimeError: data-parallel training failed after 0 restart(s): Process ... got signal: 15` traceback, exit 1.
+    Now each rank turns it into Stopped: rank 0 charges every step it took, and the job ends in one line, 143."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(tmp_path / "ledgers")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = ["experiment=smoke", "train.epochs=300", "train.distributed.nproc=2", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "aisec_train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # a few steps past that checkpoint
+        assert proc.poll() is None, "the job ended before the signal"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        proc.kill()
+    text = err.decode()
+    assert proc.returncode == 143 and "Traceback" not in text, text[-3000:]
+    last = _screen(text)[-1]
+    assert last.startswith("aisec-train: stopped by SIGTERM (train.distributed.nproc=2: rank 0 in epoch "), last
+    taken = int(last.split(" with ")[1].split(" private step(s)")[0])
+    assert "all charged to the dataset's privacy ledger" in last and _ledger_steps(tmp_path) == taken
+    payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert sum(n for _, _, n in payload["ledger"]["history"]) <= taken and not (run / "model.pt").exists()

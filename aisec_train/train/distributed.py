@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from aisec_train.data.errors import DataError
-from aisec_train.errors import ConfigError
+from aisec_train.errors import ConfigError, Stopped, stop_on_signals
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.store.errors import BudgetError
@@ -88,6 +88,12 @@ def train_distributed(job: TrainJob) -> TrainResult:
     outcome = _elastic_launch(cfg, portable, backend, tracked=bool(tracker))
     if outcome.get("refusal"):
         raise REFUSALS[outcome["refusal"]](outcome["message"])
+    if outcome.get("stopped"):  # SIGTERM/SIGINT: the ranks stopped, rank 0 having charged every step it took
+        stopped = Stopped(outcome["stopped"])
+        stopped.where = (
+            f" (train.distributed.nproc={cfg.nproc}: rank 0{outcome['where'] or ' stopped outside training'})"
+        )
+        raise stopped
     if tracker:
         for values, step, axis in outcome.get("tracking", []):  # rank 0's per-step values, logged here
             tracker.log_metrics(values, step, axis)
@@ -134,6 +140,8 @@ def _elastic_launch(cfg, job: TrainJob, backend: str, tracked: bool) -> dict[str
                     elastic_launch(config, _elastic_worker)(payload.ticket, backend, result_path, tracked)
             except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
                 outcome = _reported(result_path, cfg.nproc)
+                if outcome is not None and outcome.get("stopped"):  # a signal, not a failure: no restart
+                    return outcome
                 last = attempt == cfg.max_restarts
                 if outcome is not None and (last or not outcome.get("collective_timeout")):
                     return outcome  # a refusal ends the job; a stalled rank is restarted like a dead one
@@ -260,9 +268,16 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
     progress = _Progress()
     try:
         job = dataclasses.replace(job, resume=_latest_resume(job))  # after an elastic restart: the last checkpoint
-        outcome = _train_rank(rank, device, job, tracked, progress=progress)
+        # The agent stops the ranks with SIGTERM when it is stopped itself (a scheduler's preemption, Ctrl-C): as
+        # Stopped, rank 0's loop charges every step it took before the rank exits (train/loop.py), not only those
+        # up to its last checkpoint, and the job ends in one line.
+        with stop_on_signals():
+            outcome = _train_rank(rank, device, job, tracked, progress=progress)
         if rank == 0:
             checkpoint.save(outcome, result_path)
+    except Stopped as err:
+        checkpoint.save({"stopped": err.signum, "where": err.where}, report)
+        raise SystemExit(128 + err.signum) from None
     except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point, or one alone (its own file)
         checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, report)
     except (RuntimeError, dist.DistError) as err:
