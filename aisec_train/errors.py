@@ -81,7 +81,7 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
-        self.where = ""  # " at step S (epoch E): N private step(s) taken, all charged ..." when training was running
+        self.where = ""  # " in epoch E with N private step(s) taken in all, all charged ...", or " in stage S"
 
 
 @contextmanager
