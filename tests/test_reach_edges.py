@@ -111,13 +111,25 @@ def test_an_mlflow_file_store_is_refused_before_any_step_unless_mlflow_is_told_t
     """`logger.mlflow.tracking_uri=file://...` (or a path) used to train, charge the dataset's budget and write the
     model, then end in `logger=mlflow failed: ... The filesystem tracking backend ... is in maintenance mode`, exit
     2: MLflow 3.13 made that store opt-in (MLFLOW_ALLOW_FILE_STORE=true), and only the tracking child found out."""
+    import importlib.metadata
+
     from aisec_train.tracking.mlflow_logger import MlflowBackend, file_store_refused
 
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    if file_store_refused() is None:
-        pytest.skip(
-            "MLflow < 3.13 opens file stores itself, so there is nothing to refuse (the locked 3.18 refuses them)"
+    for version, refusing in (("3.12.4", None), ("3.13.0", "3.13.0"), ("4.0.1", "4.0.1")):  # what the check reads
+        with monkeypatch.context() as patched:
+            patched.setattr(importlib.metadata, "version", lambda dist, v=version: v)
+            assert file_store_refused() == refusing
+    info = RunInfo(tmp_path, "r", "quickstart")
+
+    def check(uri: str) -> None:
+        MlflowBackend.check(
+            aisec_train.compose(["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]).logger.mlflow, info
         )
+
+    if file_store_refused() is None:  # an MLflow before 3.13 (not the locked 3.18) opens file stores itself
+        check(str(tmp_path / "mlruns"))
+        return
     store, run = tmp_path / "ledgers", tmp_path / "run"
     monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(store))
     uri = f"file://{tmp_path}/mlruns"
@@ -128,13 +140,6 @@ def test_an_mlflow_file_store_is_refused_before_any_step_unless_mlflow_is_told_t
     assert "MLFLOW_ALLOW_FILE_STORE=true" in line and "sqlite:///" in line
     assert not any(store.glob("*.json")) and not (run / "checkpoints").exists()  # nothing charged or trained
     assert not (tmp_path / "mlruns").exists()
-    info = RunInfo(tmp_path, "r", "quickstart")
-
-    def check(uri: str) -> None:
-        MlflowBackend.check(
-            aisec_train.compose(["logger=mlflow", f"logger.mlflow.tracking_uri={uri}"]).logger.mlflow, info
-        )
-
     with pytest.raises(ConfigError, match="is not allowed: MLflow 3.*MLFLOW_ALLOW_FILE_STORE=true"):
         check(str(tmp_path / "mlruns"))  # a path is a file store too
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's own opt-in: then it opens them
