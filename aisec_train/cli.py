@@ -52,7 +52,7 @@ def _job(dict_cfg: DictConfig) -> float:
 
         quiet_known_warnings()
         quiet_library_warnings()  # numpy's divide-by-zero at sample rate 1: the summary says what it means
-        with errors.stop_on_signals() if one_process(cfg) else nullcontext():
+        with errors.stop_on_signals() if answers_signals(cfg) else nullcontext():
             report = run_pipeline(cfg, run_dir, experiment=experiment)
     except refusals() as err:
         refuse(err)  # inside the job, so Hydra adds no banner of its own
@@ -70,13 +70,15 @@ def _job(dict_cfg: DictConfig) -> float:
     return float(report.get("metrics.clean_accuracy"))
 
 
-def one_process(cfg) -> bool:
-    """A run in this process alone: its SIGINT and SIGTERM become one line after the steps taken are charged. Not
-    a torchrun rank or a data-parallel launch (torch's elastic agent answers those signals for its ranks), nor a
-    federated run (Flower's simulation owns its client processes)."""
-    from aisec_train.train.launch import under_torchrun
-
-    return cfg.train.distributed.nproc == 1 and not under_torchrun() and cfg.federated.mode.value == "none"
+def answers_signals(cfg) -> bool:
+    """Whether this process turns SIGINT and SIGTERM into one line after the steps taken are charged: a run in this
+    process alone, or one rank of your own ``torchrun`` (its agent passes a scheduler's SIGTERM on to every rank,
+    which would otherwise die with rank 0's steps since its last checkpoint uncharged). Not the job process of
+    ``train.distributed.nproc`` (its ranks answer for themselves, train/distributed.py), nor a federated run
+    (Flower's simulation owns its client processes), nor a submitit task: submitit ignores SIGTERM on purpose and
+    requeues on its own signal (USR2 on SLURM) by raising SystemExit, which the training loop charges like any stop."""
+    submitit = bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    return cfg.train.distributed.nproc == 1 and cfg.federated.mode.value == "none" and not submitit
 
 
 def message(err: BaseException) -> str:

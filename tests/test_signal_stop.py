@@ -108,3 +108,21 @@ def test_a_sigterm_in_a_later_stage_names_the_stage_not_an_audit_models_loop(tmp
     assert line.startswith("aisec-train: stopped by SIGTERM in stage audit, after training; run the same command"), line
     assert ledger_steps() == checkpoint_steps(run) > 0  # training ended: every step charged, held by the checkpoint
     assert not (run / "model.pt").exists()
+
+
+def test_which_processes_answer_signals_themselves(monkeypatch):
+    """One process and each rank of your own torchrun turn SIGINT/SIGTERM into a charged stop; nproc's job process
+    leaves it to its ranks, a federated run to Flower, and a submitit task to submitit, which ignores SIGTERM on
+    purpose and requeues on its own signal through sys.exit (the loop charges that stop like any other)."""
+    import aisec_train
+    from aisec_train.cli import answers_signals
+
+    for name in ("SUBMITIT_EXECUTOR", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert answers_signals(aisec_train.compose([]))
+    assert not answers_signals(aisec_train.compose(["train.distributed.nproc=2"]))
+    assert not answers_signals(aisec_train.compose(["federated=fedavg"]))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # one rank of your own torchrun
+    assert answers_signals(aisec_train.compose([]))
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert not answers_signals(aisec_train.compose([]))

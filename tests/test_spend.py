@@ -110,7 +110,9 @@ class StopAt(Callback):
 
 
 @pytest.mark.parametrize(
-    "error", [KeyboardInterrupt(), Stopped(signal.SIGTERM), RuntimeError("a bug")], ids=["ctrl-c", "sigterm", "bug"]
+    "error",
+    [KeyboardInterrupt(), Stopped(signal.SIGTERM), RuntimeError("a bug"), SystemExit(-1)],
+    ids=["ctrl-c", "sigterm", "bug", "submitit-requeue"],  # submitit's requeue handler ends in sys.exit(-1)
 )
 def test_a_stop_part_way_through_an_epoch_charges_every_step_taken(tmp_path, error):
     """Before, a stop between checkpoints charged the dataset ledger only up to the last epoch's end: the steps
@@ -130,3 +132,25 @@ def test_a_stop_part_way_through_an_epoch_charges_every_step_taken(tmp_path, err
         result, _, spend = job(led, resume=saved[-1])
         assert spend.reconciled == 2 and led.steps(RUN) == result.ledger.steps > 5
         assert led.total_epsilon() == pytest.approx(result.ledger.epsilon()) and led.total_epsilon() <= 3.0
+
+
+class SignalDuringTheStop(StopAt):
+    """A SIGTERM whose handler runs while the loop handles another error (under torchrun a peer that stopped first
+    closes the collective under this rank, so both come at once): here it fires before the dataset is charged."""
+
+    def on_train_stopped(self, loop) -> None:
+        if not getattr(self, "fired", False):
+            self.fired = True
+            raise Stopped(signal.SIGTERM)
+
+
+def test_a_signal_that_comes_while_another_error_stops_the_loop_still_charges_every_step(tmp_path):
+    """Before, the signal's Stopped cut the stop handling short: no step after the last checkpoint was charged."""
+    store = LedgerStore(tmp_path / "store")
+    with store.open(DATASET) as led:
+        saved: list[dict] = []
+        with pytest.raises(Stopped) as stop:
+            job(led, callbacks=[SignalDuringTheStop(5, RuntimeError("Connection closed by peer"))], saved=saved)
+        assert [ckpt_steps(p) for p in saved] == [3] and led.steps(RUN) == 5
+        assert isinstance(stop.value.__cause__, RuntimeError)  # the error it came with is kept as the cause
+        assert "5 private step(s) taken in all, all charged to the dataset's privacy ledger" in stop.value.where

@@ -4,6 +4,7 @@ agree on; an elastic restart after a killed worker."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from aisec_train.errors import ConfigError
 from aisec_train.train.launch import cli_overrides
@@ -197,3 +199,48 @@ def test_the_spawned_ranks_job_goes_through_a_checked_file_not_the_pipe():
         with pytest.raises(RuntimeError, match="payload changed after the launcher wrote it"):
             JobPayload.load(payload.ticket)
     assert not os.path.exists(payload.dir)
+
+
+def test_a_sigterm_to_your_torchrun_charges_rank_zeros_steps_and_each_rank_ends_in_one_line(tmp_path):
+    """(~10 s.) A scheduler's SIGTERM to your own torchrun agent: the agent passes it on to every rank, which died
+    where it stood (torch's default), so rank 0's steps since its last checkpoint went uncharged. Now each rank
+    turns it into the stop a one-process run makes: rank 0 charges every step it took and says so in one line."""
+    run = tmp_path / "run"
+    ledgers = tmp_path / "ledgers"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(ledgers)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "aisec_train", "experiment=smoke", "train.epochs=300", f"hydra.run.dir={run}"]  # fmt: skip
+    log = (tmp_path / "stderr.txt").open("w+")  # a file, not a pipe: two ranks and the agent write to it
+    agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.pt").exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # a few steps past that checkpoint
+        assert agent.poll() is None, "the job ended before the signal"
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=180)
+    finally:
+        agent.kill()
+    log.seek(0)
+    text = log.read()
+    ours = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
+    assert len(ours) == 2, text[-3000:]  # one line a rank; the agent's own report of the signal is torch's
+    zero = next(line for line in ours if "(torchrun rank 0 of 2 in epoch " in line)
+    assert zero.startswith("aisec-train: stopped by SIGTERM (torchrun rank 0 of 2 in epoch "), zero
+    one = "aisec-train: stopped by SIGTERM (torchrun rank 1 of 2: rank 0 charges the job's steps); run the same"
+    assert any(line.startswith(one) for line in ours), ours
+    assert "/aisec_train/" not in text, text[-3000:]  # no rank's traceback (the agent prints its own SignalException)
+    taken = int(zero.split(" with ")[1].split(" private step(s)")[0])
+    assert "all charged to the dataset's privacy ledger" in zero
+    charged = sum(
+        sum(n for _, _, n in record["history"])
+        for path in ledgers.glob("*.json")
+        for record in json.loads(path.read_text())["records"]
+        if record["kind"] == "charge"
+    )
+    assert charged == taken  # every step rank 0 took, not only those up to its last checkpoint
+    kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    # at most: a signal can land just after an epoch's checkpoint (about one run in six here)
+    assert sum(n for _, _, n in kept["ledger"]["history"]) <= taken and not (run / "model.pt").exists()

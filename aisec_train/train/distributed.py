@@ -423,14 +423,18 @@ def _train_in_place(job: TrainJob) -> TrainResult:
     backend = _backend(cfg.backend, job.device)
     device = _join(backend, job.device, cfg.timeout)
     progress = _Progress()
+    rank, world = dist.get_rank(), dist.get_world_size()
     try:
         check_same_job(str(job.run_dir), job_view(job.cfg, job.data.manifest_sha256))  # before any step or charge
-        world = dist.get_world_size()
-        outcome = _train_rank(dist.get_rank(), device, job, tracked=False, objective=job.objective, progress=progress)
+        outcome = _train_rank(rank, device, job, tracked=False, objective=job.objective, progress=progress)
+    except Stopped as err:  # the agent passed a scheduler's SIGTERM (or Ctrl-C) to every rank (cli.answers_signals)
+        said = err.where if rank == 0 else ": rank 0 charges the job's steps"  # the one ledger is rank 0's
+        err.where = f" (torchrun rank {rank} of {world}{said or ' outside training'})"
+        raise
     except (RuntimeError, dist.DistError) as err:  # a stalled rank: torch's traceback, the steps since the last
         if not _timed_out(err) or isinstance(err, NonFiniteError):  # checkpoint uncharged; now as under nproc
             raise
-        raise ConfigError(progress.timed_out(job, dist.get_rank(), world, err)) from None
+        raise ConfigError(progress.timed_out(job, rank, world, err)) from None
     finally:
         dist.destroy_process_group()
     launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py

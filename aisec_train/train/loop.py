@@ -357,7 +357,11 @@ class Loop:
         try:
             self._epochs(loader, epochs, eval_dataset)
         except BaseException as err:  # Ctrl-C, SIGTERM, a non-finite stop, a bug: every step taken is charged
-            self._stopped(err)
+            try:
+                self._stopped(err)
+            except Stopped as late:  # a signal that came with another error (a torchrun peer that stopped first
+                self._stopped(late)  # closes the collective under this rank): charge again, now unstoppable
+                raise late from err
             raise
         if self.private:
             self.private_step = {**(self.private_step or {}), **bk_report(self.model)}  # the methods that ran
