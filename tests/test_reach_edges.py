@@ -246,3 +246,15 @@ def test_wandb_settings_it_would_refuse_after_training_are_refused_before_any_st
     check("logger.wandb.project=fine-name")  # offline needs no credentials
     monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
     check("logger.wandb.mode=online")  # credentials configured: wandb itself checks them against its server later
+
+
+def test_a_wandb_check_that_hangs_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """The wandb pre-check runs in a child process with a time limit; a child past it (a hung credential helper)
+    raised subprocess.TimeoutExpired, a traceback. Now it is the tracking refusal's one line."""
+    from aisec_train.tracking import wandb_logger
+    from aisec_train.tracking.sidecar import TrackingError
+
+    monkeypatch.setattr(wandb_logger, "CHECK_TIMEOUT_S", 0.05)  # a real child; importing wandb alone takes longer
+    cfg = aisec_train.compose(["logger=wandb"]).logger.wandb
+    with pytest.raises(TrackingError, match=r"^logger=wandb failed: its settings and credential check took over 0.05"):
+        wandb_logger.WandbBackend.check(cfg, RunInfo(tmp_path / "run", "r", "quickstart"))

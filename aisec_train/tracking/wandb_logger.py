@@ -43,6 +43,11 @@ print(json.dumps(verdict))
 """
 
 
+CHECK_TIMEOUT_S = (
+    120  # the check takes about a second; import plus auth lookup on a slow file system, far less than this
+)
+
+
 def SETTINGS():  # noqa: N802 - a constant, built late (wandb imports lazily)
     import wandb
 
@@ -65,7 +70,16 @@ class WandbBackend:
         are configured (its auth lookup: no prompt, no network)."""
         check_output_path(info.run_dir / "wandb" / "run", info.run_dir, "logger.wandb")
         args = [sys.executable, "-c", _CHECK, cfg.project or "", cfg.mode]
-        out = subprocess.run(args, capture_output=True, text=True, timeout=120, env={**os.environ, **CHILD_ENV})
+        try:
+            out = subprocess.run(
+                args, capture_output=True, text=True, timeout=CHECK_TIMEOUT_S, env={**os.environ, **CHILD_ENV}
+            )
+        except subprocess.TimeoutExpired:  # a hung credential helper or file system: it was a traceback
+            raise TrackingError(
+                f"logger=wandb failed: its settings and credential check took over {CHECK_TIMEOUT_S} s (a hung "
+                "credential helper or network file system?); allowed: logger.wandb.mode=offline or disabled, or "
+                "fix what wandb waits for"
+            ) from None
         if out.returncode != 0:  # wandb itself failed to load: the tracking child would fail the same way, later
             raise TrackingError(f"logger=wandb failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
         verdict = json.loads(out.stdout)
