@@ -71,9 +71,9 @@ def _job(dict_cfg: DictConfig) -> float:
 
 
 def answers_signals(cfg) -> bool:
-    """Whether this process turns SIGINT and SIGTERM into one line after the steps taken are charged: a run in this
-    process alone, or one rank of your own ``torchrun`` (its agent passes a scheduler's SIGTERM on to every rank,
-    which would otherwise die with rank 0's steps since its last checkpoint uncharged). Not the job process of
+    """Whether this process turns SIGINT, SIGTERM and SIGHUP into one line after the steps taken are charged: a run
+    in this process alone, or one rank of your own ``torchrun`` (its agent passes a scheduler's SIGTERM on to every
+    rank, which would otherwise die with rank 0's steps since its last checkpoint uncharged). Not the job process of
     ``train.distributed.nproc`` (its ranks answer for themselves, train/distributed.py), nor a federated run
     (Flower's simulation owns its client processes), nor a submitit task: submitit ignores SIGTERM on purpose and
     requeues on its own signal (USR2 on SLURM) by raising SystemExit, which the training loop charges like any stop."""

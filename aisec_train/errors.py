@@ -74,9 +74,10 @@ def refusing(
 
 
 class Stopped(BaseException):
-    """A signal asked the run to stop: Ctrl-C's SIGINT, or the SIGTERM a cluster scheduler sends before it kills a
-    job. A BaseException, as KeyboardInterrupt is, so no ``except Exception`` on the way swallows it; the training
-    loop charges every step taken before it lets it pass (train/loop.py) and fills in ``where``."""
+    """A signal asked the run to stop: Ctrl-C's SIGINT, the SIGTERM a cluster scheduler sends before it kills a job,
+    or the SIGHUP of a terminal or SSH session that closed. A BaseException, as KeyboardInterrupt is, so no ``except
+    Exception`` on the way swallows it; the training loop charges every step taken before it lets it pass
+    (train/loop.py) and fills in ``where``."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -84,17 +85,24 @@ class Stopped(BaseException):
         self.where = ""  # " in epoch E with N private step(s) taken in all, all charged ...", or " in stage S"
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Stopped` inside the block. Both are ignored after the first: a second
-    Ctrl-C must not cut short the charge of the steps already taken (the ledger would fall behind what was spent)."""
+    """Turn SIGINT, SIGTERM and SIGHUP into :class:`Stopped` inside the block; each one's default would kill the
+    process with the steps since the last checkpoint uncharged. All are ignored after the first: a second Ctrl-C
+    must not cut short the charge of the steps already taken (the ledger would fall behind what was spent). A signal
+    the process was started ignoring stays ignored: ``nohup`` (SIGHUP) and a shell's background job (SIGINT) mean
+    the run goes on when the terminal goes."""
+    caught = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN]
 
     def stop(signum: int, frame: Any) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in caught:
             signal.signal(sig, signal.SIG_IGN)
         raise Stopped(signum)
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, stop) for sig in caught}
     try:
         yield
     finally:
@@ -105,9 +113,12 @@ def stop_on_signals() -> Iterator[None]:
 def stopped(prog: str, err: Stopped) -> NoReturn:
     """Say in one line where the run stopped and what it charged, then exit as the signal would have (128 + N)."""
     where = err.where or " outside the training loop"
-    print(
-        f"{prog}: stopped by {err}{where}; run the same command with the same hydra.run.dir to resume from the last "
-        "checkpoint",
-        file=sys.stderr,
-    )
+    try:
+        print(
+            f"{prog}: stopped by {err}{where}; run the same command with the same hydra.run.dir to resume from the "
+            "last checkpoint",
+            file=sys.stderr,
+        )
+    except OSError:  # SIGHUP: the terminal that would show the line is gone (EIO); the charge is already made
+        pass
     sys.exit(128 + err.signum)

@@ -19,9 +19,9 @@ from aisec_train.errors import Stopped, stop_on_signals
 from tests.conftest import LEDGER_ENV, REPO
 
 STOPPED = re.compile(
-    r"^aisec-train: stopped by (SIGTERM|SIGINT) in epoch (\d+) with (\d+) private step\(s\) taken in all, all charged "
-    r"to the dataset's privacy ledger; the last good checkpoint is kept and no model is released; run the same "
-    r"command with the same hydra.run.dir to resume from the last checkpoint$"
+    r"^aisec-train: stopped by (SIGTERM|SIGINT|SIGHUP) in epoch (\d+) with (\d+) private step\(s\) taken in all, "
+    r"all charged to the dataset's privacy ledger; the last good checkpoint is kept and no model is released; run "
+    r"the same command with the same hydra.run.dir to resume from the last checkpoint$"
 )
 
 
@@ -37,9 +37,11 @@ def checkpoint_steps(run: Path) -> int:
     return sum(entry[2] for entry in payload["ledger"]["history"])
 
 
-def test_a_sigterm_part_way_charges_every_step_and_ends_in_one_line(tmp_path):
-    """SIGINT takes the same handler (and the in-process stops of tests/test_spend.py the same charge)."""
-    sig = signal.SIGTERM
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["sigterm", "sighup"])
+def test_a_signal_part_way_charges_every_step_and_ends_in_one_line(tmp_path, sig):
+    """SIGTERM (a scheduler) and SIGHUP (a closed terminal or SSH session: its default killed the run with the steps
+    since the last checkpoint uncharged). SIGINT takes the same handler (and the in-process stops of
+    tests/test_spend.py the same charge)."""
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -76,9 +78,25 @@ def test_a_second_signal_cannot_cut_the_charge_short_and_the_handlers_come_back(
                 time.sleep(5)  # the handler runs between bytecodes, long before this ends
             finally:
                 os.kill(os.getpid(), signal.SIGINT)  # the impatient second Ctrl-C, during the charge
+                os.kill(os.getpid(), signal.SIGHUP)  # and the terminal closed
                 time.sleep(0.2)
     assert caught.value.signum == signal.SIGTERM and str(caught.value) == "SIGTERM"
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """`nohup aisec-train ...` starts with SIGHUP ignored so that the run outlives the terminal; turning it into a
+    stop would end the run the user asked to keep going. The same for SIGINT in a shell's background job."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        with stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN  # the others are still answered
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)  # nothing happens: no Stopped, no death
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_sigterm_in_a_later_stage_names_the_stage_not_an_audit_models_loop(tmp_path):
