@@ -55,6 +55,24 @@ def probe_dir(folder: Path, what: str, *, root: Path | None = None) -> None:
         ) from None
 
 
+def output_file(value: str) -> Path:
+    """An argparse ``type`` for a script's ``--out FILE`` (benchmarks/, scripts/figures/): the file's folder is made
+    and probed when the flags are read, so a folder that cannot be written is refused in one line, exit 2, before
+    the work, not after a benchmark of half an hour. The file itself is written only at the end."""
+    path = Path(value)
+    problem = "it is a folder" if path.is_dir() else None
+    if problem is None:
+        try:
+            probe_dir(path.parent, str(path.parent))
+        except ConfigError as err:
+            problem = str(err).split("; nothing was trained")[0].split(": ", 1)[-1]
+    if problem is not None:
+        print(f"{Path(sys.argv[0]).stem}: --out {value} is not allowed: {problem}; allowed: a file in a writable "
+              "folder", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    return path
+
+
 def check_outputs(cfg: Any, run_dir: Path) -> None:
     """Probe every folder the run will write, before any data is read or any step charged."""
     from aisec_train.audit.registry import Registry, RegistryError, resolve_registry_path

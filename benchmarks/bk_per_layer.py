@@ -34,6 +34,7 @@ import dpsgd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from aisec_train.preflight import output_file
 from aisec_train.train.allocator import keep_freed_memory  # noqa: E402
 from aisec_train.train.bk import BKGradSampleModule  # noqa: E402
 from aisec_train.train.bk_conv import ConvRule  # noqa: E402
@@ -150,7 +151,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the DP benchmark's verdict runs: 1)")
     parser.add_argument("--quick", action="store_true", help="the DP benchmark's --quick batches (a smoke run)")
     parser.add_argument("--system-malloc", action="store_true", help="malloc's defaults (see benchmarks/dpsgd.py)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
+    parser.add_argument("--out", type=output_file, default=None, help="where to write the JSON result")
     args = parser.parse_args()
     unknown = sorted(set(args.models.split(",")) - set(models))
     if unknown:

@@ -16,18 +16,37 @@ from pathlib import Path
 
 import torch
 
+from aisec_train.preflight import output_file
+
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes on the CPU, under a minute")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
+    parser.add_argument("--out", type=output_file, default=None, help="where to write the JSON result")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     if extra:
         extra(parser)
     args = parser.parse_args()
     if args.device == "auto":
         args.device = "cpu" if args.quick or not torch.cuda.is_available() else "cuda"
+    elif not usable_device(args.device):  # every implementation's every round used to fail on it, one by one
+        gpus = torch.cuda.device_count()
+        allowed = (
+            f"auto, cpu, cuda or cuda:0 to cuda:{gpus - 1}" if gpus else "auto or cpu (this machine has no CUDA GPU)"
+        )
+        parser.exit(2, f"{Path(parser.prog).stem}: --device {args.device} is not allowed: {allowed}\n")
     return args
+
+
+def usable_device(name: str) -> bool:
+    """``cpu``, or a CUDA device this machine has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    return device.type == "cpu"
 
 
 def device_name(device: str) -> str:

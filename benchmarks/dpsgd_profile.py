@@ -17,6 +17,8 @@ import dpsgd  # noqa: E402
 import torch  # noqa: E402
 from step_profile import noise_cost  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 
 def main() -> None:
     """``python benchmarks/dpsgd_profile.py [--models cnn,mixer] [--steps 5] [--threads 1] [--out FILE.json]``"""
@@ -25,7 +27,7 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {models}")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per impl (after one warm-up step)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the JSON result")
+    parser.add_argument("--out", type=output_file, default=None, help="where to write the JSON result")
     parser.add_argument("--label", default="", help="a note kept in the JSON (e.g. the commit or the load)")
     args = parser.parse_args()
     unknown = sorted(set(args.models.split(",")) - set(dpsgd.MODELS))

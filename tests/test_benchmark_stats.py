@@ -128,9 +128,14 @@ def test_per_layer_script_refuses_bad_input_in_one_line(args, needle):
 @pytest.mark.parametrize(
     "args, needle",
     [(["--models", "nope"], "--models nope is not allowed"), (["--impls", "ours,jax"], "--impls jax is not allowed"),
-     (["--rounds", "0"], "--rounds=0 is not allowed")],
+     (["--rounds", "0"], "--rounds=0 is not allowed"),
+     (["--device", "tpu"], "--device tpu is not allowed: auto"),
+     (["--out", "/proc/nowhere/x.json"], "--out /proc/nowhere/x.json is not allowed: /proc/nowhere is not writable"),
+     (["--out", "/"], "--out / is not allowed: it is a folder")],
 )  # fmt: skip
 def test_dp_benchmark_refuses_bad_input_in_one_line(args, needle):
+    """--device and --out used to be read only when used: a bad device failed every round of every implementation,
+    and an unwritable --out ended a half-hour run with a traceback and nothing saved."""
     done = subprocess.run([sys.executable, str(Path(dpsgd.__file__)), *args], capture_output=True, text=True)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.count("\n") == 1 and needle in done.stderr
@@ -148,3 +153,21 @@ def test_each_of_the_headline_pair_follows_a_peer_and_its_partner_equally_often(
     peers = set(impls) - {"nonprivate", "ours"}
     assert sum(b in peers for b in before["nonprivate"]) == sum(b in peers for b in before["ours"])
     assert before["ours"].count("nonprivate") == before["nonprivate"].count("ours")
+
+
+def test_every_script_with_an_out_file_probes_it_before_any_work(tmp_path):
+    """The figure scripts and benchmarks that write one file take it through preflight.output_file: refused in one
+    line, exit 2, before a job or a benchmark starts (one real script each, the rest by their flag's type)."""
+    repo = Path(dpsgd.__file__).resolve().parents[1]
+    scripts = sorted([*repo.glob("scripts/figures/*.py"), *repo.glob("benchmarks/*.py")])
+    declares = [p for p in scripts if 'add_argument("--out"' in p.read_text()]
+    unchecked = [p.name for p in declares if 'add_argument("--out", type=Path' in p.read_text()
+                 and "folder for" not in p.read_text()]  # fmt: skip
+    assert len(declares) > 25 and unchecked == [], unchecked
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for script in (repo / "scripts/figures/eval_cost.py", repo / "benchmarks/pgd.py"):
+        done = subprocess.run([sys.executable, str(script), "--out", str(blocker / "x.json")], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+        assert f"--out {blocker / 'x.json'} is not allowed: {blocker} is not writable" in done.stderr

@@ -33,6 +33,8 @@ from common import REPO, own_stores, write
 from scipy import ndimage
 from scipy.stats import binomtest, ttest_rel
 
+from aisec_train.preflight import output_file
+
 AREAS = ("data pipeline", "training", "model", "deployment", "monitoring")
 
 
@@ -288,7 +290,7 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="experiment=smoke, one seed: checks the script, not the claims"
     )
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     seeds = args.seeds[:1] if args.quick else args.seeds
     extra = ["experiment=smoke"] if args.quick else []

@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 from common import REPO, RESULTS, Progress, write
 
+from aisec_train.preflight import output_file
+
 ATTACKS = ("loss", "lira_offline", "rmia")
 JOB = ["audit.privacy_audit=on"]  # the default job with the one-run audit on; nothing else changed
 
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("before", "after"), help="measure one tree (the other from progress)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each its own stores)")
     parser.add_argument("--workdir", type=Path, default=None, help="default: a new temporary folder")
-    parser.add_argument("--out", type=Path, default=RESULTS / "audit_before_after.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "audit_before_after.json")
     args = parser.parse_args()
     for tree in (args.before_tree, args.after_tree):
         if not (tree / "aisec_train" / "__init__.py").is_file():

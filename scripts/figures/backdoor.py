@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import own_stores  # noqa: E402
 from glyphs import make  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 REPO = Path(__file__).resolve().parents[2]
 GOALS = {"asr_before_min": 0.9, "asr_after_max": 0.05, "clean_drop_max": 0.02, "spectral_recall_min": 0.8}
 
@@ -192,7 +194,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1)")
     parser.add_argument("--quick", action="store_true", help="two epochs (one seed unless --seeds): checks the script")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor.json")
+    parser.add_argument("--out", type=output_file, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor.json")
     parser.add_argument("--work", type=Path, default=None, help="where the runs go (default: a temporary folder)")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
     parser.add_argument("--attack", nargs="+", choices=ATTACKS, default=["badnets"], help="backdoor.attack values")

@@ -31,6 +31,7 @@ from aisec_train.data.dataset import load_dataset
 from aisec_train.data.views import subset
 from aisec_train.federated.robust_aggregation import aggregate
 from aisec_train.models import ModelFactory
+from aisec_train.preflight import output_file
 from aisec_train.train.config import TrainConfig
 from aisec_train.train.loop import train
 
@@ -93,7 +94,9 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--clients", type=int, default=5, help="Krum needs >= 2f + 3 = 5 with one attacker")
     parser.add_argument("--defences", nargs="+", choices=DEFENCES, default=list(DEFENCES))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_boost.json")
+    parser.add_argument(
+        "--out", type=output_file, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_boost.json"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows, started = [], time.perf_counter()

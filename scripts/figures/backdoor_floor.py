@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor_matrix import PRIVACY, SETS, _dataset  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = str(REPO / "configs")
 
@@ -122,7 +124,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=[])
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_floor.jsonl")
+    parser.add_argument(
+        "--out", type=output_file, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_floor.jsonl"
+    )
     parser.add_argument("--cell", nargs=3, metavar=("ATTACK", "SEED", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-floor-"))

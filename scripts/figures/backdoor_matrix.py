@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor import ATTACKS, GOALS, _run  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 REPO = Path(__file__).resolve().parents[2]
 PRIVACY = {"none": ["privacy=none"], "dp": []}  # dp: the preset's own DP-SGD at epsilon 3
 # The figure reads no robust accuracy; the robustness stage would only add minutes per cell on the shared CPU.
@@ -96,7 +98,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
     parser.add_argument("--work", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_matrix.json")
+    parser.add_argument(
+        "--out", type=output_file, default=REPO / "benchmarks" / "results" / "cpu" / "backdoor_matrix.json"
+    )
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="aisec-backdoor-matrix-"))
     work.mkdir(parents=True, exist_ok=True)

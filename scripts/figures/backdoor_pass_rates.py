@@ -24,6 +24,8 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor import GOALS  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 
 def _rate(passed: int, runs: int) -> dict:
     low, high = binomtest(passed, runs).proportion_ci(confidence_level=0.95, method="exact")
@@ -67,7 +69,7 @@ def pass_rates(rows: list[dict]) -> dict[str, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrices", nargs="+", type=Path, help="backdoor_matrix.py outputs, with different seeds")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--supersede", action="store_true",
                         help="a case and seed in a later file replaces the same one in earlier files")  # fmt: skip
     args = parser.parse_args()

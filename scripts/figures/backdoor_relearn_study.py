@@ -39,6 +39,7 @@ from aisec_train.backdoor import stage as backdoor_stage
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
+from aisec_train.preflight import output_file
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import CrossEntropy
 
@@ -56,7 +57,7 @@ def main() -> None:
     parser.add_argument("attack")
     parser.add_argument("seed", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=None, help="append one JSON line for the case")
+    parser.add_argument("--out", type=output_file, default=None, help="append one JSON line for the case")
     args = parser.parse_args()
     torch.set_num_threads(1)
     register_configs()

@@ -40,6 +40,7 @@ from aisec_train.backdoor.layers import network
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
+from aisec_train.preflight import output_file
 from aisec_train.train.objectives import Distillation, FeatureShift, soft_term
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -361,7 +362,7 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
     parser.add_argument("--variants", choices=list(VARIANTS), default="schedule")
-    parser.add_argument("--out", type=Path, default=None, help="append one JSON row per variant (JSON lines)")
+    parser.add_argument("--out", type=output_file, default=None, help="append one JSON row per variant (JSON lines)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     register_configs()

@@ -49,6 +49,7 @@ from aisec_train.backdoor.features import detection_features
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import labels_of, materialize
+from aisec_train.preflight import output_file
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
 
@@ -127,7 +128,7 @@ def main() -> None:
     parser.add_argument("attack")
     parser.add_argument("seed", type=int)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra override KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=None, help="append one JSON row per layer (JSON lines)")
+    parser.add_argument("--out", type=output_file, default=None, help="append one JSON row per layer (JSON lines)")
     parser.add_argument("--strip", action="store_true", help="also measure STRIP at the input")
     parser.add_argument("--strip-n", type=int, default=16)
     parser.add_argument("--strip-frr", type=float, default=0.05)

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu, wilcoxon
 
+from aisec_train.preflight import output_file
+
 BAR = 0.05  # issue 24's ASR bar
 
 
@@ -95,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrices", nargs="+", type=Path, required=True, help="backdoor_matrix.py outputs")
     parser.add_argument("--twins", nargs="+", type=Path, required=True, help="backdoor_floor.py outputs (.jsonl)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     try:
         matrix, twins = matrix_rows(args.matrices), twin_rows(args.twins)

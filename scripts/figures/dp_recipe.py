@@ -33,6 +33,8 @@ from pathlib import Path
 
 from common import REPO, RESULTS, Progress, run_cli, write
 
+from aisec_train.preflight import output_file
+
 OFF = ["audit=off", "robustness.evaluate=false", "privacy.target_epsilon=8"]
 CASES = {"default_model": [], "dp_recipe": ["experiment=dp_recipe"]}
 
@@ -153,7 +155,7 @@ def main() -> None:
     parser.add_argument("--timing-records", type=int, default=256)
     parser.add_argument("--timing-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="1 epoch everywhere, WRN-10-1: checks the script")
-    parser.add_argument("--out", type=Path, default=RESULTS / "dp_recipe.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "dp_recipe.json")
     args = parser.parse_args()
     rows, manifest = [], None
     with tempfile.TemporaryDirectory() as tmp_:

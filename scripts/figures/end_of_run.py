@@ -19,6 +19,8 @@ from pathlib import Path
 
 from common import REPO, own_stores, write  # scripts/figures/common.py
 
+from aisec_train.preflight import output_file
+
 FEDERATED = [
     "experiment=federated_he", "audit=off", "robustness.evaluate=false", "privacy=none", "federated.rounds=1",
     "federated.local_epochs=1", "federated.ray_num_cpus=2", "federated.client_cpus=1",
@@ -60,7 +62,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = {

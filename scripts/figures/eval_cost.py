@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import REPO, RESULTS, run_cli, write
 
+from aisec_train.preflight import output_file
+
 # the previous default of the "apgd" suite, for the before/after ratio: 500 samples, the half-steps check on 128
 PREVIOUS = {"eval_samples": 500, "check_samples": 128}
 
@@ -154,7 +156,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs override (default: the job's)")
     parser.add_argument("--glyphs-epochs", type=int, default=None, help="train.epochs of the 28x28 job only")
     parser.add_argument("--audit", action="store_true", help="keep the audit stage (off: it is not measured here)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "eval_cost.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "eval_cost.json")
     args = parser.parse_args()
     extra = [f"train.epochs={args.epochs}"] if args.epochs else []
     rows = []

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.preflight import output_file
+
 PLAINTEXT = "federated.aggregation=plaintext"
 TRAIN_ONLY = ["audit=off", "robustness.evaluate=false"]  # the rounds are all the second pair is for
 
@@ -70,7 +72,7 @@ def _case(report: dict, seconds: float, cpu_seconds: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     seed = [f"train.seed={args.seed}"] if args.seed else []
     load_before = os.getloadavg()

@@ -27,6 +27,8 @@ from pathlib import Path
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.preflight import output_file
+
 DEFENCES = ("fedavg", "median", "trimmed_mean", "krum", "norm_bound", "norm_bound_ckks", "norm_bound_ckks_skip")
 
 
@@ -58,7 +60,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--fractions", type=float, nargs="+", default=None)
     parser.add_argument("--poison-rate", type=float, default=0.5, help="share of each malicious shard poisoned")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     n = args.n or (2000 if args.quick else 20000)
     rounds = args.rounds or (2 if args.quick else 5)

@@ -25,6 +25,8 @@ from pathlib import Path
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.preflight import output_file
+
 LEVELS = {
     "record": ["privacy=dpsgd", "privacy.target_epsilon=3", "privacy.accountant=rdp", "federated.dp=record"],
     "client": [
@@ -60,7 +62,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--clients", type=int, nargs="+", default=None)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     n = args.n or (2000 if args.quick else 20000)
     rounds = args.rounds or (1 if args.quick else 5)

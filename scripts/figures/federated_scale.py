@@ -25,6 +25,8 @@ from pathlib import Path
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.preflight import output_file
+
 DP = {
     "none": ["privacy=none"],
     "client": ["privacy=none", "federated.dp=client"],
@@ -65,7 +67,7 @@ def main() -> None:
     parser.add_argument("--plaintext", action="store_true", help="also run the same job with plaintext aggregation")
     parser.add_argument("--clients", type=int, nargs="+", default=[100], help="e.g. 10 100: memory flat in N")
     parser.add_argument("--dp", nargs="+", default=None, choices=sorted(DP), help="default: none client")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     n = args.n or (4000 if args.quick else 20000)
     rounds = args.rounds or (3 if args.quick else 10)

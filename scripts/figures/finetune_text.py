@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from aisec_train.preflight import output_file
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "benchmarks" / "results" / "cpu" / "finetune_text.json"
 GROUPS = {
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=400)
     parser.add_argument("--lr", type=float, default=0.005, help="AdamW learning rate of the fine-tuning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=output_file, default=OUT)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     ctx = mp.get_context("spawn")

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from aisec_train.preflight import output_file
+
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "benchmarks" / "results" / "cpu" / "finetune_vision.json"
 VARIANTS = {"head": "head", "lora": "lora", "full": "all", "scratch": "all"}
@@ -96,7 +98,7 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--out", type=output_file, default=OUT)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     ctx = mp.get_context("spawn")

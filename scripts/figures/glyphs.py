@@ -30,6 +30,8 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from scipy import ndimage
 
+from aisec_train.preflight import output_file
+
 ALPHABETS = {"digits": "0123456789", "letters": "ABCDEFGHIJ"}
 FONTS = [
     *(f"DejaVu{f}{s}.ttf" for f in ("Sans", "Serif") for s in ("", "-Bold", "-Oblique", "-BoldOblique")),
@@ -105,7 +107,7 @@ def make(n: int = 1800, size: int = 12, seed: int = 0, alphabet: str = "digits")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="the .npz to write (x, y)")
+    parser.add_argument("--out", type=output_file, required=True, help="the .npz to write (x, y)")
     parser.add_argument("--n", type=int, default=1800)
     parser.add_argument("--size", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 from common import REPO, write
 
+from aisec_train.preflight import output_file
+
 sys.path.insert(0, str(REPO))  # the drills live beside the tests that hold them
 
 QUICK = {"kills": 3, "kill_epochs": 3, "jobs": (2,), "fuzz": 20, "job": ["experiment=smoke"]}
@@ -177,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=PARTS, action="append")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=output_file)
     args = parser.parse_args()
     size = QUICK if args.quick else FULL
     result = {"benchmark": "integrity", "device": "cpu (2 cores, shared with other jobs: timings are not benchmarks)"}

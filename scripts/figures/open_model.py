@@ -26,6 +26,8 @@ from pathlib import Path
 
 from common import REPO, RESULTS, Progress, own_stores, run_cli, write
 
+from aisec_train.preflight import output_file
+
 PEAK = (
     "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
     "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
@@ -378,7 +380,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--baseline-ref", default="37279ef")
     parser.add_argument("--seeds", type=int, default=3, help="default_job: seeds 0..N-1 for both versions")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=output_file)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.preflight import output_file
+
 
 def cpu_bf16_units() -> list[str]:
     """The CPU's native bf16 instructions (AVX-512 BF16, AMX), from /proc/cpuinfo; [] means emulated."""
@@ -33,7 +35,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the job's own)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     base = ["experiment=smoke", "audit=off", "robustness.evaluate=false"] if args.quick else ["audit=off"]
     base += ["privacy.budget_scope=run", f"train.device={args.device}"]

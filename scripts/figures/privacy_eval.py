@@ -49,6 +49,7 @@ from opake.auditing.types import CoinFlip
 
 import aisec_train
 from aisec_train.audit import privacy_audit
+from aisec_train.preflight import output_file
 
 SETTINGS: dict[str, list[str]] = {
     "none": ["privacy=none"],
@@ -308,7 +309,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--canaries", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="one seed, smoke jobs, 200 canaries: checks the script")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     seeds, m = (args.seeds[:1], min(args.canaries, 200)) if args.quick else (args.seeds, args.canaries)
     out = args.out or (RESULTS.parent / "cpu-quick" if args.quick else RESULTS) / "privacy_eval.json"

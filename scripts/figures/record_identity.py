@@ -33,6 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write  # noqa: E402
 
+from aisec_train.preflight import output_file
+
 FAST = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1", "privacy.target_epsilon=1"]
 
 
@@ -216,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-cli", action="store_true", help="skip the real runs (in-process parts only)")
     parser.add_argument("--records", type=int, default=1_000_000, help="records for the memory probe")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     x, y = digits()
     from aisec_train.data.records import digest_arrays

@@ -55,6 +55,7 @@ import aisec_train
 from aisec_train.audit.monitor import load_run
 from aisec_train.data.dataset import load_dataset
 from aisec_train.data.views import materialize
+from aisec_train.preflight import output_file
 from aisec_train.robust.evaluation import evaluate_robustness
 
 TRADES_DP_MODE = "bk"  # the default; clips the sum of TRADES' two per-sample contributions, as hooks does
@@ -355,7 +356,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 samples, 10-step AutoAttack")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--trades-dp-mode", choices=["hooks", "bk"], default=TRADES_DP_MODE, help="grad_sample_mode")
     args = parser.parse_args()
     CASES["trades_dp8"][-1] = f"privacy.grad_sample_mode={args.trades_dp_mode}"

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from common import RESULTS, run_cli, write
 
+from aisec_train.preflight import output_file
+
 CASES = {
     "standard": ["privacy=none", "robustness=none"],
     "pgd_at": ["privacy=none", "robustness=pgd_at"],
@@ -40,7 +42,7 @@ def run(case: list[str], seed: int, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=RESULTS / "robustness.json")
+    parser.add_argument("--out", type=output_file, default=RESULTS / "robustness.json")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,6 +36,7 @@ from aisec_train.data.config import DatasetConfig  # noqa: E402
 from aisec_train.data.dataset import load_dataset  # noqa: E402
 from aisec_train.data.views import subset  # noqa: E402
 from aisec_train.models import build_model  # noqa: E402
+from aisec_train.preflight import output_file
 from aisec_train.privacy.randomness import secret_generator  # noqa: E402
 from aisec_train.train.config import PrivacyConfig, TrainConfig  # noqa: E402
 from aisec_train.train.loop import train  # noqa: E402
@@ -155,7 +156,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="secret_noise-") as tmp:

@@ -45,6 +45,8 @@ from pathlib import Path
 
 from common import REPO, own_stores, write
 
+from aisec_train.preflight import output_file
+
 LOGGERS = ["csv", "tensorboard", "mlflow", "wandb"]
 GOAL = 0.03
 PR_SET_CHILD_SUBREAPER = 36
@@ -232,7 +234,7 @@ def main() -> None:
         "by every X of that repeat, in a rotated order (fewer runs when the machine is slow)",
     )
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the job's own)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
