@@ -108,9 +108,7 @@ def run_pipeline(cfg: Config, run_dir: Path, experiment: str = "quickstart", use
             run.report.stage = name
             try:
                 stage(run)
-            except (
-                Stopped
-            ) as err:  # SIGINT/SIGTERM/SIGHUP (cli.py): the one line says where, if the training loop did not
+            except Stopped as err:  # a signal (cli.py): the one line says where, if the training loop did not
                 err.where = err.where or f" in stage {name}" + (", after training" if trained else "")
                 raise
             trained = trained or name == "train"

@@ -43,9 +43,7 @@ print(json.dumps(verdict))
 """
 
 
-CHECK_TIMEOUT_S = (
-    120  # the check takes about a second; import plus auth lookup on a slow file system, far less than this
-)
+CHECK_TIMEOUT_S = 120  # the check takes about a second (wandb's import and auth lookup); a hung one, far longer
 
 
 def SETTINGS():  # noqa: N802 - a constant, built late (wandb imports lazily)
