@@ -32,6 +32,13 @@ def ledger_steps() -> int:
     return sum(int(n) for n in re.findall(r"\bsteps (\d+)", out))
 
 
+def default_signals() -> None:
+    """In the child: the default disposition of the stop signals, as a terminal's shell gives it. A test run under
+    `nohup` (CI's background job) would hand the child SIGHUP ignored, which the run then rightly keeps ignoring."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def checkpoint_steps(run: Path) -> int:
     payload = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     return sum(entry[2] for entry in payload["ledger"]["history"])
@@ -46,7 +53,8 @@ def test_a_signal_part_way_charges_every_step_and_ends_in_one_line(tmp_path, sig
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     env.pop("HYDRA_FULL_ERROR", None)
     cmd = [sys.executable, "-m", "aisec_train", "experiment=smoke", "train.epochs=300", f"hydra.run.dir={run}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_signals)  # fmt: skip
     try:
         deadline = time.monotonic() + 180
         while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
