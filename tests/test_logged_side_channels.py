@@ -108,6 +108,38 @@ def test_a_private_cli_run_logs_no_nan_where_the_draws_picked_such_a_record(tmp_
     assert not any("dropped" in r["key"] or "left_out" in r["key"] for r in tracked)
 
 
+def test_a_model_whose_every_output_overflows_is_never_released(tmp_path, monkeypatch):
+    """Dropping each record whose forward overflows keeps a private run's weights finite, so a run whose learning
+    rate blew the model up (every record overflowing) trained on, on noise alone, and released model.pt with finite
+    weights and infinite outputs, exit 0. Now the evaluate stage refuses a model whose outputs on the test split are
+    not finite, in one line, before any later stage or the release; the steps taken stay charged."""
+    import json
+
+    from aisec_train.train.loop import evaluate
+
+    monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "ledgers"))
+    run = tmp_path / "run"
+    code, err, crash = call_cli([*BASE, "train.epochs=2", "train.lr=1e30", f"hydra.run.dir={run}"])
+    assert code == 2 and not crash, (err[-2000:], crash)
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("aisec-train: error: the trained model's outputs are non-finite on "), line
+    assert "though its weights are finite" in line and "model.pt is not written" in line
+    assert not (run / "model.pt").exists() and not (run / "report.json").exists()
+    charged = sum(
+        sum(n for _, _, n in record["history"])
+        for path in (tmp_path / "ledgers").glob("*.json")
+        for record in json.loads(path.read_text())["records"]
+        if record["kind"] == "charge"
+    )
+    assert charged > 0  # the steps were taken and spent: charged, refused release or not
+
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(1e30)  # finite weights, overflowing outputs on inputs of 1e10
+    rows = TensorDataset(torch.cat([torch.ones(2, 4), torch.full((3, 4), 1e10)]), torch.zeros(5, dtype=torch.long))
+    assert evaluate(model, rows, torch.device("cpu"))[1] == 3
+
+
 # ---- client-level DP: Flower's log of a crashing client ---------------------------------------------------------
 FED = (
     "federated=fedavg", "privacy=none", "dataset=synthetic", "dataset.n_samples=400", "audit=off",

@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aisec_train.text_run import ROBUSTNESS_ITEMS, is_text, skip_robustness
-from aisec_train.train.loop import accuracy
+from aisec_train.train.callbacks import NonFiniteError
+from aisec_train.train.loop import evaluate
 
 if TYPE_CHECKING:
     from aisec_train.run_state import Run
@@ -21,8 +22,17 @@ EVASION, MASKING = (item for _, item in ROBUSTNESS_ITEMS)
 
 
 def stage_evaluate(run: Run) -> None:
+    """Clean accuracy on the test split; a model whose outputs are not finite there is refused before any later
+    stage works on it or ``save_model`` releases it (its weights alone can be finite)."""
     assert run.model is not None and run.data is not None
-    clean = accuracy(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
+    clean, non_finite = evaluate(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
+    if non_finite:
+        raise NonFiniteError(
+            f"the trained model's outputs are non-finite on {non_finite} of {len(run.data.test)} test records, "
+            f"though its weights are finite (under DP each record whose forward overflows is dropped from its step, "
+            f"so such a model trains on, on noise alone; train.lr={run.cfg.train.lr:g}); model.pt is not written "
+            "and the steps taken are charged. Lower train.lr or check the data"
+        )
     run.report.add("metrics", clean_accuracy=clean, n_test=len(run.data.test))
 
 

@@ -136,15 +136,26 @@ def sgd(cfg: TrainConfig) -> dict[str, Any]:
 def accuracy(
     model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024, workers: int = 0
 ) -> float:
+    return evaluate(model, dataset, device, batch_size, workers)[0]
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024, workers: int = 0
+) -> tuple[float, int]:
+    """Accuracy on ``dataset``, and how many of its records got a non-finite output (finite weights can still
+    overflow: a private step drops the records whose forward does, so a model that overflows on every record trains
+    on, on noise alone, and only its outputs show it)."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    hits, seen = 0, 0
+    hits, seen, non_finite = 0, 0, 0
     for x, y in make_loader(dataset, batch_size=batch_size, workers=workers, device=device):
-        hits += correct(model(x.to(device, non_blocking=True)), torch.as_tensor(y).to(device))
+        logits = model(x.to(device, non_blocking=True))
+        hits += correct(logits, torch.as_tensor(y).to(device))
+        non_finite += int((~torch.isfinite(logits.detach().reshape(len(logits), -1))).any(1).sum())
         seen += len(x)
     model.train(was_training)
-    return hits / max(1, seen)
+    return hits / max(1, seen), non_finite
 
 
 def rank_and_world() -> tuple[int, int]:
