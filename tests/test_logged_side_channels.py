@@ -111,10 +111,11 @@ def test_a_private_cli_run_logs_no_nan_where_the_draws_picked_such_a_record(tmp_
 def test_a_model_whose_every_output_overflows_is_never_released(tmp_path, monkeypatch):
     """Dropping each record whose forward overflows keeps a private run's weights finite, so a run whose learning
     rate blew the model up (every record overflowing) trained on, on noise alone, and released model.pt with finite
-    weights and infinite outputs, exit 0. Now the evaluate stage refuses a model whose outputs on the test split are
-    not finite, in one line, before any later stage or the release; the steps taken stay charged."""
+    weights and infinite outputs, exit 0. Now the evaluate stage refuses a model whose outputs on at least half the
+    test split are not finite, in one line, before any later stage or the release; the steps taken stay charged."""
     import json
 
+    from aisec_train.robust.stage import check_outputs_finite
     from aisec_train.train.loop import evaluate
 
     monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "ledgers"))
@@ -138,6 +139,9 @@ def test_a_model_whose_every_output_overflows_is_never_released(tmp_path, monkey
         model.weight.fill_(1e30)  # finite weights, overflowing outputs on inputs of 1e10
     rows = TensorDataset(torch.cat([torch.ones(2, 4), torch.full((3, 4), 1e10)]), torch.zeros(5, dtype=torch.long))
     assert evaluate(model, rows, torch.device("cpu"))[1] == 3
+    check_outputs_finite(1, 3, 0.1)  # one extreme test input among three: counted in the report, not a refusal
+    with pytest.raises(NonFiniteError, match=r"^the trained model's outputs are non-finite on 2 of 4 test records"):
+        check_outputs_finite(2, 4, 0.1)
 
 
 # ---- client-level DP: Flower's log of a crashing client ---------------------------------------------------------
