@@ -69,7 +69,11 @@ def test_jobs_on_one_run_directory_wait_their_turn(tmp_path, jobs):
 def test_jobs_on_one_dataset_all_but_one_refuse_naming_the_holder(tmp_path, jobs):
     result = same_dataset(Lab(tmp_path), jobs, wait=False)
     assert sorted(result["exit_codes"]) == [0] + [2] * (jobs - 1), result["refusals"]
-    assert result["refused_locked"] == jobs - 1, result["refusals"]
+    # A job that reached the ledger while another held it names the holder; one that a loaded machine started only
+    # after the holder had finished finds its budget spent instead, and says so before any step (one in 4-job runs
+    # under the whole suite's load): refused either way, and never both trained.
+    assert result["refused_locked"] >= 1, result["refusals"]
+    assert result["refused_locked"] + result["refused_budget"] == jobs - 1, result["refusals"]
     assert result["dataset_epsilon"] <= result["target_epsilon"] + EPS
 
 
