@@ -88,6 +88,28 @@ class Stopped(BaseException):
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+class _Deferral:
+    """Inside :func:`stops_deferred`, a stop signal is held (``pending``) instead of raised."""
+
+    depth = 0
+    pending: int | None = None
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Hold a stop signal until the block is done, then raise its :class:`Stopped`. For a write and the
+    bookkeeping that records it (the dataset ledger's charge and its count): a Stopped between the two left the
+    count behind the ledger, and the stop's own charge then charged the same steps again."""
+    _Deferral.depth += 1
+    try:
+        yield
+    finally:
+        _Deferral.depth -= 1
+        if _Deferral.depth == 0 and _Deferral.pending is not None:
+            signum, _Deferral.pending = _Deferral.pending, None
+            raise Stopped(signum)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Turn SIGINT, SIGTERM and SIGHUP into :class:`Stopped` inside the block; each one's default would kill the
@@ -100,6 +122,9 @@ def stop_on_signals() -> Iterator[None]:
     def stop(signum: int, frame: Any) -> None:
         for sig in caught:
             signal.signal(sig, signal.SIG_IGN)
+        if _Deferral.depth:  # inside a write and its bookkeeping: raised once both are done
+            _Deferral.pending = signum
+            return
         raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in caught}

@@ -3,6 +3,7 @@ reconciliation, and a resume that finishes instead of being refused forever (in-
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -154,3 +155,40 @@ def test_a_signal_that_comes_while_another_error_stops_the_loop_still_charges_ev
         assert [ckpt_steps(p) for p in saved] == [3] and led.steps(RUN) == 5
         assert isinstance(stop.value.__cause__, RuntimeError)  # the error it came with is kept as the cause
         assert "5 private step(s) taken in all, all charged to the dataset's privacy ledger" in stop.value.where
+
+
+class SignalledAfterTheWrite:
+    """The dataset ledger's handle, with a SIGTERM that lands just after its first charge is written: before the
+    run's count of what it charged catches up."""
+
+    def __init__(self, ledger):
+        self.ledger, self.fired = ledger, False
+
+    def __getattr__(self, name):
+        return getattr(self.ledger, name)
+
+    def charge(self, *args, **kwargs):
+        self.ledger.charge(*args, **kwargs)
+        if not self.fired:
+            self.fired = True
+            os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at the next bytecode, here
+
+
+def test_a_signal_between_the_ledger_write_and_its_count_charges_nothing_twice(tmp_path):
+    """Seen once in about ten real SIGHUP stops under load: the stop came just after the epoch-end charge was
+    written, the run's count of charged steps still said 3, and the stop's own charge wrote those steps again (the
+    ledger said 9 steps for a run that took 6). The write and its count now hold the signal until both are done."""
+    from aisec_train.errors import stop_on_signals
+
+    store = LedgerStore(tmp_path / "store")
+    with store.open(DATASET) as led:
+        spend = DatasetSpend(SignalledAfterTheWrite(led.delegate()), RUN, "dataset", 0, 3.0, 96)
+        cfg = TrainConfig(epochs=4, batch_size=32, lr=0.1, ema_decay=0.0)
+        privacy = PrivacyConfig(
+            target_epsilon=3.0, delta=1e-3, grad_sample_mode=GradSampleMode.hooks, accountant=Accountant.rdp
+        )
+        with pytest.raises(Stopped) as stop, stop_on_signals():
+            train(build_model("mlp", in_channels=1, num_classes=3, image_size=6), blobs(), train_cfg=cfg,
+                  privacy_cfg=privacy, device=CPU, persist=[].append, spend=spend, progress=False)  # fmt: skip
+        assert led.steps(RUN) == 3 and spend.charged == 3  # epoch 1's three steps, once
+        assert "with 3 private step(s) taken in all, all charged" in stop.value.where

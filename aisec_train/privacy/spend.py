@@ -26,6 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from aisec_train.errors import stops_deferred
 from aisec_train.privacy import DatasetLedger, compose_epsilon
 from aisec_train.privacy.ledger import PrivacyLedger, calibrated_noise
 from aisec_train.privacy.record_sets import SharedSpend
@@ -214,8 +215,9 @@ class DatasetSpend:
             return
         new = run.steps - self.charged
         if new > 0:
-            self.ledger.charge(self.run_id, [(run.noise_multiplier, run.sample_rate, new)])
-            self.charged = run.steps
+            with stops_deferred():  # a signal between the write and the count would charge these steps twice
+                self.ledger.charge(self.run_id, [(run.noise_multiplier, run.sample_rate, new)])
+                self.charged = run.steps
 
     def summary(self) -> dict:
         """The dataset-level account for the report and model card: the records' total composed spend."""
