@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,17 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
         pass
     finally:
         os.environ.pop("TRITON_INTERPRET") if _saved is None else os.environ.__setitem__("TRITON_INTERPRET", _saved)
+
+
+def signal_past_first_checkpoint(proc: subprocess.Popen, run: Path, sig: int, settle: float = 1.5) -> None:
+    """Wait for ``run``'s first checkpoint, let a few steps pass (``settle`` seconds), then send ``sig`` to ``proc``:
+    a stop part-way, between two checkpoints, as a scheduler or Ctrl-C would make it."""
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(settle)
+    assert proc.poll() is None, "the job ended before the signal"
+    proc.send_signal(sig)
 
 
 def run_cli(

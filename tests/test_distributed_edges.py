@@ -29,7 +29,7 @@ import torch.distributed as dist
 from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
 from aisec_train.train.distributed import _join, _rank_report, _reported
-from tests.conftest import REPO
+from tests.conftest import REPO, signal_past_first_checkpoint
 
 SMOKE = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1"]
 
@@ -234,7 +234,6 @@ def test_a_sigterm_to_a_data_parallel_job_charges_rank_zeros_steps_and_ends_in_o
     `RuntimeError: data-parallel training failed after 0 restart(s): Process ... got signal: 15` traceback, exit 1.
     Now each rank turns it into Stopped: rank 0 charges every step it took, and the job ends in one line, 143."""
     import signal
-    import time
 
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(tmp_path / "ledgers")}
@@ -243,12 +242,7 @@ def test_a_sigterm_to_a_data_parallel_job_charges_rank_zeros_steps_and_ends_in_o
     proc = subprocess.Popen([sys.executable, "-m", "aisec_train", *args], cwd=REPO, env=env, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.5)  # a few steps past that checkpoint
-        assert proc.poll() is None, "the job ended before the signal"
-        proc.send_signal(signal.SIGTERM)
+        signal_past_first_checkpoint(proc, run, signal.SIGTERM)
         _, err = proc.communicate(timeout=180)
     finally:
         proc.kill()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from aisec_train.errors import Stopped, stop_on_signals
-from tests.conftest import LEDGER_ENV, REPO
+from tests.conftest import LEDGER_ENV, REPO, signal_past_first_checkpoint
 
 STOPPED = re.compile(
     r"^aisec-train: stopped by (SIGTERM|SIGINT|SIGHUP) in epoch (\d+) with (\d+) private step\(s\) taken in all, "
@@ -56,12 +56,7 @@ def test_a_signal_part_way_charges_every_step_and_ends_in_one_line(tmp_path, sig
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=default_signals)  # fmt: skip
     try:
-        deadline = time.monotonic() + 180
-        while not (run / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(0.5)  # into a later epoch, between two checkpoints
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(sig)
+        signal_past_first_checkpoint(proc, run, sig, settle=0.5)  # into a later epoch, between two checkpoints
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()

@@ -19,7 +19,7 @@ import torch
 
 from aisec_train.errors import ConfigError
 from aisec_train.train.launch import cli_overrides
-from tests.conftest import REPO, read_report, run_cli
+from tests.conftest import REPO, read_report, run_cli, signal_past_first_checkpoint
 
 # An explicit noise multiplier with a loose target: both jobs take the same steps at the same noise.
 JOB = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=2"]
@@ -214,12 +214,7 @@ def test_a_sigterm_to_your_torchrun_charges_rank_zeros_steps_and_each_rank_ends_
     log = (tmp_path / "stderr.txt").open("w+")  # a file, not a pipe: two ranks and the agent write to it
     agent = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
     try:
-        deadline = time.monotonic() + 300
-        while not (run / "checkpoints" / "last.pt").exists() and agent.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.5)  # a few steps past that checkpoint
-        assert agent.poll() is None, "the job ended before the signal"
-        agent.send_signal(signal.SIGTERM)
+        signal_past_first_checkpoint(agent, run, signal.SIGTERM)
         agent.wait(timeout=180)
     finally:
         agent.kill()
