@@ -108,19 +108,21 @@ def test_a_private_cli_run_logs_no_nan_where_the_draws_picked_such_a_record(tmp_
     assert not any("dropped" in r["key"] or "left_out" in r["key"] for r in tracked)
 
 
-def test_a_model_whose_every_output_overflows_is_never_released(tmp_path, monkeypatch):
+@pytest.mark.parametrize("job", [BASE, ["experiment=backdoor", "audit=off", "robustness.evaluate=false"]],
+                         ids=["smoke", "backdoor"])  # fmt: skip
+def test_a_model_whose_every_output_overflows_is_never_released(tmp_path, monkeypatch, job):
     """Dropping each record whose forward overflows keeps a private run's weights finite, so a run whose learning
     rate blew the model up (every record overflowing) trained on, on noise alone, and released model.pt with finite
     weights and infinite outputs, exit 0. Now the evaluate stage refuses a model whose outputs on at least half the
-    test split are not finite, in one line, before any later stage or the release; the steps taken stay charged."""
+    test split are not finite, in one line, before any later stage or the release; the steps taken stay charged.
+    With the backdoor defence on, that model was an SVD traceback in its detector: refused after training now."""
     import json
 
-    from aisec_train.robust.stage import check_outputs_finite
-    from aisec_train.train.loop import evaluate
+    from aisec_train.train.loop import check_outputs_finite, evaluate
 
     monkeypatch.setenv("AISEC_TRAIN_LEDGER_STORE", str(tmp_path / "ledgers"))
     run = tmp_path / "run"
-    code, err, crash = call_cli([*BASE, "train.epochs=2", "train.lr=1e30", f"hydra.run.dir={run}"])
+    code, err, crash = call_cli([*job, "train.epochs=2", "train.lr=1e30", f"hydra.run.dir={run}"])
     assert code == 2 and not crash, (err[-2000:], crash)
     line = err.strip().splitlines()[-1]
     assert line.startswith("aisec-train: error: the trained model's outputs are non-finite on "), line

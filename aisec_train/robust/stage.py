@@ -12,8 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aisec_train.text_run import ROBUSTNESS_ITEMS, is_text, skip_robustness
-from aisec_train.train.callbacks import NonFiniteError
-from aisec_train.train.loop import evaluate
+from aisec_train.train.loop import check_outputs_finite, evaluate
 
 if TYPE_CHECKING:
     from aisec_train.run_state import Run
@@ -26,21 +25,8 @@ def stage_evaluate(run: Run) -> None:
     later stage works on it or ``save_model`` releases it (its weights alone can be finite)."""
     assert run.model is not None and run.data is not None
     clean, non_finite = evaluate(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
-    check_outputs_finite(non_finite, len(run.data.test), run.cfg.train.lr)
+    check_outputs_finite(non_finite, len(run.data.test), run.cfg.train.lr)  # again: the defence changed the model
     run.report.add("metrics", clean_accuracy=clean, n_test=len(run.data.test), non_finite_test_outputs=non_finite)
-
-
-def check_outputs_finite(non_finite: int, n_test: int, lr: float) -> None:
-    """Refuse a model whose outputs overflow on at least half the test split: broken, though its weights are finite
-    (a private step drops each record whose forward overflows, so such a model trains on, on noise alone). Fewer
-    are a few extreme inputs, not a broken model: counted in ``metrics.non_finite_test_outputs``, each a miss."""
-    if non_finite and 2 * non_finite >= n_test:
-        raise NonFiniteError(
-            f"the trained model's outputs are non-finite on {non_finite} of {n_test} test records, though its "
-            "weights are finite (under DP each record whose forward overflows is dropped from its step, so such a "
-            f"model trains on, on noise alone; train.lr={lr:g}); model.pt is not written and the steps taken are "
-            "charged. Lower train.lr or check the data"
-        )
 
 
 def stage_robustness(run: Run) -> None:

@@ -42,6 +42,7 @@ from aisec_train.train.callbacks import (
     ChargeDataset,
     Checkpointing,
     FiniteGuard,
+    NonFiniteError,
     SchedulerStep,
     WeightAveraging,
     all_evaluation,
@@ -156,6 +157,19 @@ def evaluate(
         seen += len(x)
     model.train(was_training)
     return hits / max(1, seen), non_finite
+
+
+def check_outputs_finite(non_finite: int, n_test: int, lr: float) -> None:
+    """Refuse a model whose outputs overflow on at least half the test split: broken, though its weights are finite
+    (a private step drops each record whose forward overflows, so such a model trains on, on noise alone). Fewer
+    are a few extreme inputs, not a broken model: counted in ``metrics.non_finite_test_outputs``, each a miss."""
+    if non_finite and 2 * non_finite >= n_test:
+        raise NonFiniteError(
+            f"the trained model's outputs are non-finite on {non_finite} of {n_test} test records, though its "
+            "weights are finite (under DP each record whose forward overflows is dropped from its step, so such a "
+            f"model trains on, on noise alone; train.lr={lr:g}); model.pt is not written and the steps taken are "
+            "charged. Lower train.lr or check the data"
+        )
 
 
 def rank_and_world() -> tuple[int, int]:
