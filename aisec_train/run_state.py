@@ -55,6 +55,9 @@ class Run:
     backdoor: BackdoorState | None = None
     model: nn.Module | None = None
     result: TrainResult | None = None
+    # the last pass over the test split: (weights digest, clean accuracy, records with non-finite outputs); the
+    # evaluate stage reuses it when no stage changed the weights since (train/stage.py measured it)
+    test_pass: tuple[str, float, int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     tracker: Tracker = field(default_factory=lambda: Tracker([]))  # the experiment trackers (logger group)
     resources: ExitStack = field(default_factory=ExitStack)  # the run directory's and the dataset ledger's locks

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aisec_train.text_run import ROBUSTNESS_ITEMS, is_text, skip_robustness
+from aisec_train.train.distributed import weights_digest
 from aisec_train.train.loop import check_outputs_finite, evaluate
 
 if TYPE_CHECKING:
@@ -24,8 +25,11 @@ def stage_evaluate(run: Run) -> None:
     """Clean accuracy on the test split; a model whose outputs are not finite on most of it is refused before any
     later stage works on it or ``save_model`` releases it (its weights alone can be finite)."""
     assert run.model is not None and run.data is not None
-    clean, non_finite = evaluate(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
-    check_outputs_finite(non_finite, len(run.data.test), run.cfg.train.lr)  # again: the defence changed the model
+    if run.test_pass is not None and run.test_pass[0] == weights_digest(run.model):
+        _, clean, non_finite = run.test_pass  # the weights the train stage measured (and checked): no second pass
+    else:  # the backdoor defence pruned or retrained them
+        clean, non_finite = evaluate(run.model, run.data.test, run.device, workers=run.cfg.dataset.workers)
+        check_outputs_finite(non_finite, len(run.data.test), run.cfg.train.lr)
     run.report.add("metrics", clean_accuracy=clean, n_test=len(run.data.test), non_finite_test_outputs=non_finite)
 
 

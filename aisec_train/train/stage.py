@@ -17,6 +17,7 @@ from aisec_train.report.budget_text import stop_line
 from aisec_train.robust.config import training_attack
 from aisec_train.train import checkpoint
 from aisec_train.train.allocator import freed_memory_kept, keep_freed_memory
+from aisec_train.train.distributed import weights_digest
 from aisec_train.train.loop import TrainResult, check_outputs_finite, evaluate
 from aisec_train.train.objectives import objective_from_config
 from aisec_train.train.resume import CheckpointSlot, identity, load_resume
@@ -55,8 +56,9 @@ def stage_train(run: Run) -> None:
     adapters = check_adapters_moved(run.model)  # LoRA that never trained is refused, not released (opacus#820)
     # A private step drops each record whose forward overflows, so a model its learning rate blew up trains on, on
     # noise alone, with finite weights: refused here, before the backdoor defence or any audit works on it.
-    _, non_finite = evaluate(run.model, data.test, run.device, workers=cfg.dataset.workers)
+    clean, non_finite = evaluate(run.model, data.test, run.device, workers=cfg.dataset.workers)
     check_outputs_finite(non_finite, len(data.test), cfg.train.lr)
+    run.test_pass = (weights_digest(run.model), clean, non_finite)
     if adapters is not None:
         run.report.add("model", lora_adapters=adapters)
     run.tracker.log_history(result.history, "round" if trainer == "federated" else "epoch")  # not logged live
