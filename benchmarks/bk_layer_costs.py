@@ -19,7 +19,6 @@ Paired micro-benchmarks, each interleaved round by round (order alternating), 1 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -136,7 +136,7 @@ TABLES = {"linear_seq": linear_seq, "conv_mid": conv_mid, "fold": fold}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--only", nargs="+", choices=sorted(TABLES), default=list(TABLES), help="tables to run")

@@ -19,7 +19,6 @@ the private step. The sums per layer type and per model are in ``by_kind`` and `
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,6 +33,7 @@ import dpsgd  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 from aisec_train.train.allocator import keep_freed_memory  # noqa: E402
 from aisec_train.train.bk import BKGradSampleModule  # noqa: E402
@@ -144,7 +144,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     models = list(dpsgd.MODELS)
     parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {models}")
     parser.add_argument("--steps", type=int, default=5, help=f"timed steps (after {WARMUP_STEPS} warm-up steps)")

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 
 def parse_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None):
-    parser = argparse.ArgumentParser(description=description)
+    parser = RefusingParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small sizes on the CPU, under a minute")
     parser.add_argument("--out", type=output_file, default=None, help="where to write the JSON result")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -5,7 +5,6 @@ python benchmarks/dpsgd_profile.py --threads 1 --steps 5 --out benchmarks/result
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,12 +16,13 @@ import dpsgd  # noqa: E402
 import torch  # noqa: E402
 from step_profile import noise_cost  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 
 def main() -> None:
     """``python benchmarks/dpsgd_profile.py [--models cnn,mixer] [--steps 5] [--threads 1] [--out FILE.json]``"""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     models = list(dpsgd.MODELS)
     parser.add_argument("--models", default=",".join(models), help=f"comma-separated subset of {models}")
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per impl (after one warm-up step)")

@@ -10,7 +10,6 @@ summary into README.md between the ``benchmarks:start`` / ``benchmarks:end`` mar
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -20,6 +19,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from aisec_train.errors import RefusingParser
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["dpsgd", "pgd", "autoattack", "activations", "he_aggregation"]
@@ -78,7 +79,7 @@ def update_readme(readme: Path, summary: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="small sizes (CPU), a few minutes in all")
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, default=BENCHMARKS)

@@ -171,3 +171,18 @@ def test_every_script_with_an_out_file_probes_it_before_any_work(tmp_path):
                               text=True, timeout=120)  # fmt: skip
         assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
         assert f"--out {blocker / 'x.json'} is not allowed: {blocker} is not writable" in done.stderr
+
+
+def test_every_script_answers_a_usage_error_in_one_line():
+    """Every benchmark and figure script builds its parser as errors.RefusingParser: an unknown or malformed flag is
+    one line and exit 2, as the console scripts answer, not argparse's usage block (two real scripts, the rest by
+    their source)."""
+    repo = Path(dpsgd.__file__).resolve().parents[1]
+    scripts = sorted([*repo.glob("scripts/figures/*.py"), *repo.glob("benchmarks/*.py")])
+    plain = [p.name for p in scripts if "argparse.ArgumentParser(" in p.read_text()]
+    assert plain == [], plain
+    for script, args in ((repo / "scripts/figures/backdoor_matrix.py", ["--no-such-flag"]),
+                         (repo / "benchmarks/pgd.py", ["--quick", "--device"])):  # fmt: skip
+        done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert done.stderr.count("\n") == 1 and ": error: " in done.stderr, done.stderr

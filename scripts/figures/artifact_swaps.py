@@ -11,13 +11,14 @@ run's folder, then the installed ``aisec-train-registry`` register / mark-good /
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from aisec_train.errors import RefusingParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -59,7 +60,7 @@ def real_scenario(root: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-real", action="store_true", help="skip the two real training runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

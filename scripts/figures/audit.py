@@ -19,7 +19,6 @@ their report.json exists), registered in a registry of their own there.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -33,6 +32,7 @@ from common import REPO, own_stores, write
 from scipy import ndimage
 from scipy.stats import binomtest, ttest_rel
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 AREAS = ("data pipeline", "training", "model", "deployment", "monitoring")
@@ -282,7 +282,7 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--attacker-seeds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=1, help="CLI runs at a time (threads are split between them)")

@@ -24,7 +24,6 @@ runs are kept in ``OUT.progress.jsonl`` (``common.Progress``) and re-used by a r
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 from common import REPO, RESULTS, Progress, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 ATTACKS = ("loss", "lira_offline", "rmia")
@@ -196,7 +196,7 @@ def table(summary: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = RefusingParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before-tree", type=Path, required=True, help="git worktree of the commit before")
     parser.add_argument("--after-tree", type=Path, default=REPO)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

@@ -19,7 +19,6 @@ table. ``--quick`` runs one seed of two epochs per dataset (a smoke check of the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -36,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import own_stores  # noqa: E402
 from glyphs import make  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,7 +190,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with OMP_NUM_THREADS=1)")
     parser.add_argument("--quick", action="store_true", help="two epochs (one seed unless --seeds): checks the script")

@@ -12,7 +12,6 @@ through ``federated.robust_aggregation.aggregate`` (Flower's own aggregation fun
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
@@ -29,6 +28,7 @@ from aisec_train.cli import CONFIG_DIR
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.dataset import load_dataset
 from aisec_train.data.views import subset
+from aisec_train.errors import RefusingParser
 from aisec_train.federated.robust_aggregation import aggregate
 from aisec_train.models import ModelFactory
 from aisec_train.preflight import output_file
@@ -89,7 +89,7 @@ def run(boost: str, defence: str, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--clients", type=int, default=5, help="Krum needs >= 2f + 3 = 5 with one attacker")

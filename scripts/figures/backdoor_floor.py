@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor_matrix import PRIVACY, SETS, _dataset  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,7 +118,7 @@ def twin(attack: str, seed: int, overrides: list[str], work: Path, variants: tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=SETS, default=["natural"])
     parser.add_argument("--attack", nargs="+", default=["badnets", "blended", "wanet"])
     parser.add_argument("--privacy", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))

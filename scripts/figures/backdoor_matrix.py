@@ -19,7 +19,6 @@ Writes ``benchmarks/results/cpu/backdoor_matrix.json`` (rows, per-cell means ove
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor import ATTACKS, GOALS, _run  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,7 +90,7 @@ def _summary(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", choices=SETS, default=["digits"])
     parser.add_argument("--attack", nargs="+", choices=ATTACKS, default=list(ATTACKS))
     parser.add_argument("--privacy", nargs="+", choices=list(PRIVACY), default=list(PRIVACY))

@@ -13,7 +13,6 @@ replaces the earlier one, and the JSON lists every replaced case and seed under 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from scipy.stats import binomtest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backdoor import GOALS  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 
@@ -67,7 +67,7 @@ def pass_rates(rows: list[dict]) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("matrices", nargs="+", type=Path, help="backdoor_matrix.py outputs, with different seeds")
     parser.add_argument("--out", type=output_file, default=None)
     parser.add_argument("--supersede", action="store_true",

@@ -21,7 +21,6 @@ Run it from a scratch directory with the stores redirected; ``--out`` appends on
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -39,6 +38,7 @@ from aisec_train.backdoor import stage as backdoor_stage
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 from aisec_train.train.loop import train
 from aisec_train.train.objectives import CrossEntropy
@@ -52,7 +52,7 @@ def _pair(m) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
     parser.add_argument("attack")
     parser.add_argument("seed", type=int)

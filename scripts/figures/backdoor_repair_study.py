@@ -20,7 +20,6 @@ per variant:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -40,6 +39,7 @@ from aisec_train.backdoor.layers import network
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import subset
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 from aisec_train.train.objectives import Distillation, FeatureShift, soft_term
 
@@ -356,7 +356,7 @@ class CorrectOnly(Distillation):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
     parser.add_argument("attack")
     parser.add_argument("seed", type=int)

@@ -34,7 +34,6 @@ Writes one JSON line per (case, layer) to ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from aisec_train.backdoor.features import detection_features
 from aisec_train.backdoor.metrics import measure
 from aisec_train.config import register_configs, to_config
 from aisec_train.data.views import labels_of, materialize
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 CONFIGS = str(Path(__file__).resolve().parents[2] / "configs")
@@ -123,7 +123,7 @@ def abl_row(run, truth: np.ndarray, epochs: int, seed: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path)
     parser.add_argument("attack")
     parser.add_argument("seed", type=int)

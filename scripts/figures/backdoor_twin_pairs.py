@@ -22,13 +22,13 @@ replaces an earlier one's for the same case and seed (as ``backdoor_pass_rates.p
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 from scipy.stats import mannwhitneyu, wilcoxon
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 BAR = 0.05  # issue 24's ASR bar
@@ -94,7 +94,7 @@ def pairs(matrix: dict, twins: dict) -> dict[str, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrices", nargs="+", type=Path, required=True, help="backdoor_matrix.py outputs")
     parser.add_argument("--twins", nargs="+", type=Path, required=True, help="backdoor_floor.py outputs (.jsonl)")
     parser.add_argument("--out", type=output_file, default=None)

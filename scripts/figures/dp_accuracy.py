@@ -13,7 +13,6 @@ per seed the accuracies differ by the run-to-run noise; the figure is the mean o
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -21,11 +20,13 @@ from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.errors import RefusingParser
+
 MODES = ("ghost", "bk")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     args = parser.parse_args()
     rows = []

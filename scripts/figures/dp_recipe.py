@@ -22,7 +22,6 @@ Timings on the shared 2-core CPU are noisy (other jobs): read the K rows as rati
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from common import REPO, RESULTS, Progress, run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 OFF = ["audit=off", "robustness.evaluate=false", "privacy.target_epsilon=8"]
@@ -141,7 +141,7 @@ def augmult_timing(ks: list[int], *, records: int, repeats: int, n_train: int, q
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", choices=["natural_patches", "none"], default="natural_patches")
     parser.add_argument("--split", choices=["test", "val"], default="test", help="val: tuning, never the test split")
     parser.add_argument("--set", nargs="*", default=[], help="overrides for every run")

@@ -10,7 +10,6 @@ Flower's lines and repeated ones, library noise (deprecation, alembic, Ray's tip
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from common import REPO, own_stores, write  # scripts/figures/common.py
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 FEDERATED = [
@@ -61,7 +61,7 @@ def measure(args: list[str], run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,6 @@ off unless ``--audit``: it is neither training nor robustness.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from common import REPO, RESULTS, run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 # the previous default of the "apgd" suite, for the before/after ratio: 500 samples, the half-steps check on 128
@@ -149,7 +149,7 @@ def glyphs28(tmp: Path, n: int) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", nargs="+", choices=["default", "glyphs28"], default=["default", "glyphs28"])
     parser.add_argument("--runs", type=int, default=1, help="command-line runs per job (the ratio's spread)")
     parser.add_argument("--glyphs", type=int, default=10000, help="typeset 28x28 digits (80%% train)")

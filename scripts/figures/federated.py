@@ -20,7 +20,6 @@ Writes ``benchmarks/results/cpu/federated.json`` and a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import statistics
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 PLAINTEXT = "federated.aggregation=plaintext"
@@ -70,7 +70,7 @@ def _case(report: dict, seconds: float, cpu_seconds: float) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=output_file, default=None)
     args = parser.parse_args()

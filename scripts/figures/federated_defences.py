@@ -19,7 +19,6 @@ Writes ``benchmarks/results/cpu/federated_defences.json`` and a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 DEFENCES = ("fedavg", "median", "trimmed_mean", "krum", "norm_bound", "norm_bound_ckks", "norm_bound_ckks_skip")
@@ -53,7 +53,7 @@ def _honest_median_norm(report: dict, k: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--clients", type=int, default=20)

@@ -18,13 +18,13 @@ Writes ``benchmarks/results/cpu/federated_dp.json`` and a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 LEVELS = {
@@ -57,7 +57,7 @@ def _row(report: dict, k: int, level: str, agg: str, seconds: float, peak: int) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--n", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)

@@ -12,7 +12,6 @@ No engine (Ray) is started: the engine moves the same messages. Writes benchmark
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from aisec_train.errors import RefusingParser
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / "benchmarks" / "results" / "cpu" / "federated_lora.json"
@@ -83,7 +84,7 @@ def one_round(folder: Path, checkpoint: Path, trainable: str, aggregation: str, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = RefusingParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=2)
     args = parser.parse_args()
     from flwr.supercore.task_identity import TaskIdentity

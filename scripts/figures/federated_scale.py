@@ -16,7 +16,6 @@ Writes ``benchmarks/results/cpu/federated_scale.json`` and a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from common import RESULTS, Progress, write
 from fed_common import glyph_digits, markdown, run_measured
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 DP = {
@@ -60,7 +60,7 @@ def case(report: dict, seconds: float, peak: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4k digits, 3 rounds (for a first look)")
     parser.add_argument("--n", type=int, default=None, help="typeset digits to generate (default 20000)")
     parser.add_argument("--rounds", type=int, default=None)

@@ -12,7 +12,6 @@ Writes benchmarks/results/cpu/finetune_text.json.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import json
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -150,7 +150,7 @@ def fine_tune(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--epsilon", type=float, default=8.0)

@@ -10,7 +10,6 @@ own process so its peak resident memory is its own. Writes benchmarks/results/cp
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import resource
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +93,7 @@ def fine_tune(variant: str, checkpoint: str, seed: int, epochs: int, epsilon: fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--pretrain-epochs", type=int, default=20)
     parser.add_argument("--epsilon", type=float, default=8.0)

@@ -15,12 +15,13 @@ API) or a traceback, which is what the figure counts:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from aisec_train.errors import RefusingParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -95,7 +96,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="config sweep on every 7th case")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -19,7 +19,6 @@ once the 220 prototypes are rendered). The federated figures (issue 14) use the 
 
 from __future__ import annotations
 
-import argparse
 from functools import cache
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from scipy import ndimage
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 ALPHABETS = {"digits": "0123456789", "letters": "ABCDEFGHIJ"}
@@ -106,7 +106,7 @@ def make(n: int = 1800, size: int = 12, seed: int = 0, alphabet: str = "digits")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=output_file, required=True, help="the .npz to write (x, y)")
     parser.add_argument("--n", type=int, default=1800)
     parser.add_argument("--size", type=int, default=12)

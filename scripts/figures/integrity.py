@@ -17,7 +17,6 @@ accounting of the dataset's composed budget (``budget``) is reported beside it, 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -28,6 +27,7 @@ from pathlib import Path
 
 from common import REPO, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 sys.path.insert(0, str(REPO))  # the drills live beside the tests that hold them
@@ -176,7 +176,7 @@ def table(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = RefusingParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=PARTS, action="append")
     parser.add_argument("--out", type=output_file)

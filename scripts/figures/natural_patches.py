@@ -26,13 +26,14 @@ Deterministic: the same arguments give byte-identical arrays (``--seed``), recor
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from aisec_train.errors import RefusingParser
 
 SKIMAGE_PHOTOS = (
     "astronaut.png",
@@ -128,7 +129,7 @@ def build(args) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for train.npz, test.npz (and val.npz)")
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--block", type=int, default=64, help="tile side: crops never cross a tile")

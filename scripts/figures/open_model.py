@@ -14,7 +14,6 @@ child's ``ru_maxrss`` (resource.getrusage), read in a fresh wrapper process per 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from common import REPO, RESULTS, Progress, own_stores, run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 PEAK = (
@@ -375,7 +375,7 @@ def _paired_ci(rows: list[dict]) -> list[float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("figure", choices=["memory", "throughput", "own_model", "composition", "default_job"])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--baseline-ref", default="37279ef")

@@ -10,13 +10,13 @@ says which this machine is; the GPU suite (benchmarks/gpu_suite.sh) measures the
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 
@@ -30,7 +30,7 @@ def cpu_bf16_units() -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = RefusingParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--device", default="cpu")

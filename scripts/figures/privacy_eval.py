@@ -31,7 +31,6 @@ script, not the claims.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -49,6 +48,7 @@ from opake.auditing.types import CoinFlip
 
 import aisec_train
 from aisec_train.audit import privacy_audit
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 SETTINGS: dict[str, list[str]] = {
@@ -305,7 +305,7 @@ def tables(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--canaries", type=int, default=500)
     parser.add_argument("--quick", action="store_true", help="one seed, smoke jobs, 200 canaries: checks the script")

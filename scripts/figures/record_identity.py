@@ -18,7 +18,6 @@ bytes, peak RSS over the process before hashing).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, write  # noqa: E402
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 FAST = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1", "privacy.target_epsilon=1"]
@@ -215,7 +215,7 @@ def memory(n: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-cli", action="store_true", help="skip the real runs (in-process parts only)")
     parser.add_argument("--records", type=int, default=1_000_000, help="records for the memory probe")
     parser.add_argument("--out", type=output_file, default=None)

@@ -37,7 +37,6 @@ script, not the claims.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -55,6 +54,7 @@ import aisec_train
 from aisec_train.audit.monitor import load_run
 from aisec_train.data.dataset import load_dataset
 from aisec_train.data.views import materialize
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 from aisec_train.robust.evaluation import evaluate_robustness
 
@@ -353,7 +353,7 @@ def tables(result: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 samples, 10-step AutoAttack")
     parser.add_argument("--out", type=output_file, default=None)

@@ -10,7 +10,6 @@ and writes ``benchmarks/results/cpu/robustness.json`` and a markdown table.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from common import RESULTS, run_cli, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 CASES = {
@@ -40,7 +40,7 @@ def run(case: list[str], seed: int, run_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=output_file, default=RESULTS / "robustness.json")
     args = parser.parse_args()

@@ -35,6 +35,7 @@ import aisec_train  # noqa: E402
 from aisec_train.data.config import DatasetConfig  # noqa: E402
 from aisec_train.data.dataset import load_dataset  # noqa: E402
 from aisec_train.data.views import subset  # noqa: E402
+from aisec_train.errors import RefusingParser
 from aisec_train.models import build_model  # noqa: E402
 from aisec_train.preflight import output_file
 from aisec_train.privacy.randomness import secret_generator  # noqa: E402
@@ -153,7 +154,7 @@ def _secure(size: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = RefusingParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--out", type=output_file, default=None)

@@ -10,11 +10,12 @@ every pixel.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from aisec_train.errors import RefusingParser
 
 CLASSES = ["disc", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar", "x", "dots"]
 
@@ -61,7 +62,7 @@ def write(root: Path, n: int, size: int, test_fraction: float, seed: int) -> Pat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--size", type=int, default=16)

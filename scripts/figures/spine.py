@@ -9,16 +9,17 @@ clock) and ``aisec-train privacy=none``. Goals: epsilon <= 3 at delta 1e-5, clea
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 from pathlib import Path
 
 from common import run_cli, write
 
+from aisec_train.errors import RefusingParser
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = RefusingParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args()
     rows = []

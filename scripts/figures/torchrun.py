@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -28,6 +27,8 @@ import time
 from pathlib import Path
 
 from common import REPO, own_stores, run_cli, write
+
+from aisec_train.errors import RefusingParser
 
 # The ledger's command line (aisec-train-ledger), wherever the privacy package keeps it.
 LEDGER_CLI = next(
@@ -245,7 +246,7 @@ def bootstrap_ci(values: list[float]) -> list[float] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = RefusingParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--epochs", type=int, default=None, help="train.epochs (default: the job's own)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="train.seed, every arm")

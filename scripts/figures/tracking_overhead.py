@@ -45,6 +45,7 @@ from pathlib import Path
 
 from common import REPO, own_stores, write
 
+from aisec_train.errors import RefusingParser
 from aisec_train.preflight import output_file
 
 LOGGERS = ["csv", "tensorboard", "mlflow", "wandb"]
@@ -222,7 +223,7 @@ def measure(design: str, loggers: list[str], repeat: int, base: list[str], tmp: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = RefusingParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5, help="pairs per logger")
     parser.add_argument("--loggers", nargs="+", default=LOGGERS, choices=LOGGERS)
