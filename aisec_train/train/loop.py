@@ -491,7 +491,9 @@ class Loop:
                     self.steps += 1
                     for cb in self.callbacks:
                         cb.after_step(self)
-        return total / max(1, averaged), hits / max(1, seen)
+        # No record kept in the whole epoch (under DP every one drawn overflowed): its loss is undefined, NaN, not
+        # the 0.000 that read as a perfect fit in the progress bar and the trackers' epoch axis
+        return (total / averaged if averaged else math.nan), hits / max(1, seen)
 
     def _kept_records(self, loss: torch.Tensor, records: int) -> torch.Tensor | None:
         """Under DP, after a non-finite batch loss: which records the logged loss and accuracy count (a mask).
