@@ -239,3 +239,53 @@ def test_a_sigterm_to_your_torchrun_charges_rank_zeros_steps_and_each_rank_ends_
     kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     # at most: a signal can land just after an epoch's checkpoint (about one run in six here)
     assert sum(n for _, _, n in kept["ledger"]["history"]) <= taken and not (run / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "signalled", [pytest.param(1, id="second-node"), pytest.param(0, id="first-node", marks=pytest.mark.slow)]
+)
+def test_a_signal_to_one_node_ends_the_other_nodes_rank_in_one_line_with_the_steps_charged(tmp_path, signalled):
+    """(~12 s each.) Two torchrun "nodes" on loopback, a SIGTERM to one node's agent only (a node preempted alone,
+    or a terminal closed on one machine): that node's rank stops as it should; the other node's rank met the closed
+    connection in its next collective, a gloo traceback. It now says in one line that it lost a peer, where, and
+    (rank 0) that every step taken is charged. Which node holds rank 0 is the rendezvous' choice: both are checked."""
+    run, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(ledgers)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    port, agents, logs = free_port(), [], []
+    for node in range(2):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=one-node-signalled",
+                   "-m", "aisec_train", "experiment=smoke", "train.epochs=300", f"hydra.run.dir={run}"]  # fmt: skip
+        logs.append((tmp_path / f"node{node}.txt").open("w+"))
+        agents.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+    try:
+        signal_past_first_checkpoint(agents[signalled], run, signal.SIGTERM)
+        for agent in agents:
+            agent.wait(timeout=180)
+    finally:
+        for agent in agents:
+            agent.kill()
+    texts = []
+    for log in logs:
+        log.seek(0)
+        texts.append(log.read())
+    other = texts[1 - signalled]
+    ours = [line.split("\r")[-1].strip() for line in other.splitlines() if "aisec-train: " in line]
+    assert len(ours) == 1 and "/aisec_train/" not in other, other[-3000:]
+    assert re.match(r"aisec-train: error: torchrun rank [01] of 2 lost another rank in a collective at step \d+ "
+                    r"\(epoch \d+\): its process ended \(", ours[0]), ours  # fmt: skip
+    assert "the last good checkpoint is kept and no model is released" in ours[0]
+    charged = sum(
+        sum(n for _, _, n in record["history"])
+        for path in ledgers.glob("*.json")
+        for record in json.loads(path.read_text())["records"]
+        if record["kind"] == "charge"
+    )
+    if "torchrun rank 0 of 2 lost" in ours[0]:  # the unsignalled node held rank 0: its line counts the charge
+        taken = int(re.search(r"; (\d+) step\(s\) taken, ", ours[0]).group(1))
+        assert "all charged to the privacy ledger" in ours[0] and charged == taken, (ours, charged)
+    else:
+        assert "(rank 0 charges the job's steps)" in ours[0]
+        zero = [line for line in texts[signalled].splitlines() if "torchrun rank 0 of 2 in epoch " in line]
+        assert zero and f" with {charged} private step(s) taken in all" in zero[0], (zero, charged)

@@ -313,20 +313,52 @@ class _Progress(Callback):
 
     def timed_out(self, job: TrainJob, rank: int, world: int, err: BaseException) -> str:
         """Charge the steps taken (rank 0: the one ledger) and say in one line where training stopped."""
-        loop, timeout = self.loop, job.cfg.train.distributed.timeout
-        charged = ""
-        if rank == 0 and loop is not None and loop.ledger is not None:
-            charged = f"; {loop.ledger.steps} step(s) taken"
-            if self.spend is not None:
-                self.spend.charge(loop.ledger)  # never less than what was spent: the ledger's steps, all of them
-                charged += ", all charged to the privacy ledger"
-        where = f" at step {loop.steps + 1} (epoch {loop.epoch + 1})" if loop is not None else ""
+        timeout = job.cfg.train.distributed.timeout
         return (
             f"train.distributed.timeout={timeout:g} ran out: rank {rank} of {world} waited {timeout:g} s in a "
-            f"collective{where} for a rank that did not come ({str(err).splitlines()[0].split('] ')[-1]}); training "
-            f"stopped{charged}; the last good checkpoint is kept and no model is released. Check the rank that "
-            "stalled (its data, file system or device), or raise train.distributed.timeout (allowed: 1 to 86400 s)"
+            f"collective{self._where()} for a rank that did not come ({_first_line(err)}); training "
+            f"stopped{self._charged(rank)}; the last good checkpoint is kept and no model is released. Check the rank "
+            "that stalled (its data, file system or device), or raise train.distributed.timeout (allowed: 1 to 86400 s)"
         )
+
+    def lost_peer(self, rank: int, world: int, err: BaseException) -> str:
+        """The same line when another rank's process ended under a collective (a signal or a failure on its node
+        alone): this rank's traceback, gloo's ``Connection reset by peer``, told nothing of what was charged."""
+        charged = self._charged(rank) if rank == 0 else " (rank 0 charges the job's steps)"
+        return (
+            f"torchrun rank {rank} of {world} lost another rank in a collective{self._where()}: its process ended "
+            f"({_first_line(err)}); training stopped{charged}; the last good checkpoint is kept and no model is "
+            "released. See the other nodes' output for why, then run the same command with the same hydra.run.dir "
+            "on every node to resume from the last checkpoint"
+        )
+
+    def _where(self) -> str:
+        loop = self.loop
+        return f" at step {loop.steps + 1} (epoch {loop.epoch + 1})" if loop is not None else ""
+
+    def _charged(self, rank: int) -> str:
+        loop = self.loop
+        if rank != 0 or loop is None or loop.ledger is None:
+            return ""
+        if self.spend is not None:
+            self.spend.charge(loop.ledger)  # never less than what was spent: the ledger's steps, all of them
+            return f"; {loop.ledger.steps} step(s) taken, all charged to the privacy ledger"
+        return f"; {loop.ledger.steps} step(s) taken"
+
+
+def _first_line(err: BaseException) -> str:
+    """torch's collective error without its source-file prefix: ``Read error [127.0.0.1]:5541: Connection reset by
+    peer. This is typically ...`` up to its first sentence's end."""
+    return str(err).splitlines()[0].split("] ", 1)[-1].split(". ")[0]
+
+
+def _lost_peer(err: BaseException) -> bool:
+    """Whether a collective failed because another rank's process ended: gloo's ``Connection reset by peer`` or
+    ``Connection closed by peer``, a broken pipe, NCCL's ``remote process exited``."""
+    text = str(err).lower()
+    ours = isinstance(err, dist.DistError) or "gloo" in text or "nccl" in text
+    gone = ("connection reset by peer", "connection closed by peer", "broken pipe", "remote process exited")
+    return ours and any(marker in text for marker in gone)
 
 
 def _join(
@@ -432,9 +464,13 @@ def _train_in_place(job: TrainJob) -> TrainResult:
         err.where = f" (torchrun rank {rank} of {world}{said or ' outside training'})"
         raise
     except (RuntimeError, dist.DistError) as err:  # a stalled rank: torch's traceback, the steps since the last
-        if not _timed_out(err) or isinstance(err, NonFiniteError):  # checkpoint uncharged; now as under nproc
+        if isinstance(err, NonFiniteError):  # checkpoint uncharged; now as under nproc
             raise
-        raise ConfigError(progress.timed_out(job, rank, world, err)) from None
+        if _timed_out(err):
+            raise ConfigError(progress.timed_out(job, rank, world, err)) from None
+        if _lost_peer(err):  # only the other node was signalled or failed: its own output says why
+            raise ConfigError(progress.lost_peer(rank, world, err)) from None
+        raise
     finally:
         dist.destroy_process_group()
     launcher = "submitit" if os.environ.get("SUBMITIT_EXECUTOR") else "torchrun"  # each task a rank: launch.py
