@@ -240,6 +240,8 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     if args.child:
         return child(args.child, [a for a in rest if a != "--"])
+    if rest:  # only the child takes arguments of its own: a typo here ran the whole figure without it
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     base = ["experiment=smoke", "audit=off", "robustness.evaluate=false"] if args.quick else []
     base += ["privacy.budget_scope=run"] + ([f"train.epochs={args.epochs}"] if args.epochs else [])
     reaper = become_subreaper()
