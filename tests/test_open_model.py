@@ -164,3 +164,23 @@ def test_python_api_train_takes_a_data_loader():
     assert result.ledger is None and len(result.history) == 2
     private = aisec_train.fit(TinyResNet(3, width=4), loader, ["train.epochs=1", "privacy.target_epsilon=2"])
     assert 0 < private.ledger.epsilon() <= 2.0
+
+
+def test_a_non_private_run_of_a_batchnorm_model_goes_through_every_stage(tmp_path):
+    """Without DP a user's BatchNorm stays (DP replaces it with GroupNorm). The train stage digests the weights so
+    that evaluate can reuse its pass over the test split, and BatchNorm's 0-dim ``num_batches_tracked`` had no byte
+    view: every non-private run of a BatchNorm model (timm's ResNets, torchvision's) ended in a RuntimeError after
+    training, model.pt unwritten (found by the slow pairs test, fedavg with timm)."""
+    from aisec_train.train.distributed import weights_digest
+
+    cfg = aisec_train.compose(["privacy=none", "train.epochs=1", "train.batch_size=64", "audit=off", *SMALL[2:]])
+    model = TinyResNet(num_classes=3, width=8)
+    report = aisec_train.run(cfg, model=model, train_dataset=Stripes(200, seed=0), test_dataset=Stripes(60, seed=1),
+                             run_dir=tmp_path / "run")  # fmt: skip
+    assert report.get("metrics.clean_accuracy") is not None and (tmp_path / "run" / "model.pt").exists()
+    trained = report.get("model.sha256")
+    assert trained and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    before = weights_digest(model)
+    with torch.no_grad():
+        model.bn1.num_batches_tracked += 1  # the 0-dim buffer is part of the digest: a change moves it
+    assert weights_digest(model) != before
