@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
-from aisec_train.train.distributed import _join, _rank_report, _reported
+from aisec_train.train.distributed import _join, _killed, _lost_peer, _rank_report, _reported, _with_cause
 from tests.conftest import REPO, signal_past_first_checkpoint
 
 SMOKE = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1"]
@@ -164,6 +164,34 @@ def test_a_refusal_of_one_rank_wins_over_the_others_timeout(tmp_path):
     checkpoint.save({"refusal": "DataError", "message": "rank 2's shard"}, Path(_rank_report(result, 2)))
     assert _rank_report(result, 2) != result and _rank_report(result, 0) == result
     assert _reported(result, 3) == {"refusal": "DataError", "message": "rank 2's shard"}
+
+
+def test_a_lost_peer_is_a_symptom_and_the_killed_rank_is_named_on_the_last_attempt(tmp_path):
+    """A rank whose peer died reports it as a timed-out one does: never the refusal the job ends with while a rank
+    refused on its own, restarted while restarts are left, and on the last attempt told with the rank that was
+    killed. A rank that exited with a status raised an error of its own: not turned into a line here."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:5541: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")  # fmt: skip
+    assert _lost_peer(gloo) and not _lost_peer(RuntimeError("Connection reset by peer"))  # a collective's only
+    assert not _lost_peer(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
+    result = str(tmp_path / "result.pt")
+    lost = {"refusal": "ConfigError", "message": "rank 0 of 2 lost another rank", "lost_peer": True}
+    checkpoint.save(lost, Path(result))
+    assert _reported(result, 2) == lost
+    checkpoint.save({"refusal": "DataError", "message": "rank 1's shard"}, Path(_rank_report(result, 1)))
+    assert _reported(result, 2)["refusal"] == "DataError"
+
+    def failed(exitcode: int) -> ChildFailedError:
+        failure = ProcessFailure(local_rank=1, pid=12345, exitcode=exitcode, error_file=str(tmp_path / "none"))
+        return ChildFailedError("_elastic_worker", {1: failure})
+
+    assert _killed(failed(-9)) == "rank 1 was killed by SIGKILL" and _killed(failed(1)) is None
+    assert _killed(RuntimeError("rendezvous")) is None
+    told = _with_cause(lost, failed(-9), restarts=0)["message"]
+    assert told.endswith("(rank 1 was killed by SIGKILL; train.distributed.max_restarts=0 restart(s) used up)")
+    assert _with_cause(lost, failed(1), restarts=2) == lost
 
 
 # ---- slow: the CLI, two real gloo ranks ---------------------------------------------------------------------------

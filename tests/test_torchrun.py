@@ -286,6 +286,52 @@ def test_a_signal_to_one_node_ends_the_other_nodes_rank_in_one_line_with_the_ste
         taken = int(re.search(r"; (\d+) step\(s\) taken, ", ours[0]).group(1))
         assert "all charged to the privacy ledger" in ours[0] and charged == taken, (ours, charged)
     else:
-        assert "(rank 0 charges the job's steps)" in ours[0]
+        assert "(rank 0 charges the job's steps unless it was killed)" in ours[0]
         zero = [line for line in texts[signalled].splitlines() if "torchrun rank 0 of 2 in epoch " in line]
         assert zero and f" with {charged} private step(s) taken in all" in zero[0], (zero, charged)
+
+
+def test_a_rank_killed_with_no_restart_left_ends_the_job_in_one_line_with_the_steps_charged(tmp_path):
+    """(~12 s.) ``train.distributed.nproc=2`` with ``max_restarts=0``: one rank SIGKILLed mid-training (what the
+    out-of-memory killer does). The survivor met the closed connection in its next collective and the job ended in
+    ``RuntimeError: data-parallel training failed after 0 restart(s)`` and torch's 60-line failure report, exit 1.
+    Now the survivor reports the lost peer as a timed-out collective is reported, and the job says in one line which
+    rank was killed, by what, and (when the survivor is rank 0) that every step it took is charged."""
+    run, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(ledgers)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", "aisec_train", "experiment=smoke", "train.epochs=300",
+               "train.distributed.nproc=2", "train.distributed.max_restarts=0", f"hydra.run.dir={run}"]  # fmt: skip
+    log = (tmp_path / "stderr.txt").open("w+")
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "checkpoints" / "last.pt").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)
+        workers = [p for p in children(job.pid) if "spawn" in cmdline(p)]
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGKILL)
+        job.wait(timeout=180)
+    finally:
+        job.kill()
+    log.seek(0)
+    text = log.read()
+    lines = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
+    assert job.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    line = lines[0]
+    assert re.match(r"aisec-train: error: train.distributed.nproc=2: rank [01] of 2 lost another rank in a "
+                    r"collective at step \d+ \(epoch \d+\): its process ended \(", line), line  # fmt: skip
+    assert re.search(r"\(rank [01] was killed by SIGKILL; train.distributed.max_restarts=0 restart\(s\) used up\)$",
+                     line), line  # fmt: skip
+    charged = sum(
+        sum(n for _, _, n in record["history"])
+        for path in ledgers.glob("*.json")
+        for record in json.loads(path.read_text())["records"]
+        if record["kind"] == "charge"
+    )
+    if "rank 0 of 2 lost" in line:  # rank 0 survived: every step it took is charged
+        assert charged == int(re.search(r"; (\d+) step\(s\) taken, all charged ", line).group(1)), (line, charged)
+    else:  # rank 0 was killed outright: what it charged at its last epoch's end stays
+        assert "(rank 0 charges the job's steps unless it was killed)" in line and charged > 0
+    assert not (run / "model.pt").exists()

@@ -144,15 +144,49 @@ def _elastic_launch(cfg, job: TrainJob, backend: str, tracked: bool) -> dict[str
                 if outcome is not None and outcome.get("stopped"):  # a signal, not a failure: no restart
                     return outcome
                 last = attempt == cfg.max_restarts
-                if outcome is not None and (last or not outcome.get("collective_timeout")):
-                    return outcome  # a refusal ends the job; a stalled rank is restarted like a dead one
+                if outcome is not None and (last or not _restartable(outcome)):
+                    # a refusal ends the job; a stalled rank, or one whose peer died, is restarted like a dead one
+                    return _with_cause(outcome, err, cfg.max_restarts) if _restartable(outcome) else outcome
                 failure = err
                 if not last:
                     log.warning("a data-parallel rank failed; restart %d of %d from the last checkpoint", attempt + 1,
                                 cfg.max_restarts)  # fmt: skip
                 continue
             return _reported(result_path, cfg.nproc) or checkpoint.load(result_path)
+        died = _killed(failure)
+        if died is not None:  # a rank killed by a signal (the out-of-memory killer's SIGKILL), none reporting
+            raise ConfigError(
+                f"train.distributed.nproc={cfg.nproc}: {died} and train.distributed.max_restarts="
+                f"{cfg.max_restarts} restart(s) are used up; every step charged before stays charged (a SIGKILL of "
+                "rank 0 leaves those since its last epoch's end uncharged). Run the same command with the same "
+                "hydra.run.dir to resume from the last checkpoint, or raise train.distributed.max_restarts"
+            ) from None
         raise RuntimeError(f"data-parallel training failed after {cfg.max_restarts} restart(s): {failure}") from None
+
+
+def _restartable(report: dict[str, Any]) -> bool:
+    """A rank's report of a stalled or vanished peer: a symptom of another rank's failure, not a refusal of its own."""
+    return bool(report.get("collective_timeout") or report.get("lost_peer"))
+
+
+def _killed(err: BaseException | None) -> str | None:
+    """``rank R was killed by SIGNAME`` when the attempt's first failure is a rank a signal ended; None otherwise
+    (a rank that exited with a status raised an error of its own: its traceback stays the report)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not isinstance(err, ChildFailedError):
+        return None
+    rank, failure = err.get_first_failure()
+    if failure.exitcode >= 0:
+        return None
+    return f"rank {rank} was killed by {failure.signal_name()}"
+
+
+def _with_cause(outcome: dict[str, Any], err: BaseException, restarts: int) -> dict[str, Any]:
+    """The last attempt's restartable report, with the rank that died and the restarts used up."""
+    died = _killed(err)
+    cause = f" ({died}; train.distributed.max_restarts={restarts} restart(s) used up)" if died else ""
+    return {**outcome, "message": outcome["message"] + cause}
 
 
 def _rank_report(result_path: str, rank: int) -> str:
@@ -165,7 +199,7 @@ def _reported(result_path: str, world: int) -> dict[str, Any] | None:
     refused alone leaves the others waiting in their next collective until it runs out), else rank 0's, else any
     rank's; None when no rank reported (a rank died)."""
     reports = [checkpoint.load(p) for r in range(world) if os.path.exists(p := _rank_report(result_path, r))]
-    refusals = [r for r in reports if r.get("refusal") and not r.get("collective_timeout")]
+    refusals = [r for r in reports if r.get("refusal") and not _restartable(r)]
     return (refusals or reports or [None])[0]
 
 
@@ -282,10 +316,15 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
     except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point, or one alone (its own file)
         checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, report)
     except (RuntimeError, dist.DistError) as err:
-        if not _timed_out(err):
+        if _timed_out(err):
+            line = progress.timed_out(job, rank, world, err)
+            checkpoint.save({"refusal": "ConfigError", "message": line, "collective_timeout": True}, report)
+        elif _lost_peer(err):  # another rank died (killed, out of memory): restarted as the dead one is
+            then = "Run the same command with the same hydra.run.dir to resume from the last checkpoint"
+            line = progress.lost_peer(rank, world, err, f"train.distributed.nproc={world}: rank", then)
+            checkpoint.save({"refusal": "ConfigError", "message": line, "lost_peer": True}, report)
+        else:
             raise
-        line = progress.timed_out(job, rank, world, err)
-        checkpoint.save({"refusal": "ConfigError", "message": line, "collective_timeout": True}, report)
         raise SystemExit(1) from None  # not 0: the agent stops the other ranks (the one that stalled may never return)
     finally:
         if dist.is_initialized():
@@ -322,15 +361,16 @@ class _Progress(Callback):
             "that stalled (its data, file system or device), or raise train.distributed.timeout (allowed: 1 to 86400 s)"
         )
 
-    def lost_peer(self, rank: int, world: int, err: BaseException) -> str:
+    def lost_peer(self, rank: int, world: int, err: BaseException, who: str = "torchrun rank", then: str = "") -> str:
         """The same line when another rank's process ended under a collective (a signal or a failure on its node
-        alone): this rank's traceback, gloo's ``Connection reset by peer``, told nothing of what was charged."""
-        charged = self._charged(rank) if rank == 0 else " (rank 0 charges the job's steps)"
+        alone, the out-of-memory killer): this rank's traceback, gloo's ``Connection reset by peer``, told nothing
+        of what was charged. A SIGKILL cannot be answered, so a rank 0 killed so charged nothing since its last
+        epoch's end."""
+        charged = self._charged(rank) if rank == 0 else " (rank 0 charges the job's steps unless it was killed)"
         return (
-            f"torchrun rank {rank} of {world} lost another rank in a collective{self._where()}: its process ended "
+            f"{who} {rank} of {world} lost another rank in a collective{self._where()}: its process ended "
             f"({_first_line(err)}); training stopped{charged}; the last good checkpoint is kept and no model is "
-            "released. See the other nodes' output for why, then run the same command with the same hydra.run.dir "
-            "on every node to resume from the last checkpoint"
+            f"released. {then or _TORCHRUN_THEN}"
         )
 
     def _where(self) -> str:
@@ -345,6 +385,12 @@ class _Progress(Callback):
             self.spend.charge(loop.ledger)  # never less than what was spent: the ledger's steps, all of them
             return f"; {loop.ledger.steps} step(s) taken, all charged to the privacy ledger"
         return f"; {loop.ledger.steps} step(s) taken"
+
+
+_TORCHRUN_THEN = (
+    "See the other nodes' output for why, then run the same command with the same hydra.run.dir on every node to "
+    "resume from the last checkpoint"
+)
 
 
 def _first_line(err: BaseException) -> str:
