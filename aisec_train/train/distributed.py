@@ -364,8 +364,8 @@ class _Progress(Callback):
     def lost_peer(self, rank: int, world: int, err: BaseException, who: str = "torchrun rank", then: str = "") -> str:
         """The same line when another rank's process ended under a collective (a signal or a failure on its node
         alone, the out-of-memory killer): this rank's traceback, gloo's ``Connection reset by peer``, told nothing
-        of what was charged. A SIGKILL cannot be answered, so a rank 0 killed so charged nothing since its last
-        epoch's end."""
+        of what was charged. A rank 0 killed by SIGKILL cannot answer it: it charged nothing since its last epoch's
+        end."""
         charged = self._charged(rank) if rank == 0 else " (rank 0 charges the job's steps unless it was killed)"
         return (
             f"{who} {rank} of {world} lost another rank in a collective{self._where()}: its process ended "
@@ -510,8 +510,8 @@ def _train_in_place(job: TrainJob) -> TrainResult:
         said = err.where if rank == 0 else ": rank 0 charges the job's steps"  # the one ledger is rank 0's
         err.where = f" (torchrun rank {rank} of {world}{said or ' outside training'})"
         raise
-    except (RuntimeError, dist.DistError) as err:  # a stalled rank: torch's traceback, the steps since the last
-        if isinstance(err, NonFiniteError):  # checkpoint uncharged; now as under nproc
+    except (RuntimeError, dist.DistError) as err:  # a stalled or vanished peer was torch's traceback: one line,
+        if isinstance(err, NonFiniteError):  # with what was charged, as under nproc
             raise
         if _timed_out(err):
             raise ConfigError(progress.timed_out(job, rank, world, err)) from None
