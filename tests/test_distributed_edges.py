@@ -177,8 +177,14 @@ def test_a_lost_peer_is_a_symptom_and_the_killed_rank_is_named_on_the_last_attem
     assert _lost_peer(gloo) and not _lost_peer(RuntimeError("Connection reset by peer"))  # a collective's only
     assert not _lost_peer(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
     result = str(tmp_path / "result.pt")
-    lost = {"refusal": "ConfigError", "message": "rank 0 of 2 lost another rank", "lost_peer": True}
+    lost = {"refusal": "ConfigError", "message": "rank 0 of 2 lost another rank", "lost_peer": True, "time": 2.0}
     checkpoint.save(lost, Path(result))
+    assert _reported(result, 2) == lost
+    stop = {"stopped": 15, "where": "", "rank": 1, "time": 1.0}  # a signal to rank 1 alone, before rank 0 lost it:
+    checkpoint.save(stop, Path(_rank_report(result, 1)))  # the job stops, never restarted
+    assert _reported(result, 2) == stop
+    cleanup = {**stop, "time": 3.0}  # the agent's SIGTERM to rank 1 after rank 0 had failed: not a stop
+    checkpoint.save(cleanup, Path(_rank_report(result, 1)))
     assert _reported(result, 2) == lost
     checkpoint.save({"refusal": "DataError", "message": "rank 1's shard"}, Path(_rank_report(result, 1)))
     assert _reported(result, 2)["refusal"] == "DataError"

@@ -291,17 +291,14 @@ def test_a_signal_to_one_node_ends_the_other_nodes_rank_in_one_line_with_the_ste
         assert zero and f" with {charged} private step(s) taken in all" in zero[0], (zero, charged)
 
 
-def test_a_rank_killed_with_no_restart_left_ends_the_job_in_one_line_with_the_steps_charged(tmp_path):
-    """(~12 s.) ``train.distributed.nproc=2`` with ``max_restarts=0``: one rank SIGKILLed mid-training (what the
-    out-of-memory killer does). The survivor met the closed connection in its next collective and the job ended in
-    ``RuntimeError: data-parallel training failed after 0 restart(s)`` and torch's 60-line failure report, exit 1.
-    Now the survivor reports the lost peer as a timed-out collective is reported, and the job says in one line which
-    rank was killed, by what, and (when the survivor is rank 0) that every step it took is charged."""
+def _signal_one_nproc_rank(tmp_path: Path, sig: int, restarts: int) -> tuple[subprocess.Popen, str]:
+    """A real ``train.distributed.nproc=2`` job of ``restarts`` restarts; ``sig`` to one spawned rank (not the job)
+    past its first checkpoint; returns the ended job and its stderr."""
     run, ledgers = tmp_path / "run", tmp_path / "ledgers"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(ledgers)}
     env.pop("HYDRA_FULL_ERROR", None)
-    command = [sys.executable, "-m", "aisec_train", "experiment=smoke", "train.epochs=300",
-               "train.distributed.nproc=2", "train.distributed.max_restarts=0", f"hydra.run.dir={run}"]  # fmt: skip
+    command = [sys.executable, "-m", "aisec_train", "experiment=smoke", "train.epochs=300", "train.distributed.nproc=2",
+               f"train.distributed.max_restarts={restarts}", f"hydra.run.dir={run}"]  # fmt: skip
     log = (tmp_path / "stderr.txt").open("w+")
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
@@ -311,12 +308,34 @@ def test_a_rank_killed_with_no_restart_left_ends_the_job_in_one_line_with_the_st
         time.sleep(1.5)
         workers = [p for p in children(job.pid) if "spawn" in cmdline(p)]
         assert len(workers) == 2, workers
-        os.kill(workers[-1], signal.SIGKILL)
+        os.kill(workers[-1], sig)
         job.wait(timeout=180)
     finally:
         job.kill()
     log.seek(0)
-    text = log.read()
+    return job, log.read()
+
+
+def test_a_stop_signal_to_one_rank_alone_stops_the_job_and_is_not_restarted(tmp_path):
+    """(~12 s.) SIGTERM to one rank of ``train.distributed.nproc=2`` (not to the job): the rank stops, charged, and
+    its peer meets the closed connection. The peer's report of the lost rank is restartable, and it came first by
+    rank, so the launcher restarted the job and trained on to the end, exit 0, as if nobody had asked it to stop.
+    A stop by any rank now wins over a lost peer: the job ends in the stop's one line, exit 143, with no restart."""
+    job, text = _signal_one_nproc_rank(tmp_path, signal.SIGTERM, restarts=1)
+    lines = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
+    assert job.returncode == 143 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    assert re.match(r"aisec-train: stopped by SIGTERM \(train.distributed.nproc=2: rank [01][ :]", lines[0]), lines
+    assert "restart" not in (tmp_path / "run" / "cli.log").read_text() and not (tmp_path / "run/model.pt").exists()
+
+
+def test_a_rank_killed_with_no_restart_left_ends_the_job_in_one_line_with_the_steps_charged(tmp_path):
+    """(~12 s.) ``train.distributed.nproc=2`` with ``max_restarts=0``: one rank SIGKILLed mid-training (what the
+    out-of-memory killer does). The survivor met the closed connection in its next collective and the job ended in
+    ``RuntimeError: data-parallel training failed after 0 restart(s)`` and torch's 60-line failure report, exit 1.
+    Now the survivor reports the lost peer as a timed-out collective is reported, and the job says in one line which
+    rank was killed, by what, and (when the survivor is rank 0) that every step it took is charged."""
+    run, ledgers = tmp_path / "run", tmp_path / "ledgers"
+    job, text = _signal_one_nproc_rank(tmp_path, signal.SIGKILL, restarts=0)
     lines = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
     assert job.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
     line = lines[0]

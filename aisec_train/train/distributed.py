@@ -27,6 +27,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -90,10 +91,9 @@ def train_distributed(job: TrainJob) -> TrainResult:
     if outcome.get("refusal"):
         raise REFUSALS[outcome["refusal"]](outcome["message"])
     if outcome.get("stopped"):  # SIGTERM/SIGINT: the ranks stopped, rank 0 having charged every step it took
-        stopped = Stopped(outcome["stopped"])
-        stopped.where = (
-            f" (train.distributed.nproc={cfg.nproc}: rank 0{outcome['where'] or ' stopped outside training'})"
-        )
+        stopped, rank = Stopped(outcome["stopped"]), outcome.get("rank", 0)
+        said = outcome["where"] or (" stopped outside training" if rank == 0 else ": rank 0 charges the job's steps")
+        stopped.where = f" (train.distributed.nproc={cfg.nproc}: rank {rank}{said})"
         raise stopped
     if tracker:
         for values, step, axis in outcome.get("tracking", []):  # rank 0's per-step values, logged here
@@ -195,12 +195,19 @@ def _rank_report(result_path: str, rank: int) -> str:
 
 
 def _reported(result_path: str, world: int) -> dict[str, Any] | None:
-    """The outcome the ranks reported: the first refusal by rank that is not a collective's timeout (a rank that
-    refused alone leaves the others waiting in their next collective until it runs out), else rank 0's, else any
-    rank's; None when no rank reported (a rank died)."""
+    """The outcome the ranks reported: the first refusal by rank that is not a symptom of another rank's failure (a
+    rank that refused alone leaves the others waiting in their next collective until it runs out, or, once it
+    exits, meeting its closed connection). Else what happened first, by time, of a stop and such a symptom: a signal
+    to one rank alone stops the job (its peer's later report of the lost rank would have restarted it), while the
+    agent's own SIGTERM to the ranks left after one failed is not a stop. Else rank 0's, else any rank's; None when
+    no rank reported (a rank died). Among several of a kind the lowest rank's: rank 0's says what it charged."""
     reports = [checkpoint.load(p) for r in range(world) if os.path.exists(p := _rank_report(result_path, r))]
     refusals = [r for r in reports if r.get("refusal") and not _restartable(r)]
-    return (refusals or reports or [None])[0]
+    stops = [r for r in reports if r.get("stopped")]
+    symptoms = [r for r in reports if _restartable(r)]
+    first = min(stops + symptoms, key=lambda r: r.get("time", 0.0), default=None)
+    kind = stops if first is not None and first.get("stopped") else symptoms
+    return (refusals or kind or reports or [None])[0]
 
 
 @contextlib.contextmanager
@@ -311,18 +318,19 @@ def _elastic_worker(ticket: tuple[str, str], backend: str, result_path: str, tra
         if rank == 0:
             checkpoint.save(outcome, result_path)
     except Stopped as err:
-        checkpoint.save({"stopped": err.signum, "where": err.where}, report)
+        checkpoint.save({"stopped": err.signum, "where": err.where, "rank": rank, "time": time.time()}, report)
         raise SystemExit(128 + err.signum) from None
     except tuple(REFUSALS.values()) as err:  # every rank refuses at the same point, or one alone (its own file)
         checkpoint.save({"refusal": type(err).__name__, "message": str(err)}, report)
     except (RuntimeError, dist.DistError) as err:
         if _timed_out(err):
             line = progress.timed_out(job, rank, world, err)
-            checkpoint.save({"refusal": "ConfigError", "message": line, "collective_timeout": True}, report)
+            timed_out = {"refusal": "ConfigError", "message": line, "collective_timeout": True, "time": time.time()}
+            checkpoint.save(timed_out, report)
         elif _lost_peer(err):  # another rank died (killed, out of memory): restarted as the dead one is
             then = "Run the same command with the same hydra.run.dir to resume from the last checkpoint"
             line = progress.lost_peer(rank, world, err, f"train.distributed.nproc={world}: rank", then)
-            checkpoint.save({"refusal": "ConfigError", "message": line, "lost_peer": True}, report)
+            checkpoint.save({"refusal": "ConfigError", "message": line, "lost_peer": True, "time": time.time()}, report)
         else:
             raise
         raise SystemExit(1) from None  # not 0: the agent stops the other ranks (the one that stalled may never return)
