@@ -184,3 +184,11 @@ def test_a_non_private_run_of_a_batchnorm_model_goes_through_every_stage(tmp_pat
     with torch.no_grad():
         model.bn1.num_batches_tracked += 1  # the 0-dim buffer is part of the digest: a change moves it
     assert weights_digest(model) != before
+    # The FSDP shard digest and the transformers load digest hash through the same helper: they failed alike
+    from aisec_train.hashing import tensor_bytes
+    from aisec_train.models.hf import loaded_digest
+    from aisec_train.train.sharding import shard_digest
+
+    assert shard_digest(model) == weights_digest(model) and len(loaded_digest(model, set())) == 64
+    weight = model.fc.weight.detach()  # the bytes of a tensor that had a byte view are unchanged: digests stay valid
+    assert tensor_bytes(weight) == weight.contiguous().view(torch.uint8).numpy().tobytes()

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from aisec_train.errors import ConfigError
+from aisec_train.hashing import tensor_bytes
 
 
 def _transformers():
@@ -175,7 +176,6 @@ def loaded_digest(model: nn.Module, fresh: set[str]) -> str:
     for name, value in sorted(model.state_dict().items()):
         if name in fresh:
             continue
-        value = value.detach().cpu().contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(value.view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(value))
     return digest.hexdigest()

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from aisec_train.data.errors import DataError
 from aisec_train.errors import ConfigError, Stopped, stop_on_signals
+from aisec_train.hashing import tensor_bytes
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
 from aisec_train.store.errors import BudgetError
@@ -68,8 +69,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, value in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        # flat first: a 0-dim tensor (BatchNorm's num_batches_tracked) has no byte view; the bytes are the same
-        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(value))
     return digest.hexdigest()
 
 

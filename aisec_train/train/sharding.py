@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from aisec_train.errors import ConfigError
+from aisec_train.hashing import tensor_bytes
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -133,5 +134,5 @@ def shard_digest(model: torch.nn.Module) -> str:
     for name, value in sorted(model.state_dict().items()):
         local = value.to_local() if isinstance(value, DTensor) else value
         digest.update(name.encode())
-        digest.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(local))
     return digest.hexdigest()
