@@ -28,7 +28,15 @@ import torch.distributed as dist
 
 from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
-from aisec_train.train.distributed import _join, _killed, _lost_peer, _rank_report, _reported, _with_cause
+from aisec_train.train.distributed import (
+    _failed_attempt,
+    _join,
+    _killed,
+    _lost_peer,
+    _rank_report,
+    _reported,
+    _with_cause,
+)
 from tests.conftest import REPO, signal_past_first_checkpoint
 
 SMOKE = ["experiment=smoke", "audit=off", "robustness.evaluate=false", "train.epochs=1"]
@@ -198,6 +206,29 @@ def test_a_lost_peer_is_a_symptom_and_the_killed_rank_is_named_on_the_last_attem
     told = _with_cause(lost, failed(-9), restarts=0)["message"]
     assert told.endswith("(rank 1 was killed by SIGKILL; train.distributed.max_restarts=0 restart(s) used up)")
     assert _with_cause(lost, failed(1), restarts=2) == lost
+
+
+def test_a_stop_report_after_a_rank_was_killed_is_the_agents_cleanup_not_a_stop(tmp_path):
+    """One rank SIGKILLed while its peer was inside a long step: the agent's SIGTERM to the peer came before the
+    closed connection, so the only report is the peer's stop. That ended the job as stopped (exit 143, never
+    restarted); the kill is the failure. A rank that stopped on its own signal exits 128 + N, and a stop signal that
+    ended a rank before its handler was set (exit -15) is still a stop."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failed(exitcode: int) -> ChildFailedError:
+        failure = ProcessFailure(local_rank=1, pid=12345, exitcode=exitcode, error_file=str(tmp_path / "none"))
+        return ChildFailedError("_elastic_worker", {1: failure})
+
+    result = str(tmp_path / "result.pt")
+    assert _failed_attempt(result, 2, failed(-9)) is None
+    stop = {"stopped": 15, "where": " at step 3", "rank": 0, "time": 1.0}
+    checkpoint.save(stop, Path(result))
+    assert _failed_attempt(result, 2, failed(-9)) is None and _failed_attempt(result, 2, failed(-11)) is None
+    assert _failed_attempt(result, 2, failed(143)) == stop and _failed_attempt(result, 2, failed(-15)) == stop
+    assert _failed_attempt(result, 2, RuntimeError("rendezvous")) == stop
+    lost = {"refusal": "ConfigError", "message": "rank 0 of 2 lost another rank", "lost_peer": True, "time": 2.0}
+    checkpoint.save(lost, Path(result))
+    assert _failed_attempt(result, 2, failed(-9)) == lost  # the peer met the closed connection first: as before
 
 
 # ---- slow: the CLI, two real gloo ranks ---------------------------------------------------------------------------

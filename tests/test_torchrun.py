@@ -291,9 +291,13 @@ def test_a_signal_to_one_node_ends_the_other_nodes_rank_in_one_line_with_the_ste
         assert zero and f" with {charged} private step(s) taken in all" in zero[0], (zero, charged)
 
 
-def _signal_one_nproc_rank(tmp_path: Path, sig: int, restarts: int) -> tuple[subprocess.Popen, str]:
+def _signal_one_nproc_rank(
+    tmp_path: Path, sig: int, restarts: int, peer_busy: bool = False
+) -> tuple[subprocess.Popen, str]:
     """A real ``train.distributed.nproc=2`` job of ``restarts`` restarts; ``sig`` to one spawned rank (not the job)
-    past its first checkpoint; returns the ended job and its stderr."""
+    past its first checkpoint; returns the ended job and its stderr. ``peer_busy``: the other rank is held (SIGSTOP)
+    from before the signal until 2 s after it, as a rank in a long step would be, so that the agent's SIGTERM to it
+    after the signalled rank failed comes before it meets the closed connection."""
     run, ledgers = tmp_path / "run", tmp_path / "ledgers"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "AISEC_TRAIN_LEDGER_STORE": str(ledgers)}
     env.pop("HYDRA_FULL_ERROR", None)
@@ -308,12 +312,31 @@ def _signal_one_nproc_rank(tmp_path: Path, sig: int, restarts: int) -> tuple[sub
         time.sleep(1.5)
         workers = [p for p in children(job.pid) if "spawn" in cmdline(p)]
         assert len(workers) == 2, workers
+        if peer_busy:
+            os.kill(workers[0], signal.SIGSTOP)
         os.kill(workers[-1], sig)
+        if peer_busy:
+            time.sleep(2)  # the agent polls its ranks every 0.5 s
+            os.kill(workers[0], signal.SIGCONT)
         job.wait(timeout=180)
     finally:
         job.kill()
     log.seek(0)
     return job, log.read()
+
+
+def test_a_rank_killed_while_its_peer_is_busy_is_a_failure_not_a_stop(tmp_path):
+    """(~12 s.) One rank SIGKILLed while the other is inside a step longer than the agent's 0.5 s monitor interval
+    (held here with SIGSTOP). The agent saw the dead rank first and sent the busy one SIGTERM, which that rank
+    reported as a stop before it could meet the closed connection: the job ended ``stopped by SIGTERM``, exit 143,
+    and was not restarted, as if somebody had asked it to stop. The kill is the failure: with no restart left the job
+    names it in one line, exit 2."""
+    job, text = _signal_one_nproc_rank(tmp_path, signal.SIGKILL, restarts=0, peer_busy=True)
+    lines = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
+    assert job.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    assert re.match(r"aisec-train: error: train.distributed.nproc=2: rank [01] was killed by SIGKILL and "
+                    r"train.distributed.max_restarts=0 restart\(s\) are used up; ", lines[0]), lines  # fmt: skip
+    assert not (tmp_path / "run/model.pt").exists()
 
 
 def test_a_stop_signal_to_one_rank_alone_stops_the_job_and_is_not_restarted(tmp_path):

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -140,7 +141,8 @@ def _elastic_launch(cfg, job: TrainJob, backend: str, tracked: bool) -> dict[str
                 with _agent_logs_held():
                     elastic_launch(config, _elastic_worker)(payload.ticket, backend, result_path, tracked)
             except Exception as err:  # ChildFailedError: a rank died (killed, out of memory, a bug)
-                outcome = _reported(result_path, cfg.nproc)
+                _end_the_line_of_a_killed_bar(err)
+                outcome = _failed_attempt(result_path, cfg.nproc, err)
                 if outcome is not None and outcome.get("stopped"):  # a signal, not a failure: no restart
                     return outcome
                 last = attempt == cfg.max_restarts
@@ -180,6 +182,30 @@ def _killed(err: BaseException | None) -> str | None:
     if failure.exitcode >= 0:
         return None
     return f"rank {rank} was killed by {failure.signal_name()}"
+
+
+def _end_the_line_of_a_killed_bar(err: BaseException) -> None:
+    """Rank 0 draws the progress bar; killed by a signal, it leaves the bar's line open, and the job's own line
+    (or the next attempt's bar) was written at its end: end that line first."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if isinstance(err, ChildFailedError) and 0 in err.failures and err.failures[0].exitcode < 0:
+        print(file=sys.stderr, flush=True)
+
+
+def _failed_attempt(result_path: str, world: int, err: BaseException) -> dict[str, Any] | None:
+    """What the ranks of a failed attempt reported (:func:`_reported`), less a stop that is the agent's cleanup: a
+    rank killed outright (SIGKILL, SIGSEGV) while its peer was inside a step longer than the agent's monitor
+    interval; the agent's SIGTERM reached the peer before the closed connection did, and the peer reported a stop.
+    The kill is the failure (restarted, or named once restarts are used up), not a request to stop."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    outcome = _reported(result_path, world)
+    if outcome is None or not outcome.get("stopped") or not isinstance(err, ChildFailedError):
+        return outcome
+    exitcode = err.get_first_failure()[1].exitcode  # a rank that stopped exits 128 + N (its own report's)
+    killed = exitcode < 0 and -exitcode not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    return None if killed else outcome
 
 
 def _with_cause(outcome: dict[str, Any], err: BaseException, restarts: int) -> dict[str, Any]:
