@@ -325,8 +325,9 @@ def _signal_one_nproc_rank(
     return job, log.read()
 
 
+@pytest.mark.slow
 def test_a_rank_killed_while_its_peer_is_busy_is_a_failure_not_a_stop(tmp_path):
-    """(~12 s.) One rank SIGKILLed while the other is inside a step longer than the agent's 0.5 s monitor interval
+    """(~14 s; the decision alone, in the default run: test_distributed_edges.py.) One rank SIGKILLed while the other is inside a step longer than the agent's 0.5 s monitor interval
     (held here with SIGSTOP). The agent saw the dead rank first and sent the busy one SIGTERM, which that rank
     reported as a stop before it could meet the closed connection: the job ended ``stopped by SIGTERM``, exit 143,
     and was not restarted, as if somebody had asked it to stop. The kill is the failure: with no restart left the job
