@@ -327,11 +327,11 @@ def _signal_one_nproc_rank(
 
 @pytest.mark.slow
 def test_a_rank_killed_while_its_peer_is_busy_is_a_failure_not_a_stop(tmp_path):
-    """(~14 s; the decision alone, in the default run: test_distributed_edges.py.) One rank SIGKILLed while the other is inside a step longer than the agent's 0.5 s monitor interval
-    (held here with SIGSTOP). The agent saw the dead rank first and sent the busy one SIGTERM, which that rank
-    reported as a stop before it could meet the closed connection: the job ended ``stopped by SIGTERM``, exit 143,
-    and was not restarted, as if somebody had asked it to stop. The kill is the failure: with no restart left the job
-    names it in one line, exit 2."""
+    """(~14 s; the decision alone is in the default run, test_distributed_edges.py.) One rank SIGKILLed while the
+    other is inside a step longer than the agent's 0.5 s monitor interval (held here with SIGSTOP). The agent saw the
+    dead rank first and sent the busy one SIGTERM, which that rank reported as a stop before it could meet the closed
+    connection: the job ended ``stopped by SIGTERM``, exit 143, and was not restarted, as if somebody had asked it to
+    stop. The kill is the failure: with no restart left the job names it in one line, exit 2."""
     job, text = _signal_one_nproc_rank(tmp_path, signal.SIGKILL, restarts=0, peer_busy=True)
     lines = [line.split("\r")[-1].strip() for line in text.splitlines() if "aisec-train: " in line]
     assert job.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
