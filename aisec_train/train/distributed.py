@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
@@ -38,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from aisec_train.data.errors import DataError
-from aisec_train.errors import ConfigError, Stopped, stop_on_signals
+from aisec_train.errors import STOP_SIGNALS, ConfigError, Stopped, stop_on_signals
 from aisec_train.hashing import tensor_bytes
 from aisec_train.privacy.engine import quiet_known_warnings
 from aisec_train.privacy.ledger import BudgetExhausted, PrivacyLedger
@@ -204,7 +203,7 @@ def _failed_attempt(result_path: str, world: int, err: BaseException) -> dict[st
     if outcome is None or not outcome.get("stopped") or not isinstance(err, ChildFailedError):
         return outcome
     exitcode = err.get_first_failure()[1].exitcode  # a rank that stopped exits 128 + N (its own report's)
-    killed = exitcode < 0 and -exitcode not in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    killed = exitcode < 0 and -exitcode not in STOP_SIGNALS
     return None if killed else outcome
 
 
