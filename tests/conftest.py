@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,18 @@ def private_registry(tmp_path_factory):
     os.environ["AISEC_TRAIN_REGISTRY"] = str(path)
     yield path
     os.environ.pop("AISEC_TRAIN_REGISTRY") if saved is None else os.environ.__setitem__("AISEC_TRAIN_REGISTRY", saved)
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers_restored() -> Iterator[None]:
+    """Each test leaves the worker's SIGINT/SIGTERM/SIGHUP handlers as it found them: an in-process Flower
+    simulation starts Ray, whose ``ray.init`` installs a SIGTERM handler of its own (``sys.exit``) and left it in the
+    pytest worker for every later test."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        if handler is not None and signal.getsignal(sig) is not handler:
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(scope="session")
