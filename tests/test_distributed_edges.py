@@ -29,6 +29,7 @@ import torch.distributed as dist
 from aisec_train.errors import ConfigError
 from aisec_train.train import checkpoint
 from aisec_train.train.distributed import (
+    _end_the_line_of_a_killed_bar,
     _failed_attempt,
     _join,
     _killed,
@@ -229,6 +230,22 @@ def test_a_stop_report_after_a_rank_was_killed_is_the_agents_cleanup_not_a_stop(
     lost = {"refusal": "ConfigError", "message": "rank 0 of 2 lost another rank", "lost_peer": True, "time": 2.0}
     checkpoint.save(lost, Path(result))
     assert _failed_attempt(result, 2, failed(-9)) == lost  # the peer met the closed connection first: as before
+
+
+def test_a_killed_rank_0s_open_bar_line_is_ended_before_the_jobs_line(tmp_path, capsys):
+    """Rank 0 draws the progress bar: killed by a signal, it left the bar's line open and the job's one line was
+    printed at its end. Only then is a line break written; a rank that exited, or another rank, leaves none."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failed(rank: int, exitcode: int) -> ChildFailedError:
+        failure = ProcessFailure(local_rank=rank, pid=12345, exitcode=exitcode, error_file=str(tmp_path / "none"))
+        return ChildFailedError("_elastic_worker", {rank: failure})
+
+    for err in (failed(0, 1), failed(0, 143), failed(1, -9), RuntimeError("rendezvous")):
+        _end_the_line_of_a_killed_bar(err)
+    assert capsys.readouterr().err == ""
+    _end_the_line_of_a_killed_bar(failed(0, -9))
+    assert capsys.readouterr().err == "\n"
 
 
 # ---- slow: the CLI, two real gloo ranks ---------------------------------------------------------------------------

@@ -189,7 +189,8 @@ def _end_the_line_of_a_killed_bar(err: BaseException) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if isinstance(err, ChildFailedError) and 0 in err.failures and err.failures[0].exitcode < 0:
-        print(file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a terminal that is gone (EIO) must not stop the restart
+            print(file=sys.stderr, flush=True)
 
 
 def _failed_attempt(result_path: str, world: int, err: BaseException) -> dict[str, Any] | None:
