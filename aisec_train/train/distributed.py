@@ -170,17 +170,22 @@ def _restartable(report: dict[str, Any]) -> bool:
     return bool(report.get("collective_timeout") or report.get("lost_peer"))
 
 
-def _killed(err: BaseException | None) -> str | None:
-    """``rank R was killed by SIGNAME`` when the attempt's first failure is a rank a signal ended; None otherwise
-    (a rank that exited with a status raised an error of its own: its traceback stays the report)."""
+def _signalled(err: BaseException | None) -> tuple[int, Any] | None:
+    """``(rank, failure)`` when the attempt's first failure is a rank a signal ended (exit code -N); None otherwise
+    (a rank that exited with a status raised an error of its own)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if not isinstance(err, ChildFailedError):
         return None
     rank, failure = err.get_first_failure()
-    if failure.exitcode >= 0:
-        return None
-    return f"rank {rank} was killed by {failure.signal_name()}"
+    return (rank, failure) if failure.exitcode < 0 else None
+
+
+def _killed(err: BaseException | None) -> str | None:
+    """``rank R was killed by SIGNAME`` when a signal ended the attempt's first failed rank; None otherwise (its
+    traceback stays the report)."""
+    first = _signalled(err)
+    return None if first is None else f"rank {first[0]} was killed by {first[1].signal_name()}"
 
 
 def _end_the_line_of_a_killed_bar(err: BaseException) -> None:
@@ -198,14 +203,11 @@ def _failed_attempt(result_path: str, world: int, err: BaseException) -> dict[st
     rank killed outright (SIGKILL, SIGSEGV) while its peer was inside a step longer than the agent's monitor
     interval; the agent's SIGTERM reached the peer before the closed connection did, and the peer reported a stop.
     The kill is the failure (restarted, or named once restarts are used up), not a request to stop."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-
     outcome = _reported(result_path, world)
-    if outcome is None or not outcome.get("stopped") or not isinstance(err, ChildFailedError):
-        return outcome
-    exitcode = err.get_first_failure()[1].exitcode  # a rank that stopped exits 128 + N (its own report's)
-    killed = exitcode < 0 and -exitcode not in STOP_SIGNALS
-    return None if killed else outcome
+    first = _signalled(err)  # a rank that stopped exits 128 + N, not -N
+    if outcome is not None and outcome.get("stopped") and first is not None and -first[1].exitcode not in STOP_SIGNALS:
+        return None
+    return outcome
 
 
 def _with_cause(outcome: dict[str, Any], err: BaseException, restarts: int) -> dict[str, Any]:
